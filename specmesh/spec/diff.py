@@ -1,0 +1,66 @@
+"""Differences between two JSON documents, as a list of path-level changes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .validation import format_path
+
+__all__ = ["Change", "diff_json"]
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change: ``op`` is ``add``, ``remove`` or ``replace``."""
+
+    path: str
+    op: str
+    old: Any = None
+    new: Any = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"path": self.path, "op": self.op}
+        if self.op != "add":
+            out["old"] = self.old
+        if self.op != "remove":
+            out["new"] = self.new
+        return out
+
+    def __str__(self) -> str:
+        if self.op == "add":
+            return f"+ {self.path}: {self.new!r}"
+        if self.op == "remove":
+            return f"- {self.path}: {self.old!r}"
+        return f"~ {self.path}: {self.old!r} -> {self.new!r}"
+
+
+def diff_json(old: Any, new: Any) -> list[Change]:
+    """Changes that turn ``old`` into ``new`` (objects by key, lists by index)."""
+    out: list[Change] = []
+    _diff(old, new, [], out)
+    return out
+
+
+def _diff(old: Any, new: Any, path: list[str | int], out: list[Change]) -> None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(old.keys() | new.keys()):
+            _diff(old.get(key, _MISSING), new.get(key, _MISSING), [*path, key], out)
+        return
+    if isinstance(old, list) and isinstance(new, list):
+        for i in range(max(len(old), len(new))):
+            a = old[i] if i < len(old) else _MISSING
+            b = new[i] if i < len(new) else _MISSING
+            _diff(a, b, [*path, i], out)
+        return
+    if old is _MISSING and new is _MISSING:
+        return
+    where = format_path(path)
+    if old is _MISSING:
+        out.append(Change(where, "add", new=new))
+    elif new is _MISSING:
+        out.append(Change(where, "remove", old=old))
+    elif old != new or type(old) is not type(new):
+        out.append(Change(where, "replace", old=old, new=new))

@@ -1,0 +1,753 @@
+"""The Agent Spec: pydantic models, the single source of the schema.
+
+An agent is six independent parts -- ``base``, ``model``, ``mcpServers``,
+``partnerAgents``, ``knowledge``, ``memory`` -- so that each can change and reload
+alone. Beside them: Prompt Center entries, MCP Registry entries and release policies.
+
+Wire names are camelCase (the seed's JSON validates as written); Python names are
+snake_case. Every model forbids unknown fields and is frozen. Secret-bearing fields
+are typed :data:`Secret` so that :mod:`specmesh.spec.secretpaths` can find them.
+A spec is pure data: nothing in it names code to load.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
+
+from specmesh.errors import SecretReferenceError
+from specmesh.names import LOGICAL_NAME_PATTERN, MAX_NAME_LENGTH, check_logical_name
+from specmesh.secrets import VaultRef, is_reference
+
+__all__ = [
+    "API_VERSION",
+    "PART_NAMES",
+    "AgentBase",
+    "AgentManifest",
+    "AgentSpec",
+    "ChunkingSpec",
+    "CompressionSpec",
+    "ConnectionPoolSpec",
+    "CredentialTemplate",
+    "EmbeddingModelSpec",
+    "FallbackModel",
+    "HeaderMatch",
+    "KeywordSearch",
+    "KnowledgeSpec",
+    "Manifest",
+    "McpServerManifest",
+    "McpServerRef",
+    "McpServerSpec",
+    "McpServersPart",
+    "MemorySpec",
+    "Metadata",
+    "ModelSpec",
+    "OutlierDetectionSpec",
+    "PartnerAgentRef",
+    "PartnerAgentsPart",
+    "PromptEntry",
+    "PromptManifest",
+    "PromptRelease",
+    "RecentSearch",
+    "ReleaseManifest",
+    "ReleaseSpec",
+    "RetrievalSpec",
+    "RetrySpec",
+    "SecretMarker",
+    "SemanticSearch",
+    "SkillSpec",
+    "SpecModel",
+    "VectorStoreSpec",
+]
+
+API_VERSION = "specmesh.io/v1"
+
+#: The six parts, by their wire name, in a fixed order.
+PART_NAMES: tuple[str, ...] = (
+    "base",
+    "model",
+    "mcpServers",
+    "partnerAgents",
+    "knowledge",
+    "memory",
+)
+
+
+class SpecModel(BaseModel):
+    """Base of every spec model: camelCase on the wire, unknown fields refused, frozen."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        use_attribute_docstrings=True,
+        str_strip_whitespace=False,
+    )
+
+
+# ---------------------------------------------------------------- field types
+
+
+class SecretMarker:
+    """Metadata marking a string field as secret-bearing (a plaintext or a reference)."""
+
+    def __repr__(self) -> str:
+        return "SecretMarker()"
+
+
+def _check_secret(value: str) -> str:
+    if is_reference(value):
+        try:
+            VaultRef.parse(value)
+        except SecretReferenceError as e:
+            raise PydanticCustomError(
+                "secret_reference", "bad secret reference: {reason}", {"reason": e.reason}
+            ) from None
+    return value
+
+
+Secret = Annotated[
+    str,
+    SecretMarker(),
+    Field(
+        min_length=1,
+        max_length=8192,
+        json_schema_extra={"x-specmesh-secret": True},
+        description="A secret: a vault://<mount>/<path>#<field> reference, or a plaintext "
+        "value that apply moves into Vault and replaces with a reference.",
+    ),
+    AfterValidator(_check_secret),
+]
+
+
+def _check_name(value: str) -> str:
+    reason = check_logical_name(value)
+    if reason is not None:
+        raise PydanticCustomError("name", "invalid name: {reason}", {"reason": reason})
+    return value
+
+
+Name = Annotated[
+    str,
+    Field(max_length=MAX_NAME_LENGTH, json_schema_extra={"pattern": LOGICAL_NAME_PATTERN}),
+    AfterValidator(_check_name),
+]
+"""A logical name: an agent, a prompt key, an MCP server."""
+
+Version = Annotated[
+    str,
+    Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$"),
+]
+
+
+def _check_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise PydanticCustomError(
+            "url", "must be an http:// or https:// URL (got {value})", {"value": repr(value)}
+        )
+    return value
+
+
+HttpUrl = Annotated[str, Field(max_length=2048), AfterValidator(_check_url)]
+
+
+def _json_object(value: Any) -> Any:
+    """Accept a JSON object written as a string (the seed writes ``"variables": "{}"``)."""
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise PydanticCustomError(
+                "json_object",
+                "must be a JSON object or a string holding one ({error})",
+                {"error": e.msg},
+            ) from None
+        return parsed
+    return value
+
+
+_VariableMap = Annotated[
+    dict[Annotated[str, Field(max_length=128)], Annotated[str, Field(max_length=16384)]],
+    Field(max_length=64),
+]
+
+Variables = Annotated[
+    _VariableMap,
+    # The JSON Schema shows what is accepted: the object, or a string holding one.
+    BeforeValidator(_json_object, json_schema_input_type=_VariableMap | str),
+]
+
+Headers = Annotated[
+    dict[Annotated[str, Field(min_length=1, max_length=256)], Secret],
+    Field(max_length=64),
+]
+
+
+# ---------------------------------------------------------------- base
+
+
+class SkillSpec(SpecModel):
+    """A skill advertised on the agent card."""
+
+    id: Annotated[str, Field(min_length=1, max_length=128)]
+    """Stable identifier of the skill."""
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    """Human-readable name."""
+    description: Annotated[str, Field(max_length=4096)] = ""
+    """What the skill does."""
+    tags: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=32)] = []
+    """Keywords for discovery."""
+    examples: Annotated[list[Annotated[str, Field(max_length=1024)]], Field(max_length=32)] = []
+    """Example requests."""
+
+
+class AgentBase(SpecModel):
+    """The base part: what the agent is and which Prompt Center prompt drives it."""
+
+    description: Annotated[str, Field(min_length=1, max_length=4096)]
+    """What the agent does; shown on its agent card and to partner agents."""
+    prompt_key: Name
+    """Key of the system prompt in the Prompt Center."""
+    prompt_version: Version | None = None
+    """Pin one prompt version; when unset the prompt's release (labels, A/B weights) decides."""
+    prompt_label: Annotated[str, Field(max_length=64)] | None = None
+    """Use the version the prompt's release gives this label (e.g. ``prod``)."""
+    variables: Variables = {}
+    """Values for the prompt template's variables; they override the prompt's defaults."""
+    skills: Annotated[list[SkillSpec], Field(max_length=64)] = []
+    """Skills advertised on the agent card."""
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> AgentBase:
+        if self.prompt_version is not None and self.prompt_label is not None:
+            raise PydanticCustomError("exclusive", "set promptVersion or promptLabel, not both", {})
+        return self
+
+
+# ---------------------------------------------------------------- model
+
+
+class FallbackModel(SpecModel):
+    """A model tried when the primary fails."""
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    """Model name as the provider knows it."""
+    provider: Annotated[str, Field(max_length=64, pattern=r"^[a-z0-9_-]+$")] | None = None
+    """litellm provider prefix (``openai``, ``anthropic``...); default ``openai`` when a
+    baseUrl is set (any OpenAI-compatible server)."""
+    base_url: HttpUrl | None = None
+    """Base URL of the provider's API."""
+    api_key: Secret | None = None
+    """API key (a vault:// reference once applied)."""
+
+
+class ModelSpec(SpecModel):
+    """The model part: which LLM the agent calls and how."""
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    """Model name as the provider knows it (``qwen-plus-latest``, ``gpt-4o``)."""
+    provider: Annotated[str, Field(max_length=64, pattern=r"^[a-z0-9_-]+$")] | None = None
+    """litellm provider prefix; default ``openai`` (any OpenAI-compatible server)."""
+    base_url: HttpUrl | None = None
+    """Base URL of the provider's API; the sidecar forwards to it."""
+    api_key: Secret | None = None
+    """API key (a vault:// reference once applied); only the sidecar ever reads it."""
+    temperature: Annotated[float, Field(ge=0, le=2)] = 0.7
+    """Sampling temperature, 0 to 2."""
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    """Nucleus sampling, (0, 1]."""
+    max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    """Most tokens one completion may produce."""
+    timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 60
+    """Timeout of one model call."""
+    max_retries: Annotated[int, Field(ge=0, le=10)] = 2
+    """Retries of a failed model call."""
+    fallbacks: Annotated[list[FallbackModel], Field(max_length=5)] = []
+    """Models tried in order when this one fails."""
+    stream: bool = True
+    """Stream tokens from the model when the caller streams."""
+
+
+# ---------------------------------------------------------------- mcpServers
+
+
+class McpServerRef(SpecModel):
+    """An MCP server this agent uses; the name resolves in the MCP Registry."""
+
+    mcp_server_name: Name
+    """Name of the server in the MCP Registry."""
+    query_params: Headers = {}
+    """Query parameters the sidecar adds to each request (values are secrets)."""
+    headers: Headers = {}
+    """Headers the sidecar adds to each request (values are secrets)."""
+    allowed_tools: (
+        Annotated[list[Annotated[str, Field(min_length=1, max_length=128)]], Field(max_length=256)]
+        | None
+    ) = None
+    """Only these tools are offered to the model; all when unset."""
+
+
+class McpServersPart(SpecModel):
+    """The ``mcp-servers.json`` part file."""
+
+    mcp_servers: Annotated[list[McpServerRef], Field(max_length=64)] = []
+    """MCP servers this agent uses."""
+
+
+# ---------------------------------------------------------------- partnerAgents
+
+
+class PartnerAgentRef(SpecModel):
+    """A partner agent this agent may call over A2A; the name resolves in the Agent Registry."""
+
+    agent_name: Name
+    """Logical name of the partner agent."""
+    headers: Headers = {}
+    """Headers the sidecar adds to calls to this partner (values are secrets)."""
+    query_params: Headers = {}
+    """Query parameters the sidecar adds to calls to this partner (values are secrets)."""
+
+
+class PartnerAgentsPart(SpecModel):
+    """The ``partner-agents.json`` part file."""
+
+    agents: Annotated[list[PartnerAgentRef], Field(max_length=64)] = []
+    """Partner agents this agent may call."""
+
+
+# ---------------------------------------------------------------- knowledge
+
+
+class VectorStoreSpec(SpecModel):
+    """Where the knowledge base's vectors live."""
+
+    type: Literal["chroma", "qdrant", "milvus"]
+    """Vector store kind."""
+    address: Annotated[str, Field(max_length=2048)] | None = None
+    """Server URL, or a local path for the embedded form; default: embedded, in the agent's
+    data folder."""
+    collection: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
+    """Collection holding this agent's chunks."""
+    credentials: Headers = {}
+    """Credentials for a server form (values are secrets)."""
+
+
+class EmbeddingModelSpec(SpecModel):
+    """The embedding model, called through litellm via the sidecar."""
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    """Embedding model name."""
+    provider: Annotated[str, Field(max_length=64, pattern=r"^[a-z0-9_-]+$")] | None = None
+    """litellm provider prefix; default ``openai``."""
+    base_url: HttpUrl | None = None
+    """Base URL of the provider's API; default: the model part's."""
+    api_key: Secret | None = None
+    """API key; default: the model part's."""
+    dimensions: Annotated[int, Field(ge=1, le=16384)] | None = None
+    """Vector size, when the model lets you choose."""
+
+
+class RetrievalSpec(SpecModel):
+    """How retrieved passages reach the model."""
+
+    mode: Literal["auto", "tool"] = "auto"
+    """``auto`` injects passages into the prompt; ``tool`` offers a ``search_knowledge`` tool."""
+    top_k: Annotated[int, Field(ge=1, le=50)] = 4
+    """Passages per query."""
+    score_threshold: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """Passages scoring below this are dropped."""
+
+
+class ChunkingSpec(SpecModel):
+    """How documents are cut into chunks at ingest."""
+
+    size: Annotated[int, Field(ge=64, le=16384)] = 800
+    """Characters per chunk."""
+    overlap: Annotated[int, Field(ge=0, le=8192)] = 100
+    """Characters shared by consecutive chunks."""
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> ChunkingSpec:
+        if self.overlap >= self.size:
+            raise PydanticCustomError(
+                "overlap",
+                "overlap must be smaller than size (got overlap {overlap}, size {size})",
+                {"overlap": self.overlap, "size": self.size},
+            )
+        return self
+
+
+class KnowledgeSpec(SpecModel):
+    """The knowledge part: retrieval-augmented generation over a vector store."""
+
+    enabled: bool = False
+    """Whether the agent uses a knowledge base."""
+    store: VectorStoreSpec | None = None
+    """The vector store; required when enabled."""
+    embedding_model: EmbeddingModelSpec | None = None
+    """The embedding model; required when enabled."""
+    retrieval: RetrievalSpec = RetrievalSpec()
+    """How passages reach the model."""
+    chunking: ChunkingSpec = ChunkingSpec()
+    """How documents are chunked at ingest."""
+
+    @model_validator(mode="after")
+    def _complete_when_enabled(self) -> KnowledgeSpec:
+        if self.enabled and (self.store is None or self.embedding_model is None):
+            raise PydanticCustomError(
+                "required_when_enabled",
+                "store and embeddingModel are required when enabled is true",
+                {},
+            )
+        return self
+
+
+# ---------------------------------------------------------------- memory
+
+
+class CompressionSpec(SpecModel):
+    """Summarise older turns once the history passes a token budget."""
+
+    enabled: bool = False
+    """Whether to compress long histories."""
+    max_prompt_tokens: Annotated[int, Field(ge=256, le=1_000_000)] = 4000
+    """Token budget of the history sent to the model."""
+    keep_recent_turns: Annotated[int, Field(ge=0, le=1000)] = 6
+    """Most recent turns always kept verbatim."""
+    summary_max_tokens: Annotated[int, Field(ge=16, le=100_000)] = 512
+    """Size limit of the summary."""
+
+
+class RecentSearch(SpecModel):
+    """Recall the last N turns."""
+
+    type: Literal["recent"] = "recent"
+    n: Annotated[int, Field(ge=1, le=10_000)] = 20
+    """Turns recalled."""
+
+
+class KeywordSearch(SpecModel):
+    """Recall turns sharing words with the question."""
+
+    type: Literal["keyword"]
+    top_k: Annotated[int, Field(ge=1, le=1000)] = 8
+    """Turns recalled."""
+
+
+class SemanticSearch(SpecModel):
+    """Recall turns whose embeddings are nearest to the question's."""
+
+    type: Literal["semantic"]
+    top_k: Annotated[int, Field(ge=1, le=1000)] = 8
+    """Turns recalled."""
+    min_score: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """Turns scoring below this are dropped."""
+    embedding_model: EmbeddingModelSpec | None = None
+    """Embedding model; default: the knowledge part's."""
+
+
+SearchStrategy = Annotated[
+    RecentSearch | KeywordSearch | SemanticSearch, Field(discriminator="type")
+]
+
+
+class MemorySpec(SpecModel):
+    """The memory part: conversation history per A2A contextId."""
+
+    storage_type: Literal["inMemory", "redis"] = "inMemory"
+    """``inMemory`` (one instance) or ``redis`` (shared by every instance of the agent)."""
+    address: Annotated[str, Field(max_length=2048)] | None = None
+    """Store address (``redis://host:6379/0``); required for redis."""
+    credentials: Headers = {}
+    """Store credentials (values are secrets)."""
+    ttl_seconds: Annotated[int, Field(ge=60, le=31_536_000)] | None = None
+    """Conversations idle longer than this are deleted; kept forever when unset."""
+    compression: CompressionSpec = CompressionSpec()
+    """Summarisation of long histories."""
+    search_strategy: SearchStrategy = RecentSearch()
+    """How past turns are recalled."""
+
+    @model_validator(mode="after")
+    def _address_for_redis(self) -> MemorySpec:
+        if self.storage_type == "redis":
+            if not self.address:
+                raise PydanticCustomError(
+                    "required_for_redis", "address is required when storageType is redis", {}
+                )
+            if urlsplit(self.address).scheme not in ("redis", "rediss"):
+                raise PydanticCustomError(
+                    "url",
+                    "address must be a redis:// or rediss:// URL (got {value})",
+                    {"value": repr(self.address)},
+                )
+        return self
+
+
+# ---------------------------------------------------------------- the agent
+
+
+class AgentSpec(SpecModel):
+    """All six parts of one agent."""
+
+    base: AgentBase
+    """Description, prompt and skills."""
+    model: ModelSpec
+    """The LLM."""
+    mcp_servers: Annotated[list[McpServerRef], Field(max_length=64)] = []
+    """MCP servers (same content as ``mcp-servers.json``'s ``mcpServers``)."""
+    partner_agents: Annotated[list[PartnerAgentRef], Field(max_length=64)] = []
+    """Partner agents (same content as ``partner-agents.json``'s ``agents``)."""
+    knowledge: KnowledgeSpec = KnowledgeSpec()
+    """Knowledge base (RAG)."""
+    memory: MemorySpec = MemorySpec()
+    """Conversation memory."""
+
+
+class Metadata(SpecModel):
+    """Manifest metadata."""
+
+    name: Name
+    """Logical name of the object."""
+    labels: Annotated[
+        dict[Annotated[str, Field(max_length=128)], Annotated[str, Field(max_length=256)]],
+        Field(max_length=64),
+    ] = {}
+    """Free-form labels."""
+    annotations: Annotated[
+        dict[Annotated[str, Field(max_length=128)], Annotated[str, Field(max_length=4096)]],
+        Field(max_length=64),
+    ] = {}
+    """Free-form annotations."""
+
+
+class AgentManifest(SpecModel):
+    """An agent as one document."""
+
+    api_version: Literal["specmesh.io/v1"]
+    kind: Literal["Agent"]
+    metadata: Metadata
+    spec: AgentSpec
+
+
+# ---------------------------------------------------------------- Prompt Center
+
+
+class PromptEntry(SpecModel):
+    """One version of a prompt in the Prompt Center (immutable once published)."""
+
+    prompt_key: Name
+    """The prompt's key."""
+    version: Version
+    """Version of this entry (e.g. ``3.0.11``)."""
+    template: Annotated[str, Field(min_length=1, max_length=262_144)]
+    """The template; ``{{name}}`` placeholders are filled from the variables."""
+    variables: Variables = {}
+    """Default values of the template's variables (an object, or a string holding one)."""
+    description: Annotated[str, Field(max_length=4096)] = ""
+    """What the prompt is for."""
+
+
+class PromptRelease(SpecModel):
+    """Which version of a prompt serves: labels and A/B weights."""
+
+    labels: Annotated[
+        dict[Annotated[str, Field(max_length=64)], Version], Field(max_length=32)
+    ] = {}
+    """Label -> version (e.g. ``prod: 3.0.11``)."""
+    weights: Annotated[
+        dict[Version, Annotated[int, Field(ge=0, le=100)]], Field(max_length=16)
+    ] = {}
+    """Version -> share of conversations in percent; must sum to 100 when set."""
+
+    @model_validator(mode="after")
+    def _weights_sum(self) -> PromptRelease:
+        if self.weights and sum(self.weights.values()) != 100:
+            raise PydanticCustomError(
+                "weights_sum",
+                "weights must sum to 100 (got {total})",
+                {"total": sum(self.weights.values())},
+            )
+        return self
+
+
+class PromptSpec(SpecModel):
+    """The ``spec`` of a Prompt manifest: a version, optionally with the prompt's release."""
+
+    version: Version
+    """Version of this entry."""
+    template: Annotated[str, Field(min_length=1, max_length=262_144)]
+    """The template."""
+    variables: Variables = {}
+    """Default values of the template's variables."""
+    description: Annotated[str, Field(max_length=4096)] = ""
+    """What the prompt is for."""
+    release: PromptRelease | None = None
+    """Labels and A/B weights to set with this version."""
+
+
+class PromptManifest(SpecModel):
+    """A Prompt Center version as a manifest."""
+
+    api_version: Literal["specmesh.io/v1"]
+    kind: Literal["Prompt"]
+    metadata: Metadata
+    spec: PromptSpec
+
+
+# ---------------------------------------------------------------- MCP Registry
+
+
+class CredentialTemplate(SpecModel):
+    """Which credentials an agent must supply to use an MCP server."""
+
+    headers: Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=32)] = []
+    """Header names each agent's spec must set."""
+    query_params: Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=32)] = []
+    """Query-parameter names each agent's spec must set."""
+
+
+class McpServerSpec(SpecModel):
+    """An MCP Registry entry."""
+
+    transport: Literal["streamable-http", "sse"] = "streamable-http"
+    """MCP transport."""
+    url: HttpUrl
+    """Endpoint of the server (e.g. ``http://host:8000/mcp``)."""
+    description: Annotated[str, Field(max_length=4096)] = ""
+    """What the server offers."""
+    credential_template: CredentialTemplate = CredentialTemplate()
+    """Credentials an agent must supply."""
+
+
+class McpServerManifest(SpecModel):
+    """An MCP Registry entry as a manifest."""
+
+    api_version: Literal["specmesh.io/v1"]
+    kind: Literal["McpServer"]
+    metadata: Metadata
+    spec: McpServerSpec
+
+
+# ---------------------------------------------------------------- releases
+
+
+class HeaderMatch(SpecModel):
+    """A request header condition that sends a call to the canary."""
+
+    name: Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9-]+$")]
+    """Header name (case-insensitive)."""
+    exact: Annotated[str, Field(max_length=1024)] | None = None
+    """Value equals this."""
+    prefix: Annotated[str, Field(max_length=1024)] | None = None
+    """Value starts with this."""
+    regex: Annotated[str, Field(max_length=1024)] | None = None
+    """Value matches this RE2 regular expression."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> HeaderMatch:
+        given = [k for k in ("exact", "prefix", "regex") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise PydanticCustomError(
+                "one_of", "set exactly one of exact, prefix, regex (got {n})", {"n": len(given)}
+            )
+        return self
+
+
+class OutlierDetectionSpec(SpecModel):
+    """Ejection of failing instances, with Envoy's outlier-detection semantics."""
+
+    consecutive_5xx_errors: Annotated[int, Field(ge=0, le=1000, alias="consecutive5xxErrors")] = 5
+    """5xx responses in a row that eject an instance (0 disables)."""
+    consecutive_gateway_errors: Annotated[int, Field(ge=0, le=1000)] = 0
+    """502/503/504 or connection errors in a row that eject an instance (0 disables)."""
+    interval_seconds: Annotated[float, Field(gt=0, le=3600)] = 10
+    """How often ejections are evaluated."""
+    base_ejection_time_seconds: Annotated[float, Field(gt=0, le=86_400)] = 30
+    """Ejection time; multiplied by the number of times the instance was ejected."""
+    max_ejection_percent: Annotated[int, Field(ge=0, le=100)] = 50
+    """Most instances that may be ejected at once, in percent."""
+
+
+class RetrySpec(SpecModel):
+    """Retries of a failed call."""
+
+    attempts: Annotated[int, Field(ge=0, le=10)] = 2
+    """Retries after the first try."""
+    per_try_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 30
+    """Timeout of each try."""
+    retry_on: Annotated[str, Field(max_length=256)] = "connect-failure,gateway-error,reset"
+    """Envoy retry-on conditions."""
+    budget_percent: Annotated[float, Field(ge=0, le=100)] = 20
+    """Retries may add at most this share of the request volume."""
+
+
+class ConnectionPoolSpec(SpecModel):
+    """Connection limits toward the agent."""
+
+    max_connections: Annotated[int, Field(ge=1, le=100_000)] = 1024
+    """Most connections per instance."""
+    max_pending_requests: Annotated[int, Field(ge=1, le=100_000)] = 1024
+    """Most requests waiting for a connection."""
+
+
+class ReleaseSpec(SpecModel):
+    """An agent's release policy: stable and canary revisions, split, and resilience."""
+
+    stable_revision: Annotated[int, Field(ge=1)] | None = None
+    """Revision served by track ``stable``; latest when unset."""
+    canary_revision: Annotated[int, Field(ge=1)] | None = None
+    """Revision served by track ``canary``."""
+    canary_weight: Annotated[int, Field(ge=0, le=100)] = 0
+    """Share of calls sent to the canary, in percent."""
+    header_match: Annotated[list[HeaderMatch], Field(max_length=16)] = []
+    """Calls matching all of these go to the canary, whatever the weight."""
+    timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 300
+    """Timeout of a whole call, retries included."""
+    retries: RetrySpec = RetrySpec()
+    """Retries."""
+    outlier_detection: OutlierDetectionSpec = OutlierDetectionSpec()
+    """Ejection of failing instances."""
+    connection_pool: ConnectionPoolSpec = ConnectionPoolSpec()
+    """Connection limits."""
+
+    @model_validator(mode="after")
+    def _canary_needs_revision(self) -> ReleaseSpec:
+        if (self.canary_weight > 0 or self.header_match) and self.canary_revision is None:
+            raise PydanticCustomError(
+                "canary_revision_required",
+                "canaryRevision is required when canaryWeight > 0 or headerMatch is set",
+                {},
+            )
+        return self
+
+
+class ReleaseManifest(SpecModel):
+    """A release policy as a manifest; ``metadata.name`` is the agent."""
+
+    api_version: Literal["specmesh.io/v1"]
+    kind: Literal["Release"]
+    metadata: Metadata
+    spec: ReleaseSpec
+
+
+Manifest = Annotated[
+    AgentManifest | PromptManifest | McpServerManifest | ReleaseManifest,
+    Field(discriminator="kind"),
+]
+"""Any manifest document, by its ``kind``."""

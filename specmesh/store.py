@@ -1,0 +1,574 @@
+"""The spec store: agents, prompts, MCP Registry entries and releases in etcd.
+
+Every agent change is one etcd transaction -- the changed parts, a new immutable
+revision bundle, the meta key and an audit entry -- guarded by the expected revision,
+so a stale writer gets :class:`~specmesh.errors.ConflictError` and nothing is half
+written. The agent revision *is* the etcd ``version`` of the agent's meta key: one
+put per revision, compared atomically in the transaction.
+
+The store refuses plaintext secrets: what it is given must already hold ``vault://``
+references (see :mod:`specmesh.specservice`), so etcd never holds a secret.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets as _random
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from specmesh.errors import (
+    ConflictError,
+    NameCollisionError,
+    NotFoundError,
+    SpecError,
+    SpecIssue,
+)
+from specmesh.etcd import Compare, EtcdClient, Op
+from specmesh.keys import Keys
+from specmesh.names import resource_name
+from specmesh.secrets import is_reference
+from specmesh.spec.diff import Change, diff_json
+from specmesh.spec.models import (
+    PART_NAMES,
+    AgentSpec,
+    McpServerSpec,
+    PromptEntry,
+    PromptRelease,
+    ReleaseSpec,
+)
+from specmesh.spec.secretpaths import iter_secrets
+from specmesh.spec.validation import format_path, validate_model
+
+__all__ = [
+    "AgentRecord",
+    "AgentSummary",
+    "ApplyResult",
+    "AuditEntry",
+    "SpecStore",
+    "dumps",
+]
+
+
+def dumps(value: Any) -> str:
+    """Canonical JSON: sorted keys, no spaces."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    """One revision of an agent."""
+
+    name: str
+    revision: int
+    spec: dict[str, Any]
+    created_at: str
+    author: str
+    action: str
+    message: str = ""
+    rolled_back_from: int | None = None
+
+    @property
+    def resource_name(self) -> str:
+        return resource_name(self.name)
+
+    def spec_model(self) -> AgentSpec:
+        return AgentSpec.model_validate(self.spec)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "agent": self.name,
+            "revision": self.revision,
+            "createdAt": self.created_at,
+            "author": self.author,
+            "action": self.action,
+            "message": self.message,
+            "rolledBackFrom": self.rolled_back_from,
+            "spec": self.spec,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AgentRecord:
+        return cls(
+            name=data["agent"],
+            revision=int(data["revision"]),
+            spec=data["spec"],
+            created_at=data["createdAt"],
+            author=data["author"],
+            action=data.get("action", "apply"),
+            message=data.get("message", ""),
+            rolled_back_from=data.get("rolledBackFrom"),
+        )
+
+
+@dataclass(frozen=True)
+class AgentSummary:
+    name: str
+    revision: int
+    updated_at: str
+    updated_by: str
+    description: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "resourceName": resource_name(self.name),
+            "revision": self.revision,
+            "updatedAt": self.updated_at,
+            "updatedBy": self.updated_by,
+            "description": self.description,
+        }
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What an apply or rollback did."""
+
+    agent: str
+    revision: int
+    previous_revision: int
+    changed: bool
+    changes: list[Change] = field(default_factory=list)
+    audit_id: str | None = None
+    etcd_revision: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "agent": self.agent,
+            "revision": self.revision,
+            "previousRevision": self.previous_revision,
+            "changed": self.changed,
+            "changes": [c.to_json() for c in self.changes],
+            "auditId": self.audit_id,
+        }
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    id: str
+    time: str
+    actor: str
+    action: str
+    kind: str
+    name: str
+    revision: int | None
+    previous_revision: int | None
+    changes: list[dict[str, Any]]
+    message: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "time": self.time,
+            "actor": self.actor,
+            "action": self.action,
+            "kind": self.kind,
+            "name": self.name,
+            "revision": self.revision,
+            "previousRevision": self.previous_revision,
+            "changes": self.changes,
+            "message": self.message,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AuditEntry:
+        return cls(
+            id=data["id"],
+            time=data["time"],
+            actor=data["actor"],
+            action=data["action"],
+            kind=data["kind"],
+            name=data["name"],
+            revision=data.get("revision"),
+            previous_revision=data.get("previousRevision"),
+            changes=data.get("changes", []),
+            message=data.get("message", ""),
+        )
+
+
+def _refuse_plaintext(spec: AgentSpec) -> None:
+    plain = [path for path, value in iter_secrets(spec) if not is_reference(value)]
+    if plain:
+        raise SpecError(
+            [
+                SpecIssue(
+                    format_path(p), "plaintext_secret",
+                    "plaintext secret refused by the store; apply through the spec service, "
+                    "which moves it into Vault",
+                )
+                for p in plain
+            ]
+        )  # fmt: skip
+
+
+class SpecStore:
+    """Agents, prompts, MCP entries and releases in etcd under one key prefix."""
+
+    def __init__(self, *, etcd: EtcdClient, keys: Keys | None = None) -> None:
+        self.etcd = etcd
+        self.keys = keys or Keys()
+
+    # ------------------------------------------------------------ audit
+
+    def _audit(
+        self,
+        *,
+        actor: str,
+        action: str,
+        kind: str,
+        name: str,
+        revision: int | None,
+        previous: int | None,
+        changes: list[Change],
+        message: str = "",
+    ) -> tuple[AuditEntry, Op]:
+        now = _now()
+        entry = AuditEntry(
+            id=_random.token_hex(6),
+            time=now.isoformat(),
+            actor=actor,
+            action=action,
+            kind=kind,
+            name=name,
+            revision=revision,
+            previous_revision=previous,
+            changes=[c.to_json() for c in changes],
+            message=message,
+        )
+        stamp = now.strftime("%Y%m%dT%H%M%S.%fZ")
+        return entry, Op.put(self.keys.audit_entry(stamp, entry.id), dumps(entry.to_json()))
+
+    async def audit_entries(
+        self, *, name: str | None = None, kind: str | None = None, limit: int = 100
+    ) -> list[AuditEntry]:
+        """Newest first."""
+        result = await self.etcd.range(self.keys.audit(), prefix=True)
+        entries = [AuditEntry.from_json(json.loads(kv.value)) for kv in reversed(result.kvs)]
+        if name is not None:
+            entries = [e for e in entries if resource_name(e.name) == resource_name(name)]
+        if kind is not None:
+            entries = [e for e in entries if e.kind == kind]
+        return entries[:limit]
+
+    # ------------------------------------------------------------ agents
+
+    async def _meta(self, name: str) -> tuple[int, dict[str, Any] | None]:
+        revision, meta, _ = await self._meta_at(name)
+        return revision, meta
+
+    async def _meta_at(self, name: str) -> tuple[int, dict[str, Any] | None, int]:
+        """(agent revision, meta, store revision of the read)."""
+        result = await self.etcd.range(self.keys.agent_meta(name))
+        if not result.kvs:
+            return 0, None, result.revision
+        kv = result.kvs[0]
+        return kv.version, json.loads(kv.value), result.revision
+
+    async def current_revision(self, name: str) -> int:
+        """The agent's current revision (0 when it does not exist)."""
+        revision, _ = await self._meta(name)
+        return revision
+
+    async def apply_agent(
+        self,
+        name: str,
+        spec: AgentSpec,
+        *,
+        actor: str,
+        expected_revision: int | None = None,
+        message: str = "",
+        action: str = "apply",
+        rolled_back_from: int | None = None,
+    ) -> ApplyResult:
+        """Write a new revision of ``name`` if ``spec`` differs from the current one.
+
+        ``expected_revision``: the revision the caller read (0 to create); when ``None``
+        the current revision is read and used, so only a concurrent writer can conflict.
+        """
+        _refuse_plaintext(spec)
+        current, meta, read_at = await self._meta_at(name)
+        if meta is not None and meta["name"] != name:
+            raise NameCollisionError(
+                name=name, existing=meta["name"], resource_name=resource_name(name)
+            )
+        expected = current if expected_revision is None else expected_revision
+        if expected != current:
+            raise ConflictError(kind="agent", name=name, expected=expected, actual=current)
+        new_parts = spec.model_dump(mode="json")
+        old_parts: dict[str, Any] = {}
+        if current:
+            # the parts as of the same store revision as the meta read: one snapshot
+            stored = await self.etcd.range(
+                self.keys.agent_parts(name), prefix=True, revision=read_at
+            )
+            for kv in stored.kvs:
+                old_parts[kv.key.rsplit("/", 1)[-1]] = json.loads(kv.value)
+        changes = diff_json(old_parts, new_parts)
+        if not changes and action == "apply":
+            return ApplyResult(
+                agent=name, revision=current, previous_revision=current, changed=False
+            )
+        revision = current + 1
+        record = AgentRecord(
+            name=name,
+            revision=revision,
+            spec=new_parts,
+            created_at=_now().isoformat(),
+            author=actor,
+            action=action,
+            message=message,
+            rolled_back_from=rolled_back_from,
+        )
+        entry, audit_op = self._audit(
+            actor=actor, action=action, kind="Agent", name=name, revision=revision,
+            previous=current or None, changes=changes, message=message,
+        )  # fmt: skip
+        ops = [
+            Op.put(
+                self.keys.agent_meta(name),
+                dumps({"name": name, "revision": revision, "updatedAt": record.created_at,
+                       "updatedBy": actor, "description": spec.base.description}),
+            ),
+            Op.put(self.keys.agent_revision(name, revision), dumps(record.to_json())),
+            audit_op,
+        ]  # fmt: skip
+        for part in PART_NAMES:
+            if old_parts.get(part) != new_parts[part]:
+                ops.append(Op.put(self.keys.agent_part(name, part), dumps(new_parts[part])))
+        result = await self.etcd.txn(
+            compare=[
+                Compare(self.keys.agent_meta(name), "VERSION", "EQUAL", current),
+                Compare(self.keys.agent_revision(name, revision), "CREATE", "EQUAL", 0),
+            ],
+            success=ops,
+        )
+        if not result.succeeded:
+            actual = await self.current_revision(name)
+            raise ConflictError(kind="agent", name=name, expected=expected, actual=actual)
+        return ApplyResult(
+            agent=name,
+            revision=revision,
+            previous_revision=current,
+            changed=True,
+            changes=changes,
+            audit_id=entry.id,
+            etcd_revision=result.revision,
+        )
+
+    async def get_agent(self, name: str, revision: int | None = None) -> AgentRecord:
+        """The current revision of an agent, or the given one."""
+        if revision is None:
+            revision = await self.current_revision(name)
+            if revision == 0:
+                raise NotFoundError(kind="agent", name=name)
+        kv = await self.etcd.get(self.keys.agent_revision(name, revision))
+        if kv is None:
+            raise NotFoundError(kind="agent revision", name=f"{name}@{revision}")
+        return AgentRecord.from_json(json.loads(kv.value))
+
+    async def list_agents(self) -> list[AgentSummary]:
+        result = await self.etcd.range(self.keys.agents(), prefix=True)
+        out = []
+        for kv in result.kvs:
+            if kv.key.endswith("/meta"):
+                meta = json.loads(kv.value)
+                out.append(
+                    AgentSummary(
+                        name=meta["name"],
+                        revision=kv.version,
+                        updated_at=meta["updatedAt"],
+                        updated_by=meta["updatedBy"],
+                        description=meta.get("description", ""),
+                    )
+                )
+        return out
+
+    async def history(self, name: str) -> list[AgentRecord]:
+        """Every revision, oldest first."""
+        result = await self.etcd.range(self.keys.agent_revisions(name), prefix=True)
+        if not result.kvs:
+            raise NotFoundError(kind="agent", name=name)
+        return [AgentRecord.from_json(json.loads(kv.value)) for kv in result.kvs]
+
+    async def diff(self, name: str, from_revision: int, to_revision: int) -> list[Change]:
+        old = await self.get_agent(name, from_revision)
+        new = await self.get_agent(name, to_revision)
+        return diff_json(old.spec, new.spec)
+
+    async def rollback(
+        self, name: str, revision: int, *, actor: str, expected_revision: int | None = None
+    ) -> ApplyResult:
+        """A new revision whose spec equals revision ``revision``'s."""
+        target = await self.get_agent(name, revision)
+        spec = validate_model(AgentSpec, target.spec, source=f"{name}@{revision}")
+        return await self.apply_agent(
+            name,
+            spec,
+            actor=actor,
+            expected_revision=expected_revision,
+            message=f"rollback to revision {revision}",
+            action="rollback",
+            rolled_back_from=revision,
+        )
+
+    async def delete_agent(
+        self, name: str, *, actor: str, expected_revision: int | None = None
+    ) -> None:
+        current = await self.current_revision(name)
+        if current == 0:
+            raise NotFoundError(kind="agent", name=name)
+        expected = current if expected_revision is None else expected_revision
+        _, audit_op = self._audit(
+            actor=actor, action="delete", kind="Agent", name=name, revision=None,
+            previous=current, changes=[],
+        )  # fmt: skip
+        result = await self.etcd.txn(
+            compare=[Compare(self.keys.agent_meta(name), "VERSION", "EQUAL", expected)],
+            success=[Op.delete(self.keys.agent(name), prefix=True), audit_op],
+        )
+        if not result.succeeded:
+            actual = await self.current_revision(name)
+            raise ConflictError(kind="agent", name=name, expected=expected, actual=actual)
+
+    async def partner_graph(self) -> dict[str, list[str]]:
+        """Agent -> partner names, for every agent (from the current partnerAgents parts)."""
+        result = await self.etcd.range(self.keys.agents(), prefix=True)
+        names: dict[str, str] = {}
+        partners: dict[str, list[str]] = {}
+        for kv in result.kvs:
+            agent_rn = kv.key[len(self.keys.agents()) :].split("/", 1)[0]
+            if kv.key.endswith("/meta"):
+                names[agent_rn] = json.loads(kv.value)["name"]
+            elif kv.key.endswith("/spec/partnerAgents"):
+                partners[agent_rn] = [p["agentName"] for p in json.loads(kv.value)]
+        return {names[rn]: ps for rn, ps in partners.items() if rn in names}
+
+    # ------------------------------------------------------------ prompts
+
+    async def put_prompt_version(self, entry: PromptEntry, *, actor: str) -> bool:
+        """Publish a prompt version; versions are immutable. Return False if it already exists
+        with the same content; raise ConflictError if it exists with other content."""
+        key = self.keys.prompt_version(entry.prompt_key, entry.version)
+        value = dumps(entry.model_dump(mode="json"))
+        _, audit_op = self._audit(
+            actor=actor, action="publish", kind="Prompt",
+            name=f"{entry.prompt_key}@{entry.version}", revision=None, previous=None,
+            changes=diff_json({}, entry.model_dump(mode="json")),
+        )  # fmt: skip
+        result = await self.etcd.txn(
+            compare=[Compare(key, "CREATE", "EQUAL", 0)], success=[Op.put(key, value), audit_op]
+        )
+        if result.succeeded:
+            return True
+        existing = await self.etcd.get(key)
+        if existing is not None and existing.value.decode() == value:
+            return False
+        raise ConflictError(
+            kind="prompt version", name=f"{entry.prompt_key}@{entry.version}",
+            expected=None, actual=existing.version if existing else None,
+        )  # fmt: skip
+
+    async def get_prompt_version(self, key: str, version: str) -> PromptEntry:
+        kv = await self.etcd.get(self.keys.prompt_version(key, version))
+        if kv is None:
+            raise NotFoundError(kind="prompt version", name=f"{key}@{version}")
+        return PromptEntry.model_validate_json(kv.value)
+
+    async def list_prompt_versions(self, key: str) -> list[PromptEntry]:
+        result = await self.etcd.range(self.keys.prompt_versions(key), prefix=True)
+        return [PromptEntry.model_validate_json(kv.value) for kv in result.kvs]
+
+    async def list_prompts(self) -> dict[str, list[str]]:
+        """Prompt key -> versions."""
+        result = await self.etcd.range(self.keys.prompts(), prefix=True)
+        out: dict[str, list[str]] = {}
+        for kv in result.kvs:
+            if "/versions/" in kv.key:
+                data = json.loads(kv.value)
+                out.setdefault(data["promptKey"], []).append(data["version"])
+        return out
+
+    async def set_prompt_release(self, key: str, release: PromptRelease, *, actor: str) -> None:
+        versions = {e.version for e in await self.list_prompt_versions(key)}
+        unknown = sorted((set(release.labels.values()) | set(release.weights)) - versions)
+        if unknown:
+            raise SpecError(
+                [SpecIssue("release", "unknown_version",
+                           f"prompt {key!r} has no version {', '.join(unknown)}")]
+            )  # fmt: skip
+        await self._put_with_audit(
+            self.keys.prompt_release(key), release.model_dump(mode="json"),
+            actor=actor, kind="PromptRelease", name=key,
+        )  # fmt: skip
+
+    async def get_prompt_release(self, key: str) -> PromptRelease | None:
+        kv = await self.etcd.get(self.keys.prompt_release(key))
+        return PromptRelease.model_validate_json(kv.value) if kv else None
+
+    # ------------------------------------------------------------ MCP Registry, releases
+
+    async def put_mcp_server(self, name: str, spec: McpServerSpec, *, actor: str) -> bool:
+        data = {"name": name, **spec.model_dump(mode="json")}
+        return await self._put_with_audit(
+            self.keys.mcp_server(name), data, actor=actor, kind="McpServer", name=name
+        )
+
+    async def get_mcp_server(self, name: str) -> McpServerSpec:
+        kv = await self.etcd.get(self.keys.mcp_server(name))
+        if kv is None:
+            raise NotFoundError(kind="MCP server", name=name)
+        data = json.loads(kv.value)
+        data.pop("name", None)
+        return McpServerSpec.model_validate(data)
+
+    async def list_mcp_servers(self) -> dict[str, McpServerSpec]:
+        result = await self.etcd.range(self.keys.mcp_servers(), prefix=True)
+        out = {}
+        for kv in result.kvs:
+            data = json.loads(kv.value)
+            out[data.pop("name")] = McpServerSpec.model_validate(data)
+        return out
+
+    async def put_release(self, agent: str, spec: ReleaseSpec, *, actor: str) -> bool:
+        current = await self.current_revision(agent)
+        if current == 0:
+            raise NotFoundError(kind="agent", name=agent)
+        bad = [r for r in (spec.stable_revision, spec.canary_revision) if r and r > current]
+        if bad:
+            raise SpecError(
+                [SpecIssue("spec", "unknown_revision",
+                           f"agent {agent!r} has no revision {bad[0]} (latest is {current})")]
+            )  # fmt: skip
+        return await self._put_with_audit(
+            self.keys.agent_release(agent), spec.model_dump(mode="json"),
+            actor=actor, kind="Release", name=agent,
+        )  # fmt: skip
+
+    async def get_release(self, agent: str) -> ReleaseSpec | None:
+        kv = await self.etcd.get(self.keys.agent_release(agent))
+        return ReleaseSpec.model_validate_json(kv.value) if kv else None
+
+    async def _put_with_audit(
+        self, key: str, data: dict[str, Any], *, actor: str, kind: str, name: str
+    ) -> bool:
+        """Put ``data`` at ``key`` with an audit entry, guarded against concurrent change.
+        Return False when nothing changed."""
+        existing = await self.etcd.get(key)
+        old = json.loads(existing.value) if existing else {}
+        changes = diff_json(old, data)
+        if existing is not None and not changes:
+            return False
+        _, audit_op = self._audit(
+            actor=actor, action="apply", kind=kind, name=name, revision=None, previous=None,
+            changes=changes,
+        )  # fmt: skip
+        guard = Compare(key, "MOD", "EQUAL", existing.mod_revision if existing else 0)
+        result = await self.etcd.txn(compare=[guard], success=[Op.put(key, dumps(data)), audit_op])
+        if not result.succeeded:
+            raise ConflictError(kind=kind, name=name, expected=None, actual=None)
+        return True

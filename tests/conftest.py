@@ -1,0 +1,57 @@
+"""Shared fixtures: real etcd and OpenBao, started once per test session.
+
+No mock of etcd or Vault is used anywhere: each fixture is the real service on a free
+loopback port, with its data in the session's temporary folder. Tests isolate
+themselves by etcd key prefix.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from specmesh.etcd import EtcdClient
+from specmesh.keys import Keys
+from specmesh.services import LocalServices
+from specmesh.store import SpecStore
+from specmesh.vault import VaultClient
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServices]:
+    svc = LocalServices(home=tmp_path_factory.mktemp("services"))
+    svc.start()
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture
+async def etcd(services: LocalServices) -> AsyncIterator[EtcdClient]:
+    client = EtcdClient(host=services.etcd.host, port=services.etcd.client_port)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+def keys() -> Keys:
+    return Keys(prefix=f"/t-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+async def store(etcd: EtcdClient, keys: Keys) -> SpecStore:
+    return SpecStore(etcd=etcd, keys=keys)
+
+
+@pytest.fixture
+async def vault(services: LocalServices) -> AsyncIterator[VaultClient]:
+    client = VaultClient(address=services.bao.address, token=services.bao.root_token)
+    yield client
+    await client.close()

@@ -1,0 +1,122 @@
+"""Secrets: plaintext in an applied spec ends up in Vault (real OpenBao), never in etcd."""
+
+from __future__ import annotations
+
+import pytest
+
+from specmesh.errors import SecretAccessDeniedError, SpecError
+from specmesh.etcd import EtcdClient
+from specmesh.keys import Keys
+from specmesh.secrets import VaultRef
+from specmesh.spec.manifest import LoadedManifest, parse_manifest
+from specmesh.specservice import SpecService
+from specmesh.store import SpecStore
+from specmesh.vault import VaultClient, agent_policy_name
+
+pytestmark = pytest.mark.integration
+
+SEED_KEYS = {
+    "sk-51668897d94****",
+    "51668897d94*******",
+    "51668897d9410********",
+    "8897d941******c7465cff2",
+}
+
+
+def _manifest(name: str, *, api_key: str = "sk-51668897d94****") -> LoadedManifest:
+    doc = {
+        "apiVersion": "specmesh.io/v1",
+        "kind": "Agent",
+        "metadata": {"name": name},
+        "spec": {
+            "base": {"description": "MSE Nacos assistant", "promptKey": "mse-nacos-helper"},
+            "model": {
+                "model": "qwen-plus-latest",
+                "baseUrl": "https://dashscope.aliyuncs.com/compatible-mode",
+                "apiKey": api_key,
+                "temperature": 0.8,
+                "maxTokens": 8192,
+            },
+            "mcpServers": [
+                {
+                    "mcpServerName": "gaode",
+                    "queryParams": {"key": "51668897d94*******"},
+                    "headers": {"key": "51668897d94*******"},
+                },
+                {"mcpServerName": "nacos-mcp-tools"},
+            ],
+            "partnerAgents": [
+                {"agentName": "mse-gateway-assistant", "headers": {"key": "51668897d9410********"}},
+                {"agentName": "scheduleX-assistant", "headers": {"key": "8897d941******c7465cff2"}},
+            ],
+        },
+    }
+    return LoadedManifest("test", parse_manifest(doc, source="test"))
+
+
+async def test_plaintext_secrets_move_to_vault_and_etcd_holds_none(
+    store: SpecStore, vault: VaultClient, etcd: EtcdClient, keys: Keys
+) -> None:
+    service = SpecService(store=store, vault=vault)
+
+    outcome = await service.apply(_manifest("mse-nacos-helper"), actor="alice")
+
+    assert outcome.revision == 1
+    assert sorted(outcome.secrets_moved) == [
+        "mcpServers[0].headers.key",
+        "mcpServers[0].queryParams.key",
+        "model.apiKey",
+        "partnerAgents[0].headers.key",
+        "partnerAgents[1].headers.key",
+    ]
+    dump = await etcd.range(keys.prefix + "/", prefix=True)
+    everything = b"\n".join(kv.key.encode() + b"=" + kv.value for kv in dump.kvs).decode()
+    assert dump.kvs and not [s for s in SEED_KEYS if s in everything]
+    spec = (await store.get_agent("mse-nacos-helper")).spec
+    ref = spec["model"]["apiKey"]
+    assert ref == "vault://secret/specmesh/agents/mse-nacos-helper/model/apiKey#value"
+    partner_ref = spec["partnerAgents"][1]["headers"]["key"]
+    assert "/partnerAgents/schedulex-assistant/headers/key#" in partner_ref
+    assert await vault.read(VaultRef.parse(ref)) == "sk-51668897d94****"
+
+
+async def test_agent_policy_reads_own_secrets_and_is_denied_others(
+    store: SpecStore, vault: VaultClient, services: object
+) -> None:
+    service = SpecService(store=store, vault=vault)
+    await service.apply(_manifest("mse-nacos-helper"), actor="alice")
+    await service.apply(_manifest("gateway-b", api_key="sk-gateway-1"), actor="alice")
+    helper_ref = VaultRef.parse((await store.get_agent("mse-nacos-helper")).spec["model"]["apiKey"])
+    gateway_ref = VaultRef.parse(
+        (await store.get_agent("gateway-b")).spec["model"]["apiKey"]
+    )
+    token = await vault.create_token(policies=[agent_policy_name("mse-nacos-helper")])
+    as_helper = VaultClient(address=vault.address, token=token)
+    try:
+        assert await as_helper.read(helper_ref) == "sk-51668897d94****"
+        with pytest.raises(SecretAccessDeniedError) as denied:
+            await as_helper.read(gateway_ref)
+        assert "sk-gateway-1" not in str(denied.value)
+    finally:
+        await as_helper.close()
+
+
+async def test_reapply_with_references_keeps_them_and_writes_no_new_version(
+    store: SpecStore, vault: VaultClient
+) -> None:
+    service = SpecService(store=store, vault=vault)
+    await service.apply(_manifest("mse-nacos-helper"), actor="alice")
+
+    again = await service.apply(_manifest("mse-nacos-helper"), actor="alice")
+
+    assert again.changed is False and again.revision == 1
+
+
+async def test_reference_to_another_agents_secret_is_refused(
+    store: SpecStore, vault: VaultClient
+) -> None:
+    service = SpecService(store=store, vault=vault)
+    foreign = "vault://secret/specmesh/agents/other/model/apiKey#value"
+
+    with pytest.raises(SpecError, match=r"spec.model.apiKey: refers to another agent's secret"):
+        await service.apply(_manifest("mse-nacos-helper", api_key=foreign), actor="alice")
