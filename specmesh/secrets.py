@@ -82,7 +82,7 @@ def redact(value: Any, *, keys: Iterable[str] = ()) -> Any:
     ``headers``, ``queryParams``, ``credentials``, ``token``, ``password``, plus
     ``keys``) are masked the same way; everything else is kept.
     """
-    secret_keys = _SECRET_KEYS | set(keys)
+    secret_keys = set(_SECRET_KEYS) | set(keys)
     return _redact(value, secret_keys, inside_secret=False)
 
 

@@ -197,11 +197,26 @@ class SpecService:
                           " (calls are stopped by the call-depth limit)", "warning")
             )  # fmt: skip
         registered = await self.store.list_mcp_servers()
+        missing: list[SpecIssue] = []
         for i, ref in enumerate(spec.mcp_servers):
-            if ref.mcp_server_name not in registered:
+            entry = registered.get(ref.mcp_server_name)
+            if entry is not None:
+                template = entry.credential_template
+                for kind, names, given in (
+                    ("headers", template.headers, ref.headers),
+                    ("queryParams", template.query_params, ref.query_params),
+                ):
+                    missing.extend(
+                        SpecIssue(f"spec.mcpServers[{i}].{kind}", "credential_missing",
+                                  f"MCP server {ref.mcp_server_name!r} needs {kind} {n!r}")
+                        for n in names if n not in given
+                    )  # fmt: skip
+            else:
                 warnings.append(
                     SpecIssue(f"spec.mcpServers[{i}].mcpServerName", "unregistered",
                               f"MCP server {ref.mcp_server_name!r} is not in the MCP Registry "
                               "yet", "warning")
                 )  # fmt: skip
+        if missing:
+            raise SpecError(missing)
         return warnings

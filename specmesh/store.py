@@ -531,7 +531,8 @@ class SpecStore:
         out = {}
         for kv in result.kvs:
             data = json.loads(kv.value)
-            out[data.pop("name")] = McpServerSpec.model_validate(data)
+            name = data.pop("name")
+            out[name] = McpServerSpec.model_validate(data)
         return out
 
     async def put_release(self, agent: str, spec: ReleaseSpec, *, actor: str) -> bool:

@@ -65,7 +65,7 @@ class _Stream:
 
     def __init__(self, etcd: EtcdClient, prefix: str, start_revision: int) -> None:
         self._url = etcd.raw.get_url("/watch")
-        self._payload = {
+        self._payload: dict[str, Any] = {
             "create_request": {
                 "key": base64.b64encode(prefix.encode()).decode(),
                 "range_end": base64.b64encode(prefix_end(prefix)).decode(),
@@ -95,12 +95,13 @@ class _Stream:
                 raise StoreUnavailableError(
                     endpoint=self._url, reason=f"watch answered HTTP {self._response.status_code}"
                 )
-            for line in self._response.iter_lines(chunk_size=None):
+            # chunk_size=None: yield each gateway message as it arrives (not per 512 bytes)
+            for line in self._response.iter_lines(chunk_size=None):  # type: ignore[call-overload]
                 if self._closed.is_set():
                     break
                 if line.strip():
                     self._emit(json.loads(line))
-        except Exception as e:  # noqa: BLE001 - every failure ends this stream; the watcher resumes
+        except Exception as e:
             if not self._closed.is_set():
                 self._emit(e)
         finally:
@@ -156,9 +157,7 @@ class PrefixWatcher:
                 continue
             self.last_revision = result.revision
             self.resets += 1
-            return WatchUpdate(
-                revision=result.revision, snapshot={kv.key: kv for kv in result.kvs}
-            )
+            return WatchUpdate(revision=result.revision, snapshot={kv.key: kv for kv in result.kvs})
 
     async def updates(self) -> AsyncIterator[WatchUpdate]:
         """The updates, forever (until :meth:`close` or cancellation)."""

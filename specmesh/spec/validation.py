@@ -78,9 +78,9 @@ def _strip(tp: Any) -> tuple[Any, bool]:
             tp = args[0]
             continue
         if typing.get_origin(tp) in (typing.Union, types.UnionType):
-            args = [a for a in typing.get_args(tp) if a is not type(None)]
-            if len(args) == 1:
-                tp = args[0]
+            members = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(members) == 1:
+                tp = members[0]
                 continue
         return tp, secret
 

@@ -87,9 +87,7 @@ async def test_agent_policy_reads_own_secrets_and_is_denied_others(
     await service.apply(_manifest("mse-nacos-helper"), actor="alice")
     await service.apply(_manifest("gateway-b", api_key="sk-gateway-1"), actor="alice")
     helper_ref = VaultRef.parse((await store.get_agent("mse-nacos-helper")).spec["model"]["apiKey"])
-    gateway_ref = VaultRef.parse(
-        (await store.get_agent("gateway-b")).spec["model"]["apiKey"]
-    )
+    gateway_ref = VaultRef.parse((await store.get_agent("gateway-b")).spec["model"]["apiKey"])
     token = await vault.create_token(policies=[agent_policy_name("mse-nacos-helper")])
     as_helper = VaultClient(address=vault.address, token=token)
     try:
