@@ -147,9 +147,11 @@ async def cmd_apply(args: argparse.Namespace, ctx: _Context) -> int:
     outcomes = []
     for m in loaded:
         outcome = await ctx.service.apply(
-            m, actor=ctx.settings.actor, expected_revision=args.expected_revision,
+            m,
+            actor=ctx.settings.actor,
+            expected_revision=args.expected_revision,
             dry_run=args.dry_run,
-        )  # fmt: skip
+        )
         outcomes.append(outcome)
         if args.output == "text":
             verb = "unchanged" if not outcome.changed else "configured"
@@ -228,9 +230,11 @@ async def cmd_diff(args: argparse.Namespace, ctx: _Context) -> int:
 
 async def cmd_rollback(args: argparse.Namespace, ctx: _Context) -> int:
     result = await ctx.store.rollback(
-        args.agent, args.revision, actor=ctx.settings.actor,
+        args.agent,
+        args.revision,
+        actor=ctx.settings.actor,
         expected_revision=args.expected_revision,
-    )  # fmt: skip
+    )
     if args.output == "text":
         sys.stdout.write(
             f"agent/{args.agent} rolled back to revision {args.revision} "
@@ -253,10 +257,12 @@ async def cmd_audit(args: argparse.Namespace, ctx: _Context) -> int:
     entries = await ctx.store.audit_entries(name=args.name, limit=args.limit)
     if args.output == "table":
         _table(
-            [[e.time[:19], e.actor, e.action, e.kind, e.name, str(e.revision or "")]
-             for e in entries],
+            [
+                [e.time[:19], e.actor, e.action, e.kind, e.name, str(e.revision or "")]
+                for e in entries
+            ],
             ["TIME", "ACTOR", "ACTION", "KIND", "NAME", "REVISION"],
-        )  # fmt: skip
+        )
     else:
         _print([e.to_json() for e in entries], args.output)
     return EXIT_OK
@@ -269,10 +275,13 @@ def cmd_services(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "up":
         state = services.start()
         _print(
-            {"etcd": state["etcdEndpoint"], "openbao": state["baoAddress"],
-             "home": str(settings.home.resolve())},
+            {
+                "etcd": state["etcdEndpoint"],
+                "openbao": state["baoAddress"],
+                "home": str(settings.home.resolve()),
+            },
             "json",
-        )  # fmt: skip
+        )
     elif args.action == "down":
         services.stop()
         sys.stdout.write("stopped\n")
@@ -312,8 +321,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("-o", "--output", default=default, choices=list(choices))
 
     p = sub.add_parser("validate", help="validate manifests (no service needed)")
-    p.add_argument("-f", "--filename", action="append", required=True,
-                   help="file or folder (repeatable)")  # fmt: skip
+    p.add_argument(
+        "-f", "--filename", action="append", required=True, help="file or folder (repeatable)"
+    )
     out(p, "text", ("text", "json"))
     p.set_defaults(run=cmd_validate)
 

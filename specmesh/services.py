@@ -159,16 +159,25 @@ class EtcdProcess:
         log = self.data_dir.parent / "etcd.log"
         cmd = [
             binary,
-            "--name", "specmesh",
-            "--data-dir", str(self.data_dir / "member-data"),
-            "--listen-client-urls", self.endpoint,
-            "--advertise-client-urls", self.endpoint,
-            "--listen-peer-urls", peer,
-            "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"specmesh={peer}",
-            "--log-level", "warn",
-            "--logger", "zap",
-        ]  # fmt: skip
+            "--name",
+            "specmesh",
+            "--data-dir",
+            str(self.data_dir / "member-data"),
+            "--listen-client-urls",
+            self.endpoint,
+            "--advertise-client-urls",
+            self.endpoint,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"specmesh={peer}",
+            "--log-level",
+            "warn",
+            "--logger",
+            "zap",
+        ]
         with log.open("ab") as out:
             self._proc = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -224,9 +233,11 @@ class BaoProcess:
         with log.open("ab") as out:
             self._proc = subprocess.Popen(
                 [binary, "server", f"-config={config}"],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
                 env={**os.environ, "BAO_ADDR": self.address},
-            )  # fmt: skip
+            )
         _wait(self._reachable, what="openbao", proc=self._proc, log=log)
         self._init_and_unseal()
 
@@ -340,10 +351,12 @@ class LocalServices:
         if not self._running(state.get("baoPid")):
             self.bao.start()
             state.update(
-                baoPid=self.bao.pid, baoAddress=self.bao.address, baoPort=self.bao.port,
+                baoPid=self.bao.pid,
+                baoAddress=self.bao.address,
+                baoPort=self.bao.port,
                 baoClusterPort=self.bao.cluster_port,
                 baoToken=self.bao.root_token,
-            )  # fmt: skip
+            )
         self.state_file.write_text(json.dumps(state, indent=2))
         self.state_file.chmod(0o600)
         return state

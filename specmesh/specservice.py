@@ -101,9 +101,12 @@ class SpecService:
             return await self._apply_agent(loaded, m, actor, expected_revision, dry_run)
         if isinstance(m, PromptManifest):
             entry = PromptEntry(
-                prompt_key=m.metadata.name, version=m.spec.version, template=m.spec.template,
-                variables=m.spec.variables, description=m.spec.description,
-            )  # fmt: skip
+                prompt_key=m.metadata.name,
+                version=m.spec.version,
+                template=m.spec.template,
+                variables=m.spec.variables,
+                description=m.spec.description,
+            )
             changed = False
             if not dry_run:
                 changed = await self.store.put_prompt_version(entry, actor=actor)
@@ -111,8 +114,9 @@ class SpecService:
                     await self.store.set_prompt_release(
                         m.metadata.name, m.spec.release, actor=actor
                     )
-            return ApplyOutcome("Prompt", f"{m.metadata.name}@{m.spec.version}", loaded.source,
-                                changed)  # fmt: skip
+            return ApplyOutcome(
+                "Prompt", f"{m.metadata.name}@{m.spec.version}", loaded.source, changed
+            )
         if isinstance(m, McpServerManifest):
             changed = False
             if not dry_run:
@@ -149,8 +153,9 @@ class SpecService:
             moved.append(format_path(path))
         spec = AgentSpec.model_validate(replace_values(spec_json, replacements))
         if dry_run:
-            return ApplyOutcome("Agent", name, loaded.source, False, warnings=warnings,
-                                secrets_moved=moved)  # fmt: skip
+            return ApplyOutcome(
+                "Agent", name, loaded.source, False, warnings=warnings, secrets_moved=moved
+            )
         refs = [VaultRef.parse(v) for _, v in iter_secrets(spec)]
         own = agent_secret_prefix(name) + "/"
         extra = [r for r in refs if not (r.mount == self.kv_mount and r.path.startswith(own))]
@@ -162,8 +167,9 @@ class SpecService:
         )
         for w in warnings:
             logger.warning("%s: %s", name, w)
-        return ApplyOutcome("Agent", name, loaded.source, result.changed, result.revision,
-                            result, warnings, moved)  # fmt: skip
+        return ApplyOutcome(
+            "Agent", name, loaded.source, result.changed, result.revision, result, warnings, moved
+        )
 
     def _check_references(self, name: str, spec: AgentSpec, source: str) -> None:
         """A spec may not point at another agent's secrets."""
@@ -192,10 +198,15 @@ class SpecService:
         graph[name] = [p.agent_name for p in spec.partner_agents]
         for cycle in find_partner_cycles(graph, name):
             warnings.append(
-                SpecIssue("spec.partnerAgents", "partner_cycle",
-                          "partner cycle " + " -> ".join(cycle) +
-                          " (calls are stopped by the call-depth limit)", "warning")
-            )  # fmt: skip
+                SpecIssue(
+                    "spec.partnerAgents",
+                    "partner_cycle",
+                    "partner cycle "
+                    + " -> ".join(cycle)
+                    + " (calls are stopped by the call-depth limit)",
+                    "warning",
+                )
+            )
         registered = await self.store.list_mcp_servers()
         missing: list[SpecIssue] = []
         for i, ref in enumerate(spec.mcp_servers):
@@ -207,16 +218,23 @@ class SpecService:
                     ("queryParams", template.query_params, ref.query_params),
                 ):
                     missing.extend(
-                        SpecIssue(f"spec.mcpServers[{i}].{kind}", "credential_missing",
-                                  f"MCP server {ref.mcp_server_name!r} needs {kind} {n!r}")
-                        for n in names if n not in given
-                    )  # fmt: skip
+                        SpecIssue(
+                            f"spec.mcpServers[{i}].{kind}",
+                            "credential_missing",
+                            f"MCP server {ref.mcp_server_name!r} needs {kind} {n!r}",
+                        )
+                        for n in names
+                        if n not in given
+                    )
             else:
                 warnings.append(
-                    SpecIssue(f"spec.mcpServers[{i}].mcpServerName", "unregistered",
-                              f"MCP server {ref.mcp_server_name!r} is not in the MCP Registry "
-                              "yet", "warning")
-                )  # fmt: skip
+                    SpecIssue(
+                        f"spec.mcpServers[{i}].mcpServerName",
+                        "unregistered",
+                        f"MCP server {ref.mcp_server_name!r} is not in the MCP Registry yet",
+                        "warning",
+                    )
+                )
         if missing:
             raise SpecError(missing)
         return warnings

@@ -197,13 +197,14 @@ def _refuse_plaintext(spec: AgentSpec) -> None:
         raise SpecError(
             [
                 SpecIssue(
-                    format_path(p), "plaintext_secret",
+                    format_path(p),
+                    "plaintext_secret",
                     "plaintext secret refused by the store; apply through the spec service, "
                     "which moves it into Vault",
                 )
                 for p in plain
             ]
-        )  # fmt: skip
+        )
 
 
 class SpecStore:
@@ -325,18 +326,31 @@ class SpecStore:
             rolled_back_from=rolled_back_from,
         )
         entry, audit_op = self._audit(
-            actor=actor, action=action, kind="Agent", name=name, revision=revision,
-            previous=current or None, changes=changes, message=message,
-        )  # fmt: skip
+            actor=actor,
+            action=action,
+            kind="Agent",
+            name=name,
+            revision=revision,
+            previous=current or None,
+            changes=changes,
+            message=message,
+        )
         ops = [
             Op.put(
                 self.keys.agent_meta(name),
-                dumps({"name": name, "revision": revision, "updatedAt": record.created_at,
-                       "updatedBy": actor, "description": spec.base.description}),
+                dumps(
+                    {
+                        "name": name,
+                        "revision": revision,
+                        "updatedAt": record.created_at,
+                        "updatedBy": actor,
+                        "description": spec.base.description,
+                    }
+                ),
             ),
             Op.put(self.keys.agent_revision(name, revision), dumps(record.to_json())),
             audit_op,
-        ]  # fmt: skip
+        ]
         for part in PART_NAMES:
             if old_parts.get(part) != new_parts[part]:
                 ops.append(Op.put(self.keys.agent_part(name, part), dumps(new_parts[part])))
@@ -424,9 +438,14 @@ class SpecStore:
             raise NotFoundError(kind="agent", name=name)
         expected = current if expected_revision is None else expected_revision
         _, audit_op = self._audit(
-            actor=actor, action="delete", kind="Agent", name=name, revision=None,
-            previous=current, changes=[],
-        )  # fmt: skip
+            actor=actor,
+            action="delete",
+            kind="Agent",
+            name=name,
+            revision=None,
+            previous=current,
+            changes=[],
+        )
         result = await self.etcd.txn(
             compare=[Compare(self.keys.agent_meta(name), "VERSION", "EQUAL", expected)],
             success=[Op.delete(self.keys.agent(name), prefix=True), audit_op],
@@ -456,10 +475,14 @@ class SpecStore:
         key = self.keys.prompt_version(entry.prompt_key, entry.version)
         value = dumps(entry.model_dump(mode="json"))
         _, audit_op = self._audit(
-            actor=actor, action="publish", kind="Prompt",
-            name=f"{entry.prompt_key}@{entry.version}", revision=None, previous=None,
+            actor=actor,
+            action="publish",
+            kind="Prompt",
+            name=f"{entry.prompt_key}@{entry.version}",
+            revision=None,
+            previous=None,
             changes=diff_json({}, entry.model_dump(mode="json")),
-        )  # fmt: skip
+        )
         result = await self.etcd.txn(
             compare=[Compare(key, "CREATE", "EQUAL", 0)], success=[Op.put(key, value), audit_op]
         )
@@ -469,9 +492,11 @@ class SpecStore:
         if existing is not None and existing.value.decode() == value:
             return False
         raise ConflictError(
-            kind="prompt version", name=f"{entry.prompt_key}@{entry.version}",
-            expected=None, actual=existing.version if existing else None,
-        )  # fmt: skip
+            kind="prompt version",
+            name=f"{entry.prompt_key}@{entry.version}",
+            expected=None,
+            actual=existing.version if existing else None,
+        )
 
     async def get_prompt_version(self, key: str, version: str) -> PromptEntry:
         kv = await self.etcd.get(self.keys.prompt_version(key, version))
@@ -498,13 +523,21 @@ class SpecStore:
         unknown = sorted((set(release.labels.values()) | set(release.weights)) - versions)
         if unknown:
             raise SpecError(
-                [SpecIssue("release", "unknown_version",
-                           f"prompt {key!r} has no version {', '.join(unknown)}")]
-            )  # fmt: skip
+                [
+                    SpecIssue(
+                        "release",
+                        "unknown_version",
+                        f"prompt {key!r} has no version {', '.join(unknown)}",
+                    )
+                ]
+            )
         await self._put_with_audit(
-            self.keys.prompt_release(key), release.model_dump(mode="json"),
-            actor=actor, kind="PromptRelease", name=key,
-        )  # fmt: skip
+            self.keys.prompt_release(key),
+            release.model_dump(mode="json"),
+            actor=actor,
+            kind="PromptRelease",
+            name=key,
+        )
 
     async def get_prompt_release(self, key: str) -> PromptRelease | None:
         kv = await self.etcd.get(self.keys.prompt_release(key))
@@ -542,13 +575,21 @@ class SpecStore:
         bad = [r for r in (spec.stable_revision, spec.canary_revision) if r and r > current]
         if bad:
             raise SpecError(
-                [SpecIssue("spec", "unknown_revision",
-                           f"agent {agent!r} has no revision {bad[0]} (latest is {current})")]
-            )  # fmt: skip
+                [
+                    SpecIssue(
+                        "spec",
+                        "unknown_revision",
+                        f"agent {agent!r} has no revision {bad[0]} (latest is {current})",
+                    )
+                ]
+            )
         return await self._put_with_audit(
-            self.keys.agent_release(agent), spec.model_dump(mode="json"),
-            actor=actor, kind="Release", name=agent,
-        )  # fmt: skip
+            self.keys.agent_release(agent),
+            spec.model_dump(mode="json"),
+            actor=actor,
+            kind="Release",
+            name=agent,
+        )
 
     async def get_release(self, agent: str) -> ReleaseSpec | None:
         kv = await self.etcd.get(self.keys.agent_release(agent))
@@ -565,9 +606,14 @@ class SpecStore:
         if existing is not None and not changes:
             return False
         _, audit_op = self._audit(
-            actor=actor, action="apply", kind=kind, name=name, revision=None, previous=None,
+            actor=actor,
+            action="apply",
+            kind=kind,
+            name=name,
+            revision=None,
+            previous=None,
             changes=changes,
-        )  # fmt: skip
+        )
         guard = Compare(key, "MOD", "EQUAL", existing.mod_revision if existing else 0)
         result = await self.etcd.txn(compare=[guard], success=[Op.put(key, dumps(data)), audit_op])
         if not result.succeeded:

@@ -121,8 +121,12 @@ class VaultClient:
     # ------------------------------------------------------------ policies and tokens
 
     async def put_policy(self, name: str, hcl: str) -> None:
-        await self._run(f"sys/policies/acl/{name}", self._client.sys.create_or_update_policy,
-                        name=name, policy=hcl)  # fmt: skip
+        await self._run(
+            f"sys/policies/acl/{name}",
+            self._client.sys.create_or_update_policy,
+            name=name,
+            policy=hcl,
+        )
 
     async def read_policy(self, name: str) -> str:
         response = await self._run(

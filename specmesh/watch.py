@@ -207,9 +207,10 @@ class PrefixWatcher:
                 return
             assert self.last_revision is not None
             events = tuple(
-                e for e in (_event(raw) for raw in result.get("events", []))
+                e
+                for e in (_event(raw) for raw in result.get("events", []))
                 if e.mod_revision > self.last_revision
-            )  # fmt: skip
+            )
             header_rev = int(result.get("header", {}).get("revision", 0) or 0)
             if events:
                 self.last_revision = max(e.mod_revision for e in events)

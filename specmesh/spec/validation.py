@@ -170,6 +170,9 @@ def format_path(parts: Iterable[str | int]) -> str:
 # ------------------------------------------------------------ messages
 
 
+_SECRET_CONTAINERS = frozenset({"apiKey", "headers", "queryParams", "credentials"})
+
+
 def _show(value: Any, *, secret: bool) -> str:
     if secret and value is not None:
         return REDACTED
@@ -223,6 +226,8 @@ def _issue(detail: ErrorDetails, model: type[BaseModel], prefix: Sequence[str | 
     value = detail.get("input")
     path, _, secret = _walk(model, loc)
     full = list(prefix) + path
+    # a secret container given the wrong type (``headers: "Bearer x"``) is masked too
+    secret = secret or bool(path and path[-1] in _SECRET_CONTAINERS)
     got = _show(value, secret=secret)
     if kind == "extra_forbidden":
         parent_path, parent_tp, _ = _walk(model, loc[:-1])

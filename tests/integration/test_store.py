@@ -142,10 +142,16 @@ async def test_names_that_collide_after_mapping_are_refused(store: SpecStore) ->
 
 
 async def test_store_refuses_plaintext_secrets(store: SpecStore) -> None:
-    spec = _spec(model_extra=None) if False else AgentSpec.model_validate(
-        {"base": {"description": "d", "promptKey": "p"},
-         "model": {"model": "m", "apiKey": "sk-plaintext"}}
-    )  # fmt: skip
+    spec = (
+        _spec(model_extra=None)
+        if False
+        else AgentSpec.model_validate(
+            {
+                "base": {"description": "d", "promptKey": "p"},
+                "model": {"model": "m", "apiKey": "sk-plaintext"},
+            }
+        )
+    )
     with pytest.raises(SpecError, match=r"model.apiKey: plaintext secret refused"):
         await store.apply_agent("helper", spec, actor="a")
 
