@@ -1,0 +1,116 @@
+"""The seam between the engine's runtime and its servers.
+
+The runtime (spec intake, runtime context, agent loop, tools) implements
+:class:`AgentRunner`; the servers (A2A over JSON-RPC, HTTP+JSON and gRPC; business REST)
+only call it. A turn streams :data:`TurnEvent` s and always ends with exactly one
+:class:`TurnCompleted` or :class:`TurnFailed`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+__all__ = [
+    "AgentRunner",
+    "CardInfo",
+    "TextDelta",
+    "ToolCallFinished",
+    "ToolCallStarted",
+    "TurnCompleted",
+    "TurnEvent",
+    "TurnFailed",
+    "TurnRequest",
+]
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    """One user message in one conversation."""
+
+    context_id: str
+    """The A2A contextId: the conversation."""
+    text: str
+    """The user's message."""
+    call_depth: int = 0
+    """How many agents deep this call is (0 for a call from outside the mesh)."""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """Request headers worth passing on (trace context is taken from the current span)."""
+    task_id: str | None = None
+    """The A2A task id, when there is one."""
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A piece of the answer, as the model streams it."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallStarted:
+    call_id: str
+    name: str
+    arguments: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ToolCallFinished:
+    call_id: str
+    name: str
+    ok: bool
+    result: str
+
+
+@dataclass(frozen=True)
+class TurnCompleted:
+    """The final answer and what produced it."""
+
+    text: str
+    revision: int
+    """The spec revision that answered the whole turn."""
+    prompt_version: str
+    usage: Mapping[str, int] = field(default_factory=dict)
+    """prompt_tokens, completion_tokens, total_tokens over every model call of the turn."""
+    citations: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class TurnFailed:
+    """The turn could not be answered; ``message`` is safe to show the caller."""
+
+    code: str
+    message: str
+    revision: int | None = None
+
+
+TurnEvent = TextDelta | ToolCallStarted | ToolCallFinished | TurnCompleted | TurnFailed
+
+
+@dataclass(frozen=True)
+class CardInfo:
+    """What the agent card is built from (changes with the spec)."""
+
+    name: str
+    description: str
+    revision: int
+    skills: tuple[Mapping[str, Any], ...] = ()
+    streaming: bool = True
+
+
+class AgentRunner(Protocol):
+    """The engine's runtime as the servers see it."""
+
+    @property
+    def ready(self) -> bool:
+        """Whether a valid spec is loaded (readiness)."""
+        ...
+
+    def card_info(self) -> CardInfo | None:
+        """The current card data; ``None`` until ready."""
+        ...
+
+    def run(self, request: TurnRequest) -> AsyncIterator[TurnEvent]:
+        """Run one turn; cancelling the iteration cancels the turn."""
+        ...
