@@ -29,7 +29,7 @@ def _load_gen_proto() -> ModuleType:
 
 def _buf(*args: str) -> subprocess.CompletedProcess[str]:
     if not BUF.is_file():
-        pytest.fail(f"{BUF.relative_to(REPO)} is missing: run `npm install` in the repository root (scripts/bootstrap does)")
+        pytest.fail(f"{BUF.relative_to(REPO)} is missing: run scripts/bootstrap (npm install)")
     return subprocess.run(
         [str(BUF), *args], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
     )
