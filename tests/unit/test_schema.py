@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 from specmesh.spec.schema import (
@@ -145,7 +146,6 @@ def test_check_reports_missing_and_stale_files(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("filename", sorted(SCHEMA_MODELS))
 def test_schema_is_valid_draft_2020_12(filename: str) -> None:
-    import jsonschema
 
     jsonschema.Draft202012Validator.check_schema(generate_schemas()[filename])
 
@@ -154,14 +154,14 @@ def test_schema_is_valid_draft_2020_12(filename: str) -> None:
     ("filename", "example"), SEED_EXAMPLES, ids=[name for name, _ in SEED_EXAMPLES]
 )
 def test_schema_accepts_seed_example(filename: str, example: dict[str, Any]) -> None:
-    import jsonschema
+
     validator = jsonschema.Draft202012Validator(generate_schemas()[filename])
 
     assert [e.message for e in validator.iter_errors(example)] == []
 
 
 def test_schema_refuses_what_validation_refuses() -> None:
-    import jsonschema
+
     validator = jsonschema.Draft202012Validator(generate_schemas()["model.schema.json"])
 
     errors = {
