@@ -1,0 +1,405 @@
+"""The mesh publisher: Istio objects from release policies and the partner graph.
+
+Per agent:
+
+* **VirtualService** -- a header-match route to the canary subset (when the release sets
+  ``headerMatch``), then the weighted stable/canary split (``canaryWeight``), with the
+  release's retries and timeout;
+* **DestinationRule** -- subsets ``stable`` and ``canary`` selected by the track label
+  (:data:`specmesh.k8s.LABEL_TRACK`, the label the Helm chart puts on pods), the
+  release's ``outlierDetection`` and ``connectionPool``, ``ISTIO_MUTUAL`` TLS;
+* **AuthorizationPolicy** -- ALLOW only the agents that list this one among their
+  partners (their service-account principals), plus configured extra callers (e.g. the
+  ingress gateway). With no caller at all the policy allows nothing.
+
+Plus, namespace-wide, a **PeerAuthentication** in STRICT mode.
+
+Every object is checked by :class:`IstioValidator` before it is published: against the
+``openAPIV3Schema`` of its CustomResourceDefinition as the API server would (unknown
+fields refused, ``x-kubernetes-validations`` CEL rules evaluated), and by the checks the
+API server leaves to istiod (route weights sum to 100, hosts present, referenced subsets
+defined).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import celpy
+import jsonschema
+import yaml
+
+from specmesh.errors import SpecmeshError
+from specmesh.k8s import (
+    A2A_HTTP_PORT,
+    LABEL_AGENT,
+    LABEL_MANAGED_BY,
+    LABEL_TRACK,
+    MANAGED_BY,
+    service_name,
+    spiffe_principal,
+)
+from specmesh.names import resource_name
+from specmesh.spec.models import ReleaseSpec
+
+__all__ = [
+    "IstioValidator",
+    "MeshObjectError",
+    "MeshSettings",
+    "render_agent",
+    "render_mesh",
+    "render_namespace",
+    "write_yaml",
+]
+
+Obj = dict[str, Any]
+
+
+class MeshObjectError(SpecmeshError):
+    """Rendered Istio objects are invalid; ``problems`` lists ``kind/name: path: message``."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("invalid Istio objects:\n" + "\n".join(f"  {p}" for p in self.problems))
+
+
+@dataclass(frozen=True)
+class MeshSettings:
+    """Where and how objects are rendered."""
+
+    namespace: str = "specmesh"
+    trust_domain: str = "cluster.local"
+    extra_callers: tuple[str, ...] = ()
+    """Principals allowed to call every agent (e.g. the ingress gateway's)."""
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:g}s"
+
+
+def _metadata(name: str, agent: str | None, settings: MeshSettings) -> Obj:
+    labels = {LABEL_MANAGED_BY: MANAGED_BY}
+    if agent is not None:
+        labels[LABEL_AGENT] = resource_name(agent)
+    return {"name": name, "namespace": settings.namespace, "labels": labels}
+
+
+def render_agent(
+    agent: str,
+    *,
+    release: ReleaseSpec | None,
+    callers: Iterable[str],
+    settings: MeshSettings,
+) -> list[Obj]:
+    """VirtualService, DestinationRule and AuthorizationPolicy of one agent."""
+    host = service_name(agent)
+    policy = release or ReleaseSpec()
+    retries: Obj = {
+        "attempts": policy.retries.attempts,
+        "perTryTimeout": _duration(policy.retries.per_try_timeout_seconds),
+        "retryOn": policy.retries.retry_on,
+    }
+
+    def dest(subset: str) -> Obj:
+        return {"host": host, "subset": subset, "port": {"number": A2A_HTTP_PORT}}
+
+    http: list[Obj] = []
+    if release is not None and release.header_match:
+        http.append(
+            {
+                "name": "canary-by-header",
+                "match": [
+                    {
+                        "headers": {
+                            h.name.lower(): {
+                                k: v
+                                for k, v in (
+                                    ("exact", h.exact),
+                                    ("prefix", h.prefix),
+                                    ("regex", h.regex),
+                                )
+                                if v is not None
+                            }
+                            for h in release.header_match
+                        }
+                    }
+                ],
+                "route": [{"destination": dest("canary")}],
+                "retries": retries,
+                "timeout": _duration(policy.timeout_seconds),
+            }
+        )
+    weight = release.canary_weight if release is not None else 0
+    route = [{"destination": dest("stable"), "weight": 100 - weight}]
+    if weight:
+        route.append({"destination": dest("canary"), "weight": weight})
+    http.append(
+        {
+            "name": "split",
+            "route": route,
+            "retries": retries,
+            "timeout": _duration(policy.timeout_seconds),
+        }
+    )
+    vs: Obj = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": _metadata(host, agent, settings),
+        "spec": {"hosts": [host], "http": http},
+    }
+    od = policy.outlier_detection
+    outlier: Obj = {
+        "consecutive5xxErrors": od.consecutive_5xx_errors,
+        "interval": _duration(od.interval_seconds),
+        "baseEjectionTime": _duration(od.base_ejection_time_seconds),
+        "maxEjectionPercent": od.max_ejection_percent,
+    }
+    if od.consecutive_gateway_errors:
+        outlier["consecutiveGatewayErrors"] = od.consecutive_gateway_errors
+    dr: Obj = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "DestinationRule",
+        "metadata": _metadata(host, agent, settings),
+        "spec": {
+            "host": host,
+            "trafficPolicy": {
+                "tls": {"mode": "ISTIO_MUTUAL"},
+                "connectionPool": {
+                    "tcp": {"maxConnections": policy.connection_pool.max_connections},
+                    "http": {
+                        "http1MaxPendingRequests": policy.connection_pool.max_pending_requests
+                    },
+                },
+                "outlierDetection": outlier,
+            },
+            "subsets": [
+                {"name": track, "labels": {LABEL_TRACK: track}} for track in ("stable", "canary")
+            ],
+        },
+    }
+    principals = sorted(
+        {spiffe_principal(c, namespace=settings.namespace, trust_domain=settings.trust_domain)
+         for c in callers}
+        | set(settings.extra_callers)
+    )  # fmt: skip
+    authz_spec: Obj = {
+        "selector": {"matchLabels": {LABEL_AGENT: resource_name(agent)}},
+        "action": "ALLOW",
+    }
+    if principals:
+        authz_spec["rules"] = [{"from": [{"source": {"principals": principals}}]}]
+    ap: Obj = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": _metadata(host, agent, settings),
+        "spec": authz_spec,
+    }
+    return [vs, dr, ap]
+
+
+def render_namespace(settings: MeshSettings) -> list[Obj]:
+    """Namespace-wide objects: PeerAuthentication STRICT."""
+    return [
+        {
+            "apiVersion": "security.istio.io/v1",
+            "kind": "PeerAuthentication",
+            "metadata": _metadata("default", None, settings),
+            "spec": {"mtls": {"mode": "STRICT"}},
+        }
+    ]
+
+
+def render_mesh(
+    agents: Mapping[str, ReleaseSpec | None],
+    partner_graph: Mapping[str, Sequence[str]],
+    *,
+    settings: MeshSettings,
+) -> list[Obj]:
+    """Every object for the given agents (name -> release policy) and partner graph."""
+    callers: dict[str, set[str]] = {resource_name(a): set() for a in agents}
+    for caller, partners in partner_graph.items():
+        for partner in partners:
+            callers.setdefault(resource_name(partner), set()).add(caller)
+    out = render_namespace(settings)
+    for agent, release in sorted(agents.items()):
+        out.extend(
+            render_agent(
+                agent, release=release, callers=callers[resource_name(agent)], settings=settings
+            )
+        )
+    return out
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _closed(schema: Any) -> Any:
+    """A copy of an OpenAPI schema where objects with ``properties`` refuse unknown fields
+    (the API server's strict field validation), unless they preserve unknown fields."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _closed(v) for k, v in schema.items()}
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    if out.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    return out
+
+
+@dataclass
+class IstioValidator:
+    """Validates Istio objects against the CRD file (``../shared/istio/crd-all.gen.yaml``)."""
+
+    crd_path: Path
+    _schemas: dict[tuple[str, str], Any] = field(default_factory=dict, init=False)
+    _programs: dict[str, Any] = field(default_factory=dict, init=False)
+    _cel: Any = field(default_factory=celpy.Environment, init=False)
+
+    def __post_init__(self) -> None:
+        with self.crd_path.open() as f:
+            for crd in yaml.safe_load_all(f):
+                if not crd or crd.get("kind") != "CustomResourceDefinition":
+                    continue
+                group = crd["spec"]["group"]
+                kind = crd["spec"]["names"]["kind"]
+                for version in crd["spec"]["versions"]:
+                    schema = version.get("schema", {}).get("openAPIV3Schema")
+                    if schema:
+                        self._schemas[(f"{group}/{version['name']}", kind)] = _closed(
+                            copy.deepcopy(schema)
+                        )
+
+    def kinds(self) -> list[tuple[str, str]]:
+        return sorted(self._schemas)
+
+    def problems(self, obj: Obj) -> list[str]:
+        """Everything wrong with one object (empty when valid)."""
+        kind = obj.get("kind", "?")
+        name = obj.get("metadata", {}).get("name", "?")
+        where = f"{kind}/{name}"
+        schema = self._schemas.get((obj.get("apiVersion", ""), kind))
+        if schema is None:
+            return [f"{where}: no CRD schema for apiVersion {obj.get('apiVersion')!r}"]
+        out = []
+        body = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata")}
+        validator = jsonschema.Draft7Validator(schema)
+        for error in sorted(validator.iter_errors(body), key=lambda e: list(e.absolute_path)):
+            path = ".".join(str(p) for p in error.absolute_path) or "(root)"
+            out.append(f"{where}: {path}: {error.message}")
+        if not obj.get("metadata", {}).get("name"):
+            out.append(f"{where}: metadata.name: required")
+        if not out:  # CEL rules assume a structurally valid object
+            out.extend(f"{where}: {p}" for p in self._cel_problems(schema, body, ""))
+        out.extend(f"{where}: {p}" for p in _semantic_problems(obj))
+        return out
+
+    def _cel_problems(self, schema: Any, value: Any, path: str) -> list[str]:
+        """Evaluate the ``x-kubernetes-validations`` CEL rules along ``value``."""
+        if not isinstance(schema, dict) or value is None:
+            return []
+        out = []
+        for rule in schema.get("x-kubernetes-validations", []):
+            if "oldSelf" in rule["rule"]:
+                continue  # transition rules need the stored object
+            try:
+                ok = self._program(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)  # type: ignore[attr-defined]})
+            except Exception as e:  # a rule that errors is a failed rule
+                ok = e
+            if ok is not True and not (isinstance(ok, celpy.celtypes.BoolType) and bool(ok)):
+                message = rule.get("message") or f"failed rule {rule['rule']}"
+                out.append(f"{path or '(root)'}: {message}")
+        if isinstance(value, dict):
+            props = schema.get("properties", {})
+            extra = schema.get("additionalProperties")
+            for key, item in value.items():
+                sub = props.get(key, extra if isinstance(extra, dict) else None)
+                out.extend(self._cel_problems(sub, item, f"{path}.{key}" if path else key))
+        elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+            for i, item in enumerate(value):
+                out.extend(self._cel_problems(schema["items"], item, f"{path}[{i}]"))
+        return out
+
+    def _program(self, rule: str) -> Any:
+        program = self._programs.get(rule)
+        if program is None:
+            program = self._cel.program(self._cel.compile(rule))
+            self._programs[rule] = program
+        return program
+
+    def check(self, objects: Iterable[Obj]) -> None:
+        """Raise :class:`MeshObjectError` unless every object (and their references) is valid."""
+        objects = list(objects)
+        problems = [p for obj in objects for p in self.problems(obj)]
+        problems.extend(_cross_problems(objects))
+        if problems:
+            raise MeshObjectError(problems)
+
+
+def _semantic_problems(obj: Obj) -> list[str]:
+    spec = obj.get("spec", {})
+    out: list[str] = []
+    if obj.get("kind") == "VirtualService":
+        if not spec.get("hosts"):
+            out.append("spec.hosts: at least one host is required")
+        for i, route in enumerate(spec.get("http", [])):
+            dests = route.get("route", [])
+            if not dests:
+                out.append(f"spec.http[{i}].route: at least one destination is required")
+            if len(dests) > 1 or any("weight" in d for d in dests):
+                total = sum(d.get("weight", 0) for d in dests)
+                if total != 100:
+                    out.append(f"spec.http[{i}].route: weights must sum to 100 (got {total})")
+            for j, d in enumerate(dests):
+                if not d.get("destination", {}).get("host"):
+                    out.append(f"spec.http[{i}].route[{j}].destination.host: required")
+    if obj.get("kind") == "DestinationRule" and not spec.get("host"):
+        out.append("spec.host: required")
+    return out
+
+
+def _cross_problems(objects: list[Obj]) -> list[str]:
+    subsets: dict[str, set[str]] = {}
+    for obj in objects:
+        if obj.get("kind") == "DestinationRule":
+            spec = obj.get("spec", {})
+            subsets[spec.get("host", "")] = {s.get("name") for s in spec.get("subsets", [])}
+    out = []
+    for obj in objects:
+        if obj.get("kind") != "VirtualService":
+            continue
+        name = obj["metadata"].get("name")
+        for i, route in enumerate(obj.get("spec", {}).get("http", [])):
+            for j, d in enumerate(route.get("route", [])):
+                dest = d.get("destination", {})
+                subset = dest.get("subset")
+                if subset and subset not in subsets.get(dest.get("host", ""), set()):
+                    out.append(
+                        f"VirtualService/{name}: spec.http[{i}].route[{j}].destination.subset: "
+                        f"subset {subset!r} is not defined by a DestinationRule for "
+                        f"host {dest.get('host')!r}"
+                    )
+    return out
+
+
+def write_yaml(objects: Iterable[Obj], folder: Path) -> list[Path]:
+    """Write one YAML file per object (GitOps); remove files of objects no longer rendered."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for obj in objects:
+        path = folder / f"{obj['kind'].lower()}-{obj['metadata']['name']}.yaml"
+        path.write_text(yaml.safe_dump(obj, sort_keys=False))
+        written.append(path)
+    for stale in set(folder.glob("*.yaml")) - set(written):
+        if f"{LABEL_MANAGED_BY}: {MANAGED_BY}" in stale.read_text():
+            stale.unlink()
+    return written
