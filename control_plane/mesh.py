@@ -312,7 +312,8 @@ class IstioValidator:
             if "oldSelf" in rule["rule"]:
                 continue  # transition rules need the stored object
             try:
-                ok = self._program(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)  # type: ignore[attr-defined]})
+                this = celpy.json_to_cel(value)  # type: ignore[attr-defined]
+                ok = self._program(rule["rule"]).evaluate({"self": this})
             except Exception as e:  # a rule that errors is a failed rule
                 ok = e
             if ok is not True and not (isinstance(ok, celpy.celtypes.BoolType) and bool(ok)):
