@@ -23,6 +23,7 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -386,6 +387,13 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--write", action="store_true")
     group.add_argument("--check", action="store_true")
 
+    # Processes that live outside the shared core (engine, sidecar, control plane) plug in
+    # as entry points, so this package never imports them.
+    for ep in sorted(entry_points(group="specmesh.commands"), key=lambda e: e.name):
+        p = sub.add_parser(ep.name, help=f"run the {ep.name}", add_help=False)
+        p.add_argument("args", nargs=argparse.REMAINDER)
+        p.set_defaults(entry_point=ep)
+
     p = sub.add_parser("model-server", help="the scripted OpenAI-compatible model server")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
@@ -409,6 +417,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    entry = getattr(args, "entry_point", None)
+    if entry is not None:
+        run_process: Callable[[list[str]], int] = entry.load()
+        return run_process(list(args.args))
     settings = Settings()
     try:
         if args.command == "services":
