@@ -244,6 +244,23 @@ class SpecStore:
         stamp = now.strftime("%Y%m%dT%H%M%S.%fZ")
         return entry, Op.put(self.keys.audit_entry(stamp, entry.id), dumps(entry.to_json()))
 
+    async def record(
+        self, *, actor: str, action: str, kind: str, name: str, message: str = ""
+    ) -> AuditEntry:
+        """An audit entry for a change made outside etcd (e.g. a credential in Vault)."""
+        entry, op = self._audit(
+            actor=actor,
+            action=action,
+            kind=kind,
+            name=name,
+            revision=None,
+            previous=None,
+            changes=[],
+            message=message,
+        )
+        await self.etcd.put(op.key, op.value)
+        return entry
+
     async def audit_entries(
         self, *, name: str | None = None, kind: str | None = None, limit: int = 100
     ) -> list[AuditEntry]:
@@ -594,6 +611,11 @@ class SpecStore:
     async def get_release(self, agent: str) -> ReleaseSpec | None:
         kv = await self.etcd.get(self.keys.agent_release(agent))
         return ReleaseSpec.model_validate_json(kv.value) if kv else None
+
+    async def list_instances(self, agent: str | None = None) -> list[dict[str, Any]]:
+        """Live instances from the Agent Registry (their keys live under leases)."""
+        result = await self.etcd.range(self.keys.registry(agent), prefix=True)
+        return [json.loads(kv.value) for kv in result.kvs]
 
     async def _put_with_audit(
         self, key: str, data: dict[str, Any], *, actor: str, kind: str, name: str

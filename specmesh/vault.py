@@ -118,6 +118,31 @@ class VaultClient:
         )
         return True
 
+    async def list_keys(self, *, mount: str, path: str) -> list[str]:
+        """Names directly under ``path`` (folders end with ``/``); empty when none."""
+        try:
+            response = await self._run(
+                f"{mount}/metadata/{path}",
+                self._client.secrets.kv.v2.list_secrets,
+                path=path,
+                mount_point=mount,
+            )
+        except SecretNotFoundError:
+            return []
+        return [str(k) for k in response["data"]["keys"]]
+
+    async def read_fields(self, *, mount: str, path: str) -> tuple[list[str], int]:
+        """Field names of a secret and its current version (never the values)."""
+        response = await self._run(
+            f"{mount}/data/{path}",
+            self._client.secrets.kv.v2.read_secret_version,
+            path=path,
+            mount_point=mount,
+            raise_on_deleted_version=True,
+        )
+        data = response["data"]
+        return sorted((data.get("data") or {}).keys()), int(data["metadata"]["version"])
+
     # ------------------------------------------------------------ policies and tokens
 
     async def put_policy(self, name: str, hcl: str) -> None:

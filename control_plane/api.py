@@ -1,0 +1,290 @@
+"""The control plane's one implementation of its API; REST and gRPC both call it.
+
+Every method takes the calling :class:`~control_plane.auth.Principal` first, checks its
+permission (deny by default) and records the principal as the actor of every change
+(the store writes the audit entry in the same transaction as the change).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from control_plane.auth import Principal, authorize
+from control_plane.errors import BadRequestError
+from control_plane.mesh import IstioValidator, MeshSettings, render_mesh
+from specmesh.errors import NotFoundError, SpecError, SpecIssue
+from specmesh.secrets import VaultRef
+from specmesh.spec.diff import Change
+from specmesh.spec.manifest import LoadedManifest, parse_manifest
+from specmesh.spec.models import PromptEntry, PromptRelease, ReleaseSpec
+from specmesh.specservice import ApplyOutcome, SpecService
+from specmesh.store import AgentRecord, AgentSummary, AuditEntry, SpecStore
+from specmesh.vault import VaultClient
+
+__all__ = ["MASK", "ControlPlane", "CredentialInfo"]
+
+MASK = "********"
+
+_WRITE_ACTION = {
+    "Agent": "agents.write",
+    "Prompt": "prompts.write",
+    "McpServer": "mcp.write",
+    "Release": "releases.write",
+}
+
+ToolLister = Callable[[str, Mapping[str, Any]], Any]
+"""``(mcp url, headers) -> awaitable list of {name, description, inputSchema}``."""
+
+
+@dataclass(frozen=True)
+class CredentialInfo:
+    reference: str
+    mount: str
+    path: str
+    field: str
+    version: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "reference": self.reference,
+            "mount": self.mount,
+            "path": self.path,
+            "field": self.field,
+            "maskedValue": MASK,
+            "version": self.version,
+        }
+
+
+class ControlPlane:
+    """Agents, prompts, MCP Registry, Agent Registry, releases, credentials, audit, mesh."""
+
+    def __init__(
+        self,
+        *,
+        store: SpecStore,
+        vault: VaultClient,
+        kv_mount: str = "secret",
+        mesh_settings: MeshSettings | None = None,
+        istio: IstioValidator | None = None,
+        tool_lister: ToolLister | None = None,
+    ) -> None:
+        self.store = store
+        self.vault = vault
+        self.kv_mount = kv_mount
+        self.specs = SpecService(store=store, vault=vault, kv_mount=kv_mount)
+        self.mesh_settings = mesh_settings or MeshSettings()
+        self.istio = istio
+        self.tool_lister = tool_lister
+
+    # ------------------------------------------------------------ manifests
+
+    async def apply(
+        self,
+        principal: Principal,
+        document: Any,
+        *,
+        expected_revision: int | None = None,
+        dry_run: bool = False,
+        source: str = "request",
+    ) -> ApplyOutcome:
+        """Apply one manifest document (any kind)."""
+        manifest = parse_manifest(document, source=source)
+        authorize(principal, _WRITE_ACTION[manifest.kind])
+        return await self.specs.apply(
+            LoadedManifest(source, manifest),
+            actor=principal.name,
+            expected_revision=expected_revision,
+            dry_run=dry_run,
+        )
+
+    # ------------------------------------------------------------ agents
+
+    async def list_agents(self, principal: Principal) -> list[AgentSummary]:
+        authorize(principal, "agents.read")
+        return await self.store.list_agents()
+
+    async def get_agent(
+        self, principal: Principal, name: str, revision: int | None = None
+    ) -> AgentRecord:
+        authorize(principal, "agents.read")
+        return await self.store.get_agent(name, revision)
+
+    async def history(self, principal: Principal, name: str) -> list[AgentRecord]:
+        authorize(principal, "agents.read")
+        return await self.store.history(name)
+
+    async def diff(self, principal: Principal, name: str, a: int, b: int) -> list[Change]:
+        authorize(principal, "agents.read")
+        return await self.store.diff(name, a, b)
+
+    async def rollback(
+        self,
+        principal: Principal,
+        name: str,
+        revision: int,
+        *,
+        expected_revision: int | None = None,
+    ) -> Any:
+        authorize(principal, "agents.write")
+        return await self.store.rollback(
+            name, revision, actor=principal.name, expected_revision=expected_revision
+        )
+
+    async def delete_agent(
+        self, principal: Principal, name: str, *, expected_revision: int | None = None
+    ) -> None:
+        authorize(principal, "agents.write")
+        await self.store.delete_agent(
+            name, actor=principal.name, expected_revision=expected_revision
+        )
+
+    # ------------------------------------------------------------ prompts
+
+    async def list_prompts(self, principal: Principal) -> dict[str, list[str]]:
+        authorize(principal, "prompts.read")
+        return await self.store.list_prompts()
+
+    async def get_prompt(
+        self, principal: Principal, key: str
+    ) -> tuple[list[PromptEntry], PromptRelease | None]:
+        authorize(principal, "prompts.read")
+        versions = await self.store.list_prompt_versions(key)
+        if not versions:
+            raise NotFoundError(kind="prompt", name=key)
+        return versions, await self.store.get_prompt_release(key)
+
+    async def set_prompt_release(
+        self, principal: Principal, key: str, release: PromptRelease
+    ) -> None:
+        authorize(principal, "prompts.write")
+        await self.store.set_prompt_release(key, release, actor=principal.name)
+
+    # ------------------------------------------------------------ registries
+
+    async def list_mcp_servers(self, principal: Principal) -> dict[str, Any]:
+        authorize(principal, "mcp.read")
+        return await self.store.list_mcp_servers()
+
+    async def list_mcp_tools(self, principal: Principal, name: str) -> Any:
+        """The tools a registered MCP server really offers (by connecting to it)."""
+        authorize(principal, "mcp.read")
+        server = await self.store.get_mcp_server(name)
+        if self.tool_lister is None:
+            raise BadRequestError("tool discovery is not configured on this control plane")
+        return await self.tool_lister(server.url, {})
+
+    async def list_instances(
+        self, principal: Principal, agent: str | None = None
+    ) -> list[dict[str, Any]]:
+        authorize(principal, "registry.read")
+        return await self.store.list_instances(agent)
+
+    # ------------------------------------------------------------ releases
+
+    async def get_release(self, principal: Principal, agent: str) -> ReleaseSpec | None:
+        authorize(principal, "releases.read")
+        await self.store.get_agent(agent)  # 404 for an unknown agent
+        return await self.store.get_release(agent)
+
+    async def set_release(self, principal: Principal, agent: str, spec: ReleaseSpec) -> ReleaseSpec:
+        authorize(principal, "releases.write")
+        await self.store.put_release(agent, spec, actor=principal.name)
+        return spec
+
+    async def promote(self, principal: Principal, agent: str) -> ReleaseSpec:
+        """The canary becomes stable; the split ends."""
+        authorize(principal, "releases.write")
+        current = await self.store.get_release(agent)
+        if current is None or current.canary_revision is None:
+            raise SpecError([SpecIssue("release", "no_canary", f"agent {agent!r} has no canary")])
+        promoted = current.model_copy(
+            update={
+                "stable_revision": current.canary_revision,
+                "canary_revision": None,
+                "canary_weight": 0,
+                "header_match": [],
+            }
+        )
+        await self.store.put_release(agent, promoted, actor=principal.name)
+        return promoted
+
+    async def abort(self, principal: Principal, agent: str) -> ReleaseSpec:
+        """The split ends; stable stays."""
+        authorize(principal, "releases.write")
+        current = await self.store.get_release(agent)
+        if current is None or current.canary_revision is None:
+            raise SpecError([SpecIssue("release", "no_canary", f"agent {agent!r} has no canary")])
+        aborted = current.model_copy(
+            update={"canary_revision": None, "canary_weight": 0, "header_match": []}
+        )
+        await self.store.put_release(agent, aborted, actor=principal.name)
+        return aborted
+
+    # ------------------------------------------------------------ credentials
+
+    async def put_credential(
+        self, principal: Principal, *, path: str, field: str, value: str, mount: str | None = None
+    ) -> CredentialInfo:
+        """Write a value into Vault; only the reference comes back."""
+        authorize(principal, "credentials.write")
+        if not value:
+            raise BadRequestError("value: must not be empty")
+        ref = VaultRef.parse(f"vault://{mount or self.kv_mount}/{path}#{field}")
+        await self.vault.write(ref, value)
+        _, version = await self.vault.read_fields(mount=ref.mount, path=ref.path)
+        await self.store.record(
+            actor=principal.name,
+            action="put",
+            kind="Credential",
+            name=str(ref),
+            message="value written to Vault (not recorded)",
+        )
+        return CredentialInfo(str(ref), ref.mount, ref.path, ref.field, version)
+
+    async def list_credentials(
+        self, principal: Principal, *, prefix: str = "specmesh", mount: str | None = None
+    ) -> list[CredentialInfo]:
+        """References under ``prefix`` with masked values (values are write-only)."""
+        authorize(principal, "credentials.list")
+        mount = mount or self.kv_mount
+        out: list[CredentialInfo] = []
+        pending = [prefix.strip("/")]
+        while pending:
+            folder = pending.pop()
+            for key in await self.vault.list_keys(mount=mount, path=folder):
+                path = f"{folder}/{key}".strip("/")
+                if key.endswith("/"):
+                    pending.append(path.rstrip("/"))
+                    continue
+                fields, version = await self.vault.read_fields(mount=mount, path=path)
+                out.extend(
+                    CredentialInfo(f"vault://{mount}/{path}#{f}", mount, path, f, version)
+                    for f in fields
+                )
+        return sorted(out, key=lambda c: c.reference)
+
+    # ------------------------------------------------------------ audit, mesh
+
+    async def audit(
+        self,
+        principal: Principal,
+        *,
+        name: str | None = None,
+        kind: str | None = None,
+        limit: int = 100,
+    ) -> list[AuditEntry]:
+        authorize(principal, "audit.read")
+        return await self.store.audit_entries(name=name, kind=kind, limit=limit)
+
+    async def render_mesh(self, principal: Principal) -> list[dict[str, Any]]:
+        """The Istio objects the current state publishes, validated when a CRD file is set."""
+        authorize(principal, "mesh.read")
+        agents = {
+            a.name: await self.store.get_release(a.name) for a in await self.store.list_agents()
+        }
+        objects = render_mesh(agents, await self.store.partner_graph(), settings=self.mesh_settings)
+        if self.istio is not None:
+            self.istio.check(objects)
+        return objects

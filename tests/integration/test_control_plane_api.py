@@ -1,0 +1,192 @@
+"""The control plane's REST API with real etcd and OpenBao: roles, deny by default, audit."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from control_plane.api import MASK, ControlPlane
+from control_plane.auth import Principal, Role, StaticTokenAuthenticator, hash_token
+from control_plane.mesh import IstioValidator
+from control_plane.rest import build_app
+from specmesh.store import SpecStore
+from specmesh.vault import VaultClient
+
+from ..conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+TOKENS = {
+    "viewer": "tok-viewer",
+    "operator": "tok-operator",
+    "admin": "tok-admin",
+    "secrets-admin": "tok-secrets",
+}
+AGENT = {
+    "apiVersion": "specmesh.io/v1",
+    "kind": "Agent",
+    "metadata": {"name": "helper"},
+    "spec": {
+        "base": {"description": "d", "promptKey": "p"},
+        "model": {"model": "m", "apiKey": "sk-planted-canary-77"},
+    },
+}
+
+
+@pytest.fixture
+async def api(store: SpecStore, vault: VaultClient) -> AsyncIterator[TestServer]:
+    authenticator = StaticTokenAuthenticator(
+        {hash_token(t): Principal(f"user-{r}", frozenset({Role(r)})) for r, t in TOKENS.items()}
+    )
+    istio = IstioValidator(REPO.parent / "shared" / "istio" / "crd-all.gen.yaml")
+    cp = ControlPlane(store=store, vault=vault, istio=istio)
+    server = TestServer(build_app(cp, authenticator))
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+async def _call(
+    server: TestServer, method: str, path: str, role: str | None, body: Any = None
+) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {TOKENS[role]}"} if role else {}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.request(method, str(server.make_url(path)), json=body, headers=headers) as r,
+    ):
+        return r.status, await r.json()
+
+
+CALLS: list[tuple[str, str, str, Any]] = [
+    ("list agents", "GET", "/api/v1/agents", None),
+    ("apply agent", "POST", "/api/v1/apply", {"manifest": AGENT}),
+    (
+        "set release",
+        "PUT",
+        "/api/v1/agents/helper/release",
+        {"canaryRevision": 1, "canaryWeight": 10},
+    ),
+    ("list credentials", "GET", "/api/v1/credentials", None),
+    (
+        "put credential",
+        "PUT",
+        "/api/v1/credentials",
+        {"path": "specmesh/shared/x", "field": "token", "value": "v-secret-1"},
+    ),
+    ("audit", "GET", "/api/v1/audit", None),
+    ("mesh", "GET", "/api/v1/mesh", None),
+]
+
+ALLOWED = {
+    "viewer": {"list agents", "mesh"},
+    "operator": {"list agents", "apply agent", "set release", "audit", "mesh"},
+    "admin": {"list agents", "apply agent", "set release", "audit", "mesh"},
+    "secrets-admin": {"list credentials", "put credential", "audit"},
+}
+
+
+@pytest.mark.parametrize("role", list(TOKENS))
+async def test_role_by_call_table_denies_by_default(
+    api: TestServer, store: SpecStore, role: str
+) -> None:
+    # the agent exists so that release calls can succeed where allowed
+    await _call(api, "POST", "/api/v1/apply", "admin", {"manifest": AGENT})
+    outcomes = {}
+    for name, method, path, body in CALLS:
+        status, _ = await _call(api, method, path, role, body)
+        outcomes[name] = status
+
+    allowed = {n for n, s in outcomes.items() if s not in (401, 403)}
+    assert allowed == ALLOWED[role], outcomes
+    assert all(outcomes[n] == 403 for n in set(outcomes) - ALLOWED[role])
+    assert all(outcomes[n] < 300 for n in ALLOWED[role]), outcomes
+
+
+async def test_no_or_unknown_token_is_401(api: TestServer) -> None:
+    status, body = await _call(api, "GET", "/api/v1/agents", None)
+    assert (status, body["error"]["code"]) == (401, "unauthenticated")
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(str(api.make_url("/api/v1/agents")), headers={"Authorization": "Bearer nope"}) as r,
+    ):
+        assert r.status == 401
+
+
+async def test_no_role_can_read_a_secret_value(api: TestServer) -> None:
+    await _call(api, "POST", "/api/v1/apply", "operator", {"manifest": AGENT})
+    status, _ = await _call(
+        api,
+        "PUT",
+        "/api/v1/credentials",
+        "secrets-admin",
+        {
+            "path": f"specmesh/shared/{uuid.uuid4().hex[:6]}",
+            "field": "token",
+            "value": "v-secret-2",
+        },
+    )
+    assert status == 200
+    seen = []
+    for role in TOKENS:
+        for path in ("/api/v1/agents/helper", "/api/v1/credentials", "/api/v1/audit"):
+            status, body = await _call(api, "GET", path, role)
+            seen.append(str(body))
+    everything = "\n".join(seen)
+    assert "sk-planted-canary-77" not in everything and "v-secret-2" not in everything
+    _, creds = await _call(api, "GET", "/api/v1/credentials", "secrets-admin")
+    assert creds and {c["maskedValue"] for c in creds} == {MASK}
+
+
+async def test_changes_are_audited_with_the_principal(api: TestServer) -> None:
+    await _call(api, "POST", "/api/v1/apply", "operator", {"manifest": AGENT})
+    await _call(
+        api,
+        "PUT",
+        "/api/v1/agents/helper/release",
+        "operator",
+        {"canaryRevision": 1, "canaryWeight": 20},
+    )
+    _, entries = await _call(api, "GET", "/api/v1/audit?name=helper", "admin")
+    assert [(e["actor"], e["kind"]) for e in entries][:2] == [
+        ("user-operator", "Release"),
+        ("user-operator", "Agent"),
+    ]
+    assert any(c["path"] == "canaryWeight" for c in entries[0]["changes"])
+
+
+async def test_release_promote_and_abort(api: TestServer) -> None:
+    await _call(api, "POST", "/api/v1/apply", "operator", {"manifest": AGENT})
+    changed = {**AGENT, "spec": {**AGENT["spec"], "model": {"model": "m2", "apiKey": "sk-x"}}}
+    await _call(api, "POST", "/api/v1/apply", "operator", {"manifest": changed})
+    status, _ = await _call(
+        api,
+        "PUT",
+        "/api/v1/agents/helper/release",
+        "operator",
+        {"stableRevision": 1, "canaryRevision": 2, "canaryWeight": 10},
+    )
+    assert status == 200
+    _, objs = await _call(api, "GET", "/api/v1/mesh", "viewer")
+    vs = next(o for o in objs if o["kind"] == "VirtualService")
+    assert [d["weight"] for d in vs["spec"]["http"][-1]["route"]] == [90, 10]
+    status, promoted = await _call(api, "POST", "/api/v1/agents/helper/release/promote", "operator")
+    assert (status, promoted["stableRevision"], promoted["canaryRevision"]) == (200, 2, None)
+    status, body = await _call(api, "POST", "/api/v1/agents/helper/release/abort", "operator")
+    assert status == 400 and "has no canary" in body["error"]["message"]
+
+
+async def test_bad_input_gets_a_clear_error(api: TestServer) -> None:
+    bad = {**AGENT, "spec": {**AGENT["spec"], "model": {"model": "m", "temperature": 7}}}
+    status, body = await _call(api, "POST", "/api/v1/apply", "operator", {"manifest": bad})
+    assert status == 400
+    assert body["error"]["issues"][0]["path"] == "spec.model.temperature"
+    assert body["error"]["issues"][0]["message"] == "must be <= 2 (got 7)"
+    status, body = await _call(api, "GET", "/api/v1/agents/helper/diff?from=x&to=1", "viewer")
+    assert (status, body["error"]["message"]) == (400, "from: must be an integer (got 'x')")
+    status, _ = await _call(api, "GET", "/api/v1/agents/nobody", "viewer")
+    assert status == 404
