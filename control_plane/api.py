@@ -249,6 +249,7 @@ class ControlPlane:
         """References under ``prefix`` with masked values (values are write-only)."""
         authorize(principal, "credentials.list")
         mount = mount or self.kv_mount
+        VaultRef.parse(f"vault://{mount}/{prefix.strip('/') or '-'}#x")  # 400 on a bad prefix
         out: list[CredentialInfo] = []
         pending = [prefix.strip("/")]
         while pending:

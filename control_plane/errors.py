@@ -12,6 +12,7 @@ HTTP status and gRPC status code::
         NotFoundError                                                 404 / NOT_FOUND
         StoreUnavailableError, SecretUnavailableError                 503 / UNAVAILABLE
         SecretAccessDeniedError                                       403 / PERMISSION_DENIED
+        SecretReferenceError                                          400 / INVALID_ARGUMENT
         anything else                                                 500 / INTERNAL
 """
 
@@ -26,6 +27,7 @@ from specmesh.errors import (
     NameCollisionError,
     NotFoundError,
     SecretAccessDeniedError,
+    SecretReferenceError,
     SecretUnavailableError,
     SpecError,
     SpecmeshError,
@@ -75,6 +77,7 @@ _TABLE: list[tuple[type[BaseException], int, grpc.StatusCode, str]] = [
     (StoreUnavailableError, 503, grpc.StatusCode.UNAVAILABLE, "store_unavailable"),
     (SecretUnavailableError, 503, grpc.StatusCode.UNAVAILABLE, "vault_unavailable"),
     (SecretAccessDeniedError, 403, grpc.StatusCode.PERMISSION_DENIED, "vault_denied"),
+    (SecretReferenceError, 400, grpc.StatusCode.INVALID_ARGUMENT, "bad_reference"),
 ]
 
 

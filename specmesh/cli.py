@@ -389,10 +389,8 @@ def _parser() -> argparse.ArgumentParser:
 
     # Processes that live outside the shared core (engine, sidecar, control plane) plug in
     # as entry points, so this package never imports them.
-    for ep in sorted(entry_points(group="specmesh.commands"), key=lambda e: e.name):
-        p = sub.add_parser(ep.name, help=f"run the {ep.name}", add_help=False)
-        p.add_argument("args", nargs=argparse.REMAINDER)
-        p.set_defaults(entry_point=ep)
+    for name in sorted(_process_commands()):
+        sub.add_parser(name, help=f"run the {name} (see `specmesh {name} --help`)")
 
     p = sub.add_parser("model-server", help="the scripted OpenAI-compatible model server")
     p.add_argument("--host", default="127.0.0.1")
@@ -410,17 +408,22 @@ async def _run(
         return await command(args, _Context(settings, stack))
 
 
+def _process_commands() -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group="specmesh.commands")}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    processes = _process_commands()
+    if argv and argv[0] in processes:  # its own parser takes every argument that follows
+        run_process: Callable[[list[str]], int] = processes[argv[0]].load()
+        return run_process(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    entry = getattr(args, "entry_point", None)
-    if entry is not None:
-        run_process: Callable[[list[str]], int] = entry.load()
-        return run_process(list(args.args))
     settings = Settings()
     try:
         if args.command == "services":

@@ -7,6 +7,7 @@ code, an HTTP status or a gRPC status in one table::
     SpecmeshError
     +-- SpecError                  a spec or manifest is invalid (``issues``: list of SpecIssue)
     |   +-- ManifestParseError     a file is not valid JSON/YAML (``source``, ``line``, ``column``)
+    |   +-- InvalidNameError       a logical name breaks the naming rules (also a ValueError)
     +-- NameCollisionError         two logical names map to the same resource name
     +-- StoreError                 etcd could not do what was asked
     |   +-- StoreUnavailableError  etcd cannot be reached (connection refused, timeout)
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 __all__ = [
     "CompactedError",
     "ConflictError",
+    "InvalidNameError",
     "ManifestParseError",
     "NameCollisionError",
     "NotFoundError",
@@ -99,6 +101,15 @@ class ManifestParseError(SpecError):
                 where += f":{column}"
         super().__init__([SpecIssue(path="", rule="parse", message=f"{where}: {reason}")])
         self.source = source
+
+
+class InvalidNameError(SpecError, ValueError):
+    """A logical name breaks the naming rules (see :mod:`specmesh.names`)."""
+
+    def __init__(self, *, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+        super().__init__([SpecIssue("name", "name", f"invalid name {name!r}: {reason}")])
 
 
 class NameCollisionError(SpecmeshError):

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import re
 
+from specmesh.errors import InvalidNameError
+
 __all__ = [
     "LOGICAL_NAME_PATTERN",
     "MAX_NAME_LENGTH",
@@ -51,7 +53,7 @@ def resource_name(name: str) -> str:
     """Map a logical name to its DNS-1123 resource name (see the module docstring)."""
     reason = check_logical_name(name)
     if reason is not None:
-        raise ValueError(f"invalid name {name!r}: {reason}")
+        raise InvalidNameError(name=name, reason=reason)
     return name.lower().replace("_", "-").replace(".", "-")
 
 

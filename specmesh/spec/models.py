@@ -194,9 +194,13 @@ Variables = Annotated[
 ]
 
 Headers = Annotated[
-    dict[Annotated[str, Field(min_length=1, max_length=256)], Secret],
+    dict[
+        Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.-]+$")],
+        Secret,
+    ],
     Field(max_length=64),
 ]
+"""Header / query-parameter / credential names (letters, digits, ``_.-``) -> secret values."""
 
 
 # ---------------------------------------------------------------- base

@@ -1,0 +1,36 @@
+"""Settings of the control plane (the only place it reads the environment)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ControlPlaneSettings"]
+
+
+class ControlPlaneSettings(BaseSettings):
+    """``SPECMESH_*`` variables."""
+
+    model_config = SettingsConfigDict(env_prefix="SPECMESH_", extra="ignore", frozen=True)
+
+    listen: str = "127.0.0.1:8090"
+    """REST API (and Studio) listener, host:port."""
+    etcd_endpoint: str = "http://127.0.0.1:2379"
+    etcd_prefix: str = "/specmesh"
+    vault_addr: str = Field(
+        default="http://127.0.0.1:8200",
+        validation_alias=AliasChoices("SPECMESH_VAULT_ADDR", "VAULT_ADDR"),
+    )
+    vault_token: str = Field(
+        default="", validation_alias=AliasChoices("SPECMESH_VAULT_TOKEN", "VAULT_TOKEN")
+    )
+    vault_kv_mount: str = "secret"
+    tokens_file: Path = Path(".specmesh/tokens.json")
+    """Bearer tokens (hashed) and their roles."""
+    istio_crds: Path | None = None
+    """Istio CRD file used to validate objects before publishing (``crd-all.gen.yaml``)."""
+    mesh_namespace: str = "specmesh"
+    mesh_output_dir: Path | None = None
+    """Write rendered Istio objects here (GitOps) on every change."""
