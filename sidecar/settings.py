@@ -1,0 +1,165 @@
+"""Settings of the sidecar; the only place in ``sidecar/`` that reads the environment.
+
+Names follow ``docs/runtime.md``: ``AGENT_NAME`` and the ``SPECMESH_*`` variables. When
+the local services were started by ``specmesh services up``, their etcd endpoint, Vault
+address and token (in ``<home>/services.json``) are the defaults, as for the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from specmesh.keys import Keys
+from specmesh.names import check_logical_name, resource_name
+
+__all__ = ["SidecarSettings", "default_instance_id", "parse_listen_address"]
+
+
+def default_instance_id() -> str:
+    """``<hostname>-<pid>``: unique per process on a host, readable in the registry."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class SidecarSettings(BaseSettings):
+    """Everything one sidecar needs to know about where it runs."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SPECMESH_", extra="ignore", frozen=True, populate_by_name=True
+    )
+
+    agent_name: str = Field(validation_alias=AliasChoices("AGENT_NAME", "agent_name"))
+    """Logical name of the agent this sidecar serves (the engine beside it has the same)."""
+    track: Literal["stable", "canary"] = "stable"
+    """Release track of this instance (``SPECMESH_TRACK``)."""
+    instance_id: str = Field(default_factory=default_instance_id)
+    """Instance name in the Agent Registry (``SPECMESH_INSTANCE_ID``); default host-pid."""
+
+    sync_addr: str = "127.0.0.1:7101"
+    """SpecSyncService listener (``SPECMESH_SYNC_ADDR``): ``host:port`` or ``unix:path``."""
+    egress_url: str = "http://127.0.0.1:7102"
+    """The egress listener the engine sends LLM/MCP/A2A traffic to (``SPECMESH_EGRESS_URL``)."""
+    engine_http: str = "127.0.0.1:7103"
+    """The engine's HTTP listener, where inbound A2A/REST goes (``SPECMESH_ENGINE_HTTP``)."""
+    engine_grpc: str = "127.0.0.1:7104"
+    """The engine's A2A gRPC listener (``SPECMESH_ENGINE_GRPC``)."""
+    inbound: str = "127.0.0.1:7100"
+    """Inbound listener (``SPECMESH_INBOUND``), registered as this instance's endpoint."""
+    ops: str = "127.0.0.1:7109"
+    """Health, readiness and metrics listener (``SPECMESH_OPS``)."""
+
+    home: Path = Path(".specmesh")
+    """Folder of the local services' state (``services.json``) and default state dir."""
+    state_dir: Path | None = None
+    """Where the last good snapshot is kept (``SPECMESH_STATE_DIR``); default
+    ``<home>/sidecars/<agent>-<track>``."""
+
+    etcd_endpoint: str | None = None
+    """etcd client URL; default: the local services', else ``http://127.0.0.1:2379``."""
+    etcd_prefix: str = "/specmesh"
+    """Prefix of every specmesh key in etcd."""
+    etcd_timeout: float = Field(default=5.0, gt=0, le=60)
+    """Timeout of one etcd request, in seconds."""
+    registry_ttl: int = Field(default=10, ge=2, le=300)
+    """Lease TTL of this instance's registry entry, in seconds (keep-alive every TTL/3)."""
+
+    vault_addr: str | None = Field(
+        default=None, validation_alias=AliasChoices("SPECMESH_VAULT_ADDR", "VAULT_ADDR")
+    )
+    """Vault/OpenBao address; default: the local services'."""
+    vault_token: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SPECMESH_VAULT_TOKEN", "VAULT_TOKEN"),
+        repr=False,
+    )
+    """Vault token (local runs). Leave unset in a cluster and set ``vault_k8s_role``."""
+    vault_k8s_role: str | None = None
+    """Vault Kubernetes auth role of this agent (``SPECMESH_VAULT_K8S_ROLE``), in a cluster."""
+    vault_k8s_mount: str = "kubernetes"
+    """Mount path of Vault's Kubernetes auth method."""
+    vault_k8s_token_path: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    """The pod's service-account token, sent to Vault's Kubernetes auth."""
+    vault_kv_mount: str = "secret"
+    """KV v2 mount holding agents' secrets."""
+
+    istio: bool = False
+    """Istio mode (``SPECMESH_ISTIO``): Istio does mTLS, weights and ejection."""
+    mtls: bool | None = None
+    """Sidecar-made mTLS (``SPECMESH_MTLS``); default on, off in Istio mode."""
+
+    shutdown_grace: float = Field(default=10.0, ge=0, le=300)
+    """Seconds in-flight work may take to drain on SIGTERM."""
+    log_level: str = "INFO"
+    """Root log level."""
+
+    @field_validator("agent_name")
+    @classmethod
+    def _agent_name(cls, value: str) -> str:
+        problem = check_logical_name(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("etcd_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        Keys(prefix=value)  # raises ValueError with the rule
+        return value
+
+    @model_validator(mode="after")
+    def _defaults(self) -> SidecarSettings:
+        state_file = self.home / "services.json"
+        state: dict[str, Any] = {}
+        if state_file.exists():
+            state = json.loads(state_file.read_text())
+        defaults: dict[str, Any] = {
+            "etcd_endpoint": state.get("etcdEndpoint") or "http://127.0.0.1:2379",
+            "vault_addr": state.get("baoAddress"),
+            "vault_token": state.get("baoToken"),
+            "mtls": not self.istio,
+            "state_dir": self.home / "sidecars" / f"{resource_name(self.agent_name)}-{self.track}",
+        }
+        for name, value in defaults.items():
+            if getattr(self, name) is None and value is not None:
+                object.__setattr__(self, name, value)
+        return self
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(prefix=self.etcd_prefix)
+
+    @property
+    def snapshot_path(self) -> Path:
+        assert self.state_dir is not None
+        return self.state_dir / "snapshot.json"
+
+    @property
+    def inbound_url(self) -> str:
+        """The endpoint registered in the Agent Registry."""
+        if "://" in self.inbound:
+            return self.inbound
+        scheme = "https" if self.mtls else "http"
+        return f"{scheme}://{self.inbound}"
+
+
+def parse_listen_address(address: str) -> tuple[str, str, int]:
+    """``host:port`` -> ``("tcp", host, port)``; ``unix:path`` / ``unix:///path`` ->
+    ``("unix", path, 0)``. Raises ``ValueError`` naming the rule."""
+    if address.startswith("unix:"):
+        path = address.removeprefix("unix:")
+        if path.startswith("//"):
+            path = path[2:]
+        if not path:
+            raise ValueError(f"unix address needs a path (got {address!r})")
+        return "unix", path, 0
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"must be host:port or unix:path (got {address!r})")
+    host = host.strip("[]") or "127.0.0.1"
+    return "tcp", host, int(port)

@@ -1,0 +1,127 @@
+"""Readiness, health and metrics over HTTP, with real etcd and the engine's gRPC report."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+
+from sidecar.ops import OpsServer, SidecarMetrics
+from sidecar.state import SnapshotHolder
+from sidecar.sync import SpecSync
+from sidecar.sync_server import SpecSyncServer
+from specmesh.etcd import EtcdClient
+from specmesh.keys import Keys
+from specmesh.spec.models import AgentSpec
+from specmesh.store import SpecStore
+from specmesh.v1 import common_pb2, sidecar_pb2, sidecar_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+AGENT = "ops-helper"
+
+
+async def _poll_async(check: Callable[[], Any], timeout: float = 20) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("timed out")
+        await asyncio.sleep(0.02)
+
+
+async def test_readyz_turns_ready_after_snapshot_and_engine_serving(
+    store: SpecStore, etcd: EtcdClient, keys: Keys
+) -> None:
+    holder = SnapshotHolder()
+    metrics = SidecarMetrics()
+    sync = SpecSync(
+        etcd=etcd, keys=keys, agent=AGENT, track="stable", holder=holder, metrics=metrics
+    )
+    server = SpecSyncServer(
+        address="127.0.0.1:0", agent=AGENT, sync=sync, holder=holder, metrics=metrics
+    )
+    ops = OpsServer(address="127.0.0.1:0", metrics=metrics, readiness=server.readiness)
+    await ops.start()
+    await sync.start()
+    await server.start()
+    channel = grpc.aio.insecure_channel(server.target)
+    stub = sidecar_pb2_grpc.SpecSyncServiceStub(channel)
+    try:
+        async with aiohttp.ClientSession(base_url=ops.url) as http:
+            async with http.get("/healthz") as r:
+                assert r.status == 200
+
+            # no agent yet: not ready, and the body says why
+            await asyncio.wait_for(sync.wait_resolved(), 20)
+            async with http.get("/readyz") as r:
+                body = await r.json()
+                assert r.status == 503 and not body["ready"]
+                assert any("does not exist" in m for m in body["missing"])
+
+            spec = AgentSpec.model_validate(
+                {"base": {"description": "d", "promptKey": "p"}, "model": {"model": "m"}}
+            )
+            await store.apply_agent(AGENT, spec, actor="t")
+            await _poll_async(lambda: _nothing_but_engine_missing(http))
+
+            # the engine reports it serves the snapshot: ready
+            snap = (
+                await stub.GetSnapshot(sidecar_pb2.GetSnapshotRequest(agent_name=AGENT))
+            ).snapshot
+            await stub.ReportStatus(
+                sidecar_pb2.ReportStatusRequest(
+                    agent_name=AGENT,
+                    state=common_pb2.ENGINE_STATE_SERVING,
+                    serving_revision=snap.revision,
+                    serving_etcd_revision=snap.etcd_revision,
+                )
+            )
+            async with http.get("/readyz") as r:
+                body = await r.json()
+                assert r.status == 200 and body["ready"], body
+                assert body["engineCurrent"] is True
+                assert body["engine"]["servingRevision"] == 1
+
+            # a failed engine is not ready
+            await stub.ReportStatus(
+                sidecar_pb2.ReportStatusRequest(
+                    agent_name=AGENT,
+                    state=common_pb2.ENGINE_STATE_FAILED,
+                    error_message="model client could not be built",
+                )
+            )
+            async with http.get("/readyz") as r:
+                body = await r.json()
+                assert r.status == 503
+                assert any("model client could not be built" in m for m in body["missing"])
+
+            async with http.get("/metrics") as r:
+                text = await r.text()
+                assert r.status == 200
+                for name in (
+                    "specmesh_sidecar_snapshot_revision 1.0",
+                    "specmesh_sidecar_etcd_watch_reconnects_total",
+                    "specmesh_sidecar_etcd_watch_resets_total",
+                    "specmesh_sidecar_invalid_snapshots",
+                    'specmesh_sidecar_engine_state{specmesh_sidecar_engine_state="failed"} 1.0',
+                    'specmesh_sidecar_snapshot_source{specmesh_sidecar_snapshot_source="etcd"} 1.0',
+                ):
+                    assert name in text, name
+    finally:
+        await channel.close()
+        await server.stop(grace=0)
+        await sync.stop()
+        await ops.stop()
+
+
+async def _nothing_but_engine_missing(http: aiohttp.ClientSession) -> bool:
+    async with http.get("/readyz") as r:
+        body = await r.json()
+        return r.status == 503 and [m.split(":")[0] for m in body["missing"]] == ["engine"]
