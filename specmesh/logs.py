@@ -42,7 +42,7 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_"):
+            if key not in _STANDARD and not key.startswith(("_", "litellm")):
                 out[key] = value
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
