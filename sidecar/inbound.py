@@ -1,0 +1,242 @@
+"""Inbound: callers reach this agent's engine through here (``SPECMESH_INBOUND``).
+
+In mTLS mode the listener requires a client certificate from the mesh CA (Vault PKI): a caller
+without one, with an expired one or with one from another CA fails the TLS handshake. A caller
+with a valid certificate is allowed only if the agent named by its URI SAN lists THIS agent
+among its partners (:class:`PartnerGraph`); otherwise 403 (logged). Allowed requests are
+streamed to the engine's HTTP listener with ``X-Specmesh-Caller`` set to the caller.
+
+In plaintext mode (Istio provides mTLS and the AuthorizationPolicy) there is no TLS and no
+caller check here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Protocol
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from specmesh.names import resource_name
+from specmesh.store import SpecStore
+from specmesh.watch import PrefixWatcher
+
+from .mtls import AgentCertificates, agent_from_cert
+
+__all__ = [
+    "EtcdPartnerGraph",
+    "InMemoryPartnerGraph",
+    "InboundServer",
+    "PartnerGraph",
+]
+
+logger = logging.getLogger(__name__)
+
+CALLER_HEADER = "X-Specmesh-Caller"
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+
+
+class PartnerGraph(Protocol):
+    """Agent -> the partners it lists (all by resource name)."""
+
+    def partners(self, agent: str) -> frozenset[str]:
+        """Resource names of the partners ``agent`` lists (empty when unknown)."""
+        ...
+
+
+class InMemoryPartnerGraph:
+    """A fixed graph (logical or resource names; stored as resource names)."""
+
+    def __init__(self, graph: Mapping[str, Iterable[str]] | None = None) -> None:
+        self._graph: dict[str, frozenset[str]] = {}
+        for agent, partners in (graph or {}).items():
+            self.set(agent, partners)
+
+    def set(self, agent: str, partners: Iterable[str]) -> None:
+        self._graph[resource_name(agent)] = frozenset(resource_name(p) for p in partners)
+
+    def partners(self, agent: str) -> frozenset[str]:
+        return self._graph.get(resource_name(agent), frozenset())
+
+
+class EtcdPartnerGraph:
+    """The graph from :meth:`SpecStore.partner_graph`, re-read whenever an agent's
+    ``partnerAgents`` part or meta changes (a watch on ``<prefix>/agents/``). Run :meth:`run`
+    as a task; :meth:`refresh` reads it once."""
+
+    def __init__(self, *, store: SpecStore, watcher: PrefixWatcher | None = None) -> None:
+        self._store = store
+        self._watcher = watcher
+        self._graph = InMemoryPartnerGraph()
+        self.ready = asyncio.Event()
+
+    def partners(self, agent: str) -> frozenset[str]:
+        return self._graph.partners(agent)
+
+    async def refresh(self) -> None:
+        graph = await self._store.partner_graph()
+        fresh = InMemoryPartnerGraph(graph)
+        self._graph = fresh
+        self.ready.set()
+
+    async def run(self) -> None:
+        watcher = self._watcher or PrefixWatcher(
+            etcd=self._store.etcd, prefix=self._store.keys.agents()
+        )
+        async for update in watcher.updates():
+            relevant = update.reset or any(
+                e.key.endswith(("/spec/partnerAgents", "/meta")) for e in update.events
+            )
+            if relevant:
+                await self.refresh()
+
+
+class InboundServer:
+    """The inbound listener; ``certificates=None`` means plaintext mode."""
+
+    def __init__(
+        self,
+        *,
+        agent_name: str,
+        engine_http: str,
+        graph: PartnerGraph,
+        certificates: AgentCertificates | None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        read_timeout: float = 300.0,
+    ) -> None:
+        self.agent = resource_name(agent_name)
+        self.engine_url = engine_http if "://" in engine_http else f"http://{engine_http}"
+        self._graph = graph
+        self._certs = certificates
+        self.host = host
+        self.port = port
+        self.read_timeout = read_timeout
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        self.app = web.Application()
+        self.app.router.add_route("*", "/{tail:.*}", self._handle)
+
+    async def __aenter__(self) -> InboundServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self._certs is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), auto_decompress=False, trust_env=False
+        )
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        ssl_context = self._certs.server_context if self._certs is not None else None
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=ssl_context)
+        await site.start()
+        server = site._server
+        if server is not None and self.port == 0:
+            sockets = getattr(server, "sockets", None) or []
+            self.port = int(sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _caller(self, request: web.Request) -> str | None:
+        transport = request.transport
+        peer = transport.get_extra_info("peercert") if transport is not None else None
+        return agent_from_cert(peer)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        headers: CIMultiDict[str] = CIMultiDict(
+            (k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP
+        )
+        headers.popall(CALLER_HEADER, None)
+        if self._certs is not None:
+            caller = self._caller(request)
+            if caller is None:
+                logger.warning("refused an inbound call: the certificate names no agent")
+                return _refuse("the client certificate names no agent")
+            if self.agent not in self._graph.partners(caller):
+                logger.warning(
+                    "refused an inbound call from %s: it does not list %s as a partner",
+                    caller,
+                    self.agent,
+                    extra={"caller": caller, "agent": self.agent},
+                )
+                return _refuse(f"agent {caller!r} may not call agent {self.agent!r}")
+            headers[CALLER_HEADER] = caller
+        assert self._session is not None
+        body = await request.read() if request.body_exists else None
+        try:
+            upstream = await self._session.request(
+                request.method,
+                self.engine_url + request.rel_url.raw_path_qs,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=5, sock_read=self.read_timeout
+                ),
+            )
+        except (aiohttp.ClientError, TimeoutError) as e:
+            return web.json_response(
+                {"error": {"code": "engine_unreachable", "message": f"engine: {type(e).__name__}"}},
+                status=502,
+            )
+        try:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for key, value in upstream.headers.items():
+                if key.lower() not in _HOP_BY_HOP:
+                    response.headers.add(key, value)
+            if upstream.content_length is not None and "Content-Encoding" not in upstream.headers:
+                response.content_length = upstream.content_length
+            await response.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+            except (aiohttp.ClientError, TimeoutError) as e:
+                logger.warning("engine stream broke (%s); closing the caller's connection", e)
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            await response.write_eof()
+            return response
+        finally:
+            upstream.release()
+
+
+def _refuse(message: str) -> web.Response:
+    return web.json_response({"error": {"code": "forbidden", "message": message}}, status=403)

@@ -1,0 +1,504 @@
+"""Egress: credentials from real OpenBao injected into LLM and MCP calls, streaming, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from sidecar.credentials import CredentialResolver
+from sidecar.egress import EgressProxy, llm_upstream_base
+from sidecar.state import SnapshotHolder
+from specmesh.secrets import VaultRef
+from specmesh.services import BaoProcess, LocalServices, free_port
+from specmesh.snapshot import PromptBundle, ResolvedSnapshot
+from specmesh.spec.models import AgentSpec, McpServerSpec
+from specmesh.vault import VaultClient, agent_policy, agent_policy_name, agent_secret_prefix
+
+pytestmark = pytest.mark.integration
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Upstream:
+    """An in-test HTTP upstream recording what reaches it; ``/stream`` paths send one SSE
+    chunk per permit put in ``gate``."""
+
+    seen: list[Seen] = field(default_factory=list)
+    gate: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
+    runner: web.AppRunner | None = None
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.seen.append(
+            Seen(request.method, request.path, dict(request.query), dict(request.headers), body)
+        )
+        if request.path.endswith("/stream"):
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            for i in range(3):
+                await response.write(f"data: chunk-{i}\n\n".encode())
+                if i < 2:
+                    await self.gate.get()
+            await response.write_eof()
+            return response
+        return web.json_response({"ok": True, "path": request.path})
+
+    async def start(self, port: int = 0) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", port or free_port())
+        await site.start()
+        self.port = int(site.name.rsplit(":", 1)[1])
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    up = Upstream()
+    await up.start()
+    yield up
+    await up.stop()
+
+
+def _agent() -> str:
+    return f"egress-{uuid.uuid4().hex[:8]}"
+
+
+def _ref(agent: str, name: str) -> str:
+    return f"vault://secret/{agent_secret_prefix(agent)}/{name}#value"
+
+
+async def _agent_token(vault: VaultClient, agent: str) -> str:
+    await vault.put_policy(agent_policy_name(agent), agent_policy(agent, mount="secret"))
+    return await vault.create_token(policies=[agent_policy_name(agent)])
+
+
+def _snapshot(agent: str, spec: dict[str, Any], mcp: dict[str, McpServerSpec]) -> ResolvedSnapshot:
+    return ResolvedSnapshot(
+        agent_name=agent,
+        revision=1,
+        track="stable",
+        spec=AgentSpec.model_validate(spec),
+        prompt=PromptBundle(),
+        mcp_servers=mcp,
+    )
+
+
+def _spec(agent: str, base_url: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "base": {"description": "egress test", "promptKey": "egress-prompt"},
+        "model": {"model": "scripted", "baseUrl": base_url, "apiKey": _ref(agent, "model")},
+        **extra,
+    }
+
+
+@dataclass
+class Rig:
+    egress: EgressProxy
+    resolver: CredentialResolver
+    holder: SnapshotHolder
+    client: aiohttp.ClientSession
+
+
+@pytest.fixture
+async def rig_factory() -> AsyncIterator[Callable[..., Awaitable[Rig]]]:
+    opened: list[Any] = []
+
+    async def make(
+        *, address: str, token: str, snapshot: ResolvedSnapshot, ttl: float = 300.0
+    ) -> Rig:
+        vault = VaultClient(address=address, token=token, timeout=2.0)
+        resolver = CredentialResolver(source=vault, ttl=ttl)
+        resolver.start()
+        holder = SnapshotHolder()
+        await holder.set(snapshot, etcd_revision=1)
+        egress = EgressProxy(snapshots=holder, credentials=resolver, registry=CollectorRegistry())
+        await egress.start()
+        client = aiohttp.ClientSession()
+        opened.extend([client, egress, resolver, vault])
+        return Rig(egress, resolver, holder, client)
+
+    yield make
+    for thing in opened:
+        await thing.close() if not isinstance(thing, EgressProxy) else await thing.stop()
+
+
+async def _poll(check: Callable[[], Awaitable[bool]], *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_llm_base_appends_v1_unless_versioned() -> None:
+    assert llm_upstream_base("https://x.example/compatible-mode", None) == (
+        "https://x.example/compatible-mode/v1"
+    )
+    assert llm_upstream_base("https://x.example/api/v3/", None) == "https://x.example/api/v3"
+    assert llm_upstream_base("https://open.bigmodel.cn/api/paas/v4", None).endswith("/v4")
+    assert llm_upstream_base("http://127.0.0.1:9/v1beta", None).endswith("/v1beta")
+    assert llm_upstream_base(None, "openai") == "https://api.openai.com/v1"
+
+
+async def test_llm_call_gets_the_vault_key_and_engine_dummy_key_is_dropped(
+    services: LocalServices, vault: VaultClient, upstream: Upstream, rig_factory: Any
+) -> None:
+    agent = _agent()
+    await vault.write(VaultRef.parse(_ref(agent, "model")), "sk-from-vault-1")
+    await vault.write(VaultRef.parse(_ref(agent, "anthropic")), "ak-from-vault")
+    spec = _spec(
+        agent,
+        upstream.url,
+        knowledge={"enabled": False},
+    )
+    spec["model"]["fallbacks"] = [
+        {
+            "model": "claude",
+            "provider": "anthropic",
+            "baseUrl": upstream.url + "/anthropic",
+            "apiKey": _ref(agent, "anthropic"),
+        }
+    ]
+    rig = await rig_factory(
+        address=services.bao.address,
+        token=await _agent_token(vault, agent),
+        snapshot=_snapshot(agent, spec, {}),
+    )
+    trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+    async with rig.client.post(
+        rig.egress.url + "/llm/v1/chat/completions",
+        json={"model": "scripted", "messages": []},
+        headers={
+            "Authorization": "Bearer sidecar-injected",
+            "traceparent": trace,
+            "tracestate": "vendor=1",
+            "X-Specmesh-Call-Depth": "2",
+        },
+    ) as resp:
+        assert resp.status == 200
+    async with rig.client.post(
+        rig.egress.url + "/llm/fallbacks/0/v1/messages",
+        json={},
+        headers={"Authorization": "Bearer sidecar-injected"},
+    ) as resp:
+        assert resp.status == 200
+    async with rig.client.post(rig.egress.url + "/llm/embeddings/v1/embeddings", json={}) as resp:
+        assert resp.status == 200
+    async with rig.client.post(rig.egress.url + "/llm/fallbacks/3/v1/messages") as resp:
+        assert resp.status == 404
+
+    chat, anthropic, embeddings = upstream.seen
+    assert chat.path == "/v1/chat/completions"
+    assert chat.headers["Authorization"] == "Bearer sk-from-vault-1"
+    assert chat.headers["traceparent"] == trace
+    assert chat.headers["tracestate"] == "vendor=1"
+    assert chat.headers["X-Specmesh-Call-Depth"] == "2"
+    assert anthropic.path == "/anthropic/v1/messages"
+    assert anthropic.headers["x-api-key"] == "ak-from-vault"
+    assert "Authorization" not in anthropic.headers
+    assert embeddings.path == "/v1/embeddings"
+    assert embeddings.headers["Authorization"] == "Bearer sk-from-vault-1"
+
+
+async def test_streaming_passes_through_chunk_by_chunk(
+    services: LocalServices, vault: VaultClient, upstream: Upstream, rig_factory: Any
+) -> None:
+    agent = _agent()
+    await vault.write(VaultRef.parse(_ref(agent, "model")), "sk-stream")
+    rig = await rig_factory(
+        address=services.bao.address,
+        token=await _agent_token(vault, agent),
+        snapshot=_snapshot(agent, _spec(agent, upstream.url), {}),
+    )
+
+    async with rig.client.post(rig.egress.url + "/llm/v1/stream", json={}) as resp:
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        received = b""
+        for i in range(3):
+            # The upstream sends chunk i+1 only after we got chunk i: no buffering on the way.
+            while f"chunk-{i}".encode() not in received:
+                received += await asyncio.wait_for(resp.content.readany(), 5)
+            if i < 2:
+                assert f"chunk-{i + 1}".encode() not in received
+                upstream.gate.put_nowait(None)
+        assert await resp.read() == b""
+
+
+async def test_rotated_secret_is_used_by_the_next_request_after_refresh(
+    services: LocalServices, vault: VaultClient, upstream: Upstream, rig_factory: Any
+) -> None:
+    agent = _agent()
+    ref = _ref(agent, "model")
+    await vault.write(VaultRef.parse(ref), "sk-v1")
+    rig = await rig_factory(
+        address=services.bao.address,
+        token=await _agent_token(vault, agent),
+        snapshot=_snapshot(agent, _spec(agent, upstream.url), {}),
+        ttl=0.5,
+    )
+    url = rig.egress.url + "/llm/v1/chat/completions"
+
+    async with rig.client.post(url, json={}) as resp:
+        assert resp.status == 200
+    await vault.write(VaultRef.parse(ref), "sk-v2")
+    # A refresh that began after the write has completed once two more have completed.
+    resolver: CredentialResolver = rig.resolver
+    start = resolver.refreshes
+
+    async def two_refreshes() -> bool:
+        return resolver.refreshes >= start + 2
+
+    await _poll(two_refreshes, timeout=10, what="two background refreshes")
+    async with rig.client.post(url, json={}) as resp:
+        assert resp.status == 200
+
+    await vault.write(VaultRef.parse(ref), "sk-v3")
+    rig.resolver.invalidate(ref)
+    async with rig.client.post(url, json={}) as resp:
+        assert resp.status == 200
+
+    auth = [s.headers["Authorization"] for s in upstream.seen]
+    assert auth == ["Bearer sk-v1", "Bearer sk-v2", "Bearer sk-v3"]
+
+
+async def test_openbao_down_serves_from_cache_until_ttl_then_fails_clearly(
+    tmp_path: Any, upstream: Upstream, rig_factory: Any
+) -> None:
+    bao = BaoProcess(data_dir=tmp_path / "bao", port=free_port(), cluster_port=free_port())
+    await asyncio.to_thread(bao.start)
+    try:
+        agent = _agent()
+        ref = _ref(agent, "model")
+        root = VaultClient(address=bao.address, token=bao.root_token)
+        await root.write(VaultRef.parse(ref), "sk-cached")
+        token = await _agent_token(root, agent)
+        await root.close()
+        ttl = 3.0
+        rig = await rig_factory(
+            address=bao.address,
+            token=token,
+            snapshot=_snapshot(agent, _spec(agent, upstream.url), {}),
+            ttl=ttl,
+        )
+        url = rig.egress.url + "/llm/v1/chat/completions"
+        async with rig.client.post(url, json={}) as resp:
+            assert resp.status == 200
+
+        await asyncio.to_thread(bao.stop)
+        left = rig.resolver.expires_in(ref)
+        assert left is not None
+        expires_at = time.monotonic() + left
+        served_while_down = 0
+        failure: dict[str, Any] = {}
+
+        async def failed() -> bool:
+            nonlocal served_while_down
+            async with rig.client.post(url, json={}) as resp:
+                if resp.status == 200:
+                    served_while_down += 1
+                    return False
+                failure.update(status=resp.status, body=await resp.json(), at=time.monotonic())
+                return True
+
+        await _poll(failed, timeout=ttl + 10, what="the cached credential to expire")
+    finally:
+        await asyncio.to_thread(bao.stop)
+
+    assert served_while_down >= 1
+    assert failure["at"] >= expires_at - 0.05
+    assert failure["status"] == 503
+    error = failure["body"]["error"]
+    assert error["code"] == "credential_unavailable"
+    assert error["reference"] == ref
+    assert ref in error["message"]
+    assert "sk-cached" not in str(failure["body"])
+    assert all(s.headers["Authorization"] == "Bearer sk-cached" for s in upstream.seen)
+
+
+async def test_mcp_headers_and_query_params_are_injected(
+    services: LocalServices, vault: VaultClient, upstream: Upstream, rig_factory: Any
+) -> None:
+    agent = _agent()
+    await vault.write(VaultRef.parse(_ref(agent, "model")), "sk-model")
+    await vault.write(VaultRef.parse(_ref(agent, "gaode-header")), "hdr-secret")
+    await vault.write(VaultRef.parse(_ref(agent, "gaode-query")), "qp-secret")
+    spec = _spec(
+        agent,
+        upstream.url,
+        mcpServers=[
+            {
+                "mcpServerName": "gaode",
+                "headers": {"X-Gaode-Key": _ref(agent, "gaode-header")},
+                "queryParams": {"key": _ref(agent, "gaode-query")},
+            }
+        ],
+    )
+    mcp = {"gaode": McpServerSpec(url=upstream.url + "/mcp")}
+    rig = await rig_factory(
+        address=services.bao.address,
+        token=await _agent_token(vault, agent),
+        snapshot=_snapshot(agent, spec, mcp),
+    )
+
+    async with rig.client.post(
+        rig.egress.url + "/mcp/gaode?session=abc",
+        json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+        headers={"Accept": "application/json, text/event-stream"},
+    ) as resp:
+        assert resp.status == 200
+    async with rig.client.get(rig.egress.url + "/mcp/Gaode/stream") as resp:
+        assert resp.status == 200
+        for _ in range(2):
+            upstream.gate.put_nowait(None)
+        assert b"chunk-2" in await resp.read()
+
+    first, second = upstream.seen
+    assert first.path == "/mcp"
+    assert first.query == {"session": "abc", "key": "qp-secret"}
+    assert first.headers["X-Gaode-Key"] == "hdr-secret"
+    assert b"tools/list" in first.body
+    assert second.path == "/mcp/stream"
+    assert second.query == {"key": "qp-secret"}
+
+
+async def test_undeclared_mcp_server_or_partner_is_refused_and_logged(
+    services: LocalServices,
+    vault: VaultClient,
+    upstream: Upstream,
+    rig_factory: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    agent = _agent()
+    rig = await rig_factory(
+        address=services.bao.address,
+        token=await _agent_token(vault, agent),
+        snapshot=_snapshot(agent, _spec(agent, upstream.url), {}),
+    )
+    caplog.set_level(logging.INFO)
+
+    async with rig.client.post(rig.egress.url + "/mcp/not-mine", json={}) as resp:
+        mcp_status, mcp_body = resp.status, await resp.json()
+    async with rig.client.post(rig.egress.url + "/a2a/stranger-agent/v1/message:send") as resp:
+        a2a_status, a2a_body = resp.status, await resp.json()
+    async with rig.client.get(rig.egress.url + "/elsewhere") as resp:
+        unknown_status = resp.status
+
+    assert mcp_status == 403 and mcp_body["error"]["code"] == "not_declared"
+    assert a2a_status == 403 and "stranger-agent" in a2a_body["error"]["message"]
+    assert unknown_status == 404
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert any("not-mine" in m for m in refused)
+    assert any("stranger-agent" in m for m in refused)
+    assert upstream.seen == []
+
+
+async def test_upstream_down_is_a_clear_502(
+    services: LocalServices, vault: VaultClient, rig_factory: Any
+) -> None:
+    agent = _agent()
+    await vault.write(VaultRef.parse(_ref(agent, "model")), "sk-down")
+    dead = f"http://127.0.0.1:{free_port()}"
+    rig = await rig_factory(
+        address=services.bao.address,
+        token=await _agent_token(vault, agent),
+        snapshot=_snapshot(agent, _spec(agent, dead), {}),
+    )
+
+    async with rig.client.post(rig.egress.url + "/llm/v1/chat/completions", json={}) as resp:
+        status, body = resp.status, await resp.json()
+
+    assert status == 502
+    assert body["error"]["code"] == "upstream_unreachable"
+    assert dead in body["error"]["message"]
+    assert "sk-down" not in str(body)
+
+
+async def test_planted_canary_secret_is_on_the_wire_but_never_logged_or_returned(
+    services: LocalServices,
+    vault: VaultClient,
+    upstream: Upstream,
+    rig_factory: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    canary = f"CANARY-{uuid.uuid4().hex}"
+    agent = _agent()
+    await vault.write(VaultRef.parse(_ref(agent, "model")), canary)
+    await vault.write(VaultRef.parse(_ref(agent, "mcp")), canary)
+    spec = _spec(
+        agent,
+        upstream.url,
+        mcpServers=[
+            {"mcpServerName": "tools", "headers": {"X-Key": _ref(agent, "mcp")}},
+            {"mcpServerName": "gone", "queryParams": {"key": _ref(agent, "mcp")}},
+        ],
+    )
+    mcp = {
+        "tools": McpServerSpec(url=upstream.url + "/mcp"),
+        "gone": McpServerSpec(url=f"http://127.0.0.1:{free_port()}/mcp"),
+    }
+    rig = await rig_factory(
+        address=services.bao.address,
+        token=await _agent_token(vault, agent),
+        snapshot=_snapshot(agent, spec, mcp),
+    )
+    caplog.set_level(logging.DEBUG)
+    answers: list[str] = []
+
+    for method, path in [
+        ("POST", "/llm/v1/chat/completions"),
+        ("POST", "/mcp/tools"),
+        ("POST", "/mcp/gone"),
+        ("POST", "/mcp/undeclared"),
+        ("GET", "/llm/v1/stream"),
+    ]:
+        if path.endswith("/stream"):
+            for _ in range(2):
+                upstream.gate.put_nowait(None)
+        async with rig.client.request(method, rig.egress.url + path, json={}) as resp:
+            answers.append(str(resp.status) + str(dict(resp.headers)) + await resp.text())
+
+    on_the_wire = [
+        s.headers.get("Authorization", "") + s.headers.get("X-Key", "") for s in upstream.seen
+    ]
+    assert any(canary in w for w in on_the_wire)
+    assert not [a for a in answers if canary in a]
+    logged = [r.getMessage() + str(r.__dict__) for r in caplog.records]
+    assert logged  # the refusal, at least, was logged
+    assert not [line for line in logged if canary in line]
