@@ -81,10 +81,12 @@ ComponentFactory = Callable[[SidecarContext], Component]
 def default_component_factories() -> list[ComponentFactory]:
     """The components ``specmesh sidecar`` runs beside the core.
 
-    Plug the egress (``sidecar.egress``), credentials, router and inbound
-    (``sidecar.inbound``, mTLS) here, in start order (the inbound last).
+    The data plane (:class:`sidecar.dataplane.DataPlane`: credentials, mTLS, router,
+    egress, inbound) -- one component, started after the sync and the registry view.
     """
-    return []
+    from sidecar.dataplane import DataPlane  # it builds on this module's context
+
+    return [DataPlane]
 
 
 class Sidecar:

@@ -61,6 +61,11 @@ class VaultClient:
         self._client = hvac.Client(url=address, token=token, timeout=timeout)
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vault")
 
+    @property
+    def token(self) -> str:
+        """The identity's token (for a second client of the same identity)."""
+        return str(self._client.token)
+
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(self._client.adapter.close)

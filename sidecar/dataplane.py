@@ -1,0 +1,142 @@
+"""The sidecar's data plane as one component: credentials, mTLS, routing, egress, inbound.
+
+Started after the spec sync and the registry view (it needs both), stopped before them:
+
+1. Vault identity (a token locally; Kubernetes auth in a cluster) -> credential resolver;
+2. mTLS certificates from Vault PKI, unless Istio provides mTLS;
+3. router over the Agent Registry and the release policies (watched in etcd);
+4. egress on loopback for the engine; 5. inbound for callers (mTLS + partner check).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from urllib.parse import urlsplit
+
+from sidecar.credentials import CredentialResolver, KubernetesLogin, TokenLogin, VaultLogin
+from sidecar.egress import EgressMetrics, EgressProxy
+from sidecar.inbound import EtcdPartnerGraph, InboundServer
+from sidecar.main import SidecarContext
+from sidecar.mtls import AgentCertificates, PkiClient
+from sidecar.router import EtcdReleaseSource, Router
+from sidecar.settings import SidecarSettings
+from specmesh.errors import SecretError
+from specmesh.store import SpecStore
+from specmesh.vault import VaultClient
+from specmesh.watch import PrefixWatcher
+
+__all__ = ["DataPlane", "vault_login"]
+
+logger = logging.getLogger(__name__)
+
+
+def vault_login(settings: SidecarSettings) -> VaultLogin:
+    """The sidecar's Vault identity: Kubernetes auth when a role is set, else the token."""
+    if not settings.vault_addr:
+        raise SecretError("no Vault address: set SPECMESH_VAULT_ADDR")
+    if settings.vault_k8s_role:
+        return KubernetesLogin(
+            address=settings.vault_addr,
+            role=settings.vault_k8s_role,
+            mount=settings.vault_k8s_mount,
+            jwt_path=settings.vault_k8s_token_path,
+        )
+    if not settings.vault_token:
+        raise SecretError("no Vault identity: set SPECMESH_VAULT_TOKEN or SPECMESH_VAULT_K8S_ROLE")
+    return TokenLogin(address=settings.vault_addr, token=settings.vault_token)
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    return parts.hostname or "127.0.0.1", int(parts.port or 0)
+
+
+class DataPlane:
+    """Credentials, certificates, router, egress and inbound, in start order."""
+
+    def __init__(self, ctx: SidecarContext) -> None:
+        self.ctx = ctx
+        self.vault: VaultClient | None = None
+        self.credentials: CredentialResolver | None = None
+        self.certificates: AgentCertificates | None = None
+        self.egress: EgressProxy | None = None
+        self.inbound: InboundServer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pki: PkiClient | None = None
+
+    async def start(self) -> None:
+        settings = self.ctx.settings
+        self.vault = await vault_login(settings).login()
+        self.credentials = CredentialResolver(source=self.vault, ttl=settings.credential_ttl)
+        self.credentials.start()
+        if settings.mtls:
+            assert settings.vault_addr is not None
+            self._pki = PkiClient(
+                address=settings.vault_addr,
+                token=self.vault.token,
+                mount=settings.pki_mount,
+                role=settings.pki_role,
+            )
+            self.certificates = AgentCertificates(
+                agent=settings.agent_name, pki=self._pki, ttl=settings.cert_ttl
+            )
+            await self.certificates.start()
+        releases = EtcdReleaseSource(
+            watcher=PrefixWatcher(etcd=self.ctx.etcd, prefix=self.ctx.keys.agents()),
+            keys=self.ctx.keys,
+        )
+        self._tasks.append(asyncio.create_task(releases.run(), name="release-watch"))
+        await releases.wait_ready()
+        metrics = EgressMetrics(self.ctx.metrics.registry)
+        router = Router(
+            instances=self.ctx.registry_view,
+            releases=releases,
+            mode="istio" if settings.istio else "direct",
+            on_ejection=metrics.on_ejection,
+        )
+        host, port = _host_port(settings.egress_url)
+        self.egress = EgressProxy(
+            snapshots=self.ctx.holder,
+            credentials=self.credentials,
+            router=router,
+            client_ssl=self.certificates.client_context if self.certificates else None,
+            metrics=metrics,
+            host=host,
+            port=port,
+        )
+        await self.egress.start()
+        graph = EtcdPartnerGraph(store=SpecStore(etcd=self.ctx.etcd, keys=self.ctx.keys))
+        await graph.refresh()
+        self._tasks.append(asyncio.create_task(graph.run(), name="partner-graph-watch"))
+        host, port = _host_port(settings.inbound)
+        self.inbound = InboundServer(
+            agent_name=settings.agent_name,
+            engine_http=settings.engine_http,
+            graph=graph,
+            certificates=self.certificates,
+            host=host,
+            port=port,
+        )
+        await self.inbound.start()
+        logger.info("data plane up: egress %s, inbound %s", self.egress.url, self.inbound.url)
+
+    async def stop(self) -> None:
+        if self.inbound is not None:
+            await self.inbound.stop()
+        if self.egress is not None:
+            await self.egress.stop()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.certificates is not None:
+            await self.certificates.close()
+        if self._pki is not None:
+            await self._pki.close()
+        if self.credentials is not None:
+            await self.credentials.close()
+        if self.vault is not None:
+            await self.vault.close()
