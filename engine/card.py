@@ -1,0 +1,175 @@
+"""The A2A agent card, built from the runner's :class:`~engine.runner.CardInfo`.
+
+The card follows the spec: a hot reload changes the name, description, skills or
+streaming capability, and the revision becomes the card's ``version``.
+:class:`CardSource` rebuilds it only when the card info changed, and keeps one
+:class:`AgentCard` instance current in place so that the a2a-sdk request handler, which
+holds that instance, sees the same capabilities as the served card.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from a2a.types.a2a_pb2 import (
+    AgentCapabilities,
+    AgentCard,
+    AgentInterface,
+    AgentSkill,
+    MutualTlsSecurityScheme,
+    SecurityRequirement,
+    SecurityScheme,
+    StringList,
+)
+from a2a.utils.constants import PROTOCOL_VERSION_CURRENT, TransportProtocol
+
+from engine.runner import CardInfo
+
+__all__ = ["MTLS_SCHEME", "CardSource", "CardUrls", "build_agent_card", "placeholder_card_info"]
+
+MTLS_SCHEME = "mtls"
+"""Name of the card's security scheme: callers authenticate with mutual TLS (the sidecar's)."""
+
+_TEXT_MODES = ["text/plain"]
+_OUTPUT_MODES = ["text/plain", "application/json"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CardUrls:
+    """Where callers reach the agent, one URL per A2A binding."""
+
+    jsonrpc: str
+    """JSON-RPC endpoint, e.g. ``http://host:7103/``."""
+    http_json: str
+    """HTTP+JSON base URL, e.g. ``http://host:7103/v1``."""
+    grpc: str
+    """gRPC target, e.g. ``host:7104``."""
+
+
+def placeholder_card_info(agent_name: str) -> CardInfo:
+    """Card info for an engine that holds no spec yet (not ready)."""
+    return CardInfo(
+        name=agent_name,
+        description=f"{agent_name} (no spec loaded yet)",
+        revision=0,
+        skills=(),
+        streaming=True,
+    )
+
+
+def _skill_id(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "default"
+
+
+def _strings(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value]
+
+
+def _skill(raw: Mapping[str, Any], info: CardInfo) -> AgentSkill:
+    name = str(raw.get("name") or raw.get("id") or info.name)
+    return AgentSkill(
+        id=str(raw.get("id") or _skill_id(name)),
+        name=name,
+        description=str(raw.get("description") or info.description),
+        tags=_strings(raw.get("tags")) or ["chat"],
+        examples=_strings(raw.get("examples")),
+        input_modes=_strings(raw.get("inputModes", raw.get("input_modes"))),
+        output_modes=_strings(raw.get("outputModes", raw.get("output_modes"))),
+    )
+
+
+def _default_skill(info: CardInfo) -> AgentSkill:
+    return AgentSkill(
+        id=_skill_id(info.name),
+        name=info.name,
+        description=info.description,
+        tags=["chat"],
+    )
+
+
+def build_agent_card(info: CardInfo, urls: CardUrls) -> AgentCard:
+    """The A2A 1.0 card for ``info``, served on the three ``urls``."""
+    skills = [_skill(s, info) for s in info.skills] or [_default_skill(info)]
+    interfaces = [
+        AgentInterface(
+            url=urls.jsonrpc,
+            protocol_binding=TransportProtocol.JSONRPC.value,
+            protocol_version=PROTOCOL_VERSION_CURRENT,
+        ),
+        AgentInterface(
+            url=urls.http_json,
+            protocol_binding=TransportProtocol.HTTP_JSON.value,
+            protocol_version=PROTOCOL_VERSION_CURRENT,
+        ),
+        AgentInterface(
+            url=urls.grpc,
+            protocol_binding=TransportProtocol.GRPC.value,
+            protocol_version=PROTOCOL_VERSION_CURRENT,
+        ),
+    ]
+    return AgentCard(
+        name=info.name,
+        description=info.description or info.name,
+        version=str(info.revision),
+        supported_interfaces=interfaces,
+        capabilities=AgentCapabilities(streaming=info.streaming, push_notifications=False),
+        security_schemes={
+            MTLS_SCHEME: SecurityScheme(
+                mtls_security_scheme=MutualTlsSecurityScheme(
+                    description="Mutual TLS with the agent's mesh certificate "
+                    "(SPIFFE-style URI SAN), terminated by the sidecar or Istio."
+                )
+            )
+        },
+        security_requirements=[SecurityRequirement(schemes={MTLS_SCHEME: StringList(list=[])})],
+        default_input_modes=_TEXT_MODES,
+        default_output_modes=_OUTPUT_MODES,
+        skills=skills,
+    )
+
+
+class CardSource:
+    """The current card: rebuilt from ``card_info()`` whenever that changes.
+
+    :attr:`card` is one long-lived instance updated in place (hand it to the request
+    handler); :meth:`current` refreshes it and returns it.
+    """
+
+    def __init__(
+        self,
+        *,
+        card_info: Callable[[], CardInfo | None],
+        urls: CardUrls,
+        agent_name: str,
+    ) -> None:
+        self._card_info = card_info
+        self._urls = urls
+        self._placeholder = placeholder_card_info(agent_name)
+        self._lock = threading.Lock()
+        self._built_from: CardInfo | None = None
+        self.card = AgentCard()
+        self.current()
+
+    @property
+    def ready(self) -> bool:
+        """Whether the card reflects a loaded spec (the runner's card info is not ``None``)."""
+        return self._card_info() is not None
+
+    def current(self) -> AgentCard:
+        """The card for the runner's current card info (the placeholder until ready)."""
+        info = self._card_info() or self._placeholder
+        with self._lock:
+            if info != self._built_from:
+                self.card.CopyFrom(build_agent_card(info, self._urls))
+                self._built_from = info
+            snapshot = AgentCard()
+            snapshot.CopyFrom(self.card)
+        return snapshot

@@ -1,0 +1,122 @@
+"""Errors of the engine's runtime.
+
+Every error the runtime raises derives from :class:`EngineError` and carries fields.
+Errors of the libraries underneath are translated at one boundary each, with
+``raise ... from e``: litellm in :mod:`engine.llm`, mcp in :mod:`engine.tools.mcp`, a2a
+and httpx in :mod:`engine.tools.partners`, grpc in :mod:`engine.intake`::
+
+    EngineError
+    +-- ContextBuildError          a snapshot could not become a runtime context
+    |                              (``revision``, ``reason``); the current context stays
+    +-- PromptError                no usable prompt version (``prompt_key``, ``reason``)
+    +-- ModelError                 the model call failed (``model``, ``status``)
+    |   +-- ModelTimeoutError      no answer within the model part's timeout
+    |   +-- ModelUnavailableError  connection failed, 5xx, overloaded or rate-limited;
+    |   |                          the next fallback is tried
+    |   +-- ModelRequestError      the request was refused (4xx: bad request,
+    |                              authentication, unknown model, context window)
+    +-- ToolError                  a tool call failed (``tool``); its message goes back to
+        |                          the model as the tool's result, the turn goes on
+        +-- ToolTimeoutError       the tool did not answer within the tool timeout
+        +-- CallDepthExceededError a partner call would exceed the call-depth limit
+                                   (``depth``, ``limit``)
+
+Messages are safe to show a caller: they never hold a secret or message content.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CallDepthExceededError",
+    "ContextBuildError",
+    "EngineError",
+    "ModelError",
+    "ModelRequestError",
+    "ModelTimeoutError",
+    "ModelUnavailableError",
+    "PromptError",
+    "ToolError",
+    "ToolTimeoutError",
+]
+
+
+class EngineError(Exception):
+    """Base of every engine runtime error."""
+
+
+class ContextBuildError(EngineError):
+    """A snapshot could not be turned into a runtime context."""
+
+    def __init__(self, *, revision: int, reason: str) -> None:
+        super().__init__(f"revision {revision}: {reason}")
+        self.revision = revision
+        self.reason = reason
+
+
+class PromptError(EngineError):
+    """The prompt has no usable version (missing, unknown label, bad weights)."""
+
+    def __init__(self, *, prompt_key: str, reason: str) -> None:
+        super().__init__(f"prompt {prompt_key!r}: {reason}")
+        self.prompt_key = prompt_key
+        self.reason = reason
+
+
+class ModelError(EngineError):
+    """A model call failed."""
+
+    code = "model_error"
+
+    def __init__(self, *, model: str, reason: str, status: int | None = None) -> None:
+        super().__init__(f"model {model!r}: {reason}")
+        self.model = model
+        self.reason = reason
+        self.status = status
+
+
+class ModelTimeoutError(ModelError):
+    """The model did not answer in time."""
+
+    code = "model_timeout"
+
+
+class ModelUnavailableError(ModelError):
+    """The model could not be reached, failed (5xx) or was rate-limited; worth a fallback."""
+
+    code = "model_unavailable"
+
+
+class ModelRequestError(ModelError):
+    """The model refused the request (4xx); a fallback is not tried."""
+
+    code = "model_refused"
+
+
+class ToolError(EngineError):
+    """A tool call failed; the message is what the model reads."""
+
+    def __init__(self, *, tool: str, reason: str) -> None:
+        super().__init__(reason)
+        self.tool = tool
+        self.reason = reason
+
+
+class ToolTimeoutError(ToolError):
+    """A tool call took longer than the tool timeout."""
+
+    def __init__(self, *, tool: str, timeout: float) -> None:
+        super().__init__(tool=tool, reason=f"tool {tool!r} timed out after {timeout:g} s")
+        self.timeout = timeout
+
+
+class CallDepthExceededError(ToolError):
+    """Calling the partner would exceed the call-depth limit (stops A -> B -> A loops)."""
+
+    def __init__(self, *, tool: str, depth: int, limit: int) -> None:
+        super().__init__(
+            tool=tool,
+            reason=f"refused: calling another agent would reach call depth {depth}, "
+            f"beyond the limit of {limit} (agents calling each other in a loop?)",
+        )
+        self.depth = depth
+        self.limit = limit

@@ -1,0 +1,260 @@
+"""The agent loop: model -> tool calls -> results back -> ... -> a final answer.
+
+One turn, on one :class:`RuntimeContext`:
+
+1. choose the prompt version for the conversation, read its history;
+2. call the model with the tools the context offers, streaming its text as
+   :class:`TextDelta` s;
+3. if it asks for tools, run them concurrently (a task group, each call with the tool
+   timeout), report :class:`ToolCallStarted` / :class:`ToolCallFinished`, append the
+   results and call the model again; a failing tool's error is its result, the turn
+   goes on;
+4. stop at the first answer without tool calls (:class:`TurnCompleted`, the history is
+   extended) or after ``max_steps`` model calls (:class:`TurnFailed` ``step_limit``).
+
+Exactly one TurnCompleted or TurnFailed ends the stream. Closing or cancelling the
+iteration cancels the model call or tool calls in flight. Spans: ``invoke_agent``
+around the turn, ``chat`` per model call (in :mod:`engine.llm`), ``execute_tool`` per
+tool call; no message content unless ``record_content``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from .context import RuntimeContext
+from .errors import ModelError, ToolError
+from .llm import ModelReply, TextChunk, ToolCallRequest
+from .runner import (
+    TextDelta,
+    ToolCallFinished,
+    ToolCallStarted,
+    TurnCompleted,
+    TurnEvent,
+    TurnFailed,
+    TurnRequest,
+)
+from .tools import Tool, ToolCallContext
+
+__all__ = ["LoopLimits", "run_turn"]
+
+logger = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+
+@dataclass(frozen=True)
+class LoopLimits:
+    """Bounds of one turn."""
+
+    max_steps: int = 8
+    """Model calls per turn."""
+    tool_timeout: float = 30.0
+    """Seconds one tool call may take."""
+    record_content: bool = False
+    """Record message content and tool arguments/results in spans."""
+
+
+async def run_turn(
+    context: RuntimeContext,
+    request: TurnRequest,
+    *,
+    limits: LoopLimits,
+    parent: otel_context.Context | None = None,
+) -> AsyncGenerator[TurnEvent, None]:
+    """Run one turn on ``context``; see the module docstring."""
+    prompt = context.prompt.choose(request.context_id)
+    span = tracer.start_span(
+        f"invoke_agent {context.agent_name}", context=parent, kind=SpanKind.INTERNAL
+    )
+    span.set_attributes(
+        {
+            "gen_ai.operation.name": "invoke_agent",
+            "gen_ai.agent.name": context.agent_name,
+            "gen_ai.conversation.id": request.context_id,
+            "gen_ai.request.model": context.model.name,
+            "specmesh.spec.revision": context.revision,
+            "specmesh.prompt.key": context.prompt.prompt_key,
+            "specmesh.prompt.version": prompt.version,
+            "specmesh.call_depth": request.call_depth,
+        }
+    )
+    turn_ctx = trace.set_span_in_context(span, parent)
+    chat_attributes = {
+        "specmesh.prompt.version": prompt.version,
+        "specmesh.spec.revision": context.revision,
+    }
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    outcome = "error"
+    try:
+        tools = context.tools()
+        definitions = [t.definition.openai() for t in tools.values()]
+        history = await context.memory.get(request.context_id)
+        user = {"role": "user", "content": request.text}
+        messages: list[dict[str, Any]] = [
+            {"role": "system", "content": prompt.text},
+            *history,
+            user,
+        ]
+        for _step in range(limits.max_steps):
+            reply: ModelReply | None = None
+            stream = context.model.stream(
+                messages, tools=definitions, parent=turn_ctx, attributes=chat_attributes
+            )
+            async with aclosing(stream):
+                async for item in stream:
+                    if isinstance(item, TextChunk):
+                        yield TextDelta(item.text)
+                    else:
+                        reply = item
+            assert reply is not None
+            for key in usage:
+                usage[key] += reply.usage.get(key, 0)
+            if not reply.tool_calls:
+                await context.memory.append(
+                    request.context_id, [user, {"role": "assistant", "content": reply.text}]
+                )
+                outcome = "completed"
+                if limits.record_content:
+                    span.set_attribute("specmesh.answer", reply.text)
+                yield TurnCompleted(
+                    text=reply.text,
+                    revision=context.revision,
+                    prompt_version=prompt.version,
+                    usage=dict(usage),
+                )
+                return
+            messages.append(reply.assistant_message())
+            for call in reply.tool_calls:
+                yield ToolCallStarted(
+                    call_id=call.id, name=call.name, arguments=_arguments_for_event(call)
+                )
+            results = await _run_tools(
+                reply.tool_calls, tools, request, limits=limits, parent=turn_ctx
+            )
+            for call, (ok, text) in zip(reply.tool_calls, results, strict=True):
+                messages.append({"role": "tool", "tool_call_id": call.id, "content": text})
+                yield ToolCallFinished(call_id=call.id, name=call.name, ok=ok, result=text)
+        outcome = "step_limit"
+        yield TurnFailed(
+            code="step_limit",
+            message=f"no answer after {limits.max_steps} model calls (the step limit)",
+            revision=context.revision,
+        )
+    except ModelError as e:
+        outcome = e.code
+        span.set_status(Status(StatusCode.ERROR, e.reason))
+        span.set_attribute("error.type", type(e).__name__)
+        yield TurnFailed(code=e.code, message=str(e), revision=context.revision)
+    except (asyncio.CancelledError, GeneratorExit):
+        outcome = "cancelled"
+        span.set_attribute("error.type", "cancelled")
+        raise
+    except Exception as e:  # top of the turn: report, never crash the server
+        logger.exception("turn failed in agent %s", context.agent_name)
+        span.set_status(Status(StatusCode.ERROR, type(e).__name__))
+        span.set_attribute("error.type", type(e).__name__)
+        yield TurnFailed(code="internal", message="internal error", revision=context.revision)
+    finally:
+        span.set_attributes(
+            {
+                "gen_ai.usage.input_tokens": usage["prompt_tokens"],
+                "gen_ai.usage.output_tokens": usage["completion_tokens"],
+                "specmesh.turn.outcome": outcome,
+            }
+        )
+        span.end()
+
+
+def _arguments_for_event(call: ToolCallRequest) -> Mapping[str, Any]:
+    try:
+        parsed = json.loads(call.arguments or "{}")
+    except json.JSONDecodeError:
+        return {"_raw": call.arguments}
+    return parsed if isinstance(parsed, dict) else {"_value": parsed}
+
+
+async def _run_tools(
+    calls: Sequence[ToolCallRequest],
+    tools: Mapping[str, Tool],
+    request: TurnRequest,
+    *,
+    limits: LoopLimits,
+    parent: otel_context.Context,
+) -> list[tuple[bool, str]]:
+    """Run the calls concurrently; each result is (ok, text for the model)."""
+    call_context = ToolCallContext(
+        context_id=request.context_id,
+        call_depth=request.call_depth,
+        timeout=limits.tool_timeout,
+    )
+    async with asyncio.TaskGroup() as group:
+        tasks = [
+            group.create_task(
+                _run_tool(call, tools.get(call.name), call_context, limits=limits, parent=parent)
+            )
+            for call in calls
+        ]
+    return [t.result() for t in tasks]
+
+
+async def _run_tool(
+    call: ToolCallRequest,
+    tool: Tool | None,
+    call_context: ToolCallContext,
+    *,
+    limits: LoopLimits,
+    parent: otel_context.Context,
+) -> tuple[bool, str]:
+    span = tracer.start_span(f"execute_tool {call.name}", context=parent)
+    span.set_attributes(
+        {
+            "gen_ai.operation.name": "execute_tool",
+            "gen_ai.tool.name": call.name,
+            "gen_ai.tool.call.id": call.id,
+            "gen_ai.tool.type": "function",
+            "specmesh.tool.kind": tool.kind if tool is not None else "unknown",
+        }
+    )
+    if limits.record_content:
+        span.set_attribute("gen_ai.tool.call.arguments", call.arguments)
+    with trace.use_span(span, end_on_exit=True, record_exception=False):
+        ok, text = await _call_tool(call, tool, call_context)
+        if not ok:
+            span.set_status(Status(StatusCode.ERROR))
+            span.set_attribute("error.type", "tool_error")
+        if limits.record_content:
+            span.set_attribute("gen_ai.tool.call.result", text)
+        return ok, text
+
+
+async def _call_tool(
+    call: ToolCallRequest, tool: Tool | None, call_context: ToolCallContext
+) -> tuple[bool, str]:
+    if tool is None:
+        return False, f"error: there is no tool named {call.name!r}"
+    try:
+        arguments = json.loads(call.arguments or "{}")
+    except json.JSONDecodeError as e:
+        return False, f"error: the arguments are not valid JSON ({e.msg})"
+    if not isinstance(arguments, dict):
+        return False, "error: the arguments must be a JSON object"
+    try:
+        async with asyncio.timeout(call_context.timeout):
+            return True, await tool.call(arguments, context=call_context)
+    except ToolError as e:
+        return False, f"error: {e.reason}"
+    except TimeoutError:
+        return False, f"error: tool {call.name!r} timed out after {call_context.timeout:g} s"
+    except Exception:  # top of the tool task: the model gets an error, the turn goes on
+        logger.exception("tool %s failed unexpectedly", call.name)
+        return False, f"error: tool {call.name!r} failed unexpectedly"

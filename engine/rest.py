@@ -1,0 +1,227 @@
+"""Business REST endpoints, for applications that do not speak A2A.
+
+::
+
+    POST /v1/invoke         {"contextId"?: str, "message": str}
+                            200 {"contextId", "answer", "revision", "promptVersion",
+                                 "usage", "citations"}
+    POST /v1/invoke/stream  same body; text/event-stream of events
+                            delta {"text"} | tool_call {"callId", "name", "arguments"} |
+                            tool_result {"callId", "name", "ok", "result"} |
+                            done {same as /v1/invoke} | error {"code", "message", "revision"}
+    GET  /healthz           200 while the process is up
+    GET  /readyz            200 when a valid spec is loaded, else 503
+
+Errors are ``{"error": {"code", "message"}}``: 400 names the bad field
+(``message: ...``), 503 when the agent is not ready (or draining), 500 when the turn
+failed (its code and message are safe to show). ``X-Specmesh-Call-Depth`` is honoured
+as on the A2A bindings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from engine.a2a_executor import CallDepthError, parse_call_depth, passed_on_headers
+from engine.runner import (
+    AgentRunner,
+    TextDelta,
+    ToolCallFinished,
+    ToolCallStarted,
+    TurnCompleted,
+    TurnFailed,
+    TurnRequest,
+)
+
+__all__ = ["InvokeRequest", "create_business_routes"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_BODY = 1 << 20
+
+
+class InvokeRequest(BaseModel):
+    """The body of ``POST /v1/invoke`` and ``POST /v1/invoke/stream``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    context_id: str | None = Field(default=None, alias="contextId", min_length=1, max_length=256)
+    """The conversation; a new one is started when absent."""
+    message: str = Field(min_length=1)
+    """The user's message."""
+
+
+def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse(
+        {"error": {"code": code, "message": message, **extra}}, status_code=status, headers=headers
+    )
+
+
+def _describe(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        path = ".".join(str(p) for p in item["loc"]) or "body"
+        if item["type"] == "extra_forbidden":
+            problems.append(f"{path}: unknown field")
+        elif item["type"] == "missing":
+            problems.append(f"{path}: is required")
+        else:
+            problems.append(f"{path}: {item['msg'].lower()} (got {item.get('input')!r})")
+    return "; ".join(problems)
+
+
+async def _parse(request: Request, runner: AgentRunner) -> TurnRequest | Response:
+    """The turn to run, or the error response to send."""
+    body = await request.body()
+    if len(body) > _MAX_BODY:
+        return _error(413, "too_large", f"body: must be at most {_MAX_BODY} bytes")
+    try:
+        data = json.loads(body or b"null")
+    except json.JSONDecodeError as e:
+        return _error(400, "invalid_json", f"body: is not valid JSON ({e.msg})")
+    except UnicodeDecodeError:
+        return _error(400, "invalid_json", "body: is not UTF-8")
+    if not isinstance(data, dict):
+        return _error(400, "invalid_request", "body: must be a JSON object")
+    try:
+        parsed = InvokeRequest.model_validate(data)
+    except ValidationError as e:
+        return _error(400, "invalid_request", _describe(e))
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    try:
+        depth = parse_call_depth(headers)
+    except CallDepthError as e:
+        return _error(400, "invalid_request", str(e))
+    if not runner.ready:
+        return _error(503, "not_ready", "the agent has no valid spec loaded yet")
+    return TurnRequest(
+        context_id=parsed.context_id or uuid.uuid4().hex,
+        text=parsed.message,
+        call_depth=depth,
+        headers=passed_on_headers(headers),
+    )
+
+
+def _done(context_id: str, event: TurnCompleted) -> dict[str, Any]:
+    return {
+        "contextId": context_id,
+        "answer": event.text,
+        "revision": event.revision,
+        "promptVersion": event.prompt_version,
+        "usage": dict(event.usage),
+        "citations": [dict(c) for c in event.citations],
+    }
+
+
+def _failed(event: TurnFailed) -> JSONResponse:
+    status = 503 if event.code in ("not_ready", "unavailable") else 500
+    return _error(status, event.code, event.message, revision=event.revision)
+
+
+def _sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False, default=str)}\n\n".encode()
+
+
+def create_business_routes(*, runner: AgentRunner) -> list[Route]:
+    """The business REST and health routes over ``runner`` (``runner.ready`` is readiness)."""
+
+    async def invoke(request: Request) -> Response:
+        parsed = await _parse(request, runner)
+        if isinstance(parsed, Response):
+            return parsed
+        events = runner.run(parsed)
+        try:
+            async for event in events:
+                if isinstance(event, TurnCompleted):
+                    return JSONResponse(_done(parsed.context_id, event))
+                if isinstance(event, TurnFailed):
+                    return _failed(event)
+        finally:
+            close = getattr(events, "aclose", None)
+            if close is not None:
+                await close()
+        return _error(500, "internal", "the turn ended without an answer")
+
+    async def invoke_stream(request: Request) -> Response:
+        parsed = await _parse(request, runner)
+        if isinstance(parsed, Response):
+            return parsed
+        turn = parsed
+
+        async def stream() -> AsyncIterator[bytes]:
+            events = runner.run(turn)
+            try:
+                async for event in events:
+                    if isinstance(event, TextDelta):
+                        yield _sse("delta", {"text": event.text})
+                    elif isinstance(event, ToolCallStarted):
+                        yield _sse(
+                            "tool_call",
+                            {
+                                "callId": event.call_id,
+                                "name": event.name,
+                                "arguments": dict(event.arguments),
+                            },
+                        )
+                    elif isinstance(event, ToolCallFinished):
+                        yield _sse(
+                            "tool_result",
+                            {
+                                "callId": event.call_id,
+                                "name": event.name,
+                                "ok": event.ok,
+                                "result": event.result,
+                            },
+                        )
+                    elif isinstance(event, TurnCompleted):
+                        yield _sse("done", _done(turn.context_id, event))
+                        return
+                    elif isinstance(event, TurnFailed):
+                        yield _sse(
+                            "error",
+                            {
+                                "code": event.code,
+                                "message": event.message,
+                                "revision": event.revision,
+                            },
+                        )
+                        return
+                yield _sse(
+                    "error", {"code": "internal", "message": "the turn ended without an answer"}
+                )
+            finally:
+                close = getattr(events, "aclose", None)
+                if close is not None:
+                    await close()
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        if not runner.ready:
+            return JSONResponse({"status": "not ready"}, status_code=503)
+        info = runner.card_info()
+        return JSONResponse({"status": "ready", "revision": info.revision if info else None})
+
+    return [
+        Route("/v1/invoke", invoke, methods=["POST"]),
+        Route("/v1/invoke/stream", invoke_stream, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+    ]

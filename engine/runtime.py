@@ -1,0 +1,274 @@
+"""The engine runtime: snapshots in, turns out, hot reload in between.
+
+:class:`EngineRuntime` implements :class:`engine.runner.AgentRunner`. A background task
+consumes a :class:`engine.intake.SnapshotFeed`; each snapshot builds the next
+:class:`RuntimeContext` beside the current one (reusing what did not change) and swaps
+it in atomically. A turn captures the current context when it starts and finishes on it,
+so ``TurnCompleted.revision`` is the revision that answered the whole turn. A snapshot
+that fails to build is logged, kept in ``last_error``, reported to the sidecar, and the
+current context stays.
+
+Old contexts are reference-counted by the turns using them: once replaced and idle,
+they are released, and the MCP sessions no other context holds are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from types import TracebackType
+
+import httpx
+from opentelemetry import context as otel_context
+
+from specmesh.snapshot import ResolvedSnapshot
+
+from .context import ContextBuilder, RuntimeContext
+from .errors import ContextBuildError
+from .intake import SnapshotFeed, StatusReporter
+from .loop import LoopLimits, run_turn
+from .memory import ConversationMemory, InMemoryConversationMemory
+from .runner import AgentRunner, CardInfo, TurnEvent, TurnFailed, TurnRequest
+from .settings import EngineSettings
+
+__all__ = ["EngineRuntime"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Lease:
+    """A context and the turns running on it."""
+
+    context: RuntimeContext
+    turns: int = 0
+    retired: bool = False
+
+
+class EngineRuntime:
+    """The engine's runtime as the servers see it (:class:`engine.runner.AgentRunner`)."""
+
+    def __init__(
+        self,
+        *,
+        feed: SnapshotFeed,
+        settings: EngineSettings | None = None,
+        egress_url: str | None = None,
+        memory: ConversationMemory | None = None,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self._settings = settings or EngineSettings()
+        self._feed = feed
+        self._builder = ContextBuilder(
+            settings=self._settings,
+            egress_url=egress_url or self._settings.egress_url,
+            memory=memory or InMemoryConversationMemory(),
+            http=http,
+        )
+        self._limits = LoopLimits(
+            max_steps=self._settings.max_steps,
+            tool_timeout=self._settings.tool_timeout_seconds,
+            record_content=self._settings.record_content,
+        )
+        self._current: _Lease | None = None
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+        self._releasing: set[asyncio.Task[None]] = set()
+        self.last_error: str | None = None
+        """Why the last snapshot failed to build (secret-free); None after a success."""
+        self.failed_revision: int | None = None
+        """Revision of the snapshot that last failed to build; None after a success."""
+        self.builds = 0
+        """Snapshots built into a context so far."""
+        self.failures = 0
+        """Snapshots that failed to build so far."""
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start consuming snapshots in the background (returns at once)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._consume(), name="engine-snapshots")
+
+    async def aclose(self) -> None:
+        """Stop consuming, wait for released contexts, close every MCP session."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
+        self._current = None
+        await self._builder.aclose()
+
+    async def __aenter__(self) -> EngineRuntime:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------ state
+
+    @property
+    def ready(self) -> bool:
+        """Whether a context is built (readiness)."""
+        return self._current is not None
+
+    @property
+    def revision(self) -> int | None:
+        """The revision new turns run on."""
+        return self._current.context.revision if self._current else None
+
+    @property
+    def context(self) -> RuntimeContext | None:
+        """The context new turns run on."""
+        return self._current.context if self._current else None
+
+    @property
+    def builder(self) -> ContextBuilder:
+        return self._builder
+
+    def card_info(self) -> CardInfo | None:
+        lease = self._current
+        if lease is None:
+            return None
+        snapshot = lease.context.snapshot
+        return CardInfo(
+            name=snapshot.agent_name,
+            description=snapshot.spec.base.description,
+            revision=snapshot.revision,
+            skills=tuple(s.model_dump(mode="json") for s in snapshot.spec.base.skills),
+            streaming=True,
+        )
+
+    async def wait_until(
+        self, predicate: Callable[[EngineRuntime], bool], *, timeout: float
+    ) -> None:
+        """Wait until ``predicate(self)`` holds (checked on every state change)."""
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: predicate(self))
+
+    async def wait_ready(self, *, timeout: float) -> None:
+        await self.wait_until(lambda r: r.ready, timeout=timeout)
+
+    # ------------------------------------------------------------ turns
+
+    async def run(self, request: TurnRequest) -> AsyncIterator[TurnEvent]:
+        """Run one turn on the context current when it starts."""
+        lease = self._current
+        if lease is None:
+            yield TurnFailed(code="not_ready", message="the agent has no valid spec yet")
+            return
+        lease.turns += 1
+        try:
+            events = run_turn(
+                lease.context, request, limits=self._limits, parent=otel_context.get_current()
+            )
+            async with aclosing(events):
+                async for event in events:
+                    yield event
+        finally:
+            lease.turns -= 1
+            if lease.retired and lease.turns == 0:
+                self._release(lease)
+
+    # ------------------------------------------------------------ snapshots
+
+    async def _consume(self) -> None:
+        backoff = self._settings.reconnect_initial_seconds
+        while True:
+            try:
+                async for snapshot in self._feed:
+                    backoff = self._settings.reconnect_initial_seconds
+                    await self._apply(snapshot)
+                logger.warning("the snapshot feed ended; restarting it")
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # top of the task: the feed broke; keep serving, retry
+                logger.exception("the snapshot feed failed; restarting it in %.1f s", backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._settings.reconnect_max_seconds)
+
+    async def _apply(self, snapshot: ResolvedSnapshot) -> None:
+        expected = self._settings.agent_name
+        if expected and snapshot.agent_name != expected:
+            await self._failed(
+                snapshot.revision,
+                f"snapshot is for agent {snapshot.agent_name!r}, this engine runs {expected!r}",
+            )
+            return
+        previous = self._current
+        if previous is not None and previous.context.snapshot == snapshot:
+            return
+        try:
+            context = await self._builder.build(
+                snapshot, previous.context if previous is not None else None
+            )
+        except ContextBuildError as e:
+            await self._failed(snapshot.revision, e.reason)
+            return
+        except Exception as e:  # top of a build: report it, keep the current context
+            logger.exception("building revision %d failed", snapshot.revision)
+            await self._failed(snapshot.revision, f"internal error ({type(e).__name__})")
+            return
+        old = self._current
+        self._current = _Lease(context)
+        self.builds += 1
+        self.last_error = None
+        self.failed_revision = None
+        logger.info(
+            "serving revision %d of %s (prompt %s)",
+            context.revision,
+            context.agent_name,
+            context.prompt.fixed or "A/B",
+        )
+        if old is not None:
+            old.retired = True
+            if old.turns == 0:
+                self._release(old)
+        await self._notify()
+        await self._report(serving=context.revision, failed=0, error="")
+
+    async def _failed(self, revision: int, reason: str) -> None:
+        self.failures += 1
+        self.last_error = reason
+        self.failed_revision = revision
+        logger.error(
+            "snapshot revision %d not served: %s (still serving %s)",
+            revision,
+            reason,
+            self.revision if self.revision is not None else "nothing",
+        )
+        await self._notify()
+        await self._report(serving=self.revision or 0, failed=revision, error=reason)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _report(self, *, serving: int, failed: int, error: str) -> None:
+        if isinstance(self._feed, StatusReporter):
+            await self._feed.report_status(
+                serving_revision=serving, failed_revision=failed, error=error
+            )
+
+    def _release(self, lease: _Lease) -> None:
+        task = asyncio.create_task(self._builder.release(lease.context))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+
+def _satisfies_runner(runtime: EngineRuntime) -> AgentRunner:
+    """Static proof (mypy) that EngineRuntime implements the servers' seam."""
+    return runtime

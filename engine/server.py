@@ -1,0 +1,422 @@
+"""The engine's servers: A2A over JSON-RPC, HTTP+JSON and gRPC, business REST, health.
+
+::
+
+    HTTP (uvicorn, one Starlette app)              gRPC (grpc.aio)
+      POST /v1/invoke, /v1/invoke/stream  rest.py    lf.a2a.v1.A2AService   GrpcHandler
+      GET  /healthz, /readyz                         grpc.health.v1.Health  NOT_SERVING
+      GET  /.well-known/agent-card.json   card.py                           until ready
+      POST /                  A2A JSON-RPC           reflection
+      /v1/message:send ...    A2A HTTP+JSON
+                 \\                                   /
+                  +-- DefaultRequestHandlerV2 -------+
+                          EngineAgentExecutor (a2a_executor.py)
+                                    |
+                         _ServingRunner (readiness, drain, metrics)
+                                    |
+                             AgentRunner (the runtime)
+
+:class:`EngineServer` is an async context manager: entering binds both listeners and
+starts serving; leaving shuts down gracefully -- readiness and gRPC health go
+NOT_SERVING, the listeners stop accepting, turns in flight get ``drain_timeout`` seconds
+to finish, then whatever is left is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import socket
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from dataclasses import dataclass
+from types import TracebackType
+
+import grpc
+import uvicorn
+from a2a.server.context import ServerCallContext
+from a2a.server.events import Event
+from a2a.server.request_handlers import DefaultRequestHandlerV2, GrpcHandler
+from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes, create_rest_routes
+from a2a.server.tasks import InMemoryTaskStore, TaskStore
+from a2a.types import a2a_pb2, a2a_pb2_grpc
+from a2a.types.a2a_pb2 import AgentCard
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.routing import BaseRoute
+
+from engine.a2a_executor import EngineAgentExecutor
+from engine.card import CardSource, CardUrls
+from engine.rest import create_business_routes
+from engine.runner import AgentRunner, CardInfo, TurnCompleted, TurnEvent, TurnFailed, TurnRequest
+from engine.telemetry import EngineMetrics, TraceContextInterceptor, TraceContextMiddleware
+
+__all__ = ["A2A_SERVICE", "EngineServer", "ServerConfig", "parse_address"]
+
+logger = logging.getLogger(__name__)
+
+A2A_SERVICE = a2a_pb2.DESCRIPTOR.services_by_name["A2AService"].full_name
+"""The gRPC service name, also the gRPC health service name of the A2A endpoint."""
+HTTP_JSON_PREFIX = "/v1"
+_UNTRACED_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+def parse_address(address: str, *, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or ``:port`` -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"address {address!r}: must be host:port")
+    host = host.strip("[]") or default_host
+    return host, int(port)
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::"):
+        return "127.0.0.1" if host == "0.0.0.0" else "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """Where the engine listens and how it is reached."""
+
+    agent_name: str
+    http_host: str = "127.0.0.1"
+    http_port: int = 7103
+    """0 picks a free port (tests)."""
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 7104
+    """0 picks a free port (tests)."""
+    public_http_url: str | None = None
+    """Base URL callers use for HTTP (the card's JSON-RPC and HTTP+JSON URLs); default:
+    the listen address."""
+    public_grpc_url: str | None = None
+    """gRPC target callers use (the card's gRPC URL); default: the listen address."""
+    drain_timeout: float = 10.0
+    """Seconds turns in flight get to finish on shutdown."""
+    readiness_interval: float = 0.2
+    """How often gRPC health follows the runner's readiness."""
+
+
+class _Drain:
+    """Turns in flight and whether new ones are still accepted."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        self.in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+class _ServingRunner:
+    """The runner as the servers use it: refuses turns when not ready or draining,
+    counts turns in flight and records their metrics."""
+
+    def __init__(
+        self, *, inner: AgentRunner, drain: _Drain, metrics: EngineMetrics, transport: str
+    ) -> None:
+        self._inner = inner
+        self._drain = drain
+        self._metrics = metrics
+        self._transport = transport
+
+    @property
+    def ready(self) -> bool:
+        return self._inner.ready and not self._drain.draining
+
+    def card_info(self) -> CardInfo | None:
+        return self._inner.card_info()
+
+    async def run(self, request: TurnRequest) -> AsyncIterator[TurnEvent]:
+        if self._drain.draining:
+            yield TurnFailed(code="unavailable", message="the agent is shutting down")
+            return
+        if not self._inner.ready:
+            yield TurnFailed(code="not_ready", message="the agent has no valid spec loaded yet")
+            return
+        start = time.perf_counter()
+        outcome, usage = "cancelled", {}
+        with self._drain.turn():
+            events = self._inner.run(request)
+            try:
+                async for event in events:
+                    if isinstance(event, TurnCompleted):
+                        outcome, usage = "completed", dict(event.usage)
+                    elif isinstance(event, TurnFailed):
+                        outcome = "failed"
+                    yield event
+                    if outcome != "cancelled":
+                        return
+            finally:
+                self._metrics.record_turn(
+                    seconds=time.perf_counter() - start,
+                    outcome=outcome,
+                    transport=self._transport,
+                    usage=usage,
+                )
+                close = getattr(events, "aclose", None)
+                if close is not None:
+                    await close()
+
+
+class _UvicornServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the entry point owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+class EngineServer:
+    """Both listeners of one engine, over one :class:`~engine.runner.AgentRunner`."""
+
+    def __init__(
+        self,
+        *,
+        runner: AgentRunner,
+        config: ServerConfig,
+        metrics: EngineMetrics | None = None,
+        task_store: TaskStore | None = None,
+    ) -> None:
+        self._runner = runner
+        self._config = config
+        self._metrics = metrics or EngineMetrics(agent_name=config.agent_name)
+        self._task_store = task_store or InMemoryTaskStore()
+        self._drain = _Drain()
+        self._http: _UvicornServer | None = None
+        self._http_task: asyncio.Task[None] | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._watcher: asyncio.Task[None] | None = None
+        self._handler: DefaultRequestHandlerV2 | None = None
+        self._stopped = False
+        self.http_port = 0
+        self.grpc_port = 0
+        self.card_source: CardSource | None = None
+
+    # ------------------------------------------------------------ addresses
+
+    @property
+    def http_url(self) -> str:
+        """The HTTP listener's base URL, e.g. ``http://127.0.0.1:7103``."""
+        return f"http://{_url_host(self._config.http_host)}:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        """The gRPC listener's target, e.g. ``127.0.0.1:7104``."""
+        return f"{_url_host(self._config.grpc_host)}:{self.grpc_port}"
+
+    @property
+    def ready(self) -> bool:
+        """Ready to take turns: a spec is loaded and the server is not draining."""
+        return self._runner.ready and not self._drain.draining
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> EngineServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Bind both listeners and serve; returns once both accept connections."""
+        cfg = self._config
+        sock = _bind(cfg.http_host, cfg.http_port)
+        try:
+            self.http_port = sock.getsockname()[1]
+            grpc_server = grpc.aio.server(interceptors=[TraceContextInterceptor()])
+            self.grpc_port = grpc_server.add_insecure_port(f"{cfg.grpc_host}:{cfg.grpc_port}")
+            if self.grpc_port == 0:
+                raise OSError(f"cannot listen for gRPC on {cfg.grpc_host}:{cfg.grpc_port}")
+        except BaseException:
+            sock.close()
+            raise
+
+        public_http = (cfg.public_http_url or self.http_url).rstrip("/")
+        self.card_source = CardSource(
+            card_info=self._runner.card_info,
+            urls=CardUrls(
+                jsonrpc=f"{public_http}/",
+                http_json=f"{public_http}{HTTP_JSON_PREFIX}",
+                grpc=cfg.public_grpc_url or self.grpc_target,
+            ),
+            agent_name=cfg.agent_name,
+        )
+        a2a_runner = _ServingRunner(
+            inner=self._runner, drain=self._drain, metrics=self._metrics, transport="a2a"
+        )
+        rest_runner = _ServingRunner(
+            inner=self._runner, drain=self._drain, metrics=self._metrics, transport="rest"
+        )
+        handler = _RequestHandler(
+            card_source=self.card_source,
+            agent_executor=EngineAgentExecutor(runner=a2a_runner),
+            task_store=self._task_store,
+            agent_card=self.card_source.card,
+        )
+        self._handler = handler
+
+        # gRPC: A2A, health (NOT_SERVING until ready), reflection
+        a2a_pb2_grpc.add_A2AServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            GrpcHandler(handler), grpc_server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, grpc_server)
+        await self._set_health(serving=False)
+        reflection.enable_server_reflection(
+            (
+                A2A_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            grpc_server,
+        )
+        await grpc_server.start()
+        self._grpc = grpc_server
+
+        # HTTP: business REST and health first (a2a's HTTP+JSON tenant mount matches any
+        # /<segment>/... path), then the card, JSON-RPC and HTTP+JSON
+        card_source = self.card_source
+
+        async def card_modifier(_: AgentCard) -> AgentCard:
+            if not card_source.ready:
+                raise HTTPException(503, "the agent has no valid spec loaded yet")
+            return card_source.current()
+
+        routes: list[BaseRoute] = [
+            *create_business_routes(runner=rest_runner),
+            *create_agent_card_routes(card_source.card, card_modifier=card_modifier),
+            *create_jsonrpc_routes(handler, "/"),
+            *create_rest_routes(handler, path_prefix=HTTP_JSON_PREFIX),
+        ]
+        app = Starlette(
+            routes=routes,
+            middleware=[Middleware(TraceContextMiddleware, skip_paths=_UNTRACED_PATHS)],
+        )
+        server = _UvicornServer(
+            uvicorn.Config(
+                app,
+                host=cfg.http_host,
+                port=self.http_port,
+                log_config=None,
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=max(math.ceil(cfg.drain_timeout), 1),
+            )
+        )
+        self._http = server
+        self._http_task = asyncio.create_task(server.serve(sockets=[sock]), name="engine-http")
+        self._watcher = asyncio.create_task(self._follow_readiness(), name="engine-readiness")
+        logger.info(
+            "engine serving",
+            extra={"http": self.http_url, "grpc": self.grpc_target, "agent": cfg.agent_name},
+        )
+
+    async def _set_health(self, *, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self._health.set("", status)
+        await self._health.set(A2A_SERVICE, status)
+
+    async def _follow_readiness(self) -> None:
+        """Keep gRPC health equal to readiness (the runner has no change notification)."""
+        serving: bool | None = None
+        while True:
+            ready = self.ready
+            if ready != serving:
+                await self._set_health(serving=ready)
+                logger.info("readiness changed", extra={"ready": ready})
+                serving = ready
+            await asyncio.sleep(self._config.readiness_interval)
+
+    async def stop(self) -> None:
+        """Graceful shutdown, bounded by ``drain_timeout`` (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self._config.drain_timeout
+        self._drain.draining = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        await self._health.enter_graceful_shutdown()
+        logger.info("draining", extra={"in_flight": self._drain.in_flight, "grace_s": grace})
+
+        waits: list[asyncio.Future[object]] = []
+        if self._http is not None:
+            self._http.should_exit = True  # stops accepting; waits for open responses
+        if self._grpc is not None:
+            waits.append(asyncio.ensure_future(self._grpc.stop(grace)))
+        try:
+            await asyncio.wait_for(self._drain.wait_idle(), grace)
+        except TimeoutError:
+            logger.warning(
+                "drain timed out; cancelling turns in flight",
+                extra={"in_flight": self._drain.in_flight},
+            )
+        if self._handler is not None:
+            await self._handler.aclose()  # cancels what is left of the turns
+        if self._http_task is not None:
+            waits.append(self._http_task)  # type: ignore[arg-type]
+        for result in await asyncio.gather(*waits, return_exceptions=True):
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                logger.error("server stopped with an error: %r", result)
+        logger.info("engine stopped")
+
+
+class _RequestHandler(DefaultRequestHandlerV2):
+    """The SDK's handler, refreshing the card it checks capabilities against first."""
+
+    def __init__(self, *, card_source: CardSource, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self._card_source = card_source
+
+    async def on_message_send_stream(
+        self, params: a2a_pb2.SendMessageRequest, context: ServerCallContext
+    ) -> AsyncGenerator[Event, None]:
+        self._card_source.current()  # capabilities.streaming follows the spec
+        async for event in super().on_message_send_stream(params, context):
+            yield event

@@ -1,0 +1,49 @@
+"""Settings of the engine; the only place in ``engine`` that reads the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["EngineSettings"]
+
+
+class EngineSettings(BaseSettings):
+    """What the engine runs and how (``AGENT_NAME``, ``SPECMESH_*`` variables)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SPECMESH_", extra="ignore", frozen=True, validate_by_name=True
+    )
+
+    agent_name: str = Field(
+        default="", validation_alias=AliasChoices("AGENT_NAME", "SPECMESH_AGENT_NAME")
+    )
+    """Logical name of the agent this engine runs."""
+    sync_addr: str = "127.0.0.1:7101"
+    """The sidecar's SpecSyncService (gRPC), e.g. ``unix:///run/specmesh/sync.sock``."""
+    egress_url: str = "http://127.0.0.1:7102"
+    """The sidecar's egress: every LLM, MCP and A2A call goes there."""
+    spec_dir: Path | None = None
+    """Development: read the spec from this folder instead of the sidecar."""
+    spec_poll_seconds: float = Field(default=0.5, gt=0)
+    """How often ``spec_dir`` is checked for changes."""
+    max_steps: int = Field(default=8, ge=1, le=100)
+    """Model calls per turn before the turn is refused with ``step_limit``."""
+    max_call_depth: int = Field(default=4, ge=0, le=64)
+    """Deepest agent-to-agent call chain this engine takes part in."""
+    tool_timeout_seconds: float = Field(default=30.0, gt=0)
+    """Timeout of one tool call (MCP tool or partner agent)."""
+    mcp_connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    """How long a context build waits for an MCP server's handshake and tool list."""
+    card_timeout_seconds: float = Field(default=5.0, gt=0)
+    """Timeout of fetching a partner's agent card."""
+    card_retry_seconds: float = Field(default=30.0, gt=0)
+    """How long an unreachable partner's generic description is used before retrying."""
+    record_content: bool = False
+    """Record message content (prompts, answers, tool arguments) in spans."""
+    reconnect_initial_seconds: float = Field(default=0.2, gt=0)
+    """First delay before reconnecting to the sidecar or an MCP server."""
+    reconnect_max_seconds: float = Field(default=5.0, gt=0)
+    """Longest delay between reconnection attempts."""

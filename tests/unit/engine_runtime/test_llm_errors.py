@@ -1,0 +1,102 @@
+"""litellm errors are translated at one boundary, and none is left unmapped."""
+
+from __future__ import annotations
+
+import inspect
+
+import httpx
+import openai
+import pytest
+from litellm import exceptions as llm_errors
+
+from engine.errors import ModelError, ModelRequestError, ModelTimeoutError, ModelUnavailableError
+from engine.llm import _ERROR_TABLE, ModelClient, translate_error
+from specmesh.spec.models import ModelSpec
+
+_GENERIC = {llm_errors.APIError, llm_errors.OpenAIError, openai.OpenAIError}
+
+
+def _litellm_error_classes() -> list[type[BaseException]]:
+    return [
+        cls
+        for _, cls in inspect.getmembers(llm_errors, inspect.isclass)
+        if issubclass(cls, openai.OpenAIError) and cls.__module__.startswith("litellm")
+    ]
+
+
+def test_every_litellm_error_has_a_specific_mapping() -> None:
+    unmapped = []
+    for cls in _litellm_error_classes():
+        nearest = next(c for c in cls.__mro__ if c in _ERROR_TABLE)
+        if nearest in _GENERIC and cls not in _GENERIC and not issubclass(cls, llm_errors.APIError):
+            unmapped.append(cls.__name__)
+    assert unmapped == []
+
+
+def _request() -> httpx.Request:
+    return httpx.Request("POST", "http://egress/llm/v1/chat/completions")
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (llm_errors.Timeout("t", model="m", llm_provider="openai"), ModelTimeoutError),
+        (
+            llm_errors.RateLimitError("r", llm_provider="openai", model="m"),
+            ModelUnavailableError,
+        ),
+        (
+            llm_errors.ServiceUnavailableError("s", llm_provider="openai", model="m"),
+            ModelUnavailableError,
+        ),
+        (
+            llm_errors.APIConnectionError("c", llm_provider="openai", model="m"),
+            ModelUnavailableError,
+        ),
+        (llm_errors.BadRequestError("b", model="m", llm_provider="openai"), ModelRequestError),
+        (
+            llm_errors.AuthenticationError("a", llm_provider="openai", model="m"),
+            ModelRequestError,
+        ),
+        (
+            llm_errors.ContextWindowExceededError("w", model="m", llm_provider="openai"),
+            ModelRequestError,
+        ),
+    ],
+)
+def test_translation_by_kind(error: BaseException, kind: type[ModelError]) -> None:
+    translated = translate_error(error, model="m")
+
+    assert type(translated) is kind
+    assert translated.model == "m"
+
+
+def test_generic_api_error_is_classified_by_status() -> None:
+    five = llm_errors.APIError(502, "bad", llm_provider="openai", model="m", request=_request())
+    four = llm_errors.APIError(418, "tea", llm_provider="openai", model="m", request=_request())
+
+    assert isinstance(translate_error(five, model="m"), ModelUnavailableError)
+    assert isinstance(translate_error(four, model="m"), ModelRequestError)
+
+
+def test_messages_do_not_echo_the_provider_text() -> None:
+    error = llm_errors.BadRequestError("key sk-secret invalid", model="m", llm_provider="openai")
+
+    assert "sk-secret" not in str(translate_error(error, model="m"))
+
+
+def test_targets_go_through_the_egress() -> None:
+    spec = ModelSpec.model_validate(
+        {
+            "model": "qwen",
+            "apiKey": "vault://secret/a#k",
+            "fallbacks": [{"model": "claude", "provider": "anthropic"}],
+        }
+    )
+
+    client = ModelClient(spec=spec, egress_url="http://127.0.0.1:7102/")
+
+    assert [(t.model, t.api_base) for t in client.targets] == [
+        ("openai/qwen", "http://127.0.0.1:7102/llm/v1"),
+        ("anthropic/claude", "http://127.0.0.1:7102/llm/fallbacks/0/v1"),
+    ]
