@@ -1,0 +1,275 @@
+{{/*
+Helpers of the specmesh chart.
+
+Names and labels shared with the control plane live in specmesh/k8s.py (LABEL_AGENT,
+LABEL_TRACK, service_account_name, A2A_HTTP_PORT/A2A_GRPC_PORT) and
+specmesh/names.py (resource_name); tests/unit/test_helm_chart.py joins both sides.
+*/}}
+
+{{/* The logical agent name pattern of specmesh.names.LOGICAL_NAME_PATTERN. */}}
+{{- define "specmesh.logicalNamePattern" -}}
+^[A-Za-z]([A-Za-z0-9_.-]*[A-Za-z0-9])?$
+{{- end }}
+
+{{/*
+specmesh.resourceName: a logical agent name -> its DNS-1123 resource name, exactly like
+specmesh.names.resource_name: lower-case, "_" and "." -> "-". Fails on an invalid name.
+*/}}
+{{- define "specmesh.resourceName" -}}
+{{- $name := toString . -}}
+{{- if or (eq $name "") (gt (len $name) 63) (not (regexMatch (include "specmesh.logicalNamePattern" dict) $name)) -}}
+{{- fail (printf "agents: invalid agent name %q: must be 1-63 characters, start with a letter, end with a letter or digit, and hold only letters, digits, '-', '_' and '.'" $name) -}}
+{{- end -}}
+{{- $name | lower | replace "_" "-" | replace "." "-" -}}
+{{- end }}
+
+{{/* specmesh.k8s.service_account_name */}}
+{{- define "specmesh.agentServiceAccount" -}}
+specmesh-agent-{{ include "specmesh.resourceName" . }}
+{{- end }}
+
+{{/* Chart name, release-scoped full name (for the control plane's objects). */}}
+{{- define "specmesh.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end }}
+
+{{- define "specmesh.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end }}
+
+{{- define "specmesh.controlPlane.fullname" -}}
+{{- printf "%s-control-plane" (include "specmesh.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end }}
+
+{{- define "specmesh.controlPlane.serviceAccount" -}}
+{{- include "specmesh.controlPlane.fullname" . -}}
+{{- end }}
+
+{{/* Labels on every object. */}}
+{{- define "specmesh.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "specmesh.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: specmesh
+{{- end }}
+
+{{/* Labels of one agent's objects; args: dict "root" $ "agent" <logical name>. */}}
+{{- define "specmesh.agentLabels" -}}
+{{ include "specmesh.labels" .root }}
+app.kubernetes.io/component: agent
+specmesh.io/agent: {{ include "specmesh.resourceName" .agent }}
+{{- end }}
+
+{{/*
+Pod labels of one agent track; args: dict "root" $ "agent" <logical name> "track" <track>.
+specmesh.io/agent + specmesh.io/track are what the control plane's Service, DestinationRule
+subsets and AuthorizationPolicy select; app/version are what Istio's telemetry likes.
+*/}}
+{{- define "specmesh.agentPodLabels" -}}
+{{ include "specmesh.agentSelector" . }}
+app: {{ include "specmesh.resourceName" .agent }}
+version: {{ .track }}
+app.kubernetes.io/name: {{ include "specmesh.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: agent
+app.kubernetes.io/part-of: specmesh
+{{- if .root.Values.istio.enabled }}
+sidecar.istio.io/inject: "true"
+service.istio.io/canonical-name: {{ include "specmesh.resourceName" .agent }}
+service.istio.io/canonical-revision: {{ .track }}
+{{- end }}
+{{- end }}
+
+{{/* Deployment selector of one agent track (immutable: agent + track labels only). */}}
+{{- define "specmesh.agentSelector" -}}
+specmesh.io/agent: {{ include "specmesh.resourceName" .agent }}
+specmesh.io/track: {{ .track }}
+{{- end }}
+
+{{/*
+One agent's values: agentDefaults deep-merged with the agent's entry (the entry wins).
+Args: dict "root" $ "agent" <agent entry>. Returns YAML (use with fromYaml).
+*/}}
+{{- define "specmesh.agentValues" -}}
+{{- $defaults := deepCopy .root.Values.agentDefaults -}}
+{{- $base := dict "tracks" (dict "stable" (dict "replicas" 1) "canary" (dict "enabled" false "replicas" 1)) -}}
+{{- $merged := mergeOverwrite $base $defaults (deepCopy .agent) -}}
+{{- toYaml $merged -}}
+{{- end }}
+
+{{/*
+Refuses agent lists the schema cannot: two logical names with the same resource name
+(scheduleX-assistant and schedulex_assistant), as the store does.
+*/}}
+{{- define "specmesh.checkAgents" -}}
+{{- $seen := dict -}}
+{{- range .Values.agents -}}
+{{- $rn := include "specmesh.resourceName" .name -}}
+{{- if hasKey $seen $rn -}}
+{{- fail (printf "agents: agent names %q and %q both map to resource name %q" (get $seen $rn) .name $rn) -}}
+{{- end -}}
+{{- $_ := set $seen $rn .name -}}
+{{- $a := include "specmesh.agentValues" (dict "root" $ "agent" .) | fromYaml -}}
+{{- if and $a.autoscaling.enabled (gt (int $a.autoscaling.min) (int $a.autoscaling.max)) -}}
+{{- fail (printf "agents[%s].autoscaling: min (%v) must be <= max (%v)" .name $a.autoscaling.min $a.autoscaling.max) -}}
+{{- end -}}
+{{- end -}}
+{{- end }}
+
+{{- define "specmesh.image" -}}
+{{- if .Values.image.digest -}}
+{{ .Values.image.repository }}@{{ .Values.image.digest }}
+{{- else -}}
+{{ .Values.image.repository }}:{{ default .Chart.AppVersion .Values.image.tag }}
+{{- end -}}
+{{- end }}
+
+{{/* Container securityContext: non-root, read-only root filesystem, no capabilities. */}}
+{{- define "specmesh.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "specmesh.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+fsGroup: 10001
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* Pod-identity variables that later ones refer to with $(VAR). */}}
+{{- define "specmesh.downwardEnv" -}}
+- name: POD_NAME
+  valueFrom:
+    fieldRef: {fieldPath: metadata.name}
+- name: POD_NAMESPACE
+  valueFrom:
+    fieldRef: {fieldPath: metadata.namespace}
+- name: POD_IP
+  valueFrom:
+    fieldRef: {fieldPath: status.podIP}
+{{- end }}
+
+{{/*
+OpenTelemetry exporter settings -> OTEL_* variables. Args: dict "root" $ "attrs" <extra
+resource attributes, "k=v,...">. Nothing but the resource attributes when no endpoint.
+*/}}
+{{- define "specmesh.otelEnv" -}}
+{{- $otel := .root.Values.otel -}}
+{{- $attrs := list "k8s.namespace.name=$(POD_NAMESPACE)" "k8s.pod.name=$(POD_NAME)" -}}
+{{- if .attrs }}{{ $attrs = append $attrs .attrs }}{{ end -}}
+{{- if $otel.resourceAttributes }}{{ $attrs = append $attrs $otel.resourceAttributes }}{{ end -}}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ join "," $attrs | quote }}
+{{- if $otel.endpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ $otel.endpoint | quote }}
+- name: OTEL_EXPORTER_OTLP_PROTOCOL
+  value: {{ $otel.protocol | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ $otel.tracesSampler | quote }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ $otel.tracesSamplerArg | quote }}
+{{- if $otel.headersSecret.name }}
+- name: OTEL_EXPORTER_OTLP_HEADERS
+  valueFrom:
+    secretKeyRef:
+      name: {{ $otel.headersSecret.name }}
+      key: {{ $otel.headersSecret.key }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Vault connection variables (sidecar, control plane). Args: dict "root" $ "role" <role>. */}}
+{{- define "specmesh.vaultEnv" -}}
+{{- $v := .root.Values.vault -}}
+- name: SPECMESH_VAULT_ADDR
+  value: {{ $v.addr | quote }}
+- name: SPECMESH_VAULT_K8S_ROLE
+  value: {{ .role | quote }}
+- name: SPECMESH_VAULT_K8S_MOUNT
+  value: {{ $v.kubernetesAuthMount | quote }}
+- name: SPECMESH_VAULT_K8S_TOKEN_PATH
+  value: /var/run/secrets/specmesh/vault/token
+- name: SPECMESH_VAULT_KV_MOUNT
+  value: {{ $v.kvMount | quote }}
+{{- if $v.caConfigMap.name }}
+- name: VAULT_CACERT
+  value: /etc/specmesh/vault-ca/{{ $v.caConfigMap.key }}
+- name: REQUESTS_CA_BUNDLE
+  value: /etc/specmesh/vault-ca/{{ $v.caConfigMap.key }}
+{{- end }}
+{{- end }}
+
+{{/* Volumes for Vault: the projected ServiceAccount token (+ the CA bundle). */}}
+{{- define "specmesh.vaultVolumes" -}}
+{{- $v := .Values.vault -}}
+- name: vault-token
+  projected:
+    sources:
+      - serviceAccountToken:
+          path: token
+          expirationSeconds: {{ $v.tokenExpirationSeconds }}
+          {{- if $v.tokenAudience }}
+          audience: {{ $v.tokenAudience | quote }}
+          {{- end }}
+{{- if $v.caConfigMap.name }}
+- name: vault-ca
+  configMap:
+    name: {{ $v.caConfigMap.name }}
+{{- end }}
+{{- end }}
+
+{{- define "specmesh.vaultMounts" -}}
+- name: vault-token
+  mountPath: /var/run/secrets/specmesh/vault
+  readOnly: true
+{{- if .Values.vault.caConfigMap.name }}
+- name: vault-ca
+  mountPath: /etc/specmesh/vault-ca
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/*
+Exec probes of the engine. Its listeners stay on loopback (docs/runtime.md: the engine is
+reached only through the sidecar), and kubelet httpGet/tcpSocket probes would come from the
+node to the pod IP, so the probe runs inside the container: readiness GETs /readyz,
+liveness only checks that the HTTP listener accepts connections (a not-ready engine, e.g.
+waiting for its first spec, is not restarted).
+*/}}
+{{- define "specmesh.engineReadyCommand" -}}
+- python
+- -I
+- -c
+- "import sys, urllib.request as r; r.build_opener(r.ProxyHandler({})).open(sys.argv[1], timeout=2)"
+- http://127.0.0.1:7103/readyz
+{{- end }}
+
+{{- define "specmesh.engineAliveCommand" -}}
+- python
+- -I
+- -c
+- "import socket, sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=2).close()"
+- "7103"
+{{- end }}

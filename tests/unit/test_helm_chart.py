@@ -1,0 +1,558 @@
+"""The Helm chart, rendered with real Helm (helm-python-sdk bundles Helm's Go SDK).
+
+Every rendered object is validated: core objects with kubernetes-validate (strict, the
+newest Kubernetes it ships), Istio objects against ``../shared/istio/crd-all.gen.yaml``.
+Bad values are refused by ``values.schema.json`` (or the chart's own checks) with a message
+that names the field. And the chart is joined with the control plane's mesh objects: the
+DestinationRule subsets and AuthorizationPolicies select pods and principals the chart
+really renders.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+
+from control_plane.mesh import IstioValidator, MeshSettings, render_agent
+from specmesh.k8s import (
+    A2A_GRPC_PORT,
+    A2A_HTTP_PORT,
+    LABEL_AGENT,
+    LABEL_TRACK,
+    service_account_name,
+    service_name,
+)
+from specmesh.names import resource_name
+from specmesh.spec.models import ReleaseSpec
+
+from ..conftest import REPO
+
+CHART = REPO / "helm" / "specmesh"
+CRDS = REPO.parent / "shared" / "istio" / "crd-all.gen.yaml"
+NAMESPACE = "agents"
+RELEASE = "specmesh"
+KUBE_VERSION = kubernetes_validate.latest_version()
+
+Obj = dict[str, Any]
+
+BASE: Obj = {
+    "etcd": {"endpoint": "http://etcd.etcd.svc.cluster.local:2379"},
+    "vault": {"addr": "https://vault.vault.svc.cluster.local:8200"},
+}
+EXAMPLES = ["mse-nacos-helper", "mse-gateway-assistant", "scheduleX-assistant"]
+
+
+def _values(**overrides: Any) -> Obj:
+    values = copy.deepcopy(BASE)
+    values.update(overrides)
+    return values
+
+
+MATRIX: dict[str, Obj] = {
+    "one-agent": _values(agents=[{"name": "mse-nacos-helper"}]),
+    "many-agents": _values(
+        agents=[{"name": n} for n in [*EXAMPLES, "billing_bot.v2"]],
+    ),
+    "canary-on": _values(
+        agents=[
+            {
+                "name": "scheduleX-assistant",
+                "tracks": {"stable": {"replicas": 3}, "canary": {"enabled": True}},
+            }
+        ]
+    ),
+    "autoscaling-on": _values(
+        agents=[
+            {
+                "name": "mse-gateway-assistant",
+                "tracks": {"canary": {"enabled": True, "replicas": 1}},
+                "autoscaling": {"enabled": True, "min": 2, "max": 8, "targetCPU": 60},
+            }
+        ]
+    ),
+    "istio-off": _values(
+        istio={"enabled": False},
+        agents=[{"name": n, "tracks": {"canary": {"enabled": True}}} for n in EXAMPLES],
+    ),
+    "everything": _values(
+        image={"repository": "registry.example.com/specmesh", "digest": "sha256:" + "a" * 64},
+        imagePullSecrets=[{"name": "regcred"}],
+        vault={
+            "addr": "https://vault.example.com:8200",
+            "tokenAudience": "vault",
+            "caConfigMap": {"name": "vault-ca", "key": "ca.crt"},
+        },
+        otel={
+            "endpoint": "http://otel-collector.observability.svc:4317",
+            "resourceAttributes": "deployment.environment=prod",
+            "headersSecret": {"name": "otel-headers", "key": "headers"},
+        },
+        controlPlane={"replicas": 2, "rbac": {"clusterWide": True}},
+        agentDefaults={"autoscaling": {"enabled": True, "min": 2, "max": 4}},
+        agents=[
+            {
+                "name": "mse-nacos-helper",
+                "tracks": {"canary": {"enabled": True}},
+                "resources": {"engine": {"requests": {"cpu": "1", "memory": "1Gi"}}},
+                "env": {"engine": [{"name": "SPECMESH_MAX_STEPS", "value": "12"}]},
+                "nodeSelector": {"kubernetes.io/os": "linux"},
+                "tolerations": [{"key": "agents", "operator": "Exists", "effect": "NoSchedule"}],
+            },
+            {"name": "scheduleX-assistant", "podDisruptionBudget": {"enabled": False}},
+        ],
+        networkPolicy={
+            "ingress": {
+                "a2aFrom": [
+                    {
+                        "namespaceSelector": {
+                            "matchLabels": {"kubernetes.io/metadata.name": "istio-ingress"}
+                        }
+                    }
+                ]
+            },
+            "egress": {
+                "etcd": {
+                    "ports": [2379],
+                    "to": [
+                        {
+                            "namespaceSelector": {
+                                "matchLabels": {"kubernetes.io/metadata.name": "etcd"}
+                            }
+                        }
+                    ],
+                },
+                "vault": {"ports": [8200], "to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}]},
+                "externalHttps": False,
+                "extra": [{"ports": [{"port": 5432, "protocol": "TCP"}]}],
+            },
+        },
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[helm_python.Chart]:
+    with helm_python.Chart.load(CHART) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def validator() -> IstioValidator:
+    return IstioValidator(CRDS)
+
+
+def _render(chart: helm_python.Chart, values: Obj) -> list[Obj]:
+    manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    docs: list[Obj] = []
+    for template, text in sorted(manifests.items()):
+        if not template.endswith((".yaml", ".yml")):
+            continue  # NOTES.txt
+        docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def _of(docs: list[Obj], kind: str) -> list[Obj]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def _names(docs: list[Obj], kind: str) -> set[str]:
+    return {d["metadata"]["name"] for d in _of(docs, kind)}
+
+
+def _env(container: Obj) -> dict[str, str]:
+    return {e["name"]: e.get("value", "<valueFrom>") for e in container.get("env", [])}
+
+
+def _containers(deployment: Obj) -> dict[str, Obj]:
+    return {c["name"]: c for c in deployment["spec"]["template"]["spec"]["containers"]}
+
+
+# ---------------------------------------------------------------- every object validates
+
+
+def _problems(validator: IstioValidator, docs: list[Obj]) -> list[str]:
+    """Core objects against Kubernetes' schema (strict), Istio ones against the CRDs."""
+    problems: list[str] = []
+    for doc in docs:
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        if ".istio.io/" in doc["apiVersion"]:
+            problems.extend(validator.problems(doc))
+            continue
+        try:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            path = ".".join(str(p) for p in e.path)
+            problems.append(f"{where}: {path}: {e.message}")
+        if doc["metadata"].get("namespace", NAMESPACE) != NAMESPACE:
+            problems.append(f"{where}: metadata.namespace: not the release namespace")
+    return problems
+
+
+@pytest.mark.parametrize("case", list(MATRIX))
+def test_every_rendered_object_validates(
+    chart: helm_python.Chart, validator: IstioValidator, case: str
+) -> None:
+    docs = _render(chart, MATRIX[case])
+    assert docs
+    assert _problems(validator, docs) == []
+
+
+def test_the_validation_catches_a_broken_object(
+    chart: helm_python.Chart, validator: IstioValidator
+) -> None:
+    docs = _render(chart, MATRIX["one-agent"])
+    broken = copy.deepcopy(next(d for d in docs if d["kind"] == "Deployment"))
+    broken["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRoot"] = True
+    istio = {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+             "metadata": {"name": "default"}, "spec": {"mtls": {"mode": "LOOSE"}}}  # fmt: skip
+    problems = _problems(validator, [broken, istio])
+    assert len(problems) == 2
+    assert "readOnlyRoot" in problems[0] and "spec.mtls.mode" in problems[1]
+
+
+def test_matrix_renders_the_expected_objects(chart: helm_python.Chart) -> None:
+    one = _render(chart, MATRIX["one-agent"])
+    assert _names(one, "Deployment") == {"mse-nacos-helper-stable", "specmesh-control-plane"}
+    assert _names(one, "Service") == {"mse-nacos-helper", "specmesh-control-plane"}
+    assert _names(one, "PodDisruptionBudget") == {"mse-nacos-helper-stable"}
+    assert _names(one, "NetworkPolicy") == {"mse-nacos-helper"}
+    assert _of(one, "HorizontalPodAutoscaler") == []
+    assert _names(one, "Role") == _names(one, "RoleBinding") == {"specmesh-control-plane"}
+
+    many = _render(chart, MATRIX["many-agents"])
+    assert len(_of(many, "Deployment")) == 4 + 1
+    assert _names(many, "Service") >= {"schedulex-assistant", "billing-bot-v2"}
+
+    canary = _render(chart, MATRIX["canary-on"])
+    deployments = {d["metadata"]["name"]: d for d in _of(canary, "Deployment")}
+    assert deployments["schedulex-assistant-stable"]["spec"]["replicas"] == 3
+    assert deployments["schedulex-assistant-canary"]["spec"]["replicas"] == 1
+    assert _names(canary, "PodDisruptionBudget") == {
+        "schedulex-assistant-stable",
+        "schedulex-assistant-canary",
+    }
+
+    scaled = _render(chart, MATRIX["autoscaling-on"])
+    hpas = {h["metadata"]["name"]: h for h in _of(scaled, "HorizontalPodAutoscaler")}
+    assert set(hpas) == {"mse-gateway-assistant-stable", "mse-gateway-assistant-canary"}
+    hpa = hpas["mse-gateway-assistant-stable"]["spec"]
+    assert hpa["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "mse-gateway-assistant-stable",
+    }
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 8)
+    assert hpa["metrics"][0]["resource"]["target"]["averageUtilization"] == 60
+    for d in _of(scaled, "Deployment"):
+        if d["metadata"]["name"].startswith("mse-gateway-assistant"):
+            assert "replicas" not in d["spec"]  # the HPA owns it
+
+    everything = _render(chart, MATRIX["everything"])
+    assert _names(everything, "ClusterRole") == _names(everything, "ClusterRoleBinding")
+    assert _of(everything, "Role") == []
+
+
+# ---------------------------------------------------------------- names and labels
+
+
+NAMES = [
+    "scheduleX-assistant",
+    "mse-nacos-helper",
+    "Billing_Bot.v2",
+    "a",
+    "A.B_C-d9",
+    "x" * 63,
+]
+
+
+def test_resource_name_helper_matches_specmesh_names(chart: helm_python.Chart) -> None:
+    docs = _render(chart, _values(agents=[{"name": n} for n in NAMES]))
+    services = _names(docs, "Service") - {"specmesh-control-plane"}
+    assert services == {service_name(n) for n in NAMES} == {resource_name(n) for n in NAMES}
+    accounts = _names(docs, "ServiceAccount") - {"specmesh-control-plane"}
+    assert accounts == {service_account_name(n) for n in NAMES}
+    for d in _of(docs, "Deployment"):
+        if d["metadata"]["name"] == "specmesh-control-plane":
+            continue
+        env = _env(_containers(d)["sidecar"])
+        name = env["AGENT_NAME"]  # the logical name, unchanged
+        assert name in NAMES
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        assert labels[LABEL_AGENT] == resource_name(name)
+        assert d["spec"]["template"]["spec"]["serviceAccountName"] == service_account_name(name)
+        assert env["SPECMESH_VAULT_K8S_ROLE"] == service_account_name(name)
+
+
+def test_agent_pods_carry_the_shared_labels_and_env(chart: helm_python.Chart) -> None:
+    docs = _render(chart, MATRIX["canary-on"])
+    for track in ("stable", "canary"):
+        d = next(x for x in _of(docs, "Deployment") if x["metadata"]["name"].endswith(track))
+        pod = d["spec"]["template"]
+        labels = pod["metadata"]["labels"]
+        assert {k: labels[k] for k in (LABEL_AGENT, LABEL_TRACK, "app", "version")} == {
+            LABEL_AGENT: "schedulex-assistant",
+            LABEL_TRACK: track,
+            "app": "schedulex-assistant",
+            "version": track,
+        }
+        assert d["spec"]["selector"]["matchLabels"] == {
+            LABEL_AGENT: "schedulex-assistant",
+            LABEL_TRACK: track,
+        }
+        containers = _containers(d)
+        assert set(containers) == {"engine", "sidecar"}
+        assert containers["engine"]["args"] == ["engine"]
+        assert containers["sidecar"]["args"] == ["sidecar"]
+        assert containers["engine"]["image"] == containers["sidecar"]["image"]
+        for c in containers.values():
+            env = _env(c)
+            assert env["AGENT_NAME"] == "scheduleX-assistant"
+            assert env["SPECMESH_TRACK"] == track
+            assert env["SPECMESH_SYNC_ADDR"] == "unix:///run/specmesh/sync.sock"
+            assert env["SPECMESH_EGRESS_URL"] == "http://127.0.0.1:7102"
+            assert env["SPECMESH_ENGINE_HTTP"] == "127.0.0.1:7103"
+            assert env["SPECMESH_ENGINE_GRPC"] == "127.0.0.1:7104"
+            mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+            assert mounts["run"] == "/run/specmesh"  # the shared socket volume
+            assert mounts.keys() >= {"run"} and "/tmp" in mounts.values()
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True
+            assert sc["runAsNonRoot"] is True
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            assert c["readinessProbe"] and c["livenessProbe"] and c["resources"]["requests"]
+        sidecar = _env(containers["sidecar"])
+        assert sidecar["SPECMESH_INBOUND"].endswith(f":{A2A_HTTP_PORT}")
+        assert sidecar["SPECMESH_OPS"] == "0.0.0.0:9090"
+        assert sidecar["SPECMESH_ETCD_ENDPOINT"] == BASE["etcd"]["endpoint"]
+        assert sidecar["SPECMESH_ETCD_PREFIX"] == "/specmesh"
+        assert sidecar["SPECMESH_VAULT_ADDR"] == BASE["vault"]["addr"]
+        assert sidecar["SPECMESH_ISTIO"] == "true"
+        assert "SPECMESH_VAULT_ADDR" not in _env(containers["engine"])  # no secrets there
+        ports = {p["name"]: p["containerPort"] for p in containers["sidecar"]["ports"]}
+        assert ports == {"http-a2a": A2A_HTTP_PORT, "grpc-a2a": A2A_GRPC_PORT, "http-ops": 9090}
+        assert "ports" not in containers["engine"]  # reached through the sidecar only
+        spec = pod["spec"]
+        assert spec["automountServiceAccountToken"] is False
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert "emptyDir" in volumes["run"]
+        assert "serviceAccountToken" in volumes["vault-token"]["projected"]["sources"][0]
+
+
+def test_agent_service_selects_the_agent_only_with_named_ports(chart: helm_python.Chart) -> None:
+    docs = _render(chart, MATRIX["canary-on"])
+    svc = next(s for s in _of(docs, "Service") if s["metadata"]["name"] == "schedulex-assistant")
+    assert svc["spec"]["selector"] == {LABEL_AGENT: "schedulex-assistant"}  # both tracks
+    assert [(p["name"], p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [
+        ("http-a2a", A2A_HTTP_PORT, "http-a2a"),
+        ("grpc-a2a", A2A_GRPC_PORT, "grpc-a2a"),
+    ]
+
+
+def test_istio_on_and_off(chart: helm_python.Chart) -> None:
+    on = _render(chart, MATRIX["canary-on"])
+    off = _render(chart, MATRIX["istio-off"])
+    for d in _of(on, "Deployment"):
+        assert d["spec"]["template"]["metadata"]["labels"]["sidecar.istio.io/inject"] == "true"
+    for d in _of(off, "Deployment"):
+        meta = d["spec"]["template"]["metadata"]
+        keys = [*meta.get("labels", {}), *meta.get("annotations", {})]
+        assert not [k for k in keys if "istio.io" in k], d["metadata"]["name"]
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            assert _env(c).get("SPECMESH_ISTIO", "false") == "false"
+        if d["metadata"]["name"] != "specmesh-control-plane":
+            sidecar = _env(_containers(d)["sidecar"])
+            assert sidecar["SPECMESH_VAULT_PKI_MOUNT"] == "specmesh-pki"
+    off_text = yaml.safe_dump_all(off)
+    assert "istio" not in off_text.replace("SPECMESH_ISTIO", "")
+
+
+def test_otel_settings_become_env(chart: helm_python.Chart) -> None:
+    docs = _render(chart, MATRIX["everything"])
+    for d in _of(docs, "Deployment"):
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            env = _env(c)
+            assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == MATRIX["everything"]["otel"]["endpoint"]
+            assert env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc"
+            assert env["OTEL_EXPORTER_OTLP_HEADERS"] == "<valueFrom>"
+            assert "deployment.environment=prod" in env["OTEL_RESOURCE_ATTRIBUTES"]
+    plain = _render(chart, MATRIX["one-agent"])
+    for d in _of(plain, "Deployment"):
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in _env(c)
+
+
+def test_control_plane_service_ports_and_rbac(chart: helm_python.Chart) -> None:
+    docs = _render(chart, MATRIX["one-agent"])
+    svc = next(s for s in _of(docs, "Service") if s["metadata"]["name"] == "specmesh-control-plane")
+    assert [(p["name"], p["port"]) for p in svc["spec"]["ports"]] == [
+        ("http-api", 8090),
+        ("grpc-api", 8091),
+    ]
+    (role,) = _of(docs, "Role")
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    for group, resources in {
+        "networking.istio.io": ["virtualservices", "destinationrules"],
+        "security.istio.io": ["authorizationpolicies", "peerauthentications"],
+    }.items():
+        for resource in resources:
+            for verb in ("get", "list", "create", "patch", "delete"):
+                assert (group, resource, verb) in granted
+    (binding,) = _of(docs, "RoleBinding")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "specmesh-control-plane", "namespace": NAMESPACE}
+    ]
+    cp = next(
+        d for d in _of(docs, "Deployment") if d["metadata"]["name"] == svc["metadata"]["name"]
+    )
+    assert cp["spec"]["template"]["spec"]["containers"][0]["args"] == ["control-plane"]
+    custom = _render(chart, _values(agents=[], controlPlane={"httpPort": 9000, "grpcPort": 9001}))
+    svc = next(s for s in _of(custom, "Service"))
+    assert [p["port"] for p in svc["spec"]["ports"]] == [9000, 9001]
+
+
+def test_helm_lint_is_clean() -> None:
+    report = helm_python.lint(CHART, MATRIX["everything"], strict=True, namespace=NAMESPACE)
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert problems == [] and report["errors"] == []
+
+
+# ---------------------------------------------------------------- refused values
+
+
+def _with(path: str, value: Any, base: Obj | None = None) -> Obj:
+    values = copy.deepcopy(base or MATRIX["one-agent"])
+    *parents, leaf = path.split(".")
+    node: Any = values
+    for key in parents:
+        node = node[int(key)] if key.isdigit() else node.setdefault(key, {})
+    if value is _DELETE:
+        del node[leaf]
+    else:
+        node[leaf] = value
+    return values
+
+
+_DELETE = object()
+
+BAD_VALUES = [
+    ("etcd.endpoint", _DELETE, "at '/etcd': missing property 'endpoint'"),
+    ("etcd.endpoint", "etcd:2379", "/etcd/endpoint"),
+    ("vault.addr", _DELETE, "at '/vault': missing property 'addr'"),
+    ("vault.addr", "", "/vault/addr"),
+    ("agents.0.name", "9-lives", "/agents/0/name"),
+    ("agents.0.name", "has space", "/agents/0/name"),
+    ("agents.0.name", "trailing-", "/agents/0/name"),
+    ("agents.0.name", "x" * 64, "/agents/0/name"),
+    (
+        "agents.0.autoscaling",
+        {"enabled": True, "targetCPU": 101},
+        "/agents/0/autoscaling/targetCPU",
+    ),
+    ("agents.0.autoscaling", {"enabled": True, "targetCPU": 0}, "/agents/0/autoscaling/targetCPU"),
+    ("agents.0.tracks", {"canary": {"enabled": True, "weight": 10}}, "/agents/0/tracks/canary"),
+    ("agents.0.tracks", {"stable": {"replicas": 0}}, "/agents/0/tracks/stable/replicas"),
+    ("agents.0.colour", "blue", "/agents/0"),
+    ("controlPlane.httpPort", 70000, "/controlPlane/httpPort"),
+    ("istio.enabled", "yes", "/istio/enabled"),
+    ("otel.protocol", "udp", "/otel/protocol"),
+    ("image.digest", "latest", "/image/digest"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"), BAD_VALUES, ids=[f"{p}={v!r:.20}" for p, v, _ in BAD_VALUES]
+)
+def test_bad_values_are_refused_naming_the_field(
+    chart: helm_python.Chart, path: str, value: Any, message: str
+) -> None:
+    values = _with(path, value)
+    with pytest.raises(helm_python.HelmValuesError) as schema_error:
+        chart.validate_schema(values)
+    assert message in str(schema_error.value)
+    with pytest.raises(helm_python.HelmValuesError) as render_error:  # install/upgrade too
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    assert message in str(render_error.value)
+
+
+def test_names_that_collide_are_refused(chart: helm_python.Chart) -> None:
+    values = _values(agents=[{"name": "scheduleX-assistant"}, {"name": "schedulex_assistant"}])
+    chart.validate_schema(values)  # each name alone is fine
+    with pytest.raises(helm_python.HelmRenderError, match="both map to resource name"):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_autoscaling_min_above_max_is_refused(chart: helm_python.Chart) -> None:
+    values = _values(agents=[{"name": "a", "autoscaling": {"enabled": True, "min": 5, "max": 2}}])
+    with pytest.raises(helm_python.HelmRenderError, match=r"agents\[a\]\.autoscaling: min"):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+# ---------------------------------------------------------------- join with the control plane
+
+
+def test_control_plane_mesh_objects_select_the_charts_pods(
+    chart: helm_python.Chart, validator: IstioValidator
+) -> None:
+    agents = [{"name": n, "tracks": {"canary": {"enabled": True}}} for n in EXAMPLES]
+    docs = _render(chart, _values(agents=agents))
+    pods = [
+        (d["spec"]["template"]["metadata"]["labels"], d["spec"]["template"]["spec"])
+        for d in _of(docs, "Deployment")
+        if d["metadata"]["name"] != "specmesh-control-plane"
+    ]
+    services = {s["metadata"]["name"]: s for s in _of(docs, "Service")}
+    accounts = _names(docs, "ServiceAccount")
+    settings = MeshSettings(namespace=NAMESPACE)
+    canary = ReleaseSpec.model_validate(
+        {"stableRevision": 1, "canaryRevision": 2, "canaryWeight": 10}
+    )
+    # mse-nacos-helper calls the two others (the seed's partner graph).
+    callers = {"mse-gateway-assistant": ["mse-nacos-helper"], "scheduleX-assistant": [
+        "mse-nacos-helper"], "mse-nacos-helper": []}  # fmt: skip
+    for agent in EXAMPLES:
+        objs = render_agent(agent, release=canary, callers=callers[agent], settings=settings)
+        validator.check(objs)
+        vs, dr, ap = objs
+        # The VirtualService host is the chart's Service, on its http-a2a port.
+        (host,) = vs["spec"]["hosts"]
+        ports = {p["name"]: p["port"] for p in services[host]["spec"]["ports"]}
+        for route in vs["spec"]["http"]:
+            for dest in route["route"]:
+                assert dest["destination"]["host"] == host
+                assert dest["destination"]["port"]["number"] == ports["http-a2a"]
+        # Every subset selects pods of this agent that the chart renders, and only those.
+        service_selector = services[dr["spec"]["host"]]["spec"]["selector"]
+        for subset in dr["spec"]["subsets"]:
+            wanted = {**subset["labels"], **service_selector}
+            matching = [labels for labels, _ in pods if wanted.items() <= labels.items()]
+            assert matching, f"{agent}: subset {subset['name']} selects no pod of the chart"
+            assert {m[LABEL_TRACK] for m in matching} == {subset["name"]}
+            assert {m[LABEL_AGENT] for m in matching} == {resource_name(agent)}
+        # The AuthorizationPolicy selects this agent's pods; its principals are the
+        # ServiceAccounts the callers' pods run as.
+        selector = ap["spec"]["selector"]["matchLabels"]
+        selected = [spec for labels, spec in pods if selector.items() <= labels.items()]
+        assert len(selected) == 2  # stable + canary
+        principals = [p for r in ap["spec"].get("rules", []) for f in r["from"]
+                      for p in f["source"]["principals"]]  # fmt: skip
+        assert len(principals) == len(callers[agent])
+        for principal, caller in zip(principals, callers[agent], strict=True):
+            trust, ns_kw, ns, sa_kw, sa = principal.split("/")
+            assert (trust, ns_kw, ns, sa_kw) == ("cluster.local", "ns", NAMESPACE, "sa")
+            assert sa in accounts
+            caller_pods = [s for labels, s in pods if labels[LABEL_AGENT] == resource_name(caller)]
+            assert caller_pods and {s["serviceAccountName"] for s in caller_pods} == {sa}
