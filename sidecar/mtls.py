@@ -36,6 +36,7 @@ from hvac import exceptions as hvac_exc
 
 from specmesh.errors import SecretAccessDeniedError, SecretError, SecretUnavailableError
 from specmesh.names import resource_name
+from specmesh.pki import DEFAULT_PKI_MOUNT, DEFAULT_PKI_ROLE, TRUST_DOMAIN, setup_pki
 
 __all__ = [
     "DEFAULT_PKI_MOUNT",
@@ -57,9 +58,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-TRUST_DOMAIN = "specmesh.local"
-DEFAULT_PKI_MOUNT = "specmesh-pki"
-DEFAULT_PKI_ROLE = "specmesh-agent"
 _SPIFFE_PREFIX = f"spiffe://{TRUST_DOMAIN}/agent/"
 
 
@@ -184,64 +182,6 @@ class PkiClient:
             not_after=datetime.fromtimestamp(int(data["expiration"]), UTC),
             uri=uri,
         )
-
-
-async def setup_pki(
-    *,
-    address: str,
-    token: str,
-    mount: str = DEFAULT_PKI_MOUNT,
-    role: str = DEFAULT_PKI_ROLE,
-    max_ttl: str = "87600h",
-    cert_max_ttl: str = "24h",
-) -> str:
-    """Enable PKI at ``mount`` (idempotent), create a root CA once and the agents' role;
-    return the CA certificate (PEM). Needs a token allowed to mount engines (root locally)."""
-    client = hvac.Client(url=address, token=token, timeout=30)
-
-    def setup() -> str:
-        try:
-            mounts = client.sys.list_mounted_secrets_engines()
-            mounts = mounts.get("data", mounts)
-            if f"{mount}/" not in mounts:
-                client.sys.enable_secrets_engine(
-                    backend_type="pki", path=mount, config={"max_lease_ttl": max_ttl}
-                )
-            try:
-                ca = str(client.secrets.pki.read_ca_certificate(mount_point=mount) or "")
-            except hvac_exc.VaultError:
-                ca = ""
-            if "BEGIN CERTIFICATE" not in ca:
-                client.secrets.pki.generate_root(
-                    type="internal",
-                    common_name=f"{TRUST_DOMAIN} root CA",
-                    extra_params={"ttl": max_ttl, "key_type": "ec", "key_bits": 256},
-                    mount_point=mount,
-                )
-                ca = str(client.secrets.pki.read_ca_certificate(mount_point=mount))
-            client.secrets.pki.create_or_update_role(
-                role,
-                extra_params={
-                    "allowed_uri_sans": f"{_SPIFFE_PREFIX}*",
-                    "allow_any_name": True,
-                    "enforce_hostnames": False,
-                    "allow_ip_sans": False,
-                    "server_flag": True,
-                    "client_flag": True,
-                    "key_type": "ec",
-                    "key_bits": 256,
-                    "max_ttl": cert_max_ttl,
-                    "no_store": True,
-                },
-                mount_point=mount,
-            )
-            return ca
-        except (hvac_exc.VaultError, requests.RequestException) as e:
-            raise SecretError(f"setting up Vault PKI at {mount!r} failed: {e}") from e
-        finally:
-            client.adapter.close()
-
-    return await asyncio.to_thread(setup)
 
 
 def load_certificate(context: ssl.SSLContext, cert: IssuedCertificate) -> None:
