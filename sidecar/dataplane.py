@@ -105,6 +105,7 @@ class DataPlane:
             metrics=metrics,
             host=host,
             port=port,
+            llm_override=settings.llm_override_url,
         )
         await self.egress.start()
         graph = EtcdPartnerGraph(store=SpecStore(etcd=self.ctx.etcd, keys=self.ctx.keys))

@@ -239,8 +239,12 @@ class EgressProxy:
         connect_timeout: float = 5.0,
         mcp_read_timeout: float = 300.0,
         connection_pool: ConnectionPoolSpec | None = None,
+        llm_override: str | None = None,
     ) -> None:
         self._snapshots = snapshots
+        self.llm_override = llm_override
+        """Send every LLM call here instead of the spec's baseUrl (the offline fleet's
+        scripted model server); credentials are injected as usual."""
         self._credentials = credentials
         self._router = router
         self._client_ssl = client_ssl
@@ -409,7 +413,7 @@ class EgressProxy:
                 provider = emb.provider or provider
                 base_url = emb.base_url or base_url
                 api_key = emb.api_key or api_key
-        base = llm_upstream_base(base_url, provider)
+        base = llm_upstream_base(self.llm_override or base_url, provider)
         if api_key is not None:
             header, value = _credential_header(provider, await self._resolve(api_key))
             out.headers[header] = value

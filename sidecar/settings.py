@@ -93,6 +93,9 @@ class SidecarSettings(BaseSettings):
     mtls: bool | None = None
     """Sidecar-made mTLS (``SPECMESH_MTLS``); default on, off in Istio mode."""
 
+    llm_override_url: str | None = None
+    """Send every LLM call to this OpenAI-compatible server instead of the spec's baseUrl
+    (``SPECMESH_LLM_OVERRIDE_URL``; the offline fleet points it at the scripted model)."""
     credential_ttl: float = Field(default=300.0, gt=0, le=86_400)
     """How long a credential read from Vault is served from the cache (``SPECMESH_CREDENTIAL_TTL``);
     refreshed in the background at two thirds of it."""
