@@ -7,7 +7,8 @@ permission (deny by default) and records the principal as the actor of every cha
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from specmesh.errors import NotFoundError, SpecError, SpecIssue
 from specmesh.secrets import VaultRef
 from specmesh.spec.diff import Change
 from specmesh.spec.manifest import LoadedManifest, parse_manifest
-from specmesh.spec.models import PromptEntry, PromptRelease, ReleaseSpec
+from specmesh.spec.models import McpServerSpec, PromptEntry, PromptRelease, ReleaseSpec
 from specmesh.specservice import ApplyOutcome, SpecService
 from specmesh.store import AgentRecord, AgentSummary, AuditEntry, SpecStore
 from specmesh.vault import VaultClient
@@ -36,6 +37,18 @@ _WRITE_ACTION = {
 
 ToolLister = Callable[[str, Mapping[str, Any]], Any]
 """``(mcp url, headers) -> awaitable list of {name, description, inputSchema}``."""
+
+CardFetcher = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]
+"""``(registry entry of a live instance) -> its A2A agent card as JSON``."""
+
+_READ_ACTION = {
+    "Agent": "agents.read",
+    "Prompt": "prompts.read",
+    "PromptRelease": "prompts.read",
+    "McpServer": "mcp.read",
+    "Release": "releases.read",
+    "Credential": "credentials.list",
+}
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,7 @@ class ControlPlane:
         mesh_settings: MeshSettings | None = None,
         istio: IstioValidator | None = None,
         tool_lister: ToolLister | None = None,
+        card_fetcher: CardFetcher | None = None,
     ) -> None:
         self.store = store
         self.vault = vault
@@ -77,6 +91,7 @@ class ControlPlane:
         self.mesh_settings = mesh_settings or MeshSettings()
         self.istio = istio
         self.tool_lister = tool_lister
+        self.card_fetcher = card_fetcher
 
     # ------------------------------------------------------------ manifests
 
@@ -188,8 +203,14 @@ class ControlPlane:
         await self.store.get_agent(agent)  # 404 for an unknown agent
         return await self.store.get_release(agent)
 
-    async def set_release(self, principal: Principal, agent: str, spec: ReleaseSpec) -> ReleaseSpec:
+    async def set_release(
+        self, principal: Principal, agent: str, spec: ReleaseSpec, *, dry_run: bool = False
+    ) -> ReleaseSpec:
         authorize(principal, "releases.write")
+        if dry_run:  # the agent and the revisions it names must exist; nothing is written
+            for revision in (None, spec.stable_revision, spec.canary_revision):
+                await self.store.get_agent(agent, revision)
+            return spec
         await self.store.put_release(agent, spec, actor=principal.name)
         return spec
 
@@ -265,6 +286,32 @@ class ControlPlane:
                     for f in fields
                 )
         return sorted(out, key=lambda c: c.reference)
+
+    # ------------------------------------------------------------ added for the gRPC API
+
+    async def get_mcp_server(self, principal: Principal, name: str) -> McpServerSpec:
+        authorize(principal, "mcp.read")
+        return await self.store.get_mcp_server(name)
+
+    async def get_agent_card(self, principal: Principal, agent: str) -> dict[str, Any]:
+        """The A2A card of a live instance of ``agent`` (a stable one when there is one)."""
+        authorize(principal, "registry.read")
+        instances = await self.store.list_instances(agent)
+        if not instances:
+            raise NotFoundError(kind="live instance of agent", name=agent)
+        if self.card_fetcher is None:
+            raise BadRequestError("agent card fetching is not configured on this control plane")
+        instances.sort(key=lambda i: (i.get("track", "stable") != "stable", str(i["instance"])))
+        return await self.card_fetcher(instances[0])
+
+    async def last_changes(self, principal: Principal, kind: str) -> dict[str, AuditEntry]:
+        """Object name -> the newest audit entry of that kind about it (who changed it last,
+        and when); readable by whoever may read objects of that kind."""
+        authorize(principal, _READ_ACTION.get(kind, ""))
+        latest: dict[str, AuditEntry] = {}
+        for entry in await self.store.audit_entries(kind=kind, limit=sys.maxsize):
+            latest.setdefault(entry.name, entry)  # newest first
+        return latest
 
     # ------------------------------------------------------------ audit, mesh
 

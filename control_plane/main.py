@@ -12,6 +12,7 @@ from aiohttp import web
 
 from control_plane.api import ControlPlane
 from control_plane.auth import StaticTokenAuthenticator
+from control_plane.grpc_api import build_grpc_server
 from control_plane.mesh import IstioValidator, MeshSettings
 from control_plane.rest import build_app
 from control_plane.settings import ControlPlaneSettings
@@ -37,15 +38,19 @@ async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = 
         mesh_settings=MeshSettings(namespace=settings.mesh_namespace), istio=istio,
     )  # fmt: skip
     authenticator = StaticTokenAuthenticator.from_file(settings.tokens_file)
+    grpc_server = await build_grpc_server(control_plane, authenticator, settings.grpc_listen)
     runner = web.AppRunner(build_app(control_plane, authenticator), access_log=None)
     await runner.setup()
     host, _, port = settings.listen.rpartition(":")
     site = web.TCPSite(runner, host or "127.0.0.1", int(port))
     await site.start()
     logger.info("control plane listening on http://%s", settings.listen)
+    await grpc_server.start()
+    logger.info("control plane gRPC API listening on %s", settings.grpc_listen)
     try:
         await (stop or asyncio.Event()).wait()
     finally:
+        await grpc_server.stop(5)
         await runner.cleanup()
         await etcd.close()
         await vault.close()

@@ -17,6 +17,8 @@ class ControlPlaneSettings(BaseSettings):
 
     listen: str = "127.0.0.1:8090"
     """REST API (and Studio) listener, host:port."""
+    grpc_listen: str = "127.0.0.1:8091"
+    """gRPC API listener (with health and reflection), host:port."""
     etcd_endpoint: str = "http://127.0.0.1:2379"
     etcd_prefix: str = "/specmesh"
     vault_addr: str = Field(

@@ -27,7 +27,7 @@ from specmesh.errors import (
 )
 from specmesh.etcd import Compare, EtcdClient, Op
 from specmesh.keys import Keys
-from specmesh.names import resource_name
+from specmesh.names import check_logical_name, resource_name
 from specmesh.secrets import is_reference
 from specmesh.spec.diff import Change, diff_json
 from specmesh.spec.models import (
@@ -191,6 +191,16 @@ class AuditEntry:
         )
 
 
+def _same_name(a: str, b: str) -> bool:
+    """Whether two audit names denote the same object (logical names compare by resource
+    name; other names -- ``key@version``, references -- exactly)."""
+    if a == b:
+        return True
+    if check_logical_name(a) is None and check_logical_name(b) is None:
+        return resource_name(a) == resource_name(b)
+    return False
+
+
 def _refuse_plaintext(spec: AgentSpec) -> None:
     plain = [path for path, value in iter_secrets(spec) if not is_reference(value)]
     if plain:
@@ -268,7 +278,7 @@ class SpecStore:
         result = await self.etcd.range(self.keys.audit(), prefix=True)
         entries = [AuditEntry.from_json(json.loads(kv.value)) for kv in reversed(result.kvs)]
         if name is not None:
-            entries = [e for e in entries if resource_name(e.name) == resource_name(name)]
+            entries = [e for e in entries if _same_name(e.name, name)]
         if kind is not None:
             entries = [e for e in entries if e.kind == kind]
         return entries[:limit]

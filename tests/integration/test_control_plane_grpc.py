@@ -1,0 +1,543 @@
+"""The control plane's gRPC API with real etcd and OpenBao, over loopback with the generated
+stubs: the same ControlPlane, roles and error table as REST."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from control_plane.api import MASK, ControlPlane
+from control_plane.auth import Principal, Role, StaticTokenAuthenticator, hash_token
+from control_plane.grpc_api import REASON_METADATA, SERVICE_NAMES, build_grpc_server
+from specmesh.services import free_port
+from specmesh.store import SpecStore, dumps
+from specmesh.v1 import common_pb2
+from specmesh.v1 import control_plane_pb2 as pb
+from specmesh.v1 import control_plane_pb2_grpc as pb_grpc
+from specmesh.vault import VaultClient
+
+pytestmark = pytest.mark.integration
+
+TOKENS = {
+    "viewer": "tok-viewer",
+    "operator": "tok-operator",
+    "admin": "tok-admin",
+    "secrets-admin": "tok-secrets",
+}
+PLANTED = "sk-planted-canary-grpc-91"
+AGENT: dict[str, Any] = {
+    "apiVersion": "specmesh.io/v1",
+    "kind": "Agent",
+    "metadata": {"name": "helper"},
+    "spec": {
+        "base": {"description": "d", "promptKey": "p"},
+        "model": {"model": "m", "apiKey": PLANTED},
+    },
+}
+CARD = {"name": "helper", "version": "1", "url": "https://10.0.0.7:8443/"}
+
+
+def _agent(name: str = "helper", model: str = "m") -> str:
+    doc = json.loads(json.dumps(AGENT))
+    doc["metadata"]["name"] = name
+    doc["spec"]["model"]["model"] = model
+    return json.dumps(doc)
+
+
+class Api:
+    """Stubs of every service on one channel, and the caller's metadata per role."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.agents = pb_grpc.AgentServiceStub(channel)
+        self.prompts = pb_grpc.PromptServiceStub(channel)
+        self.mcp = pb_grpc.McpRegistryServiceStub(channel)
+        self.registry = pb_grpc.AgentRegistryServiceStub(channel)
+        self.releases = pb_grpc.ReleaseServiceStub(channel)
+        self.credentials = pb_grpc.CredentialServiceStub(channel)
+        self.audit = pb_grpc.AuditServiceStub(channel)
+
+    @staticmethod
+    def as_(role: str | None) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {TOKENS[role]}"),) if role else ()
+
+
+@pytest.fixture
+async def api(store: SpecStore, vault: VaultClient) -> AsyncIterator[Api]:
+    authenticator = StaticTokenAuthenticator(
+        {hash_token(t): Principal(f"user-{r}", frozenset({Role(r)})) for r, t in TOKENS.items()}
+    )
+
+    async def fetch_card(instance: Mapping[str, Any]) -> dict[str, Any]:
+        return {**CARD, "url": instance["endpoint"]}
+
+    cp = ControlPlane(store=store, vault=vault, card_fetcher=fetch_card)
+    address = f"127.0.0.1:{free_port()}"
+    server = await build_grpc_server(cp, authenticator, address)
+    await server.start()
+    async with grpc.aio.insecure_channel(address) as channel:
+        yield Api(channel)
+    await server.stop(None)
+
+
+async def _status(call: Awaitable[Any]) -> grpc.StatusCode:
+    try:
+        await call
+    except grpc.aio.AioRpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK
+
+
+async def _error(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value
+
+
+# ---------------------------------------------------------------- agents
+
+
+async def test_apply_moves_the_plaintext_key_to_vault_and_get_shows_only_the_reference(
+    api: Api,
+) -> None:
+    applied = await api.agents.ApplyAgent(
+        pb.ApplyAgentRequest(manifest_json=_agent(), message="first"),
+        metadata=api.as_("operator"),
+    )
+    got = await api.agents.GetAgent(
+        pb.GetAgentRequest(agent_name="helper"), metadata=api.as_("viewer")
+    )
+
+    assert applied.created_revision and applied.agent.revision_info.revision == 1
+    assert got.agent.revision_info.author == "user-operator"
+    assert got.agent.revision_info.HasField("created_at")
+    api_key = json.loads(got.agent.spec_json)["model"]["apiKey"]
+    assert api_key.startswith("vault://") and api_key.endswith("#value")
+    assert PLANTED not in str(applied) + str(got)
+    assert {c.path for c in applied.changes} >= {"model"}
+
+
+async def test_list_agents_pages_by_name(api: Api) -> None:
+    for name in ("charlie", "alpha", "bravo"):
+        await api.agents.ApplyAgent(
+            pb.ApplyAgentRequest(manifest_json=_agent(name)), metadata=api.as_("admin")
+        )
+    first = await api.agents.ListAgents(
+        pb.ListAgentsRequest(page_size=2), metadata=api.as_("viewer")
+    )
+    second = await api.agents.ListAgents(
+        pb.ListAgentsRequest(page_size=2, page_token=first.next_page_token),
+        metadata=api.as_("viewer"),
+    )
+    everything = await api.agents.ListAgents(pb.ListAgentsRequest(), metadata=api.as_("viewer"))
+
+    assert [a.name for a in first.agents] == ["alpha", "bravo"] and first.next_page_token
+    assert [a.name for a in second.agents] == ["charlie"] and second.next_page_token == ""
+    assert [a.name for a in everything.agents] == ["alpha", "bravo", "charlie"]
+    assert all(json.loads(a.spec_json)["model"]["model"] == "m" for a in everything.agents)
+    bad = await _error(
+        api.agents.ListAgents(pb.ListAgentsRequest(page_token="nope"), metadata=api.as_("viewer"))
+    )
+    assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in bad.details()
+
+
+async def test_history_diff_and_rollback(api: Api) -> None:
+    op = api.as_("operator")
+    for model in ("m1", "m2"):
+        await api.agents.ApplyAgent(
+            pb.ApplyAgentRequest(manifest_json=_agent(model=model)), metadata=op
+        )
+
+    history = await api.agents.ListAgentRevisions(
+        pb.ListAgentRevisionsRequest(agent_name="helper"), metadata=op
+    )
+    diff = await api.agents.DiffAgentRevisions(
+        pb.DiffAgentRevisionsRequest(agent_name="helper", from_revision=1), metadata=op
+    )
+    rolled = await api.agents.RollbackAgent(
+        pb.RollbackAgentRequest(agent_name="helper", revision=1, expected_revision=2),
+        metadata=op,
+    )
+    stale = await _error(
+        api.agents.RollbackAgent(
+            pb.RollbackAgentRequest(agent_name="helper", revision=1, expected_revision=2),
+            metadata=op,
+        )
+    )
+
+    assert [r.revision for r in history.revisions] == [2, 1]
+    model_change = next(c for c in diff.changes if c.path == "model.model")
+    assert (model_change.op, model_change.old_json, model_change.new_json) == (
+        common_pb2.CHANGE_OP_REPLACE,
+        '"m1"',
+        '"m2"',
+    )
+    assert rolled.agent.revision_info.revision == 3
+    assert json.loads(rolled.agent.spec_json)["model"]["model"] == "m1"
+    assert rolled.agent.revision_info.message == "rollback to revision 1"
+    assert stale.code() == grpc.StatusCode.ABORTED
+
+
+async def test_delete_agent_then_get_is_not_found(api: Api) -> None:
+    await api.agents.ApplyAgent(
+        pb.ApplyAgentRequest(manifest_json=_agent()), metadata=api.as_("admin")
+    )
+    await api.agents.DeleteAgent(
+        pb.DeleteAgentRequest(agent_name="helper"), metadata=api.as_("admin")
+    )
+    code = await _status(
+        api.agents.GetAgent(pb.GetAgentRequest(agent_name="helper"), metadata=api.as_("viewer"))
+    )
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+# ---------------------------------------------------------------- releases
+
+
+async def test_release_set_promote_and_abort(api: Api) -> None:
+    op = api.as_("operator")
+    for model in ("m1", "m2"):
+        await api.agents.ApplyAgent(
+            pb.ApplyAgentRequest(manifest_json=_agent(model=model)), metadata=op
+        )
+    none_yet = await _status(
+        api.releases.GetRelease(pb.GetReleaseRequest(agent_name="helper"), metadata=op)
+    )
+
+    dry = await api.releases.SetRelease(
+        pb.SetReleaseRequest(agent_name="helper", canary_revision=2, canary_weight=5, dry_run=True),
+        metadata=op,
+    )
+    still_none = await _status(
+        api.releases.GetRelease(pb.GetReleaseRequest(agent_name="helper"), metadata=op)
+    )
+    set_ = await api.releases.SetRelease(
+        pb.SetReleaseRequest(
+            agent_name="helper",
+            stable_revision=1,
+            canary_revision=2,
+            canary_weight=10,
+            header_match=[pb.HeaderMatch(name="x-canary", exact="yes")],
+            policy_json=json.dumps({"timeoutSeconds": 30}),
+        ),
+        metadata=op,
+    )
+    got = await api.releases.GetRelease(pb.GetReleaseRequest(agent_name="helper"), metadata=op)
+    promoted = await api.releases.PromoteRelease(
+        pb.PromoteReleaseRequest(agent_name="helper"), metadata=op
+    )
+    no_canary = await _error(
+        api.releases.AbortRelease(pb.AbortReleaseRequest(agent_name="helper"), metadata=op)
+    )
+
+    assert none_yet == still_none == grpc.StatusCode.NOT_FOUND
+    assert dry.release.canary_weight == 5
+    r = got.release
+    assert (r.stable_revision, r.canary_revision, r.canary_weight) == (1, 2, 10)
+    assert r.header_match[0].WhichOneof("match") == "exact" and r.header_match[0].exact == "yes"
+    assert json.loads(r.spec_json)["timeoutSeconds"] == 30
+    assert r.updated_by == "user-operator" and r.HasField("updated_at")
+    assert set_.release == got.release
+    p = promoted.release
+    assert (p.stable_revision, p.HasField("canary_revision"), p.canary_weight) == (2, False, 0)
+    assert no_canary.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "has no canary" in no_canary.details()
+
+
+async def test_release_fields_are_validated(api: Api) -> None:
+    op = api.as_("operator")
+    await api.agents.ApplyAgent(pb.ApplyAgentRequest(manifest_json=_agent()), metadata=op)
+
+    no_revision = await _error(
+        api.releases.SetRelease(
+            pb.SetReleaseRequest(agent_name="helper", canary_weight=10), metadata=op
+        )
+    )
+    repeated = await _error(
+        api.releases.SetRelease(
+            pb.SetReleaseRequest(agent_name="helper", policy_json='{"canaryWeight": 3}'),
+            metadata=op,
+        )
+    )
+
+    assert no_revision.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "canaryRevision is required" in no_revision.details()
+    assert repeated.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert repeated.details().startswith("policy_json.canaryWeight:")
+
+
+# ---------------------------------------------------------------- credentials
+
+
+async def test_put_credential_returns_the_reference_and_list_never_the_value(api: Api) -> None:
+    folder = f"specmesh/shared/g{uuid.uuid4().hex[:8]}"
+    sa = api.as_("secrets-admin")
+    put = await api.credentials.PutCredential(
+        pb.PutCredentialRequest(path=f"{folder}/db", field="password", value="v-grpc-secret-3"),
+        metadata=sa,
+    )
+    await api.credentials.PutCredential(
+        pb.PutCredentialRequest(path=f"{folder}/api", field="token", value="v-grpc-secret-4"),
+        metadata=sa,
+    )
+    listed = await api.credentials.ListCredentials(
+        pb.ListCredentialsRequest(path_prefix=f"{folder}/d"), metadata=sa
+    )
+    everything = await api.credentials.ListCredentials(
+        pb.ListCredentialsRequest(path_prefix=folder, page_size=1), metadata=sa
+    )
+
+    c = put.credential
+    assert c.reference == f"vault://secret/{folder}/db#password"
+    assert (c.masked_value, c.version, c.updated_by) == (MASK, 1, "user-secrets-admin")
+    assert [x.reference for x in listed.credentials] == [c.reference]
+    assert len(everything.credentials) == 1 and everything.next_page_token
+    assert {x.masked_value for x in listed.credentials} == {MASK}
+    assert "v-grpc-secret" not in str(put) + str(listed) + str(everything)
+
+
+# ---------------------------------------------------------------- prompts, registries, audit
+
+
+async def test_prompt_publish_get_and_release(api: Api) -> None:
+    op = api.as_("operator")
+    for version in ("1.0.0", "1.1.0"):
+        manifest = {
+            "apiVersion": "specmesh.io/v1",
+            "kind": "Prompt",
+            "metadata": {"name": "greeting"},
+            "spec": {"version": version, "template": f"Hello {version}"},
+        }
+        published = await api.prompts.PublishPromptVersion(
+            pb.PublishPromptVersionRequest(manifest_json=json.dumps(manifest)), metadata=op
+        )
+    released = await api.prompts.SetPromptRelease(
+        pb.SetPromptReleaseRequest(
+            prompt_key="greeting",
+            release=pb.PromptRelease(labels={"prod": "1.0.0"}, weights={"1.0.0": 80, "1.1.0": 20}),
+        ),
+        metadata=op,
+    )
+    got = await api.prompts.GetPrompt(
+        pb.GetPromptRequest(prompt_key="greeting", version="1.1.0"), metadata=api.as_("viewer")
+    )
+    listed = await api.prompts.ListPrompts(pb.ListPromptsRequest(), metadata=api.as_("viewer"))
+
+    assert published.prompt_version.author == "user-operator"
+    assert list(published.prompt.versions) == ["1.0.0", "1.1.0"]
+    assert dict(released.prompt.release.weights) == {"1.0.0": 80, "1.1.0": 20}
+    assert [v.version for v in got.versions] == ["1.1.0"]
+    assert json.loads(got.versions[0].entry_json)["template"] == "Hello 1.1.0"
+    assert [p.prompt_key for p in listed.prompts] == ["greeting"]
+    assert dict(listed.prompts[0].release.labels) == {"prod": "1.0.0"}
+
+
+async def test_mcp_registry_register_get_and_list(api: Api) -> None:
+    manifest = {
+        "apiVersion": "specmesh.io/v1",
+        "kind": "McpServer",
+        "metadata": {"name": "time"},
+        "spec": {"url": "http://127.0.0.1:9/mcp", "description": "clock"},
+    }
+    request = pb.RegisterMcpServerRequest(manifest_json=json.dumps(manifest))
+    denied = await _status(api.mcp.RegisterMcpServer(request, metadata=api.as_("operator")))
+    registered = await api.mcp.RegisterMcpServer(request, metadata=api.as_("admin"))
+    got = await api.mcp.GetMcpServer(
+        pb.GetMcpServerRequest(mcp_server_name="time"), metadata=api.as_("viewer")
+    )
+    listed = await api.mcp.ListMcpServers(pb.ListMcpServersRequest(), metadata=api.as_("viewer"))
+    missing = await _status(
+        api.mcp.GetMcpServer(
+            pb.GetMcpServerRequest(mcp_server_name="nope"), metadata=api.as_("viewer")
+        )
+    )
+
+    assert denied == grpc.StatusCode.PERMISSION_DENIED
+    assert registered.mcp_server == got.mcp_server
+    assert json.loads(got.mcp_server.spec_json)["description"] == "clock"
+    assert got.mcp_server.updated_by == "user-admin"
+    assert [s.name for s in listed.mcp_servers] == ["time"]
+    assert missing == grpc.StatusCode.NOT_FOUND
+
+
+async def test_agent_registry_lists_live_instances_and_their_card(
+    api: Api, store: SpecStore
+) -> None:
+    viewer = api.as_("viewer")
+    no_instance = await _status(
+        api.registry.GetAgentCard(pb.GetAgentCardRequest(agent_name="helper"), metadata=viewer)
+    )
+    entry = {
+        "instance": "i-1",
+        "agent": "helper",
+        "endpoint": "https://10.0.0.7:8443",
+        "track": "stable",
+        "revision": 1,
+        "state": "serving",
+        "startedAt": "2025-01-02T03:04:05+00:00",
+    }
+    # what a sidecar registers (without the lease: this test does not let it expire)
+    await store.etcd.put(store.keys.registry_instance("helper", "i-1"), dumps(entry))
+
+    listed = await api.registry.ListInstances(pb.ListInstancesRequest(), metadata=viewer)
+    card = await api.registry.GetAgentCard(
+        pb.GetAgentCardRequest(agent_name="helper"), metadata=viewer
+    )
+
+    assert no_instance == grpc.StatusCode.NOT_FOUND
+    (instance,) = listed.instances
+    assert (instance.agent_name, instance.instance_id, instance.serving_revision) == (
+        "helper",
+        "i-1",
+        1,
+    )
+    assert instance.state == common_pb2.ENGINE_STATE_SERVING
+    assert instance.registered_at.seconds == 1735787045
+    assert json.loads(card.agent_card_json)["url"] == "https://10.0.0.7:8443"
+
+
+async def test_changes_are_audited_with_the_principal(api: Api) -> None:
+    await api.agents.ApplyAgent(
+        pb.ApplyAgentRequest(manifest_json=_agent()), metadata=api.as_("operator")
+    )
+    await api.releases.SetRelease(
+        pb.SetReleaseRequest(agent_name="helper", canary_revision=1, canary_weight=20),
+        metadata=api.as_("operator"),
+    )
+    entries = await api.audit.ListAuditEntries(
+        pb.ListAuditEntriesRequest(name="helper"), metadata=api.as_("admin")
+    )
+    page = await api.audit.ListAuditEntries(
+        pb.ListAuditEntriesRequest(kind="Agent", page_size=1), metadata=api.as_("admin")
+    )
+
+    assert [(e.actor, e.kind) for e in entries.entries][:2] == [
+        ("user-operator", "Release"),
+        ("user-operator", "Agent"),
+    ]
+    assert any(c.path == "canaryWeight" for c in entries.entries[0].changes)
+    assert entries.entries[1].revision == 1
+    assert [e.kind for e in page.entries] == ["Agent"] and page.next_page_token == ""
+    assert PLANTED not in str(entries)
+
+
+# ---------------------------------------------------------------- roles, errors
+
+
+Call = Callable[[Api, tuple[tuple[str, str], ...]], Awaitable[Any]]
+
+CALLS: dict[str, Call] = {
+    "list agents": lambda a, md: a.agents.ListAgents(pb.ListAgentsRequest(), metadata=md),
+    "get agent": lambda a, md: a.agents.GetAgent(
+        pb.GetAgentRequest(agent_name="helper"), metadata=md
+    ),
+    "apply agent": lambda a, md: a.agents.ApplyAgent(
+        pb.ApplyAgentRequest(manifest_json=_agent()), metadata=md
+    ),
+    "set release": lambda a, md: a.releases.SetRelease(
+        pb.SetReleaseRequest(agent_name="helper", canary_revision=1, canary_weight=10),
+        metadata=md,
+    ),
+    "list credentials": lambda a, md: a.credentials.ListCredentials(
+        pb.ListCredentialsRequest(path_prefix="specmesh/"), metadata=md
+    ),
+    "put credential": lambda a, md: a.credentials.PutCredential(
+        pb.PutCredentialRequest(path="specmesh/shared/x", field="token", value="v-secret-1"),
+        metadata=md,
+    ),
+    "audit": lambda a, md: a.audit.ListAuditEntries(pb.ListAuditEntriesRequest(), metadata=md),
+}
+
+ALLOWED = {
+    "viewer": {"list agents", "get agent"},
+    "operator": {"list agents", "get agent", "apply agent", "set release", "audit"},
+    "admin": {"list agents", "get agent", "apply agent", "set release", "audit"},
+    "secrets-admin": {"list credentials", "put credential", "audit"},
+}
+
+
+@pytest.mark.parametrize("role", list(TOKENS))
+async def test_role_by_call_table_denies_by_default(api: Api, role: str) -> None:
+    await api.agents.ApplyAgent(
+        pb.ApplyAgentRequest(manifest_json=_agent()), metadata=api.as_("admin")
+    )
+    outcomes = {name: await _status(call(api, api.as_(role))) for name, call in CALLS.items()}
+
+    allowed = {n for n, code in outcomes.items() if code == grpc.StatusCode.OK}
+    assert allowed == ALLOWED[role], outcomes
+    assert all(
+        outcomes[n] == grpc.StatusCode.PERMISSION_DENIED for n in set(CALLS) - ALLOWED[role]
+    ), outcomes
+
+
+async def test_no_or_unknown_token_is_unauthenticated(api: Api) -> None:
+    for metadata in ((), (("authorization", "Bearer nope"),), (("authorization", "Basic x"),)):
+        error = await _error(api.agents.ListAgents(pb.ListAgentsRequest(), metadata=metadata))
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert (REASON_METADATA, "unauthenticated") in tuple(error.trailing_metadata() or ())
+
+
+async def test_bad_manifest_is_invalid_argument_with_path_and_message(api: Api) -> None:
+    bad = json.loads(_agent())
+    bad["spec"]["model"] = {"model": "m", "temperature": 7}
+    error = await _error(
+        api.agents.ApplyAgent(
+            pb.ApplyAgentRequest(manifest_json=json.dumps(bad)), metadata=api.as_("operator")
+        )
+    )
+    not_json = await _error(
+        api.agents.ApplyAgent(pb.ApplyAgentRequest(manifest_json="{"), metadata=api.as_("operator"))
+    )
+    wrong_kind = await _error(
+        api.agents.ApplyAgent(
+            pb.ApplyAgentRequest(manifest_json='{"kind": "Prompt"}'), metadata=api.as_("operator")
+        )
+    )
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "spec.model.temperature: must be <= 2 (got 7)" in error.details().splitlines()
+    assert (REASON_METADATA, "invalid_spec") in tuple(error.trailing_metadata() or ())
+    assert not_json.code() == wrong_kind.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert not_json.details().startswith("manifest_json: invalid JSON")
+    assert "kind must be 'Agent'" in wrong_kind.details()
+
+
+# ---------------------------------------------------------------- health, reflection
+
+
+async def test_health_is_serving_for_the_server_and_every_service(api: Api) -> None:
+    stub = health_pb2_grpc.HealthStub(api.channel)
+    for service in ("", *SERVICE_NAMES):
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+
+
+async def test_reflection_lists_every_service(api: Api) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(api.channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    async for reply in stub.ServerReflectionInfo(iter([request])):
+        names = {s.name for s in reply.list_services_response.service}
+        break
+    assert "specmesh.v1.AgentService" in names
+    assert set(SERVICE_NAMES) <= names and len(SERVICE_NAMES) == 7
+
+
+async def test_audit_by_name_with_a_credential_entry_present(api: Api) -> None:
+    await api.agents.ApplyAgent(
+        pb.ApplyAgentRequest(manifest_json=_agent()), metadata=api.as_("operator")
+    )
+    await api.credentials.PutCredential(
+        pb.PutCredentialRequest(path="specmesh/shared/y", field="token", value="v-secret-5"),
+        metadata=api.as_("secrets-admin"),
+    )
+    entries = await api.audit.ListAuditEntries(
+        pb.ListAuditEntriesRequest(name="helper"), metadata=api.as_("admin")
+    )
+    assert [e.kind for e in entries.entries] == ["Agent"]
