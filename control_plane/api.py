@@ -8,13 +8,22 @@ permission (deny by default) and records the principal as the actor of every cha
 from __future__ import annotations
 
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from control_plane.auth import Principal, authorize
 from control_plane.errors import BadRequestError
 from control_plane.mesh import IstioValidator, MeshSettings, render_mesh
+from control_plane.traces import (
+    GROUP_KEYS,
+    InMemoryTraceStore,
+    Span,
+    TokenUsageRow,
+    TraceStore,
+    TraceSummary,
+)
 from specmesh.errors import NotFoundError, SpecError, SpecIssue
 from specmesh.secrets import VaultRef
 from specmesh.spec.diff import Change
@@ -83,6 +92,7 @@ class ControlPlane:
         istio: IstioValidator | None = None,
         tool_lister: ToolLister | None = None,
         card_fetcher: CardFetcher | None = None,
+        traces: TraceStore | None = None,
     ) -> None:
         self.store = store
         self.vault = vault
@@ -92,6 +102,7 @@ class ControlPlane:
         self.istio = istio
         self.tool_lister = tool_lister
         self.card_fetcher = card_fetcher
+        self.traces = traces or InMemoryTraceStore()
 
     # ------------------------------------------------------------ manifests
 
@@ -312,6 +323,42 @@ class ControlPlane:
         for entry in await self.store.audit_entries(kind=kind, limit=sys.maxsize):
             latest.setdefault(entry.name, entry)  # newest first
         return latest
+
+    # ------------------------------------------------------------ traces
+
+    async def list_traces(
+        self,
+        principal: Principal,
+        *,
+        agent: str | None = None,
+        context_id: str | None = None,
+        since: datetime | None = None,
+        limit: int = 50,
+    ) -> list[TraceSummary]:
+        authorize(principal, "traces.read")
+        return await self.traces.list_traces(
+            agent=agent, context_id=context_id, since=since, limit=limit
+        )
+
+    async def get_trace(self, principal: Principal, trace_id: str) -> list[Span]:
+        """Every span of a trace, ordered by start, with parent ids (a waterfall)."""
+        authorize(principal, "traces.read")
+        if len(trace_id) != 32 or any(c not in "0123456789abcdefABCDEF" for c in trace_id):
+            raise BadRequestError(f"traceId: must be 32 hex digits (got {trace_id!r})")
+        spans = await self.traces.get_trace(trace_id)
+        if not spans:
+            raise NotFoundError(kind="trace", name=trace_id)
+        return spans
+
+    async def token_usage(
+        self,
+        principal: Principal,
+        *,
+        group_by: Sequence[str] = GROUP_KEYS,
+        since: datetime | None = None,
+    ) -> list[TokenUsageRow]:
+        authorize(principal, "traces.read")
+        return await self.traces.token_usage(group_by=group_by, since=since)
 
     # ------------------------------------------------------------ audit, mesh
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Sequence
+from datetime import timedelta
 
 from aiohttp import web
 
@@ -14,8 +16,10 @@ from control_plane.api import ControlPlane
 from control_plane.auth import StaticTokenAuthenticator
 from control_plane.grpc_api import build_grpc_server
 from control_plane.mesh import IstioValidator, MeshSettings
+from control_plane.otlp import OtlpForwarder, OtlpReceiver, build_otlp_app
 from control_plane.rest import build_app
 from control_plane.settings import ControlPlaneSettings
+from control_plane.traces import SqliteTraceStore, retention_loop
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
 from specmesh.logs import configure_logging
@@ -27,33 +31,55 @@ __all__ = ["main", "serve"]
 logger = logging.getLogger(__name__)
 
 
+async def _listen(runner: web.AppRunner, listen: str) -> None:
+    host, _, port = listen.rpartition(":")
+    await web.TCPSite(runner, host or "127.0.0.1", int(port)).start()
+
+
 async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = None) -> None:
-    """Run the API until ``stop`` is set (or forever)."""
+    """Run the API (and the OTLP receiver) until ``stop`` is set (or forever)."""
+    stop = stop or asyncio.Event()
     etcd = EtcdClient.from_endpoint(settings.etcd_endpoint)
     vault = VaultClient(address=settings.vault_addr, token=settings.vault_token)
     store = SpecStore(etcd=etcd, keys=Keys(prefix=settings.etcd_prefix))
     istio = IstioValidator(settings.istio_crds) if settings.istio_crds else None
+    traces = SqliteTraceStore(path=settings.traces_db)
     control_plane = ControlPlane(
         store=store, vault=vault, kv_mount=settings.vault_kv_mount,
         mesh_settings=MeshSettings(namespace=settings.mesh_namespace), istio=istio,
+        traces=traces,
     )  # fmt: skip
     authenticator = StaticTokenAuthenticator.from_file(settings.tokens_file)
     grpc_server = await build_grpc_server(control_plane, authenticator, settings.grpc_listen)
     runner = web.AppRunner(build_app(control_plane, authenticator), access_log=None)
-    await runner.setup()
-    host, _, port = settings.listen.rpartition(":")
-    site = web.TCPSite(runner, host or "127.0.0.1", int(port))
-    await site.start()
-    logger.info("control plane listening on http://%s", settings.listen)
-    await grpc_server.start()
-    logger.info("control plane gRPC API listening on %s", settings.grpc_listen)
-    try:
-        await (stop or asyncio.Event()).wait()
-    finally:
-        await grpc_server.stop(5)
-        await runner.cleanup()
-        await etcd.close()
-        await vault.close()
+    # Closed in reverse: gRPC, OTLP listener, REST, forwarder (drains), trace store, etcd, Vault.
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(vault.close)
+        stack.push_async_callback(etcd.close)
+        await stack.enter_async_context(traces)
+        forwarder = None
+        if settings.otlp_forward_url:
+            forwarder = await stack.enter_async_context(
+                OtlpForwarder(url=settings.otlp_forward_url)
+            )
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        await _listen(runner, settings.listen)
+        logger.info("control plane listening on http://%s", settings.listen)
+        if settings.otlp_listen:
+            receiver = OtlpReceiver(store=traces, forwarder=forwarder)
+            otlp_runner = web.AppRunner(build_otlp_app(receiver), access_log=None)
+            await otlp_runner.setup()
+            stack.push_async_callback(otlp_runner.cleanup)
+            await _listen(otlp_runner, settings.otlp_listen)
+            logger.info("OTLP/HTTP receiver on http://%s/v1/traces", settings.otlp_listen)
+        await grpc_server.start()
+        stack.push_async_callback(grpc_server.stop, 5)
+        logger.info("control plane gRPC API listening on %s", settings.grpc_listen)
+        retention = timedelta(days=settings.traces_retention_days)
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(retention_loop(traces, older_than=retention, stop=stop))
+            await stop.wait()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

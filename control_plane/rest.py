@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -21,6 +22,7 @@ from pydantic import TypeAdapter, ValidationError
 from control_plane.api import ControlPlane
 from control_plane.auth import Authenticator, Principal
 from control_plane.errors import BadRequestError, error_body, status_for
+from control_plane.traces import GROUP_KEYS
 from specmesh.errors import SpecError
 from specmesh.spec.models import Manifest, PromptRelease, ReleaseSpec
 from specmesh.spec.validation import issues_from_validation_error
@@ -231,6 +233,38 @@ async def _mesh(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
     return await cp.render_mesh(p)
 
 
+def _since(request: web.Request) -> datetime | None:
+    raw = request.query.get("since")
+    if not raw:
+        return None
+    try:
+        value = datetime.fromisoformat(raw)
+    except ValueError:
+        raise BadRequestError(f"since: must be an ISO 8601 date-time (got {raw!r})") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+async def _list_traces(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
+    traces = await cp.list_traces(
+        p,
+        agent=r.query.get("agent") or None,
+        context_id=r.query.get("contextId") or None,
+        since=_since(r),
+        limit=_int(r, "limit") or 50,
+    )
+    return [t.to_json() for t in traces]
+
+
+async def _get_trace(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
+    return [s.to_json() for s in await cp.get_trace(p, r.match_info["traceId"])]
+
+
+async def _token_usage(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
+    raw = r.query.get("groupBy")
+    group_by = GROUP_KEYS if raw is None else tuple(k.strip() for k in raw.split(",") if k.strip())
+    return [row.to_json() for row in await cp.token_usage(p, group_by=group_by, since=_since(r))]
+
+
 async def _whoami(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
     from control_plane.auth import PERMISSIONS
 
@@ -241,6 +275,7 @@ async def _whoami(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
     }
 
 
+_SINCE = {"name": "since", "in": "query", "schema": {"type": "string", "format": "date-time"}}
 _REV = {"name": "revision", "in": "query", "schema": {"type": "integer", "minimum": 0}}
 _EXPECTED = {"name": "expectedRevision", "in": "query", "schema": {"type": "integer", "minimum": 0}}
 
@@ -306,6 +341,24 @@ ROUTES: list[Route] = [
                   {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 0}}],
           response=_ARR),
     Route("GET", "/api/v1/mesh", _mesh, "The Istio objects the current state publishes",
+          response=_ARR),
+    Route("GET", "/api/v1/traces", _list_traces, "Traces, newest first",
+          params=[{"name": "agent", "in": "query", "schema": {"type": "string"}},
+                  {"name": "contextId", "in": "query", "schema": {"type": "string"}},
+                  _SINCE,
+                  {"name": "limit", "in": "query",
+                   "schema": {"type": "integer", "minimum": 0, "maximum": 1000}}],
+          response=_ARR),
+    Route("GET", "/api/v1/traces/{traceId}", _get_trace,
+          "Every span of a trace, ordered by start, with parent ids",
+          params=[{"name": "traceId", "in": "path", "required": True,
+                   "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{32}$"}}],
+          response=_ARR),
+    Route("GET", "/api/v1/token-usage", _token_usage,
+          "Tokens and cost (USD) of model calls, by agent, model and UTC day",
+          params=[{"name": "groupBy", "in": "query", "schema": {"type": "string"},
+                   "description": "comma-separated subset of agent,model,day (default: all)"},
+                  _SINCE],
           response=_ARR),
 ]  # fmt: skip
 

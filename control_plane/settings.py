@@ -34,5 +34,13 @@ class ControlPlaneSettings(BaseSettings):
     istio_crds: Path | None = None
     """Istio CRD file used to validate objects before publishing (``crd-all.gen.yaml``)."""
     mesh_namespace: str = "specmesh"
+    otlp_listen: str = "127.0.0.1:4318"
+    """OTLP/HTTP trace receiver (``POST /v1/traces``), host:port; empty to turn it off."""
+    otlp_forward_url: str | None = None
+    """Also send every accepted export to this collector URL (``.../v1/traces``)."""
+    traces_db: Path = Path(".specmesh/traces.db")
+    """The embedded trace store (SQLite); ``:memory:`` keeps traces in memory only."""
+    traces_retention_days: int = Field(default=7, ge=1)
+    """Traces whose last span ended longer ago than this are dropped (checked hourly)."""
     mesh_output_dir: Path | None = None
     """Write rendered Istio objects here (GitOps) on every change."""

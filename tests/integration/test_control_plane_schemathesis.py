@@ -38,6 +38,8 @@ def control_plane(services: LocalServices, tmp_path: Path) -> Iterator[tuple[str
         "SPECMESH_VAULT_TOKEN": services.bao.root_token,
         "SPECMESH_TOKENS_FILE": str(tokens),
         "SPECMESH_GRPC_LISTEN": f"127.0.0.1:{free_port()}",
+        "SPECMESH_OTLP_LISTEN": f"127.0.0.1:{free_port()}",
+        "SPECMESH_TRACES_DB": str(tmp_path / "traces.db"),
         "SPECMESH_ISTIO_CRDS": str(REPO.parent / "shared" / "istio" / "crd-all.gen.yaml"),
     }
     log = (tmp_path / "cp.log").open("w")
