@@ -23,12 +23,16 @@ TRACE = "5b8efff798038103d269b633813fc60c"
 
 
 @pytest.fixture
-async def servers(store: SpecStore, vault: VaultClient) -> AsyncIterator[tuple[TestServer, TestServer]]:
+async def servers(
+    store: SpecStore, vault: VaultClient
+) -> AsyncIterator[tuple[TestServer, TestServer]]:
     traces = InMemoryTraceStore()
-    auth = StaticTokenAuthenticator({
-        hash_token("v"): Principal("viewer", frozenset({Role.VIEWER})),
-        hash_token("s"): Principal("secrets", frozenset({Role.SECRETS_ADMIN})),
-    })
+    auth = StaticTokenAuthenticator(
+        {
+            hash_token("v"): Principal("viewer", frozenset({Role.VIEWER})),
+            hash_token("s"): Principal("secrets", frozenset({Role.SECRETS_ADMIN})),
+        }
+    )
     api = TestServer(build_app(ControlPlane(store=store, vault=vault, traces=traces), auth))
     otlp = TestServer(build_otlp_app(OtlpReceiver(store=traces)))
     await api.start_server()
@@ -39,25 +43,89 @@ async def servers(store: SpecStore, vault: VaultClient) -> AsyncIterator[tuple[T
 
 
 async def _get(server: TestServer, path: str, token: str) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as s, s.get(server.make_url(path), headers={"Authorization": f"Bearer {token}"}) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(server.make_url(path), headers={"Authorization": f"Bearer {token}"}) as r,
+    ):
         return r.status, await r.json()
 
 
 async def test_traces_over_rest(servers: tuple[TestServer, TestServer]) -> None:
     api, otlp = servers
-    doc = {"resourceSpans": [{"resource": {"attributes": [{"key": "specmesh.agent.name", "value": {"stringValue": "a"}}]},
-        "scopeSpans": [{"spans": [
-            {"traceId": TRACE, "spanId": "eee19b7ec3c1b174", "name": "invoke_agent a", "startTimeUnixNano": "1773489600000000000", "endTimeUnixNano": "1773489600100000000",
-             "attributes": [{"key": "gen_ai.operation.name", "value": {"stringValue": "invoke_agent"}}, {"key": "gen_ai.conversation.id", "value": {"stringValue": "c1"}}]},
-            {"traceId": TRACE, "spanId": "eee19b7ec3c1b175", "parentSpanId": "eee19b7ec3c1b174", "name": "chat gpt-4o-mini", "startTimeUnixNano": "1773489600010000000", "endTimeUnixNano": "1773489600020000000",
-             "attributes": [{"key": "gen_ai.operation.name", "value": {"stringValue": "chat"}}, {"key": "gen_ai.request.model", "value": {"stringValue": "gpt-4o-mini"}},
-                            {"key": "gen_ai.usage.input_tokens", "value": {"intValue": "1000"}}, {"key": "gen_ai.usage.output_tokens", "value": {"intValue": "100"}}]},
-        ]}]}]}
-    async with aiohttp.ClientSession() as s, s.post(otlp.make_url("/v1/traces"), data=json.dumps(doc), headers={"Content-Type": "application/json"}) as r:
+    doc = {
+        "resourceSpans": [
+            {
+                "resource": {
+                    "attributes": [{"key": "specmesh.agent.name", "value": {"stringValue": "a"}}]
+                },
+                "scopeSpans": [
+                    {
+                        "spans": [
+                            {
+                                "traceId": TRACE,
+                                "spanId": "eee19b7ec3c1b174",
+                                "name": "invoke_agent a",
+                                "startTimeUnixNano": "1773489600000000000",
+                                "endTimeUnixNano": "1773489600100000000",
+                                "attributes": [
+                                    {
+                                        "key": "gen_ai.operation.name",
+                                        "value": {"stringValue": "invoke_agent"},
+                                    },
+                                    {
+                                        "key": "gen_ai.conversation.id",
+                                        "value": {"stringValue": "c1"},
+                                    },
+                                ],
+                            },
+                            {
+                                "traceId": TRACE,
+                                "spanId": "eee19b7ec3c1b175",
+                                "parentSpanId": "eee19b7ec3c1b174",
+                                "name": "chat gpt-4o-mini",
+                                "startTimeUnixNano": "1773489600010000000",
+                                "endTimeUnixNano": "1773489600020000000",
+                                "attributes": [
+                                    {
+                                        "key": "gen_ai.operation.name",
+                                        "value": {"stringValue": "chat"},
+                                    },
+                                    {
+                                        "key": "gen_ai.request.model",
+                                        "value": {"stringValue": "gpt-4o-mini"},
+                                    },
+                                    {
+                                        "key": "gen_ai.usage.input_tokens",
+                                        "value": {"intValue": "1000"},
+                                    },
+                                    {
+                                        "key": "gen_ai.usage.output_tokens",
+                                        "value": {"intValue": "100"},
+                                    },
+                                ],
+                            },
+                        ]
+                    }
+                ],
+            }
+        ]
+    }
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            otlp.make_url("/v1/traces"),
+            data=json.dumps(doc),
+            headers={"Content-Type": "application/json"},
+        ) as r,
+    ):
         assert r.status == 200
 
     status, traces = await _get(api, "/api/v1/traces?contextId=c1&since=2026-03-14T00:00:00Z", "v")
-    assert status == 200 and [t["traceId"] for t in traces] == [TRACE] and traces[0]["totalTokens"] == 1100
+    assert (
+        status == 200
+        and [t["traceId"] for t in traces] == [TRACE]
+        and traces[0]["totalTokens"] == 1100
+    )
     status, spans = await _get(api, f"/api/v1/traces/{TRACE}", "v")
     assert status == 200 and [s["parentSpanId"] for s in spans] == [None, "eee19b7ec3c1b174"]
     status, usage = await _get(api, "/api/v1/token-usage?groupBy=agent,model", "v")
