@@ -1,0 +1,1 @@
+"""MCP servers the project writes for its examples (run by the local fleet)."""

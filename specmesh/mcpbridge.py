@@ -1,0 +1,533 @@
+"""``specmesh mcp-bridge``: serve a stdio-only MCP server over streamable HTTP.
+
+::
+
+    specmesh mcp-bridge [--host H] [--port P] [--name N] [--pass-environment] -- COMMAND [ARGS...]
+
+``mcp-proxy`` pins ``mcp<2`` and cannot share the project's environment, so the fleet
+bridges third-party stdio servers (``mcp-server-time``) itself::
+
+    HTTP client --/mcp--> Server (lowlevel, this process) --tools/call--> StdioUpstream
+                                                                  |  stdin/stdout
+                                                                  v
+                                                            COMMAND [ARGS...]
+
+:class:`StdioUpstream` owns the child: it spawns it with the official client's stdio
+transport, lists its tools, follows its ``tools/list_changed`` and, when the child exits
+(its stdout reaches EOF), starts it again with exponential backoff. :func:`bridge_server`
+builds the HTTP-facing server whose handlers forward ``tools/list`` and ``tools/call``;
+a change of the upstream tool list is published to ``subscriptions/listen`` streams
+(2026-07-28 clients, which is what the engine speaks). Clients on handshake-era protocol
+versions are served but are not told about tool list changes.
+
+Calls made while the child is restarting wait for it (bounded by ``ready_timeout``) and
+then fail as a tool error (``isError``), never as a crash of the bridge. SIGTERM/SIGINT:
+stop accepting, end listen streams, let calls in flight finish (bounded), stop the child,
+exit 0. Exit codes: 0 stopped cleanly, 1 failed to start, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TextIO
+
+import anyio
+import mcp_types
+import uvicorn
+from mcp import Client, MCPError, StdioServerParameters, stdio_client
+from mcp.client._transport import TransportStreams
+from mcp.client.subscriptions import ListenNotSupportedError
+from mcp.server.context import ServerRequestContext
+from mcp.server.lowlevel import Server
+from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ToolsListChanged
+from mcp.shared.message import SessionMessage
+from starlette.types import ASGIApp
+
+from specmesh.logs import configure_logging
+
+__all__ = ["StdioUpstream", "bridge_server", "main", "serve_http"]
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+_MODERN = "2026-"  # protocol versions from 2026-07-28 on deliver changes on subscriptions/listen
+
+
+class StdioUpstream:
+    """One stdio MCP server kept running, with its current tool list.
+
+    An async context manager: entering starts the child and returns once the first
+    attempt succeeded or failed (bounded by ``connect_timeout``); leaving stops it. The
+    client's transport holds a task group that one task must enter and leave, so the
+    connection lives in its own task.
+    """
+
+    def __init__(
+        self,
+        *,
+        params: StdioServerParameters,
+        on_tools_changed: Callable[[], Awaitable[None]] | None = None,
+        connect_timeout: float = 30.0,
+        ready_timeout: float = 10.0,
+        call_timeout: float = 300.0,
+        initial_backoff: float = 0.2,
+        max_backoff: float = 10.0,
+        errlog: TextIO = sys.stderr,
+    ) -> None:
+        self._params = params
+        self._on_tools_changed = on_tools_changed
+        self._connect_timeout = connect_timeout
+        self._ready_timeout = ready_timeout
+        self._call_timeout = call_timeout
+        self._initial_backoff = initial_backoff
+        self._max_backoff = max_backoff
+        self._errlog = errlog
+        self._client: Client | None = None
+        self._tools: tuple[mcp_types.Tool, ...] = ()
+        self._ready = asyncio.Event()
+        self._first_attempt = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._refresh_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self.starts = 0
+        """Successful handshakes so far (1 + restarts)."""
+        self.last_error: str | None = None
+
+    async def __aenter__(self) -> StdioUpstream:
+        self._task = asyncio.create_task(self._run(), name=f"mcp-bridge:{self._params.command}")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._connect_timeout):
+                await self._first_attempt.wait()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._closing.set()
+        for t in list(self._background):
+            t.cancel()
+        if self._task is not None:
+            await asyncio.wait({self._task})
+
+    @property
+    def ready(self) -> bool:
+        return self._client is not None
+
+    @property
+    def tools(self) -> tuple[mcp_types.Tool, ...]:
+        """The child's tools as last listed (kept while it restarts)."""
+        return self._tools
+
+    def input_schema(self, name: str) -> Mapping[str, Any] | None:
+        for t in self._tools:
+            if t.name == name:
+                return t.input_schema
+        return None
+
+    async def wait_ready(self) -> bool:
+        """Wait (bounded by ``ready_timeout``) until the child is connected."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._ready_timeout):
+                await self._ready.wait()
+        return self.ready
+
+    async def call_tool(
+        self, name: str, arguments: Mapping[str, Any] | None, *, timeout: float | None = None
+    ) -> mcp_types.CallToolResult:
+        """Forward one call; a child that is down or dies mid-call gives a tool error.
+
+        An error the child answers with (unknown tool, bad arguments) is raised as the
+        same :class:`MCPError`, so the HTTP client sees what a direct client would.
+        """
+        if not await self.wait_ready() or (client := self._client) is None:
+            return _tool_error(
+                f"the stdio MCP server is not running ({self.last_error or 'starting'}); "
+                "try again shortly"
+            )
+        try:
+            return await client.call_tool(
+                name,
+                dict(arguments or {}),
+                read_timeout_seconds=self._call_timeout if timeout is None else timeout,
+            )
+        except MCPError as e:
+            if e.code != mcp_types.CONNECTION_CLOSED:
+                raise
+            return _tool_error("the stdio MCP server exited during the call; it is restarting")
+
+    # ------------------------------------------------------------ connection task
+
+    async def _run(self) -> None:
+        backoff = self._initial_backoff
+        while not self._closing.is_set():
+            ended = asyncio.Event()
+            up_since: float | None = None
+            try:
+                transport = _eof_watching_stdio(self._params, ended, self._errlog)
+                async with contextlib.AsyncExitStack() as stack:
+                    async with asyncio.timeout(self._connect_timeout):
+                        c = await stack.enter_async_context(
+                            Client(transport, message_handler=self._on_message, cache=None)
+                        )
+                        await self._list_tools(c)
+                    self._client = c
+                    self._ready.set()
+                    self.starts += 1
+                    self.last_error = None
+                    up_since = time.monotonic()
+                    logger.info(
+                        "stdio MCP server connected",
+                        extra={
+                            "command": self._params.command,
+                            "tools": len(self._tools),
+                            "protocol": c.protocol_version,
+                            "starts": self.starts,
+                        },
+                    )
+                    self._first_attempt.set()
+                    await self._follow(c, ended)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # top of the connection task: log, back off, restart
+                self.last_error = _describe(e)
+            finally:
+                self._client = None
+                self._ready.clear()
+                self._first_attempt.set()
+            if self._closing.is_set():
+                return
+            if up_since is not None and time.monotonic() - up_since >= self._max_backoff:
+                backoff = self._initial_backoff  # it ran a while: a fresh failure, not a loop
+            self.last_error = self.last_error or "the process exited"
+            logger.warning(
+                "stdio MCP server down (%s); restarting in %.1f s", self.last_error, backoff
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(backoff):
+                    await self._closing.wait()
+            backoff = min(backoff * 2, self._max_backoff)
+
+    async def _follow(self, client: Client, ended: asyncio.Event) -> None:
+        """Return when the child's stdout ends or the bridge closes; relist on changes."""
+        stops = {asyncio.create_task(ended.wait()), asyncio.create_task(self._closing.wait())}
+        listener: asyncio.Task[None] | None = None
+        if client.protocol_version.startswith(_MODERN):
+            listener = asyncio.create_task(self._listen(client))
+        waits = stops | ({listener} if listener is not None else set())
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if listener is not None and listener in done and not done & stops:
+                if not ended.is_set():
+                    listener.result()  # a lost subscription raises: reconnect
+                await asyncio.wait(stops, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in waits:
+                t.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+
+    async def _listen(self, client: Client) -> None:
+        """Relist on each ``tools/list_changed``; return if the child cannot say."""
+        try:
+            async with client.listen(tools_list_changed=True) as sub:
+                async for _event in sub:
+                    await self._list_tools(client)
+        except (ListenNotSupportedError, MCPError):
+            return  # the child does not serve subscriptions/listen: its tools are fixed
+
+    async def _on_message(self, message: Any) -> None:
+        client = self._client
+        if isinstance(message, mcp_types.ToolListChangedNotification) and client is not None:
+            task = asyncio.create_task(self._relist(client))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _relist(self, client: Client) -> None:
+        try:
+            await self._list_tools(client)
+        except (MCPError, OSError, TimeoutError) as e:  # the connection task will notice
+            logger.warning("relisting the stdio MCP server's tools failed: %s", _describe(e))
+
+    async def _list_tools(self, client: Client) -> None:
+        async with self._refresh_lock:
+            tools: list[mcp_types.Tool] = []
+            cursor: str | None = None
+            while True:
+                page = await client.list_tools(cursor=cursor)
+                tools.extend(page.tools)
+                if not (cursor := page.next_cursor):
+                    break
+            new = tuple(tools)
+            if new == self._tools:
+                return
+            self._tools = new
+        logger.info("stdio MCP server lists %d tools", len(new))
+        if self._on_tools_changed is not None:
+            await self._on_tools_changed()
+
+
+class _EofWatchingReadStream:
+    """The child's read stream, setting ``ended`` once its stdout is exhausted."""
+
+    def __init__(self, inner: Any, ended: asyncio.Event) -> None:
+        self._inner = inner
+        self._ended = ended
+
+    async def receive(self) -> SessionMessage | Exception:
+        try:
+            item: SessionMessage | Exception = await self._inner.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            self._ended.set()
+            raise
+        return item
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    def __aiter__(self) -> _EofWatchingReadStream:
+        return self
+
+    async def __anext__(self) -> SessionMessage | Exception:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def __aenter__(self) -> _EofWatchingReadStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _eof_watching_stdio(
+    params: StdioServerParameters, ended: asyncio.Event, errlog: TextIO
+) -> AsyncIterator[TransportStreams]:
+    """The SDK's stdio transport, telling ``ended`` when the child's stdout closes."""
+    async with stdio_client(params, errlog=errlog) as (read, write):
+        yield _EofWatchingReadStream(read, ended), write
+
+
+def _tool_error(text: str) -> mcp_types.CallToolResult:
+    return mcp_types.CallToolResult(
+        content=[mcp_types.TextContent(type="text", text=text)], is_error=True
+    )
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, BaseExceptionGroup):
+        return "; ".join(_describe(x) for x in e.exceptions)
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+# ---------------------------------------------------------------- the HTTP-facing server
+
+
+def bridge_server(
+    upstream: StdioUpstream, *, name: str, listen: ListenHandler
+) -> Server[dict[str, Any]]:
+    """A server whose tools are ``upstream``'s; ``listen`` serves change subscriptions."""
+
+    async def list_tools(
+        ctx: ServerRequestContext[dict[str, Any]], params: mcp_types.PaginatedRequestParams | None
+    ) -> mcp_types.ListToolsResult:
+        if not upstream.ready:
+            await upstream.wait_ready()
+        return mcp_types.ListToolsResult(tools=list(upstream.tools))
+
+    async def call_tool(
+        ctx: ServerRequestContext[dict[str, Any]], params: mcp_types.CallToolRequestParams
+    ) -> mcp_types.CallToolResult:
+        return await upstream.call_tool(params.name, params.arguments)
+
+    return Server(
+        name,
+        get_tool_input_schema=upstream.input_schema,
+        on_list_tools=list_tools,
+        on_call_tool=call_tool,
+        on_subscriptions_listen=listen,
+    )
+
+
+# ---------------------------------------------------------------- serving
+
+
+class _UvicornServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the entry point owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def _url(host: str, port: int) -> str:
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://{f'[{shown}]' if ':' in shown else shown}:{port}/mcp"
+
+
+async def serve_http(
+    app: ASGIApp,
+    *,
+    host: str,
+    port: int,
+    stop: asyncio.Event,
+    on_stopping: Callable[[], None] | None = None,
+    grace: float = 5.0,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """Serve an MCP ASGI app until ``stop`` is set, then shut down gracefully.
+
+    Logs ``mcp server serving`` with the ``url`` (port 0 picks a free port) once the
+    socket listens; ``on_stopping`` runs before connections are drained (end long-lived
+    streams there); requests in flight get ``grace`` seconds.
+    """
+    sock = _bind(host, port)
+    try:
+        bound_port = sock.getsockname()[1]
+        server = _UvicornServer(
+            uvicorn.Config(
+                app,
+                log_config=None,
+                access_log=False,
+                lifespan="on",
+                timeout_graceful_shutdown=max(1, round(grace)),
+            )
+        )
+        serving = asyncio.create_task(server.serve(sockets=[sock]), name="mcp-http")
+        logger.info("mcp server serving", extra={"url": _url(host, bound_port), **(extra or {})})
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if serving.done():
+            serving.result()
+            raise RuntimeError("the HTTP server stopped before it was asked to")
+        logger.info("stop requested; shutting down")
+        if on_stopping is not None:
+            on_stopping()
+        server.should_exit = True
+        await serving
+    finally:
+        sock.close()
+
+
+async def _bridge(args: argparse.Namespace, command: list[str], stop: asyncio.Event) -> None:
+    bus = InMemorySubscriptionBus()
+
+    async def tools_changed() -> None:
+        await bus.publish(ToolsListChanged())
+
+    params = StdioServerParameters(
+        command=command[0],
+        args=command[1:],
+        env=dict(os.environ) if args.pass_environment else None,
+    )
+    listen = ListenHandler(bus)
+    async with StdioUpstream(params=params, on_tools_changed=tools_changed) as upstream:
+        server = bridge_server(
+            upstream, name=args.name or os.path.basename(command[0]), listen=listen
+        )
+        await serve_http(
+            server.streamable_http_app(host=args.host),
+            host=args.host,
+            port=args.port,
+            stop=stop,
+            on_stopping=listen.close,
+            extra={"command": command[0], "upstream_ready": upstream.ready},
+        )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="specmesh mcp-bridge",
+        usage="%(prog)s [options] -- COMMAND [ARGS...]",
+        description="Serve a stdio MCP server over streamable HTTP at /mcp.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="listen port; 0 picks a free one")
+    p.add_argument("--name", default=None, help="server name (default: the command's name)")
+    p.add_argument(
+        "--pass-environment",
+        action="store_true",
+        help="give the child this process's whole environment (default: HOME, PATH, ...)",
+    )
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``specmesh mcp-bridge``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1 :]
+    else:
+        command = []
+    args = parser.parse_args(argv)
+    if not command:
+        parser.print_usage(sys.stderr)
+        sys.stderr.write("error: the stdio server's command goes after --\n")
+        return EXIT_USAGE
+    configure_logging(level=str(args.log_level).upper())
+    try:
+        return asyncio.run(_run_until_signalled(lambda stop: _bridge(args, command, stop)))
+    except OSError as e:
+        logger.error("cannot start the bridge: %s", e)
+        return EXIT_FAILED
+    except Exception:
+        logger.exception("the bridge failed")
+        return EXIT_FAILED
+
+
+async def _run_until_signalled(body: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await body(stop)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
