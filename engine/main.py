@@ -18,11 +18,17 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
+
+# a2a-sdk traces every internal call (hundreds of spans per turn) unless told not to; the
+# engine's own spans (invoke_agent, chat, execute_tool) and the HTTP/gRPC server spans are
+# what a trace needs. Set it to "true" to get the SDK's spans back.
+os.environ.setdefault("OTEL_INSTRUMENTATION_A2A_SDK_ENABLED", "false")
 
 from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict

@@ -291,6 +291,148 @@ def cmd_services(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def _fleet(settings: Settings, args: argparse.Namespace | None = None) -> Any:
+    from specmesh.fleet import Fleet, FleetOptions
+
+    crds = Path(__file__).resolve().parent.parent.parent / "shared" / "istio" / "crd-all.gen.yaml"
+    options = FleetOptions(home=settings.home, istio_crds=crds if crds.exists() else None)
+    if args is not None and getattr(args, "llm_url", None):
+        options.llm_url = args.llm_url
+    return Fleet(options)
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    state = _fleet(settings, args).up()
+    if args.output == "json":
+        _print(state, "json")
+        return EXIT_OK
+    ep = state["endpoints"]
+    out = sys.stdout
+    out.write("specmesh fleet is up\n")
+    out.write(
+        f"  control plane API  {ep['controlPlane']}/api/v1  (gRPC {ep['controlPlaneGrpc']})\n"
+    )
+    out.write(f"  OTLP receiver      {ep['otlp']}\n")
+    out.write(f"  etcd               {ep['etcd']}\n  OpenBao            {ep['openbao']}\n")
+    out.write(f"  model              {ep['llm']}\n")
+    for name, url in ep["mcp"].items():
+        out.write(f"  MCP {name:<15}{url}\n")
+    for agent, tracks in sorted(state["agents"].items()):
+        for track, e in tracks.items():
+            out.write(f"  agent {agent} [{track}]  A2A {e['a2a']}  inbound {e['inbound']}\n")
+    out.write(f"sign in with the admin token in {state['adminTokenFile']}\n")
+    out.write('try: specmesh invoke mse-nacos-helper "Which Nacos services are registered?"\n')
+    return EXIT_OK
+
+
+def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
+    stopped = _fleet(settings).down()
+    sys.stdout.write(
+        ("stopped: " + ", ".join(stopped) if stopped else "nothing was running") + "\n"
+    )
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    status = _fleet(settings).status()
+    if args.output == "json":
+        ep = status.get("endpoints", {})
+        _print(
+            {
+                "etcd": ep.get("etcd"),
+                "openbao": ep.get("openbao"),
+                "controlPlane": ep.get("controlPlane"),
+                "controlPlaneGrpc": ep.get("controlPlaneGrpc"),
+                "otlp": ep.get("otlp"),
+                "agents": {
+                    a: {t: e["a2a"] for t, e in tracks.items()}
+                    for a, tracks in status.get("agents", {}).items()
+                },
+                "processes": [
+                    {k: p[k] for k in ("name", "pid", "role", "running")}
+                    for p in status.get("processes", [])
+                ],
+            },
+            "json",
+        )
+        return EXIT_OK
+    _table(
+        [
+            [p["name"], p["role"], str(p["pid"]), "running" if p["running"] else "stopped"]
+            for p in status.get("processes", [])
+        ],
+        ["NAME", "ROLE", "PID", "STATE"],
+    )
+    return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace, settings: Settings) -> int:
+    status = _fleet(settings).status()
+    wanted = [
+        p
+        for p in status.get("processes", [])
+        if (p.get("agent") and p["agent"].lower() == args.agent.lower()) or p["name"] == args.agent
+    ]
+    if not wanted:
+        raise NotFoundError(kind="fleet process", name=args.agent)
+    for p in wanted:
+        lines = Path(p["log"]).read_text(errors="replace").splitlines()[-args.tail :]
+        for line in lines:
+            sys.stdout.write(f"[{p['name']}] {line}\n")
+    return EXIT_OK
+
+
+def _agent_url(settings: Settings, agent: str, track: str) -> str:
+    status = _fleet(settings).status()
+    for name, tracks in status.get("agents", {}).items():
+        if name.lower() == agent.lower() and track in tracks:
+            return str(tracks[track]["a2a"])
+    raise NotFoundError(kind="running agent", name=f"{agent} [{track}]")
+
+
+async def cmd_invoke(args: argparse.Namespace, ctx: _Context) -> int:
+    from specmesh.a2aclient import invoke
+
+    url = args.url or _agent_url(ctx.settings, args.agent, args.track)
+
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    result = await invoke(url, args.message, context_id=args.context_id, on_text=show)
+    sys.stdout.write("\n")
+    if args.verbose_result:
+        sys.stderr.write(
+            f"[state {result.state}; contextId {result.context_id}; "
+            f"tools {', '.join(result.tool_calls) or 'none'}]\n"
+        )
+    return EXIT_OK if result.state == "completed" else EXIT_OTHER
+
+
+async def cmd_chat(args: argparse.Namespace, ctx: _Context) -> int:
+    from specmesh.a2aclient import invoke
+
+    url = args.url or _agent_url(ctx.settings, args.agent, args.track)
+    context_id: str | None = None
+    sys.stdout.write(f"chatting with {args.agent} (empty line or Ctrl-D to leave)\n")
+    while True:
+        try:
+            line = await asyncio.to_thread(input, "> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+
+        def show(piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        result = await invoke(url, line, context_id=context_id, on_text=show)
+        context_id = result.context_id
+        sys.stdout.write("\n")
+    return EXIT_OK
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from specmesh.spec.schema import check_schemas, write_schemas
 
@@ -378,6 +520,41 @@ def _parser() -> argparse.ArgumentParser:
     out(p, "table", ("table", "json", "yaml"))
     p.set_defaults(run=cmd_audit)
 
+    p = sub.add_parser("up", help="start the local fleet (services, control plane, agents)")
+    p.add_argument(
+        "--llm-url",
+        default=None,
+        help="an OpenAI-compatible provider instead of the scripted model",
+    )
+    out(p, "text", ("text", "json"))
+
+    sub.add_parser("down", help="stop what `specmesh up` started")
+
+    p = sub.add_parser("status", help="the local fleet's processes and endpoints")
+    out(p, "table", ("table", "json"))
+
+    p = sub.add_parser("logs", help="the logs of an agent's processes")
+    p.add_argument("agent")
+    p.add_argument("--tail", type=int, default=50)
+
+    for name, helptext in (
+        ("invoke", "ask an agent one question over A2A"),
+        ("chat", "talk to an agent over A2A, interactively"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("agent")
+        if name == "invoke":
+            p.add_argument("message")
+            p.add_argument("--context-id", default=None)
+            p.add_argument(
+                "--verbose-result",
+                action="store_true",
+                help="print the task state and tools used to stderr",
+            )
+        p.add_argument("--track", default="stable", choices=["stable", "canary"])
+        p.add_argument("--url", default=None, help="the agent's A2A URL (default: from the fleet)")
+        p.set_defaults(run=cmd_invoke if name == "invoke" else cmd_chat)
+
     p = sub.add_parser("services", help="local etcd and OpenBao")
     p.add_argument("action", choices=["up", "down", "status"])
 
@@ -428,6 +605,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "services":
             return cmd_services(args, settings)
+        if args.command in ("up", "down", "status", "logs"):
+            fleet_command = {
+                "up": cmd_up,
+                "down": cmd_down,
+                "status": cmd_status,
+                "logs": cmd_logs,
+            }[args.command]
+            return fleet_command(args, settings)
         if args.command == "schema":
             return cmd_schema(args)
         if args.command == "model-server":

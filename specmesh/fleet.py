@@ -1,0 +1,451 @@
+"""The local fleet (``specmesh up``): every part of specmesh as its own process.
+
+``up`` starts, in order: etcd and OpenBao (:mod:`specmesh.services`, with Vault PKI for
+the agents' mTLS), the scripted model server (unless an LLM provider is configured), the
+MCP servers the examples use (the project's ``nacos-mcp-tools`` and the third-party
+``mcp-server-time`` behind ``specmesh mcp-bridge``), the control plane; it applies the
+examples through the control plane's API (registering the MCP servers where they really
+run) and starts every agent as an engine + sidecar pair (two tracks for the agents listed
+in ``canary``). It returns once all of it is ready; the processes run on. ``down`` stops
+exactly the processes recorded in ``<home>/fleet.json`` (checking each one's command line
+first), then etcd and OpenBao.
+
+Engines get a minimal environment on purpose: no Vault address, token or any secret.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from specmesh.errors import ServiceError, SpecError
+from specmesh.names import resource_name
+from specmesh.services import LocalServices, free_port
+from specmesh.spec.manifest import load_path
+
+__all__ = ["Fleet", "FleetOptions"]
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+_READY_TIMEOUT = 120.0
+_ENGINE_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV")
+
+
+@dataclass
+class FleetOptions:
+    """What ``specmesh up`` runs."""
+
+    home: Path
+    examples: Path = REPO / "examples"
+    model_script: Path = REPO / "scripts" / "fleet-model-script.yaml"
+    llm_url: str | None = None
+    """An OpenAI-compatible provider to use instead of the scripted model server."""
+    canary: tuple[str, ...] = ("schedulex-assistant",)
+    """Agents started with a second (canary) track."""
+    istio_crds: Path | None = None
+
+
+@dataclass
+class _Proc:
+    name: str
+    pid: int
+    cmd: list[str]
+    log: str
+    role: str
+    agent: str | None = None
+    track: str | None = None
+    endpoints: dict[str, str] = field(default_factory=dict)
+
+
+class Fleet:
+    """Start, inspect and stop the local fleet whose state lives in ``home``."""
+
+    def __init__(self, options: FleetOptions) -> None:
+        self.options = options
+        self.home = options.home.resolve()
+        self.state_file = self.home / "fleet.json"
+        self.logs = self.home / "logs"
+        self._popen: dict[int, subprocess.Popen[bytes]] = {}
+
+    # ------------------------------------------------------------ state
+
+    def _read(self) -> dict[str, Any]:
+        if self.state_file.exists():
+            data: dict[str, Any] = json.loads(self.state_file.read_text())
+            return data
+        return {"processes": []}
+
+    def _write(self, state: dict[str, Any]) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.chmod(0o600)
+        tmp.replace(self.state_file)
+
+    # ------------------------------------------------------------ processes
+
+    def _spawn(
+        self, name: str, args: list[str], *, env: dict[str, str], role: str, **extra: Any
+    ) -> _Proc:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = self.logs / f"{name}.log"
+        cmd = [sys.executable, *args]
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=str(REPO),
+                start_new_session=True,
+            )
+        self._popen[proc.pid] = proc
+        return _Proc(name=name, pid=proc.pid, cmd=cmd, log=str(log), role=role, **extra)
+
+    def _wait(self, proc: _Proc, check: Any, what: str) -> None:
+        deadline = time.monotonic() + _READY_TIMEOUT
+        while time.monotonic() < deadline:
+            popen = self._popen.get(proc.pid)
+            exited = popen.poll() is not None if popen else not _alive(proc.pid, proc.cmd)
+            if exited:
+                tail = Path(proc.log).read_text(errors="replace")[-3000:]
+                raise ServiceError(service=proc.name, reason=f"exited before ready:\n{tail}")
+            try:
+                if check():
+                    return
+            except (requests.RequestException, OSError):
+                pass
+            time.sleep(0.1)
+        raise ServiceError(
+            service=proc.name,
+            reason=f"{what} not ready after {_READY_TIMEOUT:.0f}s (log: {proc.log})",
+        )
+
+    # ------------------------------------------------------------ up
+
+    def up(self) -> dict[str, Any]:
+        state = self._read()
+        if any(_alive(p["pid"], p["cmd"]) for p in state["processes"]):
+            raise ServiceError(
+                service="fleet",
+                reason=f"already running (see {self.state_file}); run `specmesh down` first",
+            )
+        loaded = load_path(self.options.examples)  # every example is valid before anything runs
+        procs: list[_Proc] = []
+        state = {"processes": [], "home": str(self.home)}
+        try:
+            services = LocalServices(home=self.home).start()
+            import asyncio
+
+            from specmesh.pki import setup_pki
+
+            asyncio.run(setup_pki(address=services["baoAddress"], token=services["baoToken"]))
+            admin_token = self._tokens()
+            base_env = {**os.environ, "SPECMESH_HOME": str(self.home), "SPECMESH_LOG_LEVEL": "INFO"}
+            endpoints: dict[str, Any] = {
+                "etcd": services["etcdEndpoint"],
+                "openbao": services["baoAddress"],
+            }
+
+            llm_url = self.options.llm_url
+            if llm_url is None:
+                port = free_port()
+                p = self._spawn(
+                    "model-server",
+                    [
+                        "-m",
+                        "specmesh.cli",
+                        "model-server",
+                        "--port",
+                        str(port),
+                        "--script",
+                        str(self.options.model_script),
+                    ],
+                    env=base_env,
+                    role="model",
+                )
+                procs.append(p)
+                llm_url = f"http://127.0.0.1:{port}/v1"
+                self._wait(
+                    p,
+                    lambda: requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok,
+                    "model server",
+                )
+            endpoints["llm"] = llm_url
+
+            mcp_urls: dict[str, str] = {}
+            port = free_port()
+            p = self._spawn(
+                "mcp-nacos-mcp-tools",
+                ["-m", "examples.mcp_servers.nacos_tools", "--port", str(port)],
+                env=base_env,
+                role="mcp",
+            )
+            procs.append(p)
+            mcp_urls["nacos-mcp-tools"] = f"http://127.0.0.1:{port}/mcp"
+            self._wait(p, lambda port=port: _tcp(port), "nacos-mcp-tools")
+            port = free_port()
+            p = self._spawn(
+                "mcp-time",
+                [
+                    "-m",
+                    "specmesh.cli",
+                    "mcp-bridge",
+                    "--port",
+                    str(port),
+                    "--",
+                    str(Path(sys.executable).parent / "mcp-server-time"),
+                ],
+                env=base_env,
+                role="mcp",
+            )
+            procs.append(p)
+            mcp_urls["time"] = f"http://127.0.0.1:{port}/mcp"
+            self._wait(p, lambda port=port: _tcp(port), "time MCP bridge")
+            endpoints["mcp"] = mcp_urls
+
+            cp_port, cp_grpc, cp_otlp = free_port(), free_port(), free_port()
+            cp_env = {
+                **base_env,
+                "SPECMESH_ETCD_ENDPOINT": services["etcdEndpoint"],
+                "SPECMESH_VAULT_ADDR": services["baoAddress"],
+                "SPECMESH_VAULT_TOKEN": services["baoToken"],
+                "SPECMESH_TOKENS_FILE": str(self.home / "tokens.json"),
+                "SPECMESH_GRPC_LISTEN": f"127.0.0.1:{cp_grpc}",
+                "SPECMESH_OTLP_LISTEN": f"127.0.0.1:{cp_otlp}",
+                "SPECMESH_TRACES_DB": str(self.home / "traces.db"),
+            }
+            if self.options.istio_crds and self.options.istio_crds.exists():
+                cp_env["SPECMESH_ISTIO_CRDS"] = str(self.options.istio_crds)
+            p = self._spawn(
+                "control-plane",
+                ["-m", "specmesh.cli", "control-plane", "--listen", f"127.0.0.1:{cp_port}"],
+                env=cp_env,
+                role="control-plane",
+            )
+            procs.append(p)
+            api = f"http://127.0.0.1:{cp_port}"
+            self._wait(p, lambda: requests.get(f"{api}/healthz", timeout=1).ok, "control plane")
+            endpoints.update(
+                controlPlane=api,
+                controlPlaneGrpc=f"127.0.0.1:{cp_grpc}",
+                otlp=f"http://127.0.0.1:{cp_otlp}",
+            )
+
+            self._apply(api, admin_token, loaded, mcp_urls)
+
+            agents: dict[str, Any] = {}
+            for m in loaded:
+                if m.kind != "Agent":
+                    continue
+                tracks = ["stable"] + (["canary"] if m.name in self.options.canary else [])
+                for track in tracks:
+                    pair = self._start_agent(
+                        m.name, track, services, base_env, llm_url, endpoints["otlp"]
+                    )
+                    procs.extend(pair)
+                    agents.setdefault(m.name, {})[track] = pair[1].endpoints
+            for p in procs:
+                if p.role == "sidecar":
+                    ops = p.endpoints["ops"]
+                    self._wait(
+                        p,
+                        lambda ops=ops: requests.get(f"{ops}/readyz", timeout=1).ok,
+                        f"agent {p.agent} ({p.track})",
+                    )
+            state.update(
+                processes=[p.__dict__ for p in procs],
+                endpoints=endpoints,
+                agents=agents,
+                adminTokenFile=str(self.home / "admin-token"),
+            )
+            self._write(state)
+            return state
+        except BaseException:
+            state["processes"] = [p.__dict__ for p in procs]
+            self._write(state)
+            self.down()
+            raise
+
+    def _tokens(self) -> str:
+        """An admin token for local sign-in, kept in ``<home>/admin-token`` (0600)."""
+        token_file = self.home / "admin-token"
+        if token_file.exists():
+            token = token_file.read_text().strip()
+        else:
+            token = "smt_" + secrets.token_urlsafe(32)
+            token_file.write_text(token + "\n")
+            token_file.chmod(0o600)
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        tokens = {
+            "tokens": [
+                {"name": "local-admin", "sha256": digest, "roles": ["admin", "secrets-admin"]}
+            ]
+        }
+        path = self.home / "tokens.json"
+        path.write_text(json.dumps(tokens, indent=2))
+        path.chmod(0o600)
+        return token
+
+    def _apply(self, api: str, token: str, loaded: list[Any], mcp_urls: dict[str, str]) -> None:
+        order = {"McpServer": 0, "Prompt": 1, "Agent": 2, "Release": 3}
+        headers = {"Authorization": f"Bearer {token}"}
+        for m in sorted(loaded, key=lambda m: order[m.kind]):
+            doc = m.manifest.model_dump(mode="json", by_alias=True)
+            if m.kind == "McpServer" and m.name in mcp_urls:
+                doc["spec"]["url"] = mcp_urls[m.name]
+            r = requests.post(
+                f"{api}/api/v1/apply", json={"manifest": doc}, headers=headers, timeout=60
+            )
+            if r.status_code != 200:
+                raise SpecError([], source=f"{m.source}: the control plane refused it: {r.text}")
+
+    def _start_agent(
+        self,
+        agent: str,
+        track: str,
+        services: dict[str, Any],
+        base_env: dict[str, str],
+        llm_url: str,
+        otlp: str,
+    ) -> list[_Proc]:
+        rn = resource_name(agent)
+        name = f"{rn}-{track}"
+        ports = {k: free_port() for k in ("egress", "inbound", "ops", "http", "grpc")}
+        sock = self.home / "run" / f"{name}.sock"
+        sock.parent.mkdir(parents=True, exist_ok=True)
+        common = {
+            "AGENT_NAME": agent,
+            "SPECMESH_SYNC_ADDR": f"unix:{sock}",
+            "SPECMESH_EGRESS_URL": f"http://127.0.0.1:{ports['egress']}",
+            "SPECMESH_ENGINE_HTTP": f"127.0.0.1:{ports['http']}",
+            "SPECMESH_ENGINE_GRPC": f"127.0.0.1:{ports['grpc']}",
+        }
+        sidecar_env = {
+            **base_env,
+            **common,
+            "SPECMESH_TRACK": track,
+            "SPECMESH_INSTANCE_ID": name,
+            "SPECMESH_INBOUND": f"127.0.0.1:{ports['inbound']}",
+            "SPECMESH_OPS": f"127.0.0.1:{ports['ops']}",
+            "SPECMESH_ETCD_ENDPOINT": services["etcdEndpoint"],
+            "SPECMESH_VAULT_ADDR": services["baoAddress"],
+            "SPECMESH_VAULT_TOKEN": services["baoToken"],
+            "SPECMESH_MTLS": "true",
+        }
+        if self.options.llm_url is None:
+            sidecar_env["SPECMESH_LLM_OVERRIDE_URL"] = llm_url
+        engine_env = {k: v for k, v in os.environ.items() if k in _ENGINE_ENV_KEEP}
+        engine_env.update(
+            common,
+            HOME=str(self.home),
+            SPECMESH_LOG_LEVEL="INFO",
+            LITELLM_LOCAL_MODEL_COST_MAP="True",
+            OTEL_EXPORTER_OTLP_ENDPOINT=otlp,
+            OTEL_SERVICE_NAME=f"agent-{rn}",
+        )
+        sidecar = self._spawn(
+            f"{name}-sidecar",
+            ["-m", "specmesh.cli", "sidecar"],
+            env=sidecar_env,
+            role="sidecar",
+            agent=agent,
+            track=track,
+        )
+        engine = self._spawn(
+            f"{name}-engine",
+            ["-m", "specmesh.cli", "engine"],
+            env=engine_env,
+            role="engine",
+            agent=agent,
+            track=track,
+        )
+        sidecar.endpoints = engine.endpoints = {
+            "a2a": f"http://127.0.0.1:{ports['http']}",
+            "a2aGrpc": f"127.0.0.1:{ports['grpc']}",
+            "inbound": f"https://127.0.0.1:{ports['inbound']}",
+            "ops": f"http://127.0.0.1:{ports['ops']}",
+            "egress": f"http://127.0.0.1:{ports['egress']}",
+        }
+        return [engine, sidecar]
+
+    # ------------------------------------------------------------ status, down
+
+    def status(self) -> dict[str, Any]:
+        state = self._read()
+        for p in state.get("processes", []):
+            p["running"] = _alive(p["pid"], p["cmd"])
+        services = LocalServices(home=self.home).status() if self.home.exists() else {}
+        return {**state, "services": services}
+
+    def down(self) -> list[str]:
+        """Stop what ``up`` started (and nothing else); return the names stopped."""
+        state = self._read()
+        stopped = []
+        for p in reversed(state.get("processes", [])):
+            if _alive(p["pid"], p["cmd"]):
+                _terminate(p["pid"])
+                stopped.append(p["name"])
+        state["processes"] = []
+        if self.state_file.exists():
+            self._write(state)
+        if (self.home / "services.json").exists():
+            LocalServices(home=self.home).stop()
+            stopped.append("etcd, openbao")
+        return stopped
+
+
+def _tcp(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _alive(pid: int, cmd: list[str]) -> bool:
+    """Whether ``pid`` runs and is still the process we started (not a reused pid)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            running = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+    except OSError:
+        return False
+    return running[1:] == cmd[1:]
+
+
+def _terminate(pid: int, timeout: float = 15.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return
+        except ChildProcessError:
+            if not Path(f"/proc/{pid}").exists():
+                return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)

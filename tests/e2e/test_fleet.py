@@ -1,0 +1,162 @@
+"""The whole local fleet (`specmesh up`) as separate processes: etcd, OpenBao, the scripted
+model server, two real MCP servers (one third-party, bridged), the control plane and every
+example agent as engine + sidecar (mTLS between sidecars, credentials from Vault).
+
+One fleet is started for the module; the tests use it in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from specmesh.a2aclient import InvokeResult, invoke
+from specmesh.cli import main as cli
+from specmesh.fleet import Fleet, FleetOptions
+
+from ..conftest import REPO
+
+pytestmark = pytest.mark.e2e
+
+SEED_SECRETS = ["sk-51668897d94****", "51668897d9410********", "8897d941******c7465cff2"]
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    home = tmp_path_factory.mktemp("fleet")
+    crds = REPO.parent / "shared" / "istio" / "crd-all.gen.yaml"
+    f = Fleet(FleetOptions(home=home, istio_crds=crds))
+    state = f.up()
+    state["_fleet"] = f
+    state["_home"] = home
+    yield state
+    f.down()
+
+
+def _ask(state: dict[str, Any], agent: str, text: str, track: str = "stable") -> InvokeResult:
+    url = state["agents"][agent][track]["a2a"]
+    return asyncio.run(asyncio.wait_for(invoke(url, text), 60))
+
+
+def _api(state: dict[str, Any], path: str) -> Any:
+    token = Path(state["adminTokenFile"]).read_text().strip()
+    r = requests.get(
+        f"{state['endpoints']['controlPlane']}{path}",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+    r.raise_for_status()
+    return r.json()
+
+
+def _eventually(check: Any, what: str, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_question_uses_an_mcp_tool_and_a_partner_over_a2a(fleet: dict[str, Any]) -> None:
+    result = _ask(fleet, "mse-nacos-helper", "Which Nacos services are registered?")
+
+    assert result.state == "completed"
+    assert result.tool_calls == ["nacos-mcp-tools__list_services", "ask_mse-gateway-assistant"]
+    assert "[gateway] Routes /nacos and /console point at the Nacos services" in result.text
+
+
+def test_one_trace_holds_the_spans_of_both_agents(fleet: dict[str, Any]) -> None:
+    def two_agent_trace() -> dict[str, Any] | None:
+        for t in _api(fleet, "/api/v1/traces?agent=mse-nacos-helper&limit=100"):
+            if {"mse-nacos-helper", "mse-gateway-assistant"} <= set(t["agents"]):
+                spans = _api(fleet, f"/api/v1/traces/{t['traceId']}")
+                names = {(s["agent"], s["name"]) for s in spans}
+                if ("mse-gateway-assistant", "invoke_agent mse-gateway-assistant") in names:
+                    return {"trace": t, "names": names, "spans": spans}
+        return None
+
+    found = _eventually(two_agent_trace, "a trace with both agents' spans")
+
+    names = found["names"]
+    assert ("mse-nacos-helper", "invoke_agent mse-nacos-helper") in names
+    assert ("mse-nacos-helper", "execute_tool nacos-mcp-tools__list_services") in names
+    assert ("mse-nacos-helper", "execute_tool ask_mse-gateway-assistant") in names
+    assert ("mse-gateway-assistant", "chat qwen-plus-latest") in names
+    assert found["trace"]["totalTokens"] > 0
+    assert len(found["spans"]) < 100  # the SDK's internal spans are off
+
+
+def test_the_third_party_mcp_server_answers_through_the_bridge(fleet: dict[str, Any]) -> None:
+    result = _ask(fleet, "schedulex-assistant", "What time is it?")
+    assert result.tool_calls == ["time__get_current_time"]
+    assert '"timezone": "UTC"' in result.text
+
+
+def test_a_prompt_change_is_used_by_the_next_invoke_without_restart(
+    fleet: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pids = {p["name"]: p["pid"] for p in fleet["processes"]}
+    manifest = tmp_path / "prompt.yaml"
+    manifest.write_text(
+        "apiVersion: specmesh.io/v1\nkind: Prompt\nmetadata: {name: mse-gateway-assistant}\n"
+        "spec:\n  version: '1.1.0'\n"
+        "  template: You are the MSE gateway assistant, second edition.\n"
+    )
+    services = json.loads((fleet["_home"] / "services.json").read_text())
+    monkeypatch.setenv("SPECMESH_HOME", str(fleet["_home"]))
+    monkeypatch.setenv("SPECMESH_ETCD_ENDPOINT", services["etcdEndpoint"])
+    assert cli(["apply", "-f", str(manifest)]) == 0
+    model = fleet["endpoints"]["llm"].removesuffix("/v1")
+
+    def served_new_prompt() -> bool:
+        requests.delete(f"{model}/_scripted/requests", timeout=10)
+        _ask(fleet, "mse-gateway-assistant", "Any route problems?")
+        recorded = requests.get(f"{model}/_scripted/requests", timeout=10).json()
+        bodies = recorded if isinstance(recorded, list) else recorded.get("requests", [])
+        return any("second edition" in json.dumps(r) for r in bodies)
+
+    _eventually(served_new_prompt, "the new prompt version in the model's request", timeout=30)
+    status = Fleet(FleetOptions(home=fleet["_home"])).status()
+    assert {p["name"]: p["pid"] for p in status["processes"] if p["running"]} == pids
+
+
+def test_engines_never_hold_a_secret(fleet: dict[str, Any]) -> None:
+    services = json.loads((fleet["_home"] / "services.json").read_text())
+    secrets = [*SEED_SECRETS, services["baoToken"]]
+    for p in fleet["processes"]:
+        if p["role"] != "engine":
+            continue
+        environ = Path(f"/proc/{p['pid']}/environ").read_bytes().decode(errors="replace")
+        assert "VAULT" not in environ and not [s for s in secrets if s in environ], p["name"]
+        log = Path(p["log"]).read_text(errors="replace")
+        assert not [s for s in secrets if s in log], p["name"]
+    traces = json.dumps(_api(fleet, "/api/v1/traces?limit=200"))
+    assert not [s for s in secrets if s in traces]
+
+
+def test_killing_one_agent_leaves_the_others_answering(fleet: dict[str, Any]) -> None:
+    victims = [p for p in fleet["processes"] if p.get("agent") == "schedulex-assistant"
+               and p.get("track") == "canary"]  # fmt: skip
+    for p in victims:
+        os.kill(p["pid"], signal.SIGKILL)
+
+    result = _ask(fleet, "mse-nacos-helper", "Which Nacos services are registered?")
+    assert result.state == "completed" and "[gateway]" in result.text
+    assert _ask(fleet, "schedulex-assistant", "How did the job run?").state == "completed"
+
+    def canary_gone() -> bool:
+        instances = _api(fleet, "/api/v1/instances?agent=schedulex-assistant")
+        return [i["track"] for i in instances] == ["stable"]
+
+    _eventually(canary_gone, "the registry to drop the killed instance", timeout=40)
