@@ -9,6 +9,7 @@ import logging
 import signal
 from collections.abc import Sequence
 from datetime import timedelta
+from pathlib import Path
 
 from aiohttp import web
 
@@ -17,6 +18,7 @@ from control_plane.auth import StaticTokenAuthenticator
 from control_plane.grpc_api import build_grpc_server
 from control_plane.mesh import IstioValidator, MeshSettings
 from control_plane.otlp import OtlpForwarder, OtlpReceiver, build_otlp_app
+from control_plane.publisher import KubernetesMeshSink, MeshPublisher, MeshSink, YamlMeshSink
 from control_plane.rest import build_app
 from control_plane.settings import ControlPlaneSettings
 from control_plane.traces import SqliteTraceStore, retention_loop
@@ -24,7 +26,7 @@ from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
 from specmesh.logs import configure_logging
 from specmesh.store import SpecStore
-from specmesh.vault import VaultClient
+from specmesh.vault import VaultClient, kubernetes_login
 
 __all__ = ["main", "serve"]
 
@@ -40,7 +42,15 @@ async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = 
     """Run the API (and the OTLP receiver) until ``stop`` is set (or forever)."""
     stop = stop or asyncio.Event()
     etcd = EtcdClient.from_endpoint(settings.etcd_endpoint)
-    vault = VaultClient(address=settings.vault_addr, token=settings.vault_token)
+    if settings.vault_k8s_role:
+        vault = await kubernetes_login(
+            address=settings.vault_addr,
+            role=settings.vault_k8s_role,
+            mount=settings.vault_k8s_mount,
+            jwt_path=settings.vault_k8s_token_path,
+        )
+    else:
+        vault = VaultClient(address=settings.vault_addr, token=settings.vault_token)
     store = SpecStore(etcd=etcd, keys=Keys(prefix=settings.etcd_prefix))
     istio = IstioValidator(settings.istio_crds) if settings.istio_crds else None
     traces = SqliteTraceStore(path=settings.traces_db)
@@ -77,9 +87,32 @@ async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = 
         stack.push_async_callback(grpc_server.stop, 5)
         logger.info("control plane gRPC API listening on %s", settings.grpc_listen)
         retention = timedelta(days=settings.traces_retention_days)
+        publisher = _publisher(settings, store, istio)
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(retention_loop(traces, older_than=retention, stop=stop))
+            publishing = tasks.create_task(publisher.run()) if publisher else None
             await stop.wait()
+            if publishing is not None:
+                publishing.cancel()
+
+
+def _publisher(
+    settings: ControlPlaneSettings, store: SpecStore, istio: IstioValidator | None
+) -> MeshPublisher | None:
+    sink: MeshSink
+    if settings.mesh_publish == "yaml":
+        sink = YamlMeshSink(settings.mesh_output_dir or Path(".specmesh") / "mesh")
+    elif settings.mesh_publish == "kubernetes":
+        sink = KubernetesMeshSink(namespace=settings.mesh_namespace)
+    else:
+        return None
+    logger.info("publishing Istio objects (%s) on every change", settings.mesh_publish)
+    return MeshPublisher(
+        store=store,
+        sink=sink,
+        settings=MeshSettings(namespace=settings.mesh_namespace),
+        validator=istio,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

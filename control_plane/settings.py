@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +29,11 @@ class ControlPlaneSettings(BaseSettings):
     vault_token: str = Field(
         default="", validation_alias=AliasChoices("SPECMESH_VAULT_TOKEN", "VAULT_TOKEN")
     )
+    vault_k8s_role: str | None = None
+    """Vault Kubernetes-auth role; when set, the control plane logs in with its service
+    account's token instead of ``vault_token``."""
+    vault_k8s_mount: str = "kubernetes"
+    vault_k8s_token_path: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
     vault_kv_mount: str = "secret"
     tokens_file: Path = Path(".specmesh/tokens.json")
     """Bearer tokens (hashed) and their roles."""
@@ -42,5 +48,8 @@ class ControlPlaneSettings(BaseSettings):
     """The embedded trace store (SQLite); ``:memory:`` keeps traces in memory only."""
     traces_retention_days: int = Field(default=7, ge=1)
     """Traces whose last span ended longer ago than this are dropped (checked hourly)."""
+    mesh_publish: Literal["none", "yaml", "kubernetes"] = "none"
+    """Where rendered Istio objects go on every change: nowhere, YAML files in
+    ``mesh_output_dir`` (GitOps), or server-side apply to the cluster."""
     mesh_output_dir: Path | None = None
     """Write rendered Istio objects here (GitOps) on every change."""

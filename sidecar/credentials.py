@@ -30,7 +30,7 @@ from typing import Protocol
 from specmesh.errors import SecretError, SecretNotFoundError, SecretReferenceError
 from specmesh.logs import register_secret
 from specmesh.secrets import VaultRef, is_reference
-from specmesh.vault import VaultClient
+from specmesh.vault import VaultClient, kubernetes_login
 
 __all__ = [
     "CredentialResolver",
@@ -95,28 +95,13 @@ class KubernetesLogin:
     timeout: float = 5.0
 
     async def login(self) -> VaultClient:
-        import hvac
-        import requests
-        from hvac import exceptions as hvac_exc
-
-        def _login() -> str:
-            client = hvac.Client(url=self.address, timeout=self.timeout)
-            jwt = self.jwt_path.read_text().strip()
-            try:
-                response = client.auth.kubernetes.login(
-                    role=self.role, jwt=jwt, mount_point=self.mount
-                )
-            finally:
-                client.adapter.close()
-            return str(response["auth"]["client_token"])
-
-        try:
-            token = await asyncio.wait_for(asyncio.to_thread(_login), self.timeout * 2)
-        except (hvac_exc.VaultError, requests.RequestException, OSError, TimeoutError) as e:
-            raise SecretError(
-                f"Vault Kubernetes login as role {self.role!r} failed: {type(e).__name__}"
-            ) from e
-        return VaultClient(address=self.address, token=token, timeout=self.timeout)
+        return await kubernetes_login(
+            address=self.address,
+            role=self.role,
+            mount=self.mount,
+            jwt_path=self.jwt_path,
+            timeout=self.timeout,
+        )
 
 
 @dataclass

@@ -76,8 +76,8 @@ class DataPlane:
             self._pki = PkiClient(
                 address=settings.vault_addr,
                 token=self.vault.token,
-                mount=settings.pki_mount,
-                role=settings.pki_role,
+                mount=settings.vault_pki_mount,
+                role=settings.vault_pki_role,
             )
             self.certificates = AgentCertificates(
                 agent=settings.agent_name, pki=self._pki, ttl=settings.cert_ttl

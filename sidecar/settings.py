@@ -101,9 +101,9 @@ class SidecarSettings(BaseSettings):
     refreshed in the background at two thirds of it."""
     cert_ttl: float = Field(default=300.0, ge=2, le=86_400)
     """TTL of the agent's mTLS certificate from Vault PKI, rotated at two thirds of it."""
-    pki_mount: str = "specmesh-pki"
+    vault_pki_mount: str = "specmesh-pki"
     """Vault PKI mount issuing agent certificates."""
-    pki_role: str = "specmesh-agent"
+    vault_pki_role: str = "specmesh-agent"
     """Vault PKI role issuing agent certificates."""
     shutdown_grace: float = Field(default=10.0, ge=0, le=300)
     """Seconds in-flight work may take to drain on SIGTERM."""

@@ -11,6 +11,7 @@ import asyncio
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 import hvac
@@ -26,7 +27,13 @@ from specmesh.errors import (
 from specmesh.names import resource_name
 from specmesh.secrets import VaultRef
 
-__all__ = ["VaultClient", "agent_policy", "agent_policy_name", "agent_secret_prefix"]
+__all__ = [
+    "VaultClient",
+    "agent_policy",
+    "agent_policy_name",
+    "agent_secret_prefix",
+    "kubernetes_login",
+]
 
 T = TypeVar("T")
 
@@ -174,3 +181,34 @@ class VaultClient:
             no_default_policy=True,
         )
         return str(response["auth"]["client_token"])
+
+
+async def kubernetes_login(
+    *,
+    address: str,
+    role: str,
+    mount: str = "kubernetes",
+    jwt_path: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token"),
+    timeout: float = 5.0,
+) -> VaultClient:
+    """Vault's Kubernetes auth method: the pod's service-account JWT for a token of ``role``.
+
+    Not exercised by the local tests (there is no cluster here).
+    """
+
+    def login() -> str:
+        client = hvac.Client(url=address, timeout=timeout)
+        try:
+            jwt = jwt_path.read_text().strip()
+            response = client.auth.kubernetes.login(role=role, jwt=jwt, mount_point=mount)
+        finally:
+            client.adapter.close()
+        return str(response["auth"]["client_token"])
+
+    try:
+        token = await asyncio.wait_for(asyncio.to_thread(login), timeout * 2)
+    except (hvac_exc.VaultError, requests.RequestException, OSError, TimeoutError) as e:
+        raise SecretError(
+            f"Vault Kubernetes login as role {role!r} failed: {type(e).__name__}"
+        ) from e
+    return VaultClient(address=address, token=token, timeout=timeout)

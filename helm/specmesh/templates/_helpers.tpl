@@ -2,7 +2,7 @@
 Helpers of the specmesh chart.
 
 Names and labels shared with the control plane live in specmesh/k8s.py (LABEL_AGENT,
-LABEL_TRACK, service_account_name, A2A_HTTP_PORT/A2A_GRPC_PORT) and
+LABEL_TRACK, service_account_name, A2A_HTTP_PORT) and
 specmesh/names.py (resource_name); tests/unit/test_helm_chart.py joins both sides.
 */}}
 
