@@ -16,6 +16,7 @@ from aiohttp import web
 from control_plane.api import ControlPlane
 from control_plane.auth import StaticTokenAuthenticator
 from control_plane.grpc_api import build_grpc_server
+from control_plane.mcptools import list_mcp_tools
 from control_plane.mesh import IstioValidator, MeshSettings
 from control_plane.otlp import OtlpForwarder, OtlpReceiver, build_otlp_app
 from control_plane.publisher import KubernetesMeshSink, MeshPublisher, MeshSink, YamlMeshSink
@@ -57,7 +58,7 @@ async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = 
     control_plane = ControlPlane(
         store=store, vault=vault, kv_mount=settings.vault_kv_mount,
         mesh_settings=MeshSettings(namespace=settings.mesh_namespace), istio=istio,
-        traces=traces,
+        traces=traces, tool_lister=list_mcp_tools,
     )  # fmt: skip
     authenticator = StaticTokenAuthenticator.from_file(settings.tokens_file)
     grpc_server = await build_grpc_server(control_plane, authenticator, settings.grpc_listen)

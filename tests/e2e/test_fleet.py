@@ -103,6 +103,13 @@ def test_the_third_party_mcp_server_answers_through_the_bridge(fleet: dict[str, 
     assert '"timezone": "UTC"' in result.text
 
 
+def test_the_mcp_registry_shows_the_tools_servers_really_offer(fleet: dict[str, Any]) -> None:
+    nacos = {t["name"] for t in _api(fleet, "/api/v1/mcp-servers/nacos-mcp-tools/tools")}
+    time_tools = {t["name"] for t in _api(fleet, "/api/v1/mcp-servers/time/tools")}
+    assert {"list_services", "get_service", "get_config", "list_configs"} == nacos
+    assert {"get_current_time", "convert_time"} == time_tools
+
+
 def test_a_prompt_change_is_used_by_the_next_invoke_without_restart(
     fleet: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
