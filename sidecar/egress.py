@@ -60,6 +60,7 @@ from specmesh.spec.models import ConnectionPoolSpec
 
 from .credentials import CredentialResolver, CredentialUnavailableError
 from .mtls import agent_dns_name
+from .relay import HOP_BY_HOP, relay
 from .router import NoInstanceError, Router
 from .state import SnapshotHolder
 
@@ -75,22 +76,6 @@ logger = logging.getLogger(__name__)
 
 RouteKind = Literal["llm", "llm_fallback", "embeddings", "mcp", "a2a", "unknown"]
 
-_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-    }
-)
 _ENGINE_CREDENTIALS = frozenset({"authorization", "x-api-key", "api-key"})
 _VERSIONED = re.compile(r"/v\d+[a-z0-9]*$")
 _DEFAULT_BASE_URLS = {
@@ -342,7 +327,7 @@ class EgressProxy:
                 upstream = await self._a2a(request, snapshot, out, body)
             status = upstream.status
             self.metrics.latency.labels(kind=kind).observe(time.perf_counter() - started)
-            return await self._relay(request, upstream)
+            return await relay(request, upstream, downstream="engine")
         except EgressError as e:
             status = e.status
             return e.response()
@@ -370,7 +355,7 @@ class EgressProxy:
         }
         for key, value in headers.items():
             low = key.lower()
-            if low in _HOP_BY_HOP or low in _ENGINE_CREDENTIALS or low in connection_listed:
+            if low in HOP_BY_HOP or low in _ENGINE_CREDENTIALS or low in connection_listed:
                 continue
             out.add(key, value)
         return out
@@ -497,39 +482,6 @@ class EgressProxy:
             raise EgressError(504, "upstream_timeout", f"{shown} timed out") from e
         except aiohttp.ClientError as e:
             raise EgressError(502, "upstream_error", f"{shown} failed ({type(e).__name__})") from e
-
-    async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse
-    ) -> web.StreamResponse:
-        """Stream the upstream response to the engine as it arrives."""
-        try:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            connection_listed = {
-                h.strip().lower()
-                for h in upstream.headers.get("Connection", "").split(",")
-                if h.strip()
-            }
-            for key, value in upstream.headers.items():
-                low = key.lower()
-                if low in _HOP_BY_HOP or low in connection_listed:
-                    continue
-                response.headers.add(key, value)
-            if upstream.content_length is not None and "Content-Encoding" not in upstream.headers:
-                response.content_length = upstream.content_length
-            await response.prepare(request)
-            try:
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-            except (aiohttp.ClientError, TimeoutError) as e:
-                # Headers are sent: the only honest signal left is to cut the connection.
-                logger.warning("upstream stream broke (%s); closing the engine's connection", e)
-                if request.transport is not None:
-                    request.transport.close()
-                return response
-            await response.write_eof()
-            return response
-        finally:
-            upstream.release()
 
     # ------------------------------------------------------------ A2A
 

@@ -27,6 +27,7 @@ from specmesh.store import SpecStore
 from specmesh.watch import PrefixWatcher
 
 from .mtls import AgentCertificates, agent_from_cert
+from .relay import HOP_BY_HOP, relay
 
 __all__ = [
     "EtcdPartnerGraph",
@@ -38,20 +39,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CALLER_HEADER = "X-Specmesh-Caller"
-_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-    }
-)
 
 
 class PartnerGraph(Protocol):
@@ -181,7 +168,7 @@ class InboundServer:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         headers: CIMultiDict[str] = CIMultiDict(
-            (k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP
+            (k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP
         )
         headers.popall(CALLER_HEADER, None)
         if self._certs is not None:
@@ -216,26 +203,7 @@ class InboundServer:
                 {"error": {"code": "engine_unreachable", "message": f"engine: {type(e).__name__}"}},
                 status=502,
             )
-        try:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            for key, value in upstream.headers.items():
-                if key.lower() not in _HOP_BY_HOP:
-                    response.headers.add(key, value)
-            if upstream.content_length is not None and "Content-Encoding" not in upstream.headers:
-                response.content_length = upstream.content_length
-            await response.prepare(request)
-            try:
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-            except (aiohttp.ClientError, TimeoutError) as e:
-                logger.warning("engine stream broke (%s); closing the caller's connection", e)
-                if request.transport is not None:
-                    request.transport.close()
-                return response
-            await response.write_eof()
-            return response
-        finally:
-            upstream.release()
+        return await relay(request, upstream, downstream="caller")
 
 
 def _refuse(message: str) -> web.Response:
