@@ -60,29 +60,6 @@ def _run(cmd: list[str]) -> None:
         )
 
 
-def ensure_etcd() -> str:
-    """Path of the ``etcd`` binary, installing Debian's ``etcd-server`` if missing."""
-    found = shutil.which("etcd")
-    if found:
-        return found
-    prefix: list[str] = []
-    if os.geteuid() != 0:
-        if not shutil.which("sudo"):
-            raise ServiceError(
-                service="etcd",
-                reason="not installed; run `apt-get install etcd-server` as root",
-            )
-        prefix = ["sudo", "-n"]
-    logger.info("installing etcd-server with apt-get")
-    env_prefix = [*prefix, "env", "DEBIAN_FRONTEND=noninteractive"]
-    _run([*env_prefix, "apt-get", "update", "-qq"])
-    _run([*env_prefix, "apt-get", "install", "-y", "-qq", "etcd-server", "etcd-client"])
-    found = shutil.which("etcd") or ("/usr/bin/etcd" if Path("/usr/bin/etcd").exists() else None)
-    if not found:
-        raise ServiceError(service="etcd", reason="etcd-server installed but no etcd binary")
-    return found
-
-
 def _apt_install(binary: str, *packages: str) -> str:
     """Path of ``binary``, installing the Debian ``packages`` if it is missing."""
     found = shutil.which(binary)
@@ -103,6 +80,11 @@ def _apt_install(binary: str, *packages: str) -> str:
     if not found:
         raise ServiceError(service=binary, reason=f"{' '.join(packages)} installed but no {binary}")
     return found
+
+
+def ensure_etcd() -> str:
+    """Path of the ``etcd`` binary, installing Debian's ``etcd-server`` if missing."""
+    return _apt_install("etcd", "etcd-server", "etcd-client")
 
 
 def ensure_redis() -> str:
