@@ -3,15 +3,22 @@
 Exit codes a script can rely on::
 
     0  done
-    1  the spec is invalid (every problem is printed, with its path)
-    2  bad usage (arguments)
+    1  the spec or request is invalid (every problem is printed, with its path)
+    2  bad usage (arguments; a control-plane-only command without a control plane)
     3  conflict: the expected revision is stale, or a name collides
     4  not found
-    5  etcd or Vault is unavailable
+    5  etcd, Vault or the control plane is unavailable
     6  any other specmesh error
+    7  not allowed: no or unknown token (401), or the token's roles may not (403)
 
-Writes go through :class:`specmesh.specservice.SpecService` against etcd and Vault
-directly for now; the control plane will take over writing behind the same code.
+Where writes go: when a control plane is configured (``SPECMESH_SERVER`` / ``--server``
+with ``SPECMESH_TOKEN`` / ``SPECMESH_TOKEN_FILE`` / ``--token``, or the local fleet of
+``specmesh up``), ``apply``, ``get``, ``describe``, ``history``, ``diff``, ``rollback``,
+``delete``, ``release``, ``mesh render`` and ``audit`` go through its REST API
+(:mod:`specmesh.apiclient`). Without one, ``apply``, ``get``, ``history``, ``diff``,
+``rollback``, ``delete`` and ``audit`` write etcd and Vault directly through
+:class:`specmesh.specservice.SpecService`; ``describe``, ``release``, ``mesh render`` and
+``get instances`` need the control plane and exit 2.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from specmesh.apiclient import ApiClient, ControlPlaneUnavailableError, NotAllowedError
 from specmesh.errors import (
     ConflictError,
     NameCollisionError,
@@ -41,6 +49,7 @@ from specmesh.errors import (
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
 from specmesh.settings import Settings
+from specmesh.spec.diff import Change
 from specmesh.spec.manifest import LoadedManifest, load_path
 from specmesh.specservice import SpecService
 from specmesh.store import SpecStore
@@ -50,19 +59,41 @@ __all__ = ["main"]
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_CONFLICT, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_OTHER = (
-    range(7)
-)
+(
+    EXIT_OK,
+    EXIT_INVALID,
+    EXIT_USAGE,
+    EXIT_CONFLICT,
+    EXIT_NOT_FOUND,
+    EXIT_UNAVAILABLE,
+    EXIT_OTHER,
+    EXIT_NOT_ALLOWED,
+) = range(8)
+
+
+class UsageError(SpecmeshError):
+    """The command cannot run as asked (exit 2), e.g. it needs a control plane."""
+
+
+def _needs_server(command: str) -> UsageError:
+    return UsageError(
+        f"`specmesh {command}` talks to the control plane, and none is configured: set "
+        "SPECMESH_SERVER (with SPECMESH_TOKEN or SPECMESH_TOKEN_FILE), pass --server/--token, "
+        "or start the local fleet with `specmesh up`"
+    )
 
 
 def _exit_code(error: SpecmeshError) -> int:
     table: list[tuple[type[SpecmeshError], int]] = [
         (SpecError, EXIT_INVALID),
+        (UsageError, EXIT_USAGE),
         (ConflictError, EXIT_CONFLICT),
         (NameCollisionError, EXIT_CONFLICT),
         (NotFoundError, EXIT_NOT_FOUND),
         (StoreUnavailableError, EXIT_UNAVAILABLE),
         (SecretUnavailableError, EXIT_UNAVAILABLE),
+        (ControlPlaneUnavailableError, EXIT_UNAVAILABLE),
+        (NotAllowedError, EXIT_NOT_ALLOWED),
     ]
     for kind, code in table:
         if isinstance(error, kind):
@@ -77,11 +108,11 @@ def _print(data: Any, output: str) -> None:
         sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def _table(rows: list[list[str]], header: list[str]) -> None:
+def _table(rows: list[list[str]], header: list[str], *, indent: str = "") -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         cells = (str(c).ljust(w) for c, w in zip(row, widths, strict=True))
-        sys.stdout.write("  ".join(cells).rstrip() + "\n")
+        sys.stdout.write(indent + "  ".join(cells).rstrip() + "\n")
 
 
 class _Context:
@@ -92,6 +123,34 @@ class _Context:
         self._stack = stack
         self._store: SpecStore | None = None
         self._service: SpecService | None = None
+        self._api: ApiClient | None = None
+
+    @property
+    def remote(self) -> bool:
+        """Whether commands go through the control plane's API (an empty SPECMESH_SERVER
+        turns the local fleet's default off: direct etcd/Vault)."""
+        return bool(self.settings.server)
+
+    @property
+    def api(self) -> ApiClient:
+        if self._api is None:
+            server = self.settings.server or ""
+            if not server.startswith(("http://", "https://")):
+                raise UsageError(f"control-plane URL {server!r} must start with http(s)://")
+            self._api = ApiClient(server=server, token=self._token())
+            self._stack.push_async_callback(self._api.close)
+        return self._api
+
+    def _token(self) -> str | None:
+        if self.settings.token is not None:
+            return self.settings.token.get_secret_value().strip() or None
+        path = self.settings.token_file
+        if path is None:
+            return None
+        try:
+            return path.read_text().strip() or None
+        except OSError as e:
+            raise UsageError(f"cannot read the token file {path}: {e.strerror}") from e
 
     @property
     def store(self) -> SpecStore:
@@ -139,6 +198,23 @@ async def cmd_validate(args: argparse.Namespace, ctx: _Context) -> int:
     return EXIT_OK
 
 
+async def _apply_one(ctx: _Context, m: LoadedManifest, args: argparse.Namespace) -> dict[str, Any]:
+    if ctx.remote:
+        return await ctx.api.apply(
+            m.manifest.model_dump(mode="json", by_alias=True),
+            expected_revision=args.expected_revision,
+            dry_run=args.dry_run,
+            source=m.source,
+        )
+    outcome = await ctx.service.apply(
+        m,
+        actor=ctx.settings.actor,
+        expected_revision=args.expected_revision,
+        dry_run=args.dry_run,
+    )
+    return outcome.to_json()
+
+
 async def cmd_apply(args: argparse.Namespace, ctx: _Context) -> int:
     loaded = _load_all(args.filename)  # every file is validated before anything is written
     order = {"McpServer": 0, "Prompt": 1, "Agent": 2, "Release": 3}
@@ -147,125 +223,330 @@ async def cmd_apply(args: argparse.Namespace, ctx: _Context) -> int:
         raise SpecError([], source="--expected-revision needs exactly one agent manifest")
     outcomes = []
     for m in loaded:
-        outcome = await ctx.service.apply(
-            m,
-            actor=ctx.settings.actor,
-            expected_revision=args.expected_revision,
-            dry_run=args.dry_run,
-        )
+        outcome = await _apply_one(ctx, m, args)
         outcomes.append(outcome)
         if args.output == "text":
-            verb = "unchanged" if not outcome.changed else "configured"
+            verb = "unchanged" if not outcome["changed"] else "configured"
             if args.dry_run:
                 verb = "valid (dry run)"
-            rev = f" (revision {outcome.revision})" if outcome.revision else ""
-            sys.stdout.write(f"{outcome.kind.lower()}/{outcome.name} {verb}{rev}\n")
-            for w in outcome.warnings:
+            rev = f" (revision {outcome['revision']})" if outcome.get("revision") else ""
+            sys.stdout.write(f"{outcome['kind'].lower()}/{outcome['name']} {verb}{rev}\n")
+            for w in outcome.get("warnings", []):
                 sys.stdout.write(f"  warning: {w}\n")
-            for s in outcome.secrets_moved:
+            for s in outcome.get("secretsMoved", []):
                 sys.stdout.write(f"  secret moved to Vault: {s}\n")
     if args.output != "text":
-        _print([o.to_json() for o in outcomes], args.output)
+        _print(outcomes, args.output)
     return EXIT_OK
 
 
+def _instances_table(instances: list[dict[str, Any]], *, indent: str = "") -> None:
+    _table(
+        [
+            [
+                str(i.get("instance", "")),
+                str(i.get("agent", "")),
+                str(i.get("track", "")),
+                str(i.get("revision", "")),
+                str(i.get("state", "")),
+                str(i.get("endpoint", "")),
+            ]
+            for i in instances
+        ],
+        ["INSTANCE", "AGENT", "TRACK", "REVISION", "STATE", "ENDPOINT"],
+        indent=indent,
+    )
+
+
 async def cmd_get(args: argparse.Namespace, ctx: _Context) -> int:
-    store = ctx.store
-    if args.resource in ("agents", "agent") and args.name:
-        record = await store.get_agent(args.name, args.revision)
-        _print(record.to_json(), args.output if args.output != "table" else "yaml")
+    resource = args.resource
+    if resource in ("instances", "instance"):
+        if not ctx.remote:
+            raise _needs_server("get instances")
+        instances = await ctx.api.list_instances(args.name)
+        if args.output == "table":
+            _instances_table(instances)
+        else:
+            _print(instances, args.output)
         return EXIT_OK
-    if args.resource in ("agents", "agent"):
-        agents = await store.list_agents()
+    if resource in ("agents", "agent") and args.name:
+        if ctx.remote:
+            record = await ctx.api.get_agent(args.name, args.revision)
+        else:
+            record = (await ctx.store.get_agent(args.name, args.revision)).to_json()
+        _print(record, args.output if args.output != "table" else "yaml")
+        return EXIT_OK
+    if resource in ("agents", "agent"):
+        if ctx.remote:
+            agents = await ctx.api.list_agents()
+        else:
+            agents = [a.to_json() for a in await ctx.store.list_agents()]
         if args.output == "table":
             _table(
-                [[a.name, str(a.revision), a.updated_at[:19], a.updated_by] for a in agents],
+                [
+                    [a["name"], str(a["revision"]), a["updatedAt"][:19], a["updatedBy"]]
+                    for a in agents
+                ],
                 ["NAME", "REVISION", "UPDATED", "BY"],
             )
         else:
-            _print([a.to_json() for a in agents], args.output)
+            _print(agents, args.output)
         return EXIT_OK
-    if args.resource in ("prompts", "prompt"):
-        prompts = await store.list_prompts()
+    if resource in ("prompts", "prompt"):
+        prompts = await ctx.api.list_prompts() if ctx.remote else await ctx.store.list_prompts()
         if args.output == "table":
             _table([[k, ", ".join(v)] for k, v in sorted(prompts.items())], ["KEY", "VERSIONS"])
         else:
             _print(prompts, args.output)
         return EXIT_OK
-    servers = await store.list_mcp_servers()
+    if ctx.remote:
+        servers = await ctx.api.list_mcp_servers()
+    else:
+        servers = {
+            n: s.model_dump(mode="json") for n, s in (await ctx.store.list_mcp_servers()).items()
+        }
     if args.output == "table":
         _table(
-            [[n, s.transport, s.url] for n, s in sorted(servers.items())],
+            [
+                [n, str(s.get("transport", "")), str(s.get("url", ""))]
+                for n, s in sorted(servers.items())
+            ],
             ["NAME", "TRANSPORT", "URL"],
         )
     else:
-        _print({n: s.model_dump(mode="json") for n, s in servers.items()}, args.output)
+        _print(servers, args.output)
     return EXIT_OK
 
 
+async def _history(ctx: _Context, agent: str) -> list[dict[str, Any]]:
+    if ctx.remote:
+        return await ctx.api.history(agent)
+    return [
+        {k: v for k, v in r.to_json().items() if k != "spec"}
+        for r in await ctx.store.history(agent)
+    ]
+
+
+def _history_table(records: list[dict[str, Any]], *, indent: str = "") -> None:
+    _table(
+        [
+            [
+                str(r["revision"]),
+                str(r.get("createdAt", ""))[:19],
+                str(r.get("author", "")),
+                str(r.get("action", "")),
+                str(r.get("message", "")),
+            ]
+            for r in records
+        ],
+        ["REVISION", "CREATED", "AUTHOR", "ACTION", "MESSAGE"],
+        indent=indent,
+    )
+
+
 async def cmd_history(args: argparse.Namespace, ctx: _Context) -> int:
-    records = await ctx.store.history(args.agent)
+    records = await _history(ctx, args.agent)
     if args.output == "table":
-        _table(
-            [[str(r.revision), r.created_at[:19], r.author, r.action, r.message] for r in records],
-            ["REVISION", "CREATED", "AUTHOR", "ACTION", "MESSAGE"],
-        )
+        _history_table(records)
     else:
-        _print(
-            [{k: v for k, v in r.to_json().items() if k != "spec"} for r in records], args.output
-        )
+        _print(records, args.output)
     return EXIT_OK
 
 
 async def cmd_diff(args: argparse.Namespace, ctx: _Context) -> int:
-    changes = await ctx.store.diff(args.agent, args.from_revision, args.to_revision)
+    if ctx.remote:
+        changes = await ctx.api.diff(args.agent, args.from_revision, args.to_revision)
+    else:
+        found = await ctx.store.diff(args.agent, args.from_revision, args.to_revision)
+        changes = [c.to_json() for c in found]
     if args.output == "text":
         for c in changes:
-            sys.stdout.write(f"{c}\n")
+            change = Change(path=c["path"], op=c["op"], old=c.get("old"), new=c.get("new"))
+            sys.stdout.write(f"{change}\n")
         if not changes:
             sys.stdout.write("no differences\n")
     else:
-        _print([c.to_json() for c in changes], args.output)
+        _print(changes, args.output)
     return EXIT_OK
 
 
 async def cmd_rollback(args: argparse.Namespace, ctx: _Context) -> int:
-    result = await ctx.store.rollback(
-        args.agent,
-        args.revision,
-        actor=ctx.settings.actor,
-        expected_revision=args.expected_revision,
-    )
+    if ctx.remote:
+        result = await ctx.api.rollback(
+            args.agent, args.revision, expected_revision=args.expected_revision
+        )
+    else:
+        done = await ctx.store.rollback(
+            args.agent,
+            args.revision,
+            actor=ctx.settings.actor,
+            expected_revision=args.expected_revision,
+        )
+        result = done.to_json()
     if args.output == "text":
         sys.stdout.write(
             f"agent/{args.agent} rolled back to revision {args.revision} "
-            f"as revision {result.revision}\n"
+            f"as revision {result['revision']}\n"
         )
     else:
-        _print(result.to_json(), args.output)
+        _print(result, args.output)
     return EXIT_OK
 
 
 async def cmd_delete(args: argparse.Namespace, ctx: _Context) -> int:
-    await ctx.store.delete_agent(
-        args.name, actor=ctx.settings.actor, expected_revision=args.expected_revision
-    )
+    if ctx.remote:
+        await ctx.api.delete_agent(args.name, expected_revision=args.expected_revision)
+    else:
+        await ctx.store.delete_agent(
+            args.name, actor=ctx.settings.actor, expected_revision=args.expected_revision
+        )
     sys.stdout.write(f"agent/{args.name} deleted\n")
     return EXIT_OK
 
 
 async def cmd_audit(args: argparse.Namespace, ctx: _Context) -> int:
-    entries = await ctx.store.audit_entries(name=args.name, limit=args.limit)
+    if ctx.remote:
+        entries = await ctx.api.audit(name=args.name, kind=args.kind, limit=args.limit)
+    else:
+        found = await ctx.store.audit_entries(name=args.name, kind=args.kind, limit=args.limit)
+        entries = [e.to_json() for e in found]
     if args.output == "table":
         _table(
             [
-                [e.time[:19], e.actor, e.action, e.kind, e.name, str(e.revision or "")]
+                [
+                    str(e["time"])[:19],
+                    str(e["actor"]),
+                    str(e["action"]),
+                    str(e["kind"]),
+                    str(e["name"]),
+                    str(e.get("revision") or ""),
+                ]
                 for e in entries
             ],
             ["TIME", "ACTOR", "ACTION", "KIND", "NAME", "REVISION"],
         )
     else:
-        _print([e.to_json() for e in entries], args.output)
+        _print(entries, args.output)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- control-plane-only commands
+
+
+def _release_line(agent: str, release: dict[str, Any] | None) -> str:
+    if release is None:
+        return f"release/{agent}: none (the latest revision takes every call)"
+    stable = release.get("stableRevision") or "latest"
+    canary = release.get("canaryRevision")
+    if canary is None:
+        return f"release/{agent}: stable revision {stable}, no canary"
+    line = (
+        f"release/{agent}: stable revision {stable}, canary revision {canary} "
+        f"at {release.get('canaryWeight', 0)}%"
+    )
+    headers = [_header_text(h) for h in release.get("headerMatch") or []]
+    if headers:
+        line += f", and calls with {' and '.join(headers)}"
+    return line
+
+
+def _header_text(h: dict[str, Any]) -> str:
+    for op, sign in (("exact", "="), ("prefix", "^="), ("regex", "~=")):
+        if h.get(op) is not None:
+            return f"{h['name']}{sign}{h[op]}"
+    return str(h.get("name", ""))
+
+
+def _show_release(agent: str, release: dict[str, Any] | None, output: str) -> None:
+    if output == "text":
+        sys.stdout.write(_release_line(agent, release) + "\n")
+    else:
+        _print(release, output)
+
+
+def _parse_header(raw: str) -> dict[str, str]:
+    name, sep, value = raw.partition("=")
+    if not sep or not name.strip():
+        raise UsageError(f"--header {raw!r}: expected NAME=VALUE (an exact match)")
+    return {"name": name.strip(), "exact": value}
+
+
+async def cmd_release(args: argparse.Namespace, ctx: _Context) -> int:
+    if not ctx.remote:
+        raise _needs_server(f"release {args.action}")
+    agent = args.agent
+    if args.action == "get":
+        _show_release(agent, await ctx.api.get_release(agent), args.output)
+        return EXIT_OK
+    if args.action == "promote":
+        _show_release(agent, await ctx.api.promote(agent), args.output)
+        return EXIT_OK
+    if args.action == "abort":
+        _show_release(agent, await ctx.api.abort(agent), args.output)
+        return EXIT_OK
+    # set: the split (canary revision, weight, header match) is replaced; the stable
+    # revision is kept unless given, and so are timeout, retries, outlier detection and
+    # connection pool. (Read-modify-write: the release endpoint has no expected revision.)
+    release = dict(await ctx.api.get_release(agent) or {})
+    release["canaryRevision"] = args.canary_revision
+    release["canaryWeight"] = args.weight
+    release["headerMatch"] = [_parse_header(h) for h in args.header]
+    if args.stable_revision is not None:
+        release["stableRevision"] = args.stable_revision
+    _show_release(agent, await ctx.api.set_release(agent, release), args.output)
+    return EXIT_OK
+
+
+async def cmd_describe(args: argparse.Namespace, ctx: _Context) -> int:
+    if not ctx.remote:
+        raise _needs_server("describe")
+    api = ctx.api
+    record = await api.get_agent(args.name)  # 404 first, before anything else
+    history, release, instances = await asyncio.gather(
+        api.history(args.name), api.get_release(args.name), api.list_instances(args.name)
+    )
+    if args.output != "text":
+        _print(
+            {"agent": record, "release": release, "history": history, "instances": instances},
+            args.output,
+        )
+        return EXIT_OK
+    spec: dict[str, Any] = record.get("spec") or {}
+    base = spec.get("base") or {}
+    model = spec.get("model") or {}
+    out = sys.stdout
+    out.write(f"Name:         {record['agent']}\n")
+    out.write(f"Description:  {base.get('description', '')}\n")
+    out.write(
+        f"Revision:     {record['revision']} ({record.get('action', '')} by "
+        f"{record.get('author', '')} at {str(record.get('createdAt', ''))[:19]})\n"
+    )
+    out.write(f"Model:        {model.get('model', '')}\n")
+    out.write(f"Prompt:       {base.get('promptKey', '')}\n")
+    partners = [p.get("agentName", "") for p in spec.get("partnerAgents") or []]
+    tools = [m.get("mcpServerName", "") for m in spec.get("mcpServers") or []]
+    out.write(f"MCP servers:  {', '.join(tools) or '-'}\n")
+    out.write(f"Partners:     {', '.join(partners) or '-'}\n")
+    out.write(f"Release:      {_release_line(record['agent'], release).split(': ', 1)[1]}\n")
+    out.write(f"Instances ({len(instances)}):\n")
+    if instances:
+        _instances_table(instances, indent="  ")
+    out.write(f"History ({len(history)} revisions, newest last):\n")
+    _history_table(history[-10:], indent="  ")
+    out.write("Spec:\n")
+    for line in yaml.safe_dump(spec, sort_keys=False, allow_unicode=True).splitlines():
+        out.write(f"  {line}\n")
+    return EXIT_OK
+
+
+async def cmd_mesh(args: argparse.Namespace, ctx: _Context) -> int:
+    if not ctx.remote:
+        raise _needs_server("mesh render")
+    objects = await ctx.api.mesh()
+    if args.output == "json":
+        _print(objects, "json")
+    else:
+        sys.stdout.write(yaml.safe_dump_all(objects, sort_keys=False, allow_unicode=True))
     return EXIT_OK
 
 
@@ -433,6 +714,87 @@ async def cmd_chat(args: argparse.Namespace, ctx: _Context) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- kb (knowledge base)
+
+_KB_SUFFIXES = (".md", ".markdown", ".txt")
+_KB_BATCH = 50
+
+
+def _kb_documents(paths: Sequence[str]) -> list[dict[str, str]]:
+    """The .md/.txt files under ``paths``; a file's source is its path relative to the
+    folder given (or its name, for a file given by itself)."""
+    docs: list[dict[str, str]] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files = sorted(
+                f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in _KB_SUFFIXES
+            )
+            docs += [
+                {"source": f.relative_to(path).as_posix(), "text": f.read_text(errors="replace")}
+                for f in files
+            ]
+        elif path.is_file():
+            docs.append({"source": path.name, "text": path.read_text(errors="replace")})
+        else:
+            raise NotFoundError(kind="file or folder", name=raw)
+    return docs
+
+
+async def cmd_kb(args: argparse.Namespace, ctx: _Context) -> int:
+    import httpx
+
+    url = (args.url or _agent_url(ctx.settings, args.agent, args.track)).rstrip("/")
+    endpoint = f"{url}/v1/knowledge/documents"
+    async with httpx.AsyncClient(timeout=args.timeout) as http:
+        try:
+            if args.action == "delete":
+                r = await http.delete(endpoint, params={"source": args.source})
+                if r.status_code != 200:
+                    return _kb_failed(r)
+                body = r.json()
+                sys.stdout.write(
+                    f"deleted {body['deleted']} chunks of {body['source']} "
+                    f"from {body['collection']} ({body['chunks']} chunks left)\n"
+                )
+                return EXIT_OK
+            docs = _kb_documents(args.paths)
+            if not docs:
+                sys.stderr.write("error: no .md or .txt file found\n")
+                return EXIT_INVALID
+            totals = dict.fromkeys(("added", "unchanged", "replaced", "chunksWritten"), 0)
+            body = {}
+            for i in range(0, len(docs), _KB_BATCH):
+                r = await http.post(endpoint, json={"documents": docs[i : i + _KB_BATCH]})
+                if r.status_code != 200:
+                    return _kb_failed(r)
+                body = r.json()
+                for key in totals:
+                    totals[key] += int(body.get(key, 0))
+        except httpx.HTTPError as e:
+            sys.stderr.write(f"error: {endpoint}: {type(e).__name__} {e}\n")
+            return EXIT_UNAVAILABLE
+    sys.stdout.write(
+        f"ingested {len(docs)} documents into {body['collection']}: added {totals['added']}, "
+        f"unchanged {totals['unchanged']}, replaced {totals['replaced']} "
+        f"({totals['chunksWritten']} chunks written; {body['chunks']} in the collection)\n"
+    )
+    return EXIT_OK
+
+
+def _kb_failed(r: Any) -> int:
+    try:
+        message = r.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = r.text[:500]
+    sys.stderr.write(f"error: HTTP {r.status_code}: {message}\n")
+    if r.status_code == 400:
+        return EXIT_INVALID
+    if r.status_code in (502, 503):
+        return EXIT_UNAVAILABLE
+    return EXIT_NOT_FOUND if r.status_code == 404 else EXIT_OTHER
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from specmesh.spec.schema import check_schemas, write_schemas
 
@@ -455,13 +817,37 @@ def cmd_schema(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 
+def _remote_flags(p: argparse.ArgumentParser, default: Any) -> None:
+    p.add_argument(
+        "--server",
+        default=default,
+        help="control-plane URL (default: SPECMESH_SERVER, else the local fleet's)",
+    )
+    p.add_argument(
+        "--token",
+        default=default,
+        help="bearer token (default: SPECMESH_TOKEN, SPECMESH_TOKEN_FILE, or the fleet's)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="specmesh", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="specmesh",
+        description=__doc__.split("\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1].split("\n\nWhere")[0].replace("::", ":"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _remote_flags(parser, None)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def out(p: argparse.ArgumentParser, default: str, choices: Sequence[str]) -> None:
         p.add_argument("-o", "--output", default=default, choices=list(choices))
+
+    def api_command(name: str, helptext: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=helptext)
+        _remote_flags(p, argparse.SUPPRESS)  # also after the command, kubectl-style
+        return p
 
     p = sub.add_parser("validate", help="validate manifests (no service needed)")
     p.add_argument(
@@ -470,7 +856,7 @@ def _parser() -> argparse.ArgumentParser:
     out(p, "text", ("text", "json"))
     p.set_defaults(run=cmd_validate)
 
-    p = sub.add_parser("apply", help="validate and store manifests; secrets go to Vault")
+    p = api_command("apply", "validate and store manifests; secrets go to Vault")
     p.add_argument("-f", "--filename", action="append", required=True)
     p.add_argument(
         "--expected-revision",
@@ -482,43 +868,89 @@ def _parser() -> argparse.ArgumentParser:
     out(p, "text", ("text", "json", "yaml"))
     p.set_defaults(run=cmd_apply)
 
-    p = sub.add_parser("get", help="list or show agents, prompts, mcpservers")
-    p.add_argument("resource", choices=["agents", "agent", "prompts", "prompt", "mcpservers"])
-    p.add_argument("name", nargs="?")
+    p = api_command("get", "list or show agents, prompts, mcpservers, instances")
+    p.add_argument(
+        "resource",
+        choices=["agents", "agent", "prompts", "prompt", "mcpservers", "instances", "instance"],
+    )
+    p.add_argument("name", nargs="?", help="an agent (for agent and instances)")
     p.add_argument("--revision", type=int, default=None)
     out(p, "table", ("table", "json", "yaml"))
     p.set_defaults(run=cmd_get)
 
-    p = sub.add_parser("history", help="revisions of an agent")
+    p = api_command("describe", "an agent: spec, release, live instances, history")
+    p.add_argument("resource", choices=["agent"])
+    p.add_argument("name")
+    out(p, "text", ("text", "json", "yaml"))
+    p.set_defaults(run=cmd_describe)
+
+    p = api_command("history", "revisions of an agent")
     p.add_argument("agent")
     out(p, "table", ("table", "json", "yaml"))
     p.set_defaults(run=cmd_history)
 
-    p = sub.add_parser("diff", help="differences between two revisions of an agent")
+    p = api_command("diff", "differences between two revisions of an agent")
     p.add_argument("agent")
     p.add_argument("from_revision", type=int)
     p.add_argument("to_revision", type=int)
     out(p, "text", ("text", "json", "yaml"))
     p.set_defaults(run=cmd_diff)
 
-    p = sub.add_parser("rollback", help="a new revision equal to an old one")
+    p = api_command("rollback", "a new revision equal to an old one")
     p.add_argument("agent")
     p.add_argument("revision", type=int)
     p.add_argument("--expected-revision", type=int, default=None)
     out(p, "text", ("text", "json", "yaml"))
     p.set_defaults(run=cmd_rollback)
 
-    p = sub.add_parser("delete", help="delete an agent (its audit stays)")
+    p = api_command("delete", "delete an agent (its audit stays)")
     p.add_argument("resource", choices=["agent"])
     p.add_argument("name")
     p.add_argument("--expected-revision", type=int, default=None)
     p.set_defaults(run=cmd_delete)
 
-    p = sub.add_parser("audit", help="who changed what")
+    p = api_command("audit", "who changed what")
     p.add_argument("--name", default=None)
+    p.add_argument("--kind", default=None, help="agent, prompt, mcpserver, release...")
     p.add_argument("--limit", type=int, default=50)
     out(p, "table", ("table", "json", "yaml"))
     p.set_defaults(run=cmd_audit)
+
+    p = api_command("release", "an agent's canary release (control plane)")
+    actions = p.add_subparsers(dest="action", required=True)
+    for action, helptext in (
+        ("get", "show the release policy"),
+        ("set", "set the canary revision, its weight and header match"),
+        ("promote", "the canary becomes stable; the split ends"),
+        ("abort", "the split ends; stable stays"),
+    ):
+        a = actions.add_parser(action, help=helptext)
+        _remote_flags(a, argparse.SUPPRESS)
+        a.add_argument("agent")
+        if action == "set":
+            a.add_argument("--canary-revision", type=int, required=True)
+            a.add_argument(
+                "--weight", type=int, default=0, help="percent of calls to the canary (0-100)"
+            )
+            a.add_argument(
+                "--stable-revision", type=int, default=None, help="default: kept (or latest)"
+            )
+            a.add_argument(
+                "--header",
+                action="append",
+                default=[],
+                metavar="NAME=VALUE",
+                help="calls with this header value go to the canary (repeatable: all must match)",
+            )
+        out(a, "text", ("text", "json", "yaml"))
+    p.set_defaults(run=cmd_release)
+
+    p = api_command("mesh", "the Istio objects the control plane publishes")
+    mesh_actions = p.add_subparsers(dest="action", required=True)
+    a = mesh_actions.add_parser("render", help="print them (YAML documents by default)")
+    _remote_flags(a, argparse.SUPPRESS)
+    out(a, "yaml", ("yaml", "json"))
+    p.set_defaults(run=cmd_mesh)
 
     p = sub.add_parser("up", help="start the local fleet (services, control plane, agents)")
     p.add_argument(
@@ -555,6 +987,20 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--url", default=None, help="the agent's A2A URL (default: from the fleet)")
         p.set_defaults(run=cmd_invoke if name == "invoke" else cmd_chat)
 
+    p = sub.add_parser("kb", help="an agent's knowledge base (ingest, delete)")
+    kb_actions = p.add_subparsers(dest="action", required=True)
+    a = kb_actions.add_parser("ingest", help="chunk, embed and store .md/.txt files")
+    a.add_argument("agent")
+    a.add_argument("paths", nargs="+", help="files or folders (searched recursively)")
+    a = kb_actions.add_parser("delete", help="delete the chunks of one source")
+    a.add_argument("agent")
+    a.add_argument("--source", required=True, help="the source (as ingest named it)")
+    for a in kb_actions.choices.values():
+        a.add_argument("--track", default="stable", choices=["stable", "canary"])
+        a.add_argument("--url", default=None, help="the engine's URL (default: from the fleet)")
+        a.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+        a.set_defaults(run=cmd_kb)
+
     p = sub.add_parser("services", help="local etcd and OpenBao")
     p.add_argument("action", choices=["up", "down", "status"])
 
@@ -589,6 +1035,16 @@ def _process_commands() -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group="specmesh.commands")}
 
 
+def _settings(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, with ``--server`` / ``--token`` on top."""
+    overrides: dict[str, Any] = {}
+    if getattr(args, "server", None):
+        overrides["server"] = args.server
+    if getattr(args, "token", None):
+        overrides["token"] = args.token
+    return Settings(**overrides)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     processes = _process_commands()
@@ -601,8 +1057,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    settings = Settings()
     try:
+        settings = _settings(args)
         if args.command == "services":
             return cmd_services(args, settings)
         if args.command in ("up", "down", "status", "logs"):

@@ -1,0 +1,472 @@
+"""The ``specmesh`` command through the control plane's REST API: a real control-plane
+process on real etcd and OpenBao, the CLI driven in-process with SPECMESH_SERVER and
+SPECMESH_TOKEN. The error-mapping table of :mod:`specmesh.apiclient` is checked at the
+HTTP boundary with httpx's mock transport."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import requests
+import yaml
+
+from control_plane.auth import Role, StaticTokenAuthenticator
+from specmesh import apiclient
+from specmesh.cli import main
+from specmesh.errors import ConflictError, NameCollisionError, NotFoundError, SpecError
+from specmesh.etcd import EtcdClient
+from specmesh.names import resource_name
+from specmesh.services import LocalServices, free_port
+from specmesh.settings import Settings
+
+from ..conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+EXAMPLES = REPO / "examples"
+PLAINTEXT_IN_EXAMPLES = [
+    "sk-51668897d94****",
+    "51668897d94*******",
+    "51668897d9410********",
+    "8897d941******c7465cff2",
+    "sk-gateway-example-0001",
+    "sk-schedulex-example-0002",
+]
+
+
+@dataclass(frozen=True)
+class ControlPlane:
+    url: str
+    prefix: str
+    admin: str
+    operator: str
+    viewer: str
+
+
+@pytest.fixture(scope="module")
+def control_plane(
+    services: LocalServices, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ControlPlane]:
+    tmp = tmp_path_factory.mktemp("cli-api")
+    admin, operator, viewer = (f"tok-{r}-{uuid.uuid4().hex}" for r in ("a", "o", "v"))
+    tokens = tmp / "tokens.json"
+    StaticTokenAuthenticator.write_file(
+        tokens,
+        {
+            admin: ("ci-admin", [Role.ADMIN]),  # the examples register MCP servers (admin only)
+            operator: ("ci-operator", [Role.OPERATOR]),
+            viewer: ("ci-viewer", [Role.VIEWER]),
+        },
+    )
+    port = free_port()
+    prefix = f"/cli-api-{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "SPECMESH_ETCD_ENDPOINT": services.etcd.endpoint,
+        "SPECMESH_ETCD_PREFIX": prefix,
+        "SPECMESH_VAULT_ADDR": services.bao.address,
+        "SPECMESH_VAULT_TOKEN": services.bao.root_token,
+        "SPECMESH_TOKENS_FILE": str(tokens),
+        "SPECMESH_GRPC_LISTEN": f"127.0.0.1:{free_port()}",
+        "SPECMESH_OTLP_LISTEN": f"127.0.0.1:{free_port()}",
+        "SPECMESH_TRACES_DB": str(tmp / "traces.db"),
+        "SPECMESH_ISTIO_CRDS": str(REPO.parent / "shared" / "istio" / "crd-all.gen.yaml"),
+    }
+    log_path = tmp / "cp.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "specmesh.cli", "control-plane", "--listen",
+             f"127.0.0.1:{port}"],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/healthz", timeout=1).ok:
+                break
+        except requests.RequestException:
+            time.sleep(0.1)  # polling a condition with a deadline
+    else:
+        proc.kill()
+        pytest.fail(f"control plane did not start: {log_path.read_text()}")
+    yield ControlPlane(url, prefix, admin, operator, viewer)
+    proc.terminate()
+    proc.wait(timeout=10)
+    assert proc.returncode == 0, log_path.read_text()
+
+
+@pytest.fixture
+def cp(
+    control_plane: ControlPlane, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> ControlPlane:
+    """The CLI's environment: the control plane as operator; no fleet, no direct etcd."""
+    for name in list(os.environ):
+        if name.startswith(("SPECMESH_", "VAULT_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("SPECMESH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SPECMESH_ETCD_ENDPOINT", "http://127.0.0.1:1")  # never used
+    monkeypatch.setenv("SPECMESH_SERVER", control_plane.url)
+    monkeypatch.setenv("SPECMESH_TOKEN", control_plane.operator)
+    return control_plane
+
+
+def _agent_folder(tmp_path: Path, name: str, temperature: str) -> Path:
+    folder = tmp_path / name
+    folder.mkdir(exist_ok=True)
+    (folder / "agent-base.json").write_text('{"description": "d", "promptKey": "p"}')
+    (folder / "model.json").write_text(f'{{"model": "m", "temperature": {temperature}}}')
+    return folder
+
+
+def _two_revisions(tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]) -> Path:
+    for t in ("0.1", "0.2"):
+        folder = _agent_folder(tmp_path, name, t)
+        assert main(["apply", "-f", str(folder)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    return folder
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _dump(services: LocalServices, prefix: str) -> str:
+    async def read() -> str:
+        client = EtcdClient(host=services.etcd.host, port=services.etcd.client_port)
+        try:
+            result = await client.range(prefix + "/", prefix=True)
+        finally:
+            await client.close()
+        return "\n".join(f"{kv.key}={kv.value.decode()}" for kv in result.kvs)
+
+    return asyncio.run(read())
+
+
+# ---------------------------------------------------------------- through the API
+
+
+def test_apply_examples_through_the_api_moves_secrets_to_vault(
+    cp: ControlPlane,
+    services: LocalServices,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("SPECMESH_TOKEN", cp.admin)
+
+    code, out, err = _run(capsys, "apply", "-f", str(EXAMPLES))
+
+    assert code == 0, err
+    assert "agent/mse-nacos-helper configured (revision 1)" in out
+    assert "secret moved to Vault: model.apiKey" in out
+    dump = _dump(services, cp.prefix)
+    assert "/agents/mse-nacos-helper/revisions/0000000001" in dump
+    assert [s for s in PLAINTEXT_IN_EXAMPLES if s in dump] == []
+    assert "vault://secret/specmesh/agents/mse-nacos-helper/model/apiKey#value" in dump
+    code, out, _ = _run(capsys, "get", "agents", "-o", "json")
+    assert code == 0
+    names = {a["name"] for a in json.loads(out)}
+    assert {"mse-nacos-helper", "mse-gateway-assistant", "schedulex-assistant"} <= names
+    code, out, _ = _run(capsys, "audit", "--name", "mse-nacos-helper", "-o", "json")
+    assert [e["actor"] for e in json.loads(out)] == ["ci-admin"]  # the token, not $USER
+
+
+def test_get_describe_history_diff_rollback(
+    cp: ControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _two_revisions(tmp_path, "cli-lifecycle", capsys)
+
+    code, out, _ = _run(capsys, "get", "agents", "-o", "json")
+    assert code == 0
+    assert ("cli-lifecycle", 2) in [(a["name"], a["revision"]) for a in json.loads(out)]
+    code, out, _ = _run(capsys, "get", "agents")
+    assert out.splitlines()[0].split() == ["NAME", "REVISION", "UPDATED", "BY"]
+    assert any(line.split()[:2] == ["cli-lifecycle", "2"] for line in out.splitlines())
+    code, out, _ = _run(capsys, "describe", "agent", "cli-lifecycle")
+    assert code == 0
+    assert "Revision:     2 (apply by ci-operator" in out
+    assert "Release:      none" in out
+    assert "temperature: 0.2" in out
+    code, out, _ = _run(capsys, "describe", "agent", "cli-lifecycle", "-o", "yaml")
+    described = yaml.safe_load(out)
+    assert described["agent"]["revision"] == 2
+    assert [r["revision"] for r in described["history"]] == [1, 2]
+    assert described["release"] is None and described["instances"] == []
+    code, out, _ = _run(capsys, "history", "cli-lifecycle")
+    assert code == 0 and "ci-operator" in out
+    code, out, _ = _run(capsys, "diff", "cli-lifecycle", "1", "2")
+    assert (code, out) == (0, "~ model.temperature: 0.1 -> 0.2\n")
+    code, out, _ = _run(capsys, "rollback", "cli-lifecycle", "1")
+    assert code == 0 and "as revision 3" in out
+    code, out, _ = _run(capsys, "get", "agent", "cli-lifecycle", "-o", "json")
+    assert json.loads(out)["spec"]["model"]["temperature"] == 0.1
+    code, out, _ = _run(capsys, "audit", "--name", "cli-lifecycle", "-o", "json")
+    assert [e["action"] for e in json.loads(out)] == ["rollback", "apply", "apply"]
+    code, out, _ = _run(capsys, "get", "instances", "cli-lifecycle", "-o", "json")
+    assert (code, json.loads(out)) == (0, [])
+    code, out, _ = _run(capsys, "delete", "agent", "cli-lifecycle", "--expected-revision", "3")
+    assert (code, out) == (0, "agent/cli-lifecycle deleted\n")
+    assert _run(capsys, "get", "agent", "cli-lifecycle")[0] == 4
+
+
+def test_release_set_promote_abort_and_mesh_render(
+    cp: ControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _two_revisions(tmp_path, "cli-canary", capsys)
+
+    code, out, err = _run(
+        capsys, "release", "set", "cli-canary",
+        "--canary-revision", "2", "--weight", "10", "--stable-revision", "1",
+    )  # fmt: skip
+    assert code == 0, err
+    assert out == "release/cli-canary: stable revision 1, canary revision 2 at 10%\n"
+
+    code, out, err = _run(capsys, "mesh", "render")
+    assert code == 0, err
+    docs = list(yaml.safe_load_all(out))
+    vs = next(
+        d for d in docs
+        if d["kind"] == "VirtualService" and d["metadata"]["name"] == resource_name("cli-canary")
+    )  # fmt: skip
+    weights = [(r["destination"]["subset"], r["weight"]) for r in vs["spec"]["http"][-1]["route"]]
+    assert weights == [("stable", 90), ("canary", 10)]
+    code, out, _ = _run(capsys, "mesh", "render", "-o", "json")
+    assert {d["kind"] for d in json.loads(out)} >= {"VirtualService", "DestinationRule"}
+
+    code, out, _ = _run(capsys, "release", "promote", "cli-canary", "-o", "json")
+    promoted = json.loads(out)
+    assert (promoted["stableRevision"], promoted["canaryRevision"]) == (2, None)
+    code, out, _ = _run(
+        capsys, "release", "set", "cli-canary", "--canary-revision", "1",
+        "--header", "x-canary=yes",
+    )  # fmt: skip
+    assert out == (
+        "release/cli-canary: stable revision 2, canary revision 1 at 0%, "
+        "and calls with x-canary=yes\n"
+    )
+    code, out, _ = _run(capsys, "release", "abort", "cli-canary")
+    assert (code, out) == (0, "release/cli-canary: stable revision 2, no canary\n")
+    code, out, _ = _run(capsys, "release", "get", "cli-canary", "-o", "json")
+    assert json.loads(out)["canaryWeight"] == 0
+
+    code, _, err = _run(capsys, "release", "abort", "cli-canary")
+    assert code == 1 and "has no canary" in err
+    code, _, err = _run(
+        capsys, "release", "set", "cli-canary", "--canary-revision", "2", "--weight", "150"
+    )
+    assert code == 1 and "canaryWeight: must be <= 100 (got 150)" in err  # the server's issue
+    assert _run(capsys, "release", "set", "cli-canary", "--canary-revision", "2",
+                "--header", "no-equals-sign")[0] == 2  # fmt: skip
+
+
+# ---------------------------------------------------------------- exit codes
+
+
+def test_a_bad_manifest_exits_1_with_the_path(
+    cp: ControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "apiVersion: specmesh.io/v1\nkind: Agent\nmetadata: {name: cli-bad}\n"
+        "spec:\n  base: {description: d, promptKey: p}\n  model: {model: m, temperature: 7}\n"
+    )
+
+    code, out, err = _run(capsys, "apply", "-f", str(bad))
+
+    assert code == 1
+    assert "spec.model.temperature: must be <= 2 (got 7)" in err
+    assert out == ""
+
+
+def test_a_stale_expected_revision_exits_3(
+    cp: ControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = _two_revisions(tmp_path, "cli-stale", capsys)
+
+    code, _, err = _run(capsys, "apply", "-f", str(folder), "--expected-revision", "1")
+    assert code == 3
+    assert "conflict on agent 'cli-stale'" in err
+    assert _run(capsys, "rollback", "cli-stale", "1", "--expected-revision", "1")[0] == 3
+    _agent_folder(tmp_path, "cli-stale", "0.3")
+    assert _run(capsys, "apply", "-f", str(folder), "--expected-revision", "2")[0] == 0
+
+
+def test_not_found_exits_4(cp: ControlPlane, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(capsys, "get", "agent", "cli-nobody")
+    assert code == 4 and "'cli-nobody' not found" in err
+    assert _run(capsys, "describe", "agent", "cli-nobody")[0] == 4
+    assert _run(capsys, "history", "cli-nobody")[0] == 4
+
+
+def test_a_viewer_reads_but_may_not_apply_exit_7(
+    cp: ControlPlane,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    folder = _two_revisions(tmp_path, "cli-viewed", capsys)
+    monkeypatch.setenv("SPECMESH_TOKEN", cp.viewer)
+
+    assert _run(capsys, "get", "agent", "cli-viewed", "-o", "json")[0] == 0
+    code, _, err = _run(capsys, "apply", "-f", str(folder))
+    assert code == 7
+    assert "'ci-viewer' may not agents.write" in err
+    assert _run(capsys, "release", "promote", "cli-viewed")[0] == 7
+    assert _run(capsys, "get", "agents", "--token", "not-a-token")[0] == 7
+    monkeypatch.delenv("SPECMESH_TOKEN")
+    code, _, err = _run(capsys, "get", "agents")
+    assert code == 7 and "SPECMESH_TOKEN" in err
+    token_file = tmp_path / "token"
+    token_file.write_text(cp.viewer + "\n")
+    monkeypatch.setenv("SPECMESH_TOKEN_FILE", str(token_file))
+    assert _run(capsys, "get", "agents")[0] == 0
+    monkeypatch.setenv("SPECMESH_TOKEN_FILE", str(tmp_path / "missing"))
+    code, _, err = _run(capsys, "get", "agents")
+    assert code == 2 and "cannot read the token file" in err
+
+
+def test_a_control_plane_that_is_down_exits_5(
+    cp: ControlPlane, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    down = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("SPECMESH_SERVER", down)
+
+    code, out, err = _run(capsys, "get", "agents")
+
+    assert code == 5
+    assert f"control plane at {down} is unavailable" in err
+    assert out == ""
+    assert _run(capsys, "apply", "-f", str(EXAMPLES / "prompts"))[0] == 5
+
+
+def test_the_local_fleet_is_the_default_server(
+    control_plane: ControlPlane,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("SPECMESH_"):
+            monkeypatch.delenv(name)
+    home = tmp_path / "fleet"
+    home.mkdir()
+    state = {
+        "endpoints": {"controlPlane": control_plane.url},
+        "processes": [{"name": "control-plane", "role": "control-plane", "pid": 1}],
+    }
+    (home / "fleet.json").write_text(json.dumps(state))
+    (home / "admin-token").write_text(control_plane.viewer + "\n")
+    monkeypatch.setenv("SPECMESH_HOME", str(home))
+
+    assert _run(capsys, "get", "agents", "-o", "json")[0] == 0
+    assert Settings().server == control_plane.url
+    monkeypatch.setenv("SPECMESH_SERVER", "")  # the way back to direct etcd/Vault
+    assert _run(capsys, "mesh", "render")[0] == 2
+    monkeypatch.delenv("SPECMESH_SERVER")
+
+    (home / "fleet.json").write_text(json.dumps({**state, "processes": []}))  # `specmesh down`
+    assert Settings().server is None
+    code, _, err = _run(capsys, "mesh", "render")
+    assert code == 2 and "SPECMESH_SERVER" in err
+
+
+def test_without_a_server_the_control_plane_commands_exit_2(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("SPECMESH_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("SPECMESH_HOME", str(tmp_path / "home"))
+
+    for argv in (
+        ["release", "get", "a"],
+        ["release", "set", "a", "--canary-revision", "2", "--weight", "10"],
+        ["mesh", "render"],
+        ["describe", "agent", "a"],
+        ["get", "instances"],
+    ):
+        code, _, err = _run(capsys, *argv)
+        assert code == 2, argv
+        assert "SPECMESH_SERVER" in err
+
+
+# ---------------------------------------------------------------- the error table
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "error", "exit_code"),
+    [
+        (400, {"error": {"code": "invalid_spec", "message": "m", "issues": [
+            {"path": "spec.x", "rule": "le", "message": "must be <= 2 (got 7)"}]}},
+         SpecError, 1),
+        (400, {"error": {"code": "bad_request", "message": "revision: required"}}, SpecError, 1),
+        (401, {"error": {"code": "unauthenticated", "message": "unknown bearer token"}},
+         apiclient.NotAllowedError, 7),
+        (403, {"error": {"code": "permission_denied", "message": "'v' may not agents.write"}},
+         apiclient.NotAllowedError, 7),
+        (403, {"error": {"code": "vault_denied", "message": "denied"}},
+         apiclient.NotAllowedError, 7),
+        (404, {"error": {"code": "not_found", "message": "agent 'a' not found"}},
+         NotFoundError, 4),
+        (409, {"error": {"code": "conflict", "message": "conflict on agent 'a'"}},
+         ConflictError, 3),
+        (409, {"error": {"code": "name_collision", "message": "maps to"}},
+         NameCollisionError, 3),
+        (503, {"error": {"code": "store_unavailable", "message": "etcd down"}},
+         apiclient.ControlPlaneUnavailableError, 5),
+        (500, {"error": {"code": "internal", "message": "internal error"}},
+         apiclient.ApiError, 6),
+        (502, "<html>bad gateway</html>", apiclient.ControlPlaneUnavailableError, 5),
+        (418, None, apiclient.ApiError, 6),
+    ],
+)  # fmt: skip
+def test_every_error_answer_maps_to_a_specmesh_error_and_an_exit_code(
+    status: int, body: Any, error: type[Exception], exit_code: int
+) -> None:
+    from specmesh.cli import _exit_code
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if isinstance(body, str):
+            return httpx.Response(status, text=body)
+        return httpx.Response(status, json=body) if body is not None else httpx.Response(status)
+
+    async def call() -> None:
+        async with apiclient.ApiClient(
+            server="http://cp.test", token="t", transport=httpx.MockTransport(answer)
+        ) as api:
+            await api.list_agents()
+
+    with pytest.raises(error) as caught:
+        asyncio.run(call())
+
+    assert _exit_code(caught.value) == exit_code
+    if isinstance(caught.value, SpecError) and status == 400 and body["error"].get("issues"):
+        assert "spec.x: must be <= 2 (got 7)" in str(caught.value)
+
+
+def test_transport_failures_map_to_unavailable() -> None:
+    def fail(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("slow", request=request)
+
+    async def call() -> None:
+        async with apiclient.ApiClient(
+            server="http://cp.test", token=None, transport=httpx.MockTransport(fail)
+        ) as api:
+            await api.mesh()
+
+    with pytest.raises(apiclient.ControlPlaneUnavailableError, match="timed out"):
+        asyncio.run(call())
