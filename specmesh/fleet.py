@@ -283,18 +283,26 @@ class Fleet:
             raise
 
     def _tokens(self) -> str:
-        """An admin token for local sign-in, kept in ``<home>/admin-token`` (0600)."""
-        token_file = self.home / "admin-token"
-        if token_file.exists():
-            token = token_file.read_text().strip()
-        else:
+        """An admin token for local sign-in, kept in ``<home>/admin-token`` (0600), and one
+        token per narrower role (``<home>/tokens-viewer``, ``-operator``, ``-secrets-admin``)
+        to try the Studio as someone who may do less."""
+
+        def token_in(file: Path) -> str:
+            if file.exists():
+                return file.read_text().strip()
             token = "smt_" + secrets.token_urlsafe(32)
-            token_file.write_text(token + "\n")
-            token_file.chmod(0o600)
-        digest = hashlib.sha256(token.encode()).hexdigest()
+            file.write_text(token + "\n")
+            file.chmod(0o600)
+            return token
+
+        token = token_in(self.home / "admin-token")
+        entries = [("local-admin", token, ["admin", "secrets-admin"])]
+        for role in ("viewer", "operator", "secrets-admin"):
+            entries.append((f"local-{role}", token_in(self.home / f"tokens-{role}"), [role]))
         tokens = {
             "tokens": [
-                {"name": "local-admin", "sha256": digest, "roles": ["admin", "secrets-admin"]}
+                {"name": name, "sha256": hashlib.sha256(t.encode()).hexdigest(), "roles": roles}
+                for name, t, roles in entries
             ]
         }
         path = self.home / "tokens.json"
@@ -326,7 +334,7 @@ class Fleet:
     ) -> list[_Proc]:
         rn = resource_name(agent)
         name = f"{rn}-{track}"
-        ports = {k: free_port() for k in ("egress", "inbound", "ops", "http", "grpc")}
+        ports = {k: free_port() for k in ("egress", "inbound", "ops", "http", "grpc", "redis")}
         sock = self.home / "run" / f"{name}.sock"
         sock.parent.mkdir(parents=True, exist_ok=True)
         common = {
@@ -335,6 +343,7 @@ class Fleet:
             "SPECMESH_EGRESS_URL": f"http://127.0.0.1:{ports['egress']}",
             "SPECMESH_ENGINE_HTTP": f"127.0.0.1:{ports['http']}",
             "SPECMESH_ENGINE_GRPC": f"127.0.0.1:{ports['grpc']}",
+            "SPECMESH_REDIS_PROXY": f"127.0.0.1:{ports['redis']}",
         }
         sidecar_env = {
             **base_env,
