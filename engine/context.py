@@ -11,8 +11,10 @@ model           :class:`engine.llm.ModelClient`                  the client
 prompt          :class:`engine.prompt.PromptSet` (base+bundle)   the rendered versions
 MCP server      :class:`engine.tools.mcp.McpConnection`          the session, tool list
 partner         :class:`engine.tools.partners.PartnerTool`       the agent card
-memory          the runtime's :class:`ConversationMemory`         always (history stays)
-knowledge       ``None`` until the knowledge issue fills it
+memory          :class:`ConversationMemory` (in process: the      the store (shared, ref-
+                runtime's; Redis: via the sidecar's proxy) and   counted); the recall is
+                :class:`engine.recall.ConversationRecall`        rebuilt with each context
+knowledge       :class:`engine.knowledge.KnowledgeBase` or None  the store, embedder
 ==============  ==============================================  =======================
 
 MCP connections and partner tools are shared by every context that uses them unchanged
@@ -36,9 +38,12 @@ from specmesh.snapshot import ResolvedSnapshot
 from specmesh.spec.models import McpServerRef
 
 from .errors import ContextBuildError, PromptError
+from .knowledge.base import KnowledgeBase
+from .knowledge.errors import KnowledgeError
 from .llm import ModelClient
-from .memory import ConversationMemory
+from .memory import ConversationMemory, InMemoryConversationMemory, RedisConversationMemory
 from .prompt import PromptSet
+from .recall import ConversationRecall
 from .settings import EngineSettings
 from .tools import Tool
 from .tools.mcp import McpConnection, McpTool, mcp_tools
@@ -100,8 +105,10 @@ class RuntimeContext:
     mcp: tuple[tuple[McpServerRef, McpConnection], ...]
     partners: tuple[PartnerTool, ...]
     memory: ConversationMemory
-    knowledge: None = None
-    """Slot for the knowledge base (filled by the knowledge issue)."""
+    recall: ConversationRecall
+    """The memory part: search strategy and compression over ``memory``."""
+    knowledge: KnowledgeBase | None = None
+    """The knowledge base, when the spec enables one."""
     fingerprints: Mapping[str, str] = field(default_factory=dict)
     _tool_cache: dict[str, tuple[int, list[McpTool]]] = field(default_factory=dict, repr=False)
 
@@ -181,6 +188,7 @@ class ContextBuilder:
         self._http = http or httpx.AsyncClient(headers={VERSION_HEADER: PROTOCOL_VERSION_CURRENT})
         self._mcp: _SharedPool[McpConnection] = _SharedPool()
         self._partners: _SharedPool[PartnerTool] = _SharedPool()
+        self._memories: _SharedPool[ConversationMemory] = _SharedPool()
 
     @property
     def open_mcp_connections(self) -> int:
@@ -215,11 +223,11 @@ class ContextBuilder:
                 record_content=self._settings.record_content,
             )
         )
-        if spec.memory.storage_type != "inMemory":
-            logger.warning(
-                "memory storageType %s is not available yet; history stays in process",
-                spec.memory.storage_type,
-            )
+        knowledge = (
+            previous.knowledge
+            if previous and same("knowledge")
+            else await self._open_knowledge(snapshot)
+        )
 
         acquired_mcp: list[str] = []
         acquired_partners: list[str] = []
@@ -268,6 +276,7 @@ class ContextBuilder:
         except BaseException:
             await self._release_keys(acquired_mcp, acquired_partners)
             raise
+        memory = self._acquire_memory(snapshot, fingerprints, previous)
         return RuntimeContext(
             agent_name=snapshot.agent_name,
             revision=snapshot.revision,
@@ -276,13 +285,71 @@ class ContextBuilder:
             prompt=prompt,
             mcp=tuple(mcp),
             partners=tuple(partners),
-            memory=self._memory,
-            knowledge=None,
+            memory=memory,
+            recall=ConversationRecall(
+                memory=memory,
+                spec=spec,
+                egress_url=self._egress,
+                record_content=self._settings.record_content,
+            ),
+            knowledge=knowledge,
             fingerprints=fingerprints,
         )
 
+    async def _open_knowledge(self, snapshot: ResolvedSnapshot) -> KnowledgeBase | None:
+        spec = snapshot.spec.knowledge
+        if not spec.enabled:
+            return None
+        try:
+            return await KnowledgeBase.open(
+                spec,
+                egress_url=self._egress,
+                data_dir=self._settings.data_dir,
+                record_content=self._settings.record_content,
+            )
+        except KnowledgeError as e:
+            raise ContextBuildError(revision=snapshot.revision, reason=e.reason) from e
+
+    def _acquire_memory(
+        self,
+        snapshot: ResolvedSnapshot,
+        fingerprints: Mapping[str, str],
+        previous: RuntimeContext | None,
+    ) -> ConversationMemory:
+        """The memory store of ``snapshot``: Redis clients are shared by the contexts whose
+        memory part is the same (reference-counted); in-process memory is the runtime's."""
+        spec = snapshot.spec.memory
+        if spec.storage_type != "redis":
+            if previous is not None and previous.fingerprints.get("memory") == fingerprints.get(
+                "memory"
+            ):
+                return previous.memory
+            if isinstance(self._memory, InMemoryConversationMemory):
+                return self._memory.with_ttl(spec.ttl_seconds)
+            return self._memory
+        key = f"memory|{fingerprints['memory']}"
+        memory = self._memories.get(key)
+        if memory is None:
+            memory = RedisConversationMemory.for_spec(
+                spec,
+                proxy=self._settings.redis_proxy,
+                agent_name=snapshot.agent_name,
+                timeout=self._settings.redis_timeout_seconds,
+            )
+            self._memories.add(key, memory)
+        return memory
+
+    async def _release_memory(self, context: RuntimeContext) -> None:
+        if context.snapshot.spec.memory.storage_type != "redis":
+            return
+        memory = self._memories.release(f"memory|{context.fingerprints['memory']}")
+        if memory is not None:
+            logger.info("closing the memory store client (no context uses it)")
+            await memory.aclose()
+
     async def release(self, context: RuntimeContext) -> None:
         """The context is no longer used: close what no other context holds."""
+        await self._release_memory(context)
         fp = context.fingerprints
         mcp_keys = [
             f"mcp:{ref.mcp_server_name}|{fp[f'mcp:{ref.mcp_server_name}']}"
@@ -311,6 +378,7 @@ class ContextBuilder:
         """Close every shared resource (shutdown)."""
         closing: list[Awaitable[None]] = [c.aclose() for c in self._mcp.drain()]
         closing += [p.aclose() for p in self._partners.drain()]
+        closing += [m.aclose() for m in self._memories.drain()]
         if closing:
             await asyncio.gather(*closing)
         if self._own_http:

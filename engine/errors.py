@@ -20,6 +20,8 @@ and httpx in :mod:`engine.tools.partners`, grpc in :mod:`engine.intake`::
         +-- ToolTimeoutError       the tool did not answer within the tool timeout
         +-- CallDepthExceededError a partner call would exceed the call-depth limit
                                    (``depth``, ``limit``)
+    +-- MemoryStoreError           the conversation memory store failed (``operation``,
+                                   ``reason``); redis errors translated in :mod:`engine.memory`
 
 Messages are safe to show a caller: they never hold a secret or message content.
 """
@@ -30,6 +32,7 @@ __all__ = [
     "CallDepthExceededError",
     "ContextBuildError",
     "EngineError",
+    "MemoryStoreError",
     "ModelError",
     "ModelRequestError",
     "ModelTimeoutError",
@@ -120,3 +123,14 @@ class CallDepthExceededError(ToolError):
         )
         self.depth = depth
         self.limit = limit
+
+
+class MemoryStoreError(EngineError):
+    """The conversation memory store failed (unreachable, timed out, refused)."""
+
+    code = "memory_unavailable"
+
+    def __init__(self, *, operation: str, reason: str) -> None:
+        super().__init__(f"memory {operation}: {reason}")
+        self.operation = operation
+        self.reason = reason

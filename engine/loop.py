@@ -2,7 +2,10 @@
 
 One turn, on one :class:`RuntimeContext`:
 
-1. choose the prompt version for the conversation, read its history;
+1. choose the prompt version for the conversation, recall its history (search strategy,
+   compression: :mod:`engine.recall`); with a knowledge
+   base in ``auto`` mode, search it with the user's message and add the passages as a
+   system message (in ``tool`` mode, offer ``search_knowledge`` instead);
 2. call the model with the tools the context offers, streaming its text as
    :class:`TextDelta` s;
 3. if it asks for tools, run them concurrently (a task group, each call with the tool
@@ -15,7 +18,8 @@ One turn, on one :class:`RuntimeContext`:
 Exactly one TurnCompleted or TurnFailed ends the stream. Closing or cancelling the
 iteration cancels the model call or tool calls in flight. Spans: ``invoke_agent``
 around the turn, ``chat`` per model call (in :mod:`engine.llm`), ``execute_tool`` per
-tool call; no message content unless ``record_content``.
+tool call, ``retrieve`` per knowledge search (in :mod:`engine.knowledge`); no message
+content unless ``record_content``. The passages retrieved become the answer's citations.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .context import RuntimeContext
-from .errors import ModelError, ToolError
+from .errors import MemoryStoreError, ModelError, ToolError
+from .knowledge.base import KnowledgeBase, Passage, passages_message
+from .knowledge.errors import KnowledgeError
 from .llm import ModelReply, TextChunk, ToolCallRequest
 from .runner import (
     TextDelta,
@@ -97,14 +103,30 @@ async def run_turn(
     outcome = "error"
     try:
         tools = context.tools()
+        passages: list[Passage] = []
+        knowledge = context.knowledge
+        if knowledge is not None and knowledge.mode == "tool":
+            search = knowledge.tool(passages)
+            tools.setdefault(search.definition.name, search)
         definitions = [t.definition.openai() for t in tools.values()]
-        history = await context.memory.get(request.context_id)
+        recalled = await context.recall.recall(
+            request.context_id,
+            request.text,
+            system=[{"role": "system", "content": prompt.text}],
+            tools=definitions,
+            parent=turn_ctx,
+        )
+        history = recalled.messages
         user = {"role": "user", "content": request.text}
         messages: list[dict[str, Any]] = [
             {"role": "system", "content": prompt.text},
             *history,
-            user,
         ]
+        if knowledge is not None and knowledge.mode == "auto":
+            passages.extend(await _retrieve(knowledge, request.text, parent=turn_ctx))
+            if passages:
+                messages.append(passages_message(passages))
+        messages.append(user)
         for _step in range(limits.max_steps):
             reply: ModelReply | None = None
             stream = context.model.stream(
@@ -120,9 +142,7 @@ async def run_turn(
             for key in usage:
                 usage[key] += reply.usage.get(key, 0)
             if not reply.tool_calls:
-                await context.memory.append(
-                    request.context_id, [user, {"role": "assistant", "content": reply.text}]
-                )
+                await context.recall.record(recalled, reply.text, parent=turn_ctx)
                 outcome = "completed"
                 if limits.record_content:
                     span.set_attribute("specmesh.answer", reply.text)
@@ -131,6 +151,7 @@ async def run_turn(
                     revision=context.revision,
                     prompt_version=prompt.version,
                     usage=dict(usage),
+                    citations=_citations(passages),
                 )
                 return
             messages.append(reply.assistant_message())
@@ -155,6 +176,11 @@ async def run_turn(
         span.set_status(Status(StatusCode.ERROR, e.reason))
         span.set_attribute("error.type", type(e).__name__)
         yield TurnFailed(code=e.code, message=str(e), revision=context.revision)
+    except MemoryStoreError as e:
+        outcome = e.code
+        span.set_status(Status(StatusCode.ERROR, e.reason))
+        span.set_attribute("error.type", type(e).__name__)
+        yield TurnFailed(code=e.code, message=str(e), revision=context.revision)
     except (asyncio.CancelledError, GeneratorExit):
         outcome = "cancelled"
         span.set_attribute("error.type", "cancelled")
@@ -173,6 +199,26 @@ async def run_turn(
             }
         )
         span.end()
+
+
+async def _retrieve(
+    knowledge: KnowledgeBase, query: str, *, parent: otel_context.Context
+) -> list[Passage]:
+    """Passages for ``auto`` mode; a failing search is logged and the turn goes on."""
+    try:
+        return await knowledge.search(query, parent=parent)
+    except KnowledgeError as e:
+        logger.warning("knowledge search failed, answering without passages: %s", e.reason)
+        return []
+
+
+def _citations(passages: list[Passage]) -> tuple[dict[str, Any], ...]:
+    """One citation per chunk used, best score first."""
+    best: dict[str, Passage] = {}
+    for p in passages:
+        if p.chunk_id not in best or p.score > best[p.chunk_id].score:
+            best[p.chunk_id] = p
+    return tuple(p.citation() for p in sorted(best.values(), key=lambda p: -p.score))
 
 
 def _arguments_for_event(call: ToolCallRequest) -> Mapping[str, Any]:

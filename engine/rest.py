@@ -9,6 +9,9 @@
                             delta {"text"} | tool_call {"callId", "name", "arguments"} |
                             tool_result {"callId", "name", "ok", "result"} |
                             done {same as /v1/invoke} | error {"code", "message", "revision"}
+    DELETE /v1/conversations/{contextId}
+                            204 forgotten, 404 unknown (or expired), 501 when the runner
+                            keeps no conversations, 503 memory store unavailable
     GET  /healthz           200 while the process is up
     GET  /readyz            200 when a valid spec is loaded, else 503
 
@@ -24,7 +27,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
@@ -32,6 +35,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from engine.a2a_executor import CallDepthError, parse_call_depth, passed_on_headers
+from engine.errors import MemoryStoreError
 from engine.runner import (
     AgentRunner,
     TextDelta,
@@ -42,7 +46,7 @@ from engine.runner import (
     TurnRequest,
 )
 
-__all__ = ["InvokeRequest", "create_business_routes"]
+__all__ = ["ConversationDeleter", "InvokeRequest", "create_business_routes"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +62,15 @@ class InvokeRequest(BaseModel):
     """The conversation; a new one is started when absent."""
     message: str = Field(min_length=1)
     """The user's message."""
+
+
+@runtime_checkable
+class ConversationDeleter(Protocol):
+    """What ``DELETE /v1/conversations/{contextId}`` needs (the engine runtime is one)."""
+
+    async def delete_conversation(self, context_id: str) -> bool:
+        """Forget the conversation; whether it existed."""
+        ...
 
 
 def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
@@ -132,8 +145,13 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False, default=str)}\n\n".encode()
 
 
-def create_business_routes(*, runner: AgentRunner) -> list[Route]:
-    """The business REST and health routes over ``runner`` (``runner.ready`` is readiness)."""
+def create_business_routes(
+    *, runner: AgentRunner, conversations: ConversationDeleter | None = None
+) -> list[Route]:
+    """The business REST and health routes over ``runner`` (``runner.ready`` is readiness);
+    ``conversations`` (default: ``runner`` when it is one) serves conversation deletion."""
+    if conversations is None and isinstance(runner, ConversationDeleter):
+        conversations = runner
 
     async def invoke(request: Request) -> Response:
         parsed = await _parse(request, runner)
@@ -210,6 +228,22 @@ def create_business_routes(*, runner: AgentRunner) -> list[Route]:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
+    async def delete_conversation(request: Request) -> Response:
+        context_id = request.path_params["context_id"]
+        if not 1 <= len(context_id) <= 256:
+            return _error(400, "invalid_request", "contextId: must be 1 to 256 characters")
+        if not runner.ready:
+            return _error(503, "not_ready", "the agent has no valid spec loaded yet")
+        if conversations is None:
+            return _error(501, "not_supported", "this agent keeps no conversations")
+        try:
+            existed = await conversations.delete_conversation(context_id)
+        except MemoryStoreError as e:
+            return _error(503, e.code, str(e))
+        if not existed:
+            return _error(404, "not_found", f"contextId: no conversation {context_id!r}")
+        return Response(status_code=204)
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -222,6 +256,7 @@ def create_business_routes(*, runner: AgentRunner) -> list[Route]:
     return [
         Route("/v1/invoke", invoke, methods=["POST"]),
         Route("/v1/invoke/stream", invoke_stream, methods=["POST"]),
+        Route("/v1/conversations/{context_id}", delete_conversation, methods=["DELETE"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ]

@@ -30,6 +30,7 @@ from specmesh.snapshot import ResolvedSnapshot
 from .context import ContextBuilder, RuntimeContext
 from .errors import ContextBuildError
 from .intake import SnapshotFeed, StatusReporter
+from .knowledge.base import KnowledgeBase
 from .loop import LoopLimits, run_turn
 from .memory import ConversationMemory, InMemoryConversationMemory
 from .runner import AgentRunner, CardInfo, TurnEvent, TurnFailed, TurnRequest
@@ -136,6 +137,11 @@ class EngineRuntime:
         return self._current.context if self._current else None
 
     @property
+    def knowledge(self) -> KnowledgeBase | None:
+        """The knowledge base new turns use (ingest goes there); None when disabled."""
+        return self._current.context.knowledge if self._current else None
+
+    @property
     def builder(self) -> ContextBuilder:
         return self._builder
 
@@ -182,6 +188,14 @@ class EngineRuntime:
             lease.turns -= 1
             if lease.retired and lease.turns == 0:
                 self._release(lease)
+
+    async def delete_conversation(self, context_id: str) -> bool:
+        """Forget a conversation in the current memory store; whether it existed
+        (raises :class:`engine.errors.MemoryStoreError`, or RuntimeError when not ready)."""
+        lease = self._current
+        if lease is None:
+            raise RuntimeError("the agent has no valid spec yet")
+        return await lease.context.recall.delete(context_id)
 
     # ------------------------------------------------------------ snapshots
 

@@ -52,7 +52,8 @@ from starlette.routing import BaseRoute
 
 from engine.a2a_executor import EngineAgentExecutor
 from engine.card import CardSource, CardUrls
-from engine.rest import create_business_routes
+from engine.knowledge.rest import KnowledgeSource, create_knowledge_routes
+from engine.rest import ConversationDeleter, create_business_routes
 from engine.runner import AgentRunner, CardInfo, TurnCompleted, TurnEvent, TurnFailed, TurnRequest
 from engine.telemetry import EngineMetrics, TraceContextInterceptor, TraceContextMiddleware
 
@@ -323,7 +324,17 @@ class EngineServer:
             return card_source.current()
 
         routes: list[BaseRoute] = [
-            *create_business_routes(runner=rest_runner),
+            *create_business_routes(
+                runner=rest_runner,
+                conversations=(
+                    self._runner if isinstance(self._runner, ConversationDeleter) else None
+                ),
+            ),
+            *(
+                create_knowledge_routes(source=self._runner)
+                if isinstance(self._runner, KnowledgeSource)
+                else ()
+            ),
             *create_agent_card_routes(card_source.card, card_modifier=card_modifier),
             *create_jsonrpc_routes(handler, "/"),
             *create_rest_routes(handler, path_prefix=HTTP_JSON_PREFIX),

@@ -25,6 +25,11 @@ class EngineSettings(BaseSettings):
     """The sidecar's SpecSyncService (gRPC), e.g. ``unix:///run/specmesh/sync.sock``."""
     egress_url: str = "http://127.0.0.1:7102"
     """The sidecar's egress: every LLM, MCP and A2A call goes there."""
+    redis_proxy: str = "127.0.0.1:7105"
+    """The sidecar's Redis proxy (``host:port`` or ``unix:path``): Redis memory goes there,
+    without a password (the sidecar adds it)."""
+    redis_timeout_seconds: float = Field(default=5.0, gt=0)
+    """Timeout of one memory-store command (connect, read, write)."""
     spec_dir: Path | None = None
     """Development: read the spec from this folder instead of the sidecar."""
     spec_poll_seconds: float = Field(default=0.5, gt=0)
@@ -47,3 +52,6 @@ class EngineSettings(BaseSettings):
     """First delay before reconnecting to the sidecar or an MCP server."""
     reconnect_max_seconds: float = Field(default=5.0, gt=0)
     """Longest delay between reconnection attempts."""
+    data_dir: Path = Path("data")
+    """The engine's own data folder; the embedded knowledge store lives in
+    ``<data_dir>/knowledge`` unless ``knowledge.store.address`` names another folder."""

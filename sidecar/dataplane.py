@@ -5,7 +5,9 @@ Started after the spec sync and the registry view (it needs both), stopped befor
 1. Vault identity (a token locally; Kubernetes auth in a cluster) -> credential resolver;
 2. mTLS certificates from Vault PKI, unless Istio provides mTLS;
 3. router over the Agent Registry and the release policies (watched in etcd);
-4. egress on loopback for the engine; 5. inbound for callers (mTLS + partner check).
+4. egress on loopback for the engine; 5. inbound for callers (mTLS + partner check);
+6. the Redis proxy on loopback (memory store, password from Vault; listens once the
+   spec's memory is Redis).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from sidecar.egress import EgressMetrics, EgressProxy
 from sidecar.inbound import EtcdPartnerGraph, InboundServer
 from sidecar.main import SidecarContext
 from sidecar.mtls import AgentCertificates, PkiClient
+from sidecar.redisproxy import RedisProxy
 from sidecar.router import EtcdReleaseSource, Router
-from sidecar.settings import SidecarSettings
+from sidecar.settings import SidecarSettings, parse_listen_address
 from specmesh.errors import SecretError
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient
@@ -63,6 +66,7 @@ class DataPlane:
         self.certificates: AgentCertificates | None = None
         self.egress: EgressProxy | None = None
         self.inbound: InboundServer | None = None
+        self.redis_proxy: RedisProxy | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pki: PkiClient | None = None
 
@@ -121,9 +125,20 @@ class DataPlane:
             port=port,
         )
         await self.inbound.start()
+        kind, host, port = parse_listen_address(settings.redis_proxy)
+        self.redis_proxy = RedisProxy(
+            snapshots=self.ctx.holder,
+            credentials=self.credentials,
+            host=host,
+            port=port,
+            unix_path=host if kind == "unix" else None,
+        )
+        await self.redis_proxy.start()
         logger.info("data plane up: egress %s, inbound %s", self.egress.url, self.inbound.url)
 
     async def stop(self) -> None:
+        if self.redis_proxy is not None:
+            await self.redis_proxy.stop()
         if self.inbound is not None:
             await self.inbound.stop()
         if self.egress is not None:

@@ -51,6 +51,9 @@ class SidecarSettings(BaseSettings):
     """The engine's A2A gRPC listener (``SPECMESH_ENGINE_GRPC``)."""
     inbound: str = "127.0.0.1:7100"
     """Inbound listener (``SPECMESH_INBOUND``), registered as this instance's endpoint."""
+    redis_proxy: str = "127.0.0.1:7105"
+    """The Redis proxy the engine reaches its memory store through (``SPECMESH_REDIS_PROXY``;
+    ``host:port`` or ``unix:path``); listens only once the spec's memory is Redis."""
     ops: str = "127.0.0.1:7109"
     """Health, readiness and metrics listener (``SPECMESH_OPS``)."""
 

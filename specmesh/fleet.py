@@ -367,6 +367,7 @@ class Fleet:
             LITELLM_LOCAL_MODEL_COST_MAP="True",
             OTEL_EXPORTER_OTLP_ENDPOINT=otlp,
             OTEL_SERVICE_NAME=f"agent-{rn}",
+            SPECMESH_DATA_DIR=str(self.home / "data" / name),
         )
         sidecar = self._spawn(
             f"{name}-sidecar",

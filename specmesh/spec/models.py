@@ -341,11 +341,11 @@ class PartnerAgentsPart(SpecModel):
 class VectorStoreSpec(SpecModel):
     """Where the knowledge base's vectors live."""
 
-    type: Literal["chroma", "qdrant", "milvus"]
-    """Vector store kind."""
+    type: Literal["chroma"]
+    """Vector store kind: ``chroma`` (embedded on disk, or a Chroma server)."""
     address: Annotated[str, Field(max_length=2048)] | None = None
-    """Server URL, or a local path for the embedded form; default: embedded, in the agent's
-    data folder."""
+    """A Chroma server URL (``http(s)://host:port``), or a local folder for the embedded
+    form; default: embedded, in the engine's data folder."""
     collection: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
     """Collection holding this agent's chunks."""
     credentials: Headers = {}

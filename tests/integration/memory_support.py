@@ -1,0 +1,154 @@
+"""What the memory tests share: an agent instance = a real sidecar (DataPlane: egress with
+Vault credentials, Redis proxy) in-process + a real EngineRuntime fed the sidecar's own
+snapshot, litellm to a ScriptedModelServer, Redis password only in OpenBao."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.intake import InMemorySnapshotFeed
+from engine.runner import TurnCompleted, TurnEvent, TurnRequest
+from engine.runtime import EngineRuntime
+from engine.settings import EngineSettings
+from sidecar.dataplane import DataPlane
+from sidecar.main import Sidecar
+from sidecar.settings import SidecarSettings
+from specmesh.etcd import EtcdClient
+from specmesh.keys import Keys
+from specmesh.modelserver import ScriptedModelServer
+from specmesh.secrets import VaultRef
+from specmesh.services import LocalServices, RedisProcess, free_port
+from specmesh.spec.models import AgentSpec, PromptEntry
+from specmesh.store import SpecStore
+from specmesh.vault import VaultClient
+
+WAIT = 20.0
+REDIS_PASSWORD = "redis-pw-7f3a"
+
+
+def password_ref(agent: str) -> VaultRef:
+    return VaultRef(mount="secret", path=f"specmesh/agents/{agent}/memory/password", field="value")
+
+
+async def apply_agent(
+    store: SpecStore,
+    vault: VaultClient,
+    *,
+    agent: str,
+    model: ScriptedModelServer,
+    redis: RedisProcess,
+    memory: Mapping[str, Any] | None = None,
+    model_part: Mapping[str, Any] | None = None,
+) -> AgentSpec:
+    """Apply an agent whose memory is the test Redis, its password referenced from Vault."""
+    ref = password_ref(agent)
+    await vault.write(ref, REDIS_PASSWORD)
+    await store.put_prompt_version(
+        PromptEntry(prompt_key=agent, version="1", template="You are a helpful assistant."),
+        actor="t",
+    )
+    spec = AgentSpec.model_validate(
+        {
+            "base": {"description": "remembers", "promptKey": agent},
+            "model": {
+                "model": "scripted",
+                "baseUrl": model.url,
+                "temperature": 0,
+                "maxRetries": 0,
+                "timeoutSeconds": 10,
+                **(model_part or {}),
+            },
+            "memory": {
+                "storageType": "redis",
+                "address": redis.address,
+                "credentials": {"password": str(ref)},
+                "ttlSeconds": 600,
+                **(memory or {}),
+            },
+        }
+    )
+    await store.apply_agent(agent, spec, actor="t")
+    return spec
+
+
+@dataclass
+class Instance:
+    """One instance of the agent: its sidecar and its engine."""
+
+    sidecar: Sidecar
+    runtime: EngineRuntime
+    proxy_address: str
+    egress_url: str
+
+    @property
+    def dataplane(self) -> DataPlane:
+        (component,) = [c for c in self.sidecar.components if isinstance(c, DataPlane)]
+        return component
+
+
+@asynccontextmanager
+async def agent_instance(
+    *,
+    agent: str,
+    instance_id: str,
+    services: LocalServices,
+    etcd: EtcdClient,
+    keys: Keys,
+    home: Path,
+) -> AsyncIterator[Instance]:
+    egress_port, proxy_port = free_port(), free_port()
+    await asyncio.to_thread(home.mkdir, parents=True, exist_ok=True)
+    settings = SidecarSettings(
+        agent_name=agent,
+        instance_id=instance_id,
+        sync_addr=f"unix:{home}/sync.sock",
+        egress_url=f"http://127.0.0.1:{egress_port}",
+        redis_proxy=f"127.0.0.1:{proxy_port}",
+        inbound=f"127.0.0.1:{free_port()}",
+        ops=f"127.0.0.1:{free_port()}",
+        engine_http=f"127.0.0.1:{free_port()}",
+        home=home,
+        etcd_endpoint=etcd.endpoint,
+        etcd_prefix=keys.prefix,
+        vault_addr=services.bao.address,
+        vault_token=services.bao.root_token,
+        mtls=False,
+    )
+    sidecar = Sidecar(settings=settings, component_factories=[DataPlane])
+    await sidecar.start()
+    try:
+        await asyncio.wait_for(sidecar.sync.wait_resolved(), WAIT)
+        snapshot = sidecar.holder.current
+        assert snapshot is not None
+        feed = InMemorySnapshotFeed()
+        config = EngineSettings(
+            agent_name=agent,
+            egress_url=settings.egress_url,
+            redis_proxy=settings.redis_proxy,
+        )
+        async with EngineRuntime(feed=feed, settings=config) as runtime:
+            await feed.publish(snapshot)  # the secret-free snapshot the sidecar streams
+            await runtime.wait_ready(timeout=WAIT)
+            yield Instance(
+                sidecar=sidecar,
+                runtime=runtime,
+                proxy_address=settings.redis_proxy,
+                egress_url=settings.egress_url,
+            )
+    finally:
+        await sidecar.stop()
+
+
+async def ask(runtime: EngineRuntime, text: str, *, context_id: str) -> TurnCompleted:
+    async with asyncio.timeout(WAIT):
+        events: list[TurnEvent] = [
+            e async for e in runtime.run(TurnRequest(context_id=context_id, text=text))
+        ]
+    final = events[-1]
+    assert isinstance(final, TurnCompleted), final
+    return final

@@ -1,0 +1,146 @@
+"""A long conversation crosses the token budget: older turns are summarised by the agent's
+own model (a recorded model call, a ``chat`` span marked ``summarize``), the summary is
+stored as such, and every prompt stays under the budget while holding the summary."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from engine.compression import SUMMARIZE_INSTRUCTIONS, SUMMARY_PREFIX
+from engine.memory import memory_key
+from specmesh.etcd import EtcdClient
+from specmesh.keys import Keys
+from specmesh.modelserver import ScriptedModelServer
+from specmesh.modelserver.tokens import count_prompt_tokens
+from specmesh.services import LocalServices, RedisProcess
+from specmesh.store import SpecStore
+from specmesh.vault import VaultClient
+
+from .memory_support import REDIS_PASSWORD, agent_instance, apply_agent, ask
+
+pytestmark = pytest.mark.integration
+
+BUDGET = 256
+SUMMARY = "SUMMARY-OK the user listed facts about servers alpha to delta"
+
+
+@pytest.fixture
+async def model() -> AsyncIterator[ScriptedModelServer]:
+    script = {
+        "rules": [
+            {
+                "name": "summarize",
+                "match": {"system": "(?i)you summarize conversations"},
+                "reply": {"type": "text", "text": SUMMARY},
+            }
+        ],
+        "fallback": {"type": "text", "text": "Noted: {{last_user}}"},
+    }
+    async with ScriptedModelServer(script=script) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def spans() -> InMemorySpanExporter:
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+def _fact(i: int) -> str:
+    name = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"][i % 8]
+    return (
+        f"Fact {i}: server {name} runs in rack {i} of hall {i + 10}, it serves the payment "
+        f"gateway, the search index and the nightly report jobs for region {i + 100}."
+    )
+
+
+async def test_a_long_conversation_is_summarised_and_stays_under_the_budget(
+    services: LocalServices,
+    store: SpecStore,
+    etcd: EtcdClient,
+    keys: Keys,
+    vault: VaultClient,
+    model: ScriptedModelServer,
+    redis_server: RedisProcess,
+    spans: InMemorySpanExporter,
+    tmp_path: Path,
+) -> None:
+    agent = f"cmp-{keys.prefix.rsplit('-', 1)[-1]}"
+    await apply_agent(
+        store,
+        vault,
+        agent=agent,
+        model=model,
+        redis=redis_server,
+        memory={
+            "compression": {
+                "enabled": True,
+                "maxPromptTokens": BUDGET,
+                "keepRecentTurns": 2,
+                "summaryMaxTokens": 40,
+            },
+            "searchStrategy": {"type": "recent", "n": 50},
+        },
+    )
+    spans.clear()
+    async with agent_instance(
+        agent=agent,
+        instance_id="i1",
+        services=services,
+        etcd=etcd,
+        keys=keys,
+        home=tmp_path / "i1",
+    ) as inst:
+        for i in range(8):
+            await ask(inst.runtime, _fact(i), context_id="long")
+
+    requests = model.requests()
+    summarize = [r for r in requests if r.messages[0]["content"] == SUMMARIZE_INSTRUCTIONS]
+    chats = [r for r in requests if r not in summarize]
+    assert len(chats) == 8
+    assert summarize, "the history passed the budget, a summary was asked for"
+    # the summariser saw the older turns and was limited to summaryMaxTokens
+    assert "Fact 0" in summarize[0].messages[1]["content"]
+    assert summarize[0].body.get("max_tokens") == 40
+    # every prompt the model received stayed under the budget (the server's own count)
+    for r in chats:
+        assert count_prompt_tokens(r.messages, r.tools) <= BUDGET, r.messages
+    # the prompts after the first summary hold it, as a system message after the prompt
+    first = requests.index(summarize[0])
+    later = [r for r in chats if requests.index(r) > first]
+    assert later
+    for r in later:
+        assert r.messages[1] == {"role": "system", "content": SUMMARY_PREFIX + SUMMARY}
+        assert r.messages[-1]["content"].startswith("Fact ")
+    # the summary is stored, marked, in place of the turns it covers
+    direct = aioredis.Redis(host=redis_server.host, port=redis_server.port, password=REDIS_PASSWORD)
+    stored = [json.loads(x) for x in await direct.lrange(memory_key(agent, "long"), 0, -1)]
+    await direct.aclose()
+    assert stored[0]["summary"] is True and stored[0]["content"] == SUMMARY
+    assert not any(t.get("summary") for t in stored[1:])
+    assert "Fact 0" not in json.dumps(stored)
+    # the summary call is its own chat span, inside the turn, marked as a memory operation
+    finished = spans.get_finished_spans()
+    marked = [
+        s
+        for s in finished
+        if s.name == "chat scripted"
+        and (s.attributes or {}).get("specmesh.memory.operation") == "summarize"
+    ]
+    assert len(marked) == len(summarize)
+    turns = {s.context.span_id: s for s in finished if s.name.startswith("invoke_agent ")}
+    assert all(s.parent is not None and s.parent.span_id in turns for s in marked)
