@@ -595,6 +595,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     )
     out.write(f"  OTLP receiver      {ep['otlp']}\n")
     out.write(f"  etcd               {ep['etcd']}\n  OpenBao            {ep['openbao']}\n")
+    out.write(f"  Redis (memory)     {ep['redis']}  (password in Vault)\n")
     out.write(f"  model              {ep['llm']}\n")
     for name, url in ep["mcp"].items():
         out.write(f"  MCP {name:<15}{url}\n")

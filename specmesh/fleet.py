@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 _READY_TIMEOUT = 120.0
+REDIS_SECRET = "vault://secret/specmesh/shared/fleet-redis#password"
+"""Where the fleet keeps its Redis password (the examples' memory credentials point here)."""
 _ENGINE_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV")
 
 
@@ -100,11 +102,18 @@ class Fleet:
     # ------------------------------------------------------------ processes
 
     def _spawn(
-        self, name: str, args: list[str], *, env: dict[str, str], role: str, **extra: Any
+        self,
+        name: str,
+        args: list[str],
+        *,
+        env: dict[str, str],
+        role: str,
+        executable: str | None = None,
+        **extra: Any,
     ) -> _Proc:
         self.logs.mkdir(parents=True, exist_ok=True)
         log = self.logs / f"{name}.log"
-        cmd = [sys.executable, *args]
+        cmd = [executable or sys.executable, *args]
         with log.open("ab") as out:
             proc = subprocess.Popen(
                 cmd,
@@ -156,10 +165,13 @@ class Fleet:
 
             asyncio.run(setup_pki(address=services["baoAddress"], token=services["baoToken"]))
             admin_token = self._tokens()
+            redis_proc, redis_url = self._start_redis(services)
+            procs.append(redis_proc)
             base_env = {**os.environ, "SPECMESH_HOME": str(self.home), "SPECMESH_LOG_LEVEL": "INFO"}
             endpoints: dict[str, Any] = {
                 "etcd": services["etcdEndpoint"],
                 "openbao": services["baoAddress"],
+                "redis": redis_url,
             }
 
             llm_url = self.options.llm_url
@@ -247,7 +259,7 @@ class Fleet:
                 otlp=f"http://127.0.0.1:{cp_otlp}",
             )
 
-            self._apply(api, admin_token, loaded, mcp_urls)
+            self._apply(api, admin_token, loaded, mcp_urls, redis_url)
 
             agents: dict[str, Any] = {}
             for m in loaded:
@@ -310,13 +322,59 @@ class Fleet:
         path.chmod(0o600)
         return token
 
-    def _apply(self, api: str, token: str, loaded: list[Any], mcp_urls: dict[str, str]) -> None:
+    def _start_redis(self, services: dict[str, Any]) -> tuple[_Proc, str]:
+        """The fleet's shared Redis (agents' memory): its password lives in Vault at
+        :data:`REDIS_SECRET`, which the examples reference; never in a spec or an engine."""
+        import asyncio
+
+        from specmesh.secrets import VaultRef
+        from specmesh.services import ensure_redis
+        from specmesh.vault import VaultClient
+
+        password = secrets.token_urlsafe(24)
+        port = free_port()
+        data = self.home / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        args = [
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(data),
+            "--requirepass",
+            password,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        proc = self._spawn(
+            "redis", args, env=dict(os.environ), role="redis", executable=ensure_redis()
+        )
+        self._wait(proc, lambda: _tcp(port), "redis")
+
+        async def store() -> None:
+            vault = VaultClient(address=services["baoAddress"], token=services["baoToken"])
+            try:
+                await vault.write(VaultRef.parse(REDIS_SECRET), password)
+            finally:
+                await vault.close()
+
+        asyncio.run(store())
+        return proc, f"redis://127.0.0.1:{port}/0"
+
+    def _apply(
+        self, api: str, token: str, loaded: list[Any], mcp_urls: dict[str, str], redis_url: str
+    ) -> None:
         order = {"McpServer": 0, "Prompt": 1, "Agent": 2, "Release": 3}
         headers = {"Authorization": f"Bearer {token}"}
         for m in sorted(loaded, key=lambda m: order[m.kind]):
             doc = m.manifest.model_dump(mode="json", by_alias=True)
             if m.kind == "McpServer" and m.name in mcp_urls:
                 doc["spec"]["url"] = mcp_urls[m.name]
+            if m.kind == "Agent" and doc["spec"]["memory"]["storageType"] == "redis":
+                doc["spec"]["memory"]["address"] = redis_url  # where the fleet's Redis runs
             r = requests.post(
                 f"{api}/api/v1/apply", json={"manifest": doc}, headers=headers, timeout=60
             )
@@ -439,7 +497,10 @@ def _alive(pid: int, cmd: list[str]) -> bool:
                 return False
     except OSError:
         return False
-    return running[1:] == cmd[1:]
+    if running[1:] == cmd[1:]:
+        return True
+    # redis-server rewrites its command line ("redis-server 127.0.0.1:port")
+    return Path(cmd[0]).name == "redis-server" and bool(running) and "redis-server" in running[0]
 
 
 def _terminate(pid: int, timeout: float = 15.0) -> None:

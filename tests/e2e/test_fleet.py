@@ -16,7 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import hvac
 import pytest
+import redis
 import requests
 
 from specmesh.a2aclient import InvokeResult, invoke
@@ -97,6 +99,29 @@ def test_one_trace_holds_the_spans_of_both_agents(fleet: dict[str, Any]) -> None
     assert len(found["spans"]) < 100  # the SDK's internal spans are off
 
 
+def test_a_conversation_is_remembered_in_redis(fleet: dict[str, Any]) -> None:
+    first = _ask(fleet, "mse-nacos-helper", "Remember the word pineapple, please.")
+    model = fleet["endpoints"]["llm"].removesuffix("/v1")
+    requests.delete(f"{model}/_scripted/requests", timeout=10)
+    url = fleet["agents"]["mse-nacos-helper"]["stable"]["a2a"]
+    second = asyncio.run(
+        asyncio.wait_for(invoke(url, "Which word was it?", context_id=first.context_id), 60)
+    )
+
+    assert second.state == "completed" and second.context_id == first.context_id
+    recorded = json.dumps(requests.get(f"{model}/_scripted/requests", timeout=10).json())
+    assert "Remember the word pineapple" in recorded  # the history reached the model
+    services = json.loads((fleet["_home"] / "services.json").read_text())
+    vault = hvac.Client(url=services["baoAddress"], token=services["baoToken"])
+    secret = vault.secrets.kv.v2.read_secret_version(
+        path="specmesh/shared/fleet-redis", mount_point="secret", raise_on_deleted_version=True
+    )
+    r = redis.Redis.from_url(
+        fleet["endpoints"]["redis"], password=secret["data"]["data"]["password"]
+    )
+    assert r.keys("specmesh:memory:mse-nacos-helper:*")
+
+
 def test_the_third_party_mcp_server_answers_through_the_bridge(fleet: dict[str, Any]) -> None:
     result = _ask(fleet, "schedulex-assistant", "What time is it?")
     assert result.tool_calls == ["time__get_current_time"]
@@ -140,7 +165,11 @@ def test_a_prompt_change_is_used_by_the_next_invoke_without_restart(
 
 def test_engines_never_hold_a_secret(fleet: dict[str, Any]) -> None:
     services = json.loads((fleet["_home"] / "services.json").read_text())
-    secrets = [*SEED_SECRETS, services["baoToken"]]
+    vault = hvac.Client(url=services["baoAddress"], token=services["baoToken"])
+    redis_password = vault.secrets.kv.v2.read_secret_version(
+        path="specmesh/shared/fleet-redis", mount_point="secret", raise_on_deleted_version=True
+    )["data"]["data"]["password"]
+    secrets = [*SEED_SECRETS, services["baoToken"], redis_password]
     for p in fleet["processes"]:
         if p["role"] != "engine":
             continue
