@@ -6,11 +6,18 @@
   Per hop = the pair's added latency / 2 (each request crosses two sidecars, as in Dapr's
   published "pair of sidecars" figure).
 * The sidecars' CPU per 1,000 rps and resident memory.
-* Reload: time from an etcd write to the new snapshot arriving on the engine's
-  WatchSnapshots stream (p50/p99 over repeated writes).
+* Reload: time from an etcd write (the spec change applied) to the new snapshot arriving
+  on a WatchSnapshots stream of sidecar A, and to a real engine beside sidecar A serving
+  it -- its agent card's ``version`` (the spec revision) showing the new revision, polled
+  in a tight loop (p50/p99 over repeated writes, both from the same writes). The etcd
+  write happens inside the apply call (after validation and the Vault write of the
+  partner header), so both are given from the call's start and from its return: the
+  time from the write itself lies between the two.
 
 Real etcd and OpenBao (KV + PKI) from ``specmesh.services``; two real ``specmesh sidecar``
-processes. Run: ``uv run python bench/sidecar_hop.py [--seconds 10]``.
+processes and one real ``specmesh engine`` beside sidecar A, with the environment
+``specmesh.fleet`` gives engines (no Vault address, token or secret). Run:
+``uv run python bench/sidecar_hop.py [--seconds 10] [--reloads 30]``.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
 import grpc
 import requests
 
@@ -41,6 +49,7 @@ from specmesh.v1 import sidecar_pb2, sidecar_pb2_grpc
 from specmesh.vault import VaultClient
 
 PREFIX = "/bench"
+_ENGINE_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV")
 
 
 def _agent(name: str, partners: list[dict[str, object]], temperature: float = 0.5) -> dict:
@@ -54,6 +63,14 @@ def _agent(name: str, partners: list[dict[str, object]], temperature: float = 0.
             "partnerAgents": partners,
         },
     }
+
+
+_PROMPT = {
+    "apiVersion": "specmesh.io/v1",
+    "kind": "Prompt",
+    "metadata": {"name": "bench"},
+    "spec": {"version": "1.0.0", "template": "You are a benchmark agent."},
+}
 
 
 async def _apply(svc: SpecService, doc: dict) -> None:
@@ -84,6 +101,41 @@ def _sidecar(agent: str, home: Path, state: dict, **ports: int) -> tuple[subproc
     return proc, ports
 
 
+def _engine(home: Path, ports: dict[str, int]) -> subprocess.Popen:
+    """A real engine beside sidecar A, with the environment specmesh.fleet gives engines."""
+    env = {k: v for k, v in os.environ.items() if k in _ENGINE_ENV_KEEP}
+    env.update(
+        AGENT_NAME="bench-a",
+        HOME=str(home),
+        SPECMESH_SYNC_ADDR=f"127.0.0.1:{ports['sync']}",
+        SPECMESH_EGRESS_URL=f"http://127.0.0.1:{ports['egress']}",
+        SPECMESH_ENGINE_HTTP=f"127.0.0.1:{ports['engine']}",
+        SPECMESH_ENGINE_GRPC=f"127.0.0.1:{free_port()}",
+        SPECMESH_LOG_LEVEL="WARNING",
+        LITELLM_LOCAL_MODEL_COST_MAP="True",
+    )
+    log = (home / "engine-bench-a.log").open("w")
+    return subprocess.Popen(
+        [sys.executable, "-m", "specmesh.cli", "engine"],
+        env=env,
+        cwd=str(Path(__file__).resolve().parent.parent),
+        stdout=log,
+        stderr=log,
+    )
+
+
+def _wait_get(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} never answered 200")
+
+
 def _wait_ok(url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -96,14 +148,49 @@ def _wait_ok(url: str, timeout: float = 60) -> None:
     raise RuntimeError(f"{url} never answered 200")
 
 
-async def _reload_times(svc: SpecService, sync_port: int, n: int) -> list[float]:
-    """etcd write -> snapshot on the WatchSnapshots stream, n times."""
-    out = []
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{sync_port}") as channel:
+async def _card_revision(session: aiohttp.ClientSession, card_url: str) -> int:
+    """The spec revision the engine serves: its agent card's version (0 while 503)."""
+    async with session.get(card_url) as r:
+        if r.status != 200:
+            return 0
+        return int((await r.json())["version"])
+
+
+async def _reload_times(
+    svc: SpecService, sync_port: int, engine_url: str, n: int
+) -> dict[str, list[float]]:
+    """Per etcd write (n times): until the snapshot is on a WatchSnapshots stream, and
+    until the engine's agent card shows the new revision (polled in a tight loop).
+
+    The card is fetched on a new connection each time: on a kept-alive connection the
+    engine's listener answers ~40 ms late (Nagle against delayed ACK, see
+    bench/engine_turn.py), which would measure that instead of the reload.
+    """
+    out: dict[str, list[float]] = {"apply": [], "stream": [], "engine": []}
+    card_url = f"{engine_url}/.well-known/agent-card.json"
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{sync_port}") as channel,
+        aiohttp.ClientSession(connector=connector) as session,
+    ):
         stub = sidecar_pb2_grpc.SpecSyncServiceStub(channel)
         stream = stub.WatchSnapshots(sidecar_pb2.WatchSnapshotsRequest(agent_name="bench-a"))
         first = await stream.read()
         revision = first.snapshot.revision
+
+        async def on_stream(after: int, start: float) -> tuple[float, int]:
+            while True:
+                msg = await stream.read()
+                if msg.snapshot.revision > after:
+                    return (time.perf_counter() - start) * 1000, msg.snapshot.revision
+
+        async def on_engine(after: int, start: float) -> float:
+            while await _card_revision(session, card_url) <= after:
+                pass
+            return (time.perf_counter() - start) * 1000
+
+        async with asyncio.timeout(30):  # the engine serves the stream's first revision
+            await on_engine(revision - 1, time.perf_counter())
         for i in range(n):
             start = time.perf_counter()
             await _apply(
@@ -114,12 +201,14 @@ async def _reload_times(svc: SpecService, sync_port: int, n: int) -> list[float]
                     temperature=round(0.01 * (i + 1), 2),
                 ),
             )
-            while True:
-                msg = await stream.read()
-                if msg.snapshot.revision > revision:
-                    revision = msg.snapshot.revision
-                    break
-            out.append((time.perf_counter() - start) * 1000)
+            out["apply"].append((time.perf_counter() - start) * 1000)
+            async with asyncio.timeout(30):
+                (stream_ms, new), engine_ms = await asyncio.gather(
+                    on_stream(revision, start), on_engine(revision, start)
+                )
+            revision = new
+            out["stream"].append(stream_ms)
+            out["engine"].append(engine_ms)
         stream.cancel()
     return out
 
@@ -138,6 +227,7 @@ def main() -> int:
         etcd = EtcdClient.from_endpoint(state["etcdEndpoint"])
         vault = VaultClient(address=state["baoAddress"], token=state["baoToken"])
         svc = SpecService(store=SpecStore(etcd=etcd, keys=Keys(prefix=PREFIX)), vault=vault)
+        asyncio.run(_apply(svc, _PROMPT))  # the engine serves nothing without its prompt
         asyncio.run(_apply(svc, _agent("bench-b", [])))
         asyncio.run(
             _apply(
@@ -170,10 +260,14 @@ def main() -> int:
             ops=free_port(),
             engine=free_port(),
         )
-        procs += [a, b]
+        engine = _engine(home, a_ports)
+        procs += [engine, a, b]
         via = f"http://127.0.0.1:{a_ports['egress']}/a2a/bench-b/echo"
         direct = f"http://127.0.0.1:{upstream_port}/echo"
+        engine_url = f"http://127.0.0.1:{a_ports['engine']}"
         _wait_ok(via)
+        _wait_get(f"{engine_url}/readyz")
+        _wait_get(f"http://127.0.0.1:{a_ports['ops']}/readyz")  # the engine reported SERVING
         results: dict[str, object] = {}
         for rps in (100, 1000):
             d = run_load(direct, rps=rps, seconds=args.seconds)
@@ -200,11 +294,31 @@ def main() -> int:
             "sidecar_a": round(rss_mb(a.pid), 1),
             "sidecar_b": round(rss_mb(b.pid), 1),
         }
-        reloads = asyncio.run(_reload_times(svc, a_ports["sync"], args.reloads))
+        reloads = asyncio.run(_reload_times(svc, a_ports["sync"], engine_url, args.reloads))
+        # The etcd write happens inside the apply call (after validation and the Vault
+        # write of the partner header): "from the write" lies between the two bounds.
+        after_apply = {
+            key: [t - a for t, a in zip(reloads[key], reloads["apply"], strict=True)]
+            for key in ("stream", "engine")
+        }
+
+        def p50_p99(values: list[float]) -> dict[str, float]:
+            return {
+                "p50": round(percentile(values, 50), 2),
+                "p99": round(percentile(values, 99), 2),
+            }
+
         results["reload_ms"] = {
-            "n": len(reloads),
-            "p50": round(percentile(reloads, 50), 2),
-            "p99": round(percentile(reloads, 99), 2),
+            "n": args.reloads,
+            "from_apply_call_start": {
+                "to_snapshot_stream": p50_p99(reloads["stream"]),
+                "to_engine_serving": p50_p99(reloads["engine"]),
+            },
+            "from_apply_call_return": {
+                "to_snapshot_stream": p50_p99(after_apply["stream"]),
+                "to_engine_serving": p50_p99(after_apply["engine"]),
+            },
+            "apply_call": p50_p99(reloads["apply"]),
         }
         dump("sidecar_hop", results)
         return 0

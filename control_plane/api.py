@@ -15,7 +15,7 @@ from typing import Any
 
 from control_plane.auth import Principal, authorize
 from control_plane.errors import BadRequestError
-from control_plane.mesh import IstioValidator, MeshSettings, render_mesh
+from control_plane.mesh import IstioValidator, MeshSettings, render_agent, render_mesh
 from control_plane.traces import (
     GROUP_KEYS,
     InMemoryTraceStore,
@@ -25,6 +25,7 @@ from control_plane.traces import (
     TraceSummary,
 )
 from specmesh.errors import NotFoundError, SpecError, SpecIssue
+from specmesh.names import resource_name
 from specmesh.secrets import VaultRef
 from specmesh.spec.diff import Change
 from specmesh.spec.manifest import LoadedManifest, parse_manifest
@@ -383,3 +384,64 @@ class ControlPlane:
         if self.istio is not None:
             self.istio.check(objects)
         return objects
+
+    # ------------------------------------------------------------ added for the Studio
+
+    async def preview_release(
+        self, principal: Principal, agent: str, spec: ReleaseSpec
+    ) -> dict[str, list[dict[str, Any]]]:
+        """The Istio objects of ``agent`` now, and those ``spec`` would publish (validated);
+        nothing is written. The agent and the revisions ``spec`` names must exist."""
+        authorize(principal, "releases.read")
+        for revision in (None, spec.stable_revision, spec.canary_revision):
+            await self.store.get_agent(agent, revision)
+        graph = await self.store.partner_graph()
+        callers = [a for a, partners in graph.items()
+                   if resource_name(agent) in {resource_name(p) for p in partners}]  # fmt: skip
+        current_release = await self.store.get_release(agent)
+
+        def render(release: ReleaseSpec | None) -> list[dict[str, Any]]:
+            return render_agent(
+                agent, release=release, callers=callers, settings=self.mesh_settings
+            )
+
+        proposed = render(spec)
+        if self.istio is not None:
+            self.istio.check(proposed)
+        return {"current": render(current_release), "proposed": proposed}
+
+    async def prompt_stats(
+        self, principal: Principal, key: str, *, since: datetime | None = None, limit: int = 200
+    ) -> list[dict[str, Any]]:
+        """Per version of prompt ``key``, the figures of the turns it served (from the
+        ``invoke_agent`` spans of the newest ``limit`` traces): requests, errors, tokens,
+        latency (p50, p95, ms)."""
+        authorize(principal, "prompts.read")
+        authorize(principal, "traces.read")
+        turns: dict[str, list[Span]] = {}
+        for summary in await self.traces.list_traces(since=since, limit=limit):
+            for span in await self.traces.get_trace(summary.trace_id):
+                attrs = span.attributes
+                if span.operation == "invoke_agent" and attrs.get("specmesh.prompt.key") == key:
+                    turns.setdefault(str(attrs.get("specmesh.prompt.version")), []).append(span)
+        out = []
+        for version, spans in sorted(turns.items()):
+            latencies = sorted(s.duration_ns / 1e6 for s in spans)
+            out.append(
+                {
+                    "version": version,
+                    "requests": len(spans),
+                    "errors": sum(1 for s in spans if s.is_error),
+                    "inputTokens": sum(s.input_tokens or 0 for s in spans),
+                    "outputTokens": sum(s.output_tokens or 0 for s in spans),
+                    "latencyP50Ms": _quantile(latencies, 0.5),
+                    "latencyP95Ms": _quantile(latencies, 0.95),
+                    "agents": sorted({s.agent for s in spans}),
+                }
+            )
+        return out
+
+
+def _quantile(ordered: Sequence[float], q: float) -> float:
+    """Nearest-rank quantile of an ascending, non-empty sequence."""
+    return round(ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))], 3)

@@ -13,6 +13,7 @@ HTTP status and gRPC status code::
         StoreUnavailableError, SecretUnavailableError                 503 / UNAVAILABLE
         SecretAccessDeniedError                                       403 / PERMISSION_DENIED
         SecretReferenceError                                          400 / INVALID_ARGUMENT
+        MeshObjectError (rendered Istio objects invalid)             400 / FAILED_PRECONDITION
         anything else                                                 500 / INTERNAL
 """
 
@@ -22,6 +23,7 @@ from typing import Any
 
 import grpc
 
+from control_plane.mesh import MeshObjectError
 from specmesh.errors import (
     ConflictError,
     NameCollisionError,
@@ -78,6 +80,7 @@ _TABLE: list[tuple[type[BaseException], int, grpc.StatusCode, str]] = [
     (SecretUnavailableError, 503, grpc.StatusCode.UNAVAILABLE, "vault_unavailable"),
     (SecretAccessDeniedError, 403, grpc.StatusCode.PERMISSION_DENIED, "vault_denied"),
     (SecretReferenceError, 400, grpc.StatusCode.INVALID_ARGUMENT, "bad_reference"),
+    (MeshObjectError, 400, grpc.StatusCode.FAILED_PRECONDITION, "invalid_mesh_object"),
 ]
 
 

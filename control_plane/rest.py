@@ -22,6 +22,7 @@ from pydantic import TypeAdapter, ValidationError
 from control_plane.api import ControlPlane
 from control_plane.auth import Authenticator, Principal
 from control_plane.errors import BadRequestError, error_body, status_for
+from control_plane.studio import add_studio_routes
 from control_plane.traces import GROUP_KEYS
 from specmesh.errors import SpecError
 from specmesh.spec.models import Manifest, PromptRelease, ReleaseSpec
@@ -171,6 +172,11 @@ async def _abort(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
     return (await cp.abort(p, r.match_info["name"])).model_dump(mode="json")
 
 
+async def _preview_release(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
+    spec = _validate(ReleaseSpec, await _json(r))
+    return await cp.preview_release(p, r.match_info["name"], spec)
+
+
 async def _list_prompts(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
     return await cp.list_prompts(p)
 
@@ -188,6 +194,11 @@ async def _set_prompt_release(cp: ControlPlane, p: Principal, r: web.Request) ->
     release = _validate(PromptRelease, await _json(r))
     await cp.set_prompt_release(p, r.match_info["name"], release)
     return release.model_dump(mode="json")
+
+
+async def _prompt_stats(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
+    limit = min(_int(r, "limit") or 200, 1000)
+    return await cp.prompt_stats(p, r.match_info["name"], since=_since(r), limit=limit)
 
 
 async def _list_mcp(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
@@ -314,12 +325,22 @@ ROUTES: list[Route] = [
           "Make the canary stable and end the split", params=[_NAME]),
     Route("POST", "/api/v1/agents/{name}/release/abort", _abort, "End the split",
           params=[_NAME]),
+    Route("POST", "/api/v1/agents/{name}/release/preview", _preview_release,
+          "The Istio objects of the agent now and those a release policy would publish "
+          "(validated; nothing is written)", params=[_NAME],
+          body={"$ref": "#/components/schemas/ReleaseSpec"}),
     Route("GET", "/api/v1/prompts", _list_prompts, "Prompt keys and their versions"),
     Route("GET", "/api/v1/prompts/{name}", _get_prompt, "Every version of a prompt",
           params=[_NAME]),
     Route("PUT", "/api/v1/prompts/{name}/release", _set_prompt_release,
           "Labels and A/B weights of a prompt", params=[_NAME],
           body={"$ref": "#/components/schemas/PromptRelease"}),
+    Route("GET", "/api/v1/prompts/{name}/stats", _prompt_stats,
+          "Per prompt version: requests, errors, tokens, latency of the turns it served",
+          params=[_NAME, _SINCE,
+                  {"name": "limit", "in": "query",
+                   "schema": {"type": "integer", "minimum": 0, "maximum": 1000}}],
+          response=_ARR),
     Route("GET", "/api/v1/mcp-servers", _list_mcp, "The MCP Registry"),
     Route("GET", "/api/v1/mcp-servers/{name}/tools", _mcp_tools,
           "The tools an MCP server really offers", params=[_NAME], response=_ARR),
@@ -451,4 +472,5 @@ def build_app(control_plane: ControlPlane, authenticator: Authenticator) -> web.
 
     app.router.add_get("/api/v1/openapi.json", openapi)
     app.router.add_get("/healthz", healthz)
+    add_studio_routes(app)
     return app

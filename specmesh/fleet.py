@@ -465,8 +465,18 @@ class Fleet:
         """Stop what ``up`` started (and nothing else); return the names stopped."""
         state = self._read()
         stopped = []
-        for p in reversed(state.get("processes", [])):
-            if _alive(p["pid"], p["cmd"]):
+        # agents first (they drain), then what they use; each group stops in parallel
+        groups = (("engine", "sidecar"), ("control-plane", "mcp", "model"), ("redis",))
+        for roles in groups:
+            running = [
+                p
+                for p in reversed(state.get("processes", []))
+                if p["role"] in roles and _alive(p["pid"], p["cmd"])
+            ]
+            for p in running:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p["pid"], signal.SIGTERM)
+            for p in running:
                 _terminate(p["pid"])
                 stopped.append(p["name"])
         state["processes"] = []

@@ -1,0 +1,410 @@
+"""Agent Studio in a real browser (Debian's Chromium, headless, driven by Playwright)
+against the whole local fleet: sign in, edit and deploy agents through the form, watch the
+engine pick the change up, roll back, move a canary, open a trace across two agents, and
+check what a viewer may not see. Every page is saved as a screenshot at 1280x800 and
+1920x1080 (in the test's temporary folder; also into ``docs/studio/`` when
+``SPECMESH_STUDIO_DOCS=1``, a few of them).
+
+One fleet is started for the module; the tests use it in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from specmesh.a2aclient import invoke
+from specmesh.fleet import Fleet, FleetOptions
+
+from ..conftest import REPO
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = Path("/usr/bin/chromium")
+SIZES = ((1280, 800), (1920, 1080))
+DOCS = REPO / "docs" / "studio"
+DOCS_PAGES = {"agents", "agent-new-invalid", "agent-history", "release-preview", "trace", "tokens",
+              "registries-agents", "prompts"}  # fmt: skip
+SEED_SECRETS = ["sk-51668897d94****", "51668897d9410********", "8897d941******c7465cff2"]
+TIMEOUT_MS = 20_000
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    home = tmp_path_factory.mktemp("fleet")
+    crds = REPO.parent / "shared" / "istio" / "crd-all.gen.yaml"
+    f = Fleet(FleetOptions(home=home, istio_crds=crds))
+    state = f.up()
+    state["_home"] = home
+    yield state
+    f.down()
+
+
+@pytest.fixture(scope="module")
+def browser(fleet: dict[str, Any]) -> Iterator[Browser]:
+    """Started after the fleet: Playwright's sync API keeps an event loop running in this
+    thread, so whatever calls ``asyncio.run`` must run before it or in another thread."""
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed")
+    with sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("studio-screenshots")
+
+
+def _token(fleet: dict[str, Any], role: str = "admin") -> str:
+    name = "admin-token" if role == "admin" else f"tokens-{role}"
+    return (fleet["_home"] / name).read_text().strip()
+
+
+def _api(fleet: dict[str, Any], method: str, path: str, **kwargs: Any) -> Any:
+    r = requests.request(
+        method,
+        f"{fleet['endpoints']['controlPlane']}{path}",
+        headers={"Authorization": f"Bearer {_token(fleet)}"},
+        timeout=30,
+        **kwargs,
+    )
+    r.raise_for_status()
+    return r.json()
+
+
+def _eventually(check: Any, what: str, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Studio:
+    """One signed-in browser tab; records the page's script errors."""
+
+    def __init__(self, browser: Browser, fleet: dict[str, Any], shots: Path, role: str) -> None:
+        self.base = fleet["endpoints"]["controlPlane"]
+        self.shots = shots
+        self.role = role
+        self.context = browser.new_context(viewport={"width": 1280, "height": 800})
+        self.page: Page = self.context.new_page()
+        self.page.set_default_timeout(TIMEOUT_MS)
+        self.errors: list[str] = []
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.goto(f"{self.base}/")
+        expect(self.page.get_by_test_id("signin")).to_be_visible()
+        self.page.fill("#token", _token(fleet, role))
+        self.page.click("button[type=submit]")
+        expect(self.page.locator(".sidebar")).to_be_visible()
+
+    def go(self, route: str, ready: str) -> Page:
+        self.page.goto(f"{self.base}/studio/#/{route}")
+        expect(self.page.locator(ready).first).to_be_visible()
+        return self.page
+
+    def snap(self, name: str) -> None:
+        for width, height in SIZES:
+            self.page.set_viewport_size({"width": width, "height": height})
+            self.page.wait_for_timeout(100)  # one layout pass after the resize
+            path = self.shots / f"{name}-{width}x{height}.png"
+            self.page.screenshot(path=str(path))
+            if name in DOCS_PAGES and os.environ.get("SPECMESH_STUDIO_DOCS") == "1":
+                DOCS.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, DOCS / path.name)
+        self.page.set_viewport_size({"width": 1280, "height": 800})
+
+    def close(self) -> None:
+        self.context.close()
+        assert not self.errors, self.errors
+
+
+@pytest.fixture
+def admin(browser: Browser, fleet: dict[str, Any], shots: Path) -> Iterator[Studio]:
+    studio = Studio(browser, fleet, shots, "admin")
+    yield studio
+    studio.close()
+
+
+def _card_version(fleet: dict[str, Any], agent: str) -> str:
+    url = fleet["agents"][agent]["stable"]["a2a"]
+    return str(requests.get(f"{url}/.well-known/agent-card.json", timeout=10).json()["version"])
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_sign_in_shows_the_agents_with_their_health(admin: Studio, browser: Browser) -> None:
+    page = admin.go("agents", "[data-agent=schedulex-assistant]")
+
+    expect(page.get_by_test_id("me")).to_have_text("local-admin")
+    row = page.locator("tr", has=page.locator("[data-agent=schedulex-assistant]"))
+    expect(row.locator("[data-track=stable]")).to_be_visible()
+    expect(row.locator("[data-track=canary]")).to_be_visible()
+    expect(row).to_contain_text("Healthy")
+    admin.snap("agents")
+
+    signed_out = browser.new_page()
+    signed_out.goto(f"{admin.base}/studio/")
+    signed_out.fill("#token", "smt_not-a-token")
+    signed_out.click("button[type=submit]")
+    expect(signed_out.locator(".alert-error")).to_contain_text("not known")
+    signed_out.set_viewport_size({"width": 1280, "height": 800})
+    signed_out.screenshot(path=str(admin.shots / "signin-1280x800.png"))
+    signed_out.close()
+
+
+def test_a_new_agent_is_created_through_the_form(admin: Studio, fleet: dict[str, Any]) -> None:
+    page = admin.go("agents/new", "[data-testid=editor]")
+    page.fill("[data-control='metadata.name']", "studio-demo")
+    page.fill("[data-control='spec.base.description']", "Made in the Studio")
+    page.fill("[data-control='spec.base.promptKey']", "mse-gateway-assistant")
+    page.click("[data-tab=model]")
+    page.fill("[data-control='spec.model.model']", "qwen-plus-latest")
+    page.fill("[data-control='spec.model.temperature']", "7")
+
+    error = page.locator(".field-error[data-error-for='spec.model.temperature']")
+    expect(error).to_contain_text("must be <= 2 (got 7)")
+    expect(page.get_by_test_id("deploy")).to_be_disabled()
+    expect(page.locator("[data-tab=model] .tab-badge")).to_have_text("1")
+    admin.snap("agent-new-invalid")
+
+    page.fill("[data-control='spec.model.temperature']", "0.4")
+    expect(page.get_by_test_id("validation")).to_contain_text("Valid")
+    page.get_by_test_id("deploy").click()
+
+    expect(page.get_by_test_id("current-revision")).to_have_text("rev 1")
+    assert page.url.endswith("#/agents/studio-demo")
+    stored = _api(fleet, "GET", "/api/v1/agents/studio-demo")
+    assert stored["spec"]["model"]["temperature"] == 0.4
+    assert stored["author"] == "local-admin"
+
+
+def test_a_model_change_deployed_from_the_form_reaches_the_engine(
+    admin: Studio, fleet: dict[str, Any]
+) -> None:
+    before = _api(fleet, "GET", "/api/v1/agents/mse-gateway-assistant")["revision"]
+    page = admin.go("agents/mse-gateway-assistant", "[data-testid=editor]")
+    page.click("[data-tab=model]")
+    page.fill("[data-control='spec.model.temperature']", "0.55")
+    expect(page.get_by_test_id("validation")).to_contain_text("1 change")
+    expect(page.locator(".change-list")).to_contain_text("model.temperature")
+    admin.snap("agent-edit")
+    page.get_by_test_id("deploy").click()
+
+    expect(page.get_by_test_id("current-revision")).to_have_text(f"rev {before + 1}")
+    _eventually(
+        lambda: _card_version(fleet, "mse-gateway-assistant") == str(before + 1),
+        "the engine's agent card to show the new revision",
+        timeout=30,
+    )
+    page = admin.go("agents/mse-gateway-assistant/instances", "[data-instance-revision]")
+    expect(page.locator("[data-instance-revision='mse-gateway-assistant-stable']")).to_have_text(
+        f"rev {before + 1}"
+    )
+    admin.snap("agent-instances")
+    page.click("[data-tab=spec]")
+    page.click("[data-tab=raw]")
+    expect(page.get_by_test_id("raw-yaml")).to_contain_text("temperature: 0.55")
+    admin.snap("agent-raw")
+
+
+def test_rolling_back_from_history_restores_the_old_revision(
+    admin: Studio, fleet: dict[str, Any]
+) -> None:
+    current = _api(fleet, "GET", "/api/v1/agents/mse-gateway-assistant")["revision"]
+    page = admin.go("agents/mse-gateway-assistant/history", "[data-testid=history-diff]")
+    expect(page.get_by_test_id("diff-changes")).to_contain_text("model.temperature")
+    expect(page.locator(".diff-mod").first).to_contain_text("temperature")
+    admin.snap("agent-history")
+
+    page.click("[data-rollback='1']")
+    page.get_by_test_id("confirm").click()
+
+    expect(page.get_by_test_id("current-revision")).to_have_text(f"rev {current + 1}")
+    record = _api(fleet, "GET", "/api/v1/agents/mse-gateway-assistant")
+    assert record["rolledBackFrom"] == 1 and record["spec"]["model"]["temperature"] == 0.3
+    _eventually(
+        lambda: _card_version(fleet, "mse-gateway-assistant") == str(current + 1),
+        "the engine to serve the rolled-back revision",
+        timeout=30,
+    )
+
+
+def test_moving_the_canary_weight_changes_the_virtualservice_preview(
+    admin: Studio, fleet: dict[str, Any]
+) -> None:
+    page = admin.go("releases/schedulex-assistant", "[data-testid=preview-VirtualService]")
+    expect(page.get_by_test_id("preview-status")).to_contain_text("No change")
+
+    page.get_by_test_id("canary-weight").fill("30")
+
+    preview = page.get_by_test_id("preview-VirtualService")
+    expect(page.get_by_test_id("preview-status")).to_contain_text("publishes new Istio objects")
+    expect(preview.locator(".diff-add, .diff-mod").first).to_be_visible()
+    expect(preview.locator("pre.r")).to_contain_text(["weight: 70", "weight: 30"])
+    page.get_by_test_id("add-header").click()
+    expect(preview.locator("pre.r")).to_contain_text(["canary-by-header"])
+    admin.snap("release-preview")
+
+    page.get_by_test_id("apply-release").click()
+    expect(page.get_by_test_id("abort")).to_be_visible()
+    release = _api(fleet, "GET", "/api/v1/agents/schedulex-assistant/release")["release"]
+    assert release["canaryWeight"] == 30 and release["headerMatch"][0]["name"] == "x-canary"
+    mesh = _api(fleet, "GET", "/api/v1/mesh")
+    vs = next(o for o in mesh if o["kind"] == "VirtualService"
+              and o["metadata"]["name"] == "schedulex-assistant")  # fmt: skip
+    assert [r["weight"] for r in vs["spec"]["http"][-1]["route"]] == [70, 30]
+    admin.snap("release-applied")
+
+    page.get_by_test_id("abort").click()
+    page.get_by_test_id("confirm").click()
+    expect(page.get_by_test_id("abort")).to_have_count(0)
+    release = _api(fleet, "GET", "/api/v1/agents/schedulex-assistant/release")["release"]
+    assert release["canaryRevision"] is None and release["canaryWeight"] == 0
+
+
+def test_the_trace_of_a_two_agent_conversation_is_a_waterfall(
+    admin: Studio, fleet: dict[str, Any]
+) -> None:
+    url = fleet["agents"]["mse-nacos-helper"]["stable"]["a2a"]
+    ask = invoke(url, "Which Nacos services are registered?")
+    with ThreadPoolExecutor(1) as pool:  # Playwright's loop runs in this thread
+        result = pool.submit(asyncio.run, asyncio.wait_for(ask, 60)).result()
+    assert result.state == "completed"
+
+    def two_agent_trace() -> str | None:
+        for t in _api(fleet, "GET", "/api/v1/traces?agent=mse-nacos-helper&limit=300"):
+            if {"mse-nacos-helper", "mse-gateway-assistant"} <= set(t["agents"]):
+                spans = _api(fleet, "GET", f"/api/v1/traces/{t['traceId']}")
+                gateway = [s for s in spans if s["agent"] == "mse-gateway-assistant"]
+                if any(s["name"] == "chat qwen-plus-latest" for s in gateway):
+                    return str(t["traceId"])
+        return None
+
+    trace_id = _eventually(two_agent_trace, "a trace across both agents")
+    page = admin.go("observability/traces", f"[data-trace='{trace_id}']")
+    admin.snap("traces")
+    page.click(f"[data-trace='{trace_id}']")
+
+    waterfall = page.get_by_test_id("waterfall")
+    expect(waterfall.locator("[data-span='invoke_agent mse-nacos-helper']")).to_be_visible()
+    expect(waterfall.locator("[data-span='invoke_agent mse-gateway-assistant']")).to_be_visible()
+    expect(waterfall.locator("[data-kind=llm]").first).to_be_visible()
+    expect(waterfall.locator("[data-kind=tool]").first).to_be_visible()
+    a2a = waterfall.locator("[data-kind=a2a]")
+    expect(a2a).to_contain_text("ask_mse-gateway-assistant")
+    a2a.click()
+    expect(page.get_by_test_id("span-detail")).to_contain_text("gen_ai.tool.name")
+    admin.snap("trace")
+
+    page = admin.go("observability/tokens/7d", ".chart")
+    expect(page.locator(".kpi").nth(1)).not_to_contain_text("Tokens0")
+    admin.snap("tokens")
+
+
+def test_prompt_center_shows_the_figures_of_each_version(
+    admin: Studio, fleet: dict[str, Any]
+) -> None:
+    page = admin.go("prompts/mse-nacos-helper", "[data-version='3.0.11']")
+    row = page.locator("[data-version='3.0.11']")
+    expect(row.locator("td").nth(2)).not_to_have_text("0")  # requests served
+    expect(page.get_by_test_id("prompt-diff")).to_be_visible()
+    admin.snap("prompts")
+
+
+def test_registries_list_real_tools_and_the_partner_graph(admin: Studio) -> None:
+    page = admin.go("registries/mcp", "[data-tools='nacos-mcp-tools'] [data-tool]")
+    for tool in ("list_services", "get_service", "get_config", "list_configs"):
+        expect(page.locator(f"[data-tools='nacos-mcp-tools'] [data-tool='{tool}']")).to_be_visible()
+    expect(page.locator("[data-tools='time'] [data-tool='get_current_time']")).to_be_visible()
+    admin.snap("registries-mcp")
+
+    page = admin.go("registries/agents", "[data-testid=partner-graph]")
+    graph = page.get_by_test_id("partner-graph")
+    expect(graph.locator("[data-node='mse-nacos-helper']")).to_be_visible()
+    expect(graph.locator("[data-node='mse-gateway-assistant']")).to_be_visible()
+    expect(graph.locator(".edge-a2a")).to_have_count(2)
+    admin.snap("registries-agents")
+
+
+def test_a_secrets_admin_writes_a_value_it_can_never_read_back(
+    browser: Browser, fleet: dict[str, Any], shots: Path
+) -> None:
+    studio = Studio(browser, fleet, shots, "secrets-admin")
+    try:
+        page = studio.go("credentials", "[data-testid=masked]")
+        expect(page.locator("[data-nav]")).to_have_count(1)  # credentials only
+        page.fill("[data-testid=cred-path]", "specmesh/shared/studio-test")
+        page.fill("[data-testid=cred-value]", "studio-secret-value-123")
+        page.get_by_test_id("cred-save").click()
+        expect(page.locator(".alert-ok")).to_contain_text(
+            "vault://secret/specmesh/shared/studio-test#value"
+        )
+        expect(page.get_by_test_id("cred-value")).to_have_value("")
+        studio.snap("credentials")
+        page.reload()
+        expect(page.locator("[data-testid=masked]").first).to_be_visible()
+        assert "studio-secret-value-123" not in page.content()
+    finally:
+        studio.close()
+
+
+def test_a_viewer_sees_no_credential_values_and_no_deploy_button(
+    browser: Browser, fleet: dict[str, Any], shots: Path
+) -> None:
+    studio = Studio(browser, fleet, shots, "viewer")
+    try:
+        page = studio.go("agents/mse-nacos-helper", "[data-testid=editor]")
+        expect(page.locator("[data-nav=credentials]")).to_have_count(0)
+        expect(page.get_by_test_id("new-agent")).to_have_count(0)
+        expect(page.get_by_test_id("deploy")).to_have_count(0)
+        expect(page.get_by_test_id("read-only")).to_be_visible()
+        expect(page.locator("[data-control='spec.base.description']")).to_have_attribute(
+            "readonly", ""
+        )
+        studio.snap("viewer-agent")
+
+        page = studio.go("agents/mse-nacos-helper/history", "[data-testid=history-diff]")
+        expect(page.locator("[data-rollback]")).to_have_count(0)
+        page = studio.go("releases/schedulex-assistant", "[data-testid=preview-VirtualService]")
+        expect(page.get_by_test_id("apply-release")).to_have_count(0)
+        page = studio.go("credentials", "[data-testid=forbidden]")
+        studio.snap("viewer-credentials")
+
+        for route in ("agents/mse-nacos-helper/history", "registries/agents", "credentials"):
+            studio.go(route, ".page")
+            html = page.content()
+            assert not [s for s in SEED_SECRETS if s in html], route
+        r = requests.get(
+            f"{studio.base}/api/v1/credentials",
+            headers={"Authorization": f"Bearer {_token(fleet, 'viewer')}"},
+            timeout=10,
+        )
+        assert r.status_code == 403
+    finally:
+        studio.close()
