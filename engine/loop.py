@@ -152,6 +152,7 @@ async def run_turn(
                     prompt_version=prompt.version,
                     usage=dict(usage),
                     citations=_citations(passages),
+                    model=context.model.name,
                 )
                 return
             messages.append(reply.assistant_message())

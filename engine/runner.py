@@ -74,6 +74,8 @@ class TurnCompleted:
     usage: Mapping[str, int] = field(default_factory=dict)
     """prompt_tokens, completion_tokens, total_tokens over every model call of the turn."""
     citations: tuple[Mapping[str, Any], ...] = ()
+    model: str = ""
+    """The model that answered (as litellm knows it), for cost accounting."""
 
 
 @dataclass(frozen=True)

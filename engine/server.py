@@ -162,6 +162,12 @@ class _ServingRunner:
                 async for event in events:
                     if isinstance(event, TurnCompleted):
                         outcome, usage = "completed", dict(event.usage)
+                        if event.model:
+                            self._metrics.record_cost(
+                                model=event.model,
+                                prompt_tokens=int(usage.get("prompt_tokens", 0) or 0),
+                                completion_tokens=int(usage.get("completion_tokens", 0) or 0),
+                            )
                     elif isinstance(event, TurnFailed):
                         outcome = "failed"
                     yield event

@@ -75,6 +75,7 @@ class ScriptedTurn:
         citations: Sequence[Mapping[str, Any]] = (),
         tool_calls: Sequence[tuple[str, Mapping[str, Any], str]] = (),
         hold_after: int | None = None,
+        model: str = "",
     ) -> ScriptedTurn:
         """A turn that calls ``tool_calls`` (name, arguments, result), then streams ``text``."""
         events: list[TurnEvent] = []
@@ -91,6 +92,7 @@ class ScriptedTurn:
                 prompt_version=prompt_version,
                 usage=dict(usage if usage is not None else _USAGE),
                 citations=tuple(citations),
+                model=model,
             )
         )
         return cls(events, hold_after=hold_after)
