@@ -311,9 +311,13 @@ class ControlPlane:
         instances = await self.store.list_instances(agent)
         if not instances:
             raise NotFoundError(kind="live instance of agent", name=agent)
-        if self.card_fetcher is None:
-            raise BadRequestError("agent card fetching is not configured on this control plane")
         instances.sort(key=lambda i: (i.get("track", "stable") != "stable", str(i["instance"])))
+        for instance in instances:  # the sidecars publish their engine's card in the registry
+            card = instance.get("card")
+            if isinstance(card, dict):
+                return card
+        if self.card_fetcher is None:
+            raise NotFoundError(kind="agent card of a live instance of agent", name=agent)
         return await self.card_fetcher(instances[0])
 
     async def last_changes(self, principal: Principal, kind: str) -> dict[str, AuditEntry]:

@@ -209,6 +209,10 @@ async def _mcp_tools(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
     return await cp.list_mcp_tools(p, r.match_info["name"])
 
 
+async def _agent_card(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
+    return await cp.get_agent_card(p, r.match_info["name"])
+
+
 async def _instances(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
     return await cp.list_instances(p, r.query.get("agent") or None)
 
@@ -344,6 +348,9 @@ ROUTES: list[Route] = [
     Route("GET", "/api/v1/mcp-servers", _list_mcp, "The MCP Registry"),
     Route("GET", "/api/v1/mcp-servers/{name}/tools", _mcp_tools,
           "The tools an MCP server really offers", params=[_NAME], response=_ARR),
+    Route("GET", "/api/v1/agents/{name}/card", _agent_card,
+          "The A2A agent card a live instance serves (published in the Agent Registry)",
+          params=[_NAME]),
     Route("GET", "/api/v1/instances", _instances, "Live agent instances",
           params=[{"name": "agent", "in": "query", "schema": {"type": "string"}}],
           response=_ARR),

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
+import aiohttp
 from pydantic import ValidationError
 
 from sidecar.ops import OpsServer, ReadinessReport, SidecarMetrics
@@ -126,6 +127,8 @@ class Sidecar:
             metrics=self.metrics,
         )
         self.registry_view = RegistryView(etcd=self.etcd, keys=self.keys, metrics=self.metrics)
+        self._card_revision = 0
+        self._card_tasks: set[asyncio.Task[None]] = set()
         self.registration = InstanceRegistration(
             etcd=self.etcd,
             keys=self.keys,
@@ -159,6 +162,31 @@ class Sidecar:
 
     def _on_engine_status(self, status: EngineStatus) -> None:
         self.registration.update(revision=status.serving_revision, state=status.state)
+        if status.serving_revision and status.serving_revision != self._card_revision:
+            self._card_revision = status.serving_revision
+            task = asyncio.create_task(self._publish_card(status.serving_revision))
+            self._card_tasks.add(task)
+            task.add_done_callback(self._card_tasks.discard)
+
+    async def _publish_card(self, revision: int) -> None:
+        """Put the engine's agent card for ``revision`` into the registry entry."""
+        engine = self.settings.engine_http
+        url = f"{engine if '://' in engine else 'http://' + engine}/.well-known/agent-card.json"
+        for _ in range(20):
+            try:
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.get(url, timeout=aiohttp.ClientTimeout(total=5)) as r,
+                ):
+                    if r.status == 200:
+                        card = await r.json()
+                        if str(card.get("version")) == str(revision):
+                            self.registration.update(card=card)
+                            return
+            except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+                logger.debug("agent card not readable yet: %s", e)
+            await asyncio.sleep(0.25)
+        logger.warning("could not read the engine's agent card for revision %d", revision)
 
     def readiness(self) -> ReadinessReport:
         report = self.sync_server.readiness()

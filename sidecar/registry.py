@@ -20,7 +20,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sidecar.ops import SidecarMetrics
@@ -46,9 +46,11 @@ class Instance:
     revision: int = 0
     state: str = "starting"
     started_at: str = ""
+    card: dict[str, Any] | None = field(default=None, compare=True, hash=False)
+    """The engine's A2A agent card for the served revision (what the Agent Registry shows)."""
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "instance": self.instance,
             "agent": self.agent,
             "endpoint": self.endpoint,
@@ -57,6 +59,9 @@ class Instance:
             "state": self.state,
             "startedAt": self.started_at,
         }
+        if self.card is not None:
+            out["card"] = self.card
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Instance:
@@ -68,6 +73,7 @@ class Instance:
             revision=int(data.get("revision", 0)),
             state=str(data.get("state", "")),
             started_at=str(data.get("startedAt", "")),
+            card=data.get("card"),
         )
 
     def encode(self) -> str:
@@ -120,9 +126,17 @@ class InstanceRegistration:
     async def wait_registered(self) -> None:
         await self._registered.wait()
 
-    def update(self, *, revision: int | None = None, state: str | None = None) -> None:
-        """Change the served revision and/or state; written without waiting for a tick."""
+    def update(
+        self,
+        *,
+        revision: int | None = None,
+        state: str | None = None,
+        card: dict[str, Any] | None = None,
+    ) -> None:
+        """Change the served revision, state and/or card; written without waiting for a tick."""
         changes: dict[str, Any] = {}
+        if card is not None:
+            changes["card"] = card
         if revision is not None:
             changes["revision"] = revision
         if state is not None:

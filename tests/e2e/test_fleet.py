@@ -99,6 +99,14 @@ def test_one_trace_holds_the_spans_of_both_agents(fleet: dict[str, Any]) -> None
     assert len(found["spans"]) < 100  # the SDK's internal spans are off
 
 
+def test_the_agent_registry_holds_each_instances_card(fleet: dict[str, Any]) -> None:
+    card = _api(fleet, "/api/v1/agents/mse-nacos-helper/card")
+    assert card["name"] == "mse-nacos-helper" and card["description"] == "MSE Nacos assistant"
+    instances = _api(fleet, "/api/v1/instances?agent=schedulex-assistant")
+    assert sorted(i["track"] for i in instances) == ["canary", "stable"]
+    assert all(i["card"]["name"] == "schedulex-assistant" for i in instances)
+
+
 def test_a_conversation_is_remembered_in_redis(fleet: dict[str, Any]) -> None:
     first = _ask(fleet, "mse-nacos-helper", "Remember the word pineapple, please.")
     model = fleet["endpoints"]["llm"].removesuffix("/v1")
