@@ -51,6 +51,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, MultiDict
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from yarl import URL
 
@@ -60,7 +62,7 @@ from specmesh.spec.models import ConnectionPoolSpec
 
 from .credentials import CredentialResolver, CredentialUnavailableError
 from .mtls import agent_dns_name
-from .relay import HOP_BY_HOP, relay
+from .relay import end_to_end_headers, relay
 from .router import NoInstanceError, Router
 from .state import SnapshotHolder
 
@@ -225,8 +227,10 @@ class EgressProxy:
         mcp_read_timeout: float = 300.0,
         connection_pool: ConnectionPoolSpec | None = None,
         llm_override: str | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self._snapshots = snapshots
+        self._tracer = tracer or trace.get_tracer("specmesh.sidecar")
         self.llm_override = llm_override
         """Send every LLM call here instead of the spec's baseUrl (the offline fleet's
         scripted model server); credentials are injected as usual."""
@@ -296,11 +300,28 @@ class EgressProxy:
     # ------------------------------------------------------------ dispatch
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        """One proxied call, as a CLIENT span continuing the engine's trace; the upstream
+        gets this span as its parent (``traceparent`` is rewritten)."""
+        parent = propagate.extract(request.headers)
+        with self._tracer.start_as_current_span(
+            "egress", context=parent, kind=SpanKind.CLIENT
+        ) as span:
+            response = await self._proxy(request, span)
+            span.set_attribute("http.response.status_code", response.status)
+            if response.status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            return response
+
+    async def _proxy(self, request: web.Request, span: trace.Span) -> web.StreamResponse:
         started = time.perf_counter()
         kind: RouteKind = "unknown"
         status = 500
         try:
             kind, name, rest = self._route(request.rel_url.raw_path)
+            span.update_name(f"egress {kind} {name}".rstrip())
+            span.set_attribute("specmesh.egress.kind", kind)
+            span.set_attribute("specmesh.egress.target", name)
+            span.set_attribute("http.request.method", request.method)
             snapshot = self._snapshots.current
             if snapshot is None:
                 raise EgressError(503, "no_snapshot", "the sidecar has no spec yet")
@@ -311,6 +332,7 @@ class EgressProxy:
                 headers=self._forward_headers(request.headers),
                 params=MultiDict(request.rel_url.query),
             )
+            propagate.inject(out.headers)  # the upstream continues from this span
             body = await request.read() if request.body_exists else None
             if kind in ("llm", "llm_fallback", "embeddings"):
                 url = await self._prepare_llm(snapshot, out)
@@ -349,16 +371,9 @@ class EgressProxy:
 
     @staticmethod
     def _forward_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
-        out: CIMultiDict[str] = CIMultiDict()
-        connection_listed = {
-            h.strip().lower() for h in headers.get("Connection", "").split(",") if h.strip()
-        }
-        for key, value in headers.items():
-            low = key.lower()
-            if low in HOP_BY_HOP or low in _ENGINE_CREDENTIALS or low in connection_listed:
-                continue
-            out.add(key, value)
-        return out
+        return CIMultiDict(
+            (k, v) for k, v in end_to_end_headers(headers) if k.lower() not in _ENGINE_CREDENTIALS
+        )
 
     async def _resolve(self, value: str) -> str:
         try:

@@ -21,13 +21,15 @@ from typing import Protocol
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from specmesh.names import resource_name
 from specmesh.store import SpecStore
 from specmesh.watch import PrefixWatcher
 
 from .mtls import AgentCertificates, agent_from_cert
-from .relay import HOP_BY_HOP, relay
+from .relay import end_to_end_headers, relay
 
 __all__ = [
     "EtcdPartnerGraph",
@@ -109,7 +111,9 @@ class InboundServer:
         host: str = "127.0.0.1",
         port: int = 0,
         read_timeout: float = 300.0,
+        tracer: trace.Tracer | None = None,
     ) -> None:
+        self._tracer = tracer or trace.get_tracer("specmesh.sidecar")
         self.agent = resource_name(agent_name)
         self.engine_url = engine_http if "://" in engine_http else f"http://{engine_http}"
         self._graph = graph
@@ -167,9 +171,20 @@ class InboundServer:
         return agent_from_cert(peer)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        headers: CIMultiDict[str] = CIMultiDict(
-            (k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP
-        )
+        """One inbound call, as a SERVER span continuing the caller's trace."""
+        parent = propagate.extract(request.headers)
+        with self._tracer.start_as_current_span(
+            f"inbound {self.agent}", context=parent, kind=SpanKind.SERVER
+        ) as span:
+            span.set_attribute("http.request.method", request.method)
+            response = await self._forward(request, span)
+            span.set_attribute("http.response.status_code", response.status)
+            if response.status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            return response
+
+    async def _forward(self, request: web.Request, span: trace.Span) -> web.StreamResponse:
+        headers: CIMultiDict[str] = CIMultiDict(end_to_end_headers(request.headers))
         headers.popall(CALLER_HEADER, None)
         if self._certs is not None:
             caller = self._caller(request)
@@ -185,6 +200,8 @@ class InboundServer:
                 )
                 return _refuse(f"agent {caller!r} may not call agent {self.agent!r}")
             headers[CALLER_HEADER] = caller
+            span.set_attribute("specmesh.caller", caller)
+        propagate.inject(headers)  # the engine continues from this span
         assert self._session is not None
         body = await request.read() if request.body_exists else None
         try:

@@ -33,6 +33,7 @@ from sidecar.settings import SidecarSettings
 from sidecar.state import SnapshotHolder
 from sidecar.sync import SnapshotCache, SpecSync
 from sidecar.sync_server import EngineStatus, SpecSyncServer
+from sidecar.telemetry import configure_tracing
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
 from specmesh.logs import configure_logging
@@ -286,6 +287,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.error("bad sidecar setting %s: %s", where, err.get("msg"))
         return 2
     configure_logging(level=args.log_level or settings.log_level, json_format=not args.text_logs)
+    provider = configure_tracing(
+        agent=settings.agent_name,
+        track=settings.track,
+        endpoint=settings.otel_exporter_otlp_endpoint,
+    )
     try:
         asyncio.run(run(settings))
     except KeyboardInterrupt:
@@ -293,4 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:
         logger.exception("sidecar failed")
         return 1
+    finally:
+        if provider is not None:
+            provider.shutdown()  # flush the last spans
     return 0

@@ -112,6 +112,11 @@ class SidecarSettings(BaseSettings):
     """Seconds in-flight work may take to drain on SIGTERM."""
     log_level: str = "INFO"
     """Root log level."""
+    otel_exporter_otlp_endpoint: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT", "SPECMESH_OTLP_ENDPOINT"),
+    )
+    """OTLP/HTTP endpoint for the sidecar's spans (the standard OpenTelemetry variable)."""
 
     @field_validator("agent_name")
     @classmethod

@@ -414,6 +414,7 @@ class Fleet:
             "SPECMESH_VAULT_ADDR": services["baoAddress"],
             "SPECMESH_VAULT_TOKEN": services["baoToken"],
             "SPECMESH_MTLS": "true",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp,
         }
         if self.options.llm_url is None:
             sidecar_env["SPECMESH_LLM_OVERRIDE_URL"] = llm_url

@@ -13,6 +13,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
 from sidecar.credentials import CredentialResolver
@@ -136,14 +139,21 @@ async def rig_factory() -> AsyncIterator[Callable[..., Awaitable[Rig]]]:
     opened: list[Any] = []
 
     async def make(
-        *, address: str, token: str, snapshot: ResolvedSnapshot, ttl: float = 300.0
+        *,
+        address: str,
+        token: str,
+        snapshot: ResolvedSnapshot,
+        ttl: float = 300.0,
+        tracer: Any = None,
     ) -> Rig:
         vault = VaultClient(address=address, token=token, timeout=2.0)
         resolver = CredentialResolver(source=vault, ttl=ttl)
         resolver.start()
         holder = SnapshotHolder()
         await holder.set(snapshot, etcd_revision=1)
-        egress = EgressProxy(snapshots=holder, credentials=resolver, registry=CollectorRegistry())
+        egress = EgressProxy(
+            snapshots=holder, credentials=resolver, registry=CollectorRegistry(), tracer=tracer
+        )
         await egress.start()
         client = aiohttp.ClientSession()
         opened.extend([client, egress, resolver, vault])
@@ -227,7 +237,7 @@ async def test_llm_call_gets_the_vault_key_and_engine_dummy_key_is_dropped(
     chat, anthropic, embeddings = upstream.seen
     assert chat.path == "/v1/chat/completions"
     assert chat.headers["Authorization"] == "Bearer sk-from-vault-1"
-    assert chat.headers["traceparent"] == trace
+    assert chat.headers["traceparent"].split("-")[1] == trace.split("-")[1]  # same trace
     assert chat.headers["tracestate"] == "vendor=1"
     assert chat.headers["X-Specmesh-Call-Depth"] == "2"
     assert anthropic.path == "/anthropic/v1/messages"
@@ -502,3 +512,36 @@ async def test_planted_canary_secret_is_on_the_wire_but_never_logged_or_returned
     logged = [r.getMessage() + str(r.__dict__) for r in caplog.records]
     assert logged  # the refusal, at least, was logged
     assert not [line for line in logged if canary in line]
+
+
+async def test_proxied_call_is_a_span_in_the_callers_trace(
+    services: LocalServices, vault: VaultClient, upstream: Upstream, rig_factory: Any
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    agent = _agent()
+    await vault.write(VaultRef.parse(_ref(agent, "model")), "sk-span-test")
+    rig = await rig_factory(
+        address=services.bao.address,
+        token=await _agent_token(vault, agent),
+        snapshot=_snapshot(agent, _spec(agent, upstream.url), {}),
+        tracer=provider.get_tracer("test"),
+    )
+    trace_id, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+
+    async with rig.client.post(
+        rig.egress.url + "/llm/v1/chat/completions",
+        json={"model": "scripted", "messages": []},
+        headers={"traceparent": f"00-{trace_id}-{caller_span}-01"},
+    ) as resp:
+        assert resp.status == 200
+
+    [span] = exporter.get_finished_spans()
+    assert span.name == "egress llm"
+    assert format(span.context.trace_id, "032x") == trace_id
+    assert span.parent is not None and format(span.parent.span_id, "016x") == caller_span
+    assert span.attributes is not None and span.attributes["http.response.status_code"] == 200
+    assert "sk-span-test" not in str(dict(span.attributes))
+    sent = upstream.seen[-1].headers["traceparent"].split("-")
+    assert sent[1] == trace_id and sent[2] == format(span.context.span_id, "016x")
