@@ -1,0 +1,40 @@
+"""The architecture's rooms: engine, sidecar and control_plane never import each other
+(they talk over proto/ and etcd), and the shared core imports none of them."""
+
+from __future__ import annotations
+
+import ast
+
+import pytest
+
+from ..conftest import REPO
+
+PARTS = ("engine", "sidecar", "control_plane")
+FORBIDDEN = {
+    "specmesh": set(PARTS),
+    "engine": {"sidecar", "control_plane"},
+    "sidecar": {"engine", "control_plane"},
+    "control_plane": {"engine", "sidecar"},
+}
+
+
+def _imports(path: str) -> set[str]:
+    tree = ast.parse((REPO / path).read_text(), filename=path)
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+@pytest.mark.parametrize("package", list(FORBIDDEN))
+def test_package_imports_only_what_its_room_allows(package: str) -> None:
+    offenders = {
+        str(path.relative_to(REPO)): sorted(
+            _imports(str(path.relative_to(REPO))) & FORBIDDEN[package]
+        )
+        for path in (REPO / package).rglob("*.py")
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
