@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -56,6 +55,7 @@ from engine.knowledge.rest import KnowledgeSource, create_knowledge_routes
 from engine.rest import ConversationDeleter, create_business_routes
 from engine.runner import AgentRunner, CardInfo, TurnCompleted, TurnEvent, TurnFailed, TurnRequest
 from engine.telemetry import EngineMetrics, TraceContextInterceptor, TraceContextMiddleware
+from specmesh.serving import QuietUvicornServer, bind_tcp
 
 __all__ = ["A2A_SERVICE", "EngineServer", "ServerConfig", "parse_address"]
 
@@ -185,30 +185,6 @@ class _ServingRunner:
                     await close()
 
 
-class _UvicornServer(uvicorn.Server):
-    """uvicorn without its own signal handling: the entry point owns SIGTERM/SIGINT."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say they are
-    # TCP; without it a response written in two parts waits ~40 ms for a delayed ACK.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
-
-
 class EngineServer:
     """Both listeners of one engine, over one :class:`~engine.runner.AgentRunner`."""
 
@@ -225,7 +201,7 @@ class EngineServer:
         self._metrics = metrics or EngineMetrics(agent_name=config.agent_name)
         self._task_store = task_store or InMemoryTaskStore()
         self._drain = _Drain()
-        self._http: _UvicornServer | None = None
+        self._http: QuietUvicornServer | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._grpc: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
@@ -270,7 +246,7 @@ class EngineServer:
     async def start(self) -> None:
         """Bind both listeners and serve; returns once both accept connections."""
         cfg = self._config
-        sock = _bind(cfg.http_host, cfg.http_port)
+        sock = bind_tcp(cfg.http_host, cfg.http_port)
         try:
             self.http_port = sock.getsockname()[1]
             grpc_server = grpc.aio.server(interceptors=[TraceContextInterceptor()])
@@ -351,7 +327,7 @@ class EngineServer:
             routes=routes,
             middleware=[Middleware(TraceContextMiddleware, skip_paths=_UNTRACED_PATHS)],
         )
-        server = _UvicornServer(
+        server = QuietUvicornServer(
             uvicorn.Config(
                 app,
                 host=cfg.http_host,

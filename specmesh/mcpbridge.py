@@ -34,10 +34,9 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TextIO
 
@@ -54,6 +53,7 @@ from mcp.shared.message import SessionMessage
 from starlette.types import ASGIApp
 
 from specmesh.logs import configure_logging
+from specmesh.serving import QuietUvicornServer, bind_tcp
 
 __all__ = ["StdioUpstream", "bridge_server", "main", "serve_http"]
 
@@ -373,30 +373,6 @@ def bridge_server(
 # ---------------------------------------------------------------- serving
 
 
-class _UvicornServer(uvicorn.Server):
-    """uvicorn without its own signal handling: the entry point owns SIGTERM/SIGINT."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say they are
-    # TCP; without it a response written in two parts waits ~40 ms for a delayed ACK.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
-
-
 def _url(host: str, port: int) -> str:
     shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     return f"http://{f'[{shown}]' if ':' in shown else shown}:{port}/mcp"
@@ -418,10 +394,10 @@ async def serve_http(
     socket listens; ``on_stopping`` runs before connections are drained (end long-lived
     streams there); requests in flight get ``grace`` seconds.
     """
-    sock = _bind(host, port)
+    sock = bind_tcp(host, port)
     try:
         bound_port = sock.getsockname()[1]
-        server = _UvicornServer(
+        server = QuietUvicornServer(
             uvicorn.Config(
                 app,
                 log_config=None,

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import socket
 
-from engine.server import _bind
+from specmesh.serving import bind_tcp
 
 
 def test_listener_is_declared_tcp_so_nagle_gets_turned_off() -> None:
-    sock = _bind("127.0.0.1", 0)
+    sock = bind_tcp("127.0.0.1", 0)
     try:
         assert sock.proto == socket.IPPROTO_TCP
     finally:
