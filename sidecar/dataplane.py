@@ -7,7 +7,9 @@ Started after the spec sync and the registry view (it needs both), stopped befor
 3. router over the Agent Registry and the release policies (watched in etcd);
 4. egress on loopback for the engine; 5. inbound for callers (mTLS + partner check);
 6. the Redis proxy on loopback (memory store, password from Vault; listens once the
-   spec's memory is Redis).
+   spec's memory is Redis);
+7. A2A over gRPC, each when its setting is set: egress on loopback
+   (``SPECMESH_EGRESS_GRPC``) and inbound (``SPECMESH_INBOUND_GRPC``, mTLS + partner check).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from urllib.parse import urlsplit
 
 from sidecar.credentials import CredentialResolver, KubernetesLogin, TokenLogin, VaultLogin
 from sidecar.egress import EgressMetrics, EgressProxy
+from sidecar.grpcproxy import GrpcEgress, GrpcInbound, GrpcInstanceSource
 from sidecar.inbound import EtcdPartnerGraph, InboundServer
 from sidecar.main import SidecarContext
 from sidecar.mtls import AgentCertificates, PkiClient
@@ -67,6 +70,8 @@ class DataPlane:
         self.egress: EgressProxy | None = None
         self.inbound: InboundServer | None = None
         self.redis_proxy: RedisProxy | None = None
+        self.grpc_egress: GrpcEgress | None = None
+        self.grpc_inbound: GrpcInbound | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pki: PkiClient | None = None
 
@@ -134,9 +139,38 @@ class DataPlane:
             unix_path=host if kind == "unix" else None,
         )
         await self.redis_proxy.start()
+        if settings.egress_grpc:
+            # its own router (outlier state per protocol) over the instances with a grpcEndpoint
+            grpc_router = Router(
+                instances=GrpcInstanceSource(self.ctx.registry_view),
+                releases=releases,
+                mode="istio" if settings.istio else "direct",
+                on_ejection=metrics.on_ejection,
+            )
+            self.grpc_egress = GrpcEgress(
+                snapshots=self.ctx.holder,
+                credentials=self.credentials,
+                router=grpc_router,
+                certificates=self.certificates,
+                address=settings.egress_grpc,
+            )
+            await self.grpc_egress.start()
+        if settings.inbound_grpc:
+            self.grpc_inbound = GrpcInbound(
+                agent_name=settings.agent_name,
+                engine_grpc=settings.engine_grpc,
+                graph=graph,
+                certificates=self.certificates,
+                address=settings.inbound_grpc,
+            )
+            await self.grpc_inbound.start()
         logger.info("data plane up: egress %s, inbound %s", self.egress.url, self.inbound.url)
 
     async def stop(self) -> None:
+        if self.grpc_inbound is not None:
+            await self.grpc_inbound.stop()
+        if self.grpc_egress is not None:
+            await self.grpc_egress.stop()
         if self.redis_proxy is not None:
             await self.redis_proxy.stop()
         if self.inbound is not None:

@@ -137,6 +137,7 @@ class Sidecar:
                 instance=settings.instance_id,
                 agent=settings.agent_name,
                 endpoint=settings.inbound_url,
+                grpc_endpoint=settings.inbound_grpc,
                 track=settings.track,
                 revision=0,
                 state="starting",

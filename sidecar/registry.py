@@ -48,6 +48,8 @@ class Instance:
     started_at: str = ""
     card: dict[str, Any] | None = field(default=None, compare=True, hash=False)
     """The engine's A2A agent card for the served revision (what the Agent Registry shows)."""
+    grpc_endpoint: str | None = None
+    """``host:port`` of its sidecar's A2A gRPC inbound (``grpcEndpoint``), when it has one."""
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -61,6 +63,8 @@ class Instance:
         }
         if self.card is not None:
             out["card"] = self.card
+        if self.grpc_endpoint is not None:
+            out["grpcEndpoint"] = self.grpc_endpoint
         return out
 
     @classmethod
@@ -74,6 +78,7 @@ class Instance:
             state=str(data.get("state", "")),
             started_at=str(data.get("startedAt", "")),
             card=data.get("card"),
+            grpc_endpoint=str(data["grpcEndpoint"]) if data.get("grpcEndpoint") else None,
         )
 
     def encode(self) -> str:

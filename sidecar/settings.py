@@ -51,6 +51,12 @@ class SidecarSettings(BaseSettings):
     """The engine's A2A gRPC listener (``SPECMESH_ENGINE_GRPC``)."""
     inbound: str = "127.0.0.1:7100"
     """Inbound listener (``SPECMESH_INBOUND``), registered as this instance's endpoint."""
+    inbound_grpc: str | None = None
+    """A2A gRPC inbound listener (``SPECMESH_INBOUND_GRPC``, ``host:port``), registered as the
+    instance's ``grpcEndpoint``; off when unset."""
+    egress_grpc: str | None = None
+    """A2A gRPC egress for the engine (``SPECMESH_EGRESS_GRPC``, loopback ``host:port``,
+    plaintext; metadata ``x-specmesh-target-agent`` names the partner); off when unset."""
     redis_proxy: str = "127.0.0.1:7105"
     """The Redis proxy the engine reaches its memory store through (``SPECMESH_REDIS_PROXY``;
     ``host:port`` or ``unix:path``); listens only once the spec's memory is Redis."""

@@ -1,0 +1,530 @@
+"""A2A over gRPC through the sidecar: inbound (mTLS + partner check) and egress (routing).
+
+* :class:`GrpcInbound` listens on ``SPECMESH_INBOUND_GRPC``. In mTLS mode it requires a client
+  certificate from the mesh CA; the caller is the agent named by the certificate's URI SAN and
+  must list THIS agent among its partners (:class:`~sidecar.inbound.PartnerGraph`), else
+  ``PERMISSION_DENIED``; no usable certificate -> ``UNAUTHENTICATED``. Allowed calls go, as raw
+  bytes, to the engine's gRPC listener (``SPECMESH_ENGINE_GRPC``) with the caller's metadata
+  plus ``x-specmesh-caller``. Plaintext (no caller check) when Istio provides mTLS.
+  Certificate rotation: the server credentials are dynamic
+  (``grpc.dynamic_ssl_server_credentials``): each new handshake presents the current
+  certificate; established connections are untouched.
+* :class:`GrpcEgress` listens on ``SPECMESH_EGRESS_GRPC`` (loopback, plaintext: the engine's
+  side). The metadata key ``x-specmesh-target-agent`` names the partner; it must be declared
+  in the current snapshot's ``partnerAgents`` (else ``PERMISSION_DENIED``). An instance with a
+  ``grpcEndpoint`` is picked by a :class:`~sidecar.router.Router` over
+  :class:`GrpcInstanceSource`, dialled with this agent's certificate (the partner's identity
+  checked through ``grpc.ssl_target_name_override``), and the partner's spec ``headers``
+  (resolved from Vault) are added as lower-case metadata. Outcomes are reported to the router
+  (``UNAVAILABLE`` counts as a gateway error). No retries; ``queryParams`` do not apply.
+
+Every method of the A2A service (read from ``a2a.types.a2a_pb2``'s descriptor; unary-unary and
+unary-stream) is relayed without decoding (serializers ``None``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from a2a.types import a2a_pb2
+from cryptography import x509
+
+from specmesh.names import resource_name
+
+from .credentials import CredentialResolver, CredentialUnavailableError
+from .inbound import PartnerGraph
+from .mtls import TRUST_DOMAIN, AgentCertificates, agent_dns_name
+from .router import InstanceLike, InstanceSource, NoInstanceError, Router, Target
+from .state import SnapshotHolder
+
+__all__ = [
+    "A2A_METHODS",
+    "A2A_SERVICE",
+    "CALLER_KEY",
+    "TARGET_KEY",
+    "GrpcEgress",
+    "GrpcInbound",
+    "GrpcInstanceSource",
+    "agent_from_pem",
+]
+
+logger = logging.getLogger(__name__)
+
+_SERVICE = a2a_pb2.DESCRIPTOR.services_by_name["A2AService"]
+A2A_SERVICE: str = _SERVICE.full_name
+"""Fully qualified name of the A2A gRPC service (``lf.a2a.v1.A2AService``)."""
+A2A_METHODS: dict[str, bool] = {
+    m.name: bool(m.server_streaming) for m in _SERVICE.methods if not m.client_streaming
+}
+"""Method name -> whether the server streams (no A2A method streams from the client)."""
+
+CALLER_KEY = "x-specmesh-caller"
+TARGET_KEY = "x-specmesh-target-agent"
+_SPIFFE_PREFIX = f"spiffe://{TRUST_DOMAIN}/agent/"
+_HOP_BY_HOP = frozenset(
+    {"te", "host", "connection", "content-type", "user-agent", "keep-alive", "upgrade"}
+)
+
+Metadata = list[tuple[str, str | bytes]]
+_Handler = Callable[[bytes, grpc.aio.ServicerContext], Any]
+
+
+def agent_from_pem(pem: bytes | str | None) -> str | None:
+    """The agent resource name in a PEM certificate's SPIFFE URI SAN."""
+    if not pem:
+        return None
+    try:
+        cert = x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else pem)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+        if uri.startswith(_SPIFFE_PREFIX):
+            name = uri[len(_SPIFFE_PREFIX) :]
+            if name and "/" not in name:
+                return name
+    return None
+
+
+def end_to_end_metadata(metadata: Sequence[Any] | None, *drop: str) -> Metadata:
+    """Invocation metadata worth forwarding: no pseudo-headers, hop-by-hop or ``grpc-*`` keys,
+    nor the keys in ``drop``."""
+    dropped = {d.lower() for d in drop}
+    out: Metadata = []
+    for item in metadata or ():
+        key, value = str(item[0]).lower(), item[1]
+        if key.startswith((":", "grpc-")) or key in _HOP_BY_HOP or key in dropped:
+            continue
+        out.append((key, value))
+    return out
+
+
+def _timeout(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return remaining if remaining is not None and remaining < 1e8 else None
+
+
+def _generic_handler(
+    unary: Callable[[str], _Handler], stream: Callable[[str], _Handler]
+) -> grpc.GenericRpcHandler:
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for name, streaming in A2A_METHODS.items():
+        if streaming:
+            handlers[name] = grpc.unary_stream_rpc_method_handler(stream(name))
+        else:
+            handlers[name] = grpc.unary_unary_rpc_method_handler(unary(name))
+    return grpc.method_handlers_generic_handler(A2A_SERVICE, handlers)
+
+
+async def _relay_unary(
+    channel: grpc.aio.Channel,
+    method: str,
+    request: bytes,
+    context: grpc.aio.ServicerContext,
+    metadata: Metadata,
+) -> tuple[bytes | None, grpc.StatusCode, str]:
+    """One unary call upstream; (response or None, status, details). Trailing metadata of the
+    answer is copied to ``context``."""
+    call = channel.unary_unary(f"/{A2A_SERVICE}/{method}")(
+        request, metadata=metadata, timeout=_timeout(context)
+    )
+    try:
+        response: bytes = await call
+    except grpc.aio.AioRpcError as e:
+        context.set_trailing_metadata(end_to_end_metadata(e.trailing_metadata()))
+        return None, e.code(), e.details() or ""
+    context.set_trailing_metadata(end_to_end_metadata(await call.trailing_metadata()))
+    return response, grpc.StatusCode.OK, ""
+
+
+async def _relay_stream(
+    channel: grpc.aio.Channel,
+    method: str,
+    request: bytes,
+    context: grpc.aio.ServicerContext,
+    metadata: Metadata,
+    outcome: list[grpc.StatusCode],
+) -> AsyncIterator[bytes]:
+    """One server-streaming call upstream, relayed message by message; the final status goes
+    into ``outcome`` (and an error status is raised on ``context``)."""
+    call = channel.unary_stream(f"/{A2A_SERVICE}/{method}")(
+        request, metadata=metadata, timeout=_timeout(context)
+    )
+    try:
+        async for message in call:
+            yield message
+    except grpc.aio.AioRpcError as e:
+        outcome.append(e.code())
+        await context.abort(e.code(), e.details() or "", end_to_end_metadata(e.trailing_metadata()))
+    finally:
+        call.cancel()  # no-op once done; stops upstream when the caller went away
+    outcome.append(grpc.StatusCode.OK)
+    context.set_trailing_metadata(end_to_end_metadata(await call.trailing_metadata()))
+
+
+async def _bind(server: grpc.aio.Server, address: str, creds: Any | None) -> int:
+    port: int = (
+        server.add_secure_port(address, creds)
+        if creds is not None
+        else server.add_insecure_port(address)
+    )
+    if port == 0:
+        raise OSError(f"cannot listen for gRPC on {address}")
+    return port
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port or 0)
+
+
+# ---------------------------------------------------------------- inbound
+
+
+class GrpcInbound:
+    """The A2A gRPC inbound; ``certificates=None`` means plaintext mode (Istio)."""
+
+    def __init__(
+        self,
+        *,
+        agent_name: str,
+        engine_grpc: str,
+        graph: PartnerGraph,
+        certificates: AgentCertificates | None,
+        address: str = "127.0.0.1:0",
+    ) -> None:
+        self.agent = resource_name(agent_name)
+        self.engine_grpc = engine_grpc
+        self._graph = graph
+        self._certs = certificates
+        self.host, self.port = _split(address)
+        self._server: grpc.aio.Server | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._cert_config: tuple[str, Any] | None = None
+
+    @property
+    def target(self) -> str:
+        """``host:port`` to register as this instance's ``grpcEndpoint``."""
+        return f"{self.host}:{self.port}"
+
+    def _certificate_config(self) -> Any:
+        assert self._certs is not None
+        cert = self._certs.current
+        if self._cert_config is None or self._cert_config[0] != cert.serial:
+            chain = (cert.certificate + "\n" + cert.ca_chain + "\n").encode()
+            config = grpc.ssl_server_certificate_configuration(
+                [(cert.private_key.encode(), chain)], root_certificates=self._certs.ca_pem.encode()
+            )
+            self._cert_config = (cert.serial, config)
+        return self._cert_config[1]
+
+    def _fetch_config(self) -> Any:
+        """Called by gRPC before each handshake: a new config only after a rotation."""
+        previous = self._cert_config[0] if self._cert_config else None
+        config = self._certificate_config()
+        assert self._cert_config is not None
+        return config if self._cert_config[0] != previous else None
+
+    async def start(self) -> None:
+        self._channel = grpc.aio.insecure_channel(self.engine_grpc)
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers(
+            (_generic_handler(self._unary_handler, self._stream_handler),)
+        )
+        creds = None
+        if self._certs is not None:
+            creds = grpc.dynamic_ssl_server_credentials(
+                self._certificate_config(),
+                self._fetch_config,
+                require_client_authentication=True,
+            )
+        self.port = await _bind(server, f"{self.host}:{self.port}", creds)
+        await server.start()
+        self._server = server
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    async def __aenter__(self) -> GrpcInbound:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> Metadata:
+        """The metadata to send to the engine, or abort the call."""
+        metadata = end_to_end_metadata(context.invocation_metadata(), CALLER_KEY)
+        if self._certs is None:
+            return metadata
+        pems = context.auth_context().get("x509_pem_cert") or []
+        caller = agent_from_pem(pems[0]) if pems else None
+        if caller is None:
+            logger.warning("refused an inbound gRPC call: the certificate names no agent")
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "the client certificate names no agent"
+            )
+        assert caller is not None
+        if self.agent not in self._graph.partners(caller):
+            logger.warning(
+                "refused an inbound gRPC call from %s: it does not list %s as a partner",
+                caller,
+                self.agent,
+                extra={"caller": caller, "agent": self.agent},
+            )
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"agent {caller!r} may not call agent {self.agent!r}",
+            )
+        metadata.append((CALLER_KEY, caller))
+        return metadata
+
+    def _unary_handler(self, method: str) -> _Handler:
+        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            metadata = await self._authorize(context)
+            assert self._channel is not None
+            response, code, details = await _relay_unary(
+                self._channel, method, request, context, metadata
+            )
+            if response is None:
+                await context.abort(code, details)
+            assert response is not None
+            return response
+
+        return handle
+
+    def _stream_handler(self, method: str) -> _Handler:
+        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            metadata = await self._authorize(context)
+            assert self._channel is not None
+            async for message in _relay_stream(
+                self._channel, method, request, context, metadata, []
+            ):
+                yield message
+
+        return handle
+
+
+# ---------------------------------------------------------------- egress
+
+
+@dataclass(frozen=True)
+class _GrpcInstance:
+    instance: str
+    agent: str
+    endpoint: str
+    track: str
+
+
+class GrpcInstanceSource:
+    """Instances that serve gRPC, with their ``grpc_endpoint`` as the router's endpoint
+    (instances registered without one are skipped)."""
+
+    def __init__(self, source: InstanceSource) -> None:
+        self._source = source
+
+    def instances(self, agent: str) -> Sequence[InstanceLike]:
+        out: list[InstanceLike] = []
+        for inst in self._source.instances(agent):
+            endpoint = getattr(inst, "grpc_endpoint", None)
+            if endpoint:
+                out.append(_GrpcInstance(inst.instance, inst.agent, str(endpoint), inst.track))
+        return out
+
+
+_REPORTED_STATUS = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNKNOWN: 500,
+}
+
+
+def _grpc_target(url: str) -> str:
+    for scheme in ("grpcs://", "grpc://", "https://", "http://"):
+        if url.startswith(scheme):
+            return url[len(scheme) :]
+    return url
+
+
+class GrpcEgress:
+    """The engine's A2A gRPC way out (loopback, plaintext)."""
+
+    def __init__(
+        self,
+        *,
+        snapshots: SnapshotHolder,
+        credentials: CredentialResolver,
+        router: Router,
+        certificates: AgentCertificates | None,
+        address: str = "127.0.0.1:0",
+        channel_grace: float = 30.0,
+    ) -> None:
+        self._snapshots = snapshots
+        self._credentials = credentials
+        self._router = router
+        self._certs = certificates
+        self.host, self.port = _split(address)
+        self.channel_grace = channel_grace
+        self._server: grpc.aio.Server | None = None
+        self._channels: dict[tuple[str, str, str], grpc.aio.Channel] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers(
+            (_generic_handler(self._unary_handler, self._stream_handler),)
+        )
+        self.port = await _bind(server, f"{self.host}:{self.port}", None)
+        await server.start()
+        self._server = server
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+        for task in list(self._closing):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def __aenter__(self) -> GrpcEgress:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _channel(self, target: Target) -> grpc.aio.Channel:
+        """A pooled channel to ``target`` (per certificate: a rotation opens new channels and
+        closes the old ones after :attr:`channel_grace`)."""
+        address = _grpc_target(target.url)
+        serial = self._certs.current.serial if self._certs is not None else ""
+        key = (address, target.agent, serial)
+        channel = self._channels.get(key)
+        if channel is not None:
+            return channel
+        for old_key in [k for k in self._channels if k[:2] == key[:2]]:
+            old = self._channels.pop(old_key)
+            task = asyncio.create_task(old.close(self.channel_grace))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        if self._certs is None:
+            channel = grpc.aio.insecure_channel(address)
+        else:
+            cert = self._certs.current
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=self._certs.ca_pem.encode(),
+                private_key=cert.private_key.encode(),
+                certificate_chain=(cert.certificate + "\n" + cert.ca_chain + "\n").encode(),
+            )
+            channel = grpc.aio.secure_channel(
+                address,
+                creds,
+                options=[("grpc.ssl_target_name_override", agent_dns_name(target.agent))],
+            )
+        self._channels[key] = channel
+        return channel
+
+    async def _prepare(
+        self, context: grpc.aio.ServicerContext
+    ) -> tuple[str, Metadata, dict[str, str]]:
+        """(target agent, metadata to send, metadata as a dict for header matches), or abort."""
+        incoming = end_to_end_metadata(context.invocation_metadata())
+        by_key = {k: v for k, v in incoming if isinstance(v, str)}
+        wanted = by_key.get(TARGET_KEY, "")
+        snapshot = self._snapshots.current
+        if snapshot is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the sidecar has no spec yet")
+        assert snapshot is not None
+        if not wanted:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"metadata {TARGET_KEY!r} names no agent"
+            )
+        partner = next(
+            (
+                p
+                for p in snapshot.spec.partner_agents
+                if resource_name(p.agent_name) == resource_name(wanted)
+            ),
+            None,
+        )
+        if partner is None:
+            logger.warning(
+                "refused a gRPC call to partner agent %r: agent %s's spec does not name it",
+                wanted,
+                snapshot.agent_name,
+                extra={"refused": "partner agent", "target": wanted},
+            )
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"partner agent {wanted!r} is not declared in agent {snapshot.agent_name!r}'s spec",
+            )
+        assert partner is not None
+        metadata = [(k, v) for k, v in incoming if k != TARGET_KEY]
+        try:
+            for name, value in partner.headers.items():
+                metadata.append((name.lower(), await self._credentials.resolve(value)))
+        except CredentialUnavailableError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        return resource_name(partner.agent_name), metadata, by_key
+
+    async def _pick(self, agent: str, headers: dict[str, str], context: Any) -> Target:
+        try:
+            self._router.record_request(agent)
+            return self._router.pick(agent, headers)
+        except NoInstanceError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            raise  # unreachable: abort raises
+
+    def _report(self, target: Target, code: grpc.StatusCode) -> None:
+        self._router.report(target, _REPORTED_STATUS.get(code, 400))
+
+    def _unary_handler(self, method: str) -> _Handler:
+        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            agent, metadata, headers = await self._prepare(context)
+            target = await self._pick(agent, headers, context)
+            response, code, details = await _relay_unary(
+                self._channel(target), method, request, context, metadata
+            )
+            self._report(target, code)
+            if response is None:
+                await context.abort(code, details)
+            assert response is not None
+            return response
+
+        return handle
+
+    def _stream_handler(self, method: str) -> _Handler:
+        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            agent, metadata, headers = await self._prepare(context)
+            target = await self._pick(agent, headers, context)
+            outcome: list[grpc.StatusCode] = []
+            try:
+                async for message in _relay_stream(
+                    self._channel(target), method, request, context, metadata, outcome
+                ):
+                    yield message
+            finally:
+                self._report(target, outcome[0] if outcome else grpc.StatusCode.CANCELLED)
+
+        return handle

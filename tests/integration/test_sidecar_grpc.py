@@ -1,0 +1,287 @@
+"""A2A over gRPC through two sidecars, with mTLS certificates from real OpenBao PKI:
+official a2a-sdk client (GRPC binding) -> sidecar A's GrpcEgress -> sidecar B's GrpcInbound
+-> engine B (EngineServer + ScriptedRunner)."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+from a2a.client import ClientConfig, create_client
+from a2a.types.a2a_pb2 import (
+    GetTaskRequest,
+    Message,
+    Part,
+    Role,
+    SendMessageRequest,
+    StreamResponse,
+    TaskState,
+)
+from a2a.utils.constants import TransportProtocol
+
+from engine.server import EngineServer, ServerConfig
+from engine.testing import ScriptedRunner, ScriptedTurn
+from sidecar.credentials import CredentialResolver
+from sidecar.grpcproxy import (
+    A2A_SERVICE,
+    CALLER_KEY,
+    TARGET_KEY,
+    GrpcEgress,
+    GrpcInbound,
+    GrpcInstanceSource,
+)
+from sidecar.inbound import InMemoryPartnerGraph
+from sidecar.mtls import AgentCertificates, PkiClient, agent_dns_name
+from sidecar.registry import Instance
+from sidecar.router import InMemoryInstanceSource, InMemoryReleaseSource, Router
+from sidecar.state import SnapshotHolder
+from specmesh.secrets import VaultRef
+from specmesh.services import free_port
+from specmesh.vault import VaultClient
+from tests.integration.test_sidecar_egress import _ref, _snapshot, _spec
+from tests.integration.test_sidecar_mtls import pki  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.integration
+
+CALLER = "agent-a"
+CALLEE = "agent-b"
+WAIT = 20.0
+
+
+def _with_target(details: Any, agent: str) -> Any:
+    metadata = grpc.aio.Metadata(*(details.metadata or ()), (TARGET_KEY, agent))
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
+class _TargetUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Adds ``x-specmesh-target-agent`` (what the engine does toward its egress). grpc.aio
+    files an interceptor under one kind only, hence one class per kind."""
+
+    def __init__(self, agent: str) -> None:
+        self.agent = agent
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_target(details, self.agent), request)
+
+
+class _TargetStream(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    def __init__(self, agent: str) -> None:
+        self.agent = agent
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_target(details, self.agent), request)
+
+
+@dataclass
+class Rig:
+    runner: ScriptedRunner
+    engine: EngineServer
+    inbound: GrpcInbound
+    egress: GrpcEgress
+    pki: PkiClient
+    router: Router
+    ca_pem: str
+    b_certs: AgentCertificates
+
+
+@pytest.fixture
+async def rig(pki: PkiClient, vault: VaultClient) -> AsyncIterator[Rig]:  # noqa: F811
+    await vault.write(VaultRef.parse(_ref(CALLER, "partner-token")), "tok-from-vault")
+    runner = ScriptedRunner()
+    config = ServerConfig(agent_name=CALLEE, http_port=0, grpc_port=0, drain_timeout=2.0)
+    graph = InMemoryPartnerGraph({CALLER: [CALLEE], "stranger": ["someone-else"]})
+    spec = _spec(
+        CALLER,
+        "http://127.0.0.1:9",
+        partnerAgents=[
+            {
+                "agentName": CALLEE,
+                "headers": {"X-Specmesh-Partner-Token": _ref(CALLER, "partner-token")},
+            }
+        ],
+    )
+    holder = SnapshotHolder()
+    await holder.set(_snapshot(CALLER, spec, {}), etcd_revision=1)
+    async with (
+        EngineServer(runner=runner, config=config) as engine,
+        AgentCertificates(agent=CALLEE, pki=pki) as b_certs,
+        AgentCertificates(agent=CALLER, pki=pki) as a_certs,
+        CredentialResolver(source=vault) as resolver,
+        GrpcInbound(
+            agent_name=CALLEE, engine_grpc=engine.grpc_target, graph=graph, certificates=b_certs
+        ) as inbound,
+    ):
+        instances = InMemoryInstanceSource(
+            [
+                Instance("b-http-only", CALLEE, "https://127.0.0.1:9"),  # type: ignore[list-item]
+                Instance(  # type: ignore[list-item]
+                    "b-1", CALLEE, "https://127.0.0.1:9", grpc_endpoint=inbound.target
+                ),
+            ]
+        )
+        router = Router(instances=GrpcInstanceSource(instances), releases=InMemoryReleaseSource())
+        async with GrpcEgress(
+            snapshots=holder, credentials=resolver, router=router, certificates=a_certs
+        ) as egress:
+            yield Rig(runner, engine, inbound, egress, pki, router, b_certs.ca_pem, b_certs)
+
+
+def _message(text: str) -> SendMessageRequest:
+    return SendMessageRequest(
+        message=Message(role=Role.ROLE_USER, message_id=uuid.uuid4().hex, parts=[Part(text=text)])
+    )
+
+
+async def _client(rig: Rig, target: str) -> Any:
+    def channel(_url: str) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(
+            rig.egress.target, interceptors=[_TargetUnary(target), _TargetStream(target)]
+        )
+
+    config = ClientConfig(
+        streaming=True,
+        supported_protocol_bindings=[TransportProtocol.GRPC],
+        grpc_channel_factory=channel,
+    )
+    return await create_client(rig.engine.http_url, client_config=config)
+
+
+async def _collect(stream: AsyncIterator[StreamResponse]) -> list[StreamResponse]:
+    async with asyncio.timeout(WAIT):
+        return [event async for event in stream]
+
+
+async def test_stream_goes_through_both_sidecars_with_caller_identity(rig: Rig) -> None:
+    rig.runner.enqueue(ScriptedTurn.answer("over grpc", chunks=["over ", "grpc"]))
+    async with await _client(rig, CALLEE) as client:
+        events = await _collect(client.send_message(_message("hello b")))
+
+    chunks = [e.artifact_update for e in events if e.HasField("artifact_update")]
+    assert [c.artifact.parts[0].text for c in chunks] == ["over ", "grpc", "over grpc"]
+    assert events[-1].status_update.status.state == TaskState.TASK_STATE_COMPLETED
+    [request] = rig.runner.requests
+    assert request.text == "hello b"
+    assert request.headers[CALLER_KEY] == CALLER
+    # the partner's spec header, resolved from Vault by egress A, reached engine B as metadata
+    assert request.headers["x-specmesh-partner-token"] == "tok-from-vault"
+
+
+async def test_unary_call_goes_through(rig: Rig) -> None:
+    async with grpc.aio.insecure_channel(rig.egress.target) as channel:
+        call = channel.unary_unary(f"/{A2A_SERVICE}/GetTask")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(
+                GetTaskRequest(id="missing").SerializeToString(),
+                metadata=[(TARGET_KEY, CALLEE)],
+                timeout=WAIT,
+            )
+    # the engine answered (unknown task), so the call went all the way through
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_caller_not_listing_this_agent_is_permission_denied(rig: Rig) -> None:
+    async with AgentCertificates(agent="stranger", pki=rig.pki) as stranger:
+        cert = stranger.current
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=stranger.ca_pem.encode(),
+            private_key=cert.private_key.encode(),
+            certificate_chain=(cert.certificate + "\n" + cert.ca_chain).encode(),
+        )
+        options = [("grpc.ssl_target_name_override", agent_dns_name(CALLEE))]
+        async with grpc.aio.secure_channel(rig.inbound.target, creds, options=options) as channel:
+            call = channel.unary_unary(f"/{A2A_SERVICE}/SendMessage")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call(_message("let me in").SerializeToString(), timeout=WAIT)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert rig.runner.requests == []
+
+
+async def test_caller_without_certificate_is_refused(rig: Rig) -> None:
+    creds = grpc.ssl_channel_credentials(root_certificates=rig.ca_pem.encode())
+    options = [("grpc.ssl_target_name_override", agent_dns_name(CALLEE))]
+    async with grpc.aio.secure_channel(rig.inbound.target, creds, options=options) as channel:
+        call = channel.unary_unary(f"/{A2A_SERVICE}/SendMessage")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(_message("no cert").SerializeToString(), timeout=5)
+    assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
+    assert rig.runner.requests == []
+
+
+async def test_undeclared_target_is_refused_by_the_egress(rig: Rig) -> None:
+    async with await _client(rig, "not-a-partner") as client:
+        with pytest.raises(Exception) as info:
+            await _collect(client.send_message(_message("hi")))
+    assert "PERMISSION_DENIED" in repr(info.value) or "not declared" in str(info.value)
+    assert rig.runner.requests == []
+
+
+async def _served_serial(rig: Rig, ctx: ssl.SSLContext) -> int:
+    """Serial of the certificate the gRPC inbound presents to a new TLS connection."""
+    ctx.set_alpn_protocols(["h2"])
+    host, port = rig.inbound.target.rsplit(":", 1)
+    _reader, writer = await asyncio.open_connection(
+        host, int(port), ssl=ctx, server_hostname=agent_dns_name(CALLEE)
+    )
+    try:
+        return int(writer.get_extra_info("peercert")["serialNumber"], 16)
+    finally:
+        writer.close()
+
+
+async def test_rotated_certificate_is_served_to_new_connections(rig: Rig) -> None:
+    async with AgentCertificates(agent=CALLER, pki=rig.pki) as a:
+        before = await _served_serial(rig, a.client_context)
+        assert before == rig.b_certs.current.serial_int
+        await rig.b_certs.rotate()
+        after = await _served_serial(rig, a.client_context)
+    assert after == rig.b_certs.current.serial_int != before
+    # calls through the sidecars keep working after the rotation
+    async with await _client(rig, CALLEE) as client:
+        events = await _collect(client.send_message(_message("after rotation")))
+    assert events[-1].status_update.status.state == TaskState.TASK_STATE_COMPLETED
+    assert rig.runner.requests[-1].headers[CALLER_KEY] == CALLER
+
+
+def test_registry_entry_carries_grpc_endpoint_only_when_set() -> None:
+    plain = Instance("i", CALLEE, "https://127.0.0.1:1")
+    assert "grpcEndpoint" not in plain.to_json()
+    with_grpc = Instance("i", CALLEE, "https://127.0.0.1:1", grpc_endpoint="127.0.0.1:2")
+    assert with_grpc.to_json()["grpcEndpoint"] == "127.0.0.1:2"
+    assert Instance.from_json(with_grpc.to_json()) == with_grpc
+    assert Instance.from_json(plain.to_json()).grpc_endpoint is None
+
+
+async def test_unreachable_instance_is_unavailable_and_counts_as_gateway_error(
+    rig: Rig, vault: VaultClient
+) -> None:
+    dead = InMemoryInstanceSource(
+        [Instance("b-dead", CALLEE, "https://x", grpc_endpoint=f"127.0.0.1:{free_port()}")]  # type: ignore[list-item]
+    )
+    router = Router(instances=GrpcInstanceSource(dead), releases=InMemoryReleaseSource())
+    holder = SnapshotHolder()
+    spec = _spec(CALLER, "http://127.0.0.1:9", partnerAgents=[{"agentName": CALLEE}])
+    await holder.set(_snapshot(CALLER, spec, {}), etcd_revision=1)
+    async with (
+        CredentialResolver(source=vault) as resolver,
+        GrpcEgress(
+            snapshots=holder, credentials=resolver, router=router, certificates=rig.b_certs
+        ) as egress,
+        grpc.aio.insecure_channel(egress.target) as channel,
+    ):
+        call = channel.unary_unary(f"/{A2A_SERVICE}/GetTask")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(
+                GetTaskRequest(id="t").SerializeToString(),
+                metadata=[(TARGET_KEY, CALLEE)],
+                timeout=WAIT,
+            )
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert router.detector(CALLEE).state("b-dead").consecutive_gateway == 1
