@@ -392,7 +392,19 @@ class Fleet:
     ) -> list[_Proc]:
         rn = resource_name(agent)
         name = f"{rn}-{track}"
-        ports = {k: free_port() for k in ("egress", "inbound", "ops", "http", "grpc", "redis")}
+        ports = {
+            k: free_port()
+            for k in (
+                "egress",
+                "inbound",
+                "ops",
+                "http",
+                "grpc",
+                "redis",
+                "egress_grpc",
+                "inbound_grpc",
+            )
+        }
         sock = self.home / "run" / f"{name}.sock"
         sock.parent.mkdir(parents=True, exist_ok=True)
         common = {
@@ -409,6 +421,8 @@ class Fleet:
             "SPECMESH_TRACK": track,
             "SPECMESH_INSTANCE_ID": name,
             "SPECMESH_INBOUND": f"127.0.0.1:{ports['inbound']}",
+            "SPECMESH_INBOUND_GRPC": f"127.0.0.1:{ports['inbound_grpc']}",
+            "SPECMESH_EGRESS_GRPC": f"127.0.0.1:{ports['egress_grpc']}",
             "SPECMESH_OPS": f"127.0.0.1:{ports['ops']}",
             "SPECMESH_ETCD_ENDPOINT": services["etcdEndpoint"],
             "SPECMESH_VAULT_ADDR": services["baoAddress"],
@@ -448,6 +462,8 @@ class Fleet:
             "a2a": f"http://127.0.0.1:{ports['http']}",
             "a2aGrpc": f"127.0.0.1:{ports['grpc']}",
             "inbound": f"https://127.0.0.1:{ports['inbound']}",
+            "inboundGrpc": f"127.0.0.1:{ports['inbound_grpc']}",
+            "egressGrpc": f"127.0.0.1:{ports['egress_grpc']}",
             "ops": f"http://127.0.0.1:{ports['ops']}",
             "egress": f"http://127.0.0.1:{ports['egress']}",
         }

@@ -12,20 +12,26 @@ import json
 import os
 import signal
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import hvac
 import pytest
 import redis
 import requests
+from a2a.client import ClientConfig, create_client
+from a2a.types.a2a_pb2 import Message, Part, Role, SendMessageRequest
+from a2a.utils.constants import TransportProtocol
 
 from specmesh.a2aclient import InvokeResult, invoke
 from specmesh.cli import main as cli
 from specmesh.fleet import Fleet, FleetOptions
 
 from ..conftest import REPO
+from ..integration.test_sidecar_grpc import _TargetStream, _TargetUnary
 
 pytestmark = pytest.mark.e2e
 
@@ -128,6 +134,44 @@ def test_a_conversation_is_remembered_in_redis(fleet: dict[str, Any]) -> None:
         fleet["endpoints"]["redis"], password=secret["data"]["data"]["password"]
     )
     assert r.keys("specmesh:memory:mse-nacos-helper:*")
+
+
+def test_a2a_over_grpc_crosses_both_sidecars(fleet: dict[str, Any]) -> None:
+    """mse-nacos-helper's sidecar egress (gRPC) -> mTLS -> mse-gateway-assistant's sidecar
+    inbound (gRPC) -> its engine, with the official a2a-sdk client over the GRPC binding."""
+    helper = fleet["agents"]["mse-nacos-helper"]["stable"]
+    gateway = fleet["agents"]["mse-gateway-assistant"]["stable"]
+    target = "mse-gateway-assistant"
+
+    def channel(_url: str) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(
+            helper["egressGrpc"], interceptors=[_TargetUnary(target), _TargetStream(target)]
+        )
+
+    async def ask() -> list[Any]:
+        config = ClientConfig(
+            streaming=True,
+            supported_protocol_bindings=[TransportProtocol.GRPC],
+            grpc_channel_factory=channel,
+        )
+        request = SendMessageRequest(
+            message=Message(
+                role=Role.ROLE_USER,
+                message_id=uuid.uuid4().hex,
+                parts=[Part(text="Any route problems?")],
+            )
+        )
+        async with await create_client(gateway["a2a"], client_config=config) as client:
+            return [event async for event in client.send_message(request)]
+
+    events = asyncio.run(asyncio.wait_for(ask(), 60))
+    text = "".join(
+        p.text
+        for e in events
+        if e.HasField("artifact_update") and e.artifact_update.last_chunk
+        for p in e.artifact_update.artifact.parts
+    )
+    assert text.startswith("[gateway]")
 
 
 def test_the_third_party_mcp_server_answers_through_the_bridge(fleet: dict[str, Any]) -> None:
