@@ -79,7 +79,7 @@ WORKDIR /var/lib/specmesh
 USER 10001:10001
 
 # A2A HTTP/gRPC (sidecar inbound), sidecar ops, control plane HTTP/gRPC.
-EXPOSE 8080 9090 8090 8091
+EXPOSE 8080 8081 9090 8090 8091
 
 # For Docker/Compose only (Kubernetes ignores it; the chart sets its own probes). The role's
 # health URL is SPECMESH_HEALTHCHECK_URL: the engine's /readyz by default; set it to

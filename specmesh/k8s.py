@@ -7,6 +7,7 @@ from __future__ import annotations
 from specmesh.names import resource_name
 
 __all__ = [
+    "A2A_GRPC_PORT",
     "A2A_HTTP_PORT",
     "LABEL_AGENT",
     "LABEL_MANAGED_BY",
@@ -26,6 +27,8 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "specmesh"
 TRACKS = ("stable", "canary")
 
+A2A_GRPC_PORT = 8081
+"""The agent Service's gRPC port (named ``grpc-a2a``), the sidecar's gRPC inbound."""
 A2A_HTTP_PORT = 8080
 """The agent Service's HTTP port (named ``http-a2a`` so Istio detects HTTP)."""
 

@@ -21,6 +21,7 @@ import yaml
 
 from control_plane.mesh import IstioValidator, MeshSettings, render_agent
 from specmesh.k8s import (
+    A2A_GRPC_PORT,
     A2A_HTTP_PORT,
     LABEL_AGENT,
     LABEL_TRACK,
@@ -335,7 +336,7 @@ def test_agent_pods_carry_the_shared_labels_and_env(chart: helm_python.Chart) ->
         assert sidecar["SPECMESH_ISTIO"] == "true"
         assert "SPECMESH_VAULT_ADDR" not in _env(containers["engine"])  # no secrets there
         ports = {p["name"]: p["containerPort"] for p in containers["sidecar"]["ports"]}
-        assert ports == {"http-a2a": A2A_HTTP_PORT, "http-ops": 9090}
+        assert ports == {"http-a2a": A2A_HTTP_PORT, "grpc-a2a": A2A_GRPC_PORT, "http-ops": 9090}
         assert "ports" not in containers["engine"]  # reached through the sidecar only
         spec = pod["spec"]
         assert spec["automountServiceAccountToken"] is False
@@ -351,6 +352,7 @@ def test_agent_service_selects_the_agent_only_with_named_ports(chart: helm_pytho
     assert svc["spec"]["selector"] == {LABEL_AGENT: "schedulex-assistant"}  # both tracks
     assert [(p["name"], p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [
         ("http-a2a", A2A_HTTP_PORT, "http-a2a"),
+        ("grpc-a2a", A2A_GRPC_PORT, "grpc-a2a"),
     ]
 
 
