@@ -593,6 +593,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     out.write(
         f"  control plane API  {ep['controlPlane']}/api/v1  (gRPC {ep['controlPlaneGrpc']})\n"
     )
+    out.write(f"  Agent Studio       {ep['controlPlane']}/studio/\n")
     out.write(f"  OTLP receiver      {ep['otlp']}\n")
     out.write(f"  etcd               {ep['etcd']}\n  OpenBao            {ep['openbao']}\n")
     out.write(f"  Redis (memory)     {ep['redis']}  (password in Vault)\n")
