@@ -46,7 +46,13 @@ from engine.runner import (
     TurnRequest,
 )
 
-__all__ = ["ConversationDeleter", "InvokeRequest", "create_business_routes"]
+__all__ = [
+    "ConversationDeleter",
+    "InvokeRequest",
+    "create_business_routes",
+    "describe_validation_error",
+    "error_response",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +79,16 @@ class ConversationDeleter(Protocol):
         ...
 
 
-def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+def error_response(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    """The JSON error body of the business REST endpoints (503s say when to retry)."""
     headers = {"Retry-After": "1"} if status == 503 else None
     return JSONResponse(
         {"error": {"code": code, "message": message, **extra}}, status_code=status, headers=headers
     )
 
 
-def _describe(error: ValidationError) -> str:
+def describe_validation_error(error: ValidationError, *, show_input: bool = True) -> str:
+    """``path: problem`` for each problem of a request body, joined by ``; ``."""
     problems = []
     for item in error.errors():
         path = ".".join(str(p) for p in item["loc"]) or "body"
@@ -89,7 +97,8 @@ def _describe(error: ValidationError) -> str:
         elif item["type"] == "missing":
             problems.append(f"{path}: is required")
         else:
-            problems.append(f"{path}: {item['msg'].lower()} (got {item.get('input')!r})")
+            got = f" (got {item.get('input')!r})" if show_input else ""
+            problems.append(f"{path}: {item['msg'].lower()}{got}")
     return "; ".join(problems)
 
 
@@ -97,26 +106,26 @@ async def _parse(request: Request, runner: AgentRunner) -> TurnRequest | Respons
     """The turn to run, or the error response to send."""
     body = await request.body()
     if len(body) > _MAX_BODY:
-        return _error(413, "too_large", f"body: must be at most {_MAX_BODY} bytes")
+        return error_response(413, "too_large", f"body: must be at most {_MAX_BODY} bytes")
     try:
         data = json.loads(body or b"null")
     except json.JSONDecodeError as e:
-        return _error(400, "invalid_json", f"body: is not valid JSON ({e.msg})")
+        return error_response(400, "invalid_json", f"body: is not valid JSON ({e.msg})")
     except UnicodeDecodeError:
-        return _error(400, "invalid_json", "body: is not UTF-8")
+        return error_response(400, "invalid_json", "body: is not UTF-8")
     if not isinstance(data, dict):
-        return _error(400, "invalid_request", "body: must be a JSON object")
+        return error_response(400, "invalid_request", "body: must be a JSON object")
     try:
         parsed = InvokeRequest.model_validate(data)
     except ValidationError as e:
-        return _error(400, "invalid_request", _describe(e))
+        return error_response(400, "invalid_request", describe_validation_error(e))
     headers = {k.lower(): v for k, v in request.headers.items()}
     try:
         depth = parse_call_depth(headers)
     except CallDepthError as e:
-        return _error(400, "invalid_request", str(e))
+        return error_response(400, "invalid_request", str(e))
     if not runner.ready:
-        return _error(503, "not_ready", "the agent has no valid spec loaded yet")
+        return error_response(503, "not_ready", "the agent has no valid spec loaded yet")
     return TurnRequest(
         context_id=parsed.context_id or uuid.uuid4().hex,
         text=parsed.message,
@@ -138,7 +147,7 @@ def _done(context_id: str, event: TurnCompleted) -> dict[str, Any]:
 
 def _failed(event: TurnFailed) -> JSONResponse:
     status = 503 if event.code in ("not_ready", "unavailable") else 500
-    return _error(status, event.code, event.message, revision=event.revision)
+    return error_response(status, event.code, event.message, revision=event.revision)
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:
@@ -168,7 +177,7 @@ def create_business_routes(
             close = getattr(events, "aclose", None)
             if close is not None:
                 await close()
-        return _error(500, "internal", "the turn ended without an answer")
+        return error_response(500, "internal", "the turn ended without an answer")
 
     async def invoke_stream(request: Request) -> Response:
         parsed = await _parse(request, runner)
@@ -231,17 +240,17 @@ def create_business_routes(
     async def delete_conversation(request: Request) -> Response:
         context_id = request.path_params["context_id"]
         if not 1 <= len(context_id) <= 256:
-            return _error(400, "invalid_request", "contextId: must be 1 to 256 characters")
+            return error_response(400, "invalid_request", "contextId: must be 1 to 256 characters")
         if not runner.ready:
-            return _error(503, "not_ready", "the agent has no valid spec loaded yet")
+            return error_response(503, "not_ready", "the agent has no valid spec loaded yet")
         if conversations is None:
-            return _error(501, "not_supported", "this agent keeps no conversations")
+            return error_response(501, "not_supported", "this agent keeps no conversations")
         try:
             existed = await conversations.delete_conversation(context_id)
         except MemoryStoreError as e:
-            return _error(503, e.code, str(e))
+            return error_response(503, e.code, str(e))
         if not existed:
-            return _error(404, "not_found", f"contextId: no conversation {context_id!r}")
+            return error_response(404, "not_found", f"contextId: no conversation {context_id!r}")
         return Response(status_code=204)
 
     async def healthz(request: Request) -> Response:

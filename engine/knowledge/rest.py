@@ -23,6 +23,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from engine.rest import describe_validation_error, error_response
+
 from .errors import KnowledgeError
 
 if TYPE_CHECKING:
@@ -65,32 +67,14 @@ class IngestRequest(BaseModel):
     documents: Annotated[list[_DocumentIn], Field(min_length=1, max_length=10_000)]
 
 
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status == 503 else None
-    return JSONResponse(
-        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
-    )
-
-
-def _describe(error: ValidationError) -> str:
-    problems = []
-    for item in error.errors():
-        path = ".".join(str(p) for p in item["loc"]) or "body"
-        if item["type"] == "extra_forbidden":
-            problems.append(f"{path}: unknown field")
-        elif item["type"] == "missing":
-            problems.append(f"{path}: is required")
-        else:
-            problems.append(f"{path}: {item['msg'].lower()}")
-    return "; ".join(problems)
-
-
 def _current(source: KnowledgeSource) -> KnowledgeBase | Response:
     if not source.ready:
-        return _error(503, "not_ready", "the agent has no valid spec loaded yet")
+        return error_response(503, "not_ready", "the agent has no valid spec loaded yet")
     kb = source.knowledge
     if kb is None:
-        return _error(409, "knowledge_disabled", "the agent's spec has no knowledge base enabled")
+        return error_response(
+            409, "knowledge_disabled", "the agent's spec has no knowledge base enabled"
+        )
     return kb
 
 
@@ -100,15 +84,17 @@ def create_knowledge_routes(*, source: KnowledgeSource) -> list[Route]:
     async def ingest(request: Request) -> Response:
         body = await request.body()
         if len(body) > _MAX_BODY:
-            return _error(413, "too_large", f"body: must be at most {_MAX_BODY} bytes")
+            return error_response(413, "too_large", f"body: must be at most {_MAX_BODY} bytes")
         try:
             data: Any = json.loads(body or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return _error(400, "invalid_json", "body: is not valid JSON")
+            return error_response(400, "invalid_json", "body: is not valid JSON")
         try:
             parsed = IngestRequest.model_validate(data)
         except ValidationError as e:
-            return _error(400, "invalid_request", _describe(e))
+            return error_response(
+                400, "invalid_request", describe_validation_error(e, show_input=False)
+            )
         kb = _current(source)
         if isinstance(kb, Response):
             return kb
@@ -119,13 +105,13 @@ def create_knowledge_routes(*, source: KnowledgeSource) -> list[Route]:
             size = await kb.count()
         except KnowledgeError as e:
             logger.warning("knowledge ingest failed: %s", e.reason)
-            return _error(502, e.code, e.reason)
+            return error_response(502, e.code, e.reason)
         return JSONResponse({"collection": kb.collection, **report.as_json(), "chunks": size})
 
     async def delete(request: Request) -> Response:
         name = request.query_params.get("source", "")
         if not name:
-            return _error(400, "invalid_request", "source: is required (query parameter)")
+            return error_response(400, "invalid_request", "source: is required (query parameter)")
         kb = _current(source)
         if isinstance(kb, Response):
             return kb
@@ -134,7 +120,7 @@ def create_knowledge_routes(*, source: KnowledgeSource) -> list[Route]:
             size = await kb.count()
         except KnowledgeError as e:
             logger.warning("knowledge delete failed: %s", e.reason)
-            return _error(502, e.code, e.reason)
+            return error_response(502, e.code, e.reason)
         return JSONResponse(
             {"collection": kb.collection, "source": name, "deleted": deleted, "chunks": size}
         )
