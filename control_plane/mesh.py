@@ -33,6 +33,7 @@ import celpy
 import jsonschema
 import yaml
 
+from control_plane.istio import CRDS_PATH
 from specmesh.errors import SpecmeshError
 from specmesh.k8s import (
     A2A_HTTP_PORT,
@@ -258,9 +259,10 @@ def _closed(schema: Any) -> Any:
 
 @dataclass
 class IstioValidator:
-    """Validates Istio objects against the CRD file (``../shared/istio/crd-all.gen.yaml``)."""
+    """Validates Istio objects against a CRD file: by default the vendored Istio CRD schemas
+    (:data:`control_plane.istio.CRDS_PATH`)."""
 
-    crd_path: Path
+    crd_path: Path = CRDS_PATH
     _schemas: dict[tuple[str, str], Any] = field(default_factory=dict, init=False)
     _programs: dict[str, Any] = field(default_factory=dict, init=False)
     _cel: Any = field(default_factory=celpy.Environment, init=False)

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from control_plane.istio import CRDS_PATH
+
 __all__ = ["ControlPlaneSettings"]
 
 
@@ -37,8 +39,9 @@ class ControlPlaneSettings(BaseSettings):
     vault_kv_mount: str = "secret"
     tokens_file: Path = Path(".specmesh/tokens.json")
     """Bearer tokens (hashed) and their roles."""
-    istio_crds: Path | None = None
-    """Istio CRD file used to validate objects before publishing (``crd-all.gen.yaml``)."""
+    istio_crds: Path | None = CRDS_PATH
+    """Istio CRD file used to validate objects before publishing; by default the vendored
+    schemas (``control_plane/istio/crd-all.gen.yaml``)."""
     mesh_namespace: str = "specmesh"
     otlp_listen: str = "127.0.0.1:4318"
     """OTLP/HTTP trace receiver (``POST /v1/traces``), host:port; empty to turn it off."""

@@ -575,8 +575,8 @@ def cmd_services(args: argparse.Namespace, settings: Settings) -> int:
 def _fleet(settings: Settings, args: argparse.Namespace | None = None) -> Any:
     from specmesh.fleet import Fleet, FleetOptions
 
-    crds = Path(__file__).resolve().parent.parent.parent / "shared" / "istio" / "crd-all.gen.yaml"
-    options = FleetOptions(home=settings.home, istio_crds=crds if crds.exists() else None)
+    # No istio_crds: the control plane validates with the Istio CRD schemas it carries.
+    options = FleetOptions(home=settings.home)
     if args is not None and getattr(args, "llm_url", None):
         options.llm_url = args.llm_url
     return Fleet(options)

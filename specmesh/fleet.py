@@ -60,6 +60,8 @@ class FleetOptions:
     canary: tuple[str, ...] = ("schedulex-assistant",)
     """Agents started with a second (canary) track."""
     istio_crds: Path | None = None
+    """An Istio CRD file for the control plane to validate with instead of the schemas it
+    carries (``SPECMESH_ISTIO_CRDS``); ``None`` keeps its own."""
 
 
 @dataclass

@@ -30,7 +30,6 @@ from specmesh.a2aclient import InvokeResult, invoke
 from specmesh.cli import main as cli
 from specmesh.fleet import Fleet, FleetOptions
 
-from ..conftest import REPO
 from ..integration.test_sidecar_grpc import _TargetStream, _TargetUnary
 
 pytestmark = pytest.mark.e2e
@@ -41,8 +40,7 @@ SEED_SECRETS = ["sk-51668897d94****", "51668897d9410********", "8897d941******c7
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     home = tmp_path_factory.mktemp("fleet")
-    crds = REPO.parent / "shared" / "istio" / "crd-all.gen.yaml"
-    f = Fleet(FleetOptions(home=home, istio_crds=crds))
+    f = Fleet(FleetOptions(home=home))  # the control plane's own Istio CRD schemas
     state = f.up()
     state["_fleet"] = f
     state["_home"] = home

@@ -42,8 +42,7 @@ TIMEOUT_MS = 20_000
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     home = tmp_path_factory.mktemp("fleet")
-    crds = REPO.parent / "shared" / "istio" / "crd-all.gen.yaml"
-    f = Fleet(FleetOptions(home=home, istio_crds=crds))
+    f = Fleet(FleetOptions(home=home))  # the control plane's own Istio CRD schemas
     state = f.up()
     state["_home"] = home
     yield state

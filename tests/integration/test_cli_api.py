@@ -82,7 +82,6 @@ def control_plane(
         "SPECMESH_GRPC_LISTEN": f"127.0.0.1:{free_port()}",
         "SPECMESH_OTLP_LISTEN": f"127.0.0.1:{free_port()}",
         "SPECMESH_TRACES_DB": str(tmp / "traces.db"),
-        "SPECMESH_ISTIO_CRDS": str(REPO.parent / "shared" / "istio" / "crd-all.gen.yaml"),
     }
     log_path = tmp / "cp.log"
     with log_path.open("w") as log:

@@ -12,12 +12,11 @@ from aiohttp.test_utils import TestServer
 
 from control_plane.api import MASK, ControlPlane
 from control_plane.auth import Principal, Role, StaticTokenAuthenticator, hash_token
+from control_plane.istio import CRDS_PATH
 from control_plane.mesh import IstioValidator
 from control_plane.rest import build_app
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient
-
-from ..conftest import REPO
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +42,7 @@ async def api(store: SpecStore, vault: VaultClient) -> AsyncIterator[TestServer]
     authenticator = StaticTokenAuthenticator(
         {hash_token(t): Principal(f"user-{r}", frozenset({Role(r)})) for r, t in TOKENS.items()}
     )
-    istio = IstioValidator(REPO.parent / "shared" / "istio" / "crd-all.gen.yaml")
+    istio = IstioValidator(CRDS_PATH)
     cp = ControlPlane(store=store, vault=vault, istio=istio)
     server = TestServer(build_app(cp, authenticator))
     await server.start_server()

@@ -17,8 +17,6 @@ import requests
 from control_plane.auth import Role, StaticTokenAuthenticator
 from specmesh.services import LocalServices, free_port
 
-from ..conftest import REPO
-
 pytestmark = pytest.mark.integration
 
 
@@ -40,7 +38,6 @@ def control_plane(services: LocalServices, tmp_path: Path) -> Iterator[tuple[str
         "SPECMESH_GRPC_LISTEN": f"127.0.0.1:{free_port()}",
         "SPECMESH_OTLP_LISTEN": f"127.0.0.1:{free_port()}",
         "SPECMESH_TRACES_DB": str(tmp_path / "traces.db"),
-        "SPECMESH_ISTIO_CRDS": str(REPO.parent / "shared" / "istio" / "crd-all.gen.yaml"),
     }
     log = (tmp_path / "cp.log").open("w")
     proc = subprocess.Popen(

@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from control_plane.istio import CRDS_PATH
 from control_plane.mesh import IstioValidator, MeshSettings
 from control_plane.publisher import MeshPublisher, YamlMeshSink
 from specmesh.spec.models import AgentSpec, ReleaseSpec
 from specmesh.store import SpecStore
-
-from ..conftest import REPO
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +45,7 @@ async def test_publishes_on_change_and_removes_deleted_agents(
 ) -> None:
     await store.apply_agent("front", _spec(["back"]), actor="t")
     await store.apply_agent("back", _spec([]), actor="t")
-    validator = IstioValidator(REPO.parent / "shared" / "istio" / "crd-all.gen.yaml")
+    validator = IstioValidator(CRDS_PATH)
     publisher = MeshPublisher(
         store=store,
         sink=YamlMeshSink(tmp_path),

@@ -1,7 +1,7 @@
 """The Helm chart, rendered with real Helm (helm-python-sdk bundles Helm's Go SDK).
 
 Every rendered object is validated: core objects with kubernetes-validate (strict, the
-newest Kubernetes it ships), Istio objects against ``../shared/istio/crd-all.gen.yaml``.
+newest Kubernetes it ships), Istio objects against the vendored ``control_plane/istio/`` CRDs.
 Bad values are refused by ``values.schema.json`` (or the chart's own checks) with a message
 that names the field. And the chart is joined with the control plane's mesh objects: the
 DestinationRule subsets and AuthorizationPolicies select pods and principals the chart
@@ -19,6 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from control_plane.istio import CRDS_PATH
 from control_plane.mesh import IstioValidator, MeshSettings, render_agent
 from specmesh.k8s import (
     A2A_GRPC_PORT,
@@ -34,7 +35,6 @@ from specmesh.spec.models import ReleaseSpec
 from ..conftest import REPO
 
 CHART = REPO / "helm" / "specmesh"
-CRDS = REPO.parent / "shared" / "istio" / "crd-all.gen.yaml"
 NAMESPACE = "agents"
 RELEASE = "specmesh"
 KUBE_VERSION = kubernetes_validate.latest_version()
@@ -144,7 +144,7 @@ def chart() -> Iterator[helm_python.Chart]:
 
 @pytest.fixture(scope="module")
 def validator() -> IstioValidator:
-    return IstioValidator(CRDS)
+    return IstioValidator(CRDS_PATH)
 
 
 def _render(chart: helm_python.Chart, values: Obj) -> list[Obj]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from control_plane.istio import CRDS_PATH
 from control_plane.mesh import (
     IstioValidator,
     MeshObjectError,
@@ -18,14 +19,10 @@ from control_plane.mesh import (
 from specmesh.k8s import LABEL_TRACK
 from specmesh.spec.models import ReleaseSpec
 
-from ..conftest import REPO
-
-CRDS = REPO.parent / "shared" / "istio" / "crd-all.gen.yaml"
-
 
 @pytest.fixture(scope="module")
 def validator() -> IstioValidator:
-    return IstioValidator(CRDS)
+    return IstioValidator(CRDS_PATH)
 
 
 def _objects() -> list[dict[str, Any]]:

@@ -8,18 +8,18 @@ from typing import Any
 import pytest
 import yaml
 
+from control_plane.istio import CRDS_PATH
 from control_plane.mesh import IstioValidator, MeshSettings, render_namespace
 
 from ..conftest import REPO
 
 MESH = REPO / "mesh"
-CRDS = REPO.parent / "shared" / "istio" / "crd-all.gen.yaml"
 FILES = sorted(MESH.glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
 def validator() -> IstioValidator:
-    return IstioValidator(CRDS)
+    return IstioValidator(CRDS_PATH)
 
 
 def _docs(path: Path) -> list[dict[str, Any]]:
