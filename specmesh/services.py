@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -36,6 +37,7 @@ __all__ = [
     "BaoProcess",
     "EtcdProcess",
     "LocalServices",
+    "apt_install",
     "ensure_bao",
     "ensure_etcd",
     "free_port",
@@ -60,22 +62,91 @@ def _run(cmd: list[str]) -> None:
         )
 
 
+_APT_LOCK_TIMEOUT = 300.0
+"""Seconds set-up waits for another apt-get or dpkg (unattended upgrades...) to finish."""
+_APT_LOCKED = ("Could not get lock", "Unable to lock", "Unable to acquire the dpkg frontend lock")
+"""What apt-get prints when another process holds one of its locks."""
+_APT_RETRY_INTERVAL = 0.5
+
+
+def _apt_prefix(packages: tuple[str, ...]) -> list[str]:
+    """How to run apt-get here: as root, or through password-less ``sudo``."""
+    if not shutil.which("apt-get"):
+        raise ServiceError(
+            service="apt-get", reason=f"not found (not Debian?); install {' '.join(packages)}"
+        )
+    prefix: list[str] = []
+    if os.geteuid() != 0:
+        if not shutil.which("sudo"):
+            raise ServiceError(
+                service="apt-get",
+                reason=f"needs root or sudo; run `apt-get install {' '.join(packages)}`",
+            )
+        prefix = ["sudo", "-n"]
+    return [*prefix, "env", "DEBIAN_FRONTEND=noninteractive"]
+
+
+def _apt_knows(packages: tuple[str, ...]) -> bool:
+    """Whether apt's package lists already offer every one of ``packages``."""
+    proc = subprocess.run(
+        ["apt-cache", "policy", *packages], capture_output=True, text=True, check=False, timeout=60
+    )
+    candidates = re.findall(r"^\s+Candidate: (\S+)$", proc.stdout, re.M)
+    return proc.returncode == 0 and len(candidates) == len(packages) and "(none)" not in candidates
+
+
+def _apt_get(prefix: list[str], args: list[str], deadline: float) -> None:
+    """Run ``apt-get args``; while another process holds an apt or dpkg lock, wait for it
+    until ``deadline`` (``time.monotonic()``).
+
+    ``-o DPkg::Lock::Timeout`` makes apt-get itself wait for the dpkg lock (install); it does
+    not cover the package lists' lock that ``apt-get update`` takes (apt 2.6 fails at once),
+    so a refusal that names a lock is retried until the deadline.
+    """
+    waiting = False
+    while True:
+        wait = max(0, int(deadline - time.monotonic()))
+        cmd = [*prefix, "apt-get", "-o", f"DPkg::Lock::Timeout={wait}", *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode == 0:
+            return
+        locked = any(m in proc.stderr for m in _APT_LOCKED)
+        if not locked or time.monotonic() >= deadline:
+            still = " (another apt-get or dpkg still holds its lock)" if locked else ""
+            raise ServiceError(
+                service="apt-get",
+                reason=f"`{' '.join(cmd)}` failed{still}: {proc.stderr.strip()[-500:]}",
+            )
+        if not waiting:
+            logger.info("apt is busy (another apt-get or dpkg holds its lock): waiting")
+            waiting = True
+        time.sleep(_APT_RETRY_INTERVAL)
+
+
+def apt_install(
+    *packages: str, lock_timeout: float = _APT_LOCK_TIMEOUT, update: bool | None = None
+) -> None:
+    """Install Debian ``packages`` with apt-get (as root or through password-less ``sudo``).
+
+    While another apt-get or dpkg holds apt's locks this waits, for at most
+    ``lock_timeout`` seconds in all, instead of failing. The package lists are refreshed
+    (``apt-get update``) first when ``update`` is true, or, by default, only when apt does not
+    know one of the packages yet: that keeps set-up fast and offline once the lists are there.
+    """
+    prefix = _apt_prefix(packages)
+    deadline = time.monotonic() + lock_timeout
+    logger.info("installing %s with apt-get", " ".join(packages))
+    if update or (update is None and not _apt_knows(packages)):
+        _apt_get(prefix, ["update", "-qq"], deadline)
+    _apt_get(prefix, ["install", "-y", "-qq", *packages], deadline)
+
+
 def _apt_install(binary: str, *packages: str) -> str:
     """Path of ``binary``, installing the Debian ``packages`` if it is missing."""
     found = shutil.which(binary)
     if found:
         return found
-    prefix: list[str] = []
-    if os.geteuid() != 0:
-        if not shutil.which("sudo"):
-            raise ServiceError(
-                service=binary, reason=f"not installed; run `apt-get install {' '.join(packages)}`"
-            )
-        prefix = ["sudo", "-n"]
-    logger.info("installing %s with apt-get", " ".join(packages))
-    env_prefix = [*prefix, "env", "DEBIAN_FRONTEND=noninteractive"]
-    _run([*env_prefix, "apt-get", "update", "-qq"])
-    _run([*env_prefix, "apt-get", "install", "-y", "-qq", *packages])
+    apt_install(*packages)
     found = shutil.which(binary)
     if not found:
         raise ServiceError(service=binary, reason=f"{' '.join(packages)} installed but no {binary}")
