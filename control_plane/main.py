@@ -7,9 +7,10 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -23,6 +24,7 @@ from control_plane.publisher import KubernetesMeshSink, MeshPublisher, MeshSink,
 from control_plane.rest import build_app
 from control_plane.settings import ControlPlaneSettings
 from control_plane.traces import SqliteTraceStore, retention_loop
+from specmesh.addresses import parse_table, resolve_url
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
 from specmesh.logs import configure_logging
@@ -37,6 +39,15 @@ logger = logging.getLogger(__name__)
 async def _listen(runner: web.AppRunner, listen: str) -> None:
     host, _, port = listen.rpartition(":")
     await web.TCPSite(runner, host or "127.0.0.1", int(port)).start()
+
+
+def _tool_lister(addresses: dict[str, str]) -> Any:
+    """MCP tool discovery, connecting where :mod:`specmesh.addresses` says the URL runs."""
+
+    async def lister(url: str, headers: Mapping[str, str]) -> Any:
+        return await list_mcp_tools(resolve_url(url, addresses), headers)
+
+    return lister
 
 
 async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = None) -> None:
@@ -58,7 +69,7 @@ async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = 
     control_plane = ControlPlane(
         store=store, vault=vault, kv_mount=settings.vault_kv_mount,
         mesh_settings=MeshSettings(namespace=settings.mesh_namespace), istio=istio,
-        traces=traces, tool_lister=list_mcp_tools,
+        traces=traces, tool_lister=_tool_lister(parse_table(settings.service_addresses)),
     )  # fmt: skip
     authenticator = StaticTokenAuthenticator.from_file(settings.tokens_file)
     grpc_server = await build_grpc_server(control_plane, authenticator, settings.grpc_listen)

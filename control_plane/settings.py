@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from control_plane.istio import CRDS_PATH
+from specmesh.addresses import parse_table
 
 __all__ = ["ControlPlaneSettings"]
 
@@ -37,6 +38,10 @@ class ControlPlaneSettings(BaseSettings):
     vault_k8s_mount: str = "kubernetes"
     vault_k8s_token_path: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
     vault_kv_mount: str = "secret"
+    service_addresses: str = ""
+    """``host:port`` -> ``host:port`` applied to MCP server URLs before the control plane
+    connects to list their tools (``SPECMESH_SERVICE_ADDRESSES``, ``a:1=b:2,...``; see
+    :mod:`specmesh.addresses`)."""
     tokens_file: Path = Path(".specmesh/tokens.json")
     """Bearer tokens (hashed) and their roles."""
     istio_crds: Path | None = CRDS_PATH
@@ -56,3 +61,9 @@ class ControlPlaneSettings(BaseSettings):
     ``mesh_output_dir`` (GitOps), or server-side apply to the cluster."""
     mesh_output_dir: Path | None = None
     """Write rendered Istio objects here (GitOps) on every change."""
+
+    @field_validator("service_addresses")
+    @classmethod
+    def _table(cls, value: str) -> str:
+        parse_table(value)
+        return value

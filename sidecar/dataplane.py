@@ -28,6 +28,7 @@ from sidecar.mtls import AgentCertificates, PkiClient
 from sidecar.redisproxy import RedisProxy
 from sidecar.router import EtcdReleaseSource, Router
 from sidecar.settings import SidecarSettings, parse_listen_address
+from specmesh.addresses import parse_table
 from specmesh.errors import SecretError
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient
@@ -115,6 +116,7 @@ class DataPlane:
             host=host,
             port=port,
             llm_override=settings.llm_override_url,
+            service_addresses=parse_table(settings.service_addresses),
         )
         await self.egress.start()
         graph = EtcdPartnerGraph(store=SpecStore(etcd=self.ctx.etcd, keys=self.ctx.keys))
@@ -137,6 +139,7 @@ class DataPlane:
             host=host,
             port=port,
             unix_path=host if kind == "unix" else None,
+            service_addresses=parse_table(settings.service_addresses),
         )
         await self.redis_proxy.start()
         if settings.egress_grpc:

@@ -56,6 +56,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from yarl import URL
 
+from specmesh.addresses import resolve_url
 from specmesh.names import resource_name
 from specmesh.snapshot import ResolvedSnapshot
 from specmesh.spec.models import ConnectionPoolSpec
@@ -227,6 +228,7 @@ class EgressProxy:
         mcp_read_timeout: float = 300.0,
         connection_pool: ConnectionPoolSpec | None = None,
         llm_override: str | None = None,
+        service_addresses: Mapping[str, str] | None = None,
         tracer: trace.Tracer | None = None,
     ) -> None:
         self._snapshots = snapshots
@@ -234,6 +236,7 @@ class EgressProxy:
         self.llm_override = llm_override
         """Send every LLM call here instead of the spec's baseUrl (the offline fleet's
         scripted model server); credentials are injected as usual."""
+        self._service_addresses = dict(service_addresses or {})
         self._credentials = credentials
         self._router = router
         self._client_ssl = client_ssl
@@ -433,7 +436,8 @@ class EgressProxy:
                 f"MCP server {ref.mcp_server_name!r} is not in the MCP Registry",
             )
         await self._add_secrets(out, ref.headers, ref.query_params)
-        return entry.url.rstrip("/") + out.rest if out.rest else entry.url
+        url = resolve_url(entry.url, self._service_addresses)
+        return url.rstrip("/") + out.rest if out.rest else url
 
     def _refuse(self, what: str, name: str, snapshot: ResolvedSnapshot) -> None:
         logger.warning(

@@ -33,10 +33,12 @@ import contextlib
 import logging
 import os
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from urllib.parse import unquote, urlsplit
 
+from specmesh.addresses import resolve_host_port
 from specmesh.snapshot import ResolvedSnapshot
 from specmesh.spec.models import MemorySpec
 
@@ -116,6 +118,7 @@ class RedisProxy:
         unix_path: str | None = None,
         connect_timeout: float = 5.0,
         lazy: bool = True,
+        service_addresses: Mapping[str, str] | None = None,
     ) -> None:
         self._snapshots = snapshots
         self._credentials = credentials
@@ -124,6 +127,7 @@ class RedisProxy:
         self.unix_path = unix_path
         self.connect_timeout = connect_timeout
         self._lazy = lazy
+        self._service_addresses = dict(service_addresses or {})
         self._server: asyncio.Server | None = None
         self._watch: asyncio.Task[None] | None = None
         self._connections: set[asyncio.Task[None]] = set()
@@ -275,13 +279,17 @@ class RedisProxy:
             )
         except CredentialUnavailableError as e:
             raise RedisProxyError(f"credential_unavailable: {e}") from e
-        where = f"{target.host}:{target.port}"
+        host, port = resolve_host_port(
+            target.host, target.port, self._service_addresses, default_port=6379
+        )
+        where = f"{host}:{port}"
         try:
             async with asyncio.timeout(self.connect_timeout):
                 reader, writer = await asyncio.open_connection(
-                    target.host,
-                    target.port,
+                    host,
+                    port,
                     ssl=ssl.create_default_context() if target.tls else None,
+                    server_hostname=target.host if target.tls else None,
                     limit=_CHUNK * 4,
                 )
         except TimeoutError as e:

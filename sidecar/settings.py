@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from specmesh.addresses import parse_table
 from specmesh.keys import Keys
 from specmesh.names import check_logical_name, resource_name
 
@@ -105,6 +106,11 @@ class SidecarSettings(BaseSettings):
     llm_override_url: str | None = None
     """Send every LLM call to this OpenAI-compatible server instead of the spec's baseUrl
     (``SPECMESH_LLM_OVERRIDE_URL``; the offline fleet points it at the scripted model)."""
+    service_addresses: str = ""
+    """``host:port`` -> ``host:port`` applied to MCP server URLs and the memory store's address
+    just before connecting (``SPECMESH_SERVICE_ADDRESSES``, ``a:1=b:2,...``; see
+    :mod:`specmesh.addresses`): the local fleet's services listen on ports chosen at each
+    start, which never go into a spec."""
     credential_ttl: float = Field(default=300.0, gt=0, le=86_400)
     """How long a credential read from Vault is served from the cache (``SPECMESH_CREDENTIAL_TTL``);
     refreshed in the background at two thirds of it."""
@@ -123,6 +129,12 @@ class SidecarSettings(BaseSettings):
         validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT", "SPECMESH_OTLP_ENDPOINT"),
     )
     """OTLP/HTTP endpoint for the sidecar's spans (the standard OpenTelemetry variable)."""
+
+    @field_validator("service_addresses")
+    @classmethod
+    def _table(cls, value: str) -> str:
+        parse_table(value)
+        return value
 
     @field_validator("agent_name")
     @classmethod

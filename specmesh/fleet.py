@@ -1,14 +1,20 @@
 """The local fleet (``specmesh up``): every part of specmesh as its own process.
 
 ``up`` starts, in order: etcd and OpenBao (:mod:`specmesh.services`, with Vault PKI for
-the agents' mTLS), the scripted model server (unless an LLM provider is configured), the
-MCP servers the examples use (the project's ``nacos-mcp-tools`` and the third-party
-``mcp-server-time`` behind ``specmesh mcp-bridge``), the control plane; it applies the
-examples through the control plane's API (registering the MCP servers where they really
-run) and starts every agent as an engine + sidecar pair (two tracks for the agents listed
-in ``canary``). It returns once all of it is ready; the processes run on. ``down`` stops
-exactly the processes recorded in ``<home>/fleet.json`` (checking each one's command line
-first), then etcd and OpenBao.
+the agents' mTLS), Redis (the agents' shared memory store), the scripted model server
+(unless an LLM provider is configured), the MCP servers the examples use (the project's
+``nacos-mcp-tools`` and the third-party ``mcp-server-time`` behind ``specmesh mcp-bridge``)
+and the control plane. Into an empty store (or with ``reset``) it applies the examples
+through the control plane's API; a store that already holds specs is left as the operator
+left it. Then it starts every example agent the store holds as an engine + sidecar pair
+(two tracks for the agents listed in ``canary``). It returns once all of it is ready; the
+processes run on. ``down`` stops exactly the processes recorded in ``<home>/fleet.json``
+(checking each one's command line first), then etcd and OpenBao.
+
+Specs name the fleet's services by stable addresses (:data:`SERVICE_HOSTS`:
+``redis://fleet-redis:6379/0``, ``http://nacos-mcp-tools/mcp``); the ports they listen on
+change at every start and reach the sidecars and the control plane only as
+``SPECMESH_SERVICE_ADDRESSES`` (:mod:`specmesh.addresses`), never a spec.
 
 Engines get a minimal environment on purpose: no Vault address, token or any secret.
 """
@@ -29,9 +35,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
+from specmesh.addresses import format_table
 from specmesh.errors import ServiceError, SpecError
 from specmesh.names import resource_name
 from specmesh.services import LocalServices, free_port
@@ -46,6 +54,13 @@ _READY_TIMEOUT = 120.0
 REDIS_SECRET = "vault://secret/specmesh/shared/fleet-redis#password"
 """Where the fleet keeps its Redis password (the examples' memory credentials point here)."""
 _ENGINE_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV")
+SERVICE_HOSTS: dict[str, str] = {
+    "redis": "fleet-redis:6379",
+    "nacos-mcp-tools": "nacos-mcp-tools:80",
+    "time": "mcp-time:80",
+}
+"""The stable ``host:port`` by which specs name each fleet service (resolved at run time)."""
+_KIND_ORDER = {"McpServer": 0, "Prompt": 1, "Agent": 2, "Release": 3}
 
 
 @dataclass
@@ -62,6 +77,9 @@ class FleetOptions:
     istio_crds: Path | None = None
     """An Istio CRD file for the control plane to validate with instead of the schemas it
     carries (``SPECMESH_ISTIO_CRDS``); ``None`` keeps its own."""
+    reset: bool = False
+    """Apply the examples even when the store already holds specs (they overwrite what an
+    operator changed in them; other agents are left alone)."""
 
 
 @dataclass
@@ -232,6 +250,10 @@ class Fleet:
             mcp_urls["time"] = f"http://127.0.0.1:{port}/mcp"
             self._wait(p, lambda port=port: _tcp(port), "time MCP bridge")
             endpoints["mcp"] = mcp_urls
+            running = {"redis": redis_url, **mcp_urls}
+            addresses = {SERVICE_HOSTS[n]: urlsplit(u).netloc for n, u in running.items()}
+            base_env["SPECMESH_SERVICE_ADDRESSES"] = format_table(addresses)
+            endpoints["serviceAddresses"] = addresses
 
             cp_port, cp_grpc, cp_otlp = free_port(), free_port(), free_port()
             cp_env = {
@@ -261,11 +283,12 @@ class Fleet:
                 otlp=f"http://127.0.0.1:{cp_otlp}",
             )
 
-            self._apply(api, admin_token, loaded, mcp_urls, redis_url)
+            seeded = self._seed(api, admin_token, loaded)
+            stored = {a["name"] for a in self._api_get(api, admin_token, "/api/v1/agents")}
 
             agents: dict[str, Any] = {}
             for m in loaded:
-                if m.kind != "Agent":
+                if m.kind != "Agent" or m.name not in stored:
                     continue
                 tracks = ["stable"] + (["canary"] if m.name in self.options.canary else [])
                 for track in tracks:
@@ -287,6 +310,7 @@ class Fleet:
                 endpoints=endpoints,
                 agents=agents,
                 adminTokenFile=str(self.home / "admin-token"),
+                seeded=seeded,
             )
             self._write(state)
             return state
@@ -366,22 +390,29 @@ class Fleet:
         asyncio.run(store())
         return proc, f"redis://127.0.0.1:{port}/0"
 
-    def _apply(
-        self, api: str, token: str, loaded: list[Any], mcp_urls: dict[str, str], redis_url: str
-    ) -> None:
-        order = {"McpServer": 0, "Prompt": 1, "Agent": 2, "Release": 3}
+    @staticmethod
+    def _api_get(api: str, token: str, path: str) -> Any:
+        r = requests.get(f"{api}{path}", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+    def _seed(self, api: str, token: str, loaded: list[Any]) -> bool:
+        """Apply the examples into an empty store (or always, with ``reset``); return
+        whether they were applied. A store holding any agent, prompt or MCP server is the
+        operator's: it is left as it is."""
+        if not self.options.reset:
+            paths = ("/api/v1/agents", "/api/v1/prompts", "/api/v1/mcp-servers")
+            if any(self._api_get(api, token, p) for p in paths):
+                return False
         headers = {"Authorization": f"Bearer {token}"}
-        for m in sorted(loaded, key=lambda m: order[m.kind]):
+        for m in sorted(loaded, key=lambda m: _KIND_ORDER[m.kind]):
             doc = m.manifest.model_dump(mode="json", by_alias=True)
-            if m.kind == "McpServer" and m.name in mcp_urls:
-                doc["spec"]["url"] = mcp_urls[m.name]
-            if m.kind == "Agent" and doc["spec"]["memory"]["storageType"] == "redis":
-                doc["spec"]["memory"]["address"] = redis_url  # where the fleet's Redis runs
             r = requests.post(
                 f"{api}/api/v1/apply", json={"manifest": doc}, headers=headers, timeout=60
             )
             if r.status_code != 200:
                 raise SpecError([], source=f"{m.source}: the control plane refused it: {r.text}")
+        return True
 
     def _start_agent(
         self,
