@@ -318,6 +318,11 @@ class ApiClient:
         result: dict[str, list[str]] = await self.request("GET", "/api/v1/prompts")
         return result
 
+    async def get_prompt(self, key: str) -> dict[str, Any]:
+        """``{promptKey, versions: [entry...], release}``; 404 when it has no version."""
+        result: dict[str, Any] = await self.request("GET", f"/api/v1/prompts/{_seg(key)}")
+        return result
+
     async def list_mcp_servers(self) -> dict[str, dict[str, Any]]:
         result: dict[str, dict[str, Any]] = await self.request("GET", "/api/v1/mcp-servers")
         return result

@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
@@ -51,6 +52,8 @@ from specmesh.keys import Keys
 from specmesh.settings import Settings
 from specmesh.spec.diff import Change
 from specmesh.spec.manifest import LoadedManifest, load_path
+from specmesh.spec.models import API_VERSION, AgentSpec
+from specmesh.spec.validation import prompt_issues, reference_warnings
 from specmesh.specservice import SpecService
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient
@@ -69,6 +72,8 @@ logger = logging.getLogger(__name__)
     EXIT_OTHER,
     EXIT_NOT_ALLOWED,
 ) = range(8)
+EXIT_BROKEN_PIPE = 141
+"""The reader of standard output went away (``specmesh ... | head``), as a shell's SIGPIPE."""
 
 
 class UsageError(SpecmeshError):
@@ -94,6 +99,8 @@ def _exit_code(error: SpecmeshError) -> int:
         (SecretUnavailableError, EXIT_UNAVAILABLE),
         (ControlPlaneUnavailableError, EXIT_UNAVAILABLE),
         (NotAllowedError, EXIT_NOT_ALLOWED),
+        (FleetNotRunningError, EXIT_UNAVAILABLE),
+        (InvokeTimeoutError, EXIT_UNAVAILABLE),
     ]
     for kind, code in table:
         if isinstance(error, kind):
@@ -188,13 +195,47 @@ def _load_all(paths: Sequence[str]) -> list[LoadedManifest]:
     return loaded
 
 
+def _local_warnings(loaded: list[LoadedManifest]) -> dict[int, list[str]]:
+    """Per agent manifest (by index): its prompt, partners and MCP servers that none of the
+    manifests given defines. Only warnings: they may be stored already (`apply` checks)."""
+    prompts: dict[str, list[str]] = {}
+    labels: dict[str, list[str]] = {}
+    for m in loaded:
+        if m.kind == "Prompt":
+            prompts.setdefault(m.name, []).append(m.manifest.spec.version)
+            if m.manifest.spec.release is not None:
+                labels.setdefault(m.name, []).extend(m.manifest.spec.release.labels)
+    agents = [m.name for m in loaded if m.kind == "Agent"]
+    servers = [m.name for m in loaded if m.kind == "McpServer"]
+    out: dict[int, list[str]] = {}
+    for i, m in enumerate(loaded):
+        if m.kind != "Agent":
+            continue
+        spec = m.manifest.spec
+        errors, warnings = prompt_issues(spec, prompts, labels.get(spec.base.prompt_key, []))
+        others = [a for a in agents if a.lower() != m.name.lower()]
+        warnings += reference_warnings(spec, agents=others, mcp_servers=servers)
+        found = [f"spec.{w.path}: {w.message}" for w in (*errors, *warnings)]
+        if found:
+            out[i] = found
+    return out
+
+
 async def cmd_validate(args: argparse.Namespace, ctx: _Context) -> int:
     loaded = _load_all(args.filename)
+    warnings = _local_warnings(loaded)
     if args.output == "json":
-        _print([{"kind": m.kind, "name": m.name, "source": m.source} for m in loaded], "json")
-    else:
-        for m in loaded:
-            sys.stdout.write(f"valid: {m.kind}/{m.name} ({m.source})\n")
+        rows: list[dict[str, Any]] = [
+            {"kind": m.kind, "name": m.name, "source": m.source} for m in loaded
+        ]
+        for i, row in enumerate(rows):
+            row["warnings"] = warnings.get(i, [])
+        _print(rows, "json")
+        return EXIT_OK
+    for i, m in enumerate(loaded):
+        sys.stdout.write(f"valid: {m.kind}/{m.name} ({m.source})\n")
+        for w in warnings.get(i, []):
+            sys.stdout.write(f"  warning: {w} (not among the manifests given)\n")
     return EXIT_OK
 
 
@@ -258,9 +299,108 @@ def _instances_table(instances: list[dict[str, Any]], *, indent: str = "") -> No
     )
 
 
+def _manifest(kind: str, name: str, spec: Any, status: dict[str, Any] | None = None) -> Any:
+    """An object as ``get -o yaml|json`` prints it: a manifest ``apply -f`` takes back
+    unchanged (``status`` is read-only and ignored by apply, as in kubectl)."""
+    doc: dict[str, Any] = {
+        "apiVersion": API_VERSION,
+        "kind": kind,
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+    if status:
+        doc["status"] = status
+    return doc
+
+
+def _print_manifests(docs: list[Any], output: str) -> None:
+    if output == "json":
+        _print(docs[0] if len(docs) == 1 else docs, "json")
+    else:
+        sys.stdout.write(yaml.safe_dump_all(docs, sort_keys=False, allow_unicode=True))
+
+
+async def _agent_record(ctx: _Context, name: str, revision: int | None) -> dict[str, Any]:
+    if ctx.remote:
+        return await ctx.api.get_agent(name, revision)
+    return (await ctx.store.get_agent(name, revision)).to_json()
+
+
+def _agent_manifest(record: dict[str, Any]) -> Any:
+    status = {k: record[k] for k in ("revision", "createdAt", "author", "action", "message")}
+    if record.get("rolledBackFrom") is not None:
+        status["rolledBackFrom"] = record["rolledBackFrom"]
+    return _manifest("Agent", record["agent"], record["spec"], status)
+
+
+async def _prompt(ctx: _Context, key: str) -> dict[str, Any]:
+    """``{promptKey, versions, release}`` of one prompt (NotFoundError without versions)."""
+    if ctx.remote:
+        return await ctx.api.get_prompt(key)
+    versions = await ctx.store.list_prompt_versions(key)
+    if not versions:
+        raise NotFoundError(kind="prompt", name=key)
+    release = await ctx.store.get_prompt_release(key)
+    return {
+        "promptKey": key,
+        "versions": [v.model_dump(mode="json") for v in versions],
+        "release": release.model_dump(mode="json") if release else None,
+    }
+
+
+def _prompt_manifests(prompt: dict[str, Any], version: str | None) -> list[Any]:
+    versions = prompt["versions"]
+    if version is not None:
+        versions = [v for v in versions if v["version"] == version]
+        if not versions:
+            raise NotFoundError(kind="prompt version", name=f"{prompt['promptKey']}@{version}")
+    docs = []
+    for v in versions:
+        spec = {k: v[k] for k in ("version", "template", "variables", "description")}
+        docs.append(_manifest("Prompt", prompt["promptKey"], spec))
+    if prompt.get("release") and version is None:
+        docs[-1]["spec"]["release"] = prompt["release"]  # applied once, with the last version
+    return docs
+
+
+def _prompt_table(prompt: dict[str, Any]) -> None:
+    release = prompt.get("release") or {}
+    labels: dict[str, list[str]] = {}
+    for label, v in (release.get("labels") or {}).items():
+        labels.setdefault(v, []).append(label)
+    weights = release.get("weights") or {}
+    _table(
+        [
+            [
+                v["version"],
+                ", ".join(sorted(labels.get(v["version"], []))) or "-",
+                f"{weights[v['version']]}%" if v["version"] in weights else "-",
+                str(v.get("description", "")),
+            ]
+            for v in prompt["versions"]
+        ],
+        ["VERSION", "LABELS", "WEIGHT", "DESCRIPTION"],
+    )
+
+
+async def _mcp_servers(ctx: _Context) -> dict[str, dict[str, Any]]:
+    if ctx.remote:
+        return await ctx.api.list_mcp_servers()
+    return {n: s.model_dump(mode="json") for n, s in (await ctx.store.list_mcp_servers()).items()}
+
+
+async def _release(ctx: _Context, agent: str) -> dict[str, Any] | None:
+    if ctx.remote:
+        return await ctx.api.get_release(agent)
+    release = await ctx.store.get_release(agent)
+    return release.model_dump(mode="json") if release else None
+
+
 async def cmd_get(args: argparse.Namespace, ctx: _Context) -> int:
-    resource = args.resource
-    if resource in ("instances", "instance"):
+    resource = args.resource.rstrip("s") if args.resource != "instances" else "instance"
+    if args.version is not None and resource != "prompt":
+        raise UsageError("--version is for `get prompt NAME`")
+    if resource == "instance":
         if not ctx.remote:
             raise _needs_server("get instances")
         instances = await ctx.api.list_instances(args.name)
@@ -269,14 +409,13 @@ async def cmd_get(args: argparse.Namespace, ctx: _Context) -> int:
         else:
             _print(instances, args.output)
         return EXIT_OK
-    if resource in ("agents", "agent") and args.name:
-        if ctx.remote:
-            record = await ctx.api.get_agent(args.name, args.revision)
-        else:
-            record = (await ctx.store.get_agent(args.name, args.revision)).to_json()
-        _print(record, args.output if args.output != "table" else "yaml")
+    if resource == "agent" and args.name:
+        record = await _agent_record(ctx, args.name, args.revision)
+        _print_manifests(
+            [_agent_manifest(record)], "yaml" if args.output == "table" else args.output
+        )
         return EXIT_OK
-    if resource in ("agents", "agent"):
+    if resource == "agent":
         if ctx.remote:
             agents = await ctx.api.list_agents()
         else:
@@ -292,19 +431,43 @@ async def cmd_get(args: argparse.Namespace, ctx: _Context) -> int:
         else:
             _print(agents, args.output)
         return EXIT_OK
-    if resource in ("prompts", "prompt"):
+    if resource == "prompt" and args.name:
+        prompt = await _prompt(ctx, args.name)
+        if args.output != "table":
+            _print_manifests(_prompt_manifests(prompt, args.version), args.output)
+        elif args.version is not None:
+            (doc,) = _prompt_manifests(prompt, args.version)
+            sys.stdout.write(doc["spec"]["template"].rstrip("\n") + "\n")
+        else:
+            _prompt_table(prompt)
+        return EXIT_OK
+    if resource == "prompt":
         prompts = await ctx.api.list_prompts() if ctx.remote else await ctx.store.list_prompts()
         if args.output == "table":
             _table([[k, ", ".join(v)] for k, v in sorted(prompts.items())], ["KEY", "VERSIONS"])
         else:
             _print(prompts, args.output)
         return EXIT_OK
-    if ctx.remote:
-        servers = await ctx.api.list_mcp_servers()
-    else:
-        servers = {
-            n: s.model_dump(mode="json") for n, s in (await ctx.store.list_mcp_servers()).items()
-        }
+    if resource == "release":
+        if not args.name:
+            raise UsageError("`get release` needs the agent's name: `get release NAME`")
+        release = await _release(ctx, args.name)
+        if release is None:
+            raise NotFoundError(kind="release of agent", name=args.name)
+        doc = _manifest("Release", args.name, release)
+        if args.output == "table":
+            sys.stdout.write(_release_line(args.name, release) + "\n")
+        else:
+            _print_manifests([doc], args.output)
+        return EXIT_OK
+    servers = await _mcp_servers(ctx)
+    if args.name:
+        if args.name not in servers:
+            raise NotFoundError(kind="MCP server", name=args.name)
+        servers = {args.name: servers[args.name]}
+        if args.output != "table":
+            _print_manifests([_manifest("McpServer", args.name, servers[args.name])], args.output)
+            return EXIT_OK
     if args.output == "table":
         _table(
             [
@@ -497,17 +660,43 @@ async def cmd_release(args: argparse.Namespace, ctx: _Context) -> int:
     return EXIT_OK
 
 
+async def _describe_warnings(api: ApiClient, record: dict[str, Any]) -> list[str]:
+    """What in the agent's spec points at nothing stored (yet): partners, MCP servers,
+    its prompt (a prompt deleted since the apply)."""
+    spec = AgentSpec.model_validate(record["spec"])
+    agents, servers, prompts = await asyncio.gather(
+        api.list_agents(), api.list_mcp_servers(), api.list_prompts()
+    )
+    labels: list[str] = []
+    if spec.base.prompt_key in prompts:
+        prompt = await api.get_prompt(spec.base.prompt_key)
+        labels = list(((prompt.get("release") or {}).get("labels") or {}).keys())
+    errors, warnings = prompt_issues(spec, prompts, labels)
+    names = [a["name"] for a in agents if a["name"].lower() != record["agent"].lower()]
+    warnings += reference_warnings(spec, agents=names, mcp_servers=servers)
+    return [f"{i.path}: {i.message}" for i in (*errors, *warnings)]
+
+
 async def cmd_describe(args: argparse.Namespace, ctx: _Context) -> int:
     if not ctx.remote:
         raise _needs_server("describe")
     api = ctx.api
     record = await api.get_agent(args.name)  # 404 first, before anything else
-    history, release, instances = await asyncio.gather(
-        api.history(args.name), api.get_release(args.name), api.list_instances(args.name)
+    history, release, instances, warnings = await asyncio.gather(
+        api.history(args.name),
+        api.get_release(args.name),
+        api.list_instances(args.name),
+        _describe_warnings(api, record),
     )
     if args.output != "text":
         _print(
-            {"agent": record, "release": release, "history": history, "instances": instances},
+            {
+                "agent": record,
+                "release": release,
+                "history": history,
+                "instances": instances,
+                "warnings": warnings,
+            },
             args.output,
         )
         return EXIT_OK
@@ -528,6 +717,10 @@ async def cmd_describe(args: argparse.Namespace, ctx: _Context) -> int:
     out.write(f"MCP servers:  {', '.join(tools) or '-'}\n")
     out.write(f"Partners:     {', '.join(partners) or '-'}\n")
     out.write(f"Release:      {_release_line(record['agent'], release).split(': ', 1)[1]}\n")
+    if warnings:
+        out.write(f"Warnings ({len(warnings)}):\n")
+        for w in warnings:
+            out.write(f"  {w}\n")
     out.write(f"Instances ({len(instances)}):\n")
     if instances:
         _instances_table(instances, indent="  ")
@@ -582,30 +775,67 @@ def _fleet(settings: Settings, args: argparse.Namespace | None = None) -> Any:
     return Fleet(options)
 
 
+_START_HINT = "start it with `./scripts/up` (or `uv run specmesh up`)"
+
+
+class FleetNotRunningError(SpecmeshError):
+    """The local fleet of ``specmesh up`` is not running (exit 5)."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        super().__init__(f"the local fleet ({home}) is not running: {_START_HINT}")
+
+
+def _running_fleet(settings: Settings) -> dict[str, Any]:
+    """The status of the local fleet; FleetNotRunningError when none of it runs."""
+    status: dict[str, Any] = _fleet(settings).status()
+    if not any(p.get("running") for p in status.get("processes", [])):
+        raise FleetNotRunningError(settings.home.resolve())
+    return status
+
+
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    state = _fleet(settings, args).up()
+    fleet = _fleet(settings, args)
+    fleet.options.reset = args.reset
+    state = fleet.up()
     if args.output == "json":
         _print(state, "json")
-        return EXIT_OK
-    ep = state["endpoints"]
-    out = sys.stdout
-    out.write("specmesh fleet is up\n")
-    out.write(
-        f"  control plane API  {ep['controlPlane']}/api/v1  (gRPC {ep['controlPlaneGrpc']})\n"
-    )
-    out.write(f"  Agent Studio       {ep['controlPlane']}/studio/\n")
-    out.write(f"  OTLP receiver      {ep['otlp']}\n")
-    out.write(f"  etcd               {ep['etcd']}\n  OpenBao            {ep['openbao']}\n")
-    out.write(f"  Redis (memory)     {ep['redis']}  (password in Vault)\n")
-    out.write(f"  model              {ep['llm']}\n")
-    for name, url in ep["mcp"].items():
-        out.write(f"  MCP {name:<15}{url}\n")
-    for agent, tracks in sorted(state["agents"].items()):
-        for track, e in tracks.items():
-            out.write(f"  agent {agent} [{track}]  A2A {e['a2a']}  inbound {e['inbound']}\n")
-    out.write(f"sign in with the admin token in {state['adminTokenFile']}\n")
-    out.write('try: specmesh invoke mse-nacos-helper "Which Nacos services are registered?"\n')
+    else:
+        sys.stdout.write(_up_banner(state))
     return EXIT_OK
+
+
+def _up_banner(state: dict[str, Any]) -> str:
+    """What ``specmesh up`` prints: where everything is, one aligned row each."""
+    ep = state["endpoints"]
+    rows = [
+        ["control plane API", f"{ep['controlPlane']}/api/v1  (gRPC {ep['controlPlaneGrpc']})"],
+        ["Agent Studio", f"{ep['controlPlane']}/studio/"],
+        ["OTLP receiver", ep["otlp"]],
+        ["etcd", ep["etcd"]],
+        ["OpenBao", ep["openbao"]],
+        ["Redis (memory)", f"{ep['redis']}  (password in Vault)"],
+        ["model", ep["llm"]],
+        *[[f"MCP {name}", url] for name, url in ep["mcp"].items()],
+        *[
+            [f"agent {agent} [{track}]", f"A2A {e['a2a']}  inbound {e['inbound']}"]
+            for agent, tracks in sorted(state["agents"].items())
+            for track, e in tracks.items()
+        ],
+    ]
+    width = max(len(label) for label, _ in rows)
+    lines = ["specmesh fleet is up", *(f"  {label:<{width}}  {value}" for label, value in rows)]
+    if state.get("seeded"):
+        lines.append("applied the examples (the store was empty)")
+    else:
+        lines.append(
+            "kept the specs already stored (`uv run specmesh up --reset` re-applies the examples)"
+        )
+    lines.append(f"sign in with the admin token in {state['adminTokenFile']}")
+    lines.append(
+        'try: uv run specmesh invoke mse-nacos-helper "Which Nacos services are registered?"'
+    )
+    return "\n".join(lines) + "\n"
 
 
 def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
@@ -617,22 +847,23 @@ def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    status = _fleet(settings).status()
+    status = _running_fleet(settings)
     if args.output == "json":
         ep = status.get("endpoints", {})
         _print(
             {
                 "etcd": ep.get("etcd"),
                 "openbao": ep.get("openbao"),
+                "redis": ep.get("redis"),
+                "model": ep.get("llm"),
                 "controlPlane": ep.get("controlPlane"),
                 "controlPlaneGrpc": ep.get("controlPlaneGrpc"),
                 "otlp": ep.get("otlp"),
-                "agents": {
-                    a: {t: e["a2a"] for t, e in tracks.items()}
-                    for a, tracks in status.get("agents", {}).items()
-                },
+                "mcp": ep.get("mcp", {}),
+                "serviceAddresses": ep.get("serviceAddresses", {}),
+                "agents": status.get("agents", {}),
                 "processes": [
-                    {k: p[k] for k in ("name", "pid", "role", "running")}
+                    {k: p.get(k) for k in ("name", "pid", "role", "agent", "track", "running")}
                     for p in status.get("processes", [])
                 ],
             },
@@ -650,7 +881,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_logs(args: argparse.Namespace, settings: Settings) -> int:
-    status = _fleet(settings).status()
+    status = _running_fleet(settings)
     wanted = [
         p
         for p in status.get("processes", [])
@@ -666,23 +897,41 @@ def cmd_logs(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _agent_url(settings: Settings, agent: str, track: str) -> str:
-    status = _fleet(settings).status()
+    status = _running_fleet(settings)
     for name, tracks in status.get("agents", {}).items():
         if name.lower() == agent.lower() and track in tracks:
             return str(tracks[track]["a2a"])
     raise NotFoundError(kind="running agent", name=f"{agent} [{track}]")
 
 
-async def cmd_invoke(args: argparse.Namespace, ctx: _Context) -> int:
-    from specmesh.a2aclient import invoke
+class InvokeTimeoutError(SpecmeshError):
+    """The agent did not finish answering within ``--timeout`` (exit 5)."""
 
-    url = args.url or _agent_url(ctx.settings, args.agent, args.track)
+    def __init__(self, *, agent: str, url: str, seconds: float) -> None:
+        self.agent = agent
+        super().__init__(
+            f"{agent} ({url}) did not finish answering within {seconds:g}s "
+            "(raise --timeout, or see `uv run specmesh logs " + agent + "`)"
+        )
+
+
+async def _invoke(args: argparse.Namespace, url: str, text: str, context_id: str | None) -> Any:
+    from specmesh.a2aclient import invoke
 
     def show(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    result = await invoke(url, args.message, context_id=args.context_id, on_text=show)
+    try:
+        async with asyncio.timeout(args.timeout):
+            return await invoke(url, text, context_id=context_id, on_text=show)
+    except TimeoutError:
+        raise InvokeTimeoutError(agent=args.agent, url=url, seconds=args.timeout) from None
+
+
+async def cmd_invoke(args: argparse.Namespace, ctx: _Context) -> int:
+    url = args.url or _agent_url(ctx.settings, args.agent, args.track)
+    result = await _invoke(args, url, args.message, args.context_id)
     sys.stdout.write("\n")
     if args.verbose_result:
         sys.stderr.write(
@@ -693,8 +942,6 @@ async def cmd_invoke(args: argparse.Namespace, ctx: _Context) -> int:
 
 
 async def cmd_chat(args: argparse.Namespace, ctx: _Context) -> int:
-    from specmesh.a2aclient import invoke
-
     url = args.url or _agent_url(ctx.settings, args.agent, args.track)
     context_id: str | None = None
     sys.stdout.write(f"chatting with {args.agent} (empty line or Ctrl-D to leave)\n")
@@ -705,12 +952,7 @@ async def cmd_chat(args: argparse.Namespace, ctx: _Context) -> int:
             break
         if not line.strip():
             break
-
-        def show(piece: str) -> None:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-
-        result = await invoke(url, line, context_id=context_id, on_text=show)
+        result = await _invoke(args, url, line, context_id)
         context_id = result.context_id
         sys.stdout.write("\n")
     return EXIT_OK
@@ -870,13 +1112,29 @@ def _parser() -> argparse.ArgumentParser:
     out(p, "text", ("text", "json", "yaml"))
     p.set_defaults(run=cmd_apply)
 
-    p = api_command("get", "list or show agents, prompts, mcpservers, instances")
+    p = api_command(
+        "get",
+        "list or show agents, prompts, mcpservers, releases, instances "
+        "(-o yaml of one object is a manifest `apply -f` takes back)",
+    )
     p.add_argument(
         "resource",
-        choices=["agents", "agent", "prompts", "prompt", "mcpservers", "instances", "instance"],
+        choices=[
+            "agents",
+            "agent",
+            "prompts",
+            "prompt",
+            "mcpservers",
+            "mcpserver",
+            "releases",
+            "release",
+            "instances",
+            "instance",
+        ],
     )
-    p.add_argument("name", nargs="?", help="an agent (for agent and instances)")
-    p.add_argument("--revision", type=int, default=None)
+    p.add_argument("name", nargs="?", help="one object (an agent, prompt key, MCP server...)")
+    p.add_argument("--revision", type=int, default=None, help="an agent's revision")
+    p.add_argument("--version", default=None, help="a prompt's version (prints its text)")
     out(p, "table", ("table", "json", "yaml"))
     p.set_defaults(run=cmd_get)
 
@@ -960,6 +1218,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="an OpenAI-compatible provider instead of the scripted model",
     )
+    p.add_argument(
+        "--reset",
+        action="store_true",
+        help="apply the examples even when the store holds specs (by default they are "
+        "applied only into an empty store, so what an operator changed is kept)",
+    )
     out(p, "text", ("text", "json"))
 
     sub.add_parser("down", help="stop what `specmesh up` started")
@@ -987,6 +1251,12 @@ def _parser() -> argparse.ArgumentParser:
             )
         p.add_argument("--track", default="stable", choices=["stable", "canary"])
         p.add_argument("--url", default=None, help="the agent's A2A URL (default: from the fleet)")
+        p.add_argument(
+            "--timeout",
+            type=float,
+            default=300.0,
+            help="seconds an answer may take (default 300; exit 5 past it)",
+        )
         p.set_defaults(run=cmd_invoke if name == "invoke" else cmd_chat)
 
     p = sub.add_parser("kb", help="an agent's knowledge base (ingest, delete)")
@@ -1059,6 +1329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    settings: Settings | None = None
     try:
         settings = _settings(args)
         if args.command == "services":
@@ -1080,9 +1351,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_run(args.run, args, settings))
     except SpecmeshError as e:
         sys.stderr.write(f"error: {e}\n")
+        hint = _hint(e, settings)
+        if hint:
+            sys.stderr.write(f"  {hint}\n")
         return _exit_code(e)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader left (`| head`): no traceback; stdout goes nowhere from now on
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _hint(error: SpecmeshError, settings: Settings | None) -> str | None:
+    """What to do about an unreachable service, when the cause is likely the local fleet."""
+    if settings is None:
+        return None
+    if isinstance(error, ControlPlaneUnavailableError) and (settings.home / "fleet.json").exists():
+        return (
+            f"if that is the local fleet's control plane, the fleet is not running: {_START_HINT}"
+        )
+    if isinstance(error, StoreUnavailableError | SecretUnavailableError) and not settings.server:
+        return (
+            "no control plane is configured (SPECMESH_SERVER) and the local fleet is not "
+            f"running: {_START_HINT}, or set SPECMESH_SERVER and SPECMESH_TOKEN"
+        )
+    return None
 
 
 if __name__ == "__main__":

@@ -23,7 +23,12 @@ from specmesh.spec.models import (
     ReleaseManifest,
 )
 from specmesh.spec.secretpaths import Path, iter_secrets, replace_values
-from specmesh.spec.validation import find_partner_cycles, format_path
+from specmesh.spec.validation import (
+    find_partner_cycles,
+    format_path,
+    prompt_issues,
+    reference_warnings,
+)
 from specmesh.store import ApplyResult, SpecStore
 from specmesh.vault import VaultClient, agent_policy, agent_policy_name, agent_secret_prefix
 
@@ -111,9 +116,10 @@ class SpecService:
             if not dry_run:
                 changed = await self.store.put_prompt_version(entry, actor=actor)
                 if m.spec.release is not None:
-                    await self.store.set_prompt_release(
+                    released = await self.store.set_prompt_release(
                         m.metadata.name, m.spec.release, actor=actor
                     )
+                    changed = changed or released
             return ApplyOutcome(
                 "Prompt", f"{m.metadata.name}@{m.spec.version}", loaded.source, changed
             )
@@ -140,7 +146,7 @@ class SpecService:
         name = m.metadata.name
         spec_json = m.spec.model_dump(mode="json")
         self._check_references(name, m.spec, loaded.source)
-        warnings = await self._warnings(name, m.spec)
+        warnings = await self._warnings(name, m.spec, loaded.source)
         replacements: dict[Path, str] = {}
         moved: list[str] = []
         for path, value in iter_secrets(m.spec):
@@ -191,7 +197,9 @@ class SpecService:
         if issues:
             raise SpecError(issues, source=source)
 
-    async def _warnings(self, name: str, spec: AgentSpec) -> list[SpecIssue]:
+    async def _warnings(self, name: str, spec: AgentSpec, source: str) -> list[SpecIssue]:
+        """Warnings about the spec's references to the rest of the store; SpecError for
+        those that cannot work (an unknown prompt, a missing MCP credential)."""
         warnings: list[SpecIssue] = []
         graph = await self.store.partner_graph()
         graph = {k: v for k, v in graph.items() if k.lower() != name.lower()}
@@ -208,7 +216,7 @@ class SpecService:
                 )
             )
         registered = await self.store.list_mcp_servers()
-        missing: list[SpecIssue] = []
+        errors: list[SpecIssue] = []
         for i, ref in enumerate(spec.mcp_servers):
             entry = registered.get(ref.mcp_server_name)
             if entry is not None:
@@ -217,7 +225,7 @@ class SpecService:
                     ("headers", template.headers, ref.headers),
                     ("queryParams", template.query_params, ref.query_params),
                 ):
-                    missing.extend(
+                    errors.extend(
                         SpecIssue(
                             f"spec.mcpServers[{i}].{kind}",
                             "credential_missing",
@@ -226,15 +234,20 @@ class SpecService:
                         for n in names
                         if n not in given
                     )
-            else:
-                warnings.append(
-                    SpecIssue(
-                        f"spec.mcpServers[{i}].mcpServerName",
-                        "unregistered",
-                        f"MCP server {ref.mcp_server_name!r} is not in the MCP Registry yet",
-                        "warning",
-                    )
-                )
-        if missing:
-            raise SpecError(missing)
-        return warnings
+        release = await self.store.get_prompt_release(spec.base.prompt_key)
+        prompt_errors, prompt_warnings = prompt_issues(
+            spec, await self.store.list_prompts(), release.labels if release else ()
+        )
+        errors += _under_spec(prompt_errors)
+        if errors:
+            raise SpecError(errors, source=source)
+        others = [a for a in graph if a.lower() != name.lower()]
+        return [
+            *warnings,
+            *_under_spec(prompt_warnings),
+            *_under_spec(reference_warnings(spec, agents=others, mcp_servers=registered)),
+        ]
+
+
+def _under_spec(issues: list[SpecIssue]) -> list[SpecIssue]:
+    return [SpecIssue(f"spec.{i.path}", i.rule, i.message, i.severity) for i in issues]

@@ -545,7 +545,8 @@ class SpecStore:
                 out.setdefault(data["promptKey"], []).append(data["version"])
         return out
 
-    async def set_prompt_release(self, key: str, release: PromptRelease, *, actor: str) -> None:
+    async def set_prompt_release(self, key: str, release: PromptRelease, *, actor: str) -> bool:
+        """Set a prompt's labels and weights; return False when they were already so."""
         versions = {e.version for e in await self.list_prompt_versions(key)}
         unknown = sorted((set(release.labels.values()) | set(release.weights)) - versions)
         if unknown:
@@ -558,7 +559,7 @@ class SpecStore:
                     )
                 ]
             )
-        await self._put_with_audit(
+        return await self._put_with_audit(
             self.keys.prompt_release(key),
             release.model_dump(mode="json"),
             actor=actor,

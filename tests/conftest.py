@@ -17,6 +17,7 @@ import pytest
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
 from specmesh.services import LocalServices, RedisProcess, free_port
+from specmesh.spec.models import PromptEntry
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient
 
@@ -66,3 +67,10 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
     proc.start()
     yield proc
     proc.stop()
+
+
+async def publish_prompt(store: SpecStore, key: str = "p") -> None:
+    """Publish a prompt version (1.0.0) the test agents can name: apply refuses an agent
+    whose promptKey the Prompt Center does not hold."""
+    entry = PromptEntry(prompt_key=key, version="1.0.0", template="You help.")
+    await store.put_prompt_version(entry, actor="fixture")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,10 +32,15 @@ class Change:
 
     def __str__(self) -> str:
         if self.op == "add":
-            return f"+ {self.path}: {self.new!r}"
+            return f"+ {self.path}: {_show(self.new)}"
         if self.op == "remove":
-            return f"- {self.path}: {self.old!r}"
-        return f"~ {self.path}: {self.old!r} -> {self.new!r}"
+            return f"- {self.path}: {_show(self.old)}"
+        return f"~ {self.path}: {_show(self.old)} -> {_show(self.new)}"
+
+
+def _show(value: Any) -> str:
+    """A value as a reader expects it in a diff: JSON (``null`` never, unset is a removal)."""
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
 
 
 def diff_json(old: Any, new: Any) -> list[Change]:
@@ -55,6 +61,9 @@ def _diff(old: Any, new: Any, path: list[str | int], out: list[Change]) -> None:
             b = new[i] if i < len(new) else _MISSING
             _diff(a, b, [*path, i], out)
         return
+    # an unset field (null) is the same as an absent one: setting it is an add
+    old = _MISSING if old is None else old
+    new = _MISSING if new is None else new
     if old is _MISSING and new is _MISSING:
         return
     where = format_path(path)

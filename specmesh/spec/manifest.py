@@ -28,6 +28,7 @@ time linear in the file), no duplicate keys, and at least one document. Each ref
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 import sys
@@ -80,7 +81,7 @@ MAX_NESTING_DEPTH = 64
 """Most lists/objects nested inside each other in one document (manifests nest about ten
 deep; the bound keeps the recursive parsers and validators far from Python's stack limit)."""
 
-MAX_NODES = 100_000
+MAX_NODES = 20_000
 """Most values (scalars, lists, objects; a mapping key counts as one) a file may hold once
 YAML aliases are expanded. Every alias adds at least one value, so this bounds aliases
 too; a file within :data:`MAX_DOCUMENT_BYTES` without aliases rarely comes close."""
@@ -504,10 +505,30 @@ def prompt_manifest_from_entry(entry: PromptEntry) -> PromptManifest:
     )
 
 
+def _unknown_part_files(folder: Path) -> list[SpecIssue]:
+    """A JSON/YAML file in an agent folder that is none of the six parts is a mistake (a
+    misspelt ``mcp-server.json`` would otherwise be silently left out of the agent)."""
+    known = [f for f, _, _ in PART_FILES.values()]
+    issues = []
+    for child in sorted(folder.iterdir()):
+        if child.name.startswith(".") or child.suffix not in _SUFFIXES or child.name in known:
+            continue
+        close = difflib.get_close_matches(child.name, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        issues.append(
+            SpecIssue(
+                child.name,
+                "unknown_part_file",
+                f"not a part file ({hint}an agent folder holds {', '.join(known)})",
+            )
+        )
+    return issues
+
+
 def load_agent_folder(folder: Path, *, name: str | None = None) -> LoadedManifest:
     """Load the six part files of one agent; errors name the file and the path in it."""
     agent_name = name or folder.name
-    issues: list[SpecIssue] = []
+    issues: list[SpecIssue] = _unknown_part_files(folder)
     parts: dict[str, Any] = {}
     for part, (filename, model, key) in PART_FILES.items():
         file = folder / filename

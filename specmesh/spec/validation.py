@@ -14,7 +14,7 @@ import difflib
 import json
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -32,6 +32,8 @@ __all__ = [
     "find_partner_cycles",
     "format_path",
     "issues_from_validation_error",
+    "prompt_issues",
+    "reference_warnings",
     "validate_model",
 ]
 
@@ -336,6 +338,76 @@ def check_agent(name: str, spec: AgentSpec) -> list[SpecIssue]:
         else:
             partners[target] = i
     return issues
+
+
+def prompt_issues(
+    spec: AgentSpec, prompts: Mapping[str, Collection[str]], labels: Collection[str] = ()
+) -> tuple[list[SpecIssue], list[SpecIssue]]:
+    """``(errors, warnings)`` of the agent's prompt against the Prompt Center: ``prompts``
+    maps each stored key to its versions, ``labels`` are the release labels of the agent's
+    prompt. An unknown key or pinned version is an error (the agent could not start); a
+    label nobody has set yet is a warning."""
+    base = spec.base
+    versions = prompts.get(base.prompt_key)
+    if versions is None:
+        known = ", ".join(sorted(prompts)[:10]) or "none"
+        return [
+            SpecIssue(
+                "base.promptKey",
+                "unknown_prompt",
+                f"no prompt {base.prompt_key!r} in the Prompt Center (apply its Prompt first; "
+                f"known: {known})",
+            )
+        ], []
+    if base.prompt_version is not None and base.prompt_version not in versions:
+        return [
+            SpecIssue(
+                "base.promptVersion",
+                "unknown_version",
+                f"prompt {base.prompt_key!r} has no version {base.prompt_version!r} "
+                f"(it has {', '.join(sorted(versions))})",
+            )
+        ], []
+    if base.prompt_label is not None and base.prompt_label not in labels:
+        return [], [
+            SpecIssue(
+                "base.promptLabel",
+                "unknown_label",
+                f"prompt {base.prompt_key!r} has no release label {base.prompt_label!r} yet",
+                "warning",
+            )
+        ]
+    return [], []
+
+
+def reference_warnings(
+    spec: AgentSpec, *, agents: Iterable[str], mcp_servers: Iterable[str]
+) -> list[SpecIssue]:
+    """Partners and MCP servers the spec names that are not stored (yet): warnings, since
+    either may be applied after the agent."""
+    known_agents = {resource_name(a) for a in agents}
+    known_servers = set(mcp_servers)
+    warnings = [
+        SpecIssue(
+            f"partnerAgents[{i}].agentName",
+            "unknown_agent",
+            f"partner agent {p.agent_name!r} is not applied yet (calls to it fail until it is)",
+            "warning",
+        )
+        for i, p in enumerate(spec.partner_agents)
+        if resource_name(p.agent_name) not in known_agents
+    ]
+    warnings += [
+        SpecIssue(
+            f"mcpServers[{i}].mcpServerName",
+            "unregistered",
+            f"MCP server {m.mcp_server_name!r} is not in the MCP Registry yet",
+            "warning",
+        )
+        for i, m in enumerate(spec.mcp_servers)
+        if m.mcp_server_name not in known_servers
+    ]
+    return warnings
 
 
 def find_partner_cycles(graph: Mapping[str, Sequence[str]], start: str) -> list[list[str]]:

@@ -11,7 +11,10 @@ import pytest
 
 from specmesh.cli import main
 from specmesh.etcd import EtcdClient
+from specmesh.keys import Keys
 from specmesh.services import LocalServices
+from specmesh.spec.models import PromptEntry
+from specmesh.store import SpecStore
 
 from ..conftest import REPO
 
@@ -37,7 +40,18 @@ def env(services: LocalServices, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     monkeypatch.setenv("SPECMESH_VAULT_ADDR", services.bao.address)
     monkeypatch.setenv("SPECMESH_VAULT_TOKEN", services.bao.root_token)
     monkeypatch.setenv("SPECMESH_ACTOR", "ci-user")
+    asyncio.run(_publish_prompt(services, prefix, "p"))  # the prompt the test agents name
     return prefix
+
+
+async def _publish_prompt(services: LocalServices, prefix: str, key: str) -> None:
+    client = EtcdClient(host=services.etcd.host, port=services.etcd.client_port)
+    try:
+        store = SpecStore(etcd=client, keys=Keys(prefix=prefix))
+        entry = PromptEntry(prompt_key=key, version="1.0.0", template="You help.")
+        await store.put_prompt_version(entry, actor="fixture")
+    finally:
+        await client.close()
 
 
 def _dump(services: LocalServices, prefix: str) -> str:

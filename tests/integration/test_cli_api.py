@@ -6,6 +6,7 @@ HTTP boundary with httpx's mock transport."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import subprocess
@@ -101,6 +102,11 @@ def control_plane(
     else:
         proc.kill()
         pytest.fail(f"control plane did not start: {log_path.read_text()}")
+    prompt = {"apiVersion": "specmesh.io/v1", "kind": "Prompt", "metadata": {"name": "p"},
+              "spec": {"version": "1.0.0", "template": "You help."}}  # fmt: skip
+    r = requests.post(f"{url}/api/v1/apply", json={"manifest": prompt},
+                      headers={"Authorization": f"Bearer {admin}"}, timeout=30)  # fmt: skip
+    assert r.status_code == 200, r.text  # the prompt the test agents name
     yield ControlPlane(url, prefix, admin, operator, viewer)
     proc.terminate()
     proc.wait(timeout=10)
@@ -469,3 +475,169 @@ def test_transport_failures_map_to_unavailable() -> None:
 
     with pytest.raises(apiclient.ControlPlaneUnavailableError, match="timed out"):
         asyncio.run(call())
+
+
+# ---------------------------------------------------------------- round trips (kubectl's contract)
+
+
+def _apply_stdin(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, text: str
+) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+    return _run(capsys, "apply", "-f", "-")
+
+
+def test_get_yaml_applies_back_unchanged_for_every_kind(
+    cp: ControlPlane,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("SPECMESH_TOKEN", cp.admin)  # McpServer is admin-only
+    name = f"rt-{uuid.uuid4().hex[:6]}"
+    manifest = tmp_path / "all.yaml"
+    manifest.write_text(
+        f"""apiVersion: specmesh.io/v1
+kind: McpServer
+metadata: {{name: {name}-mcp}}
+spec: {{url: "http://{name}-mcp/mcp", credentialTemplate: {{headers: [key]}}}}
+---
+apiVersion: specmesh.io/v1
+kind: Prompt
+metadata: {{name: {name}}}
+spec: {{version: "1.0.0", template: "You are {{{{who}}}}.", variables: {{who: first}}}}
+---
+apiVersion: specmesh.io/v1
+kind: Prompt
+metadata: {{name: {name}}}
+spec:
+  version: "1.1.0"
+  template: "You are {{{{who}}}}, again."
+  release: {{labels: {{prod: "1.0.0"}}, weights: {{"1.0.0": 50, "1.1.0": 50}}}}
+---
+apiVersion: specmesh.io/v1
+kind: Agent
+metadata: {{name: {name}}}
+spec:
+  base: {{description: round trip, promptKey: {name}, promptVersion: "1.0.0"}}
+  model: {{model: m, apiKey: sk-round-trip-plaintext}}
+  mcpServers: [{{mcpServerName: {name}-mcp, headers: {{key: k-plain}}}}]
+---
+apiVersion: specmesh.io/v1
+kind: Release
+metadata: {{name: {name}}}
+spec: {{stableRevision: 1, retries: {{attempts: 1}}}}
+"""
+    )
+    code, out, err = _run(capsys, "apply", "-f", str(manifest))
+    assert code == 0, err
+
+    for argv in (
+        ["agent", name],
+        ["prompt", name],
+        ["prompt", name, "--version", "1.1.0"],
+        ["mcpserver", f"{name}-mcp"],
+        ["release", name],
+    ):
+        code, printed, err = _run(capsys, "get", *argv, "-o", "yaml")
+        assert code == 0, (argv, err)
+        assert "sk-round-trip-plaintext" not in printed
+        code, out, err = _apply_stdin(capsys, monkeypatch, printed)
+        assert code == 0, (argv, err)
+        lines = out.splitlines()
+        assert lines and all(" unchanged" in line for line in lines), (argv, out)
+        # and -o json is the same object
+        code, printed, _ = _run(capsys, "get", *argv, "-o", "json")
+        docs = json.loads(printed)
+        first = docs[0] if isinstance(docs, list) else docs
+        assert first["kind"] in ("Agent", "Prompt", "McpServer", "Release")
+
+    code, out, _ = _run(capsys, "history", name, "-o", "json")
+    assert [r["revision"] for r in json.loads(out)] == [1]  # nothing re-applied made a revision
+
+
+def test_get_prompt_shows_its_versions_and_a_versions_text(
+    cp: ControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = f"pv-{uuid.uuid4().hex[:6]}"
+    for v, text in (("1.0.0", "First text."), ("2.0.0", "Second text.\nTwo lines.")):
+        f = tmp_path / f"{v}.yaml"
+        f.write_text(
+            yaml.safe_dump(
+                {"apiVersion": "specmesh.io/v1", "kind": "Prompt", "metadata": {"name": key},
+                 "spec": {"version": v, "template": text, "description": f"v{v}"}}
+            )
+        )  # fmt: skip
+        assert _run(capsys, "apply", "-f", str(f))[0] == 0
+
+    code, out, _ = _run(capsys, "get", "prompt", key)
+    assert code == 0
+    rows = [line.split()[:1] for line in out.splitlines()]
+    assert rows == [["VERSION"], ["1.0.0"], ["2.0.0"]]
+    code, out, _ = _run(capsys, "get", "prompt", key, "--version", "2.0.0")
+    assert (code, out) == (0, "Second text.\nTwo lines.\n")
+    code, _, err = _run(capsys, "get", "prompt", key, "--version", "9.9.9")
+    assert code == 4 and f"{key}@9.9.9" in err
+    code, _, err = _run(capsys, "get", "prompt", "no-such-prompt")
+    assert code == 4 and "no-such-prompt" in err
+
+
+def test_diff_prints_values_as_json_and_unset_as_add_or_remove(
+    cp: ControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = f"diff-{uuid.uuid4().hex[:6]}"
+    folder = _agent_folder(tmp_path, name, "0.1")
+    assert _run(capsys, "apply", "-f", str(folder))[0] == 0
+    (folder / "agent-base.json").write_text(
+        '{"description": "d", "promptKey": "p", "promptVersion": "1.0.0"}'
+    )
+    assert _run(capsys, "apply", "-f", str(folder))[0] == 0
+
+    code, out, _ = _run(capsys, "diff", name, "1", "2")
+    assert (code, out) == (0, '+ base.promptVersion: "1.0.0"\n')
+    code, out, _ = _run(capsys, "diff", name, "2", "1")
+    assert (code, out) == (0, '- base.promptVersion: "1.0.0"\n')
+    assert "None" not in out
+
+
+# ---------------------------------------------------------------- references
+
+
+def test_apply_refuses_an_unknown_prompt_key_or_version(
+    cp: ControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = f"np-{uuid.uuid4().hex[:6]}"
+    folder = _agent_folder(tmp_path, name, "0.1")
+    (folder / "agent-base.json").write_text('{"description": "d", "promptKey": "no-such-p"}')
+
+    code, _, err = _run(capsys, "apply", "-f", str(folder))
+
+    assert code == 1
+    assert "spec.base.promptKey" in err and "no prompt 'no-such-p'" in err
+    assert _run(capsys, "get", "agent", name)[0] == 4  # nothing stored
+    (folder / "agent-base.json").write_text(
+        '{"description": "d", "promptKey": "p", "promptVersion": "7.0.0"}'
+    )
+    code, _, err = _run(capsys, "apply", "-f", str(folder))
+    assert code == 1 and "spec.base.promptVersion" in err and "no version '7.0.0'" in err
+
+
+def test_a_dangling_partner_or_mcp_server_is_a_warning_in_apply_and_describe(
+    cp: ControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = f"dangle-{uuid.uuid4().hex[:6]}"
+    folder = _agent_folder(tmp_path, name, "0.1")
+    (folder / "partner-agents.json").write_text('{"agents": [{"agentName": "nobody-yet"}]}')
+    (folder / "mcp-servers.json").write_text('{"mcpServers": [{"mcpServerName": "no-mcp-yet"}]}')
+
+    code, out, err = _run(capsys, "apply", "-f", str(folder))
+
+    assert code == 0, err
+    assert f"agent/{name} configured (revision 1)" in out
+    assert "warning: spec.partnerAgents[0].agentName: partner agent 'nobody-yet' is not" in out
+    assert "warning: spec.mcpServers[0].mcpServerName: MCP server 'no-mcp-yet'" in out
+    code, out, _ = _run(capsys, "describe", "agent", name)
+    assert code == 0
+    assert "Warnings (2):" in out and "nobody-yet" in out and "no-mcp-yet" in out
+    code, out, _ = _run(capsys, "describe", "agent", name, "-o", "json")
+    assert len(json.loads(out)["warnings"]) == 2

@@ -18,6 +18,8 @@ from control_plane.rest import build_app
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient
 
+from ..conftest import publish_prompt
+
 pytestmark = pytest.mark.integration
 
 TOKENS = {
@@ -39,6 +41,7 @@ AGENT = {
 
 @pytest.fixture
 async def api(store: SpecStore, vault: VaultClient) -> AsyncIterator[TestServer]:
+    await publish_prompt(store)
     authenticator = StaticTokenAuthenticator(
         {hash_token(t): Principal(f"user-{r}", frozenset({Role(r)})) for r, t in TOKENS.items()}
     )

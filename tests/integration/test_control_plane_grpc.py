@@ -23,6 +23,8 @@ from specmesh.v1 import control_plane_pb2 as pb
 from specmesh.v1 import control_plane_pb2_grpc as pb_grpc
 from specmesh.vault import VaultClient
 
+from ..conftest import publish_prompt
+
 pytestmark = pytest.mark.integration
 
 TOKENS = {
@@ -71,6 +73,7 @@ class Api:
 
 @pytest.fixture
 async def api(store: SpecStore, vault: VaultClient) -> AsyncIterator[Api]:
+    await publish_prompt(store)
     authenticator = StaticTokenAuthenticator(
         {hash_token(t): Principal(f"user-{r}", frozenset({Role(r)})) for r, t in TOKENS.items()}
     )
@@ -335,7 +338,7 @@ async def test_prompt_publish_get_and_release(api: Api) -> None:
     assert dict(released.prompt.release.weights) == {"1.0.0": 80, "1.1.0": 20}
     assert [v.version for v in got.versions] == ["1.1.0"]
     assert json.loads(got.versions[0].entry_json)["template"] == "Hello 1.1.0"
-    assert [p.prompt_key for p in listed.prompts] == ["greeting"]
+    assert [p.prompt_key for p in listed.prompts] == ["greeting", "p"]  # "p": the fixture's
     assert dict(listed.prompts[0].release.labels) == {"prod": "1.0.0"}
 
 

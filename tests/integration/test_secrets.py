@@ -13,6 +13,8 @@ from specmesh.specservice import SpecService
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient, agent_policy_name
 
+from ..conftest import publish_prompt
+
 pytestmark = pytest.mark.integration
 
 SEED_KEYS = {
@@ -21,6 +23,11 @@ SEED_KEYS = {
     "51668897d9410********",
     "8897d941******c7465cff2",
 }
+
+
+@pytest.fixture(autouse=True)
+async def _prompt(store: SpecStore) -> None:
+    await publish_prompt(store, "mse-nacos-helper")
 
 
 def _manifest(name: str, *, api_key: str = "sk-51668897d94****") -> LoadedManifest:

@@ -184,8 +184,9 @@ def test_failure_names_the_line_and_column_of_the_alias_that_overflows(
 
     _run_cli(["validate", "-f", str(path)])
 
-    # lol6 is 9**6 = 531441 strings: its first alias already crosses the limit
-    assert f"{path}:6:" in capsys.readouterr().err
+    # lol5 is 9**5 = 59049 strings (over MAX_NODES): its first alias crosses the limit
+    assert MAX_NODES < 9**5
+    assert f"{path}:5:" in capsys.readouterr().err
 
 
 _FLEET = """\

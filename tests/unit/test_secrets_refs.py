@@ -115,7 +115,7 @@ def test_diff_reports_add_remove_replace_by_path() -> None:
     changes = [str(c) for c in diff_json(old, new)]
 
     assert changes == [
-        "+ mcpServers[1]: {'n': 'b'}",
+        '+ mcpServers[1]: {"n": "b"}',
         "~ model.temperature: 0.1 -> 0.2",
         "- model.x: 1",
     ]

@@ -766,3 +766,17 @@ def test_malformed_part_file_reports_file_line_and_column(tmp_path: Path) -> Non
     assert [str(i) for i in info.value.issues] == [
         f"{folder / 'model.json'}:2:18: invalid JSON: Expecting value"
     ]
+
+
+def test_a_misspelt_part_file_is_refused_with_the_likely_name(tmp_path: Path) -> None:
+    parts = _six_parts()
+    parts["mcp-server.json"] = parts.pop("mcp-servers.json")
+    folder = _write_folder(tmp_path / "helper", parts)
+
+    with pytest.raises(SpecError) as e:
+        load_agent_folder(folder)
+
+    (issue,) = e.value.issues
+    assert issue.path == "mcp-server.json"
+    assert issue.rule == "unknown_part_file"
+    assert "did you mean 'mcp-servers.json'?" in issue.message
