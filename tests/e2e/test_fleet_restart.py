@@ -1,0 +1,78 @@
+"""`specmesh up` a second time keeps what the operator changed: the examples are seeded
+only into an empty store, and the per-run ports of Redis and the MCP servers never enter a
+spec (the sidecars resolve the specs' stable names at run time)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from specmesh.a2aclient import invoke
+from specmesh.cli import main as cli
+from specmesh.fleet import Fleet, FleetOptions
+
+pytestmark = pytest.mark.e2e
+
+
+def _api(state: dict[str, Any], path: str) -> Any:
+    token = Path(state["adminTokenFile"]).read_text().strip()
+    r = requests.get(
+        f"{state['endpoints']['controlPlane']}{path}",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+    r.raise_for_status()
+    return r.json()
+
+
+def _revisions(state: dict[str, Any]) -> dict[str, int]:
+    return {a["name"]: a["revision"] for a in _api(state, "/api/v1/agents")}
+
+
+def test_up_twice_keeps_a_prompt_pin_and_adds_no_revision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in list(os.environ):
+        if name.startswith(("SPECMESH_", "VAULT_")):
+            monkeypatch.delenv(name)
+    home = tmp_path / "fleet"
+    monkeypatch.setenv("SPECMESH_HOME", str(home))
+    fleet = Fleet(FleetOptions(home=home))
+    try:
+        first = fleet.up()
+        assert first["seeded"] is True
+        # the operator pins mse-gateway-assistant's prompt through the CLI (the fleet's API)
+        assert cli(["get", "agent", "mse-gateway-assistant", "-o", "json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        doc["spec"]["base"]["promptVersion"] = "1.0.0"
+        pinned = tmp_path / "pinned.json"
+        pinned.write_text(json.dumps(doc))
+        assert cli(["apply", "-f", str(pinned)]) == 0
+        assert "configured (revision 2)" in capsys.readouterr().out
+        before = _revisions(first)
+        fleet.down()
+
+        second = fleet.up()
+
+        assert second["seeded"] is False
+        assert _revisions(second) == before  # no agent got a revision from the restart
+        agent = _api(second, "/api/v1/agents/mse-gateway-assistant")
+        assert agent["spec"]["base"]["promptVersion"] == "1.0.0"
+        # new ports, same specs: the sidecars reach Redis and the MCP servers by name
+        assert second["endpoints"]["redis"] != first["endpoints"]["redis"]
+        url = second["agents"]["mse-nacos-helper"]["stable"]["a2a"]
+        result = asyncio.run(
+            asyncio.wait_for(invoke(url, "Which Nacos services are registered?"), 60)
+        )
+        assert result.state == "completed"
+        assert "nacos-mcp-tools__list_services" in result.tool_calls
+        stored = json.dumps(_api(second, "/api/v1/mcp-servers"))
+        assert "127.0.0.1" not in stored  # registry entries name services, not ports
+    finally:
+        fleet.down()

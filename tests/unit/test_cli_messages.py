@@ -1,0 +1,199 @@
+"""What the CLI says when something a newcomer meets goes wrong: the fleet is down, the
+reader of its output leaves, an agent does not answer. Each message says what to do."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from specmesh.cli import _up_banner, main
+from specmesh.services import free_port
+
+from ..conftest import REPO
+
+
+@pytest.fixture
+def home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    for name in list(os.environ):
+        if name.startswith(("SPECMESH_", "VAULT_")):
+            monkeypatch.delenv(name)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("SPECMESH_HOME", str(home))
+    return home
+
+
+def _stopped_fleet(home: Path) -> None:
+    """What `specmesh down` leaves: the services' file (ports nobody listens on) and a
+    fleet file without processes."""
+    dead = free_port()
+    services = {"etcdEndpoint": f"http://127.0.0.1:{dead}", "baoAddress": f"http://127.0.0.1:{dead}",
+                "baoToken": "t"}  # fmt: skip
+    (home / "services.json").write_text(json.dumps(services))
+    (home / "fleet.json").write_text(json.dumps({"processes": [], "endpoints": {}}))
+
+
+def test_apply_with_the_fleet_down_says_how_to_start_it(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _stopped_fleet(home)
+
+    code = main(["apply", "-f", str(REPO / "examples" / "prompts")])
+
+    err = capsys.readouterr().err
+    assert code == 5
+    assert "is unavailable" in err
+    assert "the local fleet is not running: start it with `./scripts/up`" in err
+
+
+@pytest.mark.parametrize("argv", [["status"], ["status", "-o", "json"], ["logs", "x"]])
+def test_status_and_logs_with_the_fleet_down_exit_5_with_the_way_to_start_it(
+    home: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    _stopped_fleet(home)
+
+    code = main(argv)
+
+    captured = capsys.readouterr()
+    assert code == 5
+    assert captured.out == ""
+    assert f"the local fleet ({home}) is not running" in captured.err
+    assert "uv run specmesh up" in captured.err
+
+
+def test_invoke_with_the_fleet_down_says_so(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["invoke", "mse-nacos-helper", "hello"])
+    assert code == 5
+    assert "is not running" in capsys.readouterr().err
+
+
+def _fleet_state(home: Path) -> dict[str, Any]:
+    """A fleet file whose one recorded process is this test process (so it "runs")."""
+    cmd = [a.decode() for a in Path(f"/proc/{os.getpid()}/cmdline").read_bytes().split(b"\0") if a]
+    agent = {
+        "a2a": "http://127.0.0.1:1001",
+        "a2aGrpc": "127.0.0.1:1002",
+        "inbound": "https://127.0.0.1:1003",
+        "inboundGrpc": "127.0.0.1:1004",
+        "egressGrpc": "127.0.0.1:1005",
+        "ops": "http://127.0.0.1:1006",
+        "egress": "http://127.0.0.1:1007",
+    }
+    return {
+        "processes": [{"name": "control-plane", "pid": os.getpid(), "cmd": cmd, "log": "x",
+                       "role": "control-plane"}],
+        "endpoints": {
+            "etcd": "http://127.0.0.1:2000", "openbao": "http://127.0.0.1:2001",
+            "redis": "redis://127.0.0.1:2002/0", "llm": "http://127.0.0.1:2003/v1",
+            "controlPlane": "http://127.0.0.1:2004", "controlPlaneGrpc": "127.0.0.1:2005",
+            "otlp": "http://127.0.0.1:2006",
+            "mcp": {"nacos-mcp-tools": "http://127.0.0.1:2007/mcp",
+                    "time": "http://127.0.0.1:2008/mcp"},
+        },
+        "agents": {"mse-nacos-helper": {"stable": agent},
+                   "schedulex-assistant": {"stable": agent, "canary": agent}},
+        "adminTokenFile": str(home / "admin-token"),
+        "seeded": False,
+    }  # fmt: skip
+
+
+def test_status_json_lists_mcp_servers_and_every_sidecar_endpoint(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (home / "fleet.json").write_text(json.dumps(_fleet_state(home)))
+
+    code = main(["--server", "", "status", "-o", "json"])
+
+    status = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert status["mcp"] == {"nacos-mcp-tools": "http://127.0.0.1:2007/mcp",
+                             "time": "http://127.0.0.1:2008/mcp"}  # fmt: skip
+    canary = status["agents"]["schedulex-assistant"]["canary"]
+    assert {"a2a", "inbound", "inboundGrpc", "egress", "egressGrpc", "ops"} <= set(canary)
+    assert status["processes"][0]["running"] is True
+
+
+def test_the_up_banner_separates_every_label_from_its_value(home: Path) -> None:
+    banner = _up_banner(_fleet_state(home))
+
+    lines = banner.splitlines()
+    rows = [line for line in lines if line.startswith("  ")]
+    assert len(rows) == 7 + 2 + 3  # services, two MCP servers, three agent tracks
+    value_column = {re.match(r"  .*?\S( {2,})\S", line).end(1) for line in rows}  # type: ignore[union-attr]
+    assert len(value_column) == 1  # one aligned column, whatever the label's length
+    assert "  MCP nacos-mcp-tools" in banner and "nacos-mcp-toolshttp" not in banner
+    assert lines[-1] == (
+        'try: uv run specmesh invoke mse-nacos-helper "Which Nacos services are registered?"'
+    )
+    assert "uv run specmesh up --reset" in banner
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path) -> None:
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(1500):  # ~100 KB of `valid: ...` lines: more than a pipe holds
+        (folder / f"p{i:04d}.yaml").write_text(
+            f"apiVersion: specmesh.io/v1\nkind: Prompt\nmetadata: {{name: p{i}}}\n"
+            "spec: {version: '1.0.0', template: t}\n"
+        )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "specmesh.cli", "validate", "-f", str(folder)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()  # what `| head -1` does, then it closes the pipe
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+
+    assert first.startswith(b"valid: Prompt/p0")
+    assert "Traceback" not in err and "BrokenPipeError" not in err
+    assert proc.returncode == 141
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A TCP server that accepts connections and never answers."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join(timeout=5)
+    for s in held:
+        s.close()
+    server.close()
+
+
+def test_invoke_gives_up_at_its_deadline_with_a_clear_error(
+    home: Path, silent_server: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"http://127.0.0.1:{silent_server}"
+
+    code = main(["invoke", "quiet-agent", "hello", "--url", url, "--timeout", "0.5"])
+
+    err = capsys.readouterr().err
+    assert code == 5
+    assert f"quiet-agent ({url}) did not finish answering within 0.5s" in err
