@@ -41,7 +41,7 @@ def check_logical_name(name: str) -> str | None:
         return "must not be empty"
     if len(name) > MAX_NAME_LENGTH:
         return f"must be at most {MAX_NAME_LENGTH} characters (got {len(name)})"
-    if not _LOGICAL.match(name):
+    if not _LOGICAL.fullmatch(name):  # fullmatch: `$` alone lets a trailing newline in
         return (
             "must start with a letter, end with a letter or digit, and hold only "
             f"letters, digits, '-', '_' and '.' (got {name!r})"
@@ -59,4 +59,4 @@ def resource_name(name: str) -> str:
 
 def is_dns1123_label(value: str) -> bool:
     """Whether ``value`` is a valid DNS-1123 label."""
-    return len(value) <= MAX_NAME_LENGTH and bool(_DNS1123.match(value))
+    return len(value) <= MAX_NAME_LENGTH and bool(_DNS1123.fullmatch(value))

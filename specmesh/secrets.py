@@ -53,15 +53,22 @@ class VaultRef:
                 reference=value, reason="must be vault://<mount>/<path>#<field>"
             )
         for segment in path.split("/"):
-            if not _SEGMENT.match(segment):
+            if not _SEGMENT.fullmatch(segment):
                 raise SecretReferenceError(
                     reference=value,
                     reason=f"path segment {segment!r} is empty or holds characters "
                     "other than letters, digits and '_.@=+-'",
                 )
-        if not _SEGMENT.match(mount):
+            if set(segment) == {"."}:
+                # an HTTP client normalises `..` away: the path would leave its tree
+                raise SecretReferenceError(
+                    reference=value,
+                    reason=f"path segment {segment!r} is not allowed ('.' and '..' could "
+                    "walk out of the agent's own paths)",
+                )
+        if not _SEGMENT.fullmatch(mount) or set(mount) == {"."}:
             raise SecretReferenceError(reference=value, reason=f"bad mount {mount!r}")
-        if not _FIELD.match(field):
+        if not _FIELD.fullmatch(field):
             raise SecretReferenceError(reference=value, reason=f"bad field {field!r}")
         return cls(mount=mount, path=path, field=field)
 

@@ -11,24 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 
 from specmesh.a2aclient import invoke
 from specmesh.cli import main as cli
 from specmesh.fleet import Fleet, FleetOptions
 
+from .test_fleet import _api
+
 pytestmark = pytest.mark.e2e
-
-
-def _api(state: dict[str, Any], path: str) -> Any:
-    token = Path(state["adminTokenFile"]).read_text().strip()
-    r = requests.get(
-        f"{state['endpoints']['controlPlane']}{path}",
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=30,
-    )
-    r.raise_for_status()
-    return r.json()
 
 
 def _revisions(state: dict[str, Any]) -> dict[str, int]:

@@ -182,6 +182,36 @@ async def test_release_promote_and_abort(api: TestServer) -> None:
     assert status == 400 and "has no canary" in body["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    "api_key",
+    [
+        "vault://secret/specmesh/agents/thief/../helper/model/apiKey#value",
+        "vault://secret/specmesh/agents/thief/%2e%2e/helper/model/apiKey#value",
+        "vault://secret/specmesh/agents/thief/./x#value",
+    ],
+)
+async def test_a_reference_walking_out_of_its_tree_is_refused_and_nothing_written(
+    api: TestServer, store: SpecStore, api_key: str
+) -> None:
+    thief = {**AGENT, "metadata": {"name": "thief"},
+             "spec": {**AGENT["spec"], "model": {"model": "m", "apiKey": api_key}}}  # fmt: skip
+
+    status, body = await _call(api, "POST", "/api/v1/apply", "operator", {"manifest": thief})
+
+    assert status == 400
+    (issue,) = body["error"]["issues"]
+    assert issue["path"] == "spec.model.apiKey"
+    assert "bad secret reference: path segment" in issue["message"]
+    assert await store.current_revision("thief") == 0
+
+
+async def test_a_name_with_a_trailing_newline_is_refused(api: TestServer) -> None:
+    named = {**AGENT, "metadata": {"name": "helper\n"}}
+    status, body = await _call(api, "POST", "/api/v1/apply", "operator", {"manifest": named})
+    assert status == 400
+    assert body["error"]["issues"][0]["path"] == "metadata.name"
+
+
 async def test_bad_input_gets_a_clear_error(api: TestServer) -> None:
     bad = {**AGENT, "spec": {**AGENT["spec"], "model": {"model": "m", "temperature": 7}}}
     status, body = await _call(api, "POST", "/api/v1/apply", "operator", {"manifest": bad})

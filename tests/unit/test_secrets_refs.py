@@ -26,6 +26,16 @@ def test_reference_round_trips() -> None:
         ("vault://secret#f", "must be vault://<mount>/<path>#<field>"),
         ("vault://secret/a//b#f", "path segment '' is empty"),
         ("vault://secret/a b#f", "path segment 'a b' is empty or holds characters"),
+        # walking out of an agent's tree (issue: `..` reached another agent's key)
+        (
+            "vault://secret/specmesh/agents/thief/../mse-nacos-helper/model/apiKey#value",
+            "path segment '..' is not allowed",
+        ),
+        ("vault://secret/specmesh/agents/a/./model#value", "path segment '.' is not allowed"),
+        ("vault://secret/specmesh/agents/a/%2e%2e/b#value", "path segment '%2e%2e' is empty"),
+        ("vault://secret/specmesh/agents/a/x\n#value", "path segment 'x\\n' is empty"),
+        ("vault://../specmesh/x#value", "bad mount '..'"),
+        ("vault://secret/a#f\n", "bad field"),
     ],
 )
 def test_bad_references_say_what_is_wrong(value: str, reason: str) -> None:
