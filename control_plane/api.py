@@ -16,6 +16,7 @@ from typing import Any
 from control_plane.auth import Principal, authorize
 from control_plane.errors import BadRequestError
 from control_plane.mesh import IstioValidator, MeshSettings, render_agent, render_mesh
+from control_plane.tokens import TokenRecord, TokenRequest, TokenStore, check_grant
 from control_plane.traces import (
     GROUP_KEYS,
     InMemoryTraceStore,
@@ -94,6 +95,7 @@ class ControlPlane:
         tool_lister: ToolLister | None = None,
         card_fetcher: CardFetcher | None = None,
         traces: TraceStore | None = None,
+        tokens: TokenStore | None = None,
     ) -> None:
         self.store = store
         self.vault = vault
@@ -104,6 +106,7 @@ class ControlPlane:
         self.tool_lister = tool_lister
         self.card_fetcher = card_fetcher
         self.traces = traces or InMemoryTraceStore()
+        self.tokens = tokens or TokenStore(store=store)
 
     # ------------------------------------------------------------ manifests
 
@@ -328,6 +331,28 @@ class ControlPlane:
         for entry in await self.store.audit_entries(kind=kind, limit=sys.maxsize):
             latest.setdefault(entry.name, entry)  # newest first
         return latest
+
+    # ------------------------------------------------------------ API tokens
+
+    async def create_token(
+        self, principal: Principal, request: TokenRequest
+    ) -> tuple[str, TokenRecord]:
+        """Mint a token: its secret (returned only here, never stored) and its record. Its
+        roles may not allow more than the caller may (:func:`control_plane.tokens.
+        check_grant`)."""
+        authorize(principal, "tokens.write")
+        check_grant(principal, request.roles)
+        return await self.tokens.create(request, actor=principal.name)
+
+    async def list_tokens(self, principal: Principal) -> list[TokenRecord]:
+        """Every token (the token file's and the API's) with its state; never a secret."""
+        authorize(principal, "tokens.read")
+        return await self.tokens.list()
+
+    async def revoke_token(self, principal: Principal, token_id: str) -> TokenRecord:
+        """Refuse the token from now on (every replica, within the watch's latency)."""
+        authorize(principal, "tokens.write")
+        return await self.tokens.revoke(token_id, actor=principal.name)
 
     # ------------------------------------------------------------ traces
 

@@ -23,6 +23,7 @@ from control_plane.otlp import OtlpForwarder, OtlpReceiver, build_otlp_app
 from control_plane.publisher import KubernetesMeshSink, MeshPublisher, MeshSink, YamlMeshSink
 from control_plane.rest import build_app
 from control_plane.settings import ControlPlaneSettings
+from control_plane.tokens import TokenAuthenticator, TokenStore
 from control_plane.traces import SqliteTraceStore, retention_loop
 from specmesh.addresses import parse_table, resolve_url
 from specmesh.etcd import EtcdClient
@@ -66,18 +67,24 @@ async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = 
     store = SpecStore(etcd=etcd, keys=Keys(prefix=settings.etcd_prefix))
     istio = IstioValidator(settings.istio_crds) if settings.istio_crds else None
     traces = SqliteTraceStore(path=settings.traces_db)
+    static_tokens = StaticTokenAuthenticator.from_file(settings.tokens_file)
+    authenticator = TokenAuthenticator(etcd=etcd, keys=store.keys, static=static_tokens)
+    tokens = TokenStore(store=store, static=static_tokens, on_change=authenticator.observe)
     control_plane = ControlPlane(
-        store=store, vault=vault, kv_mount=settings.vault_kv_mount,
+        store=store, vault=vault, kv_mount=settings.vault_kv_mount, tokens=tokens,
         mesh_settings=MeshSettings(namespace=settings.mesh_namespace), istio=istio,
         traces=traces, tool_lister=_tool_lister(parse_table(settings.service_addresses)),
     )  # fmt: skip
-    authenticator = StaticTokenAuthenticator.from_file(settings.tokens_file)
     grpc_server = await build_grpc_server(control_plane, authenticator, settings.grpc_listen)
     runner = web.AppRunner(build_app(control_plane, authenticator), access_log=None)
-    # Closed in reverse: gRPC, OTLP listener, REST, forwarder (drains), trace store, etcd, Vault.
+    # Closed in reverse: gRPC, OTLP listener, REST, forwarder (drains), trace store, token
+    # watch, etcd, Vault.
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(vault.close)
         stack.push_async_callback(etcd.close)
+        await stack.enter_async_context(authenticator)
+        if not await authenticator.wait_loaded(timeout=10):  # until then: 503, fail closed
+            logger.warning("tokens and revocations not read from etcd yet; refusing every token")
         await stack.enter_async_context(traces)
         forwarder = None
         if settings.otlp_forward_url:

@@ -20,9 +20,10 @@ from aiohttp import web
 from pydantic import TypeAdapter, ValidationError
 
 from control_plane.api import ControlPlane
-from control_plane.auth import Authenticator, Principal
+from control_plane.auth import Authenticator, Principal, Role
 from control_plane.errors import BadRequestError, error_body, status_for
 from control_plane.studio import add_studio_routes
+from control_plane.tokens import MAX_TTL_SECONDS, TokenRequest
 from control_plane.traces import GROUP_KEYS
 from specmesh.errors import SpecError
 from specmesh.spec.models import Manifest, PromptRelease, ReleaseSpec
@@ -248,6 +249,20 @@ async def _mesh(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
     return await cp.render_mesh(p)
 
 
+async def _create_token(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
+    secret, record = await cp.create_token(p, _validate(TokenRequest, await _json(r)))
+    return {"token": secret, **record.to_json(cp.tokens.now())}
+
+
+async def _list_tokens(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
+    now = cp.tokens.now()
+    return [t.to_json(now) for t in await cp.list_tokens(p)]
+
+
+async def _revoke_token(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
+    return (await cp.revoke_token(p, r.match_info["id"])).to_json(cp.tokens.now())
+
+
 def _since(request: web.Request) -> datetime | None:
     raw = request.query.get("since")
     if not raw:
@@ -293,6 +308,31 @@ async def _whoami(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
 _SINCE = {"name": "since", "in": "query", "schema": {"type": "string", "format": "date-time"}}
 _REV = {"name": "revision", "in": "query", "schema": {"type": "integer", "minimum": 0}}
 _EXPECTED = {"name": "expectedRevision", "in": "query", "schema": {"type": "integer", "minimum": 0}}
+_ROLE = {"type": "string", "enum": [str(r) for r in Role]}
+_TIME_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
+_TOKEN: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "name", "roles", "source", "createdAt", "createdBy", "expiresAt",
+                 "revokedAt", "revokedBy", "state"],
+    "properties": {
+        "id": {"type": "string", "pattern": "^[0-9a-f]{12}$"},
+        "name": {"type": "string"},
+        "roles": {"type": "array", "items": _ROLE},
+        "source": {"enum": ["api", "file"]},
+        "createdAt": _TIME_OR_NULL, "createdBy": {"type": ["string", "null"]},
+        "expiresAt": _TIME_OR_NULL,
+        "revokedAt": _TIME_OR_NULL, "revokedBy": {"type": ["string", "null"]},
+        "state": {"enum": ["active", "expired", "revoked"]}},
+}  # fmt: skip
+_TOKEN_REQUEST = {
+    "type": "object", "required": ["name", "roles"], "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 100,
+                 "pattern": r"^[^\x00-\x1f\x7f]+$"},
+        "roles": {"type": "array", "minItems": 1, "maxItems": 4, "items": _ROLE},
+        "ttlSeconds": {"type": "integer", "minimum": 1, "maximum": MAX_TTL_SECONDS,
+                       "description": "seconds until the token expires (default 30 days)"}},
+}  # fmt: skip
 
 ROUTES: list[Route] = [
     Route("GET", "/api/v1/whoami", _whoami, "The caller, its roles and what it may do"),
@@ -388,6 +428,20 @@ ROUTES: list[Route] = [
                    "description": "comma-separated subset of agent,model,day (default: all)"},
                   _SINCE],
           response=_ARR),
+    Route("POST", "/api/v1/tokens", _create_token,
+          "Mint an API token (secrets-admin; its roles may not allow more than the caller's); "
+          "the secret is in this answer only", body=_TOKEN_REQUEST,
+          response={**_TOKEN, "required": ["token", *_TOKEN["required"]],
+                    "properties": {"token": {"type": "string"}, **_TOKEN["properties"]}},
+          status=201),
+    Route("GET", "/api/v1/tokens", _list_tokens,
+          "API and token-file tokens with their state (secrets-admin; never a secret)",
+          response={"type": "array", "items": _TOKEN}),
+    Route("DELETE", "/api/v1/tokens/{id}", _revoke_token,
+          "Revoke a token, API or token-file (secrets-admin; refused within seconds)",
+          params=[{"name": "id", "in": "path", "required": True,
+                   "schema": {"type": "string", "pattern": "^[0-9a-f]{12}$"}}],
+          response=_TOKEN),
 ]  # fmt: skip
 
 

@@ -347,6 +347,24 @@ class ApiClient:
         result: list[dict[str, Any]] = await self.request("GET", "/api/v1/mesh")
         return result
 
+    async def create_token(
+        self, name: str, roles: list[str], *, ttl_seconds: int | None = None
+    ) -> dict[str, Any]:
+        """A new API token: its record and, under ``token``, its secret (shown only now)."""
+        body: dict[str, Any] = {"name": name, "roles": roles}
+        if ttl_seconds is not None:
+            body["ttlSeconds"] = ttl_seconds
+        result: dict[str, Any] = await self.request("POST", "/api/v1/tokens", body=body)
+        return result
+
+    async def list_tokens(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self.request("GET", "/api/v1/tokens")
+        return result
+
+    async def revoke_token(self, token_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.request("DELETE", f"/api/v1/tokens/{_seg(token_id)}")
+        return result
+
 
 def _seg(name: str) -> str:
     """A name as one URL path segment."""

@@ -17,8 +17,8 @@ with ``SPECMESH_TOKEN`` / ``SPECMESH_TOKEN_FILE`` / ``--token``, or the local fl
 ``delete``, ``release``, ``mesh render`` and ``audit`` go through its REST API
 (:mod:`specmesh.apiclient`). Without one, ``apply``, ``get``, ``history``, ``diff``,
 ``rollback``, ``delete`` and ``audit`` write etcd and Vault directly through
-:class:`specmesh.specservice.SpecService`; ``describe``, ``release``, ``mesh render`` and
-``get instances`` need the control plane and exit 2.
+:class:`specmesh.specservice.SpecService`; ``describe``, ``release``, ``mesh render``,
+``token`` and ``get instances`` need the control plane and exit 2.
 """
 
 from __future__ import annotations
@@ -743,6 +743,53 @@ async def cmd_mesh(args: argparse.Namespace, ctx: _Context) -> int:
     return EXIT_OK
 
 
+_TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _ttl_seconds(raw: str) -> int:
+    """``30d``, ``12h``, ``90m``, ``45s`` or plain seconds."""
+    number, unit = (raw[:-1], raw[-1]) if raw[-1:] in _TTL_UNITS else (raw, "s")
+    if not number.isdigit() or int(number) <= 0:
+        raise UsageError(f"--ttl {raw!r}: expected a positive number of s, m, h or d (e.g. 30d)")
+    return int(number) * _TTL_UNITS[unit]
+
+
+async def cmd_token(args: argparse.Namespace, ctx: _Context) -> int:
+    if not ctx.remote:
+        raise _needs_server(f"token {args.action}")
+    if args.action == "create":
+        ttl = _ttl_seconds(args.ttl) if args.ttl else None
+        minted = await ctx.api.create_token(args.name, args.role, ttl_seconds=ttl)
+        if args.output != "text":
+            _print(minted, args.output)
+            return EXIT_OK
+        sys.stdout.write(
+            f"token/{minted['id']} created for {minted['name']} "
+            f"(roles {', '.join(minted['roles'])}), expires at {minted['expiresAt']}\n"
+            f"{minted['token']}\n"
+        )
+        sys.stderr.write("the token is shown only now: store it; `specmesh token revoke "
+                         f"{minted['id']}` ends it\n")  # fmt: skip
+        return EXIT_OK
+    if args.action == "list":
+        listed = await ctx.api.list_tokens()
+        if args.output != "table":
+            _print(listed, args.output)
+            return EXIT_OK
+        _table(
+            [
+                [t["id"], t["name"], ",".join(t["roles"]), str(t.get("expiresAt") or "never")[:19],
+                 t["state"] + (" (file)" if t.get("source") == "file" else "")]
+                for t in listed
+            ],
+            ["ID", "NAME", "ROLES", "EXPIRES", "STATE"],
+        )  # fmt: skip
+        return EXIT_OK
+    revoked = await ctx.api.revoke_token(args.id)
+    sys.stdout.write(f"token/{revoked['id']} ({revoked['name']}) revoked\n")
+    return EXIT_OK
+
+
 def cmd_services(args: argparse.Namespace, settings: Settings) -> int:
     from specmesh.services import LocalServices
 
@@ -1211,6 +1258,27 @@ def _parser() -> argparse.ArgumentParser:
     _remote_flags(a, argparse.SUPPRESS)
     out(a, "yaml", ("yaml", "json"))
     p.set_defaults(run=cmd_mesh)
+
+    p = api_command("token", "API tokens: create, list, revoke (secrets-admin)")
+    token_actions = p.add_subparsers(dest="action", required=True)
+    a = token_actions.add_parser("create", help="mint a token (printed once) with an expiry")
+    a.add_argument("name", help="who or what the token is for")
+    a.add_argument(
+        "--role",
+        action="append",
+        required=True,
+        choices=["viewer", "operator", "admin", "secrets-admin"],
+        help="repeatable; may not allow more than your own roles",
+    )
+    a.add_argument("--ttl", default=None, help="lifetime: 30d (default), 12h, 90m, 45s")
+    out(a, "text", ("text", "json", "yaml"))
+    a = token_actions.add_parser("list", help="every token with its state (never a secret)")
+    out(a, "table", ("table", "json", "yaml"))
+    a = token_actions.add_parser("revoke", help="refuse a token (API or token file) from now on")
+    a.add_argument("id")
+    for a in token_actions.choices.values():
+        _remote_flags(a, argparse.SUPPRESS)
+    p.set_defaults(run=cmd_token)
 
     p = sub.add_parser("up", help="start the local fleet (services, control plane, agents)")
     p.add_argument(

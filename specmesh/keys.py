@@ -13,6 +13,9 @@
     <prefix>/mcp/<mcpServerName>                  MCP Registry
     <prefix>/registry/<agent>/<instance>          live instances, under a lease
     <prefix>/audit/<ts>-<id>                      who changed what (diff)
+    <prefix>/tokens/records/<id>                  API tokens (name, roles, sha256 of the
+                                                  secret, expiry; never the secret)
+    <prefix>/tokens/revoked/<sha256>              revoked tokens (API and token-file ones)
 
 ``<agent>``, ``<promptKey>`` and ``<mcpServerName>`` are resource names
 (:func:`specmesh.names.resource_name`); the logical name is kept inside the values.
@@ -95,6 +98,22 @@ class Keys:
 
     def audit(self) -> str:
         return f"{self.prefix}/audit/"
+
+    # API tokens of the control plane
+    def tokens(self) -> str:
+        return f"{self.prefix}/tokens/"
+
+    def token_records(self) -> str:
+        return f"{self.prefix}/tokens/records/"
+
+    def token_record(self, token_id: str) -> str:
+        return f"{self.prefix}/tokens/records/{token_id}"
+
+    def token_revocations(self) -> str:
+        return f"{self.prefix}/tokens/revoked/"
+
+    def token_revocation(self, sha256: str) -> str:
+        return f"{self.prefix}/tokens/revoked/{sha256}"
 
     def audit_entry(self, stamp: str, entry_id: str) -> str:
         return f"{self.prefix}/audit/{stamp}-{entry_id}"

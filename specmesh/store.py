@@ -271,6 +271,22 @@ class SpecStore:
         await self.etcd.put(op.key, op.value)
         return entry
 
+    def audit_op(
+        self, *, actor: str, action: str, kind: str, name: str, message: str = ""
+    ) -> tuple[AuditEntry, Op]:
+        """An audit entry and the put that writes it, for a caller's own transaction (the
+        control plane's token store writes a change and its audit entry atomically)."""
+        return self._audit(
+            actor=actor,
+            action=action,
+            kind=kind,
+            name=name,
+            revision=None,
+            previous=None,
+            changes=[],
+            message=message,
+        )
+
     async def audit_entries(
         self, *, name: str | None = None, kind: str | None = None, limit: int = 100
     ) -> list[AuditEntry]:

@@ -82,13 +82,23 @@ CALLS: list[tuple[str, str, str, Any]] = [
     ),
     ("audit", "GET", "/api/v1/audit", None),
     ("mesh", "GET", "/api/v1/mesh", None),
+    ("create token", "POST", "/api/v1/tokens", {"name": "t", "roles": ["secrets-admin"]}),
+    ("list tokens", "GET", "/api/v1/tokens", None),
+    ("revoke token", "DELETE", "/api/v1/tokens/{token}", None),
 ]
 
 ALLOWED = {
     "viewer": {"list agents", "mesh"},
     "operator": {"list agents", "apply agent", "set release", "audit", "mesh"},
     "admin": {"list agents", "apply agent", "set release", "audit", "mesh"},
-    "secrets-admin": {"list credentials", "put credential", "audit"},
+    "secrets-admin": {
+        "list credentials",
+        "put credential",
+        "audit",
+        "create token",
+        "list tokens",
+        "revoke token",
+    },
 }
 
 
@@ -98,9 +108,12 @@ async def test_role_by_call_table_denies_by_default(
 ) -> None:
     # the agent exists so that release calls can succeed where allowed
     await _call(api, "POST", "/api/v1/apply", "admin", {"manifest": AGENT})
+    # ...and a token exists that the revoke call can revoke where allowed
+    mint = {"name": "to-revoke", "roles": ["secrets-admin"]}
+    _, token = await _call(api, "POST", "/api/v1/tokens", "secrets-admin", mint)
     outcomes = {}
     for name, method, path, body in CALLS:
-        status, _ = await _call(api, method, path, role, body)
+        status, _ = await _call(api, method, path.format(token=token["id"]), role, body)
         outcomes[name] = status
 
     allowed = {n for n, s in outcomes.items() if s not in (401, 403)}

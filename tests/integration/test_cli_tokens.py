@@ -1,0 +1,154 @@
+"""``specmesh token create|list|revoke`` through a real control-plane process on real etcd
+and OpenBao, the CLI driven in-process (as in test_cli_api.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from control_plane.auth import Role, StaticTokenAuthenticator
+from specmesh.cli import main
+from specmesh.services import LocalServices, free_port
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    boss: str  # admin + secrets-admin (as the local fleet's admin token)
+    secrets: str  # secrets-admin only
+    operator: str
+
+
+@pytest.fixture(scope="module")
+def server(services: LocalServices, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("cli-tokens")
+    boss, secrets, operator = (f"tok-{r}-{uuid.uuid4().hex}" for r in "bso")
+    tokens = tmp / "tokens.json"
+    StaticTokenAuthenticator.write_file(
+        tokens,
+        {
+            boss: ("ci-boss", [Role.ADMIN, Role.SECRETS_ADMIN]),
+            secrets: ("ci-secrets", [Role.SECRETS_ADMIN]),
+            operator: ("ci-operator", [Role.OPERATOR]),
+        },
+    )
+    port = free_port()
+    env = {
+        **os.environ,
+        "SPECMESH_ETCD_ENDPOINT": services.etcd.endpoint,
+        "SPECMESH_ETCD_PREFIX": f"/cli-tokens-{uuid.uuid4().hex[:8]}",
+        "SPECMESH_VAULT_ADDR": services.bao.address,
+        "SPECMESH_VAULT_TOKEN": services.bao.root_token,
+        "SPECMESH_TOKENS_FILE": str(tokens),
+        "SPECMESH_GRPC_LISTEN": f"127.0.0.1:{free_port()}",
+        "SPECMESH_OTLP_LISTEN": f"127.0.0.1:{free_port()}",
+        "SPECMESH_TRACES_DB": str(tmp / "traces.db"),
+    }
+    log_path = tmp / "cp.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "specmesh.cli", "control-plane", "--listen",
+             f"127.0.0.1:{port}"],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/healthz", timeout=1).ok:
+                break
+        except requests.RequestException:
+            time.sleep(0.1)  # polling a condition with a deadline
+    else:
+        proc.kill()
+        pytest.fail(f"control plane did not start: {log_path.read_text()}")
+    yield Server(url, boss, secrets, operator)
+    proc.terminate()
+    proc.wait(timeout=10)
+    assert proc.returncode == 0, log_path.read_text()
+
+
+@pytest.fixture
+def cli(server: Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Server:
+    for name in list(os.environ):
+        if name.startswith(("SPECMESH_", "VAULT_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("SPECMESH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SPECMESH_SERVER", server.url)
+    monkeypatch.setenv("SPECMESH_TOKEN", server.boss)
+    return server
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_token_create_use_list_revoke(
+    cli: Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = _run(capsys, "token", "create", "cli-bot", "--role", "viewer", "--ttl", "1h")
+
+    assert code == 0, err
+    first, secret = out.splitlines()
+    token_id = first.split()[0].removeprefix("token/")
+    assert "created for cli-bot (roles viewer), expires at" in first
+    assert secret.startswith("smt_") and "shown only now" in err
+    monkeypatch.setenv("SPECMESH_TOKEN", secret)
+    assert _run(capsys, "get", "agents", "-o", "json")[0] == 0
+    assert _run(capsys, "token", "list")[0] == 7  # a viewer may not
+
+    monkeypatch.setenv("SPECMESH_TOKEN", cli.boss)
+    code, out, _ = _run(capsys, "token", "list")
+    assert code == 0 and out.split()[:5] == ["ID", "NAME", "ROLES", "EXPIRES", "STATE"]
+    row = next(line.split() for line in out.splitlines() if line.startswith(token_id))
+    assert row[1:3] == ["cli-bot", "viewer"] and row[-1] == "active"
+    assert secret not in out
+    code, out, _ = _run(capsys, "token", "list", "-o", "json")
+    listed = {t["id"]: t for t in json.loads(out)}
+    assert listed[token_id]["name"] == "cli-bot" and secret not in out
+    assert {t["name"] for t in listed.values() if t["source"] == "file"} == {
+        "ci-boss", "ci-secrets", "ci-operator"
+    }  # fmt: skip
+
+    code, out, _ = _run(capsys, "token", "revoke", token_id)
+    assert (code, out) == (0, f"token/{token_id} (cli-bot) revoked\n")
+
+    monkeypatch.setenv("SPECMESH_TOKEN", secret)
+    deadline = time.monotonic() + 5
+    while (result := _run(capsys, "get", "agents"))[0] != 7:
+        assert time.monotonic() < deadline, result  # polling a condition with a deadline
+    assert "token revoked at" in result[2]
+
+
+def test_token_commands_need_secrets_admin_and_no_escalation(
+    cli: Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SPECMESH_TOKEN", cli.operator)
+    code, _, err = _run(capsys, "token", "create", "x", "--role", "viewer")
+    assert code == 7 and "'ci-operator' may not tokens.write" in err
+    assert _run(capsys, "token", "list")[0] == 7
+    assert _run(capsys, "token", "revoke", "0123456789ab")[0] == 7
+
+    monkeypatch.setenv("SPECMESH_TOKEN", cli.secrets)
+    code, _, err = _run(capsys, "token", "create", "x", "--role", "viewer")
+    assert code == 7 and "may not mint a token with role viewer" in err
+    code, out, _ = _run(capsys, "token", "create", "peer", "--role", "secrets-admin", "-o", "json")
+    assert code == 0 and json.loads(out)["token"].startswith("smt_")
+    assert _run(capsys, "token", "revoke", "0123456789ab")[0] == 4
+    assert _run(capsys, "token", "create", "x", "--role", "viewer", "--ttl", "2w")[0] == 2
+    code, _, err = _run(capsys, "token", "create", "x", "--role", "secrets-admin", "--ttl", "91d")
+    assert code == 1 and "ttlSeconds" in err
