@@ -25,7 +25,7 @@ from control_plane.traces import (
     TraceStore,
     TraceSummary,
 )
-from specmesh.errors import NotFoundError, SpecError, SpecIssue
+from specmesh.errors import NotFoundError, SecretReferenceError, SpecError, SpecIssue
 from specmesh.names import resource_name
 from specmesh.secrets import VaultRef
 from specmesh.spec.diff import Change
@@ -285,9 +285,8 @@ class ControlPlane:
         """References under ``prefix`` with masked values (values are write-only)."""
         authorize(principal, "credentials.list")
         mount = mount or self.kv_mount
-        VaultRef.parse(f"vault://{mount}/{prefix.strip('/') or '-'}#x")  # 400 on a bad prefix
         out: list[CredentialInfo] = []
-        pending = [prefix.strip("/")]
+        pending = [_credential_folder(prefix, mount)]
         while pending:
             folder = pending.pop()
             for key in await self.vault.list_keys(mount=mount, path=folder):
@@ -474,3 +473,27 @@ class ControlPlane:
 def _quantile(ordered: Sequence[float], q: float) -> float:
     """Nearest-rank quantile of an ascending, non-empty sequence."""
     return round(ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))], 3)
+
+
+_CREDENTIALS_ROOT = "specmesh"
+
+
+def _credential_folder(prefix: str, mount: str) -> str:
+    """The folder ``prefix`` names, checked like a reference's path and kept under
+    ``specmesh/`` (the tree apply writes): a ``..`` would walk the control plane's own
+    token out of it (``../../sys/policies/acl``)."""
+    try:
+        VaultRef.parse(f"vault://{mount}/{_CREDENTIALS_ROOT}#x")
+    except SecretReferenceError as e:
+        raise BadRequestError(f"mount: {e.reason}") from None
+    folder = prefix.strip("/") or _CREDENTIALS_ROOT
+    try:
+        VaultRef.parse(f"vault://{mount}/{folder}#x")
+    except SecretReferenceError as e:
+        raise BadRequestError(f"prefix: {e.reason}") from None
+    if folder.split("/")[0] != _CREDENTIALS_ROOT:
+        raise BadRequestError(
+            f"prefix: must be {_CREDENTIALS_ROOT!r} or a folder under "
+            f"'{_CREDENTIALS_ROOT}/' (got {prefix!r})"
+        )
+    return folder

@@ -6,6 +6,7 @@ HTTP status and gRPC status code::
     |   +-- UnauthenticatedError    no or unknown bearer token        401 / UNAUTHENTICATED
     |   +-- PermissionDeniedError   the role may not do this          403 / PERMISSION_DENIED
     |   +-- BadRequestError         a malformed request body/param    400 / INVALID_ARGUMENT
+    |   +-- BodyTooLargeError       a request body over the limit     413 / RESOURCE_EXHAUSTED
     +-- (core errors, see specmesh.errors)
         SpecError                                                     400 / INVALID_ARGUMENT
         ConflictError, NameCollisionError                             409 / ABORTED
@@ -39,6 +40,7 @@ from specmesh.errors import (
 __all__ = [
     "ApiError",
     "BadRequestError",
+    "BodyTooLargeError",
     "PermissionDeniedError",
     "UnauthenticatedError",
     "error_body",
@@ -68,10 +70,17 @@ class BadRequestError(ApiError):
         super().__init__(message)
 
 
+class BodyTooLargeError(ApiError):
+    def __init__(self, *, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"body: must be at most {limit} bytes")
+
+
 _TABLE: list[tuple[type[BaseException], int, grpc.StatusCode, str]] = [
     (UnauthenticatedError, 401, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated"),
     (PermissionDeniedError, 403, grpc.StatusCode.PERMISSION_DENIED, "permission_denied"),
     (BadRequestError, 400, grpc.StatusCode.INVALID_ARGUMENT, "bad_request"),
+    (BodyTooLargeError, 413, grpc.StatusCode.RESOURCE_EXHAUSTED, "too_large"),
     (SpecError, 400, grpc.StatusCode.INVALID_ARGUMENT, "invalid_spec"),
     (ConflictError, 409, grpc.StatusCode.ABORTED, "conflict"),
     (NameCollisionError, 409, grpc.StatusCode.ALREADY_EXISTS, "name_collision"),

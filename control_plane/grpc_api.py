@@ -37,9 +37,10 @@ from grpc_reflection.v1alpha import reflection
 from control_plane.api import MASK, ControlPlane, CredentialInfo
 from control_plane.auth import Authenticator, Principal
 from control_plane.errors import BadRequestError, status_for
+from specmesh import jsonbounds
 from specmesh.errors import NotFoundError, SpecError
 from specmesh.spec.diff import Change
-from specmesh.spec.manifest import parse_manifest
+from specmesh.spec.manifest import MAX_NESTING_DEPTH, parse_manifest
 from specmesh.spec.models import McpServerSpec, PromptEntry, PromptRelease, ReleaseSpec
 from specmesh.spec.validation import validate_model
 from specmesh.store import AgentRecord, AuditEntry
@@ -173,7 +174,9 @@ def _audit_entry(e: AuditEntry) -> Any:
 
 def _json_object(text: str, field: str) -> dict[str, Any]:
     try:
-        value = json.loads(text)
+        value = jsonbounds.loads(text, max_depth=MAX_NESTING_DEPTH)
+    except jsonbounds.JsonTooDeepError as e:
+        raise BadRequestError(f"{field}: {e}") from None
     except json.JSONDecodeError as e:
         raise BadRequestError(f"{field}: invalid JSON ({e})") from None
     if not isinstance(value, dict):

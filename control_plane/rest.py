@@ -21,11 +21,13 @@ from pydantic import TypeAdapter, ValidationError
 
 from control_plane.api import ControlPlane
 from control_plane.auth import Authenticator, Principal, Role
-from control_plane.errors import BadRequestError, error_body, status_for
+from control_plane.errors import BadRequestError, BodyTooLargeError, error_body, status_for
 from control_plane.studio import add_studio_routes
 from control_plane.tokens import MAX_TTL_SECONDS, TokenRequest
 from control_plane.traces import GROUP_KEYS
+from specmesh import jsonbounds
 from specmesh.errors import SpecError
+from specmesh.spec.manifest import MAX_NESTING_DEPTH
 from specmesh.spec.models import Manifest, PromptRelease, ReleaseSpec
 from specmesh.spec.validation import issues_from_validation_error
 
@@ -38,6 +40,12 @@ Handler = Callable[[ControlPlane, Principal, web.Request], Awaitable[Any]]
 _OBJ: dict[str, Any] = {"type": "object"}
 _ARR: dict[str, Any] = {"type": "array", "items": {"type": "object"}}
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+
+MAX_BODY_BYTES = 2 * 1024 * 1024
+"""Largest request body (413 past it); a manifest is at most 1 MiB."""
+MAX_BODY_DEPTH = MAX_NESTING_DEPTH + 1
+"""Most lists/objects nested in a body (400 past it): a manifest's bound, plus the
+``{"manifest": ...}`` around it."""
 
 
 @dataclass(frozen=True)
@@ -56,9 +64,14 @@ class Route:
 
 
 async def _json(request: web.Request) -> Any:
-    raw = await request.read()
     try:
-        return json.loads(raw or b"null")
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BodyTooLargeError(limit=MAX_BODY_BYTES) from None
+    try:
+        return jsonbounds.loads(raw or b"null", max_depth=MAX_BODY_DEPTH)
+    except jsonbounds.JsonTooDeepError as e:
+        raise BadRequestError(f"body: {e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRequestError(f"body: invalid JSON ({e})") from None
 
@@ -505,7 +518,7 @@ def openapi_document() -> dict[str, Any]:
 
 def build_app(control_plane: ControlPlane, authenticator: Authenticator) -> web.Application:
     """The aiohttp application of the REST API."""
-    app = web.Application(client_max_size=2 * 1024 * 1024)
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
     document = openapi_document()
 
     def wrap(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:

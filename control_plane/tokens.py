@@ -315,7 +315,7 @@ class TokenStore:
         return record.revoked(json.loads(existing.value) if existing else revocation)
 
     async def _find(self, token_id_: str) -> TokenRecord:
-        if not _ID.match(token_id_):
+        if not _ID.fullmatch(token_id_):  # match's `$` would let "<id>\n" by
             raise BadRequestError(f"id: must be 12 lowercase hex digits (got {token_id_!r})")
         kv = await self._etcd.get(self._keys.token_record(token_id_))
         if kv is not None:

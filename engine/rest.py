@@ -45,6 +45,7 @@ from engine.runner import (
     TurnFailed,
     TurnRequest,
 )
+from specmesh import jsonbounds
 
 __all__ = [
     "ConversationDeleter",
@@ -52,11 +53,29 @@ __all__ = [
     "create_business_routes",
     "describe_validation_error",
     "error_response",
+    "read_body",
 ]
 
 logger = logging.getLogger(__name__)
 
 _MAX_BODY = 1 << 20
+_MAX_DEPTH = 16  # the body is one flat object; the bound keeps json.loads from recursing
+
+
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or ``None`` when it is longer than ``limit`` bytes (read no
+    further than that: a declared Content-Length over it is refused unread)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class InvokeRequest(BaseModel):
@@ -104,11 +123,13 @@ def describe_validation_error(error: ValidationError, *, show_input: bool = True
 
 async def _parse(request: Request, runner: AgentRunner) -> TurnRequest | Response:
     """The turn to run, or the error response to send."""
-    body = await request.body()
-    if len(body) > _MAX_BODY:
+    body = await read_body(request, _MAX_BODY)
+    if body is None:
         return error_response(413, "too_large", f"body: must be at most {_MAX_BODY} bytes")
     try:
-        data = json.loads(body or b"null")
+        data = jsonbounds.loads(body or b"null", max_depth=_MAX_DEPTH)
+    except jsonbounds.JsonTooDeepError as e:
+        return error_response(400, "invalid_json", f"body: {e}")
     except json.JSONDecodeError as e:
         return error_response(400, "invalid_json", f"body: is not valid JSON ({e.msg})")
     except UnicodeDecodeError:

@@ -367,7 +367,7 @@ class EgressProxy:
 
     def _route(self, path: str) -> tuple[RouteKind, str, str]:
         for kind, pattern in _ROUTES:
-            m = pattern.match(path)
+            m = pattern.fullmatch(path)  # not match: its `$` lets a trailing newline by
             if m:
                 return kind, m.groupdict().get("name") or "", m.group("rest") or ""
         raise EgressError(404, "unknown_route", f"no egress route for {path!r}")

@@ -141,7 +141,10 @@ class VaultClient:
             )
         except SecretNotFoundError:
             return []
-        return [str(k) for k in response["data"]["keys"]]
+        keys = _dig(response, "data", "keys")
+        if not isinstance(keys, list):
+            raise self._odd_answer(f"{mount}/metadata/{path}", "data.keys")
+        return [str(k) for k in keys]
 
     async def read_fields(self, *, mount: str, path: str) -> tuple[list[str], int]:
         """Field names of a secret and its current version (never the values)."""
@@ -152,8 +155,17 @@ class VaultClient:
             mount_point=mount,
             raise_on_deleted_version=True,
         )
-        data = response["data"]
-        return sorted((data.get("data") or {}).keys()), int(data["metadata"]["version"])
+        fields = _dig(response, "data", "data") or {}
+        version = _dig(response, "data", "metadata", "version")
+        if not isinstance(fields, dict) or not isinstance(version, int):
+            raise self._odd_answer(f"{mount}/data/{path}", "data.data and data.metadata.version")
+        return sorted(fields.keys()), version
+
+    def _odd_answer(self, what: str, expected: str) -> SecretUnavailableError:
+        """Vault answered, but not with what a KV v2 mount answers (the path is not one)."""
+        return SecretUnavailableError(
+            address=self.address, reason=f"its answer to {what!r} has no {expected}"
+        )
 
     # ------------------------------------------------------------ policies and tokens
 
@@ -212,3 +224,12 @@ async def kubernetes_login(
             f"Vault Kubernetes login as role {role!r} failed: {type(e).__name__}"
         ) from e
     return VaultClient(address=address, token=token, timeout=timeout)
+
+
+def _dig(value: Any, *keys: str) -> Any:
+    """``value[k1][k2]...``, or ``None`` where a level is missing or not an object."""
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value

@@ -23,7 +23,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from engine.rest import describe_validation_error, error_response
+from engine.rest import describe_validation_error, error_response, read_body
+from specmesh import jsonbounds
 
 from .errors import KnowledgeError
 
@@ -82,11 +83,13 @@ def create_knowledge_routes(*, source: KnowledgeSource) -> list[Route]:
     """The knowledge routes over ``source``'s current knowledge base."""
 
     async def ingest(request: Request) -> Response:
-        body = await request.body()
-        if len(body) > _MAX_BODY:
+        body = await read_body(request, _MAX_BODY)
+        if body is None:
             return error_response(413, "too_large", f"body: must be at most {_MAX_BODY} bytes")
         try:
-            data: Any = json.loads(body or b"null")
+            data: Any = jsonbounds.loads(body or b"null", max_depth=16)
+        except jsonbounds.JsonTooDeepError as e:
+            return error_response(400, "invalid_json", f"body: {e}")
         except (json.JSONDecodeError, UnicodeDecodeError):
             return error_response(400, "invalid_json", "body: is not valid JSON")
         try:

@@ -27,8 +27,10 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
+from specmesh import jsonbounds
 from specmesh.errors import SecretReferenceError
 from specmesh.names import LOGICAL_NAME_PATTERN, MAX_NAME_LENGTH, check_logical_name
+from specmesh.regex import MAX_PATTERN_LENGTH, check_pattern
 from specmesh.secrets import VaultRef, is_reference
 
 __all__ = [
@@ -155,8 +157,37 @@ Version = Annotated[
 ]
 
 
+def _no_url_credentials(where: str) -> AfterValidator:
+    """A URL (or address) must not carry ``user:password@``: the spec lands in etcd as it
+    is, so credentials go in ``where`` (a secret, moved into Vault). Nothing of the value
+    is echoed; it may hold a password."""
+
+    def check(value: str) -> str:
+        if any(c.isspace() or _is_control(c) for c in value):
+            raise PydanticCustomError(
+                "url", "must not hold spaces or control characters (CR, LF, NUL...)", {}
+            )
+        try:
+            netloc = urlsplit(value).netloc
+        except ValueError:
+            netloc = value  # malformed (an unclosed IPv6 bracket): judged by the URL check
+        if "@" in netloc:
+            raise PydanticCustomError(
+                "url_credentials",
+                "credentials in the URL are not allowed; put them in {where} "
+                "(a vault:// reference)",
+                {"where": where},
+            )
+        return value
+
+    return AfterValidator(check)
+
+
 def _check_url(value: str) -> str:
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError as e:
+        raise PydanticCustomError("url", "not a valid URL ({error})", {"error": str(e)}) from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise PydanticCustomError(
             "url", "must be an http:// or https:// URL (got {value})", {"value": repr(value)}
@@ -164,19 +195,42 @@ def _check_url(value: str) -> str:
     return value
 
 
-HttpUrl = Annotated[str, Field(max_length=2048), AfterValidator(_check_url)]
+HttpUrl = Annotated[
+    str,
+    Field(max_length=2048),
+    _no_url_credentials("apiKey"),
+    AfterValidator(_check_url),
+]
+"""An http(s) URL of a model provider, without credentials (they go in ``apiKey``)."""
+
+McpUrl = Annotated[
+    str,
+    Field(max_length=2048),
+    _no_url_credentials("each agent's mcpServers[].headers or queryParams"),
+    AfterValidator(_check_url),
+]
+"""An MCP server's http(s) URL, without credentials (each agent supplies its own)."""
+
+StoreAddress = Annotated[str, Field(max_length=2048), _no_url_credentials("credentials")]
+"""A store's URL or folder, without credentials (they go in ``credentials``)."""
 
 
 def _json_object(value: Any) -> Any:
     """Accept a JSON object written as a string (the seed writes ``"variables": "{}"``)."""
     if isinstance(value, str):
         try:
-            parsed = json.loads(value)
+            parsed = jsonbounds.loads(value)
         except json.JSONDecodeError as e:
             raise PydanticCustomError(
                 "json_object",
                 "must be a JSON object or a string holding one ({error})",
                 {"error": e.msg},
+            ) from None
+        except jsonbounds.JsonTooDeepError as e:
+            raise PydanticCustomError(
+                "json_object",
+                "must be a JSON object or a string holding one ({error})",
+                {"error": str(e)},
             ) from None
         return parsed
     return value
@@ -201,6 +255,37 @@ Headers = Annotated[
     Field(max_length=64),
 ]
 """Header / query-parameter / credential names (letters, digits, ``_.-``) -> secret values."""
+
+_CONTROL_NAMES = {"\r": "a carriage return (CR)", "\n": "a line feed (LF)", "\x00": "a NUL"}
+
+
+def _is_control(c: str) -> bool:
+    return c < " " or c == "\x7f"
+
+
+def _check_header_value(value: str) -> str:
+    """RFC 9110 field value: no control characters but HTAB (a CR or LF would let the
+    value add headers of its own). The value is a secret: only the kind of character
+    and its position are told."""
+    for i, c in enumerate(value):
+        if c != "\t" and _is_control(c):
+            what = _CONTROL_NAMES.get(c, f"control character U+{ord(c):04X}")
+            raise PydanticCustomError(
+                "header_value",
+                "a header value must not hold control characters; found {what} at "
+                "character {position} (the value is not shown)",
+                {"what": what, "position": i + 1},
+            )
+    return value
+
+
+HeaderSecret = Annotated[Secret, AfterValidator(_check_header_value)]
+"""A secret sent as (part of) an HTTP header value."""
+
+_HeaderName = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+HeaderMap = Annotated[dict[_HeaderName, HeaderSecret], Field(max_length=64)]
+"""HTTP header names (letters, digits, ``_.-``: RFC 9110 tokens) -> secret header values."""
 
 
 # ---------------------------------------------------------------- base
@@ -257,7 +342,7 @@ class FallbackModel(SpecModel):
     baseUrl is set (any OpenAI-compatible server)."""
     base_url: HttpUrl | None = None
     """Base URL of the provider's API."""
-    api_key: Secret | None = None
+    api_key: HeaderSecret | None = None
     """API key (a vault:// reference once applied)."""
 
 
@@ -270,7 +355,7 @@ class ModelSpec(SpecModel):
     """litellm provider prefix; default ``openai`` (any OpenAI-compatible server)."""
     base_url: HttpUrl | None = None
     """Base URL of the provider's API; the sidecar forwards to it."""
-    api_key: Secret | None = None
+    api_key: HeaderSecret | None = None
     """API key (a vault:// reference once applied); only the sidecar ever reads it."""
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.7
     """Sampling temperature, 0 to 2."""
@@ -298,7 +383,7 @@ class McpServerRef(SpecModel):
     """Name of the server in the MCP Registry."""
     query_params: Headers = {}
     """Query parameters the sidecar adds to each request (values are secrets)."""
-    headers: Headers = {}
+    headers: HeaderMap = {}
     """Headers the sidecar adds to each request (values are secrets)."""
     allowed_tools: (
         Annotated[list[Annotated[str, Field(min_length=1, max_length=128)]], Field(max_length=256)]
@@ -322,7 +407,7 @@ class PartnerAgentRef(SpecModel):
 
     agent_name: Name
     """Logical name of the partner agent."""
-    headers: Headers = {}
+    headers: HeaderMap = {}
     """Headers the sidecar adds to calls to this partner (values are secrets)."""
     query_params: Headers = {}
     """Query parameters the sidecar adds to calls to this partner (values are secrets)."""
@@ -343,7 +428,7 @@ class VectorStoreSpec(SpecModel):
 
     type: Literal["chroma"]
     """Vector store kind: ``chroma`` (embedded on disk, or a Chroma server)."""
-    address: Annotated[str, Field(max_length=2048)] | None = None
+    address: StoreAddress | None = None
     """A Chroma server URL (``http(s)://host:port``), or a local folder for the embedded
     form; default: embedded, in the engine's data folder."""
     collection: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
@@ -361,7 +446,7 @@ class EmbeddingModelSpec(SpecModel):
     """litellm provider prefix; default ``openai``."""
     base_url: HttpUrl | None = None
     """Base URL of the provider's API; default: the model part's."""
-    api_key: Secret | None = None
+    api_key: HeaderSecret | None = None
     """API key; default: the model part's."""
     dimensions: Annotated[int, Field(ge=1, le=16384)] | None = None
     """Vector size, when the model lets you choose."""
@@ -476,7 +561,7 @@ class MemorySpec(SpecModel):
 
     storage_type: Literal["inMemory", "redis"] = "inMemory"
     """``inMemory`` (one instance) or ``redis`` (shared by every instance of the agent)."""
-    address: Annotated[str, Field(max_length=2048)] | None = None
+    address: StoreAddress | None = None
     """Store address (``redis://host:6379/0``); required for redis."""
     credentials: Headers = {}
     """Store credentials (values are secrets)."""
@@ -620,9 +705,9 @@ class PromptManifest(SpecModel):
 class CredentialTemplate(SpecModel):
     """Which credentials an agent must supply to use an MCP server."""
 
-    headers: Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=32)] = []
+    headers: Annotated[list[_HeaderName], Field(max_length=32)] = []
     """Header names each agent's spec must set."""
-    query_params: Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=32)] = []
+    query_params: Annotated[list[_HeaderName], Field(max_length=32)] = []
     """Query-parameter names each agent's spec must set."""
 
 
@@ -631,7 +716,7 @@ class McpServerSpec(SpecModel):
 
     transport: Literal["streamable-http", "sse"] = "streamable-http"
     """MCP transport."""
-    url: HttpUrl
+    url: McpUrl
     """Endpoint of the server (e.g. ``http://host:8000/mcp``)."""
     description: Annotated[str, Field(max_length=4096)] = ""
     """What the server offers."""
@@ -651,6 +736,13 @@ class McpServerManifest(SpecModel):
 # ---------------------------------------------------------------- releases
 
 
+def _check_re2(value: str) -> str:
+    reason = check_pattern(value)
+    if reason is not None:
+        raise PydanticCustomError("regex", "{reason}", {"reason": reason})
+    return value
+
+
 class HeaderMatch(SpecModel):
     """A request header condition that sends a call to the canary."""
 
@@ -660,8 +752,11 @@ class HeaderMatch(SpecModel):
     """Value equals this."""
     prefix: Annotated[str, Field(max_length=1024)] | None = None
     """Value starts with this."""
-    regex: Annotated[str, Field(max_length=1024)] | None = None
-    """Value matches this RE2 regular expression."""
+    regex: (
+        Annotated[str, Field(max_length=MAX_PATTERN_LENGTH), AfterValidator(_check_re2)] | None
+    ) = None
+    """Value matches this RE2 regular expression (whole value; the syntax Istio's header
+    match uses). Patterns RE2 refuses (back-references, look-arounds) are refused here."""
 
     @model_validator(mode="after")
     def _exactly_one(self) -> HeaderMatch:

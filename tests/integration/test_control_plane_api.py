@@ -15,6 +15,7 @@ from control_plane.auth import Principal, Role, StaticTokenAuthenticator, hash_t
 from control_plane.istio import CRDS_PATH
 from control_plane.mesh import IstioValidator
 from control_plane.rest import build_app
+from specmesh.errors import SecretUnavailableError
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient
 
@@ -235,3 +236,104 @@ async def test_bad_input_gets_a_clear_error(api: TestServer) -> None:
     assert (status, body["error"]["message"]) == (400, "from: must be an integer (got 'x')")
     status, _ = await _call(api, "GET", "/api/v1/agents/nobody", "viewer")
     assert status == 404
+
+
+# ------------------------------------------------------------ hostile input: 4xx, never 500
+
+
+async def _send(
+    server: TestServer, method: str, path: str, role: str, data: bytes
+) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {TOKENS[role]}", "Content-Type": "application/json"}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.request(method, str(server.make_url(path)), data=data, headers=headers) as r,
+    ):
+        return r.status, await r.json()
+
+
+@pytest.mark.parametrize(
+    "regex", ["(", "(?P<x>a)(?P=x)", "a" * 257], ids=["unbalanced", "backreference", "too-long"]
+)
+async def test_a_release_regex_re2_refuses_is_a_400_naming_it_and_nothing_is_written(
+    api: TestServer, store: SpecStore, regex: str
+) -> None:
+    await _call(api, "POST", "/api/v1/apply", "operator", {"manifest": AGENT})
+    release = {"canaryRevision": 1, "headerMatch": [{"name": "x-canary", "regex": regex}]}
+
+    status, body = await _call(api, "PUT", "/api/v1/agents/helper/release", "operator", release)
+
+    assert status == 400
+    (issue,) = body["error"]["issues"]
+    assert issue["path"] == "headerMatch[0].regex"
+    assert issue["message"].startswith(("not a valid RE2 pattern: ", "must be at most 256"))
+    assert await store.get_release("helper") is None
+
+
+async def test_a_body_over_the_limit_is_a_413_in_the_error_format(api: TestServer) -> None:
+    huge = b'{"manifest": "' + b"x" * (2 * 1024 * 1024) + b'"}'
+
+    status, body = await _send(api, "POST", "/api/v1/apply", "operator", huge)
+
+    assert status == 413
+    assert body["error"] == {"code": "too_large", "message": "body: must be at most 2097152 bytes"}
+
+
+@pytest.mark.parametrize(
+    "data", [b"[" * 100_000, b'{"a":' * 5000, b'{"manifest":' + b"[" * 70 + b"]" * 70 + b"}"],
+    ids=["lists", "objects", "inside-a-manifest"],
+)  # fmt: skip
+async def test_a_deeply_nested_body_is_a_400_not_a_recursion_error(
+    api: TestServer, store: SpecStore, data: bytes
+) -> None:
+    status, body = await _send(api, "POST", "/api/v1/apply", "operator", data)
+
+    assert status == 400
+    assert body["error"] == {"code": "bad_request", "message": "body: nested more than 65 deep"}
+    assert await store.list_agents() == []
+
+
+@pytest.mark.parametrize(
+    "prefix", ["../../sys/policies/acl", "specmesh/../../sys", "sys/policies/acl", "specmesh//x"]
+)
+async def test_a_credentials_prefix_outside_specmesh_is_a_400_naming_prefix(
+    api: TestServer, prefix: str
+) -> None:
+    status, body = await _call(api, "GET", f"/api/v1/credentials?prefix={prefix}", "secrets-admin")
+
+    assert status == 400
+    assert body["error"]["code"] == "bad_request"
+    assert body["error"]["message"].startswith("prefix: ")
+
+
+async def test_an_answer_that_is_not_kv_is_a_clear_error_not_a_key_error(
+    vault: VaultClient,
+) -> None:
+    # what the prefix check now keeps out: '..' walks hvac's URL to the sys API, whose
+    # answer has no KV metadata
+    with pytest.raises(SecretUnavailableError) as info:
+        await vault.read_fields(mount="secret", path="../../sys/policies/acl/default")
+
+    assert "has no data.data and data.metadata.version" in str(info.value)
+
+
+async def test_a_credentials_prefix_under_specmesh_lists(api: TestServer) -> None:
+    await _call(api, "POST", "/api/v1/apply", "operator", {"manifest": AGENT})
+
+    status, body = await _call(
+        api, "GET", "/api/v1/credentials?prefix=specmesh/agents/helper/", "secrets-admin"
+    )
+
+    assert status == 200
+    assert [c["field"] for c in body] == ["value"]
+    assert body[0]["path"].startswith("specmesh/agents/helper/")
+
+
+async def test_a_path_name_with_a_trailing_newline_is_a_4xx(api: TestServer) -> None:
+    await _call(api, "POST", "/api/v1/apply", "operator", {"manifest": AGENT})
+
+    status, body = await _call(api, "GET", "/api/v1/agents/helper%0A", "viewer")
+
+    assert status == 400
+    assert body["error"]["code"] == "invalid_spec"
+    assert "'helper\\n'" in body["error"]["message"]

@@ -151,6 +151,16 @@ async def test_list_agents_pages_by_name(api: Api) -> None:
     assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in bad.details()
 
 
+@pytest.mark.parametrize("text", ["[" * 100_000, '{"a":' * 5000], ids=["lists", "objects"])
+async def test_a_deeply_nested_manifest_json_is_invalid_argument(api: Api, text: str) -> None:
+    error = await _error(
+        api.agents.ApplyAgent(pb.ApplyAgentRequest(manifest_json=text), metadata=api.as_("admin"))
+    )
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == "manifest_json: nested more than 64 deep"
+
+
 async def test_history_diff_and_rollback(api: Api) -> None:
     op = api.as_("operator")
     for model in ("m1", "m2"):

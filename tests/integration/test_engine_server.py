@@ -397,6 +397,34 @@ async def test_invoke_rejects_bad_input_naming_the_field(
     assert expected in response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"a":' * 5000], ids=["lists", "objects"])
+@pytest.mark.parametrize("path", ["/v1/invoke", "/v1/invoke/stream"])
+async def test_invoke_refuses_a_deeply_nested_body_with_a_400(
+    http: httpx.AsyncClient, path: str, body: bytes
+) -> None:
+    response = await http.post(path, content=body, headers={"content-type": "application/json"})
+
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": {"code": "invalid_json", "message": "body: nested more than 16 deep"}
+    }
+
+
+@pytest.mark.parametrize("path", ["/v1/invoke", "/v1/invoke/stream"])
+async def test_invoke_refuses_a_body_over_one_mib_with_a_413(
+    http: httpx.AsyncClient, path: str
+) -> None:
+    body = b'{"message": "' + b"x" * (1 << 20) + b'"}'
+
+    response = await http.post(path, content=body, headers={"content-type": "application/json"})
+
+    assert response.status_code == 413
+    assert response.json()["error"] == {
+        "code": "too_large",
+        "message": "body: must be at most 1048576 bytes",
+    }
+
+
 @pytest.mark.parametrize("path", ["/v1/invoke", "/v1/invoke/stream"])
 async def test_invoke_is_503_when_not_ready(
     runner: ScriptedRunner, http: httpx.AsyncClient, path: str

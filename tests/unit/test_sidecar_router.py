@@ -15,8 +15,9 @@ from sidecar.router import (
     RetryBudget,
     RetryPolicy,
     Router,
+    headers_match,
 )
-from specmesh.spec.models import ReleaseSpec, RetrySpec
+from specmesh.spec.models import HeaderMatch, ReleaseSpec, RetrySpec
 
 
 class FakeClock:
@@ -84,6 +85,33 @@ def test_prefix_and_regex_matches() -> None:
     assert router.choose_track("partner-agent", {"X-Tenant": "acme-1", "X-Build": "4a"}) == (
         "stable"
     )
+
+
+def test_a_regex_that_backtracks_in_python_is_matched_by_re2_linearly() -> None:
+    # Python's re takes exponential time on (a+)+b against a long run of a's and no b;
+    # RE2 answers in linear time: no match, so the call goes to stable
+    release = _release(headerMatch=[{"name": "x-build", "regex": "(a+)+b"}])
+    router = Router(
+        instances=_instances(), releases=InMemoryReleaseSource({"partner-agent": release})
+    )
+
+    assert router.choose_track("partner-agent", {"x-build": "a" * 100_000 + "c"}) == "stable"
+    assert router.choose_track("partner-agent", {"x-build": "aaab"}) == "canary"
+
+
+def test_a_regex_matches_the_whole_value_only() -> None:
+    matches = [HeaderMatch(name="x-build", regex="[0-9]+")]
+
+    assert headers_match(matches, {"x-build": "42"})
+    assert not headers_match(matches, {"x-build": "42\n"})
+    assert not headers_match(matches, {"x-build": "x42"})
+
+
+def test_a_pattern_re2_refuses_matches_nothing_and_raises_nothing() -> None:
+    # a release stored before patterns were checked: the sidecar must not fail the call
+    stale = HeaderMatch.model_construct(name="x-build", exact=None, prefix=None, regex="(")
+
+    assert not headers_match([stale], {"x-build": "("})
 
 
 def test_without_release_every_call_goes_to_stable() -> None:

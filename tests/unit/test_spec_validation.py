@@ -358,6 +358,142 @@ BAD_SPECS = [
         ["spec.headerMatch[0]: set exactly one of exact, prefix, regex (got 2)"],
         id="header-match-exact-and-prefix",
     ),
+    # ---- release regexes are RE2, bounded
+    pytest.param(
+        _manifest("Release", {"canaryRevision": 2, "headerMatch": [{"name": "x", "regex": "("}]}),
+        ["spec.headerMatch[0].regex: not a valid RE2 pattern: missing ): ("],
+        id="header-match-regex-unbalanced",
+    ),
+    pytest.param(
+        _manifest(
+            "Release", {"canaryRevision": 2, "headerMatch": [{"name": "x", "regex": r"(a)\1"}]}
+        ),
+        ["spec.headerMatch[0].regex: not a valid RE2 pattern: invalid escape sequence: \\1"],
+        id="header-match-regex-backreference",
+    ),
+    pytest.param(
+        _manifest(
+            "Release", {"canaryRevision": 2, "headerMatch": [{"name": "x", "regex": "a" * 257}]}
+        ),
+        ["spec.headerMatch[0].regex: must be at most 256 characters (got 257)"],
+        id="header-match-regex-too-long",
+    ),
+    pytest.param(
+        _manifest(
+            "Release", {"canaryRevision": 2, "headerMatch": [{"name": "x\r\n", "exact": "1"}]}
+        ),
+        ['spec.headerMatch[0].name: must match ^[A-Za-z0-9-]+$ (got "x\\r\\n")'],
+        id="header-match-name-crlf",
+    ),
+    # ---- header names and values (RFC 9110): values are secrets, never shown
+    pytest.param(
+        _agent(mcpServers=[{"mcpServerName": "gaode", "headers": {"key": "v\r\nX-Evil: 1"}}]),
+        [
+            "spec.mcpServers[0].headers.key: a header value must not hold control characters; "
+            "found a carriage return (CR) at character 2 (the value is not shown)"
+        ],
+        id="mcp-header-value-crlf",
+    ),
+    pytest.param(
+        _agent(partnerAgents=[{"agentName": "gateway", "headers": {"key": "v\nw"}}]),
+        [
+            "spec.partnerAgents[0].headers.key: a header value must not hold control "
+            "characters; found a line feed (LF) at character 2 (the value is not shown)"
+        ],
+        id="partner-header-value-lf",
+    ),
+    pytest.param(
+        _agent(partnerAgents=[{"agentName": "gateway", "headers": {"key": "v\x00"}}]),
+        [
+            "spec.partnerAgents[0].headers.key: a header value must not hold control "
+            "characters; found a NUL at character 2 (the value is not shown)"
+        ],
+        id="partner-header-value-nul",
+    ),
+    pytest.param(
+        _agent(model={"apiKey": "sk-1\x1b"}),
+        [
+            "spec.model.apiKey: a header value must not hold control characters; found "
+            "control character U+001B at character 5 (the value is not shown)"
+        ],
+        id="api-key-control-character",
+    ),
+    pytest.param(
+        _agent(partnerAgents=[{"agentName": "gateway", "headers": {"X-Key\r\n": "v"}}]),
+        [
+            'spec.partnerAgents[0].headers["X-Key\\r\\n"]: must match ^[A-Za-z0-9_.-]+$ '
+            "(got <redacted>)"
+        ],
+        id="partner-header-name-crlf",
+    ),
+    pytest.param(
+        _manifest(
+            "McpServer",
+            {"url": "http://gaode/mcp", "credentialTemplate": {"headers": ["X Key"]}},
+            name="gaode",
+        ),
+        ['spec.credentialTemplate.headers[0]: must match ^[A-Za-z0-9_.-]+$ (got "X Key")'],
+        id="credential-template-header-name-space",
+    ),
+    # ---- URLs carry no credentials (they would be stored in etcd as written)
+    pytest.param(
+        _agent(model={"baseUrl": "http://user:s3cr3t-pw@llm.example/v1"}),
+        [
+            "spec.model.baseUrl: credentials in the URL are not allowed; put them in apiKey "
+            "(a vault:// reference)"
+        ],
+        id="base-url-with-credentials",
+    ),
+    pytest.param(
+        _agent(model={"fallbacks": [{"model": "m2", "baseUrl": "https://tok@llm.example"}]}),
+        [
+            "spec.model.fallbacks[0].baseUrl: credentials in the URL are not allowed; put "
+            "them in apiKey (a vault:// reference)"
+        ],
+        id="fallback-base-url-with-credentials",
+    ),
+    pytest.param(
+        _agent(memory={"storageType": "redis", "address": "redis://:s3cr3t-pw@cache:6379/0"}),
+        [
+            "spec.memory.address: credentials in the URL are not allowed; put them in "
+            "credentials (a vault:// reference)"
+        ],
+        id="redis-address-with-credentials",
+    ),
+    pytest.param(
+        _agent(
+            knowledge={
+                **_KNOWLEDGE_ON,
+                "store": {"type": "chroma", "collection": "d", "address": "http://u:p@chroma"},
+            }
+        ),
+        [
+            "spec.knowledge.store.address: credentials in the URL are not allowed; put them "
+            "in credentials (a vault:// reference)"
+        ],
+        id="chroma-address-with-credentials",
+    ),
+    pytest.param(
+        _manifest("McpServer", {"url": "http://u:s3cr3t-pw@gaode/mcp"}, name="gaode"),
+        [
+            "spec.url: credentials in the URL are not allowed; put them in each agent's "
+            "mcpServers[].headers or queryParams (a vault:// reference)"
+        ],
+        id="mcp-url-with-credentials",
+    ),
+    pytest.param(
+        _agent(model={"baseUrl": "http://llm.example/v1\r\nX-Evil: 1"}),
+        ["spec.model.baseUrl: must not hold spaces or control characters (CR, LF, NUL...)"],
+        id="base-url-with-crlf",
+    ),
+    pytest.param(
+        _agent(base={"variables": "[" * 100_000}),
+        [
+            "spec.base.variables: must be a JSON object or a string holding one "
+            "(nested more than 64 deep)"
+        ],
+        id="variables-string-nested-too-deep",
+    ),
     pytest.param(
         _manifest("Release", {"canaryWeight": 10}),
         ["spec: canaryRevision is required when canaryWeight > 0 or headerMatch is set"],
@@ -561,6 +697,39 @@ def test_bad_secret_reference_names_the_problem_not_the_reference() -> None:
         "spec.model.apiKey: bad secret reference: missing '#<field>' after the path"
     ]
     assert "kv/agents/helper" not in problems[0]
+
+
+def test_a_header_value_with_crlf_is_refused_without_echoing_it() -> None:
+    doc = _agent(
+        partnerAgents=[{"agentName": "gateway", "headers": {"key": "tok-51668897\r\nX-A: 1"}}]
+    )
+
+    with pytest.raises(SpecError) as info:
+        parse_manifest(doc, source="t.yaml")
+
+    assert [i.path for i in info.value.issues] == ["spec.partnerAgents[0].headers.key"]
+    assert "51668897" not in str(info.value)
+    assert "X-A" not in str(info.value)
+
+
+def test_url_credentials_are_refused_without_echoing_them() -> None:
+    doc = _agent(model={"baseUrl": "ftp://user:s3cr3t-pw@llm.example"})
+
+    problems = _problems(doc)
+
+    assert [p.split(":")[0] for p in problems] == ["spec.model.baseUrl"]
+    assert "s3cr3t-pw" not in "".join(problems)
+
+
+def test_header_values_with_tabs_and_non_ascii_are_accepted() -> None:
+    doc = _agent(
+        model={"apiKey": "sk-\tabc"},
+        partnerAgents=[{"agentName": "gateway", "headers": {"key": "Bearer é\tx"}}],
+    )
+
+    manifest = parse_manifest(doc, source="t.yaml")
+
+    assert manifest.spec.partner_agents[0].headers == {"key": "Bearer é\tx"}
 
 
 # ------------------------------------------------------------ partner cycles
