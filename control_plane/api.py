@@ -25,7 +25,13 @@ from control_plane.traces import (
     TraceStore,
     TraceSummary,
 )
-from specmesh.errors import NotFoundError, SecretReferenceError, SpecError, SpecIssue
+from specmesh.errors import (
+    NotFoundError,
+    SecretNotFoundError,
+    SecretReferenceError,
+    SpecError,
+    SpecIssue,
+)
 from specmesh.names import resource_name
 from specmesh.secrets import VaultRef
 from specmesh.spec.diff import Change
@@ -95,12 +101,13 @@ class ControlPlane:
         tool_lister: ToolLister | None = None,
         card_fetcher: CardFetcher | None = None,
         traces: TraceStore | None = None,
+        pki_mount: str | None = None,
         tokens: TokenStore | None = None,
     ) -> None:
         self.store = store
         self.vault = vault
         self.kv_mount = kv_mount
-        self.specs = SpecService(store=store, vault=vault, kv_mount=kv_mount)
+        self.specs = SpecService(store=store, vault=vault, kv_mount=kv_mount, pki_mount=pki_mount)
         self.mesh_settings = mesh_settings or MeshSettings()
         self.istio = istio
         self.tool_lister = tool_lister
@@ -258,6 +265,68 @@ class ControlPlane:
         await self.store.put_release(agent, aborted, actor=principal.name)
         return aborted
 
+    # ------------------------------------------------------------ secret versions
+
+    async def collect_garbage(self, principal: Principal, *, grace_seconds: float) -> Any:
+        """Destroy KV versions no revision references (see
+        :meth:`specmesh.specservice.SpecService.collect_garbage`)."""
+        authorize(principal, "secrets.gc")
+        report = await self.specs.collect_garbage(grace_seconds=grace_seconds)
+        await self.store.record(
+            actor=principal.name,
+            action="gc",
+            kind="Credential",
+            name="specmesh/agents",
+            message=f"destroyed {len(report.destroyed)} unreferenced versions",
+        )
+        return report.to_json()
+
+    # ------------------------------------------------------------ grants
+
+    def _shareable(self, secret: str) -> tuple[str, str]:
+        """``(mount, path)`` of a secret a secrets-admin may share: ``vault://<mount>/<path>``
+        (a ``#field`` and ``@version`` are ignored) in the KV mount, outside every agent's
+        own tree."""
+        text = secret if "#" in secret else f"{secret}#_"
+        try:
+            ref = VaultRef.parse(text)
+        except SecretReferenceError as e:
+            raise BadRequestError(f"secret: {e.reason}") from None
+        bad_mount = self.specs.check_location(ref)
+        if bad_mount:
+            raise BadRequestError(f"secret: {bad_mount}")
+        if ref.path.startswith("specmesh/agents/"):
+            raise BadRequestError(
+                "secret: an agent's own secrets are never shared with another agent"
+            )
+        return ref.mount, ref.path
+
+    async def share_secret(self, principal: Principal, agent: str, secret: str) -> dict[str, Any]:
+        """Let ``agent`` reference ``secret`` (a grant in etcd, audited) and rewrite its
+        Vault policy to read it."""
+        authorize(principal, "grants.write")
+        mount, path = self._shareable(secret)
+        await self.store.put_grant(agent, mount, path, actor=principal.name)
+        await self.specs.write_identity(agent)
+        return {"agent": agent, "secret": f"vault://{mount}/{path}"}
+
+    async def unshare_secret(self, principal: Principal, agent: str, secret: str) -> None:
+        """End a grant; the agent's policy no longer reads the secret."""
+        authorize(principal, "grants.write")
+        mount, path = self._shareable(secret)
+        await self.store.delete_grant(agent, mount, path, actor=principal.name)
+        if await self.store.current_revision(agent):
+            await self.specs.write_identity(agent)
+
+    async def list_grants(
+        self, principal: Principal, agent: str | None = None
+    ) -> list[dict[str, Any]]:
+        authorize(principal, "grants.read")
+        return [
+            {**g, "secret": f"vault://{g['mount']}/{g['path']}"}
+            for g in await self.store.list_grants(agent)
+        ]
+
     # ------------------------------------------------------------ credentials
 
     async def put_credential(
@@ -294,7 +363,10 @@ class ControlPlane:
                 if key.endswith("/"):
                     pending.append(path.rstrip("/"))
                     continue
-                fields, version = await self.vault.read_fields(mount=mount, path=path)
+                try:
+                    fields, version = await self.vault.read_fields(mount=mount, path=path)
+                except SecretNotFoundError:
+                    continue  # its latest version was deleted or destroyed (e.g. by gc)
                 out.extend(
                     CredentialInfo(f"vault://{mount}/{path}#{f}", mount, path, f, version)
                     for f in fields
@@ -470,11 +542,6 @@ class ControlPlane:
         return out
 
 
-def _quantile(ordered: Sequence[float], q: float) -> float:
-    """Nearest-rank quantile of an ascending, non-empty sequence."""
-    return round(ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))], 3)
-
-
 _CREDENTIALS_ROOT = "specmesh"
 
 
@@ -497,3 +564,8 @@ def _credential_folder(prefix: str, mount: str) -> str:
             f"'{_CREDENTIALS_ROOT}/' (got {prefix!r})"
         )
     return folder
+
+
+def _quantile(ordered: Sequence[float], q: float) -> float:
+    """Nearest-rank quantile of an ascending, non-empty sequence."""
+    return round(ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))], 3)

@@ -66,6 +66,9 @@ PERMISSIONS: dict[str, frozenset[Role]] = {
     "traces.read": _READ,
     "credentials.list": frozenset({Role.SECRETS_ADMIN}),
     "credentials.write": frozenset({Role.SECRETS_ADMIN}),
+    "grants.read": _READ | {Role.SECRETS_ADMIN},
+    "grants.write": frozenset({Role.SECRETS_ADMIN}),
+    "secrets.gc": frozenset({Role.SECRETS_ADMIN}),
     "tokens.read": frozenset({Role.SECRETS_ADMIN}),
     "tokens.write": frozenset({Role.SECRETS_ADMIN}),
 }

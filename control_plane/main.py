@@ -30,7 +30,7 @@ from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
 from specmesh.logs import configure_logging
 from specmesh.store import SpecStore
-from specmesh.vault import VaultClient, kubernetes_login
+from specmesh.vault import VaultClient, keep_token_alive, kubernetes_login
 
 __all__ = ["main", "serve"]
 
@@ -74,6 +74,7 @@ async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = 
         store=store, vault=vault, kv_mount=settings.vault_kv_mount, tokens=tokens,
         mesh_settings=MeshSettings(namespace=settings.mesh_namespace), istio=istio,
         traces=traces, tool_lister=_tool_lister(parse_table(settings.service_addresses)),
+        pki_mount=settings.vault_pki_mount,
     )  # fmt: skip
     grpc_server = await build_grpc_server(control_plane, authenticator, settings.grpc_listen)
     runner = web.AppRunner(build_app(control_plane, authenticator), access_log=None)
@@ -110,9 +111,30 @@ async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = 
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(retention_loop(traces, older_than=retention, stop=stop))
             publishing = tasks.create_task(publisher.run()) if publisher else None
+            renewing = tasks.create_task(keep_token_alive(vault))
+            collecting = (
+                tasks.create_task(_collect_garbage(control_plane, settings))
+                if settings.secrets_gc_interval_seconds
+                else None
+            )
             await stop.wait()
+            renewing.cancel()
+            if collecting is not None:
+                collecting.cancel()
             if publishing is not None:
                 publishing.cancel()
+
+
+async def _collect_garbage(control_plane: ControlPlane, settings: ControlPlaneSettings) -> None:
+    """Destroy unreferenced secret versions every ``secrets_gc_interval_seconds``."""
+    while True:
+        await asyncio.sleep(settings.secrets_gc_interval_seconds)
+        try:
+            await control_plane.specs.collect_garbage(
+                grace_seconds=settings.secrets_gc_grace_seconds
+            )
+        except Exception:
+            logger.exception("collecting unreferenced secret versions failed (will retry)")
 
 
 def _publisher(

@@ -231,6 +231,33 @@ async def _instances(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
     return await cp.list_instances(p, r.query.get("agent") or None)
 
 
+async def _collect_garbage(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
+    body = _object(await _json(r) or {})
+    grace = body.get("graceSeconds", 3600)
+    if not isinstance(grace, int | float) or isinstance(grace, bool) or not 0 <= grace <= 10**7:
+        raise BadRequestError("graceSeconds: must be a number of seconds, 0 to 10000000")
+    return await cp.collect_garbage(p, grace_seconds=float(grace))
+
+
+async def _list_grants(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
+    return await cp.list_grants(p, r.query.get("agent") or None)
+
+
+async def _share_secret(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
+    body = _object(await _json(r))
+    if not isinstance(body.get("secret"), str) or not body["secret"]:
+        raise BadRequestError("secret: required (vault://<mount>/<path>)")
+    return await cp.share_secret(p, r.match_info["name"], body["secret"])
+
+
+async def _unshare_secret(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
+    secret = r.query.get("secret")
+    if not secret:
+        raise BadRequestError("secret: required (vault://<mount>/<path>)")
+    await cp.unshare_secret(p, r.match_info["name"], secret)
+    return {"agent": r.match_info["name"], "unshared": secret}
+
+
 async def _list_credentials(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
     prefix = r.query.get("prefix", "specmesh")
     return [c.to_json() for c in await cp.list_credentials(p, prefix=prefix)]
@@ -407,6 +434,27 @@ ROUTES: list[Route] = [
     Route("GET", "/api/v1/instances", _instances, "Live agent instances",
           params=[{"name": "agent", "in": "query", "schema": {"type": "string"}}],
           response=_ARR),
+    Route("POST", "/api/v1/secrets/gc", _collect_garbage,
+          "Destroy secret versions no revision references, older than graceSeconds "
+          "(secrets-admin)",
+          body={"type": "object", "properties": {
+              "graceSeconds": {"type": "number", "minimum": 0, "maximum": 10000000}}},
+          response={"type": "object", "properties": {
+              "destroyed": {"type": "array", "items": {"type": "string"}},
+              "kept": {"type": "integer"}}}),
+    Route("GET", "/api/v1/grants", _list_grants,
+          "Secrets shared with agents (outside their own Vault trees)",
+          params=[{"name": "agent", "in": "query", "schema": {"type": "string"}}],
+          response=_ARR),
+    Route("PUT", "/api/v1/agents/{name}/grants", _share_secret,
+          "Share a secret with an agent (secrets-admin; the agent's policy then reads it)",
+          params=[_NAME],
+          body={"type": "object", "required": ["secret"], "properties": {
+              "secret": {"type": "string", "minLength": 1, "maxLength": 1024}}}),
+    Route("DELETE", "/api/v1/agents/{name}/grants", _unshare_secret,
+          "Stop sharing a secret with an agent (secrets-admin)",
+          params=[_NAME, {"name": "secret", "in": "query", "required": True,
+                          "schema": {"type": "string", "minLength": 1}}]),
     Route("GET", "/api/v1/credentials", _list_credentials,
           "Secret references with masked values",
           params=[{"name": "prefix", "in": "query", "schema": {"type": "string"}}],

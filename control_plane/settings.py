@@ -38,6 +38,16 @@ class ControlPlaneSettings(BaseSettings):
     vault_k8s_mount: str = "kubernetes"
     vault_k8s_token_path: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
     vault_kv_mount: str = "secret"
+    secrets_gc_interval_seconds: float = Field(default=3600.0, ge=0)
+    """How often unreferenced secret versions are destroyed (0: never; see
+    ``POST /api/v1/secrets/gc``)."""
+    secrets_gc_grace_seconds: float = Field(default=3600.0, ge=0)
+    """Versions younger than this are kept by the periodic collection (an apply may be
+    between its Vault write and its etcd transaction)."""
+    vault_pki_mount: str | None = None
+    """Vault PKI mount of the agents' mTLS certificates when the sidecars do mTLS (no Istio):
+    apply then keeps one PKI role per agent there, issuing its SPIFFE ID only
+    (``SPECMESH_VAULT_PKI_MOUNT``; the local fleet sets ``specmesh-pki``)."""
     service_addresses: str = ""
     """``host:port`` -> ``host:port`` applied to MCP server URLs before the control plane
     connects to list their tools (``SPECMESH_SERVICE_ADDRESSES``, ``a:1=b:2,...``; see

@@ -31,7 +31,7 @@ from sidecar.settings import SidecarSettings, parse_listen_address
 from specmesh.addresses import parse_table
 from specmesh.errors import SecretError
 from specmesh.store import SpecStore
-from specmesh.vault import VaultClient
+from specmesh.vault import VaultClient, agent_pki_role, keep_token_alive
 from specmesh.watch import PrefixWatcher
 
 __all__ = ["DataPlane", "vault_login"]
@@ -79,6 +79,7 @@ class DataPlane:
     async def start(self) -> None:
         settings = self.ctx.settings
         self.vault = await vault_login(settings).login()
+        self._tasks.append(asyncio.create_task(keep_token_alive(self.vault), name="vault-renew"))
         self.credentials = CredentialResolver(source=self.vault, ttl=settings.credential_ttl)
         self.credentials.start()
         if settings.mtls:
@@ -87,7 +88,7 @@ class DataPlane:
                 address=settings.vault_addr,
                 token=self.vault.token,
                 mount=settings.vault_pki_mount,
-                role=settings.vault_pki_role,
+                role=settings.vault_pki_role or agent_pki_role(settings.agent_name),
             )
             self.certificates = AgentCertificates(
                 agent=settings.agent_name, pki=self._pki, ttl=settings.cert_ttl

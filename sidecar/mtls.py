@@ -36,7 +36,14 @@ from hvac import exceptions as hvac_exc
 
 from specmesh.errors import SecretAccessDeniedError, SecretError, SecretUnavailableError
 from specmesh.names import resource_name
-from specmesh.pki import DEFAULT_PKI_MOUNT, DEFAULT_PKI_ROLE, TRUST_DOMAIN, setup_pki
+from specmesh.pki import (
+    DEFAULT_PKI_MOUNT,
+    DEFAULT_PKI_ROLE,
+    TRUST_DOMAIN,
+    agent_dns_name,
+    setup_pki,
+    spiffe_id,
+)
 
 __all__ = [
     "DEFAULT_PKI_MOUNT",
@@ -59,18 +66,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _SPIFFE_PREFIX = f"spiffe://{TRUST_DOMAIN}/agent/"
-
-
-def spiffe_id(agent: str) -> str:
-    """The URI SAN naming ``agent`` (by its resource name)."""
-    return f"{_SPIFFE_PREFIX}{resource_name(agent)}"
-
-
-def agent_dns_name(agent: str) -> str:
-    """The DNS SAN each agent certificate also carries (``<resource-name>.agent.<trust
-    domain>``): callers pass it as ``server_hostname`` so that OpenSSL checks the partner's
-    identity during the handshake."""
-    return f"{resource_name(agent)}.agent.{TRUST_DOMAIN}"
 
 
 def agent_from_cert(peercert: dict[str, Any] | None) -> str | None:

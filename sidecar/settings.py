@@ -118,8 +118,9 @@ class SidecarSettings(BaseSettings):
     """TTL of the agent's mTLS certificate from Vault PKI, rotated at two thirds of it."""
     vault_pki_mount: str = "specmesh-pki"
     """Vault PKI mount issuing agent certificates."""
-    vault_pki_role: str = "specmesh-agent"
-    """Vault PKI role issuing agent certificates."""
+    vault_pki_role: str | None = None
+    """Vault PKI role issuing this agent's certificates; default the agent's own role
+    ``specmesh-agent-<resource-name>``, which issues its SPIFFE ID only."""
     shutdown_grace: float = Field(default=10.0, ge=0, le=300)
     """Seconds in-flight work may take to drain on SIGTERM."""
     log_level: str = "INFO"
@@ -158,8 +159,9 @@ class SidecarSettings(BaseSettings):
             state = json.loads(state_file.read_text())
         defaults: dict[str, Any] = {
             "etcd_endpoint": state.get("etcdEndpoint") or "http://127.0.0.1:2379",
+            # the address only: the services' token is root, and a sidecar holds its own
             "vault_addr": state.get("baoAddress"),
-            "vault_token": state.get("baoToken"),
+            "vault_pki_role": f"specmesh-agent-{resource_name(self.agent_name)}",
             "mtls": not self.istio,
             "state_dir": self.home / "sidecars" / f"{resource_name(self.agent_name)}-{self.track}",
         }

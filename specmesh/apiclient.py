@@ -327,6 +327,28 @@ class ApiClient:
         result: dict[str, dict[str, Any]] = await self.request("GET", "/api/v1/mcp-servers")
         return result
 
+    async def collect_garbage(self, grace_seconds: float) -> dict[str, Any]:
+        result: dict[str, Any] = await self.request(
+            "POST", "/api/v1/secrets/gc", body={"graceSeconds": grace_seconds}
+        )
+        return result
+
+    async def list_grants(self, agent: str | None = None) -> list[dict[str, Any]]:
+        params = {"agent": agent} if agent else None
+        result: list[dict[str, Any]] = await self.request("GET", "/api/v1/grants", params=params)
+        return result
+
+    async def share_secret(self, agent: str, secret: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.request(
+            "PUT", f"/api/v1/agents/{_seg(agent)}/grants", body={"secret": secret}
+        )
+        return result
+
+    async def unshare_secret(self, agent: str, secret: str) -> None:
+        await self.request(
+            "DELETE", f"/api/v1/agents/{_seg(agent)}/grants", params={"secret": secret}
+        )
+
     async def list_instances(self, agent: str | None = None) -> list[dict[str, Any]]:
         params = {"agent": agent} if agent else None
         result: list[dict[str, Any]] = await self.request("GET", "/api/v1/instances", params=params)

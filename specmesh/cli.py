@@ -567,6 +567,46 @@ async def cmd_delete(args: argparse.Namespace, ctx: _Context) -> int:
     return EXIT_OK
 
 
+async def cmd_grant(args: argparse.Namespace, ctx: _Context) -> int:
+    if not ctx.remote:
+        raise _needs_server(f"grant {args.action}")
+    if args.action == "list":
+        grants = await ctx.api.list_grants(args.agent)
+        if args.output == "table":
+            _table(
+                [
+                    [g["agent"], g["secret"], str(g.get("grantedBy", "")), g["grantedAt"][:19]]
+                    for g in grants
+                ],
+                ["AGENT", "SECRET", "BY", "SINCE"],
+            )
+        else:
+            _print(grants, args.output)
+        return EXIT_OK
+    if args.action == "create":
+        done = await ctx.api.share_secret(args.agent, args.secret)
+        sys.stdout.write(f"shared {done['secret']} with agent/{args.agent}\n")
+    else:
+        await ctx.api.unshare_secret(args.agent, args.secret)
+        sys.stdout.write(f"stopped sharing {args.secret} with agent/{args.agent}\n")
+    return EXIT_OK
+
+
+async def cmd_secrets(args: argparse.Namespace, ctx: _Context) -> int:
+    if not ctx.remote:
+        raise _needs_server("secrets gc")
+    report = await ctx.api.collect_garbage(args.grace)
+    if args.output != "text":
+        _print(report, args.output)
+        return EXIT_OK
+    for version in report["destroyed"]:
+        sys.stdout.write(f"destroyed {version}\n")
+    sys.stdout.write(
+        f"{len(report['destroyed'])} unreferenced versions destroyed, {report['kept']} kept\n"
+    )
+    return EXIT_OK
+
+
 async def cmd_audit(args: argparse.Namespace, ctx: _Context) -> int:
     if ctx.remote:
         entries = await ctx.api.audit(name=args.name, kind=args.kind, limit=args.limit)
@@ -682,11 +722,12 @@ async def cmd_describe(args: argparse.Namespace, ctx: _Context) -> int:
         raise _needs_server("describe")
     api = ctx.api
     record = await api.get_agent(args.name)  # 404 first, before anything else
-    history, release, instances, warnings = await asyncio.gather(
+    history, release, instances, warnings, grants = await asyncio.gather(
         api.history(args.name),
         api.get_release(args.name),
         api.list_instances(args.name),
         _describe_warnings(api, record),
+        api.list_grants(args.name),
     )
     if args.output != "text":
         _print(
@@ -696,6 +737,7 @@ async def cmd_describe(args: argparse.Namespace, ctx: _Context) -> int:
                 "history": history,
                 "instances": instances,
                 "warnings": warnings,
+                "sharedSecrets": grants,
             },
             args.output,
         )
@@ -717,6 +759,8 @@ async def cmd_describe(args: argparse.Namespace, ctx: _Context) -> int:
     out.write(f"MCP servers:  {', '.join(tools) or '-'}\n")
     out.write(f"Partners:     {', '.join(partners) or '-'}\n")
     out.write(f"Release:      {_release_line(record['agent'], release).split(': ', 1)[1]}\n")
+    shared = [f"{g['secret']} (by {g.get('grantedBy', '?')})" for g in grants]
+    out.write(f"Shared:       {', '.join(shared) or '-'}\n")
     if warnings:
         out.write(f"Warnings ({len(warnings)}):\n")
         for w in warnings:
@@ -1215,6 +1259,38 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--expected-revision", type=int, default=None)
     p.set_defaults(run=cmd_delete)
+
+    p = api_command("grant", "secrets shared with an agent (secrets-admin)")
+    grant_actions = p.add_subparsers(dest="action", required=True)
+    for action, helptext in (
+        ("create", "share a Vault secret (outside every agent's own tree) with an agent"),
+        ("delete", "stop sharing it"),
+        ("list", "what is shared, with whom"),
+    ):
+        a = grant_actions.add_parser(action, help=helptext)
+        _remote_flags(a, argparse.SUPPRESS)
+        if action == "list":
+            a.add_argument("agent", nargs="?", default=None)
+            out(a, "table", ("table", "json", "yaml"))
+        else:
+            a.add_argument("agent")
+            a.add_argument("secret", help="vault://<mount>/<path>")
+    p.set_defaults(run=cmd_grant)
+
+    p = api_command("secrets", "agents' secret versions in Vault (secrets-admin)")
+    secrets_actions = p.add_subparsers(dest="action", required=True)
+    a = secrets_actions.add_parser(
+        "gc", help="destroy the versions no revision references (refused or crashed applies)"
+    )
+    _remote_flags(a, argparse.SUPPRESS)
+    a.add_argument(
+        "--grace",
+        type=float,
+        default=3600.0,
+        help="keep versions younger than this many seconds (an apply may be in flight)",
+    )
+    out(a, "text", ("text", "json", "yaml"))
+    p.set_defaults(run=cmd_secrets)
 
     p = api_command("audit", "who changed what")
     p.add_argument("--name", default=None)

@@ -42,8 +42,10 @@ import requests
 from specmesh.addresses import format_table
 from specmesh.errors import ServiceError, SpecError
 from specmesh.names import resource_name
+from specmesh.pki import DEFAULT_PKI_MOUNT
 from specmesh.services import LocalServices, free_port
 from specmesh.spec.manifest import load_path
+from specmesh.vault import CONTROL_PLANE_POLICY, agent_policy_name, control_plane_policy
 
 __all__ = ["Fleet", "FleetOptions"]
 
@@ -103,6 +105,9 @@ class Fleet:
         self.state_file = self.home / "fleet.json"
         self.logs = self.home / "logs"
         self._popen: dict[int, subprocess.Popen[bytes]] = {}
+        self._accessors: list[str] = []
+        """Accessors of the Vault tokens ``up`` made (one per process identity), revoked by
+        ``down``."""
 
     # ------------------------------------------------------------ state
 
@@ -129,6 +134,7 @@ class Fleet:
         env: dict[str, str],
         role: str,
         executable: str | None = None,
+        cwd: Path = REPO,
         **extra: Any,
     ) -> _Proc:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -140,7 +146,7 @@ class Fleet:
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                cwd=str(REPO),
+                cwd=str(cwd),
                 start_new_session=True,
             )
         self._popen[proc.pid] = proc
@@ -184,6 +190,12 @@ class Fleet:
             from specmesh.pki import setup_pki
 
             asyncio.run(setup_pki(address=services["baoAddress"], token=services["baoToken"]))
+            cp_token = self._identity(
+                services,
+                CONTROL_PLANE_POLICY,
+                "control-plane",
+                policy_hcl=control_plane_policy(pki_mount=DEFAULT_PKI_MOUNT),
+            )
             admin_token = self._tokens()
             redis_proc, redis_url = self._start_redis(services)
             procs.append(redis_proc)
@@ -260,7 +272,8 @@ class Fleet:
                 **base_env,
                 "SPECMESH_ETCD_ENDPOINT": services["etcdEndpoint"],
                 "SPECMESH_VAULT_ADDR": services["baoAddress"],
-                "SPECMESH_VAULT_TOKEN": services["baoToken"],
+                "SPECMESH_VAULT_TOKEN": cp_token,  # its own policy, not root
+                "SPECMESH_VAULT_PKI_MOUNT": DEFAULT_PKI_MOUNT,
                 "SPECMESH_TOKENS_FILE": str(self.home / "tokens.json"),
                 "SPECMESH_GRPC_LISTEN": f"127.0.0.1:{cp_grpc}",
                 "SPECMESH_OTLP_LISTEN": f"127.0.0.1:{cp_otlp}",
@@ -307,6 +320,7 @@ class Fleet:
                     )
             state.update(
                 processes=[p.__dict__ for p in procs],
+                vaultAccessors=self._accessors,
                 endpoints=endpoints,
                 agents=agents,
                 adminTokenFile=str(self.home / "admin-token"),
@@ -316,9 +330,40 @@ class Fleet:
             return state
         except BaseException:
             state["processes"] = [p.__dict__ for p in procs]
+            state["vaultAccessors"] = self._accessors
             self._write(state)
             self.down()
             raise
+
+    def _identity(
+        self,
+        services: dict[str, Any],
+        policy: str,
+        display_name: str,
+        *,
+        policy_hcl: str | None = None,
+    ) -> str:
+        """A Vault token of one process's own, holding ``policy`` only (written first when
+        ``policy_hcl`` is given): made here with the services' root token -- set-up is the
+        one user of it -- renewed by the process, revoked by ``down``."""
+        import asyncio
+
+        from specmesh.vault import VaultClient
+
+        async def make() -> str:
+            root = VaultClient(address=services["baoAddress"], token=services["baoToken"])
+            try:
+                if policy_hcl is not None:
+                    await root.put_policy(policy, policy_hcl)
+                token, accessor = await root.create_identity_token(
+                    policies=[policy], period="1h", display_name=display_name
+                )
+            finally:
+                await root.close()
+            self._accessors.append(accessor)
+            return token
+
+        return asyncio.run(make())
 
     def _tokens(self) -> str:
         """An admin token for local sign-in, kept in ``<home>/admin-token`` (0600), and one
@@ -405,6 +450,17 @@ class Fleet:
             if any(self._api_get(api, token, p) for p in paths):
                 return False
         headers = {"Authorization": f"Bearer {token}"}
+        for agent, secret in _shared_secrets(loaded):
+            # the fleet's own shared secrets (its Redis password), shared as a secrets-admin
+            # would: before the agents that reference them are applied
+            r = requests.put(
+                f"{api}/api/v1/agents/{agent}/grants",
+                json={"secret": secret},
+                headers=headers,
+                timeout=30,
+            )
+            if r.status_code != 200:
+                raise SpecError([], source=f"sharing {secret} with {agent} was refused: {r.text}")
         for m in sorted(loaded, key=lambda m: _KIND_ORDER[m.kind]):
             doc = m.manifest.model_dump(mode="json", by_alias=True)
             r = requests.post(
@@ -459,16 +515,19 @@ class Fleet:
             "SPECMESH_OPS": f"127.0.0.1:{ports['ops']}",
             "SPECMESH_ETCD_ENDPOINT": services["etcdEndpoint"],
             "SPECMESH_VAULT_ADDR": services["baoAddress"],
-            "SPECMESH_VAULT_TOKEN": services["baoToken"],
+            # the agent's own identity: its policy reads its secrets, issues its certificate
+            "SPECMESH_VAULT_TOKEN": self._identity(services, agent_policy_name(agent), name),
             "SPECMESH_MTLS": "true",
             "OTEL_EXPORTER_OTLP_ENDPOINT": otlp,
         }
         if self.options.llm_url is None:
             sidecar_env["SPECMESH_LLM_OVERRIDE_URL"] = llm_url
+        engine_home = self.home / "engines" / name  # nothing of the services' state in it
+        engine_home.mkdir(parents=True, exist_ok=True)
         engine_env = {k: v for k, v in os.environ.items() if k in _ENGINE_ENV_KEEP}
         engine_env.update(
             common,
-            HOME=str(self.home),
+            HOME=str(engine_home),
             SPECMESH_LOG_LEVEL="INFO",
             LITELLM_LOCAL_MODEL_COST_MAP="True",
             OTEL_EXPORTER_OTLP_ENDPOINT=otlp,
@@ -488,6 +547,7 @@ class Fleet:
             ["-m", "specmesh.cli", "engine"],
             env=engine_env,
             role="engine",
+            cwd=engine_home,
             agent=agent,
             track=track,
         )
@@ -530,12 +590,54 @@ class Fleet:
                 _terminate(p["pid"])
                 stopped.append(p["name"])
         state["processes"] = []
+        accessors = state.pop("vaultAccessors", [])
+        if accessors and (self.home / "services.json").exists():
+            self._revoke(accessors)
         if self.state_file.exists():
             self._write(state)
         if (self.home / "services.json").exists():
             LocalServices(home=self.home).stop()
             stopped.append("etcd, openbao")
         return stopped
+
+    def _revoke(self, accessors: list[str]) -> None:
+        """Revoke the processes' Vault tokens (OpenBao still runs: it stops after)."""
+        import asyncio
+
+        from specmesh.vault import VaultClient
+
+        services = json.loads((self.home / "services.json").read_text())
+
+        async def revoke() -> None:
+            root = VaultClient(address=services["baoAddress"], token=services["baoToken"])
+            try:
+                for accessor in accessors:
+                    await root.revoke_accessor(accessor)
+            finally:
+                await root.close()
+
+        try:
+            asyncio.run(revoke())
+        except Exception as e:  # OpenBao not answering: the tokens lapse at their period (1 h)
+            logger.warning("could not revoke the fleet's Vault tokens: %s", e)
+
+
+def _shared_secrets(loaded: list[Any]) -> list[tuple[str, str]]:
+    """``(agent, vault://mount/path)`` of every reference an example agent makes outside
+    the agents' own trees (what a secrets-admin must share with it)."""
+    from specmesh.secrets import VaultRef, is_reference
+    from specmesh.spec.secretpaths import iter_secrets
+
+    out: set[tuple[str, str]] = set()
+    for m in loaded:
+        if m.kind != "Agent":
+            continue
+        for _, value in iter_secrets(m.manifest.spec):
+            if is_reference(value):
+                ref = VaultRef.parse(value)
+                if not ref.path.startswith("specmesh/agents/"):
+                    out.add((m.name, f"vault://{ref.mount}/{ref.path}"))
+    return sorted(out)
 
 
 def _tcp(port: int) -> bool:

@@ -12,6 +12,8 @@
     <prefix>/prompts/<promptKey>/release          labels, A/B weights
     <prefix>/mcp/<mcpServerName>                  MCP Registry
     <prefix>/registry/<agent>/<instance>          live instances, under a lease
+    <prefix>/grants/<agent>/<id>                  secrets a secrets-admin shared with the
+                                                  agent (outside its own Vault tree)
     <prefix>/audit/<ts>-<id>                      who changed what (diff)
     <prefix>/tokens/records/<id>                  API tokens (name, roles, sha256 of the
                                                   secret, expiry; never the secret)
@@ -64,6 +66,13 @@ class Keys:
 
     def agent_release(self, agent: str) -> str:
         return f"{self.agent(agent)}release"
+
+    # grants
+    def grants(self, agent: str | None = None) -> str:
+        return f"{self.prefix}/grants/" + (f"{resource_name(agent)}/" if agent else "")
+
+    def grant(self, agent: str, grant_id: str) -> str:
+        return f"{self.grants(agent)}{grant_id}"
 
     # prompts
     def prompts(self) -> str:

@@ -10,13 +10,58 @@ import requests
 from hvac import exceptions as hvac_exc
 
 from specmesh.errors import SecretError
+from specmesh.names import resource_name
 
-__all__ = ["DEFAULT_PKI_MOUNT", "DEFAULT_PKI_ROLE", "TRUST_DOMAIN", "setup_pki"]
+__all__ = [
+    "DEFAULT_PKI_MOUNT",
+    "DEFAULT_PKI_ROLE",
+    "TRUST_DOMAIN",
+    "agent_dns_name",
+    "agent_role_params",
+    "setup_pki",
+    "spiffe_id",
+]
 
 TRUST_DOMAIN = "specmesh.local"
 DEFAULT_PKI_MOUNT = "specmesh-pki"
 DEFAULT_PKI_ROLE = "specmesh-agent"
 _SPIFFE_PREFIX = f"spiffe://{TRUST_DOMAIN}/agent/"
+
+
+def spiffe_id(agent: str) -> str:
+    """The URI SAN naming ``agent`` (by its resource name)."""
+    return f"{_SPIFFE_PREFIX}{resource_name(agent)}"
+
+
+def agent_dns_name(agent: str) -> str:
+    """The DNS SAN each agent certificate also carries (``<resource-name>.agent.<trust
+    domain>``): callers pass it as ``server_hostname`` so that OpenSSL checks the partner's
+    identity during the handshake."""
+    return f"{resource_name(agent)}.agent.{TRUST_DOMAIN}"
+
+
+def agent_role_params(agent: str, *, max_ttl: str = "24h") -> dict[str, object]:
+    """The agent's own PKI role: certificates for its SPIFFE ID, its DNS name and its
+    resource name as CN, and nothing else -- whoever holds the agent's Vault token cannot
+    get a certificate naming another agent."""
+    rn = resource_name(agent)
+    return {
+        "allowed_uri_sans": spiffe_id(rn),
+        "allowed_domains": [agent_dns_name(rn), rn],
+        "allow_bare_domains": True,
+        "allow_subdomains": False,
+        "allow_glob_domains": False,
+        "allow_any_name": False,
+        "allow_localhost": False,
+        "enforce_hostnames": False,
+        "allow_ip_sans": False,
+        "server_flag": True,
+        "client_flag": True,
+        "key_type": "ec",
+        "key_bits": 256,
+        "max_ttl": max_ttl,
+        "no_store": True,
+    }
 
 
 async def setup_pki(

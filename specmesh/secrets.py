@@ -1,10 +1,15 @@
 """Secret references and the one redaction helper.
 
 A secret-bearing spec field (``apiKey``, header and query-parameter values, store
-credentials) holds either a reference ``vault://<mount>/<path>#<field>`` or, on the way
-in only, a plaintext value that :mod:`specmesh.externalize` moves into Vault KV v2 and
-replaces with a reference. Nothing downstream of an apply -- etcd, the engine, logs,
-spans, error messages -- ever holds the plaintext.
+credentials) holds either a reference ``vault://<mount>/<path>#<field>[@<version>]`` or, on
+the way in only, a plaintext value that apply (:mod:`specmesh.specservice`) writes into Vault
+KV v2 as a new version and replaces with a reference to exactly that version. Nothing
+downstream of an apply -- etcd, the engine, logs, spans, error messages -- ever holds the
+plaintext.
+
+A versioned reference pins one KV v2 version: a revision names the exact keys it ran with,
+and rollback restores them. An unversioned reference (hand-written, for a secret managed
+elsewhere) reads the latest version.
 """
 
 from __future__ import annotations
@@ -26,17 +31,19 @@ __all__ = [
 
 REDACTED = "<redacted>"
 _SCHEME = "vault://"
-_SEGMENT = re.compile(r"^[A-Za-z0-9_.@=+-]+$")
-_FIELD = re.compile(r"^[A-Za-z0-9_.@=+-]+$")
+_SEGMENT = re.compile(r"[A-Za-z0-9_.@=+-]+")
+_FIELD = re.compile(r"[A-Za-z0-9_.=+-]+")
 
 
 @dataclass(frozen=True)
 class VaultRef:
-    """A parsed ``vault://<mount>/<path>#<field>`` reference to a KV v2 secret field."""
+    """A parsed ``vault://<mount>/<path>#<field>[@<version>]`` reference to a KV v2 secret
+    field, at one version or (``version`` None) the latest."""
 
     mount: str
     path: str
     field: str
+    version: int | None = None
 
     @classmethod
     def parse(cls, value: str) -> VaultRef:
@@ -47,6 +54,17 @@ class VaultRef:
         location, sep, field = rest.partition("#")
         if not sep or not field:
             raise SecretReferenceError(reference=value, reason="missing '#<field>' after the path")
+        version: int | None = None
+        name, at, number = field.rpartition("@")
+        if at:
+            if not (number.isascii() and number.isdigit()) or not name:
+                raise SecretReferenceError(
+                    reference=value, reason=f"bad version {number!r} (expected #<field>@<n>)"
+                )
+            version = int(number)
+            if not 1 <= version <= 2**31:
+                raise SecretReferenceError(reference=value, reason=f"bad version {number!r}")
+            field = name
         mount, slash, path = location.partition("/")
         if not mount or not slash or not path:
             raise SecretReferenceError(
@@ -70,10 +88,20 @@ class VaultRef:
             raise SecretReferenceError(reference=value, reason=f"bad mount {mount!r}")
         if not _FIELD.fullmatch(field):
             raise SecretReferenceError(reference=value, reason=f"bad field {field!r}")
-        return cls(mount=mount, path=path, field=field)
+        return cls(mount=mount, path=path, field=field, version=version)
 
     def __str__(self) -> str:
-        return f"{_SCHEME}{self.mount}/{self.path}#{self.field}"
+        at = f"@{self.version}" if self.version is not None else ""
+        return f"{_SCHEME}{self.mount}/{self.path}#{self.field}{at}"
+
+    @property
+    def location(self) -> VaultRef:
+        """The same field at no particular version (what a grant or a policy names)."""
+        return VaultRef(mount=self.mount, path=self.path, field=self.field)
+
+    def at(self, version: int) -> VaultRef:
+        """This field at ``version``."""
+        return VaultRef(mount=self.mount, path=self.path, field=self.field, version=version)
 
 
 def is_reference(value: str) -> bool:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
-from specmesh.errors import SpecError, SpecIssue
+from specmesh.errors import NotFoundError, SecretNotFoundError, SpecError, SpecIssue
+from specmesh.pki import agent_role_params
 from specmesh.secrets import VaultRef, is_reference
 from specmesh.spec.manifest import LoadedManifest
 from specmesh.spec.models import (
@@ -30,9 +32,15 @@ from specmesh.spec.validation import (
     reference_warnings,
 )
 from specmesh.store import ApplyResult, SpecStore
-from specmesh.vault import VaultClient, agent_policy, agent_policy_name, agent_secret_prefix
+from specmesh.vault import (
+    VaultClient,
+    agent_pki_role,
+    agent_policy,
+    agent_policy_name,
+    agent_secret_prefix,
+)
 
-__all__ = ["ApplyOutcome", "SpecService", "secret_ref_for"]
+__all__ = ["ApplyOutcome", "GarbageReport", "SpecService", "secret_ref_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +96,21 @@ def secret_ref_for(agent: str, path: Path, spec_json: dict[str, Any], *, mount: 
 class SpecService:
     """Validation, secret externalisation and storage of manifests."""
 
-    def __init__(self, *, store: SpecStore, vault: VaultClient, kv_mount: str = "secret") -> None:
+    def __init__(
+        self,
+        *,
+        store: SpecStore,
+        vault: VaultClient,
+        kv_mount: str = "secret",
+        pki_mount: str | None = None,
+    ) -> None:
         self.store = store
         self.vault = vault
         self.kv_mount = kv_mount
+        """The KV v2 mount of agents' secrets; the only mount a reference may name."""
+        self.pki_mount = pki_mount
+        """Vault PKI mount of the agents' mTLS certificates: apply keeps a role per agent
+        there (its SPIFFE ID only); ``None`` when Istio does mTLS."""
 
     async def apply(
         self,
@@ -145,29 +164,27 @@ class SpecService:
     ) -> ApplyOutcome:
         name = m.metadata.name
         spec_json = m.spec.model_dump(mode="json")
-        self._check_references(name, m.spec, loaded.source)
+        grants = await self.store.list_grants(name)
+        self._check_references(name, m.spec, loaded.source, grants)
         warnings = await self._warnings(name, m.spec, loaded.source)
+        current = await self._current_refs(name)
         replacements: dict[Path, str] = {}
         moved: list[str] = []
         for path, value in iter_secrets(m.spec):
             if is_reference(value):
                 continue
-            ref = secret_ref_for(name, path, spec_json, mount=self.kv_mount)
+            location = secret_ref_for(name, path, spec_json, mount=self.kv_mount)
             if not dry_run:
-                await self.vault.write(ref, value)
-            replacements[path] = str(ref)
+                replacements[path] = str(await self._version_for(location, value, current))
+            else:
+                replacements[path] = str(location)
             moved.append(format_path(path))
         spec = AgentSpec.model_validate(replace_values(spec_json, replacements))
         if dry_run:
             return ApplyOutcome(
                 "Agent", name, loaded.source, False, warnings=warnings, secrets_moved=moved
             )
-        refs = [VaultRef.parse(v) for _, v in iter_secrets(spec)]
-        own = agent_secret_prefix(name) + "/"
-        extra = [r for r in refs if not (r.mount == self.kv_mount and r.path.startswith(own))]
-        await self.vault.put_policy(
-            agent_policy_name(name), agent_policy(name, mount=self.kv_mount, extra_refs=extra)
-        )
+        await self.write_identity(name, grants)
         result = await self.store.apply_agent(
             name, spec, actor=actor, expected_revision=expected_revision
         )
@@ -177,21 +194,157 @@ class SpecService:
             "Agent", name, loaded.source, result.changed, result.revision, result, warnings, moved
         )
 
-    def _check_references(self, name: str, spec: AgentSpec, source: str) -> None:
-        """A spec may not point at another agent's secrets."""
+    async def _current_refs(self, name: str) -> dict[tuple[str, str, str], VaultRef]:
+        """The versioned references of the agent's current revision, by location."""
+        try:
+            record = await self.store.get_agent(name)
+        except NotFoundError:
+            return {}
+        out = {}
+        for _, value in iter_secrets(AgentSpec.model_validate(record.spec)):
+            if is_reference(value):
+                ref = VaultRef.parse(value)
+                if ref.version is not None:
+                    out[(ref.mount, ref.path, ref.field)] = ref
+        return out
+
+    async def _version_for(
+        self, location: VaultRef, value: str, current: dict[tuple[str, str, str], VaultRef]
+    ) -> VaultRef:
+        """The reference to store for a plaintext ``value``: the current revision's version
+        when it already holds the value (re-applying changes nothing), else a new version."""
+        pinned = current.get((location.mount, location.path, location.field))
+        if pinned is not None:
+            try:
+                if await self.vault.read(pinned) == value:
+                    return pinned
+            except SecretNotFoundError:
+                pass
+        return await self.vault.write_version(location, value)
+
+    async def collect_garbage(
+        self, *, grace_seconds: float = 3600.0, only: list[str] | None = None
+    ) -> GarbageReport:
+        """Destroy the KV versions under ``specmesh/agents/`` that no stored revision of any
+        agent references: keys left by refused or crashed applies, and the keys of deleted
+        agents. A version younger than ``grace_seconds`` is kept whatever its state (an apply
+        may be between its Vault write and its etcd transaction), and so is the latest
+        version of a secret some revision references without a version. ``only`` limits the
+        sweep to these agents' trees (one Vault serving several stores, as in tests)."""
+        referenced: dict[tuple[str, str], set[int]] = {}
+        latest: set[tuple[str, str]] = set()
+        for agent in await self.store.list_agents():
+            try:
+                records = await self.store.history(agent.name)
+            except NotFoundError:
+                continue  # deleted meanwhile: its versions go at the next run
+            for record in records:
+                for _, value in iter_secrets(AgentSpec.model_validate(record.spec)):
+                    if not is_reference(value):
+                        continue
+                    ref = VaultRef.parse(value)
+                    if ref.version is None:
+                        latest.add((ref.mount, ref.path))
+                    else:
+                        referenced.setdefault((ref.mount, ref.path), set()).add(ref.version)
+        cutoff = datetime.now(UTC).timestamp() - grace_seconds
+        report = GarbageReport()
+        roots = [agent_secret_prefix(a) for a in only] if only is not None else ["specmesh/agents"]
+        paths = [p for root in roots for p in await self._secret_paths(root)]
+        for path in paths:
+            versions = await self.vault.versions(mount=self.kv_mount, path=path)
+            newest = max(versions, default=0)
+            doomed = []
+            for number, meta in versions.items():
+                if meta.get("destroyed"):
+                    continue
+                keep = (
+                    number in referenced.get((self.kv_mount, path), set())
+                    or ((self.kv_mount, path) in latest and number == newest)
+                    or _created(meta).timestamp() > cutoff
+                )
+                if keep:
+                    report.kept += 1
+                else:
+                    doomed.append(number)
+            await self.vault.destroy_versions(mount=self.kv_mount, path=path, versions=doomed)
+            report.destroyed += [f"vault://{self.kv_mount}/{path}@{n}" for n in sorted(doomed)]
+        if report.destroyed:
+            logger.info("destroyed %d unreferenced secret versions", len(report.destroyed))
+        return report
+
+    async def _secret_paths(self, folder: str) -> list[str]:
+        out: list[str] = []
+        pending = [folder]
+        while pending:
+            current = pending.pop()
+            for key in await self.vault.list_keys(mount=self.kv_mount, path=current):
+                path = f"{current}/{key}".rstrip("/")
+                (pending if key.endswith("/") else out).append(path)
+        return sorted(out)
+
+    async def write_identity(self, name: str, grants: list[dict[str, Any]] | None = None) -> None:
+        """The agent's Vault policy (its own tree, the secrets shared with it, its PKI role)
+        and its PKI role (its SPIFFE ID only). Idempotent; run on apply and when its grants
+        change."""
+        if grants is None:
+            grants = await self.store.list_grants(name)
+        shared = [(g["mount"], g["path"]) for g in grants]
+        await self.vault.put_policy(
+            agent_policy_name(name),
+            agent_policy(name, mount=self.kv_mount, shared=shared, pki_mount=self.pki_mount),
+        )
+        if self.pki_mount:
+            await self.vault.put_pki_role(
+                mount=self.pki_mount, name=agent_pki_role(name), params=agent_role_params(name)
+            )
+
+    def check_location(self, ref: VaultRef) -> str | None:
+        """Why a reference may not be used at all (a mount other than the KV mount of
+        agents' secrets: never ``sys/``, ``auth/``, PKI...); None when it may."""
+        if ref.mount != self.kv_mount:
+            return (
+                f"mount {ref.mount!r} is not allowed: references name the KV v2 mount "
+                f"{self.kv_mount!r}"
+            )
+        return None
+
+    def _check_references(
+        self, name: str, spec: AgentSpec, source: str, grants: list[dict[str, Any]]
+    ) -> None:
+        """A spec may use its own secrets, and secrets outside every agent's tree that a
+        secrets-admin shared with it; nothing else (no other mount, no other agent's key)."""
         own = agent_secret_prefix(name) + "/"
+        shared = {(g["mount"], g["path"]) for g in grants}
         issues = []
         for path, value in iter_secrets(spec):
             if not is_reference(value):
                 continue
             ref = VaultRef.parse(value)
-            if ref.path.startswith("specmesh/agents/") and not ref.path.startswith(own):
+            where = f"spec.{format_path(path)}"
+            bad_mount = self.check_location(ref)
+            if bad_mount:
+                issues.append(SpecIssue(where, "secret_mount", bad_mount))
+            elif ref.path.startswith(own):
+                continue
+            elif ref.path.startswith("specmesh/agents/"):
                 issues.append(
                     SpecIssue(
-                        f"spec.{format_path(path)}",
+                        where,
                         "foreign_secret",
-                        f"refers to another agent's secret ({value}); an agent may only use "
-                        f"secrets under {self.kv_mount}/{own}* or outside specmesh/agents/",
+                        f"refers to another agent's secret ({ref.location}); an agent may "
+                        f"only use secrets under {self.kv_mount}/{own}* and secrets shared "
+                        "with it",
+                    )
+                )
+            elif (ref.mount, ref.path) not in shared:
+                issues.append(
+                    SpecIssue(
+                        where,
+                        "not_shared",
+                        f"{ref.location} is outside the agent's own secrets and not shared "
+                        f"with it: a secrets-admin must share it first (`specmesh grant create "
+                        f"{name} vault://{ref.mount}/{ref.path}`)",
                     )
                 )
         if issues:
@@ -251,3 +404,26 @@ class SpecService:
 
 def _under_spec(issues: list[SpecIssue]) -> list[SpecIssue]:
     return [SpecIssue(f"spec.{i.path}", i.rule, i.message, i.severity) for i in issues]
+
+
+@dataclass
+class GarbageReport:
+    """What :meth:`SpecService.collect_garbage` destroyed and kept."""
+
+    destroyed: list[str] = field(default_factory=list)
+    """``vault://mount/path#@version`` of every version destroyed."""
+    kept: int = 0
+    """Versions still referenced (or too recent to judge)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"destroyed": self.destroyed, "kept": self.kept}
+
+
+def _created(meta: dict[str, Any]) -> datetime:
+    """A KV version's ``created_time`` (RFC 3339 with nanoseconds) as a datetime."""
+    raw = str(meta.get("created_time") or "")
+    head, _, frac = raw.rstrip("Z").partition(".")
+    try:
+        return datetime.fromisoformat(f"{head}.{(frac + '000000')[:6]}+00:00")
+    except ValueError:
+        return datetime.now(UTC)  # unknown age: treated as new, never destroyed

@@ -12,6 +12,7 @@ references (see :mod:`specmesh.specservice`), so etcd never holds a secret.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets as _random
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ __all__ = [
     "AuditEntry",
     "SpecStore",
     "dumps",
+    "grant_id",
 ]
 
 
@@ -58,6 +60,11 @@ def dumps(value: Any) -> str:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def grant_id(mount: str, path: str) -> str:
+    """The key of the grant of one Vault secret (stable, path-safe)."""
+    return hashlib.sha256(f"{mount}/{path}".encode()).hexdigest()[:20]
 
 
 @dataclass(frozen=True)
@@ -491,7 +498,12 @@ class SpecStore:
         )
         result = await self.etcd.txn(
             compare=[Compare(self.keys.agent_meta(name), "VERSION", "EQUAL", expected)],
-            success=[Op.delete(self.keys.agent(name), prefix=True), audit_op],
+            success=[
+                Op.delete(self.keys.agent(name), prefix=True),
+                # a later agent of the same name does not inherit what was shared with it
+                Op.delete(self.keys.grants(name), prefix=True),
+                audit_op,
+            ],
         )
         if not result.succeeded:
             actual = await self.current_revision(name)
@@ -509,6 +521,40 @@ class SpecStore:
             elif kv.key.endswith("/spec/partnerAgents"):
                 partners[agent_rn] = [p["agentName"] for p in json.loads(kv.value)]
         return {names[rn]: ps for rn, ps in partners.items() if rn in names}
+
+    # ------------------------------------------------------------ grants
+
+    async def put_grant(self, agent: str, mount: str, path: str, *, actor: str) -> bool:
+        """Share the Vault secret ``mount/path`` with ``agent``; False if already shared. The
+        agent need not exist yet: a secrets-admin may share a secret before the agent that
+        references it is applied (deleting the agent ends its grants)."""
+        key = self.keys.grant(agent, grant_id(mount, path))
+        data = {"agent": agent, "mount": mount, "path": path, "grantedBy": actor,
+                "grantedAt": _now().isoformat()}  # fmt: skip
+        _, audit_op = self._audit(
+            actor=actor, action="grant", kind="Grant", name=agent, revision=None,
+            previous=None, changes=diff_json({}, {"secret": f"{mount}/{path}"}),
+        )  # fmt: skip
+        result = await self.etcd.txn(
+            compare=[Compare(key, "CREATE", "EQUAL", 0)],
+            success=[Op.put(key, dumps(data)), audit_op],
+        )
+        return bool(result.succeeded)
+
+    async def delete_grant(self, agent: str, mount: str, path: str, *, actor: str) -> None:
+        key = self.keys.grant(agent, grant_id(mount, path))
+        if await self.etcd.get(key) is None:
+            raise NotFoundError(kind="grant", name=f"{agent}: {mount}/{path}")
+        _, audit_op = self._audit(
+            actor=actor, action="revoke", kind="Grant", name=agent, revision=None,
+            previous=None, changes=diff_json({"secret": f"{mount}/{path}"}, {}),
+        )  # fmt: skip
+        await self.etcd.txn(compare=[], success=[Op.delete(key), audit_op])
+
+    async def list_grants(self, agent: str | None = None) -> list[dict[str, Any]]:
+        """Grants of ``agent`` (or of every agent): ``{agent, mount, path, grantedBy, ...}``."""
+        result = await self.etcd.range(self.keys.grants(agent), prefix=True)
+        return [json.loads(kv.value) for kv in result.kvs]
 
     # ------------------------------------------------------------ prompts
 

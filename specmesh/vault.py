@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,14 +30,25 @@ from specmesh.names import resource_name
 from specmesh.secrets import VaultRef
 
 __all__ = [
+    "CONTROL_PLANE_POLICY",
+    "KEPT_VERSIONS",
     "VaultClient",
+    "agent_pki_role",
     "agent_policy",
     "agent_policy_name",
     "agent_secret_prefix",
+    "control_plane_policy",
+    "keep_token_alive",
     "kubernetes_login",
 ]
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+KEPT_VERSIONS = 1000
+"""KV v2 versions kept per secret written by apply (KV's default keeps 10, which would drop
+keys that old revisions still pin); unreferenced ones are destroyed by the spec service's
+garbage collection."""
 
 
 def agent_secret_prefix(agent: str) -> str:
@@ -47,17 +60,55 @@ def agent_policy_name(agent: str) -> str:
     return f"specmesh-agent-{resource_name(agent)}"
 
 
-def agent_policy(agent: str, *, mount: str, extra_refs: list[VaultRef] | None = None) -> str:
-    """HCL of the agent's policy: read its own paths (and the exact paths its spec
-    references elsewhere), nothing else."""
+def agent_pki_role(agent: str) -> str:
+    """The agent's own Vault PKI role: it issues certificates for the agent's SPIFFE ID only."""
+    return f"specmesh-agent-{resource_name(agent)}"
+
+
+def agent_policy(
+    agent: str,
+    *,
+    mount: str,
+    shared: list[tuple[str, str]] | None = None,
+    pki_mount: str | None = None,
+) -> str:
+    """HCL of the agent's policy: read its own paths (any version), the secrets a
+    secrets-admin shared with it (``shared``: exact ``(mount, path)`` pairs), and issue
+    certificates from its own PKI role; nothing else."""
     prefix = agent_secret_prefix(agent)
     rules = [
         f'path "{mount}/data/{prefix}/*" {{\n  capabilities = ["read"]\n}}',
         f'path "{mount}/metadata/{prefix}/*" {{\n  capabilities = ["read", "list"]\n}}',
     ]
-    for ref in sorted({(r.mount, r.path) for r in extra_refs or []}):
-        rules.append(f'path "{ref[0]}/data/{ref[1]}" {{\n  capabilities = ["read"]\n}}')
+    for m, p in sorted(set(shared or [])):
+        rules.append(f'path "{m}/data/{p}" {{\n  capabilities = ["read"]\n}}')
+    if pki_mount:
+        rules.append(
+            f'path "{pki_mount}/issue/{agent_pki_role(agent)}" {{\n'
+            '  capabilities = ["create", "update"]\n}'
+        )
     return "\n".join(rules) + "\n"
+
+
+CONTROL_PLANE_POLICY = "specmesh-control-plane"
+
+
+def control_plane_policy(*, kv_mount: str = "secret", pki_mount: str | None = None) -> str:
+    """HCL of the control plane's own policy (what docs/deploy.md writes): agents' secrets
+    under ``specmesh/`` (write new versions, read, list, destroy unreferenced versions), the
+    agents' policies and, when the sidecars do mTLS, the agents' PKI roles. No ``sys/``
+    beyond agent policies, no auth methods, no root."""
+    rules = [
+        (f"{kv_mount}/data/specmesh/*", ["create", "update", "read"]),
+        (f"{kv_mount}/metadata/specmesh", ["list"]),
+        (f"{kv_mount}/metadata/specmesh/*", ["read", "list", "update", "delete"]),
+        (f"{kv_mount}/destroy/specmesh/agents/*", ["update"]),
+        ("sys/policies/acl/specmesh-agent-*", ["create", "update", "read"]),
+        ("sys/policy/specmesh-agent-*", ["create", "update", "read"]),  # hvac's endpoint
+    ]
+    if pki_mount:
+        rules.append((f"{pki_mount}/roles/specmesh-agent-*", ["create", "update", "read"]))
+    return "".join(f'path "{p}" {{\n  capabilities = {json.dumps(c)}\n}}\n' for p, c in rules)
 
 
 class VaultClient:
@@ -100,18 +151,67 @@ class VaultClient:
     # ------------------------------------------------------------ KV v2
 
     async def read(self, ref: VaultRef) -> str:
-        """The value a reference points at."""
+        """The value a reference points at (its version, or the latest)."""
+        value, _ = await self._read_versioned(ref)
+        return value
+
+    async def _read_versioned(self, ref: VaultRef) -> tuple[str, int]:
         response = await self._run(
             str(ref),
             self._client.secrets.kv.v2.read_secret_version,
             path=ref.path,
+            version=ref.version,
             mount_point=ref.mount,
             raise_on_deleted_version=True,
         )
-        data = response["data"]["data"] or {}
+        data = (response.get("data") or {}).get("data") or {}
         if ref.field not in data:
             raise SecretNotFoundError(reference=str(ref))
-        return str(data[ref.field])
+        return str(data[ref.field]), int(response["data"]["metadata"]["version"])
+
+    async def write_version(self, ref: VaultRef, value: str) -> VaultRef:
+        """Store ``value`` as a new KV v2 version of the reference's secret (one field per
+        secret) and return the reference pinned to that version. An existing version is
+        never overwritten: a write that is never referenced (a refused or crashed apply)
+        leaves only an unreferenced version behind, for :meth:`destroy_versions`."""
+        location = ref.location
+        response = await self._run(
+            str(location),
+            self._client.secrets.kv.v2.create_or_update_secret,
+            path=ref.path,
+            secret={ref.field: value},
+            mount_point=ref.mount,
+        )
+        await self._run(
+            str(location),
+            self._client.secrets.kv.v2.update_metadata,
+            path=ref.path,
+            max_versions=KEPT_VERSIONS,
+            mount_point=ref.mount,
+        )
+        return location.at(int(response["data"]["version"]))
+
+    async def versions(self, *, mount: str, path: str) -> dict[int, dict[str, Any]]:
+        """Version number -> ``{created_time, deletion_time, destroyed}`` of a secret."""
+        response = await self._run(
+            f"{mount}/metadata/{path}",
+            self._client.secrets.kv.v2.read_secret_metadata,
+            path=path,
+            mount_point=mount,
+        )
+        raw = (response.get("data") or {}).get("versions") or {}
+        return {int(k): dict(v) for k, v in raw.items()}
+
+    async def destroy_versions(self, *, mount: str, path: str, versions: list[int]) -> None:
+        """Destroy these versions of a secret for good (their data is gone)."""
+        if versions:
+            await self._run(
+                f"{mount}/destroy/{path}",
+                self._client.secrets.kv.v2.destroy_secret_versions,
+                path=path,
+                versions=sorted(versions),
+                mount_point=mount,
+            )
 
     async def write(self, ref: VaultRef, value: str) -> bool:
         """Store ``value`` at the reference (one secret per reference); return False when
@@ -183,6 +283,58 @@ class VaultClient:
         )
         return str(response["data"]["rules"])
 
+    async def put_pki_role(self, *, mount: str, name: str, params: dict[str, object]) -> None:
+        """Create or update a PKI role (``params``: e.g. :func:`specmesh.pki.agent_role_params`)."""
+        await self._run(
+            f"{mount}/roles/{name}",
+            self._client.secrets.pki.create_or_update_role,
+            name,
+            extra_params=params,
+            mount_point=mount,
+        )
+
+    async def token_ttl(self) -> int:
+        """Seconds this client's token has left (0: it does not expire)."""
+        response = await self._run("auth/token/lookup-self", self._client.auth.token.lookup_self)
+        return int(response["data"].get("ttl") or 0)
+
+    async def renew_self(self) -> None:
+        """Renew this client's token (its period, or its TTL up to the max)."""
+        await self._run("auth/token/renew-self", self._client.auth.token.renew_self)
+
+    async def create_identity_token(
+        self, *, policies: list[str], period: str, display_name: str
+    ) -> tuple[str, str]:
+        """``(token, accessor)`` of an orphan, periodic token holding ``policies`` (and
+        ``default``, for lookup/renew/revoke of itself): one process's own identity, renewed by
+        it (:func:`keep_token_alive`) and revoked by accessor when it stops."""
+        response = await self._run(
+            "auth/token/create-orphan",
+            self._client.auth.token.create_orphan,
+            policies=policies,
+            period=period,
+            renewable=True,
+            display_name=display_name,
+        )
+        auth = response["auth"]
+        return str(auth["client_token"]), str(auth["accessor"])
+
+    async def revoke_accessor(self, accessor: str) -> None:
+        """Revoke the token behind ``accessor`` (gone already: nothing to do)."""
+        try:
+            await self._run(
+                "auth/token/revoke-accessor",
+                self._client.auth.token.revoke_accessor,
+                accessor=accessor,
+            )
+        except SecretError:
+            logger.info("token accessor %s was already gone", accessor[:8])
+
+    async def token_policies(self) -> list[str]:
+        """Policies of this client's token."""
+        response = await self._run("auth/token/lookup-self", self._client.auth.token.lookup_self)
+        return sorted(response["data"].get("policies") or [])
+
     async def create_token(self, *, policies: list[str], ttl: str = "1h") -> str:
         """A child token holding only ``policies`` (not ``default``)."""
         response = await self._run(
@@ -193,6 +345,22 @@ class VaultClient:
             no_default_policy=True,
         )
         return str(response["auth"]["client_token"])
+
+
+async def keep_token_alive(vault: VaultClient, *, floor: float = 5.0) -> None:
+    """Renew ``vault``'s token at two thirds of its TTL, for as long as the task runs (a
+    token without TTL -- root, a static token -- needs nothing). A failed renewal is logged
+    and retried; the caller's reads fail clearly once the token has expired."""
+    while True:
+        try:
+            ttl = await vault.token_ttl()
+            if ttl <= 0:
+                return
+            await asyncio.sleep(max(floor, ttl * 2 / 3))
+            await vault.renew_self()
+        except SecretError as e:
+            logger.warning("renewing the Vault token failed: %s (retrying)", e)
+            await asyncio.sleep(floor)
 
 
 async def kubernetes_login(

@@ -6,6 +6,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from specmesh.errors import SecretReferenceError
+from specmesh.secrets import VaultRef, is_reference
+
 from .validation import format_path
 
 __all__ = ["Change", "diff_json"]
@@ -35,7 +38,26 @@ class Change:
             return f"+ {self.path}: {_show(self.new)}"
         if self.op == "remove":
             return f"- {self.path}: {_show(self.old)}"
+        versions = _secret_versions(self.old, self.new)
+        if versions is not None:
+            return f"~ {self.path}: version {versions[0]} -> {versions[1]}"
         return f"~ {self.path}: {_show(self.old)} -> {_show(self.new)}"
+
+
+def _secret_versions(old: Any, new: Any) -> tuple[str, str] | None:
+    """``(old, new)`` versions when both values are references to one secret field that
+    differ only in version (a key changed: shown as its versions, never a value)."""
+    if not (isinstance(old, str) and isinstance(new, str)):
+        return None
+    if not (is_reference(old) and is_reference(new)):
+        return None
+    try:
+        a, b = VaultRef.parse(old), VaultRef.parse(new)
+    except SecretReferenceError:
+        return None
+    if a.location != b.location:
+        return None
+    return (str(a.version or "latest"), str(b.version or "latest"))
 
 
 def _show(value: Any) -> str:

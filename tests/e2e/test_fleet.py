@@ -231,6 +231,106 @@ def test_engines_never_hold_a_secret(fleet: dict[str, Any]) -> None:
     assert not [s for s in secrets if s in traces]
 
 
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(e.decode(errors="replace").split("=", 1) for e in raw if b"=" in e)
+
+
+def test_each_process_holds_its_own_vault_identity_and_no_root_token(
+    fleet: dict[str, Any],
+) -> None:
+    services = json.loads((fleet["_home"] / "services.json").read_text())
+    root = services["baoToken"]
+    address = services["baoAddress"]
+    sidecars = {(p["agent"], p["track"]): p for p in fleet["processes"] if p["role"] == "sidecar"}
+    # nothing the fleet runs holds the root token (set-up used it, and stopped)
+    for p in fleet["processes"]:
+        environ = Path(f"/proc/{p['pid']}/environ").read_bytes().decode(errors="replace")
+        assert root not in environ, p["name"]
+
+    # the control plane runs with its own policy
+    cp = next(p for p in fleet["processes"] if p["role"] == "control-plane")
+    cp_vault = hvac.Client(url=address, token=_environ(cp["pid"])["SPECMESH_VAULT_TOKEN"])
+    assert sorted(cp_vault.auth.token.lookup_self()["data"]["policies"]) == [
+        "default",
+        "specmesh-control-plane",
+    ]
+
+    # a sidecar's real token reads its agent's key, and OpenBao refuses another agent's
+    helper_token = _environ(sidecars[("mse-nacos-helper", "stable")]["pid"])["SPECMESH_VAULT_TOKEN"]
+    as_helper = hvac.Client(url=address, token=helper_token)
+    info = as_helper.auth.token.lookup_self()["data"]
+    assert sorted(info["policies"]) == ["default", "specmesh-agent-mse-nacos-helper"]
+    assert info["ttl"] > 0  # a periodic token, renewed by the sidecar
+    own = _api(fleet, "/api/v1/agents/mse-nacos-helper")["spec"]["model"]["apiKey"]
+    other = _api(fleet, "/api/v1/agents/mse-gateway-assistant")["spec"]["model"]["apiKey"]
+    for ref, allowed in ((own, True), (other, False)):
+        path, _, rest = ref.removeprefix("vault://secret/").partition("#")
+        version = int(rest.partition("@")[2])
+        read = lambda p=path, v=version: as_helper.secrets.kv.v2.read_secret_version(  # noqa: E731
+            path=p, version=v, mount_point="secret", raise_on_deleted_version=True
+        )
+        if allowed:
+            assert read()["data"]["data"]["value"] == "sk-51668897d94****"
+        else:
+            with pytest.raises(hvac.exceptions.Forbidden):
+                read()
+    # nor the fleet's Redis password unless shared (it is: mse-nacos-helper's memory)
+    as_gateway = hvac.Client(
+        url=address,
+        token=_environ(sidecars[("mse-gateway-assistant", "stable")]["pid"])[
+            "SPECMESH_VAULT_TOKEN"
+        ],
+    )
+    with pytest.raises(hvac.exceptions.Forbidden):
+        as_gateway.secrets.kv.v2.read_secret_version(
+            path="specmesh/shared/fleet-redis", mount_point="secret", raise_on_deleted_version=True
+        )
+    assert as_helper.secrets.kv.v2.read_secret_version(
+        path="specmesh/shared/fleet-redis", mount_point="secret", raise_on_deleted_version=True
+    )
+
+    # PKI: an agent's token gets a certificate for its own SPIFFE ID only
+    def issue(client: hvac.Client, role: str, agent: str) -> Any:
+        return client.secrets.pki.generate_certificate(
+            name=role,
+            common_name=agent,
+            extra_params={
+                "uri_sans": f"spiffe://specmesh.local/agent/{agent}",
+                "alt_names": f"{agent}.agent.specmesh.local",
+                "ttl": "60s",
+                "exclude_cn_from_sans": True,
+            },
+            mount_point="specmesh-pki",
+        )
+
+    assert (
+        "BEGIN CERTIFICATE"
+        in issue(as_helper, "specmesh-agent-mse-nacos-helper", "mse-nacos-helper")["data"][
+            "certificate"
+        ]
+    )
+    with pytest.raises(hvac.exceptions.InvalidRequest):  # its own role, another's identity
+        issue(as_helper, "specmesh-agent-mse-nacos-helper", "mse-gateway-assistant")
+    with pytest.raises(hvac.exceptions.Forbidden):  # another agent's role
+        issue(as_helper, "specmesh-agent-mse-gateway-assistant", "mse-gateway-assistant")
+    with pytest.raises(hvac.exceptions.Forbidden):  # the old shared role
+        issue(as_helper, "specmesh-agent", "mse-gateway-assistant")
+
+    # the engine: no Vault address or token, and a HOME of its own with nothing of the
+    # services' state in it
+    for p in fleet["processes"]:
+        if p["role"] != "engine":
+            continue
+        environ = _environ(p["pid"])
+        assert not [k for k in environ if "VAULT" in k or "TOKEN" in k], p["name"]
+        home = Path(environ["HOME"])
+        assert home != fleet["_home"] and fleet["_home"] in home.parents
+        names = {f.name for f in home.rglob("*")}
+        assert not names & {"services.json", "init.json", "admin-token", "tokens.json"}
+        assert Path(f"/proc/{p['pid']}/cwd").resolve() == home.resolve()
+
+
 def test_killing_one_agent_leaves_the_others_answering(fleet: dict[str, Any]) -> None:
     victims = [p for p in fleet["processes"] if p.get("agent") == "schedulex-assistant"
                and p.get("track") == "canary"]  # fmt: skip

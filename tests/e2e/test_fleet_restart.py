@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import hvac
 import pytest
 
 from specmesh.a2aclient import invoke
@@ -46,6 +47,9 @@ def test_up_twice_keeps_a_prompt_pin_and_adds_no_revision(
         assert cli(["apply", "-f", str(pinned)]) == 0
         assert "configured (revision 2)" in capsys.readouterr().out
         before = _revisions(first)
+        sidecar = next(p for p in first["processes"] if p["role"] == "sidecar")
+        raw = Path(f"/proc/{sidecar['pid']}/environ").read_bytes().split(b"\0")
+        old_token = dict(e.decode().split("=", 1) for e in raw if b"=" in e)["SPECMESH_VAULT_TOKEN"]
         fleet.down()
 
         second = fleet.up()
@@ -62,6 +66,11 @@ def test_up_twice_keeps_a_prompt_pin_and_adds_no_revision(
         )
         assert result.state == "completed"
         assert "nacos-mcp-tools__list_services" in result.tool_calls
+        # `down` revoked the identities it handed out
+        with pytest.raises(hvac.exceptions.Forbidden):
+            hvac.Client(
+                url=second["endpoints"]["openbao"], token=old_token
+            ).auth.token.lookup_self()
         stored = json.dumps(_api(second, "/api/v1/mcp-servers"))
         assert "127.0.0.1" not in stored  # registry entries name services, not ports
     finally:

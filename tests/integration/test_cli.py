@@ -50,6 +50,10 @@ async def _publish_prompt(services: LocalServices, prefix: str, key: str) -> Non
         store = SpecStore(etcd=client, keys=Keys(prefix=prefix))
         entry = PromptEntry(prompt_key=key, version="1.0.0", template="You help.")
         await store.put_prompt_version(entry, actor="fixture")
+        # what a secrets-admin shares for the examples (the fleet's Redis password)
+        await store.put_grant(
+            "mse-nacos-helper", "secret", "specmesh/shared/fleet-redis", actor="fixture"
+        )
     finally:
         await client.close()
 

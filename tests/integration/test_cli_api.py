@@ -54,6 +54,7 @@ class ControlPlane:
     admin: str
     operator: str
     viewer: str
+    secrets_admin: str = ""
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,9 @@ def control_plane(
     services: LocalServices, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ControlPlane]:
     tmp = tmp_path_factory.mktemp("cli-api")
-    admin, operator, viewer = (f"tok-{r}-{uuid.uuid4().hex}" for r in ("a", "o", "v"))
+    admin, operator, viewer, secrets_admin = (
+        f"tok-{r}-{uuid.uuid4().hex}" for r in ("a", "o", "v", "s")
+    )
     tokens = tmp / "tokens.json"
     StaticTokenAuthenticator.write_file(
         tokens,
@@ -69,6 +72,7 @@ def control_plane(
             admin: ("ci-admin", [Role.ADMIN]),  # the examples register MCP servers (admin only)
             operator: ("ci-operator", [Role.OPERATOR]),
             viewer: ("ci-viewer", [Role.VIEWER]),
+            secrets_admin: ("ci-secrets", [Role.SECRETS_ADMIN]),
         },
     )
     port = free_port()
@@ -107,7 +111,11 @@ def control_plane(
     r = requests.post(f"{url}/api/v1/apply", json={"manifest": prompt},
                       headers={"Authorization": f"Bearer {admin}"}, timeout=30)  # fmt: skip
     assert r.status_code == 200, r.text  # the prompt the test agents name
-    yield ControlPlane(url, prefix, admin, operator, viewer)
+    r = requests.put(f"{url}/api/v1/agents/mse-nacos-helper/grants",
+                     json={"secret": "vault://secret/specmesh/shared/fleet-redis"},
+                     headers={"Authorization": f"Bearer {secrets_admin}"}, timeout=30)  # fmt: skip
+    assert r.status_code == 200, r.text  # what the examples reference outside their trees
+    yield ControlPlane(url, prefix, admin, operator, viewer, secrets_admin)
     proc.terminate()
     proc.wait(timeout=10)
     assert proc.returncode == 0, log_path.read_text()
@@ -187,7 +195,8 @@ def test_apply_examples_through_the_api_moves_secrets_to_vault(
     names = {a["name"] for a in json.loads(out)}
     assert {"mse-nacos-helper", "mse-gateway-assistant", "schedulex-assistant"} <= names
     code, out, _ = _run(capsys, "audit", "--name", "mse-nacos-helper", "-o", "json")
-    assert [e["actor"] for e in json.loads(out)] == ["ci-admin"]  # the token, not $USER
+    actors = {e["kind"]: e["actor"] for e in json.loads(out)}
+    assert actors == {"Agent": "ci-admin", "Grant": "ci-secrets"}  # the tokens, not $USER
 
 
 def test_get_describe_history_diff_rollback(
@@ -641,3 +650,59 @@ def test_a_dangling_partner_or_mcp_server_is_a_warning_in_apply_and_describe(
     assert "Warnings (2):" in out and "nobody-yet" in out and "no-mcp-yet" in out
     code, out, _ = _run(capsys, "describe", "agent", name, "-o", "json")
     assert len(json.loads(out)["warnings"]) == 2
+
+
+# ---------------------------------------------------------------- shared secrets
+
+
+def test_only_a_secrets_admin_shares_a_secret_and_an_agent_uses_only_what_is_shared(
+    cp: ControlPlane,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    name = f"share-{uuid.uuid4().hex[:6]}"
+    secret = f"vault://secret/specmesh/shared/{name}"
+    folder = _agent_folder(tmp_path, name, "0.1")
+    (folder / "model.json").write_text(f'{{"model": "m", "apiKey": "{secret}#token"}}')
+
+    code, _, err = _run(capsys, "apply", "-f", str(folder))  # as operator: not shared yet
+    assert code == 1 and "not shared with it" in err and f"grant create {name}" in err
+    code, _, err = _run(capsys, "grant", "create", name, secret)
+    assert code == 7, err  # an operator cannot share a secret
+
+    monkeypatch.setenv("SPECMESH_TOKEN", cp.secrets_admin)
+    code, out, err = _run(capsys, "grant", "create", name, secret)
+    assert (code, out) == (0, f"shared {secret} with agent/{name}\n"), err
+    for bad, reason in (
+        ("vault://sys/policies#x", "mount 'sys' is not allowed"),
+        ("vault://secret/specmesh/agents/other/model/apiKey", "never shared"),
+        ("vault://secret/a/../b", "path segment '..' is not allowed"),
+    ):
+        code, _, err = _run(capsys, "grant", "create", name, bad)
+        assert code == 1 and reason in err, (bad, err)
+    code, out, _ = _run(capsys, "grant", "list", name, "-o", "json")
+    assert [g["secret"] for g in json.loads(out)] == [secret]
+
+    monkeypatch.setenv("SPECMESH_TOKEN", cp.operator)
+    code, out, err = _run(capsys, "apply", "-f", str(folder))
+    assert code == 0, err
+    code, out, _ = _run(capsys, "describe", "agent", name)
+    assert f"Shared:       {secret} (by ci-secrets)" in out
+    (folder / "model.json").write_text('{"model": "m", "apiKey": "vault://sys/policies#x"}')
+    code, _, err = _run(capsys, "apply", "-f", str(folder))
+    assert code == 1 and "spec.model.apiKey" in err and "mount 'sys' is not allowed" in err
+    code, out, _ = _run(capsys, "audit", "--kind", "Grant", "--name", name, "-o", "json")
+    assert [(e["action"], e["actor"]) for e in json.loads(out)] == [("grant", "ci-secrets")]
+
+
+def test_secret_garbage_collection_is_for_secrets_admins(
+    cp: ControlPlane, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _run(capsys, "secrets", "gc")[0] == 7  # operator
+    monkeypatch.setenv("SPECMESH_TOKEN", cp.secrets_admin)
+    # a grace longer than the session: other tests' versions (other etcd prefixes, one
+    # Vault) are never touched; the sweep itself runs for real
+    code, out, err = _run(capsys, "secrets", "gc", "--grace", "1000000")
+    assert code == 0, err
+    assert out.endswith("kept\n") and out.startswith("0 unreferenced versions destroyed")

@@ -122,7 +122,7 @@ async def test_apply_moves_the_plaintext_key_to_vault_and_get_shows_only_the_ref
     assert got.agent.revision_info.author == "user-operator"
     assert got.agent.revision_info.HasField("created_at")
     api_key = json.loads(got.agent.spec_json)["model"]["apiKey"]
-    assert api_key.startswith("vault://") and api_key.endswith("#value")
+    assert api_key.startswith("vault://") and "#value@" in api_key  # pinned to its version
     assert PLANTED not in str(applied) + str(got)
     assert {c.path for c in applied.changes} >= {"model"}
 

@@ -23,8 +23,9 @@ from specmesh.modelserver import ScriptedModelServer
 from specmesh.secrets import VaultRef
 from specmesh.services import LocalServices, free_port
 from specmesh.spec.models import AgentSpec
+from specmesh.specservice import SpecService
 from specmesh.store import SpecStore
-from specmesh.vault import VaultClient
+from specmesh.vault import VaultClient, agent_policy_name
 
 pytestmark = pytest.mark.integration
 
@@ -84,6 +85,11 @@ async def test_sidecar_injects_vault_credentials_and_guards_inbound(
         }
     )
     await store.apply_agent("caller", partner, actor="t")
+    # what apply does: the agent's policy and its own PKI role; then a token of that policy
+    await SpecService(store=store, vault=vault, pki_mount="specmesh-pki").write_identity("front")
+    token, _ = await vault.create_identity_token(
+        policies=[agent_policy_name("front")], period="1h", display_name="front"
+    )
     engine_addr, seen = engine_stub
     egress_port, inbound_port = free_port(), free_port()
     settings = SidecarSettings(
@@ -98,7 +104,7 @@ async def test_sidecar_injects_vault_credentials_and_guards_inbound(
         etcd_endpoint=etcd.endpoint,
         etcd_prefix=keys.prefix,
         vault_addr=services.bao.address,
-        vault_token=services.bao.root_token,
+        vault_token=token,  # the agent's own identity, as the fleet gives it
         mtls=True,
     )
     sidecar = Sidecar(settings=settings, component_factories=[DataPlane])

@@ -63,8 +63,9 @@ def test_defaults_and_local_services(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert (s.etcd_endpoint, s.vault_addr, s.vault_token) == (
         "http://127.0.0.1:23790",
         "http://127.0.0.1:8201",
-        "root-t",
+        None,  # never the services' root token: a sidecar is given its agent's own
     )
+    assert s.vault_pki_role == "specmesh-agent-helper"
     assert s.inbound_url == "https://127.0.0.1:7100"
     assert "root-t" not in repr(s)
 

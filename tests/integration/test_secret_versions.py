@@ -1,0 +1,288 @@
+"""Versioned secret references (real etcd and OpenBao): a revision pins the exact KV
+versions it runs with, so what the agent's sidecar injects is always what the current revision
+names -- through refused applies, rollbacks and a control plane killed mid-apply."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from control_plane.auth import Role, StaticTokenAuthenticator
+from sidecar.credentials import CredentialResolver
+from specmesh.errors import ConflictError
+from specmesh.etcd import EtcdClient
+from specmesh.keys import Keys
+from specmesh.secrets import VaultRef
+from specmesh.services import LocalServices, free_port
+from specmesh.spec.manifest import LoadedManifest, parse_manifest
+from specmesh.specservice import SpecService
+from specmesh.store import SpecStore
+from specmesh.vault import (
+    CONTROL_PLANE_POLICY,
+    VaultClient,
+    agent_policy_name,
+    control_plane_policy,
+)
+
+from ..conftest import publish_prompt
+
+pytestmark = pytest.mark.integration
+
+
+def _agent(name: str, api_key: str, description: str = "d") -> dict[str, Any]:
+    return {
+        "apiVersion": "specmesh.io/v1",
+        "kind": "Agent",
+        "metadata": {"name": name},
+        "spec": {
+            "base": {"description": description, "promptKey": "p"},
+            "model": {"model": "m", "apiKey": api_key},
+        },
+    }
+
+
+def _loaded(doc: dict[str, Any]) -> LoadedManifest:
+    return LoadedManifest("test", parse_manifest(doc, source="test"))
+
+
+async def _injected(vault: VaultClient, store: SpecStore, agent: str) -> str:
+    """What the agent's sidecar injects now: the current revision's reference, resolved by
+    the sidecar's resolver with a token holding only the agent's policy."""
+    ref = (await store.get_agent(agent)).spec["model"]["apiKey"]
+    token = await vault.create_token(policies=[agent_policy_name(agent)])
+    as_agent = VaultClient(address=vault.address, token=token)
+    try:
+        async with CredentialResolver(source=as_agent, ttl=60) as resolver:
+            return await resolver.resolve(ref)
+    finally:
+        await as_agent.close()
+
+
+@pytest.fixture
+async def service(store: SpecStore, vault: VaultClient) -> SpecService:
+    await publish_prompt(store)
+    return SpecService(store=store, vault=vault)
+
+
+async def test_a_key_only_change_is_a_new_revision_with_an_audit_entry_and_a_version_diff(
+    service: SpecService, store: SpecStore
+) -> None:
+    name = f"kv-{uuid.uuid4().hex[:6]}"
+    first = await service.apply(_loaded(_agent(name, "sk-first")), actor="alice")
+    second = await service.apply(_loaded(_agent(name, "sk-second")), actor="alice")
+
+    assert (first.revision, second.revision, second.changed) == (1, 2, True)
+    a = VaultRef.parse((await store.get_agent(name, 1)).spec["model"]["apiKey"])
+    b = VaultRef.parse((await store.get_agent(name, 2)).spec["model"]["apiKey"])
+    assert a.location == b.location and a.version is not None and b.version == a.version + 1
+    changes = [str(c) for c in await store.diff(name, 1, 2)]
+    assert changes == [f"~ model.apiKey: version {a.version} -> {b.version}"]
+    audit = await store.audit_entries(name=name, kind="Agent", limit=10)
+    assert [e.revision for e in audit] == [2, 1]
+    assert "sk-second" not in str([e.to_json() for e in audit])
+
+
+async def test_reapplying_the_same_key_is_unchanged_and_writes_no_version(
+    service: SpecService, store: SpecStore, vault: VaultClient
+) -> None:
+    name = f"kv-{uuid.uuid4().hex[:6]}"
+    await service.apply(_loaded(_agent(name, "sk-same")), actor="alice")
+    ref = VaultRef.parse((await store.get_agent(name)).spec["model"]["apiKey"])
+
+    again = await service.apply(_loaded(_agent(name, "sk-same")), actor="alice")
+
+    assert (again.changed, again.revision) == (False, 1)
+    versions = await vault.versions(mount=ref.mount, path=ref.path)
+    assert sorted(versions) == [ref.version]
+
+
+async def test_a_refused_apply_leaves_the_live_key_and_gc_destroys_its_orphan(
+    service: SpecService, store: SpecStore, vault: VaultClient
+) -> None:
+    name = f"kv-{uuid.uuid4().hex[:6]}"
+    await service.apply(_loaded(_agent(name, "sk-live")), actor="alice")
+
+    with pytest.raises(ConflictError):
+        await service.apply(_loaded(_agent(name, "sk-refused")), actor="bob", expected_revision=0)
+
+    assert await _injected(vault, store, name) == "sk-live"
+    live = VaultRef.parse((await store.get_agent(name)).spec["model"]["apiKey"])
+    versions = await vault.versions(mount=live.mount, path=live.path)
+    assert len(versions) == 2  # the refused apply's key: written, never referenced
+    kept = await service.collect_garbage(grace_seconds=3600, only=[name])
+    assert kept.destroyed == []  # too young to judge: an apply may be mid-flight
+    report = await service.collect_garbage(grace_seconds=0, only=[name])
+    orphan = max(versions)
+    assert report.destroyed == [f"vault://{live.mount}/{live.path}@{orphan}"]
+    assert (await vault.versions(mount=live.mount, path=live.path))[orphan]["destroyed"]
+    assert await _injected(vault, store, name) == "sk-live"  # the referenced one stays
+
+
+async def test_rollback_to_a_revision_injects_that_revisions_key(
+    service: SpecService, store: SpecStore, vault: VaultClient
+) -> None:
+    name = f"kv-{uuid.uuid4().hex[:6]}"
+    await service.apply(_loaded(_agent(name, "sk-one")), actor="alice")
+    await service.apply(_loaded(_agent(name, "sk-two")), actor="alice")
+    assert await _injected(vault, store, name) == "sk-two"
+
+    await store.rollback(name, 1, actor="alice")
+
+    assert await _injected(vault, store, name) == "sk-one"
+    report = await service.collect_garbage(grace_seconds=0, only=[name])
+    assert report.destroyed == []  # every version is pinned by some revision
+
+
+async def test_gc_destroys_the_keys_of_a_deleted_agent(
+    service: SpecService, store: SpecStore, vault: VaultClient
+) -> None:
+    name = f"kv-{uuid.uuid4().hex[:6]}"
+    await service.apply(_loaded(_agent(name, "sk-gone")), actor="alice")
+    ref = VaultRef.parse((await store.get_agent(name)).spec["model"]["apiKey"])
+    await store.delete_agent(name, actor="alice")
+
+    report = await service.collect_garbage(grace_seconds=0, only=[name])
+
+    assert report.destroyed == [f"vault://{ref.mount}/{ref.path}@{ref.version}"]
+
+
+# ---------------------------------------------------------------- kill -9 mid-apply
+
+
+@pytest.fixture
+def cp_process(services: LocalServices, tmp_path: Path) -> Iterator[tuple[Any, ...]]:
+    """A control-plane process with its own Vault policy (not root), restartable."""
+    prefix = f"/crash-{uuid.uuid4().hex[:8]}"
+    token = f"tok-{uuid.uuid4().hex}"
+    tokens = tmp_path / "tokens.json"
+    StaticTokenAuthenticator.write_file(tokens, {token: ("ci-operator", [Role.OPERATOR])})
+
+    async def cp_token() -> str:
+        root = VaultClient(address=services.bao.address, token=services.bao.root_token)
+        try:
+            await root.put_policy(CONTROL_PLANE_POLICY, control_plane_policy())
+            made, _ = await root.create_identity_token(
+                policies=[CONTROL_PLANE_POLICY], period="1h", display_name="ci-cp"
+            )
+            return made
+        finally:
+            await root.close()
+
+    env = {
+        **os.environ,
+        "SPECMESH_ETCD_ENDPOINT": services.etcd.endpoint,
+        "SPECMESH_ETCD_PREFIX": prefix,
+        "SPECMESH_VAULT_ADDR": services.bao.address,
+        "SPECMESH_VAULT_TOKEN": asyncio.run(cp_token()),
+        "SPECMESH_TOKENS_FILE": str(tokens),
+        "SPECMESH_OTLP_LISTEN": "",
+        "SPECMESH_TRACES_DB": ":memory:",
+    }
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> str:
+        port = free_port()
+        env["SPECMESH_GRPC_LISTEN"] = f"127.0.0.1:{free_port()}"
+        log = (tmp_path / f"cp-{len(procs)}.log").open("wb")
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "specmesh.cli", "control-plane", "--listen",
+                 f"127.0.0.1:{port}"], env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{url}/healthz", timeout=1).ok:
+                    return url
+            except requests.RequestException:
+                time.sleep(0.05)  # polling a condition with a deadline
+        raise AssertionError("control plane did not start")
+
+    def kill() -> None:
+        procs[-1].send_signal(signal.SIGKILL)
+        procs[-1].wait(timeout=10)
+
+    yield prefix, token, start, kill
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=10)
+
+
+def _apply_all(url: str, token: str, docs: list[dict[str, Any]]) -> list[int]:
+    """The docs applied in parallel (8 threads); each status code (0: connection lost)."""
+    import concurrent.futures
+
+    def one(doc: dict[str, Any]) -> int:
+        try:
+            r = requests.post(
+                f"{url}/api/v1/apply",
+                json={"manifest": doc},
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=30,
+            )
+            return r.status_code
+        except requests.RequestException:
+            return 0
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(one, docs))
+
+
+@pytest.mark.parametrize("run", [1, 2])
+def test_a_control_plane_killed_mid_apply_never_splits_vault_from_etcd(
+    services: LocalServices, cp_process: tuple[Any, ...], run: int
+) -> None:
+    prefix, token, start, kill = cp_process
+    agents = [f"crash{run}-{i}" for i in range(8)]
+
+    async def prompt() -> None:
+        etcd = EtcdClient(host=services.etcd.host, port=services.etcd.client_port)
+        try:
+            await publish_prompt(SpecStore(etcd=etcd, keys=Keys(prefix=prefix)))
+        finally:
+            await etcd.close()
+
+    asyncio.run(prompt())
+    url = start()
+    statuses = _apply_all(url, token, [_agent(a, f"sk-{a}-0", "attempt 0") for a in agents])
+    assert statuses == [200] * 8
+    lost = 0
+    for attempt in range(1, 4):
+        docs = [_agent(a, f"sk-{a}-{attempt}", f"attempt {attempt}") for a in agents]
+        import threading
+
+        killer = threading.Timer(0.02 * attempt, kill)  # kill -9 in the middle of the round
+        killer.start()
+        lost += _apply_all(url, token, docs).count(0)
+        killer.join()
+        url = start()
+    assert lost > 0  # the kills did land in the middle of applies
+
+    async def check() -> None:
+        etcd = EtcdClient(host=services.etcd.host, port=services.etcd.client_port)
+        root = VaultClient(address=services.bao.address, token=services.bao.root_token)
+        try:
+            store = SpecStore(etcd=etcd, keys=Keys(prefix=prefix))
+            for a in agents:
+                record = await store.get_agent(a)
+                attempt = record.spec["base"]["description"].removeprefix("attempt ")
+                assert await _injected(root, store, a) == f"sk-{a}-{attempt}", a
+        finally:
+            await root.close()
+            await etcd.close()
+
+    asyncio.run(check())
