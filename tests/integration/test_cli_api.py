@@ -9,9 +9,7 @@ import asyncio
 import io
 import json
 import os
-import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ import pytest
 import requests
 import yaml
 
-from control_plane.auth import Role, StaticTokenAuthenticator
+from control_plane.auth import Role
 from specmesh import apiclient
 from specmesh.cli import main
 from specmesh.errors import ConflictError, NameCollisionError, NotFoundError, SpecError
@@ -33,6 +31,7 @@ from specmesh.services import LocalServices, free_port
 from specmesh.settings import Settings
 
 from ..conftest import REPO
+from .cp_process import ControlPlaneProcess
 
 pytestmark = pytest.mark.integration
 
@@ -65,47 +64,18 @@ def control_plane(
     admin, operator, viewer, secrets_admin = (
         f"tok-{r}-{uuid.uuid4().hex}" for r in ("a", "o", "v", "s")
     )
-    tokens = tmp / "tokens.json"
-    StaticTokenAuthenticator.write_file(
-        tokens,
-        {
+    process = ControlPlaneProcess(
+        services,
+        tmp,
+        tokens={
             admin: ("ci-admin", [Role.ADMIN]),  # the examples register MCP servers (admin only)
             operator: ("ci-operator", [Role.OPERATOR]),
             viewer: ("ci-viewer", [Role.VIEWER]),
             secrets_admin: ("ci-secrets", [Role.SECRETS_ADMIN]),
         },
+        prefix=f"/cli-api-{uuid.uuid4().hex[:8]}",
     )
-    port = free_port()
-    prefix = f"/cli-api-{uuid.uuid4().hex[:8]}"
-    env = {
-        **os.environ,
-        "SPECMESH_ETCD_ENDPOINT": services.etcd.endpoint,
-        "SPECMESH_ETCD_PREFIX": prefix,
-        "SPECMESH_VAULT_ADDR": services.bao.address,
-        "SPECMESH_VAULT_TOKEN": services.bao.root_token,
-        "SPECMESH_TOKENS_FILE": str(tokens),
-        "SPECMESH_GRPC_LISTEN": f"127.0.0.1:{free_port()}",
-        "SPECMESH_OTLP_LISTEN": f"127.0.0.1:{free_port()}",
-        "SPECMESH_TRACES_DB": str(tmp / "traces.db"),
-    }
-    log_path = tmp / "cp.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "specmesh.cli", "control-plane", "--listen",
-             f"127.0.0.1:{port}"],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/healthz", timeout=1).ok:
-                break
-        except requests.RequestException:
-            time.sleep(0.1)  # polling a condition with a deadline
-    else:
-        proc.kill()
-        pytest.fail(f"control plane did not start: {log_path.read_text()}")
+    url, prefix = process.start(), process.prefix
     prompt = {"apiVersion": "specmesh.io/v1", "kind": "Prompt", "metadata": {"name": "p"},
               "spec": {"version": "1.0.0", "template": "You help."}}  # fmt: skip
     r = requests.post(f"{url}/api/v1/apply", json={"manifest": prompt},
@@ -116,9 +86,7 @@ def control_plane(
                      headers={"Authorization": f"Bearer {secrets_admin}"}, timeout=30)  # fmt: skip
     assert r.status_code == 200, r.text  # what the examples reference outside their trees
     yield ControlPlane(url, prefix, admin, operator, viewer, secrets_admin)
-    proc.terminate()
-    proc.wait(timeout=10)
-    assert proc.returncode == 0, log_path.read_text()
+    assert process.stop() == 0, process.log.read_text()
 
 
 @pytest.fixture

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,11 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import requests
 
-from control_plane.auth import Role, StaticTokenAuthenticator
+from control_plane.auth import Role
 from specmesh.cli import main
-from specmesh.services import LocalServices, free_port
+from specmesh.services import LocalServices
+
+from .cp_process import ControlPlaneProcess
 
 pytestmark = pytest.mark.integration
 
@@ -35,49 +34,18 @@ class Server:
 def server(services: LocalServices, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("cli-tokens")
     boss, secrets, operator = (f"tok-{r}-{uuid.uuid4().hex}" for r in "bso")
-    tokens = tmp / "tokens.json"
-    StaticTokenAuthenticator.write_file(
-        tokens,
-        {
+    process = ControlPlaneProcess(
+        services,
+        tmp,
+        tokens={
             boss: ("ci-boss", [Role.ADMIN, Role.SECRETS_ADMIN]),
             secrets: ("ci-secrets", [Role.SECRETS_ADMIN]),
             operator: ("ci-operator", [Role.OPERATOR]),
         },
     )
-    port = free_port()
-    env = {
-        **os.environ,
-        "SPECMESH_ETCD_ENDPOINT": services.etcd.endpoint,
-        "SPECMESH_ETCD_PREFIX": f"/cli-tokens-{uuid.uuid4().hex[:8]}",
-        "SPECMESH_VAULT_ADDR": services.bao.address,
-        "SPECMESH_VAULT_TOKEN": services.bao.root_token,
-        "SPECMESH_TOKENS_FILE": str(tokens),
-        "SPECMESH_GRPC_LISTEN": f"127.0.0.1:{free_port()}",
-        "SPECMESH_OTLP_LISTEN": f"127.0.0.1:{free_port()}",
-        "SPECMESH_TRACES_DB": str(tmp / "traces.db"),
-    }
-    log_path = tmp / "cp.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "specmesh.cli", "control-plane", "--listen",
-             f"127.0.0.1:{port}"],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/healthz", timeout=1).ok:
-                break
-        except requests.RequestException:
-            time.sleep(0.1)  # polling a condition with a deadline
-    else:
-        proc.kill()
-        pytest.fail(f"control plane did not start: {log_path.read_text()}")
+    url = process.start()
     yield Server(url, boss, secrets, operator)
-    proc.terminate()
-    proc.wait(timeout=10)
-    assert proc.returncode == 0, log_path.read_text()
+    assert process.stop() == 0, process.log.read_text()
 
 
 @pytest.fixture

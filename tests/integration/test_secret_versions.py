@@ -5,11 +5,6 @@ names -- through refused applies, rollbacks and a control plane killed mid-apply
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,13 +13,13 @@ from typing import Any
 import pytest
 import requests
 
-from control_plane.auth import Role, StaticTokenAuthenticator
+from control_plane.auth import Role
 from sidecar.credentials import CredentialResolver
 from specmesh.errors import ConflictError
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
 from specmesh.secrets import VaultRef
-from specmesh.services import LocalServices, free_port
+from specmesh.services import LocalServices
 from specmesh.spec.manifest import LoadedManifest, parse_manifest
 from specmesh.specservice import SpecService
 from specmesh.store import SpecStore
@@ -36,8 +31,10 @@ from specmesh.vault import (
 )
 
 from ..conftest import publish_prompt
+from .cp_process import ControlPlaneProcess
 
 pytestmark = pytest.mark.integration
+TOKEN = f"tok-{uuid.uuid4().hex}"
 
 
 def _agent(name: str, api_key: str, description: str = "d") -> dict[str, Any]:
@@ -161,12 +158,8 @@ async def test_gc_destroys_the_keys_of_a_deleted_agent(
 
 
 @pytest.fixture
-def cp_process(services: LocalServices, tmp_path: Path) -> Iterator[tuple[Any, ...]]:
+def cp_process(services: LocalServices, tmp_path: Path) -> Iterator[ControlPlaneProcess]:
     """A control-plane process with its own Vault policy (not root), restartable."""
-    prefix = f"/crash-{uuid.uuid4().hex[:8]}"
-    token = f"tok-{uuid.uuid4().hex}"
-    tokens = tmp_path / "tokens.json"
-    StaticTokenAuthenticator.write_file(tokens, {token: ("ci-operator", [Role.OPERATOR])})
 
     async def cp_token() -> str:
         root = VaultClient(address=services.bao.address, token=services.bao.root_token)
@@ -179,47 +172,14 @@ def cp_process(services: LocalServices, tmp_path: Path) -> Iterator[tuple[Any, .
         finally:
             await root.close()
 
-    env = {
-        **os.environ,
-        "SPECMESH_ETCD_ENDPOINT": services.etcd.endpoint,
-        "SPECMESH_ETCD_PREFIX": prefix,
-        "SPECMESH_VAULT_ADDR": services.bao.address,
-        "SPECMESH_VAULT_TOKEN": asyncio.run(cp_token()),
-        "SPECMESH_TOKENS_FILE": str(tokens),
-        "SPECMESH_OTLP_LISTEN": "",
-        "SPECMESH_TRACES_DB": ":memory:",
-    }
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start() -> str:
-        port = free_port()
-        env["SPECMESH_GRPC_LISTEN"] = f"127.0.0.1:{free_port()}"
-        log = (tmp_path / f"cp-{len(procs)}.log").open("wb")
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "specmesh.cli", "control-plane", "--listen",
-                 f"127.0.0.1:{port}"], env=env, stdout=log, stderr=subprocess.STDOUT,
-            )
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{url}/healthz", timeout=1).ok:
-                    return url
-            except requests.RequestException:
-                time.sleep(0.05)  # polling a condition with a deadline
-        raise AssertionError("control plane did not start")
-
-    def kill() -> None:
-        procs[-1].send_signal(signal.SIGKILL)
-        procs[-1].wait(timeout=10)
-
-    yield prefix, token, start, kill
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait(timeout=10)
+    process = ControlPlaneProcess(
+        services,
+        tmp_path,
+        tokens={TOKEN: ("ci-operator", [Role.OPERATOR])},
+        vault_token=asyncio.run(cp_token()),
+    )
+    yield process
+    process.stop()
 
 
 def _apply_all(url: str, token: str, docs: list[dict[str, Any]]) -> list[int]:
@@ -246,7 +206,7 @@ def _apply_all(url: str, token: str, docs: list[dict[str, Any]]) -> list[int]:
 def test_a_control_plane_killed_mid_apply_never_splits_vault_from_etcd(
     services: LocalServices, cp_process: tuple[Any, ...], run: int
 ) -> None:
-    prefix, token, start, kill = cp_process
+    prefix, token, start, kill = cp_process.prefix, TOKEN, cp_process.start, cp_process.kill
     agents = [f"crash{run}-{i}" for i in range(8)]
 
     async def prompt() -> None:
