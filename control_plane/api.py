@@ -176,6 +176,7 @@ class ControlPlane:
         await self.store.delete_agent(
             name, actor=principal.name, expected_revision=expected_revision
         )
+        await self.specs.retire_identity(name)
 
     # ------------------------------------------------------------ prompts
 
@@ -315,8 +316,7 @@ class ControlPlane:
         authorize(principal, "grants.write")
         mount, path = self._shareable(secret)
         await self.store.delete_grant(agent, mount, path, actor=principal.name)
-        if await self.store.current_revision(agent):
-            await self.specs.write_identity(agent)
+        await self.specs.write_identity(agent)  # shared before the agent existed: still revoked
 
     async def list_grants(
         self, principal: Principal, agent: str | None = None
@@ -336,7 +336,18 @@ class ControlPlane:
         authorize(principal, "credentials.write")
         if not value:
             raise BadRequestError("value: must not be empty")
-        ref = VaultRef.parse(f"vault://{mount or self.kv_mount}/{path}#{field}")
+        try:
+            ref = VaultRef.parse(f"vault://{mount or self.kv_mount}/{path}#{field}")
+        except SecretReferenceError as e:
+            raise BadRequestError(f"path: {e.reason}") from None
+        bad_mount = self.specs.check_location(ref)
+        if bad_mount:
+            raise BadRequestError(f"mount: {bad_mount}")
+        if not ref.path.startswith("specmesh/") or ref.path.startswith("specmesh/agents/"):
+            raise BadRequestError(
+                "path: credentials are written under specmesh/ outside specmesh/agents/ (an "
+                "agent's own keys change only by applying its spec, as new versions)"
+            )
         await self.vault.write(ref, value)
         _, version = await self.vault.read_fields(mount=ref.mount, path=ref.path)
         await self.store.record(

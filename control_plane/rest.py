@@ -234,8 +234,10 @@ async def _instances(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
 async def _collect_garbage(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
     body = _object(await _json(r) or {})
     grace = body.get("graceSeconds", 3600)
-    if not isinstance(grace, int | float) or isinstance(grace, bool) or not 0 <= grace <= 10**7:
-        raise BadRequestError("graceSeconds: must be a number of seconds, 0 to 10000000")
+    if not isinstance(grace, int | float) or isinstance(grace, bool) or not 60 <= grace <= 10**7:
+        # at least a minute: an apply between its Vault write and its etcd transaction keeps
+        # its new version
+        raise BadRequestError("graceSeconds: must be a number of seconds, 60 to 10000000")
     return await cp.collect_garbage(p, grace_seconds=float(grace))
 
 
@@ -438,7 +440,7 @@ ROUTES: list[Route] = [
           "Destroy secret versions no revision references, older than graceSeconds "
           "(secrets-admin)",
           body={"type": "object", "properties": {
-              "graceSeconds": {"type": "number", "minimum": 0, "maximum": 10000000}}},
+              "graceSeconds": {"type": "number", "minimum": 60, "maximum": 10000000}}},
           response={"type": "object", "properties": {
               "destroyed": {"type": "array", "items": {"type": "string"}},
               "kept": {"type": "integer"}}}),

@@ -27,7 +27,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
-from specmesh.errors import SecretError, SecretNotFoundError, SecretReferenceError
+from specmesh.errors import (
+    SecretAccessDeniedError,
+    SecretError,
+    SecretNotFoundError,
+    SecretReferenceError,
+)
 from specmesh.logs import register_secret
 from specmesh.secrets import VaultRef, is_reference
 from specmesh.vault import VaultClient, kubernetes_login
@@ -213,6 +218,10 @@ class CredentialResolver:
         try:
             value = await self._source.read(ref)
         except SecretError as e:
+            if isinstance(e, SecretAccessDeniedError | SecretNotFoundError):
+                # Vault's answer, not its absence: a revoked grant or a destroyed key stops
+                # being served at once
+                self._cache.pop(ref, None)
             entry = self._cache.get(ref)
             if entry is not None and self._clock() - entry.fetched_at < self.ttl:
                 logger.warning("refreshing %s failed (%s); serving the cached value", ref, e)

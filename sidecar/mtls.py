@@ -158,7 +158,7 @@ class PkiClient:
             f"{self.mount}/issue/{self.role}",
             self._client.secrets.pki.generate_certificate,
             name=self.role,
-            common_name=rn,
+            common_name=agent_dns_name(rn),
             extra_params={
                 "uri_sans": uri,
                 "alt_names": agent_dns_name(rn),

@@ -41,16 +41,17 @@ def agent_dns_name(agent: str) -> str:
 
 
 def agent_role_params(agent: str, *, max_ttl: str = "24h") -> dict[str, object]:
-    """The agent's own PKI role: certificates for its SPIFFE ID, its DNS name and its
-    resource name as CN, and nothing else -- whoever holds the agent's Vault token cannot
+    """The agent's own PKI role: certificates for its SPIFFE ID and its DNS name (also the CN),
+    and nothing else -- whoever holds the agent's Vault token cannot
     get a certificate naming another agent."""
     rn = resource_name(agent)
     return {
         "allowed_uri_sans": spiffe_id(rn),
-        "allowed_domains": [agent_dns_name(rn), rn],
+        "allowed_domains": [agent_dns_name(rn)],
         "allow_bare_domains": True,
         "allow_subdomains": False,
         "allow_glob_domains": False,
+        "allow_wildcard_certificates": False,
         "allow_any_name": False,
         "allow_localhost": False,
         "enforce_hostnames": False,

@@ -31,7 +31,8 @@ __all__ = [
 
 REDACTED = "<redacted>"
 _SCHEME = "vault://"
-_SEGMENT = re.compile(r"[A-Za-z0-9_.@=+-]+")
+_SEGMENT = re.compile(r"[A-Za-z0-9_.@=-]+")
+"""A path segment: no ``/``, no Vault policy globs (``+``, ``*``), nothing to escape."""
 _FIELD = re.compile(r"[A-Za-z0-9_.=+-]+")
 
 
@@ -75,7 +76,7 @@ class VaultRef:
                 raise SecretReferenceError(
                     reference=value,
                     reason=f"path segment {segment!r} is empty or holds characters "
-                    "other than letters, digits and '_.@=+-'",
+                    "other than letters, digits and '_.@=-'",
                 )
             if set(segment) == {"."}:
                 # an HTTP client normalises `..` away: the path would leave its tree

@@ -7,12 +7,20 @@ directly today; the control plane will call the same code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from specmesh.errors import NotFoundError, SecretNotFoundError, SpecError, SpecIssue
+from specmesh.errors import (
+    NotFoundError,
+    SecretNotFoundError,
+    SecretReferenceError,
+    SpecError,
+    SpecIssue,
+)
+from specmesh.names import resource_name
 from specmesh.pki import agent_role_params
 from specmesh.secrets import VaultRef, is_reference
 from specmesh.spec.manifest import LoadedManifest
@@ -88,9 +96,17 @@ def secret_ref_for(agent: str, path: Path, spec_json: dict[str, Any], *, mount: 
             segments.append(str(element))
         node = node[element]
     *location, last = segments
-    return VaultRef(
-        mount=mount, path="/".join([agent_secret_prefix(agent), *location, last]), field="value"
-    )
+    built = f"vault://{mount}/{'/'.join([agent_secret_prefix(agent), *location, last])}#value"
+    try:
+        return VaultRef.parse(built)  # a header named `..` must not become a path segment
+    except SecretReferenceError as e:
+        raise SpecError(
+            [
+                SpecIssue(
+                    format_path(path), "secret_location", f"cannot store this secret: {e.reason}"
+                )
+            ]
+        ) from None
 
 
 class SpecService:
@@ -203,7 +219,10 @@ class SpecService:
         out = {}
         for _, value in iter_secrets(AgentSpec.model_validate(record.spec)):
             if is_reference(value):
-                ref = VaultRef.parse(value)
+                try:
+                    ref = VaultRef.parse(value)
+                except SecretReferenceError:
+                    continue
                 if ref.version is not None:
                     out[(ref.mount, ref.path, ref.field)] = ref
         return out
@@ -242,14 +261,27 @@ class SpecService:
                 for _, value in iter_secrets(AgentSpec.model_validate(record.spec)):
                     if not is_reference(value):
                         continue
-                    ref = VaultRef.parse(value)
+                    try:
+                        ref = VaultRef.parse(value)
+                    except SecretReferenceError:
+                        continue  # a revision from before today's rules: nothing it pins
+
                     if ref.version is None:
                         latest.add((ref.mount, ref.path))
                     else:
                         referenced.setdefault((ref.mount, ref.path), set()).add(ref.version)
         cutoff = datetime.now(UTC).timestamp() - grace_seconds
         report = GarbageReport()
-        roots = [agent_secret_prefix(a) for a in only] if only is not None else ["specmesh/agents"]
+        # only the trees of agents this store knows, or deleted: never another installation's
+        # (one Vault, another etcd prefix) nor everything when etcd is empty or restored
+        owned = {resource_name(a.name) for a in await self.store.list_agents()}
+        owned |= {
+            resource_name(e.name)
+            for e in await self.store.audit_entries(kind="Agent", limit=100_000)
+            if e.action == "delete"
+        }
+        names = [a for a in only if resource_name(a) in owned] if only is not None else owned
+        roots = [agent_secret_prefix(a) for a in sorted(names)]
         paths = [p for root in roots for p in await self._secret_paths(root)]
         for path in paths:
             versions = await self.vault.versions(mount=self.kv_mount, path=path)
@@ -298,6 +330,14 @@ class SpecService:
             await self.vault.put_pki_role(
                 mount=self.pki_mount, name=agent_pki_role(name), params=agent_role_params(name)
             )
+
+    async def retire_identity(self, name: str) -> None:
+        """A deleted agent's policy and PKI role go: tokens still holding the policy (a
+        sidecar not stopped yet) can read nothing any more."""
+        await self.vault.delete_policy(agent_policy_name(name))
+        if self.pki_mount:
+            with contextlib.suppress(SecretNotFoundError):
+                await self.vault.delete_pki_role(mount=self.pki_mount, name=agent_pki_role(name))
 
     def check_location(self, ref: VaultRef) -> str | None:
         """Why a reference may not be used at all (a mount other than the KV mount of

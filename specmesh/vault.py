@@ -81,7 +81,10 @@ def agent_policy(
         f'path "{mount}/metadata/{prefix}/*" {{\n  capabilities = ["read", "list"]\n}}',
     ]
     for m, p in sorted(set(shared or [])):
-        rules.append(f'path "{m}/data/{p}" {{\n  capabilities = ["read"]\n}}')
+        ref = VaultRef.parse(f"vault://{m}/{p}#_")  # raises on anything but a plain path
+        if ref.path.startswith("specmesh/agents/"):
+            raise SecretError(f"refusing to share another agent's secret {m}/{p}")
+        rules.append(f'path "{ref.mount}/data/{ref.path}" {{\n  capabilities = ["read"]\n}}')
     if pki_mount:
         rules.append(
             f'path "{pki_mount}/issue/{agent_pki_role(agent)}" {{\n'
@@ -103,11 +106,13 @@ def control_plane_policy(*, kv_mount: str = "secret", pki_mount: str | None = No
         (f"{kv_mount}/metadata/specmesh", ["list"]),
         (f"{kv_mount}/metadata/specmesh/*", ["read", "list", "update", "delete"]),
         (f"{kv_mount}/destroy/specmesh/agents/*", ["update"]),
-        ("sys/policies/acl/specmesh-agent-*", ["create", "update", "read"]),
-        ("sys/policy/specmesh-agent-*", ["create", "update", "read"]),  # hvac's endpoint
+        ("sys/policies/acl/specmesh-agent-*", ["create", "update", "read", "delete"]),
+        ("sys/policy/specmesh-agent-*", ["create", "update", "read", "delete"]),  # hvac's
     ]
     if pki_mount:
-        rules.append((f"{pki_mount}/roles/specmesh-agent-*", ["create", "update", "read"]))
+        rules.append(
+            (f"{pki_mount}/roles/specmesh-agent-*", ["create", "update", "read", "delete"])
+        )
     return "".join(f'path "{p}" {{\n  capabilities = {json.dumps(c)}\n}}\n' for p, c in rules)
 
 
@@ -290,6 +295,17 @@ class VaultClient:
             self._client.secrets.pki.create_or_update_role,
             name,
             extra_params=params,
+            mount_point=mount,
+        )
+
+    async def delete_policy(self, name: str) -> None:
+        await self._run(f"sys/policies/acl/{name}", self._client.sys.delete_policy, name=name)
+
+    async def delete_pki_role(self, *, mount: str, name: str) -> None:
+        await self._run(
+            f"{mount}/roles/{name}",
+            self._client.secrets.pki.delete_role,
+            name,
             mount_point=mount,
         )
 

@@ -83,22 +83,27 @@ def test_question_uses_an_mcp_tool_and_a_partner_over_a2a(fleet: dict[str, Any])
 
 
 def test_one_trace_holds_the_spans_of_both_agents(fleet: dict[str, Any]) -> None:
+    expected = {
+        ("mse-nacos-helper", "invoke_agent mse-nacos-helper"),
+        ("mse-nacos-helper", "execute_tool nacos-mcp-tools__list_services"),
+        ("mse-nacos-helper", "execute_tool ask_mse-gateway-assistant"),
+        ("mse-gateway-assistant", "invoke_agent mse-gateway-assistant"),
+        ("mse-gateway-assistant", "chat qwen-plus-latest"),
+    }
+
     def two_agent_trace() -> dict[str, Any] | None:
+        # each process exports its spans in its own batches: wait until all have arrived
         for t in _api(fleet, "/api/v1/traces?agent=mse-nacos-helper&limit=100"):
             if {"mse-nacos-helper", "mse-gateway-assistant"} <= set(t["agents"]):
                 spans = _api(fleet, f"/api/v1/traces/{t['traceId']}")
                 names = {(s["agent"], s["name"]) for s in spans}
-                if ("mse-gateway-assistant", "invoke_agent mse-gateway-assistant") in names:
+                if expected <= names:
                     return {"trace": t, "names": names, "spans": spans}
         return None
 
-    found = _eventually(two_agent_trace, "a trace with both agents' spans")
+    found = _eventually(two_agent_trace, f"a trace holding {sorted(expected)}")
 
-    names = found["names"]
-    assert ("mse-nacos-helper", "invoke_agent mse-nacos-helper") in names
-    assert ("mse-nacos-helper", "execute_tool nacos-mcp-tools__list_services") in names
-    assert ("mse-nacos-helper", "execute_tool ask_mse-gateway-assistant") in names
-    assert ("mse-gateway-assistant", "chat qwen-plus-latest") in names
+    assert expected <= found["names"]
     assert found["trace"]["totalTokens"] > 0
     assert len(found["spans"]) < 100  # the SDK's internal spans are off
 
@@ -294,7 +299,7 @@ def test_each_process_holds_its_own_vault_identity_and_no_root_token(
     def issue(client: hvac.Client, role: str, agent: str) -> Any:
         return client.secrets.pki.generate_certificate(
             name=role,
-            common_name=agent,
+            common_name=f"{agent}.agent.specmesh.local",
             extra_params={
                 "uri_sans": f"spiffe://specmesh.local/agent/{agent}",
                 "alt_names": f"{agent}.agent.specmesh.local",

@@ -15,9 +15,9 @@ from control_plane.auth import Principal, Role, StaticTokenAuthenticator, hash_t
 from control_plane.istio import CRDS_PATH
 from control_plane.mesh import IstioValidator
 from control_plane.rest import build_app
-from specmesh.errors import SecretUnavailableError
+from specmesh.errors import SecretError, SecretUnavailableError
 from specmesh.store import SpecStore
-from specmesh.vault import VaultClient
+from specmesh.vault import VaultClient, agent_policy_name
 
 from ..conftest import publish_prompt
 
@@ -337,3 +337,30 @@ async def test_a_path_name_with_a_trailing_newline_is_a_4xx(api: TestServer) -> 
     assert status == 400
     assert body["error"]["code"] == "invalid_spec"
     assert "'helper\\n'" in body["error"]["message"]
+
+
+async def test_deleting_an_agent_retires_its_vault_policy(
+    api: TestServer, vault: VaultClient
+) -> None:
+    name = f"gone-{uuid.uuid4().hex[:6]}"
+    agent = {**AGENT, "metadata": {"name": name}}
+    assert (await _call(api, "POST", "/api/v1/apply", "operator", {"manifest": agent}))[0] == 200
+    assert "specmesh/agents/" in await vault.read_policy(agent_policy_name(name))
+
+    status, _ = await _call(api, "DELETE", f"/api/v1/agents/{name}", "operator")
+
+    assert status == 200
+    with pytest.raises(SecretError):  # a sidecar still holding the token reads nothing now
+        await vault.read_policy(agent_policy_name(name))
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["specmesh/agents/helper/model/apiKey", "other/team/key", "specmesh"],
+)
+async def test_a_credential_is_written_only_under_specmesh_outside_agents_trees(
+    api: TestServer, path: str
+) -> None:
+    body = {"path": path, "field": "value", "value": "v-not-written"}
+    status, answer = await _call(api, "PUT", "/api/v1/credentials", "secrets-admin", body)
+    assert status == 400 and answer["error"]["message"].startswith("path: ")

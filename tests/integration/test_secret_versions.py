@@ -246,3 +246,18 @@ def test_a_control_plane_killed_mid_apply_never_splits_vault_from_etcd(
             await etcd.close()
 
     asyncio.run(check())
+
+
+async def test_gc_never_touches_a_tree_its_store_does_not_own(
+    service: SpecService, vault: VaultClient
+) -> None:
+    """Another installation's agent (one Vault, another etcd prefix), or an empty etcd:
+    no agent of this store, no deletion recorded by it -- nothing of it is destroyed."""
+    stranger = f"stranger-{uuid.uuid4().hex[:6]}"
+    ref = VaultRef(mount="secret", path=f"specmesh/agents/{stranger}/model/apiKey", field="value")
+    written = await vault.write_version(ref, "sk-someone-elses")
+
+    report = await service.collect_garbage(grace_seconds=0, only=[stranger])
+
+    assert report.destroyed == []
+    assert await vault.read(written) == "sk-someone-elses"

@@ -35,6 +35,9 @@ def test_reference_round_trips() -> None:
         ("vault://secret/specmesh/agents/a/%2e%2e/b#value", "path segment '%2e%2e' is empty"),
         ("vault://secret/specmesh/agents/a/x\n#value", "path segment 'x\\n' is empty"),
         ("vault://../specmesh/x#value", "bad mount '..'"),
+        # Vault policy globs: a grant must never match more than its one path
+        ("vault://secret/specmesh/+/b/model/apiKey#value", "path segment '+' is empty"),
+        ("vault://secret/specmesh/*#value", "path segment '*' is empty"),
         ("vault://secret/a#f\n", "bad field"),
     ],
 )

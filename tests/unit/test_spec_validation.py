@@ -312,7 +312,7 @@ BAD_SPECS = [
         _agent(mcpServers=[{"mcpServerName": "gaode", "headers": {"key": "vault://kv/a//b#k"}}]),
         [
             "spec.mcpServers[0].headers.key: bad secret reference: path segment '' is empty "
-            "or holds characters other than letters, digits and '_.@=+-'"
+            "or holds characters other than letters, digits and '_.@=-'"
         ],
         id="vault-ref-empty-segment",
     ),
