@@ -309,10 +309,14 @@ class VaultClient:
             mount_point=mount,
         )
 
-    async def token_ttl(self) -> int:
-        """Seconds this client's token has left (0: it does not expire)."""
+    async def token_ttl(self) -> int | None:
+        """Seconds this client's token has left; None when it never expires (root, a
+        token without TTL)."""
         response = await self._run("auth/token/lookup-self", self._client.auth.token.lookup_self)
-        return int(response["data"].get("ttl") or 0)
+        data = response["data"]
+        if not data.get("expire_time") and not data.get("ttl"):
+            return None
+        return int(data.get("ttl") or 0)
 
     async def renew_self(self) -> None:
         """Renew this client's token (its period, or its TTL up to the max)."""
@@ -364,15 +368,15 @@ class VaultClient:
 
 
 async def keep_token_alive(vault: VaultClient, *, floor: float = 5.0) -> None:
-    """Renew ``vault``'s token at two thirds of its TTL, for as long as the task runs (a
-    token without TTL -- root, a static token -- needs nothing). A failed renewal is logged
-    and retried; the caller's reads fail clearly once the token has expired."""
+    """Renew ``vault``'s token at half its remaining TTL, for as long as the task runs (a
+    token that never expires -- root, a static token -- needs nothing). A failed renewal is
+    logged and retried; the caller's reads fail clearly once the token has expired."""
     while True:
         try:
             ttl = await vault.token_ttl()
-            if ttl <= 0:
+            if ttl is None:
                 return
-            await asyncio.sleep(max(floor, ttl * 2 / 3))
+            await asyncio.sleep(min(max(floor, ttl / 2), max(ttl - 1, 0.1)))
             await vault.renew_self()
         except SecretError as e:
             logger.warning("renewing the Vault token failed: %s (retrying)", e)
