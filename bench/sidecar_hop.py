@@ -226,7 +226,11 @@ def main() -> int:
         asyncio.run(setup_pki(address=state["baoAddress"], token=state["baoToken"]))
         etcd = EtcdClient.from_endpoint(state["etcdEndpoint"])
         vault = VaultClient(address=state["baoAddress"], token=state["baoToken"])
-        svc = SpecService(store=SpecStore(etcd=etcd, keys=Keys(prefix=PREFIX)), vault=vault)
+        svc = SpecService(
+            store=SpecStore(etcd=etcd, keys=Keys(prefix=PREFIX)),
+            vault=vault,
+            pki_mount="specmesh-pki",  # apply keeps each agent's own PKI role, as in the fleet
+        )
         asyncio.run(_apply(svc, _PROMPT))  # the engine serves nothing without its prompt
         asyncio.run(_apply(svc, _agent("bench-b", [])))
         asyncio.run(
