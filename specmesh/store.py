@@ -265,16 +265,7 @@ class SpecStore:
         self, *, actor: str, action: str, kind: str, name: str, message: str = ""
     ) -> AuditEntry:
         """An audit entry for a change made outside etcd (e.g. a credential in Vault)."""
-        entry, op = self._audit(
-            actor=actor,
-            action=action,
-            kind=kind,
-            name=name,
-            revision=None,
-            previous=None,
-            changes=[],
-            message=message,
-        )
+        entry, op = self.audit_op(actor=actor, action=action, kind=kind, name=name, message=message)
         await self.etcd.put(op.key, op.value)
         return entry
 
