@@ -6,7 +6,8 @@ Accepted forms:
   Release), ``metadata.name`` and ``spec``; a YAML file may hold several (``---``);
 * a Prompt Center entry as the seed writes it (``promptKey``, ``version``, ``template``...);
 * an agent folder holding the six part files (``agent-base.json``, ``model.json``,
-  ``mcp-servers.json``, ``partner-agents.json``, ``knowledge.json``, ``memory.json``);
+  ``mcp-servers.json``, ``partner-agents.json``, ``knowledge.json``, ``memory.json``, and
+  optionally ``deployment.json``);
   the folder's name is the agent's name; ``agent-base.json`` and ``model.json`` are
   required;
 * any other folder: every ``.json``/``.yaml``/``.yml`` file and agent folder in it, in
@@ -47,6 +48,7 @@ from .models import (
     AgentBase,
     AgentManifest,
     AgentSpec,
+    DeploymentSpec,
     KnowledgeSpec,
     McpServerManifest,
     McpServersPart,
@@ -99,6 +101,7 @@ PART_FILES: dict[str, tuple[str, type[Any], str | None]] = {
     "partnerAgents": ("partner-agents.json", PartnerAgentsPart, "agents"),
     "knowledge": ("knowledge.json", KnowledgeSpec, None),
     "memory": ("memory.json", MemorySpec, None),
+    "deployment": ("deployment.json", DeploymentSpec, None),
 }
 _REQUIRED_PARTS = ("base", "model")
 _ENVELOPES: dict[str, type[Any]] = {

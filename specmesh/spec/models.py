@@ -2,7 +2,9 @@
 
 An agent is six independent parts -- ``base``, ``model``, ``mcpServers``,
 ``partnerAgents``, ``knowledge``, ``memory`` -- so that each can change and reload
-alone. Beside them: Prompt Center entries, MCP Registry entries and release policies.
+alone, plus an optional ``deployment`` part (replicas per track, resources, autoscaling)
+that the controller reads and the engine ignores. Beside them: Prompt Center entries, MCP
+Registry entries and release policies.
 
 Wire names are camelCase (the seed's JSON validates as written); Python names are
 snake_case. Every model forbids unknown fields and is frozen. Secret-bearing fields
@@ -39,10 +41,14 @@ __all__ = [
     "AgentBase",
     "AgentManifest",
     "AgentSpec",
+    "AutoscalingSpec",
+    "CanaryTrackSpec",
     "ChunkingSpec",
     "CompressionSpec",
     "ConnectionPoolSpec",
+    "ContainerResources",
     "CredentialTemplate",
+    "DeploymentSpec",
     "EmbeddingModelSpec",
     "FallbackModel",
     "HeaderMatch",
@@ -65,18 +71,23 @@ __all__ = [
     "RecentSearch",
     "ReleaseManifest",
     "ReleaseSpec",
+    "ResourceAmounts",
+    "ResourcesSpec",
     "RetrievalSpec",
     "RetrySpec",
     "SecretMarker",
     "SemanticSearch",
     "SkillSpec",
     "SpecModel",
+    "TrackSpec",
+    "TracksSpec",
     "VectorStoreSpec",
 ]
 
 API_VERSION = "specmesh.io/v1"
 
-#: The six parts, by their wire name, in a fixed order.
+#: The parts, by their wire name, in a fixed order: the six the engine runs, then the
+#: ``deployment`` part the controller runs it by.
 PART_NAMES: tuple[str, ...] = (
     "base",
     "model",
@@ -84,6 +95,7 @@ PART_NAMES: tuple[str, ...] = (
     "partnerAgents",
     "knowledge",
     "memory",
+    "deployment",
 )
 
 
@@ -588,6 +600,107 @@ class MemorySpec(SpecModel):
         return self
 
 
+# ---------------------------------------------------------------- deployment
+
+MAX_REPLICAS = 100
+"""Most replicas of one track (and the highest autoscaling ``max``)."""
+
+Quantity = Annotated[
+    str,
+    Field(
+        max_length=32,
+        pattern=r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$",
+        examples=["250m", "1", "512Mi"],
+    ),
+]
+"""A Kubernetes resource quantity (``250m`` CPU, ``512Mi`` memory)."""
+
+
+class ResourceAmounts(SpecModel):
+    """CPU and memory of one container."""
+
+    cpu: Quantity | None = None
+    """CPU (``250m`` is a quarter of a core)."""
+    memory: Quantity | None = None
+    """Memory (``512Mi``)."""
+
+
+class ContainerResources(SpecModel):
+    """Requests and limits of one container."""
+
+    requests: ResourceAmounts = ResourceAmounts()
+    """What the scheduler reserves."""
+    limits: ResourceAmounts = ResourceAmounts()
+    """The most the container may use."""
+
+
+class ResourcesSpec(SpecModel):
+    """Resources of the engine and the sidecar; unset ones take the runtime's defaults
+    (the Helm chart's ``agentDefaults.resources``)."""
+
+    engine: ContainerResources | None = None
+    """The engine container."""
+    sidecar: ContainerResources | None = None
+    """The sidecar container."""
+
+
+class TrackSpec(SpecModel):
+    """One release track's workload."""
+
+    replicas: Annotated[int, Field(ge=0, le=MAX_REPLICAS)] = 1
+    """Instances (engine + sidecar pairs) of the track; 0 stops the track."""
+
+
+class CanaryTrackSpec(TrackSpec):
+    """The canary track: runs when enabled or while a release names a canary revision."""
+
+    enabled: bool = False
+    """Run the canary track even when no release names a canary revision."""
+
+
+class TracksSpec(SpecModel):
+    """The release tracks an agent runs."""
+
+    stable: TrackSpec = TrackSpec()
+    """Track ``stable`` (the release's stable revision, or the latest)."""
+    canary: CanaryTrackSpec = CanaryTrackSpec()
+    """Track ``canary`` (the release's canary revision)."""
+
+
+class AutoscalingSpec(SpecModel):
+    """Scaling each track between ``min`` and ``max`` on CPU (a HorizontalPodAutoscaler on
+    Kubernetes; the local supervisor runs ``min`` instances)."""
+
+    enabled: bool = False
+    """Scale automatically (``replicas`` are then ignored)."""
+    min: Annotated[int, Field(ge=1, le=MAX_REPLICAS)] = 2
+    """Fewest instances of a track."""
+    max: Annotated[int, Field(ge=1, le=MAX_REPLICAS)] = 5
+    """Most instances of a track."""
+    target_cpu: Annotated[int, Field(ge=1, le=100, alias="targetCPU")] = 70
+    """Average CPU use, in percent of the request, to scale toward."""
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> AutoscalingSpec:
+        if self.min > self.max:
+            raise PydanticCustomError(
+                "min_gt_max", "min ({min}) is above max ({max})", {"min": self.min, "max": self.max}
+            )
+        return self
+
+
+class DeploymentSpec(SpecModel):
+    """How the agent runs: instances per track, resources, autoscaling. Versioned with the
+    other parts; the controller reads the current revision's, for every track."""
+
+    tracks: TracksSpec = TracksSpec()
+    """Replicas of each release track."""
+    autoscaling: AutoscalingSpec = AutoscalingSpec()
+    """Automatic scaling of each track."""
+    resources: ResourcesSpec = ResourcesSpec()
+    """Container resources."""
+
+
 # ---------------------------------------------------------------- the agent
 
 
@@ -606,6 +719,8 @@ class AgentSpec(SpecModel):
     """Knowledge base (RAG)."""
     memory: MemorySpec = MemorySpec()
     """Conversation memory."""
+    deployment: DeploymentSpec = DeploymentSpec()
+    """How the agent runs (the controller's part; the engine ignores it)."""
 
 
 class Metadata(SpecModel):

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from .models import (
     AgentBase,
     AgentManifest,
+    DeploymentSpec,
     KnowledgeSpec,
     McpServerManifest,
     McpServersPart,
@@ -54,6 +55,7 @@ SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "partner-agents.schema.json": PartnerAgentsPart,
     "knowledge.schema.json": KnowledgeSpec,
     "memory.schema.json": MemorySpec,
+    "deployment.schema.json": DeploymentSpec,
     "prompt-entry.schema.json": PromptEntry,
 }
 

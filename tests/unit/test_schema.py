@@ -98,6 +98,7 @@ def test_every_schema_file_is_generated() -> None:
         "partner-agents.schema.json",
         "knowledge.schema.json",
         "memory.schema.json",
+        "deployment.schema.json",
         "prompt-entry.schema.json",
     }
     assert names == set(SCHEMA_MODELS)
