@@ -30,16 +30,21 @@ from specmesh.names import resource_name
 from specmesh.secrets import VaultRef
 
 __all__ = [
+    "AGENT_TOKEN_PERIOD",
+    "AGENT_TOKEN_ROLE",
     "CONTROL_PLANE_POLICY",
     "KEPT_VERSIONS",
+    "SUPERVISOR_POLICY",
     "VaultClient",
     "agent_pki_role",
     "agent_policy",
     "agent_policy_name",
     "agent_secret_prefix",
+    "agent_token_role_params",
     "control_plane_policy",
     "keep_token_alive",
     "kubernetes_login",
+    "supervisor_policy",
 ]
 
 T = TypeVar("T")
@@ -114,6 +119,34 @@ def control_plane_policy(*, kv_mount: str = "secret", pki_mount: str | None = No
             (f"{pki_mount}/roles/specmesh-agent-*", ["create", "update", "read", "delete"])
         )
     return "".join(f'path "{p}" {{\n  capabilities = {json.dumps(c)}\n}}\n' for p, c in rules)
+
+
+AGENT_TOKEN_ROLE = "specmesh-agent"
+"""The token role the local supervisor mints agents' tokens from: orphan, periodic, and
+holding only an agent's policy (``specmesh-agent-*``) besides ``default``."""
+SUPERVISOR_POLICY = "specmesh-supervisor"
+AGENT_TOKEN_PERIOD = "1h"
+"""Period of an agent's token: its sidecar renews it; a dead sidecar's lapses within it."""
+
+
+def agent_token_role_params() -> dict[str, object]:
+    """Parameters of :data:`AGENT_TOKEN_ROLE` (written with the services' root token at
+    set-up): tokens made from it can hold agent policies only, never the control plane's,
+    the supervisor's or ``root``."""
+    return {
+        "allowed_policies_glob": ["specmesh-agent-*"],
+        "disallowed_policies": ["root", CONTROL_PLANE_POLICY, SUPERVISOR_POLICY],
+        "orphan": True,
+        "renewable": True,
+        "token_period": AGENT_TOKEN_PERIOD,
+        "token_type": "service",
+    }
+
+
+def supervisor_policy() -> str:
+    """HCL of the local supervisor's policy: mint agents' tokens from
+    :data:`AGENT_TOKEN_ROLE`, nothing else (no secret, no policy, no revocation)."""
+    return f'path "auth/token/create/{AGENT_TOKEN_ROLE}" {{\n  capabilities = ["update"]\n}}\n'
 
 
 class VaultClient:
@@ -334,6 +367,30 @@ class VaultClient:
             policies=policies,
             period=period,
             renewable=True,
+            display_name=display_name,
+        )
+        auth = response["auth"]
+        return str(auth["client_token"]), str(auth["accessor"])
+
+    async def put_token_role(self, name: str, params: dict[str, object]) -> None:
+        """Create or replace the token role ``name`` (set-up, with a root token)."""
+        await self._run(
+            f"auth/token/roles/{name}",
+            self._client.write_data,
+            f"auth/token/roles/{name}",
+            data=params,
+        )
+
+    async def create_role_token(
+        self, *, role: str, policies: list[str], display_name: str
+    ) -> tuple[str, str]:
+        """``(token, accessor)`` made from the token role ``role`` (its period, orphan and
+        allowed policies apply; Vault refuses a policy the role does not allow)."""
+        response = await self._run(
+            f"auth/token/create/{role}",
+            self._client.auth.token.create,
+            role_name=role,
+            policies=policies,
             display_name=display_name,
         )
         auth = response["auth"]
