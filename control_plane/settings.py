@@ -71,6 +71,15 @@ class ControlPlaneSettings(BaseSettings):
     ``mesh_output_dir`` (GitOps), or server-side apply to the cluster."""
     mesh_output_dir: Path | None = None
     """Write rendered Istio objects here (GitOps) on every change."""
+    runtime: Literal["none", "local", "kubernetes"] = "none"
+    """Where the controller runs the agents (``SPECMESH_RUNTIME``): nowhere (the specs are
+    served, nothing is started), the local supervisor, or Kubernetes."""
+    supervisor_socket: Path = Path(".specmesh/run/supervisor.sock")
+    """The local supervisor's API socket (runtime ``local``)."""
+    controller_resync_seconds: float = Field(default=30.0, gt=0)
+    """How often the controller hands every agent's desired state to the runtime again."""
+    controller_observe_seconds: float = Field(default=2.0, gt=0)
+    """How often the controller reads what runs and writes the agents' status."""
 
     @field_validator("service_addresses")
     @classmethod

@@ -12,6 +12,9 @@
     <prefix>/prompts/<promptKey>/release          labels, A/B weights
     <prefix>/mcp/<mcpServerName>                  MCP Registry
     <prefix>/registry/<agent>/<instance>          live instances, under a lease
+    <prefix>/status/<agent>                       observed state of the agent's workload
+                                                  (desired/ready per track, instances),
+                                                  written by the controller
     <prefix>/grants/<agent>/<id>                  secrets a secrets-admin shared with the
                                                   agent (outside its own Vault tree)
     <prefix>/audit/<ts>-<id>                      who changed what (diff)
@@ -107,6 +110,13 @@ class Keys:
 
     def audit(self) -> str:
         return f"{self.prefix}/audit/"
+
+    # observed state, written by the controller
+    def statuses(self) -> str:
+        return f"{self.prefix}/status/"
+
+    def status(self, agent: str) -> str:
+        return f"{self.prefix}/status/{resource_name(agent)}"
 
     # API tokens of the control plane
     def tokens(self) -> str:

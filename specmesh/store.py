@@ -493,6 +493,7 @@ class SpecStore:
                 Op.delete(self.keys.agent(name), prefix=True),
                 # a later agent of the same name does not inherit what was shared with it
                 Op.delete(self.keys.grants(name), prefix=True),
+                Op.delete(self.keys.status(name)),
                 audit_op,
             ],
         )
@@ -680,6 +681,24 @@ class SpecStore:
         """Live instances from the Agent Registry (their keys live under leases)."""
         result = await self.etcd.range(self.keys.registry(agent), prefix=True)
         return [json.loads(kv.value) for kv in result.kvs]
+
+    async def put_status(self, agent: str, status: dict[str, Any]) -> None:
+        """Write an agent's observed state (the controller's; not audited: it is not a
+        change anyone made)."""
+        await self.etcd.put(self.keys.status(agent), dumps(status))
+
+    async def get_status(self, agent: str) -> dict[str, Any] | None:
+        kv = await self.etcd.get(self.keys.status(agent))
+        return dict(json.loads(kv.value)) if kv else None
+
+    async def list_statuses(self) -> dict[str, dict[str, Any]]:
+        """Resource name -> observed state, of every agent the controller reported on."""
+        result = await self.etcd.range(self.keys.statuses(), prefix=True)
+        prefix = self.keys.statuses()
+        return {kv.key.removeprefix(prefix): json.loads(kv.value) for kv in result.kvs}
+
+    async def delete_status(self, agent: str) -> None:
+        await self.etcd.delete(self.keys.status(agent))
 
     async def _put_with_audit(
         self, key: str, data: dict[str, Any], *, actor: str, kind: str, name: str

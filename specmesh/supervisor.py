@@ -1,0 +1,762 @@
+"""The local supervisor (``specmesh supervisor``): the kubelet of one machine.
+
+The controller (in the control plane) tells it, per agent, how many instances to run per
+release track (:class:`specmesh.workloads.AgentWorkload`); the supervisor makes it so:
+
+* an **instance** is one engine + sidecar pair of processes, named ``<agent>-<track>-<n>``
+  (its id in the Agent Registry), with its own ports (kept across restarts) and its own
+  Vault token, minted from the ``specmesh-agent`` token role with the agent's policy only
+  (the supervisor's own token can do nothing else). The engine gets no secret and no
+  Vault address;
+* a process that exits is restarted on its own (the other one of the pair keeps running):
+  at once when it had run :data:`MIN_HEALTHY` seconds, else after a back-off doubling from
+  1 s to :data:`MAX_BACKOFF` -- an instance waiting out a back-off after two quick exits in
+  a row is in phase ``CrashLoop``;
+* when a sidecar dies its registry entry is deleted at once (routers stop picking it),
+  not when its lease runs out;
+* scaling down or deleting an agent **drains** an instance: it leaves the supervisor's
+  ready set (``<home>/supervisor.json``, what ``specmesh invoke`` picks from) and the
+  registry, gets :data:`DRAIN_SECONDS` for calls already routed to it, then SIGTERM
+  (SIGKILL after :data:`STOP_TIMEOUT`).
+
+It keeps running when the control plane dies (it needs etcd and OpenBao only), and a
+control plane that comes back finds the same workloads and changes nothing. Its API is
+HTTP on a Unix socket (``<home>/run/supervisor.sock``, mode 0600)::
+
+    GET    /healthz
+    GET    /v1/agents                 {name: {"workload": ..., "instances": [...]}}
+    GET    /v1/agents/{name}          one agent's instances
+    PUT    /v1/agents/{name}          an AgentWorkload (JSON): run exactly that
+    DELETE /v1/agents/{name}          drain and stop all its instances
+
+Every change of state is also written to ``<home>/supervisor.json`` (0600): the
+instances, their endpoints, process ids and log files, for ``specmesh status``, ``logs``,
+``invoke`` and ``down``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from specmesh.errors import SecretError
+from specmesh.etcd import EtcdClient
+from specmesh.keys import Keys
+from specmesh.names import resource_name
+from specmesh.services import free_port
+from specmesh.vault import AGENT_TOKEN_ROLE, VaultClient, agent_policy_name, keep_token_alive
+from specmesh.workloads import TRACKS, AgentWorkload, InstanceStatus
+
+__all__ = [
+    "DRAIN_SECONDS",
+    "MAX_BACKOFF",
+    "MIN_HEALTHY",
+    "STOP_TIMEOUT",
+    "Supervisor",
+    "SupervisorConfig",
+    "main",
+]
+
+logger = logging.getLogger(__name__)
+
+MIN_HEALTHY = 10.0
+"""Seconds a process must run for its exit not to count as a crash."""
+MAX_BACKOFF = 60.0
+"""Longest wait before restarting a crash-looping process."""
+DRAIN_SECONDS = 2.0
+"""Time a stopping instance keeps serving after it left the ready set and the registry."""
+STOP_TIMEOUT = 6.0
+"""Time a process gets between SIGTERM and SIGKILL."""
+READY_POLL_SECONDS = 1.0
+_TICK = 0.2
+_PORTS = ("egress", "inbound", "ops", "http", "grpc", "redis", "egress_grpc", "inbound_grpc")
+_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV")
+MAX_WORKLOAD_BYTES = 64 * 1024
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class SupervisorConfig:
+    """Where the supervisor runs its instances and what they connect to."""
+
+    home: Path
+    etcd_endpoint: str
+    vault_addr: str
+    vault_token: str
+    """The supervisor's own token (policy ``specmesh-supervisor``)."""
+    etcd_prefix: str = "/specmesh"
+    token_role: str = AGENT_TOKEN_ROLE
+    otlp_endpoint: str | None = None
+    llm_override_url: str | None = None
+    """The scripted model server that every sidecar sends LLM calls to (local fleet)."""
+    service_addresses: str = ""
+    """``SPECMESH_SERVICE_ADDRESSES`` for the sidecars."""
+    mtls: bool = True
+    pki_mount: str = "specmesh-pki"
+    python: str = sys.executable
+    engine_args: tuple[str, ...] = ("-m", "specmesh.cli", "engine")
+    sidecar_args: tuple[str, ...] = ("-m", "specmesh.cli", "sidecar")
+    log_level: str = "INFO"
+
+    @property
+    def socket(self) -> Path:
+        return socket_path(self.home)
+
+    @property
+    def state_file(self) -> Path:
+        return self.home / "supervisor.json"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> SupervisorConfig:
+        env = dict(os.environ if env is None else env)
+        missing = [
+            k
+            for k in ("SPECMESH_ETCD_ENDPOINT", "SPECMESH_VAULT_ADDR", "SPECMESH_VAULT_TOKEN")
+            if not env.get(k)
+        ]
+        if missing:
+            raise ValueError(f"the supervisor needs {', '.join(missing)}")
+        return cls(
+            home=Path(env.get("SPECMESH_HOME", ".specmesh")).resolve(),
+            etcd_endpoint=env["SPECMESH_ETCD_ENDPOINT"],
+            etcd_prefix=env.get("SPECMESH_ETCD_PREFIX", "/specmesh"),
+            vault_addr=env["SPECMESH_VAULT_ADDR"],
+            vault_token=env["SPECMESH_VAULT_TOKEN"],
+            otlp_endpoint=env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+            llm_override_url=env.get("SPECMESH_LLM_OVERRIDE_URL") or None,
+            service_addresses=env.get("SPECMESH_SERVICE_ADDRESSES", ""),
+            mtls=env.get("SPECMESH_MTLS", "true").lower() in ("1", "true", "yes"),
+            pki_mount=env.get("SPECMESH_VAULT_PKI_MOUNT", "specmesh-pki"),
+            log_level=env.get("SPECMESH_LOG_LEVEL", "INFO"),
+        )
+
+
+def socket_path(home: Path) -> Path:
+    """The supervisor's API socket under ``home``."""
+    return home / "run" / "supervisor.sock"
+
+
+@dataclass
+class _Process:
+    """One process of an instance, restarted with back-off."""
+
+    role: str  # "engine" | "sidecar"
+    log: Path
+    popen: subprocess.Popen[bytes] | None = None
+    pid: int = 0
+    cmd: list[str] = field(default_factory=list)
+    started: float = 0.0
+    quick_exits: int = 0
+    """Exits in a row that came before :data:`MIN_HEALTHY`."""
+    restarts: int = 0
+    next_start: float = 0.0
+    last_error: str | None = None
+
+    def alive(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
+        return bool(self.pid) and _alive(self.pid, self.cmd)
+
+    def backoff(self) -> float:
+        if self.quick_exits <= 1:
+            return 0.0 if self.quick_exits == 0 else 1.0
+        return min(2.0 ** (self.quick_exits - 1), MAX_BACKOFF)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"role": self.role, "pid": self.pid, "cmd": self.cmd, "log": str(self.log)}
+
+
+@dataclass
+class _Instance:
+    agent: str
+    track: str
+    ordinal: int
+    ports: dict[str, int]
+    engine: _Process
+    sidecar: _Process
+    created: str = field(default_factory=_now)
+    phase: str = "Starting"
+    since: str = field(default_factory=_now)
+    ready: bool = False
+    was_ready: bool = False
+    revision: int = 0
+    stopping: bool = False
+    failed: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{resource_name(self.agent)}-{self.track}-{self.ordinal}"
+
+    @property
+    def endpoints(self) -> dict[str, str]:
+        p = self.ports
+        return {
+            "a2a": f"http://127.0.0.1:{p['http']}",
+            "a2aGrpc": f"127.0.0.1:{p['grpc']}",
+            "inbound": f"https://127.0.0.1:{p['inbound']}",
+            "inboundGrpc": f"127.0.0.1:{p['inbound_grpc']}",
+            "egressGrpc": f"127.0.0.1:{p['egress_grpc']}",
+            "ops": f"http://127.0.0.1:{p['ops']}",
+            "egress": f"http://127.0.0.1:{p['egress']}",
+        }
+
+    def set_phase(self, phase: str) -> None:
+        if phase != self.phase:
+            logger.info("instance %s: %s -> %s", self.name, self.phase, phase)
+            self.phase = phase
+            self.since = _now()
+
+    def status(self) -> InstanceStatus:
+        errors = [p.last_error for p in (self.sidecar, self.engine) if p.last_error]
+        return InstanceStatus(
+            instance=self.name,
+            track=self.track,
+            phase=self.phase,
+            ready=self.ready and not self.stopping,
+            revision=self.revision,
+            restarts=self.engine.restarts + self.sidecar.restarts,
+            last_error=self.failed or (errors[0] if errors else None),
+            since=self.since,
+            endpoints=self.endpoints,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.status().to_json(),
+            "agent": self.agent,
+            "ordinal": self.ordinal,
+            "ports": self.ports,
+            "created": self.created,
+            "processes": [self.sidecar.to_json(), self.engine.to_json()],
+        }
+
+
+class Supervisor:
+    """Runs the instances of every agent it is told about; see the module docstring."""
+
+    def __init__(self, config: SupervisorConfig) -> None:
+        self.config = config
+        self.keys = Keys(prefix=config.etcd_prefix)
+        self.workloads: dict[str, AgentWorkload] = {}
+        self.instances: dict[str, _Instance] = {}
+        self._lock = asyncio.Lock()
+        self._vault: VaultClient | None = None
+        self._etcd: EtcdClient | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping: set[asyncio.Task[None]] = set()
+        self._runner: web.AppRunner | None = None
+        self._dirty = True
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        cfg = self.config
+        cfg.home.mkdir(parents=True, exist_ok=True)
+        run = cfg.socket.parent
+        run.mkdir(parents=True, exist_ok=True)
+        run.chmod(0o700)
+        self._vault = VaultClient(address=cfg.vault_addr, token=cfg.vault_token)
+        host, _, port = cfg.etcd_endpoint.removeprefix("http://").partition(":")
+        self._etcd = EtcdClient(host=host, port=int(port or 2379))
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
+        self._adopt()
+        app = web.Application(client_max_size=MAX_WORKLOAD_BYTES)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/v1/agents", self._list)
+        app.router.add_get("/v1/agents/{name}", self._get)
+        app.router.add_put("/v1/agents/{name}", self._put)
+        app.router.add_delete("/v1/agents/{name}", self._delete)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        with contextlib.suppress(FileNotFoundError):
+            cfg.socket.unlink()
+        site = web.UnixSite(self._runner, str(cfg.socket))
+        await site.start()
+        cfg.socket.chmod(0o600)
+        self._tasks = [
+            asyncio.create_task(self._loop(), name="supervise"),
+            asyncio.create_task(self._readiness_loop(), name="readiness"),
+            asyncio.create_task(keep_token_alive(self._vault), name="vault-token"),
+        ]
+        logger.info("supervisor listening on %s", cfg.socket)
+
+    async def stop(self, *, stop_instances: bool = True) -> None:
+        """Stop the API; with ``stop_instances``, drain and stop every instance too."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if stop_instances:
+            await asyncio.gather(
+                *(self._stop_instance(i, drain=0.0) for i in list(self.instances.values()))
+            )
+            self.instances.clear()
+            self.workloads.clear()
+        if self._stopping:
+            await asyncio.gather(*self._stopping, return_exceptions=True)
+        self._write_state()
+        for closer in (self._http, self._etcd, self._vault):
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    await closer.close()
+
+    # ------------------------------------------------------------ API
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "instances": len(self.instances)})
+
+    def _agent_json(self, name: str) -> dict[str, Any]:
+        workload = self.workloads.get(name)
+        return {
+            "workload": workload.to_json() if workload else None,
+            "instances": [
+                i.status().to_json()
+                for i in sorted(self.instances.values(), key=lambda i: i.name)
+                if resource_name(i.agent) == name
+            ],
+        }
+
+    async def _list(self, _: web.Request) -> web.Response:
+        names = {resource_name(i.agent) for i in self.instances.values()} | set(self.workloads)
+        return web.json_response({n: self._agent_json(n) for n in sorted(names)})
+
+    async def _get(self, request: web.Request) -> web.Response:
+        return web.json_response(self._agent_json(request.match_info["name"]))
+
+    async def _put(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        try:
+            workload = AgentWorkload.from_json(await request.json())
+        except (ValueError, KeyError, TypeError) as e:
+            return web.json_response({"error": f"bad workload: {e}"}, status=400)
+        if workload.name != name:
+            return web.json_response(
+                {"error": f"workload of {workload.agent!r} PUT at {name!r}"}, status=400
+            )
+        await self.apply(workload)
+        return web.json_response(self._agent_json(name))
+
+    async def _delete(self, request: web.Request) -> web.Response:
+        await self.remove(request.match_info["name"])
+        return web.json_response({"removed": request.match_info["name"]})
+
+    # ------------------------------------------------------------ desired state
+
+    async def apply(self, workload: AgentWorkload) -> None:
+        """Run exactly ``workload``'s instances: start missing ordinals, drain extra ones."""
+        async with self._lock:
+            name = workload.name
+            self.workloads[name] = workload
+            for track in TRACKS:
+                want = workload.replicas.get(track, 0)
+                mine = [
+                    i
+                    for i in self.instances.values()
+                    if resource_name(i.agent) == name and i.track == track and not i.stopping
+                ]
+                have = {i.ordinal for i in mine}
+                for ordinal in range(want):
+                    if ordinal not in have:
+                        self._create(workload.agent, track, ordinal)
+                for inst in mine:
+                    if inst.ordinal >= want:
+                        self._begin_stop(inst)
+            self._dirty = True
+
+    async def remove(self, name: str) -> None:
+        """Drain and stop every instance of the agent ``name`` (a resource name)."""
+        async with self._lock:
+            self.workloads.pop(name, None)
+            for inst in list(self.instances.values()):
+                if resource_name(inst.agent) == name and not inst.stopping:
+                    self._begin_stop(inst)
+            self._dirty = True
+
+    def _create(self, agent: str, track: str, ordinal: int) -> None:
+        logs = self.config.home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        base = f"{resource_name(agent)}-{track}-{ordinal}"
+        inst = _Instance(
+            agent=agent,
+            track=track,
+            ordinal=ordinal,
+            ports={k: free_port() for k in _PORTS},
+            engine=_Process(role="engine", log=logs / f"{base}-engine.log"),
+            sidecar=_Process(role="sidecar", log=logs / f"{base}-sidecar.log"),
+        )
+        self.instances[inst.name] = inst
+        logger.info("instance %s created", inst.name)
+
+    def _begin_stop(self, inst: _Instance) -> None:
+        inst.stopping = True
+        inst.set_phase("Stopping")
+        task = asyncio.create_task(self._stop_instance(inst, drain=DRAIN_SECONDS))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    async def _stop_instance(self, inst: _Instance, *, drain: float) -> None:
+        inst.stopping = True
+        inst.set_phase("Stopping")
+        self._dirty = True
+        self._write_state()
+        await self._deregister(inst)
+        if drain:
+            await asyncio.sleep(drain)
+        # the sidecar first: it deregisters and drains its inbound; then the engine
+        for proc in (inst.sidecar, inst.engine):
+            await asyncio.to_thread(_terminate, proc, STOP_TIMEOUT)
+        if self.instances.get(inst.name) is inst:
+            del self.instances[inst.name]
+        self._dirty = True
+        self._write_state()
+        logger.info("instance %s stopped", inst.name)
+
+    # ------------------------------------------------------------ the loop
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                async with self._lock:
+                    for inst in list(self.instances.values()):
+                        if not inst.stopping:
+                            await self._tend(inst)
+                if self._dirty:
+                    self._write_state()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("supervisor loop")
+            await asyncio.sleep(_TICK)
+
+    async def _tend(self, inst: _Instance) -> None:
+        now = time.monotonic()
+        crash = False
+        for proc in (inst.sidecar, inst.engine):
+            if proc.pid and not proc.alive():
+                ran = now - proc.started
+                code = proc.popen.poll() if proc.popen is not None else None
+                proc.last_error = (
+                    f"{proc.role} exited with {_describe_exit(code)} after {ran:.1f}s"
+                    f" (log: {proc.log})"
+                )
+                logger.warning("instance %s: %s", inst.name, proc.last_error)
+                proc.quick_exits = proc.quick_exits + 1 if ran < MIN_HEALTHY else 0
+                proc.next_start = now + proc.backoff()
+                proc.pid = 0
+                proc.popen = None
+                inst.ready = False
+                self._dirty = True
+                if proc.role == "sidecar":
+                    await self._deregister(inst)
+            if not proc.pid:
+                crash = crash or proc.quick_exits >= 2
+                if now >= proc.next_start:
+                    try:
+                        await self._start_process(inst, proc)
+                    except Exception as e:
+                        inst.failed = f"cannot start its {proc.role}: {e}"
+                        proc.quick_exits += 1
+                        proc.next_start = now + proc.backoff()
+                        logger.warning("instance %s: %s", inst.name, inst.failed)
+                        self._dirty = True
+            elif proc.quick_exits and now - proc.started >= MIN_HEALTHY:
+                proc.quick_exits = 0  # ran long enough: the streak is over
+        if crash and not (inst.sidecar.pid and inst.engine.pid):
+            inst.set_phase("CrashLoop")
+        elif not (inst.sidecar.pid and inst.engine.pid):
+            inst.set_phase("Starting")
+        elif inst.ready:
+            inst.set_phase("Running")
+        elif inst.was_ready:
+            inst.set_phase("Unready")
+        else:
+            inst.set_phase("CrashLoop" if crash else "Starting")
+
+    async def _start_process(self, inst: _Instance, proc: _Process) -> None:
+        cfg = self.config
+        if proc.role == "sidecar":
+            env, cwd = await self._sidecar_env(inst), cfg.home
+            args = cfg.sidecar_args
+        else:
+            env, cwd = self._engine_env(inst), cfg.home / "engines" / inst.name
+            args = cfg.engine_args
+            cwd.mkdir(parents=True, exist_ok=True)
+        cmd = [cfg.python, *args]
+        with proc.log.open("ab") as out:
+            popen = subprocess.Popen(  # noqa: ASYNC220 -- fork+exec, not a wait
+                cmd,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=str(cwd),
+                start_new_session=True,
+            )
+        if proc.started:
+            proc.restarts += 1
+        proc.popen, proc.pid, proc.cmd, proc.started = popen, popen.pid, cmd, time.monotonic()
+        inst.failed = None
+        self._dirty = True
+        logger.info("instance %s: %s started (pid %d)", inst.name, proc.role, popen.pid)
+
+    def _common_env(self, inst: _Instance) -> dict[str, str]:
+        p = inst.ports
+        env = {k: v for k, v in os.environ.items() if k in _ENV_KEEP}
+        env.update(
+            AGENT_NAME=inst.agent,
+            SPECMESH_LOG_LEVEL=self.config.log_level,
+            SPECMESH_SYNC_ADDR=f"unix:{self.config.home / 'run' / (inst.name + '.sock')}",
+            SPECMESH_EGRESS_URL=f"http://127.0.0.1:{p['egress']}",
+            SPECMESH_ENGINE_HTTP=f"127.0.0.1:{p['http']}",
+            SPECMESH_ENGINE_GRPC=f"127.0.0.1:{p['grpc']}",
+            SPECMESH_REDIS_PROXY=f"127.0.0.1:{p['redis']}",
+        )
+        if self.config.otlp_endpoint:
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.config.otlp_endpoint
+        return env
+
+    async def _sidecar_env(self, inst: _Instance) -> dict[str, str]:
+        cfg, p = self.config, inst.ports
+        assert self._vault is not None
+        # the agent's own identity, fresh at every start: its policy reads its secrets and
+        # issues its certificate; the sidecar renews it; a dead one's lapses in its period
+        token, _ = await self._vault.create_role_token(
+            role=cfg.token_role,
+            policies=[agent_policy_name(inst.agent)],
+            display_name=inst.name,
+        )
+        env = self._common_env(inst)
+        env.update(
+            HOME=str(cfg.home),
+            SPECMESH_HOME=str(cfg.home),
+            SPECMESH_TRACK=inst.track,
+            SPECMESH_INSTANCE_ID=inst.name,
+            SPECMESH_INBOUND=f"127.0.0.1:{p['inbound']}",
+            SPECMESH_INBOUND_GRPC=f"127.0.0.1:{p['inbound_grpc']}",
+            SPECMESH_EGRESS_GRPC=f"127.0.0.1:{p['egress_grpc']}",
+            SPECMESH_OPS=f"127.0.0.1:{p['ops']}",
+            SPECMESH_ETCD_ENDPOINT=cfg.etcd_endpoint,
+            SPECMESH_ETCD_PREFIX=cfg.etcd_prefix,
+            SPECMESH_VAULT_ADDR=cfg.vault_addr,
+            SPECMESH_VAULT_TOKEN=token,
+            SPECMESH_VAULT_PKI_MOUNT=cfg.pki_mount,
+            SPECMESH_MTLS="true" if cfg.mtls else "false",
+            SPECMESH_SERVICE_ADDRESSES=cfg.service_addresses,
+        )
+        if cfg.llm_override_url:
+            env["SPECMESH_LLM_OVERRIDE_URL"] = cfg.llm_override_url
+        return env
+
+    def _engine_env(self, inst: _Instance) -> dict[str, str]:
+        """No Vault address, token or any secret: only where its sidecar is."""
+        home = self.config.home / "engines" / inst.name
+        env = self._common_env(inst)
+        env.update(
+            HOME=str(home),
+            LITELLM_LOCAL_MODEL_COST_MAP="True",
+            OTEL_SERVICE_NAME=f"agent-{resource_name(inst.agent)}",
+            SPECMESH_DATA_DIR=str(self.config.home / "data" / inst.name),
+        )
+        return env
+
+    async def _deregister(self, inst: _Instance) -> None:
+        """Delete the instance's registry entry now (its lease would keep it for its TTL)."""
+        if self._etcd is None:
+            return
+        key = self.keys.registry_instance(inst.agent, inst.name)
+        try:
+            await self._etcd.delete(key)
+        except Exception as e:  # etcd down: the entry lapses with its lease
+            logger.warning("could not delete %s from the registry: %s", inst.name, e)
+
+    # ------------------------------------------------------------ readiness
+
+    async def _readiness_loop(self) -> None:
+        while True:
+            try:
+                instances = [i for i in self.instances.values() if not i.stopping and i.sidecar.pid]
+                await asyncio.gather(*(self._probe(i) for i in instances))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("readiness probes")
+            await asyncio.sleep(READY_POLL_SECONDS)
+
+    async def _probe(self, inst: _Instance) -> None:
+        assert self._http is not None
+        ready, revision = False, inst.revision
+        try:
+            async with self._http.get(f"{inst.endpoints['ops']}/readyz") as r:
+                body = await r.json(content_type=None)
+                ready = r.status == 200
+                engine = body.get("engine") if isinstance(body, dict) else None
+                if isinstance(engine, dict):
+                    revision = int(engine.get("servingRevision") or revision)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            ready = False
+        if (ready, revision) != (inst.ready, inst.revision):
+            inst.ready, inst.revision = ready, revision
+            inst.was_ready = inst.was_ready or ready
+            self._dirty = True
+
+    # ------------------------------------------------------------ state file
+
+    def _write_state(self) -> None:
+        self._dirty = False
+        state = {
+            "pid": os.getpid(),
+            "socket": str(self.config.socket),
+            "updatedAt": _now(),
+            "workloads": {n: w.to_json() for n, w in sorted(self.workloads.items())},
+            "instances": [i.to_json() for i in sorted(self.instances.values(), key=_key)],
+        }
+        path = self.config.state_file
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.chmod(0o600)
+        tmp.replace(path)
+
+    def _adopt(self) -> None:
+        """Take over the instances a previous supervisor left running (its state file): their
+        processes keep running and are watched by pid from now on."""
+        path = self.config.state_file
+        if not path.exists():
+            return
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        for name, data in state.get("workloads", {}).items():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                self.workloads[name] = AgentWorkload.from_json(data)
+        for data in state.get("instances", []):
+            try:
+                procs = {p["role"]: p for p in data["processes"]}
+                inst = _Instance(
+                    agent=data["agent"],
+                    track=data["track"],
+                    ordinal=int(data["ordinal"]),
+                    ports={k: int(v) for k, v in data["ports"].items()},
+                    engine=_Process(role="engine", log=Path(procs["engine"]["log"])),
+                    sidecar=_Process(role="sidecar", log=Path(procs["sidecar"]["log"])),
+                    created=data.get("created", _now()),
+                )
+            except (KeyError, TypeError, ValueError):
+                continue
+            for proc in (inst.engine, inst.sidecar):
+                p = procs[proc.role]
+                if p.get("pid") and _alive(int(p["pid"]), list(p["cmd"])):
+                    proc.pid, proc.cmd, proc.started = int(p["pid"]), list(p["cmd"]), 1.0
+            if data.get("phase") == "Stopping":
+                inst.stopping = True
+            self.instances[inst.name] = inst
+            logger.info("adopted instance %s", inst.name)
+        for inst in [i for i in self.instances.values() if i.stopping]:
+            self.instances.pop(inst.name)
+            for proc in (inst.sidecar, inst.engine):
+                _terminate(proc, STOP_TIMEOUT)
+
+
+def _key(inst: _Instance) -> tuple[str, int, int]:
+    return (resource_name(inst.agent), TRACKS.index(inst.track), inst.ordinal)
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "an unknown status"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"
+
+
+def _alive(pid: int, cmd: list[str]) -> bool:
+    """Whether ``pid`` runs and is still the process started (not a reused pid)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            running = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+    except (OSError, IndexError):
+        return False
+    return running[1:] == cmd[1:]
+
+
+def _terminate(proc: _Process, timeout: float) -> None:
+    """SIGTERM ``proc``, SIGKILL after ``timeout``; reap it when it is a child."""
+    pid = proc.pid
+    if not pid or not proc.alive():
+        proc.pid = 0
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.alive():
+        time.sleep(0.05)
+    if proc.alive():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        if proc.popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(timeout=5)
+    proc.pid = 0
+    proc.popen = None
+
+
+async def _serve(config: SupervisorConfig) -> None:
+    supervisor = Supervisor(config)
+    await supervisor.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await supervisor.stop(stop_instances=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``specmesh supervisor``, configured by environment (:meth:`SupervisorConfig.from_env`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="specmesh supervisor", description=__doc__)
+    parser.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("SPECMESH_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = SupervisorConfig.from_env()
+    except ValueError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    try:
+        asyncio.run(_serve(config))
+    except SecretError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 1
+    return 0
