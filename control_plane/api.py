@@ -36,10 +36,18 @@ from specmesh.names import resource_name
 from specmesh.secrets import VaultRef
 from specmesh.spec.diff import Change
 from specmesh.spec.manifest import LoadedManifest, parse_manifest
-from specmesh.spec.models import McpServerSpec, PromptEntry, PromptRelease, ReleaseSpec
+from specmesh.spec.models import (
+    API_VERSION,
+    MAX_REPLICAS,
+    McpServerSpec,
+    PromptEntry,
+    PromptRelease,
+    ReleaseSpec,
+)
 from specmesh.specservice import ApplyOutcome, SpecService
 from specmesh.store import AgentRecord, AgentSummary, AuditEntry, SpecStore
 from specmesh.vault import VaultClient
+from specmesh.workloads import TRACKS
 
 __all__ = ["MASK", "ControlPlane", "CredentialInfo"]
 
@@ -168,6 +176,72 @@ class ControlPlane:
         return await self.store.rollback(
             name, revision, actor=principal.name, expected_revision=expected_revision
         )
+
+    async def scale(
+        self,
+        principal: Principal,
+        name: str,
+        *,
+        replicas: int,
+        track: str = "stable",
+        expected_revision: int | None = None,
+    ) -> ApplyOutcome:
+        """Set a track's replicas in the agent's ``deployment`` part: a new revision like any
+        other change (the controller then starts or drains instances). Scaling the canary
+        above 0 enables it; to 0, disables it."""
+        authorize(principal, "agents.write")
+        if track not in TRACKS:
+            raise BadRequestError(f"track: must be one of {', '.join(TRACKS)} (got {track!r})")
+        if isinstance(replicas, bool) or not 0 <= replicas <= MAX_REPLICAS:
+            raise BadRequestError(f"replicas: must be 0 to {MAX_REPLICAS} (got {replicas!r})")
+        record = await self.store.get_agent(name)
+        spec = dict(record.spec)
+        deployment = dict(spec.get("deployment") or {})
+        tracks = dict(deployment.get("tracks") or {})
+        entry = {**dict(tracks.get(track) or {}), "replicas": replicas}
+        if track == "canary":
+            entry["enabled"] = replicas > 0
+        tracks[track] = entry
+        spec["deployment"] = {**deployment, "tracks": tracks}
+        document = {
+            "apiVersion": API_VERSION,
+            "kind": "Agent",
+            "metadata": {"name": record.name},
+            "spec": spec,
+        }
+        outcome = await self.specs.apply(
+            LoadedManifest(
+                f"scale {track} to {replicas}", parse_manifest(document, source="scale")
+            ),
+            actor=principal.name,
+            expected_revision=record.revision if expected_revision is None else expected_revision,
+        )
+        if (spec["deployment"].get("autoscaling") or {}).get("enabled"):
+            outcome.warnings.append(
+                SpecIssue(
+                    "deployment.autoscaling.enabled",
+                    "autoscaling",
+                    "autoscaling is on: it sets the replicas (between min and max), not this",
+                    severity="warning",
+                )
+            )
+        return outcome
+
+    async def agent_status(self, principal: Principal, name: str) -> dict[str, Any]:
+        """What runs of the agent, as the controller last observed it."""
+        authorize(principal, "agents.read")
+        await self.store.get_agent(name)  # 404 for an unknown agent
+        status = await self.store.get_status(name)
+        if status is None:
+            return {"agent": name, "phase": "NotRunning", "ready": "0/0", "tracks": {},
+                    "instances": [], "lastError": "no controller reported on it: the control "
+                    "plane runs no runtime (SPECMESH_RUNTIME)"}  # fmt: skip
+        return status
+
+    async def agent_statuses(self, principal: Principal) -> dict[str, dict[str, Any]]:
+        """Resource name -> observed state of every agent the controller reported on."""
+        authorize(principal, "agents.read")
+        return await self.store.list_statuses()
 
     async def delete_agent(
         self, principal: Principal, name: str, *, expected_revision: int | None = None

@@ -27,8 +27,9 @@ from control_plane.tokens import MAX_TTL_SECONDS, TokenRequest
 from control_plane.traces import GROUP_KEYS
 from specmesh import jsonbounds
 from specmesh.errors import SpecError
+from specmesh.names import resource_name
 from specmesh.spec.manifest import MAX_NESTING_DEPTH
-from specmesh.spec.models import Manifest, PromptRelease, ReleaseSpec
+from specmesh.spec.models import MAX_REPLICAS, Manifest, PromptRelease, ReleaseSpec
 from specmesh.spec.validation import issues_from_validation_error
 
 __all__ = ["ROUTES", "build_app", "openapi_document"]
@@ -133,7 +134,35 @@ async def _apply(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
 
 
 async def _list_agents(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
-    return [a.to_json() for a in await cp.list_agents(p)]
+    statuses = await cp.agent_statuses(p)
+    out = []
+    for a in await cp.list_agents(p):
+        status = statuses.get(resource_name(a.name))
+        summary = {"phase": status["phase"], "ready": status["ready"]} if status else None
+        out.append({**a.to_json(), "status": summary})
+    return out
+
+
+async def _agent_status(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
+    return await cp.agent_status(p, r.match_info["name"])
+
+
+async def _scale(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
+    body = _object(await _json(r))
+    replicas = body.get("replicas")
+    if not isinstance(replicas, int) or isinstance(replicas, bool):
+        raise BadRequestError("replicas: required, a whole number")
+    track = body.get("track", "stable")
+    if not isinstance(track, str):
+        raise BadRequestError("track: must be a string")
+    outcome = await cp.scale(
+        p,
+        r.match_info["name"],
+        replicas=replicas,
+        track=track,
+        expected_revision=_opt_int(body, "expectedRevision"),
+    )
+    return outcome.to_json()
 
 
 async def _get_agent(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
@@ -388,6 +417,15 @@ ROUTES: list[Route] = [
           params=[_NAME, _REV]),
     Route("DELETE", "/api/v1/agents/{name}", _delete_agent, "Delete an agent",
           params=[_NAME, _EXPECTED]),
+    Route("GET", "/api/v1/agents/{name}/status", _agent_status,
+          "What runs of the agent: desired/ready per track, instances, phase, last error",
+          params=[_NAME]),
+    Route("POST", "/api/v1/agents/{name}/scale", _scale,
+          "Set a track's replicas (a new revision of the deployment part)", params=[_NAME],
+          body={"type": "object", "required": ["replicas"], "properties": {
+              "replicas": {"type": "integer", "minimum": 0, "maximum": MAX_REPLICAS},
+              "track": {"type": "string", "enum": ["stable", "canary"]},
+              "expectedRevision": {"type": "integer"}}}),
     Route("GET", "/api/v1/agents/{name}/revisions", _history, "Revisions of an agent",
           params=[_NAME], response=_ARR),
     Route("GET", "/api/v1/agents/{name}/diff", _diff, "Differences between two revisions",

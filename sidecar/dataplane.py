@@ -193,4 +193,9 @@ class DataPlane:
         if self.credentials is not None:
             await self.credentials.close()
         if self.vault is not None:
+            if self.ctx.settings.vault_revoke_on_stop:
+                try:
+                    await self.vault.revoke_self()
+                except SecretError as e:
+                    logger.warning("could not revoke the Vault token: %s", e)
             await self.vault.close()

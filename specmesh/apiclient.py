@@ -291,6 +291,26 @@ class ApiClient:
         )
         return result
 
+    async def scale(
+        self,
+        name: str,
+        replicas: int,
+        *,
+        track: str = "stable",
+        expected_revision: int | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"replicas": replicas, "track": track}
+        if expected_revision is not None:
+            body["expectedRevision"] = expected_revision
+        result: dict[str, Any] = await self.request(
+            "POST", f"/api/v1/agents/{_seg(name)}/scale", body=body
+        )
+        return result
+
+    async def agent_status(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.request("GET", f"/api/v1/agents/{_seg(name)}/status")
+        return result
+
     async def get_release(self, agent: str) -> dict[str, Any] | None:
         result = await self.request("GET", f"/api/v1/agents/{_seg(agent)}/release")
         release: dict[str, Any] | None = result.get("release") if result else None

@@ -423,8 +423,9 @@ class Supervisor:
         await self._deregister(inst)
         if drain:
             await asyncio.sleep(drain)
-        # the sidecar first: it deregisters and drains its inbound; then the engine
-        for proc in (inst.sidecar, inst.engine):
+        # the engine first: it finishes what it is doing, through its sidecar's egress;
+        # then the sidecar (already out of the registry, nothing left to drain)
+        for proc in (inst.engine, inst.sidecar):
             await asyncio.to_thread(_terminate, proc, STOP_TIMEOUT)
         if self.instances.get(inst.name) is inst:
             del self.instances[inst.name]
@@ -559,6 +560,7 @@ class Supervisor:
             SPECMESH_ETCD_PREFIX=cfg.etcd_prefix,
             SPECMESH_VAULT_ADDR=cfg.vault_addr,
             SPECMESH_VAULT_TOKEN=token,
+            SPECMESH_VAULT_REVOKE_ON_STOP="true",
             SPECMESH_VAULT_PKI_MOUNT=cfg.pki_mount,
             SPECMESH_MTLS="true" if cfg.mtls else "false",
             SPECMESH_SERVICE_ADDRESSES=cfg.service_addresses,

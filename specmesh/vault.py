@@ -351,6 +351,10 @@ class VaultClient:
             return None
         return int(data.get("ttl") or 0)
 
+    async def revoke_self(self) -> None:
+        """Revoke this client's token (it is useless afterwards)."""
+        await self._run("auth/token/revoke-self", self._client.auth.token.revoke_self)
+
     async def renew_self(self) -> None:
         """Renew this client's token (its period, or its TTL up to the max)."""
         await self._run("auth/token/renew-self", self._client.auth.token.renew_self)

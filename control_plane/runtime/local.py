@@ -13,7 +13,7 @@ from specmesh.errors import SpecmeshError
 from specmesh.names import resource_name
 from specmesh.workloads import AgentWorkload, InstanceStatus
 
-__all__ = ["LocalRuntime", "RuntimeUnavailableError"]
+__all__ = ["LocalRuntime", "RuntimeRefusedError", "RuntimeUnavailableError"]
 
 
 class RuntimeUnavailableError(SpecmeshError):
@@ -22,6 +22,14 @@ class RuntimeUnavailableError(SpecmeshError):
     def __init__(self, *, runtime: str, reason: str) -> None:
         self.runtime = runtime
         super().__init__(f"the {runtime} runtime is unavailable: {reason}")
+
+
+class RuntimeRefusedError(SpecmeshError):
+    """The runtime refused a request (its message says why)."""
+
+    def __init__(self, *, runtime: str, reason: str) -> None:
+        self.runtime = runtime
+        super().__init__(f"the {runtime} runtime refused it: {reason}")
 
 
 class LocalRuntime:
@@ -46,8 +54,9 @@ class LocalRuntime:
             async with self._http().request(method, f"http://supervisor{path}", json=body) as r:
                 data = await r.json(content_type=None)
                 if r.status >= 400:
-                    raise RuntimeUnavailableError(
-                        runtime=self.name, reason=f"{method} {path} -> {r.status}: {data}"
+                    error = data.get("error") if isinstance(data, dict) else data
+                    raise RuntimeRefusedError(
+                        runtime=self.name, reason=f"{method} {path} -> {r.status}: {error}"
                     )
                 return data
         except (aiohttp.ClientError, TimeoutError, OSError) as e:

@@ -37,6 +37,7 @@ from specmesh.secrets import VaultRef, is_reference
 
 __all__ = [
     "API_VERSION",
+    "MAX_REPLICAS",
     "PART_NAMES",
     "AgentBase",
     "AgentManifest",
