@@ -75,6 +75,7 @@ _STATES = {
     "serving": common_pb2.ENGINE_STATE_SERVING,
     "degraded": common_pb2.ENGINE_STATE_DEGRADED,
     "failed": common_pb2.ENGINE_STATE_FAILED,
+    "engine-down": common_pb2.ENGINE_STATE_DOWN,
 }
 _RELEASE_FIELDS = ("stableRevision", "canaryRevision", "canaryWeight", "headerMatch")
 

@@ -6,6 +6,9 @@ first, then one per change, for as long as the engine runs. Two implementations:
 * :class:`GrpcSnapshotFeed` -- the sidecar's ``specmesh.v1.SpecSyncService.WatchSnapshots``
   over local gRPC; the stream is reopened with backoff whenever it breaks (the sidecar
   restarting, ``UNAVAILABLE``); a message that does not validate is logged and skipped.
+  It is a :class:`SidecarLink`: ``connected`` while the stream is open, and each time it
+  (re)opens, the engine's last status report is sent again, so a restarted sidecar learns
+  at once what the engine serves (not at the next spec change).
 * :class:`DirSnapshotFeed` -- development (``--spec-dir``): a folder with the agent's part
   files (``agent-base.json``, ``model.json``...), optionally ``prompts/`` (Prompt manifests
   or seed-style entries) and ``mcp/`` (McpServer manifests), polled for changes; each
@@ -19,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -45,6 +48,7 @@ __all__ = [
     "DirSnapshotFeed",
     "GrpcSnapshotFeed",
     "InMemorySnapshotFeed",
+    "SidecarLink",
     "SnapshotFeed",
     "StatusReporter",
     "snapshot_from_proto",
@@ -67,6 +71,26 @@ class StatusReporter(Protocol):
     async def report_status(
         self, *, serving_revision: int, failed_revision: int, error: str
     ) -> None: ...
+
+
+@runtime_checkable
+class SidecarLink(Protocol):
+    """A feed whose source is the sidecar beside the engine: the engine is ready only while
+    the link is up (without its sidecar it has neither callers nor a way out)."""
+
+    @property
+    def connected(self) -> bool:
+        """Whether the snapshot stream to the sidecar is open."""
+        ...
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the stream broke or a message was skipped; ``None`` when it works."""
+        ...
+
+    def add_connection_listener(self, listener: Callable[[bool], Awaitable[None]]) -> None:
+        """Await ``listener(connected)`` each time the link comes up or goes down."""
+        ...
 
 
 class SnapshotDecodeError(SpecmeshError):
@@ -164,8 +188,11 @@ def _first_errors(e: Exception) -> str:
 class GrpcSnapshotFeed:
     """Snapshots streamed by the sidecar's ``SpecSyncService.WatchSnapshots``.
 
-    Iterating opens the stream and reopens it with exponential backoff whenever it ends
-    or fails; each iteration owns its channel and closes it when the iteration ends.
+    Iterating opens the stream and reopens it with exponential backoff (``max_backoff``,
+    1 s by default: the sidecar is a local process) whenever it ends or fails; each
+    iteration owns its channel and closes it when the iteration ends. The stream counts as
+    connected once the sidecar sent its initial metadata (at once, before any snapshot);
+    then the last status report is sent again.
     """
 
     def __init__(
@@ -174,33 +201,70 @@ class GrpcSnapshotFeed:
         *,
         agent_name: str,
         initial_backoff: float = 0.2,
-        max_backoff: float = 5.0,
+        max_backoff: float = 1.0,
     ) -> None:
         self._address = address
         self._agent_name = agent_name
         self._initial_backoff = initial_backoff
         self._max_backoff = max_backoff
         self._channel: grpc.aio.Channel | None = None
+        self._connected = False
+        self._listeners: list[Callable[[bool], Awaitable[None]]] = []
+        self._last_report: Any = None
         self.last_error: str | None = None
         """Why the last message was skipped or the stream broke; ``None`` when it works."""
         self.connects = 0
         """How many times the stream was opened."""
+
+    @property
+    def connected(self) -> bool:
+        """Whether the snapshot stream to the sidecar is open."""
+        return self._connected
+
+    def add_connection_listener(self, listener: Callable[[bool], Awaitable[None]]) -> None:
+        """Await ``listener(connected)`` each time the stream opens or breaks."""
+        self._listeners.append(listener)
+
+    async def _set_connected(self, connected: bool) -> None:
+        if connected == self._connected:
+            return
+        self._connected = connected
+        if connected:
+            logger.info("connected to the sidecar at %s", self._address)
+        for listener in self._listeners:
+            await listener(connected)
 
     def __aiter__(self) -> AsyncIterator[ResolvedSnapshot]:
         return self._watch()
 
     async def _watch(self) -> AsyncIterator[ResolvedSnapshot]:
         backoff = self._initial_backoff
-        channel = grpc.aio.insecure_channel(self._address)
+        # gRPC's own reconnection backoff grows to minutes; the sidecar is local: <= 1 s
+        reconnect_ms = max(int(self._max_backoff * 1000), 100)
+        channel = grpc.aio.insecure_channel(
+            self._address,
+            options=[
+                ("grpc.initial_reconnect_backoff_ms", min(100, reconnect_ms)),
+                ("grpc.min_reconnect_backoff_ms", min(100, reconnect_ms)),
+                ("grpc.max_reconnect_backoff_ms", reconnect_ms),
+            ],
+        )
         self._channel = channel
         stub = sidecar_pb2_grpc.SpecSyncServiceStub(channel)
         try:
             while True:
                 self.connects += 1
+                # wait_for_ready: while the sidecar is away the call waits for the channel,
+                # which reconnects the moment the sidecar listens (gRPC backoff, <= 1 s)
                 call = stub.WatchSnapshots(
-                    sidecar_pb2.WatchSnapshotsRequest(agent_name=self._agent_name)
+                    sidecar_pb2.WatchSnapshotsRequest(agent_name=self._agent_name),
+                    wait_for_ready=True,
                 )
                 try:
+                    await call.wait_for_connection()
+                    self.last_error = None
+                    await self._set_connected(True)
+                    await self._send_last_report()
                     async for response in call:
                         backoff = self._initial_backoff
                         try:
@@ -216,9 +280,11 @@ class GrpcSnapshotFeed:
                         self.last_error = None
                         yield snapshot
                     self.last_error = "the sidecar ended the snapshot stream"
+                    await self._set_connected(False)
                     logger.warning("snapshot stream from %s ended; reopening", self._address)
                 except grpc.aio.AioRpcError as e:
                     self.last_error = f"snapshot stream failed: {e.code().name}"
+                    await self._set_connected(False)
                     level = (
                         logging.ERROR
                         if e.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -238,35 +304,39 @@ class GrpcSnapshotFeed:
                 backoff = min(backoff * 2, self._max_backoff)
         finally:
             self._channel = None
+            self._connected = False  # the iteration ended: no listener to tell
             await channel.close()
 
     async def report_status(
         self, *, serving_revision: int, failed_revision: int, error: str
     ) -> None:
-        """Tell the sidecar what the engine serves (best effort, while a stream is open)."""
-        channel = self._channel
-        if channel is None:
-            return
+        """Tell the sidecar what the engine serves (best effort, while a stream is open;
+        kept, and sent again each time the stream reopens)."""
         if failed_revision and serving_revision:
             state = common_pb2.ENGINE_STATE_DEGRADED
         elif failed_revision:
             state = common_pb2.ENGINE_STATE_FAILED
         else:
             state = common_pb2.ENGINE_STATE_SERVING
-        reported = Timestamp()
-        reported.GetCurrentTime()
+        self._last_report = sidecar_pb2.ReportStatusRequest(
+            agent_name=self._agent_name,
+            state=state,
+            serving_revision=serving_revision,
+            error_message=error[:1024],
+        )
+        if self._connected:
+            await self._send_last_report()
+
+    async def _send_last_report(self) -> None:
+        channel, report = self._channel, self._last_report
+        if channel is None or report is None:
+            return
+        request = sidecar_pb2.ReportStatusRequest()
+        request.CopyFrom(report)
+        request.reported_at.GetCurrentTime()
         stub = sidecar_pb2_grpc.SpecSyncServiceStub(channel)
         try:
-            await stub.ReportStatus(
-                sidecar_pb2.ReportStatusRequest(
-                    agent_name=self._agent_name,
-                    state=state,
-                    serving_revision=serving_revision,
-                    error_message=error[:1024],
-                    reported_at=reported,
-                ),
-                timeout=5,
-            )
+            await stub.ReportStatus(request, timeout=5)
         except grpc.aio.AioRpcError as e:
             logger.warning("status report to the sidecar failed: %s", e.code().name)
 

@@ -109,7 +109,7 @@ async def _open_runtime(stack: AsyncExitStack, spec_dir: Path | None) -> AgentRu
             settings.sync_addr,
             agent_name=settings.agent_name,
             initial_backoff=settings.reconnect_initial_seconds,
-            max_backoff=settings.reconnect_max_seconds,
+            max_backoff=settings.sidecar_reconnect_max_seconds,
         )
     return await stack.enter_async_context(EngineRuntime(feed=feed, settings=settings))
 

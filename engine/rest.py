@@ -13,7 +13,8 @@
                             204 forgotten, 404 unknown (or expired), 501 when the runner
                             keeps no conversations, 503 memory store unavailable
     GET  /healthz           200 while the process is up
-    GET  /readyz            200 when a valid spec is loaded, else 503
+    GET  /readyz            200 when a valid spec is loaded and the sidecar is connected,
+                            else 503 {"status": "not ready", "reason"}
 
 Errors are ``{"error": {"code", "message"}}``: 400 names the bad field
 (``message: ...``), 503 when the agent is not ready (or draining), 500 when the turn
@@ -44,6 +45,7 @@ from engine.runner import (
     TurnCompleted,
     TurnFailed,
     TurnRequest,
+    not_ready_reason,
 )
 from specmesh import jsonbounds
 
@@ -145,8 +147,9 @@ async def _parse(request: Request, runner: AgentRunner) -> TurnRequest | Respons
         depth = parse_call_depth(headers)
     except CallDepthError as e:
         return error_response(400, "invalid_request", str(e))
-    if not runner.ready:
-        return error_response(503, "not_ready", "the agent has no valid spec loaded yet")
+    reason = not_ready_reason(runner)
+    if reason is not None:
+        return error_response(503, "not_ready", reason)
     return TurnRequest(
         context_id=parsed.context_id or uuid.uuid4().hex,
         text=parsed.message,
@@ -262,8 +265,9 @@ def create_business_routes(
         context_id = request.path_params["context_id"]
         if not 1 <= len(context_id) <= 256:
             return error_response(400, "invalid_request", "contextId: must be 1 to 256 characters")
-        if not runner.ready:
-            return error_response(503, "not_ready", "the agent has no valid spec loaded yet")
+        reason = not_ready_reason(runner)
+        if reason is not None:
+            return error_response(503, "not_ready", reason)
         if conversations is None:
             return error_response(501, "not_supported", "this agent keeps no conversations")
         try:
@@ -278,8 +282,9 @@ def create_business_routes(
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        if not runner.ready:
-            return JSONResponse({"status": "not ready"}, status_code=503)
+        reason = not_ready_reason(runner)
+        if reason is not None:
+            return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
         info = runner.card_info()
         return JSONResponse({"status": "ready", "revision": info.revision if info else None})
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "AgentRunner",
     "CardInfo",
+    "ExplainsReadiness",
     "TextDelta",
     "ToolCallFinished",
     "ToolCallStarted",
@@ -22,7 +23,10 @@ __all__ = [
     "TurnEvent",
     "TurnFailed",
     "TurnRequest",
+    "not_ready_reason",
 ]
+
+_NO_SPEC = "the agent has no valid spec loaded yet"
 
 
 @dataclass(frozen=True)
@@ -116,3 +120,21 @@ class AgentRunner(Protocol):
     def run(self, request: TurnRequest) -> AsyncIterator[TurnEvent]:
         """Run one turn; cancelling the iteration cancels the turn."""
         ...
+
+
+@runtime_checkable
+class ExplainsReadiness(Protocol):
+    """A runner that can say why it is not ready (``EngineRuntime`` does)."""
+
+    def not_ready_reason(self) -> str | None:
+        """Why it is not ready, safe to show callers; ``None`` when it is ready."""
+        ...
+
+
+def not_ready_reason(runner: AgentRunner) -> str | None:
+    """Why ``runner`` is not ready (its own words when it has them); ``None`` when ready."""
+    if runner.ready:
+        return None
+    if isinstance(runner, ExplainsReadiness):
+        return runner.not_ready_reason() or _NO_SPEC
+    return _NO_SPEC

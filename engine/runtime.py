@@ -10,6 +10,11 @@ current context stays.
 
 Old contexts are reference-counted by the turns using them: once replaced and idle,
 they are released, and the MCP sessions no other context holds are closed.
+
+Ready means a context is built and, when the feed is the sidecar's
+(:class:`engine.intake.SidecarLink`), its stream is connected: without its sidecar the
+engine has no callers and no way out, so it says so (:meth:`EngineRuntime.not_ready_reason`)
+rather than fail each turn.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from specmesh.snapshot import ResolvedSnapshot
 
 from .context import ContextBuilder, RuntimeContext
 from .errors import ContextBuildError
-from .intake import SnapshotFeed, StatusReporter
+from .intake import SidecarLink, SnapshotFeed, StatusReporter
 from .knowledge.base import KnowledgeBase
 from .loop import LoopLimits, run_turn
 from .memory import ConversationMemory, InMemoryConversationMemory
@@ -87,6 +92,8 @@ class EngineRuntime:
         """Snapshots built into a context so far."""
         self.failures = 0
         """Snapshots that failed to build so far."""
+        if isinstance(feed, SidecarLink):
+            feed.add_connection_listener(self._on_link)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -123,8 +130,20 @@ class EngineRuntime:
 
     @property
     def ready(self) -> bool:
-        """Whether a context is built (readiness)."""
-        return self._current is not None
+        """Whether a context is built and the sidecar, when there is one, is connected."""
+        return self.not_ready_reason() is None
+
+    def not_ready_reason(self) -> str | None:
+        """Why the runtime is not ready (secret-free, for callers); ``None`` when it is."""
+        feed = self._feed
+        if isinstance(feed, SidecarLink) and not feed.connected:
+            why = feed.last_error or "connecting"
+            return f"the agent's sidecar is not connected ({why})"
+        if self._current is None:
+            if self.last_error:
+                return f"the agent has no valid spec loaded yet (last error: {self.last_error})"
+            return "the agent has no valid spec loaded yet"
+        return None
 
     @property
     def revision(self) -> int | None:
@@ -266,6 +285,11 @@ class EngineRuntime:
         )
         await self._notify()
         await self._report(serving=self.revision or 0, failed=revision, error=reason)
+
+    async def _on_link(self, connected: bool) -> None:
+        if not connected:
+            logger.warning("the sidecar is not connected: not ready until it is back")
+        await self._notify()
 
     async def _notify(self) -> None:
         async with self._changed:

@@ -53,7 +53,15 @@ from engine.a2a_executor import EngineAgentExecutor
 from engine.card import CardSource, CardUrls
 from engine.knowledge.rest import KnowledgeSource, create_knowledge_routes
 from engine.rest import ConversationDeleter, create_business_routes
-from engine.runner import AgentRunner, CardInfo, TurnCompleted, TurnEvent, TurnFailed, TurnRequest
+from engine.runner import (
+    AgentRunner,
+    CardInfo,
+    TurnCompleted,
+    TurnEvent,
+    TurnFailed,
+    TurnRequest,
+    not_ready_reason,
+)
 from engine.telemetry import EngineMetrics, TraceContextInterceptor, TraceContextMiddleware
 from specmesh.serving import QuietUvicornServer, bind_tcp
 
@@ -144,6 +152,11 @@ class _ServingRunner:
     def ready(self) -> bool:
         return self._inner.ready and not self._drain.draining
 
+    def not_ready_reason(self) -> str | None:
+        if self._drain.draining:
+            return "the agent is shutting down"
+        return not_ready_reason(self._inner)
+
     def card_info(self) -> CardInfo | None:
         return self._inner.card_info()
 
@@ -151,8 +164,9 @@ class _ServingRunner:
         if self._drain.draining:
             yield TurnFailed(code="unavailable", message="the agent is shutting down")
             return
-        if not self._inner.ready:
-            yield TurnFailed(code="not_ready", message="the agent has no valid spec loaded yet")
+        reason = not_ready_reason(self._inner)
+        if reason is not None:
+            yield TurnFailed(code="not_ready", message=reason)
             return
         start = time.perf_counter()
         outcome, usage = "cancelled", {}

@@ -51,7 +51,10 @@ class EngineSettings(BaseSettings):
     reconnect_initial_seconds: float = Field(default=0.2, gt=0)
     """First delay before reconnecting to the sidecar or an MCP server."""
     reconnect_max_seconds: float = Field(default=5.0, gt=0)
-    """Longest delay between reconnection attempts."""
+    """Longest delay between reconnection attempts (MCP servers; a snapshot feed that broke)."""
+    sidecar_reconnect_max_seconds: float = Field(default=1.0, gt=0)
+    """Longest delay between attempts to reopen the sidecar's snapshot stream (a local
+    process: short, so that a restarted sidecar learns what the engine serves at once)."""
     data_dir: Path = Path("data")
     """The engine's own data folder; the embedded knowledge store lives in
     ``<data_dir>/knowledge`` unless ``knowledge.store.address`` names another folder."""

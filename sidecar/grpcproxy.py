@@ -325,6 +325,7 @@ class _GrpcInstance:
     agent: str
     endpoint: str
     track: str
+    state: str
 
 
 class GrpcInstanceSource:
@@ -339,7 +340,9 @@ class GrpcInstanceSource:
         for inst in self._source.instances(agent):
             endpoint = getattr(inst, "grpc_endpoint", None)
             if endpoint:
-                out.append(_GrpcInstance(inst.instance, inst.agent, str(endpoint), inst.track))
+                out.append(
+                    _GrpcInstance(inst.instance, inst.agent, str(endpoint), inst.track, inst.state)
+                )
         return out
 
 

@@ -28,7 +28,7 @@ import aiohttp
 from pydantic import ValidationError
 
 from sidecar.ops import OpsServer, ReadinessReport, SidecarMetrics
-from sidecar.registry import Instance, InstanceRegistration, RegistryView
+from sidecar.registry import ENGINE_DOWN, Instance, InstanceRegistration, RegistryView
 from sidecar.settings import SidecarSettings
 from sidecar.state import SnapshotHolder
 from sidecar.sync import SnapshotCache, SpecSync
@@ -163,6 +163,15 @@ class Sidecar:
         self._started: list[Callable[[], Awaitable[None]]] = []
 
     def _on_engine_status(self, status: EngineStatus) -> None:
+        """The registry entry follows the engine: ``engine-down`` (revision 0) while no
+        snapshot stream is open, ``starting`` while connected but not yet reported, else
+        the state and revision it reports."""
+        if not status.connected:
+            self.registration.update(revision=0, state=ENGINE_DOWN)
+            return
+        if status.state == "unspecified":
+            self.registration.update(revision=0, state="starting")
+            return
         self.registration.update(revision=status.serving_revision, state=status.state)
         if status.serving_revision and status.serving_revision != self._card_revision:
             self._card_revision = status.serving_revision

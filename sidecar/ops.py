@@ -5,8 +5,8 @@ of the sidecar adds its metrics to ``metrics.registry`` (egress, router, credent
 and :class:`OpsServer` serves it::
 
     GET /healthz   200 while the process runs
-    GET /readyz    200 when a valid snapshot is held and the engine serves one; else 503,
-                   the JSON body says what is missing
+    GET /readyz    200 when a valid snapshot is held and the engine is connected and
+                   serves one; else 503, the JSON body says what is missing
     GET /metrics   Prometheus text format
 """
 
@@ -90,6 +90,11 @@ class SidecarMetrics:
         self.engine_serving_revision = Gauge(
             "specmesh_sidecar_engine_serving_revision",
             "Agent revision the engine reports serving",
+            registry=r,
+        )
+        self.engine_connected = Gauge(
+            "specmesh_sidecar_engine_connected",
+            "1 while a snapshot stream of the engine is open (the engine is alive), else 0",
             registry=r,
         )
         self.registry_registered = Gauge(

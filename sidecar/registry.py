@@ -9,6 +9,11 @@ deletes the entry. The value is JSON (``docs/runtime.md``)::
 
     {"instance", "agent", "endpoint", "track", "revision", "state", "startedAt"}
 
+``state`` is ``starting`` (no engine report yet), what the engine reports (``serving``,
+``degraded``, ``failed``), or ``engine-down`` (:data:`ENGINE_DOWN`: the engine's snapshot
+stream is closed, its process is gone); the router picks only ``serving`` and ``degraded``
+instances.
+
 :class:`RegistryView` watches ``<prefix>/registry/`` and keeps agent resource name ->
 instances for the router, with a change counter to wait on and change listeners.
 """
@@ -30,9 +35,12 @@ from specmesh.keys import Keys
 from specmesh.names import resource_name
 from specmesh.watch import PrefixWatcher, WatchUpdate
 
-__all__ = ["Instance", "InstanceRegistration", "RegistryView"]
+__all__ = ["ENGINE_DOWN", "Instance", "InstanceRegistration", "RegistryView"]
 
 logger = logging.getLogger(__name__)
+
+ENGINE_DOWN = "engine-down"
+"""Registry state of an instance whose engine is not connected to its sidecar."""
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 The egress asks :class:`Router` where to send a call to a partner agent:
 
 * the partner's instances come from an :class:`InstanceSource` (the Agent Registry; an
-  in-memory one for tests);
+  in-memory one for tests); only those whose engine serves (registry state in
+  :data:`SERVING_STATES`) are picked -- a starting, failed or dead engine takes no call;
 * the split between its ``stable`` and ``canary`` instances follows the TARGET agent's release
   policy, read from a :class:`ReleaseSource` (etcd, watched; in-memory for tests): calls
   matching every ``headerMatch`` go to the canary, the others to the canary with probability
@@ -38,6 +39,7 @@ from specmesh.watch import PrefixWatcher
 from .outlier import OutlierDetector
 
 __all__ = [
+    "SERVING_STATES",
     "EtcdReleaseSource",
     "InMemoryInstanceSource",
     "InMemoryReleaseSource",
@@ -58,6 +60,10 @@ logger = logging.getLogger(__name__)
 
 RouterMode = Literal["direct", "istio"]
 
+SERVING_STATES = frozenset({"serving", "degraded"})
+"""Registry states of an instance whose engine serves a revision (``degraded``: an older one,
+a newer one failed to build); the router picks only these."""
+
 
 # ---------------------------------------------------------------- instances
 
@@ -74,6 +80,8 @@ class Instance:
     """Inbound URL of its sidecar (``https://127.0.0.1:7105``)."""
     track: str = "stable"
     """``stable`` or ``canary``."""
+    state: str = "serving"
+    """Registry state (``serving``, ``starting``, ``engine-down``...)."""
 
 
 class InstanceLike(Protocol):
@@ -87,6 +95,8 @@ class InstanceLike(Protocol):
     def endpoint(self) -> str: ...
     @property
     def track(self) -> str: ...
+    @property
+    def state(self) -> str: ...
 
 
 class InstanceSource(Protocol):
@@ -411,9 +421,15 @@ class Router:
             host = f"{rn}.{self.namespace}.svc.cluster.local"
             return Target(agent=rn, url=f"{self.service_scheme}://{host}:{self.service_port}")
         up = self._upstream(rn)
-        all_instances = list(self._instances.instances(rn))
-        if not all_instances:
+        registered = list(self._instances.instances(rn))
+        if not registered:
             raise NoInstanceError(agent=agent, reason="none registered")
+        all_instances = [i for i in registered if i.state in SERVING_STATES]
+        if not all_instances:
+            states = ", ".join(sorted({i.state for i in registered}))
+            raise NoInstanceError(
+                agent=agent, reason=f"none serving ({len(registered)} registered: {states})"
+            )
         up.detector.set_hosts(i.instance for i in all_instances)
         healthy_ids = set(up.detector.available([i.instance for i in all_instances]))
         track = self.choose_track(rn, headers)

@@ -6,6 +6,13 @@ latest, intermediate ones may be coalesced). ``GetSnapshot`` answers once.
 ``ReportStatus`` records what the engine serves: readiness and the Agent Registry entry
 follow it (listeners are called with each :class:`EngineStatus`).
 
+An open ``WatchSnapshots`` stream is how the sidecar knows its engine is alive: the stream
+sends its initial metadata at once (the engine then knows it is connected and re-reports
+its status), and when the last stream closes -- the engine's process died, its socket
+closed -- the engine counts as disconnected and what it reported is forgotten, so a
+restarted engine is not taken for serving before it reports (docs/runtime.md, "Health
+contract").
+
 A :class:`~specmesh.snapshot.ResolvedSnapshot` holds ``vault://`` references only, so
 what goes on the wire is secret-free; :func:`snapshot_to_proto` is the one conversion.
 """
@@ -15,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -57,7 +64,7 @@ _STATE_NAMES = {
 @dataclass(frozen=True)
 class EngineStatus:
     """What the engine last reported (``state`` is one of ``unspecified``, ``starting``,
-    ``serving``, ``degraded``, ``failed``)."""
+    ``serving``, ``degraded``, ``failed``), and whether it is connected now."""
 
     state: str = "unspecified"
     serving_revision: int = 0
@@ -65,11 +72,16 @@ class EngineStatus:
     failed_etcd_revision: int = 0
     error_message: str = ""
     reported_at: datetime | None = None
+    connected: bool = False
+    """A snapshot stream of the engine is open (its process is alive)."""
 
     @property
     def serving(self) -> bool:
-        """The engine serves some snapshot (the newest, or an older one when degraded)."""
-        return self.state in ("serving", "degraded") and self.serving_revision > 0
+        """The engine is connected and serves some snapshot (the newest, or an older one
+        when degraded)."""
+        return (
+            self.connected and self.state in ("serving", "degraded") and self.serving_revision > 0
+        )
 
 
 def snapshot_to_proto(synced: SyncedSnapshot) -> Any:
@@ -111,7 +123,10 @@ class _Servicer(sidecar_pb2_grpc.SpecSyncServiceServicer):
         metrics = self._s.metrics
         if metrics is not None:
             metrics.sync_streams.inc()
+        self._s.stream_opened()
         try:
+            # at once, not with the first snapshot: the engine learns it is connected
+            await context.send_initial_metadata(())
             version = 0
             while True:
                 version = await self._s.holder.wait_newer(version)
@@ -120,6 +135,7 @@ class _Servicer(sidecar_pb2_grpc.SpecSyncServiceServicer):
                     continue
                 yield sidecar_pb2.WatchSnapshotsResponse(snapshot=snapshot_to_proto(synced))
         finally:
+            self._s.stream_closed()
             if metrics is not None:
                 metrics.sync_streams.dec()
 
@@ -153,6 +169,7 @@ class _Servicer(sidecar_pb2_grpc.SpecSyncServiceServicer):
                 failed_etcd_revision=request.failed_etcd_revision,
                 error_message=request.error_message[:2000],
                 reported_at=reported,
+                connected=self._s.engine_connected,
             )
         )
         return sidecar_pb2.ReportStatusResponse()
@@ -180,6 +197,7 @@ class SpecSyncServer:
         self.holder = holder
         self.metrics = metrics
         self.engine = EngineStatus()
+        self._streams = 0
         self._listeners: list[Callable[[EngineStatus], None]] = []
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -191,12 +209,36 @@ class SpecSyncServer:
             raise AgentMismatchError(expected=self.agent, got=name)
 
     def add_status_listener(self, listener: Callable[[EngineStatus], None]) -> None:
-        """Call ``listener`` with every status the engine reports."""
+        """Call ``listener`` with every status the engine reports, and when it connects or
+        disconnects."""
         self._listeners.append(listener)
+
+    @property
+    def engine_connected(self) -> bool:
+        """Whether a snapshot stream of the engine is open."""
+        return self._streams > 0
+
+    def stream_opened(self) -> None:
+        """A ``WatchSnapshots`` stream opened (the engine is alive)."""
+        self._streams += 1
+        if self._streams == 1:
+            logger.info("engine connected (snapshot stream open)")
+            self.record_status(replace(self.engine, connected=True))
+
+    def stream_closed(self) -> None:
+        """A ``WatchSnapshots`` stream closed; the last one: the engine is gone."""
+        self._streams -= 1
+        if self._streams == 0:
+            logger.warning(
+                "engine disconnected (its snapshot stream closed): not ready until it "
+                "reconnects and reports"
+            )
+            # what the gone engine reported no longer holds; the next one reports anew
+            self.record_status(EngineStatus(connected=False))
 
     def record_status(self, status: EngineStatus) -> None:
         previous, self.engine = self.engine, status
-        if (previous.state, previous.serving_etcd_revision) != (
+        if status.reported_at is not None and (previous.state, previous.serving_etcd_revision) != (
             status.state,
             status.serving_etcd_revision,
         ):
@@ -211,6 +253,7 @@ class SpecSyncServer:
         if self.metrics is not None:
             self.metrics.engine_state.state(status.state)
             self.metrics.engine_serving_revision.set(status.serving_revision)
+            self.metrics.engine_connected.set(1 if status.connected else 0)
         for listener in self._listeners:
             try:
                 listener(status)
@@ -218,7 +261,8 @@ class SpecSyncServer:
                 logger.exception("engine status listener failed")
 
     def readiness(self) -> ReadinessReport:
-        """Ready when a valid snapshot is held and the engine reports serving one.
+        """Ready when a valid snapshot is held and the engine is connected (a snapshot
+        stream is open) and reports serving one.
 
         An engine still serving the previous snapshot (it reports it is building the
         new one, or ``degraded`` because the new one failed) stays ready: readiness does
@@ -229,7 +273,9 @@ class SpecSyncServer:
         missing: list[str] = []
         if synced is None:
             missing.append(f"snapshot: {self.sync.status()}")
-        if not engine.serving:
+        if not engine.connected:
+            missing.append("engine: not connected (no snapshot stream open)")
+        elif not engine.serving:
             what = f"engine: reported {engine.state}"
             if engine.error_message:
                 what += f" ({engine.error_message})"
@@ -245,6 +291,7 @@ class SpecSyncServer:
                 "status": self.sync.status(),
             },
             "engine": {
+                "connected": engine.connected,
                 "state": engine.state,
                 "servingRevision": engine.serving_revision,
                 "servingEtcdRevision": engine.serving_etcd_revision,

@@ -62,9 +62,16 @@ class _EngineStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EngineSta
     """Serving an older snapshot because building a newer one failed."""
     ENGINE_STATE_FAILED: _EngineState.ValueType  # 4
     """Not serving: no snapshot could be built."""
+    ENGINE_STATE_DOWN: _EngineState.ValueType  # 5
+    """Not serving: the engine is not connected to its sidecar (its process died or has not
+    started again). Set by the sidecar in the registry (`engine-down`); an engine never
+    reports it.
+    """
 
 class EngineState(_EngineState, metaclass=_EngineStateEnumTypeWrapper):
-    """EngineState is what an engine reports about the spec it serves."""
+    """EngineState is what an engine reports about the spec it serves (and, in the Agent
+    Registry, whether its engine is there at all).
+    """
 
 ENGINE_STATE_UNSPECIFIED: EngineState.ValueType  # 0
 """Not reported yet."""
@@ -76,6 +83,11 @@ ENGINE_STATE_DEGRADED: EngineState.ValueType  # 3
 """Serving an older snapshot because building a newer one failed."""
 ENGINE_STATE_FAILED: EngineState.ValueType  # 4
 """Not serving: no snapshot could be built."""
+ENGINE_STATE_DOWN: EngineState.ValueType  # 5
+"""Not serving: the engine is not connected to its sidecar (its process died or has not
+started again). Set by the sidecar in the registry (`engine-down`); an engine never
+reports it.
+"""
 Global___EngineState: _TypeAlias = EngineState  # noqa: Y015
 
 @_typing.final

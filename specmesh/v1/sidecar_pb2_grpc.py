@@ -60,6 +60,9 @@ class SpecSyncServiceServicer:
         """WatchSnapshots streams the agent's snapshots: the first message is the current
         snapshot (as soon as one exists), then one message per change. The stream stays
         open until the client or the sidecar ends it; an engine reconnects on UNAVAILABLE.
+        The sidecar sends the initial metadata at once, before any snapshot. An open stream
+        is the engine's liveness: while none is open the sidecar is not ready and registers
+        the instance as `engine-down` (docs/runtime.md, "Health contract").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -76,6 +79,8 @@ class SpecSyncServiceServicer:
     def ReportStatus(self, request, context):
         """ReportStatus tells the sidecar which revision the engine serves, or that building a
         snapshot failed; the sidecar publishes it in the agent registry and its readiness.
+        The engine sends it after each build and again each time its WatchSnapshots stream
+        (re)opens, so a restarted sidecar learns what it serves without a spec change.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

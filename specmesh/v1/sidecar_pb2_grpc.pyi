@@ -43,6 +43,9 @@ class SpecSyncServiceStub:
     """WatchSnapshots streams the agent's snapshots: the first message is the current
     snapshot (as soon as one exists), then one message per change. The stream stays
     open until the client or the sidecar ends it; an engine reconnects on UNAVAILABLE.
+    The sidecar sends the initial metadata at once, before any snapshot. An open stream
+    is the engine's liveness: while none is open the sidecar is not ready and registers
+    the instance as `engine-down` (docs/runtime.md, "Health contract").
     """
     GetSnapshot: _grpc.UnaryUnaryMultiCallable[_sidecar_pb2.GetSnapshotRequest, _sidecar_pb2.GetSnapshotResponse]
     """GetSnapshot returns the current snapshot once, or UNAVAILABLE while the sidecar has
@@ -51,6 +54,8 @@ class SpecSyncServiceStub:
     ReportStatus: _grpc.UnaryUnaryMultiCallable[_sidecar_pb2.ReportStatusRequest, _sidecar_pb2.ReportStatusResponse]
     """ReportStatus tells the sidecar which revision the engine serves, or that building a
     snapshot failed; the sidecar publishes it in the agent registry and its readiness.
+    The engine sends it after each build and again each time its WatchSnapshots stream
+    (re)opens, so a restarted sidecar learns what it serves without a spec change.
     """
 
 @_typing.type_check_only
@@ -62,6 +67,9 @@ class SpecSyncServiceAsyncStub(SpecSyncServiceStub):
     """WatchSnapshots streams the agent's snapshots: the first message is the current
     snapshot (as soon as one exists), then one message per change. The stream stays
     open until the client or the sidecar ends it; an engine reconnects on UNAVAILABLE.
+    The sidecar sends the initial metadata at once, before any snapshot. An open stream
+    is the engine's liveness: while none is open the sidecar is not ready and registers
+    the instance as `engine-down` (docs/runtime.md, "Health contract").
     """
     GetSnapshot: _aio.UnaryUnaryMultiCallable[_sidecar_pb2.GetSnapshotRequest, _sidecar_pb2.GetSnapshotResponse]  # type: ignore[assignment]
     """GetSnapshot returns the current snapshot once, or UNAVAILABLE while the sidecar has
@@ -70,6 +78,8 @@ class SpecSyncServiceAsyncStub(SpecSyncServiceStub):
     ReportStatus: _aio.UnaryUnaryMultiCallable[_sidecar_pb2.ReportStatusRequest, _sidecar_pb2.ReportStatusResponse]  # type: ignore[assignment]
     """ReportStatus tells the sidecar which revision the engine serves, or that building a
     snapshot failed; the sidecar publishes it in the agent registry and its readiness.
+    The engine sends it after each build and again each time its WatchSnapshots stream
+    (re)opens, so a restarted sidecar learns what it serves without a spec change.
     """
 
 class SpecSyncServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -84,6 +94,9 @@ class SpecSyncServiceServicer(metaclass=_abc_1.ABCMeta):
         """WatchSnapshots streams the agent's snapshots: the first message is the current
         snapshot (as soon as one exists), then one message per change. The stream stays
         open until the client or the sidecar ends it; an engine reconnects on UNAVAILABLE.
+        The sidecar sends the initial metadata at once, before any snapshot. An open stream
+        is the engine's liveness: while none is open the sidecar is not ready and registers
+        the instance as `engine-down` (docs/runtime.md, "Health contract").
         """
 
     @_abc_1.abstractmethod
@@ -104,6 +117,8 @@ class SpecSyncServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_sidecar_pb2.ReportStatusResponse, _abc.Awaitable[_sidecar_pb2.ReportStatusResponse]]:
         """ReportStatus tells the sidecar which revision the engine serves, or that building a
         snapshot failed; the sidecar publishes it in the agent registry and its readiness.
+        The engine sends it after each build and again each time its WatchSnapshots stream
+        (re)opens, so a restarted sidecar learns what it serves without a spec change.
         """
 
 def add_SpecSyncServiceServicer_to_server(servicer: SpecSyncServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -982,7 +982,6 @@ class _Sidecar(sidecar_pb2_grpc.SpecSyncServiceServicer):  # type: ignore[misc]
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.streams = 0
         self.reports: list[Any] = []
-        self.reported = asyncio.Event()
 
     async def WatchSnapshots(self, request: Any, context: Any) -> AsyncIterator[Any]:
         self.streams += 1
@@ -994,11 +993,10 @@ class _Sidecar(sidecar_pb2_grpc.SpecSyncServiceServicer):  # type: ignore[misc]
 
     async def ReportStatus(self, request: Any, context: Any) -> Any:
         self.reports.append(request)
-        self.reported.set()
         return sidecar_pb2.ReportStatusResponse()
 
 
-async def test_grpc_feed_converts_skips_invalid_and_reconnects(
+async def test_grpc_feed_converts_skips_invalid_reconnects_and_reports_again(
     egress: Egress, model: ScriptedModelServer
 ) -> None:
     sidecar = _Sidecar()
@@ -1022,11 +1020,20 @@ async def test_grpc_feed_converts_skips_invalid_and_reconnects(
             await runtime.wait_until(lambda r: r.revision == 3, timeout=WAIT)
             done = (await turn(runtime, "hi"))[-1]
             async with asyncio.timeout(WAIT):
-                await sidecar.reported.wait()
+                await _eventually(lambda: len(sidecar.reports) == 3)
+            ready_while_connected = runtime.ready
+
+            await server.stop(grace=None)  # the sidecar is gone
+
+            await runtime.wait_until(lambda r: not r.ready, timeout=WAIT)
+            reason = runtime.not_ready_reason()
     finally:
         await server.stop(grace=None)
 
     assert isinstance(done, TurnCompleted) and done.revision == 3
     assert sidecar.streams == 2
     assert model.requests()[0].messages[0]["content"] == "third"
-    assert sidecar.reports[0].serving_revision == 1
+    # revision 1 built; on reconnecting, revision 1 reported again before 3 was built
+    assert [r.serving_revision for r in sidecar.reports] == [1, 1, 3]
+    assert ready_while_connected
+    assert reason is not None and "sidecar is not connected" in reason

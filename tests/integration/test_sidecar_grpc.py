@@ -121,9 +121,13 @@ async def rig(pki: PkiClient, vault: VaultClient) -> AsyncIterator[Rig]:  # noqa
     ):
         instances = InMemoryInstanceSource(
             [
-                Instance("b-http-only", CALLEE, "https://127.0.0.1:9"),  # type: ignore[list-item]
+                Instance("b-http-only", CALLEE, "https://127.0.0.1:9", state="serving"),  # type: ignore[list-item]
                 Instance(  # type: ignore[list-item]
-                    "b-1", CALLEE, "https://127.0.0.1:9", grpc_endpoint=inbound.target
+                    "b-1",
+                    CALLEE,
+                    "https://127.0.0.1:9",
+                    state="serving",
+                    grpc_endpoint=inbound.target,
                 ),
             ]
         )
@@ -263,7 +267,15 @@ async def test_unreachable_instance_is_unavailable_and_counts_as_gateway_error(
     rig: Rig, vault: VaultClient
 ) -> None:
     dead = InMemoryInstanceSource(
-        [Instance("b-dead", CALLEE, "https://x", grpc_endpoint=f"127.0.0.1:{free_port()}")]  # type: ignore[list-item]
+        [
+            Instance(  # type: ignore[list-item]
+                "b-dead",
+                CALLEE,
+                "https://x",
+                state="serving",
+                grpc_endpoint=f"127.0.0.1:{free_port()}",
+            )
+        ]
     )
     router = Router(instances=GrpcInstanceSource(dead), releases=InMemoryReleaseSource())
     holder = SnapshotHolder()

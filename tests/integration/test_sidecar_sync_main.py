@@ -85,7 +85,6 @@ async def test_sidecar_starts_serves_registers_and_stops_in_order(
             )
             first = await asyncio.wait_for(stream.read(), 20)
             assert first.snapshot.revision == 1
-            stream.cancel()
             await stub.ReportStatus(
                 sidecar_pb2.ReportStatusRequest(
                     agent_name="main-helper",
@@ -94,22 +93,22 @@ async def test_sidecar_starts_serves_registers_and_stops_in_order(
                     serving_etcd_revision=first.snapshot.etcd_revision,
                 )
             )
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(f"http://{settings.ops}/readyz") as r,
-        ):
-            assert r.status == 200, await r.text()
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"http://{settings.ops}/readyz") as r,
+            ):
+                assert r.status == 200, await r.text()
 
-        # the registry entry follows the engine's report
+            # the registry entry follows the engine's report
+            entry_json = await _entry_when(etcd, keys, "serving")
+            assert entry_json["revision"] == 1
+
+            # the engine's stream closes (the engine died): the entry says so at once
+            stream.cancel()
+            entry_json = await _entry_when(etcd, keys, "engine-down")
+            assert entry_json["revision"] == 0
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 20
-        while True:
-            entry = await etcd.get(keys.registry_instance("main-helper", "inst-1"))
-            assert entry is not None
-            if json.loads(entry.value)["state"] == "serving":
-                break
-            assert loop.time() < deadline, "registry state not updated"
-            await asyncio.sleep(0.02)
         assert sidecar.sync.current is not None
         cached = tmp_path / "sidecars" / "main-helper-stable" / "snapshot.json"
         while not cached.exists():  # the last good snapshot is kept on disk
@@ -122,3 +121,17 @@ async def test_sidecar_starts_serves_registers_and_stops_in_order(
         "stop egress draining=True registered=False",
     ]
     assert await etcd.get(keys.registry_instance("main-helper", "inst-1")) is None
+
+
+async def _entry_when(etcd: EtcdClient, keys: Keys, state: str) -> dict[str, object]:
+    """The instance's registry entry once its state is ``state`` (bounded poll)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while True:
+        entry = await etcd.get(keys.registry_instance("main-helper", "inst-1"))
+        assert entry is not None
+        value: dict[str, object] = json.loads(entry.value)
+        if value["state"] == state:
+            return value
+        assert loop.time() < deadline, f"registry state not {state}: {value}"
+        await asyncio.sleep(0.02)

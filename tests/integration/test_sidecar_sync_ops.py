@@ -71,10 +71,26 @@ async def test_readyz_turns_ready_after_snapshot_and_engine_serving(
             await store.apply_agent(AGENT, spec, actor="t")
             await _poll_async(lambda: _nothing_but_engine_missing(http))
 
-            # the engine reports it serves the snapshot: ready
+            # a report without an open snapshot stream counts for nothing: no engine is
+            # connected
             snap = (
                 await stub.GetSnapshot(sidecar_pb2.GetSnapshotRequest(agent_name=AGENT))
             ).snapshot
+            serving = sidecar_pb2.ReportStatusRequest(
+                agent_name=AGENT,
+                state=common_pb2.ENGINE_STATE_SERVING,
+                serving_revision=snap.revision,
+                serving_etcd_revision=snap.etcd_revision,
+            )
+            await stub.ReportStatus(serving)
+            async with http.get("/readyz") as r:
+                body = await r.json()
+                assert r.status == 503 and body["engine"]["connected"] is False
+                assert body["missing"] == ["engine: not connected (no snapshot stream open)"]
+
+            # the engine's stream is open and it reports it serves the snapshot: ready
+            stream = stub.WatchSnapshots(sidecar_pb2.WatchSnapshotsRequest(agent_name=AGENT))
+            await asyncio.wait_for(stream.read(), 20)
             await stub.ReportStatus(
                 sidecar_pb2.ReportStatusRequest(
                     agent_name=AGENT,
@@ -106,6 +122,7 @@ async def test_readyz_turns_ready_after_snapshot_and_engine_serving(
                 text = await r.text()
                 assert r.status == 200
                 for name in (
+                    "specmesh_sidecar_engine_connected 1.0",
                     "specmesh_sidecar_snapshot_revision 1.0",
                     "specmesh_sidecar_etcd_watch_reconnects_total",
                     "specmesh_sidecar_etcd_watch_resets_total",
@@ -114,6 +131,19 @@ async def test_readyz_turns_ready_after_snapshot_and_engine_serving(
                     'specmesh_sidecar_snapshot_source{specmesh_sidecar_snapshot_source="etcd"} 1.0',
                 ):
                     assert name in text, name
+
+            # serving again, then the engine's stream closes (its process died): not ready,
+            # and what it reported is forgotten
+            await stub.ReportStatus(serving)
+            async with http.get("/readyz") as r:
+                assert r.status == 200
+            stream.cancel()
+            body = await _poll_async(lambda: _readyz_if(http, 503))
+            assert body["missing"] == ["engine: not connected (no snapshot stream open)"]
+            assert body["engine"]["state"] == "unspecified"
+            assert body["engine"]["servingRevision"] == 0
+            async with http.get("/metrics") as r:
+                assert "specmesh_sidecar_engine_connected 0.0" in await r.text()
     finally:
         await channel.close()
         await server.stop(grace=0)
@@ -125,3 +155,8 @@ async def _nothing_but_engine_missing(http: aiohttp.ClientSession) -> bool:
     async with http.get("/readyz") as r:
         body = await r.json()
         return r.status == 503 and [m.split(":")[0] for m in body["missing"]] == ["engine"]
+
+
+async def _readyz_if(http: aiohttp.ClientSession, status: int) -> dict[str, Any] | None:
+    async with http.get("/readyz") as r:
+        return dict(await r.json()) if r.status == status else None

@@ -150,6 +150,38 @@ def test_no_instance_raises() -> None:
         router.pick("partner-agent", {})
 
 
+def test_only_instances_whose_engine_serves_are_picked() -> None:
+    instances = InMemoryInstanceSource(
+        [
+            Instance("up", "partner-agent", "https://127.0.0.1:1001", state="serving"),
+            Instance("old", "partner-agent", "https://127.0.0.1:1002", state="degraded"),
+            Instance("dead", "partner-agent", "https://127.0.0.1:1003", state="engine-down"),
+            Instance("new", "partner-agent", "https://127.0.0.1:1004", state="starting"),
+            Instance("bad", "partner-agent", "https://127.0.0.1:1005", state="failed"),
+        ]
+    )
+    router = Router(instances=instances, releases=InMemoryReleaseSource(), rng=random.Random(3))
+
+    picked = {router.pick("partner-agent", {}).instance for _ in range(200)}
+
+    assert picked == {"up", "old"}
+
+
+def test_no_serving_instance_raises_naming_the_states() -> None:
+    instances = InMemoryInstanceSource(
+        [
+            Instance("dead", "partner-agent", "https://127.0.0.1:1003", state="engine-down"),
+            Instance("new", "partner-agent", "https://127.0.0.1:1004", state="starting"),
+        ]
+    )
+    router = Router(instances=instances, releases=InMemoryReleaseSource())
+
+    with pytest.raises(NoInstanceError) as caught:
+        router.pick("partner-agent", {})
+
+    assert caught.value.reason == "none serving (2 registered: engine-down, starting)"
+
+
 def test_istio_mode_sends_to_the_service_and_does_not_retry() -> None:
     router = Router(
         instances=InMemoryInstanceSource(),
