@@ -37,16 +37,22 @@ ENV UV_COMPILE_BYTECODE=1 \
 WORKDIR /src
 
 # Dependencies first (their layer survives code changes): only the lock and the metadata.
+# The `kubernetes` extra is the control plane's Kubernetes runtime (Helm's SDK, lightkube).
 COPY pyproject.toml uv.lock README.md ./
-RUN uv sync --locked --no-dev --no-editable --no-install-project
+RUN uv sync --locked --no-dev --no-editable --extra kubernetes --no-install-project
 
 # Then the project, installed as a wheel into the venv (entry points included).
 COPY specmesh ./specmesh
 COPY engine ./engine
 COPY sidecar ./sidecar
 COPY control_plane ./control_plane
-RUN uv sync --locked --no-dev --no-editable \
-    && /app/.venv/bin/specmesh --help > /dev/null
+RUN uv sync --locked --no-dev --no-editable --extra kubernetes \
+    && /app/.venv/bin/specmesh --help > /dev/null \
+    && /app/.venv/bin/python -c "import control_plane.runtime.kubernetes"
+
+# The Helm chart: the control plane renders every agent from its templates
+# (SPECMESH_CHART_PATH=/app/helm/specmesh, set by the chart).
+COPY helm/specmesh ./helm/specmesh
 
 # ---------------------------------------------------------------- runtime
 FROM ${PYTHON_IMAGE} AS runtime
@@ -65,6 +71,7 @@ RUN groupadd --system --gid 10001 specmesh \
 
 COPY --from=builder /usr/bin/tini-static /usr/bin/tini
 COPY --from=builder /app/.venv /app/.venv
+COPY --from=builder /src/helm/specmesh /app/helm/specmesh
 
 ENV PATH=/app/.venv/bin:$PATH \
     VIRTUAL_ENV=/app/.venv \

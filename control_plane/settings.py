@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from control_plane.istio import CRDS_PATH
 from specmesh.addresses import parse_table
 
-__all__ = ["ControlPlaneSettings"]
+__all__ = ["ControlPlaneSettings", "KubernetesRuntimeSettings"]
 
 
 class ControlPlaneSettings(BaseSettings):
@@ -86,3 +86,26 @@ class ControlPlaneSettings(BaseSettings):
     def _table(cls, value: str) -> str:
         parse_table(value)
         return value
+
+
+class KubernetesRuntimeSettings(BaseSettings):
+    """``SPECMESH_*`` variables of the Kubernetes runtime
+    (:mod:`control_plane.runtime.kubernetes`); the Helm chart sets every one."""
+
+    model_config = SettingsConfigDict(env_prefix="SPECMESH_", extra="ignore", frozen=True)
+
+    agents_namespace: str = "default"
+    """Namespace the agents' objects live in (the chart: the release's, from the downward
+    API)."""
+    chart_path: Path = Path("/app/helm/specmesh")
+    """The Helm chart whose agent templates render every agent (the image carries it)."""
+    chart_values: Path = Path("/etc/specmesh/chart/values.yaml")
+    """The chart's install values (the chart's ConfigMap ``<release>-control-plane-chart-
+    values``, mounted here): what every agent is rendered with, besides its own entry."""
+    chart_release: str = "specmesh"
+    """The Helm release name the chart was installed as (labels and selectors use it)."""
+    kubeconfig: Path | None = None
+    """A kubeconfig file; unset: the pod's service account (in cluster), else
+    ``KUBECONFIG`` or ``~/.kube/config``."""
+    kubernetes_timeout_seconds: float = Field(default=10.0, gt=0)
+    """Timeout of each Kubernetes API request."""

@@ -101,11 +101,19 @@ def agent_policy(
 CONTROL_PLANE_POLICY = "specmesh-control-plane"
 
 
-def control_plane_policy(*, kv_mount: str = "secret", pki_mount: str | None = None) -> str:
+def control_plane_policy(
+    *,
+    kv_mount: str = "secret",
+    pki_mount: str | None = None,
+    kubernetes_auth_mount: str | None = None,
+    agent_role_prefix: str = "specmesh-agent-",
+) -> str:
     """HCL of the control plane's own policy (what docs/deploy.md writes): agents' secrets
     under ``specmesh/`` (write new versions, read, list, destroy unreferenced versions), the
-    agents' policies and, when the sidecars do mTLS, the agents' PKI roles. No ``sys/``
-    beyond agent policies, no auth methods, no root."""
+    agents' policies, when the sidecars do mTLS the agents' PKI roles and, on Kubernetes
+    (``kubernetes_auth_mount``), the agents' Kubernetes-auth roles
+    (``<agent_role_prefix>*``). No ``sys/`` beyond agent policies, no auth method's
+    configuration, no root."""
     rules = [
         (f"{kv_mount}/data/specmesh/*", ["create", "update", "read"]),
         (f"{kv_mount}/metadata/specmesh", ["list"]),
@@ -117,6 +125,13 @@ def control_plane_policy(*, kv_mount: str = "secret", pki_mount: str | None = No
     if pki_mount:
         rules.append(
             (f"{pki_mount}/roles/specmesh-agent-*", ["create", "update", "read", "delete"])
+        )
+    if kubernetes_auth_mount:
+        rules.append(
+            (
+                f"auth/{kubernetes_auth_mount}/role/{agent_role_prefix}*",
+                ["create", "update", "read", "delete"],
+            )
         )
     return "".join(f'path "{p}" {{\n  capabilities = {json.dumps(c)}\n}}\n' for p, c in rules)
 
@@ -338,6 +353,49 @@ class VaultClient:
         await self._run(
             f"{mount}/roles/{name}",
             self._client.secrets.pki.delete_role,
+            name,
+            mount_point=mount,
+        )
+
+    async def put_kubernetes_role(
+        self,
+        *,
+        mount: str,
+        name: str,
+        service_account: str,
+        namespace: str,
+        policies: list[str],
+        ttl: str = "1h",
+        audience: str | None = None,
+    ) -> None:
+        """Create or replace a Kubernetes-auth role: a token of ``service_account`` in
+        ``namespace`` logs in for ``policies`` (an agent's sidecar, for its own policy)."""
+        await self._run(
+            f"auth/{mount}/role/{name}",
+            self._client.auth.kubernetes.create_role,
+            name,
+            bound_service_account_names=[service_account],
+            bound_service_account_namespaces=[namespace],
+            policies=policies,
+            ttl=ttl,
+            audience=audience,
+            mount_point=mount,
+        )
+
+    async def read_kubernetes_role(self, *, mount: str, name: str) -> dict[str, Any]:
+        response = await self._run(
+            f"auth/{mount}/role/{name}",
+            self._client.auth.kubernetes.read_role,
+            name,
+            mount_point=mount,
+        )
+        return dict(response)
+
+    async def delete_kubernetes_role(self, *, mount: str, name: str) -> None:
+        """Delete a Kubernetes-auth role (none by that name: nothing to do)."""
+        await self._run(
+            f"auth/{mount}/role/{name}",
+            self._client.auth.kubernetes.delete_role,
             name,
             mount_point=mount,
         )

@@ -11,7 +11,7 @@ import pytest
 from pydantic import AliasChoices
 from pydantic_settings import BaseSettings
 
-from control_plane.settings import ControlPlaneSettings
+from control_plane.settings import ControlPlaneSettings, KubernetesRuntimeSettings
 from engine.main import ServeSettings
 from engine.settings import EngineSettings
 from sidecar.settings import SidecarSettings
@@ -45,7 +45,7 @@ def _accepted(*models: type[BaseSettings]) -> set[str]:
 ROLES: dict[str, set[str]] = {
     "sidecar": _accepted(SidecarSettings),
     "engine": _accepted(EngineSettings, ServeSettings),
-    "control-plane": _accepted(ControlPlaneSettings),
+    "control-plane": _accepted(ControlPlaneSettings, KubernetesRuntimeSettings),
 }
 
 
@@ -78,6 +78,12 @@ def test_every_env_var_the_chart_sets_is_read_by_its_process(
 
 def test_settings_types_are_simple_enough_for_env(chart: helm_python.Chart) -> None:
     # guard for the join above: every field is readable from one environment variable
-    for model in (SidecarSettings, EngineSettings, ServeSettings, ControlPlaneSettings):
+    for model in (
+        SidecarSettings,
+        EngineSettings,
+        ServeSettings,
+        ControlPlaneSettings,
+        KubernetesRuntimeSettings,
+    ):
         for name, info in model.model_fields.items():
             assert typing.get_origin(info.annotation) is not dict, f"{model.__name__}.{name}"

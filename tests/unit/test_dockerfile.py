@@ -120,6 +120,23 @@ def test_the_builder_copies_every_packaged_package() -> None:
     assert "*" in ignore  # allow-list: .venv, .specmesh (local Vault token), .git stay out
 
 
+def test_the_image_carries_the_kubernetes_runtime_and_the_chart() -> None:
+    """The control plane renders agents from the chart in the image (SPECMESH_CHART_PATH)
+    with the `kubernetes` extra (Helm's SDK, lightkube)."""
+    from control_plane.settings import KubernetesRuntimeSettings
+
+    stages = _stages()
+    syncs = [shlex.split(r) for s in stages for r in s.args("RUN") if "uv sync" in r]
+    assert all(words[words.index("--extra") + 1] == "kubernetes" for words in syncs)
+    chart_path = str(KubernetesRuntimeSettings.model_fields["chart_path"].default)
+    final = stages[-1].args("COPY")
+    assert any(c.split()[-1] == chart_path and "helm/specmesh" in c for c in final)
+    builder_copies = [a.split() for s in stages for a in s.args("COPY") if "--from" not in a]
+    assert ["helm/specmesh", "./helm/specmesh"] in builder_copies
+    ignore = (REPO / ".dockerignore").read_text().splitlines()
+    assert "!helm/specmesh/" in ignore
+
+
 def test_the_lock_is_current() -> None:
     """`uv sync --locked` in the image fails on a stale lock; fail here first."""
     uv = shutil.which("uv")

@@ -22,12 +22,19 @@ def test_the_deploy_guide_writes_exactly_the_control_plane_policy() -> None:
     guide = (REPO / "docs" / "deploy.md").read_text()
     block = guide.split("vault policy write specmesh-control-plane - <<'EOF'\n", 1)[1]
     block = block.split("\nEOF", 1)[0]
-    assert _paths(block) == _paths(control_plane_policy(pki_mount="specmesh-pki"))
+    assert _paths(block) == _paths(
+        control_plane_policy(pki_mount="specmesh-pki", kubernetes_auth_mount="kubernetes")
+    )
 
 
 def test_the_control_plane_policy_reaches_no_root_power() -> None:
     paths = _paths(control_plane_policy(pki_mount="specmesh-pki"))
     assert not [p for p in paths if p.startswith(("auth/", "sys/mounts", "sys/auth"))]
+    # On Kubernetes: the agents' Kubernetes-auth roles, and nothing else of any auth method.
+    k8s = _paths(control_plane_policy(pki_mount="specmesh-pki", kubernetes_auth_mount="kubernetes"))
+    assert [p for p in k8s if p.startswith(("auth/", "sys/mounts", "sys/auth"))] == [
+        "auth/kubernetes/role/specmesh-agent-*"
+    ]
     assert [p for p in paths if p.startswith("sys/")] == [
         "sys/policies/acl/specmesh-agent-*",
         "sys/policy/specmesh-agent-*",

@@ -64,9 +64,20 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: specmesh
 {{- end }}
 
-{{/* Labels of one agent's objects; args: dict "root" $ "agent" <logical name>. */}}
+{{/*
+Labels of one agent's objects; args: dict "root" $ "agent" <logical name>. The control
+plane's Kubernetes runtime renders these templates and owns the objects (server-side apply,
+field manager specmesh-controller): it finds and prunes them by managed-by=specmesh plus
+specmesh.io/agent (specmesh/k8s.py LABEL_MANAGED_BY, MANAGED_BY, LABEL_AGENT), so they
+say so even when Helm renders them.
+*/}}
 {{- define "specmesh.agentLabels" -}}
-{{ include "specmesh.labels" .root }}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "specmesh.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: specmesh
+app.kubernetes.io/part-of: specmesh
 app.kubernetes.io/component: agent
 specmesh.io/agent: {{ include "specmesh.resourceName" .agent }}
 {{- end }}

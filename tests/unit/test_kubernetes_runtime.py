@@ -1,0 +1,666 @@
+"""The Kubernetes runtime (control_plane/runtime/kubernetes.py), without a cluster.
+
+What is exercised here:
+
+- Rendering: for six workloads (plain, canary, autoscaling with a canary, custom resources,
+  stable track stopped, a canary asked for by a release) the runtime's renderer runs the
+  chart's real templates through Helm's SDK, with the install values taken from the
+  ConfigMap the chart gives the control plane; every object validates with
+  kubernetes-validate (strict, the newest Kubernetes it ships) and none is an Istio object.
+- One template source: the whole chart rendered the way a user would (helm_python, with
+  `agents: [the same entries]`) yields the same agent objects, compared object by object.
+- Apply, prune, remove, running and observe through the real lightkube AsyncClient against
+  a fake API server that speaks the Kubernetes REST protocol (tests/unit/kube_api.py:
+  server-side apply PATCH, list with labelSelector, get, delete, Status errors); every
+  request is recorded and asserted on.
+- The chart's RBAC grants the control plane what the runtime calls, and the control
+  plane's pod gets the settings the runtime reads.
+
+What is NOT exercised (no cluster runs here): a real API server's server-side apply
+merge (several field managers, field ownership, the replicas hand-over to an HPA),
+admission (Pod Security, quotas, webhooks, the API server's own validation such as a
+request above its limit, which the renderer checks itself), garbage collection of
+ReplicaSets and pods after a Deployment is deleted, pods really starting (the pod states
+observed are written into the fake by the test), RBAC enforcement, and TLS/token auth to
+the API server (the fake is plain HTTP). The Vault role is tested against real OpenBao
+in tests/integration/test_kubernetes_vault_role.py.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import pytest
+import yaml
+from aiohttp import web
+from lightkube import AsyncClient, KubeConfig
+from lightkube.config.models import Cluster, User
+from lightkube.core.resource import api_info
+
+from control_plane.istio import CRDS_PATH
+from control_plane.mesh import IstioValidator
+from control_plane.runtime import Runtime
+from control_plane.runtime.kubernetes import (
+    FIELD_MANAGER,
+    KINDS,
+    ChartRenderer,
+    ChartRenderError,
+    KubernetesRefusedError,
+    KubernetesRuntime,
+    KubernetesRuntimeError,
+    KubernetesUnavailableError,
+    agent_entry,
+    kubernetes_runtime_from_env,
+    pod_instance,
+)
+from control_plane.settings import KubernetesRuntimeSettings
+from specmesh.k8s import LABEL_AGENT, LABEL_MANAGED_BY, LABEL_TRACK, MANAGED_BY
+from specmesh.spec.models import DeploymentSpec, ReleaseSpec
+from specmesh.workloads import AgentWorkload, desired_replicas
+
+from .kube_api import APPLY_PATCH, FakeKubeApi
+from .kube_api import KINDS as FAKE_KINDS
+from .test_helm_chart import BASE, CHART, NAMESPACE, RELEASE, _problems
+
+Obj = dict[str, Any]
+
+INSTALLS: dict[str, Obj] = {
+    "defaults": copy.deepcopy(BASE),
+    "customised": {
+        **copy.deepcopy(BASE),
+        "image": {"repository": "registry.example.com/specmesh", "digest": "sha256:" + "b" * 64},
+        "imagePullSecrets": [{"name": "regcred"}],
+        "istio": {"enabled": False},
+        "otel": {"endpoint": "http://otel.observability.svc:4317"},
+        "vault": {"addr": "https://vault.example.com:8200", "tokenAudience": "vault"},
+        "agentDefaults": {"podDisruptionBudget": {"maxUnavailable": "50%"}},
+        "networkPolicy": {"egress": {"externalHttps": False}},
+    },
+}
+
+
+def _workload(agent: str, deployment: Obj, release: Obj | None = None) -> AgentWorkload:
+    spec = DeploymentSpec.model_validate(deployment)
+    rel = ReleaseSpec.model_validate(release) if release else None
+    return AgentWorkload(
+        agent=agent, revision=3, replicas=desired_replicas(spec, rel), deployment=spec
+    )
+
+
+WORKLOADS: dict[str, AgentWorkload] = {
+    "plain": _workload("mse-nacos-helper", {}),
+    "canary": _workload(
+        "scheduleX-assistant",
+        {"tracks": {"stable": {"replicas": 3}, "canary": {"enabled": True, "replicas": 2}}},
+    ),
+    "autoscaling": _workload(
+        "mse-gateway-assistant",
+        {
+            "tracks": {"canary": {"enabled": True}},
+            "autoscaling": {"enabled": True, "min": 2, "max": 6, "targetCPU": 60},
+        },
+    ),
+    "resources": _workload(
+        "billing_bot.v2",
+        {
+            "resources": {
+                "engine": {
+                    "requests": {"cpu": "500m", "memory": "512Mi"},
+                    "limits": {"cpu": "2", "memory": "2Gi"},
+                },
+                "sidecar": {"limits": {"cpu": "250m"}},
+            }
+        },
+    ),
+    "stopped": _workload("idle-agent", {"tracks": {"stable": {"replicas": 0}}}),
+    "release-canary": _workload(
+        "a.b_c-d9", {}, {"stableRevision": 2, "canaryRevision": 3, "canaryWeight": 10}
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[helm_python.Chart]:
+    with helm_python.Chart.load(CHART) as c:
+        yield c
+
+
+def _docs(manifests: dict[str, str]) -> list[Obj]:
+    return [
+        d
+        for template, text in sorted(manifests.items())
+        if template.endswith(".yaml")
+        for d in yaml.safe_load_all(text)
+        if d
+    ]
+
+
+def _install_values(chart: helm_python.Chart, install: Obj) -> Obj:
+    """What the control plane reads: the chart's ConfigMap of its install values."""
+    docs = _docs(chart.render({**install, "agents": []}, name=RELEASE, namespace=NAMESPACE))
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert cm["metadata"]["name"] == f"{RELEASE}-control-plane-chart-values"
+    values: Obj = yaml.safe_load(cm["data"]["values.yaml"])
+    return values
+
+
+@pytest.fixture(scope="module", params=list(INSTALLS))
+def install(request: pytest.FixtureRequest) -> Obj:
+    return INSTALLS[request.param]
+
+
+@pytest.fixture(scope="module")
+def renderer(install: Obj, chart: helm_python.Chart) -> Iterator[ChartRenderer]:
+    r = ChartRenderer(
+        chart_path=CHART,
+        values=_install_values(chart, install),
+        release=RELEASE,
+        namespace=NAMESPACE,
+    )
+    yield r
+    r.close()
+
+
+def _key(obj: Obj) -> tuple[str, str]:
+    return obj["kind"], obj["metadata"]["name"]
+
+
+def _by_key(docs: list[Obj]) -> dict[tuple[str, str], Obj]:
+    return {_key(d): d for d in docs}
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def test_every_rendered_object_validates(renderer: ChartRenderer) -> None:
+    validator = IstioValidator(CRDS_PATH)
+    for case, workload in WORKLOADS.items():
+        docs = renderer.render(workload)
+        assert docs, case
+        assert [d for d in docs if ".istio.io/" in d["apiVersion"]] == []  # none rendered
+        assert _problems(validator, docs) == [], case
+        for d in docs:
+            labels = d["metadata"]["labels"]
+            assert labels[LABEL_MANAGED_BY] == MANAGED_BY
+            assert labels[LABEL_AGENT] == workload.name
+
+
+def test_the_chart_renders_the_same_agent_objects(
+    chart: helm_python.Chart, install: Obj, renderer: ChartRenderer
+) -> None:
+    entries = [agent_entry(w) for w in WORKLOADS.values()]
+    users = _docs(chart.render({**install, "agents": entries}, name=RELEASE, namespace=NAMESPACE))
+    from_helm = _by_key([d for d in users if LABEL_AGENT in d["metadata"].get("labels", {})])
+    from_runtime: dict[tuple[str, str], Obj] = {}
+    for workload in WORKLOADS.values():
+        from_runtime.update(_by_key(renderer.render(workload)))
+    assert sorted(from_helm) == sorted(from_runtime)
+    for key, obj in from_runtime.items():
+        assert obj == from_helm[key], key
+    # and the user's install itself still has the control plane (the runtime's has not)
+    assert any(d["metadata"]["name"] == f"{RELEASE}-control-plane" for d in users)
+
+
+def test_workloads_map_onto_the_charts_agent_entry(renderer: ChartRenderer) -> None:
+    plain = _by_key(renderer.render(WORKLOADS["plain"]))
+    assert sorted(plain) == [
+        ("Deployment", "mse-nacos-helper-stable"),
+        ("NetworkPolicy", "mse-nacos-helper"),
+        ("PodDisruptionBudget", "mse-nacos-helper-stable"),
+        ("Service", "mse-nacos-helper"),
+        ("ServiceAccount", "specmesh-agent-mse-nacos-helper"),
+    ]
+    assert plain[("Deployment", "mse-nacos-helper-stable")]["spec"]["replicas"] == 1
+
+    canary = _by_key(renderer.render(WORKLOADS["canary"]))
+    assert canary[("Deployment", "schedulex-assistant-stable")]["spec"]["replicas"] == 3
+    assert canary[("Deployment", "schedulex-assistant-canary")]["spec"]["replicas"] == 2
+    pod_labels = canary[("Deployment", "schedulex-assistant-canary")]["spec"]["template"]
+    assert pod_labels["metadata"]["labels"][LABEL_TRACK] == "canary"
+
+    scaled = _by_key(renderer.render(WORKLOADS["autoscaling"]))
+    for track in ("stable", "canary"):
+        hpa = scaled[("HorizontalPodAutoscaler", f"mse-gateway-assistant-{track}")]["spec"]
+        assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 6)
+        assert hpa["metrics"][0]["resource"]["target"]["averageUtilization"] == 60
+        assert "replicas" not in scaled[("Deployment", f"mse-gateway-assistant-{track}")]["spec"]
+
+    custom = _by_key(renderer.render(WORKLOADS["resources"]))
+    containers = {
+        c["name"]: c["resources"]
+        for c in custom[("Deployment", "billing-bot-v2-stable")]["spec"]["template"]["spec"][
+            "containers"
+        ]
+    }
+    assert containers["engine"] == {
+        "requests": {"cpu": "500m", "memory": "512Mi"},
+        "limits": {"cpu": "2", "memory": "2Gi"},
+    }
+    # deep-merged over agentDefaults: the spec's limit added, the defaults kept
+    assert containers["sidecar"] == {
+        "requests": {"cpu": "50m", "memory": "128Mi"},
+        "limits": {"cpu": "250m", "memory": "256Mi"},
+    }
+
+    stopped = _by_key(renderer.render(WORKLOADS["stopped"]))
+    assert stopped[("Deployment", "idle-agent-stable")]["spec"]["replicas"] == 0
+
+    released = _by_key(renderer.render(WORKLOADS["release-canary"]))
+    assert ("Deployment", "a-b-c-d9-canary") in released  # the release's canary needs it
+
+
+def test_objects_come_in_apply_order(renderer: ChartRenderer) -> None:
+    docs = renderer.render(WORKLOADS["autoscaling"])
+    kinds = [d["kind"] for d in docs]
+    assert kinds.index("NetworkPolicy") < kinds.index("Deployment")
+    assert kinds.index("ServiceAccount") < kinds.index("Deployment")
+    assert kinds.index("Deployment") < kinds.index("HorizontalPodAutoscaler")
+
+
+def test_a_request_above_the_default_limit_is_refused_naming_the_field(
+    renderer: ChartRenderer,
+) -> None:
+    workload = _workload(
+        "big", {"resources": {"engine": {"requests": {"memory": "2Gi"}}}}
+    )  # agentDefaults: engine limit 1Gi
+    with pytest.raises(ChartRenderError) as e:
+        renderer.render(workload)
+    assert "deployment.resources.engine: requests.memory 2Gi is above limits.memory 1Gi" in str(
+        e.value
+    )
+
+
+def test_a_bad_chart_value_is_a_render_error(chart: helm_python.Chart) -> None:
+    values = _install_values(chart, INSTALLS["defaults"])
+    values["vault"]["addr"] = "not a url"
+    r = ChartRenderer(chart_path=CHART, values=values, release=RELEASE, namespace=NAMESPACE)
+    try:
+        with pytest.raises(ChartRenderError, match="/vault/addr"):
+            r.render(WORKLOADS["plain"])
+    finally:
+        r.close()
+
+
+# ---------------------------------------------------------------- what the chart gives the runtime
+
+
+def test_the_charts_rbac_grants_what_the_runtime_calls(chart: helm_python.Chart) -> None:
+    for install in (INSTALLS["defaults"], INSTALLS["customised"]):
+        docs = _docs(chart.render({**install, "agents": []}, name=RELEASE, namespace=NAMESPACE))
+        (role,) = [d for d in docs if d["kind"] == "Role"]
+        granted = {
+            (group, resource, verb)
+            for rule in role["rules"]
+            for group in rule["apiGroups"]
+            for resource in rule["resources"]
+            for verb in rule["verbs"]
+        }
+        for res in KINDS.values():
+            info = api_info(res).resource
+            for verb in ("get", "list", "watch", "create", "patch", "delete"):
+                assert (info.group, api_info(res).plural, verb) in granted
+        for verb in ("get", "list", "watch"):
+            assert ("", "pods", verb) in granted
+        assert ("", "pods", "delete") not in granted
+        (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
+        assert binding["roleRef"]["name"] == role["metadata"]["name"]
+
+
+def test_the_control_plane_pod_gets_the_runtimes_settings(chart: helm_python.Chart) -> None:
+    docs = _docs(
+        chart.render({**INSTALLS["defaults"], "agents": []}, name=RELEASE, namespace=NAMESPACE)
+    )
+    (cp,) = [d for d in docs if d["kind"] == "Deployment"]
+    pod = cp["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is True  # it calls the API
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    defaults = KubernetesRuntimeSettings.model_fields
+    assert env["SPECMESH_RUNTIME"] == "kubernetes"
+    assert env["SPECMESH_AGENTS_NAMESPACE"] == "$(POD_NAMESPACE)"
+    assert env["SPECMESH_CHART_RELEASE"] == RELEASE
+    assert env["SPECMESH_CHART_PATH"] == str(defaults["chart_path"].default)
+    assert env["SPECMESH_CHART_VALUES"] == str(defaults["chart_values"].default)
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert Path(env["SPECMESH_CHART_VALUES"]).parent == Path(mounts["chart-values"])
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert volumes["chart-values"]["configMap"]["name"] == cm["metadata"]["name"]
+    assert "values.yaml" in cm["data"]
+    assert "checksum/chart-values" in cp["spec"]["template"]["metadata"]["annotations"]
+
+
+# ---------------------------------------------------------------- apply/prune, the fake API
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[tuple[FakeKubeApi, str]]:
+    fake = FakeKubeApi()
+    runner = web.AppRunner(fake.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield fake, f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+def _client(url: str) -> AsyncClient:
+    """The real lightkube client, pointed at ``url`` with a bearer token."""
+    config = KubeConfig.from_one(
+        cluster=Cluster(server=url), user=User(token="cp-token"), namespace=NAMESPACE
+    )
+    return AsyncClient(config, trust_env=False)
+
+
+@pytest.fixture
+async def runtime(
+    api: tuple[FakeKubeApi, str], chart: helm_python.Chart
+) -> AsyncIterator[KubernetesRuntime]:
+    _, url = api
+    client = _client(url)
+    renderer = ChartRenderer(
+        chart_path=CHART,
+        values=_install_values(chart, INSTALLS["defaults"]),
+        release=RELEASE,
+        namespace=NAMESPACE,
+    )
+    rt = KubernetesRuntime(client=client, renderer=renderer, namespace=NAMESPACE)
+    yield rt
+    await rt.close()
+
+
+def _stored(fake: FakeKubeApi, obj: Obj) -> Obj:
+    """A stored object less what the server adds."""
+    plural = next(p for (_, _, p), kind in FAKE_KINDS.items() if kind == obj["kind"])
+    stored = copy.deepcopy(fake.get(plural, obj["metadata"]["name"]))
+    for key in ("uid", "resourceVersion", "creationTimestamp", "managedFields"):
+        stored["metadata"].pop(key)
+    return stored
+
+
+def _deleted(fake: FakeKubeApi, since: int) -> set[tuple[str, str]]:
+    return {(c.plural, str(c.name)) for c in fake.calls[since:] if c.method == "DELETE"}
+
+
+async def test_apply_prune_and_remove_touch_exactly_the_agents_objects(
+    api: tuple[FakeKubeApi, str], runtime: KubernetesRuntime
+) -> None:
+    fake, _ = api
+    a = WORKLOADS["autoscaling"]  # mse-gateway-assistant: canary + HPAs
+    b = WORKLOADS["plain"]  # mse-nacos-helper
+    # An object an old `helm install` left, with the agent's label but Helm's managed-by:
+    # not the runtime's, never pruned.
+    foreign = {"apiVersion": "v1", "kind": "Service", "metadata": {
+        "name": "mse-gateway-assistant-legacy", "namespace": NAMESPACE,
+        "labels": {LABEL_AGENT: "mse-gateway-assistant", LABEL_MANAGED_BY: "Helm"}}}  # fmt: skip
+    fake.put(foreign, manager="helm")
+    # b's Deployment, left by Helm: applying takes it over (force).
+    fake.put((await runtime.render(b))[-1], manager="helm")
+
+    await runtime.apply(a)
+    await runtime.apply(b)
+
+    rendered = {w.name: await runtime.render(w) for w in (a, b)}
+    patches = [c for c in fake.calls if c.method == "PATCH"]
+    assert len(patches) == len(rendered[a.name]) + len(rendered[b.name]) == 9 + 5
+    assert {c.authorization for c in fake.calls} == {"Bearer cp-token"}
+    for call in patches:
+        assert call.content_type == APPLY_PATCH
+        assert call.query == {"fieldManager": FIELD_MANAGER, "force": "true"}
+    for objs in rendered.values():
+        for obj in objs:
+            assert _stored(fake, obj) == obj
+    assert fake.names("horizontalpodautoscalers") == {
+        "mse-gateway-assistant-stable",
+        "mse-gateway-assistant-canary",
+    }
+    assert [c for c in fake.calls if c.method == "DELETE"] == []
+    lists = [c for c in fake.calls if c.method == "GET"]
+    assert {c.query["labelSelector"] for c in lists} == {
+        f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_AGENT}={rn}" for rn in (a.name, b.name)
+    }
+    assert await runtime.running() == {"mse-gateway-assistant", "mse-nacos-helper"}
+
+    # a drops its canary and its autoscaling: exactly those objects go
+    smaller = _workload("mse-gateway-assistant", {"tracks": {"stable": {"replicas": 2}}})
+    before = len(fake.calls)
+    await runtime.apply(smaller)
+    assert _deleted(fake, before) == {
+        ("deployments", "mse-gateway-assistant-canary"),
+        ("poddisruptionbudgets", "mse-gateway-assistant-canary"),
+        ("horizontalpodautoscalers", "mse-gateway-assistant-stable"),
+        ("horizontalpodautoscalers", "mse-gateway-assistant-canary"),
+    }
+    propagation = {c.query.get("propagationPolicy") for c in fake.calls[before:]
+                   if c.method == "DELETE"}  # fmt: skip
+    assert propagation == {"Background"}
+    assert fake.get("deployments", "mse-gateway-assistant-stable")["spec"]["replicas"] == 2
+    assert all(b.name not in c.path and b.name not in c.query.get("labelSelector", "")
+               for c in fake.calls[before:])  # fmt: skip
+
+    # applying again changes nothing but re-applies (idempotent)
+    before = len(fake.calls)
+    await runtime.apply(smaller)
+    assert _deleted(fake, before) == set()
+
+    # remove a: exactly its objects, b's and the foreign one untouched
+    b_objects = {k: v for k, v in fake.objects.items() if "mse-nacos-helper" in k[4]}
+    before = len(fake.calls)
+    await runtime.remove("mse-gateway-assistant")
+    assert _deleted(fake, before) == {
+        ("networkpolicies", "mse-gateway-assistant"),
+        ("poddisruptionbudgets", "mse-gateway-assistant-stable"),
+        ("serviceaccounts", "specmesh-agent-mse-gateway-assistant"),
+        ("services", "mse-gateway-assistant"),
+        ("deployments", "mse-gateway-assistant-stable"),
+    }
+    assert {k: v for k, v in fake.objects.items() if "mse-nacos-helper" in k[4]} == b_objects
+    assert fake.names("services") == {"mse-nacos-helper", "mse-gateway-assistant-legacy"}
+    assert await runtime.running() == {"mse-nacos-helper"}
+
+    # removing what is gone is fine, and deletes nothing
+    before = len(fake.calls)
+    await runtime.remove("mse-gateway-assistant")
+    assert _deleted(fake, before) == set()
+
+
+async def test_observe_maps_the_agents_pods(
+    api: tuple[FakeKubeApi, str], runtime: KubernetesRuntime
+) -> None:
+    fake, _ = api
+
+    def pod(name: str, track: str, status: Obj, agent: str = "schedulex-assistant") -> Obj:
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": name, "namespace": NAMESPACE,
+            "labels": {LABEL_AGENT: agent, LABEL_TRACK: track}}, "status": status}  # fmt: skip
+
+    ready = {"type": "Ready", "status": "True", "lastTransitionTime": "2026-11-30T00:01:00Z"}
+    image = {"image": "registry.example.com/specmesh:0.1.0", "imageID": ""}
+    fake.put(pod("s-1", "stable", {"phase": "Running", "podIP": "10.0.0.7", "conditions": [ready],
+             "containerStatuses": [{"name": "sidecar", "ready": True, "restartCount": 1, **image},
+                                   {"name": "engine", "ready": True, "restartCount": 2,
+                                    **image}]}))  # fmt: skip
+    fake.put(pod("c-1", "canary", {"phase": "Running", "containerStatuses": [
+        {"name": "sidecar", "ready": True, "restartCount": 0, **image},
+        {"name": "engine", "ready": False, "restartCount": 5, **image,
+         "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+         "lastState": {"terminated": {"exitCode": 3, "reason": "Error"}}}]}))  # fmt: skip
+    fake.put(pod("other", "stable", {"phase": "Running"}, agent="mse-nacos-helper"))
+
+    instances = await runtime.observe("scheduleX-assistant")
+
+    assert [(i.instance, i.track, i.phase, i.ready, i.restarts) for i in instances] == [
+        ("c-1", "canary", "CrashLoop", False, 5),
+        ("s-1", "stable", "Running", True, 3),
+    ]
+    assert instances[0].last_error == "engine: exited 3 (Error)"
+    assert instances[1].since == "2026-11-30T00:01:00Z"
+    assert instances[1].endpoints == {"inbound": "10.0.0.7:8080", "ops": "10.0.0.7:9090"}
+    (call,) = [c for c in fake.calls if c.plural == "pods" and c.method == "GET"]
+    assert call.query["labelSelector"] == f"{LABEL_AGENT}=schedulex-assistant"
+
+    # a pod the API serves without what every pod has: an error of the runtime, typed
+    fake.put(pod("broken", "stable", {"containerStatuses": [{"name": "engine"}]}))
+    with pytest.raises(KubernetesRuntimeError, match="unexpected answer"):
+        await runtime.observe("scheduleX-assistant")
+
+
+async def test_api_errors_are_translated(
+    api: tuple[FakeKubeApi, str], runtime: KubernetesRuntime
+) -> None:
+    fake, _ = api
+    fake.refuse[("PATCH", "deployments")] = 403
+    with pytest.raises(KubernetesRefusedError) as refused:
+        await runtime.apply(WORKLOADS["plain"])
+    assert refused.value.status == 403
+    assert "apply Deployment/mse-nacos-helper-stable" in str(refused.value)
+
+    closed = _client("http://127.0.0.1:9")
+    renderer = runtime._renderer
+    down = KubernetesRuntime(client=closed, renderer=renderer, namespace=NAMESPACE)
+    with pytest.raises(KubernetesUnavailableError):
+        await down.running()
+    await closed.close()
+
+
+async def test_the_factory_reads_the_settings_the_chart_sets(
+    api: tuple[FakeKubeApi, str],
+    chart: helm_python.Chart,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake, url = api
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump(_install_values(chart, INSTALLS["customised"])))
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": url}}],
+        "users": [{"name": "cp", "user": {"token": "t0ken"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "cp"}}],
+    }))  # fmt: skip
+    for name, value in {
+        "SPECMESH_AGENTS_NAMESPACE": "team-a",
+        "SPECMESH_CHART_PATH": str(CHART),
+        "SPECMESH_CHART_VALUES": str(values),
+        "SPECMESH_CHART_RELEASE": "prod",
+        "SPECMESH_KUBECONFIG": str(kubeconfig),
+    }.items():
+        monkeypatch.setenv(name, value)
+    rt: Runtime = kubernetes_runtime_from_env(vault=None)
+    try:
+        await rt.apply(WORKLOADS["plain"])
+        assert rt.name == "kubernetes"
+        assert await rt.running() == {"mse-nacos-helper"}
+    finally:
+        await rt.close()
+    deployment = fake.get("deployments", "mse-nacos-helper-stable", namespace="team-a")
+    assert deployment["metadata"]["labels"]["app.kubernetes.io/instance"] == "prod"
+    image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image.startswith("registry.example.com/specmesh@sha256:")
+    assert all("/namespaces/team-a/" in c.path for c in fake.calls)
+    assert {c.authorization for c in fake.calls} == {"Bearer t0ken"}
+
+
+# ---------------------------------------------------------------- pods -> instances
+
+
+def _pod(status: Obj, **meta: Any) -> Obj:
+    return {"metadata": {"name": "p", "labels": {LABEL_TRACK: "canary"}, **meta},
+            "status": status}  # fmt: skip
+
+
+RUNNING_READY = {"phase": "Running", "containerStatuses": [{"name": "sidecar", "ready": True},
+                 {"name": "engine", "ready": True}]}  # fmt: skip
+
+PODS: list[tuple[str, Obj, str, bool]] = [
+    ("running and ready", _pod(RUNNING_READY), "Running", True),
+    ("pending", _pod({"phase": "Pending"}), "Starting", False),
+    (
+        "creating",
+        _pod(
+            {
+                "phase": "Pending",
+                "containerStatuses": [
+                    {"name": "engine", "state": {"waiting": {"reason": "ContainerCreating"}}}
+                ],
+            }
+        ),
+        "Starting",
+        False,
+    ),
+    (
+        "running, engine not ready",
+        _pod(
+            {
+                "phase": "Running",
+                "containerStatuses": [{"name": "sidecar", "ready": True}, {"name": "engine"}],
+            }
+        ),
+        "Starting",
+        False,
+    ),
+    (
+        "crash loop",
+        _pod(
+            {
+                "phase": "Running",
+                "containerStatuses": [
+                    {
+                        "name": "engine",
+                        "restartCount": 4,
+                        "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                    }
+                ],
+            }
+        ),
+        "CrashLoop",
+        False,
+    ),
+    (
+        "image cannot be pulled",
+        _pod(
+            {
+                "phase": "Pending",
+                "containerStatuses": [
+                    {
+                        "name": "engine",
+                        "state": {
+                            "waiting": {"reason": "ImagePullBackOff", "message": "no such image"}
+                        },
+                    }
+                ],
+            }
+        ),
+        "Failed",
+        False,
+    ),
+    ("pod failed", _pod({"phase": "Failed", "reason": "Evicted"}), "Failed", False),
+    (
+        "being deleted",
+        _pod(RUNNING_READY, deletionTimestamp="2026-11-30T00:00:00Z"),
+        "Stopping",
+        False,
+    ),
+]
+
+
+@pytest.mark.parametrize(("pod", "phase", "ready"), [p[1:] for p in PODS], ids=[p[0] for p in PODS])
+def test_pod_phases(pod: Obj, phase: str, ready: bool) -> None:
+    instance = pod_instance(pod)
+    assert (instance.phase, instance.ready, instance.track) == (phase, ready, "canary")
+    assert instance.revision == 0
+
+
+def test_pod_restarts_and_errors() -> None:
+    crash = pod_instance(PODS[4][1])
+    assert crash.restarts == 4
+    pulled = pod_instance(PODS[5][1])
+    assert pulled.last_error == "ImagePullBackOff: no such image"
+    assert pod_instance(PODS[6][1]).last_error == "Evicted"
+    assert pod_instance(PODS[7][1]).since == "2026-11-30T00:00:00Z"
