@@ -12,7 +12,8 @@ as ``path: message`` lines; the trailing metadata ``specmesh-error-reason`` carr
 table's reason (``invalid_spec``, ``permission_denied``...). An unexpected error is
 logged and answered INTERNAL without its text.
 
-Specs travel as JSON strings, times as ``Timestamp`` (from the store's ISO strings). List
+Specs travel as JSON strings, times as ``Timestamp`` (from the store's ISO strings); an
+agent's observed state (GetAgentStatus, and its short form in ListAgents) is typed. List
 calls page over the in-memory list the ControlPlane returns: ``page_token`` is an opaque
 offset. gRPC health answers SERVING for ``""`` and every service, and reflection lists
 every service.
@@ -39,12 +40,14 @@ from control_plane.auth import Authenticator, Principal
 from control_plane.errors import BadRequestError, status_for
 from specmesh import jsonbounds
 from specmesh.errors import NotFoundError, SpecError
+from specmesh.names import resource_name
 from specmesh.spec.diff import Change
 from specmesh.spec.manifest import MAX_NESTING_DEPTH, parse_manifest
 from specmesh.spec.models import McpServerSpec, PromptEntry, PromptRelease, ReleaseSpec
 from specmesh.spec.validation import validate_model
 from specmesh.store import AgentRecord, AuditEntry
 from specmesh.v1 import common_pb2, control_plane_pb2, control_plane_pb2_grpc
+from specmesh.workloads import AgentStatus
 
 __all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "SERVICE_NAMES", "build_grpc_server"]
 
@@ -114,6 +117,51 @@ def _revision_info(record: AgentRecord) -> Any:
 def _agent(record: AgentRecord) -> Any:
     return _pb.Agent(
         name=record.name, revision_info=_revision_info(record), spec_json=json.dumps(record.spec)
+    )
+
+
+def _status_summary(status: Mapping[str, Any]) -> Any:
+    """The short form of a stored status (``get agents``' PHASE and READY)."""
+    full = AgentStatus.from_json({"agent": "", **status})
+    return _pb.AgentStatusSummary(phase=full.phase, **_counts(full))
+
+
+def _counts(status: AgentStatus) -> dict[str, int]:
+    return {
+        "ready_replicas": sum(t.ready for t in status.tracks.values()),
+        "desired_replicas": sum(t.desired for t in status.tracks.values()),
+    }
+
+
+def _agent_status(data: Mapping[str, Any]) -> Any:
+    """An observed state as ``ControlPlane.agent_status`` returns it (the stored JSON)."""
+    status = AgentStatus.from_json(dict(data))
+    return _pb.AgentStatus(
+        agent_name=status.agent,
+        revision=status.revision,
+        runtime=status.runtime,
+        phase=status.phase,
+        **_counts(status),
+        tracks={
+            name: _pb.TrackStatus(desired=t.desired, ready=t.ready)
+            for name, t in status.tracks.items()
+        },
+        instances=[
+            _pb.InstanceStatus(
+                instance_id=i.instance,
+                track=i.track,
+                phase=i.phase,
+                ready=i.ready,
+                serving_revision=i.revision,
+                restarts=i.restarts,
+                last_error=i.last_error or "",
+                since=_timestamp(i.since),
+                endpoints=i.endpoints,
+            )
+            for i in status.instances
+        ],
+        last_error=status.last_error or "",
+        observed_at=_timestamp(status.observed_at),
     )
 
 
@@ -308,12 +356,17 @@ class _AgentService(_Service):
             raise BadRequestError("label_selector: not supported yet (labels are not stored)")
         summaries = sorted(await self.cp.list_agents(p), key=lambda s: s.name)
         page, token = _page(summaries, request.page_size, request.page_token)
+        statuses = await self.cp.agent_statuses(p)
         agents = []
         for summary in page:
             try:
-                agents.append(_agent(await self.cp.get_agent(p, summary.name, summary.revision)))
+                agent = _agent(await self.cp.get_agent(p, summary.name, summary.revision))
             except NotFoundError:  # deleted since it was listed
                 continue
+            status = statuses.get(resource_name(summary.name))
+            if status is not None:
+                agent.status.CopyFrom(_status_summary(status))
+            agents.append(agent)
         return _pb.ListAgentsResponse(agents=agents, next_page_token=token)
 
     @_rpc
@@ -355,6 +408,32 @@ class _AgentService(_Service):
         record = await self.cp.get_agent(p, name, result.revision)
         return _pb.RollbackAgentResponse(
             agent=_agent(record), changes=[_change(c) for c in result.changes]
+        )
+
+    @_rpc
+    async def GetAgentStatus(self, p: Principal, request: Any) -> Any:
+        name = _required(request.agent_name, "agent_name")
+        return _pb.GetAgentStatusResponse(status=_agent_status(await self.cp.agent_status(p, name)))
+
+    @_rpc
+    async def ScaleAgent(self, p: Principal, request: Any) -> Any:
+        name = _required(request.agent_name, "agent_name")
+        if not request.HasField("replicas"):
+            raise BadRequestError("replicas: required, a whole number")
+        outcome = await self.cp.scale(
+            p,
+            name,
+            replicas=request.replicas,
+            track=request.track or "stable",
+            expected_revision=_optional(request, "expected_revision"),
+        )
+        record = await self.cp.get_agent(p, outcome.name, outcome.revision)
+        changes = outcome.result.changes if outcome.result is not None else []
+        return _pb.ScaleAgentResponse(
+            agent=_agent(record),
+            changes=[_change(c) for c in changes],
+            created_revision=outcome.changed,
+            warnings=[str(w) for w in outcome.warnings],
         )
 
 

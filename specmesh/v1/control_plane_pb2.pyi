@@ -81,6 +81,7 @@ class Agent(_message.Message):
     SPEC_JSON_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     ANNOTATIONS_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The agent's name (`metadata.name`)."""
     spec_json: _builtins.str
@@ -99,6 +100,12 @@ class Agent(_message.Message):
     def annotations(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Annotations of the manifest's metadata."""
 
+    @_builtins.property
+    def status(self) -> Global___AgentStatusSummary:
+        """What runs of the agent, in short. Set by ListAgents only, and there only for agents a
+        controller reported on; GetAgentStatus has the whole observed state.
+        """
+
     def __init__(
         self,
         *,
@@ -107,14 +114,248 @@ class Agent(_message.Message):
         spec_json: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         annotations: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        status: Global___AgentStatusSummary | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["revision_info", b"revision_info"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["revision_info", b"revision_info", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "labels", b"labels", "name", b"name", "revision_info", b"revision_info", "spec_json", b"spec_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "labels", b"labels", "name", b"name", "revision_info", b"revision_info", "spec_json", b"spec_json", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Agent: _TypeAlias = Agent  # noqa: Y015
+
+@_typing.final
+class AgentStatusSummary(_message.Message):
+    """AgentStatusSummary is the short form of an agent's observed state, as `get agents`
+    shows it (PHASE, READY ready/desired).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PHASE_FIELD_NUMBER: _builtins.int
+    READY_REPLICAS_FIELD_NUMBER: _builtins.int
+    DESIRED_REPLICAS_FIELD_NUMBER: _builtins.int
+    phase: _builtins.str
+    """The agent's phase; the values of AgentStatus.phase."""
+    ready_replicas: _builtins.int
+    """Instances ready to serve, over all tracks."""
+    desired_replicas: _builtins.int
+    """Instances the controller wants running, over all tracks."""
+    def __init__(
+        self,
+        *,
+        phase: _builtins.str = ...,
+        ready_replicas: _builtins.int = ...,
+        desired_replicas: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["desired_replicas", b"desired_replicas", "phase", b"phase", "ready_replicas", b"ready_replicas"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentStatusSummary: _TypeAlias = AgentStatusSummary  # noqa: Y015
+
+@_typing.final
+class AgentStatus(_message.Message):
+    """AgentStatus is an agent's observed state: what a runtime runs for it, written by the
+    controller.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TracksEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___TrackStatus: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___TrackStatus | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    AGENT_NAME_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    RUNTIME_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    READY_REPLICAS_FIELD_NUMBER: _builtins.int
+    DESIRED_REPLICAS_FIELD_NUMBER: _builtins.int
+    TRACKS_FIELD_NUMBER: _builtins.int
+    INSTANCES_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    OBSERVED_AT_FIELD_NUMBER: _builtins.int
+    agent_name: _builtins.str
+    """The agent's name."""
+    revision: _builtins.int
+    """The revision the controller last reconciled; 0 when none was."""
+    runtime: _builtins.str
+    """The runtime that runs the agent: "local" or "kubernetes"; empty when none reported."""
+    phase: _builtins.str
+    """"Running" (every track at its desired ready count), "Progressing", "CrashLoop" (an
+    instance crash-loops), "Failed" (the runtime refused the workload), "Stopped" (no
+    instance desired), "Unknown" (the runtime could not be observed) or "NotRunning" (no
+    controller reported on the agent: the control plane runs no runtime).
+    """
+    ready_replicas: _builtins.int
+    """Instances ready to serve, over all tracks."""
+    desired_replicas: _builtins.int
+    """Instances the controller wants running, over all tracks."""
+    last_error: _builtins.str
+    """Why the agent's workload last failed to reconcile or be observed; empty when it did."""
+    @_builtins.property
+    def tracks(self) -> _containers.MessageMap[_builtins.str, Global___TrackStatus]:
+        """Track ("stable", "canary") -> its desired and ready instances."""
+
+    @_builtins.property
+    def instances(self) -> _containers.RepeatedCompositeFieldContainer[Global___InstanceStatus]:
+        """Every instance the runtime reports, by track then instance id."""
+
+    @_builtins.property
+    def observed_at(self) -> _timestamp_pb2.Timestamp:
+        """When the controller observed this state; unset for phase "NotRunning"."""
+
+    def __init__(
+        self,
+        *,
+        agent_name: _builtins.str = ...,
+        revision: _builtins.int = ...,
+        runtime: _builtins.str = ...,
+        phase: _builtins.str = ...,
+        ready_replicas: _builtins.int = ...,
+        desired_replicas: _builtins.int = ...,
+        tracks: _abc.Mapping[_builtins.str, Global___TrackStatus] | None = ...,
+        instances: _abc.Iterable[Global___InstanceStatus] | None = ...,
+        last_error: _builtins.str = ...,
+        observed_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["observed_at", b"observed_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "desired_replicas", b"desired_replicas", "instances", b"instances", "last_error", b"last_error", "observed_at", b"observed_at", "phase", b"phase", "ready_replicas", b"ready_replicas", "revision", b"revision", "runtime", b"runtime", "tracks", b"tracks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentStatus: _TypeAlias = AgentStatus  # noqa: Y015
+
+@_typing.final
+class TrackStatus(_message.Message):
+    """TrackStatus counts one release track's instances."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESIRED_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    desired: _builtins.int
+    """Instances of the track the controller wants running."""
+    ready: _builtins.int
+    """Instances of the track whose sidecar is ready (engine alive and serving)."""
+    def __init__(
+        self,
+        *,
+        desired: _builtins.int = ...,
+        ready: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["desired", b"desired", "ready", b"ready"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrackStatus: _TypeAlias = TrackStatus  # noqa: Y015
+
+@_typing.final
+class InstanceStatus(_message.Message):
+    """InstanceStatus is one instance (an engine + sidecar pair, or a pod) as its runtime
+    observes it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class EndpointsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    TRACK_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    SERVING_REVISION_FIELD_NUMBER: _builtins.int
+    RESTARTS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    ENDPOINTS_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    """The instance's id: the registry's instance name (`<agent>-<track>-<n>` locally, the
+    pod name on Kubernetes).
+    """
+    track: _builtins.str
+    """Release track: "stable" or "canary"."""
+    phase: _builtins.str
+    """"Starting", "Running", "Unready", "CrashLoop", "Stopping" or "Failed" (see
+    specmesh/workloads.py).
+    """
+    ready: _builtins.bool
+    """Whether its sidecar is ready (engine alive and serving)."""
+    serving_revision: _builtins.int
+    """The spec revision its engine serves; 0 while it serves none."""
+    restarts: _builtins.int
+    """Process (container) restarts since it was created."""
+    last_error: _builtins.str
+    """Why it last exited or failed to start; empty when it did not."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """When it entered its phase; unset when the runtime does not know."""
+
+    @_builtins.property
+    def endpoints(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Where it listens, by name (local runtime: `a2a`, `ops`, `inbound`...)."""
+
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        track: _builtins.str = ...,
+        phase: _builtins.str = ...,
+        ready: _builtins.bool = ...,
+        serving_revision: _builtins.int = ...,
+        restarts: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        endpoints: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoints", b"endpoints", "instance_id", b"instance_id", "last_error", b"last_error", "phase", b"phase", "ready", b"ready", "restarts", b"restarts", "serving_revision", b"serving_revision", "since", b"since", "track", b"track"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InstanceStatus: _TypeAlias = InstanceStatus  # noqa: Y015
 
 @_typing.final
 class ApplyAgentRequest(_message.Message):
@@ -542,6 +783,135 @@ class RollbackAgentResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RollbackAgentResponse: _TypeAlias = RollbackAgentResponse  # noqa: Y015
+
+@_typing.final
+class GetAgentStatusRequest(_message.Message):
+    """GetAgentStatusRequest names an agent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_NAME_FIELD_NUMBER: _builtins.int
+    agent_name: _builtins.str
+    """The agent's name."""
+    def __init__(
+        self,
+        *,
+        agent_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAgentStatusRequest: _TypeAlias = GetAgentStatusRequest  # noqa: Y015
+
+@_typing.final
+class GetAgentStatusResponse(_message.Message):
+    """GetAgentStatusResponse carries an agent's observed state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def status(self) -> Global___AgentStatus:
+        """What runs of the agent."""
+
+    def __init__(
+        self,
+        *,
+        status: Global___AgentStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAgentStatusResponse: _TypeAlias = GetAgentStatusResponse  # noqa: Y015
+
+@_typing.final
+class ScaleAgentRequest(_message.Message):
+    """ScaleAgentRequest sets one track's replicas of an agent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_NAME_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    TRACK_FIELD_NUMBER: _builtins.int
+    EXPECTED_REVISION_FIELD_NUMBER: _builtins.int
+    agent_name: _builtins.str
+    """The agent's name."""
+    replicas: _builtins.int
+    """Instances to run on the track, 0 to 100. Required (unset is not 0)."""
+    track: _builtins.str
+    """The track to scale: "stable" or "canary"; empty for "stable"."""
+    expected_revision: _builtins.int
+    """When set, the scale succeeds only if this is the agent's current revision."""
+    def __init__(
+        self,
+        *,
+        agent_name: _builtins.str = ...,
+        replicas: _builtins.int | None = ...,
+        track: _builtins.str = ...,
+        expected_revision: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_revision", b"_expected_revision", "_replicas", b"_replicas", "expected_revision", b"expected_revision", "replicas", b"replicas"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_revision", b"_expected_revision", "_replicas", b"_replicas", "agent_name", b"agent_name", "expected_revision", b"expected_revision", "replicas", b"replicas", "track", b"track"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__expected_revision: _TypeAlias = _typing.Literal["expected_revision"]  # noqa: Y015
+    _WhichOneofArgType__expected_revision: _TypeAlias = _typing.Literal["_expected_revision", b"_expected_revision"]  # noqa: Y015
+    _WhichOneofReturnType__replicas: _TypeAlias = _typing.Literal["replicas"]  # noqa: Y015
+    _WhichOneofArgType__replicas: _TypeAlias = _typing.Literal["_replicas", b"_replicas"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_revision) -> _WhichOneofReturnType__expected_revision | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__replicas) -> _WhichOneofReturnType__replicas | None: ...
+
+Global___ScaleAgentRequest: _TypeAlias = ScaleAgentRequest  # noqa: Y015
+
+@_typing.final
+class ScaleAgentResponse(_message.Message):
+    """ScaleAgentResponse carries the agent after the scale."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    CHANGES_FIELD_NUMBER: _builtins.int
+    CREATED_REVISION_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
+    created_revision: _builtins.bool
+    """Whether a new revision was written; false when the track already had these replicas."""
+    @_builtins.property
+    def agent(self) -> Global___Agent:
+        """The agent at its new revision (or at its current one, when nothing changed)."""
+
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Change]:
+        """Changes from the previous revision; empty when nothing changed."""
+
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Warnings as `path: message` lines, e.g. that autoscaling, when on, sets the replicas
+        instead.
+        """
+
+    def __init__(
+        self,
+        *,
+        agent: Global___Agent | None = ...,
+        changes: _abc.Iterable[_common_pb2.Change] | None = ...,
+        created_revision: _builtins.bool = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "changes", b"changes", "created_revision", b"created_revision", "warnings", b"warnings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScaleAgentResponse: _TypeAlias = ScaleAgentResponse  # noqa: Y015
 
 @_typing.final
 class PromptRelease(_message.Message):

@@ -72,6 +72,16 @@ class AgentServiceStub:
                 request_serializer=specmesh_dot_v1_dot_control__plane__pb2.RollbackAgentRequest.SerializeToString,
                 response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.RollbackAgentResponse.FromString,
                 _registered_method=True)
+        self.GetAgentStatus = channel.unary_unary(
+                '/specmesh.v1.AgentService/GetAgentStatus',
+                request_serializer=specmesh_dot_v1_dot_control__plane__pb2.GetAgentStatusRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.GetAgentStatusResponse.FromString,
+                _registered_method=True)
+        self.ScaleAgent = channel.unary_unary(
+                '/specmesh.v1.AgentService/ScaleAgent',
+                request_serializer=specmesh_dot_v1_dot_control__plane__pb2.ScaleAgentRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.ScaleAgentResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -131,6 +141,25 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAgentStatus(self, request, context):
+        """GetAgentStatus returns what runs of an agent, as the controller last observed it:
+        desired and ready instances per track, each instance, the phase and the last error.
+        NOT_FOUND for an unknown agent; phase "NotRunning" when no controller reported on it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ScaleAgent(self, request, context):
+        """ScaleAgent sets a track's replicas in the agent's `deployment` part: a new revision
+        like any other change (the controller then starts or drains instances). Scaling the
+        canary above 0 enables it; to 0, disables it. Fails with ABORTED when
+        expected_revision is set and is not the current revision.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -168,6 +197,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.RollbackAgent,
                     request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.RollbackAgentRequest.FromString,
                     response_serializer=specmesh_dot_v1_dot_control__plane__pb2.RollbackAgentResponse.SerializeToString,
+            ),
+            'GetAgentStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAgentStatus,
+                    request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.GetAgentStatusRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_control__plane__pb2.GetAgentStatusResponse.SerializeToString,
+            ),
+            'ScaleAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScaleAgent,
+                    request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.ScaleAgentRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_control__plane__pb2.ScaleAgentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -362,6 +401,60 @@ class AgentService:
             '/specmesh.v1.AgentService/RollbackAgent',
             specmesh_dot_v1_dot_control__plane__pb2.RollbackAgentRequest.SerializeToString,
             specmesh_dot_v1_dot_control__plane__pb2.RollbackAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAgentStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specmesh.v1.AgentService/GetAgentStatus',
+            specmesh_dot_v1_dot_control__plane__pb2.GetAgentStatusRequest.SerializeToString,
+            specmesh_dot_v1_dot_control__plane__pb2.GetAgentStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScaleAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specmesh.v1.AgentService/ScaleAgent',
+            specmesh_dot_v1_dot_control__plane__pb2.ScaleAgentRequest.SerializeToString,
+            specmesh_dot_v1_dot_control__plane__pb2.ScaleAgentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,17 @@ class AgentServiceStub:
     """DiffAgentRevisions returns the path-level changes between two revisions of an agent."""
     RollbackAgent: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.RollbackAgentRequest, _control_plane_pb2.RollbackAgentResponse]
     """RollbackAgent writes the content of an earlier revision as a new revision."""
+    GetAgentStatus: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.GetAgentStatusRequest, _control_plane_pb2.GetAgentStatusResponse]
+    """GetAgentStatus returns what runs of an agent, as the controller last observed it:
+    desired and ready instances per track, each instance, the phase and the last error.
+    NOT_FOUND for an unknown agent; phase "NotRunning" when no controller reported on it.
+    """
+    ScaleAgent: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.ScaleAgentRequest, _control_plane_pb2.ScaleAgentResponse]
+    """ScaleAgent sets a track's replicas in the agent's `deployment` part: a new revision
+    like any other change (the controller then starts or drains instances). Scaling the
+    canary above 0 enables it; to 0, disables it. Fails with ABORTED when
+    expected_revision is set and is not the current revision.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -89,6 +100,17 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """DiffAgentRevisions returns the path-level changes between two revisions of an agent."""
     RollbackAgent: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.RollbackAgentRequest, _control_plane_pb2.RollbackAgentResponse]  # type: ignore[assignment]
     """RollbackAgent writes the content of an earlier revision as a new revision."""
+    GetAgentStatus: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.GetAgentStatusRequest, _control_plane_pb2.GetAgentStatusResponse]  # type: ignore[assignment]
+    """GetAgentStatus returns what runs of an agent, as the controller last observed it:
+    desired and ready instances per track, each instance, the phase and the last error.
+    NOT_FOUND for an unknown agent; phase "NotRunning" when no controller reported on it.
+    """
+    ScaleAgent: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.ScaleAgentRequest, _control_plane_pb2.ScaleAgentResponse]  # type: ignore[assignment]
+    """ScaleAgent sets a track's replicas in the agent's `deployment` part: a new revision
+    like any other change (the controller then starts or drains instances). Scaling the
+    canary above 0 enables it; to 0, disables it. Fails with ABORTED when
+    expected_revision is set and is not the current revision.
+    """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------- agents
@@ -154,6 +176,29 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_control_plane_pb2.RollbackAgentResponse, _abc.Awaitable[_control_plane_pb2.RollbackAgentResponse]]:
         """RollbackAgent writes the content of an earlier revision as a new revision."""
+
+    @_abc_1.abstractmethod
+    def GetAgentStatus(
+        self,
+        request: _control_plane_pb2.GetAgentStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_plane_pb2.GetAgentStatusResponse, _abc.Awaitable[_control_plane_pb2.GetAgentStatusResponse]]:
+        """GetAgentStatus returns what runs of an agent, as the controller last observed it:
+        desired and ready instances per track, each instance, the phase and the last error.
+        NOT_FOUND for an unknown agent; phase "NotRunning" when no controller reported on it.
+        """
+
+    @_abc_1.abstractmethod
+    def ScaleAgent(
+        self,
+        request: _control_plane_pb2.ScaleAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_plane_pb2.ScaleAgentResponse, _abc.Awaitable[_control_plane_pb2.ScaleAgentResponse]]:
+        """ScaleAgent sets a track's replicas in the agent's `deployment` part: a new revision
+        like any other change (the controller then starts or drains instances). Scaling the
+        canary above 0 enables it; to 0, disables it. Fails with ABORTED when
+        expected_revision is set and is not the current revision.
+        """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

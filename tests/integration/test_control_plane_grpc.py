@@ -22,6 +22,7 @@ from specmesh.v1 import common_pb2
 from specmesh.v1 import control_plane_pb2 as pb
 from specmesh.v1 import control_plane_pb2_grpc as pb_grpc
 from specmesh.vault import VaultClient
+from specmesh.workloads import AgentStatus, InstanceStatus, TrackStatus
 
 from ..conftest import publish_prompt
 
@@ -209,6 +210,201 @@ async def test_delete_agent_then_get_is_not_found(api: Api) -> None:
         api.agents.GetAgent(pb.GetAgentRequest(agent_name="helper"), metadata=api.as_("viewer"))
     )
     assert code == grpc.StatusCode.NOT_FOUND
+
+
+# ---------------------------------------------------------------- status, scale
+
+OBSERVED = AgentStatus(
+    agent="helper",
+    revision=1,
+    runtime="local",
+    tracks={"stable": TrackStatus(desired=2, ready=1), "canary": TrackStatus(desired=1)},
+    instances=[
+        InstanceStatus(
+            instance="helper-stable-0",
+            track="stable",
+            phase="Running",
+            ready=True,
+            revision=1,
+            since="2025-01-02T03:04:05+00:00",
+            endpoints={"a2a": "http://127.0.0.1:9101", "ops": "http://127.0.0.1:9102"},
+        ),
+        InstanceStatus(instance="helper-stable-1", track="stable", phase="Starting"),
+        InstanceStatus(
+            instance="helper-canary-0",
+            track="canary",
+            phase="CrashLoop",
+            restarts=4,
+            last_error="engine exited with 1",
+        ),
+    ],
+    phase="CrashLoop",
+    last_error="engine exited with 1",
+    observed_at="2025-01-02T03:04:10+00:00",
+)
+
+
+async def test_agent_status_comes_back_typed_and_listed_in_short(
+    api: Api, store: SpecStore
+) -> None:
+    for name in ("helper", "other"):
+        await api.agents.ApplyAgent(
+            pb.ApplyAgentRequest(manifest_json=_agent(name)), metadata=api.as_("admin")
+        )
+    await store.put_status("helper", OBSERVED.to_json())  # what the controller writes
+
+    got = await api.agents.GetAgentStatus(
+        pb.GetAgentStatusRequest(agent_name="helper"), metadata=api.as_("viewer")
+    )
+    listed = await api.agents.ListAgents(pb.ListAgentsRequest(), metadata=api.as_("viewer"))
+
+    s = got.status
+    assert (s.agent_name, s.revision, s.runtime, s.phase) == ("helper", 1, "local", "CrashLoop")
+    assert (s.ready_replicas, s.desired_replicas) == (1, 3)
+    assert {k: (t.desired, t.ready) for k, t in s.tracks.items()} == {
+        "stable": (2, 1),
+        "canary": (1, 0),
+    }
+    assert s.last_error == "engine exited with 1" and s.observed_at.seconds == 1735787050
+    running, starting, crashing = s.instances
+    assert (running.instance_id, running.phase, running.ready, running.serving_revision) == (
+        "helper-stable-0",
+        "Running",
+        True,
+        1,
+    )
+    assert running.since.seconds == 1735787045 and running.endpoints["a2a"].endswith(":9101")
+    assert (starting.phase, starting.ready, starting.HasField("since")) == (
+        "Starting",
+        False,
+        False,
+    )
+    assert (crashing.track, crashing.restarts, crashing.last_error) == (
+        "canary",
+        4,
+        "engine exited with 1",
+    )
+    helper, other = listed.agents
+    assert (helper.status.phase, helper.status.ready_replicas, helper.status.desired_replicas) == (
+        "CrashLoop",
+        1,
+        3,
+    )
+    assert other.name == "other" and not other.HasField("status")
+
+
+async def test_agent_status_without_a_controller_is_not_running(api: Api) -> None:
+    await api.agents.ApplyAgent(
+        pb.ApplyAgentRequest(manifest_json=_agent()), metadata=api.as_("admin")
+    )
+
+    got = await api.agents.GetAgentStatus(
+        pb.GetAgentStatusRequest(agent_name="helper"), metadata=api.as_("viewer")
+    )
+
+    s = got.status
+    assert (s.agent_name, s.phase, s.ready_replicas, s.desired_replicas) == (
+        "helper",
+        "NotRunning",
+        0,
+        0,
+    )
+    assert not s.tracks and not s.instances and not s.HasField("observed_at")
+    assert "no controller reported" in s.last_error
+
+
+async def test_scale_agent_writes_a_new_revision_of_the_deployment_part(api: Api) -> None:
+    op = api.as_("operator")
+    await api.agents.ApplyAgent(pb.ApplyAgentRequest(manifest_json=_agent()), metadata=op)
+
+    scaled = await api.agents.ScaleAgent(
+        pb.ScaleAgentRequest(agent_name="helper", replicas=3, expected_revision=1), metadata=op
+    )
+    canary = await api.agents.ScaleAgent(
+        pb.ScaleAgentRequest(agent_name="helper", replicas=1, track="canary"), metadata=op
+    )
+    again = await api.agents.ScaleAgent(
+        pb.ScaleAgentRequest(agent_name="helper", replicas=1, track="canary"), metadata=op
+    )
+    stale = await _error(
+        api.agents.ScaleAgent(
+            pb.ScaleAgentRequest(agent_name="helper", replicas=2, expected_revision=1), metadata=op
+        )
+    )
+    got = await api.agents.GetAgent(pb.GetAgentRequest(agent_name="helper"), metadata=op)
+
+    assert scaled.created_revision and scaled.agent.revision_info.revision == 2
+    assert scaled.agent.revision_info.author == "user-operator"
+    tracks = json.loads(scaled.agent.spec_json)["deployment"]["tracks"]
+    assert tracks["stable"]["replicas"] == 3
+    assert any(c.path.startswith("deployment") for c in scaled.changes)
+    assert canary.agent.revision_info.revision == 3
+    canary_track = json.loads(canary.agent.spec_json)["deployment"]["tracks"]["canary"]
+    assert (canary_track["replicas"], canary_track["enabled"]) == (1, True)
+    assert not again.created_revision and again.agent.revision_info.revision == 3
+    assert stale.code() == grpc.StatusCode.ABORTED
+    assert got.agent.revision_info.revision == 3
+    assert json.loads(got.agent.spec_json)["deployment"]["tracks"]["stable"]["replicas"] == 3
+    assert PLANTED not in str(scaled) + str(got)
+
+
+async def test_scale_agent_is_refused_to_a_viewer(api: Api) -> None:
+    await api.agents.ApplyAgent(
+        pb.ApplyAgentRequest(manifest_json=_agent()), metadata=api.as_("admin")
+    )
+
+    error = await _error(
+        api.agents.ScaleAgent(
+            pb.ScaleAgentRequest(agent_name="helper", replicas=2), metadata=api.as_("viewer")
+        )
+    )
+    got = await api.agents.GetAgent(
+        pb.GetAgentRequest(agent_name="helper"), metadata=api.as_("viewer")
+    )
+
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert (REASON_METADATA, "permission_denied") in tuple(error.trailing_metadata() or ())
+    assert got.agent.revision_info.revision == 1
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (pb.ScaleAgentRequest(agent_name="helper", replicas=-1), "replicas"),
+        (pb.ScaleAgentRequest(agent_name="helper", replicas=101), "replicas"),
+        (pb.ScaleAgentRequest(agent_name="helper"), "replicas"),
+        (pb.ScaleAgentRequest(agent_name="helper", replicas=1, track="blue"), "track"),
+        (pb.ScaleAgentRequest(replicas=1), "agent_name"),
+    ],
+    ids=["negative", "over-100", "unset", "unknown-track", "no-agent-name"],
+)
+async def test_bad_scale_is_invalid_argument_naming_the_field(
+    api: Api, request_: Any, field: str
+) -> None:
+    op = api.as_("operator")
+    await api.agents.ApplyAgent(pb.ApplyAgentRequest(manifest_json=_agent()), metadata=op)
+
+    error = await _error(api.agents.ScaleAgent(request_, metadata=op))
+    got = await api.agents.GetAgent(pb.GetAgentRequest(agent_name="helper"), metadata=op)
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith(f"{field}: "), error.details()
+    assert got.agent.revision_info.revision == 1
+
+
+async def test_status_and_scale_of_an_unknown_agent_are_not_found(api: Api) -> None:
+    status = await _status(
+        api.agents.GetAgentStatus(
+            pb.GetAgentStatusRequest(agent_name="nobody"), metadata=api.as_("viewer")
+        )
+    )
+    scale = await _status(
+        api.agents.ScaleAgent(
+            pb.ScaleAgentRequest(agent_name="nobody", replicas=1), metadata=api.as_("operator")
+        )
+    )
+
+    assert status == scale == grpc.StatusCode.NOT_FOUND
 
 
 # ---------------------------------------------------------------- releases
@@ -454,6 +650,12 @@ CALLS: dict[str, Call] = {
     "apply agent": lambda a, md: a.agents.ApplyAgent(
         pb.ApplyAgentRequest(manifest_json=_agent()), metadata=md
     ),
+    "agent status": lambda a, md: a.agents.GetAgentStatus(
+        pb.GetAgentStatusRequest(agent_name="helper"), metadata=md
+    ),
+    "scale agent": lambda a, md: a.agents.ScaleAgent(
+        pb.ScaleAgentRequest(agent_name="helper", replicas=2), metadata=md
+    ),
     "set release": lambda a, md: a.releases.SetRelease(
         pb.SetReleaseRequest(agent_name="helper", canary_revision=1, canary_weight=10),
         metadata=md,
@@ -468,10 +670,12 @@ CALLS: dict[str, Call] = {
     "audit": lambda a, md: a.audit.ListAuditEntries(pb.ListAuditEntriesRequest(), metadata=md),
 }
 
+READ_CALLS = {"list agents", "get agent", "agent status"}
+OPERATOR_CALLS = {"apply agent", "scale agent", "set release", "audit"}
 ALLOWED = {
-    "viewer": {"list agents", "get agent"},
-    "operator": {"list agents", "get agent", "apply agent", "set release", "audit"},
-    "admin": {"list agents", "get agent", "apply agent", "set release", "audit"},
+    "viewer": READ_CALLS,
+    "operator": READ_CALLS | OPERATOR_CALLS,
+    "admin": READ_CALLS | OPERATOR_CALLS,
     "secrets-admin": {"list credentials", "put credential", "audit"},
 }
 
