@@ -16,12 +16,15 @@ from aiohttp import web
 
 from control_plane.api import ControlPlane
 from control_plane.auth import StaticTokenAuthenticator
+from control_plane.controller import Controller
 from control_plane.grpc_api import build_grpc_server
 from control_plane.mcptools import list_mcp_tools
 from control_plane.mesh import IstioValidator, MeshSettings
 from control_plane.otlp import OtlpForwarder, OtlpReceiver, build_otlp_app
 from control_plane.publisher import KubernetesMeshSink, MeshPublisher, MeshSink, YamlMeshSink
 from control_plane.rest import build_app
+from control_plane.runtime import Runtime
+from control_plane.runtime.local import LocalRuntime
 from control_plane.settings import ControlPlaneSettings
 from control_plane.tokens import TokenAuthenticator, TokenStore
 from control_plane.traces import SqliteTraceStore, retention_loop
@@ -108,9 +111,24 @@ async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = 
         logger.info("control plane gRPC API listening on %s", settings.grpc_listen)
         retention = timedelta(days=settings.traces_retention_days)
         publisher = _publisher(settings, store, istio)
+        runtime = _runtime(settings, vault)
+        if runtime is not None:
+            stack.push_async_callback(runtime.close)
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(retention_loop(traces, older_than=retention, stop=stop))
             publishing = tasks.create_task(publisher.run()) if publisher else None
+            controlling = (
+                tasks.create_task(
+                    Controller(
+                        store=store,
+                        runtime=runtime,
+                        resync_seconds=settings.controller_resync_seconds,
+                        observe_seconds=settings.controller_observe_seconds,
+                    ).run()
+                )
+                if runtime is not None
+                else None
+            )
             renewing = tasks.create_task(keep_token_alive(vault))
             collecting = (
                 tasks.create_task(_collect_garbage(control_plane, settings))
@@ -123,6 +141,8 @@ async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = 
                 collecting.cancel()
             if publishing is not None:
                 publishing.cancel()
+            if controlling is not None:
+                controlling.cancel()
 
 
 async def _collect_garbage(control_plane: ControlPlane, settings: ControlPlaneSettings) -> None:
@@ -135,6 +155,19 @@ async def _collect_garbage(control_plane: ControlPlane, settings: ControlPlaneSe
             )
         except Exception:
             logger.exception("collecting unreferenced secret versions failed (will retry)")
+
+
+def _runtime(settings: ControlPlaneSettings, vault: VaultClient) -> Runtime | None:
+    """The runtime the controller drives (none: the controller does not run)."""
+    if settings.runtime == "local":
+        logger.info("controller: local runtime (supervisor at %s)", settings.supervisor_socket)
+        return LocalRuntime(settings.supervisor_socket)
+    if settings.runtime == "kubernetes":
+        from control_plane.runtime.kubernetes import kubernetes_runtime_from_env
+
+        logger.info("controller: kubernetes runtime")
+        return kubernetes_runtime_from_env(vault=vault)
+    return None
 
 
 def _publisher(

@@ -171,6 +171,14 @@ class DataPlane:
         logger.info("data plane up: egress %s, inbound %s", self.egress.url, self.inbound.url)
 
     async def stop(self) -> None:
+        if self.vault is not None and self.ctx.settings.vault_revoke_on_stop:
+            # first: a sidecar killed while draining must not leave a live token behind
+            # (its engine is stopped before it, so nothing needs a credential any more)
+            try:
+                await self.vault.revoke_self()
+                logger.info("revoked this instance's Vault token")
+            except SecretError as e:
+                logger.warning("could not revoke the Vault token: %s", e)
         if self.grpc_inbound is not None:
             await self.grpc_inbound.stop()
         if self.grpc_egress is not None:
@@ -193,9 +201,4 @@ class DataPlane:
         if self.credentials is not None:
             await self.credentials.close()
         if self.vault is not None:
-            if self.ctx.settings.vault_revoke_on_stop:
-                try:
-                    await self.vault.revoke_self()
-                except SecretError as e:
-                    logger.warning("could not revoke the Vault token: %s", e)
             await self.vault.close()

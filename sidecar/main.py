@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -242,10 +243,14 @@ class Sidecar:
         self.draining.set()
         while self._started:
             stop = self._started.pop()
+            began = time.monotonic()
             try:
                 await stop()
             except Exception:
                 logger.exception("stopping a sidecar part failed")
+            took = time.monotonic() - began
+            if took > 1.0:
+                logger.info("stopping %s took %.1fs", getattr(stop, "__qualname__", stop), took)
         if self._own_etcd:
             await self.etcd.close()
         logger.info("sidecar of agent %s stopped", self.settings.agent_name)

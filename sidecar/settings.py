@@ -90,9 +90,9 @@ class SidecarSettings(BaseSettings):
     )
     """Vault token (local runs). Leave unset in a cluster and set ``vault_k8s_role``."""
     vault_revoke_on_stop: bool = False
-    """Revoke the Vault token when the sidecar stops (``SPECMESH_VAULT_REVOKE_ON_STOP``; the
-    local supervisor sets it: every start gets a fresh token, and a stopped instance's is
-    dead at once rather than at the end of its period)."""
+    """Revoke the Vault token as the sidecar begins to stop (``SPECMESH_VAULT_REVOKE_ON_STOP``;
+    the local supervisor sets it: it stops the engine first, every start gets a fresh token,
+    and a stopped instance's is dead at once rather than at the end of its period)."""
     vault_k8s_role: str | None = None
     """Vault Kubernetes auth role of this agent (``SPECMESH_VAULT_K8S_ROLE``), in a cluster."""
     vault_k8s_mount: str = "kubernetes"

@@ -28,6 +28,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
@@ -49,6 +50,7 @@ from specmesh.errors import (
 )
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
+from specmesh.names import resource_name
 from specmesh.settings import Settings
 from specmesh.spec.diff import Change
 from specmesh.spec.manifest import LoadedManifest, load_path
@@ -320,17 +322,49 @@ def _print_manifests(docs: list[Any], output: str) -> None:
         sys.stdout.write(yaml.safe_dump_all(docs, sort_keys=False, allow_unicode=True))
 
 
+async def _agent_workload(ctx: _Context, name: str) -> dict[str, Any] | None:
+    """The agent's observed workload (None when no controller reported on it)."""
+    if ctx.remote:
+        status = await ctx.api.agent_status(name)
+        return None if status.get("phase") == "NotRunning" else status
+    return await ctx.store.get_status(name)
+
+
 async def _agent_record(ctx: _Context, name: str, revision: int | None) -> dict[str, Any]:
     if ctx.remote:
         return await ctx.api.get_agent(name, revision)
     return (await ctx.store.get_agent(name, revision)).to_json()
 
 
-def _agent_manifest(record: dict[str, Any]) -> Any:
+def _agent_manifest(record: dict[str, Any], workload: dict[str, Any] | None = None) -> Any:
     status = {k: record[k] for k in ("revision", "createdAt", "author", "action", "message")}
     if record.get("rolledBackFrom") is not None:
         status["rolledBackFrom"] = record["rolledBackFrom"]
+    if workload is not None:
+        status["workload"] = {
+            k: workload.get(k) for k in ("phase", "ready", "tracks", "instances", "lastError")
+        }
     return _manifest("Agent", record["agent"], record["spec"], status)
+
+
+def _workload_table(status: dict[str, Any], *, indent: str = "") -> None:
+    """The instances of an agent's workload, as the controller observed them."""
+    _table(
+        [
+            [
+                str(i.get("instance", "")),
+                str(i.get("track", "")),
+                str(i.get("phase", "")),
+                "yes" if i.get("ready") else "no",
+                str(i.get("revision") or "-"),
+                str(i.get("restarts", 0)),
+                str(i.get("lastError") or ""),
+            ]
+            for i in status.get("instances", [])
+        ],
+        ["INSTANCE", "TRACK", "PHASE", "READY", "REVISION", "RESTARTS", "LAST ERROR"],
+        indent=indent,
+    )
 
 
 async def _prompt(ctx: _Context, key: str) -> dict[str, Any]:
@@ -411,22 +445,35 @@ async def cmd_get(args: argparse.Namespace, ctx: _Context) -> int:
         return EXIT_OK
     if resource == "agent" and args.name:
         record = await _agent_record(ctx, args.name, args.revision)
+        workload = await _agent_workload(ctx, args.name)
         _print_manifests(
-            [_agent_manifest(record)], "yaml" if args.output == "table" else args.output
+            [_agent_manifest(record, workload)], "yaml" if args.output == "table" else args.output
         )
         return EXIT_OK
     if resource == "agent":
         if ctx.remote:
             agents = await ctx.api.list_agents()
         else:
-            agents = [a.to_json() for a in await ctx.store.list_agents()]
+            statuses = await ctx.store.list_statuses()
+            agents = []
+            for a in await ctx.store.list_agents():
+                status = statuses.get(resource_name(a.name))
+                summary = {"phase": status["phase"], "ready": status["ready"]} if status else None
+                agents.append({**a.to_json(), "status": summary})
         if args.output == "table":
             _table(
                 [
-                    [a["name"], str(a["revision"]), a["updatedAt"][:19], a["updatedBy"]]
+                    [
+                        a["name"],
+                        (a.get("status") or {}).get("ready", "-"),
+                        (a.get("status") or {}).get("phase", "-"),
+                        str(a["revision"]),
+                        a["updatedAt"][:19],
+                        a["updatedBy"],
+                    ]
                     for a in agents
                 ],
-                ["NAME", "REVISION", "UPDATED", "BY"],
+                ["NAME", "READY", "STATUS", "REVISION", "UPDATED", "BY"],
             )
         else:
             _print(agents, args.output)
@@ -551,6 +598,25 @@ async def cmd_rollback(args: argparse.Namespace, ctx: _Context) -> int:
             f"agent/{args.agent} rolled back to revision {args.revision} "
             f"as revision {result['revision']}\n"
         )
+    else:
+        _print(result, args.output)
+    return EXIT_OK
+
+
+async def cmd_scale(args: argparse.Namespace, ctx: _Context) -> int:
+    if not ctx.remote:
+        raise _needs_server("scale")
+    result = await ctx.api.scale(
+        args.name, args.replicas, track=args.track, expected_revision=args.expected_revision
+    )
+    if args.output == "text":
+        what = "unchanged" if not result.get("changed") else f"revision {result['revision']}"
+        sys.stdout.write(
+            f"agent/{args.name} scaled: {args.track} {args.replicas} ({what}); "
+            f"`specmesh get agents` shows the instances as they come and go\n"
+        )
+        for w in result.get("warnings", []):
+            sys.stderr.write(f"warning: {w}\n")
     else:
         _print(result, args.output)
     return EXIT_OK
@@ -722,12 +788,13 @@ async def cmd_describe(args: argparse.Namespace, ctx: _Context) -> int:
         raise _needs_server("describe")
     api = ctx.api
     record = await api.get_agent(args.name)  # 404 first, before anything else
-    history, release, instances, warnings, grants = await asyncio.gather(
+    history, release, instances, warnings, grants, workload = await asyncio.gather(
         api.history(args.name),
         api.get_release(args.name),
         api.list_instances(args.name),
         _describe_warnings(api, record),
         api.list_grants(args.name),
+        api.agent_status(args.name),
     )
     if args.output != "text":
         _print(
@@ -735,6 +802,7 @@ async def cmd_describe(args: argparse.Namespace, ctx: _Context) -> int:
                 "agent": record,
                 "release": release,
                 "history": history,
+                "workload": workload,
                 "instances": instances,
                 "warnings": warnings,
                 "sharedSecrets": grants,
@@ -765,7 +833,21 @@ async def cmd_describe(args: argparse.Namespace, ctx: _Context) -> int:
         out.write(f"Warnings ({len(warnings)}):\n")
         for w in warnings:
             out.write(f"  {w}\n")
-    out.write(f"Instances ({len(instances)}):\n")
+    tracks = ", ".join(
+        f"{t} {v.get('ready', 0)}/{v.get('desired', 0)}"
+        for t, v in (workload.get("tracks") or {}).items()
+    )
+    out.write(
+        f"Workload:     {workload.get('phase', '-')}, ready {workload.get('ready', '0/0')}"
+        + (f" ({tracks})" if tracks else "")
+        + (f" on the {workload['runtime']} runtime" if workload.get("runtime") else "")
+        + "\n"
+    )
+    if workload.get("lastError"):
+        out.write(f"Last error:   {workload['lastError']}\n")
+    if workload.get("instances"):
+        _workload_table(workload, indent="  ")
+    out.write(f"Registered instances ({len(instances)}):\n")
     if instances:
         _instances_table(instances, indent="  ")
     out.write(f"History ({len(history)} revisions, newest last):\n")
@@ -908,6 +990,7 @@ def _up_banner(state: dict[str, Any]) -> str:
         ["Redis (memory)", f"{ep['redis']}  (password in Vault)"],
         ["model", ep["llm"]],
         *[[f"MCP {name}", url] for name, url in ep["mcp"].items()],
+        ["supervisor", f"{ep.get('supervisor', '-')}  (runs every applied agent)"],
         *[
             [f"agent {agent} [{track}]", f"A2A {e['a2a']}  inbound {e['inbound']}"]
             for agent, tracks in sorted(state["agents"].items())
@@ -921,6 +1004,11 @@ def _up_banner(state: dict[str, Any]) -> str:
     else:
         lines.append(
             "kept the specs already stored (`uv run specmesh up --reset` re-applies the examples)"
+        )
+    if state.get("notReady"):
+        lines.append(
+            f"not ready yet: {', '.join(state['notReady'])} "
+            "(see `uv run specmesh describe agent NAME`)"
         )
     lines.append(f"sign in with the admin token in {state['adminTokenFile']}")
     lines.append(
@@ -954,7 +1042,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 "serviceAddresses": ep.get("serviceAddresses", {}),
                 "agents": status.get("agents", {}),
                 "processes": [
-                    {k: p.get(k) for k in ("name", "pid", "role", "agent", "track", "running")}
+                    {
+                        k: p.get(k)
+                        for k in ("name", "pid", "role", "agent", "track", "instance", "running")
+                    }
                     for p in status.get("processes", [])
                 ],
             },
@@ -976,7 +1067,8 @@ def cmd_logs(args: argparse.Namespace, settings: Settings) -> int:
     wanted = [
         p
         for p in status.get("processes", [])
-        if (p.get("agent") and p["agent"].lower() == args.agent.lower()) or p["name"] == args.agent
+        if (p.get("agent") and p["agent"].lower() == args.agent.lower())
+        or args.agent in (p["name"], p.get("instance"))
     ]
     if not wanted:
         raise NotFoundError(kind="fleet process", name=args.agent)
@@ -988,10 +1080,16 @@ def cmd_logs(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _agent_url(settings: Settings, agent: str, track: str) -> str:
+    """The A2A URL of one ready instance of the agent's track, picked at random (so calls
+    spread over the instances the local supervisor runs)."""
     status = _running_fleet(settings)
-    for name, tracks in status.get("agents", {}).items():
-        if name.lower() == agent.lower() and track in tracks:
-            return str(tracks[track]["a2a"])
+    ready = [
+        i
+        for i in status.get("instances", [])
+        if resource_name(i["agent"]) == resource_name(agent) and i["track"] == track and i["ready"]
+    ]
+    if ready:
+        return str(random.choice(ready)["endpoints"]["a2a"])
     raise NotFoundError(kind="running agent", name=f"{agent} [{track}]")
 
 
@@ -1253,6 +1351,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--expected-revision", type=int, default=None)
     out(p, "text", ("text", "json", "yaml"))
     p.set_defaults(run=cmd_rollback)
+
+    p = api_command("scale", "set the instances of an agent's track (a new revision)")
+    p.add_argument("resource", choices=["agent"])
+    p.add_argument("name")
+    p.add_argument("--replicas", type=int, required=True, help="instances, 0 to 100")
+    p.add_argument("--track", choices=["stable", "canary"], default="stable")
+    p.add_argument("--expected-revision", type=int, default=None)
+    out(p, "text", ("text", "json", "yaml"))
+    p.set_defaults(run=cmd_scale)
 
     p = api_command("delete", "delete an agent (its audit stays)")
     p.add_argument("resource", choices=["agent"])

@@ -4,19 +4,24 @@
 the agents' mTLS), Redis (the agents' shared memory store), the scripted model server
 (unless an LLM provider is configured), the MCP servers the examples use (the project's
 ``nacos-mcp-tools`` and the third-party ``mcp-server-time`` behind ``specmesh mcp-bridge``)
-and the control plane. Into an empty store (or with ``reset``) it applies the examples
-through the control plane's API; a store that already holds specs is left as the operator
-left it. Then it starts every example agent the store holds as an engine + sidecar pair
-(two tracks for the agents listed in ``canary``). It returns once all of it is ready; the
-processes run on. ``down`` stops exactly the processes recorded in ``<home>/fleet.json``
-(checking each one's command line first), then etcd and OpenBao.
+the supervisor (:mod:`specmesh.supervisor`, the kubelet of this machine) and the control
+plane, whose controller hands every stored agent to the supervisor. Into an empty store
+(or with ``reset``) it applies the examples through the control plane's API -- they are
+ordinary applied specs -- and a store that already holds specs is left as the operator
+left it. It returns once every stored agent's instances are ready; the processes run on,
+and an agent applied later is started by the controller and the supervisor alone.
+``down`` stops the supervisor (which drains and stops its instances), then exactly the
+processes recorded in ``<home>/fleet.json`` (checking each one's command line first), then
+etcd and OpenBao.
 
 Specs name the fleet's services by stable addresses (:data:`SERVICE_HOSTS`:
 ``redis://fleet-redis:6379/0``, ``http://nacos-mcp-tools/mcp``); the ports they listen on
 change at every start and reach the sidecars and the control plane only as
 ``SPECMESH_SERVICE_ADDRESSES`` (:mod:`specmesh.addresses`), never a spec.
 
-Engines get a minimal environment on purpose: no Vault address, token or any secret.
+Each process holds its own Vault identity: the control plane its policy, the supervisor
+one that only mints agents' tokens (from the ``specmesh-agent`` token role), each sidecar
+its agent's. Engines get no Vault address, token or any secret.
 """
 
 from __future__ import annotations
@@ -45,7 +50,15 @@ from specmesh.names import resource_name
 from specmesh.pki import DEFAULT_PKI_MOUNT
 from specmesh.services import LocalServices, free_port
 from specmesh.spec.manifest import load_path
-from specmesh.vault import CONTROL_PLANE_POLICY, agent_policy_name, control_plane_policy
+from specmesh.supervisor import socket_path
+from specmesh.vault import (
+    AGENT_TOKEN_ROLE,
+    CONTROL_PLANE_POLICY,
+    SUPERVISOR_POLICY,
+    agent_token_role_params,
+    control_plane_policy,
+    supervisor_policy,
+)
 
 __all__ = ["Fleet", "FleetOptions"]
 
@@ -55,7 +68,6 @@ REPO = Path(__file__).resolve().parent.parent
 _READY_TIMEOUT = 120.0
 REDIS_SECRET = "vault://secret/specmesh/shared/fleet-redis#password"
 """Where the fleet keeps its Redis password (the examples' memory credentials point here)."""
-_ENGINE_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV")
 SERVICE_HOSTS: dict[str, str] = {
     "redis": "fleet-redis:6379",
     "nacos-mcp-tools": "nacos-mcp-tools:80",
@@ -74,8 +86,6 @@ class FleetOptions:
     model_script: Path = REPO / "scripts" / "fleet-model-script.yaml"
     llm_url: str | None = None
     """An OpenAI-compatible provider to use instead of the scripted model server."""
-    canary: tuple[str, ...] = ("schedulex-assistant",)
-    """Agents started with a second (canary) track."""
     istio_crds: Path | None = None
     """An Istio CRD file for the control plane to validate with instead of the schemas it
     carries (``SPECMESH_ISTIO_CRDS``); ``None`` keeps its own."""
@@ -268,6 +278,9 @@ class Fleet:
             endpoints["serviceAddresses"] = addresses
 
             cp_port, cp_grpc, cp_otlp = free_port(), free_port(), free_port()
+            otlp = f"http://127.0.0.1:{cp_otlp}"
+            supervisor = self._start_supervisor(services, base_env, llm_url, otlp)
+            procs.append(supervisor)
             cp_env = {
                 **base_env,
                 "SPECMESH_ETCD_ENDPOINT": services["etcdEndpoint"],
@@ -278,6 +291,8 @@ class Fleet:
                 "SPECMESH_GRPC_LISTEN": f"127.0.0.1:{cp_grpc}",
                 "SPECMESH_OTLP_LISTEN": f"127.0.0.1:{cp_otlp}",
                 "SPECMESH_TRACES_DB": str(self.home / "traces.db"),
+                "SPECMESH_RUNTIME": "local",
+                "SPECMESH_SUPERVISOR_SOCKET": str(socket_path(self.home)),
             }
             if self.options.istio_crds and self.options.istio_crds.exists():
                 cp_env["SPECMESH_ISTIO_CRDS"] = str(self.options.istio_crds)
@@ -293,41 +308,23 @@ class Fleet:
             endpoints.update(
                 controlPlane=api,
                 controlPlaneGrpc=f"127.0.0.1:{cp_grpc}",
-                otlp=f"http://127.0.0.1:{cp_otlp}",
+                otlp=otlp,
+                supervisor=str(socket_path(self.home)),
             )
 
             seeded = self._seed(api, admin_token, loaded)
-            stored = {a["name"] for a in self._api_get(api, admin_token, "/api/v1/agents")}
-
-            agents: dict[str, Any] = {}
-            for m in loaded:
-                if m.kind != "Agent" or m.name not in stored:
-                    continue
-                tracks = ["stable"] + (["canary"] if m.name in self.options.canary else [])
-                for track in tracks:
-                    pair = self._start_agent(
-                        m.name, track, services, base_env, llm_url, endpoints["otlp"]
-                    )
-                    procs.extend(pair)
-                    agents.setdefault(m.name, {})[track] = pair[1].endpoints
-            for p in procs:
-                if p.role == "sidecar":
-                    ops = p.endpoints["ops"]
-                    self._wait(
-                        p,
-                        lambda ops=ops: requests.get(f"{ops}/readyz", timeout=1).ok,
-                        f"agent {p.agent} ({p.track})",
-                    )
+            stored = {a["resourceName"] for a in self._api_get(api, admin_token, "/api/v1/agents")}
+            not_ready = self._wait_agents(supervisor, stored)
             state.update(
                 processes=[p.__dict__ for p in procs],
                 vaultAccessors=self._accessors,
                 endpoints=endpoints,
-                agents=agents,
                 adminTokenFile=str(self.home / "admin-token"),
                 seeded=seeded,
+                notReady=not_ready,
             )
             self._write(state)
-            return state
+            return self._with_instances(state)
         except BaseException:
             state["processes"] = [p.__dict__ for p in procs]
             state["vaultAccessors"] = self._accessors
@@ -470,104 +467,121 @@ class Fleet:
                 raise SpecError([], source=f"{m.source}: the control plane refused it: {r.text}")
         return True
 
-    def _start_agent(
-        self,
-        agent: str,
-        track: str,
-        services: dict[str, Any],
-        base_env: dict[str, str],
-        llm_url: str,
-        otlp: str,
-    ) -> list[_Proc]:
-        rn = resource_name(agent)
-        name = f"{rn}-{track}"
-        ports = {
-            k: free_port()
-            for k in (
-                "egress",
-                "inbound",
-                "ops",
-                "http",
-                "grpc",
-                "redis",
-                "egress_grpc",
-                "inbound_grpc",
-            )
-        }
-        sock = self.home / "run" / f"{name}.sock"
-        sock.parent.mkdir(parents=True, exist_ok=True)
-        common = {
-            "AGENT_NAME": agent,
-            "SPECMESH_SYNC_ADDR": f"unix:{sock}",
-            "SPECMESH_EGRESS_URL": f"http://127.0.0.1:{ports['egress']}",
-            "SPECMESH_ENGINE_HTTP": f"127.0.0.1:{ports['http']}",
-            "SPECMESH_ENGINE_GRPC": f"127.0.0.1:{ports['grpc']}",
-            "SPECMESH_REDIS_PROXY": f"127.0.0.1:{ports['redis']}",
-        }
-        sidecar_env = {
+    def _start_supervisor(
+        self, services: dict[str, Any], base_env: dict[str, str], llm_url: str, otlp: str
+    ) -> _Proc:
+        """The supervisor, with a Vault identity that only mints agents' tokens (from the
+        ``specmesh-agent`` token role, written here with the root token)."""
+        import asyncio
+
+        from specmesh.vault import VaultClient
+
+        async def token_role() -> None:
+            root = VaultClient(address=services["baoAddress"], token=services["baoToken"])
+            try:
+                await root.put_token_role(AGENT_TOKEN_ROLE, agent_token_role_params())
+            finally:
+                await root.close()
+
+        asyncio.run(token_role())
+        token = self._identity(
+            services, SUPERVISOR_POLICY, "supervisor", policy_hcl=supervisor_policy()
+        )
+        env = {
             **base_env,
-            **common,
-            "SPECMESH_TRACK": track,
-            "SPECMESH_INSTANCE_ID": name,
-            "SPECMESH_INBOUND": f"127.0.0.1:{ports['inbound']}",
-            "SPECMESH_INBOUND_GRPC": f"127.0.0.1:{ports['inbound_grpc']}",
-            "SPECMESH_EGRESS_GRPC": f"127.0.0.1:{ports['egress_grpc']}",
-            "SPECMESH_OPS": f"127.0.0.1:{ports['ops']}",
             "SPECMESH_ETCD_ENDPOINT": services["etcdEndpoint"],
             "SPECMESH_VAULT_ADDR": services["baoAddress"],
-            # the agent's own identity: its policy reads its secrets, issues its certificate
-            "SPECMESH_VAULT_TOKEN": self._identity(services, agent_policy_name(agent), name),
-            "SPECMESH_MTLS": "true",
+            "SPECMESH_VAULT_TOKEN": token,
+            "SPECMESH_VAULT_PKI_MOUNT": DEFAULT_PKI_MOUNT,
             "OTEL_EXPORTER_OTLP_ENDPOINT": otlp,
         }
         if self.options.llm_url is None:
-            sidecar_env["SPECMESH_LLM_OVERRIDE_URL"] = llm_url
-        engine_home = self.home / "engines" / name  # nothing of the services' state in it
-        engine_home.mkdir(parents=True, exist_ok=True)
-        engine_env = {k: v for k, v in os.environ.items() if k in _ENGINE_ENV_KEEP}
-        engine_env.update(
-            common,
-            HOME=str(engine_home),
-            SPECMESH_LOG_LEVEL="INFO",
-            LITELLM_LOCAL_MODEL_COST_MAP="True",
-            OTEL_EXPORTER_OTLP_ENDPOINT=otlp,
-            OTEL_SERVICE_NAME=f"agent-{rn}",
-            SPECMESH_DATA_DIR=str(self.home / "data" / name),
+            env["SPECMESH_LLM_OVERRIDE_URL"] = llm_url
+        with contextlib.suppress(FileNotFoundError):
+            socket_path(self.home).unlink()  # a dead supervisor's: wait for the new one's
+        proc = self._spawn(
+            "supervisor", ["-m", "specmesh.cli", "supervisor"], env=env, role="supervisor"
         )
-        sidecar = self._spawn(
-            f"{name}-sidecar",
-            ["-m", "specmesh.cli", "sidecar"],
-            env=sidecar_env,
-            role="sidecar",
-            agent=agent,
-            track=track,
-        )
-        engine = self._spawn(
-            f"{name}-engine",
-            ["-m", "specmesh.cli", "engine"],
-            env=engine_env,
-            role="engine",
-            cwd=engine_home,
-            agent=agent,
-            track=track,
-        )
-        sidecar.endpoints = engine.endpoints = {
-            "a2a": f"http://127.0.0.1:{ports['http']}",
-            "a2aGrpc": f"127.0.0.1:{ports['grpc']}",
-            "inbound": f"https://127.0.0.1:{ports['inbound']}",
-            "inboundGrpc": f"127.0.0.1:{ports['inbound_grpc']}",
-            "egressGrpc": f"127.0.0.1:{ports['egress_grpc']}",
-            "ops": f"http://127.0.0.1:{ports['ops']}",
-            "egress": f"http://127.0.0.1:{ports['egress']}",
+        self._wait(proc, lambda: socket_path(self.home).exists(), "supervisor")
+        return proc
+
+    def _supervised(self) -> dict[str, Any]:
+        """The supervisor's state file (its instances), or an empty one."""
+        path = self.home / "supervisor.json"
+        try:
+            data: dict[str, Any] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {"instances": [], "workloads": {}}
+        return data
+
+    def _not_ready(self, agents: set[str]) -> list[str]:
+        """The agents in ``agents`` the supervisor does not run with every instance ready."""
+        state = self._supervised()
+        workloads = state.get("workloads", {})
+        waiting = []
+        for name in sorted(agents):
+            if name not in workloads:
+                waiting.append(name)
+                continue
+            want = sum(workloads[name]["replicas"].values())
+            ready = [
+                i for i in state["instances"] if resource_name(i["agent"]) == name and i["ready"]
+            ]
+            if len(ready) < want:
+                waiting.append(name)
+        return waiting
+
+    def _wait_agents(self, supervisor: _Proc, agents: set[str]) -> list[str]:
+        """Wait for every stored agent to be ready; return those that are not after
+        :data:`_READY_TIMEOUT` (an agent that crash-loops must not keep the fleet down:
+        ``specmesh get agents`` and ``describe`` show why)."""
+        try:
+            self._wait(supervisor, lambda: not self._not_ready(agents), "the agents' instances")
+        except ServiceError:
+            if not _alive(supervisor.pid, supervisor.cmd):
+                raise
+        return self._not_ready(agents)
+
+    def _with_instances(self, state: dict[str, Any]) -> dict[str, Any]:
+        """``state`` plus what the supervisor runs: its processes (role ``engine`` /
+        ``sidecar``, with agent, track and instance) and ``agents`` (agent -> track -> the
+        endpoints of its first ready instance) and ``instances``."""
+        supervised = self._supervised()
+        processes = [
+            p for p in state.get("processes", []) if p["role"] not in ("engine", "sidecar")
+        ]
+        agents: dict[str, dict[str, Any]] = {}
+        for inst in supervised.get("instances", []):
+            for p in inst["processes"]:
+                processes.append(
+                    {
+                        "name": f"{inst['instance']}-{p['role']}",
+                        "pid": p["pid"],
+                        "cmd": p["cmd"],
+                        "log": p["log"],
+                        "role": p["role"],
+                        "agent": inst["agent"],
+                        "track": inst["track"],
+                        "instance": inst["instance"],
+                        "endpoints": inst["endpoints"],
+                    }
+                )
+            tracks = agents.setdefault(inst["agent"], {})
+            if inst["ready"] or inst["track"] not in tracks:
+                tracks.setdefault(inst["track"], inst["endpoints"])
+        return {
+            **state,
+            "processes": processes,
+            "agents": agents,
+            "instances": supervised.get("instances", []),
         }
-        return [engine, sidecar]
 
     # ------------------------------------------------------------ status, down
 
     def status(self) -> dict[str, Any]:
-        state = self._read()
+        state = self._with_instances(self._read())
         for p in state.get("processes", []):
-            p["running"] = _alive(p["pid"], p["cmd"])
+            p["running"] = bool(p["pid"]) and _alive(p["pid"], p["cmd"])
         services = LocalServices(home=self.home).status() if self.home.exists() else {}
         return {**state, "services": services}
 
@@ -575,13 +589,20 @@ class Fleet:
         """Stop what ``up`` started (and nothing else); return the names stopped."""
         state = self._read()
         stopped = []
-        # agents first (they drain), then what they use; each group stops in parallel
-        groups = (("engine", "sidecar"), ("control-plane", "mcp", "model"), ("redis",))
+        # the supervisor first (it drains and stops its instances), then any instance a
+        # dead supervisor left behind, then what they use; each group stops in parallel
+        state["processes"] = self._with_instances(state)["processes"]
+        groups = (
+            ("supervisor",),
+            ("engine", "sidecar"),
+            ("control-plane", "mcp", "model"),
+            ("redis",),
+        )
         for roles in groups:
             running = [
                 p
                 for p in reversed(state.get("processes", []))
-                if p["role"] in roles and _alive(p["pid"], p["cmd"])
+                if p["role"] in roles and p["pid"] and _alive(p["pid"], p["cmd"])
             ]
             for p in running:
                 with contextlib.suppress(ProcessLookupError):

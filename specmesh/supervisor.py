@@ -38,16 +38,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from stat import S_ISDIR
 from typing import Any
 
 import aiohttp
@@ -86,6 +89,8 @@ _TICK = 0.2
 _PORTS = ("egress", "inbound", "ops", "http", "grpc", "redis", "egress_grpc", "inbound_grpc")
 _ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV")
 MAX_WORKLOAD_BYTES = 64 * 1024
+_MAX_SOCKET_PATH = 100
+"""Longest Unix socket path used (the kernel's limit is 107 bytes plus the NUL)."""
 
 
 def _now() -> str:
@@ -526,7 +531,7 @@ class Supervisor:
         env.update(
             AGENT_NAME=inst.agent,
             SPECMESH_LOG_LEVEL=self.config.log_level,
-            SPECMESH_SYNC_ADDR=f"unix:{self.config.home / 'run' / (inst.name + '.sock')}",
+            SPECMESH_SYNC_ADDR=f"unix:{self._sync_socket(inst)}",
             SPECMESH_EGRESS_URL=f"http://127.0.0.1:{p['egress']}",
             SPECMESH_ENGINE_HTTP=f"127.0.0.1:{p['http']}",
             SPECMESH_ENGINE_GRPC=f"127.0.0.1:{p['grpc']}",
@@ -535,6 +540,24 @@ class Supervisor:
         if self.config.otlp_endpoint:
             env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.config.otlp_endpoint
         return env
+
+    def _sync_socket(self, inst: _Instance) -> Path:
+        """The engine <-> sidecar socket: ``<home>/run/<instance>.sock``, or a short name
+        when that path is longer than a Unix socket path may be (108 bytes)."""
+        path = self.config.home / "run" / f"{inst.name}.sock"
+        if len(str(path)) <= _MAX_SOCKET_PATH:
+            return path
+        digest = hashlib.sha256(inst.name.encode()).hexdigest()[:12]
+        path = self.config.home / "run" / f"{digest}.sock"
+        if len(str(path)) <= _MAX_SOCKET_PATH:
+            return path
+        home = hashlib.sha256(str(self.config.home).encode()).hexdigest()[:12]
+        folder = Path(tempfile.gettempdir()) / f"specmesh-{os.getuid()}-{home}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        st = folder.lstat()
+        if st.st_uid != os.getuid() or st.st_mode & 0o077 or not S_ISDIR(st.st_mode):
+            raise OSError(f"{folder} is not a private folder of this user: not using it")
+        return folder / f"{digest}.sock"
 
     async def _sidecar_env(self, inst: _Instance) -> dict[str, str]:
         cfg, p = self.config, inst.ports

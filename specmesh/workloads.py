@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from specmesh.names import resource_name
-from specmesh.spec.models import DeploymentSpec, ReleaseSpec
+from specmesh.spec.models import MAX_REPLICAS, DeploymentSpec, ReleaseSpec
 
 __all__ = [
     "PHASES",
@@ -95,8 +95,8 @@ class AgentWorkload:
         unknown = sorted(set(replicas) - set(TRACKS))
         if unknown:
             raise ValueError(f"unknown track(s) {', '.join(unknown)} (tracks: {TRACKS})")
-        if any(v < 0 for v in replicas.values()):
-            raise ValueError("replicas must not be negative")
+        if any(not 0 <= v <= MAX_REPLICAS for v in replicas.values()):
+            raise ValueError(f"replicas must be 0 to {MAX_REPLICAS} per track")
         return cls(
             agent=str(data["agent"]),
             revision=int(data.get("revision", 0)),

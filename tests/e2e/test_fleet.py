@@ -336,7 +336,9 @@ def test_each_process_holds_its_own_vault_identity_and_no_root_token(
         assert Path(f"/proc/{p['pid']}/cwd").resolve() == home.resolve()
 
 
-def test_killing_one_agent_leaves_the_others_answering(fleet: dict[str, Any]) -> None:
+def test_killing_one_agent_leaves_the_others_answering_and_it_comes_back(
+    fleet: dict[str, Any],
+) -> None:
     victims = [p for p in fleet["processes"] if p.get("agent") == "schedulex-assistant"
                and p.get("track") == "canary"]  # fmt: skip
     for p in victims:
@@ -346,8 +348,16 @@ def test_killing_one_agent_leaves_the_others_answering(fleet: dict[str, Any]) ->
     assert result.state == "completed" and "[gateway]" in result.text
     assert _ask(fleet, "schedulex-assistant", "How did the job run?").state == "completed"
 
-    def canary_gone() -> bool:
+    # the supervisor restarts both processes; the registry serves the canary again
+    def canary_back() -> bool:
         instances = _api(fleet, "/api/v1/instances?agent=schedulex-assistant")
-        return [i["track"] for i in instances] == ["stable"]
+        serving = sorted(i["track"] for i in instances if i["state"] == "serving")
+        running = Fleet(FleetOptions(home=fleet["_home"])).status()["processes"]
+        restarted = [p for p in running if p.get("instance") == "schedulex-assistant-canary-0"]
+        return (
+            serving == ["canary", "stable"]
+            and len(restarted) == 2
+            and all(p["running"] and p["pid"] not in {v["pid"] for v in victims} for p in restarted)
+        )
 
-    _eventually(canary_gone, "the registry to drop the killed instance", timeout=40)
+    _eventually(canary_back, "the killed canary to be restarted and serving", timeout=40)

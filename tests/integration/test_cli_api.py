@@ -176,8 +176,9 @@ def test_get_describe_history_diff_rollback(
     assert code == 0
     assert ("cli-lifecycle", 2) in [(a["name"], a["revision"]) for a in json.loads(out)]
     code, out, _ = _run(capsys, "get", "agents")
-    assert out.splitlines()[0].split() == ["NAME", "REVISION", "UPDATED", "BY"]
-    assert any(line.split()[:2] == ["cli-lifecycle", "2"] for line in out.splitlines())
+    assert out.splitlines()[0].split() == ["NAME", "READY", "STATUS", "REVISION", "UPDATED", "BY"]
+    # this control plane runs no controller: nothing reports on the agent's workload
+    assert any(line.split()[:4] == ["cli-lifecycle", "-", "-", "2"] for line in out.splitlines())
     code, out, _ = _run(capsys, "describe", "agent", "cli-lifecycle")
     assert code == 0
     assert "Revision:     2 (apply by ci-operator" in out

@@ -111,6 +111,16 @@ def test_status_json_lists_mcp_servers_and_every_sidecar_endpoint(
     home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (home / "fleet.json").write_text(json.dumps(_fleet_state(home)))
+    agent = _fleet_state(home)["agents"]["mse-nacos-helper"]["stable"]
+    instances = [
+        {"instance": f"{name}-{track}-0", "agent": name, "track": track, "ready": True,
+         "phase": "Running", "endpoints": agent,
+         "processes": [{"role": role, "pid": 0, "cmd": ["x"], "log": "x"}
+                       for role in ("sidecar", "engine")]}
+        for name, track in (("mse-nacos-helper", "stable"), ("schedulex-assistant", "stable"),
+                            ("schedulex-assistant", "canary"))
+    ]  # fmt: skip
+    (home / "supervisor.json").write_text(json.dumps({"instances": instances, "workloads": {}}))
 
     code = main(["--server", "", "status", "-o", "json"])
 
@@ -121,6 +131,8 @@ def test_status_json_lists_mcp_servers_and_every_sidecar_endpoint(
     canary = status["agents"]["schedulex-assistant"]["canary"]
     assert {"a2a", "inbound", "inboundGrpc", "egress", "egressGrpc", "ops"} <= set(canary)
     assert status["processes"][0]["running"] is True
+    engines = [p for p in status["processes"] if p["role"] == "engine"]
+    assert [p["instance"] for p in engines] == [i["instance"] for i in instances]
 
 
 def test_the_up_banner_separates_every_label_from_its_value(home: Path) -> None:
@@ -128,7 +140,7 @@ def test_the_up_banner_separates_every_label_from_its_value(home: Path) -> None:
 
     lines = banner.splitlines()
     rows = [line for line in lines if line.startswith("  ")]
-    assert len(rows) == 7 + 2 + 3  # services, two MCP servers, three agent tracks
+    assert len(rows) == 7 + 2 + 1 + 3  # services, two MCP servers, supervisor, 3 agent tracks
     value_column = {re.match(r"  .*?\S( {2,})\S", line).end(1) for line in rows}  # type: ignore[union-attr]
     assert len(value_column) == 1  # one aligned column, whatever the label's length
     assert "  MCP nacos-mcp-tools" in banner and "nacos-mcp-toolshttp" not in banner
