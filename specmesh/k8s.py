@@ -10,6 +10,7 @@ __all__ = [
     "A2A_GRPC_PORT",
     "A2A_HTTP_PORT",
     "LABEL_AGENT",
+    "LABEL_INSTANCE",
     "LABEL_MANAGED_BY",
     "LABEL_TRACK",
     "MANAGED_BY",
@@ -24,6 +25,8 @@ LABEL_AGENT = "specmesh.io/agent"
 LABEL_TRACK = "specmesh.io/track"
 """Pod label holding the release track; DestinationRule subsets select on it."""
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+"""The Helm release an agent's objects belong to (the chart sets it on every object and pod)."""
 MANAGED_BY = "specmesh"
 TRACKS = ("stable", "canary")
 

@@ -9,11 +9,14 @@ that entry is, object for object, what this runtime applies.
 
 :class:`KubernetesRuntime` applies each rendered object (``lightkube``, field manager
 ``specmesh-controller``, ``force``), then prunes: every object of the managed kinds that
-carries ``app.kubernetes.io/managed-by=specmesh`` and the agent's ``specmesh.io/agent``
-label but was not rendered (the canary Deployment once the canary track is at 0, the HPAs
-once autoscaling is off) is deleted. It also keeps the agent's Vault Kubernetes-auth role
-(its ServiceAccount in the namespace -> its policy). Pods map onto
-:data:`specmesh.workloads.PHASES` in :func:`pod_instance`.
+carries ``app.kubernetes.io/managed-by=specmesh``, the release's ``app.kubernetes.io/instance``
+and the agent's ``specmesh.io/agent`` label but was not rendered (the canary Deployment once
+the canary track is at 0, the HPAs once autoscaling is off) is deleted. An object of a
+rendered name that exists without those three labels (the control plane's own Service, an
+administrator's NetworkPolicy, another release's agent) is never taken over: the apply is
+refused before anything is written (:class:`ObjectNotOwnedError`). It also keeps the
+agent's Vault Kubernetes-auth role (its ServiceAccount in the namespace -> its policy).
+Pods map onto :data:`specmesh.workloads.PHASES` in :func:`pod_instance`.
 
 Errors::
 
@@ -23,6 +26,8 @@ Errors::
         |                             something this runtime does not manage
         +-- KubernetesRefusedError    the API server answered with an error (``status``)
         +-- KubernetesUnavailableError  no answer (connection refused, timeout, TLS)
+        +-- ObjectNotOwnedError       an object the agent would apply exists and is not
+                                      this release's object of that agent (``kind``, ``name``)
     (itself: an answer that does not decode as the object asked for)
 
 Vault errors come through :class:`specmesh.vault.VaultClient` as :mod:`specmesh.errors`.
@@ -57,6 +62,7 @@ from specmesh.errors import SpecmeshError
 from specmesh.k8s import (
     A2A_HTTP_PORT,
     LABEL_AGENT,
+    LABEL_INSTANCE,
     LABEL_MANAGED_BY,
     LABEL_TRACK,
     MANAGED_BY,
@@ -75,6 +81,7 @@ __all__ = [
     "KubernetesRuntime",
     "KubernetesRuntimeError",
     "KubernetesUnavailableError",
+    "ObjectNotOwnedError",
     "VaultRoles",
     "agent_entry",
     "kubernetes_runtime_from_env",
@@ -101,6 +108,7 @@ NetworkPolicy before the pods, the HPA after its Deployment). Pruned in reverse;
 kind missing here is refused (it could never be pruned)."""
 
 _ENGINE_CONTAINERS = ("engine", "sidecar")
+_OWNER_LABELS = (LABEL_MANAGED_BY, LABEL_INSTANCE, LABEL_AGENT)
 _OPS_PORT = 9090
 
 
@@ -130,6 +138,22 @@ class KubernetesRefusedError(KubernetesRuntimeError):
 
 class KubernetesUnavailableError(KubernetesRuntimeError):
     """The API server did not answer."""
+
+
+class ObjectNotOwnedError(KubernetesRuntimeError):
+    """An object of the agent's name exists in the namespace and is not this release's
+    object of that agent (the control plane's own Service, an administrator's
+    NetworkPolicy, another release's agent): it is neither taken over nor pruned."""
+
+    def __init__(self, *, operation: str, kind: str, name: str, labels: Mapping[str, str]) -> None:
+        self.kind = kind
+        self.name = name
+        owner = ", ".join(f"{k}={v}" for k, v in sorted(labels.items()) if k in _OWNER_LABELS)
+        super().__init__(
+            operation=operation,
+            reason=f"{kind}/{name} exists and is not this agent's ({owner or 'no specmesh labels'})"
+            "; rename the agent or remove that object",
+        )
 
 
 async def _call(operation: str, coro: Any) -> Any:
@@ -516,7 +540,35 @@ class KubernetesRuntime:
         )
 
     def _selector(self, rn: str | None = None) -> dict[str, Any]:
-        return {LABEL_MANAGED_BY: MANAGED_BY, LABEL_AGENT: rn if rn is not None else exists()}
+        """This release's agent objects (of agent ``rn``): never another release's."""
+        return {
+            LABEL_MANAGED_BY: MANAGED_BY,
+            LABEL_INSTANCE: self._renderer.release,
+            LABEL_AGENT: rn if rn is not None else exists(),
+        }
+
+    async def _check_owned(self, rn: str, objects: list[Obj]) -> None:
+        """Refuse, before writing anything, when an object of one of these names exists and
+        is not this release's object of agent ``rn``: a forced apply would take it over and
+        a later prune would delete it."""
+        owner = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_INSTANCE: self._renderer.release,
+                 LABEL_AGENT: rn}  # fmt: skip
+        for obj in objects:
+            res, name = KINDS[(obj["apiVersion"], obj["kind"])], _name(obj)
+            operation = f"read {obj['kind']}/{name}"
+            try:
+                found = await _call(
+                    operation, self._client.get(res, name, namespace=self.namespace)
+                )
+            except KubernetesRefusedError as e:
+                if e.status == 404:
+                    continue  # to be created
+                raise
+            labels = dict(found.metadata.labels or {})
+            if any(labels.get(k) != v for k, v in owner.items()):
+                raise ObjectNotOwnedError(
+                    operation=f"apply agent {rn!r}", kind=obj["kind"], name=name, labels=labels
+                )
 
     async def render(self, workload: AgentWorkload) -> list[Obj]:
         """What :meth:`apply` applies for ``workload`` (in apply order)."""
@@ -525,6 +577,7 @@ class KubernetesRuntime:
     async def apply(self, workload: AgentWorkload) -> None:
         rn = workload.name
         objects = await self.render(workload)
+        await self._check_owned(rn, objects)
         if self._vault is not None:
             # First: the pods' sidecars log in with it as soon as they start.
             await self._vault.put_kubernetes_role(
@@ -604,7 +657,7 @@ class KubernetesRuntime:
             self._client,
             Pod,
             namespace=self.namespace,
-            labels={LABEL_AGENT: rn},
+            labels={LABEL_INSTANCE: self._renderer.release, LABEL_AGENT: rn},
         )
         return sorted(
             (pod_instance(p.to_dict()) for p in pods), key=lambda i: (i.track, i.instance)

@@ -53,12 +53,19 @@ from control_plane.runtime.kubernetes import (
     KubernetesRuntime,
     KubernetesRuntimeError,
     KubernetesUnavailableError,
+    ObjectNotOwnedError,
     agent_entry,
     kubernetes_runtime_from_env,
     pod_instance,
 )
 from control_plane.settings import KubernetesRuntimeSettings
-from specmesh.k8s import LABEL_AGENT, LABEL_MANAGED_BY, LABEL_TRACK, MANAGED_BY
+from specmesh.k8s import (
+    LABEL_AGENT,
+    LABEL_INSTANCE,
+    LABEL_MANAGED_BY,
+    LABEL_TRACK,
+    MANAGED_BY,
+)
 from specmesh.spec.models import DeploymentSpec, ReleaseSpec
 from specmesh.workloads import AgentWorkload, desired_replicas
 
@@ -420,9 +427,10 @@ async def test_apply_prune_and_remove_touch_exactly_the_agents_objects(
         "mse-gateway-assistant-canary",
     }
     assert [c for c in fake.calls if c.method == "DELETE"] == []
-    lists = [c for c in fake.calls if c.method == "GET"]
+    lists = [c for c in fake.calls if c.method == "GET" and c.name is None]
     assert {c.query["labelSelector"] for c in lists} == {
-        f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_AGENT}={rn}" for rn in (a.name, b.name)
+        f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_INSTANCE}={RELEASE},{LABEL_AGENT}={rn}"
+        for rn in (a.name, b.name)
     }
     assert await runtime.running() == {"mse-gateway-assistant", "mse-nacos-helper"}
 
@@ -469,6 +477,47 @@ async def test_apply_prune_and_remove_touch_exactly_the_agents_objects(
     assert _deleted(fake, before) == set()
 
 
+async def test_apply_never_takes_over_or_prunes_an_object_it_does_not_own(
+    api: tuple[FakeKubeApi, str], runtime: KubernetesRuntime
+) -> None:
+    """An agent's object names (``<rn>``, ``<rn>-<track>``, ``specmesh-agent-<rn>``) can be
+    those of objects in the namespace that are not its: the control plane's own Service, a
+    namespace-wide NetworkPolicy, another release's agent. Applying the agent refuses
+    before writing anything, and never adopts (force) or later prunes such an object."""
+    fake, _ = api
+    control_plane_svc = {"apiVersion": "v1", "kind": "Service", "metadata": {
+        "name": f"{RELEASE}-control-plane", "namespace": NAMESPACE,
+        "labels": {LABEL_MANAGED_BY: "Helm", LABEL_INSTANCE: RELEASE}},
+        "spec": {"selector": {"app.kubernetes.io/component": "control-plane"}}}  # fmt: skip
+    deny_all = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {
+        "name": "default-deny", "namespace": NAMESPACE},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}}  # fmt: skip
+    fake.put(control_plane_svc, manager="helm")
+    fake.put(deny_all, manager="kubectl")
+    # another release's agent in the same namespace: its labels but another instance
+    other = copy.deepcopy((await runtime.render(WORKLOADS["plain"]))[0])
+    other["metadata"]["labels"][LABEL_INSTANCE] = "staging"
+    fake.put(other, manager=FIELD_MANAGER)
+    before = copy.deepcopy(fake.objects)
+
+    taken_by = {
+        f"{RELEASE}-control-plane": f"Service/{RELEASE}-control-plane",
+        "default-deny": "NetworkPolicy/default-deny",
+        "mse-nacos-helper": f"{other['kind']}/{other['metadata']['name']}",
+    }
+    for agent, taken in taken_by.items():
+        with pytest.raises(ObjectNotOwnedError, match=taken):
+            await runtime.apply(_workload(agent, {}))
+    assert fake.mutations() == []
+    assert fake.objects == before
+
+    # not this release's: not running here, so never pruned, and removing leaves it
+    assert await runtime.running() == set()
+    await runtime.remove("mse-nacos-helper")
+    await runtime.remove("default-deny")
+    assert fake.mutations() == []
+
+
 async def test_observe_maps_the_agents_pods(
     api: tuple[FakeKubeApi, str], runtime: KubernetesRuntime
 ) -> None:
@@ -477,7 +526,8 @@ async def test_observe_maps_the_agents_pods(
     def pod(name: str, track: str, status: Obj, agent: str = "schedulex-assistant") -> Obj:
         return {"apiVersion": "v1", "kind": "Pod", "metadata": {
             "name": name, "namespace": NAMESPACE,
-            "labels": {LABEL_AGENT: agent, LABEL_TRACK: track}}, "status": status}  # fmt: skip
+            "labels": {LABEL_AGENT: agent, LABEL_TRACK: track, LABEL_INSTANCE: RELEASE}},
+            "status": status}  # fmt: skip
 
     ready = {"type": "Ready", "status": "True", "lastTransitionTime": "2026-11-30T00:01:00Z"}
     image = {"image": "registry.example.com/specmesh:0.1.0", "imageID": ""}
@@ -502,7 +552,9 @@ async def test_observe_maps_the_agents_pods(
     assert instances[1].since == "2026-11-30T00:01:00Z"
     assert instances[1].endpoints == {"inbound": "10.0.0.7:8080", "ops": "10.0.0.7:9090"}
     (call,) = [c for c in fake.calls if c.plural == "pods" and c.method == "GET"]
-    assert call.query["labelSelector"] == f"{LABEL_AGENT}=schedulex-assistant"
+    assert call.query["labelSelector"] == (
+        f"{LABEL_INSTANCE}={RELEASE},{LABEL_AGENT}=schedulex-assistant"
+    )
 
     # a pod the API serves without what every pod has: an error of the runtime, typed
     fake.put(pod("broken", "stable", {"containerStatuses": [{"name": "engine"}]}))
