@@ -1,9 +1,10 @@
 """Agent Studio in a real browser (Debian's Chromium, headless, driven by Playwright)
-against the whole local fleet: sign in, edit and deploy agents through the form, watch the
-engine pick the change up, roll back, move a canary, open a trace across two agents, and
-check what a viewer may not see. Every page is saved as a screenshot at 1280x800 and
-1920x1080 (in the test's temporary folder; also into ``docs/studio/`` when
-``SPECMESH_STUDIO_DOCS=1``, a few of them).
+against the whole local fleet: sign in, create and deploy an agent through the form and
+watch it come up (its workload, refreshed while the page is open) and answer, scale it from
+its page, edit and deploy agents, watch the engine pick the change up, roll back, move a
+canary, open a trace across two agents, and check what a viewer may not see or do. Every
+page is saved as a screenshot at 1280x800 and 1920x1080 (in the test's temporary folder;
+also into ``docs/studio/`` when ``SPECMESH_STUDIO_DOCS=1``, a few of them).
 
 One fleet is started for the module; the tests use it in order.
 """
@@ -33,10 +34,13 @@ pytestmark = pytest.mark.e2e
 CHROMIUM = Path("/usr/bin/chromium")
 SIZES = ((1280, 800), (1920, 1080))
 DOCS = REPO / "docs" / "studio"
-DOCS_PAGES = {"agents", "agent-new-invalid", "agent-history", "release-preview", "trace", "tokens",
-              "registries-agents", "prompts"}  # fmt: skip
+DOCS_PAGES = {"agents", "agent-new-invalid", "agent-workload", "agent-history", "release-preview",
+              "trace", "tokens", "registries-agents", "prompts"}  # fmt: skip
 SEED_SECRETS = ["sk-51668897d94****", "51668897d9410********", "8897d941******c7465cff2"]
 TIMEOUT_MS = 20_000
+COME_UP_MS = 60_000
+"""How long a new or scaled agent's instances may take to be ready (processes start, the
+engine loads its spec, the sidecar registers)."""
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +85,28 @@ def _token(fleet: dict[str, Any], role: str = "admin") -> str:
     return (fleet["_home"] / name).read_text().strip()
 
 
-def _api(fleet: dict[str, Any], method: str, path: str, **kwargs: Any) -> Any:
-    r = requests.request(
+def _request(
+    fleet: dict[str, Any], method: str, path: str, role: str = "admin", **kwargs: Any
+) -> requests.Response:
+    return requests.request(
         method,
         f"{fleet['endpoints']['controlPlane']}{path}",
-        headers={"Authorization": f"Bearer {_token(fleet)}"},
+        headers={"Authorization": f"Bearer {_token(fleet, role)}"},
         timeout=30,
         **kwargs,
     )
+
+
+def _api(fleet: dict[str, Any], method: str, path: str, **kwargs: Any) -> Any:
+    r = _request(fleet, method, path, **kwargs)
     r.raise_for_status()
     return r.json()
+
+
+def _ask(url: str, text: str) -> Any:
+    """An A2A call with the official client, off this thread (Playwright's loop runs here)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, asyncio.wait_for(invoke(url, text), 60)).result()
 
 
 def _eventually(check: Any, what: str, timeout: float = 60) -> Any:
@@ -165,6 +181,12 @@ def test_sign_in_shows_the_agents_with_their_health(admin: Studio, browser: Brow
     expect(row.locator("[data-track=stable]")).to_be_visible()
     expect(row.locator("[data-track=canary]")).to_be_visible()
     expect(row).to_contain_text("Healthy")
+    # READY and phase as the controller reports them: a stable and a canary instance
+    expect(page.locator("[data-ready=schedulex-assistant]")).to_have_text("2/2")
+    expect(page.locator("[data-agent-phase=schedulex-assistant]")).to_have_text("Running")
+    for agent in ("mse-nacos-helper", "mse-gateway-assistant"):
+        expect(page.locator(f"[data-ready={agent}]")).to_have_text("1/1")
+        expect(page.locator(f"[data-agent-phase={agent}]")).to_have_text("Running")
     admin.snap("agents")
 
     signed_out = browser.new_page()
@@ -202,6 +224,54 @@ def test_a_new_agent_is_created_through_the_form(admin: Studio, fleet: dict[str,
     assert stored["spec"]["model"]["temperature"] == 0.4
     assert stored["author"] == "local-admin"
 
+    # the page it lands on shows the agent coming up, without a reload
+    expect(page.get_by_test_id("workload-ready")).to_have_text("1/1", timeout=COME_UP_MS)
+    expect(page.get_by_test_id("workload-phase")).to_have_text("Running")
+    expect(page.locator("[data-track-ready=stable]")).to_have_text("1/1")
+    instance = page.locator("[data-testid=workload] tr[data-instance]")
+    expect(instance).to_have_count(1)
+    expect(instance.locator("[data-phase]")).to_have_text("Running")
+    expect(instance).to_contain_text("rev 1")
+    expect(page.get_by_test_id("registry-health")).to_have_text("Healthy")
+    admin.snap("agent-workload")
+
+    status = _api(fleet, "GET", "/api/v1/agents/studio-demo/status")
+    assert status["ready"] == "1/1"
+    a2a = status["instances"][0]["endpoints"]["a2a"]
+    answer = _ask(a2a, "Which gateway routes exist?")
+    assert answer.state == "completed" and answer.text
+
+
+def test_scaling_from_the_agent_page_brings_up_the_replicas(
+    admin: Studio, fleet: dict[str, Any]
+) -> None:
+    page = admin.go("agents/studio-demo", "[data-testid=scale]")
+    expect(page.get_by_test_id("workload-ready")).to_have_text("1/1")
+    expect(page.get_by_test_id("scale-replicas")).to_have_value("1")
+
+    page.get_by_test_id("scale-replicas").fill("2")
+    page.get_by_test_id("scale-apply").click()
+
+    expect(page.get_by_test_id("scale-result")).to_contain_text("Scaled stable to 2 replicas")
+    expect(page.get_by_test_id("current-revision")).to_have_text("rev 2")
+    expect(page.get_by_test_id("scale-replicas")).to_have_value("2")
+    expect(page.get_by_test_id("workload-ready")).to_have_text("2/2", timeout=COME_UP_MS)
+    rows = page.locator("[data-testid=workload] tr[data-instance]")
+    expect(rows).to_have_count(2)
+    expect(rows.locator("[data-phase]")).to_have_text(["Running", "Running"])
+    admin.snap("agent-scaled")
+    record = _api(fleet, "GET", "/api/v1/agents/studio-demo")
+    assert record["spec"]["deployment"]["tracks"]["stable"]["replicas"] == 2
+
+    # somebody else scales it back meanwhile: a scale from the stale page is refused, and says so
+    _api(fleet, "POST", "/api/v1/agents/studio-demo/scale", json={"replicas": 1})
+    page.get_by_test_id("scale-replicas").fill("3")
+    page.get_by_test_id("scale-apply").click()
+    expect(page.locator("[data-testid=scale] .alert-error")).to_contain_text(
+        "current revision is 3"
+    )
+    assert _api(fleet, "GET", "/api/v1/agents/studio-demo")["revision"] == 3
+
 
 def test_a_model_change_deployed_from_the_form_reaches_the_engine(
     admin: Studio, fleet: dict[str, Any]
@@ -222,7 +292,7 @@ def test_a_model_change_deployed_from_the_form_reaches_the_engine(
         timeout=30,
     )
     page = admin.go("agents/mse-gateway-assistant/instances", "[data-instance-revision]")
-    expect(page.locator("[data-instance-revision='mse-gateway-assistant-stable']")).to_have_text(
+    expect(page.locator("[data-instance-revision='mse-gateway-assistant-stable-0']")).to_have_text(
         f"rev {before + 1}"
     )
     admin.snap("agent-instances")
@@ -291,17 +361,18 @@ def test_the_trace_of_a_two_agent_conversation_is_a_waterfall(
     admin: Studio, fleet: dict[str, Any]
 ) -> None:
     url = fleet["agents"]["mse-nacos-helper"]["stable"]["a2a"]
-    ask = invoke(url, "Which Nacos services are registered?")
-    with ThreadPoolExecutor(1) as pool:  # Playwright's loop runs in this thread
-        result = pool.submit(asyncio.run, asyncio.wait_for(ask, 60)).result()
+    result = _ask(url, "Which Nacos services are registered?")
     assert result.state == "completed"
 
     def two_agent_trace() -> str | None:
         for t in _api(fleet, "GET", "/api/v1/traces?agent=mse-nacos-helper&limit=300"):
             if {"mse-nacos-helper", "mse-gateway-assistant"} <= set(t["agents"]):
                 spans = _api(fleet, "GET", f"/api/v1/traces/{t['traceId']}")
-                gateway = [s for s in spans if s["agent"] == "mse-gateway-assistant"]
-                if any(s["name"] == "chat qwen-plus-latest" for s in gateway):
+                # each engine exports in its own batches: wait for the spans shown below
+                names = {s["name"] for s in spans}
+                gateway = {s["name"] for s in spans if s["agent"] == "mse-gateway-assistant"}
+                roots = {"invoke_agent mse-nacos-helper", "invoke_agent mse-gateway-assistant"}
+                if "chat qwen-plus-latest" in gateway and roots <= names:
                     return str(t["traceId"])
         return None
 
@@ -387,6 +458,16 @@ def test_a_viewer_sees_no_credential_values_and_no_deploy_button(
             "readonly", ""
         )
         studio.snap("viewer-agent")
+
+        expect(page.get_by_test_id("workload-ready")).to_have_text("1/1")
+        expect(page.get_by_test_id("scale-apply")).to_have_count(0)
+        expect(page.get_by_test_id("scale-read-only")).to_be_visible()
+        revision = _api(fleet, "GET", "/api/v1/agents/mse-nacos-helper")["revision"]
+        refused = _request(
+            fleet, "POST", "/api/v1/agents/mse-nacos-helper/scale", "viewer", json={"replicas": 2}
+        )
+        assert refused.status_code == 403
+        assert _api(fleet, "GET", "/api/v1/agents/mse-nacos-helper")["revision"] == revision
 
         page = studio.go("agents/mse-nacos-helper/history", "[data-testid=history-diff]")
         expect(page.locator("[data-rollback]")).to_have_count(0)

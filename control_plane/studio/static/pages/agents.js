@@ -1,6 +1,8 @@
-// Agents: list with health, the form editor (six parts + raw), history with diff and rollback.
+// Agents: list with health and workload, the form editor (six parts + raw), the workload
+// (refreshed while the page is open) and scale control, history with diff and rollback.
 import { api, get, session, enc, q } from "../api.js";
 import { SchemaForm, showIssues, formatPath } from "../form.js";
+import { workloadPanel, phaseBadge, pollWhileShown } from "./workload.js";
 import {
   h, clear, card, tabs, table, badge, dot, when, toast, confirmDialog, errorBox, empty, spinner,
   toYaml, sideBySide, debounce, codeBlock, humanize, jsonDiff,
@@ -34,30 +36,46 @@ export function trackBadges(instances) {
     t === "stable" ? "info" : "canary", { "data-track": t })));
 }
 
-export async function render(rest) {
-  if (!rest.length) return listPage();
+export async function render(rest, ctx = { stale: () => false }) {
+  if (!rest.length) return listPage(ctx);
   if (rest[0] === "new") return newPage();
-  return detailPage(rest[0], rest[1] || "spec", rest.slice(2));
+  return detailPage(rest[0], rest[1] || "spec", rest.slice(2), ctx);
 }
 
-async function listPage() {
+async function listPage(ctx) {
   const [agents, instances] = await Promise.all([get("/api/v1/agents"), get("/api/v1/instances")]);
   const byAgent = (name) => instances.filter((i) => i.agent === name);
   const healthy = agents.filter((a) => health(byAgent(a.name)).kind === "ok").length;
-  return h("div", { class: "page" },
+  // READY and phase follow the controller while the list is shown
+  const ready = (a) => a.status ? h("span", { class: "mono", "data-ready": a.name }, a.status.ready) : h("span", { class: "muted", "data-ready": a.name }, "–");
+  const phase = (a) => phaseBadge(a.status ? a.status.phase : "NotRunning", { "data-agent-phase": a.name });
+  const cells = new Map(agents.map((a) => [a.name, { ready: h("span", {}, ready(a)), phase: h("span", {}, phase(a)) }]));
+  const page = h("div", { class: "page" },
     h("div", { class: "page-head" },
-      h("div", {}, h("h1", {}, "Agents"), h("p", { class: "muted" }, "Every agent in the spec store, with its live instances per track.")),
+      h("div", {}, h("h1", {}, "Agents"), h("p", { class: "muted" }, "Every agent in the spec store: what runs of it (ready / desired) and its live instances per track.")),
       session.can("agents.write") ? h("a", { class: "btn btn-primary", href: "#/agents/new", "data-testid": "new-agent" }, "+ New agent") : null),
     h("div", { class: "kpis" },
       kpi("Agents", agents.length), kpi("Healthy", `${healthy}/${agents.length}`),
       kpi("Live instances", instances.length), kpi("Canary instances", instances.filter((i) => i.track === "canary").length)),
     card(null, table([
       { label: "Agent", render: (a) => h("div", {}, h("a", { class: "strong", href: `#/agents/${enc(a.name)}`, "data-agent": a.name }, a.name), h("span", { class: "muted small clip sub" }, a.description)) },
+      { label: "Ready", class: "num", render: (a) => cells.get(a.name).ready },
+      { label: "Phase", render: (a) => cells.get(a.name).phase },
       { label: "Health", render: (a) => { const x = health(byAgent(a.name)); return h("span", { class: "health" }, dot(x.kind, x.label), x.label); } },
       { label: "Instances", render: (a) => trackBadges(byAgent(a.name)) },
       { label: "Revision", class: "num", render: (a) => badge(`rev ${a.revision}`, "neutral", { "data-revision": a.name }) },
-      { label: "Updated", render: (a) => h("span", {}, when(a.updatedAt), h("span", { class: "muted" }, ` by ${a.updatedBy}`)) },
-    ], agents, { empty: "No agents yet." })));
+      { label: "Updated", class: "nowrap", render: (a) => h("span", {}, when(a.updatedAt), h("span", { class: "muted" }, ` by ${a.updatedBy}`)) },
+    ], agents, { empty: "No agents yet." }), { class: "agents-list" }));
+  pollWhileShown(page, ctx, async () => {
+    let now;
+    try { now = await get("/api/v1/agents"); } catch { return; }  // keep what is shown
+    if (ctx.stale()) return;
+    for (const a of now) {
+      const c = cells.get(a.name);
+      if (c) { clear(c.ready, ready(a)); clear(c.phase, phase(a)); }
+    }
+  });
+  return page;
 }
 
 export function kpi(label, value, sub) {
@@ -76,9 +94,18 @@ async function newPage() {
     await editor({ manifest, isNew: true }));
 }
 
-async function detailPage(name, tab, rest) {
-  const [record, instances] = await Promise.all([get(`/api/v1/agents/${enc(name)}`), get(`/api/v1/instances${q({ agent: name })}`)]);
-  const x = health(instances);
+async function detailPage(name, tab, rest, ctx) {
+  const [record, instances, status] = await Promise.all([
+    get(`/api/v1/agents/${enc(name)}`), get(`/api/v1/instances${q({ agent: name })}`), get(`/api/v1/agents/${enc(name)}/status`)]);
+  // the registry's view of it, refreshed like the workload
+  const liveLine = (list) => { const x = health(list); return [h("span", { class: "health", "data-testid": "registry-health" }, dot(x.kind, x.label), x.label), " · ", trackBadges(list)]; };
+  const live = h("span", {}, liveLine(instances));
+  pollWhileShown(live, ctx, async () => {
+    try {
+      const now = await get(`/api/v1/instances${q({ agent: name })}`);
+      if (!ctx.stale()) clear(live, liveLine(now));
+    } catch { /* keep what is shown; the workload panel reports errors */ }
+  });
   const tabItems = [{ id: "spec", label: "Spec" }, { id: "history", label: "History" }, { id: "instances", label: "Instances & card" }];
   let body;
   if (tab === "history") body = await historyTab(name, record, rest);
@@ -91,7 +118,8 @@ async function detailPage(name, tab, rest) {
     h("div", { class: "page-head" }, h("div", {},
       h("div", { class: "crumbs" }, h("a", { href: "#/agents" }, "Agents"), ` / ${name}`),
       h("h1", {}, name, " ", badge(`rev ${record.revision}`, "neutral", { "data-testid": "current-revision" })),
-      h("p", { class: "muted" }, record.spec.base.description, " · ", h("span", { class: "health" }, dot(x.kind, x.label), x.label), " · ", trackBadges(instances)))),
+      h("p", { class: "muted" }, record.spec.base.description, " · ", live))),
+    workloadPanel(name, record, status, ctx),
     tabs(tabItems, { active: tab, onSelect: (t) => { location.hash = `#/agents/${enc(name)}/${t}`; }, testid: "agent-tabs" }),
     body);
 }
