@@ -111,6 +111,7 @@ class ControlPlane:
         traces: TraceStore | None = None,
         pki_mount: str | None = None,
         tokens: TokenStore | None = None,
+        runtime: str = "none",
     ) -> None:
         self.store = store
         self.vault = vault
@@ -122,6 +123,8 @@ class ControlPlane:
         self.card_fetcher = card_fetcher
         self.traces = traces or InMemoryTraceStore()
         self.tokens = tokens or TokenStore(store=store)
+        self.runtime = runtime
+        """The runtime the controller drives (``none``: no controller runs)."""
 
     # ------------------------------------------------------------ manifests
 
@@ -232,10 +235,13 @@ class ControlPlane:
         authorize(principal, "agents.read")
         await self.store.get_agent(name)  # 404 for an unknown agent
         status = await self.store.get_status(name)
-        if status is None:
+        if status is None and self.runtime == "none":
             return {"agent": name, "phase": "NotRunning", "ready": "0/0", "tracks": {},
                     "instances": [], "lastError": "no controller reported on it: the control "
                     "plane runs no runtime (SPECMESH_RUNTIME)"}  # fmt: skip
+        if status is None:  # applied a moment ago: the controller reports within seconds
+            return {"agent": name, "phase": "Pending", "ready": "0/0", "tracks": {},
+                    "instances": [], "lastError": None, "runtime": self.runtime}  # fmt: skip
         return status
 
     async def agent_statuses(self, principal: Principal) -> dict[str, dict[str, Any]]:

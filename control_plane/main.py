@@ -77,7 +77,7 @@ async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = 
         store=store, vault=vault, kv_mount=settings.vault_kv_mount, tokens=tokens,
         mesh_settings=MeshSettings(namespace=settings.mesh_namespace), istio=istio,
         traces=traces, tool_lister=_tool_lister(parse_table(settings.service_addresses)),
-        pki_mount=settings.vault_pki_mount,
+        pki_mount=settings.vault_pki_mount, runtime=settings.runtime,
     )  # fmt: skip
     grpc_server = await build_grpc_server(control_plane, authenticator, settings.grpc_listen)
     runner = web.AppRunner(build_app(control_plane, authenticator), access_log=None)

@@ -10,7 +10,7 @@ const MAX_REPLICAS = 100;
 const FRESH_MS = 30_000;
 
 const AGENT_PHASE = {
-  Running: "ok", Progressing: "info", CrashLoop: "bad", Failed: "bad", Stopped: "neutral", Unknown: "warn", NotRunning: "neutral",
+  Running: "ok", Progressing: "info", CrashLoop: "bad", Failed: "bad", Stopped: "neutral", Unknown: "warn", NotRunning: "neutral", Pending: "info",
 };
 const INSTANCE_PHASE = { Running: "ok", Starting: "info", Unready: "warn", CrashLoop: "bad", Failed: "bad", Stopping: "neutral" };
 
