@@ -254,8 +254,14 @@ def test_matrix_renders_the_expected_objects(chart: helm_python.Chart) -> None:
             assert "replicas" not in d["spec"]  # the HPA owns it
 
     everything = _render(chart, MATRIX["everything"])
+    # rbac.clusterWide: the Istio rights cluster-wide, the agents' objects in the namespace
     assert _names(everything, "ClusterRole") == _names(everything, "ClusterRoleBinding")
-    assert _of(everything, "Role") == []
+    assert _names(everything, "ClusterRole") == {"specmesh-control-plane-mesh"}
+    assert (
+        _names(everything, "Role")
+        == _names(everything, "RoleBinding")
+        == {"specmesh-control-plane"}
+    )
 
 
 # ---------------------------------------------------------------- names and labels

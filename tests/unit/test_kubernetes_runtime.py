@@ -317,6 +317,32 @@ def test_the_charts_rbac_grants_what_the_runtime_calls(chart: helm_python.Chart)
         assert binding["roleRef"]["name"] == role["metadata"]["name"]
 
 
+def test_the_agents_rights_stay_in_the_release_namespace_when_rbac_is_cluster_wide(
+    chart: helm_python.Chart,
+) -> None:
+    """``rbac.clusterWide`` widens the mesh publisher's Istio rights only: Deployments,
+    ServiceAccounts... in every namespace would let a compromised control plane run pods
+    as any ServiceAccount of the cluster, and the controller works in its own namespace."""
+    install = {**INSTALLS["defaults"], "agents": [],
+               "controlPlane": {"rbac": {"clusterWide": True}}}  # fmt: skip
+    docs = _docs(chart.render(install, name=RELEASE, namespace=NAMESPACE))
+    agent_kinds = {(api_info(r).resource.group, api_info(r).plural) for r in KINDS.values()}
+    agent_kinds.add(("", "pods"))
+    for cluster_role in (d for d in docs if d["kind"] == "ClusterRole"):
+        granted = {(g, r) for rule in cluster_role["rules"] for g in rule["apiGroups"]
+                   for r in rule["resources"]}  # fmt: skip
+        assert granted & agent_kinds == set(), cluster_role["metadata"]["name"]
+        assert {g for g, _ in granted} <= {"networking.istio.io", "security.istio.io"}
+    (role,) = [d for d in docs if d["kind"] == "Role"]
+    assert role["metadata"]["namespace"] == NAMESPACE
+    granted = {(g, r) for rule in role["rules"] for g in rule["apiGroups"]
+               for r in rule["resources"]}  # fmt: skip
+    assert agent_kinds <= granted
+    (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}  # fmt: skip
+
+
 def test_the_control_plane_pod_gets_the_runtimes_settings(chart: helm_python.Chart) -> None:
     docs = _docs(
         chart.render({**INSTALLS["defaults"], "agents": []}, name=RELEASE, namespace=NAMESPACE)

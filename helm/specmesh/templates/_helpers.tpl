@@ -284,3 +284,13 @@ waiting for its first spec, is not restarted).
 - "import socket, sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=2).close()"
 - "7103"
 {{- end }}
+
+{{/* The mesh publisher's rights on the Istio objects it owns (server-side apply, prune). */}}
+{{- define "specmesh.meshRules" -}}
+- apiGroups: ["networking.istio.io"]
+  resources: ["virtualservices", "destinationrules"]
+  verbs: ["get", "list", "create", "patch", "delete"]
+- apiGroups: ["security.istio.io"]
+  resources: ["authorizationpolicies", "peerauthentications"]
+  verbs: ["get", "list", "create", "patch", "delete"]
+{{- end }}
