@@ -17,7 +17,12 @@ release track (:class:`specmesh.workloads.AgentWorkload`); the supervisor makes 
 * scaling down or deleting an agent **drains** an instance: it leaves the supervisor's
   ready set (``<home>/supervisor.json``, what ``specmesh invoke`` picks from) and the
   registry, gets :data:`DRAIN_SECONDS` for calls already routed to it, then SIGTERM
-  (SIGKILL after :data:`STOP_TIMEOUT`).
+  (SIGKILL after :data:`STOP_TIMEOUT`). Its name (registry key, engine <-> sidecar socket)
+  is reused -- a re-created agent, a scale back up -- only once its processes are gone;
+* it runs at most :attr:`SupervisorConfig.max_instances` instances over all agents: a
+  workload that would take it past them is refused (409) and changes nothing;
+* it adopts, from the state file a previous supervisor left, only processes that run its
+  own engine or sidecar command with the environment it gives that instance.
 
 It keeps running when the control plane dies (it needs etcd and OpenBao only), and a
 control plane that comes back finds the same workloads and changes nothing. Its API is
@@ -26,7 +31,8 @@ HTTP on a Unix socket (``<home>/run/supervisor.sock``, mode 0600)::
     GET    /healthz
     GET    /v1/agents                 {name: {"workload": ..., "instances": [...]}}
     GET    /v1/agents/{name}          one agent's instances
-    PUT    /v1/agents/{name}          an AgentWorkload (JSON): run exactly that
+    PUT    /v1/agents/{name}          an AgentWorkload (JSON): run exactly that (409 past
+                                      the instance limit)
     DELETE /v1/agents/{name}          drain and stop all its instances
 
 Every change of state is also written to ``<home>/supervisor.json`` (0600): the
@@ -65,6 +71,7 @@ from specmesh.vault import AGENT_TOKEN_ROLE, VaultClient, agent_policy_name, kee
 from specmesh.workloads import TRACKS, AgentWorkload, InstanceStatus
 
 __all__ = [
+    "DEFAULT_MAX_INSTANCES",
     "DRAIN_SECONDS",
     "MAX_BACKOFF",
     "MIN_HEALTHY",
@@ -89,8 +96,14 @@ _TICK = 0.2
 _PORTS = ("egress", "inbound", "ops", "http", "grpc", "redis", "egress_grpc", "inbound_grpc")
 _ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV")
 MAX_WORKLOAD_BYTES = 64 * 1024
+DEFAULT_MAX_INSTANCES = 100
+"""Default of :attr:`SupervisorConfig.max_instances`."""
 _MAX_SOCKET_PATH = 100
 """Longest Unix socket path used (the kernel's limit is 107 bytes plus the NUL)."""
+
+
+class _OverLimitError(Exception):
+    """A workload would take the supervisor past its instance limit (its API says 409)."""
 
 
 def _now() -> str:
@@ -119,6 +132,10 @@ class SupervisorConfig:
     engine_args: tuple[str, ...] = ("-m", "specmesh.cli", "engine")
     sidecar_args: tuple[str, ...] = ("-m", "specmesh.cli", "sidecar")
     log_level: str = "INFO"
+    max_instances: int = DEFAULT_MAX_INSTANCES
+    """Most instances (engine + sidecar pairs) run at once over all agents
+    (``SPECMESH_SUPERVISOR_MAX_INSTANCES``): a workload that would take the supervisor past
+    them is refused, so specs cannot exhaust the machine (each track may ask for 100)."""
 
     @property
     def socket(self) -> Path:
@@ -150,6 +167,9 @@ class SupervisorConfig:
             mtls=env.get("SPECMESH_MTLS", "true").lower() in ("1", "true", "yes"),
             pki_mount=env.get("SPECMESH_VAULT_PKI_MOUNT", "specmesh-pki"),
             log_level=env.get("SPECMESH_LOG_LEVEL", "INFO"),
+            max_instances=int(
+                env.get("SPECMESH_SUPERVISOR_MAX_INSTANCES") or DEFAULT_MAX_INSTANCES
+            ),
         )
 
 
@@ -359,7 +379,10 @@ class Supervisor:
             return web.json_response(
                 {"error": f"workload of {workload.agent!r} PUT at {name!r}"}, status=400
             )
-        await self.apply(workload)
+        try:
+            await self.apply(workload)
+        except _OverLimitError as e:
+            return web.json_response({"error": str(e)}, status=409)
         return web.json_response(self._agent_json(name))
 
     async def _delete(self, request: web.Request) -> web.Response:
@@ -369,25 +392,42 @@ class Supervisor:
     # ------------------------------------------------------------ desired state
 
     async def apply(self, workload: AgentWorkload) -> None:
-        """Run exactly ``workload``'s instances: start missing ordinals, drain extra ones."""
+        """Run exactly ``workload``'s instances: start missing ordinals, drain extra ones.
+        Raises :class:`_OverLimitError` (nothing changed) when all agents' instances would
+        be more than :attr:`SupervisorConfig.max_instances`."""
         async with self._lock:
             name = workload.name
+            others = sum(sum(w.replicas.values()) for n, w in self.workloads.items() if n != name)
+            total = others + sum(workload.replicas.values())
+            if total > self.config.max_instances:
+                raise _OverLimitError(
+                    f"{workload.agent}: this would run {total} instances over all agents; "
+                    f"the supervisor's limit is {self.config.max_instances} "
+                    "(SPECMESH_SUPERVISOR_MAX_INSTANCES)"
+                )
             self.workloads[name] = workload
-            for track in TRACKS:
-                want = workload.replicas.get(track, 0)
-                mine = [
-                    i
-                    for i in self.instances.values()
-                    if resource_name(i.agent) == name and i.track == track and not i.stopping
-                ]
-                have = {i.ordinal for i in mine}
-                for ordinal in range(want):
-                    if ordinal not in have:
-                        self._create(workload.agent, track, ordinal)
-                for inst in mine:
-                    if inst.ordinal >= want:
-                        self._begin_stop(inst)
+            self._converge(workload)
             self._dirty = True
+
+    def _converge(self, workload: AgentWorkload) -> None:
+        """Create the missing ordinals and begin stopping the extra ones (under the lock).
+        A name an instance still stopping holds (its registry key, its engine <-> sidecar
+        socket) is not reused until that instance is gone: the loop creates it then."""
+        name = workload.name
+        for track in TRACKS:
+            want = workload.replicas.get(track, 0)
+            mine = [
+                i
+                for i in self.instances.values()
+                if resource_name(i.agent) == name and i.track == track and not i.stopping
+            ]
+            have = {i.ordinal for i in mine}
+            for ordinal in range(want):
+                if ordinal not in have and f"{name}-{track}-{ordinal}" not in self.instances:
+                    self._create(workload.agent, track, ordinal)
+            for inst in mine:
+                if inst.ordinal >= want:
+                    self._begin_stop(inst)
 
     async def remove(self, name: str) -> None:
         """Drain and stop every instance of the agent ``name`` (a resource name)."""
@@ -444,6 +484,8 @@ class Supervisor:
         while True:
             try:
                 async with self._lock:
+                    for workload in list(self.workloads.values()):
+                        self._converge(workload)
                     for inst in list(self.instances.values()):
                         if not inst.stopping:
                             await self._tend(inst)
@@ -524,6 +566,23 @@ class Supervisor:
         inst.failed = None
         self._dirty = True
         logger.info("instance %s: %s started (pid %d)", inst.name, proc.role, popen.pid)
+
+    def _command(self, proc: _Process) -> list[str]:
+        cfg = self.config
+        return [cfg.python, *(cfg.sidecar_args if proc.role == "sidecar" else cfg.engine_args)]
+
+    def _started_here(self, inst: _Instance, proc: _Process, pid: int) -> bool:
+        """Whether ``pid`` runs this supervisor's command for ``proc`` with the environment
+        it gives ``inst``'s processes (its engine <-> sidecar socket): not a process a state
+        file names that some other program, or another supervisor, started."""
+        if not _alive(pid, self._command(proc)):
+            return False
+        marker = f"SPECMESH_SYNC_ADDR=unix:{self._sync_socket(inst)}".encode()
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                return marker in f.read().split(b"\0")
+        except OSError:
+            return False
 
     def _common_env(self, inst: _Instance) -> dict[str, str]:
         p = inst.ports
@@ -674,6 +733,7 @@ class Supervisor:
         for name, data in state.get("workloads", {}).items():
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 self.workloads[name] = AgentWorkload.from_json(data)
+        logs = self.config.home / "logs"
         for data in state.get("instances", []):
             try:
                 procs = {p["role"]: p for p in data["processes"]}
@@ -681,17 +741,26 @@ class Supervisor:
                     agent=data["agent"],
                     track=data["track"],
                     ordinal=int(data["ordinal"]),
-                    ports={k: int(v) for k, v in data["ports"].items()},
-                    engine=_Process(role="engine", log=Path(procs["engine"]["log"])),
-                    sidecar=_Process(role="sidecar", log=Path(procs["sidecar"]["log"])),
+                    ports={k: int(data["ports"][k]) for k in _PORTS},
+                    engine=_Process(role="engine", log=Path()),
+                    sidecar=_Process(role="sidecar", log=Path()),
                     created=data.get("created", _now()),
                 )
-            except (KeyError, TypeError, ValueError):
+                if inst.track not in TRACKS or inst.ordinal < 0:
+                    raise ValueError(f"track {inst.track!r}, ordinal {inst.ordinal}")
+                name = inst.name  # a valid agent name, or ValueError
+            except (KeyError, TypeError, ValueError) as e:
+                logger.warning("not adopting an instance of %s: %s", path, e)
                 continue
             for proc in (inst.engine, inst.sidecar):
-                p = procs[proc.role]
-                if p.get("pid") and _alive(int(p["pid"]), list(p["cmd"])):
-                    proc.pid, proc.cmd, proc.started = int(p["pid"]), list(p["cmd"]), 1.0
+                # its own log and command, whatever the file says; only a process this
+                # supervisor started for this instance is adopted (so stopped, later)
+                proc.log = logs / f"{name}-{proc.role}.log"
+                p = procs.get(proc.role) or {}
+                with contextlib.suppress(TypeError, ValueError):
+                    pid = int(p.get("pid") or 0)
+                    if pid and self._started_here(inst, proc, pid):
+                        proc.pid, proc.cmd, proc.started = pid, self._command(proc), 1.0
             if data.get("phase") == "Stopping":
                 inst.stopping = True
             self.instances[inst.name] = inst

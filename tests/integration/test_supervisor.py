@@ -1,0 +1,209 @@
+"""The local supervisor's own guarantees (real etcd and OpenBao; the engine and sidecar are
+small Python processes, so what is tested is the supervisor, not them):
+
+- two instances never share a name: an instance that is still stopping (drain, SIGTERM)
+  keeps its name -- its registry key and its engine <-> sidecar socket -- until its
+  processes are gone; the new one of that name (delete then re-create, or scale down then
+  up) starts after;
+- it runs at most ``max_instances`` instances over all agents: a workload that would take
+  it past them is refused (409), and nothing of it starts;
+- adopting a state file starts, stops and watches only processes it started itself: a
+  process named in ``supervisor.json`` that is not one of its instances' is left alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from control_plane.runtime.local import LocalRuntime, RuntimeRefusedError
+from specmesh.services import LocalServices
+from specmesh.supervisor import Supervisor, SupervisorConfig, _alive
+from specmesh.vault import (
+    AGENT_TOKEN_ROLE,
+    SUPERVISOR_POLICY,
+    VaultClient,
+    agent_token_role_params,
+    supervisor_policy,
+)
+from specmesh.workloads import AgentWorkload
+
+pytestmark = pytest.mark.integration
+
+RUNS = ("-c", "import time; time.sleep(120)")
+"""An engine that runs until it is stopped."""
+SLOW_TO_STOP = (
+    "-c",
+    "import signal, sys, time\n"
+    "signal.signal(signal.SIGTERM, lambda *_: (time.sleep(1.5), sys.exit(0)))\n"
+    "time.sleep(120)\n",
+)
+"""A sidecar that takes 1.5 s to stop after SIGTERM (as a draining one does)."""
+
+Factory = Callable[..., Awaitable[Supervisor]]
+
+
+@pytest.fixture
+async def make_supervisor(
+    tmp_path: Path, services: LocalServices, vault: VaultClient
+) -> AsyncIterator[Factory]:
+    await vault.put_token_role(AGENT_TOKEN_ROLE, agent_token_role_params())
+    await vault.put_policy(SUPERVISOR_POLICY, supervisor_policy())
+    token, _ = await vault.create_identity_token(
+        policies=[SUPERVISOR_POLICY], period="1h", display_name="supervisor-test"
+    )
+    started: list[Supervisor] = []
+
+    async def make(**overrides: Any) -> Supervisor:
+        config = SupervisorConfig(
+            home=tmp_path / "home",
+            etcd_endpoint=f"http://{services.etcd.host}:{services.etcd.client_port}",
+            etcd_prefix="/supervisor-test",
+            vault_addr=services.bao.address,
+            vault_token=token,
+            mtls=False,
+            engine_args=RUNS,
+            sidecar_args=SLOW_TO_STOP,
+            **overrides,
+        )
+        sup = Supervisor(config)
+        await sup.start()
+        started.append(sup)
+        return sup
+
+    yield make
+    for sup in started:
+        if sup._runner is not None and sup._tasks and not sup._tasks[0].done():
+            await sup.stop(stop_instances=True)
+
+
+async def _until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _running(sup: Supervisor, name: str) -> bool:
+    inst = sup.instances.get(name)
+    return inst is not None and all(p.pid and p.alive() for p in (inst.engine, inst.sidecar))
+
+
+async def test_a_name_is_not_reused_while_its_instance_still_stops(
+    make_supervisor: Factory,
+) -> None:
+    sup = await make_supervisor()
+    workload = AgentWorkload(agent="reborn", revision=1, replicas={"stable": 1})
+    await sup.apply(workload)
+    await _until(lambda: _running(sup, "reborn-stable-0"), "the instance to run")
+    old = sup.instances["reborn-stable-0"]
+    old_processes = [(p.pid, p.cmd) for p in (old.engine, old.sidecar)]
+
+    # deleted and at once applied again (the same goes for scale 1 -> 0 -> 1)
+    await sup.remove("reborn")
+    await sup.apply(replace(workload, revision=2))
+
+    def old_alive() -> bool:
+        return any(_alive(pid, cmd) for pid, cmd in old_processes)
+
+    while old_alive():
+        current = sup.instances.get("reborn-stable-0")
+        assert (
+            current is None
+            or current is old
+            or not any(p.pid and p.alive() for p in (current.engine, current.sidecar))
+        ), "a second reborn-stable-0 runs while the first one still stops"
+        await asyncio.sleep(0.05)
+    await _until(
+        lambda: (
+            sup.instances.get("reborn-stable-0") not in (None, old)
+            and _running(sup, "reborn-stable-0")
+        ),
+        "the new instance of that name to run once the old one stopped",
+    )
+
+
+async def test_a_workload_past_the_instance_limit_is_refused_and_nothing_starts(
+    make_supervisor: Factory,
+) -> None:
+    sup = await make_supervisor(max_instances=3)
+    runtime = LocalRuntime(sup.config.socket)
+    try:
+        await runtime.apply(AgentWorkload(agent="a", revision=1, replicas={"stable": 2}))
+        with pytest.raises(RuntimeRefusedError, match=r"409.*4 instances.*limit is 3"):
+            await runtime.apply(
+                AgentWorkload(agent="b", revision=1, replicas={"stable": 1, "canary": 1})
+            )
+        assert {i.agent for i in sup.instances.values()} == {"a"}
+        assert "b" not in await runtime.running()
+        # within the limit, and scaling an agent counts its own instances once
+        await runtime.apply(AgentWorkload(agent="a", revision=2, replicas={"stable": 3}))
+        await runtime.apply(AgentWorkload(agent="a", revision=3, replicas={"stable": 1}))
+        await runtime.apply(AgentWorkload(agent="b", revision=1, replicas={"stable": 2}))
+        assert await runtime.running() == {"a", "b"}
+    finally:
+        await runtime.close()
+    assert (
+        SupervisorConfig.from_env(
+            {
+                "SPECMESH_ETCD_ENDPOINT": "http://127.0.0.1:2379",
+                "SPECMESH_VAULT_ADDR": "http://127.0.0.1:8200",
+                "SPECMESH_VAULT_TOKEN": "t",
+                "SPECMESH_SUPERVISOR_MAX_INSTANCES": "7",
+            }
+        ).max_instances
+        == 7
+    )
+
+
+async def test_adoption_takes_over_its_own_processes_and_leaves_alone_any_other(
+    make_supervisor: Factory,
+) -> None:
+    first = await make_supervisor()
+    await first.apply(AgentWorkload(agent="kept", revision=1, replicas={"stable": 1}))
+    await _until(lambda: _running(first, "kept-stable-0"), "the instance to run")
+    kept = {p.role: p.pid for p in (first.instances["kept-stable-0"].engine,
+                                    first.instances["kept-stable-0"].sidecar)}  # fmt: skip
+    await first.stop(stop_instances=False)  # as a supervisor killed or restarted
+    state_file = first.config.state_file
+    state = json.loads(state_file.read_text())
+    (entry,) = state["instances"]
+
+    # A process of the same user, named in the state file (tampered, or stale with its pid
+    # reused) as the engine and sidecar of an instance that was stopping, and as the
+    # engine of one running.
+    foreign = subprocess.Popen([sys.executable, *RUNS])  # noqa: ASYNC220 -- fork+exec, not a wait
+    try:
+        named = {"pid": foreign.pid, "cmd": [sys.executable, *RUNS]}
+        ghost = {**entry, "agent": "ghost", "phase": "Stopping", "processes": [
+            {**p, **named} for p in entry["processes"]]}  # fmt: skip
+        squatter = {**entry, "agent": "squatter", "processes": [
+            {**p, "pid": foreign.pid} for p in entry["processes"]]}  # fmt: skip
+        state["instances"] += [ghost, squatter]
+        state_file.write_text(json.dumps(state))
+
+        second = await make_supervisor()
+
+        assert foreign.poll() is None, "the supervisor killed a process it did not start"
+        assert "ghost-stable-0" not in second.instances
+        assert second.instances["squatter-stable-0"].engine.pid != foreign.pid
+        adopted = second.instances["kept-stable-0"]
+        assert {p.role: p.pid for p in (adopted.engine, adopted.sidecar)} == kept
+        assert adopted.engine.restarts == adopted.sidecar.restarts == 0
+        await second.remove("squatter")
+        await _until(lambda: "squatter-stable-0" not in second.instances, "squatter to stop")
+        assert foreign.poll() is None
+    finally:
+        foreign.kill()
+        foreign.wait()
