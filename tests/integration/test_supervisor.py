@@ -207,3 +207,26 @@ async def test_adoption_takes_over_its_own_processes_and_leaves_alone_any_other(
     finally:
         foreign.kill()
         foreign.wait()
+
+
+async def test_children_get_a_minimal_environment_and_never_the_supervisors_token(
+    make_supervisor: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SOME_PROVIDER_API_KEY", "sk-of-the-user")  # the supervisor's env
+    sup = await make_supervisor()
+    await sup.apply(AgentWorkload(agent="plain", revision=1, replicas={"stable": 1}))
+    await _until(lambda: _running(sup, "plain-stable-0"), "the instance to run")
+    inst = sup.instances["plain-stable-0"]
+
+    def environ(pid: int) -> dict[str, str]:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        return dict(e.decode().split("=", 1) for e in raw if e)
+
+    engine, sidecar = environ(inst.engine.pid), environ(inst.sidecar.pid)
+    own = sup.config.vault_token
+    for env in (engine, sidecar):
+        assert own not in env.values()
+        assert "SOME_PROVIDER_API_KEY" not in env
+    assert not [k for k in engine if "VAULT" in k]
+    assert sidecar["SPECMESH_VAULT_TOKEN"] not in ("", own)
+    assert engine["HOME"] == str(sup.config.home / "engines" / "plain-stable-0")
