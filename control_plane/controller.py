@@ -142,6 +142,16 @@ class Controller:
         except Exception as e:
             logger.warning("cannot list what the %s runtime runs: %s", self.runtime.name, e)
             return
+        if not stored and running:
+            # an empty store beside a runtime that runs agents is far likelier a control plane
+            # pointed at the wrong etcd or prefix than every agent deleted while it was away
+            logger.warning(
+                "the store holds no agent but the %s runtime runs %d: not removing them "
+                "(check SPECMESH_ETCD_ENDPOINT / SPECMESH_ETCD_PREFIX)",
+                self.runtime.name,
+                len(running),
+            )
+            return
         for name in sorted(running - stored):
             logger.info("removing %s: the store holds no such agent", name)
             with contextlib.suppress(Exception):

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import signal
@@ -25,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,39 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+_LISTEN_LOW = 20000
+"""Lowest port :func:`listen_port` picks."""
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def listen_port(host: str = "127.0.0.1", *, avoid: Collection[int] = ()) -> int:
+    """A TCP port free on ``host`` now, for a listener that binds it later and keeps it
+    across restarts. It is picked below the kernel's ephemeral range, so that no outgoing
+    connection can take it in between (:func:`free_port`'s port can go to any connect()
+    of the machine before the listener binds it), and outside ``avoid`` (ports already
+    handed out but maybe not bound yet)."""
+    high = _ephemeral_low() - 1
+    if high <= _LISTEN_LOW:
+        return free_port(host)
+    for _ in range(256):
+        port = random.randint(_LISTEN_LOW, high)
+        if port in avoid:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        return port
+    return free_port(host)
 
 
 def _run(cmd: list[str]) -> None:

@@ -66,7 +66,7 @@ from specmesh.errors import SecretError
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
 from specmesh.names import resource_name
-from specmesh.services import free_port
+from specmesh.services import listen_port
 from specmesh.vault import AGENT_TOKEN_ROLE, VaultClient, agent_policy_name, keep_token_alive
 from specmesh.workloads import TRACKS, AgentWorkload, InstanceStatus
 
@@ -446,12 +446,22 @@ class Supervisor:
             agent=agent,
             track=track,
             ordinal=ordinal,
-            ports={k: free_port() for k in _PORTS},
+            ports=self._ports(),
             engine=_Process(role="engine", log=logs / f"{base}-engine.log"),
             sidecar=_Process(role="sidecar", log=logs / f"{base}-sidecar.log"),
         )
         self.instances[inst.name] = inst
         logger.info("instance %s created", inst.name)
+
+    def _ports(self) -> dict[str, int]:
+        """Ports for a new instance: below the ephemeral range (no outgoing connection
+        takes one before its listener binds it), none another instance holds."""
+        taken = {port for inst in self.instances.values() for port in inst.ports.values()}
+        ports: dict[str, int] = {}
+        for key in _PORTS:
+            ports[key] = listen_port(avoid=taken)
+            taken.add(ports[key])
+        return ports
 
     def _begin_stop(self, inst: _Instance) -> None:
         inst.stopping = True

@@ -26,6 +26,7 @@ from control_plane.runtime.local import (
 from specmesh.cli import main as cli
 from specmesh.services import LocalServices
 from specmesh.spec.manifest import LoadedManifest, parse_manifest
+from specmesh.spec.models import AgentManifest
 from specmesh.specservice import SpecService
 from specmesh.store import SpecStore
 from specmesh.supervisor import Supervisor, SupervisorConfig, _alive
@@ -205,3 +206,23 @@ def test_the_supervisor_refuses_to_start_without_its_settings() -> None:
     )
     assert result.returncode == 2
     assert "SPECMESH_ETCD_ENDPOINT" in result.stderr and "SPECMESH_VAULT_TOKEN" in result.stderr
+
+
+async def test_an_empty_store_prunes_nothing(store: SpecStore, supervisor: Supervisor) -> None:
+    """A controller whose store holds no agent (pointed at the wrong etcd or prefix) leaves
+    what the runtime runs alone; with one agent stored, the others are pruned."""
+    runtime = LocalRuntime(supervisor.config.socket)
+    try:
+        await runtime.apply(AgentWorkload(agent="orphan", revision=1, replicas={"stable": 0}))
+        controller = Controller(store=store, runtime=runtime)
+        await controller.resync()
+        assert await runtime.running() == {"orphan"}
+
+        await publish_prompt(store)
+        manifest = _agent("kept").manifest
+        assert isinstance(manifest, AgentManifest)
+        await store.apply_agent("kept", manifest.spec, actor="test")
+        await controller.resync()
+        assert await runtime.running() == {"kept"}
+    finally:
+        await runtime.close()
