@@ -48,6 +48,7 @@ from specmesh.addresses import format_table
 from specmesh.errors import ServiceError, SpecError
 from specmesh.names import resource_name
 from specmesh.pki import DEFAULT_PKI_MOUNT
+from specmesh.procs import alive, spawn
 from specmesh.services import LocalServices, free_port
 from specmesh.spec.manifest import load_path
 from specmesh.supervisor import socket_path
@@ -150,15 +151,7 @@ class Fleet:
         self.logs.mkdir(parents=True, exist_ok=True)
         log = self.logs / f"{name}.log"
         cmd = [executable or sys.executable, *args]
-        with log.open("ab") as out:
-            proc = subprocess.Popen(
-                cmd,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=str(cwd),
-                start_new_session=True,
-            )
+        proc = spawn(cmd, env=env, log=log, cwd=cwd)
         self._popen[proc.pid] = proc
         return _Proc(name=name, pid=proc.pid, cmd=cmd, log=str(log), role=role, **extra)
 
@@ -166,7 +159,7 @@ class Fleet:
         deadline = time.monotonic() + _READY_TIMEOUT
         while time.monotonic() < deadline:
             popen = self._popen.get(proc.pid)
-            exited = popen.poll() is not None if popen else not _alive(proc.pid, proc.cmd)
+            exited = popen.poll() is not None if popen else not alive(proc.pid, proc.cmd)
             if exited:
                 tail = Path(proc.log).read_text(errors="replace")[-3000:]
                 raise ServiceError(service=proc.name, reason=f"exited before ready:\n{tail}")
@@ -185,7 +178,7 @@ class Fleet:
 
     def up(self) -> dict[str, Any]:
         state = self._read()
-        if any(_alive(p["pid"], p["cmd"]) for p in state["processes"]):
+        if any(alive(p["pid"], p["cmd"]) for p in state["processes"]):
             raise ServiceError(
                 service="fleet",
                 reason=f"already running (see {self.state_file}); run `specmesh down` first",
@@ -538,7 +531,7 @@ class Fleet:
         try:
             self._wait(supervisor, lambda: not self._not_ready(agents), "the agents' instances")
         except ServiceError:
-            if not _alive(supervisor.pid, supervisor.cmd):
+            if not alive(supervisor.pid, supervisor.cmd):
                 raise
         return self._not_ready(agents)
 
@@ -581,7 +574,7 @@ class Fleet:
     def status(self) -> dict[str, Any]:
         state = self._with_instances(self._read())
         for p in state.get("processes", []):
-            p["running"] = bool(p["pid"]) and _alive(p["pid"], p["cmd"])
+            p["running"] = bool(p["pid"]) and alive(p["pid"], p["cmd"])
         services = LocalServices(home=self.home).status() if self.home.exists() else {}
         return {**state, "services": services}
 
@@ -602,7 +595,7 @@ class Fleet:
             running = [
                 p
                 for p in reversed(state.get("processes", []))
-                if p["role"] in roles and p["pid"] and _alive(p["pid"], p["cmd"])
+                if p["role"] in roles and p["pid"] and alive(p["pid"], p["cmd"])
             ]
             for p in running:
                 with contextlib.suppress(ProcessLookupError):
@@ -665,25 +658,6 @@ def _tcp(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _alive(pid: int, cmd: list[str]) -> bool:
-    """Whether ``pid`` runs and is still the process we started (not a reused pid)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            running = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
-    except OSError:
-        return False
-    if running[1:] == cmd[1:]:
-        return True
-    # redis-server rewrites its command line ("redis-server 127.0.0.1:port")
-    return Path(cmd[0]).name == "redis-server" and bool(running) and "redis-server" in running[0]
 
 
 def _terminate(pid: int, timeout: float = 15.0) -> None:

@@ -66,6 +66,7 @@ from specmesh.errors import SecretError
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
 from specmesh.names import resource_name
+from specmesh.procs import alive, spawn
 from specmesh.services import listen_port
 from specmesh.vault import AGENT_TOKEN_ROLE, VaultClient, agent_policy_name, keep_token_alive
 from specmesh.workloads import TRACKS, AgentWorkload, InstanceStatus
@@ -197,7 +198,7 @@ class _Process:
     def alive(self) -> bool:
         if self.popen is not None:
             return self.popen.poll() is None
-        return bool(self.pid) and _alive(self.pid, self.cmd)
+        return bool(self.pid) and alive(self.pid, self.cmd)
 
     def backoff(self) -> float:
         if self.quick_exits <= 1:
@@ -561,15 +562,7 @@ class Supervisor:
             args = cfg.engine_args
             cwd.mkdir(parents=True, exist_ok=True)
         cmd = [cfg.python, *args]
-        with proc.log.open("ab") as out:
-            popen = subprocess.Popen(  # noqa: ASYNC220 -- fork+exec, not a wait
-                cmd,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=str(cwd),
-                start_new_session=True,
-            )
+        popen = spawn(cmd, env=env, log=proc.log, cwd=cwd)
         if proc.started:
             proc.restarts += 1
         proc.popen, proc.pid, proc.cmd, proc.started = popen, popen.pid, cmd, time.monotonic()
@@ -585,7 +578,7 @@ class Supervisor:
         """Whether ``pid`` runs this supervisor's command for ``proc`` with the environment
         it gives ``inst``'s processes (its engine <-> sidecar socket): not a process a state
         file names that some other program, or another supervisor, started."""
-        if not _alive(pid, self._command(proc)):
+        if not alive(pid, self._command(proc)):
             return False
         marker = f"SPECMESH_SYNC_ADDR=unix:{self._sync_socket(inst)}".encode()
         try:
@@ -794,19 +787,6 @@ def _describe_exit(code: int | None) -> str:
         except ValueError:
             return f"signal {-code}"
     return f"code {code}"
-
-
-def _alive(pid: int, cmd: list[str]) -> bool:
-    """Whether ``pid`` runs and is still the process started (not a reused pid)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            running = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
-    except (OSError, IndexError):
-        return False
-    return running[1:] == cmd[1:]
 
 
 def _terminate(proc: _Process, timeout: float) -> None:

@@ -33,7 +33,7 @@ import requests
 from specmesh.a2aclient import invoke
 from specmesh.cli import main as cli
 from specmesh.fleet import REPO, Fleet, FleetOptions
-from specmesh.supervisor import _alive
+from specmesh.procs import alive
 
 pytestmark = pytest.mark.e2e
 
@@ -242,7 +242,7 @@ def test_scaled_to_three_calls_spread_and_scaled_to_one_two_drain_without_errors
         scaled = time.monotonic()
         assert cli(["scale", "agent", AGENT, "--replicas", "1"]) == 0
         _eventually(
-            lambda: not any(_alive(pid, cmd) for pid, cmd in doomed),
+            lambda: not any(alive(pid, cmd) for pid, cmd in doomed),
             "the two extra instances' processes to stop",
             timeout=30,
         )
@@ -277,7 +277,7 @@ def test_kill_9_of_the_engine_then_the_sidecar_under_load(fleet: dict[str, Any])
         _eventually(
             lambda: (
                 (new := _pid(_instances(fleet)[0], "engine"))[0] not in (0, pid)
-                and _alive(*new)
+                and alive(*new)
                 and _status_code(f"{ops}/readyz") == 200
                 and _registered(fleet).get(name, {}).get("state") == "serving"
                 and _ready_urls(fleet) == [a2a]
@@ -302,7 +302,7 @@ def test_kill_9_of_the_engine_then_the_sidecar_under_load(fleet: dict[str, Any])
         _eventually(
             lambda: (
                 (new := _pid(_instances(fleet)[0], "sidecar"))[0] not in (0, pid)
-                and _alive(*new)
+                and alive(*new)
                 and _status_code(f"{ops}/readyz") == 200
                 and _status_code(f"{a2a}/readyz") == 200
                 and _registered(fleet).get(name, {}).get("state") == "serving"
@@ -321,12 +321,12 @@ def test_kill_9_of_the_engine_then_the_sidecar_under_load(fleet: dict[str, Any])
 
 def test_a_deleted_agents_processes_stop_within_10_seconds(fleet: dict[str, Any]) -> None:
     pids = [_pid(i, role) for i in _instances(fleet) for role in ("engine", "sidecar")]
-    assert pids and all(_alive(pid, cmd) for pid, cmd in pids)
+    assert pids and all(alive(pid, cmd) for pid, cmd in pids)
 
     assert cli(["delete", "agent", AGENT]) == 0
 
     _eventually(
-        lambda: not any(_alive(pid, cmd) for pid, cmd in pids),
+        lambda: not any(alive(pid, cmd) for pid, cmd in pids),
         "the deleted agent's processes to stop",
         timeout=10,
     )
@@ -348,7 +348,7 @@ def test_kill_9_of_the_control_plane_stops_no_agent_and_a_new_one_adopts_them(
     pids = {n: [p["pid"] for p in i["processes"]] for n, i in before.items()}
 
     os.kill(cp["pid"], signal.SIGKILL)
-    _eventually(lambda: not _alive(cp["pid"], cp["cmd"]), "the control plane to die", 10)
+    _eventually(lambda: not alive(cp["pid"], cp["cmd"]), "the control plane to die", 10)
     for agent in ("mse-nacos-helper", "mse-gateway-assistant", "schedulex-assistant"):
         (url,) = [i["endpoints"]["a2a"] for i in before.values() if i["agent"] == agent
                   and i["track"] == "stable"]  # fmt: skip

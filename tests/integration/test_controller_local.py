@@ -24,12 +24,13 @@ from control_plane.runtime.local import (
     RuntimeUnavailableError,
 )
 from specmesh.cli import main as cli
+from specmesh.procs import alive
 from specmesh.services import LocalServices
 from specmesh.spec.manifest import LoadedManifest, parse_manifest
 from specmesh.spec.models import AgentManifest
 from specmesh.specservice import SpecService
 from specmesh.store import SpecStore
-from specmesh.supervisor import Supervisor, SupervisorConfig, _alive
+from specmesh.supervisor import Supervisor, SupervisorConfig
 from specmesh.vault import (
     AGENT_TOKEN_ROLE,
     SUPERVISOR_POLICY,
@@ -163,7 +164,7 @@ async def test_an_engine_that_exits_at_start_crash_loops_with_back_off_and_shows
 
 async def _gone(supervisor: Supervisor, pids: list[tuple[int, list[str]]]) -> bool:
     return "crashy-stable-0" not in supervisor.instances and not any(
-        _alive(pid, cmd) for pid, cmd in pids
+        alive(pid, cmd) for pid, cmd in pids
     )
 
 

@@ -26,8 +26,9 @@ from typing import Any
 import pytest
 
 from control_plane.runtime.local import LocalRuntime, RuntimeRefusedError
+from specmesh.procs import alive
 from specmesh.services import LocalServices
-from specmesh.supervisor import Supervisor, SupervisorConfig, _alive
+from specmesh.supervisor import Supervisor, SupervisorConfig
 from specmesh.vault import (
     AGENT_TOKEN_ROLE,
     SUPERVISOR_POLICY,
@@ -115,7 +116,7 @@ async def test_a_name_is_not_reused_while_its_instance_still_stops(
     await sup.apply(replace(workload, revision=2))
 
     def old_alive() -> bool:
-        return any(_alive(pid, cmd) for pid, cmd in old_processes)
+        return any(alive(pid, cmd) for pid, cmd in old_processes)
 
     while old_alive():
         current = sup.instances.get("reborn-stable-0")
