@@ -138,7 +138,10 @@ async def _list_agents(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
     out = []
     for a in await cp.list_agents(p):
         status = statuses.get(resource_name(a.name))
-        summary = {"phase": status["phase"], "ready": status["ready"]} if status else None
+        if status is not None:
+            summary: dict[str, Any] | None = {"phase": status["phase"], "ready": status["ready"]}
+        else:  # applied a moment ago (a controller runs), or nothing runs agents at all
+            summary = None if cp.runtime == "none" else {"phase": "Pending", "ready": "-"}
         out.append({**a.to_json(), "status": summary})
     return out
 
@@ -250,6 +253,10 @@ async def _list_mcp(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
 
 async def _mcp_tools(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
     return await cp.list_mcp_tools(p, r.match_info["name"])
+
+
+async def _mcp_tool_listings(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
+    return await cp.mcp_tool_listings(p)
 
 
 async def _agent_card(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
@@ -468,6 +475,9 @@ ROUTES: list[Route] = [
     Route("GET", "/api/v1/mcp-servers", _list_mcp, "The MCP Registry"),
     Route("GET", "/api/v1/mcp-servers/{name}/tools", _mcp_tools,
           "The tools an MCP server really offers", params=[_NAME], response=_ARR),
+    Route("GET", "/api/v1/mcp-tools", _mcp_tool_listings,
+          "Each MCP server's tools as last listed (on a schedule and on change), with the "
+          "time and the last error"),
     Route("GET", "/api/v1/agents/{name}/card", _agent_card,
           "The A2A agent card a live instance serves (published in the Agent Registry)",
           params=[_NAME]),
