@@ -19,7 +19,11 @@
   (``UNAVAILABLE`` counts as a gateway error). No retries; ``queryParams`` do not apply.
 
 Every method of the A2A service (read from ``a2a.types.a2a_pb2``'s descriptor; unary-unary and
-unary-stream) is relayed without decoding (serializers ``None``).
+unary-stream) is relayed without decoding (serializers ``None``). The upstream outcome reaches
+the caller intact: status code, details and trailing metadata (:func:`relayed_trailers`), so
+``grpc-status-details-bin`` still carries the ``google.rpc.Status`` whose ``ErrorInfo`` lets the
+a2a-sdk client raise its typed errors (``TaskNotFoundError``, ...), on unary calls and on
+streams, also after messages were relayed.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from a2a.types import a2a_pb2
@@ -52,6 +56,7 @@ __all__ = [
     "GrpcInbound",
     "GrpcInstanceSource",
     "agent_from_pem",
+    "relayed_trailers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -69,6 +74,17 @@ TARGET_KEY = "x-specmesh-target-agent"
 _SPIFFE_PREFIX = f"spiffe://{TRUST_DOMAIN}/agent/"
 _HOP_BY_HOP = frozenset(
     {"te", "host", "connection", "content-type", "user-agent", "keep-alive", "upgrade"}
+)
+
+_TRANSPORT_TRAILERS = frozenset(
+    {
+        "grpc-status",
+        "grpc-message",
+        "grpc-encoding",
+        "grpc-accept-encoding",
+        "grpc-timeout",  # gRPC core aborts the process when a trailer carries it
+        "grpc-previous-rpc-attempts",  # this hop's retries, not the caller's
+    }
 )
 
 Metadata = list[tuple[str, str | bytes]]
@@ -105,6 +121,32 @@ def end_to_end_metadata(metadata: Sequence[Any] | None, *drop: str) -> Metadata:
     return out
 
 
+def relayed_trailers(metadata: Sequence[Any] | None) -> tuple[tuple[str, str | bytes], ...]:
+    """Upstream trailing metadata to hand to the caller: all of it (``grpc-status-details-bin``
+    and other ``grpc-*`` keys included) but pseudo-headers, hop-by-hop keys and those gRPC sets
+    itself for this hop (status, message, encodings, timeout, retry count, ``grpc-internal-*``).
+    A tuple: ``ServicerContext.abort`` refuses anything else."""
+    out: list[tuple[str, str | bytes]] = []
+    for item in metadata or ():
+        key, value = str(item[0]).lower(), item[1]
+        if (
+            key.startswith((":", "grpc-internal-"))
+            or key in _HOP_BY_HOP
+            or key in _TRANSPORT_TRAILERS
+        ):
+            continue
+        out.append((key, value))
+    return tuple(out)
+
+
+async def _abort_as(context: grpc.aio.ServicerContext, error: grpc.aio.AioRpcError) -> NoReturn:
+    """End the call as the upstream call ended: its code, details and trailers."""
+    await context.abort(
+        error.code(), error.details() or "", relayed_trailers(error.trailing_metadata())
+    )
+    raise AssertionError("ServicerContext.abort returned")  # unreachable: abort raises
+
+
 def _timeout(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return remaining if remaining is not None and remaining < 1e8 else None
@@ -128,19 +170,16 @@ async def _relay_unary(
     request: bytes,
     context: grpc.aio.ServicerContext,
     metadata: Metadata,
-) -> tuple[bytes | None, grpc.StatusCode, str]:
-    """One unary call upstream; (response or None, status, details). Trailing metadata of the
-    answer is copied to ``context``."""
+) -> bytes:
+    """One unary call upstream; its answer's trailing metadata is copied to ``context``. An
+    upstream error is raised as :class:`grpc.aio.AioRpcError` (end the call with
+    :func:`_abort_as`)."""
     call = channel.unary_unary(f"/{A2A_SERVICE}/{method}")(
         request, metadata=metadata, timeout=_timeout(context)
     )
-    try:
-        response: bytes = await call
-    except grpc.aio.AioRpcError as e:
-        context.set_trailing_metadata(end_to_end_metadata(e.trailing_metadata()))
-        return None, e.code(), e.details() or ""
-    context.set_trailing_metadata(end_to_end_metadata(await call.trailing_metadata()))
-    return response, grpc.StatusCode.OK, ""
+    response: bytes = await call
+    context.set_trailing_metadata(relayed_trailers(await call.trailing_metadata()))
+    return response
 
 
 async def _relay_stream(
@@ -152,20 +191,21 @@ async def _relay_stream(
     outcome: list[grpc.StatusCode],
 ) -> AsyncIterator[bytes]:
     """One server-streaming call upstream, relayed message by message; the final status goes
-    into ``outcome`` (and an error status is raised on ``context``)."""
+    into ``outcome``, and an error ends the call on ``context`` as it ended upstream."""
     call = channel.unary_stream(f"/{A2A_SERVICE}/{method}")(
         request, metadata=metadata, timeout=_timeout(context)
     )
     try:
         async for message in call:
             yield message
+        trailers = await call.trailing_metadata()
     except grpc.aio.AioRpcError as e:
         outcome.append(e.code())
-        await context.abort(e.code(), e.details() or "", end_to_end_metadata(e.trailing_metadata()))
+        await _abort_as(context, e)
     finally:
         call.cancel()  # no-op once done; stops upstream when the caller went away
     outcome.append(grpc.StatusCode.OK)
-    context.set_trailing_metadata(end_to_end_metadata(await call.trailing_metadata()))
+    context.set_trailing_metadata(relayed_trailers(trailers))
 
 
 async def _bind(server: grpc.aio.Server, address: str, creds: Any | None) -> int:
@@ -294,13 +334,10 @@ class GrpcInbound:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             metadata = await self._authorize(context)
             assert self._channel is not None
-            response, code, details = await _relay_unary(
-                self._channel, method, request, context, metadata
-            )
-            if response is None:
-                await context.abort(code, details)
-            assert response is not None
-            return response
+            try:
+                return await _relay_unary(self._channel, method, request, context, metadata)
+            except grpc.aio.AioRpcError as e:
+                await _abort_as(context, e)
 
         return handle
 
@@ -506,13 +543,14 @@ class GrpcEgress:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             agent, metadata, headers = await self._prepare(context)
             target = await self._pick(agent, headers, context)
-            response, code, details = await _relay_unary(
-                self._channel(target), method, request, context, metadata
-            )
-            self._report(target, code)
-            if response is None:
-                await context.abort(code, details)
-            assert response is not None
+            try:
+                response = await _relay_unary(
+                    self._channel(target), method, request, context, metadata
+                )
+            except grpc.aio.AioRpcError as e:
+                self._report(target, e.code())
+                await _abort_as(context, e)
+            self._report(target, grpc.StatusCode.OK)
             return response
 
         return handle

@@ -21,9 +21,12 @@ from a2a.types.a2a_pb2 import (
     Role,
     SendMessageRequest,
     StreamResponse,
+    SubscribeToTaskRequest,
     TaskState,
 )
 from a2a.utils.constants import TransportProtocol
+from a2a.utils.errors import TaskNotFoundError
+from google.rpc import error_details_pb2, status_pb2
 
 from engine.server import EngineServer, ServerConfig
 from engine.testing import ScriptedRunner, ScriptedTurn
@@ -189,6 +192,104 @@ async def test_unary_call_goes_through(rig: Rig) -> None:
             )
     # the engine answered (unknown task), so the call went all the way through
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _rich_status(error: BaseException) -> tuple[grpc.StatusCode, status_pb2.Status]:
+    """The gRPC code and the ``google.rpc.Status`` in the trailers of the call behind an
+    a2a-sdk client error."""
+    call = error.__cause__
+    assert isinstance(call, grpc.aio.AioRpcError), repr(error)
+    [details_bin] = [v for k, v in call.trailing_metadata() if k == "grpc-status-details-bin"]
+    return call.code(), status_pb2.Status.FromString(details_bin)
+
+
+def _error_info(status: status_pb2.Status) -> error_details_pb2.ErrorInfo:
+    [info] = [
+        error_details_pb2.ErrorInfo.FromString(d.value)
+        for d in status.details
+        if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)
+    ]
+    return info
+
+
+async def test_unknown_task_is_the_sdks_task_not_found_with_error_info(rig: Rig) -> None:
+    async with await _client(rig, CALLEE) as client:
+        with pytest.raises(TaskNotFoundError) as info:
+            async with asyncio.timeout(WAIT):
+                await client.get_task(GetTaskRequest(id="no-such-task"))
+
+    code, status = _rich_status(info.value)
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert status.code == grpc.StatusCode.NOT_FOUND.value[0]
+    error_info = _error_info(status)
+    assert (error_info.domain, error_info.reason) == ("a2a-protocol.org", "TASK_NOT_FOUND")
+
+
+async def test_streaming_error_keeps_its_code_and_error_info(rig: Rig) -> None:
+    async with await _client(rig, CALLEE) as client:
+        with pytest.raises(TaskNotFoundError) as info:
+            await _collect(client.subscribe(SubscribeToTaskRequest(id="no-such-task")))
+
+    code, status = _rich_status(info.value)
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert _error_info(status).reason == "TASK_NOT_FOUND"
+
+
+_UPSTREAM_TRAILERS = (
+    ("x-upstream", "kept"),
+    ("grpc-status-details-bin", status_pb2.Status(code=10, message="busy").SerializeToString()),
+)
+
+
+@pytest.fixture
+async def failing_upstream() -> AsyncIterator[str]:
+    """A gRPC server for the A2A service whose ``SendStreamingMessage`` sends one event, then
+    fails with ABORTED and :data:`_UPSTREAM_TRAILERS`; ``GetTask`` fails the same way."""
+
+    async def get_task(_request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await context.abort(grpc.StatusCode.ABORTED, "busy", _UPSTREAM_TRAILERS)
+        raise AssertionError("unreachable")
+
+    async def stream(_request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        yield StreamResponse().SerializeToString()
+        await context.abort(grpc.StatusCode.ABORTED, "busy", _UPSTREAM_TRAILERS)
+
+    handlers = {
+        "GetTask": grpc.unary_unary_rpc_method_handler(get_task),
+        "SendStreamingMessage": grpc.unary_stream_rpc_method_handler(stream),
+    }
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(A2A_SERVICE, handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
+async def test_status_details_and_trailers_pass_through_even_mid_stream(
+    failing_upstream: str,
+) -> None:
+    inbound = GrpcInbound(
+        agent_name=CALLEE,
+        engine_grpc=failing_upstream,
+        graph=InMemoryPartnerGraph({}),
+        certificates=None,
+    )
+    async with inbound, grpc.aio.insecure_channel(inbound.target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as unary:
+            await channel.unary_unary(f"/{A2A_SERVICE}/GetTask")(b"", timeout=WAIT)
+        received: list[bytes] = []
+        with pytest.raises(grpc.aio.AioRpcError) as streamed:
+            call = channel.unary_stream(f"/{A2A_SERVICE}/SendStreamingMessage")(b"", timeout=WAIT)
+            async for message in call:
+                received.append(message)
+
+    assert len(received) == 1
+    for error in (unary.value, streamed.value):
+        assert (error.code(), error.details()) == (grpc.StatusCode.ABORTED, "busy")
+        assert tuple(error.trailing_metadata()) == _UPSTREAM_TRAILERS
 
 
 async def test_caller_not_listing_this_agent_is_permission_denied(rig: Rig) -> None:
