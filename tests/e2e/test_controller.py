@@ -35,6 +35,8 @@ from specmesh.cli import main as cli
 from specmesh.fleet import REPO, Fleet, FleetOptions
 from specmesh.procs import alive
 
+from .test_fleet import _api
+
 pytestmark = pytest.mark.e2e
 
 AGENT = "billing-helper"
@@ -84,17 +86,6 @@ def _eventually(check: Any, what: str, timeout: float) -> Any:
             return value
         time.sleep(0.1)
     raise AssertionError(f"not within {timeout:g}s: {what}")
-
-
-def _api(fleet: dict[str, Any], path: str) -> Any:
-    token = Path(fleet["adminTokenFile"]).read_text().strip()
-    r = requests.get(
-        f"{fleet['endpoints']['controlPlane']}{path}",
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=10,
-    )
-    r.raise_for_status()
-    return r.json()
 
 
 def _instances(fleet: dict[str, Any], agent: str = AGENT) -> list[dict[str, Any]]:
