@@ -9,14 +9,20 @@ Mapping (A2A 1.0, the same for JSON-RPC, HTTP+JSON and gRPC)::
     ToolCallStarted / ToolCallFinished                 ->  status WORKING, metadata.toolCall
     TurnCompleted                                      ->  artifact "answer" replaced by the
                                                            whole text (lastChunk), metadata
-                                                           revision/promptVersion/usage/
-                                                           citations; status COMPLETED
+                                                           revision/promptVersion/usage
+                                                           {promptTokens, completionTokens,
+                                                           totalTokens}/citations;
+                                                           status COMPLETED
     TurnFailed                                         ->  status FAILED, its message
     CancelTask                                         ->  the running turn is cancelled,
                                                            status CANCELED
 
 Streaming clients see the answer grow chunk by chunk; the stored task ends with one
 artifact holding the whole answer, because the final chunk replaces the streamed ones.
+
+Metadata keys are camelCase. Metadata is a protobuf ``Struct``, whose numbers are
+doubles: over gRPC ``revision`` is ``1.0``; the HTTP bindings write it ``1``
+(:mod:`engine.json_numbers`).
 """
 
 from __future__ import annotations
@@ -255,12 +261,18 @@ def _tool_metadata(event: ToolCallStarted | ToolCallFinished) -> dict[str, Any]:
     }
 
 
+def _camel(key: str) -> str:
+    """``prompt_tokens`` -> ``promptTokens``: metadata keys are camelCase, as A2A's own."""
+    head, *rest = key.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
 def _answer_metadata(event: TurnCompleted) -> dict[str, Any]:
     return {
         "revision": event.revision,
         "promptVersion": event.prompt_version,
-        "usage": dict(event.usage),
-        "citations": [dict(c) for c in event.citations],
+        "usage": {_camel(k): v for k, v in event.usage.items()},
+        "citations": [{_camel(k): v for k, v in c.items()} for c in event.citations],
     }
 
 

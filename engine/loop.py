@@ -16,10 +16,13 @@ One turn, on one :class:`RuntimeContext`:
    extended) or after ``max_steps`` model calls (:class:`TurnFailed` ``step_limit``).
 
 Exactly one TurnCompleted or TurnFailed ends the stream. Closing or cancelling the
-iteration cancels the model call or tool calls in flight. Spans: ``invoke_agent``
-around the turn, ``chat`` per model call (in :mod:`engine.llm`), ``execute_tool`` per
-tool call, ``retrieve`` per knowledge search (in :mod:`engine.knowledge`); no message
-content unless ``record_content``. The passages retrieved become the answer's citations.
+iteration cancels the model call or tool calls in flight; the ``invoke_agent`` span then
+says ``specmesh.turn.outcome=cancelled`` and ``error.type=cancelled`` -- unless the last
+event was already out (a consumer that stops after TurnCompleted closes a completed turn).
+Spans: ``invoke_agent`` around the turn, ``chat`` per model call (in :mod:`engine.llm`),
+``execute_tool`` per tool call, ``retrieve`` per knowledge search (in
+:mod:`engine.knowledge`); no message content unless ``record_content``. The passages
+retrieved become the answer's citations.
 """
 
 from __future__ import annotations
@@ -101,6 +104,7 @@ async def run_turn(
     }
     usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     outcome = "error"
+    ended = False  # the last event is out: the consumer closing us now is no cancellation
     try:
         tools = context.tools()
         passages: list[Passage] = []
@@ -143,7 +147,7 @@ async def run_turn(
                 usage[key] += reply.usage.get(key, 0)
             if not reply.tool_calls:
                 await context.recall.record(recalled, reply.text, parent=turn_ctx)
-                outcome = "completed"
+                outcome, ended = "completed", True
                 if limits.record_content:
                     span.set_attribute("specmesh.answer", reply.text)
                 yield TurnCompleted(
@@ -166,7 +170,7 @@ async def run_turn(
             for call, (ok, text) in zip(reply.tool_calls, results, strict=True):
                 messages.append({"role": "tool", "tool_call_id": call.id, "content": text})
                 yield ToolCallFinished(call_id=call.id, name=call.name, ok=ok, result=text)
-        outcome = "step_limit"
+        outcome, ended = "step_limit", True
         yield TurnFailed(
             code="step_limit",
             message=f"no answer after {limits.max_steps} model calls (the step limit)",
@@ -183,8 +187,9 @@ async def run_turn(
         span.set_attribute("error.type", type(e).__name__)
         yield TurnFailed(code=e.code, message=str(e), revision=context.revision)
     except (asyncio.CancelledError, GeneratorExit):
-        outcome = "cancelled"
-        span.set_attribute("error.type", "cancelled")
+        if not ended:
+            outcome = "cancelled"
+            span.set_attribute("error.type", "cancelled")
         raise
     except Exception as e:  # top of the turn: report, never crash the server
         logger.exception("turn failed in agent %s", context.agent_name)

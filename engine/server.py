@@ -51,6 +51,7 @@ from starlette.routing import BaseRoute
 
 from engine.a2a_executor import EngineAgentExecutor
 from engine.card import CardSource, CardUrls
+from engine.json_numbers import IntegralNumbersMiddleware
 from engine.knowledge.rest import KnowledgeSource, create_knowledge_routes
 from engine.rest import ConversationDeleter, create_business_routes
 from engine.runner import (
@@ -110,6 +111,9 @@ class ServerConfig:
     """Seconds turns in flight get to finish on shutdown."""
     readiness_interval: float = 0.2
     """How often gRPC health follows the runner's readiness."""
+    card_cache_control: str = "public, max-age=60"
+    """``Cache-Control`` of the agent card (with its ``ETag``, revalidation costs a 304);
+    a hot reload reaches a client that cached the card within ``max-age``."""
 
 
 class _Drain:
@@ -333,13 +337,20 @@ class EngineServer:
                 if isinstance(self._runner, KnowledgeSource)
                 else ()
             ),
-            *create_agent_card_routes(card_source.card, card_modifier=card_modifier),
+            *create_agent_card_routes(
+                card_source.card,
+                card_modifier=card_modifier,
+                cache_control=cfg.card_cache_control,
+            ),
             *create_jsonrpc_routes(handler, "/"),
             *create_rest_routes(handler, path_prefix=HTTP_JSON_PREFIX),
         ]
         app = Starlette(
             routes=routes,
-            middleware=[Middleware(TraceContextMiddleware, skip_paths=_UNTRACED_PATHS)],
+            middleware=[
+                Middleware(TraceContextMiddleware, skip_paths=_UNTRACED_PATHS),
+                Middleware(IntegralNumbersMiddleware),  # 1, not 1.0, in A2A metadata
+            ],
         )
         server = QuietUvicornServer(
             uvicorn.Config(
