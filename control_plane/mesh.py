@@ -2,9 +2,7 @@
 
 Per agent:
 
-* **VirtualService** -- a header-match route to the canary subset (when the release sets
-  ``headerMatch``), then the weighted stable/canary split (``canaryWeight``), with the
-  release's retries and timeout;
+* **VirtualService** -- one set of routes per port of the agent's Service (see below);
 * **DestinationRule** -- subsets ``stable`` and ``canary`` selected by the track label
   (:data:`specmesh.k8s.LABEL_TRACK`, the label the Helm chart puts on pods), the
   release's ``outlierDetection`` and ``connectionPool``, ``ISTIO_MUTUAL`` TLS;
@@ -14,11 +12,58 @@ Per agent:
 
 Plus, namespace-wide, a **PeerAuthentication** in STRICT mode.
 
+Routes
+------
+
+The agent's Service has two ports, ``http-a2a`` (:data:`~specmesh.k8s.A2A_HTTP_PORT`:
+JSON-RPC, REST, the card) and ``grpc-a2a`` (:data:`~specmesh.k8s.A2A_GRPC_PORT`). Every route
+matches one ``port`` and sends to that same port: a call never changes binding in the mesh.
+Within a port, the first matching class of calls wins; they are told apart by what a proxy
+can see (method, path):
+
+* ``http-a2a``: ``stream`` -- a path ending ``:stream`` or ``:subscribe`` (REST); ``read`` --
+  ``GET`` and ``HEAD`` (REST task reads, the card); ``call`` -- the rest: REST send and
+  cancel, and JSON-RPC ``POST /`` whatever its method (streaming ones included: a proxy
+  cannot see the method in the body, so this route is treated as a non-idempotent stream).
+* ``grpc-a2a``: ``stream`` -- ``SendStreamingMessage``, ``SubscribeToTask``; ``read`` --
+  ``GetTask``, ``ListTasks``, the card, push-config Get / List; ``call`` -- the rest
+  (``SendMessage``, ``CancelTask``, push-config Create / Delete).
+
+(gRPC methods of both ``lf.a2a.v1.A2AService`` (A2A 1.0) and ``a2a.v1.A2AService`` (0.3).)
+Each class gets the canary header route (when the release sets ``headerMatch``) and then
+the weighted stable/canary split (``canaryWeight``), so both apply on both ports.
+
+How the release's resilience fields map (Envoy semantics, as Istio programs them):
+
+* ``retries.attempts`` -- ``retries.attempts`` of every route that retries.
+* ``retries.retryOn`` -- as given on ``read`` routes (idempotent calls), plus ``unavailable``
+  on the gRPC port when it lists ``5xx`` or ``gateway-error`` (a gRPC failure is an HTTP 200
+  with ``grpc-status``; a proxy's own 503 reaches a gRPC caller as ``UNAVAILABLE``). On the
+  ``stream`` and ``call`` routes only the conditions that guarantee the agent never saw the
+  request are kept: ``connect-failure`` (no connection), ``refused-stream`` (HTTP/2
+  ``REFUSED_STREAM``: closed before any processing) and ``reset-before-request`` (reset
+  before the request went upstream; Envoy 1.31, Istio 1.23). ``reset``, ``5xx`` and
+  ``gateway-error`` also fire after the agent received -- maybe executed -- a
+  ``SendMessage``, so each is narrowed to those three; ``unavailable`` and the other
+  conditions are dropped (the agent's own ``UNAVAILABLE`` may come after it acted). When
+  nothing is left the route says ``attempts: 0``: omitting ``retries`` would let Istio apply
+  its default policy (``unavailable`` and 503 included).
+* ``retries.perTryTimeoutSeconds`` -- ``perTryTimeout`` of every route that retries. Envoy
+  stops the per-try timer once the response starts streaming back (its docs of
+  ``per_try_idle_timeout``), so it bounds each attempt's time to the response headers and
+  never cuts a stream -- what the sidecar's per-try timeout means too. A route that does not
+  retry has no per-try timeout.
+* ``timeoutSeconds`` -- the route ``timeout`` (the whole call, retries included) of the
+  routes that cannot stream. Envoy's route timeout runs until the *end* of the response, so
+  it would cut a long ``message:stream`` or subscription: ``stream`` routes, and the HTTP
+  ``call`` route (JSON-RPC streams share ``POST /``), have none (Istio's default: disabled).
+* ``retries.budgetPercent`` -- the sidecar's only; a VirtualService has no retry budget.
+
 Every object is checked by :class:`IstioValidator` before it is published: against the
 ``openAPIV3Schema`` of its CustomResourceDefinition as the API server would (unknown
 fields refused, ``x-kubernetes-validations`` CEL rules evaluated), and by the checks the
 API server leaves to istiod (route weights sum to 100, hosts present, referenced subsets
-defined).
+defined, retry policies istiod accepts).
 """
 
 from __future__ import annotations
@@ -26,6 +71,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +82,7 @@ import yaml
 from control_plane.istio import CRDS_PATH
 from specmesh.errors import SpecmeshError
 from specmesh.k8s import (
+    A2A_GRPC_PORT,
     A2A_HTTP_PORT,
     LABEL_AGENT,
     LABEL_MANAGED_BY,
@@ -89,6 +136,101 @@ def _metadata(name: str, agent: str | None, settings: MeshSettings) -> Obj:
     return {"name": name, "namespace": settings.namespace, "labels": labels}
 
 
+@dataclass(frozen=True)
+class _CallClass:
+    """Calls of one port that share a retry and timeout policy."""
+
+    name: str
+    matches: tuple[Obj, ...]
+    """Istio match conditions (any of them); empty for the rest of the port."""
+    idempotent: bool
+    """Retrying after the agent received the call is harmless."""
+    streaming: bool
+    """The response may be a stream: no route timeout."""
+
+
+_GRPC_METHOD = r"/(lf\.)?a2a\.v1\.A2AService/"
+_PORTS: tuple[tuple[int, str, tuple[_CallClass, ...]], ...] = (
+    (
+        A2A_HTTP_PORT,
+        "http-a2a",
+        (
+            _CallClass("stream", ({"uri": {"regex": ".*:(stream|subscribe)"}},), False, True),
+            _CallClass(
+                "read", ({"method": {"exact": "GET"}}, {"method": {"exact": "HEAD"}}), True, False
+            ),
+            _CallClass("call", (), False, True),
+        ),
+    ),
+    (
+        A2A_GRPC_PORT,
+        "grpc-a2a",
+        (
+            _CallClass(
+                "stream",
+                ({"uri": {"regex": _GRPC_METHOD + "(SendStreamingMessage|SubscribeToTask"
+                          "|TaskSubscription)"}},),
+                False,
+                True,
+            ),
+            _CallClass(
+                "read",
+                ({"uri": {"regex": _GRPC_METHOD + "(GetTask|ListTasks|GetExtendedAgentCard"
+                          "|GetAgentCard|GetTaskPushNotificationConfig"
+                          "|ListTaskPushNotificationConfigs?)"}},),
+                True,
+                False,
+            ),
+            _CallClass("call", (), False, False),
+        ),
+    ),
+)  # fmt: skip
+"""Per Service port, its call classes in match order (see the module docstring)."""
+
+_NOT_SENT = ("connect-failure", "refused-stream", "reset-before-request")
+"""Envoy retry conditions that fire only when the agent never received the request."""
+_NARROWED: dict[str, tuple[str, ...]] = {
+    "connect-failure": ("connect-failure",),
+    "refused-stream": ("refused-stream",),
+    "reset-before-request": ("reset-before-request",),
+    "reset": _NOT_SENT,
+    "5xx": _NOT_SENT,
+    "gateway-error": _NOT_SENT,
+}
+"""What each release condition keeps on a non-idempotent route."""
+
+
+def _retry_on(retry_on: str, *, idempotent: bool, grpc: bool) -> list[str]:
+    """The retry conditions of one route (see the module docstring)."""
+    given = [c.strip() for c in retry_on.split(",") if c.strip()]
+    if idempotent:
+        extra = ["unavailable"] if grpc and {"5xx", "gateway-error"} & set(given) else []
+        return list(dict.fromkeys(given + extra))
+    kept = {n for c in given for n in _NARROWED.get(c, ())}
+    return [c for c in _NOT_SENT if c in kept]
+
+
+def _headers(release: ReleaseSpec) -> Obj:
+    return {
+        h.name.lower(): {
+            k: v
+            for k, v in (("exact", h.exact), ("prefix", h.prefix), ("regex", h.regex))
+            if v is not None
+        }
+        for h in release.header_match
+    }
+
+
+def _matches(port: int, cls: _CallClass, headers: Obj | None) -> list[Obj]:
+    """The match conditions of a route of ``cls`` on ``port`` (fresh objects: the rendered
+    YAML has no aliases and callers may change it)."""
+    out: list[Obj] = [{"port": port, **copy.deepcopy(m)} for m in cls.matches] or [{"port": port}]
+    if headers is not None:
+        for m in out:
+            m["headers"] = copy.deepcopy(headers)
+    return out
+
+
 def render_agent(
     agent: str,
     *,
@@ -99,53 +241,50 @@ def render_agent(
     """VirtualService, DestinationRule and AuthorizationPolicy of one agent."""
     host = service_name(agent)
     policy = release or ReleaseSpec()
-    retries: Obj = {
-        "attempts": policy.retries.attempts,
-        "perTryTimeout": _duration(policy.retries.per_try_timeout_seconds),
-        "retryOn": policy.retries.retry_on,
-    }
-
-    def dest(subset: str) -> Obj:
-        return {"host": host, "subset": subset, "port": {"number": A2A_HTTP_PORT}}
+    weight = release.canary_weight if release is not None else 0
+    headers = _headers(release) if release is not None and release.header_match else None
 
     http: list[Obj] = []
-    if release is not None and release.header_match:
-        http.append(
-            {
-                "name": "canary-by-header",
-                "match": [
+    for port, port_name, classes in _PORTS:
+
+        def dest(subset: str, port: int = port) -> Obj:
+            return {"host": host, "subset": subset, "port": {"number": port}}
+
+        split = [{"destination": dest("stable"), "weight": 100 - weight}]
+        if weight:
+            split.append({"destination": dest("canary"), "weight": weight})
+        for cls in classes:
+            on = _retry_on(
+                policy.retries.retry_on, idempotent=cls.idempotent, grpc=port == A2A_GRPC_PORT
+            )
+            retries: Obj = {"attempts": 0}
+            if on and policy.retries.attempts:
+                retries = {
+                    "attempts": policy.retries.attempts,
+                    "perTryTimeout": _duration(policy.retries.per_try_timeout_seconds),
+                    "retryOn": ",".join(on),
+                }
+            common: Obj = {"retries": retries}
+            if not cls.streaming:
+                common["timeout"] = _duration(policy.timeout_seconds)
+            name = f"{port_name}-{cls.name}"
+            if headers is not None:
+                http.append(
                     {
-                        "headers": {
-                            h.name.lower(): {
-                                k: v
-                                for k, v in (
-                                    ("exact", h.exact),
-                                    ("prefix", h.prefix),
-                                    ("regex", h.regex),
-                                )
-                                if v is not None
-                            }
-                            for h in release.header_match
-                        }
+                        "name": f"{name}-canary-by-header",
+                        "match": _matches(port, cls, headers),
+                        "route": [{"destination": dest("canary")}],
+                        **copy.deepcopy(common),
                     }
-                ],
-                "route": [{"destination": dest("canary")}],
-                "retries": retries,
-                "timeout": _duration(policy.timeout_seconds),
-            }
-        )
-    weight = release.canary_weight if release is not None else 0
-    route = [{"destination": dest("stable"), "weight": 100 - weight}]
-    if weight:
-        route.append({"destination": dest("canary"), "weight": weight})
-    http.append(
-        {
-            "name": "split",
-            "route": route,
-            "retries": retries,
-            "timeout": _duration(policy.timeout_seconds),
-        }
-    )
+                )
+            http.append(
+                {
+                    "name": name,
+                    "match": _matches(port, cls, None),
+                    "route": copy.deepcopy(split),
+                    **copy.deepcopy(common),
+                }
+            )
     vs: Obj = {
         "apiVersion": "networking.istio.io/v1",
         "kind": "VirtualService",
@@ -365,9 +504,47 @@ def _semantic_problems(obj: Obj) -> list[str]:
             for j, d in enumerate(dests):
                 if not d.get("destination", {}).get("host"):
                     out.append(f"spec.http[{i}].route[{j}].destination.host: required")
+            out.extend(f"spec.http[{i}].retries{p}" for p in _retry_problems(route.get("retries")))
     if obj.get("kind") == "DestinationRule" and not spec.get("host"):
         out.append("spec.host: required")
     return out
+
+
+_ISTIO_RETRY_ON = frozenset(
+    {
+        # x-envoy-retry-on
+        "5xx", "gateway-error", "reset", "reset-before-request", "connect-failure",
+        "retriable-4xx", "refused-stream", "retriable-status-codes", "retriable-headers",
+        "envoy-ratelimited", "http3-post-connect-failure",
+        # x-envoy-retry-grpc-on
+        "cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable",
+    }
+)  # fmt: skip
+"""The ``retryOn`` policies istiod accepts (besides HTTP status codes)."""
+
+
+def _retry_problems(retries: Obj | None) -> list[str]:
+    """istiod's checks of a route's ``retries`` (its validation webhook, not the CRD)."""
+    if not retries:
+        return []
+    out = []
+    attempts = retries.get("attempts", 0)
+    if attempts < 0:
+        out.append(".attempts: cannot be negative")
+    configured = [k for k in ("perTryTimeout", "retryOn", "retryRemoteLocalities") if k in retries]
+    if attempts == 0 and configured:
+        out.append(f": {', '.join(configured)} set while attempts is 0 (retries disabled)")
+    for policy in str(retries.get("retryOn", "")).split(","):
+        if policy and policy not in _ISTIO_RETRY_ON and not _http_status(policy):
+            out.append(f".retryOn: {policy!r} is not a valid retryOn policy")
+    return out
+
+
+def _http_status(text: str) -> bool:
+    try:
+        return int(text) in {s.value for s in HTTPStatus}
+    except ValueError:
+        return False
 
 
 def _cross_problems(objects: list[Obj]) -> list[str]:

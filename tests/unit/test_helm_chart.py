@@ -526,8 +526,9 @@ def test_control_plane_mesh_objects_select_the_charts_pods(
     accounts = _names(docs, "ServiceAccount")
     settings = MeshSettings(namespace=NAMESPACE)
     canary = ReleaseSpec.model_validate(
-        {"stableRevision": 1, "canaryRevision": 2, "canaryWeight": 10}
-    )
+        {"stableRevision": 1, "canaryRevision": 2, "canaryWeight": 10,
+         "headerMatch": [{"name": "x-canary", "exact": "true"}]}
+    )  # fmt: skip
     # mse-nacos-helper calls the two others (the seed's partner graph).
     callers = {"mse-gateway-assistant": ["mse-nacos-helper"], "scheduleX-assistant": [
         "mse-nacos-helper"], "mse-nacos-helper": []}  # fmt: skip
@@ -535,13 +536,20 @@ def test_control_plane_mesh_objects_select_the_charts_pods(
         objs = render_agent(agent, release=canary, callers=callers[agent], settings=settings)
         validator.check(objs)
         vs, dr, ap = objs
-        # The VirtualService host is the chart's Service, on its http-a2a port.
+        # The VirtualService host is the chart's Service; each of its ports has routes, the
+        # last one taking every call on that port, all to that same port.
         (host,) = vs["spec"]["hosts"]
-        ports = {p["name"]: p["port"] for p in services[host]["spec"]["ports"]}
+        ports = {p["port"] for p in services[host]["spec"]["ports"]}
+        by_port: dict[int, list[dict[str, Any]]] = {}
         for route in vs["spec"]["http"]:
+            (port,) = {m["port"] for m in route["match"]}
+            by_port.setdefault(port, []).append(route)
             for dest in route["route"]:
                 assert dest["destination"]["host"] == host
-                assert dest["destination"]["port"]["number"] == ports["http-a2a"]
+                assert dest["destination"]["port"]["number"] == port
+        assert set(by_port) == ports == {A2A_HTTP_PORT, A2A_GRPC_PORT}
+        for port, routes in by_port.items():
+            assert routes[-1]["match"] == [{"port": port}]
         # Every subset selects pods of this agent that the chart renders, and only those.
         service_selector = services[dr["spec"]["host"]]["spec"]["selector"]
         for subset in dr["spec"]["subsets"]:
