@@ -15,6 +15,7 @@ from typing import Any
 
 from control_plane.auth import Principal, authorize
 from control_plane.errors import BadRequestError
+from control_plane.mcptools import McpToolCatalog
 from control_plane.mesh import IstioValidator, MeshSettings, render_agent, render_mesh
 from control_plane.tokens import TokenRecord, TokenRequest, TokenStore, check_grant
 from control_plane.traces import (
@@ -60,9 +61,6 @@ _WRITE_ACTION = {
     "Release": "releases.write",
 }
 
-ToolLister = Callable[[str, Mapping[str, Any]], Any]
-"""``(mcp url, headers) -> awaitable list of {name, description, inputSchema}``."""
-
 CardFetcher = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]
 """``(registry entry of a live instance) -> its A2A agent card as JSON``."""
 
@@ -106,7 +104,7 @@ class ControlPlane:
         kv_mount: str = "secret",
         mesh_settings: MeshSettings | None = None,
         istio: IstioValidator | None = None,
-        tool_lister: ToolLister | None = None,
+        mcp_tools: McpToolCatalog | None = None,
         card_fetcher: CardFetcher | None = None,
         traces: TraceStore | None = None,
         pki_mount: str | None = None,
@@ -119,7 +117,8 @@ class ControlPlane:
         self.specs = SpecService(store=store, vault=vault, kv_mount=kv_mount, pki_mount=pki_mount)
         self.mesh_settings = mesh_settings or MeshSettings()
         self.istio = istio
-        self.tool_lister = tool_lister
+        self.mcp_tools = mcp_tools
+        """The MCP Registry's tool listings (None: tool discovery is off)."""
         self.card_fetcher = card_fetcher
         self.traces = traces or InMemoryTraceStore()
         self.tokens = tokens or TokenStore(store=store)
@@ -286,12 +285,24 @@ class ControlPlane:
         return await self.store.list_mcp_servers()
 
     async def list_mcp_tools(self, principal: Principal, name: str) -> Any:
-        """The tools a registered MCP server really offers (by connecting to it)."""
+        """The tools a registered MCP server really offers (by connecting to it now, with
+        the credentials a sidecar would add)."""
         authorize(principal, "mcp.read")
-        server = await self.store.get_mcp_server(name)
-        if self.tool_lister is None:
+        if self.mcp_tools is None:
+            await self.store.get_mcp_server(name)  # 404 first
             raise BadRequestError("tool discovery is not configured on this control plane")
-        return await self.tool_lister(server.url, {})
+        listing = await self.mcp_tools.refresh(name)
+        if listing.error is not None:
+            raise BadRequestError(listing.error)
+        return [dict(t) for t in listing.tools]
+
+    async def mcp_tool_listings(self, principal: Principal) -> dict[str, dict[str, Any]]:
+        """Each MCP Registry entry's tools as last listed (refreshed on a schedule and on
+        change), with when and the last error; entries not listed yet are absent."""
+        authorize(principal, "mcp.read")
+        if self.mcp_tools is None:
+            return {}
+        return {n: listing.to_json() for n, listing in sorted(self.mcp_tools.listings().items())}
 
     async def list_instances(
         self, principal: Principal, agent: str | None = None

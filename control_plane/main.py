@@ -7,10 +7,9 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
@@ -18,7 +17,7 @@ from control_plane.api import ControlPlane
 from control_plane.auth import StaticTokenAuthenticator
 from control_plane.controller import Controller
 from control_plane.grpc_api import build_grpc_server
-from control_plane.mcptools import list_mcp_tools
+from control_plane.mcptools import McpToolCatalog
 from control_plane.mesh import IstioValidator, MeshSettings
 from control_plane.otlp import OtlpForwarder, OtlpReceiver, build_otlp_app
 from control_plane.publisher import KubernetesMeshSink, MeshPublisher, MeshSink, YamlMeshSink
@@ -28,7 +27,7 @@ from control_plane.runtime.local import LocalRuntime
 from control_plane.settings import ControlPlaneSettings
 from control_plane.tokens import TokenAuthenticator, TokenStore
 from control_plane.traces import SqliteTraceStore, retention_loop
-from specmesh.addresses import parse_table, resolve_url
+from specmesh.addresses import parse_table
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
 from specmesh.logs import configure_logging
@@ -43,15 +42,6 @@ logger = logging.getLogger(__name__)
 async def _listen(runner: web.AppRunner, listen: str) -> None:
     host, _, port = listen.rpartition(":")
     await web.TCPSite(runner, host or "127.0.0.1", int(port)).start()
-
-
-def _tool_lister(addresses: dict[str, str]) -> Any:
-    """MCP tool discovery, connecting where :mod:`specmesh.addresses` says the URL runs."""
-
-    async def lister(url: str, headers: Mapping[str, str]) -> Any:
-        return await list_mcp_tools(resolve_url(url, addresses), headers)
-
-    return lister
 
 
 async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = None) -> None:
@@ -73,10 +63,17 @@ async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = 
     static_tokens = StaticTokenAuthenticator.from_file(settings.tokens_file)
     authenticator = TokenAuthenticator(etcd=etcd, keys=store.keys, static=static_tokens)
     tokens = TokenStore(store=store, static=static_tokens, on_change=authenticator.observe)
+    mcp_tools = McpToolCatalog(
+        store=store,
+        secrets=vault,
+        addresses=parse_table(settings.service_addresses),
+        refresh_seconds=settings.mcp_tools_refresh_seconds,
+        timeout=settings.mcp_tools_timeout_seconds,
+    )
     control_plane = ControlPlane(
         store=store, vault=vault, kv_mount=settings.vault_kv_mount, tokens=tokens,
         mesh_settings=MeshSettings(namespace=settings.mesh_namespace), istio=istio,
-        traces=traces, tool_lister=_tool_lister(parse_table(settings.service_addresses)),
+        traces=traces, mcp_tools=mcp_tools,
         pki_mount=settings.vault_pki_mount, runtime=settings.runtime,
     )  # fmt: skip
     grpc_server = await build_grpc_server(control_plane, authenticator, settings.grpc_listen)
@@ -90,6 +87,7 @@ async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = 
         if not await authenticator.wait_loaded(timeout=10):  # until then: 503, fail closed
             logger.warning("tokens and revocations not read from etcd yet; refusing every token")
         await stack.enter_async_context(traces)
+        await stack.enter_async_context(mcp_tools)
         forwarder = None
         if settings.otlp_forward_url:
             forwarder = await stack.enter_async_context(

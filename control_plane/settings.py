@@ -52,6 +52,12 @@ class ControlPlaneSettings(BaseSettings):
     """``host:port`` -> ``host:port`` applied to MCP server URLs before the control plane
     connects to list their tools (``SPECMESH_SERVICE_ADDRESSES``, ``a:1=b:2,...``; see
     :mod:`specmesh.addresses`)."""
+    mcp_tools_refresh_seconds: float = Field(default=300.0, gt=0)
+    """How often every MCP Registry entry's tools are listed again
+    (``SPECMESH_MCP_TOOLS_REFRESH_SECONDS``); a changed entry, or a change of the agent whose
+    credentials it is listed with, is listed at once."""
+    mcp_tools_timeout_seconds: float = Field(default=10.0, gt=0)
+    """Timeout of one listing of an MCP server's tools."""
     tokens_file: Path = Path(".specmesh/tokens.json")
     """Bearer tokens (hashed) and their roles."""
     istio_crds: Path | None = CRDS_PATH

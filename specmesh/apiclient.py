@@ -347,6 +347,12 @@ class ApiClient:
         result: dict[str, dict[str, Any]] = await self.request("GET", "/api/v1/mcp-servers")
         return result
 
+    async def mcp_tool_listings(self) -> dict[str, dict[str, Any]]:
+        """Each MCP server's tools as the control plane last listed them:
+        ``{name: {tools, refreshedAt, checkedAt, error, credentialsFrom}}``."""
+        result: dict[str, dict[str, Any]] = await self.request("GET", "/api/v1/mcp-tools")
+        return result
+
     async def collect_garbage(self, grace_seconds: float) -> dict[str, Any]:
         result: dict[str, Any] = await self.request(
             "POST", "/api/v1/secrets/gc", body={"graceSeconds": grace_seconds}

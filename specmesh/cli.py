@@ -423,6 +423,26 @@ async def _mcp_servers(ctx: _Context) -> dict[str, dict[str, Any]]:
     return {n: s.model_dump(mode="json") for n, s in (await ctx.store.list_mcp_servers()).items()}
 
 
+async def _mcp_tool_status(ctx: _Context) -> dict[str, dict[str, Any]]:
+    """``{name: {tools: [names], refreshedAt, error, credentialsFrom}}`` as the control plane
+    last listed them (nothing without a control plane: only it connects to the servers)."""
+    if not ctx.remote:
+        return {}
+    return {
+        name: {
+            "tools": [t["name"] for t in listing.get("tools") or []],
+            **{k: listing.get(k) for k in ("refreshedAt", "error", "credentialsFrom")},
+        }
+        for name, listing in (await ctx.api.mcp_tool_listings()).items()
+    }
+
+
+def _tools_cell(status: dict[str, Any] | None) -> str:
+    if status is None:
+        return "-"
+    return str(len(status["tools"])) + (" (stale)" if status.get("error") else "")
+
+
 async def _release(ctx: _Context, agent: str) -> dict[str, Any] | None:
     if ctx.remote:
         return await ctx.api.get_release(agent)
@@ -508,23 +528,34 @@ async def cmd_get(args: argparse.Namespace, ctx: _Context) -> int:
             _print_manifests([doc], args.output)
         return EXIT_OK
     servers = await _mcp_servers(ctx)
+    tools = await _mcp_tool_status(ctx)
     if args.name:
         if args.name not in servers:
             raise NotFoundError(kind="MCP server", name=args.name)
         servers = {args.name: servers[args.name]}
         if args.output != "table":
-            _print_manifests([_manifest("McpServer", args.name, servers[args.name])], args.output)
+            doc = _manifest("McpServer", args.name, servers[args.name], tools.get(args.name))
+            _print_manifests([doc], args.output)
             return EXIT_OK
     if args.output == "table":
         _table(
             [
-                [n, str(s.get("transport", "")), str(s.get("url", ""))]
+                [
+                    n,
+                    str(s.get("transport", "")),
+                    str(s.get("url", "")),
+                    _tools_cell(tools.get(n)),
+                    (tools.get(n) or {}).get("error") or "-",
+                ]
                 for n, s in sorted(servers.items())
             ],
-            ["NAME", "TRANSPORT", "URL"],
+            ["NAME", "TRANSPORT", "URL", "TOOLS", "LAST ERROR"],
         )
     else:
-        _print(servers, args.output)
+        _print(
+            {n: {**s, **({"status": tools[n]} if n in tools else {})} for n, s in servers.items()},
+            args.output,
+        )
     return EXIT_OK
 
 

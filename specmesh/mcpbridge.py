@@ -8,17 +8,22 @@
 bridges third-party stdio servers (``mcp-server-time``) itself::
 
     HTTP client --/mcp--> Server (lowlevel, this process) --tools/call--> StdioUpstream
-                                                                  |  stdin/stdout
-                                                                  v
-                                                            COMMAND [ARGS...]
+                                                          prompts/get     |  stdin/stdout
+                                                          resources/read  v
+                                                                    COMMAND [ARGS...]
 
 :class:`StdioUpstream` owns the child: it spawns it with the official client's stdio
-transport, lists its tools, follows its ``tools/list_changed`` and, when the child exits
-(its stdout reaches EOF), starts it again with exponential backoff. :func:`bridge_server`
-builds the HTTP-facing server whose handlers forward ``tools/list`` and ``tools/call``;
-a change of the upstream tool list is published to ``subscriptions/listen`` streams
-(2026-07-28 clients, which is what the engine speaks). Clients on handshake-era protocol
-versions are served but are not told about tool list changes.
+transport, lists its tools, follows its list changes and, when the child exits (its stdout
+reaches EOF), starts it again with exponential backoff. :func:`bridge_server` builds the
+HTTP-facing server as the child presents itself: its ``serverInfo`` (name, version, title...),
+its instructions and the capabilities it declares. Its handlers forward ``tools/list`` and
+``tools/call`` and, when the child offers them, ``prompts/list``, ``prompts/get``,
+``resources/list``, ``resources/templates/list`` and ``resources/read`` (pages and errors as
+the child answers them). A change of the child's tool, prompt or resource list is
+published to ``subscriptions/listen`` streams (2026-07-28 clients, which is what the engine
+speaks). Clients on handshake-era protocol versions are served but are not told about list
+changes. When the child is not up when the bridge starts, the bridge presents itself under
+the command's name and forwards every method.
 
 Calls made while the child is restarting wait for it (bounded by ``ready_timeout``) and
 then fail as a tool error (``isError``), never as a crash of the bridge. SIGTERM/SIGINT:
@@ -38,7 +43,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import anyio
 import mcp_types
@@ -48,7 +53,14 @@ from mcp.client._transport import TransportStreams
 from mcp.client.subscriptions import ListenNotSupportedError
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
-from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ToolsListChanged
+from mcp.server.subscriptions import (
+    InMemorySubscriptionBus,
+    ListenHandler,
+    PromptsListChanged,
+    ResourcesListChanged,
+    ServerEvent,
+    ToolsListChanged,
+)
 from mcp.shared.message import SessionMessage
 from starlette.types import ASGIApp
 
@@ -62,6 +74,8 @@ logger = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 _MODERN = "2026-"  # protocol versions from 2026-07-28 on deliver changes on subscriptions/listen
+
+_T = TypeVar("_T")
 
 
 class StdioUpstream:
@@ -78,6 +92,7 @@ class StdioUpstream:
         *,
         params: StdioServerParameters,
         on_tools_changed: Callable[[], Awaitable[None]] | None = None,
+        on_changed: Callable[[ServerEvent], Awaitable[None]] | None = None,
         connect_timeout: float = 30.0,
         ready_timeout: float = 10.0,
         call_timeout: float = 300.0,
@@ -87,6 +102,7 @@ class StdioUpstream:
     ) -> None:
         self._params = params
         self._on_tools_changed = on_tools_changed
+        self._on_changed = on_changed
         self._connect_timeout = connect_timeout
         self._ready_timeout = ready_timeout
         self._call_timeout = call_timeout
@@ -103,6 +119,11 @@ class StdioUpstream:
         self._background: set[asyncio.Task[None]] = set()
         self.starts = 0
         """Successful handshakes so far (1 + restarts)."""
+        self.server_info: mcp_types.Implementation | None = None
+        """How the child identified itself (at the last handshake; None before the first)."""
+        self.capabilities: mcp_types.ServerCapabilities | None = None
+        """What the child declared it offers (at the last handshake)."""
+        self.instructions: str | None = None
         self.last_error: str | None = None
 
     async def __aenter__(self) -> StdioUpstream:
@@ -170,6 +191,29 @@ class StdioUpstream:
                 raise
             return _tool_error("the stdio MCP server exited during the call; it is restarting")
 
+    async def request(self, call: Callable[[Client], Awaitable[_T]]) -> _T:
+        """Forward one request other than a tool call (``prompts/get``, ``resources/read``...).
+
+        An error the child answers with is raised as the same :class:`MCPError`; a child
+        that is down or dies meanwhile is an ``INTERNAL_ERROR``.
+        """
+        if not await self.wait_ready() or (client := self._client) is None:
+            raise MCPError(
+                mcp_types.INTERNAL_ERROR,
+                f"the stdio MCP server is not running ({self.last_error or 'starting'}); "
+                "try again shortly",
+            )
+        try:
+            async with asyncio.timeout(self._call_timeout):
+                return await call(client)
+        except MCPError as e:
+            if e.code != mcp_types.CONNECTION_CLOSED:
+                raise
+            raise MCPError(
+                mcp_types.INTERNAL_ERROR,
+                "the stdio MCP server exited during the request; it is restarting",
+            ) from e
+
     # ------------------------------------------------------------ connection task
 
     async def _run(self) -> None:
@@ -184,6 +228,9 @@ class StdioUpstream:
                         c = await stack.enter_async_context(
                             Client(transport, message_handler=self._on_message, cache=None)
                         )
+                        self.server_info = c.server_info
+                        self.capabilities = c.server_capabilities
+                        self.instructions = c.instructions
                         await self._list_tools(c)
                     self._client = c
                     self._ready.set()
@@ -195,6 +242,8 @@ class StdioUpstream:
                         extra={
                             "command": self._params.command,
                             "tools": len(self._tools),
+                            "server": c.server_info.name if c.server_info else None,
+                            "version": c.server_info.version if c.server_info else None,
                             "protocol": c.protocol_version,
                             "starts": self.starts,
                         },
@@ -241,18 +290,37 @@ class StdioUpstream:
             await asyncio.gather(*waits, return_exceptions=True)
 
     async def _listen(self, client: Client) -> None:
-        """Relist on each ``tools/list_changed``; return if the child cannot say."""
+        """Relist on each tool list change and pass prompt and resource list changes on;
+        return if the child cannot say."""
+        caps = client.server_capabilities
         try:
-            async with client.listen(tools_list_changed=True) as sub:
-                async for _event in sub:
-                    await self._list_tools(client)
+            async with client.listen(
+                tools_list_changed=True,
+                prompts_list_changed=caps.prompts is not None,
+                resources_list_changed=caps.resources is not None,
+            ) as sub:
+                async for event in sub:
+                    if isinstance(event, ToolsListChanged):
+                        await self._list_tools(client)
+                    elif self._on_changed is not None:
+                        await self._on_changed(event)
         except (ListenNotSupportedError, MCPError):
-            return  # the child does not serve subscriptions/listen: its tools are fixed
+            return  # the child does not serve subscriptions/listen: its lists are fixed
 
     async def _on_message(self, message: Any) -> None:
         client = self._client
-        if isinstance(message, mcp_types.ToolListChangedNotification) and client is not None:
-            task = asyncio.create_task(self._relist(client))
+        if client is None:
+            return
+        work: Awaitable[None] | None = None
+        if isinstance(message, mcp_types.ToolListChangedNotification):
+            work = self._relist(client)
+        elif self._on_changed is not None:
+            if isinstance(message, mcp_types.PromptListChangedNotification):
+                work = self._on_changed(PromptsListChanged())
+            elif isinstance(message, mcp_types.ResourceListChangedNotification):
+                work = self._on_changed(ResourcesListChanged())
+        if work is not None:
+            task = asyncio.create_task(_run_awaitable(work))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
@@ -328,6 +396,10 @@ async def _eof_watching_stdio(
         yield _EofWatchingReadStream(read, ended), write
 
 
+async def _run_awaitable(work: Awaitable[None]) -> None:
+    await work
+
+
 def _tool_error(text: str) -> mcp_types.CallToolResult:
     return mcp_types.CallToolResult(
         content=[mcp_types.TextContent(type="text", text=text)], is_error=True
@@ -345,27 +417,78 @@ def _describe(e: BaseException) -> str:
 
 
 def bridge_server(
-    upstream: StdioUpstream, *, name: str, listen: ListenHandler
+    upstream: StdioUpstream, *, name: str, listen: ListenHandler, rename: str | None = None
 ) -> Server[dict[str, Any]]:
-    """A server whose tools are ``upstream``'s; ``listen`` serves change subscriptions."""
+    """A server presenting ``upstream`` as the child presents itself.
+
+    Its ``serverInfo`` and instructions are the child's (``name`` is used only when the
+    child has not identified itself yet; ``rename`` replaces the child's name). Prompts and
+    resources are served when the child declares them (or when it is not known yet what it
+    declares); ``listen`` serves change subscriptions.
+    """
+    Ctx = ServerRequestContext[dict[str, Any]]
+    info = upstream.server_info
+    caps = upstream.capabilities
+    known = caps is not None
 
     async def list_tools(
-        ctx: ServerRequestContext[dict[str, Any]], params: mcp_types.PaginatedRequestParams | None
+        ctx: Ctx, params: mcp_types.PaginatedRequestParams | None
     ) -> mcp_types.ListToolsResult:
         if not upstream.ready:
             await upstream.wait_ready()
         return mcp_types.ListToolsResult(tools=list(upstream.tools))
 
     async def call_tool(
-        ctx: ServerRequestContext[dict[str, Any]], params: mcp_types.CallToolRequestParams
+        ctx: Ctx, params: mcp_types.CallToolRequestParams
     ) -> mcp_types.CallToolResult:
         return await upstream.call_tool(params.name, params.arguments)
 
+    async def list_prompts(
+        ctx: Ctx, params: mcp_types.PaginatedRequestParams | None
+    ) -> mcp_types.ListPromptsResult:
+        cursor = params.cursor if params else None
+        return await upstream.request(lambda c: c.list_prompts(cursor=cursor))
+
+    async def get_prompt(
+        ctx: Ctx, params: mcp_types.GetPromptRequestParams
+    ) -> mcp_types.GetPromptResult:
+        return await upstream.request(lambda c: c.get_prompt(params.name, params.arguments))
+
+    async def list_resources(
+        ctx: Ctx, params: mcp_types.PaginatedRequestParams | None
+    ) -> mcp_types.ListResourcesResult:
+        cursor = params.cursor if params else None
+        return await upstream.request(lambda c: c.list_resources(cursor=cursor))
+
+    async def list_resource_templates(
+        ctx: Ctx, params: mcp_types.PaginatedRequestParams | None
+    ) -> mcp_types.ListResourceTemplatesResult:
+        cursor = params.cursor if params else None
+        return await upstream.request(lambda c: c.list_resource_templates(cursor=cursor))
+
+    async def read_resource(
+        ctx: Ctx, params: mcp_types.ReadResourceRequestParams
+    ) -> mcp_types.ReadResourceResult:
+        return await upstream.request(lambda c: c.read_resource(params.uri))
+
+    prompts = not known or (caps is not None and caps.prompts is not None)
+    resources = not known or (caps is not None and caps.resources is not None)
     return Server(
-        name,
+        rename or (info.name if info is not None else name),
+        version=info.version if info is not None else "",
+        title=info.title if info is not None else None,
+        description=info.description if info is not None else None,
+        website_url=info.website_url if info is not None else None,
+        icons=info.icons if info is not None else None,
+        instructions=upstream.instructions,
         get_tool_input_schema=upstream.input_schema,
         on_list_tools=list_tools,
         on_call_tool=call_tool,
+        on_list_prompts=list_prompts if prompts else None,
+        on_get_prompt=get_prompt if prompts else None,
+        on_list_resources=list_resources if resources else None,
+        on_list_resource_templates=list_resource_templates if resources else None,
+        on_read_resource=read_resource if resources else None,
         on_subscriptions_listen=listen,
     )
 
@@ -431,15 +554,20 @@ async def _bridge(args: argparse.Namespace, command: list[str], stop: asyncio.Ev
     async def tools_changed() -> None:
         await bus.publish(ToolsListChanged())
 
+    async def changed(event: ServerEvent) -> None:
+        await bus.publish(event)
+
     params = StdioServerParameters(
         command=command[0],
         args=command[1:],
         env=dict(os.environ) if args.pass_environment else None,
     )
     listen = ListenHandler(bus)
-    async with StdioUpstream(params=params, on_tools_changed=tools_changed) as upstream:
+    async with StdioUpstream(
+        params=params, on_tools_changed=tools_changed, on_changed=changed
+    ) as upstream:
         server = bridge_server(
-            upstream, name=args.name or os.path.basename(command[0]), listen=listen
+            upstream, name=os.path.basename(command[0]), listen=listen, rename=args.name
         )
         await serve_http(
             server.streamable_http_app(host=args.host),
@@ -459,7 +587,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="listen port; 0 picks a free one")
-    p.add_argument("--name", default=None, help="server name (default: the command's name)")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="server name (default: the name the server gives itself, else the command's)",
+    )
     p.add_argument(
         "--pass-environment",
         action="store_true",

@@ -1,8 +1,10 @@
 """The fleet's MCP servers as real processes on loopback, called with the official client.
 
 ``examples.mcp_servers.nacos_tools`` (the project's own server) and ``specmesh.mcpbridge``
-in front of the real third-party ``mcp-server-time`` (stdio only). Each process is
-started with ``--port 0`` and found through its ``mcp server serving`` log line.
+in front of the real third-party ``mcp-server-time`` (stdio only) and of the stdio
+``notes`` server of :mod:`tests.integration.mcp_fixture_servers` (a prompt, resources).
+Each process is started with ``--port 0`` and found through its ``mcp server serving`` log
+line.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ from typing import Any
 
 import mcp_types
 import pytest
-from mcp import Client
+from mcp import Client, MCPError, StdioServerParameters
 
 from tests.conftest import REPO
+from tests.integration.mcp_fixture_servers import NOTES_NAME, NOTES_VERSION
 
 WAIT = 30.0
 
 _MCP_SERVER_TIME = shutil.which("mcp-server-time", path=str(Path(sys.executable).parent))
+_NOTES = (sys.executable, "-m", "tests.integration.mcp_fixture_servers", "notes")
 
 # A stdio server whose tool list grows on request, announcing it on subscriptions/listen.
 _GROWING_SERVER = '''
@@ -295,3 +299,76 @@ async def test_bridge_exits_cleanly_on_sigterm_with_a_listener_open() -> None:
 
     assert code == 0
     assert not any(_alive(pid) for pid in child)
+
+
+async def test_bridge_presents_mcp_server_time_as_it_presents_itself(
+    time_bridge: _Process,
+) -> None:
+    assert _MCP_SERVER_TIME is not None
+    async with Client(StdioServerParameters(command=_MCP_SERVER_TIME)) as direct:
+        own, own_caps = direct.server_info, direct.server_capabilities
+    async with Client(time_bridge.url()) as client:
+        info, caps = client.server_info, client.server_capabilities
+
+    assert own is not None and own.version  # mcp-time, 2026.10.19
+    assert info is not None
+    assert (info.name, info.version) == (own.name, own.version)
+    assert (caps.prompts is None, caps.resources is None) == (
+        own_caps.prompts is None,
+        own_caps.resources is None,
+    )
+
+
+async def test_bridge_keeps_the_servers_own_server_info_and_capabilities() -> None:
+    with _bridge(*_NOTES) as bridge:
+        async with Client(await asyncio.to_thread(bridge.url)) as client:
+            info, caps = client.server_info, client.server_capabilities
+            instructions = client.instructions
+
+    assert info is not None
+    assert (info.name, info.version) == (NOTES_NAME, NOTES_VERSION)
+    assert instructions == "Notes for tests."
+    assert caps.tools is not None
+    assert caps.prompts is not None
+    assert caps.resources is not None
+
+
+async def test_bridge_forwards_prompts_and_resources() -> None:
+    with _bridge(*_NOTES) as bridge:
+        async with Client(await asyncio.to_thread(bridge.url)) as client:
+            prompts = await client.list_prompts()
+            prompt = await client.get_prompt("summarize", {"topic": "deploys"})
+            resources = await client.list_resources()
+            templates = await client.list_resource_templates()
+            everything = await client.read_resource("notes://all")
+            one = await client.read_resource("notes://by-id/7")
+            with pytest.raises(MCPError) as unknown:
+                await client.read_resource("notes://nowhere")
+
+    assert [(p.name, [a.name for a in p.arguments or []]) for p in prompts.prompts] == [
+        ("summarize", ["topic"])
+    ]
+    (message,) = prompt.messages
+    assert isinstance(message.content, mcp_types.TextContent)
+    assert message.content.text == "Summarize the notes about deploys."
+    assert [(r.name, str(r.uri)) for r in resources.resources] == [("all-notes", "notes://all")]
+    assert [t.uri_template for t in templates.resource_templates] == ["notes://by-id/{note_id}"]
+    (content,) = everything.contents
+    assert isinstance(content, mcp_types.TextResourceContents)
+    assert content.text == "first note\nsecond note"
+    assert [c.text for c in one.contents if isinstance(c, mcp_types.TextResourceContents)] == [
+        "note 7"
+    ]
+    assert unknown.value.error.code == mcp_types.INVALID_PARAMS  # as the server answers it
+    assert unknown.value.error.message == "Unknown resource: notes://nowhere"
+
+
+async def test_bridge_name_option_replaces_only_the_name() -> None:
+    with _running(
+        ["-m", "specmesh.mcpbridge", "--port", "0", "--name", "notes", "--", *_NOTES]
+    ) as bridge:
+        async with Client(await asyncio.to_thread(bridge.url)) as client:
+            info = client.server_info
+
+    assert info is not None
+    assert (info.name, info.version) == ("notes", NOTES_VERSION)
