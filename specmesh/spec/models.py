@@ -30,6 +30,7 @@ from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
 from specmesh import jsonbounds
+from specmesh.callers import check_principal_pattern
 from specmesh.errors import SecretReferenceError
 from specmesh.names import LOGICAL_NAME_PATTERN, MAX_NAME_LENGTH, check_logical_name
 from specmesh.regex import MAX_PATTERN_LENGTH, check_pattern
@@ -43,6 +44,7 @@ __all__ = [
     "AgentManifest",
     "AgentSpec",
     "AutoscalingSpec",
+    "CallersSpec",
     "CanaryTrackSpec",
     "ChunkingSpec",
     "CompressionSpec",
@@ -319,6 +321,46 @@ class SkillSpec(SpecModel):
     """Example requests."""
 
 
+def _principal_pattern(value: str) -> str:
+    problem = check_principal_pattern(value)
+    if problem:
+        raise PydanticCustomError(
+            "principal",
+            "principal pattern '{pattern}': {problem}",
+            {"pattern": value[:80], "problem": problem},
+        )
+    return value
+
+
+PrincipalPattern = Annotated[str, AfterValidator(_principal_pattern)]
+
+
+def _caller_agent(value: str) -> str:
+    if value == "*":
+        return value
+    problem = check_logical_name(value)
+    if problem:
+        raise PydanticCustomError("agent_name", "{problem}", {"problem": problem})
+    return value
+
+
+CallerAgent = Annotated[str, AfterValidator(_caller_agent)]
+
+
+class CallersSpec(SpecModel):
+    """Who may call this agent (checked by its sidecar; rendered into Istio's
+    AuthorizationPolicy). Without ``callers``: every agent that lists this one among its
+    partners, and no external client."""
+
+    agents: Annotated[list[CallerAgent], Field(max_length=256)] = ["*"]
+    """Agents (logical names) that may call, when they also list this agent among their
+    partners; ``*``: every agent that does (the default); ``[]``: none."""
+    principals: Annotated[list[PrincipalPattern], Field(max_length=64)] = []
+    """External callers by request principal ``<iss>/<sub>`` of their bearer token (a JWT
+    of an issuer the sidecars trust, or one the control plane issued: ``specmesh/<name>``);
+    ``*`` is any authenticated caller, and one ``*`` may start or end a pattern."""
+
+
 class AgentBase(SpecModel):
     """The base part: what the agent is and which Prompt Center prompt drives it."""
 
@@ -334,6 +376,8 @@ class AgentBase(SpecModel):
     """Values for the prompt template's variables; they override the prompt's defaults."""
     skills: Annotated[list[SkillSpec], Field(max_length=64)] = []
     """Skills advertised on the agent card."""
+    callers: CallersSpec | None = None
+    """Who may call the agent (default: the agents that list it as a partner, no one else)."""
 
     @model_validator(mode="after")
     def _one_selector(self) -> AgentBase:
