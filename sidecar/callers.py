@@ -265,7 +265,14 @@ class JwtVerifier:
     def configured(self) -> bool:
         return bool(self._issuers)
 
+    async def __aenter__(self) -> JwtVerifier:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     async def close(self) -> None:
+        """Close the JWKS client session (opened by the first fetch)."""
         if self._session is not None:
             await self._session.close()
             self._session = None
