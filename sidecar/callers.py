@@ -33,7 +33,7 @@ import aiohttp
 import jwt
 from aiohttp import web
 from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from specmesh.callers import principal_matches

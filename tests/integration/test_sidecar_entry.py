@@ -28,7 +28,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from engine.server import EngineServer, ServerConfig
 from engine.testing import ScriptedRunner
-from sidecar.callers import CallerPolicy, JwtIssuer, JwtVerifier
+from sidecar.callers import CallerPolicy, CallerRefused, JwtIssuer, JwtVerifier
 from sidecar.entry import CARD_PATH, EntryServer, GrpcEntry
 from sidecar.grpcproxy import A2A_SERVICE, GrpcInbound, GrpcInstanceSource
 from sidecar.inbound import InboundServer, InMemoryPartnerGraph
@@ -687,3 +687,37 @@ async def test_istio_inbound_verifies_tokens_and_takes_the_caller_from_xfcc(
     assert (first.headers[CALLER_KEY], first.headers[PRINCIPAL_KEY]) == ("partner-a", ALICE)
     assert CALLER_KEY not in second.headers and PRINCIPAL_KEY not in second.headers
     assert (third.headers[CALLER_KEY], third.headers[PRINCIPAL_KEY]) == ("partner-a", ALICE)
+
+
+# ---------------------------------------------------------------- JWKS fetching
+
+
+async def test_jwks_is_cached_and_refetched_for_a_new_kid_at_most_every_few_seconds(
+    issuer: JwksIssuer,
+) -> None:
+    now = [1000.0]
+    verifier = JwtVerifier(
+        issuers=[issuer.config()], agent=AGENT, min_refetch=5.0, clock=lambda: now[0]
+    )
+    policy = CallerPolicy(
+        agent=AGENT, graph=InMemoryPartnerGraph({}), callers=lambda: None, verifier=verifier
+    )
+    async with verifier:
+        assert await policy.authenticate(f"Bearer {issuer.token()}") == ALICE
+        assert await policy.authenticate(f"Bearer {issuer.token('bob')}") == f"{ISSUER}/bob"
+        assert issuer.fetches == 1  # cached
+        # the issuer rotates its key: a token with the new kid
+        issuer.key, issuer.kid = ec.generate_private_key(ec.SECP256R1()), "k2"
+        now[0] += 1.0  # too soon after the last fetch: no refetch, the kid is unknown
+        with pytest.raises(CallerRefused, match="has no key 'k2'"):
+            await policy.authenticate(f"Bearer {issuer.token()}")
+        assert issuer.fetches == 1
+        now[0] += 5.0
+        assert await policy.authenticate(f"Bearer {issuer.token()}") == ALICE
+        assert issuer.fetches == 2
+        # a flood of unknown kids does not become a flood of fetches
+        issuer.kid = "k3"
+        for _ in range(5):
+            with pytest.raises(CallerRefused):
+                await policy.authenticate(f"Bearer {issuer.token()}")
+        assert issuer.fetches == 2
