@@ -45,17 +45,17 @@ from .callers import CallerPolicy, CallerRefused
 from .grpcproxy import (
     AUTHORIZATION_KEY,
     ChannelPool,
+    Handler,
     Metadata,
-    _abort_as,
-    _bind,
-    _first,
-    _generic_handler,
-    _Handler,
-    _relay_stream,
-    _relay_unary,
-    _split,
+    abort_as,
     abort_refused,
+    bind_server,
     end_to_end_metadata,
+    first_value,
+    generic_handler,
+    relay_stream,
+    relay_unary,
+    split_address,
 )
 from .mtls import AgentCertificates, agent_dns_name
 from .relay import end_to_end_headers, relay
@@ -266,7 +266,7 @@ class GrpcEntry:
         self.policy = policy
         self._router = router
         self._pool = ChannelPool(certificates=certificates)
-        self.host, self.port = _split(address)
+        self.host, self.port = split_address(address)
         self._server: grpc.aio.Server | None = None
         self._engine: grpc.aio.Channel | None = None
 
@@ -278,9 +278,9 @@ class GrpcEntry:
         self._engine = grpc.aio.insecure_channel(self.engine_grpc)
         server = grpc.aio.server()
         server.add_generic_rpc_handlers(
-            (_generic_handler(self._unary_handler, self._stream_handler),)
+            (generic_handler(self._unary_handler, self._stream_handler),)
         )
-        self.port = await _bind(server, f"{self.host}:{self.port}", None)
+        self.port = await bind_server(server, f"{self.host}:{self.port}", None)
         await server.start()
         self._server = server
 
@@ -306,7 +306,7 @@ class GrpcEntry:
         """(metadata to send, channel, the other instance or None), or abort the call."""
         incoming = context.invocation_metadata()
         try:
-            principal = await self.policy.external(_first(incoming, AUTHORIZATION_KEY))
+            principal = await self.policy.external(first_value(incoming, AUTHORIZATION_KEY))
         except CallerRefused as e:
             await abort_refused(context, e)
         metadata = end_to_end_metadata(incoming, CALLER_KEY, PRINCIPAL_KEY, AUTHORIZATION_KEY)
@@ -322,25 +322,25 @@ class GrpcEntry:
         if target is not None and self._router is not None:
             self._router.report(target, _GRPC_REPORTED.get(code, 400))
 
-    def _unary_handler(self, method: str) -> _Handler:
+    def _unary_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             metadata, channel, target = await self._prepare(context)
             try:
-                response = await _relay_unary(channel, method, request, context, metadata)
+                response = await relay_unary(channel, method, request, context, metadata)
             except grpc.aio.AioRpcError as e:
                 self._report(target, e.code())
-                await _abort_as(context, e)
+                await abort_as(context, e)
             self._report(target, grpc.StatusCode.OK)
             return response
 
         return handle
 
-    def _stream_handler(self, method: str) -> _Handler:
+    def _stream_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             metadata, channel, target = await self._prepare(context)
             outcome: list[grpc.StatusCode] = []
             try:
-                async for message in _relay_stream(
+                async for message in relay_stream(
                     channel, method, request, context, metadata, outcome
                 ):
                     yield message

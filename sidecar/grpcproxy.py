@@ -2,10 +2,14 @@
 
 * :class:`GrpcInbound` listens on ``SPECMESH_INBOUND_GRPC``. In mTLS mode it requires a client
   certificate from the mesh CA; the caller is the agent named by the certificate's URI SAN and
-  must list THIS agent among its partners (:class:`~sidecar.inbound.PartnerGraph`), else
-  ``PERMISSION_DENIED``; no usable certificate -> ``UNAUTHENTICATED``. Allowed calls go, as raw
-  bytes, to the engine's gRPC listener (``SPECMESH_ENGINE_GRPC``) with the caller's metadata
-  plus ``x-specmesh-caller``. Plaintext (no caller check) when Istio provides mTLS.
+  must be allowed by the shared :class:`~sidecar.callers.CallerPolicy` (it lists THIS agent
+  among its partners and ``callers.agents`` admits it), else ``PERMISSION_DENIED``; no usable
+  certificate -> ``UNAUTHENTICATED`` (both with ``grpc-status-details-bin``). Allowed calls go,
+  as raw bytes, to the engine's gRPC listener (``SPECMESH_ENGINE_GRPC``) with the caller's
+  metadata plus ``x-specmesh-caller``; ``x-specmesh-principal`` is kept only from a
+  certificate naming THIS agent (an entry of another instance forwarding). Plaintext when
+  Istio provides mTLS: a bearer token, when sent, is verified (``x-specmesh-principal``) and
+  the caller comes from ``x-forwarded-client-cert``.
   Certificate rotation: the server credentials are dynamic
   (``grpc.dynamic_ssl_server_credentials``): each new handshake presents the current
   certificate; established connections are untouched.
@@ -52,6 +56,7 @@ from .state import SnapshotHolder
 __all__ = [
     "A2A_METHODS",
     "A2A_SERVICE",
+    "AUTHORIZATION_KEY",
     "CALLER_KEY",
     "PRINCIPAL_KEY",
     "TARGET_KEY",
@@ -59,9 +64,19 @@ __all__ = [
     "GrpcEgress",
     "GrpcInbound",
     "GrpcInstanceSource",
+    "Handler",
+    "Metadata",
+    "abort_as",
     "abort_refused",
     "agent_from_pem",
+    "bind_server",
+    "end_to_end_metadata",
+    "first_value",
+    "generic_handler",
+    "relay_stream",
+    "relay_unary",
     "relayed_trailers",
+    "split_address",
 ]
 
 logger = logging.getLogger(__name__)
@@ -94,7 +109,7 @@ _TRANSPORT_TRAILERS = frozenset(
 )
 
 Metadata = list[tuple[str, str | bytes]]
-_Handler = Callable[[bytes, grpc.aio.ServicerContext], Any]
+Handler = Callable[[bytes, grpc.aio.ServicerContext], Any]
 
 
 def agent_from_pem(pem: bytes | str | None) -> str | None:
@@ -127,7 +142,7 @@ def end_to_end_metadata(metadata: Sequence[Any] | None, *drop: str) -> Metadata:
     return out
 
 
-def _first(metadata: Sequence[Any] | None, key: str) -> str | None:
+def first_value(metadata: Sequence[Any] | None, key: str) -> str | None:
     """The first text value of ``key`` in invocation metadata."""
     for item in metadata or ():
         if str(item[0]).lower() == key and isinstance(item[1], str):
@@ -167,7 +182,7 @@ def relayed_trailers(metadata: Sequence[Any] | None) -> tuple[tuple[str, str | b
     return tuple(out)
 
 
-async def _abort_as(context: grpc.aio.ServicerContext, error: grpc.aio.AioRpcError) -> NoReturn:
+async def abort_as(context: grpc.aio.ServicerContext, error: grpc.aio.AioRpcError) -> NoReturn:
     """End the call as the upstream call ended: its code, details and trailers."""
     await context.abort(
         error.code(), error.details() or "", relayed_trailers(error.trailing_metadata())
@@ -180,8 +195,8 @@ def _timeout(context: grpc.aio.ServicerContext) -> float | None:
     return remaining if remaining is not None and remaining < 1e8 else None
 
 
-def _generic_handler(
-    unary: Callable[[str], _Handler], stream: Callable[[str], _Handler]
+def generic_handler(
+    unary: Callable[[str], Handler], stream: Callable[[str], Handler]
 ) -> grpc.GenericRpcHandler:
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for name, streaming in A2A_METHODS.items():
@@ -192,7 +207,7 @@ def _generic_handler(
     return grpc.method_handlers_generic_handler(A2A_SERVICE, handlers)
 
 
-async def _relay_unary(
+async def relay_unary(
     channel: grpc.aio.Channel,
     method: str,
     request: bytes,
@@ -201,7 +216,7 @@ async def _relay_unary(
 ) -> bytes:
     """One unary call upstream; its answer's trailing metadata is copied to ``context``. An
     upstream error is raised as :class:`grpc.aio.AioRpcError` (end the call with
-    :func:`_abort_as`)."""
+    :func:`abort_as`)."""
     call = channel.unary_unary(f"/{A2A_SERVICE}/{method}")(
         request, metadata=metadata, timeout=_timeout(context)
     )
@@ -210,7 +225,7 @@ async def _relay_unary(
     return response
 
 
-async def _relay_stream(
+async def relay_stream(
     channel: grpc.aio.Channel,
     method: str,
     request: bytes,
@@ -229,14 +244,14 @@ async def _relay_stream(
         trailers = await call.trailing_metadata()
     except grpc.aio.AioRpcError as e:
         outcome.append(e.code())
-        await _abort_as(context, e)
+        await abort_as(context, e)
     finally:
         call.cancel()  # no-op once done; stops upstream when the caller went away
     outcome.append(grpc.StatusCode.OK)
     context.set_trailing_metadata(relayed_trailers(trailers))
 
 
-async def _bind(server: grpc.aio.Server, address: str, creds: Any | None) -> int:
+async def bind_server(server: grpc.aio.Server, address: str, creds: Any | None) -> int:
     port: int = (
         server.add_secure_port(address, creds)
         if creds is not None
@@ -247,7 +262,7 @@ async def _bind(server: grpc.aio.Server, address: str, creds: Any | None) -> int
     return port
 
 
-def _split(address: str) -> tuple[str, int]:
+def split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]") or "127.0.0.1", int(port or 0)
 
@@ -279,7 +294,7 @@ class GrpcInbound:
             policy = CallerPolicy(agent=agent_name, graph=graph)
         self.policy = policy
         self._certs = certificates
-        self.host, self.port = _split(address)
+        self.host, self.port = split_address(address)
         self._server: grpc.aio.Server | None = None
         self._channel: grpc.aio.Channel | None = None
         self._cert_config: tuple[str, Any] | None = None
@@ -311,7 +326,7 @@ class GrpcInbound:
         self._channel = grpc.aio.insecure_channel(self.engine_grpc)
         server = grpc.aio.server()
         server.add_generic_rpc_handlers(
-            (_generic_handler(self._unary_handler, self._stream_handler),)
+            (generic_handler(self._unary_handler, self._stream_handler),)
         )
         creds = None
         if self._certs is not None:
@@ -320,7 +335,7 @@ class GrpcInbound:
                 self._fetch_config,
                 require_client_authentication=True,
             )
-        self.port = await _bind(server, f"{self.host}:{self.port}", creds)
+        self.port = await bind_server(server, f"{self.host}:{self.port}", creds)
         await server.start()
         self._server = server
 
@@ -343,7 +358,7 @@ class GrpcInbound:
         """The metadata to send to the engine, or abort the call (the same rules as the
         HTTP inbound, :class:`~sidecar.inbound.InboundServer`)."""
         incoming = context.invocation_metadata()
-        sent = _first(incoming, PRINCIPAL_KEY)
+        sent = first_value(incoming, PRINCIPAL_KEY)
         metadata = end_to_end_metadata(incoming, CALLER_KEY, PRINCIPAL_KEY)
         try:
             if self._certs is not None:
@@ -359,10 +374,10 @@ class GrpcInbound:
                     self.policy.check_agent(caller)
                 metadata.append((CALLER_KEY, caller))
             else:
-                caller = agent_from_xfcc(_first(incoming, XFCC_KEY))
+                caller = agent_from_xfcc(first_value(incoming, XFCC_KEY))
                 if caller is not None:
                     metadata.append((CALLER_KEY, caller))
-                authorization = _first(incoming, AUTHORIZATION_KEY)
+                authorization = first_value(incoming, AUTHORIZATION_KEY)
                 metadata = [(k, v) for k, v in metadata if k != AUTHORIZATION_KEY]
                 if authorization:
                     metadata.append((PRINCIPAL_KEY, await self.policy.external(authorization)))
@@ -370,22 +385,22 @@ class GrpcInbound:
             await abort_refused(context, e)
         return metadata
 
-    def _unary_handler(self, method: str) -> _Handler:
+    def _unary_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             metadata = await self._authorize(context)
             assert self._channel is not None
             try:
-                return await _relay_unary(self._channel, method, request, context, metadata)
+                return await relay_unary(self._channel, method, request, context, metadata)
             except grpc.aio.AioRpcError as e:
-                await _abort_as(context, e)
+                await abort_as(context, e)
 
         return handle
 
-    def _stream_handler(self, method: str) -> _Handler:
+    def _stream_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             metadata = await self._authorize(context)
             assert self._channel is not None
-            async for message in _relay_stream(
+            async for message in relay_stream(
                 self._channel, method, request, context, metadata, []
             ):
                 yield message
@@ -507,7 +522,7 @@ class GrpcEgress:
         self._credentials = credentials
         self._router = router
         self._certs = certificates
-        self.host, self.port = _split(address)
+        self.host, self.port = split_address(address)
         self._channels = ChannelPool(certificates=certificates, grace=channel_grace)
         self._server: grpc.aio.Server | None = None
 
@@ -518,9 +533,9 @@ class GrpcEgress:
     async def start(self) -> None:
         server = grpc.aio.server()
         server.add_generic_rpc_handlers(
-            (_generic_handler(self._unary_handler, self._stream_handler),)
+            (generic_handler(self._unary_handler, self._stream_handler),)
         )
-        self.port = await _bind(server, f"{self.host}:{self.port}", None)
+        self.port = await bind_server(server, f"{self.host}:{self.port}", None)
         await server.start()
         self._server = server
 
@@ -591,29 +606,29 @@ class GrpcEgress:
     def _report(self, target: Target, code: grpc.StatusCode) -> None:
         self._router.report(target, _REPORTED_STATUS.get(code, 400))
 
-    def _unary_handler(self, method: str) -> _Handler:
+    def _unary_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             agent, metadata, headers = await self._prepare(context)
             target = await self._pick(agent, headers, context)
             try:
-                response = await _relay_unary(
+                response = await relay_unary(
                     self._channels.get(target), method, request, context, metadata
                 )
             except grpc.aio.AioRpcError as e:
                 self._report(target, e.code())
-                await _abort_as(context, e)
+                await abort_as(context, e)
             self._report(target, grpc.StatusCode.OK)
             return response
 
         return handle
 
-    def _stream_handler(self, method: str) -> _Handler:
+    def _stream_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             agent, metadata, headers = await self._prepare(context)
             target = await self._pick(agent, headers, context)
             outcome: list[grpc.StatusCode] = []
             try:
-                async for message in _relay_stream(
+                async for message in relay_stream(
                     self._channels.get(target), method, request, context, metadata, outcome
                 ):
                     yield message
