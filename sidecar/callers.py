@@ -221,8 +221,15 @@ class _TokenInvalid(Exception):
 
 
 @dataclass
+class _Key:
+    jwk: jwt.PyJWK
+    data: dict[str, Any]
+    """The JWK as published (its ``kty`` and optional ``alg``)."""
+
+
+@dataclass
 class _KeySet:
-    keys: dict[str | None, jwt.PyJWK]
+    keys: dict[str | None, _Key]
     fetched_at: float
 
 
@@ -300,11 +307,14 @@ class JwtVerifier:
         if issuer is None:
             raise _TokenInvalid(f"token issuer {iss!r} is not trusted")
         key = await self._key(issuer, header.get("kid"))
+        problem = _incompatible(key, alg)
+        if problem:
+            raise _TokenInvalid(f"issuer {iss!r}'s key {header.get('kid')!r} {problem}")
         audiences = self.audiences(issuer)
         try:
             verified = jwt.decode(
                 token,
-                key=key.key,
+                key=key.jwk.key,
                 algorithms=[alg],
                 audience=audiences,
                 issuer=iss,
@@ -331,7 +341,7 @@ class JwtVerifier:
             raise _TokenInvalid("the token has no subject (sub)")
         return f"{iss}/{sub}"
 
-    async def _key(self, issuer: JwtIssuer, kid: str | None) -> jwt.PyJWK:
+    async def _key(self, issuer: JwtIssuer, kid: str | None) -> _Key:
         name = issuer.issuer
         now = self._clock()
         current = self._sets.get(name)
@@ -378,10 +388,10 @@ class JwtVerifier:
             self._sets[name] = _KeySet(keys=keys, fetched_at=now)
 
 
-def _parse_jwks(data: Any, issuer: str) -> dict[str | None, jwt.PyJWK]:
+def _parse_jwks(data: Any, issuer: str) -> dict[str | None, _Key]:
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
         raise ValueError(f"the JWKS of issuer {issuer!r} is not {{'keys': [...]}}")
-    keys: dict[str | None, jwt.PyJWK] = {}
+    keys: dict[str | None, _Key] = {}
     for item in data["keys"]:
         if not isinstance(item, dict) or item.get("kty") == "oct" or item.get("use") == "enc":
             continue  # no shared secrets, no encryption keys
@@ -390,11 +400,27 @@ def _parse_jwks(data: Any, issuer: str) -> dict[str | None, jwt.PyJWK]:
         except jwt.PyJWTError as e:
             logger.warning("skipping a key of issuer %s's JWKS: %s", issuer, e)
             continue
-        keys[item.get("kid")] = key
+        keys[item.get("kid")] = _Key(jwk=key, data=item)
     return keys
 
 
-def _find(keys: _KeySet, kid: str | None) -> jwt.PyJWK | None:
+_FAMILIES = {"RSA": ("RS", "PS"), "EC": ("ES",), "OKP": ("EdDSA",)}
+
+
+def _incompatible(key: _Key, alg: str) -> str | None:
+    """Why ``key`` may not verify a token of algorithm ``alg`` (its type, or the ``alg`` the
+    JWK pins), or None."""
+    data = key.data
+    pinned = data.get("alg")
+    if pinned and pinned != alg:
+        return f"is for {pinned}, not {alg}"
+    families = _FAMILIES.get(str(data.get("kty")), ())
+    if not any(alg.startswith(f) for f in families):
+        return f"({data.get('kty')}) cannot verify {alg}"
+    return None
+
+
+def _find(keys: _KeySet, kid: str | None) -> _Key | None:
     if kid is not None:
         return keys.keys.get(kid)
     if len(keys.keys) == 1:

@@ -100,6 +100,8 @@ async def test_valid_token_gives_the_request_principal(key: Any, alg: str, kid: 
         (lambda: _token(key=None, alg="none", kid=None), "'none' is not allowed"),
         (lambda: _token(key="a-shared-secret-of-32-bytes-long!", alg="HS256"), "'HS256'"),
         (lambda: "not.a.jwt", "not a well-formed JWT"),
+        (lambda: _token(key=RSA_KEY, alg="RS256", kid="ec1"), "(EC) cannot verify RS256"),
+        (lambda: _token(key=EC_KEY, alg="ES256", kid="rsa1"), "(RSA) cannot verify ES256"),
     ],
 )
 async def test_bad_tokens_are_unauthenticated_naming_why(token: Any, said: str) -> None:
@@ -254,3 +256,13 @@ def test_settings_read_issuers_and_entry_listeners(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("SPECMESH_JWT_ISSUERS", json.dumps([{"issuer": "x"}]))
     with pytest.raises(ValidationError, match="exactly one of jwksUri and jwks"):
         SidecarSettings()
+
+
+async def test_a_jwk_pinning_its_algorithm_verifies_only_that_one() -> None:
+    pinned = {**_jwk(RSA_KEY, "rsa1"), "alg": "PS256"}
+    issuer = JwtIssuer(issuer=ISS, jwks={"keys": [pinned]})
+    policy = _policy(CallersSpec(principals=["*"]), issuers=[issuer])
+    ps = _token(key=RSA_KEY, alg="PS256", kid="rsa1")
+    assert await policy.external(f"Bearer {ps}") == f"{ISS}/alice"
+    refused = await _refused(policy, f"Bearer {_token(key=RSA_KEY, alg='RS256', kid='rsa1')}")
+    assert "is for PS256, not RS256" in refused.message
