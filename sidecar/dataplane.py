@@ -9,7 +9,12 @@ Started after the spec sync and the registry view (it needs both), stopped befor
 6. the Redis proxy on loopback (memory store, password from Vault; listens once the
    spec's memory is Redis);
 7. A2A over gRPC, each when its setting is set: egress on loopback
-   (``SPECMESH_EGRESS_GRPC``) and inbound (``SPECMESH_INBOUND_GRPC``, mTLS + partner check).
+   (``SPECMESH_EGRESS_GRPC``) and inbound (``SPECMESH_INBOUND_GRPC``, mTLS + partner check);
+8. the public entry, each when its setting is set and not in Istio mode: HTTP
+   (``SPECMESH_ENTRY``) and gRPC (``SPECMESH_ENTRY_GRPC``), bearer tokens.
+
+Every listener asks one :class:`~sidecar.callers.CallerPolicy` (this agent's ``callers``
+from its own snapshot, the partner graph, the trusted token issuers).
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import contextlib
 import logging
 from urllib.parse import urlsplit
 
+from sidecar.callers import CallerPolicy, JwtVerifier
 from sidecar.credentials import CredentialResolver, KubernetesLogin, TokenLogin, VaultLogin
 from sidecar.egress import EgressMetrics, EgressProxy
+from sidecar.entry import EntryServer, GrpcEntry
 from sidecar.grpcproxy import GrpcEgress, GrpcInbound, GrpcInstanceSource
 from sidecar.inbound import EtcdPartnerGraph, InboundServer
 from sidecar.main import SidecarContext
@@ -30,6 +37,7 @@ from sidecar.router import EtcdReleaseSource, Router
 from sidecar.settings import SidecarSettings, parse_listen_address
 from specmesh.addresses import parse_table
 from specmesh.errors import SecretError
+from specmesh.spec.models import CallersSpec
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient, agent_pki_role, keep_token_alive
 from specmesh.watch import PrefixWatcher
@@ -73,6 +81,10 @@ class DataPlane:
         self.redis_proxy: RedisProxy | None = None
         self.grpc_egress: GrpcEgress | None = None
         self.grpc_inbound: GrpcInbound | None = None
+        self.entry: EntryServer | None = None
+        self.grpc_entry: GrpcEntry | None = None
+        self.verifier: JwtVerifier | None = None
+        self.policy: CallerPolicy | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pki: PkiClient | None = None
 
@@ -123,11 +135,24 @@ class DataPlane:
         graph = EtcdPartnerGraph(store=SpecStore(etcd=self.ctx.etcd, keys=self.ctx.keys))
         await graph.refresh()
         self._tasks.append(asyncio.create_task(graph.run(), name="partner-graph-watch"))
+        self.verifier = JwtVerifier(
+            issuers=settings.jwt_issuers,
+            agent=settings.agent_name,
+            leeway=settings.jwt_leeway_seconds,
+            min_refetch=settings.jwks_refetch_seconds,
+            jwks_ttl=settings.jwks_ttl_seconds,
+        )
+        self.policy = CallerPolicy(
+            agent=settings.agent_name,
+            graph=graph,
+            callers=self._own_callers,
+            verifier=self.verifier,
+        )
         host, port = _host_port(settings.inbound)
         self.inbound = InboundServer(
             agent_name=settings.agent_name,
             engine_http=settings.engine_http,
-            graph=graph,
+            policy=self.policy,
             certificates=self.certificates,
             host=host,
             port=port,
@@ -143,14 +168,14 @@ class DataPlane:
             service_addresses=parse_table(settings.service_addresses),
         )
         await self.redis_proxy.start()
+        # its own router (outlier state per protocol) over the instances with a grpcEndpoint
+        grpc_router = Router(
+            instances=GrpcInstanceSource(self.ctx.registry_view),
+            releases=releases,
+            mode="istio" if settings.istio else "direct",
+            on_ejection=metrics.on_ejection,
+        )
         if settings.egress_grpc:
-            # its own router (outlier state per protocol) over the instances with a grpcEndpoint
-            grpc_router = Router(
-                instances=GrpcInstanceSource(self.ctx.registry_view),
-                releases=releases,
-                mode="istio" if settings.istio else "direct",
-                on_ejection=metrics.on_ejection,
-            )
             self.grpc_egress = GrpcEgress(
                 snapshots=self.ctx.holder,
                 credentials=self.credentials,
@@ -163,12 +188,55 @@ class DataPlane:
             self.grpc_inbound = GrpcInbound(
                 agent_name=settings.agent_name,
                 engine_grpc=settings.engine_grpc,
-                graph=graph,
+                policy=self.policy,
                 certificates=self.certificates,
                 address=settings.inbound_grpc,
             )
             await self.grpc_inbound.start()
+        await self._start_entry(router, grpc_router)
         logger.info("data plane up: egress %s, inbound %s", self.egress.url, self.inbound.url)
+
+    def _own_callers(self) -> CallersSpec | None:
+        """This agent's ``base.callers`` in the snapshot it serves (None: the defaults)."""
+        snapshot = self.ctx.holder.current
+        return snapshot.spec.base.callers if snapshot is not None else None
+
+    async def _start_entry(self, router: Router, grpc_router: Router) -> None:
+        settings = self.ctx.settings
+        assert self.policy is not None
+        if settings.istio:
+            if settings.entry or settings.entry_grpc:
+                logger.warning(
+                    "SPECMESH_ENTRY/SPECMESH_ENTRY_GRPC are ignored in Istio mode: "
+                    "the inbound is the entry"
+                )
+            return
+        if settings.entry:
+            host, port = _host_port(settings.entry)
+            self.entry = EntryServer(
+                agent_name=settings.agent_name,
+                instance_id=settings.instance_id,
+                engine_http=settings.engine_http,
+                policy=self.policy,
+                router=router,
+                client_ssl=self.certificates.client_context if self.certificates else None,
+                host=host,
+                port=port,
+            )
+            await self.entry.start()
+            logger.info("public entry (HTTP) on %s", self.entry.url)
+        if settings.entry_grpc:
+            self.grpc_entry = GrpcEntry(
+                agent_name=settings.agent_name,
+                instance_id=settings.instance_id,
+                engine_grpc=settings.engine_grpc,
+                policy=self.policy,
+                router=grpc_router,
+                certificates=self.certificates,
+                address=settings.entry_grpc,
+            )
+            await self.grpc_entry.start()
+            logger.info("public entry (gRPC) on %s", self.grpc_entry.target)
 
     async def stop(self) -> None:
         if self.vault is not None and self.ctx.settings.vault_revoke_on_stop:
@@ -179,6 +247,10 @@ class DataPlane:
                 logger.info("revoked this instance's Vault token")
             except SecretError as e:
                 logger.warning("could not revoke the Vault token: %s", e)
+        if self.grpc_entry is not None:
+            await self.grpc_entry.stop()
+        if self.entry is not None:
+            await self.entry.stop()
         if self.grpc_inbound is not None:
             await self.grpc_inbound.stop()
         if self.grpc_egress is not None:
@@ -198,6 +270,8 @@ class DataPlane:
             await self.certificates.close()
         if self._pki is not None:
             await self._pki.close()
+        if self.verifier is not None:
+            await self.verifier.close()
         if self.credentials is not None:
             await self.credentials.close()
         if self.vault is not None:

@@ -2,10 +2,14 @@
 
 * :class:`GrpcInbound` listens on ``SPECMESH_INBOUND_GRPC``. In mTLS mode it requires a client
   certificate from the mesh CA; the caller is the agent named by the certificate's URI SAN and
-  must list THIS agent among its partners (:class:`~sidecar.inbound.PartnerGraph`), else
-  ``PERMISSION_DENIED``; no usable certificate -> ``UNAUTHENTICATED``. Allowed calls go, as raw
-  bytes, to the engine's gRPC listener (``SPECMESH_ENGINE_GRPC``) with the caller's metadata
-  plus ``x-specmesh-caller``. Plaintext (no caller check) when Istio provides mTLS.
+  must be allowed by the shared :class:`~sidecar.callers.CallerPolicy` (it lists THIS agent
+  among its partners and ``callers.agents`` admits it), else ``PERMISSION_DENIED``; no usable
+  certificate -> ``UNAUTHENTICATED`` (both with ``grpc-status-details-bin``). Allowed calls go,
+  as raw bytes, to the engine's gRPC listener (``SPECMESH_ENGINE_GRPC``) with the caller's
+  metadata plus ``x-specmesh-caller``; ``x-specmesh-principal`` is kept only from a
+  certificate naming THIS agent (an entry of another instance forwarding). Plaintext when
+  Istio provides mTLS: a bearer token, when sent, is verified (``x-specmesh-principal``) and
+  the caller comes from ``x-forwarded-client-cert``.
   Certificate rotation: the server credentials are dynamic
   (``grpc.dynamic_ssl_server_credentials``): each new handshake presents the current
   certificate; established connections are untouched.
@@ -39,8 +43,10 @@ import grpc
 from a2a.types import a2a_pb2
 from cryptography import x509
 
+from specmesh.callers import CALLER_KEY, PRINCIPAL_KEY
 from specmesh.names import resource_name
 
+from .callers import CallerPolicy, CallerRefused, agent_from_xfcc
 from .credentials import CredentialResolver, CredentialUnavailableError
 from .inbound import PartnerGraph
 from .mtls import TRUST_DOMAIN, AgentCertificates, agent_dns_name
@@ -50,13 +56,27 @@ from .state import SnapshotHolder
 __all__ = [
     "A2A_METHODS",
     "A2A_SERVICE",
+    "AUTHORIZATION_KEY",
     "CALLER_KEY",
+    "PRINCIPAL_KEY",
     "TARGET_KEY",
+    "ChannelPool",
     "GrpcEgress",
     "GrpcInbound",
     "GrpcInstanceSource",
+    "Handler",
+    "Metadata",
+    "abort_as",
+    "abort_refused",
     "agent_from_pem",
+    "bind_server",
+    "end_to_end_metadata",
+    "first_value",
+    "generic_handler",
+    "relay_stream",
+    "relay_unary",
     "relayed_trailers",
+    "split_address",
 ]
 
 logger = logging.getLogger(__name__)
@@ -69,8 +89,9 @@ A2A_METHODS: dict[str, bool] = {
 }
 """Method name -> whether the server streams (no A2A method streams from the client)."""
 
-CALLER_KEY = "x-specmesh-caller"
 TARGET_KEY = "x-specmesh-target-agent"
+AUTHORIZATION_KEY = "authorization"
+XFCC_KEY = "x-forwarded-client-cert"
 _SPIFFE_PREFIX = f"spiffe://{TRUST_DOMAIN}/agent/"
 _HOP_BY_HOP = frozenset(
     {"te", "host", "connection", "content-type", "user-agent", "keep-alive", "upgrade"}
@@ -88,7 +109,7 @@ _TRANSPORT_TRAILERS = frozenset(
 )
 
 Metadata = list[tuple[str, str | bytes]]
-_Handler = Callable[[bytes, grpc.aio.ServicerContext], Any]
+Handler = Callable[[bytes, grpc.aio.ServicerContext], Any]
 
 
 def agent_from_pem(pem: bytes | str | None) -> str | None:
@@ -121,6 +142,28 @@ def end_to_end_metadata(metadata: Sequence[Any] | None, *drop: str) -> Metadata:
     return out
 
 
+def first_value(metadata: Sequence[Any] | None, key: str) -> str | None:
+    """The first text value of ``key`` in invocation metadata."""
+    for item in metadata or ():
+        if str(item[0]).lower() == key and isinstance(item[1], str):
+            return item[1]
+    return None
+
+
+async def abort_refused(context: grpc.aio.ServicerContext, refused: CallerRefused) -> NoReturn:
+    """End the call with the refusal's status (``UNAUTHENTICATED`` / ``PERMISSION_DENIED``)
+    and its ``google.rpc.Status`` in ``grpc-status-details-bin``."""
+    logger.warning(
+        "refused a gRPC call to %s: %s",
+        refused.agent,
+        refused.message,
+        extra={"agent": refused.agent, "reason": refused.reason},
+    )
+    code = getattr(grpc.StatusCode, refused.reason)
+    await context.abort(code, refused.message, refused.grpc_trailers())
+    raise AssertionError("ServicerContext.abort returned")  # unreachable: abort raises
+
+
 def relayed_trailers(metadata: Sequence[Any] | None) -> tuple[tuple[str, str | bytes], ...]:
     """Upstream trailing metadata to hand to the caller: all of it (``grpc-status-details-bin``
     and other ``grpc-*`` keys included) but pseudo-headers, hop-by-hop keys and those gRPC sets
@@ -139,7 +182,7 @@ def relayed_trailers(metadata: Sequence[Any] | None) -> tuple[tuple[str, str | b
     return tuple(out)
 
 
-async def _abort_as(context: grpc.aio.ServicerContext, error: grpc.aio.AioRpcError) -> NoReturn:
+async def abort_as(context: grpc.aio.ServicerContext, error: grpc.aio.AioRpcError) -> NoReturn:
     """End the call as the upstream call ended: its code, details and trailers."""
     await context.abort(
         error.code(), error.details() or "", relayed_trailers(error.trailing_metadata())
@@ -152,8 +195,8 @@ def _timeout(context: grpc.aio.ServicerContext) -> float | None:
     return remaining if remaining is not None and remaining < 1e8 else None
 
 
-def _generic_handler(
-    unary: Callable[[str], _Handler], stream: Callable[[str], _Handler]
+def generic_handler(
+    unary: Callable[[str], Handler], stream: Callable[[str], Handler]
 ) -> grpc.GenericRpcHandler:
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for name, streaming in A2A_METHODS.items():
@@ -164,7 +207,7 @@ def _generic_handler(
     return grpc.method_handlers_generic_handler(A2A_SERVICE, handlers)
 
 
-async def _relay_unary(
+async def relay_unary(
     channel: grpc.aio.Channel,
     method: str,
     request: bytes,
@@ -173,7 +216,7 @@ async def _relay_unary(
 ) -> bytes:
     """One unary call upstream; its answer's trailing metadata is copied to ``context``. An
     upstream error is raised as :class:`grpc.aio.AioRpcError` (end the call with
-    :func:`_abort_as`)."""
+    :func:`abort_as`)."""
     call = channel.unary_unary(f"/{A2A_SERVICE}/{method}")(
         request, metadata=metadata, timeout=_timeout(context)
     )
@@ -182,7 +225,7 @@ async def _relay_unary(
     return response
 
 
-async def _relay_stream(
+async def relay_stream(
     channel: grpc.aio.Channel,
     method: str,
     request: bytes,
@@ -201,14 +244,14 @@ async def _relay_stream(
         trailers = await call.trailing_metadata()
     except grpc.aio.AioRpcError as e:
         outcome.append(e.code())
-        await _abort_as(context, e)
+        await abort_as(context, e)
     finally:
         call.cancel()  # no-op once done; stops upstream when the caller went away
     outcome.append(grpc.StatusCode.OK)
     context.set_trailing_metadata(relayed_trailers(trailers))
 
 
-async def _bind(server: grpc.aio.Server, address: str, creds: Any | None) -> int:
+async def bind_server(server: grpc.aio.Server, address: str, creds: Any | None) -> int:
     port: int = (
         server.add_secure_port(address, creds)
         if creds is not None
@@ -219,7 +262,7 @@ async def _bind(server: grpc.aio.Server, address: str, creds: Any | None) -> int
     return port
 
 
-def _split(address: str) -> tuple[str, int]:
+def split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]") or "127.0.0.1", int(port or 0)
 
@@ -228,22 +271,30 @@ def _split(address: str) -> tuple[str, int]:
 
 
 class GrpcInbound:
-    """The A2A gRPC inbound; ``certificates=None`` means plaintext mode (Istio)."""
+    """The A2A gRPC inbound; ``certificates=None`` means plaintext mode (Istio).
+
+    ``policy`` decides who may call (shared with the HTTP listeners); without one, a policy
+    over ``graph`` with the default ``callers`` and no trusted token issuer."""
 
     def __init__(
         self,
         *,
         agent_name: str,
         engine_grpc: str,
-        graph: PartnerGraph,
+        graph: PartnerGraph | None = None,
         certificates: AgentCertificates | None,
+        policy: CallerPolicy | None = None,
         address: str = "127.0.0.1:0",
     ) -> None:
         self.agent = resource_name(agent_name)
         self.engine_grpc = engine_grpc
-        self._graph = graph
+        if policy is None:
+            if graph is None:
+                raise ValueError("GrpcInbound needs a policy or a partner graph")
+            policy = CallerPolicy(agent=agent_name, graph=graph)
+        self.policy = policy
         self._certs = certificates
-        self.host, self.port = _split(address)
+        self.host, self.port = split_address(address)
         self._server: grpc.aio.Server | None = None
         self._channel: grpc.aio.Channel | None = None
         self._cert_config: tuple[str, Any] | None = None
@@ -275,7 +326,7 @@ class GrpcInbound:
         self._channel = grpc.aio.insecure_channel(self.engine_grpc)
         server = grpc.aio.server()
         server.add_generic_rpc_handlers(
-            (_generic_handler(self._unary_handler, self._stream_handler),)
+            (generic_handler(self._unary_handler, self._stream_handler),)
         )
         creds = None
         if self._certs is not None:
@@ -284,7 +335,7 @@ class GrpcInbound:
                 self._fetch_config,
                 require_client_authentication=True,
             )
-        self.port = await _bind(server, f"{self.host}:{self.port}", creds)
+        self.port = await bind_server(server, f"{self.host}:{self.port}", creds)
         await server.start()
         self._server = server
 
@@ -304,48 +355,52 @@ class GrpcInbound:
         await self.stop()
 
     async def _authorize(self, context: grpc.aio.ServicerContext) -> Metadata:
-        """The metadata to send to the engine, or abort the call."""
-        metadata = end_to_end_metadata(context.invocation_metadata(), CALLER_KEY)
-        if self._certs is None:
-            return metadata
-        pems = context.auth_context().get("x509_pem_cert") or []
-        caller = agent_from_pem(pems[0]) if pems else None
-        if caller is None:
-            logger.warning("refused an inbound gRPC call: the certificate names no agent")
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, "the client certificate names no agent"
-            )
-        assert caller is not None
-        if self.agent not in self._graph.partners(caller):
-            logger.warning(
-                "refused an inbound gRPC call from %s: it does not list %s as a partner",
-                caller,
-                self.agent,
-                extra={"caller": caller, "agent": self.agent},
-            )
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"agent {caller!r} may not call agent {self.agent!r}",
-            )
-        metadata.append((CALLER_KEY, caller))
+        """The metadata to send to the engine, or abort the call (the same rules as the
+        HTTP inbound, :class:`~sidecar.inbound.InboundServer`)."""
+        incoming = context.invocation_metadata()
+        sent = first_value(incoming, PRINCIPAL_KEY)
+        metadata = end_to_end_metadata(incoming, CALLER_KEY, PRINCIPAL_KEY)
+        try:
+            if self._certs is not None:
+                pems = context.auth_context().get("x509_pem_cert") or []
+                caller = agent_from_pem(pems[0]) if pems else None
+                if caller is None:
+                    raise self.policy.refused(
+                        "UNAUTHENTICATED", "the client certificate names no agent"
+                    )
+                if caller == self.agent and sent:
+                    metadata.append((PRINCIPAL_KEY, sent))  # an entry of this agent forwarding
+                else:
+                    self.policy.check_agent(caller)
+                metadata.append((CALLER_KEY, caller))
+            else:
+                caller = agent_from_xfcc(first_value(incoming, XFCC_KEY))
+                if caller is not None:
+                    metadata.append((CALLER_KEY, caller))
+                authorization = first_value(incoming, AUTHORIZATION_KEY)
+                metadata = [(k, v) for k, v in metadata if k != AUTHORIZATION_KEY]
+                if authorization:
+                    metadata.append((PRINCIPAL_KEY, await self.policy.external(authorization)))
+        except CallerRefused as e:
+            await abort_refused(context, e)
         return metadata
 
-    def _unary_handler(self, method: str) -> _Handler:
+    def _unary_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             metadata = await self._authorize(context)
             assert self._channel is not None
             try:
-                return await _relay_unary(self._channel, method, request, context, metadata)
+                return await relay_unary(self._channel, method, request, context, metadata)
             except grpc.aio.AioRpcError as e:
-                await _abort_as(context, e)
+                await abort_as(context, e)
 
         return handle
 
-    def _stream_handler(self, method: str) -> _Handler:
+    def _stream_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             metadata = await self._authorize(context)
             assert self._channel is not None
-            async for message in _relay_stream(
+            async for message in relay_stream(
                 self._channel, method, request, context, metadata, []
             ):
                 yield message
@@ -399,64 +454,19 @@ def _grpc_target(url: str) -> str:
     return url
 
 
-class GrpcEgress:
-    """The engine's A2A gRPC way out (loopback, plaintext)."""
+class ChannelPool:
+    """Channels to other instances' gRPC inbounds, dialled with this agent's certificate
+    (the target agent's identity checked through ``grpc.ssl_target_name_override``); one
+    channel per (address, agent, certificate): a rotation opens new channels and closes the
+    old ones after ``grace`` seconds. Plaintext when ``certificates`` is None."""
 
-    def __init__(
-        self,
-        *,
-        snapshots: SnapshotHolder,
-        credentials: CredentialResolver,
-        router: Router,
-        certificates: AgentCertificates | None,
-        address: str = "127.0.0.1:0",
-        channel_grace: float = 30.0,
-    ) -> None:
-        self._snapshots = snapshots
-        self._credentials = credentials
-        self._router = router
+    def __init__(self, *, certificates: AgentCertificates | None, grace: float = 30.0) -> None:
         self._certs = certificates
-        self.host, self.port = _split(address)
-        self.channel_grace = channel_grace
-        self._server: grpc.aio.Server | None = None
+        self.grace = grace
         self._channels: dict[tuple[str, str, str], grpc.aio.Channel] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
-    @property
-    def target(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    async def start(self) -> None:
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers(
-            (_generic_handler(self._unary_handler, self._stream_handler),)
-        )
-        self.port = await _bind(server, f"{self.host}:{self.port}", None)
-        await server.start()
-        self._server = server
-
-    async def stop(self, grace: float | None = 5.0) -> None:
-        if self._server is not None:
-            await self._server.stop(grace)
-            self._server = None
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
-        for task in list(self._closing):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def __aenter__(self) -> GrpcEgress:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    def _channel(self, target: Target) -> grpc.aio.Channel:
-        """A pooled channel to ``target`` (per certificate: a rotation opens new channels and
-        closes the old ones after :attr:`channel_grace`)."""
+    def get(self, target: Target) -> grpc.aio.Channel:
         address = _grpc_target(target.url)
         serial = self._certs.current.serial if self._certs is not None else ""
         key = (address, target.agent, serial)
@@ -465,7 +475,7 @@ class GrpcEgress:
             return channel
         for old_key in [k for k in self._channels if k[:2] == key[:2]]:
             old = self._channels.pop(old_key)
-            task = asyncio.create_task(old.close(self.channel_grace))
+            task = asyncio.create_task(old.close(self.grace))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
         if self._certs is None:
@@ -484,6 +494,63 @@ class GrpcEgress:
             )
         self._channels[key] = channel
         return channel
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+        for task in list(self._closing):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+class GrpcEgress:
+    """The engine's A2A gRPC way out (loopback, plaintext)."""
+
+    def __init__(
+        self,
+        *,
+        snapshots: SnapshotHolder,
+        credentials: CredentialResolver,
+        router: Router,
+        certificates: AgentCertificates | None,
+        address: str = "127.0.0.1:0",
+        channel_grace: float = 30.0,
+    ) -> None:
+        self._snapshots = snapshots
+        self._credentials = credentials
+        self._router = router
+        self._certs = certificates
+        self.host, self.port = split_address(address)
+        self._channels = ChannelPool(certificates=certificates, grace=channel_grace)
+        self._server: grpc.aio.Server | None = None
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers(
+            (generic_handler(self._unary_handler, self._stream_handler),)
+        )
+        self.port = await bind_server(server, f"{self.host}:{self.port}", None)
+        await server.start()
+        self._server = server
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        await self._channels.close()
+
+    async def __aenter__(self) -> GrpcEgress:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
     async def _prepare(
         self, context: grpc.aio.ServicerContext
@@ -539,30 +606,30 @@ class GrpcEgress:
     def _report(self, target: Target, code: grpc.StatusCode) -> None:
         self._router.report(target, _REPORTED_STATUS.get(code, 400))
 
-    def _unary_handler(self, method: str) -> _Handler:
+    def _unary_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             agent, metadata, headers = await self._prepare(context)
             target = await self._pick(agent, headers, context)
             try:
-                response = await _relay_unary(
-                    self._channel(target), method, request, context, metadata
+                response = await relay_unary(
+                    self._channels.get(target), method, request, context, metadata
                 )
             except grpc.aio.AioRpcError as e:
                 self._report(target, e.code())
-                await _abort_as(context, e)
+                await abort_as(context, e)
             self._report(target, grpc.StatusCode.OK)
             return response
 
         return handle
 
-    def _stream_handler(self, method: str) -> _Handler:
+    def _stream_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             agent, metadata, headers = await self._prepare(context)
             target = await self._pick(agent, headers, context)
             outcome: list[grpc.StatusCode] = []
             try:
-                async for message in _relay_stream(
-                    self._channel(target), method, request, context, metadata, outcome
+                async for message in relay_stream(
+                    self._channels.get(target), method, request, context, metadata, outcome
                 ):
                     yield message
             finally:

@@ -2,12 +2,20 @@
 
 In mTLS mode the listener requires a client certificate from the mesh CA (Vault PKI): a caller
 without one, with an expired one or with one from another CA fails the TLS handshake. A caller
-with a valid certificate is allowed only if the agent named by its URI SAN lists THIS agent
-among its partners (:class:`PartnerGraph`); otherwise 403 (logged). Allowed requests are
-streamed to the engine's HTTP listener with ``X-Specmesh-Caller`` set to the caller.
+with a valid certificate is allowed only if :meth:`~sidecar.callers.CallerPolicy.check_agent`
+allows the agent named by its URI SAN (it lists THIS agent among its partners and the
+agent's ``callers.agents`` admits it); otherwise 403 with an AIP-193 body (logged). Allowed
+requests are streamed to the engine's HTTP listener with ``X-Specmesh-Caller`` set to the
+caller. ``X-Specmesh-Principal`` is accepted only from a certificate naming THIS agent (an
+entry of another instance forwarding an external call it authenticated); it is removed from
+every other request.
 
-In plaintext mode (Istio provides mTLS and the AuthorizationPolicy) there is no TLS and no
-caller check here.
+In plaintext mode (Istio provides mTLS and the AuthorizationPolicy) the inbound IS the entry:
+Istio decides who may connect; here a bearer token, when one is sent, is still verified and
+checked against ``callers.principals`` (defence in depth) and becomes
+``X-Specmesh-Principal``; the calling agent is taken from Istio's
+``X-Forwarded-Client-Cert`` (its last element's URI SAN) into ``X-Specmesh-Caller``.
+``Authorization`` is never forwarded in this mode.
 """
 
 from __future__ import annotations
@@ -24,14 +32,19 @@ from multidict import CIMultiDict
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from specmesh.callers import CALLER_HEADER, PRINCIPAL_HEADER
 from specmesh.names import resource_name
 from specmesh.store import SpecStore
 from specmesh.watch import PrefixWatcher
 
+from .callers import CallerPolicy, CallerRefused, agent_from_xfcc
 from .mtls import AgentCertificates, agent_from_cert
 from .relay import end_to_end_headers, relay
 
 __all__ = [
+    "CALLER_HEADER",
+    "PRINCIPAL_HEADER",
+    "XFCC_HEADER",
     "EtcdPartnerGraph",
     "InMemoryPartnerGraph",
     "InboundServer",
@@ -40,7 +53,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CALLER_HEADER = "X-Specmesh-Caller"
+XFCC_HEADER = "X-Forwarded-Client-Cert"
 
 
 class PartnerGraph(Protocol):
@@ -99,15 +112,19 @@ class EtcdPartnerGraph:
 
 
 class InboundServer:
-    """The inbound listener; ``certificates=None`` means plaintext mode."""
+    """The inbound listener; ``certificates=None`` means plaintext mode (Istio).
+
+    ``policy`` decides who may call; without one, a policy over ``graph`` with the default
+    ``callers`` and no trusted token issuer."""
 
     def __init__(
         self,
         *,
         agent_name: str,
         engine_http: str,
-        graph: PartnerGraph,
+        graph: PartnerGraph | None = None,
         certificates: AgentCertificates | None,
+        policy: CallerPolicy | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         read_timeout: float = 300.0,
@@ -116,7 +133,11 @@ class InboundServer:
         self._tracer = tracer or trace.get_tracer("specmesh.sidecar")
         self.agent = resource_name(agent_name)
         self.engine_url = engine_http if "://" in engine_http else f"http://{engine_http}"
-        self._graph = graph
+        if policy is None:
+            if graph is None:
+                raise ValueError("InboundServer needs a policy or a partner graph")
+            policy = CallerPolicy(agent=agent_name, graph=graph)
+        self.policy = policy
         self._certs = certificates
         self.host = host
         self.port = port
@@ -185,22 +206,43 @@ class InboundServer:
 
     async def _forward(self, request: web.Request, span: trace.Span) -> web.StreamResponse:
         headers: CIMultiDict[str] = CIMultiDict(end_to_end_headers(request.headers))
+        sent_principal = headers.get(PRINCIPAL_HEADER)
         headers.popall(CALLER_HEADER, None)
-        if self._certs is not None:
-            caller = self._caller(request)
-            if caller is None:
-                logger.warning("refused an inbound call: the certificate names no agent")
-                return _refuse("the client certificate names no agent")
-            if self.agent not in self._graph.partners(caller):
-                logger.warning(
-                    "refused an inbound call from %s: it does not list %s as a partner",
-                    caller,
-                    self.agent,
-                    extra={"caller": caller, "agent": self.agent},
-                )
-                return _refuse(f"agent {caller!r} may not call agent {self.agent!r}")
-            headers[CALLER_HEADER] = caller
-            span.set_attribute("specmesh.caller", caller)
+        headers.popall(PRINCIPAL_HEADER, None)
+        try:
+            if self._certs is not None:
+                caller = self._caller(request)
+                if caller is None:
+                    logger.warning("refused an inbound call: the certificate names no agent")
+                    raise self.policy.refused(
+                        "UNAUTHENTICATED", "the client certificate names no agent"
+                    )
+                if caller == self.agent and sent_principal:
+                    # an entry of another instance of this agent, forwarding a caller it
+                    # authenticated and authorised
+                    headers[PRINCIPAL_HEADER] = sent_principal
+                else:
+                    self.policy.check_agent(caller)
+                headers[CALLER_HEADER] = caller
+                span.set_attribute("specmesh.caller", caller)
+            else:
+                caller = agent_from_xfcc(request.headers.get(XFCC_HEADER))
+                if caller is not None:
+                    headers[CALLER_HEADER] = caller
+                    span.set_attribute("specmesh.caller", caller)
+                authorization = headers.popall("Authorization", None)
+                if authorization:
+                    principal = await self.policy.external(authorization[0])
+                    headers[PRINCIPAL_HEADER] = principal
+                    span.set_attribute("specmesh.principal", principal)
+        except CallerRefused as e:
+            logger.warning(
+                "refused an inbound call to %s: %s",
+                self.agent,
+                e.message,
+                extra={"agent": self.agent, "reason": e.reason},
+            )
+            return e.http_response()
         propagate.inject(headers)  # the engine continues from this span
         assert self._session is not None
         body = await request.read() if request.body_exists else None
@@ -221,7 +263,3 @@ class InboundServer:
                 status=502,
             )
         return await relay(request, upstream, downstream="caller")
-
-
-def _refuse(message: str) -> web.Response:
-    return web.json_response({"error": {"code": "forbidden", "message": message}}, status=403)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sidecar.callers import JwtIssuer
 from specmesh.addresses import parse_table
 from specmesh.keys import Keys
 from specmesh.names import check_logical_name, resource_name
@@ -58,6 +59,23 @@ class SidecarSettings(BaseSettings):
     egress_grpc: str | None = None
     """A2A gRPC egress for the engine (``SPECMESH_EGRESS_GRPC``, loopback ``host:port``,
     plaintext; metadata ``x-specmesh-target-agent`` names the partner); off when unset."""
+    entry: str | None = None
+    """The agent's public HTTP entry (``SPECMESH_ENTRY``, ``host:port``, plaintext): external
+    A2A clients (JSON-RPC, HTTP+JSON, REST) with a bearer token; the agent card without one.
+    Off when unset, and in Istio mode (the inbound is the entry there)."""
+    entry_grpc: str | None = None
+    """The agent's public A2A gRPC entry (``SPECMESH_ENTRY_GRPC``, ``host:port``, plaintext,
+    bearer token); off when unset, and in Istio mode."""
+    jwt_issuers: list[JwtIssuer] = []
+    """Trusted bearer-token issuers (``SPECMESH_JWT_ISSUERS``): a JSON list of ``{"issuer",
+    "jwksUri" | "jwks", "audiences"}``; an audience ``{agent}`` is this agent's resource
+    name. A token of an issuer not listed is refused; empty: every token is refused."""
+    jwt_leeway_seconds: float = Field(default=30.0, ge=0, le=300)
+    """Clock skew allowed when checking a token's ``exp``/``nbf``/``iat``."""
+    jwks_refetch_seconds: float = Field(default=5.0, ge=0.1, le=3600)
+    """A JWKS is refetched at once for a ``kid`` it lacks, but at most this often per issuer."""
+    jwks_ttl_seconds: float = Field(default=300.0, ge=1, le=86_400)
+    """How long a fetched JWKS is used before it is fetched again."""
     redis_proxy: str = "127.0.0.1:7105"
     """The Redis proxy the engine reaches its memory store through (``SPECMESH_REDIS_PROXY``;
     ``host:port`` or ``unix:path``); listens only once the spec's memory is Redis."""
@@ -139,6 +157,14 @@ class SidecarSettings(BaseSettings):
     @classmethod
     def _table(cls, value: str) -> str:
         parse_table(value)
+        return value
+
+    @field_validator("jwt_issuers")
+    @classmethod
+    def _issuers(cls, value: list[JwtIssuer]) -> list[JwtIssuer]:
+        names = [i.issuer for i in value]
+        if len(set(names)) != len(names):
+            raise ValueError("an issuer is listed twice")
         return value
 
     @field_validator("agent_name")

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import jwt
 import pytest
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from sidecar.dataplane import DataPlane
 from sidecar.main import Sidecar
@@ -144,5 +147,92 @@ async def test_sidecar_injects_vault_credentials_and_guards_inbound(
                     assert (await r.json())["engine"] == "ok"
         await pki.close()
         assert seen and seen[-1].get("X-Specmesh-Caller") == "caller"
+    finally:
+        await sidecar.stop()
+
+
+async def test_sidecar_entry_takes_bearer_tokens_by_the_current_callers(
+    services: LocalServices,
+    store: SpecStore,
+    etcd: EtcdClient,
+    keys: Keys,
+    vault: VaultClient,
+    engine_stub: tuple[str, list[dict[str, str]]],
+    tmp_path: Path,
+) -> None:
+    """The whole sidecar with ``SPECMESH_ENTRY`` and an inline-JWKS issuer: the card without a
+    token, a token of an allowed principal reaches the engine as ``X-Specmesh-Principal``
+    (never the token), and a new revision's ``callers`` applies at once."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwk = {**jwt.algorithms.ECAlgorithm.to_jwk(key.public_key(), as_dict=True), "kid": "k"}
+    issuer = {"issuer": "https://idp.test", "jwks": {"keys": [jwk]}, "audiences": ["{agent}"]}
+
+    def spec(principals: list[str]) -> AgentSpec:
+        return AgentSpec.model_validate(
+            {
+                "base": {
+                    "description": "front door",
+                    "promptKey": "p",
+                    "callers": {"principals": principals},
+                },
+                "model": {"model": "scripted"},
+            }
+        )
+
+    await store.apply_agent("front", spec(["https://idp.test/alice"]), actor="t")
+    await SpecService(store=store, vault=vault, pki_mount="specmesh-pki").write_identity("front")
+    token, _ = await vault.create_identity_token(
+        policies=[agent_policy_name("front")], period="1h", display_name="front"
+    )
+    await setup_pki(address=services.bao.address, token=services.bao.root_token)
+    engine_addr, seen = engine_stub
+    entry_port = free_port()
+    settings = SidecarSettings.model_validate(
+        {
+            "agent_name": "front",
+            "instance_id": "front-1",
+            "sync_addr": f"unix:{tmp_path}/sync.sock",
+            "egress_url": f"http://127.0.0.1:{free_port()}",
+            "inbound": f"127.0.0.1:{free_port()}",
+            "entry": f"127.0.0.1:{entry_port}",
+            "jwt_issuers": [issuer],
+            "ops": f"127.0.0.1:{free_port()}",
+            "engine_http": engine_addr,
+            "home": tmp_path,
+            "etcd_endpoint": etcd.endpoint,
+            "etcd_prefix": keys.prefix,
+            "vault_addr": services.bao.address,
+            "vault_token": token,
+            "mtls": True,
+        }
+    )
+    now = int(time.time())
+    claims = {"iss": "https://idp.test", "sub": "alice", "aud": "front", "exp": now + 300}
+    bearer = jwt.encode(claims, key, algorithm="ES256", headers={"kid": "k"})
+    url = f"http://127.0.0.1:{entry_port}"
+    sidecar = Sidecar(settings=settings, component_factories=[DataPlane])
+    await sidecar.start()
+    try:
+        await asyncio.wait_for(sidecar.sync.wait_resolved(), 20)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url + "/.well-known/agent-card.json") as r:
+                assert r.status == 200
+            async with s.post(url + "/") as r:
+                assert r.status == 401
+            headers = {"Authorization": f"Bearer {bearer}", "X-Specmesh-Principal": "me/admin"}
+            async with s.post(url + "/", headers=headers) as r:
+                assert r.status == 200
+            assert seen[-1]["X-Specmesh-Principal"] == "https://idp.test/alice"
+            assert "Authorization" not in seen[-1]
+            # a new revision without alice: refused as soon as the sidecar has it
+            version = sidecar.holder.version
+            await store.apply_agent("front", spec(["https://idp.test/bob"]), actor="t")
+            async with asyncio.timeout(20):
+                while sidecar.holder.current is None or sidecar.holder.current.revision < 2:
+                    version = await sidecar.holder.wait_newer(version)
+            async with s.post(url + "/", headers=headers) as r:
+                assert r.status == 403
+                assert "callers.principals" in (await r.json())["error"]["message"]
+        assert len(seen) == 2  # the card and alice's first call only
     finally:
         await sidecar.stop()

@@ -1,0 +1,582 @@
+"""Who may call this agent: the one caller policy every listener of the sidecar applies.
+
+The HTTP and gRPC listeners (entry and inbound) ask :class:`CallerPolicy` and nothing else:
+
+* :meth:`CallerPolicy.check_agent` -- a partner agent authenticated by its mesh certificate
+  may call when it lists this agent among its partners (:class:`PartnerGraph`) AND this
+  agent's ``base.callers.agents`` holds ``"*"`` or its name;
+* :meth:`CallerPolicy.authenticate` -- an external client's ``Authorization: Bearer <JWT>``
+  is verified by :class:`JwtVerifier` against the configured issuers
+  (``SPECMESH_JWT_ISSUERS``): asymmetric signature with a key of the issuer's JWKS,
+  ``exp``/``nbf`` with a small leeway, an audience of the issuer's list (``{agent}`` is this
+  agent's resource name). The caller's request principal is ``<iss>/<sub>``;
+* :meth:`CallerPolicy.check_principal` -- a principal may call when a pattern of
+  ``base.callers.principals`` matches it (:func:`specmesh.callers.principal_matches`).
+
+A refusal is a :class:`CallerRefused` (``UNAUTHENTICATED`` or ``PERMISSION_DENIED``), rendered
+for HTTP by :meth:`CallerRefused.http_response` (AIP-193 JSON with a ``google.rpc.ErrorInfo``)
+and for gRPC by :meth:`CallerRefused.grpc_trailers` (``grpc-status-details-bin``). Messages
+name what is wrong; a token is never logged, echoed or put on a span.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import aiohttp
+import jwt
+from aiohttp import web
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped]
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from specmesh.callers import principal_matches
+from specmesh.names import resource_name
+from specmesh.spec.models import CallersSpec
+
+from .mtls import TRUST_DOMAIN
+
+__all__ = [
+    "AGENT_PLACEHOLDER",
+    "ALLOWED_ALGORITHMS",
+    "CallerPolicy",
+    "CallerRefused",
+    "JwtIssuer",
+    "JwtVerifier",
+    "PartnerLookup",
+    "agent_from_spiffe",
+    "agent_from_xfcc",
+    "bearer_token",
+    "parse_issuers",
+]
+
+logger = logging.getLogger(__name__)
+
+AGENT_PLACEHOLDER = "{agent}"
+"""An audience entry replaced by the agent's resource name."""
+ALLOWED_ALGORITHMS = frozenset(
+    {
+        "RS256",
+        "RS384",
+        "RS512",
+        "PS256",
+        "PS384",
+        "PS512",
+        "ES256",
+        "ES384",
+        "ES512",
+        "EdDSA",
+    }
+)
+"""Asymmetric JWS algorithms only: never ``none``, never a shared secret (``HS*``)."""
+
+ERROR_DOMAIN = "specmesh.io"
+Reason = Literal["UNAUTHENTICATED", "PERMISSION_DENIED"]
+_HTTP_STATUS: dict[str, int] = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}
+_RPC_CODE: dict[str, int] = {
+    "UNAUTHENTICATED": code_pb2.UNAUTHENTICATED,
+    "PERMISSION_DENIED": code_pb2.PERMISSION_DENIED,
+}
+
+
+# ---------------------------------------------------------------- configuration
+
+
+class JwtIssuer(BaseModel):
+    """One trusted token issuer (an entry of ``SPECMESH_JWT_ISSUERS``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    issuer: str = Field(min_length=1)
+    """The tokens' ``iss`` claim."""
+    jwks_uri: str | None = Field(default=None, alias="jwksUri")
+    """Where the issuer's public keys are (fetched, cached, refetched on an unknown ``kid``)."""
+    jwks: dict[str, Any] | None = None
+    """The public keys inline (a JWK Set: ``{"keys": [...]}``), instead of ``jwksUri``."""
+    audiences: list[str] = Field(default_factory=lambda: [AGENT_PLACEHOLDER])
+    """Accepted ``aud`` values; ``{agent}`` is this agent's resource name."""
+
+    @field_validator("audiences")
+    @classmethod
+    def _audiences(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must name at least one audience (e.g. '{agent}')")
+        return value
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> JwtIssuer:
+        if (self.jwks_uri is None) == (self.jwks is None):
+            raise ValueError(f"issuer {self.issuer!r}: set exactly one of jwksUri and jwks")
+        return self
+
+
+def parse_issuers(value: str | Sequence[Mapping[str, Any]] | None) -> list[JwtIssuer]:
+    """``SPECMESH_JWT_ISSUERS`` (JSON text or already parsed) -> issuers; ``ValueError``
+    naming the entry that is wrong."""
+    if value is None or value == "":
+        return []
+    raw = json.loads(value) if isinstance(value, str) else value
+    if not isinstance(raw, list):
+        raise ValueError("must be a JSON list of {issuer, jwksUri | jwks, audiences}")
+    out: list[JwtIssuer] = []
+    for i, item in enumerate(raw):
+        try:
+            out.append(JwtIssuer.model_validate(item))
+        except ValueError as e:
+            raise ValueError(f"entry {i}: {e}") from e
+    issuers = [i.issuer for i in out]
+    if len(set(issuers)) != len(issuers):
+        raise ValueError("an issuer is listed twice")
+    return out
+
+
+# ---------------------------------------------------------------- refusals
+
+
+class CallerRefused(Exception):
+    """A call the sidecar refuses: who is calling is unknown (``UNAUTHENTICATED``) or may
+    not call (``PERMISSION_DENIED``)."""
+
+    def __init__(
+        self, reason: Reason, message: str, *, agent: str, bad_token: bool = False
+    ) -> None:
+        self.reason: Reason = reason
+        self.message = message
+        self.agent = agent
+        self.bad_token = bad_token
+        """A token was sent but is not valid (``error="invalid_token"``)."""
+        super().__init__(message)
+
+    @property
+    def http_status(self) -> int:
+        return _HTTP_STATUS[self.reason]
+
+    def _error_info(self) -> dict[str, Any]:
+        return {
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "reason": self.reason,
+            "domain": ERROR_DOMAIN,
+            "metadata": {"agent": self.agent},
+        }
+
+    def body(self) -> dict[str, Any]:
+        """AIP-193 error JSON (a ``google.rpc.Status`` with one ``ErrorInfo``)."""
+        return {
+            "error": {
+                "code": self.http_status,
+                "status": self.reason,
+                "message": self.message,
+                "details": [self._error_info()],
+            }
+        }
+
+    def http_response(self) -> web.Response:
+        headers = {}
+        if self.reason == "UNAUTHENTICATED":
+            challenge = 'Bearer realm="specmesh"'
+            if self.bad_token:
+                challenge += ', error="invalid_token"'
+            headers["WWW-Authenticate"] = challenge
+        return web.json_response(self.body(), status=self.http_status, headers=headers)
+
+    def rpc_status(self) -> status_pb2.Status:
+        info = error_details_pb2.ErrorInfo(
+            reason=self.reason, domain=ERROR_DOMAIN, metadata={"agent": self.agent}
+        )
+        detail = any_pb2.Any()
+        detail.Pack(info)
+        return status_pb2.Status(
+            code=_RPC_CODE[self.reason], message=self.message, details=[detail]
+        )
+
+    def grpc_trailers(self) -> tuple[tuple[str, bytes], ...]:
+        return (("grpc-status-details-bin", self.rpc_status().SerializeToString()),)
+
+
+# ---------------------------------------------------------------- tokens
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` value; ``None`` when absent.
+    Raises ``ValueError`` for another scheme or an empty token."""
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        raise ValueError("the Authorization header is not 'Bearer <token>'")
+    token = token.strip()
+    if not token:
+        raise ValueError("the bearer token is empty")
+    return token
+
+
+class _TokenInvalid(Exception):
+    """What is wrong with a token (the message names it, never the token)."""
+
+
+@dataclass
+class _Key:
+    jwk: jwt.PyJWK
+    data: dict[str, Any]
+    """The JWK as published (its ``kty`` and optional ``alg``)."""
+
+
+@dataclass
+class _KeySet:
+    keys: dict[str | None, _Key]
+    fetched_at: float
+
+
+class JwtVerifier:
+    """Verifies bearer tokens against trusted issuers; JWKS fetched with aiohttp and cached.
+
+    A JWKS is refetched when older than ``jwks_ttl``, or at once for a ``kid`` it does not
+    hold -- at most every ``min_refetch`` seconds per issuer (a flood of unknown ``kid``\\s
+    does not become a flood of fetches)."""
+
+    def __init__(
+        self,
+        *,
+        issuers: Sequence[JwtIssuer],
+        agent: str,
+        leeway: float = 30.0,
+        min_refetch: float = 5.0,
+        jwks_ttl: float = 300.0,
+        fetch_timeout: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.agent = resource_name(agent)
+        self._issuers = {i.issuer: i for i in issuers}
+        self.leeway = leeway
+        self.min_refetch = min_refetch
+        self.jwks_ttl = jwks_ttl
+        self.fetch_timeout = fetch_timeout
+        self._clock = clock
+        self._sets: dict[str, _KeySet] = {}
+        self._attempted: dict[str, float] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._session: aiohttp.ClientSession | None = None
+        for issuer in issuers:
+            if issuer.jwks is not None:
+                self._sets[issuer.issuer] = _KeySet(
+                    keys=_parse_jwks(issuer.jwks, issuer.issuer), fetched_at=float("inf")
+                )
+
+    @property
+    def configured(self) -> bool:
+        return bool(self._issuers)
+
+    async def __aenter__(self) -> JwtVerifier:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the JWKS client session (opened by the first fetch)."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def audiences(self, issuer: JwtIssuer) -> list[str]:
+        return [self.agent if a == AGENT_PLACEHOLDER else a for a in issuer.audiences]
+
+    async def verify(self, token: str) -> str:
+        """The request principal ``<iss>/<sub>`` of a valid token; raises
+        :class:`_TokenInvalid` naming what is wrong."""
+        try:
+            header = jwt.get_unverified_header(token)
+            claims = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError as e:
+            raise _TokenInvalid("the bearer token is not a well-formed JWT") from e
+        alg = header.get("alg")
+        if alg not in ALLOWED_ALGORITHMS:
+            raise _TokenInvalid(
+                f"token algorithm {alg!r} is not allowed (asymmetric signatures only)"
+            )
+        iss = claims.get("iss")
+        if not isinstance(iss, str) or not iss:
+            raise _TokenInvalid("the token has no issuer (iss)")
+        issuer = self._issuers.get(iss)
+        if issuer is None:
+            raise _TokenInvalid(f"token issuer {iss!r} is not trusted")
+        key = await self._key(issuer, header.get("kid"))
+        problem = _incompatible(key, alg)
+        if problem:
+            raise _TokenInvalid(f"issuer {iss!r}'s key {header.get('kid')!r} {problem}")
+        audiences = self.audiences(issuer)
+        try:
+            verified = jwt.decode(
+                token,
+                key=key.jwk.key,
+                algorithms=[alg],
+                audience=audiences,
+                issuer=iss,
+                leeway=self.leeway,
+                options={"require": ["exp", "iss", "sub", "aud"]},
+            )
+        except jwt.ExpiredSignatureError as e:
+            raise _TokenInvalid("the token has expired") from e
+        except jwt.ImmatureSignatureError as e:
+            raise _TokenInvalid("the token is not valid yet (nbf/iat in the future)") from e
+        except jwt.InvalidAudienceError as e:
+            raise _TokenInvalid(
+                f"wrong audience: the token is not for agent {self.agent!r} "
+                f"(accepted: {', '.join(audiences)})"
+            ) from e
+        except jwt.MissingRequiredClaimError as e:
+            raise _TokenInvalid(f"the token has no {e.claim!r} claim") from e
+        except jwt.InvalidSignatureError as e:
+            raise _TokenInvalid(f"the token's signature does not verify (issuer {iss!r})") from e
+        except (jwt.PyJWTError, ValueError, TypeError) as e:
+            raise _TokenInvalid(f"the token is not valid ({type(e).__name__})") from e
+        sub = verified.get("sub")
+        if not isinstance(sub, str) or not sub:
+            raise _TokenInvalid("the token has no subject (sub)")
+        return f"{iss}/{sub}"
+
+    async def _key(self, issuer: JwtIssuer, kid: str | None) -> _Key:
+        name = issuer.issuer
+        now = self._clock()
+        current = self._sets.get(name)
+        stale = current is None or now - current.fetched_at > self.jwks_ttl
+        wanted = current is None or stale or _find(current, kid) is None
+        last = self._attempted.get(name, -float("inf"))
+        if wanted and issuer.jwks_uri and now - last >= self.min_refetch:
+            await self._refresh(issuer)
+            current = self._sets.get(name)
+        if current is None:
+            raise _TokenInvalid(f"the keys of issuer {name!r} are not available")
+        key = _find(current, kid)
+        if key is None:
+            raise _TokenInvalid(f"issuer {name!r} has no key {kid!r}")
+        return key
+
+    async def _refresh(self, issuer: JwtIssuer) -> None:
+        name = issuer.issuer
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            now = self._clock()
+            if now - self._attempted.get(name, -float("inf")) < self.min_refetch:
+                return  # fetched by a concurrent call meanwhile
+            self._attempted[name] = now
+            assert issuer.jwks_uri is not None
+            if self._session is None:
+                self._session = aiohttp.ClientSession(trust_env=False)
+            try:
+                async with self._session.get(
+                    issuer.jwks_uri, timeout=aiohttp.ClientTimeout(total=self.fetch_timeout)
+                ) as r:
+                    if r.status != 200:
+                        raise ValueError(f"HTTP {r.status}")
+                    data = await r.json(content_type=None)
+                keys = _parse_jwks(data, name)
+            except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+                logger.warning(
+                    "could not fetch the JWKS of issuer %s from %s: %s",
+                    name,
+                    issuer.jwks_uri,
+                    e,
+                )
+                return
+            self._sets[name] = _KeySet(keys=keys, fetched_at=now)
+
+
+def _parse_jwks(data: Any, issuer: str) -> dict[str | None, _Key]:
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+        raise ValueError(f"the JWKS of issuer {issuer!r} is not {{'keys': [...]}}")
+    keys: dict[str | None, _Key] = {}
+    for item in data["keys"]:
+        if not isinstance(item, dict) or item.get("kty") == "oct" or item.get("use") == "enc":
+            continue  # no shared secrets, no encryption keys
+        try:
+            key = jwt.PyJWK(item)
+        except jwt.PyJWTError as e:
+            logger.warning("skipping a key of issuer %s's JWKS: %s", issuer, e)
+            continue
+        keys[item.get("kid")] = _Key(jwk=key, data=item)
+    return keys
+
+
+_FAMILIES = {"RSA": ("RS", "PS"), "EC": ("ES",), "OKP": ("EdDSA",)}
+
+
+def _incompatible(key: _Key, alg: str) -> str | None:
+    """Why ``key`` may not verify a token of algorithm ``alg`` (its type, or the ``alg`` the
+    JWK pins), or None."""
+    data = key.data
+    pinned = data.get("alg")
+    if pinned and pinned != alg:
+        return f"is for {pinned}, not {alg}"
+    families = _FAMILIES.get(str(data.get("kty")), ())
+    if not any(alg.startswith(f) for f in families):
+        return f"({data.get('kty')}) cannot verify {alg}"
+    return None
+
+
+def _find(keys: _KeySet, kid: str | None) -> _Key | None:
+    if kid is not None:
+        return keys.keys.get(kid)
+    if len(keys.keys) == 1:
+        return next(iter(keys.keys.values()))  # no kid, one key: the key
+    return None
+
+
+# ---------------------------------------------------------------- identities
+
+
+_SPIFFE_AGENT = f"spiffe://{TRUST_DOMAIN}/agent/"
+_SA_PREFIX = "specmesh-agent-"
+
+
+def agent_from_spiffe(uri: str) -> str | None:
+    """The agent resource name in a SPIFFE ID: the sidecar's own form
+    (``spiffe://specmesh.local/agent/<rn>``) or Istio's
+    (``spiffe://<trust domain>/ns/<ns>/sa/specmesh-agent-<rn>``)."""
+    if uri.startswith(_SPIFFE_AGENT):
+        name = uri[len(_SPIFFE_AGENT) :]
+        return name if name and "/" not in name else None
+    if not uri.startswith("spiffe://"):
+        return None
+    parts = uri[len("spiffe://") :].split("/")
+    if len(parts) == 5 and parts[1] == "ns" and parts[3] == "sa":
+        sa = parts[4]
+        if sa.startswith(_SA_PREFIX) and len(sa) > len(_SA_PREFIX):
+            return sa[len(_SA_PREFIX) :]
+    return None
+
+
+def agent_from_xfcc(value: str | None) -> str | None:
+    """The calling agent in Istio's ``X-Forwarded-Client-Cert``: the ``URI`` of its LAST
+    element (the one the local proxy appended for the connection it accepted; earlier
+    elements came from further away and prove nothing)."""
+    if not value:
+        return None
+    last = _split_quoted(value, ",")[-1]
+    for pair in _split_quoted(last, ";"):
+        key, _, val = pair.partition("=")
+        if key.strip().lower() == "uri":
+            return agent_from_spiffe(val.strip().strip('"'))
+    return None
+
+
+def _split_quoted(value: str, sep: str) -> list[str]:
+    out: list[str] = []
+    current: list[str] = []
+    quoted = False
+    for ch in value:
+        if ch == '"':
+            quoted = not quoted
+        if ch == sep and not quoted:
+            out.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    out.append("".join(current))
+    return out
+
+
+# ---------------------------------------------------------------- the policy
+
+
+class PartnerLookup(Protocol):
+    """What the policy reads of the partner graph (``sidecar.inbound.PartnerGraph``)."""
+
+    def partners(self, agent: str) -> frozenset[str]:
+        """Resource names of the partners ``agent`` lists."""
+        ...
+
+
+class CallerPolicy:
+    """The one place deciding who may call agent ``agent``.
+
+    ``callers`` returns the agent's current ``base.callers`` (None: the defaults) -- the
+    sidecar reads its own snapshot; ``graph`` is the mesh's partner graph; ``verifier``
+    checks bearer tokens (None: no issuer is trusted, every token is refused)."""
+
+    def __init__(
+        self,
+        *,
+        agent: str,
+        graph: PartnerLookup,
+        callers: Callable[[], CallersSpec | None] = lambda: None,
+        verifier: JwtVerifier | None = None,
+    ) -> None:
+        self.agent = resource_name(agent)
+        self._graph = graph
+        self._callers = callers
+        self._verifier = verifier
+
+    def callers(self) -> CallersSpec:
+        return self._callers() or CallersSpec()
+
+    def refused(self, reason: Reason, message: str, *, bad_token: bool = False) -> CallerRefused:
+        return CallerRefused(reason, message, agent=self.agent, bad_token=bad_token)
+
+    def check_agent(self, caller: str) -> None:
+        """Raise :class:`CallerRefused` unless agent ``caller`` (resource name, from its
+        certificate) may call: it lists this agent as a partner AND ``callers.agents``
+        allows it."""
+        if self.agent not in self._graph.partners(caller):
+            raise self.refused(
+                "PERMISSION_DENIED",
+                f"agent {caller!r} may not call agent {self.agent!r}: "
+                "it does not list it among its partners",
+            )
+        allowed = self.callers().agents
+        if "*" not in allowed and caller not in {_rn(a) for a in allowed}:
+            raise self.refused(
+                "PERMISSION_DENIED",
+                f"agent {caller!r} may not call agent {self.agent!r}: "
+                "it is not in the agent's callers.agents",
+            )
+
+    async def authenticate(self, authorization: str | None) -> str:
+        """The request principal of a valid bearer token in ``authorization`` (the header's
+        value); raise :class:`CallerRefused` (``UNAUTHENTICATED``) naming what is wrong."""
+        try:
+            token = bearer_token(authorization)
+        except ValueError as e:
+            raise self.refused("UNAUTHENTICATED", str(e), bad_token=True) from e
+        if token is None:
+            raise self.refused(
+                "UNAUTHENTICATED", f"agent {self.agent!r} needs a bearer token: none was sent"
+            )
+        if self._verifier is None or not self._verifier.configured:
+            raise self.refused(
+                "UNAUTHENTICATED",
+                "no token issuer is trusted by this agent (SPECMESH_JWT_ISSUERS is empty)",
+                bad_token=True,
+            )
+        try:
+            return await self._verifier.verify(token)
+        except _TokenInvalid as e:
+            raise self.refused("UNAUTHENTICATED", str(e), bad_token=True) from e
+
+    def check_principal(self, principal: str) -> None:
+        """Raise :class:`CallerRefused` unless a ``callers.principals`` pattern matches."""
+        patterns = self.callers().principals
+        if not any(principal_matches(p, principal) for p in patterns):
+            raise self.refused(
+                "PERMISSION_DENIED",
+                f"principal {principal!r} is not in agent {self.agent!r}'s callers.principals",
+            )
+
+    async def external(self, authorization: str | None) -> str:
+        """Authenticate and authorise an external caller; its principal."""
+        principal = await self.authenticate(authorization)
+        self.check_principal(principal)
+        return principal
+
+
+def _rn(name: str) -> str:
+    try:
+        return resource_name(name)
+    except ValueError:
+        return name

@@ -1,0 +1,350 @@
+"""The public entry of an agent: external A2A clients reach it here, with a bearer token.
+
+Two plaintext listeners (loopback locally; in a cluster Istio carries them):
+
+* :class:`EntryServer` (``SPECMESH_ENTRY``, HTTP): JSON-RPC at ``/``, HTTP+JSON at
+  ``/v1/...``, business REST, and the agent card at :data:`CARD_PATH` -- the card is served
+  WITHOUT a token (a client discovers the agent and its security schemes there);
+* :class:`GrpcEntry` (``SPECMESH_ENTRY_GRPC``): every method of the A2A gRPC service, relayed
+  as raw bytes, status and trailers intact.
+
+Every other call needs ``Authorization: Bearer <JWT>`` that
+:meth:`~sidecar.callers.CallerPolicy.external` accepts (a trusted issuer, this agent's
+audience, and a principal in ``base.callers.principals``); else 401/403
+(``UNAUTHENTICATED``/``PERMISSION_DENIED``) with a ``google.rpc.ErrorInfo``. The call then
+goes on without ``Authorization`` (the engine never sees a token) and with
+``X-Specmesh-Principal`` / ``x-specmesh-principal`` set to ``<iss>/<sub>`` (values a client
+sent, and ``X-Specmesh-Caller``, are removed first).
+
+External calls honour the agent's release: the same :class:`~sidecar.router.Router` the
+egress uses picks an instance (weights, header match, outlier ejection). When it picks this
+instance -- or lists none serving -- the call goes to the engine beside; otherwise to the
+chosen instance's mTLS inbound, as this agent (its client certificate), which accepts the
+principal because the certificate names the same agent.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import AsyncIterator, Mapping
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+import grpc
+from aiohttp import web
+from multidict import CIMultiDict
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from specmesh.callers import CALLER_HEADER, CALLER_KEY, PRINCIPAL_HEADER, PRINCIPAL_KEY
+from specmesh.names import resource_name
+
+from .callers import CallerPolicy, CallerRefused
+from .grpcproxy import (
+    AUTHORIZATION_KEY,
+    ChannelPool,
+    Handler,
+    Metadata,
+    abort_as,
+    abort_refused,
+    bind_server,
+    end_to_end_metadata,
+    first_value,
+    generic_handler,
+    relay_stream,
+    relay_unary,
+    split_address,
+)
+from .mtls import AgentCertificates, agent_dns_name
+from .relay import end_to_end_headers, relay
+from .router import NoInstanceError, Router, Target
+
+__all__ = ["CARD_PATH", "EntryServer", "GrpcEntry"]
+
+logger = logging.getLogger(__name__)
+
+CARD_PATH = "/.well-known/agent-card.json"
+"""The A2A agent card: the one path served without a token."""
+
+_DROPPED = (CALLER_HEADER, PRINCIPAL_HEADER, "Authorization")
+
+_GRPC_REPORTED = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNKNOWN: 500,
+}
+
+
+def _pick_other(
+    router: Router | None, agent: str, instance_id: str, headers: Mapping[str, str]
+) -> Target | None:
+    """The instance an external call goes to, or None for this instance's own engine."""
+    if router is None:
+        return None
+    try:
+        target = router.pick(agent, headers)
+    except NoInstanceError as e:
+        logger.debug("entry: %s; serving from this instance", e)
+        return None
+    if target.instance is None or target.instance == instance_id:
+        return None
+    return target
+
+
+def _unavailable(message: str, status: int = 502) -> web.Response:
+    body = {"error": {"code": status, "status": "UNAVAILABLE", "message": message}}
+    return web.json_response(body, status=status)
+
+
+class EntryServer:
+    """The HTTP entry (``SPECMESH_ENTRY``); an async context manager."""
+
+    def __init__(
+        self,
+        *,
+        agent_name: str,
+        instance_id: str,
+        engine_http: str,
+        policy: CallerPolicy,
+        router: Router | None = None,
+        client_ssl: ssl.SSLContext | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        read_timeout: float = 300.0,
+        tracer: trace.Tracer | None = None,
+    ) -> None:
+        self.agent = resource_name(agent_name)
+        self.instance_id = instance_id
+        self.engine_url = engine_http if "://" in engine_http else f"http://{engine_http}"
+        self.policy = policy
+        self._router = router
+        self._client_ssl = client_ssl
+        self.host = host
+        self.port = port
+        self.read_timeout = read_timeout
+        self._tracer = tracer or trace.get_tracer("specmesh.sidecar")
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        self.app = web.Application()
+        self.app.router.add_route("*", "/{tail:.*}", self._handle)
+
+    async def __aenter__(self) -> EntryServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), auto_decompress=False, trust_env=False
+        )
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server
+        if server is not None and self.port == 0:
+            sockets = getattr(server, "sockets", None) or []
+            self.port = int(sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        """One external call, as a SERVER span continuing the client's trace."""
+        parent = propagate.extract(request.headers)
+        with self._tracer.start_as_current_span(
+            f"entry {self.agent}", context=parent, kind=SpanKind.SERVER
+        ) as span:
+            span.set_attribute("http.request.method", request.method)
+            response = await self._forward(request, span)
+            span.set_attribute("http.response.status_code", response.status)
+            if response.status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            return response
+
+    async def _forward(self, request: web.Request, span: trace.Span) -> web.StreamResponse:
+        headers: CIMultiDict[str] = CIMultiDict(end_to_end_headers(request.headers))
+        for name in _DROPPED:
+            headers.popall(name, None)
+        card = request.method in ("GET", "HEAD") and request.path == CARD_PATH
+        target: Target | None = None
+        if not card:
+            try:
+                principal = await self.policy.external(request.headers.get("Authorization"))
+            except CallerRefused as e:
+                logger.warning(
+                    "refused an external call to %s: %s",
+                    self.agent,
+                    e.message,
+                    extra={"agent": self.agent, "reason": e.reason},
+                )
+                return e.http_response()
+            headers[PRINCIPAL_HEADER] = principal
+            span.set_attribute("specmesh.principal", principal)
+            target = _pick_other(self._router, self.agent, self.instance_id, request.headers)
+        propagate.inject(headers)
+        body = await request.read() if request.body_exists else None
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=self.read_timeout)
+        assert self._session is not None
+        if target is None:
+            try:
+                upstream = await self._session.request(
+                    request.method,
+                    self.engine_url + request.rel_url.raw_path_qs,
+                    headers=headers,
+                    data=body,
+                    allow_redirects=False,
+                    timeout=timeout,
+                )
+            except (aiohttp.ClientError, TimeoutError) as e:
+                return _unavailable(f"the engine is unreachable ({type(e).__name__})")
+            return await relay(request, upstream, downstream="caller")
+        span.set_attribute("specmesh.instance", target.instance or "")
+        https = target.url.startswith("https://")
+        try:
+            upstream = await self._session.request(
+                request.method,
+                target.url + request.rel_url.raw_path_qs,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                timeout=timeout,
+                ssl=self._client_ssl if https and self._client_ssl is not None else True,
+                server_hostname=agent_dns_name(self.agent) if https else None,
+            )
+        except (aiohttp.ClientError, TimeoutError) as e:
+            assert self._router is not None
+            self._router.report_failure(target, timeout=isinstance(e, TimeoutError))
+            return _unavailable(
+                f"instance {target.instance} of agent {self.agent!r} is unreachable "
+                f"({type(e).__name__})"
+            )
+        assert self._router is not None
+        self._router.report(target, upstream.status)
+        return await relay(request, upstream, downstream="caller")
+
+
+class GrpcEntry:
+    """The A2A gRPC entry (``SPECMESH_ENTRY_GRPC``, plaintext); an async context manager.
+    ``router`` picks among instances with a ``grpcEndpoint``
+    (:class:`~sidecar.grpcproxy.GrpcInstanceSource`)."""
+
+    def __init__(
+        self,
+        *,
+        agent_name: str,
+        instance_id: str,
+        engine_grpc: str,
+        policy: CallerPolicy,
+        router: Router | None = None,
+        certificates: AgentCertificates | None = None,
+        address: str = "127.0.0.1:0",
+    ) -> None:
+        self.agent = resource_name(agent_name)
+        self.instance_id = instance_id
+        self.engine_grpc = engine_grpc
+        self.policy = policy
+        self._router = router
+        self._pool = ChannelPool(certificates=certificates)
+        self.host, self.port = split_address(address)
+        self._server: grpc.aio.Server | None = None
+        self._engine: grpc.aio.Channel | None = None
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        self._engine = grpc.aio.insecure_channel(self.engine_grpc)
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers(
+            (generic_handler(self._unary_handler, self._stream_handler),)
+        )
+        self.port = await bind_server(server, f"{self.host}:{self.port}", None)
+        await server.start()
+        self._server = server
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        if self._engine is not None:
+            await self._engine.close()
+            self._engine = None
+        await self._pool.close()
+
+    async def __aenter__(self) -> GrpcEntry:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _prepare(
+        self, context: grpc.aio.ServicerContext
+    ) -> tuple[Metadata, grpc.aio.Channel, Target | None]:
+        """(metadata to send, channel, the other instance or None), or abort the call."""
+        incoming = context.invocation_metadata()
+        try:
+            principal = await self.policy.external(first_value(incoming, AUTHORIZATION_KEY))
+        except CallerRefused as e:
+            await abort_refused(context, e)
+        metadata = end_to_end_metadata(incoming, CALLER_KEY, PRINCIPAL_KEY, AUTHORIZATION_KEY)
+        metadata.append((PRINCIPAL_KEY, principal))
+        headers = {k: v for k, v in metadata if isinstance(v, str)}
+        target = _pick_other(self._router, self.agent, self.instance_id, headers)
+        if target is None:
+            assert self._engine is not None
+            return metadata, self._engine, None
+        return metadata, self._pool.get(target), target
+
+    def _report(self, target: Target | None, code: grpc.StatusCode) -> None:
+        if target is not None and self._router is not None:
+            self._router.report(target, _GRPC_REPORTED.get(code, 400))
+
+    def _unary_handler(self, method: str) -> Handler:
+        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            metadata, channel, target = await self._prepare(context)
+            try:
+                response = await relay_unary(channel, method, request, context, metadata)
+            except grpc.aio.AioRpcError as e:
+                self._report(target, e.code())
+                await abort_as(context, e)
+            self._report(target, grpc.StatusCode.OK)
+            return response
+
+        return handle
+
+    def _stream_handler(self, method: str) -> Handler:
+        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            metadata, channel, target = await self._prepare(context)
+            outcome: list[grpc.StatusCode] = []
+            try:
+                async for message in relay_stream(
+                    channel, method, request, context, metadata, outcome
+                ):
+                    yield message
+            finally:
+                self._report(target, outcome[0] if outcome else grpc.StatusCode.CANCELLED)
+
+        return handle
