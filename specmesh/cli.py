@@ -1481,7 +1481,7 @@ def _parser() -> argparse.ArgumentParser:
         "--role",
         action="append",
         required=True,
-        choices=["viewer", "operator", "admin", "secrets-admin"],
+        choices=["viewer", "operator", "admin", "secrets-admin", "invoker"],
         help="repeatable; may not allow more than your own roles",
     )
     a.add_argument("--ttl", default=None, help="lifetime: 30d (default), 12h, 90m, 45s")
