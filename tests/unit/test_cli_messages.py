@@ -81,6 +81,8 @@ def _fleet_state(home: Path) -> dict[str, Any]:
     """A fleet file whose one recorded process is this test process (so it "runs")."""
     cmd = [a.decode() for a in Path(f"/proc/{os.getpid()}/cmdline").read_bytes().split(b"\0") if a]
     agent = {
+        "entry": "http://127.0.0.1:1008",
+        "entryGrpc": "127.0.0.1:1009",
         "a2a": "http://127.0.0.1:1001",
         "a2aGrpc": "127.0.0.1:1002",
         "inbound": "https://127.0.0.1:1003",
@@ -129,7 +131,9 @@ def test_status_json_lists_mcp_servers_and_every_sidecar_endpoint(
     assert status["mcp"] == {"nacos-mcp-tools": "http://127.0.0.1:2007/mcp",
                              "time": "http://127.0.0.1:2008/mcp"}  # fmt: skip
     canary = status["agents"]["schedulex-assistant"]["canary"]
-    assert {"a2a", "inbound", "inboundGrpc", "egress", "egressGrpc", "ops"} <= set(canary)
+    assert {"entry", "entryGrpc", "inbound", "inboundGrpc", "egress", "egressGrpc", "ops"} <= set(
+        canary
+    )
     assert status["processes"][0]["running"] is True
     engines = [p for p in status["processes"] if p["role"] == "engine"]
     assert [p["instance"] for p in engines] == [i["instance"] for i in instances]
@@ -148,6 +152,9 @@ def test_the_up_banner_separates_every_label_from_its_value(home: Path) -> None:
         'try: uv run specmesh invoke mse-nacos-helper "Which Nacos services are registered?"'
     )
     assert "uv run specmesh up --reset" in banner
+    # the way in for clients is each agent's entry, not its engine
+    assert "entry http://127.0.0.1:1008 (gRPC 127.0.0.1:1009)" in banner
+    assert "http://127.0.0.1:1001" not in banner
 
 
 def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path) -> None:
@@ -197,6 +204,16 @@ def silent_server() -> Iterator[int]:
     for s in held:
         s.close()
     server.close()
+
+
+def test_invoke_track_is_refused_with_what_to_do_instead(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["invoke", "a", "hello", "--track", "canary", "--url", "http://127.0.0.1:9"])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "follow its release" in err and "--url" in err
 
 
 def test_invoke_gives_up_at_its_deadline_with_a_clear_error(
