@@ -52,7 +52,8 @@ apiVersion: specmesh.io/v1
 kind: Agent
 metadata: {name: billing-helper}
 spec:
-  base: {description: Answers billing questions, promptKey: billing-helper}
+  base: {description: Answers billing questions, promptKey: billing-helper,
+         callers: {principals: ["specmesh/*"]}}  # `specmesh invoke` goes through the entry
   model:
     model: qwen-plus-latest
     baseUrl: https://dashscope.aliyuncs.com/compatible-mode
