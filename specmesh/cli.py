@@ -108,6 +108,7 @@ def _exit_code(error: SpecmeshError) -> int:
         (SecretUnavailableError, EXIT_UNAVAILABLE),
         (ControlPlaneUnavailableError, EXIT_UNAVAILABLE),
         (NotAllowedError, EXIT_NOT_ALLOWED),
+        (AgentCallRefusedError, EXIT_NOT_ALLOWED),
         (FleetNotRunningError, EXIT_UNAVAILABLE),
         (InvokeTimeoutError, EXIT_UNAVAILABLE),
     ]
@@ -1147,12 +1148,42 @@ class InvokeTimeoutError(SpecmeshError):
 
 
 class AgentCallError(SpecmeshError):
-    """The A2A call failed: the entry refused it (no or bad token, a principal the agent's
-    callers do not admit) or the agent answered with an A2A error (exit 6)."""
+    """The A2A call failed: the agent answered with an A2A error, or could not be reached
+    (exit 6)."""
 
     def __init__(self, *, agent: str, url: str, reason: str) -> None:
         self.agent = agent
         super().__init__(f"calling {agent} ({url}) failed: {reason}")
+
+
+class AgentCallRefusedError(AgentCallError):
+    """The agent's entry refused the call: no or a bad token (401), or a principal its
+    ``callers`` do not admit (403) (exit 7)."""
+
+    def __init__(self, *, agent: str, url: str, reason: str) -> None:
+        super().__init__(
+            agent=agent,
+            url=url,
+            reason=f"{reason} (the agent's entry refused it: its spec's "
+            "base.callers.principals must admit specmesh/<the name of your API token>)",
+        )
+
+
+def _refused(error: BaseException) -> bool:
+    """Whether an a2a-sdk error came from a 401/403 answer (HTTP) or an UNAUTHENTICATED /
+    PERMISSION_DENIED status (gRPC)."""
+    cause = error.__cause__
+    status = getattr(getattr(cause, "response", None), "status_code", None)
+    if status in (401, 403):
+        return True
+    code = getattr(cause, "code", None)
+    if callable(code):
+        try:
+            name = getattr(code(), "name", "")
+        except TypeError:
+            return False
+        return name in ("UNAUTHENTICATED", "PERMISSION_DENIED")
+    return False
 
 
 _TOKEN_MARGIN_SECONDS = 30.0
@@ -1229,9 +1260,8 @@ async def _invoke(
     except TimeoutError:
         raise InvokeTimeoutError(agent=args.agent, url=target.where, seconds=args.timeout) from None
     except A2AError as e:
-        raise AgentCallError(
-            agent=args.agent, url=target.where, reason=str(e) or type(e).__name__
-        ) from e
+        refused = AgentCallRefusedError if _refused(e) else AgentCallError
+        raise refused(agent=args.agent, url=target.where, reason=str(e) or type(e).__name__) from e
 
 
 async def cmd_invoke(args: argparse.Namespace, ctx: _Context) -> int:
