@@ -369,8 +369,8 @@ class Fleet:
 
     def _tokens(self) -> str:
         """An admin token for local sign-in, kept in ``<home>/admin-token`` (0600), and one
-        token per narrower role (``<home>/tokens-viewer``, ``-operator``, ``-secrets-admin``)
-        to try the Studio as someone who may do less."""
+        token per narrower role (``<home>/tokens-viewer``, ``-operator``, ``-secrets-admin``,
+        ``-invoker``) to try the Studio, or ``specmesh invoke``, as someone who may do less."""
 
         def token_in(file: Path) -> str:
             if file.exists():
@@ -382,7 +382,7 @@ class Fleet:
 
         token = token_in(self.home / "admin-token")
         entries = [("local-admin", token, ["admin", "secrets-admin"])]
-        for role in ("viewer", "operator", "secrets-admin"):
+        for role in ("viewer", "operator", "secrets-admin", "invoker"):
             entries.append((f"local-{role}", token_in(self.home / f"tokens-{role}"), [role]))
         tokens = {
             "tokens": [
