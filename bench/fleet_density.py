@@ -84,7 +84,11 @@ def _manifest(name: str) -> dict[str, Any]:
         "kind": "Agent",
         "metadata": {"name": name},
         "spec": {
-            "base": {"description": "density bench agent", "promptKey": "density"},
+            "base": {
+                "description": "density bench agent",
+                "promptKey": "density",
+                "callers": {"principals": ["specmesh/*"]},
+            },
             "model": {
                 "model": "qwen-plus-latest",
                 "baseUrl": "https://dashscope.aliyuncs.com/compatible-mode",
@@ -110,12 +114,13 @@ def _wait(check: Any, what: str, timeout: float) -> float:
     raise RuntimeError(f"{what}: not within {timeout:.0f}s")
 
 
-def _ask(url: str) -> None:
+def _ask(url: str, token: str) -> None:
+    """One call through an instance's public entry (its card is read there)."""
     import asyncio
 
     from specmesh.a2aclient import invoke
 
-    result = asyncio.run(asyncio.wait_for(invoke(url, "ping"), 60))
+    result = asyncio.run(asyncio.wait_for(invoke(url, "ping", token=token), 60))
     if result.state != "completed":
         raise RuntimeError(f"{url}: {result.state}")
 
@@ -179,7 +184,8 @@ def run_size(api: Api, home: Path, n: int, idle: float, fleet_pids: list[int]) -
     _wait(all_ready, f"{n} agents ready", timeout=120 + 12 * n)
     ready = time.monotonic() - start
     for inst in [i for i in _instances(home) if i["agent"] in names]:
-        _ask(inst["endpoints"]["a2a"])
+        token = api.call("POST", f"/api/v1/agents/{inst['agent']}/invoke-token")["token"]
+        _ask(inst["endpoints"]["entry"], token)
     answered = time.monotonic() - start
     figures = _measure(home, names, idle, fleet_pids)
     pids = [p["pid"] for i in _instances(home) if i["agent"] in names for p in i["processes"]]

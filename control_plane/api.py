@@ -15,6 +15,7 @@ from typing import Any
 
 from control_plane.auth import Principal, authorize
 from control_plane.errors import BadRequestError
+from control_plane.issuer import CONTROL_PLANE_TREE, InvokeToken, TokenIssuer
 from control_plane.mcptools import McpToolCatalog
 from control_plane.mesh import IstioValidator, MeshSettings, render_agent, render_mesh
 from control_plane.tokens import TokenRecord, TokenRequest, TokenStore, check_grant
@@ -109,6 +110,7 @@ class ControlPlane:
         traces: TraceStore | None = None,
         pki_mount: str | None = None,
         tokens: TokenStore | None = None,
+        issuer: TokenIssuer | None = None,
         runtime: str = "none",
     ) -> None:
         self.store = store
@@ -122,6 +124,8 @@ class ControlPlane:
         self.card_fetcher = card_fetcher
         self.traces = traces or InMemoryTraceStore()
         self.tokens = tokens or TokenStore(store=store)
+        self.issuer = issuer or TokenIssuer(vault=vault, kv_mount=kv_mount)
+        """Mints invoke tokens (its signing key in Vault, under the control plane's tree)."""
         self.runtime = runtime
         """The runtime the controller drives (``none``: no controller runs)."""
 
@@ -257,6 +261,24 @@ class ControlPlane:
         )
         await self.specs.retire_identity(name)
 
+    async def invoke_token(self, principal: Principal, name: str) -> InvokeToken:
+        """A short-lived JWT that lets ``principal`` call the agent ``name`` through its public
+        entry (``aud`` = the agent's resource name, ``sub`` = the principal's name); the
+        agent's ``callers.principals`` must admit ``<issuer>/<principal>``. The mint is
+        audited (who, which agent, the token's id and expiry), the token never."""
+        authorize(principal, "agents.invoke")
+        record = await self.store.get_agent(name)  # 404 for an unknown agent
+        minted = await self.issuer.mint(subject=principal.name, audience=resource_name(record.name))
+        await self.store.record(
+            actor=principal.name,
+            action="invoke-token",
+            kind="Agent",
+            name=record.name,
+            message=f"invoke token {minted.jti} for {minted.issuer}/{minted.subject}, "
+            f"expires {minted.expires_at.isoformat()}",
+        )
+        return minted
+
     # ------------------------------------------------------------ prompts
 
     async def list_prompts(self, principal: Principal) -> dict[str, list[str]]:
@@ -391,6 +413,10 @@ class ControlPlane:
             raise BadRequestError(
                 "secret: an agent's own secrets are never shared with another agent"
             )
+        if _in_control_plane_tree(ref.path):
+            raise BadRequestError(
+                f"secret: the control plane's own secrets ({CONTROL_PLANE_TREE}/) are never shared"
+            )
         return ref.mount, ref.path
 
     async def share_secret(self, principal: Principal, agent: str, secret: str) -> dict[str, Any]:
@@ -438,6 +464,11 @@ class ControlPlane:
             raise BadRequestError(
                 "path: credentials are written under specmesh/ outside specmesh/agents/ (an "
                 "agent's own keys change only by applying its spec, as new versions)"
+            )
+        if _in_control_plane_tree(ref.path):
+            raise BadRequestError(
+                f"path: {CONTROL_PLANE_TREE}/ holds the control plane's own keys (its token "
+                "signing key); they are not written through the API"
             )
         await self.vault.write(ref, value)
         _, version = await self.vault.read_fields(mount=ref.mount, path=ref.path)
@@ -645,6 +676,10 @@ class ControlPlane:
 
 
 _CREDENTIALS_ROOT = "specmesh"
+
+
+def _in_control_plane_tree(path: str) -> bool:
+    return path == CONTROL_PLANE_TREE or path.startswith(f"{CONTROL_PLANE_TREE}/")
 
 
 def _credential_folder(prefix: str, mount: str) -> str:

@@ -46,6 +46,8 @@ class Role(StrEnum):
     OPERATOR = "operator"
     ADMIN = "admin"
     SECRETS_ADMIN = "secrets-admin"
+    INVOKER = "invoker"
+    """May get invoke tokens for agents (``agents.invoke``) and nothing else."""
 
 
 _READ = frozenset({Role.VIEWER, Role.OPERATOR, Role.ADMIN})
@@ -54,6 +56,7 @@ _WRITE = frozenset({Role.OPERATOR, Role.ADMIN})
 PERMISSIONS: dict[str, frozenset[Role]] = {
     "agents.read": _READ,
     "agents.write": _WRITE,
+    "agents.invoke": _WRITE | {Role.INVOKER},
     "prompts.read": _READ,
     "prompts.write": _WRITE,
     "mcp.read": _READ,

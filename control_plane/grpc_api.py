@@ -612,6 +612,20 @@ class _AgentRegistryService(_Service):
         card = await self.cp.get_agent_card(p, name)
         return _pb.GetAgentCardResponse(agent_card_json=json.dumps(card))
 
+    @_rpc
+    async def IssueInvokeToken(self, p: Principal, request: Any) -> Any:
+        name = _required(request.agent_name, "agent_name")
+        minted = await self.cp.invoke_token(p, name)
+        expires_at = Timestamp()
+        expires_at.FromDatetime(minted.expires_at)
+        return _pb.IssueInvokeTokenResponse(
+            token=minted.token,
+            expires_at=expires_at,
+            issuer=minted.issuer,
+            subject=minted.subject,
+            audience=minted.audience,
+        )
+
 
 class _ReleaseService(_Service):
     async def _reply(self, p: Principal, agent: str, spec: ReleaseSpec) -> Any:

@@ -17,6 +17,7 @@ from control_plane.api import ControlPlane
 from control_plane.auth import StaticTokenAuthenticator
 from control_plane.controller import Controller
 from control_plane.grpc_api import build_grpc_server
+from control_plane.issuer import TokenIssuer
 from control_plane.mcptools import McpToolCatalog
 from control_plane.mesh import IstioValidator, MeshSettings
 from control_plane.otlp import OtlpForwarder, OtlpReceiver, build_otlp_app
@@ -28,6 +29,7 @@ from control_plane.settings import ControlPlaneSettings
 from control_plane.tokens import TokenAuthenticator, TokenStore
 from control_plane.traces import SqliteTraceStore, retention_loop
 from specmesh.addresses import parse_table
+from specmesh.errors import SecretError
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
 from specmesh.logs import configure_logging
@@ -70,8 +72,14 @@ async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = 
         refresh_seconds=settings.mcp_tools_refresh_seconds,
         timeout=settings.mcp_tools_timeout_seconds,
     )
+    issuer = TokenIssuer(
+        vault=vault,
+        kv_mount=settings.vault_kv_mount,
+        issuer=settings.token_issuer,
+        ttl_seconds=settings.invoke_token_ttl_seconds,
+    )
     control_plane = ControlPlane(
-        store=store, vault=vault, kv_mount=settings.vault_kv_mount, tokens=tokens,
+        store=store, vault=vault, kv_mount=settings.vault_kv_mount, tokens=tokens, issuer=issuer,
         mesh_settings=MeshSettings(namespace=settings.mesh_namespace), istio=istio,
         traces=traces, mcp_tools=mcp_tools,
         pki_mount=settings.vault_pki_mount, runtime=settings.runtime,
@@ -87,6 +95,10 @@ async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = 
         if not await authenticator.wait_loaded(timeout=10):  # until then: 503, fail closed
             logger.warning("tokens and revocations not read from etcd yet; refusing every token")
         await stack.enter_async_context(traces)
+        try:  # now, so that a sidecar's first JWKS fetch finds the key; else at first use
+            logger.info("invoke tokens signed with key %s", await issuer.load())
+        except SecretError as e:
+            logger.warning("the invoke-token signing key is not available yet: %s", e)
         await stack.enter_async_context(mcp_tools)
         forwarder = None
         if settings.otlp_forward_url:

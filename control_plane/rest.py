@@ -2,7 +2,8 @@
 
 Routes are declared once in :data:`ROUTES`; the OpenAPI document served at
 ``/api/v1/openapi.json`` is generated from that table, so the two cannot drift. Every
-route but health, readiness and the OpenAPI document needs ``Authorization: Bearer``.
+route but health, readiness, the OpenAPI document and the invoke-token signing keys
+(``/.well-known/jwks.json``) needs ``Authorization: Bearer``.
 Errors are ``{"error": {"code", "message", "issues"?}}`` with the status of
 :func:`control_plane.errors.status_for`.
 """
@@ -263,6 +264,10 @@ async def _agent_card(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
     return await cp.get_agent_card(p, r.match_info["name"])
 
 
+async def _invoke_token(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
+    return (await cp.invoke_token(p, r.match_info["name"])).to_json()
+
+
 async def _instances(cp: ControlPlane, p: Principal, r: web.Request) -> Any:
     return await cp.list_instances(p, r.query.get("agent") or None)
 
@@ -407,7 +412,7 @@ _TOKEN_REQUEST = {
     "properties": {
         "name": {"type": "string", "minLength": 1, "maxLength": 100,
                  "pattern": r"^[^\x00-\x1f\x7f]+$"},
-        "roles": {"type": "array", "minItems": 1, "maxItems": 4, "items": _ROLE},
+        "roles": {"type": "array", "minItems": 1, "maxItems": len(Role), "items": _ROLE},
         "ttlSeconds": {"type": "integer", "minimum": 1, "maximum": MAX_TTL_SECONDS,
                        "description": "seconds until the token expires (default 30 days)"}},
 }  # fmt: skip
@@ -481,6 +486,16 @@ ROUTES: list[Route] = [
     Route("GET", "/api/v1/agents/{name}/card", _agent_card,
           "The A2A agent card a live instance serves (published in the Agent Registry)",
           params=[_NAME]),
+    Route("POST", "/api/v1/agents/{name}/invoke-token", _invoke_token,
+          "A short-lived JWT (ES256, audience the agent) to call the agent through its public "
+          "entry as this principal (agents.invoke: operator, admin, invoker); public keys at "
+          "/.well-known/jwks.json", params=[_NAME],
+          response={"type": "object",
+                    "required": ["token", "expiresAt", "issuer", "subject", "audience"],
+                    "properties": {"token": {"type": "string"},
+                                   "expiresAt": {"type": "string", "format": "date-time"},
+                                   "issuer": {"type": "string"}, "subject": {"type": "string"},
+                                   "audience": {"type": "string"}}}),
     Route("GET", "/api/v1/instances", _instances, "Live agent instances",
           params=[{"name": "agent", "in": "query", "schema": {"type": "string"}}],
           response=_ARR),
@@ -642,7 +657,19 @@ def build_app(control_plane: ControlPlane, authenticator: Authenticator) -> web.
     async def healthz(_: web.Request) -> web.StreamResponse:
         return web.json_response({"status": "ok"})
 
+    async def jwks(request: web.Request) -> web.StreamResponse:
+        """The invoke-token signing keys (public; sidecars fetch them without a token)."""
+        try:
+            keys = await control_plane.issuer.jwks()
+        except Exception as e:
+            http, _, reason = status_for(e)
+            if reason == "internal":
+                logger.exception("%s %s failed", request.method, request.path)
+            return web.json_response(error_body(e), status=http)
+        return web.json_response(keys, headers={"Cache-Control": "public, max-age=300"})
+
     app.router.add_get("/api/v1/openapi.json", openapi)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/.well-known/jwks.json", jwks)
     add_studio_routes(app)
     return app

@@ -58,6 +58,12 @@ class ControlPlaneSettings(BaseSettings):
     credentials it is listed with, is listed at once."""
     mcp_tools_timeout_seconds: float = Field(default=10.0, gt=0)
     """Timeout of one listing of an MCP server's tools."""
+    token_issuer: str = Field(default="specmesh", min_length=1)
+    """``iss`` of the invoke tokens this control plane mints (``SPECMESH_TOKEN_ISSUER``);
+    their request principals are ``<issuer>/<API principal name>``. Every replica of one
+    control plane must use the same name (they share the signing key)."""
+    invoke_token_ttl_seconds: int = Field(default=300, ge=1, le=3600)
+    """Lifetime of an invoke token (``SPECMESH_INVOKE_TOKEN_TTL_SECONDS``, 1 to 3600)."""
     tokens_file: Path = Path(".specmesh/tokens.json")
     """Bearer tokens (hashed) and their roles."""
     istio_crds: Path | None = CRDS_PATH

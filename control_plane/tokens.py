@@ -100,7 +100,7 @@ class TokenRequest(BaseModel):
 
     name: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")]
     """Who or what the token is for (the actor its changes are audited under)."""
-    roles: Annotated[list[Role], Field(min_length=1, max_length=4)]
+    roles: Annotated[list[Role], Field(min_length=1, max_length=len(Role))]
     """The token's roles; they may not allow more than its creator may."""
     ttl_seconds: Annotated[int, Field(alias="ttlSeconds", ge=1, le=MAX_TTL_SECONDS)] = (
         DEFAULT_TTL_SECONDS

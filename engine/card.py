@@ -20,6 +20,7 @@ from a2a.types.a2a_pb2 import (
     AgentCard,
     AgentInterface,
     AgentSkill,
+    HTTPAuthSecurityScheme,
     MutualTlsSecurityScheme,
     SecurityRequirement,
     SecurityScheme,
@@ -29,10 +30,59 @@ from a2a.utils.constants import PROTOCOL_VERSION_CURRENT, TransportProtocol
 
 from engine.runner import CardInfo
 
-__all__ = ["MTLS_SCHEME", "CardSource", "CardUrls", "build_agent_card", "placeholder_card_info"]
+__all__ = [
+    "BEARER_SCHEME",
+    "DEFAULT_SECURITY",
+    "MTLS_SCHEME",
+    "SECURITY_SCHEMES",
+    "CardSource",
+    "CardUrls",
+    "build_agent_card",
+    "parse_card_security",
+    "placeholder_card_info",
+]
 
+BEARER_SCHEME = "bearer"
+"""Security scheme of the public entry: a bearer JWT (``Authorization: Bearer <jwt>``) of an
+issuer the sidecar trusts, e.g. the control plane's invoke token."""
 MTLS_SCHEME = "mtls"
-"""Name of the card's security scheme: callers authenticate with mutual TLS (the sidecar's)."""
+"""Security scheme of a mesh that terminates mutual TLS in front of the agent (Istio mode:
+the entry is the inbound and a partner agent authenticates with its certificate)."""
+SECURITY_SCHEMES: dict[str, SecurityScheme] = {
+    BEARER_SCHEME: SecurityScheme(
+        http_auth_security_scheme=HTTPAuthSecurityScheme(
+            scheme="Bearer",
+            bearer_format="JWT",
+            description="A JWT of an issuer the agent trusts (e.g. the control plane's "
+            "invoke token: POST /api/v1/agents/{name}/invoke-token), audience the agent; "
+            "the agent's callers decide which principals may call.",
+        )
+    ),
+    MTLS_SCHEME: SecurityScheme(
+        mtls_security_scheme=MutualTlsSecurityScheme(
+            description="Mutual TLS with the calling agent's mesh certificate "
+            "(SPIFFE-style URI SAN), terminated by Istio."
+        )
+    ),
+}
+"""The schemes a card may declare, by name."""
+DEFAULT_SECURITY: tuple[str, ...] = (BEARER_SCHEME,)
+
+
+def parse_card_security(raw: str) -> tuple[str, ...]:
+    """The schemes of a comma list (``SPECMESH_CARD_SECURITY``: ``bearer``, ``mtls``), in
+    the order of :data:`SECURITY_SCHEMES`; ValueError names an unknown or missing one."""
+    names = {n.strip().lower() for n in raw.split(",") if n.strip()}
+    unknown = sorted(names - set(SECURITY_SCHEMES))
+    if unknown:
+        raise ValueError(
+            f"card security: unknown scheme {', '.join(unknown)} "
+            f"(known: {', '.join(SECURITY_SCHEMES)})"
+        )
+    if not names:
+        raise ValueError(f"card security: name at least one of {', '.join(SECURITY_SCHEMES)}")
+    return tuple(n for n in SECURITY_SCHEMES if n in names)
+
 
 _TEXT_MODES = ["text/plain"]
 _OUTPUT_MODES = ["text/plain", "application/json"]
@@ -95,8 +145,12 @@ def _default_skill(info: CardInfo) -> AgentSkill:
     )
 
 
-def build_agent_card(info: CardInfo, urls: CardUrls) -> AgentCard:
-    """The A2A 1.0 card for ``info``, served on the three ``urls``."""
+def build_agent_card(
+    info: CardInfo, urls: CardUrls, *, security: tuple[str, ...] = DEFAULT_SECURITY
+) -> AgentCard:
+    """The A2A 1.0 card for ``info``, served on the three ``urls`` (the public entry's),
+    declaring the ``security`` schemes (names of :data:`SECURITY_SCHEMES`): one security
+    requirement per scheme, so that any one of them suffices."""
     skills = [_skill(s, info) for s in info.skills] or [_default_skill(info)]
     interfaces = [
         AgentInterface(
@@ -121,15 +175,10 @@ def build_agent_card(info: CardInfo, urls: CardUrls) -> AgentCard:
         version=str(info.revision),
         supported_interfaces=interfaces,
         capabilities=AgentCapabilities(streaming=info.streaming, push_notifications=False),
-        security_schemes={
-            MTLS_SCHEME: SecurityScheme(
-                mtls_security_scheme=MutualTlsSecurityScheme(
-                    description="Mutual TLS with the agent's mesh certificate "
-                    "(SPIFFE-style URI SAN), terminated by the sidecar or Istio."
-                )
-            )
-        },
-        security_requirements=[SecurityRequirement(schemes={MTLS_SCHEME: StringList(list=[])})],
+        security_schemes={name: SECURITY_SCHEMES[name] for name in security},
+        security_requirements=[
+            SecurityRequirement(schemes={name: StringList(list=[])}) for name in security
+        ],
         default_input_modes=_TEXT_MODES,
         default_output_modes=_OUTPUT_MODES,
         skills=skills,
@@ -149,9 +198,11 @@ class CardSource:
         card_info: Callable[[], CardInfo | None],
         urls: CardUrls,
         agent_name: str,
+        security: tuple[str, ...] = DEFAULT_SECURITY,
     ) -> None:
         self._card_info = card_info
         self._urls = urls
+        self._security = security
         self._placeholder = placeholder_card_info(agent_name)
         self._lock = threading.Lock()
         self._built_from: CardInfo | None = None
@@ -168,7 +219,7 @@ class CardSource:
         info = self._card_info() or self._placeholder
         with self._lock:
             if info != self._built_from:
-                self.card.CopyFrom(build_agent_card(info, self._urls))
+                self.card.CopyFrom(build_agent_card(info, self._urls, security=self._security))
                 self._built_from = info
             snapshot = AgentCard()
             snapshot.CopyFrom(self.card)

@@ -30,9 +30,10 @@ from pathlib import Path
 # what a trace needs. Set it to "true" to get the SDK's spans back.
 os.environ.setdefault("OTEL_INSTRUMENTATION_A2A_SDK_ENABLED", "false")
 
-from pydantic import AliasChoices, Field, ValidationError
+from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from engine.card import parse_card_security
 from engine.runner import AgentRunner
 from engine.server import EngineServer, ServerConfig, parse_address
 from engine.telemetry import EngineMetrics, configure_telemetry
@@ -63,9 +64,23 @@ class ServeSettings(BaseSettings):
     engine_grpc: str = "127.0.0.1:7104"
     """The A2A gRPC listener."""
     engine_public_http_url: str | None = None
-    """Base URL callers use for HTTP, for the agent card; default: the listen address."""
+    """Base URL callers use for HTTP (the card's JSON-RPC and HTTP+JSON URLs): the public
+    entry's (``SPECMESH_ENGINE_PUBLIC_HTTP_URL``; the supervisor sets the sidecar's entry,
+    Kubernetes the Service); default: the listen address."""
     engine_public_grpc_url: str | None = None
-    """gRPC target callers use, for the agent card; default: the listen address."""
+    """gRPC target callers use (the card's gRPC URL): the entry's gRPC listener
+    (``SPECMESH_ENGINE_PUBLIC_GRPC_URL``); default: the listen address."""
+    card_security: str = "bearer"
+    """Security schemes the card declares, a comma list of ``bearer`` (a JWT at the public
+    entry) and ``mtls`` (Istio mode: partners' mesh certificates)
+    (``SPECMESH_CARD_SECURITY``)."""
+
+    @field_validator("card_security")
+    @classmethod
+    def _security(cls, value: str) -> str:
+        parse_card_security(value)
+        return value
+
     engine_drain_seconds: float = Field(default=10.0, ge=0)
     """How long turns in flight may finish after SIGTERM."""
     log_level: str = "INFO"
@@ -153,6 +168,7 @@ async def _run(
         grpc_port=grpc_port,
         public_http_url=settings.engine_public_http_url,
         public_grpc_url=settings.engine_public_grpc_url,
+        card_security=parse_card_security(settings.card_security),
         drain_timeout=settings.engine_drain_seconds,
     )
     stop = asyncio.Event()

@@ -50,7 +50,7 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 
 from engine.a2a_executor import EngineAgentExecutor
-from engine.card import CardSource, CardUrls
+from engine.card import DEFAULT_SECURITY, CardSource, CardUrls
 from engine.json_numbers import IntegralNumbersMiddleware
 from engine.knowledge.rest import KnowledgeSource, create_knowledge_routes
 from engine.rest import ConversationDeleter, create_business_routes
@@ -107,6 +107,8 @@ class ServerConfig:
     the listen address."""
     public_grpc_url: str | None = None
     """gRPC target callers use (the card's gRPC URL); default: the listen address."""
+    card_security: tuple[str, ...] = DEFAULT_SECURITY
+    """Security schemes the card declares (what the public entry accepts)."""
     drain_timeout: float = 10.0
     """Seconds turns in flight get to finish on shutdown."""
     readiness_interval: float = 0.2
@@ -284,6 +286,7 @@ class EngineServer:
                 grpc=cfg.public_grpc_url or self.grpc_target,
             ),
             agent_name=cfg.agent_name,
+            security=cfg.card_security,
         )
         a2a_runner = _ServingRunner(
             inner=self._runner, drain=self._drain, metrics=self._metrics, transport="a2a"

@@ -1,16 +1,44 @@
-"""Talking to an agent over A2A with the official a2a-sdk client (``specmesh invoke``/``chat``)."""
+"""Talking to an agent over A2A with the official a2a-sdk client (``specmesh invoke``/``chat``).
+
+The client is built from the agent's card alone (the card an instance published, which names
+its public entry's URLs and security schemes); a bearer token, when given, is added by the
+SDK's :class:`~a2a.client.auth.AuthInterceptor` for the card's HTTP Bearer scheme -- as the
+``Authorization`` header on HTTP, as ``authorization`` metadata on gRPC.
+"""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from a2a.client import ClientConfig, create_client
-from a2a.types.a2a_pb2 import Message, Part, Role, SendMessageRequest, TaskState
+from a2a.client import ClientCallContext, ClientConfig, create_client
+from a2a.client.auth import AuthInterceptor, CredentialService
+from a2a.client.card_resolver import parse_agent_card
+from a2a.client.interceptors import ClientCallInterceptor
+from a2a.types.a2a_pb2 import AgentCard, Message, Part, Role, SendMessageRequest, TaskState
 from google.protobuf.json_format import MessageToDict
 
-__all__ = ["InvokeResult", "invoke"]
+__all__ = ["BearerCredentials", "InvokeResult", "card_from_json", "invoke"]
+
+
+class BearerCredentials(CredentialService):
+    """One bearer token for every HTTP Bearer scheme a card declares (an invoke token is
+    good for one agent, and the client talks to that one only)."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def get_credentials(
+        self, security_scheme_name: str, context: ClientCallContext | None
+    ) -> str | None:
+        return self._token
+
+
+def card_from_json(data: dict[str, Any]) -> AgentCard:
+    """An agent card as the control plane serves it (JSON), parsed the SDK's way."""
+    return parse_agent_card(dict(data))
 
 
 @dataclass
@@ -22,15 +50,21 @@ class InvokeResult:
 
 
 async def invoke(
-    url: str,
+    agent: str | AgentCard,
     text: str,
     *,
     context_id: str | None = None,
     on_text: Callable[[str], None] | None = None,
     binding: str = "JSONRPC",
+    token: str | None = None,
 ) -> InvokeResult:
-    """Send ``text`` to the agent at ``url`` and stream the answer (``on_text`` per piece)."""
+    """Send ``text`` to the agent (its card, or a base URL whose card the SDK fetches) and
+    stream the answer (``on_text`` per piece); ``token`` is sent as a bearer token where the
+    card declares a Bearer scheme."""
     config = ClientConfig(streaming=True, supported_protocol_bindings=[binding])
+    interceptors: list[ClientCallInterceptor] | None = (
+        [AuthInterceptor(BearerCredentials(token))] if token else None
+    )
     request = SendMessageRequest(
         message=Message(
             role=Role.ROLE_USER,
@@ -44,7 +78,9 @@ async def invoke(
     state = "unknown"
     ctx = context_id or ""
     tools: list[str] = []
-    async with await create_client(url, client_config=config) as client:
+    async with await create_client(
+        agent, client_config=config, interceptors=interceptors
+    ) as client:
         async for event in client.send_message(request):
             if event.HasField("artifact_update"):
                 update = event.artifact_update

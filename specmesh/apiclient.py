@@ -380,6 +380,19 @@ class ApiClient:
         result: list[dict[str, Any]] = await self.request("GET", "/api/v1/instances", params=params)
         return result
 
+    async def agent_card(self, name: str) -> dict[str, Any]:
+        """The A2A card a live instance of the agent published (its public entry's URLs)."""
+        result: dict[str, Any] = await self.request("GET", f"/api/v1/agents/{_seg(name)}/card")
+        return result
+
+    async def invoke_token(self, name: str) -> dict[str, Any]:
+        """A short-lived JWT to call the agent through its entry as this API principal:
+        ``{"token", "expiresAt", "issuer", "subject", "audience"}``."""
+        result: dict[str, Any] = await self.request(
+            "POST", f"/api/v1/agents/{_seg(name)}/invoke-token"
+        )
+        return result
+
     async def audit(
         self, *, name: str | None = None, kind: str | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:

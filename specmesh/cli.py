@@ -19,6 +19,12 @@ with ``SPECMESH_TOKEN`` / ``SPECMESH_TOKEN_FILE`` / ``--token``, or the local fl
 ``rollback``, ``delete`` and ``audit`` write etcd and Vault directly through
 :class:`specmesh.specservice.SpecService`; ``describe``, ``release``, ``mesh render``,
 ``token`` and ``get instances`` need the control plane and exit 2.
+
+``invoke`` and ``chat`` go through the agent's public entry, as any A2A client does: they
+get the agent's card (``GET /api/v1/agents/{name}/card``: the entry's URLs) and an invoke
+token (``POST /api/v1/agents/{name}/invoke-token``, the caller's API token; role operator,
+admin or invoker) from the control plane, and call with the official a2a-sdk client built
+from that card. The agent's ``callers.principals`` must admit ``specmesh/<token name>``.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import random
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
+from datetime import UTC, datetime
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -101,6 +108,7 @@ def _exit_code(error: SpecmeshError) -> int:
         (SecretUnavailableError, EXIT_UNAVAILABLE),
         (ControlPlaneUnavailableError, EXIT_UNAVAILABLE),
         (NotAllowedError, EXIT_NOT_ALLOWED),
+        (AgentCallRefusedError, EXIT_NOT_ALLOWED),
         (FleetNotRunningError, EXIT_UNAVAILABLE),
         (InvokeTimeoutError, EXIT_UNAVAILABLE),
     ]
@@ -1023,7 +1031,11 @@ def _up_banner(state: dict[str, Any]) -> str:
         *[[f"MCP {name}", url] for name, url in ep["mcp"].items()],
         ["supervisor", f"{ep.get('supervisor', '-')}  (runs every applied agent)"],
         *[
-            [f"agent {agent} [{track}]", f"A2A {e['a2a']}  inbound {e['inbound']}"]
+            [
+                f"agent {agent} [{track}]",
+                f"entry {e.get('entry', '-')} (gRPC {e.get('entryGrpc', '-')})  "
+                f"inbound {e['inbound']}",
+            ]
             for agent, tracks in sorted(state["agents"].items())
             for track, e in tracks.items()
         ],
@@ -1111,8 +1123,8 @@ def cmd_logs(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _agent_url(settings: Settings, agent: str, track: str) -> str:
-    """The A2A URL of one ready instance of the agent's track, picked at random (so calls
-    spread over the instances the local supervisor runs)."""
+    """The engine URL of one ready instance of the agent's track, picked at random (for
+    ``kb``, which talks to one engine's business REST)."""
     status = _running_fleet(settings)
     ready = [
         i
@@ -1135,23 +1147,127 @@ class InvokeTimeoutError(SpecmeshError):
         )
 
 
-async def _invoke(args: argparse.Namespace, url: str, text: str, context_id: str | None) -> Any:
+class AgentCallError(SpecmeshError):
+    """The A2A call failed: the agent answered with an A2A error, or could not be reached
+    (exit 6)."""
+
+    def __init__(self, *, agent: str, url: str, reason: str) -> None:
+        self.agent = agent
+        super().__init__(f"calling {agent} ({url}) failed: {reason}")
+
+
+class AgentCallRefusedError(AgentCallError):
+    """The agent's entry refused the call: no or a bad token (401), or a principal its
+    ``callers`` do not admit (403) (exit 7)."""
+
+    def __init__(self, *, agent: str, url: str, reason: str) -> None:
+        super().__init__(
+            agent=agent,
+            url=url,
+            reason=f"{reason} (the agent's entry refused it: its spec's "
+            "base.callers.principals must admit specmesh/<the name of your API token>)",
+        )
+
+
+def _refused(error: BaseException) -> bool:
+    """Whether an a2a-sdk error came from a 401/403 answer (HTTP) or an UNAUTHENTICATED /
+    PERMISSION_DENIED status (gRPC)."""
+    cause = error.__cause__
+    status = getattr(getattr(cause, "response", None), "status_code", None)
+    if status in (401, 403):
+        return True
+    code = getattr(cause, "code", None)
+    if callable(code):
+        try:
+            name = getattr(code(), "name", "")
+        except TypeError:
+            return False
+        return name in ("UNAUTHENTICATED", "PERMISSION_DENIED")
+    return False
+
+
+_TOKEN_MARGIN_SECONDS = 30.0
+"""An invoke token this close to its expiry is replaced before the next message."""
+
+
+class _Target:
+    """Where ``invoke``/``chat`` send: the agent's card from the control plane (or the
+    ``--url`` whose card the SDK fetches), and an invoke token, minted again when it is
+    about to expire (a long chat outlives one)."""
+
+    def __init__(self, args: argparse.Namespace, ctx: _Context) -> None:
+        self._args = args
+        self._ctx = ctx
+        self.agent: Any = args.url
+        self.where: str = args.url or args.agent
+        self._token: str | None = None
+        self._expires = 0.0
+
+    async def resolve(self) -> None:
+        args, ctx = self._args, self._ctx
+        if getattr(args, "track", None):
+            raise UsageError(
+                "--track: calls go through the agent's public entry and follow its release "
+                "(weights, header match) like every external call; to reach one instance, "
+                "give --url with its entry (`specmesh status -o json`: instances[].endpoints)"
+            )
+        if args.url:
+            return
+        if not ctx.remote and ctx.settings.server is None:
+            raise FleetNotRunningError(ctx.settings.home.resolve())
+        if not ctx.remote:
+            raise UsageError(
+                f"{args.command} needs the control plane (the agent's card and an invoke "
+                "token): set SPECMESH_SERVER and SPECMESH_TOKEN, start the local fleet "
+                "(`uv run specmesh up`), or give --url"
+            )
+        from specmesh.a2aclient import card_from_json
+
+        card = card_from_json(await ctx.api.agent_card(args.agent))
+        self.agent = card
+        self.where = card.supported_interfaces[0].url if card.supported_interfaces else args.agent
+
+    async def token(self) -> str | None:
+        """A valid invoke token (from the control plane, when one is configured)."""
+        loop = asyncio.get_running_loop()
+        if self._token is not None and loop.time() < self._expires - _TOKEN_MARGIN_SECONDS:
+            return self._token
+        if not self._ctx.remote:
+            return None  # --url without a control plane: an agent that asks for no token
+        minted = await self._ctx.api.invoke_token(self._args.agent)
+        left = (datetime.fromisoformat(minted["expiresAt"]) - datetime.now(UTC)).total_seconds()
+        self._token, self._expires = str(minted["token"]), loop.time() + left
+        return self._token
+
+
+async def _invoke(
+    args: argparse.Namespace, target: _Target, text: str, context_id: str | None
+) -> Any:
+    from a2a.utils.errors import A2AError
+
     from specmesh.a2aclient import invoke
 
     def show(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
+    token = await target.token()
     try:
         async with asyncio.timeout(args.timeout):
-            return await invoke(url, text, context_id=context_id, on_text=show)
+            return await invoke(
+                target.agent, text, context_id=context_id, on_text=show, token=token
+            )
     except TimeoutError:
-        raise InvokeTimeoutError(agent=args.agent, url=url, seconds=args.timeout) from None
+        raise InvokeTimeoutError(agent=args.agent, url=target.where, seconds=args.timeout) from None
+    except A2AError as e:
+        refused = AgentCallRefusedError if _refused(e) else AgentCallError
+        raise refused(agent=args.agent, url=target.where, reason=str(e) or type(e).__name__) from e
 
 
 async def cmd_invoke(args: argparse.Namespace, ctx: _Context) -> int:
-    url = args.url or _agent_url(ctx.settings, args.agent, args.track)
-    result = await _invoke(args, url, args.message, args.context_id)
+    target = _Target(args, ctx)
+    await target.resolve()
+    result = await _invoke(args, target, args.message, args.context_id)
     sys.stdout.write("\n")
     if args.verbose_result:
         sys.stderr.write(
@@ -1162,7 +1278,8 @@ async def cmd_invoke(args: argparse.Namespace, ctx: _Context) -> int:
 
 
 async def cmd_chat(args: argparse.Namespace, ctx: _Context) -> int:
-    url = args.url or _agent_url(ctx.settings, args.agent, args.track)
+    target = _Target(args, ctx)
+    await target.resolve()
     context_id: str | None = None
     sys.stdout.write(f"chatting with {args.agent} (empty line or Ctrl-D to leave)\n")
     while True:
@@ -1172,7 +1289,7 @@ async def cmd_chat(args: argparse.Namespace, ctx: _Context) -> int:
             break
         if not line.strip():
             break
-        result = await _invoke(args, url, line, context_id)
+        result = await _invoke(args, target, line, context_id)
         context_id = result.context_id
         sys.stdout.write("\n")
     return EXIT_OK
@@ -1481,7 +1598,7 @@ def _parser() -> argparse.ArgumentParser:
         "--role",
         action="append",
         required=True,
-        choices=["viewer", "operator", "admin", "secrets-admin"],
+        choices=["viewer", "operator", "admin", "secrets-admin", "invoker"],
         help="repeatable; may not allow more than your own roles",
     )
     a.add_argument("--ttl", default=None, help="lifetime: 30d (default), 12h, 90m, 45s")
@@ -1531,8 +1648,15 @@ def _parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="print the task state and tools used to stderr",
             )
-        p.add_argument("--track", default="stable", choices=["stable", "canary"])
-        p.add_argument("--url", default=None, help="the agent's A2A URL (default: from the fleet)")
+        p.add_argument(
+            "--track", default=None, help=argparse.SUPPRESS
+        )  # gone: calls follow the release (an error names what to do instead)
+        p.add_argument(
+            "--url",
+            default=None,
+            help="an A2A base URL whose agent card to use instead of the one the control "
+            "plane serves (an invoke token is still sent when a control plane is configured)",
+        )
         p.add_argument(
             "--timeout",
             type=float,

@@ -68,7 +68,10 @@ logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 _READY_TIMEOUT = 120.0
 REDIS_SECRET = "vault://secret/specmesh/shared/fleet-redis#password"
-"""Where the fleet keeps its Redis password (the examples' memory credentials point here)."""
+"""Where the fleet keeps its Redis password (the examples' memory credentials point here;
+the sidecars' task-store proxies and the control plane read it too)."""
+TOKEN_ISSUER = "specmesh"
+"""The control plane's invoke-token issuer name, which every sidecar trusts."""
 SERVICE_HOSTS: dict[str, str] = {
     "redis": "fleet-redis:6379",
     "nacos-mcp-tools": "nacos-mcp-tools:80",
@@ -272,7 +275,14 @@ class Fleet:
 
             cp_port, cp_grpc, cp_otlp = free_port(), free_port(), free_port()
             otlp = f"http://127.0.0.1:{cp_otlp}"
-            supervisor = self._start_supervisor(services, base_env, llm_url, otlp)
+            supervisor = self._start_supervisor(
+                services,
+                base_env,
+                llm_url,
+                otlp,
+                jwks_uri=f"http://127.0.0.1:{cp_port}/.well-known/jwks.json",
+                task_store=redis_url,
+            )
             procs.append(supervisor)
             cp_env = {
                 **base_env,
@@ -286,6 +296,8 @@ class Fleet:
                 "SPECMESH_TRACES_DB": str(self.home / "traces.db"),
                 "SPECMESH_RUNTIME": "local",
                 "SPECMESH_SUPERVISOR_SOCKET": str(socket_path(self.home)),
+                "SPECMESH_TOKEN_ISSUER": TOKEN_ISSUER,
+                "SPECMESH_TASK_STORE_PASSWORD": REDIS_SECRET,
             }
             if self.options.istio_crds and self.options.istio_crds.exists():
                 cp_env["SPECMESH_ISTIO_CRDS"] = str(self.options.istio_crds)
@@ -357,8 +369,8 @@ class Fleet:
 
     def _tokens(self) -> str:
         """An admin token for local sign-in, kept in ``<home>/admin-token`` (0600), and one
-        token per narrower role (``<home>/tokens-viewer``, ``-operator``, ``-secrets-admin``)
-        to try the Studio as someone who may do less."""
+        token per narrower role (``<home>/tokens-viewer``, ``-operator``, ``-secrets-admin``,
+        ``-invoker``) to try the Studio, or ``specmesh invoke``, as someone who may do less."""
 
         def token_in(file: Path) -> str:
             if file.exists():
@@ -370,7 +382,7 @@ class Fleet:
 
         token = token_in(self.home / "admin-token")
         entries = [("local-admin", token, ["admin", "secrets-admin"])]
-        for role in ("viewer", "operator", "secrets-admin"):
+        for role in ("viewer", "operator", "secrets-admin", "invoker"):
             entries.append((f"local-{role}", token_in(self.home / f"tokens-{role}"), [role]))
         tokens = {
             "tokens": [
@@ -461,10 +473,20 @@ class Fleet:
         return True
 
     def _start_supervisor(
-        self, services: dict[str, Any], base_env: dict[str, str], llm_url: str, otlp: str
+        self,
+        services: dict[str, Any],
+        base_env: dict[str, str],
+        llm_url: str,
+        otlp: str,
+        *,
+        jwks_uri: str,
+        task_store: str,
     ) -> _Proc:
         """The supervisor, with a Vault identity that only mints agents' tokens (from the
-        ``specmesh-agent`` token role, written here with the root token)."""
+        ``specmesh-agent`` token role, written here with the root token). Its sidecars
+        trust the control plane's invoke tokens (``jwks_uri``; the control plane starts
+        after it) and keep the agents' A2A tasks in the fleet's Redis (``task_store``,
+        password :data:`REDIS_SECRET`)."""
         import asyncio
 
         from specmesh.vault import VaultClient
@@ -487,6 +509,18 @@ class Fleet:
             "SPECMESH_VAULT_TOKEN": token,
             "SPECMESH_VAULT_PKI_MOUNT": DEFAULT_PKI_MOUNT,
             "OTEL_EXPORTER_OTLP_ENDPOINT": otlp,
+            "SPECMESH_JWT_ISSUERS": json.dumps(
+                [
+                    {
+                        "issuer": TOKEN_ISSUER,
+                        "jwksUri": jwks_uri,
+                        "jwks": None,
+                        "audiences": ["{agent}"],
+                    }
+                ]
+            ),
+            "SPECMESH_TASK_STORE_UPSTREAM": task_store,
+            "SPECMESH_TASK_STORE_PASSWORD": REDIS_SECRET,
         }
         if self.options.llm_url is None:
             env["SPECMESH_LLM_OVERRIDE_URL"] = llm_url

@@ -4,7 +4,10 @@ The controller (in the control plane) tells it, per agent, how many instances to
 release track (:class:`specmesh.workloads.AgentWorkload`); the supervisor makes it so:
 
 * an **instance** is one engine + sidecar pair of processes, named ``<agent>-<track>-<n>``
-  (its id in the Agent Registry), with its own ports (kept across restarts) and its own
+  (its id in the Agent Registry), with its own ports (kept across restarts: the sidecar's
+  public entry -- HTTP and gRPC, what the engine's card names and ``specmesh invoke``
+  calls --, its mTLS inbound, egress, ops, Redis and task-store proxies, the engine's
+  private listeners) and its own
   Vault token, minted from the ``specmesh-agent`` token role with the agent's policy only
   (the supervisor's own token can do nothing else). The engine gets no secret and no
   Vault address;
@@ -94,7 +97,10 @@ STOP_TIMEOUT = 6.0
 """Time a process gets between SIGTERM and SIGKILL."""
 READY_POLL_SECONDS = 1.0
 _TICK = 0.2
-_PORTS = ("egress", "inbound", "ops", "http", "grpc", "redis", "egress_grpc", "inbound_grpc")
+_PORTS = (
+    "egress", "inbound", "ops", "http", "grpc", "redis", "egress_grpc", "inbound_grpc",
+    "entry", "entry_grpc", "task_store",
+)  # fmt: skip
 _ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV")
 MAX_WORKLOAD_BYTES = 64 * 1024
 DEFAULT_MAX_INSTANCES = 100
@@ -137,6 +143,19 @@ class SupervisorConfig:
     """Most instances (engine + sidecar pairs) run at once over all agents
     (``SPECMESH_SUPERVISOR_MAX_INSTANCES``): a workload that would take the supervisor past
     them is refused, so specs cannot exhaust the machine (each track may ask for 100)."""
+    jwt_issuers: str = ""
+    """``SPECMESH_JWT_ISSUERS`` for the sidecars (JSON list of ``{issuer, jwksUri, jwks,
+    audiences}``): whose bearer tokens their public entries accept. The local fleet names
+    the control plane (``specmesh``, its ``/.well-known/jwks.json``, audience ``{agent}``);
+    empty: none (the entry refuses every token)."""
+    task_store_upstream: str | None = None
+    """The shared Redis of the agents' A2A tasks (``SPECMESH_TASK_STORE_UPSTREAM``,
+    ``redis://host:port/db``): each sidecar's task-store proxy forwards there and the
+    engine's ``SPECMESH_TASK_STORE`` points at that proxy. Unset: engines keep tasks in
+    memory."""
+    task_store_password: str | None = None
+    """``vault://`` reference of that Redis's password (``SPECMESH_TASK_STORE_PASSWORD``),
+    read by the sidecar with its agent's token; never in an engine."""
 
     @property
     def socket(self) -> Path:
@@ -171,6 +190,9 @@ class SupervisorConfig:
             max_instances=int(
                 env.get("SPECMESH_SUPERVISOR_MAX_INSTANCES") or DEFAULT_MAX_INSTANCES
             ),
+            jwt_issuers=env.get("SPECMESH_JWT_ISSUERS", ""),
+            task_store_upstream=env.get("SPECMESH_TASK_STORE_UPSTREAM") or None,
+            task_store_password=env.get("SPECMESH_TASK_STORE_PASSWORD") or None,
         )
 
 
@@ -234,6 +256,8 @@ class _Instance:
     def endpoints(self) -> dict[str, str]:
         p = self.ports
         return {
+            "entry": f"http://127.0.0.1:{p['entry']}",
+            "entryGrpc": f"127.0.0.1:{p['entry_grpc']}",
             "a2a": f"http://127.0.0.1:{p['http']}",
             "a2aGrpc": f"127.0.0.1:{p['grpc']}",
             "inbound": f"https://127.0.0.1:{p['inbound']}",
@@ -649,21 +673,38 @@ class Supervisor:
             SPECMESH_VAULT_PKI_MOUNT=cfg.pki_mount,
             SPECMESH_MTLS="true" if cfg.mtls else "false",
             SPECMESH_SERVICE_ADDRESSES=cfg.service_addresses,
+            SPECMESH_ENTRY=f"127.0.0.1:{p['entry']}",
+            SPECMESH_ENTRY_GRPC=f"127.0.0.1:{p['entry_grpc']}",
         )
+        if cfg.jwt_issuers:
+            env["SPECMESH_JWT_ISSUERS"] = cfg.jwt_issuers
+        if cfg.task_store_upstream:
+            env.update(
+                SPECMESH_TASK_STORE_PROXY=f"127.0.0.1:{p['task_store']}",
+                SPECMESH_TASK_STORE_UPSTREAM=cfg.task_store_upstream,
+            )
+            if cfg.task_store_password:
+                env["SPECMESH_TASK_STORE_PASSWORD"] = cfg.task_store_password
         if cfg.llm_override_url:
             env["SPECMESH_LLM_OVERRIDE_URL"] = cfg.llm_override_url
         return env
 
     def _engine_env(self, inst: _Instance) -> dict[str, str]:
-        """No Vault address, token or any secret: only where its sidecar is."""
-        home = self.config.home / "engines" / inst.name
+        """No Vault address, token or any secret: only where its sidecar is. Its card
+        names the sidecar's public entry (callers never dial the engine), and its tasks go
+        to the sidecar's task-store proxy when the fleet shares a task store."""
+        home, p = self.config.home / "engines" / inst.name, inst.ports
         env = self._common_env(inst)
         env.update(
             HOME=str(home),
             LITELLM_LOCAL_MODEL_COST_MAP="True",
             OTEL_SERVICE_NAME=f"agent-{resource_name(inst.agent)}",
             SPECMESH_DATA_DIR=str(self.config.home / "data" / inst.name),
+            SPECMESH_ENGINE_PUBLIC_HTTP_URL=f"http://127.0.0.1:{p['entry']}",
+            SPECMESH_ENGINE_PUBLIC_GRPC_URL=f"127.0.0.1:{p['entry_grpc']}",
         )
+        if self.config.task_store_upstream:
+            env["SPECMESH_TASK_STORE"] = f"redis://127.0.0.1:{p['task_store']}/0"
         return env
 
     async def _deregister(self, inst: _Instance) -> None:

@@ -283,6 +283,24 @@ class VaultClient:
         )
         return True
 
+    async def create(self, ref: VaultRef, value: str) -> bool:
+        """Store ``value`` as the first version of the reference's secret (check-and-set 0);
+        False when the secret exists already (another writer came first: read theirs).
+        Concurrent writers thus agree on one value."""
+
+        def put() -> bool:
+            try:
+                self._client.secrets.kv.v2.create_or_update_secret(
+                    path=ref.path, secret={ref.field: value}, cas=0, mount_point=ref.mount
+                )
+            except hvac_exc.InvalidRequest as e:
+                if "check-and-set" in str(e):
+                    return False
+                raise
+            return True
+
+        return await self._run(str(ref.location), put)
+
     async def list_keys(self, *, mount: str, path: str) -> list[str]:
         """Names directly under ``path`` (folders end with ``/``); empty when none."""
         try:

@@ -1704,6 +1704,68 @@ class GetAgentCardResponse(_message.Message):
 Global___GetAgentCardResponse: _TypeAlias = GetAgentCardResponse  # noqa: Y015
 
 @_typing.final
+class IssueInvokeTokenRequest(_message.Message):
+    """IssueInvokeTokenRequest names the agent to call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_NAME_FIELD_NUMBER: _builtins.int
+    agent_name: _builtins.str
+    """The agent's name."""
+    def __init__(
+        self,
+        *,
+        agent_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueInvokeTokenRequest: _TypeAlias = IssueInvokeTokenRequest  # noqa: Y015
+
+@_typing.final
+class IssueInvokeTokenResponse(_message.Message):
+    """IssueInvokeTokenResponse carries the token and what it says."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    ISSUER_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    AUDIENCE_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """The JWT, sent as `Authorization: Bearer <token>` to the agent's entry."""
+    issuer: _builtins.str
+    """Its `iss`: the control plane's issuer name."""
+    subject: _builtins.str
+    """Its `sub`: the calling principal's name."""
+    audience: _builtins.str
+    """Its `aud`: the agent's resource name."""
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When it expires (its `exp`)."""
+
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        issuer: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        audience: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "expires_at", b"expires_at", "issuer", b"issuer", "subject", b"subject", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueInvokeTokenResponse: _TypeAlias = IssueInvokeTokenResponse  # noqa: Y015
+
+@_typing.final
 class HeaderMatch(_message.Message):
     """HeaderMatch is a request-header condition that sends a call to the canary."""
 

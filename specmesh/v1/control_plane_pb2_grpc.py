@@ -918,6 +918,11 @@ class AgentRegistryServiceStub:
                 request_serializer=specmesh_dot_v1_dot_control__plane__pb2.GetAgentCardRequest.SerializeToString,
                 response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.GetAgentCardResponse.FromString,
                 _registered_method=True)
+        self.IssueInvokeToken = channel.unary_unary(
+                '/specmesh.v1.AgentRegistryService/IssueInvokeToken',
+                request_serializer=specmesh_dot_v1_dot_control__plane__pb2.IssueInvokeTokenRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.IssueInvokeTokenResponse.FromString,
+                _registered_method=True)
 
 
 class AgentRegistryServiceServicer:
@@ -940,6 +945,16 @@ class AgentRegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IssueInvokeToken(self, request, context):
+        """IssueInvokeToken mints a short-lived JWT (ES256) with which the caller may call the
+        agent through its public entry (action agents.invoke: operator, admin, invoker);
+        NOT_FOUND for an unknown agent. The public keys are at the REST API's
+        `/.well-known/jwks.json`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentRegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -952,6 +967,11 @@ def add_AgentRegistryServiceServicer_to_server(servicer, server):
                     servicer.GetAgentCard,
                     request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.GetAgentCardRequest.FromString,
                     response_serializer=specmesh_dot_v1_dot_control__plane__pb2.GetAgentCardResponse.SerializeToString,
+            ),
+            'IssueInvokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueInvokeToken,
+                    request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.IssueInvokeTokenRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_control__plane__pb2.IssueInvokeTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1011,6 +1031,33 @@ class AgentRegistryService:
             '/specmesh.v1.AgentRegistryService/GetAgentCard',
             specmesh_dot_v1_dot_control__plane__pb2.GetAgentCardRequest.SerializeToString,
             specmesh_dot_v1_dot_control__plane__pb2.GetAgentCardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueInvokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specmesh.v1.AgentRegistryService/IssueInvokeToken',
+            specmesh_dot_v1_dot_control__plane__pb2.IssueInvokeTokenRequest.SerializeToString,
+            specmesh_dot_v1_dot_control__plane__pb2.IssueInvokeTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

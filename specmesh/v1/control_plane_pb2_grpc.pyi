@@ -380,6 +380,12 @@ class AgentRegistryServiceStub:
     """ListInstances lists the live instances (those whose etcd lease is alive)."""
     GetAgentCard: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.GetAgentCardRequest, _control_plane_pb2.GetAgentCardResponse]
     """GetAgentCard returns an agent's A2A agent card; NOT_FOUND if no instance is live."""
+    IssueInvokeToken: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.IssueInvokeTokenRequest, _control_plane_pb2.IssueInvokeTokenResponse]
+    """IssueInvokeToken mints a short-lived JWT (ES256) with which the caller may call the
+    agent through its public entry (action agents.invoke: operator, admin, invoker);
+    NOT_FOUND for an unknown agent. The public keys are at the REST API's
+    `/.well-known/jwks.json`.
+    """
 
 @_typing.type_check_only
 class AgentRegistryServiceAsyncStub(AgentRegistryServiceStub):
@@ -393,6 +399,12 @@ class AgentRegistryServiceAsyncStub(AgentRegistryServiceStub):
     """ListInstances lists the live instances (those whose etcd lease is alive)."""
     GetAgentCard: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.GetAgentCardRequest, _control_plane_pb2.GetAgentCardResponse]  # type: ignore[assignment]
     """GetAgentCard returns an agent's A2A agent card; NOT_FOUND if no instance is live."""
+    IssueInvokeToken: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.IssueInvokeTokenRequest, _control_plane_pb2.IssueInvokeTokenResponse]  # type: ignore[assignment]
+    """IssueInvokeToken mints a short-lived JWT (ES256) with which the caller may call the
+    agent through its public entry (action agents.invoke: operator, admin, invoker);
+    NOT_FOUND for an unknown agent. The public keys are at the REST API's
+    `/.well-known/jwks.json`.
+    """
 
 class AgentRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------- agent registry
@@ -415,6 +427,18 @@ class AgentRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_control_plane_pb2.GetAgentCardResponse, _abc.Awaitable[_control_plane_pb2.GetAgentCardResponse]]:
         """GetAgentCard returns an agent's A2A agent card; NOT_FOUND if no instance is live."""
+
+    @_abc_1.abstractmethod
+    def IssueInvokeToken(
+        self,
+        request: _control_plane_pb2.IssueInvokeTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_plane_pb2.IssueInvokeTokenResponse, _abc.Awaitable[_control_plane_pb2.IssueInvokeTokenResponse]]:
+        """IssueInvokeToken mints a short-lived JWT (ES256) with which the caller may call the
+        agent through its public entry (action agents.invoke: operator, admin, invoker);
+        NOT_FOUND for an unknown agent. The public keys are at the REST API's
+        `/.well-known/jwks.json`.
+        """
 
 def add_AgentRegistryServiceServicer_to_server(servicer: AgentRegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

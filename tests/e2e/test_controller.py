@@ -35,7 +35,7 @@ from specmesh.cli import main as cli
 from specmesh.fleet import REPO, Fleet, FleetOptions
 from specmesh.procs import alive
 
-from .test_fleet import _api
+from .test_fleet import _api, _invoke_token
 
 pytestmark = pytest.mark.e2e
 
@@ -52,7 +52,8 @@ apiVersion: specmesh.io/v1
 kind: Agent
 metadata: {name: billing-helper}
 spec:
-  base: {description: Answers billing questions, promptKey: billing-helper}
+  base: {description: Answers billing questions, promptKey: billing-helper,
+         callers: {principals: ["specmesh/*"]}}  # `specmesh invoke` goes through the entry
   model:
     model: qwen-plus-latest
     baseUrl: https://dashscope.aliyuncs.com/compatible-mode
@@ -104,11 +105,13 @@ def _registered(fleet: dict[str, Any], agent: str = AGENT) -> dict[str, dict[str
 
 
 def _ready_urls(fleet: dict[str, Any], agent: str = AGENT) -> list[str]:
-    return [i["endpoints"]["a2a"] for i in _instances(fleet, agent) if i["ready"]]
+    """The public entries of the agent's ready instances."""
+    return [i["endpoints"]["entry"] for i in _instances(fleet, agent) if i["ready"]]
 
 
-def _ask(url: str, text: str = "How much is my invoice?") -> str:
-    result = asyncio.run(asyncio.wait_for(invoke(url, text), 30))
+def _ask(url: str, token: str, text: str = "How much is my invoice?") -> str:
+    """Through an entry (``url``: the SDK reads its card there), with an invoke token."""
+    result = asyncio.run(asyncio.wait_for(invoke(url, text, token=token), 30))
     assert result.state == "completed", result
     return result.text
 
@@ -148,7 +151,7 @@ class Caller:
                 urls = _ready_urls(self.fleet, self.agent)
                 if not urls:
                     raise RuntimeError("no ready instance")
-                _ask(random.choice(urls))
+                _ask(random.choice(urls), _invoke_token(self.fleet, self.agent))
                 self.results.append((started, True, ""))
             except Exception as e:
                 self.results.append((started, False, f"{type(e).__name__}: {e}"))
@@ -271,7 +274,7 @@ def test_kill_9_of_the_engine_then_the_sidecar_under_load(fleet: dict[str, Any])
                 and alive(*new)
                 and _status_code(f"{ops}/readyz") == 200
                 and _registered(fleet).get(name, {}).get("state") == "serving"
-                and _ready_urls(fleet) == [a2a]
+                and _ready_urls(fleet) == [instance["endpoints"]["entry"]]
             ),
             "the engine to be restarted and serving",
             timeout=10,
@@ -297,7 +300,7 @@ def test_kill_9_of_the_engine_then_the_sidecar_under_load(fleet: dict[str, Any])
                 and _status_code(f"{ops}/readyz") == 200
                 and _status_code(f"{a2a}/readyz") == 200
                 and _registered(fleet).get(name, {}).get("state") == "serving"
-                and _ready_urls(fleet) == [a2a]
+                and _ready_urls(fleet) == [instance["endpoints"]["entry"]]
             ),
             "the sidecar to be restarted, the engine ready and registered",
             timeout=10,
@@ -338,12 +341,15 @@ def test_kill_9_of_the_control_plane_stops_no_agent_and_a_new_one_adopts_them(
     before = {i["instance"]: i for i in _instances_all(fleet)}
     pids = {n: [p["pid"] for p in i["processes"]] for n, i in before.items()}
 
+    agents = ("mse-nacos-helper", "mse-gateway-assistant", "schedulex-assistant")
+    tokens = {a: _invoke_token(fleet, a) for a in agents}  # minted while it still runs
+
     os.kill(cp["pid"], signal.SIGKILL)
     _eventually(lambda: not alive(cp["pid"], cp["cmd"]), "the control plane to die", 10)
-    for agent in ("mse-nacos-helper", "mse-gateway-assistant", "schedulex-assistant"):
-        (url,) = [i["endpoints"]["a2a"] for i in before.values() if i["agent"] == agent
+    for agent in agents:
+        (url,) = [i["endpoints"]["entry"] for i in before.values() if i["agent"] == agent
                   and i["track"] == "stable"]  # fmt: skip
-        assert _ask(url, "Which Nacos services are registered?")
+        assert _ask(url, tokens[agent], "Which Nacos services are registered?")
 
     with open(cp["log"], "ab") as log:
         proc = subprocess.Popen(

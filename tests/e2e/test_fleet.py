@@ -48,9 +48,33 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     f.down()
 
 
-def _ask(state: dict[str, Any], agent: str, text: str, track: str = "stable") -> InvokeResult:
-    url = state["agents"][agent][track]["a2a"]
-    return asyncio.run(asyncio.wait_for(invoke(url, text), 60))
+def _invoke_token(state: dict[str, Any], agent: str) -> str:
+    """An invoke token for ``agent``, minted by the control plane for the fleet's admin
+    (principal ``specmesh/local-admin``, which the examples' ``callers`` admit)."""
+    token = Path(state["adminTokenFile"]).read_text().strip()
+    r = requests.post(
+        f"{state['endpoints']['controlPlane']}/api/v1/agents/{agent}/invoke-token",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+    r.raise_for_status()
+    return str(r.json()["token"])
+
+
+def _ask(
+    state: dict[str, Any],
+    agent: str,
+    text: str,
+    track: str = "stable",
+    *,
+    context_id: str | None = None,
+) -> InvokeResult:
+    """Ask through the public way in: the entry of one of the agent's instances (the card it
+    serves names the entry), with an invoke token. The entry routes by the agent's release,
+    so ``track`` picks whose entry is dialled, not which engine answers."""
+    url = state["agents"][agent][track]["entry"]
+    token = _invoke_token(state, agent)
+    return asyncio.run(asyncio.wait_for(invoke(url, text, context_id=context_id, token=token), 60))
 
 
 def _api(state: dict[str, Any], path: str) -> Any:
@@ -120,10 +144,7 @@ def test_a_conversation_is_remembered_in_redis(fleet: dict[str, Any]) -> None:
     first = _ask(fleet, "mse-nacos-helper", "Remember the word pineapple, please.")
     model = fleet["endpoints"]["llm"].removesuffix("/v1")
     requests.delete(f"{model}/_scripted/requests", timeout=10)
-    url = fleet["agents"]["mse-nacos-helper"]["stable"]["a2a"]
-    second = asyncio.run(
-        asyncio.wait_for(invoke(url, "Which word was it?", context_id=first.context_id), 60)
-    )
+    second = _ask(fleet, "mse-nacos-helper", "Which word was it?", context_id=first.context_id)
 
     assert second.state == "completed" and second.context_id == first.context_id
     recorded = json.dumps(requests.get(f"{model}/_scripted/requests", timeout=10).json())

@@ -4,7 +4,6 @@ spec (the sidecars resolve the specs' stable names at run time)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from pathlib import Path
@@ -13,11 +12,10 @@ from typing import Any
 import hvac
 import pytest
 
-from specmesh.a2aclient import invoke
 from specmesh.cli import main as cli
 from specmesh.fleet import Fleet, FleetOptions
 
-from .test_fleet import _api
+from .test_fleet import _api, _ask
 
 pytestmark = pytest.mark.e2e
 
@@ -60,10 +58,7 @@ def test_up_twice_keeps_a_prompt_pin_and_adds_no_revision(
         assert agent["spec"]["base"]["promptVersion"] == "1.0.0"
         # new ports, same specs: the sidecars reach Redis and the MCP servers by name
         assert second["endpoints"]["redis"] != first["endpoints"]["redis"]
-        url = second["agents"]["mse-nacos-helper"]["stable"]["a2a"]
-        result = asyncio.run(
-            asyncio.wait_for(invoke(url, "Which Nacos services are registered?"), 60)
-        )
+        result = _ask(second, "mse-nacos-helper", "Which Nacos services are registered?")
         assert result.state == "completed"
         assert "nacos-mcp-tools__list_services" in result.tool_calls
         # `down` revoked the identities it handed out

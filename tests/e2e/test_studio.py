@@ -24,10 +24,11 @@ import pytest
 import requests
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from specmesh.a2aclient import invoke
+from specmesh.a2aclient import card_from_json, invoke
 from specmesh.fleet import Fleet, FleetOptions
 
 from ..conftest import REPO
+from .test_fleet import _invoke_token
 
 pytestmark = pytest.mark.e2e
 
@@ -103,10 +104,26 @@ def _api(fleet: dict[str, Any], method: str, path: str, **kwargs: Any) -> Any:
     return r.json()
 
 
-def _ask(url: str, text: str) -> Any:
-    """An A2A call with the official client, off this thread (Playwright's loop runs here)."""
+def _ask(url: str, text: str, *, token: str) -> Any:
+    """An A2A call with the official client through an agent's entry (its card is read
+    there) with an invoke token, off this thread (Playwright's loop runs here)."""
     with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, asyncio.wait_for(invoke(url, text), 60)).result()
+        call = asyncio.wait_for(invoke(url, text, token=token), 60)
+        return pool.submit(asyncio.run, call).result()
+
+
+def _ask_engine(url: str, text: str) -> Any:
+    """An A2A call to one engine's own listener: its card names the public entry, so the
+    card's interfaces are pointed back at the engine (which checks no token: loopback)."""
+    card = requests.get(f"{url}/.well-known/agent-card.json", timeout=10).json()
+    for interface in card["supportedInterfaces"]:
+        if interface["protocolBinding"] == "JSONRPC":
+            interface["url"] = f"{url}/"
+        elif interface["protocolBinding"] == "HTTP+JSON":
+            interface["url"] = f"{url}/v1"
+    with ThreadPoolExecutor(1) as pool:
+        call = asyncio.wait_for(invoke(card_from_json(card), text), 60)
+        return pool.submit(asyncio.run, call).result()
 
 
 def _eventually(check: Any, what: str, timeout: float = 60) -> Any:
@@ -237,8 +254,9 @@ def test_a_new_agent_is_created_through_the_form(admin: Studio, fleet: dict[str,
 
     status = _api(fleet, "GET", "/api/v1/agents/studio-demo/status")
     assert status["ready"] == "1/1"
-    a2a = status["instances"][0]["endpoints"]["a2a"]
-    answer = _ask(a2a, "Which gateway routes exist?")
+    # made in the form without `callers`: its entry admits no external caller, so that the
+    # new agent answers is checked on its engine's own listener (the card pointed there)
+    answer = _ask_engine(status["instances"][0]["endpoints"]["a2a"], "Which gateway routes exist?")
     assert answer.state == "completed" and answer.text
 
 
@@ -360,8 +378,10 @@ def test_moving_the_canary_weight_changes_the_virtualservice_preview(
 def test_the_trace_of_a_two_agent_conversation_is_a_waterfall(
     admin: Studio, fleet: dict[str, Any]
 ) -> None:
-    url = fleet["agents"]["mse-nacos-helper"]["stable"]["a2a"]
-    result = _ask(url, "Which Nacos services are registered?")
+    url = fleet["agents"]["mse-nacos-helper"]["stable"]["entry"]
+    result = _ask(
+        url, "Which Nacos services are registered?", token=_invoke_token(fleet, "mse-nacos-helper")
+    )
     assert result.state == "completed"
 
     def two_agent_trace() -> str | None:

@@ -675,3 +675,61 @@ def test_secret_garbage_collection_is_for_secrets_admins(
     code, out, err = _run(capsys, "secrets", "gc", "--grace", "1000000")
     assert code == 0, err
     assert out.endswith("kept\n") and out.startswith("0 unreferenced versions destroyed")
+
+
+def test_invoke_calls_the_card_the_control_plane_serves_with_an_invoke_token(
+    cp: ControlPlane,
+    services: LocalServices,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No fleet and no URL: the CLI learns where the agent is from the card a live instance
+    published (here an engine process serving a scripted runner), mints an invoke token
+    as its API principal, and talks A2A with the SDK client built from that card."""
+    import subprocess
+    import time
+
+    from specmesh.keys import Keys
+
+    from .test_engine_server_main import _SCRIPT, _serving_line
+
+    assert main(["apply", "-f", str(_agent_folder(tmp_path, "cli-invoked", "0.1"))]) == 0
+    env = {**os.environ, "AGENT_NAME": "cli-invoked"}
+    engine = subprocess.Popen(
+        [sys.executable, "-c", _SCRIPT, "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"],
+        cwd=REPO, env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        http_url = _serving_line(engine, time.monotonic() + 30)["http"]
+        card = httpx.get(f"{http_url}/.well-known/agent-card.json", timeout=10).json()
+        instance = {"instance": "cli-invoked-stable-0", "track": "stable", "card": card}
+
+        async def publish() -> None:
+            etcd = EtcdClient(host=services.etcd.host, port=services.etcd.client_port)
+            try:
+                key = Keys(prefix=cp.prefix).registry_instance("cli-invoked", instance["instance"])
+                await etcd.put(key, json.dumps(instance))
+            finally:
+                await etcd.close()
+
+        asyncio.run(publish())
+        capsys.readouterr()
+
+        code = main(["invoke", "cli-invoked", "hello there"])
+
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert "echo: hello there" in out
+        audit = requests.get(
+            f"{cp.url}/api/v1/audit", params={"name": "cli-invoked"},
+            headers={"Authorization": f"Bearer {cp.admin}"}, timeout=30,
+        ).json()  # fmt: skip
+        assert [e["actor"] for e in audit if e["action"] == "invoke-token"] == ["ci-operator"]
+
+        monkeypatch.setenv("SPECMESH_TOKEN", cp.viewer)  # a viewer gets no invoke token
+        assert main(["invoke", "cli-invoked", "hello"]) == 7
+        assert "agents.invoke" in capsys.readouterr().err
+    finally:
+        engine.terminate()
+        engine.wait(timeout=30)

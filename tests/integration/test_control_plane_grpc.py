@@ -758,3 +758,36 @@ async def test_audit_by_name_with_a_credential_entry_present(api: Api) -> None:
         pb.ListAuditEntriesRequest(name="helper"), metadata=api.as_("admin")
     )
     assert [e.kind for e in entries.entries] == ["Agent"]
+
+
+async def test_issue_invoke_token_is_the_rest_mint_over_grpc(api: Api, vault: VaultClient) -> None:
+    import jwt
+
+    from control_plane.issuer import TokenIssuer
+
+    await api.agents.ApplyAgent(
+        pb.ApplyAgentRequest(manifest_json=_agent()), metadata=api.as_("operator")
+    )
+
+    minted = await api.registry.IssueInvokeToken(
+        pb.IssueInvokeTokenRequest(agent_name="helper"), metadata=api.as_("admin")
+    )
+    denied = await _status(
+        api.registry.IssueInvokeToken(
+            pb.IssueInvokeTokenRequest(agent_name="helper"), metadata=api.as_("viewer")
+        )
+    )
+    unknown = await _status(
+        api.registry.IssueInvokeToken(
+            pb.IssueInvokeTokenRequest(agent_name="nobody"), metadata=api.as_("admin")
+        )
+    )
+
+    assert (denied, unknown) == (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND)
+    assert (minted.issuer, minted.subject, minted.audience) == ("specmesh", "user-admin", "helper")
+    jwks = await TokenIssuer(vault=vault).jwks()  # the same key in Vault, whoever reads it
+    key = jwt.PyJWKSet.from_dict(jwks)[jwt.get_unverified_header(minted.token)["kid"]].key
+    claims = jwt.decode(
+        minted.token, key, algorithms=["ES256"], audience="helper", issuer="specmesh"
+    )
+    assert claims["sub"] == "user-admin" and claims["exp"] == minted.expires_at.seconds

@@ -38,7 +38,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from engine.card import MTLS_SCHEME
+from engine.card import BEARER_SCHEME
 from engine.main import serve
 from engine.runner import CardInfo
 from engine.server import A2A_SERVICE, EngineServer, ServerConfig
@@ -273,7 +273,8 @@ async def test_agent_card_validates_and_follows_the_spec(
         ("GRPC", server.grpc_target),
     }
     assert card.capabilities.streaming
-    assert card.security_schemes[MTLS_SCHEME].HasField("mtls_security_scheme")
+    assert card.security_schemes[BEARER_SCHEME].http_auth_security_scheme.scheme == "Bearer"
+    assert [list(r.schemes) for r in card.security_requirements] == [[BEARER_SCHEME]]
     assert [s.id for s in card.skills] == ["echo"]
 
     runner.set_card(

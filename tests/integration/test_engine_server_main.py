@@ -57,3 +57,50 @@ def test_engine_process_serves_and_exits_cleanly_on_sigterm() -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_card_lists_the_public_entry_and_the_configured_schemes() -> None:
+    env = {
+        **os.environ,
+        "AGENT_NAME": "scripted-agent",
+        "SPECMESH_ENGINE_PUBLIC_HTTP_URL": "http://entry.example:8080/",
+        "SPECMESH_ENGINE_PUBLIC_GRPC_URL": "entry.example:8081",
+        "SPECMESH_CARD_SECURITY": "bearer,mtls",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SCRIPT, "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"],
+        cwd=REPO,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        serving = _serving_line(process, time.monotonic() + 30)
+        card = httpx.get(f"{serving['http']}/.well-known/agent-card.json", timeout=10).json()
+
+        assert [(i["protocolBinding"], i["url"]) for i in card["supportedInterfaces"]] == [
+            ("JSONRPC", "http://entry.example:8080/"),
+            ("HTTP+JSON", "http://entry.example:8080/v1"),
+            ("GRPC", "entry.example:8081"),
+        ]
+        bearer = card["securitySchemes"]["bearer"]["httpAuthSecurityScheme"]
+        assert (bearer["scheme"], bearer["bearerFormat"]) == ("Bearer", "JWT")
+        assert "mtlsSecurityScheme" in card["securitySchemes"]["mtls"]
+        assert card["securityRequirements"] == [
+            {"schemes": {"bearer": {}}},
+            {"schemes": {"mtls": {}}},
+        ]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def test_an_unknown_card_scheme_stops_the_engine_with_a_usage_error() -> None:
+    env = {**os.environ, "AGENT_NAME": "scripted-agent", "SPECMESH_CARD_SECURITY": "oauth"}
+    done = subprocess.run(
+        [sys.executable, "-c", _SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+
+    assert done.returncode == 2
+    assert "unknown scheme oauth" in done.stderr

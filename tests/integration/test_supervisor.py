@@ -231,3 +231,64 @@ async def test_children_get_a_minimal_environment_and_never_the_supervisors_toke
     assert not [k for k in engine if "VAULT" in k]
     assert sidecar["SPECMESH_VAULT_TOKEN"] not in ("", own)
     assert engine["HOME"] == str(sup.config.home / "engines" / "plain-stable-0")
+
+
+async def test_the_engine_card_names_the_sidecars_entry_and_tasks_go_through_its_proxy(
+    make_supervisor: Factory,
+) -> None:
+    issuers = json.dumps([{"issuer": "specmesh", "jwksUri": "http://127.0.0.1:1/jwks",
+                           "jwks": None, "audiences": ["{agent}"]}])  # fmt: skip
+    password = "vault://secret/specmesh/shared/fleet-redis#password"
+    sup = await make_supervisor(
+        jwt_issuers=issuers,
+        task_store_upstream="redis://127.0.0.1:6390/0",
+        task_store_password=password,
+    )
+    await sup.apply(AgentWorkload(agent="Wired_Up", revision=1, replicas={"stable": 2}))
+    await _until(
+        lambda: _running(sup, "wired-up-stable-0") and _running(sup, "wired-up-stable-1"),
+        "both instances to run",
+    )
+    first, second = sup.instances["wired-up-stable-0"], sup.instances["wired-up-stable-1"]
+
+    engine, sidecar = _environ(first.engine.pid), _environ(first.sidecar.pid)
+    entry, entry_grpc = sidecar["SPECMESH_ENTRY"], sidecar["SPECMESH_ENTRY_GRPC"]
+    proxy = sidecar["SPECMESH_TASK_STORE_PROXY"]
+    assert engine["SPECMESH_ENGINE_PUBLIC_HTTP_URL"] == f"http://{entry}"
+    assert engine["SPECMESH_ENGINE_PUBLIC_GRPC_URL"] == entry_grpc
+    assert engine["SPECMESH_TASK_STORE"] == f"redis://{proxy}/0"
+    assert (sidecar["SPECMESH_JWT_ISSUERS"], sidecar["SPECMESH_TASK_STORE_PASSWORD"]) == (
+        issuers,
+        password,
+    )
+    assert sidecar["SPECMESH_TASK_STORE_UPSTREAM"] == "redis://127.0.0.1:6390/0"
+    # the engine gets neither the upstream nor the password reference
+    assert not {"SPECMESH_TASK_STORE_UPSTREAM", "SPECMESH_TASK_STORE_PASSWORD"} & set(engine)
+    # every listener of both instances has a port of its own
+    ports = [*first.ports.values(), *second.ports.values()]
+    assert len(set(ports)) == len(ports)
+    # what `specmesh status` and `invoke --url` read
+    state = json.loads(sup.config.state_file.read_text())
+    endpoints = {i["instance"]: i["endpoints"] for i in state["instances"]}
+    assert endpoints["wired-up-stable-0"]["entry"] == f"http://{entry}"
+    assert endpoints["wired-up-stable-0"]["entryGrpc"] == entry_grpc
+
+
+async def test_without_a_shared_task_store_the_engine_keeps_tasks_in_memory(
+    make_supervisor: Factory,
+) -> None:
+    sup = await make_supervisor()
+    await sup.apply(AgentWorkload(agent="alone", revision=1, replicas={"stable": 1}))
+    await _until(lambda: _running(sup, "alone-stable-0"), "the instance to run")
+    inst = sup.instances["alone-stable-0"]
+
+    engine, sidecar = _environ(inst.engine.pid), _environ(inst.sidecar.pid)
+
+    assert not [k for k in engine if k.startswith("SPECMESH_TASK_STORE")]
+    assert not [k for k in sidecar if k.startswith(("SPECMESH_TASK_STORE", "SPECMESH_JWT"))]
+    assert sidecar["SPECMESH_ENTRY"].startswith("127.0.0.1:")
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(e.decode().split("=", 1) for e in raw if e)

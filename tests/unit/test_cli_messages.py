@@ -81,6 +81,8 @@ def _fleet_state(home: Path) -> dict[str, Any]:
     """A fleet file whose one recorded process is this test process (so it "runs")."""
     cmd = [a.decode() for a in Path(f"/proc/{os.getpid()}/cmdline").read_bytes().split(b"\0") if a]
     agent = {
+        "entry": "http://127.0.0.1:1008",
+        "entryGrpc": "127.0.0.1:1009",
         "a2a": "http://127.0.0.1:1001",
         "a2aGrpc": "127.0.0.1:1002",
         "inbound": "https://127.0.0.1:1003",
@@ -129,7 +131,9 @@ def test_status_json_lists_mcp_servers_and_every_sidecar_endpoint(
     assert status["mcp"] == {"nacos-mcp-tools": "http://127.0.0.1:2007/mcp",
                              "time": "http://127.0.0.1:2008/mcp"}  # fmt: skip
     canary = status["agents"]["schedulex-assistant"]["canary"]
-    assert {"a2a", "inbound", "inboundGrpc", "egress", "egressGrpc", "ops"} <= set(canary)
+    assert {"entry", "entryGrpc", "inbound", "inboundGrpc", "egress", "egressGrpc", "ops"} <= set(
+        canary
+    )
     assert status["processes"][0]["running"] is True
     engines = [p for p in status["processes"] if p["role"] == "engine"]
     assert [p["instance"] for p in engines] == [i["instance"] for i in instances]
@@ -148,6 +152,9 @@ def test_the_up_banner_separates_every_label_from_its_value(home: Path) -> None:
         'try: uv run specmesh invoke mse-nacos-helper "Which Nacos services are registered?"'
     )
     assert "uv run specmesh up --reset" in banner
+    # the way in for clients is each agent's entry, not its engine
+    assert "entry http://127.0.0.1:1008 (gRPC 127.0.0.1:1009)" in banner
+    assert "http://127.0.0.1:1001" not in banner
 
 
 def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path) -> None:
@@ -199,6 +206,16 @@ def silent_server() -> Iterator[int]:
     server.close()
 
 
+def test_invoke_track_is_refused_with_what_to_do_instead(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["invoke", "a", "hello", "--track", "canary", "--url", "http://127.0.0.1:9"])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "follow its release" in err and "--url" in err
+
+
 def test_invoke_gives_up_at_its_deadline_with_a_clear_error(
     home: Path, silent_server: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -209,3 +226,64 @@ def test_invoke_gives_up_at_its_deadline_with_a_clear_error(
     err = capsys.readouterr().err
     assert code == 5
     assert f"quiet-agent ({url}) did not finish answering within 0.5s" in err
+
+
+@pytest.fixture
+def refusing_entry() -> Iterator[str]:
+    """An HTTP server in the shape of an agent's entry that refuses every call: its card
+    (served without a token) names itself and a Bearer scheme; every A2A call gets 401 with
+    the design's google.rpc.Status body."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *_: Any) -> None:
+            pass
+
+        def _send(self, status: int, body: dict[str, Any], **headers: str) -> None:
+            raw = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            for name, value in headers.items():
+                self.send_header(name.replace("_", "-"), value)
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def do_GET(self) -> None:
+            base = f"http://127.0.0.1:{self.server.server_address[1]}"
+            self._send(200, {
+                "name": "locked", "description": "d", "version": "1",
+                "supportedInterfaces": [{"url": f"{base}/", "protocolBinding": "JSONRPC",
+                                         "protocolVersion": "1.0"}],
+                "capabilities": {"streaming": True},
+                "securitySchemes": {"bearer": {"httpAuthSecurityScheme": {
+                    "scheme": "Bearer", "bearerFormat": "JWT"}}},
+                "securityRequirements": [{"schemes": {"bearer": {}}}],
+                "defaultInputModes": ["text/plain"], "defaultOutputModes": ["text/plain"],
+                "skills": [{"id": "s", "name": "s", "description": "d", "tags": ["t"]}],
+            })  # fmt: skip
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self._send(401, {"error": {"code": 401, "status": "UNAUTHENTICATED",
+                                       "message": "missing bearer token"}},
+                       WWW_Authenticate='Bearer realm="specmesh"')  # fmt: skip
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def test_invoke_refused_by_the_entry_exits_7_and_says_what_callers_must_admit(
+    home: Path, refusing_entry: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["invoke", "locked", "hello", "--url", refusing_entry, "--timeout", "20"])
+
+    err = capsys.readouterr().err
+    assert code == 7, err
+    assert "calling locked" in err and "401" in err
+    assert "callers.principals must admit specmesh/" in err

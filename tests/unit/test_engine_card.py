@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import pytest
 from a2a.types.a2a_pb2 import AgentCard
 from a2a.utils.proto_utils import validate_proto_required_fields
 from google.protobuf.json_format import MessageToDict, ParseDict
 
-from engine.card import MTLS_SCHEME, CardSource, CardUrls, build_agent_card
+from engine.card import (
+    BEARER_SCHEME,
+    MTLS_SCHEME,
+    CardSource,
+    CardUrls,
+    build_agent_card,
+    parse_card_security,
+)
 from engine.runner import CardInfo
 
 URLS = CardUrls(jsonrpc="http://a:1/", http_json="http://a:1/v1", grpc="a:2")
 INFO = CardInfo(name="mse-nacos-helper", description="Answers Nacos questions.", revision=7)
 
 
-def test_card_carries_the_spec_revision_interfaces_and_mtls() -> None:
+def test_card_carries_the_spec_revision_interfaces_and_bearer() -> None:
     card = build_agent_card(INFO, URLS)
 
     validate_proto_required_fields(card)
@@ -27,9 +35,31 @@ def test_card_carries_the_spec_revision_interfaces_and_mtls() -> None:
         ("HTTP+JSON", "http://a:1/v1", "1.0"),
         ("GRPC", "a:2", "1.0"),
     ]
-    assert card.security_schemes[MTLS_SCHEME].HasField("mtls_security_scheme")
-    assert [list(r.schemes) for r in card.security_requirements] == [[MTLS_SCHEME]]
+    assert list(card.security_schemes) == [BEARER_SCHEME]
+    bearer = card.security_schemes[BEARER_SCHEME].http_auth_security_scheme
+    assert (bearer.scheme, bearer.bearer_format) == ("Bearer", "JWT")
+    assert [list(r.schemes) for r in card.security_requirements] == [[BEARER_SCHEME]]
     assert card.capabilities.streaming and not card.capabilities.push_notifications
+
+
+def test_istio_mode_card_offers_bearer_or_mtls() -> None:
+    card = build_agent_card(INFO, URLS, security=parse_card_security("mtls, bearer"))
+
+    assert sorted(card.security_schemes) == [BEARER_SCHEME, MTLS_SCHEME]
+    assert card.security_schemes[MTLS_SCHEME].HasField("mtls_security_scheme")
+    # one requirement per scheme: either one suffices (OR), not both (AND)
+    assert [list(r.schemes) for r in card.security_requirements] == [
+        [BEARER_SCHEME],
+        [MTLS_SCHEME],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"), [("bearer,oauth", "unknown scheme oauth"), (" , ", "at least one")]
+)
+def test_card_security_setting_names_what_is_wrong(raw: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_card_security(raw)
 
 
 def test_card_without_skills_gets_one_default_skill() -> None:
