@@ -1,7 +1,8 @@
 """The mesh publisher at work: re-render and publish the Istio objects on every change.
 
 A watch on ``<prefix>/agents/`` (specs, releases, deletions) triggers a render of every
-agent's objects from the store (changes arriving together are coalesced), a validation
+agent's objects from the store (releases, the partner graph, each agent's ``base.callers``:
+:func:`read_mesh_state`) (changes arriving together are coalesced), a validation
 against the Istio CRD schemas, and a publish to a :class:`MeshSink`: YAML files in a
 folder (GitOps) or server-side apply to Kubernetes. Objects of deleted agents are removed.
 A render that fails validation is logged and not published; what was published stays.
@@ -13,6 +14,7 @@ import asyncio
 import json
 import logging
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,14 +29,63 @@ from control_plane.mesh import (
     write_yaml,
 )
 from specmesh.k8s import LABEL_MANAGED_BY, MANAGED_BY
+from specmesh.names import resource_name
+from specmesh.spec.models import CallersSpec, ReleaseSpec
 from specmesh.store import SpecStore
 from specmesh.watch import PrefixWatcher
 
-__all__ = ["KubernetesMeshSink", "MeshPublisher", "MeshSink", "YamlMeshSink"]
+__all__ = [
+    "KubernetesMeshSink",
+    "MeshPublisher",
+    "MeshSink",
+    "MeshState",
+    "YamlMeshSink",
+    "read_mesh_state",
+    "render_from_store",
+]
 
 logger = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class MeshState:
+    """What the mesh is rendered from, read from the store."""
+
+    releases: dict[str, ReleaseSpec | None]
+    """Agent (logical name) -> its release policy."""
+    partner_graph: dict[str, list[str]]
+    """Agent -> the partners it lists."""
+    callers: dict[str, CallersSpec | None]
+    """Agent -> its ``base.callers`` (None: the defaults)."""
+
+
+async def read_mesh_state(store: SpecStore) -> MeshState:
+    """The agents' releases, partner graph and ``base.callers`` (current revisions)."""
+    agents = await store.list_agents()
+    releases = {a.name: await store.get_release(a.name) for a in agents}
+    names = {resource_name(a.name): a.name for a in agents}
+    callers: dict[str, CallersSpec | None] = {}
+    result = await store.etcd.range(store.keys.agents(), prefix=True)
+    for kv in result.kvs:
+        if not kv.key.endswith("/spec/base"):
+            continue
+        rn = kv.key[len(store.keys.agents()) :].split("/", 1)[0]
+        if rn in names:
+            raw = json.loads(kv.value).get("callers")
+            callers[names[rn]] = CallersSpec.model_validate(raw) if raw is not None else None
+    return MeshState(
+        releases=releases, partner_graph=await store.partner_graph(), callers=callers
+    )
+
+
+async def render_from_store(store: SpecStore, settings: MeshSettings) -> list[Obj]:
+    """Every mesh object the store's current state renders (not validated)."""
+    state = await read_mesh_state(store)
+    return render_mesh(
+        state.releases, state.partner_graph, settings=settings, callers=state.callers
+    )
 
 
 class MeshSink(Protocol):
@@ -58,6 +109,9 @@ _PLURALS = {
     "DestinationRule": "destinationrules",
     "AuthorizationPolicy": "authorizationpolicies",
     "PeerAuthentication": "peerauthentications",
+    "RequestAuthentication": "requestauthentications",
+    "HTTPRoute": "httproutes",
+    "GRPCRoute": "grpcroutes",
 }
 
 
@@ -142,10 +196,7 @@ class MeshPublisher:
         self.changed = asyncio.Event()
 
     async def render(self) -> list[Obj]:
-        agents = {
-            a.name: await self.store.get_release(a.name) for a in await self.store.list_agents()
-        }
-        objects = render_mesh(agents, await self.store.partner_graph(), settings=self.settings)
+        objects = await render_from_store(self.store, self.settings)
         if self.validator is not None:
             self.validator.check(objects)
         return objects
