@@ -119,6 +119,7 @@ import celpy
 import jsonschema
 import yaml
 
+from control_plane.gatewayapi import CRDS_PATH as GATEWAY_API_CRDS_PATH
 from control_plane.istio import CRDS_PATH
 from specmesh.errors import SpecmeshError
 from specmesh.k8s import (
@@ -215,12 +216,10 @@ def parse_jwt_issuers(text: str) -> tuple[JwtIssuer, ...]:
         ):
             raise ValueError(f"{where}.jwksUri: must be an http:// or https:// URL")
         if jwks is not None and not (isinstance(jwks, dict) and isinstance(jwks.get("keys"), list)):
-            raise ValueError(f"{where}.jwks: must be a JWK Set ({{\"keys\": [...]}})")
+            raise ValueError(f'{where}.jwks: must be a JWK Set ({{"keys": [...]}})')
         if uri is not None and jwks is not None:
             raise ValueError(f"{where}: set jwksUri or jwks, not both")
-        if not isinstance(audiences, list) or not all(
-            isinstance(a, str) and a for a in audiences
-        ):
+        if not isinstance(audiences, list) or not all(isinstance(a, str) and a for a in audiences):
             raise ValueError(f"{where}.audiences: must be a list of non-empty strings")
         if any(o.issuer == issuer for o in out):
             raise ValueError(f"{where}.issuer: {issuer!r} is listed twice")
@@ -388,9 +387,7 @@ def render_agent(
     else:
         out = [
             _virtual_service(agent, release, settings),
-            _destination_rule(
-                agent, service_name(agent), policy, settings, ("stable", "canary")
-            ),
+            _destination_rule(agent, service_name(agent), policy, settings, ("stable", "canary")),
         ]
     out.append(_authorization_policy(agent, callers, callers_spec, settings))
     if settings.jwt_issuers:
@@ -600,6 +597,7 @@ def _gateway_routes(agent: str, release: ReleaseSpec | None, settings: MeshSetti
     if headers:
         http_rules.append(
             {
+                "name": "http-a2a-read-canary-by-header",
                 "matches": [{**m, "headers": copy.deepcopy(headers)} for m in reads],
                 "backendRefs": backends(A2A_HTTP_PORT, canary_only=True),
                 "timeouts": dict(timeout),
@@ -607,12 +605,14 @@ def _gateway_routes(agent: str, release: ReleaseSpec | None, settings: MeshSetti
         )
         http_rules.append(
             {
+                "name": "http-a2a-canary-by-header",
                 "matches": [{"headers": copy.deepcopy(headers)}],
                 "backendRefs": backends(A2A_HTTP_PORT, canary_only=True),
             }
         )
     http_rules.append(
         {
+            "name": "http-a2a-read",
             "matches": copy.deepcopy(reads),
             "backendRefs": backends(A2A_HTTP_PORT),
             "timeouts": dict(timeout),
@@ -620,6 +620,7 @@ def _gateway_routes(agent: str, release: ReleaseSpec | None, settings: MeshSetti
     )
     http_rules.append(
         {
+            "name": "http-a2a",
             "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
             "backendRefs": backends(A2A_HTTP_PORT),
         }
@@ -628,11 +629,12 @@ def _gateway_routes(agent: str, release: ReleaseSpec | None, settings: MeshSetti
     if headers:
         grpc_rules.append(
             {
+                "name": "grpc-a2a-canary-by-header",
                 "matches": [{"headers": copy.deepcopy(headers)}],
                 "backendRefs": backends(A2A_GRPC_PORT, canary_only=True),
             }
         )
-    grpc_rules.append({"backendRefs": backends(A2A_GRPC_PORT)})
+    grpc_rules.append({"name": "grpc-a2a", "backendRefs": backends(A2A_GRPC_PORT)})
     return [
         {
             "apiVersion": "gateway.networking.k8s.io/v1",
@@ -712,29 +714,53 @@ def _closed(schema: Any) -> Any:
     return out
 
 
+def _defaulted(schema: Any, value: Any) -> Any:
+    """``value`` with the schema's ``default``s filled in, as the API server does before it
+    validates (CEL rules read defaulted fields, e.g. a backendRef's ``group``)."""
+    if not isinstance(schema, dict):
+        return value
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        merged = {k: copy.deepcopy(sub["default"]) for k, sub in props.items()
+                  if k not in value and isinstance(sub, dict) and "default" in sub}  # fmt: skip
+        merged.update(value)
+        return {
+            k: _defaulted(props.get(k, extra if isinstance(extra, dict) else None), v)
+            for k, v in merged.items()
+        }
+    if isinstance(value, list):
+        return [_defaulted(schema.get("items"), v) for v in value]
+    return value
+
+
 @dataclass
 class IstioValidator:
-    """Validates Istio objects against a CRD file: by default the vendored Istio CRD schemas
-    (:data:`control_plane.istio.CRDS_PATH`)."""
+    """Validates mesh objects against CRD files: by default the vendored Istio CRD schemas
+    (:data:`control_plane.istio.CRDS_PATH`) plus the vendored Gateway API routes
+    (:data:`control_plane.gatewayapi.CRDS_PATH`)."""
 
     crd_path: Path = CRDS_PATH
+    extra_crd_paths: tuple[Path, ...] = (GATEWAY_API_CRDS_PATH,)
+    """Further CRD files (Gateway API's); a kind in two files: the later one wins."""
     _schemas: dict[tuple[str, str], Any] = field(default_factory=dict, init=False)
     _programs: dict[str, Any] = field(default_factory=dict, init=False)
     _cel: Any = field(default_factory=celpy.Environment, init=False)
 
     def __post_init__(self) -> None:
-        with self.crd_path.open() as f:
-            for crd in yaml.safe_load_all(f):
-                if not crd or crd.get("kind") != "CustomResourceDefinition":
-                    continue
-                group = crd["spec"]["group"]
-                kind = crd["spec"]["names"]["kind"]
-                for version in crd["spec"]["versions"]:
-                    schema = version.get("schema", {}).get("openAPIV3Schema")
-                    if schema:
-                        self._schemas[(f"{group}/{version['name']}", kind)] = _closed(
-                            copy.deepcopy(schema)
-                        )
+        for path in (self.crd_path, *self.extra_crd_paths):
+            with path.open() as f:
+                for crd in yaml.safe_load_all(f):
+                    if not crd or crd.get("kind") != "CustomResourceDefinition":
+                        continue
+                    group = crd["spec"]["group"]
+                    kind = crd["spec"]["names"]["kind"]
+                    for version in crd["spec"]["versions"]:
+                        schema = version.get("schema", {}).get("openAPIV3Schema")
+                        if schema:
+                            self._schemas[(f"{group}/{version['name']}", kind)] = _closed(
+                                copy.deepcopy(schema)
+                            )
 
     def kinds(self) -> list[tuple[str, str]]:
         return sorted(self._schemas)
@@ -748,7 +774,9 @@ class IstioValidator:
         if schema is None:
             return [f"{where}: no CRD schema for apiVersion {obj.get('apiVersion')!r}"]
         out = []
-        body = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata")}
+        body = _defaulted(
+            schema, {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata")}
+        )
         validator = jsonschema.Draft7Validator(schema)
         for error in sorted(validator.iter_errors(body), key=lambda e: list(e.absolute_path)):
             path = ".".join(str(p) for p in error.absolute_path) or "(root)"

@@ -75,9 +75,7 @@ async def read_mesh_state(store: SpecStore) -> MeshState:
         if rn in names:
             raw = json.loads(kv.value).get("callers")
             callers[names[rn]] = CallersSpec.model_validate(raw) if raw is not None else None
-    return MeshState(
-        releases=releases, partner_graph=await store.partner_graph(), callers=callers
-    )
+    return MeshState(releases=releases, partner_graph=await store.partner_graph(), callers=callers)
 
 
 async def render_from_store(store: SpecStore, settings: MeshSettings) -> list[Obj]:

@@ -563,7 +563,7 @@ def test_control_plane_mesh_objects_select_the_charts_pods(
         selector = ap["spec"]["selector"]["matchLabels"]
         selected = [spec for labels, spec in pods if selector.items() <= labels.items()]
         assert len(selected) == 2  # stable + canary
-        principals = [p for r in ap["spec"].get("rules", []) for f in r["from"]
+        principals = [p for r in ap["spec"]["rules"] for f in r.get("from", [])
                       for p in f["source"]["principals"]]  # fmt: skip
         assert len(principals) == len(callers[agent])
         for principal, caller in zip(principals, callers[agent], strict=True):
