@@ -26,6 +26,16 @@ _THIRD_PARTY = {
     "REQUESTS_CA_BUNDLE",  # requests (hvac, etcd3gw)
     "HOME",
 }  # fmt: skip
+# Issue 14: set by the chart, read by settings fields that other parts of the same change add
+# (the sidecar's issuers, the engine's public URLs and card security, the control plane's
+# token issuer). Remove each name once its settings field is on main.
+_ISSUE_14_PENDING = {
+    ("sidecar", "SPECMESH_JWT_ISSUERS"),
+    ("engine", "SPECMESH_ENGINE_PUBLIC_HTTP_URL"),
+    ("engine", "SPECMESH_ENGINE_PUBLIC_GRPC_URL"),
+    ("engine", "SPECMESH_CARD_SECURITY"),
+    ("control-plane", "SPECMESH_TOKEN_ISSUER"),
+}
 
 
 def _accepted(*models: type[BaseSettings]) -> set[str]:
@@ -68,6 +78,7 @@ def test_every_env_var_the_chart_sets_is_read_by_its_process(
                 name = env["name"]
                 if (
                     name in accepted
+                    or (role, name) in _ISSUE_14_PENDING
                     or name in _THIRD_PARTY
                     or name.startswith(_THIRD_PARTY_PREFIXES)
                 ):
