@@ -102,23 +102,26 @@ class YamlMeshSink:
         await asyncio.to_thread(write_yaml, objects, self.folder)
 
 
-_PLURALS = {
-    "VirtualService": "virtualservices",
-    "DestinationRule": "destinationrules",
-    "AuthorizationPolicy": "authorizationpolicies",
-    "PeerAuthentication": "peerauthentications",
-    "RequestAuthentication": "requestauthentications",
-    "HTTPRoute": "httproutes",
-    "GRPCRoute": "grpcroutes",
+_KINDS: dict[str, tuple[str, str]] = {
+    "VirtualService": ("networking.istio.io/v1", "virtualservices"),
+    "DestinationRule": ("networking.istio.io/v1", "destinationrules"),
+    "AuthorizationPolicy": ("security.istio.io/v1", "authorizationpolicies"),
+    "PeerAuthentication": ("security.istio.io/v1", "peerauthentications"),
+    "RequestAuthentication": ("security.istio.io/v1", "requestauthentications"),
+    "HTTPRoute": ("gateway.networking.k8s.io/v1", "httproutes"),
+    "GRPCRoute": ("gateway.networking.k8s.io/v1", "grpcroutes"),
 }
+"""Every kind the publisher renders (either route mode): kind -> (apiVersion, plural)."""
 
 
 class KubernetesMeshSink:
     """Server-side apply to the cluster the control plane runs in (its service account),
-    and deletion of specmesh-managed objects no longer rendered.
+    and deletion of specmesh-managed objects no longer rendered -- of every kind the
+    publisher renders, so switching the route mode removes the other mode's routes (a kind
+    the cluster does not serve, or the RBAC does not grant, lists as empty).
 
     Talks to the API server directly over HTTPS (the SSA call is one PATCH with
-    ``application/apply-patch+yaml``). Not exercised here: no cluster runs on this machine.
+    ``application/apply-patch+yaml``); tested against ``tests/unit/kube_api.py``'s fake.
     """
 
     def __init__(
@@ -135,7 +138,7 @@ class KubernetesMeshSink:
         self.field_manager = field_manager
 
     def _url(self, api_version: str, kind: str, name: str | None = None) -> str:
-        base = f"{self.api}/apis/{api_version}/namespaces/{self.namespace}/{_PLURALS[kind]}"
+        base = f"{self.api}/apis/{api_version}/namespaces/{self.namespace}/{_KINDS[kind][1]}"
         return f"{base}/{name}" if name else base
 
     async def publish(self, objects: list[Obj]) -> None:
@@ -159,7 +162,9 @@ class KubernetesMeshSink:
                             f"apply {obj['kind']}/{obj['metadata']['name']}: "
                             f"HTTP {r.status} {await r.text()}"
                         )
-            for api_version, kind in {(o["apiVersion"], o["kind"]) for o in objects}:
+            kinds = {(o["apiVersion"], o["kind"]) for o in objects}
+            kinds |= {(api_version, kind) for kind, (api_version, _) in _KINDS.items()}
+            for api_version, kind in sorted(kinds):
                 selector = {"labelSelector": f"{LABEL_MANAGED_BY}={MANAGED_BY}"}
                 async with session.get(self._url(api_version, kind), params=selector, ssl=ctx) as r:
                     items = (await r.json()).get("items", []) if r.status == 200 else []
