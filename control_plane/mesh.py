@@ -94,7 +94,10 @@ them with ``istio.routes: gateway-api``): the canary header routes first (Gatewa
 a rule with more header matches first), then the weighted split. The HTTP ``read`` calls
 (``GET``/``HEAD``) get the route ``timeout`` (``timeouts.request``); retries are not
 rendered (Gateway API's retry field is not in its standard channel) and the DestinationRules
-(one per track Service) carry outlier detection and the connection pool.
+(one per track Service) carry outlier detection and the connection pool. The
+AuthorizationPolicy and RequestAuthentication then name the agent's Services
+(``targetRefs``) instead of selecting its pods: in ambient mode the waypoint enforces L7
+policy, and ztunnel could not (request principals, paths and methods are L7).
 
 Every object is checked by :class:`IstioValidator` before it is published: against the
 ``openAPIV3Schema`` of its CustomResourceDefinition as the API server would (unknown
@@ -523,12 +526,18 @@ def _authorization_policy(
         "apiVersion": "security.istio.io/v1",
         "kind": "AuthorizationPolicy",
         "metadata": _metadata(service_name(agent), agent, settings),
-        "spec": {
-            "selector": {"matchLabels": {LABEL_AGENT: resource_name(agent)}},
-            "action": "ALLOW",
-            "rules": rules,
-        },
+        "spec": {**_policy_target(agent, settings), "action": "ALLOW", "rules": rules},
     }
+
+
+def _policy_target(agent: str, settings: MeshSettings) -> Obj:
+    """What a security policy applies to: the agent's pods (``selector``: their sidecars
+    enforce it), or in ambient mode its Services (``targetRefs``: the waypoint enforces it;
+    ztunnel cannot see request principals, paths or methods)."""
+    if settings.routes == "gateway-api":
+        names = [service_name(agent)] + [track_service_name(agent, t) for t in ("stable", "canary")]
+        return {"targetRefs": [{"group": "", "kind": "Service", "name": n} for n in names]}
+    return {"selector": {"matchLabels": {LABEL_AGENT: resource_name(agent)}}}
 
 
 def _request_authentication(agent: str, settings: MeshSettings) -> Obj:
@@ -549,10 +558,7 @@ def _request_authentication(agent: str, settings: MeshSettings) -> Obj:
         "apiVersion": "security.istio.io/v1",
         "kind": "RequestAuthentication",
         "metadata": _metadata(service_name(agent), agent, settings),
-        "spec": {
-            "selector": {"matchLabels": {LABEL_AGENT: resource_name(agent)}},
-            "jwtRules": rules,
-        },
+        "spec": {**_policy_target(agent, settings), "jwtRules": rules},
     }
 
 

@@ -12,6 +12,7 @@ from control_plane.gatewayapi import CRDS_PATH as GATEWAY_API_CRDS
 from control_plane.istio import CRDS_PATH
 from control_plane.mesh import (
     IstioValidator,
+    JwtIssuer,
     MeshObjectError,
     MeshSettings,
     render_mesh,
@@ -197,3 +198,23 @@ def test_the_vendored_file_names_its_version() -> None:
     assert "gateway.networking.k8s.io/channel: standard" in text
     readme = (GATEWAY_API_CRDS.parent / "README.md").read_text()
     assert "v1.3.0" in readme and "08ea367de48b52fac72b4669c82756a01a077c4a" in readme
+
+
+def test_security_policies_target_the_services_in_ambient_mode(validator: IstioValidator) -> None:
+    """In ambient mode the waypoint enforces L7 policy: the policies name the agent's
+    Services (targetRefs), not its pods (a selector is for sidecars and ztunnel)."""
+    settings = MeshSettings(
+        namespace="agents",
+        routes="gateway-api",
+        jwt_issuers=(JwtIssuer(issuer="specmesh", jwks_uri="http://cp:8090/jwks"),),
+    )
+    objs = render_mesh({"scheduleX-assistant": None}, {}, settings=settings)
+    validator.check(objs)
+    services = ["schedulex-assistant", "schedulex-assistant-stable", "schedulex-assistant-canary"]
+    for kind in ("AuthorizationPolicy", "RequestAuthentication"):
+        spec = _find(objs, kind, "schedulex-assistant")["spec"]
+        assert "selector" not in spec
+        assert spec["targetRefs"] == [{"group": "", "kind": "Service", "name": n} for n in services]
+    sidecar_mode = render_mesh({"scheduleX-assistant": None}, {}, settings=MeshSettings())
+    ap = _find(sidecar_mode, "AuthorizationPolicy", "schedulex-assistant")
+    assert ap["spec"]["selector"] == {"matchLabels": {"specmesh.io/agent": "schedulex-assistant"}}
