@@ -665,6 +665,15 @@ def test_jwt_issuers_reach_the_sidecars_and_the_control_plane(chart: helm_python
         jwt_issuers=text, mesh_routes=cp_env["SPECMESH_MESH_ROUTES"]
     ).mesh()
     assert settings.jwt_issuers == (own, idp) and settings.routes == "gateway-api"
+    # the agents may reach that JWKS: their NetworkPolicy lets them call the control plane
+    cp_pods = cp["spec"]["template"]["metadata"]["labels"]
+    for policy in _of(docs, "NetworkPolicy"):
+        assert any(
+            {p["port"] for p in rule["ports"]} == {jwks.port}
+            and any(t["podSelector"]["matchLabels"].items() <= cp_pods.items()
+                    for t in rule.get("to", []) if "podSelector" in t)
+            for rule in policy["spec"]["egress"]
+        ), policy["metadata"]["name"]  # fmt: skip
     # defaults: the control plane's issuer alone
     one = _render(chart, MATRIX["one-agent"])
     helper = next(d for d in _of(one, "Deployment") if d["metadata"]["name"].startswith("mse-"))
