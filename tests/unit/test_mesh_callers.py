@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from control_plane.istio import CRDS_PATH
 from control_plane.mesh import (
@@ -19,6 +20,7 @@ from control_plane.mesh import (
     parse_jwt_issuers,
     render_mesh,
 )
+from control_plane.settings import ControlPlaneSettings
 from specmesh.callers import principal_matches
 from specmesh.spec.models import CallersSpec
 
@@ -252,3 +254,20 @@ def test_parse_jwt_issuers_reads_the_design_format() -> None:
 def test_parse_jwt_issuers_names_what_is_wrong(text: str, message: str) -> None:
     with pytest.raises(ValueError, match="^" + re.escape(message)):
         parse_jwt_issuers(text)
+
+
+def test_control_plane_settings_refuse_bad_issuers_and_build_the_mesh_settings() -> None:
+    with pytest.raises(ValidationError, match=r"SPECMESH_JWT_ISSUERS\[0\]\.issuer"):
+        ControlPlaneSettings(jwt_issuers='[{"issuer": ""}]')
+    settings = ControlPlaneSettings(
+        mesh_namespace=NS,
+        mesh_routes="gateway-api",
+        jwt_issuers=json.dumps(
+            [{"issuer": "specmesh", "jwksUri": "http://cp:8090/jwks", "audiences": ["{agent}"]}]
+        ),
+    ).mesh()
+    assert settings == MeshSettings(
+        namespace=NS,
+        routes="gateway-api",
+        jwt_issuers=(JwtIssuer("specmesh", "http://cp:8090/jwks", None, ("{agent}",)),),
+    )
