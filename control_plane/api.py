@@ -17,7 +17,8 @@ from control_plane.auth import Principal, authorize
 from control_plane.errors import BadRequestError
 from control_plane.issuer import CONTROL_PLANE_TREE, InvokeToken, TokenIssuer
 from control_plane.mcptools import McpToolCatalog
-from control_plane.mesh import IstioValidator, MeshSettings, render_agent, render_mesh
+from control_plane.mesh import IstioValidator, MeshSettings, render_agent
+from control_plane.publisher import render_from_store
 from control_plane.tokens import TokenRecord, TokenRequest, TokenStore, check_grant
 from control_plane.traces import (
     GROUP_KEYS,
@@ -41,6 +42,7 @@ from specmesh.spec.manifest import LoadedManifest, parse_manifest
 from specmesh.spec.models import (
     API_VERSION,
     MAX_REPLICAS,
+    CallersSpec,
     McpServerSpec,
     PromptEntry,
     PromptRelease,
@@ -610,10 +612,7 @@ class ControlPlane:
     async def render_mesh(self, principal: Principal) -> list[dict[str, Any]]:
         """The Istio objects the current state publishes, validated when a CRD file is set."""
         authorize(principal, "mesh.read")
-        agents = {
-            a.name: await self.store.get_release(a.name) for a in await self.store.list_agents()
-        }
-        objects = render_mesh(agents, await self.store.partner_graph(), settings=self.mesh_settings)
+        objects = await render_from_store(self.store, self.mesh_settings)
         if self.istio is not None:
             self.istio.check(objects)
         return objects
@@ -632,10 +631,16 @@ class ControlPlane:
         callers = [a for a, partners in graph.items()
                    if resource_name(agent) in {resource_name(p) for p in partners}]  # fmt: skip
         current_release = await self.store.get_release(agent)
+        raw_callers = (await self.store.get_agent(agent)).spec.get("base", {}).get("callers")
+        callers_spec = CallersSpec.model_validate(raw_callers) if raw_callers else None
 
         def render(release: ReleaseSpec | None) -> list[dict[str, Any]]:
             return render_agent(
-                agent, release=release, callers=callers, settings=self.mesh_settings
+                agent,
+                release=release,
+                callers=callers,
+                settings=self.mesh_settings,
+                callers_spec=callers_spec,
             )
 
         proposed = render(spec)

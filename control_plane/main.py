@@ -19,7 +19,7 @@ from control_plane.controller import Controller
 from control_plane.grpc_api import build_grpc_server
 from control_plane.issuer import TokenIssuer
 from control_plane.mcptools import McpToolCatalog
-from control_plane.mesh import IstioValidator, MeshSettings
+from control_plane.mesh import IstioValidator
 from control_plane.otlp import OtlpForwarder, OtlpReceiver, build_otlp_app
 from control_plane.publisher import KubernetesMeshSink, MeshPublisher, MeshSink, YamlMeshSink
 from control_plane.rest import build_app
@@ -80,7 +80,7 @@ async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = 
     )
     control_plane = ControlPlane(
         store=store, vault=vault, kv_mount=settings.vault_kv_mount, tokens=tokens, issuer=issuer,
-        mesh_settings=MeshSettings(namespace=settings.mesh_namespace), istio=istio,
+        mesh_settings=settings.mesh(), istio=istio,
         traces=traces, mcp_tools=mcp_tools,
         pki_mount=settings.vault_pki_mount, runtime=settings.runtime,
     )  # fmt: skip
@@ -194,7 +194,7 @@ def _publisher(
     return MeshPublisher(
         store=store,
         sink=sink,
-        settings=MeshSettings(namespace=settings.mesh_namespace),
+        settings=settings.mesh(),
         validator=istio,
     )
 

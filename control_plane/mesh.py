@@ -6,11 +6,35 @@ Per agent:
 * **DestinationRule** -- subsets ``stable`` and ``canary`` selected by the track label
   (:data:`specmesh.k8s.LABEL_TRACK`, the label the Helm chart puts on pods), the
   release's ``outlierDetection`` and ``connectionPool``, ``ISTIO_MUTUAL`` TLS;
-* **AuthorizationPolicy** -- ALLOW only the agents that list this one among their
-  partners (their service-account principals), plus configured extra callers (e.g. the
-  ingress gateway). With no caller at all the policy allows nothing.
+* **AuthorizationPolicy** -- ALLOW (see *Who may call* below);
+* **RequestAuthentication** -- the trusted JWT issuers (:attr:`MeshSettings.jwt_issuers`),
+  each with its ``audiences`` (``{agent}`` -> the agent's resource name) and
+  ``forwardOriginalToken: true`` (the sidecar verifies the token again); rendered when at
+  least one issuer is configured.
 
 Plus, namespace-wide, a **PeerAuthentication** in STRICT mode.
+
+With :attr:`MeshSettings.routes` ``gateway-api`` (ambient mode) the VirtualService and the
+subset DestinationRule are replaced by Gateway API routes (see *Gateway API* below).
+
+Who may call
+------------
+
+The AuthorizationPolicy follows the agent's ``base.callers``
+(:class:`~specmesh.spec.models.CallersSpec`, the rule of :mod:`specmesh.callers`). Its rules
+(ALLOW when any matches):
+
+* partner agents -- ``source.principals``: the SPIFFE identities (service accounts) of the
+  agents that list this one among their partners AND are admitted by ``callers.agents``
+  (``*`` or their logical/resource name), plus :attr:`MeshSettings.extra_callers`;
+* external callers -- ``source.requestPrincipals`` = ``callers.principals`` (Istio's
+  ``<iss>/<sub>`` with the same ``*`` rule). A request principal exists only for a request
+  whose token the RequestAuthentication verified: a request without a token never matches
+  (and one with an invalid token is refused with 401 before);
+* the agent card -- ``GET``/``HEAD`` ``/.well-known/agent-card.json`` on the HTTP port,
+  from anyone (no token): a client reads the card to learn how to authenticate.
+
+So an agent nobody lists still answers its card, and the callers its ``principals`` admit.
 
 Routes
 ------
@@ -59,6 +83,22 @@ How the release's resilience fields map (Envoy semantics, as Istio programs them
   ``call`` route (JSON-RPC streams share ``POST /``), have none (Istio's default: disabled).
 * ``retries.budgetPercent`` -- the sidecar's only; a VirtualService has no retry budget.
 
+Gateway API
+-----------
+
+For ambient mode (a waypoint proxy instead of sidecars) each agent gets an **HTTPRoute**
+(parent: the agent's Service, port ``http-a2a`` 8080) and a **GRPCRoute** (port ``grpc-a2a``
+8081) -- GAMMA routes, each sending to the same port of the track Services
+``<agent>-stable`` / ``<agent>-canary`` (:func:`track_service_name`; the Helm chart renders
+them with ``istio.routes: gateway-api``): the canary header routes first (Gateway API ranks
+a rule with more header matches first), then the weighted split. The HTTP ``read`` calls
+(``GET``/``HEAD``) get the route ``timeout`` (``timeouts.request``); retries are not
+rendered (Gateway API's retry field is not in its standard channel) and the DestinationRules
+(one per track Service) carry outlier detection and the connection pool. The
+AuthorizationPolicy and RequestAuthentication then name the agent's Services
+(``targetRefs``) instead of selecting its pods: in ambient mode the waypoint enforces L7
+policy, and ztunnel could not (request principals, paths and methods are L7).
+
 Every object is checked by :class:`IstioValidator` before it is published: against the
 ``openAPIV3Schema`` of its CustomResourceDefinition as the API server would (unknown
 fields refused, ``x-kubernetes-validations`` CEL rules evaluated), and by the checks the
@@ -69,16 +109,20 @@ defined, retry policies istiod accepts).
 from __future__ import annotations
 
 import copy
+import json
+import re
+import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import celpy
 import jsonschema
 import yaml
 
+from control_plane.gatewayapi import CRDS_PATH as GATEWAY_API_CRDS_PATH
 from control_plane.istio import CRDS_PATH
 from specmesh.errors import SpecmeshError
 from specmesh.k8s import (
@@ -92,15 +136,21 @@ from specmesh.k8s import (
     spiffe_principal,
 )
 from specmesh.names import resource_name
-from specmesh.spec.models import ReleaseSpec
+from specmesh.spec.models import CallersSpec, ReleaseSpec
 
 __all__ = [
+    "AGENT_CARD_PATH",
+    "AGENT_PLACEHOLDER",
     "IstioValidator",
+    "JwtIssuer",
     "MeshObjectError",
     "MeshSettings",
+    "admitted_agents",
+    "parse_jwt_issuers",
     "render_agent",
     "render_mesh",
     "render_namespace",
+    "track_service_name",
     "write_yaml",
 ]
 
@@ -115,6 +165,71 @@ class MeshObjectError(SpecmeshError):
         super().__init__("invalid Istio objects:\n" + "\n".join(f"  {p}" for p in self.problems))
 
 
+AGENT_CARD_PATH = "/.well-known/agent-card.json"
+"""The agent card's path: readable without a token."""
+AGENT_PLACEHOLDER = "{agent}"
+"""An issuer audience that stands for the agent's resource name."""
+
+
+@dataclass(frozen=True)
+class JwtIssuer:
+    """A trusted JWT issuer (one entry of ``SPECMESH_JWT_ISSUERS``)."""
+
+    issuer: str
+    """The tokens' ``iss`` claim."""
+    jwks_uri: str | None = None
+    """Where its public keys are (``jwksUri``)."""
+    jwks: Mapping[str, Any] | None = None
+    """Its public keys inline (a JWK Set), instead of ``jwks_uri``."""
+    audiences: tuple[str, ...] = ()
+    """Accepted ``aud`` values (:data:`AGENT_PLACEHOLDER` = the agent's resource name);
+    empty: any."""
+
+    def audiences_for(self, agent: str) -> list[str]:
+        rn = resource_name(agent)
+        return list(dict.fromkeys(rn if a == AGENT_PLACEHOLDER else a for a in self.audiences))
+
+
+def parse_jwt_issuers(text: str) -> tuple[JwtIssuer, ...]:
+    """Read ``SPECMESH_JWT_ISSUERS``: a JSON list of ``{"issuer": str, "jwksUri": str |
+    null, "jwks": {...} | null, "audiences": [str]}`` (empty text: none). Raises
+    :class:`ValueError` naming the entry and field that is wrong."""
+    if not text.strip():
+        return ()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"SPECMESH_JWT_ISSUERS: not JSON ({e})") from e
+    if not isinstance(data, list):
+        raise ValueError("SPECMESH_JWT_ISSUERS: must be a JSON list of issuers")
+    out: list[JwtIssuer] = []
+    for i, entry in enumerate(data):
+        where = f"SPECMESH_JWT_ISSUERS[{i}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: must be an object")
+        unknown = set(entry) - {"issuer", "jwksUri", "jwks", "audiences"}
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        issuer, uri, jwks = entry.get("issuer"), entry.get("jwksUri"), entry.get("jwks")
+        audiences = entry.get("audiences") or []
+        if not isinstance(issuer, str) or not issuer:
+            raise ValueError(f"{where}.issuer: must be a non-empty string")
+        if uri is not None and (
+            not isinstance(uri, str) or urllib.parse.urlsplit(uri).scheme not in ("http", "https")
+        ):
+            raise ValueError(f"{where}.jwksUri: must be an http:// or https:// URL")
+        if jwks is not None and not (isinstance(jwks, dict) and isinstance(jwks.get("keys"), list)):
+            raise ValueError(f'{where}.jwks: must be a JWK Set ({{"keys": [...]}})')
+        if uri is not None and jwks is not None:
+            raise ValueError(f"{where}: set jwksUri or jwks, not both")
+        if not isinstance(audiences, list) or not all(isinstance(a, str) and a for a in audiences):
+            raise ValueError(f"{where}.audiences: must be a list of non-empty strings")
+        if any(o.issuer == issuer for o in out):
+            raise ValueError(f"{where}.issuer: {issuer!r} is listed twice")
+        out.append(JwtIssuer(issuer=issuer, jwks_uri=uri, jwks=jwks, audiences=tuple(audiences)))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class MeshSettings:
     """Where and how objects are rendered."""
@@ -123,6 +238,27 @@ class MeshSettings:
     trust_domain: str = "cluster.local"
     extra_callers: tuple[str, ...] = ()
     """Principals allowed to call every agent (e.g. the ingress gateway's)."""
+    jwt_issuers: tuple[JwtIssuer, ...] = ()
+    """Trusted JWT issuers: every agent's RequestAuthentication (``SPECMESH_JWT_ISSUERS``)."""
+    routes: Literal["virtualservice", "gateway-api"] = "virtualservice"
+    """Route objects: Istio's VirtualService + subsets, or Gateway API HTTPRoute/GRPCRoute
+    over per-track Services (ambient mode) (``SPECMESH_MESH_ROUTES``)."""
+
+
+def track_service_name(agent: str, track: str) -> str:
+    """The Service of one track of an agent (Gateway API routes send to it)."""
+    return f"{service_name(agent)}-{track}"
+
+
+def admitted_agents(partners_of: Iterable[str], callers: CallersSpec | None) -> list[str]:
+    """The agents among ``partners_of`` (those listing this agent as a partner) that
+    ``callers.agents`` admits: all with ``*`` (the default), else those named by logical
+    or resource name."""
+    spec = callers or CallersSpec()
+    if "*" in spec.agents:
+        return sorted(set(partners_of))
+    named = {resource_name(a) for a in spec.agents}
+    return sorted({a for a in partners_of if resource_name(a) in named})
 
 
 def _duration(seconds: float) -> str:
@@ -237,8 +373,32 @@ def render_agent(
     release: ReleaseSpec | None,
     callers: Iterable[str],
     settings: MeshSettings,
+    callers_spec: CallersSpec | None = None,
 ) -> list[Obj]:
-    """VirtualService, DestinationRule and AuthorizationPolicy of one agent."""
+    """The objects of one agent: its routes (VirtualService, or HTTPRoute and GRPCRoute),
+    DestinationRule(s), AuthorizationPolicy and, with issuers, RequestAuthentication.
+
+    ``callers`` are the agents that list ``agent`` among their partners; ``callers_spec``
+    is the agent's ``base.callers`` (None: the defaults)."""
+    policy = release or ReleaseSpec()
+    if settings.routes == "gateway-api":
+        out = _gateway_routes(agent, release, settings)
+        out.extend(
+            _destination_rule(agent, track_service_name(agent, track), policy, settings, None)
+            for track in ("stable", "canary")
+        )
+    else:
+        out = [
+            _virtual_service(agent, release, settings),
+            _destination_rule(agent, service_name(agent), policy, settings, ("stable", "canary")),
+        ]
+    out.append(_authorization_policy(agent, callers, callers_spec, settings))
+    if settings.jwt_issuers:
+        out.append(_request_authentication(agent, settings))
+    return out
+
+
+def _virtual_service(agent: str, release: ReleaseSpec | None, settings: MeshSettings) -> Obj:
     host = service_name(agent)
     policy = release or ReleaseSpec()
     weight = release.canary_weight if release is not None else 0
@@ -285,12 +445,21 @@ def render_agent(
                     **copy.deepcopy(common),
                 }
             )
-    vs: Obj = {
+    return {
         "apiVersion": "networking.istio.io/v1",
         "kind": "VirtualService",
         "metadata": _metadata(host, agent, settings),
         "spec": {"hosts": [host], "http": http},
     }
+
+
+def _destination_rule(
+    agent: str,
+    host: str,
+    policy: ReleaseSpec,
+    settings: MeshSettings,
+    subsets: tuple[str, ...] | None,
+) -> Obj:
     od = policy.outlier_detection
     outlier: Obj = {
         "consecutive5xxErrors": od.consecutive_5xx_errors,
@@ -300,45 +469,192 @@ def render_agent(
     }
     if od.consecutive_gateway_errors:
         outlier["consecutiveGatewayErrors"] = od.consecutive_gateway_errors
-    dr: Obj = {
+    spec: Obj = {
+        "host": host,
+        "trafficPolicy": {
+            "tls": {"mode": "ISTIO_MUTUAL"},
+            "connectionPool": {
+                "tcp": {"maxConnections": policy.connection_pool.max_connections},
+                "http": {"http1MaxPendingRequests": policy.connection_pool.max_pending_requests},
+            },
+            "outlierDetection": outlier,
+        },
+    }
+    if subsets:
+        spec["subsets"] = [{"name": track, "labels": {LABEL_TRACK: track}} for track in subsets]
+    return {
         "apiVersion": "networking.istio.io/v1",
         "kind": "DestinationRule",
         "metadata": _metadata(host, agent, settings),
-        "spec": {
-            "host": host,
-            "trafficPolicy": {
-                "tls": {"mode": "ISTIO_MUTUAL"},
-                "connectionPool": {
-                    "tcp": {"maxConnections": policy.connection_pool.max_connections},
-                    "http": {
-                        "http1MaxPendingRequests": policy.connection_pool.max_pending_requests
-                    },
-                },
-                "outlierDetection": outlier,
-            },
-            "subsets": [
-                {"name": track, "labels": {LABEL_TRACK: track}} for track in ("stable", "canary")
-            ],
-        },
+        "spec": spec,
     }
+
+
+def _authorization_policy(
+    agent: str,
+    callers: Iterable[str],
+    callers_spec: CallersSpec | None,
+    settings: MeshSettings,
+) -> Obj:
+    """ALLOW: admitted partner agents, the request principals of ``callers.principals``,
+    and the agent card for anyone (see *Who may call* in the module docstring)."""
     principals = sorted(
         {spiffe_principal(c, namespace=settings.namespace, trust_domain=settings.trust_domain)
-         for c in callers}
+         for c in admitted_agents(callers, callers_spec)}
         | set(settings.extra_callers)
     )  # fmt: skip
-    authz_spec: Obj = {
-        "selector": {"matchLabels": {LABEL_AGENT: resource_name(agent)}},
-        "action": "ALLOW",
-    }
+    rules: list[Obj] = []
     if principals:
-        authz_spec["rules"] = [{"from": [{"source": {"principals": principals}}]}]
-    ap: Obj = {
+        rules.append({"from": [{"source": {"principals": principals}}]})
+    request_principals = sorted(set((callers_spec or CallersSpec()).principals))
+    if request_principals:
+        rules.append({"from": [{"source": {"requestPrincipals": request_principals}}]})
+    rules.append(
+        {
+            "to": [
+                {
+                    "operation": {
+                        "ports": [str(A2A_HTTP_PORT)],
+                        "methods": ["GET", "HEAD"],
+                        "paths": [AGENT_CARD_PATH],
+                    }
+                }
+            ]
+        }
+    )
+    return {
         "apiVersion": "security.istio.io/v1",
         "kind": "AuthorizationPolicy",
-        "metadata": _metadata(host, agent, settings),
-        "spec": authz_spec,
+        "metadata": _metadata(service_name(agent), agent, settings),
+        "spec": {**_policy_target(agent, settings), "action": "ALLOW", "rules": rules},
     }
-    return [vs, dr, ap]
+
+
+def _policy_target(agent: str, settings: MeshSettings) -> Obj:
+    """What a security policy applies to: the agent's pods (``selector``: their sidecars
+    enforce it), or in ambient mode its Services (``targetRefs``: the waypoint enforces it;
+    ztunnel cannot see request principals, paths or methods)."""
+    if settings.routes == "gateway-api":
+        names = [service_name(agent)] + [track_service_name(agent, t) for t in ("stable", "canary")]
+        return {"targetRefs": [{"group": "", "kind": "Service", "name": n} for n in names]}
+    return {"selector": {"matchLabels": {LABEL_AGENT: resource_name(agent)}}}
+
+
+def _request_authentication(agent: str, settings: MeshSettings) -> Obj:
+    """The trusted issuers, for this agent's audiences; the token stays on the request."""
+    rules: list[Obj] = []
+    for issuer in settings.jwt_issuers:
+        rule: Obj = {"issuer": issuer.issuer}
+        if issuer.jwks_uri is not None:
+            rule["jwksUri"] = issuer.jwks_uri
+        elif issuer.jwks is not None:
+            rule["jwks"] = json.dumps(issuer.jwks, sort_keys=True)
+        audiences = issuer.audiences_for(agent)
+        if audiences:
+            rule["audiences"] = audiences
+        rule["forwardOriginalToken"] = True
+        rules.append(rule)
+    return {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "RequestAuthentication",
+        "metadata": _metadata(service_name(agent), agent, settings),
+        "spec": {**_policy_target(agent, settings), "jwtRules": rules},
+    }
+
+
+def _gateway_headers(release: ReleaseSpec) -> list[Obj]:
+    """The release's canary header match as Gateway API header matches (a prefix becomes
+    a regular expression: Gateway API has Exact and RegularExpression only)."""
+    out: list[Obj] = []
+    for h in release.header_match:
+        if h.exact is not None:
+            out.append({"type": "Exact", "name": h.name, "value": h.exact})
+        elif h.prefix is not None:
+            out.append({"type": "RegularExpression", "name": h.name,
+                        "value": "^" + re.escape(h.prefix) + ".*"})  # fmt: skip
+        elif h.regex is not None:
+            out.append({"type": "RegularExpression", "name": h.name, "value": h.regex})
+    return out
+
+
+def _gateway_routes(agent: str, release: ReleaseSpec | None, settings: MeshSettings) -> list[Obj]:
+    """HTTPRoute (port 8080 -> 8080) and GRPCRoute (8081 -> 8081) of one agent, attached to
+    its Service (GAMMA), sending to the track Services."""
+    host = service_name(agent)
+    policy = release or ReleaseSpec()
+    weight = release.canary_weight if release is not None else 0
+    headers = _gateway_headers(release) if release is not None and release.header_match else []
+    timeout = {"request": _duration(policy.timeout_seconds)}
+
+    def backends(port: int, canary_only: bool = False) -> list[Obj]:
+        if canary_only:
+            return [{"name": track_service_name(agent, "canary"), "port": port}]
+        out = [{"name": track_service_name(agent, "stable"), "port": port, "weight": 100 - weight}]
+        if weight:
+            out.append({"name": track_service_name(agent, "canary"), "port": port,
+                        "weight": weight})  # fmt: skip
+        return out
+
+    def parent(port: int) -> list[Obj]:
+        return [{"group": "", "kind": "Service", "name": host, "port": port}]
+
+    http_rules: list[Obj] = []
+    reads = [{"method": "GET"}, {"method": "HEAD"}]
+    if headers:
+        http_rules.append(
+            {
+                "name": "http-a2a-read-canary-by-header",
+                "matches": [{**m, "headers": copy.deepcopy(headers)} for m in reads],
+                "backendRefs": backends(A2A_HTTP_PORT, canary_only=True),
+                "timeouts": dict(timeout),
+            }
+        )
+        http_rules.append(
+            {
+                "name": "http-a2a-canary-by-header",
+                "matches": [{"headers": copy.deepcopy(headers)}],
+                "backendRefs": backends(A2A_HTTP_PORT, canary_only=True),
+            }
+        )
+    http_rules.append(
+        {
+            "name": "http-a2a-read",
+            "matches": copy.deepcopy(reads),
+            "backendRefs": backends(A2A_HTTP_PORT),
+            "timeouts": dict(timeout),
+        }
+    )
+    http_rules.append(
+        {
+            "name": "http-a2a",
+            "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+            "backendRefs": backends(A2A_HTTP_PORT),
+        }
+    )
+    grpc_rules: list[Obj] = []
+    if headers:
+        grpc_rules.append(
+            {
+                "name": "grpc-a2a-canary-by-header",
+                "matches": [{"headers": copy.deepcopy(headers)}],
+                "backendRefs": backends(A2A_GRPC_PORT, canary_only=True),
+            }
+        )
+    grpc_rules.append({"name": "grpc-a2a", "backendRefs": backends(A2A_GRPC_PORT)})
+    return [
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": _metadata(host, agent, settings),
+            "spec": {"parentRefs": parent(A2A_HTTP_PORT), "rules": http_rules},
+        },
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "GRPCRoute",
+            "metadata": _metadata(host, agent, settings),
+            "spec": {"parentRefs": parent(A2A_GRPC_PORT), "rules": grpc_rules},
+        },
+    ]
 
 
 def render_namespace(settings: MeshSettings) -> list[Obj]:
@@ -358,17 +674,25 @@ def render_mesh(
     partner_graph: Mapping[str, Sequence[str]],
     *,
     settings: MeshSettings,
+    callers: Mapping[str, CallersSpec | None] | None = None,
 ) -> list[Obj]:
-    """Every object for the given agents (name -> release policy) and partner graph."""
-    callers: dict[str, set[str]] = {resource_name(a): set() for a in agents}
+    """Every object for the given agents (name -> release policy), partner graph and
+    ``callers`` (name -> its ``base.callers``; absent: the defaults)."""
+    partners_of: dict[str, set[str]] = {resource_name(a): set() for a in agents}
     for caller, partners in partner_graph.items():
         for partner in partners:
-            callers.setdefault(resource_name(partner), set()).add(caller)
+            partners_of.setdefault(resource_name(partner), set()).add(caller)
+    specs = {resource_name(a): c for a, c in (callers or {}).items()}
     out = render_namespace(settings)
     for agent, release in sorted(agents.items()):
+        rn = resource_name(agent)
         out.extend(
             render_agent(
-                agent, release=release, callers=callers[resource_name(agent)], settings=settings
+                agent,
+                release=release,
+                callers=partners_of[rn],
+                settings=settings,
+                callers_spec=specs.get(rn),
             )
         )
     return out
@@ -396,29 +720,53 @@ def _closed(schema: Any) -> Any:
     return out
 
 
+def _defaulted(schema: Any, value: Any) -> Any:
+    """``value`` with the schema's ``default``s filled in, as the API server does before it
+    validates (CEL rules read defaulted fields, e.g. a backendRef's ``group``)."""
+    if not isinstance(schema, dict):
+        return value
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        merged = {k: copy.deepcopy(sub["default"]) for k, sub in props.items()
+                  if k not in value and isinstance(sub, dict) and "default" in sub}  # fmt: skip
+        merged.update(value)
+        return {
+            k: _defaulted(props.get(k, extra if isinstance(extra, dict) else None), v)
+            for k, v in merged.items()
+        }
+    if isinstance(value, list):
+        return [_defaulted(schema.get("items"), v) for v in value]
+    return value
+
+
 @dataclass
 class IstioValidator:
-    """Validates Istio objects against a CRD file: by default the vendored Istio CRD schemas
-    (:data:`control_plane.istio.CRDS_PATH`)."""
+    """Validates mesh objects against CRD files: by default the vendored Istio CRD schemas
+    (:data:`control_plane.istio.CRDS_PATH`) plus the vendored Gateway API routes
+    (:data:`control_plane.gatewayapi.CRDS_PATH`)."""
 
     crd_path: Path = CRDS_PATH
+    extra_crd_paths: tuple[Path, ...] = (GATEWAY_API_CRDS_PATH,)
+    """Further CRD files (Gateway API's); a kind in two files: the later one wins."""
     _schemas: dict[tuple[str, str], Any] = field(default_factory=dict, init=False)
     _programs: dict[str, Any] = field(default_factory=dict, init=False)
     _cel: Any = field(default_factory=celpy.Environment, init=False)
 
     def __post_init__(self) -> None:
-        with self.crd_path.open() as f:
-            for crd in yaml.safe_load_all(f):
-                if not crd or crd.get("kind") != "CustomResourceDefinition":
-                    continue
-                group = crd["spec"]["group"]
-                kind = crd["spec"]["names"]["kind"]
-                for version in crd["spec"]["versions"]:
-                    schema = version.get("schema", {}).get("openAPIV3Schema")
-                    if schema:
-                        self._schemas[(f"{group}/{version['name']}", kind)] = _closed(
-                            copy.deepcopy(schema)
-                        )
+        for path in (self.crd_path, *self.extra_crd_paths):
+            with path.open() as f:
+                for crd in yaml.safe_load_all(f):
+                    if not crd or crd.get("kind") != "CustomResourceDefinition":
+                        continue
+                    group = crd["spec"]["group"]
+                    kind = crd["spec"]["names"]["kind"]
+                    for version in crd["spec"]["versions"]:
+                        schema = version.get("schema", {}).get("openAPIV3Schema")
+                        if schema:
+                            self._schemas[(f"{group}/{version['name']}", kind)] = _closed(
+                                copy.deepcopy(schema)
+                            )
 
     def kinds(self) -> list[tuple[str, str]]:
         return sorted(self._schemas)
@@ -432,7 +780,9 @@ class IstioValidator:
         if schema is None:
             return [f"{where}: no CRD schema for apiVersion {obj.get('apiVersion')!r}"]
         out = []
-        body = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata")}
+        body = _defaulted(
+            schema, {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata")}
+        )
         validator = jsonschema.Draft7Validator(schema)
         for error in sorted(validator.iter_errors(body), key=lambda e: list(e.absolute_path)):
             path = ".".join(str(p) for p in error.absolute_path) or "(root)"
@@ -474,7 +824,7 @@ class IstioValidator:
     def _program(self, rule: str) -> Any:
         program = self._programs.get(rule)
         if program is None:
-            program = self._cel.program(self._cel.compile(rule))
+            program = self._cel.program(self._cel.compile(rule), functions=_K8S_CEL_FUNCTIONS)
             self._programs[rule] = program
         return program
 
@@ -485,6 +835,22 @@ class IstioValidator:
         problems.extend(_cross_problems(objects))
         if problems:
             raise MeshObjectError(problems)
+
+
+def _cel_url(value: Any) -> Any:
+    """Kubernetes' CEL ``url()``: the string itself, when it is an absolute URL."""
+    if not urllib.parse.urlsplit(str(value)).scheme:
+        raise ValueError(f"not an absolute URL: {value!r}")
+    return celpy.celtypes.StringType(value)
+
+
+_K8S_CEL_FUNCTIONS: dict[str, Any] = {
+    "url": _cel_url,
+    "getScheme": lambda u: celpy.celtypes.StringType(urllib.parse.urlsplit(str(u)).scheme),
+    "getHost": lambda u: celpy.celtypes.StringType(urllib.parse.urlsplit(str(u)).netloc),
+    "getEscapedPath": lambda u: celpy.celtypes.StringType(urllib.parse.urlsplit(str(u)).path),
+}
+"""The parts of Kubernetes' CEL URL library the CRDs' rules use (Istio's ``jwksUri``)."""
 
 
 def _semantic_problems(obj: Obj) -> list[str]:

@@ -1,7 +1,8 @@
 """The mesh publisher at work: re-render and publish the Istio objects on every change.
 
 A watch on ``<prefix>/agents/`` (specs, releases, deletions) triggers a render of every
-agent's objects from the store (changes arriving together are coalesced), a validation
+agent's objects from the store (releases, the partner graph, each agent's ``base.callers``:
+:func:`read_mesh_state`) (changes arriving together are coalesced), a validation
 against the Istio CRD schemas, and a publish to a :class:`MeshSink`: YAML files in a
 folder (GitOps) or server-side apply to Kubernetes. Objects of deleted agents are removed.
 A render that fails validation is logged and not published; what was published stays.
@@ -13,6 +14,7 @@ import asyncio
 import json
 import logging
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,14 +29,61 @@ from control_plane.mesh import (
     write_yaml,
 )
 from specmesh.k8s import LABEL_MANAGED_BY, MANAGED_BY
+from specmesh.names import resource_name
+from specmesh.spec.models import CallersSpec, ReleaseSpec
 from specmesh.store import SpecStore
 from specmesh.watch import PrefixWatcher
 
-__all__ = ["KubernetesMeshSink", "MeshPublisher", "MeshSink", "YamlMeshSink"]
+__all__ = [
+    "KubernetesMeshSink",
+    "MeshPublisher",
+    "MeshSink",
+    "MeshState",
+    "YamlMeshSink",
+    "read_mesh_state",
+    "render_from_store",
+]
 
 logger = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class MeshState:
+    """What the mesh is rendered from, read from the store."""
+
+    releases: dict[str, ReleaseSpec | None]
+    """Agent (logical name) -> its release policy."""
+    partner_graph: dict[str, list[str]]
+    """Agent -> the partners it lists."""
+    callers: dict[str, CallersSpec | None]
+    """Agent -> its ``base.callers`` (None: the defaults)."""
+
+
+async def read_mesh_state(store: SpecStore) -> MeshState:
+    """The agents' releases, partner graph and ``base.callers`` (current revisions)."""
+    agents = await store.list_agents()
+    releases = {a.name: await store.get_release(a.name) for a in agents}
+    names = {resource_name(a.name): a.name for a in agents}
+    callers: dict[str, CallersSpec | None] = {}
+    result = await store.etcd.range(store.keys.agents(), prefix=True)
+    for kv in result.kvs:
+        if not kv.key.endswith("/spec/base"):
+            continue
+        rn = kv.key[len(store.keys.agents()) :].split("/", 1)[0]
+        if rn in names:
+            raw = json.loads(kv.value).get("callers")
+            callers[names[rn]] = CallersSpec.model_validate(raw) if raw is not None else None
+    return MeshState(releases=releases, partner_graph=await store.partner_graph(), callers=callers)
+
+
+async def render_from_store(store: SpecStore, settings: MeshSettings) -> list[Obj]:
+    """Every mesh object the store's current state renders (not validated)."""
+    state = await read_mesh_state(store)
+    return render_mesh(
+        state.releases, state.partner_graph, settings=settings, callers=state.callers
+    )
 
 
 class MeshSink(Protocol):
@@ -53,20 +102,26 @@ class YamlMeshSink:
         await asyncio.to_thread(write_yaml, objects, self.folder)
 
 
-_PLURALS = {
-    "VirtualService": "virtualservices",
-    "DestinationRule": "destinationrules",
-    "AuthorizationPolicy": "authorizationpolicies",
-    "PeerAuthentication": "peerauthentications",
+_KINDS: dict[str, tuple[str, str]] = {
+    "VirtualService": ("networking.istio.io/v1", "virtualservices"),
+    "DestinationRule": ("networking.istio.io/v1", "destinationrules"),
+    "AuthorizationPolicy": ("security.istio.io/v1", "authorizationpolicies"),
+    "PeerAuthentication": ("security.istio.io/v1", "peerauthentications"),
+    "RequestAuthentication": ("security.istio.io/v1", "requestauthentications"),
+    "HTTPRoute": ("gateway.networking.k8s.io/v1", "httproutes"),
+    "GRPCRoute": ("gateway.networking.k8s.io/v1", "grpcroutes"),
 }
+"""Every kind the publisher renders (either route mode): kind -> (apiVersion, plural)."""
 
 
 class KubernetesMeshSink:
     """Server-side apply to the cluster the control plane runs in (its service account),
-    and deletion of specmesh-managed objects no longer rendered.
+    and deletion of specmesh-managed objects no longer rendered -- of every kind the
+    publisher renders, so switching the route mode removes the other mode's routes (a kind
+    the cluster does not serve, or the RBAC does not grant, lists as empty).
 
     Talks to the API server directly over HTTPS (the SSA call is one PATCH with
-    ``application/apply-patch+yaml``). Not exercised here: no cluster runs on this machine.
+    ``application/apply-patch+yaml``); tested against ``tests/unit/kube_api.py``'s fake.
     """
 
     def __init__(
@@ -83,7 +138,7 @@ class KubernetesMeshSink:
         self.field_manager = field_manager
 
     def _url(self, api_version: str, kind: str, name: str | None = None) -> str:
-        base = f"{self.api}/apis/{api_version}/namespaces/{self.namespace}/{_PLURALS[kind]}"
+        base = f"{self.api}/apis/{api_version}/namespaces/{self.namespace}/{_KINDS[kind][1]}"
         return f"{base}/{name}" if name else base
 
     async def publish(self, objects: list[Obj]) -> None:
@@ -107,7 +162,9 @@ class KubernetesMeshSink:
                             f"apply {obj['kind']}/{obj['metadata']['name']}: "
                             f"HTTP {r.status} {await r.text()}"
                         )
-            for api_version, kind in {(o["apiVersion"], o["kind"]) for o in objects}:
+            kinds = {(o["apiVersion"], o["kind"]) for o in objects}
+            kinds |= {(api_version, kind) for kind, (api_version, _) in _KINDS.items()}
+            for api_version, kind in sorted(kinds):
                 selector = {"labelSelector": f"{LABEL_MANAGED_BY}={MANAGED_BY}"}
                 async with session.get(self._url(api_version, kind), params=selector, ssl=ctx) as r:
                     items = (await r.json()).get("items", []) if r.status == 200 else []
@@ -142,10 +199,7 @@ class MeshPublisher:
         self.changed = asyncio.Event()
 
     async def render(self) -> list[Obj]:
-        agents = {
-            a.name: await self.store.get_release(a.name) for a in await self.store.list_agents()
-        }
-        objects = render_mesh(agents, await self.store.partner_graph(), settings=self.settings)
+        objects = await render_from_store(self.store, self.settings)
         if self.validator is not None:
             self.validator.check(objects)
         return objects

@@ -9,6 +9,7 @@ from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from control_plane.istio import CRDS_PATH
+from control_plane.mesh import MeshSettings, parse_jwt_issuers
 from specmesh.addresses import parse_table
 
 __all__ = ["ControlPlaneSettings", "KubernetesRuntimeSettings"]
@@ -83,6 +84,15 @@ class ControlPlaneSettings(BaseSettings):
     ``mesh_output_dir`` (GitOps), or server-side apply to the cluster."""
     mesh_output_dir: Path | None = None
     """Write rendered Istio objects here (GitOps) on every change."""
+    mesh_routes: Literal["virtualservice", "gateway-api"] = "virtualservice"
+    """The agents' route objects (``SPECMESH_MESH_ROUTES``): Istio VirtualService with
+    DestinationRule subsets, or Gateway API HTTPRoute/GRPCRoute over per-track Services
+    (ambient mode; the chart's ``istio.routes``)."""
+    jwt_issuers: str = ""
+    """The JWT issuers the agents trust (``SPECMESH_JWT_ISSUERS``, the sidecars' format: a
+    JSON list of ``{"issuer", "jwksUri", "jwks", "audiences"}``): rendered into every
+    agent's Istio RequestAuthentication. The chart sets the same list here and on the
+    sidecars, the control plane's own issuer first."""
     runtime: Literal["none", "local", "kubernetes"] = "none"
     """Where the controller runs the agents (``SPECMESH_RUNTIME``): nowhere (the specs are
     served, nothing is started), the local supervisor, or Kubernetes."""
@@ -98,6 +108,20 @@ class ControlPlaneSettings(BaseSettings):
     def _table(cls, value: str) -> str:
         parse_table(value)
         return value
+
+    @field_validator("jwt_issuers")
+    @classmethod
+    def _issuers(cls, value: str) -> str:
+        parse_jwt_issuers(value)
+        return value
+
+    def mesh(self) -> MeshSettings:
+        """How the mesh publisher renders the agents' Istio objects."""
+        return MeshSettings(
+            namespace=self.mesh_namespace,
+            jwt_issuers=parse_jwt_issuers(self.jwt_issuers),
+            routes=self.mesh_routes,
+        )
 
 
 class KubernetesRuntimeSettings(BaseSettings):

@@ -5,7 +5,14 @@ One template source: :class:`ChartRenderer` runs ``helm/specmesh``'s templates t
 Helm's SDK (``helm_python``) with the chart's install values (the ConfigMap the chart gives
 the control plane) plus ``agents: [<one entry>]`` (:func:`agent_entry`, from the
 workload) and the control plane's own objects switched off. What Helm would install for
-that entry is, object for object, what this runtime applies.
+that entry is, object for object, what this runtime applies -- among it what the agent's
+card and its sidecar need to know of the cluster: the engine's public URLs
+(``SPECMESH_ENGINE_PUBLIC_HTTP_URL`` = ``http://<svc>.<ns>.svc.cluster.local:8080``,
+``SPECMESH_ENGINE_PUBLIC_GRPC_URL`` = ``<svc>.<ns>.svc.cluster.local:8081``: the agent's
+Service), ``SPECMESH_CARD_SECURITY=bearer,mtls`` with Istio, the sidecar's trusted issuers
+(``SPECMESH_JWT_ISSUERS``, from the chart's ``jwt`` values), and with ``istio.routes:
+gateway-api`` the track Services ``<svc>-stable`` / ``<svc>-canary`` the Gateway API routes
+send to (applied and pruned with the agent like its other objects).
 
 :class:`KubernetesRuntime` applies each rendered object (``lightkube``, field manager
 ``specmesh-controller``, ``force``), then prunes: every object of the managed kinds that

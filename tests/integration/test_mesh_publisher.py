@@ -20,10 +20,15 @@ from specmesh.store import SpecStore
 pytestmark = pytest.mark.integration
 
 
-def _spec(partners: list[str], t: float = 0.5) -> AgentSpec:
+def _spec(
+    partners: list[str], t: float = 0.5, callers: dict[str, list[str]] | None = None
+) -> AgentSpec:
+    base: dict[str, object] = {"description": "d", "promptKey": "p"}
+    if callers is not None:
+        base["callers"] = callers
     return AgentSpec.model_validate(
         {
-            "base": {"description": "d", "promptKey": "p"},
+            "base": base,
             "model": {"model": "m", "temperature": t},
             "partnerAgents": [{"agentName": p} for p in partners],
         }
@@ -76,8 +81,45 @@ async def test_publishes_on_change_and_removes_deleted_agents(
         await store.delete_agent("front", actor="t")
         await _until(publisher, lambda: not (tmp_path / "virtualservice-front.yaml").exists())
         ap = yaml.safe_load((tmp_path / "authorizationpolicy-back.yaml").read_text())
-        assert "rules" not in ap["spec"]  # nobody lists back as a partner any more
+        # nobody lists back as a partner any more: only its card stays readable
+        assert [r for r in ap["spec"]["rules"] if "from" in r] == []
         assert publisher.failures == 0 and publisher.publishes >= 3
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_publishes_the_callers_of_each_agent_spec(store: SpecStore, tmp_path: Path) -> None:
+    await store.apply_agent("front", _spec(["back"]), actor="t")
+    await store.apply_agent(
+        "back", _spec([], callers={"agents": [], "principals": ["specmesh/alice"]}), actor="t"
+    )
+    publisher = MeshPublisher(
+        store=store,
+        sink=YamlMeshSink(tmp_path),
+        settings=MeshSettings(namespace="ns"),
+        validator=IstioValidator(CRDS_PATH),
+        coalesce_seconds=0.05,
+    )
+    path = tmp_path / "authorizationpolicy-back.yaml"
+
+    def sources() -> list[dict[str, list[str]]]:
+        if not path.exists():
+            return []
+        ap = yaml.safe_load(path.read_text())
+        return [f["source"] for r in ap["spec"]["rules"] for f in r.get("from", [])]
+
+    task = asyncio.create_task(publisher.run())
+    try:
+        # front lists back, but back's callers.agents is []: only the request principal
+        await _until(publisher, lambda: sources() == [{"requestPrincipals": ["specmesh/alice"]}])
+        await store.apply_agent("back", _spec([], callers={"agents": ["front"]}), actor="t")
+        await _until(
+            publisher,
+            lambda: sources() == [{"principals": ["cluster.local/ns/ns/sa/specmesh-agent-front"]}],
+        )
+        assert publisher.failures == 0
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

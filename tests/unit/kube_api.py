@@ -41,6 +41,14 @@ KINDS: dict[tuple[str, str, str], str] = {
     ("autoscaling", "v2", "horizontalpodautoscalers"): "HorizontalPodAutoscaler",
     ("policy", "v1", "poddisruptionbudgets"): "PodDisruptionBudget",
     ("networking.k8s.io", "v1", "networkpolicies"): "NetworkPolicy",
+    # what the mesh publisher applies
+    ("networking.istio.io", "v1", "virtualservices"): "VirtualService",
+    ("networking.istio.io", "v1", "destinationrules"): "DestinationRule",
+    ("security.istio.io", "v1", "authorizationpolicies"): "AuthorizationPolicy",
+    ("security.istio.io", "v1", "peerauthentications"): "PeerAuthentication",
+    ("security.istio.io", "v1", "requestauthentications"): "RequestAuthentication",
+    ("gateway.networking.k8s.io", "v1", "httproutes"): "HTTPRoute",
+    ("gateway.networking.k8s.io", "v1", "grpcroutes"): "GRPCRoute",
 }
 APPLY_PATCH = "application/apply-patch+yaml"
 

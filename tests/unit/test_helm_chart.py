@@ -11,6 +11,7 @@ really renders.
 from __future__ import annotations
 
 import copy
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +21,15 @@ import pytest
 import yaml
 
 from control_plane.istio import CRDS_PATH
-from control_plane.mesh import IstioValidator, MeshSettings, render_agent
+from control_plane.mesh import (
+    IstioValidator,
+    JwtIssuer,
+    MeshSettings,
+    parse_jwt_issuers,
+    render_agent,
+    render_mesh,
+)
+from control_plane.settings import ControlPlaneSettings
 from specmesh.k8s import (
     A2A_GRPC_PORT,
     A2A_HTTP_PORT,
@@ -78,6 +87,20 @@ MATRIX: dict[str, Obj] = {
     ),
     "istio-off": _values(
         istio={"enabled": False},
+        agents=[{"name": n, "tracks": {"canary": {"enabled": True}}} for n in EXAMPLES],
+    ),
+    "gateway-api": _values(
+        istio={"enabled": True, "routes": "gateway-api"},
+        jwt={
+            "controlPlaneIssuer": "specmesh",
+            "issuers": [
+                {
+                    "issuer": "https://idp.example.com",
+                    "jwksUri": "https://idp.example.com/.well-known/jwks.json",
+                    "audiences": ["{agent}", "agents"],
+                }
+            ],
+        },
         agents=[{"name": n, "tracks": {"canary": {"enabled": True}}} for n in EXAMPLES],
     ),
     "everything": _values(
@@ -476,6 +499,15 @@ BAD_VALUES = [
     ("agents.0.colour", "blue", "/agents/0"),
     ("controlPlane.httpPort", 70000, "/controlPlane/httpPort"),
     ("istio.enabled", "yes", "/istio/enabled"),
+    ("istio.routes", "istio", "/istio/routes"),
+    ("jwt.issuers", [{"issuer": ""}], "/jwt/issuers/0/issuer"),
+    ("jwt.issuers", [{"issuer": "a", "jwksUri": "ftp://k"}], "/jwt/issuers/0/jwksUri"),
+    (
+        "jwt.issuers",
+        [{"issuer": "a", "jwksUri": "https://k", "jwks": {"keys": []}}],
+        "/jwt/issuers/0",
+    ),
+    ("jwt.issuers", [{"issuer": "a", "audience": "x"}], "/jwt/issuers/0"),
     ("otel.protocol", "udp", "/otel/protocol"),
     ("image.digest", "latest", "/image/digest"),
 ]
@@ -563,7 +595,7 @@ def test_control_plane_mesh_objects_select_the_charts_pods(
         selector = ap["spec"]["selector"]["matchLabels"]
         selected = [spec for labels, spec in pods if selector.items() <= labels.items()]
         assert len(selected) == 2  # stable + canary
-        principals = [p for r in ap["spec"].get("rules", []) for f in r["from"]
+        principals = [p for r in ap["spec"]["rules"] for f in r.get("from", [])
                       for p in f["source"]["principals"]]  # fmt: skip
         assert len(principals) == len(callers[agent])
         for principal, caller in zip(principals, callers[agent], strict=True):
@@ -572,3 +604,131 @@ def test_control_plane_mesh_objects_select_the_charts_pods(
             assert sa in accounts
             caller_pods = [s for labels, s in pods if labels[LABEL_AGENT] == resource_name(caller)]
             assert caller_pods and {s["serviceAccountName"] for s in caller_pods} == {sa}
+
+
+# ---------------------------------------------------------------- issue 14: cards, tokens, routes
+
+
+def test_engine_cards_name_the_agent_service(chart: helm_python.Chart) -> None:
+    """The card's URLs are the agent's Service DNS name and ports; Istio adds mTLS."""
+    for case, istio in (("one-agent", True), ("canary-on", True), ("istio-off", False)):
+        docs = _render(chart, MATRIX[case])
+        services = {s["metadata"]["name"]: s for s in _of(docs, "Service")}
+        for d in _of(docs, "Deployment"):
+            if d["metadata"]["name"] == "specmesh-control-plane":
+                continue
+            engine = _env(_containers(d)["engine"])
+            rn = d["metadata"]["labels"][LABEL_AGENT]
+            http = urllib.parse.urlsplit(engine["SPECMESH_ENGINE_PUBLIC_HTTP_URL"])
+            assert (http.scheme, http.hostname, http.port) == (
+                "http", f"{rn}.{NAMESPACE}.svc.cluster.local", A2A_HTTP_PORT
+            ), case  # fmt: skip
+            host, _, port = engine["SPECMESH_ENGINE_PUBLIC_GRPC_URL"].rpartition(":")
+            assert (host, int(port)) == (f"{rn}.{NAMESPACE}.svc.cluster.local", A2A_GRPC_PORT)
+            svc = services[host.split(".")[0]]
+            ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
+            assert ports == {"http-a2a": http.port, "grpc-a2a": int(port)}
+            if istio:
+                assert engine["SPECMESH_CARD_SECURITY"] == "bearer,mtls", case
+            else:
+                assert "SPECMESH_CARD_SECURITY" not in engine, case  # the engine's default
+
+
+def test_jwt_issuers_reach_the_sidecars_and_the_control_plane(chart: helm_python.Chart) -> None:
+    docs = _render(chart, MATRIX["gateway-api"])
+    cp = next(
+        d for d in _of(docs, "Deployment") if d["metadata"]["name"] == "specmesh-control-plane"
+    )
+    cp_env = _env(_containers(cp)["control-plane"])
+    assert cp_env["SPECMESH_TOKEN_ISSUER"] == "specmesh"
+    text = cp_env["SPECMESH_JWT_ISSUERS"]
+    own, idp = parse_jwt_issuers(text)
+    # the control plane's own issuer: its JWKS on its own Service
+    jwks = urllib.parse.urlsplit(own.jwks_uri or "")
+    service = next(
+        s for s in _of(docs, "Service") if s["metadata"]["name"] == "specmesh-control-plane"
+    )
+    assert jwks.hostname == f"specmesh-control-plane.{NAMESPACE}.svc.cluster.local"
+    assert jwks.port in {p["port"] for p in service["spec"]["ports"] if p["name"] == "http-api"}
+    assert jwks.path == "/.well-known/jwks.json"
+    assert (own.issuer, own.audiences, own.jwks) == ("specmesh", ("{agent}",), None)
+    assert idp == JwtIssuer(
+        issuer="https://idp.example.com",
+        jwks_uri="https://idp.example.com/.well-known/jwks.json",
+        audiences=("{agent}", "agents"),
+    )
+    # the same list on every sidecar, and the control plane's settings read it
+    for d in _of(docs, "Deployment"):
+        if d["metadata"]["name"] != "specmesh-control-plane":
+            assert _env(_containers(d)["sidecar"])["SPECMESH_JWT_ISSUERS"] == text
+    settings = ControlPlaneSettings(
+        jwt_issuers=text, mesh_routes=cp_env["SPECMESH_MESH_ROUTES"]
+    ).mesh()
+    assert settings.jwt_issuers == (own, idp) and settings.routes == "gateway-api"
+    # the agents may reach that JWKS: their NetworkPolicy lets them call the control plane
+    cp_pods = cp["spec"]["template"]["metadata"]["labels"]
+    for policy in _of(docs, "NetworkPolicy"):
+        assert any(
+            {p["port"] for p in rule["ports"]} == {jwks.port}
+            and any(t["podSelector"]["matchLabels"].items() <= cp_pods.items()
+                    for t in rule.get("to", []) if "podSelector" in t)
+            for rule in policy["spec"]["egress"]
+        ), policy["metadata"]["name"]  # fmt: skip
+    # defaults: the control plane's issuer alone
+    one = _render(chart, MATRIX["one-agent"])
+    helper = next(d for d in _of(one, "Deployment") if d["metadata"]["name"].startswith("mse-"))
+    sidecar = _env(_containers(helper)["sidecar"])
+    assert [i.issuer for i in parse_jwt_issuers(sidecar["SPECMESH_JWT_ISSUERS"])] == ["specmesh"]
+
+
+def test_gateway_api_routes_send_to_the_charts_track_services(
+    chart: helm_python.Chart, validator: IstioValidator
+) -> None:
+    docs = _render(chart, MATRIX["gateway-api"])
+    assert _problems(validator, docs) == []
+    services = {s["metadata"]["name"]: s for s in _of(docs, "Service")}
+    pods = [d["spec"]["template"]["metadata"]["labels"] for d in _of(docs, "Deployment")
+            if d["metadata"]["name"] != "specmesh-control-plane"]  # fmt: skip
+    cp = next(
+        d for d in _of(docs, "Deployment") if d["metadata"]["name"] == "specmesh-control-plane"
+    )
+    cp_env = _env(_containers(cp)["control-plane"])
+    settings = ControlPlaneSettings(
+        mesh_namespace=NAMESPACE,
+        mesh_routes=cp_env["SPECMESH_MESH_ROUTES"],
+        jwt_issuers=cp_env["SPECMESH_JWT_ISSUERS"],
+    ).mesh()
+    canary = ReleaseSpec.model_validate(
+        {"stableRevision": 1, "canaryRevision": 2, "canaryWeight": 10,
+         "headerMatch": [{"name": "x-canary", "exact": "true"}]}
+    )  # fmt: skip
+    objs = render_mesh({a: canary for a in EXAMPLES}, {}, settings=settings)
+    validator.check(objs)
+    routes = [o for o in objs if o["kind"] in ("HTTPRoute", "GRPCRoute")]
+    assert len(routes) == 2 * len(EXAMPLES)
+    for route in routes:
+        (parent,) = route["spec"]["parentRefs"]
+        parent_ports = {p["port"]: p["name"] for p in services[parent["name"]]["spec"]["ports"]}
+        assert parent["port"] in parent_ports
+        for rule in route["spec"]["rules"]:
+            for ref in rule["backendRefs"]:
+                svc = services[ref["name"]]  # a Service the chart renders ...
+                ports = {p["port"]: p["name"] for p in svc["spec"]["ports"]}
+                # ... with the same port, of the same name, as the route's parent
+                assert ports[ref["port"]] == parent_ports[parent["port"]]
+                selector = svc["spec"]["selector"]
+                selected = [labels for labels in pods if selector.items() <= labels.items()]
+                assert selected, ref["name"]
+                assert {s[LABEL_TRACK] for s in selected} == {ref["name"].rsplit("-", 1)[1]}
+    # the control plane may publish them; the VirtualService mode renders no track Service
+    role = next(r for r in _of(docs, "Role") if r["metadata"]["name"] == "specmesh-control-plane")
+    granted = {
+        (g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+    }
+    assert {
+        ("gateway.networking.k8s.io", "httproutes"),
+        ("gateway.networking.k8s.io", "grpcroutes"),
+        ("security.istio.io", "requestauthentications"),
+    } <= granted
+    plain = _render(chart, MATRIX["canary-on"])
+    assert _names(plain, "Service") == {"schedulex-assistant", "specmesh-control-plane"}

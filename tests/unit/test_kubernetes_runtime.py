@@ -42,7 +42,7 @@ from lightkube.config.models import Cluster, User
 from lightkube.core.resource import api_info
 
 from control_plane.istio import CRDS_PATH
-from control_plane.mesh import IstioValidator
+from control_plane.mesh import IstioValidator, parse_jwt_issuers
 from control_plane.runtime import Runtime
 from control_plane.runtime.kubernetes import (
     FIELD_MANAGER,
@@ -60,6 +60,8 @@ from control_plane.runtime.kubernetes import (
 )
 from control_plane.settings import KubernetesRuntimeSettings
 from specmesh.k8s import (
+    A2A_GRPC_PORT,
+    A2A_HTTP_PORT,
     LABEL_AGENT,
     LABEL_INSTANCE,
     LABEL_MANAGED_BY,
@@ -86,6 +88,14 @@ INSTALLS: dict[str, Obj] = {
         "vault": {"addr": "https://vault.example.com:8200", "tokenAudience": "vault"},
         "agentDefaults": {"podDisruptionBudget": {"maxUnavailable": "50%"}},
         "networkPolicy": {"egress": {"externalHttps": False}},
+    },
+    "gateway-api": {
+        **copy.deepcopy(BASE),
+        "istio": {"enabled": True, "routes": "gateway-api"},
+        "jwt": {
+            "controlPlaneIssuer": "specmesh",
+            "issuers": [{"issuer": "https://idp.example.com", "jwks": {"keys": []}}],
+        },
     },
 }
 
@@ -212,13 +222,52 @@ def test_the_chart_renders_the_same_agent_objects(
     assert any(d["metadata"]["name"] == f"{RELEASE}-control-plane" for d in users)
 
 
-def test_workloads_map_onto_the_charts_agent_entry(renderer: ChartRenderer) -> None:
+def test_the_agent_pods_get_their_public_urls_and_issuers(
+    install: Obj, renderer: ChartRenderer
+) -> None:
+    """The engine's card names the agent's Service; the sidecar trusts the chart's issuers;
+    with Gateway API routes the runtime owns the agent's track Services too."""
+    workload = WORKLOADS["canary"]
+    docs = renderer.render(workload)
+    istio = install.get("istio", {}).get("enabled", True)
+    gateway_api = install.get("istio", {}).get("routes") == "gateway-api"
+    host = f"{workload.name}.{NAMESPACE}.svc.cluster.local"
+    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    assert len(deployments) == 2  # stable + canary
+    for d in deployments:
+        containers = {c["name"]: c for c in d["spec"]["template"]["spec"]["containers"]}
+        engine = {e["name"]: e.get("value") for e in containers["engine"]["env"]}
+        sidecar = {e["name"]: e.get("value") for e in containers["sidecar"]["env"]}
+        assert engine["SPECMESH_ENGINE_PUBLIC_HTTP_URL"] == f"http://{host}:{A2A_HTTP_PORT}"
+        assert engine["SPECMESH_ENGINE_PUBLIC_GRPC_URL"] == f"{host}:{A2A_GRPC_PORT}"
+        assert engine.get("SPECMESH_CARD_SECURITY") == ("bearer,mtls" if istio else None)
+        issuers = parse_jwt_issuers(sidecar["SPECMESH_JWT_ISSUERS"] or "")
+        assert issuers[0].issuer == "specmesh"
+        assert [i.issuer for i in issuers[1:]] == [
+            i["issuer"] for i in install.get("jwt", {}).get("issuers", [])
+        ]
+    services = sorted(d["metadata"]["name"] for d in docs if d["kind"] == "Service")
+    tracks = [f"{workload.name}-canary", f"{workload.name}-stable"] if gateway_api else []
+    assert services == sorted([workload.name, *tracks])
+    for d in docs:
+        if d["kind"] == "Service" and d["metadata"]["name"] in tracks:
+            assert d["metadata"]["labels"][LABEL_AGENT] == workload.name  # pruned with it
+            assert d["spec"]["selector"][LABEL_TRACK] == d["metadata"]["name"].rsplit("-", 1)[1]
+
+
+def test_workloads_map_onto_the_charts_agent_entry(install: Obj, renderer: ChartRenderer) -> None:
     plain = _by_key(renderer.render(WORKLOADS["plain"]))
+    tracks = (
+        [("Service", "mse-nacos-helper-canary"), ("Service", "mse-nacos-helper-stable")]
+        if install.get("istio", {}).get("routes") == "gateway-api"
+        else []
+    )
     assert sorted(plain) == [
         ("Deployment", "mse-nacos-helper-stable"),
         ("NetworkPolicy", "mse-nacos-helper"),
         ("PodDisruptionBudget", "mse-nacos-helper-stable"),
         ("Service", "mse-nacos-helper"),
+        *tracks,
         ("ServiceAccount", "specmesh-agent-mse-nacos-helper"),
     ]
     assert plain[("Deployment", "mse-nacos-helper-stable")]["spec"]["replicas"] == 1

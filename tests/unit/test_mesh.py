@@ -191,16 +191,24 @@ def test_grpc_routes_tell_methods_apart_for_both_protocol_versions() -> None:
     assert read.fullmatch("/lf.a2a.v1.A2AService/ListTaskPushNotificationConfigs")
 
 
+CARD_RULE = {"to": [{"operation": {
+    "ports": ["8080"], "methods": ["GET", "HEAD"], "paths": ["/.well-known/agent-card.json"],
+}}]}  # fmt: skip
+"""The rule that lets anyone, without a token, read an agent's card."""
+
+
 def test_authorization_allows_only_agents_listing_it_as_partner() -> None:
     objs = _objects()
     gateway = _find(objs, "AuthorizationPolicy", "mse-gateway-assistant")
     assert gateway["spec"]["rules"] == [
         {"from": [{"source": {"principals": [
             "cluster.local/ns/agents/sa/specmesh-agent-mse-nacos-helper"
-        ]}}]}
+        ]}}]},
+        CARD_RULE,
     ]  # fmt: skip
     helper = _find(objs, "AuthorizationPolicy", "mse-nacos-helper")
-    assert "rules" not in helper["spec"]  # nobody lists it: ALLOW with no rule allows nothing
+    # nobody lists it and it admits no external caller: only its card can be read
+    assert helper["spec"]["rules"] == [CARD_RULE]
 
 
 BAD: list[tuple[str, str, str, Any, str]] = [

@@ -291,6 +291,31 @@ waiting for its first spec, is not restarted).
   resources: ["virtualservices", "destinationrules"]
   verbs: ["get", "list", "create", "patch", "delete"]
 - apiGroups: ["security.istio.io"]
-  resources: ["authorizationpolicies", "peerauthentications"]
+  resources: ["authorizationpolicies", "peerauthentications", "requestauthentications"]
   verbs: ["get", "list", "create", "patch", "delete"]
+{{- if eq .Values.istio.routes "gateway-api" }}
+- apiGroups: ["gateway.networking.k8s.io"]
+  resources: ["httproutes", "grpcroutes"]
+  verbs: ["get", "list", "create", "patch", "delete"]
+{{- end }}
+{{- end }}
+
+{{/*
+The trusted JWT issuers as SPECMESH_JWT_ISSUERS JSON (the sidecars' and the control
+plane's format): the control plane's own issuer first (its JWKS on its Service), then
+jwt.issuers.
+*/}}
+{{- define "specmesh.jwtIssuers" -}}
+{{- $jwks := printf "http://%s.%s.svc.cluster.local:%v/.well-known/jwks.json" (include "specmesh.controlPlane.fullname" .) .Release.Namespace .Values.controlPlane.httpPort -}}
+{{- $own := dict "issuer" .Values.jwt.controlPlaneIssuer "jwksUri" $jwks "jwks" nil "audiences" .Values.jwt.controlPlaneAudiences -}}
+{{- $all := list $own -}}
+{{- range .Values.jwt.issuers }}
+{{- $all = append $all (dict "issuer" .issuer "jwksUri" (.jwksUri | default nil) "jwks" (.jwks | default nil) "audiences" (.audiences | default list)) -}}
+{{- end }}
+{{- toJson $all -}}
+{{- end }}
+
+{{/* The DNS name of an agent's Service; arg: dict "root" $ "agent" <logical name>. */}}
+{{- define "specmesh.agentServiceHost" -}}
+{{- printf "%s.%s.svc.cluster.local" (include "specmesh.resourceName" .agent) .root.Release.Namespace -}}
 {{- end }}
