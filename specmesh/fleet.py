@@ -96,6 +96,9 @@ class FleetOptions:
     reset: bool = False
     """Apply the examples even when the store already holds specs (they overwrite what an
     operator changed in them; other agents are left alone)."""
+    jwt_issuers: tuple[dict[str, Any], ...] = ()
+    """More issuers of bearer tokens every sidecar trusts, after the control plane's
+    (``SPECMESH_JWT_ISSUERS`` entries: ``issuer``, ``jwksUri`` or ``jwks``, ``audiences``)."""
 
 
 @dataclass
@@ -516,7 +519,8 @@ class Fleet:
                         "jwksUri": jwks_uri,
                         "jwks": None,
                         "audiences": ["{agent}"],
-                    }
+                    },
+                    *self.options.jwt_issuers,
                 ]
             ),
             "SPECMESH_TASK_STORE_UPSTREAM": task_store,
