@@ -110,11 +110,18 @@ class ControlPlane:
         pki_mount: str | None = None,
         tokens: TokenStore | None = None,
         runtime: str = "none",
+        infrastructure_secret: VaultRef | None = None,
     ) -> None:
         self.store = store
         self.vault = vault
         self.kv_mount = kv_mount
-        self.specs = SpecService(store=store, vault=vault, kv_mount=kv_mount, pki_mount=pki_mount)
+        self.specs = SpecService(
+            store=store,
+            vault=vault,
+            kv_mount=kv_mount,
+            pki_mount=pki_mount,
+            infrastructure_secret=infrastructure_secret,
+        )
         self.mesh_settings = mesh_settings or MeshSettings()
         self.istio = istio
         self.mcp_tools = mcp_tools

@@ -17,8 +17,10 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from specmesh.addresses import parse_table
+from specmesh.errors import SecretError
 from specmesh.keys import Keys
 from specmesh.names import check_logical_name, resource_name
+from specmesh.secrets import VaultRef
 
 __all__ = ["SidecarSettings", "default_instance_id", "parse_listen_address"]
 
@@ -180,8 +182,11 @@ class SidecarSettings(BaseSettings):
     @field_validator("task_store_password")
     @classmethod
     def _task_store_password(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith("vault://"):
-            raise ValueError("SPECMESH_TASK_STORE_PASSWORD must be a vault:// reference")
+        if value is not None:
+            try:
+                VaultRef.parse(value)
+            except SecretError as e:
+                raise ValueError(f"SPECMESH_TASK_STORE_PASSWORD: {e}") from e
         return value
 
     @model_validator(mode="after")
