@@ -81,6 +81,9 @@ class RedisUpstream:
     tls: bool
     password_ref: str | None
     username_ref: str | None
+    username: str | None = None
+    """A username given as such (not a secret): a fixed upstream's URL
+    ``redis://<user>@host:port/db``, e.g. the agent's own Redis ACL user."""
 
 
 def redis_upstream(memory: MemorySpec) -> RedisUpstream | None:
@@ -106,12 +109,13 @@ def fixed_redis_upstream(
     url: str, *, password_ref: str | None, username_ref: str | None = None
 ) -> RedisUpstream:
     """The upstream of a fixed-upstream proxy: a ``redis://`` / ``rediss://`` URL (no
-    credentials in it) and references to its credentials."""
+    password in it; a username may be: ``redis://<user>@host:port/db``) and references to
+    its credentials."""
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss") or not parts.hostname:
         raise RedisProxyError(f"upstream {url!r}: must be redis://host:port/db or rediss://...")
-    if parts.password or parts.username:
-        raise RedisProxyError("upstream URL must not carry credentials (give a vault:// reference)")
+    if parts.password is not None:
+        raise RedisProxyError("upstream URL must not carry a password (give a vault:// reference)")
     path = unquote(parts.path).strip("/")
     if path and not path.isdigit():
         raise RedisProxyError(f"upstream {url!r}: the path must be a database number")
@@ -122,6 +126,7 @@ def fixed_redis_upstream(
         tls=parts.scheme == "rediss",
         password_ref=password_ref,
         username_ref=username_ref,
+        username=unquote(parts.username) if parts.username else None,
     )
 
 
@@ -320,7 +325,7 @@ class RedisProxy:
             username = (
                 await self._credentials.resolve(target.username_ref)
                 if target.username_ref
-                else None
+                else target.username
             )
         except CredentialUnavailableError as e:
             raise RedisProxyError(f"credential_unavailable: {e}") from e

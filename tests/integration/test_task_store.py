@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 from a2a.client import Client, ClientCallContext, ClientConfig, create_client
 from a2a.types.a2a_pb2 import (
     CancelTaskRequest,
@@ -248,3 +249,57 @@ async def test_tasks_expire_after_the_retention(
             await _eventually(no_keys, "every key of the agent to expire")
         finally:
             await direct.aclose()
+
+
+async def test_an_agents_own_redis_acl_user_reaches_only_its_own_keys(
+    vault: VaultClient, redis_server: RedisProcess
+) -> None:
+    """Doing better than one shared Redis user: each agent's task-store proxy logs in as
+    the agent's own ACL user, whose key pattern is ``specmesh:a2a:<rn>:*``; the engine works
+    as before, and that user cannot touch another agent's keys."""
+    agent, other = _agent(), _agent()
+    user, password = f"tasks-{agent}", uuid.uuid4().hex
+    admin = aioredis.Redis.from_url(redis_server.address, password=redis_server.password)
+    ref = VaultRef(mount="secret", path=f"specmesh/agents/{agent}/task-store", field="password")
+    await vault.write(ref, password)
+    try:
+        await admin.execute_command(
+            "ACL", "SETUSER", user, "on", f">{password}", f"~specmesh:a2a:{agent}:*",
+            "resetchannels", "+@all", "-@admin", "-@dangerous",
+        )  # fmt: skip
+        await admin.hset(f"specmesh:a2a:{other}:task:x:y", "task", b"theirs")
+        upstream = redis_server.address.replace("redis://", f"redis://{user}@")
+        async with CredentialResolver(source=vault) as credentials:
+            proxy = RedisProxy(
+                snapshots=SnapshotHolder(),
+                credentials=credentials,
+                upstream=fixed_redis_upstream(upstream, password_ref=str(ref)),
+                label="task store",
+            )
+            async with (
+                proxy,
+                _serving(
+                    ScriptedRunner(), _config(agent, proxy), TransportProtocol.JSONRPC
+                ) as client,
+            ):
+                request = _message("acl")
+                request.configuration.return_immediately = False
+                events = await _collect(client.send_message(request, context=_as(ALICE)))
+                task_id = events[-1].status_update.task_id or events[-1].task.id
+                task = await client.get_task(GetTaskRequest(id=task_id), context=_as(ALICE))
+                listed = await client.list_tasks(ListTasksRequest(), context=_as(ALICE))
+
+        as_agent = aioredis.Redis.from_url(redis_server.address, username=user, password=password)
+        try:
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                await as_agent.hget(f"specmesh:a2a:{other}:task:x:y", "task")
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                await as_agent.keys("specmesh:a2a:*")
+        finally:
+            await as_agent.aclose()
+    finally:
+        await admin.execute_command("ACL", "DELUSER", user)
+        await admin.aclose()
+
+    assert task.status.state == TaskState.TASK_STATE_COMPLETED
+    assert [t.id for t in listed.tasks] == [task_id]
