@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -41,9 +42,15 @@ from engine.testing import ScriptedRunner, ScriptedTurn
 from sidecar.credentials import CredentialResolver
 from sidecar.redisproxy import RedisProxy, fixed_redis_upstream
 from sidecar.state import SnapshotHolder
+from specmesh.etcd import EtcdClient
+from specmesh.keys import Keys
+from specmesh.modelserver import ScriptedModelServer
 from specmesh.secrets import VaultRef
-from specmesh.services import RedisProcess
+from specmesh.services import LocalServices, RedisProcess, free_port
+from specmesh.store import SpecStore
 from specmesh.vault import VaultClient
+
+from .memory_support import agent_instance, apply_agent
 
 WAIT = 15.0
 ALICE = {"X-Specmesh-Principal": "specmesh/alice"}
@@ -303,3 +310,42 @@ async def test_an_agents_own_redis_acl_user_reaches_only_its_own_keys(
 
     assert task.status.state == TaskState.TASK_STATE_COMPLETED
     assert [t.id for t in listed.tasks] == [task_id]
+
+
+async def test_the_sidecar_starts_the_task_store_proxy_from_its_settings(
+    services: LocalServices,
+    store: SpecStore,
+    etcd: EtcdClient,
+    keys: Keys,
+    vault: VaultClient,
+    redis_server: RedisProcess,
+    tmp_path: Path,
+) -> None:
+    agent = f"tsp-{keys.prefix.rsplit('-', 1)[-1]}"
+    async with ScriptedModelServer(script={"rules": []}) as model:
+        await apply_agent(store, vault, agent=agent, model=model, redis=redis_server)
+        ref = VaultRef(mount="secret", path="specmesh/infra/task-store", field="password")
+        await vault.write(ref, redis_server.password)
+        listen = f"127.0.0.1:{free_port()}"
+        extra = {
+            "task_store_proxy": listen,
+            "task_store_upstream": f"redis://{redis_server.host}:{redis_server.port}/3",
+            "task_store_password": str(ref),
+        }
+        common = {"services": services, "etcd": etcd, "keys": keys, "home": tmp_path / "i1"}
+        async with agent_instance(agent=agent, instance_id="i1", extra=extra, **common) as inst:
+            proxy = inst.dataplane.task_store_proxy
+            assert proxy is not None and proxy.listening
+            engine_side = aioredis.Redis.from_url(f"redis://{listen}/0", driver_info=None)
+            try:
+                assert await engine_side.ping()  # no password on the engine's side
+                await engine_side.set(f"specmesh:a2a:{agent}:probe", b"via-proxy")
+            finally:
+                await engine_side.aclose()
+    direct = aioredis.Redis.from_url(
+        f"redis://{redis_server.host}:{redis_server.port}/3", password=redis_server.password
+    )
+    try:
+        assert await direct.get(f"specmesh:a2a:{agent}:probe") == b"via-proxy"  # db 3
+    finally:
+        await direct.aclose()
