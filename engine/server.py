@@ -9,7 +9,10 @@
       POST /                  A2A JSON-RPC           reflection
       /v1/message:send ...    A2A HTTP+JSON
                  \\                                   /
-                  +-- DefaultRequestHandlerV2 -------+
+                  +-- DefaultRequestHandlerV2 -------+  user = the caller the sidecar
+                          |                            named (callers.py)
+                          +-- task store (tasks.py): memory, or Redis shared
+                          |   by every replica (+ its event stream)
                           EngineAgentExecutor (a2a_executor.py)
                                     |
                          _ServingRunner (readiness, drain, metrics)

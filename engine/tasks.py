@@ -55,6 +55,7 @@ from a2a.server.cluster import (
 )
 from a2a.server.context import ServerCallContext
 from a2a.server.events import Event
+from a2a.server.owner_resolver import OwnerResolver
 from a2a.server.tasks import TaskStore
 from a2a.types import a2a_pb2
 from a2a.types.a2a_pb2 import ListTasksRequest, ListTasksResponse, StreamResponse, Task, TaskState
@@ -207,7 +208,7 @@ class MemoryTaskStore(TaskStore):
         *,
         retention_seconds: float = DEFAULT_RETENTION_SECONDS,
         max_tasks: int = DEFAULT_MAX_MEMORY_TASKS,
-        owner_resolver: Any = resolve_owner,
+        owner_resolver: OwnerResolver = resolve_owner,
     ) -> None:
         if retention_seconds <= 0 or max_tasks <= 0:
             raise ValueError("retention_seconds and max_tasks must be > 0")
@@ -318,7 +319,7 @@ class RedisTaskStore(VersionedTaskStore):
         client: aioredis.Redis,
         agent_name: str,
         retention_seconds: int = DEFAULT_RETENTION_SECONDS,
-        owner_resolver: Any = resolve_owner,
+        owner_resolver: OwnerResolver = resolve_owner,
     ) -> None:
         if retention_seconds <= 0:
             raise ValueError("retention_seconds must be > 0")
