@@ -114,11 +114,18 @@ class ControlPlane:
         tokens: TokenStore | None = None,
         issuer: TokenIssuer | None = None,
         runtime: str = "none",
+        infrastructure_secret: VaultRef | None = None,
     ) -> None:
         self.store = store
         self.vault = vault
         self.kv_mount = kv_mount
-        self.specs = SpecService(store=store, vault=vault, kv_mount=kv_mount, pki_mount=pki_mount)
+        self.specs = SpecService(
+            store=store,
+            vault=vault,
+            kv_mount=kv_mount,
+            pki_mount=pki_mount,
+            infrastructure_secret=infrastructure_secret,
+        )
         self.mesh_settings = mesh_settings or MeshSettings()
         self.istio = istio
         self.mcp_tools = mcp_tools

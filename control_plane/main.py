@@ -33,6 +33,7 @@ from specmesh.errors import SecretError
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
 from specmesh.logs import configure_logging
+from specmesh.secrets import VaultRef
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient, keep_token_alive, kubernetes_login
 
@@ -83,6 +84,9 @@ async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = 
         mesh_settings=settings.mesh(), istio=istio,
         traces=traces, mcp_tools=mcp_tools,
         pki_mount=settings.vault_pki_mount, runtime=settings.runtime,
+        infrastructure_secret=(
+            VaultRef.parse(settings.task_store_password) if settings.task_store_password else None
+        ),
     )  # fmt: skip
     grpc_server = await build_grpc_server(control_plane, authenticator, settings.grpc_listen)
     runner = web.AppRunner(build_app(control_plane, authenticator), access_log=None)
@@ -116,6 +120,10 @@ async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = 
             stack.push_async_callback(otlp_runner.cleanup)
             await _listen(otlp_runner, settings.otlp_listen)
             logger.info("OTLP/HTTP receiver on http://%s/v1/traces", settings.otlp_listen)
+        if settings.task_store_password:
+            # agents applied before the task store was configured may read its password too
+            count = await control_plane.specs.write_identities()
+            logger.info("agent policies rewritten with the task store's password: %d", count)
         await grpc_server.start()
         stack.push_async_callback(grpc_server.stop, 5)
         logger.info("control plane gRPC API listening on %s", settings.grpc_listen)

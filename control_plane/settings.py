@@ -103,6 +103,12 @@ class ControlPlaneSettings(BaseSettings):
     controller_observe_seconds: float = Field(default=2.0, gt=0)
     """How often the controller reads what runs and writes the agents' status."""
 
+    task_store_password: str | None = None
+    """``vault://`` reference of the shared A2A task store's Redis password
+    (``SPECMESH_TASK_STORE_PASSWORD``): every agent's Vault policy may read this one path
+    (its sidecar's task-store proxy authenticates with it); nothing else outside the
+    agent's own tree. Unset: no agent reads it."""
+
     @field_validator("service_addresses")
     @classmethod
     def _table(cls, value: str) -> str:
@@ -122,6 +128,24 @@ class ControlPlaneSettings(BaseSettings):
             jwt_issuers=parse_jwt_issuers(self.jwt_issuers),
             routes=self.mesh_routes,
         )
+
+    @field_validator("task_store_password")
+    @classmethod
+    def _task_store_password(cls, value: str | None) -> str | None:
+        if value is not None:
+            from specmesh.errors import SecretError
+            from specmesh.secrets import VaultRef
+
+            try:
+                ref = VaultRef.parse(value)
+            except SecretError as e:
+                raise ValueError(f"SPECMESH_TASK_STORE_PASSWORD: {e}") from e
+            if ref.path.startswith("specmesh/agents/"):
+                raise ValueError(
+                    "SPECMESH_TASK_STORE_PASSWORD must not lie in an agent's tree "
+                    "(specmesh/agents/...): every agent may read it"
+                )
+        return value
 
 
 class KubernetesRuntimeSettings(BaseSettings):

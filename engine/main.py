@@ -36,6 +36,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from engine.card import parse_card_security
 from engine.runner import AgentRunner
 from engine.server import EngineServer, ServerConfig, parse_address
+from engine.tasks import DEFAULT_RETENTION_SECONDS, MEMORY, check_task_store
 from engine.telemetry import EngineMetrics, configure_telemetry
 from specmesh.logs import configure_logging
 
@@ -83,6 +84,11 @@ class ServeSettings(BaseSettings):
 
     engine_drain_seconds: float = Field(default=10.0, ge=0)
     """How long turns in flight may finish after SIGTERM."""
+    task_store: str = MEMORY
+    """Where A2A tasks live: ``memory`` (this process, bounded) or ``redis://host:port/db``
+    (shared by every replica; the sidecar's task-store proxy, no password)."""
+    task_retention_seconds: int = Field(default=DEFAULT_RETENTION_SECONDS, gt=0)
+    """How long a task not written is kept (Redis TTL, refreshed on every write)."""
     log_level: str = "INFO"
     otel_exporter_otlp_endpoint: str | None = Field(
         default=None, validation_alias="OTEL_EXPORTER_OTLP_ENDPOINT"
@@ -92,6 +98,14 @@ class ServeSettings(BaseSettings):
         default="http/protobuf", validation_alias="OTEL_EXPORTER_OTLP_PROTOCOL"
     )
     """``grpc`` or ``http/protobuf``."""
+
+    @field_validator("task_store")
+    @classmethod
+    def _check_task_store(cls, value: str) -> str:
+        problem = check_task_store(value)
+        if problem is not None:
+            raise ValueError(f"SPECMESH_TASK_STORE {problem}")
+        return value
 
 
 def _parser(settings: ServeSettings) -> argparse.ArgumentParser:
@@ -170,6 +184,8 @@ async def _run(
         public_grpc_url=settings.engine_public_grpc_url,
         card_security=parse_card_security(settings.card_security),
         drain_timeout=settings.engine_drain_seconds,
+        task_store=settings.task_store,
+        task_retention_seconds=settings.task_retention_seconds,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

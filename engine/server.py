@@ -9,7 +9,10 @@
       POST /                  A2A JSON-RPC           reflection
       /v1/message:send ...    A2A HTTP+JSON
                  \\                                   /
-                  +-- DefaultRequestHandlerV2 -------+
+                  +-- DefaultRequestHandlerV2 -------+  user = the caller the sidecar
+                          |                            named (callers.py)
+                          +-- task store (tasks.py): memory, or Redis shared
+                          |   by every replica (+ its event stream)
                           EngineAgentExecutor (a2a_executor.py)
                                     |
                          _ServingRunner (readiness, drain, metrics)
@@ -35,11 +38,12 @@ from types import TracebackType
 
 import grpc
 import uvicorn
+from a2a.server.cluster import TaskEventStream, VersionedTaskStore
 from a2a.server.context import ServerCallContext
 from a2a.server.events import Event
 from a2a.server.request_handlers import DefaultRequestHandlerV2, GrpcHandler
 from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes, create_rest_routes
-from a2a.server.tasks import InMemoryTaskStore, TaskStore
+from a2a.server.tasks import TaskStore
 from a2a.types import a2a_pb2, a2a_pb2_grpc
 from a2a.types.a2a_pb2 import AgentCard
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -50,6 +54,7 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 
 from engine.a2a_executor import EngineAgentExecutor
+from engine.callers import CallerContextBuilder, GrpcCallerContextBuilder
 from engine.card import DEFAULT_SECURITY, CardSource, CardUrls
 from engine.json_numbers import IntegralNumbersMiddleware
 from engine.knowledge.rest import KnowledgeSource, create_knowledge_routes
@@ -62,6 +67,14 @@ from engine.runner import (
     TurnFailed,
     TurnRequest,
     not_ready_reason,
+)
+from engine.tasks import (
+    DEFAULT_RETENTION_SECONDS,
+    MEMORY,
+    MemoryTaskStore,
+    RedisTaskEventStream,
+    RedisTaskStore,
+    connect_redis,
 )
 from engine.telemetry import EngineMetrics, TraceContextInterceptor, TraceContextMiddleware
 from specmesh.serving import QuietUvicornServer, bind_tcp
@@ -116,6 +129,11 @@ class ServerConfig:
     card_cache_control: str = "public, max-age=60"
     """``Cache-Control`` of the agent card (with its ``ETag``, revalidation costs a 304);
     a hot reload reaches a client that cached the card within ``max-age``."""
+    task_store: str = MEMORY
+    """``memory`` (this process, bounded) or ``redis://host:port/db`` (shared by every
+    replica; the sidecar's task-store proxy), see :mod:`engine.tasks`."""
+    task_retention_seconds: int = DEFAULT_RETENTION_SECONDS
+    """How long a task not written is kept."""
 
 
 class _Drain:
@@ -214,12 +232,17 @@ class EngineServer:
         runner: AgentRunner,
         config: ServerConfig,
         metrics: EngineMetrics | None = None,
-        task_store: TaskStore | None = None,
+        task_store: TaskStore | VersionedTaskStore | None = None,
+        event_stream: TaskEventStream | None = None,
     ) -> None:
+        """``task_store`` / ``event_stream`` replace the store ``config.task_store``
+        names (the caller then closes them)."""
         self._runner = runner
         self._config = config
         self._metrics = metrics or EngineMetrics(agent_name=config.agent_name)
-        self._task_store = task_store or InMemoryTaskStore()
+        self._task_store = task_store
+        self._event_stream = event_stream
+        self._redis_store: RedisTaskStore | None = None
         self._drain = _Drain()
         self._http: QuietUvicornServer | None = None
         self._http_task: asyncio.Task[None] | None = None
@@ -294,17 +317,19 @@ class EngineServer:
         rest_runner = _ServingRunner(
             inner=self._runner, drain=self._drain, metrics=self._metrics, transport="rest"
         )
+        task_store, event_stream = self._open_task_store()
         handler = _RequestHandler(
             card_source=self.card_source,
             agent_executor=EngineAgentExecutor(runner=a2a_runner),
-            task_store=self._task_store,
+            task_store=task_store,
+            event_stream=event_stream,
             agent_card=self.card_source.card,
         )
         self._handler = handler
 
         # gRPC: A2A, health (NOT_SERVING until ready), reflection
         a2a_pb2_grpc.add_A2AServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            GrpcHandler(handler), grpc_server
+            GrpcHandler(handler, context_builder=GrpcCallerContextBuilder()), grpc_server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, grpc_server)
         await self._set_health(serving=False)
@@ -345,8 +370,10 @@ class EngineServer:
                 card_modifier=card_modifier,
                 cache_control=cfg.card_cache_control,
             ),
-            *create_jsonrpc_routes(handler, "/"),
-            *create_rest_routes(handler, path_prefix=HTTP_JSON_PREFIX),
+            *create_jsonrpc_routes(handler, "/", context_builder=CallerContextBuilder()),
+            *create_rest_routes(
+                handler, path_prefix=HTTP_JSON_PREFIX, context_builder=CallerContextBuilder()
+            ),
         ]
         app = Starlette(
             routes=routes,
@@ -373,6 +400,28 @@ class EngineServer:
             "engine serving",
             extra={"http": self.http_url, "grpc": self.grpc_target, "agent": cfg.agent_name},
         )
+
+    def _open_task_store(
+        self,
+    ) -> tuple[TaskStore | VersionedTaskStore, TaskEventStream | None]:
+        """The task store given, else the one ``config.task_store`` names."""
+        cfg = self._config
+        if self._task_store is not None:
+            return self._task_store, self._event_stream
+        if cfg.task_store == MEMORY:
+            return MemoryTaskStore(retention_seconds=cfg.task_retention_seconds), None
+        client = connect_redis(cfg.task_store)
+        self._redis_store = RedisTaskStore(
+            client=client,
+            agent_name=cfg.agent_name,
+            retention_seconds=cfg.task_retention_seconds,
+        )
+        stream = RedisTaskEventStream(
+            client=client,
+            agent_name=cfg.agent_name,
+            retention_seconds=cfg.task_retention_seconds,
+        )
+        return self._redis_store, stream
 
     async def _set_health(self, *, serving: bool) -> None:
         status = (
@@ -421,12 +470,20 @@ class EngineServer:
                 extra={"in_flight": self._drain.in_flight},
             )
         if self._handler is not None:
-            await self._handler.aclose()  # cancels what is left of the turns
+            # cancels what is left of the turns; bounded: a2a-sdk 1.3's ActiveTask can
+            # deadlock (producer joining the queue its cancelled consumer no longer
+            # drains) when a turn is cancelled while its consumer awaits the task store
+            try:
+                await asyncio.wait_for(self._handler.aclose(), max(grace, 1.0))
+            except TimeoutError:
+                logger.warning("the A2A handler did not close in time; leaving it")
         if self._http_task is not None:
             waits.append(self._http_task)  # type: ignore[arg-type]
         for result in await asyncio.gather(*waits, return_exceptions=True):
             if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
                 logger.error("server stopped with an error: %r", result)
+        if self._redis_store is not None:
+            await self._redis_store.aclose()
         logger.info("engine stopped")
 
 

@@ -7,7 +7,9 @@ Started after the spec sync and the registry view (it needs both), stopped befor
 3. router over the Agent Registry and the release policies (watched in etcd);
 4. egress on loopback for the engine; 5. inbound for callers (mTLS + partner check);
 6. the Redis proxy on loopback (memory store, password from Vault; listens once the
-   spec's memory is Redis);
+   spec's memory is Redis) and, when ``SPECMESH_TASK_STORE_PROXY`` is set, the task-store
+   proxy (fixed upstream ``SPECMESH_TASK_STORE_UPSTREAM``, password
+   ``SPECMESH_TASK_STORE_PASSWORD`` from Vault; the engine's shared A2A task store);
 7. A2A over gRPC, each when its setting is set: egress on loopback
    (``SPECMESH_EGRESS_GRPC``) and inbound (``SPECMESH_INBOUND_GRPC``, mTLS + partner check);
 8. the public entry, each when its setting is set and not in Istio mode: HTTP
@@ -32,7 +34,7 @@ from sidecar.grpcproxy import GrpcEgress, GrpcInbound, GrpcInstanceSource
 from sidecar.inbound import EtcdPartnerGraph, InboundServer
 from sidecar.main import SidecarContext
 from sidecar.mtls import AgentCertificates, PkiClient
-from sidecar.redisproxy import RedisProxy
+from sidecar.redisproxy import RedisProxy, fixed_redis_upstream
 from sidecar.router import EtcdReleaseSource, Router
 from sidecar.settings import SidecarSettings, parse_listen_address
 from specmesh.addresses import parse_table
@@ -79,6 +81,7 @@ class DataPlane:
         self.egress: EgressProxy | None = None
         self.inbound: InboundServer | None = None
         self.redis_proxy: RedisProxy | None = None
+        self.task_store_proxy: RedisProxy | None = None
         self.grpc_egress: GrpcEgress | None = None
         self.grpc_inbound: GrpcInbound | None = None
         self.entry: EntryServer | None = None
@@ -168,6 +171,21 @@ class DataPlane:
             service_addresses=parse_table(settings.service_addresses),
         )
         await self.redis_proxy.start()
+        if settings.task_store_proxy and settings.task_store_upstream:
+            kind, host, port = parse_listen_address(settings.task_store_proxy)
+            self.task_store_proxy = RedisProxy(
+                snapshots=self.ctx.holder,
+                credentials=self.credentials,
+                host=host,
+                port=port,
+                unix_path=host if kind == "unix" else None,
+                service_addresses=parse_table(settings.service_addresses),
+                upstream=fixed_redis_upstream(
+                    settings.task_store_upstream, password_ref=settings.task_store_password
+                ),
+                label="task store",
+            )
+            await self.task_store_proxy.start()
         # its own router (outlier state per protocol) over the instances with a grpcEndpoint
         grpc_router = Router(
             instances=GrpcInstanceSource(self.ctx.registry_view),
@@ -257,6 +275,8 @@ class DataPlane:
             await self.grpc_egress.stop()
         if self.redis_proxy is not None:
             await self.redis_proxy.stop()
+        if self.task_store_proxy is not None:
+            await self.task_store_proxy.stop()
         if self.inbound is not None:
             await self.inbound.stop()
         if self.egress is not None:

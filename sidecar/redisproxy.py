@@ -14,6 +14,10 @@ bytes both ways untouched (RESP2 or RESP3, pipelining, pub/sub all pass through)
   snapshot opens the listener; it stays open afterwards), so agents with in-process
   memory bind no port.
 * ``rediss://`` upstreams are reached over TLS (system trust store).
+* Fixed-upstream mode (``upstream=``): the proxy listens at once and always goes to that
+  upstream, whatever the snapshot says -- the A2A task store's proxy
+  (``SPECMESH_TASK_STORE_PROXY`` to ``SPECMESH_TASK_STORE_UPSTREAM``, password
+  ``SPECMESH_TASK_STORE_PASSWORD``), which is infrastructure, not part of the agent's spec.
 * When the upstream cannot be reached or refuses the credentials, the engine's
   connection receives one RESP error (``-ERR specmesh: ...``, naming the reference or the
   address, never a value) and is closed.
@@ -45,7 +49,13 @@ from specmesh.spec.models import MemorySpec
 from .credentials import CredentialResolver, CredentialUnavailableError
 from .state import SnapshotHolder
 
-__all__ = ["RedisProxy", "RedisProxyError", "RedisUpstream", "redis_upstream"]
+__all__ = [
+    "RedisProxy",
+    "RedisProxyError",
+    "RedisUpstream",
+    "fixed_redis_upstream",
+    "redis_upstream",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +81,9 @@ class RedisUpstream:
     tls: bool
     password_ref: str | None
     username_ref: str | None
+    username: str | None = None
+    """A username given as such (not a secret): a fixed upstream's URL
+    ``redis://<user>@host:port/db``, e.g. the agent's own Redis ACL user."""
 
 
 def redis_upstream(memory: MemorySpec) -> RedisUpstream | None:
@@ -89,6 +102,31 @@ def redis_upstream(memory: MemorySpec) -> RedisUpstream | None:
         tls=parts.scheme == "rediss",
         password_ref=creds.get("password"),
         username_ref=creds.get("username"),
+    )
+
+
+def fixed_redis_upstream(
+    url: str, *, password_ref: str | None, username_ref: str | None = None
+) -> RedisUpstream:
+    """The upstream of a fixed-upstream proxy: a ``redis://`` / ``rediss://`` URL (no
+    password in it; a username may be: ``redis://<user>@host:port/db``) and references to
+    its credentials."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise RedisProxyError(f"upstream {url!r}: must be redis://host:port/db or rediss://...")
+    if parts.password is not None:
+        raise RedisProxyError("upstream URL must not carry a password (give a vault:// reference)")
+    path = unquote(parts.path).strip("/")
+    if path and not path.isdigit():
+        raise RedisProxyError(f"upstream {url!r}: the path must be a database number")
+    return RedisUpstream(
+        host=parts.hostname,
+        port=parts.port or 6379,
+        db=int(path or 0),
+        tls=parts.scheme == "rediss",
+        password_ref=password_ref,
+        username_ref=username_ref,
+        username=unquote(parts.username) if parts.username else None,
     )
 
 
@@ -119,8 +157,14 @@ class RedisProxy:
         connect_timeout: float = 5.0,
         lazy: bool = True,
         service_addresses: Mapping[str, str] | None = None,
+        upstream: RedisUpstream | None = None,
+        label: str = "memory store",
     ) -> None:
+        """``upstream`` fixes the upstream (listening at once) instead of following the
+        snapshot's memory part; ``label`` names the store in errors and logs."""
         self._snapshots = snapshots
+        self._upstream = upstream
+        self._label = label
         self._credentials = credentials
         self.host = host
         self.port = port
@@ -153,7 +197,11 @@ class RedisProxy:
 
     async def start(self) -> None:
         """Listen now (``lazy=False``) or once the snapshot's memory is Redis."""
-        if not self._lazy or self._wants_listener(self._snapshots.current):
+        if (
+            not self._lazy
+            or self._upstream is not None
+            or self._wants_listener(self._snapshots.current)
+        ):
             await self._listen()
         if self._server is None:
             self._watch = asyncio.create_task(self._follow(), name="redis-proxy-follow")
@@ -206,7 +254,7 @@ class RedisProxy:
             if self.port == 0:
                 self.port = int(self._server.sockets[0].getsockname()[1])
         self._listening.set()
-        logger.info("redis proxy listening on %s", self.address)
+        logger.info("redis proxy (%s) listening on %s", self._label, self.address)
 
     async def _follow(self) -> None:
         version = self._snapshots.version
@@ -260,12 +308,14 @@ class RedisProxy:
             await _close(writer)
 
     async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        snapshot = self._snapshots.current
-        if snapshot is None:
-            raise RedisProxyError("the sidecar has no spec yet")
-        target = redis_upstream(snapshot.spec.memory)
+        target = self._upstream
         if target is None:
-            raise RedisProxyError("the agent's memory is not storageType redis")
+            snapshot = self._snapshots.current
+            if snapshot is None:
+                raise RedisProxyError("the sidecar has no spec yet")
+            target = redis_upstream(snapshot.spec.memory)
+            if target is None:
+                raise RedisProxyError("the agent's memory is not storageType redis")
         try:
             password = (
                 await self._credentials.resolve(target.password_ref)
@@ -275,7 +325,7 @@ class RedisProxy:
             username = (
                 await self._credentials.resolve(target.username_ref)
                 if target.username_ref
-                else None
+                else target.username
             )
         except CredentialUnavailableError as e:
             raise RedisProxyError(f"credential_unavailable: {e}") from e
@@ -293,30 +343,41 @@ class RedisProxy:
                     limit=_CHUNK * 4,
                 )
         except TimeoutError as e:
-            raise RedisProxyError(f"memory store {where} did not answer in time") from e
+            raise RedisProxyError(f"{self._label} {where} did not answer in time") from e
         except (OSError, ssl.SSLError) as e:
-            raise RedisProxyError(f"memory store {where} unreachable ({type(e).__name__})") from e
+            raise RedisProxyError(f"{self._label} {where} unreachable ({type(e).__name__})") from e
         try:
             async with asyncio.timeout(self.connect_timeout):
                 if password is not None:
                     args = ("AUTH", username, password) if username else ("AUTH", password)
-                    await _expect_ok(reader, writer, _command(*args), what="auth_refused")
+                    await _expect_ok(
+                        reader, writer, _command(*args), what="auth_refused", label=self._label
+                    )
                 if target.db:
                     await _expect_ok(
-                        reader, writer, _command("SELECT", str(target.db)), what="select_refused"
+                        reader,
+                        writer,
+                        _command("SELECT", str(target.db)),
+                        what="select_refused",
+                        label=self._label,
                     )
         except BaseException as e:
             await _close(writer)
             if isinstance(e, TimeoutError):
-                raise RedisProxyError(f"memory store {where} did not answer in time") from e
+                raise RedisProxyError(f"{self._label} {where} did not answer in time") from e
             if isinstance(e, (OSError, asyncio.IncompleteReadError)):
-                raise RedisProxyError(f"memory store {where} closed the connection") from e
+                raise RedisProxyError(f"{self._label} {where} closed the connection") from e
             raise
         return reader, writer
 
 
 async def _expect_ok(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, command: bytes, *, what: str
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    command: bytes,
+    *,
+    what: str,
+    label: str,
 ) -> None:
     writer.write(command)
     await writer.drain()
@@ -325,7 +386,7 @@ async def _expect_ok(
         # The upstream's own error names no secret (e.g. "-WRONGPASS invalid username-password
         # pair"); keep only its first word.
         code = line[1:].split(b" ", 1)[0].decode("ascii", "replace").strip()[:_MAX_REPLY_LINE]
-        raise RedisProxyError(f"{what}: the memory store answered {code or 'nothing'}")
+        raise RedisProxyError(f"{what}: the {label} answered {code or 'nothing'}")
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

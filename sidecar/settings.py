@@ -18,8 +18,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sidecar.callers import JwtIssuer
 from specmesh.addresses import parse_table
+from specmesh.errors import SecretError
 from specmesh.keys import Keys
 from specmesh.names import check_logical_name, resource_name
+from specmesh.secrets import VaultRef
 
 __all__ = ["SidecarSettings", "default_instance_id", "parse_listen_address"]
 
@@ -79,6 +81,18 @@ class SidecarSettings(BaseSettings):
     redis_proxy: str = "127.0.0.1:7105"
     """The Redis proxy the engine reaches its memory store through (``SPECMESH_REDIS_PROXY``;
     ``host:port`` or ``unix:path``); listens only once the spec's memory is Redis."""
+    task_store_proxy: str | None = None
+    """The A2A task store's proxy for the engine (``SPECMESH_TASK_STORE_PROXY``;
+    ``host:port`` or ``unix:path``): every connection goes to ``task_store_upstream`` with
+    ``task_store_password``; off when unset. The engine's ``SPECMESH_TASK_STORE`` points
+    here."""
+    task_store_upstream: str | None = None
+    """The shared task Redis (``SPECMESH_TASK_STORE_UPSTREAM``, ``redis://host:port/db`` or
+    ``rediss://``, no credentials in it); required with ``task_store_proxy``."""
+    task_store_password: str | None = None
+    """``vault://`` reference of the task Redis password (``SPECMESH_TASK_STORE_PASSWORD``);
+    the agent's Vault token must be able to read it (the control plane's
+    ``SPECMESH_TASK_STORE_PASSWORD`` grants it); none = no AUTH."""
     ops: str = "127.0.0.1:7109"
     """Health, readiness and metrics listener (``SPECMESH_OPS``)."""
 
@@ -180,6 +194,41 @@ class SidecarSettings(BaseSettings):
     def _prefix(cls, value: str) -> str:
         Keys(prefix=value)  # raises ValueError with the rule
         return value
+
+    @field_validator("task_store_proxy")
+    @classmethod
+    def _task_store_proxy(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_listen_address(value)
+            except ValueError as e:
+                raise ValueError(f"SPECMESH_TASK_STORE_PROXY {e}") from e
+        return value
+
+    @field_validator("task_store_password")
+    @classmethod
+    def _task_store_password(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                VaultRef.parse(value)
+            except SecretError as e:
+                raise ValueError(f"SPECMESH_TASK_STORE_PASSWORD: {e}") from e
+        return value
+
+    @model_validator(mode="after")
+    def _task_store(self) -> SidecarSettings:
+        if self.task_store_proxy and not self.task_store_upstream:
+            raise ValueError(
+                "SPECMESH_TASK_STORE_PROXY is set but SPECMESH_TASK_STORE_UPSTREAM is not"
+            )
+        if self.task_store_upstream:
+            from sidecar.redisproxy import RedisProxyError, fixed_redis_upstream
+
+            try:
+                fixed_redis_upstream(self.task_store_upstream, password_ref=None)
+            except RedisProxyError as e:
+                raise ValueError(f"SPECMESH_TASK_STORE_UPSTREAM {e.reason}") from e
+        return self
 
     @model_validator(mode="after")
     def _defaults(self) -> SidecarSettings:

@@ -119,6 +119,7 @@ class SpecService:
         vault: VaultClient,
         kv_mount: str = "secret",
         pki_mount: str | None = None,
+        infrastructure_secret: VaultRef | None = None,
     ) -> None:
         self.store = store
         self.vault = vault
@@ -127,6 +128,9 @@ class SpecService:
         self.pki_mount = pki_mount
         """Vault PKI mount of the agents' mTLS certificates: apply keeps a role per agent
         there (its SPIFFE ID only); ``None`` when Istio does mTLS."""
+        self.infrastructure_secret = infrastructure_secret
+        """The one infrastructure secret every agent's policy may read (the shared A2A task
+        store's password, control-plane setting ``SPECMESH_TASK_STORE_PASSWORD``)."""
 
     async def apply(
         self,
@@ -324,12 +328,30 @@ class SpecService:
         shared = [(g["mount"], g["path"]) for g in grants]
         await self.vault.put_policy(
             agent_policy_name(name),
-            agent_policy(name, mount=self.kv_mount, shared=shared, pki_mount=self.pki_mount),
+            agent_policy(
+                name,
+                mount=self.kv_mount,
+                shared=shared,
+                pki_mount=self.pki_mount,
+                infrastructure=(
+                    (self.infrastructure_secret.mount, self.infrastructure_secret.path)
+                    if self.infrastructure_secret is not None
+                    else None
+                ),
+            ),
         )
         if self.pki_mount:
             await self.vault.put_pki_role(
                 mount=self.pki_mount, name=agent_pki_role(name), params=agent_role_params(name)
             )
+
+    async def write_identities(self) -> int:
+        """Rewrite every agent's policy (the control plane starts with a changed
+        infrastructure secret: agents applied before it get it too); returns how many."""
+        agents = await self.store.list_agents()
+        for agent in agents:
+            await self.write_identity(agent.name)
+        return len(agents)
 
     async def retire_identity(self, name: str) -> None:
         """A deleted agent's policy and PKI role go: tokens still holding the policy (a

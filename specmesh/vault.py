@@ -76,10 +76,13 @@ def agent_policy(
     mount: str,
     shared: list[tuple[str, str]] | None = None,
     pki_mount: str | None = None,
+    infrastructure: tuple[str, str] | None = None,
 ) -> str:
     """HCL of the agent's policy: read its own paths (any version), the secrets a
-    secrets-admin shared with it (``shared``: exact ``(mount, path)`` pairs), and issue
-    certificates from its own PKI role; nothing else."""
+    secrets-admin shared with it (``shared``: exact ``(mount, path)`` pairs), the one
+    infrastructure secret every agent's sidecar needs (``infrastructure``: the shared A2A
+    task store's password, an exact ``(mount, path)``), and issue certificates from its own
+    PKI role; nothing else."""
     prefix = agent_secret_prefix(agent)
     rules = [
         f'path "{mount}/data/{prefix}/*" {{\n  capabilities = ["read"]\n}}',
@@ -89,6 +92,12 @@ def agent_policy(
         ref = VaultRef.parse(f"vault://{m}/{p}#_")  # raises on anything but a plain path
         if ref.path.startswith("specmesh/agents/"):
             raise SecretError(f"refusing to share another agent's secret {m}/{p}")
+        rules.append(f'path "{ref.mount}/data/{ref.path}" {{\n  capabilities = ["read"]\n}}')
+    if infrastructure is not None:
+        m, p = infrastructure
+        ref = VaultRef.parse(f"vault://{m}/{p}#_")  # raises on anything but a plain path
+        if ref.path.startswith("specmesh/agents/"):
+            raise SecretError(f"refusing an agent's tree as infrastructure secret {m}/{p}")
         rules.append(f'path "{ref.mount}/data/{ref.path}" {{\n  capabilities = ["read"]\n}}')
     if pki_mount:
         rules.append(

@@ -100,7 +100,9 @@ async def agent_instance(
     etcd: EtcdClient,
     keys: Keys,
     home: Path,
+    extra: Mapping[str, Any] | None = None,
 ) -> AsyncIterator[Instance]:
+    """``extra``: more sidecar settings (by field name)."""
     egress_port, proxy_port = free_port(), free_port()
     await asyncio.to_thread(home.mkdir, parents=True, exist_ok=True)
     settings = SidecarSettings(
@@ -118,6 +120,7 @@ async def agent_instance(
         vault_addr=services.bao.address,
         vault_token=services.bao.root_token,
         mtls=False,
+        **dict(extra or {}),
     )
     sidecar = Sidecar(settings=settings, component_factories=[DataPlane])
     await sidecar.start()

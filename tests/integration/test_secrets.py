@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from specmesh.errors import SecretAccessDeniedError, SpecError
+from specmesh.errors import SecretAccessDeniedError, SecretError, SpecError
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
 from specmesh.secrets import VaultRef
 from specmesh.spec.manifest import LoadedManifest, parse_manifest
 from specmesh.specservice import SpecService
 from specmesh.store import SpecStore
-from specmesh.vault import VaultClient, agent_policy_name
+from specmesh.vault import VaultClient, agent_policy, agent_policy_name
 
 from ..conftest import publish_prompt
 
@@ -127,3 +127,37 @@ async def test_reference_to_another_agents_secret_is_refused(
 
     with pytest.raises(SpecError, match=r"spec.model.apiKey: refers to another agent's secret"):
         await service.apply(_manifest("mse-nacos-helper", api_key=foreign), actor="alice")
+
+
+async def test_agent_policy_reads_the_task_store_password_and_nothing_more(
+    store: SpecStore, vault: VaultClient, services: object
+) -> None:
+    infra = VaultRef(mount="secret", path="specmesh/infra/task-store", field="password")
+    other_infra = VaultRef(mount="secret", path="specmesh/infra/other", field="password")
+    await vault.write(infra, "task-redis-pw")
+    await vault.write(other_infra, "not-for-agents")
+    plain = SpecService(store=store, vault=vault)
+    await plain.apply(_manifest("gateway-b", api_key="sk-gateway-1"), actor="alice")
+    await plain.apply(_manifest("mse-nacos-helper"), actor="alice")
+    token = await vault.create_token(policies=[agent_policy_name("mse-nacos-helper")])
+    as_helper = VaultClient(address=vault.address, token=token)
+    try:
+        with pytest.raises(SecretAccessDeniedError):  # not configured: not readable
+            await as_helper.read(infra)
+
+        configured = SpecService(store=store, vault=vault, infrastructure_secret=infra)
+        assert await configured.write_identities() >= 2  # agents applied before it, too
+
+        assert await as_helper.read(infra) == "task-redis-pw"
+        gateway_ref = VaultRef.parse((await store.get_agent("gateway-b")).spec["model"]["apiKey"])
+        with pytest.raises(SecretAccessDeniedError):
+            await as_helper.read(gateway_ref)
+        with pytest.raises(SecretAccessDeniedError):
+            await as_helper.read(other_infra)
+    finally:
+        await as_helper.close()
+
+
+def test_an_agents_tree_is_refused_as_infrastructure_secret() -> None:
+    with pytest.raises(SecretError, match="agent's tree"):
+        agent_policy("a", mount="secret", infrastructure=("secret", "specmesh/agents/b/x"))
