@@ -68,6 +68,11 @@ logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 _READY_TIMEOUT = 120.0
 REDIS_SECRET = "vault://secret/specmesh/shared/fleet-redis#password"
+TASK_STORE_USER = "specmesh-tasks"
+"""The fleet Redis's ACL user for the agents' A2A tasks: keys ``specmesh:a2a:*`` only, so
+the task store never reaches the agents' memory (``default`` user, :data:`REDIS_SECRET`)."""
+TASK_STORE_SECRET = "vault://secret/specmesh/infra/task-store#password"
+"""Its password: every agent's policy may read it (the control plane adds the path)."""
 """Where the fleet keeps its Redis password (the examples' memory credentials point here;
 the sidecars' task-store proxies and the control plane read it too)."""
 TOKEN_ISSUER = "specmesh"
@@ -284,7 +289,7 @@ class Fleet:
                 llm_url,
                 otlp,
                 jwks_uri=f"http://127.0.0.1:{cp_port}/.well-known/jwks.json",
-                task_store=redis_url,
+                task_store=redis_url.replace("redis://", f"redis://{TASK_STORE_USER}@", 1),
             )
             procs.append(supervisor)
             cp_env = {
@@ -300,7 +305,7 @@ class Fleet:
                 "SPECMESH_RUNTIME": "local",
                 "SPECMESH_SUPERVISOR_SOCKET": str(socket_path(self.home)),
                 "SPECMESH_TOKEN_ISSUER": TOKEN_ISSUER,
-                "SPECMESH_TASK_STORE_PASSWORD": REDIS_SECRET,
+                "SPECMESH_TASK_STORE_PASSWORD": TASK_STORE_SECRET,
             }
             if self.options.istio_crds and self.options.istio_crds.exists():
                 cp_env["SPECMESH_ISTIO_CRDS"] = str(self.options.istio_crds)
@@ -399,9 +404,12 @@ class Fleet:
         return token
 
     def _start_redis(self, services: dict[str, Any]) -> tuple[_Proc, str]:
-        """The fleet's shared Redis (agents' memory): its password lives in Vault at
+        """The fleet's shared Redis (agents' memory, and their A2A tasks under the ACL user
+        :data:`TASK_STORE_USER`): its password lives in Vault at
         :data:`REDIS_SECRET`, which the examples reference; never in a spec or an engine."""
         import asyncio
+
+        import redis
 
         from specmesh.secrets import VaultRef
         from specmesh.services import ensure_redis
@@ -430,10 +438,26 @@ class Fleet:
         )
         self._wait(proc, lambda: _tcp(port), "redis")
 
+        tasks_password = secrets.token_urlsafe(24)
+        admin = redis.Redis(host="127.0.0.1", port=port, password=password)
+        try:
+            admin.acl_setuser(
+                TASK_STORE_USER,
+                enabled=True,
+                reset=True,
+                passwords=[f"+{tasks_password}"],
+                keys=["specmesh:a2a:*"],
+                reset_channels=True,
+                categories=["+@all", "-@dangerous"],
+            )
+        finally:
+            admin.close()
+
         async def store() -> None:
             vault = VaultClient(address=services["baoAddress"], token=services["baoToken"])
             try:
                 await vault.write(VaultRef.parse(REDIS_SECRET), password)
+                await vault.write(VaultRef.parse(TASK_STORE_SECRET), tasks_password)
             finally:
                 await vault.close()
 
@@ -489,7 +513,7 @@ class Fleet:
         ``specmesh-agent`` token role, written here with the root token). Its sidecars
         trust the control plane's invoke tokens (``jwks_uri``; the control plane starts
         after it) and keep the agents' A2A tasks in the fleet's Redis (``task_store``,
-        password :data:`REDIS_SECRET`)."""
+        user :data:`TASK_STORE_USER`, password :data:`TASK_STORE_SECRET`)."""
         import asyncio
 
         from specmesh.vault import VaultClient
@@ -524,7 +548,7 @@ class Fleet:
                 ]
             ),
             "SPECMESH_TASK_STORE_UPSTREAM": task_store,
-            "SPECMESH_TASK_STORE_PASSWORD": REDIS_SECRET,
+            "SPECMESH_TASK_STORE_PASSWORD": TASK_STORE_SECRET,
         }
         if self.options.llm_url is None:
             env["SPECMESH_LLM_OVERRIDE_URL"] = llm_url

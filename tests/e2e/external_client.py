@@ -41,23 +41,33 @@ class TestIssuer:
         return jwt.encode(claims, self._key, algorithm="ES256", headers={"kid": "test-1"})
 
 
-class _Bearer(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
-    """Adds ``authorization: Bearer <token>`` to every gRPC call."""
+def _with_token(details: Any, token: str | None) -> Any:
+    if token is None:
+        return details
+    metadata = grpc.aio.Metadata(*(details.metadata or ()), ("authorization", f"Bearer {token}"))
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
+class _BearerUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Adds ``authorization: Bearer <token>`` to unary calls."""
 
     def __init__(self, token: str | None) -> None:
         self._token = token
 
-    def _details(self, details: Any) -> Any:
-        if self._token is None:
-            return details
-        metadata = [*(details.metadata or ()), ("authorization", f"Bearer {self._token}")]
-        return details._replace(metadata=metadata)
-
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
+        return await continuation(_with_token(details, self._token), request)
+
+
+class _BearerStream(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Adds ``authorization: Bearer <token>`` to server-streaming calls."""
+
+    def __init__(self, token: str | None) -> None:
+        self._token = token
 
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
+        return await continuation(_with_token(details, self._token), request)
 
 
 def card_from(raw: dict[str, Any]) -> AgentCard:
@@ -77,7 +87,7 @@ async def client_for(
         supported_protocol_bindings=[binding],
         httpx_client=httpx.AsyncClient(headers=headers, timeout=60),
         grpc_channel_factory=lambda target: grpc.aio.insecure_channel(
-            target, interceptors=[_Bearer(token)]
+            target, interceptors=[_BearerUnary(token), _BearerStream(token)]
         ),
     )
     return await create_client(card, client_config=config)

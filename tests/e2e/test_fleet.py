@@ -23,16 +23,32 @@ import pytest
 import redis
 import requests
 from a2a.client import ClientConfig, create_client
-from a2a.types.a2a_pb2 import Message, Part, Role, SendMessageRequest
+from a2a.types.a2a_pb2 import (
+    CancelTaskRequest,
+    GetTaskRequest,
+    ListTasksRequest,
+    Message,
+    Part,
+    Role,
+    SendMessageConfiguration,
+    SendMessageRequest,
+    SubscribeToTaskRequest,
+    TaskState,
+)
 from a2a.utils.constants import TransportProtocol
+from a2a.utils.errors import TaskNotFoundError
 
 from specmesh.a2aclient import InvokeResult, invoke
 from specmesh.cli import main as cli
 from specmesh.fleet import Fleet, FleetOptions
 
 from ..integration.test_sidecar_grpc import _TargetStream, _TargetUnary
+from .external_client import TEST_ISSUER, TestIssuer, card_from, client_for, user_message
 
 pytestmark = pytest.mark.e2e
+
+ISSUER = TestIssuer()
+"""A JWT issuer outside the fleet, trusted by every sidecar (``FleetOptions.jwt_issuers``)."""
 
 SEED_SECRETS = ["sk-51668897d94****", "51668897d9410********", "8897d941******c7465cff2"]
 
@@ -40,7 +56,8 @@ SEED_SECRETS = ["sk-51668897d94****", "51668897d9410********", "8897d941******c7
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     home = tmp_path_factory.mktemp("fleet")
-    f = Fleet(FleetOptions(home=home))  # the control plane's own Istio CRD schemas
+    # the control plane's own Istio CRD schemas; sidecars trust the test issuer too
+    f = Fleet(FleetOptions(home=home, jwt_issuers=(ISSUER.config,)))
     state = f.up()
     state["_fleet"] = f
     state["_home"] = home
@@ -157,7 +174,19 @@ def test_a_conversation_is_remembered_in_redis(fleet: dict[str, Any]) -> None:
     r = redis.Redis.from_url(
         fleet["endpoints"]["redis"], password=secret["data"]["data"]["password"]
     )
-    assert r.keys("specmesh:memory:mse-nacos-helper:*")
+    memory_keys = r.keys("specmesh:memory:mse-nacos-helper:*")
+    assert memory_keys
+    # the A2A tasks of that conversation are in the same Redis, under the task store's ACL
+    # user, which every agent's sidecar may use -- and which cannot read the memory
+    assert r.keys("specmesh:a2a:mse-nacos-helper:*")
+    tasks_password = vault.secrets.kv.v2.read_secret_version(
+        path="specmesh/infra/task-store", mount_point="secret", raise_on_deleted_version=True
+    )["data"]["data"]["password"]
+    as_tasks = redis.Redis.from_url(
+        fleet["endpoints"]["redis"], username="specmesh-tasks", password=tasks_password
+    )
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        as_tasks.get(memory_keys[0])
 
 
 def test_a2a_over_grpc_crosses_both_sidecars(fleet: dict[str, Any]) -> None:
@@ -196,6 +225,137 @@ def test_a2a_over_grpc_crosses_both_sidecars(fleet: dict[str, Any]) -> None:
         for p in e.artifact_update.artifact.parts
     )
     assert text.startswith("[gateway]")
+
+
+ENTRY_AGENT = "mse-nacos-helper"
+BINDINGS = [TransportProtocol.JSONRPC, TransportProtocol.HTTP_JSON, TransportProtocol.GRPC]
+
+
+def _admit(state: dict[str, Any], agent: str, principals: list[str]) -> None:
+    """Apply the agent's current spec again with ``base.callers.principals`` set."""
+    record = _api(state, f"/api/v1/agents/{agent}")
+    spec = record["spec"]
+    spec["base"]["callers"] = {"principals": principals}
+    token = Path(state["adminTokenFile"]).read_text().strip()
+    manifest = {"apiVersion": "specmesh.io/v1", "kind": "Agent", "metadata": {"name": agent}}
+    r = requests.post(
+        f"{state['endpoints']['controlPlane']}/api/v1/apply",
+        json={"manifest": {**manifest, "spec": spec}},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+    r.raise_for_status()
+
+
+def _state_of(events: list[Any]) -> tuple[str, int]:
+    """(task id, last task state) of a response stream."""
+    task_id, state = "", TaskState.TASK_STATE_UNSPECIFIED
+    for e in events:
+        if e.HasField("task"):
+            task_id, state = e.task.id, e.task.status.state
+        elif e.HasField("status_update"):
+            task_id, state = e.status_update.task_id, e.status_update.status.state
+        elif e.HasField("artifact_update"):
+            task_id = e.artifact_update.task_id or task_id
+    return task_id, state
+
+
+def _answer(events: list[Any]) -> str:
+    parts = []
+    for e in events:
+        if e.HasField("task"):
+            parts += [p.text for a in e.task.artifacts for p in a.parts]
+        elif e.HasField("artifact_update"):
+            parts += [p.text for p in e.artifact_update.artifact.parts]
+    return "".join(parts)
+
+
+async def _conversation(card: Any, binding: str) -> dict[str, Any]:
+    """Everything an A2A client does, on one binding, as alice; carol and bob look on."""
+    alice = ISSUER.token("alice", audience=ENTRY_AGENT)
+    carol = ISSUER.token("carol", audience=ENTRY_AGENT)
+    bob = ISSUER.token("bob", audience=ENTRY_AGENT)
+    seen: dict[str, Any] = {}
+    question = SendMessageRequest(message=user_message("Which Nacos services are registered?"))
+    async with await client_for(card, binding, alice, streaming=False) as client:
+        sent = [e async for e in client.send_message(question)]
+        seen["sent"] = _state_of(sent)
+        task_id = seen["sent"][0]
+        got = await client.get_task(GetTaskRequest(id=task_id))
+        seen["got"] = (got.id, got.status.state)
+        listed = await client.list_tasks(ListTasksRequest())
+        seen["listed"] = {t.id for t in listed.tasks}
+        slow = SendMessageRequest(
+            message=user_message("Please take your time."),
+            configuration=SendMessageConfiguration(return_immediately=True),
+        )
+        to_cancel = _state_of([e async for e in client.send_message(slow)])[0]
+        cancelled = await client.cancel_task(CancelTaskRequest(id=to_cancel))
+        seen["cancelled"] = cancelled.status.state
+        to_follow = _state_of([e async for e in client.send_message(slow)])[0]
+    async with await client_for(card, binding, alice, streaming=True) as client:
+        streamed = [e async for e in client.send_message(question)]
+        seen["streamed"] = (_state_of(streamed)[1], _answer(streamed))
+        followed = [e async for e in client.subscribe(SubscribeToTaskRequest(id=to_follow))]
+        seen["followed"] = (_state_of(followed)[1], _answer(followed))
+    async with await client_for(card, binding, carol, streaming=False) as client:
+        seen["carol lists"] = {t.id for t in (await client.list_tasks(ListTasksRequest())).tasks}
+        try:
+            await client.get_task(GetTaskRequest(id=task_id))
+            seen["carol gets"] = "found"
+        except TaskNotFoundError:
+            seen["carol gets"] = "TaskNotFound"
+    for who, token in (("nobody", None), ("bob", bob)):
+        async with await client_for(card, binding, token, streaming=False) as client:
+            try:
+                [e async for e in client.send_message(question)]
+                seen[who] = "answered"
+            except Exception as e:  # the SDK raises its own error types per binding
+                seen[who] = f"{type(e).__name__}: {e}"
+    seen["task"] = task_id
+    return seen
+
+
+def test_an_external_client_finds_the_entry_by_its_card_and_uses_every_binding(
+    fleet: dict[str, Any],
+) -> None:
+    """An external client with a JWT of its own issuer: the card names the entry (the
+    sidecar's public listeners, never the engine's), and on JSON-RPC, HTTP+JSON and gRPC
+    send, stream, get, list, cancel and subscribe work; another caller does not see the
+    task; no token -> UNAUTHENTICATED; a principal ``callers`` omits -> PERMISSION_DENIED."""
+    before = int(_api(fleet, f"/api/v1/agents/{ENTRY_AGENT}")["revision"])
+    _admit(fleet, ENTRY_AGENT, ["specmesh/*", f"{TEST_ISSUER}/alice", f"{TEST_ISSUER}/carol"])
+    instance = fleet["agents"][ENTRY_AGENT]["stable"]
+
+    def current_card() -> Any:
+        raw = _api(fleet, f"/api/v1/agents/{ENTRY_AGENT}/card")
+        return card_from(raw) if int(raw["version"]) > before else None
+
+    card = _eventually(current_card, "the card of the revision admitting alice")
+    urls = {i.protocol_binding: i.url for i in card.supported_interfaces}
+    assert urls == {
+        "JSONRPC": f"{instance['entry']}/",
+        "HTTP+JSON": f"{instance['entry']}/v1",
+        "GRPC": instance["entryGrpc"].removeprefix("grpc://"),
+    }
+    assert instance["a2a"].rstrip("/") not in {u.rstrip("/") for u in urls.values()}
+    assert card.security_schemes["bearer"].http_auth_security_scheme.scheme == "Bearer"
+
+    for binding in BINDINGS:
+        seen = asyncio.run(asyncio.wait_for(_conversation(card, binding), 120))
+        task = seen["task"]
+        assert seen["sent"] == (task, TaskState.TASK_STATE_COMPLETED), binding
+        assert seen["got"] == (task, TaskState.TASK_STATE_COMPLETED), binding
+        assert task in seen["listed"], binding
+        assert seen["cancelled"] == TaskState.TASK_STATE_CANCELED, binding
+        assert seen["streamed"][0] == TaskState.TASK_STATE_COMPLETED, binding
+        assert "asked mse-gateway-assistant" in seen["streamed"][1], binding
+        assert seen["followed"][0] == TaskState.TASK_STATE_COMPLETED, binding
+        assert "[slow]" in seen["followed"][1], binding
+        assert task not in seen["carol lists"], binding
+        assert seen["carol gets"] == "TaskNotFound", binding
+        assert "401" in seen["nobody"] or "UNAUTHENTICATED" in seen["nobody"], seen["nobody"]
+        assert "403" in seen["bob"] or "PERMISSION_DENIED" in seen["bob"], seen["bob"]
 
 
 def test_the_third_party_mcp_server_answers_through_the_bridge(fleet: dict[str, Any]) -> None:
