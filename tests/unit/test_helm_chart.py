@@ -11,14 +11,17 @@ really renders.
 from __future__ import annotations
 
 import copy
+import os
 import urllib.parse
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import helm_python
 import kubernetes_validate
 import pytest
 import yaml
+from pydantic_settings import BaseSettings
 
 from control_plane.istio import CRDS_PATH
 from control_plane.mesh import (
@@ -30,6 +33,9 @@ from control_plane.mesh import (
     render_mesh,
 )
 from control_plane.settings import ControlPlaneSettings
+from engine.main import ServeSettings
+from engine.tasks import DEFAULT_RETENTION_SECONDS
+from sidecar.settings import SidecarSettings
 from specmesh.k8s import (
     A2A_GRPC_PORT,
     A2A_HTTP_PORT,
@@ -39,7 +45,9 @@ from specmesh.k8s import (
     service_name,
 )
 from specmesh.names import resource_name
+from specmesh.secrets import VaultRef
 from specmesh.spec.models import ReleaseSpec
+from specmesh.vault import agent_policy, agent_secret_prefix
 
 from ..conftest import REPO
 
@@ -155,6 +163,35 @@ MATRIX: dict[str, Obj] = {
                 "extra": [{"ports": [{"port": 5432, "protocol": "TCP"}]}],
             },
         },
+    ),
+    # the A2A task store, one Redis user for every agent (its own port, a database)
+    "task-store-shared": _values(
+        taskStore={
+            "upstream": "redis://specmesh-tasks@redis.redis.svc.cluster.local:6380/2",
+            "passwordRef": "vault://secret/specmesh/infra/task-store#password",
+            "retentionSeconds": 3600,
+        },
+        networkPolicy={
+            "egress": {
+                "taskStore": {
+                    "to": [
+                        {
+                            "namespaceSelector": {
+                                "matchLabels": {"kubernetes.io/metadata.name": "redis"}
+                            }
+                        }
+                    ]
+                }
+            }
+        },
+        agents=[{"name": n, "tracks": {"canary": {"enabled": True}}} for n in EXAMPLES],
+    ),
+    # ... and one Redis ACL user per agent, its password in the agent's own tree
+    "task-store-per-agent": _values(
+        istio={"enabled": False},
+        vault={"addr": "https://vault.vault.svc.cluster.local:8200", "kvMount": "kv"},
+        taskStore={"upstream": "rediss://redis.redis.svc.cluster.local/0", "perAgentUser": True},
+        agents=[{"name": n} for n in [*EXAMPLES, "billing_bot.v2"]],
     ),
 }
 
@@ -510,6 +547,26 @@ BAD_VALUES = [
     ("jwt.issuers", [{"issuer": "a", "audience": "x"}], "/jwt/issuers/0"),
     ("otel.protocol", "udp", "/otel/protocol"),
     ("image.digest", "latest", "/image/digest"),
+    ("taskStore.upstream", "http://redis:6379", "/taskStore/upstream"),
+    ("taskStore.upstream", "redis://:secret@redis:6379/0", "/taskStore/upstream"),
+    ("taskStore.upstream", "redis://redis:6379/tasks", "/taskStore/upstream"),
+    ("taskStore.passwordRef", "secret/specmesh/infra/task-store", "/taskStore/passwordRef"),
+    ("taskStore.passwordRef", "vault://secret/specmesh/infra/task-store", "/taskStore/passwordRef"),
+    ("taskStore.retentionSeconds", 0, "/taskStore/retentionSeconds"),
+    ("taskStore.user", "specmesh-tasks", "at '/taskStore': additional properties 'user'"),
+    # a password needs an upstream; per-agent mode needs one too, without a user or password
+    ("taskStore", {"passwordRef": "vault://secret/t#p"}, "/taskStore/upstream"),
+    ("taskStore", {"perAgentUser": True}, "/taskStore/upstream"),
+    (
+        "taskStore",
+        {"upstream": "redis://specmesh-tasks@redis:6379/0", "perAgentUser": True},
+        "/taskStore/upstream",
+    ),
+    (
+        "taskStore",
+        {"upstream": "redis://redis:6379/0", "perAgentUser": True, "passwordRef": "vault://s/t#p"},
+        "/taskStore/passwordRef",
+    ),
 ]
 
 
@@ -533,6 +590,27 @@ def test_names_that_collide_are_refused(chart: helm_python.Chart) -> None:
     chart.validate_schema(values)  # each name alone is fine
     with pytest.raises(helm_python.HelmRenderError, match="both map to resource name"):
         chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_a_shared_task_store_password_in_an_agents_tree_is_refused(
+    chart: helm_python.Chart,
+) -> None:
+    # every agent's policy reads the shared password: in an agent's tree it would hand that
+    # agent's secrets to all (the control plane's SPECMESH_TASK_STORE_PASSWORD refuses it too)
+    values = _values(
+        agents=[],
+        taskStore={
+            "upstream": "redis://redis:6379/0",
+            "passwordRef": "vault://secret/specmesh/agents/mse-nacos-helper/task-store#password",
+        },
+    )
+    chart.validate_schema(values)
+    with pytest.raises(
+        helm_python.HelmRenderError, match=r"taskStore\.passwordRef: .* agent's tree"
+    ):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    with pytest.raises(ValueError, match="must not lie in an agent's tree"):
+        ControlPlaneSettings(task_store_password=values["taskStore"]["passwordRef"])
 
 
 def test_autoscaling_min_above_max_is_refused(chart: helm_python.Chart) -> None:
@@ -732,3 +810,130 @@ def test_gateway_api_routes_send_to_the_charts_track_services(
     } <= granted
     plain = _render(chart, MATRIX["canary-on"])
     assert _names(plain, "Service") == {"schedulex-assistant", "specmesh-control-plane"}
+
+
+# ---------------------------------------------------------------- the A2A task store
+
+
+def _settings_from(container: Obj, model: type[BaseSettings], monkeypatch: pytest.MonkeyPatch,
+                   **extra: str) -> Any:  # fmt: skip
+    """The container's settings as its process reads them: every literal variable the chart
+    sets (not the downward API's nor $(VAR) substitutions), through the real settings."""
+    with monkeypatch.context() as m:
+        for name in [n for n in os.environ if n.startswith(("SPECMESH_", "AGENT_NAME"))]:
+            m.delenv(name)
+        for name, value in {**_env(container), **extra}.items():
+            if value != "<valueFrom>" and "$(" not in value:
+                m.setenv(name, value)
+        return model()
+
+
+def _agent_deployments(docs: list[Obj]) -> list[Obj]:
+    return [d for d in _of(docs, "Deployment") if LABEL_AGENT in d["metadata"]["labels"]]
+
+
+def _control_plane_env(docs: list[Obj]) -> dict[str, str]:
+    (cp,) = [
+        d for d in _of(docs, "Deployment") if d["metadata"]["name"] == "specmesh-control-plane"
+    ]
+    return _env(_containers(cp)["control-plane"])
+
+
+def test_without_a_task_store_the_engines_keep_tasks_in_memory(chart: helm_python.Chart) -> None:
+    docs = _render(chart, MATRIX["canary-on"])
+    for d in _of(docs, "Deployment"):
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            assert not [n for n in _env(c) if n.startswith("SPECMESH_TASK_")], c["name"]
+    for policy in _of(docs, "NetworkPolicy"):
+        ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
+        assert 6379 not in ports
+
+
+def test_a_shared_task_store_reaches_every_engine_through_its_sidecar(
+    chart: helm_python.Chart, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    values = MATRIX["task-store-shared"]
+    docs = _render(chart, values)
+    password = values["taskStore"]["passwordRef"]
+    deployments = _agent_deployments(docs)
+    assert len(deployments) == 2 * len(EXAMPLES)
+    for d in deployments:
+        containers = _containers(d)
+        sidecar = _settings_from(
+            containers["sidecar"], SidecarSettings, monkeypatch, SPECMESH_HOME=str(tmp_path)
+        )
+        engine = _settings_from(containers["engine"], ServeSettings, monkeypatch)
+        # the engine: no password, the sidecar's loopback proxy, the install's retention
+        assert engine.task_store == f"redis://{sidecar.task_store_proxy}/0"
+        assert sidecar.task_store_proxy.startswith("127.0.0.1:")
+        assert engine.task_retention_seconds == 3600
+        assert "SPECMESH_TASK_STORE_PASSWORD" not in _env(containers["engine"])
+        # the sidecar: the one shared user and password, the same for every agent
+        assert sidecar.task_store_upstream == values["taskStore"]["upstream"]
+        assert sidecar.task_store_password == password
+    # the control plane lets every agent's policy read exactly that password
+    cp = _settings_from(
+        {"env": [{"name": "SPECMESH_TASK_STORE_PASSWORD",
+                  "value": _control_plane_env(docs)["SPECMESH_TASK_STORE_PASSWORD"]}]},
+        ControlPlaneSettings, monkeypatch,
+    )  # fmt: skip
+    ref = VaultRef.parse(cp.task_store_password)
+    assert ref == VaultRef.parse(password)
+    policy = agent_policy("mse-nacos-helper", mount="secret", infrastructure=(ref.mount, ref.path))
+    assert f'path "secret/data/specmesh/infra/task-store"' in policy
+    # the agents may reach the Redis: on the upstream's port, to the peers the values name
+    for policy_obj in _of(docs, "NetworkPolicy"):
+        rules = [
+            r for r in policy_obj["spec"]["egress"] if {p["port"] for p in r["ports"]} == {6380}
+        ]
+        assert rules == [
+            {
+                "ports": [{"port": 6380, "protocol": "TCP"}],
+                "to": values["networkPolicy"]["egress"]["taskStore"]["to"],
+            }
+        ], policy_obj["metadata"]["name"]
+
+
+def test_a_per_agent_task_store_user_confines_each_agent_to_its_own_tree(
+    chart: helm_python.Chart, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    values = MATRIX["task-store-per-agent"]
+    docs = _render(chart, values)
+    seen = set()
+    for d in _agent_deployments(docs):
+        containers = _containers(d)
+        sidecar = _settings_from(
+            containers["sidecar"], SidecarSettings, monkeypatch, SPECMESH_HOME=str(tmp_path)
+        )
+        engine = _settings_from(containers["engine"], ServeSettings, monkeypatch)
+        rn = resource_name(sidecar.agent_name)
+        seen.add(rn)
+        assert engine.task_store == f"redis://{sidecar.task_store_proxy}/0"
+        assert engine.task_retention_seconds == 86400  # the chart's default
+        # the agent's own Redis ACL user (docs/security.md: tasks-<rn>, ~specmesh:a2a:<rn>:*)
+        upstream = urllib.parse.urlsplit(sidecar.task_store_upstream or "")
+        assert (upstream.scheme, upstream.username, upstream.hostname, upstream.port) == (
+            "rediss", f"tasks-{rn}", "redis.redis.svc.cluster.local", None
+        )  # fmt: skip
+        assert upstream.path == "/0"
+        # its password in its own tree, which its policy (and only its) reads
+        ref = VaultRef.parse(sidecar.task_store_password or "")
+        assert (ref.mount, ref.path, ref.field) == (
+            "kv", f"{agent_secret_prefix(sidecar.agent_name)}/task-store", "password"
+        )  # fmt: skip
+        policy = agent_policy(sidecar.agent_name, mount="kv")
+        assert f'path "kv/data/{agent_secret_prefix(sidecar.agent_name)}/*"' in policy
+    assert seen == {resource_name(n) for n in [*EXAMPLES, "billing_bot.v2"]}
+    # no shared password: no agent's policy reads anything outside its tree
+    assert "SPECMESH_TASK_STORE_PASSWORD" not in _control_plane_env(docs)
+    for policy_obj in _of(docs, "NetworkPolicy"):
+        assert any(
+            r["ports"] == [{"port": 6379, "protocol": "TCP"}] and "to" not in r
+            for r in policy_obj["spec"]["egress"]
+        ), policy_obj["metadata"]["name"]
+
+
+def test_the_task_store_retention_default_is_the_engines(chart: helm_python.Chart) -> None:
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert defaults["taskStore"]["retentionSeconds"] == DEFAULT_RETENTION_SECONDS
+    assert defaults["taskStore"]["upstream"] == ""  # off unless the install names a Redis

@@ -315,6 +315,48 @@ jwt.issuers.
 {{- toJson $all -}}
 {{- end }}
 
+{{/*
+The A2A task store (taskStore; docs/deploy.md "The A2A task store"). The engine reaches it
+only through its sidecar's task-store proxy, on this loopback address, and holds no secret.
+*/}}
+{{- define "specmesh.taskStoreProxy" -}}
+127.0.0.1:7107
+{{- end }}
+
+{{/*
+Refuses taskStore values the schema cannot: a shared password inside an agent's tree (the
+control plane's SPECMESH_TASK_STORE_PASSWORD refuses it: every agent's policy would read
+that agent's secrets).
+*/}}
+{{- define "specmesh.checkTaskStore" -}}
+{{- $ts := .Values.taskStore -}}
+{{- if and $ts.passwordRef (regexMatch "^vault://[^/]+/specmesh/agents/" $ts.passwordRef) -}}
+{{- fail (printf "taskStore.passwordRef: %q lies in an agent's tree (specmesh/agents/...), which every agent would then read; put the shared password elsewhere (e.g. vault://%s/specmesh/infra/task-store#password), or set taskStore.perAgentUser for one password per agent" $ts.passwordRef .Values.vault.kvMount) -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+The upstream URL and password reference of one agent's task-store proxy, as YAML
+{upstream, passwordRef}; args: dict "root" $ "rn" <resource name>. Per-agent mode: the
+agent's own Redis ACL user tasks-<rn> and its password in the agent's own tree.
+*/}}
+{{- define "specmesh.taskStoreUpstream" -}}
+{{- $ts := .root.Values.taskStore -}}
+{{- if $ts.perAgentUser -}}
+{{- $u := urlParse $ts.upstream -}}
+upstream: {{ printf "%s://tasks-%s@%s%s" $u.scheme .rn $u.host $u.path | quote }}
+passwordRef: {{ printf "vault://%s/specmesh/agents/%s/task-store#password" .root.Values.vault.kvMount .rn | quote }}
+{{- else -}}
+upstream: {{ $ts.upstream | quote }}
+passwordRef: {{ $ts.passwordRef | quote }}
+{{- end -}}
+{{- end }}
+
+{{/* The TCP port of the task store's Redis (the upstream's, else 6379). */}}
+{{- define "specmesh.taskStorePort" -}}
+{{- (urlParse .Values.taskStore.upstream).host | regexFind ":[0-9]+$" | trimPrefix ":" | default "6379" -}}
+{{- end }}
+
 {{/* The DNS name of an agent's Service; arg: dict "root" $ "agent" <logical name>. */}}
 {{- define "specmesh.agentServiceHost" -}}
 {{- printf "%s.%s.svc.cluster.local" (include "specmesh.resourceName" .agent) .root.Release.Namespace -}}
