@@ -491,8 +491,9 @@ def test_control_plane_service_ports_and_rbac(chart: helm_python.Chart) -> None:
     assert [p["port"] for p in svc["spec"]["ports"]] == [9000, 9001]
 
 
-def test_helm_lint_is_clean() -> None:
-    report = helm_python.lint(CHART, MATRIX["everything"], strict=True, namespace=NAMESPACE)
+@pytest.mark.parametrize("case", ["everything", "task-store-shared", "task-store-per-agent"])
+def test_helm_lint_is_clean(case: str) -> None:
+    report = helm_python.lint(CHART, MATRIX[case], strict=True, namespace=NAMESPACE)
     problems = [m for m in report["messages"] if m["severity"] >= 2]
     assert problems == [] and report["errors"] == []
 
@@ -880,7 +881,7 @@ def test_a_shared_task_store_reaches_every_engine_through_its_sidecar(
     ref = VaultRef.parse(cp.task_store_password)
     assert ref == VaultRef.parse(password)
     policy = agent_policy("mse-nacos-helper", mount="secret", infrastructure=(ref.mount, ref.path))
-    assert f'path "secret/data/specmesh/infra/task-store"' in policy
+    assert 'path "secret/data/specmesh/infra/task-store"' in policy
     # the agents may reach the Redis: on the upstream's port, to the peers the values name
     for policy_obj in _of(docs, "NetworkPolicy"):
         rules = [

@@ -88,6 +88,15 @@ INSTALLS: dict[str, Obj] = {
         "vault": {"addr": "https://vault.example.com:8200", "tokenAudience": "vault"},
         "agentDefaults": {"podDisruptionBudget": {"maxUnavailable": "50%"}},
         "networkPolicy": {"egress": {"externalHttps": False}},
+        "taskStore": {
+            "upstream": "redis://specmesh-tasks@redis.redis.svc:6379/1",
+            "passwordRef": "vault://secret/specmesh/infra/task-store#password",
+            "retentionSeconds": 600,
+        },
+    },
+    "task-store-per-agent": {
+        **copy.deepcopy(BASE),
+        "taskStore": {"upstream": "redis://redis.redis.svc:6379/0", "perAgentUser": True},
     },
     "gateway-api": {
         **copy.deepcopy(BASE),
@@ -253,6 +262,43 @@ def test_the_agent_pods_get_their_public_urls_and_issuers(
         if d["kind"] == "Service" and d["metadata"]["name"] in tracks:
             assert d["metadata"]["labels"][LABEL_AGENT] == workload.name  # pruned with it
             assert d["spec"]["selector"][LABEL_TRACK] == d["metadata"]["name"].rsplit("-", 1)[1]
+
+
+def test_the_agent_pods_reach_the_install_values_task_store(
+    install: Obj, renderer: ChartRenderer
+) -> None:
+    """The install's taskStore reaches every agent the controller renders: the engine's
+    store is its sidecar's loopback proxy, the sidecar forwards to the shared Redis with the
+    install's password (or, per agent, its own user and its own tree's password)."""
+    store = install.get("taskStore", {})
+    for name, workload in WORKLOADS.items():
+        for d in renderer.render(workload):
+            if d["kind"] != "Deployment":
+                continue
+            containers = {c["name"]: c for c in d["spec"]["template"]["spec"]["containers"]}
+            engine = {e["name"]: e.get("value") for e in containers["engine"]["env"]}
+            sidecar = {e["name"]: e.get("value") for e in containers["sidecar"]["env"]}
+            if not store:
+                assert "SPECMESH_TASK_STORE" not in engine, name  # in memory
+                assert "SPECMESH_TASK_STORE_PROXY" not in sidecar, name
+                continue
+            proxy = sidecar["SPECMESH_TASK_STORE_PROXY"]
+            assert engine["SPECMESH_TASK_STORE"] == f"redis://{proxy}/0", name
+            assert engine["SPECMESH_TASK_RETENTION_SECONDS"] == str(
+                store.get("retentionSeconds", 86400)
+            )
+            assert "SPECMESH_TASK_STORE_PASSWORD" not in engine  # the engine holds no secret
+            if store.get("perAgentUser"):
+                rn = workload.name
+                assert sidecar["SPECMESH_TASK_STORE_UPSTREAM"] == (
+                    f"redis://tasks-{rn}@redis.redis.svc:6379/0"
+                )
+                assert sidecar["SPECMESH_TASK_STORE_PASSWORD"] == (
+                    f"vault://secret/specmesh/agents/{rn}/task-store#password"
+                )
+            else:
+                assert sidecar["SPECMESH_TASK_STORE_UPSTREAM"] == store["upstream"]
+                assert sidecar["SPECMESH_TASK_STORE_PASSWORD"] == store["passwordRef"]
 
 
 def test_workloads_map_onto_the_charts_agent_entry(install: Obj, renderer: ChartRenderer) -> None:
