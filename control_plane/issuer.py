@@ -37,7 +37,7 @@ from jwt.algorithms import ECAlgorithm
 
 from specmesh.errors import SecretError, SecretNotFoundError
 from specmesh.secrets import VaultRef
-from specmesh.vault import VaultClient
+from specmesh.vault import CONTROL_PLANE_TREE, VaultClient
 
 __all__ = [
     "ALGORITHM",
@@ -57,8 +57,6 @@ ALGORITHM = "ES256"
 DEFAULT_ISSUER = "specmesh"
 DEFAULT_TTL_SECONDS = 300
 MAX_TTL_SECONDS = 3600
-CONTROL_PLANE_TREE = "specmesh/control-plane"
-"""KV folder (below the mount) only the control plane reads and writes."""
 SIGNING_KEY_PATH = f"{CONTROL_PLANE_TREE}/token-issuer"
 """KV path of the signing key (field ``privateKeyPem``: PKCS#8 PEM of a P-256 key)."""
 _FIELD = "privateKeyPem"

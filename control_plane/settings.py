@@ -135,15 +135,16 @@ class ControlPlaneSettings(BaseSettings):
         if value is not None:
             from specmesh.errors import SecretError
             from specmesh.secrets import VaultRef
+            from specmesh.vault import reserved_tree
 
             try:
                 ref = VaultRef.parse(value)
             except SecretError as e:
                 raise ValueError(f"SPECMESH_TASK_STORE_PASSWORD: {e}") from e
-            if ref.path.startswith("specmesh/agents/"):
+            reserved = reserved_tree(ref.path)
+            if reserved:
                 raise ValueError(
-                    "SPECMESH_TASK_STORE_PASSWORD must not lie in an agent's tree "
-                    "(specmesh/agents/...): every agent may read it"
+                    f"SPECMESH_TASK_STORE_PASSWORD: {reserved}, and every agent may read it"
                 )
         return value
 

@@ -36,7 +36,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from specmesh.callers import principal_matches
+from specmesh.callers import MAX_PRINCIPAL_LENGTH, principal_matches
 from specmesh.names import resource_name
 from specmesh.spec.models import CallersSpec
 
@@ -45,18 +45,24 @@ from .mtls import TRUST_DOMAIN
 __all__ = [
     "AGENT_PLACEHOLDER",
     "ALLOWED_ALGORITHMS",
+    "CARD_PATH",
     "CallerPolicy",
     "CallerRefused",
     "JwtIssuer",
     "JwtVerifier",
+    "MalformedXfccError",
     "PartnerLookup",
     "agent_from_spiffe",
     "agent_from_xfcc",
     "bearer_token",
     "parse_issuers",
+    "parse_xfcc",
 ]
 
 logger = logging.getLogger(__name__)
+
+CARD_PATH = "/.well-known/agent-card.json"
+"""The A2A agent card: the one path an entry serves without a token."""
 
 AGENT_PLACEHOLDER = "{agent}"
 """An audience entry replaced by the agent's resource name."""
@@ -305,11 +311,11 @@ class JwtVerifier:
             raise _TokenInvalid("the token has no issuer (iss)")
         issuer = self._issuers.get(iss)
         if issuer is None:
-            raise _TokenInvalid(f"token issuer {iss!r} is not trusted")
+            raise _TokenInvalid(f"token issuer {_short(iss)!r} is not trusted")
         key = await self._key(issuer, header.get("kid"))
         problem = _incompatible(key, alg)
         if problem:
-            raise _TokenInvalid(f"issuer {iss!r}'s key {header.get('kid')!r} {problem}")
+            raise _TokenInvalid(f"issuer {iss!r}'s key {_short(header.get('kid'))!r} {problem}")
         audiences = self.audiences(issuer)
         try:
             verified = jwt.decode(
@@ -339,7 +345,25 @@ class JwtVerifier:
         sub = verified.get("sub")
         if not isinstance(sub, str) or not sub:
             raise _TokenInvalid("the token has no subject (sub)")
-        return f"{iss}/{sub}"
+        principal = f"{iss}/{sub}"
+        if len(principal) > MAX_PRINCIPAL_LENGTH or not principal.isprintable() or " " in sub:
+            raise _TokenInvalid(
+                "the token's subject is not a usable principal (spaces, control "
+                f"characters, or <iss>/<sub> over {MAX_PRINCIPAL_LENGTH} characters)"
+            )
+        return principal
+
+    async def run(self) -> None:
+        """Keep the JWKS of every ``jwksUri`` issuer fresh in the background: fetched at
+        once (retried every ``min_refetch`` seconds until it succeeds) and then every
+        ``jwks_ttl`` -- so tokens verify while an issuer is briefly unreachable, the
+        control plane included, even when no token was checked before it went away."""
+        remote = [i for i in self._issuers.values() if i.jwks_uri]
+        while remote:
+            for issuer in remote:
+                await self._refresh(issuer, force=True)
+            fetched = all(i.issuer in self._sets for i in remote)
+            await asyncio.sleep(self.jwks_ttl / 2 if fetched else self.min_refetch)
 
     async def _key(self, issuer: JwtIssuer, kid: str | None) -> _Key:
         name = issuer.issuer
@@ -355,15 +379,15 @@ class JwtVerifier:
             raise _TokenInvalid(f"the keys of issuer {name!r} are not available")
         key = _find(current, kid)
         if key is None:
-            raise _TokenInvalid(f"issuer {name!r} has no key {kid!r}")
+            raise _TokenInvalid(f"issuer {name!r} has no key {_short(kid)!r}")
         return key
 
-    async def _refresh(self, issuer: JwtIssuer) -> None:
+    async def _refresh(self, issuer: JwtIssuer, *, force: bool = False) -> None:
         name = issuer.issuer
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             now = self._clock()
-            if now - self._attempted.get(name, -float("inf")) < self.min_refetch:
+            if not force and now - self._attempted.get(name, -float("inf")) < self.min_refetch:
                 return  # fetched by a concurrent call meanwhile
             self._attempted[name] = now
             assert issuer.jwks_uri is not None
@@ -386,6 +410,13 @@ class JwtVerifier:
                 )
                 return
             self._sets[name] = _KeySet(keys=keys, fetched_at=now)
+
+
+def _short(value: object, limit: int = 80) -> object:
+    """An untrusted value as it may appear in an error message or a log (bounded)."""
+    if isinstance(value, str) and len(value) > limit:
+        return value[:limit] + "..."
+    return value
 
 
 def _parse_jwks(data: Any, issuer: str) -> dict[str | None, _Key]:
@@ -435,51 +466,118 @@ _SPIFFE_AGENT = f"spiffe://{TRUST_DOMAIN}/agent/"
 _SA_PREFIX = "specmesh-agent-"
 
 
-def agent_from_spiffe(uri: str) -> str | None:
+def agent_from_spiffe(
+    uri: str, *, trust_domain: str | None = None, namespace: str | None = None
+) -> str | None:
     """The agent resource name in a SPIFFE ID: the sidecar's own form
     (``spiffe://specmesh.local/agent/<rn>``) or Istio's
-    (``spiffe://<trust domain>/ns/<ns>/sa/specmesh-agent-<rn>``)."""
+    (``spiffe://<trust domain>/ns/<ns>/sa/specmesh-agent-<rn>``). For Istio's form a given
+    ``trust_domain`` / ``namespace`` must match (another mesh's or namespace's workload
+    named like an agent is not that agent)."""
     if uri.startswith(_SPIFFE_AGENT):
         name = uri[len(_SPIFFE_AGENT) :]
-        return name if name and "/" not in name else None
+        return name if _is_resource_name(name) else None
     if not uri.startswith("spiffe://"):
         return None
     parts = uri[len("spiffe://") :].split("/")
-    if len(parts) == 5 and parts[1] == "ns" and parts[3] == "sa":
-        sa = parts[4]
-        if sa.startswith(_SA_PREFIX) and len(sa) > len(_SA_PREFIX):
-            return sa[len(_SA_PREFIX) :]
-    return None
+    if len(parts) != 5 or parts[1] != "ns" or parts[3] != "sa":
+        return None
+    if trust_domain is not None and parts[0] != trust_domain:
+        return None
+    if namespace is not None and parts[2] != namespace:
+        return None
+    sa = parts[4]
+    name = sa[len(_SA_PREFIX) :] if sa.startswith(_SA_PREFIX) else ""
+    return name if _is_resource_name(name) else None
 
 
-def agent_from_xfcc(value: str | None) -> str | None:
-    """The calling agent in Istio's ``X-Forwarded-Client-Cert``: the ``URI`` of its LAST
-    element (the one the local proxy appended for the connection it accepted; earlier
-    elements came from further away and prove nothing)."""
+def _is_resource_name(name: str) -> bool:
+    try:
+        return bool(name) and resource_name(name) == name
+    except ValueError:
+        return False
+
+
+class MalformedXfccError(ValueError):
+    """An ``X-Forwarded-Client-Cert`` value that is not well formed."""
+
+
+def parse_xfcc(value: str) -> list[dict[str, str]]:
+    """Envoy's ``X-Forwarded-Client-Cert``: elements separated by ``,``, each ``key=value``
+    pairs separated by ``;``; a value may be double-quoted, with ``\\"`` and ``\\\\``
+    escapes inside. Keys are lower-cased. Raises :class:`MalformedXfccError` on an
+    unterminated quote, a dangling escape, a pair without ``=`` or a second ``URI``/``By``
+    in one element -- a value a client could have shaped to hide the element the local
+    proxy appended."""
+    elements: list[dict[str, str]] = []
+    pairs: dict[str, str] = {}
+    buf: list[str] = []
+    key: str | None = None
+    quoted = escaped = False
+
+    def end_pair() -> None:
+        nonlocal key
+        text = "".join(buf)
+        buf.clear()
+        if key is None:
+            if text.strip():
+                raise MalformedXfccError("a pair without '='")
+            return
+        if key in pairs and key in ("uri", "by"):
+            raise MalformedXfccError(f"key {key!r} repeated in one element")
+        pairs[key] = text
+        key = None
+
+    for ch in value:
+        if escaped:
+            buf.append(ch)
+            escaped = False
+        elif quoted:
+            if ch == "\\":
+                escaped = True
+            elif ch == '"':
+                quoted = False
+            else:
+                buf.append(ch)
+        elif ch == '"':
+            quoted = True
+        elif ch == "=" and key is None:
+            key = "".join(buf).strip().lower()
+            buf.clear()
+            if not key:
+                raise MalformedXfccError("an empty key")
+        elif ch in ";,":
+            end_pair()
+            if ch == ",":
+                elements.append(pairs)
+                pairs = {}
+        else:
+            buf.append(ch)
+    if quoted or escaped:
+        raise MalformedXfccError("an unterminated quote or escape")
+    end_pair()
+    elements.append(pairs)
+    return elements
+
+
+def agent_from_xfcc(
+    value: str | None, *, trust_domain: str | None = None, namespace: str | None = None
+) -> str | None:
+    """The calling agent in Istio's ``X-Forwarded-Client-Cert``: the one ``URI`` of its
+    LAST element (the one the local proxy appended for the connection it accepted; earlier
+    elements came from further away and prove nothing). ``None`` when the value is
+    malformed (see :func:`parse_xfcc`) or names no agent of this mesh and namespace."""
     if not value:
         return None
-    last = _split_quoted(value, ",")[-1]
-    for pair in _split_quoted(last, ";"):
-        key, _, val = pair.partition("=")
-        if key.strip().lower() == "uri":
-            return agent_from_spiffe(val.strip().strip('"'))
-    return None
-
-
-def _split_quoted(value: str, sep: str) -> list[str]:
-    out: list[str] = []
-    current: list[str] = []
-    quoted = False
-    for ch in value:
-        if ch == '"':
-            quoted = not quoted
-        if ch == sep and not quoted:
-            out.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    out.append("".join(current))
-    return out
+    try:
+        last = parse_xfcc(value)[-1]
+    except MalformedXfccError as e:
+        logger.warning("ignored a malformed X-Forwarded-Client-Cert: %s", e)
+        return None
+    uri = last.get("uri")
+    if uri is None:
+        return None
+    return agent_from_spiffe(uri.strip(), trust_domain=trust_domain, namespace=namespace)
 
 
 # ---------------------------------------------------------------- the policy
@@ -507,11 +605,21 @@ class CallerPolicy:
         graph: PartnerLookup,
         callers: Callable[[], CallersSpec | None] = lambda: None,
         verifier: JwtVerifier | None = None,
+        mesh_trust_domain: str | None = None,
+        mesh_namespace: str | None = None,
     ) -> None:
         self.agent = resource_name(agent)
         self._graph = graph
         self._callers = callers
         self._verifier = verifier
+        self._trust_domain = mesh_trust_domain
+        self._namespace = mesh_namespace
+
+    def mesh_caller(self, xfcc: str | None) -> str | None:
+        """Istio mode: the calling agent named by the ``X-Forwarded-Client-Cert`` the local
+        proxy set (its last element), of this mesh's trust domain and this namespace when
+        they are configured; ``None`` when it names no agent or is malformed."""
+        return agent_from_xfcc(xfcc, trust_domain=self._trust_domain, namespace=self._namespace)
 
     def callers(self) -> CallersSpec:
         return self._callers() or CallersSpec()

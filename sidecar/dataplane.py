@@ -145,11 +145,14 @@ class DataPlane:
             min_refetch=settings.jwks_refetch_seconds,
             jwks_ttl=settings.jwks_ttl_seconds,
         )
+        self._tasks.append(asyncio.create_task(self.verifier.run(), name="jwks-refresh"))
         self.policy = CallerPolicy(
             agent=settings.agent_name,
             graph=graph,
             callers=self._own_callers,
             verifier=self.verifier,
+            mesh_trust_domain=settings.istio_trust_domain,
+            mesh_namespace=settings.namespace,
         )
         host, port = _host_port(settings.inbound)
         self.inbound = InboundServer(
@@ -159,6 +162,7 @@ class DataPlane:
             certificates=self.certificates,
             host=host,
             port=port,
+            require_identity=settings.istio,
         )
         await self.inbound.start()
         kind, host, port = parse_listen_address(settings.redis_proxy)
@@ -209,6 +213,7 @@ class DataPlane:
                 policy=self.policy,
                 certificates=self.certificates,
                 address=settings.inbound_grpc,
+                require_identity=settings.istio,
             )
             await self.grpc_inbound.start()
         await self._start_entry(router, grpc_router)

@@ -41,7 +41,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from specmesh.callers import CALLER_HEADER, CALLER_KEY, PRINCIPAL_HEADER, PRINCIPAL_KEY
 from specmesh.names import resource_name
 
-from .callers import CallerPolicy, CallerRefused
+from .callers import CARD_PATH, CallerPolicy, CallerRefused
 from .grpcproxy import (
     AUTHORIZATION_KEY,
     ChannelPool,
@@ -65,8 +65,6 @@ __all__ = ["CARD_PATH", "EntryServer", "GrpcEntry"]
 
 logger = logging.getLogger(__name__)
 
-CARD_PATH = "/.well-known/agent-card.json"
-"""The A2A agent card: the one path served without a token."""
 
 _DROPPED = (CALLER_HEADER, PRINCIPAL_HEADER, "Authorization")
 

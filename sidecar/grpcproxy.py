@@ -46,7 +46,7 @@ from cryptography import x509
 from specmesh.callers import CALLER_KEY, PRINCIPAL_KEY
 from specmesh.names import resource_name
 
-from .callers import CallerPolicy, CallerRefused, agent_from_xfcc
+from .callers import CallerPolicy, CallerRefused
 from .credentials import CredentialResolver, CredentialUnavailableError
 from .inbound import PartnerGraph
 from .mtls import TRUST_DOMAIN, AgentCertificates, agent_dns_name
@@ -285,9 +285,11 @@ class GrpcInbound:
         certificates: AgentCertificates | None,
         policy: CallerPolicy | None = None,
         address: str = "127.0.0.1:0",
+        require_identity: bool = False,
     ) -> None:
         self.agent = resource_name(agent_name)
         self.engine_grpc = engine_grpc
+        self._require_identity = require_identity
         if policy is None:
             if graph is None:
                 raise ValueError("GrpcInbound needs a policy or a partner graph")
@@ -374,13 +376,16 @@ class GrpcInbound:
                     self.policy.check_agent(caller)
                 metadata.append((CALLER_KEY, caller))
             else:
-                caller = agent_from_xfcc(first_value(incoming, XFCC_KEY))
+                caller = self.policy.mesh_caller(first_value(incoming, XFCC_KEY))
                 if caller is not None:
+                    self.policy.check_agent(caller)
                     metadata.append((CALLER_KEY, caller))
                 authorization = first_value(incoming, AUTHORIZATION_KEY)
                 metadata = [(k, v) for k, v in metadata if k != AUTHORIZATION_KEY]
                 if authorization:
                     metadata.append((PRINCIPAL_KEY, await self.policy.external(authorization)))
+                elif caller is None and self._require_identity:
+                    await self.policy.authenticate(None)  # neither an agent nor a token
         except CallerRefused as e:
             await abort_refused(context, e)
         return metadata

@@ -37,7 +37,7 @@ from specmesh.names import resource_name
 from specmesh.store import SpecStore
 from specmesh.watch import PrefixWatcher
 
-from .callers import CallerPolicy, CallerRefused, agent_from_xfcc
+from .callers import CARD_PATH, CallerPolicy, CallerRefused
 from .mtls import AgentCertificates, agent_from_cert
 from .relay import end_to_end_headers, relay
 
@@ -129,6 +129,7 @@ class InboundServer:
         port: int = 0,
         read_timeout: float = 300.0,
         tracer: trace.Tracer | None = None,
+        require_identity: bool = False,
     ) -> None:
         self._tracer = tracer or trace.get_tracer("specmesh.sidecar")
         self.agent = resource_name(agent_name)
@@ -139,6 +140,7 @@ class InboundServer:
             policy = CallerPolicy(agent=agent_name, graph=graph)
         self.policy = policy
         self._certs = certificates
+        self._require_identity = require_identity
         self.host = host
         self.port = port
         self.read_timeout = read_timeout
@@ -226,8 +228,9 @@ class InboundServer:
                 headers[CALLER_HEADER] = caller
                 span.set_attribute("specmesh.caller", caller)
             else:
-                caller = agent_from_xfcc(request.headers.get(XFCC_HEADER))
+                caller = self.policy.mesh_caller(request.headers.get(XFCC_HEADER))
                 if caller is not None:
+                    self.policy.check_agent(caller)
                     headers[CALLER_HEADER] = caller
                     span.set_attribute("specmesh.caller", caller)
                 authorization = headers.popall("Authorization", None)
@@ -235,6 +238,11 @@ class InboundServer:
                     principal = await self.policy.external(authorization[0])
                     headers[PRINCIPAL_HEADER] = principal
                     span.set_attribute("specmesh.principal", principal)
+                elif caller is None and self._require_identity and not _is_card(request):
+                    # Istio admitted the connection, but nothing names the caller: a pod
+                    # that reached this port around the mesh's policy (ambient mode's
+                    # waypoint), or a workload that is no agent, without a token
+                    await self.policy.authenticate(None)
         except CallerRefused as e:
             logger.warning(
                 "refused an inbound call to %s: %s",
@@ -263,3 +271,7 @@ class InboundServer:
                 status=502,
             )
         return await relay(request, upstream, downstream="caller")
+
+
+def _is_card(request: web.Request) -> bool:
+    return request.method in ("GET", "HEAD") and request.path == CARD_PATH

@@ -136,6 +136,14 @@ class SidecarSettings(BaseSettings):
 
     istio: bool = False
     """Istio mode (``SPECMESH_ISTIO``): Istio does mTLS, weights and ejection."""
+    istio_trust_domain: str = "cluster.local"
+    """Istio mode: the mesh's trust domain; an ``X-Forwarded-Client-Cert`` naming another
+    domain's workload names no agent (``SPECMESH_ISTIO_TRUST_DOMAIN``)."""
+    namespace: str | None = Field(
+        default=None, validation_alias=AliasChoices("SPECMESH_NAMESPACE", "POD_NAMESPACE")
+    )
+    """Istio mode: the agents' namespace (the chart passes the pod's); a caller of another
+    namespace names no agent. Unset: any namespace."""
     mtls: bool | None = None
     """Sidecar-made mTLS (``SPECMESH_MTLS``); default on, off in Istio mode."""
 

@@ -23,6 +23,7 @@ __all__ = [
     "ANONYMOUS_OWNER",
     "CALLER_HEADER",
     "CALLER_KEY",
+    "MAX_PRINCIPAL_LENGTH",
     "PRINCIPAL_HEADER",
     "PRINCIPAL_KEY",
     "check_principal_pattern",
@@ -44,6 +45,7 @@ ANONYMOUS_OWNER = "anonymous"
 """Owner of what a caller that no sidecar named creates (a direct loopback call)."""
 
 MAX_PRINCIPAL_LENGTH = 512
+"""Longest request principal ``<iss>/<sub>`` (and ``callers.principals`` pattern)."""
 
 
 def owner(*, caller: str | None, principal: str | None) -> str:

@@ -30,9 +30,11 @@ from specmesh.names import resource_name
 from specmesh.secrets import VaultRef
 
 __all__ = [
+    "AGENTS_TREE",
     "AGENT_TOKEN_PERIOD",
     "AGENT_TOKEN_ROLE",
     "CONTROL_PLANE_POLICY",
+    "CONTROL_PLANE_TREE",
     "KEPT_VERSIONS",
     "SUPERVISOR_POLICY",
     "VaultClient",
@@ -44,6 +46,7 @@ __all__ = [
     "control_plane_policy",
     "keep_token_alive",
     "kubernetes_login",
+    "reserved_tree",
     "supervisor_policy",
 ]
 
@@ -70,6 +73,24 @@ def agent_pki_role(agent: str) -> str:
     return f"specmesh-agent-{resource_name(agent)}"
 
 
+AGENTS_TREE = "specmesh/agents"
+"""Where each agent's own secrets live (``<tree>/<rn>/...``)."""
+CONTROL_PLANE_TREE = "specmesh/control-plane"
+"""The control plane's own secrets (its token-signing key): never an agent's to read."""
+
+
+def reserved_tree(path: str) -> str | None:
+    """Why ``path`` (a KV path) may never be given to agents beyond their own tree, or
+    ``None``: an agent's tree, or the control plane's."""
+    for tree, what in (
+        (AGENTS_TREE, "an agent's own tree"),
+        (CONTROL_PLANE_TREE, "the control plane's own tree"),
+    ):
+        if path == tree or path.startswith(f"{tree}/"):
+            return f"it lies in {what} ({tree}/)"
+    return None
+
+
 def agent_policy(
     agent: str,
     *,
@@ -90,14 +111,16 @@ def agent_policy(
     ]
     for m, p in sorted(set(shared or [])):
         ref = VaultRef.parse(f"vault://{m}/{p}#_")  # raises on anything but a plain path
-        if ref.path.startswith("specmesh/agents/"):
-            raise SecretError(f"refusing to share another agent's secret {m}/{p}")
+        reserved = reserved_tree(ref.path)
+        if reserved:
+            raise SecretError(f"refusing to share {m}/{p}: {reserved}")
         rules.append(f'path "{ref.mount}/data/{ref.path}" {{\n  capabilities = ["read"]\n}}')
     if infrastructure is not None:
         m, p = infrastructure
         ref = VaultRef.parse(f"vault://{m}/{p}#_")  # raises on anything but a plain path
-        if ref.path.startswith("specmesh/agents/"):
-            raise SecretError(f"refusing an agent's tree as infrastructure secret {m}/{p}")
+        reserved = reserved_tree(ref.path)
+        if reserved:
+            raise SecretError(f"refusing {m}/{p} as the agents' infrastructure secret: {reserved}")
         rules.append(f'path "{ref.mount}/data/{ref.path}" {{\n  capabilities = ["read"]\n}}')
     if pki_mount:
         rules.append(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from control_plane.settings import ControlPlaneSettings
 from specmesh.errors import SecretAccessDeniedError, SecretError, SpecError
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
@@ -158,6 +159,16 @@ async def test_agent_policy_reads_the_task_store_password_and_nothing_more(
         await as_helper.close()
 
 
-def test_an_agents_tree_is_refused_as_infrastructure_secret() -> None:
-    with pytest.raises(SecretError, match="agent's tree"):
+def test_an_agents_or_the_control_planes_tree_is_refused_as_infrastructure_secret() -> None:
+    with pytest.raises(SecretError, match="agent's own tree"):
         agent_policy("a", mount="secret", infrastructure=("secret", "specmesh/agents/b/x"))
+    with pytest.raises(SecretError, match="control plane's"):
+        agent_policy(
+            "a", mount="secret", infrastructure=("secret", "specmesh/control-plane/token-issuer")
+        )
+    with pytest.raises(SecretError, match="control plane's"):
+        agent_policy("a", mount="secret", shared=[("secret", "specmesh/control-plane/x")])
+    with pytest.raises(ValueError, match="control plane's"):
+        ControlPlaneSettings(
+            task_store_password="vault://secret/specmesh/control-plane/token-issuer#privateKeyPem"
+        )

@@ -7,6 +7,7 @@ weight 100 -> the canary instance answers, through its mTLS inbound)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -624,46 +625,69 @@ async def test_inbound_applies_callers_agents_on_both_bindings(inbound_rig: Inbo
 async def test_istio_inbound_verifies_tokens_and_takes_the_caller_from_xfcc(
     issuer: JwksIssuer,
 ) -> None:
+    """Istio mode: the caller is the agent the local proxy's XFCC element names (of this
+    trust domain and namespace, and admitted like a partner over mTLS); a token is verified
+    when sent; a call naming neither is refused (a pod that went around the mesh's policy),
+    and an XFCC a client shaped to hide the proxy's element names nobody."""
     holder = SnapshotHolder()
     await holder.set(_snapshot(AGENT, principals=[ALICE]), etcd_revision=1)
     verifier = JwtVerifier(issuers=[issuer.config()], agent=AGENT)
     policy = CallerPolicy(
         agent=AGENT,
-        graph=InMemoryPartnerGraph({}),
+        graph=InMemoryPartnerGraph({"partner-a": [AGENT], "victim": [AGENT]}),
         callers=lambda: holder.current.spec.base.callers if holder.current else None,
         verifier=verifier,
+        mesh_trust_domain="cluster.local",
+        mesh_namespace="default",
     )
     runner = ScriptedRunner()
     config = ServerConfig(agent_name=AGENT, http_port=0, grpc_port=0, drain_timeout=2.0)
     forged = "By=x;URI=spiffe://cluster.local/ns/default/sa/specmesh-agent-forged"
-    real = "By=y;URI=spiffe://cluster.local/ns/default/sa/specmesh-agent-partner-a"
+    real = (
+        'By=y;Hash=ab;Subject="";URI=spiffe://cluster.local/ns/default/sa/specmesh-agent-partner-a'
+    )
+    shaped = 'URI=spiffe://cluster.local/ns/default/sa/specmesh-agent-victim;X="'
+    elsewhere = "By=y;URI=spiffe://cluster.local/ns/other/sa/specmesh-agent-victim"
     async with (
         verifier,
         EngineServer(runner=runner, config=config) as engine,
         InboundServer(
-            agent_name=AGENT, engine_http=engine.http_url, policy=policy, certificates=None
+            agent_name=AGENT,
+            engine_http=engine.http_url,
+            policy=policy,
+            certificates=None,
+            require_identity=True,
         ) as inbound,
         GrpcInbound(
-            agent_name=AGENT, engine_grpc=engine.grpc_target, policy=policy, certificates=None
+            agent_name=AGENT,
+            engine_grpc=engine.grpc_target,
+            policy=policy,
+            certificates=None,
+            require_identity=True,
         ) as grpc_inbound,
         aiohttp.ClientSession() as http,
         grpc.aio.insecure_channel(grpc_inbound.target) as channel,
     ):
-        headers = {
-            "A2A-Version": "1.0",
-            "X-Forwarded-Client-Cert": f"{forged},{real}",
-            "Authorization": f"Bearer {issuer.token()}",
-            CALLER_HEADER: "forged",
-        }
-        async with http.post(inbound.url + "/", json=_rpc_send("istio"), headers=headers) as r:
-            assert r.status == 200
-        async with http.post(
-            inbound.url + "/", json=_rpc_send("no token"), headers={"A2A-Version": "1.0"}
-        ) as r:
-            assert r.status == 200  # Istio decides who may connect; no token, no principal
-        bad = {"A2A-Version": "1.0", "Authorization": f"Bearer {issuer.token(aud='x')}"}
-        async with http.post(inbound.url + "/", json=_rpc_send("bad"), headers=bad) as r:
-            refused = (r.status, (await r.json())["error"]["message"])
+        v1 = {"A2A-Version": "1.0"}
+
+        async def post(text: str, headers: dict[str, str]) -> tuple[int, Any]:
+            async with http.post(
+                inbound.url + "/", json=_rpc_send(text), headers={**v1, **headers}
+            ) as r:
+                return r.status, await r.json()
+
+        token = {"Authorization": f"Bearer {issuer.token()}"}
+        xfcc = "X-Forwarded-Client-Cert"
+        sent = await post("istio", {xfcc: f"{forged},{real}", CALLER_HEADER: "forged", **token})
+        assert sent[0] == 200
+        assert (await post("partner alone", {xfcc: real}))[0] == 200
+        nobody = await post("no token", {})
+        shaped_alone = await post("shaped", {xfcc: f"{shaped},{real}"})
+        shaped_token = await post("shaped with token", {xfcc: f"{shaped},{real}", **token})
+        other_ns = await post("other namespace", {xfcc: elsewhere})
+        bad = await post("bad", {"Authorization": f"Bearer {issuer.token(aud='x')}"})
+        async with http.get(inbound.url + "/.well-known/agent-card.json", headers=v1) as r:
+            card_status = r.status
         call = channel.unary_unary(f"/{A2A_SERVICE}/SendMessage")
         await call(
             _message("istio grpc").SerializeToString(),
@@ -674,19 +698,35 @@ async def test_istio_inbound_verifies_tokens_and_takes_the_caller_from_xfcc(
             ],
             timeout=WAIT,
         )
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await call(
-                _message("bad grpc").SerializeToString(),
-                metadata=[("authorization", f"Bearer {issuer.token('bob')}")],
-                timeout=WAIT,
-            )
-    assert refused[0] == 401 and "wrong audience" in refused[1]
-    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert [r.text for r in runner.requests] == ["istio", "no token", "istio grpc"]
-    first, second, third = runner.requests
-    assert (first.headers[CALLER_KEY], first.headers[PRINCIPAL_KEY]) == ("partner-a", ALICE)
-    assert CALLER_KEY not in second.headers and PRINCIPAL_KEY not in second.headers
-    assert (third.headers[CALLER_KEY], third.headers[PRINCIPAL_KEY]) == ("partner-a", ALICE)
+        refusals = []
+        for metadata in (
+            [("authorization", f"Bearer {issuer.token('bob')}")],
+            [],
+            [("x-forwarded-client-cert", f"{shaped},{real}")],
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call(_message("refused").SerializeToString(), metadata=metadata, timeout=WAIT)
+            refusals.append(info.value.code())
+    assert nobody[0] == 401 and nobody[1]["error"]["status"] == "UNAUTHENTICATED"
+    assert shaped_alone[0] == 401  # the shaped XFCC names nobody: no agent, no token
+    assert shaped_token[0] == 200
+    assert other_ns[0] == 401
+    assert bad[0] == 401 and "wrong audience" in bad[1]["error"]["message"]
+    assert card_status == 200  # the card needs no identity
+    assert refusals == [
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.UNAUTHENTICATED,
+    ]
+    texts = [r.text for r in runner.requests]
+    assert texts == ["istio", "partner alone", "shaped with token", "istio grpc"]
+    by_text = {r.text: r.headers for r in runner.requests}
+    assert (by_text["istio"][CALLER_KEY], by_text["istio"][PRINCIPAL_KEY]) == ("partner-a", ALICE)
+    assert by_text["partner alone"][CALLER_KEY] == "partner-a"
+    assert CALLER_KEY not in by_text["shaped with token"]
+    assert by_text["shaped with token"][PRINCIPAL_KEY] == ALICE
+    grpc_headers = by_text["istio grpc"]
+    assert (grpc_headers[CALLER_KEY], grpc_headers[PRINCIPAL_KEY]) == ("partner-a", ALICE)
 
 
 # ---------------------------------------------------------------- JWKS fetching
@@ -721,3 +761,45 @@ async def test_jwks_is_cached_and_refetched_for_a_new_kid_at_most_every_few_seco
             with pytest.raises(CallerRefused):
                 await policy.authenticate(f"Bearer {issuer.token()}")
         assert issuer.fetches == 2
+
+
+async def test_keys_fetched_in_the_background_verify_tokens_while_the_issuer_is_down(
+    issuer: JwksIssuer,
+) -> None:
+    """The verifier fetches every issuer's JWKS as it starts, not at the first token: an
+    issuer (the control plane) that goes away before any token arrives leaves the keys."""
+    verifier = JwtVerifier(issuers=[issuer.config()], agent=AGENT, min_refetch=0.1)
+    policy = CallerPolicy(
+        agent=AGENT, graph=InMemoryPartnerGraph({}), callers=lambda: None, verifier=verifier
+    )
+    async with verifier:
+        refresher = asyncio.create_task(verifier.run())
+        try:
+            for _ in range(100):
+                if issuer.fetches:
+                    break
+                await asyncio.sleep(0.05)
+            assert issuer.fetches >= 1
+            assert issuer.runner is not None
+            await issuer.runner.cleanup()  # the issuer is gone
+            assert await policy.authenticate(f"Bearer {issuer.token()}") == ALICE
+        finally:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+
+
+async def test_a_subject_that_is_no_usable_principal_is_refused_and_untrusted_values_bounded(
+    issuer: JwksIssuer,
+) -> None:
+    verifier = JwtVerifier(issuers=[issuer.config()], agent=AGENT)
+    policy = CallerPolicy(
+        agent=AGENT, graph=InMemoryPartnerGraph({}), callers=lambda: None, verifier=verifier
+    )
+    async with verifier:
+        for sub in ("al\r\nice", "al ice", "a" * 600):
+            with pytest.raises(CallerRefused, match="not a usable principal"):
+                await policy.authenticate(f"Bearer {issuer.token(sub)}")
+        with pytest.raises(CallerRefused) as info:
+            await policy.authenticate(f"Bearer {issuer.token(iss='x' * 5000)}")
+    assert "is not trusted" in info.value.message and len(info.value.message) < 200

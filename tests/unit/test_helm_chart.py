@@ -610,7 +610,7 @@ def test_a_shared_task_store_password_in_an_agents_tree_is_refused(
         helm_python.HelmRenderError, match=r"taskStore\.passwordRef: .* agent's tree"
     ):
         chart.render(values, name=RELEASE, namespace=NAMESPACE)
-    with pytest.raises(ValueError, match="must not lie in an agent's tree"):
+    with pytest.raises(ValueError, match="lies in an agent's own tree"):
         ControlPlaneSettings(task_store_password=values["taskStore"]["passwordRef"])
 
 

@@ -18,10 +18,12 @@ from sidecar.callers import (
     CallerRefused,
     JwtIssuer,
     JwtVerifier,
+    MalformedXfccError,
     agent_from_spiffe,
     agent_from_xfcc,
     bearer_token,
     parse_issuers,
+    parse_xfcc,
 )
 from sidecar.inbound import InMemoryPartnerGraph
 from sidecar.settings import SidecarSettings
@@ -221,6 +223,28 @@ def test_spiffe_and_xfcc() -> None:
     assert agent_from_xfcc(f"{forged},{real}") == "caller-a"  # only the last element counts
     assert agent_from_xfcc(f"{real},Hash=cd") is None
     assert agent_from_xfcc(None) is None
+
+
+def test_an_xfcc_shaped_to_hide_the_proxys_element_names_nobody() -> None:
+    """A client's own XFCC with an open quote would swallow the element the local proxy
+    appends; the strict parser refuses the whole value (and a second URI in one element)."""
+    victim = "URI=spiffe://cluster.local/ns/x/sa/specmesh-agent-victim"
+    real = 'By=spiffe://cluster.local/ns/x/sa/specmesh-agent-me;Hash=ab;Subject="";URI=spiffe://cluster.local/ns/x/sa/specmesh-agent-caller-a'
+    assert agent_from_xfcc(f'{victim};X=",{real}') is None
+    assert agent_from_xfcc(f'{victim};X=\\",{real}') is None
+    assert agent_from_xfcc(f"{real};{victim}") is None  # two URIs in the last element
+    with pytest.raises(MalformedXfccError, match="unterminated"):
+        parse_xfcc('a="b')
+    assert parse_xfcc('Subject="CN=a,O=\\"b\\"";URI=u') == [{"subject": 'CN=a,O="b"', "uri": "u"}]
+
+
+def test_an_istio_caller_must_be_of_this_trust_domain_and_namespace() -> None:
+    uri = "spiffe://cluster.local/ns/agents/sa/specmesh-agent-caller-a"
+    assert agent_from_spiffe(uri, trust_domain="cluster.local", namespace="agents") == "caller-a"
+    assert agent_from_spiffe(uri, trust_domain="evil.td") is None
+    assert agent_from_spiffe(uri, namespace="other") is None
+    assert agent_from_spiffe("spiffe://cluster.local/ns/a/sa/specmesh-agent-Not_A_Name") is None
+    assert agent_from_spiffe("spiffe://specmesh.local/agent/") is None
 
 
 # ---------------------------------------------------------------- configuration

@@ -324,14 +324,17 @@ only through its sidecar's task-store proxy, on this loopback address, and holds
 {{- end }}
 
 {{/*
-Refuses taskStore values the schema cannot: a shared password inside an agent's tree (the
-control plane's SPECMESH_TASK_STORE_PASSWORD refuses it: every agent's policy would read
-that agent's secrets).
+Refuses taskStore values the schema cannot: a shared password inside an agent's tree or the
+control plane's (the control plane's SPECMESH_TASK_STORE_PASSWORD refuses both: every
+agent's policy would read that agent's secrets, or the token-signing key).
 */}}
 {{- define "specmesh.checkTaskStore" -}}
 {{- $ts := .Values.taskStore -}}
 {{- if and $ts.passwordRef (regexMatch "^vault://[^/]+/specmesh/agents/" $ts.passwordRef) -}}
 {{- fail (printf "taskStore.passwordRef: %q lies in an agent's tree (specmesh/agents/...), which every agent would then read; put the shared password elsewhere (e.g. vault://%s/specmesh/infra/task-store#password), or set taskStore.perAgentUser for one password per agent" $ts.passwordRef .Values.vault.kvMount) -}}
+{{- end -}}
+{{- if and $ts.passwordRef (regexMatch "^vault://[^/]+/specmesh/control-plane(/|#)" $ts.passwordRef) -}}
+{{- fail (printf "taskStore.passwordRef: %q lies in the control plane's own tree (specmesh/control-plane/, its token-signing key), which no agent may read; put the shared password elsewhere (e.g. vault://%s/specmesh/infra/task-store#password)" $ts.passwordRef .Values.vault.kvMount) -}}
 {{- end -}}
 {{- end }}
 
