@@ -340,6 +340,9 @@ def test_an_external_client_finds_the_entry_by_its_card_and_uses_every_binding(
     }
     assert instance["a2a"].rstrip("/") not in {u.rstrip("/") for u in urls.values()}
     assert card.security_schemes["bearer"].http_auth_security_scheme.scheme == "Bearer"
+    # the entry serves the same card to anyone, without a token (discovery)
+    public = requests.get(f"{instance['entry']}/.well-known/agent-card.json", timeout=30)
+    assert public.status_code == 200 and card_from(public.json()) == card
 
     for binding in BINDINGS:
         seen = asyncio.run(asyncio.wait_for(_conversation(card, binding), 120))
