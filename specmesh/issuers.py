@@ -48,7 +48,9 @@ _WIRE_FIELDS = ("issuer", "jwksUri", "jwks", "audiences")
 class JwtIssuer(BaseModel):
     """One trusted token issuer (an entry of ``SPECMESH_JWT_ISSUERS``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, use_attribute_docstrings=True
+    )
 
     issuer: str
     """The tokens' ``iss`` claim (no whitespace: it starts every request principal)."""
@@ -96,8 +98,8 @@ class JwtIssuer(BaseModel):
             raise ValueError("must be a list of non-empty strings")
         if not value:
             raise ValueError(
-                f"must name at least one audience (omit it for the default "
-                f"['{AGENT_PLACEHOLDER}']); an empty list would admit any audience"
+                "must name at least one audience: an empty list would admit any audience "
+                f"(omit audiences for the default ['{AGENT_PLACEHOLDER}'])"
             )
         return tuple(value)
 
