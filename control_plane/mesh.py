@@ -7,8 +7,9 @@ Per agent:
   (:data:`specmesh.k8s.LABEL_TRACK`, the label the Helm chart puts on pods), the
   release's ``outlierDetection`` and ``connectionPool``, ``ISTIO_MUTUAL`` TLS;
 * **AuthorizationPolicy** -- ALLOW (see *Who may call* below);
-* **RequestAuthentication** -- the trusted JWT issuers (:attr:`MeshSettings.jwt_issuers`),
-  each with its ``audiences`` (``{agent}`` -> the agent's resource name) and
+* **RequestAuthentication** -- the trusted JWT issuers (:attr:`MeshSettings.jwt_issuers`,
+  :mod:`specmesh.issuers`), each with its ``audiences`` from
+  :meth:`~specmesh.issuers.JwtIssuer.audiences_for` -- the list the sidecar accepts -- and
   ``forwardOriginalToken: true`` (the sidecar verifies the token again); rendered when at
   least one issuer is configured.
 
@@ -125,6 +126,7 @@ import yaml
 from control_plane.gatewayapi import CRDS_PATH as GATEWAY_API_CRDS_PATH
 from control_plane.istio import CRDS_PATH
 from specmesh.errors import SpecmeshError
+from specmesh.issuers import JwtIssuer
 from specmesh.k8s import (
     A2A_GRPC_PORT,
     A2A_HTTP_PORT,
@@ -140,13 +142,10 @@ from specmesh.spec.models import CallersSpec, ReleaseSpec
 
 __all__ = [
     "AGENT_CARD_PATH",
-    "AGENT_PLACEHOLDER",
     "IstioValidator",
-    "JwtIssuer",
     "MeshObjectError",
     "MeshSettings",
     "admitted_agents",
-    "parse_jwt_issuers",
     "render_agent",
     "render_mesh",
     "render_namespace",
@@ -167,67 +166,6 @@ class MeshObjectError(SpecmeshError):
 
 AGENT_CARD_PATH = "/.well-known/agent-card.json"
 """The agent card's path: readable without a token."""
-AGENT_PLACEHOLDER = "{agent}"
-"""An issuer audience that stands for the agent's resource name."""
-
-
-@dataclass(frozen=True)
-class JwtIssuer:
-    """A trusted JWT issuer (one entry of ``SPECMESH_JWT_ISSUERS``)."""
-
-    issuer: str
-    """The tokens' ``iss`` claim."""
-    jwks_uri: str | None = None
-    """Where its public keys are (``jwksUri``)."""
-    jwks: Mapping[str, Any] | None = None
-    """Its public keys inline (a JWK Set), instead of ``jwks_uri``."""
-    audiences: tuple[str, ...] = ()
-    """Accepted ``aud`` values (:data:`AGENT_PLACEHOLDER` = the agent's resource name);
-    empty: any."""
-
-    def audiences_for(self, agent: str) -> list[str]:
-        rn = resource_name(agent)
-        return list(dict.fromkeys(rn if a == AGENT_PLACEHOLDER else a for a in self.audiences))
-
-
-def parse_jwt_issuers(text: str) -> tuple[JwtIssuer, ...]:
-    """Read ``SPECMESH_JWT_ISSUERS``: a JSON list of ``{"issuer": str, "jwksUri": str |
-    null, "jwks": {...} | null, "audiences": [str]}`` (empty text: none). Raises
-    :class:`ValueError` naming the entry and field that is wrong."""
-    if not text.strip():
-        return ()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"SPECMESH_JWT_ISSUERS: not JSON ({e})") from e
-    if not isinstance(data, list):
-        raise ValueError("SPECMESH_JWT_ISSUERS: must be a JSON list of issuers")
-    out: list[JwtIssuer] = []
-    for i, entry in enumerate(data):
-        where = f"SPECMESH_JWT_ISSUERS[{i}]"
-        if not isinstance(entry, dict):
-            raise ValueError(f"{where}: must be an object")
-        unknown = set(entry) - {"issuer", "jwksUri", "jwks", "audiences"}
-        if unknown:
-            raise ValueError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-        issuer, uri, jwks = entry.get("issuer"), entry.get("jwksUri"), entry.get("jwks")
-        audiences = entry.get("audiences") or []
-        if not isinstance(issuer, str) or not issuer:
-            raise ValueError(f"{where}.issuer: must be a non-empty string")
-        if uri is not None and (
-            not isinstance(uri, str) or urllib.parse.urlsplit(uri).scheme not in ("http", "https")
-        ):
-            raise ValueError(f"{where}.jwksUri: must be an http:// or https:// URL")
-        if jwks is not None and not (isinstance(jwks, dict) and isinstance(jwks.get("keys"), list)):
-            raise ValueError(f'{where}.jwks: must be a JWK Set ({{"keys": [...]}})')
-        if uri is not None and jwks is not None:
-            raise ValueError(f"{where}: set jwksUri or jwks, not both")
-        if not isinstance(audiences, list) or not all(isinstance(a, str) and a for a in audiences):
-            raise ValueError(f"{where}.audiences: must be a list of non-empty strings")
-        if any(o.issuer == issuer for o in out):
-            raise ValueError(f"{where}.issuer: {issuer!r} is listed twice")
-        out.append(JwtIssuer(issuer=issuer, jwks_uri=uri, jwks=jwks, audiences=tuple(audiences)))
-    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -549,9 +487,8 @@ def _request_authentication(agent: str, settings: MeshSettings) -> Obj:
             rule["jwksUri"] = issuer.jwks_uri
         elif issuer.jwks is not None:
             rule["jwks"] = json.dumps(issuer.jwks, sort_keys=True)
-        audiences = issuer.audiences_for(agent)
-        if audiences:
-            rule["audiences"] = audiences
+        # never empty (Istio would take any audience): the sidecar's list, to the letter
+        rule["audiences"] = issuer.audiences_for(agent)
         rule["forwardOriginalToken"] = True
         rules.append(rule)
     return {

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from control_plane.istio import CRDS_PATH
-from control_plane.mesh import MeshSettings, parse_jwt_issuers
+from control_plane.mesh import MeshSettings
 from specmesh.addresses import parse_table
+from specmesh.issuers import JwtIssuer, parse_jwt_issuers
 
 __all__ = ["ControlPlaneSettings", "KubernetesRuntimeSettings"]
 
@@ -71,6 +72,10 @@ class ControlPlaneSettings(BaseSettings):
     """Istio CRD file used to validate objects before publishing; by default the vendored
     schemas (``control_plane/istio/crd-all.gen.yaml``)."""
     mesh_namespace: str = "specmesh"
+    mesh_trust_domain: str = "cluster.local"
+    """The mesh's trust domain (``SPECMESH_MESH_TRUST_DOMAIN``; the chart's
+    ``istio.trustDomain``, which the sidecars check callers against too): the SPIFFE
+    identities of partner agents in their AuthorizationPolicies."""
     otlp_listen: str = "127.0.0.1:4318"
     """OTLP/HTTP trace receiver (``POST /v1/traces``), host:port; empty to turn it off."""
     otlp_forward_url: str | None = None
@@ -88,10 +93,11 @@ class ControlPlaneSettings(BaseSettings):
     """The agents' route objects (``SPECMESH_MESH_ROUTES``): Istio VirtualService with
     DestinationRule subsets, or Gateway API HTTPRoute/GRPCRoute over per-track Services
     (ambient mode; the chart's ``istio.routes``)."""
-    jwt_issuers: str = ""
-    """The JWT issuers the agents trust (``SPECMESH_JWT_ISSUERS``, the sidecars' format: a
-    JSON list of ``{"issuer", "jwksUri", "jwks", "audiences"}``): rendered into every
-    agent's Istio RequestAuthentication. The chart sets the same list here and on the
+    jwt_issuers: Annotated[tuple[JwtIssuer, ...], NoDecode] = ()
+    """The JWT issuers the agents trust (``SPECMESH_JWT_ISSUERS``, read by
+    :func:`specmesh.issuers.parse_jwt_issuers` exactly as the sidecars read it: a JSON list
+    of ``{"issuer", "jwksUri" | "jwks", "audiences"}``): rendered into every agent's Istio
+    RequestAuthentication. The chart sets the same list here and on the
     sidecars, the control plane's own issuer first."""
     runtime: Literal["none", "local", "kubernetes"] = "none"
     """Where the controller runs the agents (``SPECMESH_RUNTIME``): nowhere (the specs are
@@ -115,17 +121,17 @@ class ControlPlaneSettings(BaseSettings):
         parse_table(value)
         return value
 
-    @field_validator("jwt_issuers")
+    @field_validator("jwt_issuers", mode="before")
     @classmethod
-    def _issuers(cls, value: str) -> str:
-        parse_jwt_issuers(value)
-        return value
+    def _issuers(cls, value: Any) -> tuple[JwtIssuer, ...]:
+        return parse_jwt_issuers(value)
 
     def mesh(self) -> MeshSettings:
         """How the mesh publisher renders the agents' Istio objects."""
         return MeshSettings(
             namespace=self.mesh_namespace,
-            jwt_issuers=parse_jwt_issuers(self.jwt_issuers),
+            trust_domain=self.mesh_trust_domain,
+            jwt_issuers=self.jwt_issuers,
             routes=self.mesh_routes,
         )
 

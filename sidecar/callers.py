@@ -7,9 +7,9 @@ The HTTP and gRPC listeners (entry and inbound) ask :class:`CallerPolicy` and no
   agent's ``base.callers.agents`` holds ``"*"`` or its name;
 * :meth:`CallerPolicy.authenticate` -- an external client's ``Authorization: Bearer <JWT>``
   is verified by :class:`JwtVerifier` against the configured issuers
-  (``SPECMESH_JWT_ISSUERS``): asymmetric signature with a key of the issuer's JWKS,
-  ``exp``/``nbf`` with a small leeway, an audience of the issuer's list (``{agent}`` is this
-  agent's resource name). The caller's request principal is ``<iss>/<sub>``;
+  (``SPECMESH_JWT_ISSUERS``, :mod:`specmesh.issuers`): asymmetric signature with a key of
+  the issuer's JWKS, ``exp``/``nbf`` with a small leeway, an audience of the issuer's list
+  (``{agent}`` is this agent's resource name). The caller's request principal is ``<iss>/<sub>``;
 * :meth:`CallerPolicy.check_principal` -- a principal may call when a pattern of
   ``base.callers.principals`` matches it (:func:`specmesh.callers.principal_matches`).
 
@@ -22,10 +22,9 @@ name what is wrong; a token is never logged, echoed or put on a span.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -34,28 +33,25 @@ import jwt
 from aiohttp import web
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped]
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from specmesh.callers import MAX_PRINCIPAL_LENGTH, principal_matches
+from specmesh.issuers import JwtIssuer
 from specmesh.names import resource_name
 from specmesh.spec.models import CallersSpec
 
 from .mtls import TRUST_DOMAIN
 
 __all__ = [
-    "AGENT_PLACEHOLDER",
     "ALLOWED_ALGORITHMS",
     "CARD_PATH",
     "CallerPolicy",
     "CallerRefused",
-    "JwtIssuer",
     "JwtVerifier",
     "MalformedXfccError",
     "PartnerLookup",
     "agent_from_spiffe",
     "agent_from_xfcc",
     "bearer_token",
-    "parse_issuers",
     "parse_xfcc",
 ]
 
@@ -64,8 +60,6 @@ logger = logging.getLogger(__name__)
 CARD_PATH = "/.well-known/agent-card.json"
 """The A2A agent card: the one path an entry serves without a token."""
 
-AGENT_PLACEHOLDER = "{agent}"
-"""An audience entry replaced by the agent's resource name."""
 ALLOWED_ALGORITHMS = frozenset(
     {
         "RS256",
@@ -89,57 +83,6 @@ _RPC_CODE: dict[str, int] = {
     "UNAUTHENTICATED": code_pb2.UNAUTHENTICATED,
     "PERMISSION_DENIED": code_pb2.PERMISSION_DENIED,
 }
-
-
-# ---------------------------------------------------------------- configuration
-
-
-class JwtIssuer(BaseModel):
-    """One trusted token issuer (an entry of ``SPECMESH_JWT_ISSUERS``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    issuer: str = Field(min_length=1)
-    """The tokens' ``iss`` claim."""
-    jwks_uri: str | None = Field(default=None, alias="jwksUri")
-    """Where the issuer's public keys are (fetched, cached, refetched on an unknown ``kid``)."""
-    jwks: dict[str, Any] | None = None
-    """The public keys inline (a JWK Set: ``{"keys": [...]}``), instead of ``jwksUri``."""
-    audiences: list[str] = Field(default_factory=lambda: [AGENT_PLACEHOLDER])
-    """Accepted ``aud`` values; ``{agent}`` is this agent's resource name."""
-
-    @field_validator("audiences")
-    @classmethod
-    def _audiences(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError("must name at least one audience (e.g. '{agent}')")
-        return value
-
-    @model_validator(mode="after")
-    def _one_key_source(self) -> JwtIssuer:
-        if (self.jwks_uri is None) == (self.jwks is None):
-            raise ValueError(f"issuer {self.issuer!r}: set exactly one of jwksUri and jwks")
-        return self
-
-
-def parse_issuers(value: str | Sequence[Mapping[str, Any]] | None) -> list[JwtIssuer]:
-    """``SPECMESH_JWT_ISSUERS`` (JSON text or already parsed) -> issuers; ``ValueError``
-    naming the entry that is wrong."""
-    if value is None or value == "":
-        return []
-    raw = json.loads(value) if isinstance(value, str) else value
-    if not isinstance(raw, list):
-        raise ValueError("must be a JSON list of {issuer, jwksUri | jwks, audiences}")
-    out: list[JwtIssuer] = []
-    for i, item in enumerate(raw):
-        try:
-            out.append(JwtIssuer.model_validate(item))
-        except ValueError as e:
-            raise ValueError(f"entry {i}: {e}") from e
-    issuers = [i.issuer for i in out]
-    if len(set(issuers)) != len(issuers):
-        raise ValueError("an issuer is listed twice")
-    return out
 
 
 # ---------------------------------------------------------------- refusals
@@ -291,7 +234,9 @@ class JwtVerifier:
             self._session = None
 
     def audiences(self, issuer: JwtIssuer) -> list[str]:
-        return [self.agent if a == AGENT_PLACEHOLDER else a for a in issuer.audiences]
+        """The audiences a token of ``issuer`` may name for this agent (the very list the
+        control plane renders into its RequestAuthentication)."""
+        return issuer.audiences_for(self.agent)
 
     async def verify(self, token: str) -> str:
         """The request principal ``<iss>/<sub>`` of a valid token; raises

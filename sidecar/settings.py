@@ -11,14 +11,14 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from sidecar.callers import JwtIssuer
 from specmesh.addresses import parse_table
 from specmesh.errors import SecretError
+from specmesh.issuers import JwtIssuer, parse_jwt_issuers
 from specmesh.keys import Keys
 from specmesh.names import check_logical_name, resource_name
 from specmesh.secrets import VaultRef
@@ -68,10 +68,12 @@ class SidecarSettings(BaseSettings):
     entry_grpc: str | None = None
     """The agent's public A2A gRPC entry (``SPECMESH_ENTRY_GRPC``, ``host:port``, plaintext,
     bearer token); off when unset, and in Istio mode."""
-    jwt_issuers: list[JwtIssuer] = []
-    """Trusted bearer-token issuers (``SPECMESH_JWT_ISSUERS``): a JSON list of ``{"issuer",
-    "jwksUri" | "jwks", "audiences"}``; an audience ``{agent}`` is this agent's resource
-    name. A token of an issuer not listed is refused; empty: every token is refused."""
+    jwt_issuers: Annotated[tuple[JwtIssuer, ...], NoDecode] = ()
+    """Trusted bearer-token issuers (``SPECMESH_JWT_ISSUERS``, read by
+    :func:`specmesh.issuers.parse_jwt_issuers`, the control plane's rule too): a JSON list
+    of ``{"issuer", "jwksUri" | "jwks", "audiences"}``; ``audiences`` defaults to
+    ``["{agent}"]``, this agent's resource name. A token of an issuer not listed is refused;
+    empty: every token is refused."""
     jwt_leeway_seconds: float = Field(default=30.0, ge=0, le=300)
     """Clock skew allowed when checking a token's ``exp``/``nbf``/``iat``."""
     jwks_refetch_seconds: float = Field(default=5.0, ge=0.1, le=3600)
@@ -181,13 +183,10 @@ class SidecarSettings(BaseSettings):
         parse_table(value)
         return value
 
-    @field_validator("jwt_issuers")
+    @field_validator("jwt_issuers", mode="before")
     @classmethod
-    def _issuers(cls, value: list[JwtIssuer]) -> list[JwtIssuer]:
-        names = [i.issuer for i in value]
-        if len(set(names)) != len(names):
-            raise ValueError("an issuer is listed twice")
-        return value
+    def _issuers(cls, value: Any) -> tuple[JwtIssuer, ...]:
+        return parse_jwt_issuers(value)
 
     @field_validator("agent_name")
     @classmethod

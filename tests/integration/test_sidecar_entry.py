@@ -29,7 +29,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from engine.server import EngineServer, ServerConfig
 from engine.testing import ScriptedRunner
-from sidecar.callers import CallerPolicy, CallerRefused, JwtIssuer, JwtVerifier
+from sidecar.callers import CallerPolicy, CallerRefused, JwtVerifier
 from sidecar.entry import CARD_PATH, EntryServer, GrpcEntry
 from sidecar.grpcproxy import A2A_SERVICE, GrpcInbound, GrpcInstanceSource
 from sidecar.inbound import InboundServer, InMemoryPartnerGraph
@@ -38,6 +38,7 @@ from sidecar.registry import Instance
 from sidecar.router import InMemoryInstanceSource, InMemoryReleaseSource, Router
 from sidecar.state import SnapshotHolder
 from specmesh.callers import CALLER_HEADER, CALLER_KEY, PRINCIPAL_HEADER, PRINCIPAL_KEY
+from specmesh.issuers import JwtIssuer
 from specmesh.services import free_port
 from specmesh.snapshot import PromptBundle, ResolvedSnapshot
 from specmesh.spec.models import AgentSpec, ReleaseSpec
@@ -85,7 +86,7 @@ class JwksIssuer:
         self.jwks_uri = f"http://127.0.0.1:{port}/jwks.json"
 
     def config(self) -> JwtIssuer:
-        return JwtIssuer(issuer=ISSUER, jwks_uri=self.jwks_uri, audiences=["{agent}"])
+        return JwtIssuer(issuer=ISSUER, jwks_uri=self.jwks_uri, audiences=("{agent}",))
 
     def token(self, sub: str = "alice", **claims: Any) -> str:
         now = int(time.time())

@@ -11,7 +11,9 @@ really renders.
 from __future__ import annotations
 
 import copy
+import json
 import os
+import re
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,9 +28,7 @@ from pydantic_settings import BaseSettings
 from control_plane.istio import CRDS_PATH
 from control_plane.mesh import (
     IstioValidator,
-    JwtIssuer,
     MeshSettings,
-    parse_jwt_issuers,
     render_agent,
     render_mesh,
 )
@@ -36,6 +36,7 @@ from control_plane.settings import ControlPlaneSettings
 from engine.main import ServeSettings
 from engine.tasks import DEFAULT_RETENTION_SECONDS
 from sidecar.settings import SidecarSettings
+from specmesh.issuers import JwtIssuer, parse_jwt_issuers
 from specmesh.k8s import (
     A2A_GRPC_PORT,
     A2A_HTTP_PORT,
@@ -546,6 +547,16 @@ BAD_VALUES = [
         "/jwt/issuers/0",
     ),
     ("jwt.issuers", [{"issuer": "a", "audience": "x"}], "/jwt/issuers/0"),
+    # an empty audience list would mean "any audience" to Istio: refused (omit it instead)
+    (
+        "jwt.issuers",
+        [{"issuer": "a", "jwksUri": "https://k", "audiences": []}],
+        "at '/jwt/issuers/0/audiences': minItems: got 0, want 1",
+    ),
+    ("jwt.controlPlaneAudiences", [], "at '/jwt/controlPlaneAudiences': minItems: got 0"),
+    ("jwt.issuers", [{"issuer": "a"}], "at '/jwt/issuers/0': 'anyOf' failed"),
+    ("jwt.issuers", [{"issuer": "a", "jwksUri": None}], "at '/jwt/issuers/0': 'anyOf' failed"),
+    ("istio.trustDomain", "", "/istio/trustDomain"),
     ("otel.protocol", "udp", "/otel/protocol"),
     ("image.digest", "latest", "/image/digest"),
     ("taskStore.upstream", "http://redis:6379", "/taskStore/upstream"),
@@ -758,6 +769,64 @@ def test_jwt_issuers_reach_the_sidecars_and_the_control_plane(chart: helm_python
     helper = next(d for d in _of(one, "Deployment") if d["metadata"]["name"].startswith("mse-"))
     sidecar = _env(_containers(helper)["sidecar"])
     assert [i.issuer for i in parse_jwt_issuers(sidecar["SPECMESH_JWT_ISSUERS"])] == ["specmesh"]
+
+
+def test_an_issuer_without_audiences_gets_the_default_one(chart: helm_python.Chart) -> None:
+    values = _with("jwt.issuers", [{"issuer": "https://idp", "jwks": {"keys": []}}])
+    docs = _render(chart, values)
+    sidecar = _env(
+        _containers(
+            next(d for d in _of(docs, "Deployment") if d["metadata"]["name"].startswith("mse-"))
+        )["sidecar"]
+    )
+    entries = json.loads(sidecar["SPECMESH_JWT_ISSUERS"])
+    assert "audiences" not in entries[1]  # so the one default applies, never []
+    own, idp = parse_jwt_issuers(sidecar["SPECMESH_JWT_ISSUERS"])
+    assert own.audiences == idp.audiences == ("{agent}",)
+
+
+@pytest.mark.parametrize(
+    ("issuers", "message"),
+    [
+        ([{"issuer": "specmesh", "jwksUri": "https://k"}], 'issuer "specmesh" is listed twice'),
+        (
+            [{"issuer": "https://idp", "jwksUri": "https://k"},
+             {"issuer": "https://idp/tenant", "jwksUri": "https://k"}],
+            'issuers "https://idp" and "https://idp/tenant" overlap',
+        ),
+        ([{"issuer": "specmesh/x", "jwksUri": "https://k"}], 'issuers "specmesh" and "specmesh/x"'),
+    ],
+)  # fmt: skip
+def test_issuers_the_sidecars_would_refuse_fail_the_install(
+    chart: helm_python.Chart, issuers: list[dict[str, Any]], message: str
+) -> None:
+    values = _with("jwt.issuers", issuers)
+    chart.validate_schema(values)  # each entry alone is fine
+    with pytest.raises(helm_python.HelmRenderError, match=re.escape(message)):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    with pytest.raises(ValueError, match=r"listed twice|overlap"):  # as the processes would
+        parse_jwt_issuers([{"issuer": "specmesh", "jwksUri": "https://k"}, *issuers])
+
+
+def test_sidecars_check_istio_callers_against_the_namespace_and_trust_domain(
+    chart: helm_python.Chart,
+) -> None:
+    docs = _render(chart, _with("istio.trustDomain", "example.org"))
+    cp = next(
+        d for d in _of(docs, "Deployment") if d["metadata"]["name"] == "specmesh-control-plane"
+    )
+    assert _env(_containers(cp)["control-plane"])["SPECMESH_MESH_TRUST_DOMAIN"] == "example.org"
+    for d in _of(docs, "Deployment"):
+        if d["metadata"]["name"] == "specmesh-control-plane":
+            continue
+        env = {e["name"]: e for e in _containers(d)["sidecar"]["env"]}
+        assert env["SPECMESH_ISTIO_TRUST_DOMAIN"]["value"] == "example.org"
+        assert env["POD_NAMESPACE"]["valueFrom"] == {
+            "fieldRef": {"fieldPath": "metadata.namespace"}
+        }
+    default = _render(chart, MATRIX["one-agent"])
+    helper = next(d for d in _of(default, "Deployment") if d["metadata"]["name"].startswith("mse-"))
+    assert _env(_containers(helper)["sidecar"])["SPECMESH_ISTIO_TRUST_DOMAIN"] == "cluster.local"
 
 
 def test_gateway_api_routes_send_to_the_charts_track_services(

@@ -42,7 +42,7 @@ from lightkube.config.models import Cluster, User
 from lightkube.core.resource import api_info
 
 from control_plane.istio import CRDS_PATH
-from control_plane.mesh import IstioValidator, parse_jwt_issuers
+from control_plane.mesh import IstioValidator
 from control_plane.runtime import Runtime
 from control_plane.runtime.kubernetes import (
     FIELD_MANAGER,
@@ -59,6 +59,7 @@ from control_plane.runtime.kubernetes import (
     pod_instance,
 )
 from control_plane.settings import KubernetesRuntimeSettings
+from specmesh.issuers import parse_jwt_issuers
 from specmesh.k8s import (
     A2A_GRPC_PORT,
     A2A_HTTP_PORT,

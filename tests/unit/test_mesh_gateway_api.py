@@ -12,12 +12,12 @@ from control_plane.gatewayapi import CRDS_PATH as GATEWAY_API_CRDS
 from control_plane.istio import CRDS_PATH
 from control_plane.mesh import (
     IstioValidator,
-    JwtIssuer,
     MeshObjectError,
     MeshSettings,
     render_mesh,
     track_service_name,
 )
+from specmesh.issuers import JwtIssuer
 from specmesh.k8s import A2A_GRPC_PORT, A2A_HTTP_PORT
 from specmesh.spec.models import ReleaseSpec
 

@@ -16,8 +16,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from control_plane.mesh import JwtIssuer, MeshSettings, render_mesh
+from control_plane.mesh import MeshSettings, render_mesh
 from control_plane.publisher import KubernetesMeshSink
+from specmesh.issuers import JwtIssuer
 from specmesh.spec.models import ReleaseSpec
 
 from .kube_api import APPLY_PATCH, FakeKubeApi
@@ -62,7 +63,7 @@ def _render(routes: Literal["virtualservice", "gateway-api"]) -> list[dict[str, 
     settings = MeshSettings(
         namespace=NS,
         routes=routes,
-        jwt_issuers=(JwtIssuer(issuer="specmesh", jwks_uri="http://cp:8090/jwks", audiences=()),),
+        jwt_issuers=(JwtIssuer(issuer="specmesh", jwks_uri="http://cp:8090/jwks"),),
     )
     release = ReleaseSpec(stable_revision=1, canary_revision=2, canary_weight=20)
     return render_mesh({"front": release, "back": None}, {"front": ["back"]}, settings=settings)

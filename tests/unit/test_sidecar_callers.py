@@ -16,17 +16,16 @@ from pydantic import ValidationError
 from sidecar.callers import (
     CallerPolicy,
     CallerRefused,
-    JwtIssuer,
     JwtVerifier,
     MalformedXfccError,
     agent_from_spiffe,
     agent_from_xfcc,
     bearer_token,
-    parse_issuers,
     parse_xfcc,
 )
 from sidecar.inbound import InMemoryPartnerGraph
 from sidecar.settings import SidecarSettings
+from specmesh.issuers import JwtIssuer
 from specmesh.spec.models import CallersSpec
 
 AGENT = "Billing_Bot"
@@ -46,7 +45,7 @@ def _jwk(key: Any, kid: str) -> dict[str, Any]:
 
 
 ISSUER = JwtIssuer(
-    issuer=ISS, jwks={"keys": [_jwk(EC_KEY, "ec1"), _jwk(RSA_KEY, "rsa1")]}, audiences=["{agent}"]
+    issuer=ISS, jwks={"keys": [_jwk(EC_KEY, "ec1"), _jwk(RSA_KEY, "rsa1")]}, audiences=("{agent}",)
 )
 
 
@@ -139,7 +138,7 @@ async def test_no_trusted_issuer_refuses_every_token() -> None:
 
 
 async def test_literal_audience_is_accepted_beside_the_agent() -> None:
-    issuer = JwtIssuer(issuer=ISS, jwks=ISSUER.jwks, audiences=["{agent}", "all-agents"])
+    issuer = JwtIssuer(issuer=ISS, jwks=ISSUER.jwks, audiences=("{agent}", "all-agents"))
     policy = _policy(CallersSpec(principals=["*"]), issuers=[issuer])
     assert await policy.external(f"Bearer {_token(aud='all-agents')}") == f"{ISS}/alice"
 
@@ -257,13 +256,9 @@ def test_issuer_needs_exactly_one_key_source_and_an_audience() -> None:
         JwtIssuer.model_validate({"issuer": ISS, "jwksUri": "http://x/j", "jwks": {"keys": []}})
     with pytest.raises(ValidationError, match="at least one audience"):
         JwtIssuer.model_validate({"issuer": ISS, "jwksUri": "http://x/j", "audiences": []})
-    assert JwtIssuer.model_validate({"issuer": ISS, "jwksUri": "http://x/j"}).audiences == [
-        "{agent}"
-    ]
-    with pytest.raises(ValueError, match="listed twice"):
-        parse_issuers(
-            '[{"issuer": "a", "jwksUri": "http://x"}, {"issuer": "a", "jwksUri": "http://y"}]'
-        )
+    default = JwtIssuer.model_validate({"issuer": ISS, "jwksUri": "http://x/j"})
+    assert default.audiences == ("{agent}",)
+    assert JwtVerifier(issuers=[default], agent=AGENT).audiences(default) == [RN]
 
 
 def test_settings_read_issuers_and_entry_listeners(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -278,7 +273,13 @@ def test_settings_read_issuers_and_entry_listeners(monkeypatch: pytest.MonkeyPat
     assert [i.issuer for i in settings.jwt_issuers] == ["specmesh"]
     assert (settings.entry, settings.entry_grpc) == ("127.0.0.1:7110", "127.0.0.1:7111")
     monkeypatch.setenv("SPECMESH_JWT_ISSUERS", json.dumps([{"issuer": "x"}]))
-    with pytest.raises(ValidationError, match="exactly one of jwksUri and jwks"):
+    with pytest.raises(ValidationError, match=r"SPECMESH_JWT_ISSUERS\[0\]: set exactly one"):
+        SidecarSettings()
+    monkeypatch.setenv(
+        "SPECMESH_JWT_ISSUERS",
+        json.dumps([{"issuer": "x", "jwksUri": "http://k/j", "audiences": []}]),
+    )
+    with pytest.raises(ValidationError, match=r"SPECMESH_JWT_ISSUERS\[0\]\.audiences: must name"):
         SidecarSettings()
 
 

@@ -301,18 +301,44 @@ waiting for its first spec, is not restarted).
 {{- end }}
 
 {{/*
-The trusted JWT issuers as SPECMESH_JWT_ISSUERS JSON (the sidecars' and the control
-plane's format): the control plane's own issuer first (its JWKS on its Service), then
-jwt.issuers.
+The trusted JWT issuers as SPECMESH_JWT_ISSUERS JSON (specmesh/issuers.py: the one format
+the sidecars and the control plane read): the control plane's own issuer first (its JWKS
+on its Service), then jwt.issuers. An issuer without audiences gets none in the JSON, so
+the default ["{agent}"] applies (never [], which would mean "any audience").
 */}}
 {{- define "specmesh.jwtIssuers" -}}
+{{- include "specmesh.checkJwtIssuers" . -}}
 {{- $jwks := printf "http://%s.%s.svc.cluster.local:%v/.well-known/jwks.json" (include "specmesh.controlPlane.fullname" .) .Release.Namespace .Values.controlPlane.httpPort -}}
-{{- $own := dict "issuer" .Values.jwt.controlPlaneIssuer "jwksUri" $jwks "jwks" nil "audiences" .Values.jwt.controlPlaneAudiences -}}
+{{- $own := dict "issuer" .Values.jwt.controlPlaneIssuer "jwksUri" $jwks "jwks" nil -}}
+{{- with .Values.jwt.controlPlaneAudiences }}{{ $_ := set $own "audiences" . }}{{ end -}}
 {{- $all := list $own -}}
 {{- range .Values.jwt.issuers }}
-{{- $all = append $all (dict "issuer" .issuer "jwksUri" (.jwksUri | default nil) "jwks" (.jwks | default nil) "audiences" (.audiences | default list)) -}}
+{{- $entry := dict "issuer" .issuer "jwksUri" (.jwksUri | default nil) "jwks" (.jwks | default nil) -}}
+{{- with .audiences }}{{ $_ := set $entry "audiences" . }}{{ end -}}
+{{- $all = append $all $entry -}}
 {{- end }}
 {{- toJson $all -}}
+{{- end }}
+
+{{/*
+Refuses issuer lists the schema cannot (the sidecars and the control plane refuse them
+too, at start): an issuer listed twice, or one that is another followed by "/" -- request
+principals are <iss>/<sub>, so issuer "a" with subject "b/x" and issuer "a/b" with subject
+"x" would be one caller.
+*/}}
+{{- define "specmesh.checkJwtIssuers" -}}
+{{- $names := list .Values.jwt.controlPlaneIssuer -}}
+{{- range .Values.jwt.issuers }}{{ $names = append $names .issuer }}{{ end -}}
+{{- range $i, $a := $names }}
+{{- range $j, $b := $names }}
+{{- if and (lt $i $j) (eq $a $b) -}}
+{{- fail (printf "jwt.issuers: issuer %q is listed twice (the control plane's own issuer is jwt.controlPlaneIssuer)" $a) -}}
+{{- end -}}
+{{- if and (ne $i $j) (hasPrefix (printf "%s/" $a) $b) -}}
+{{- fail (printf "jwt.issuers: issuers %q and %q overlap: request principals are <iss>/<sub>, so %q with subject \"<rest>/x\" and %q with subject \"x\" would be the same caller" $a $b $a $b) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end }}
 
 {{/*
