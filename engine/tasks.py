@@ -3,8 +3,9 @@
 ::
 
     SPECMESH_TASK_STORE=memory          MemoryTaskStore (SDK TaskStore)
-                                        one process; bounded: expires by retention and
-                                        keeps at most ``max_tasks`` (oldest write dropped)
+                                        one process; bounded: expires by retention, keeps
+                                        at most ``max_tasks_per_owner`` per caller and
+                                        ``max_tasks`` in all (oldest write dropped)
 
     SPECMESH_TASK_STORE=redis://h:p/db  RedisTaskStore (SDK VersionedTaskStore)
                                       + RedisTaskEventStream (SDK TaskEventStream)
@@ -111,6 +112,9 @@ EVENTS_MAX_LEN = 1000
 """Events kept per task stream (approximately: Redis trims whole nodes)."""
 DEFAULT_MAX_MEMORY_TASKS = 10000
 """Tasks the in-process store keeps at most, over all owners."""
+DEFAULT_MAX_MEMORY_TASKS_PER_OWNER = 1000
+"""Tasks the in-process store keeps at most for one owner (one caller cannot push every
+other caller's tasks out of :data:`DEFAULT_MAX_MEMORY_TASKS`)."""
 _DESTROYED_STREAM_SECONDS = 60
 """How long a finished task's event stream stays for subscribers still reading it."""
 _BLOCK_MS = 1000
@@ -214,26 +218,41 @@ def _copy(task: Task) -> Task:
 
 class MemoryTaskStore(TaskStore):
     """Tasks in this process, owner-scoped, bounded: a task not written for
-    ``retention_seconds`` is dropped, and beyond ``max_tasks`` the least recently
-    written task is dropped. Stores and returns copies (as the SDK's stores do)."""
+    ``retention_seconds`` is dropped; beyond ``max_tasks_per_owner`` tasks of one owner
+    that owner's least recently written task is dropped, and beyond ``max_tasks`` in all
+    the least recently written task of anyone. Stores and returns copies (as the SDK's
+    stores do)."""
 
     def __init__(
         self,
         *,
         retention_seconds: float = DEFAULT_RETENTION_SECONDS,
         max_tasks: int = DEFAULT_MAX_MEMORY_TASKS,
+        max_tasks_per_owner: int = DEFAULT_MAX_MEMORY_TASKS_PER_OWNER,
         owner_resolver: OwnerResolver = resolve_owner,
     ) -> None:
-        if retention_seconds <= 0 or max_tasks <= 0:
-            raise ValueError("retention_seconds and max_tasks must be > 0")
+        if retention_seconds <= 0 or max_tasks <= 0 or max_tasks_per_owner <= 0:
+            raise ValueError("retention_seconds, max_tasks and max_tasks_per_owner must be > 0")
         self._retention = retention_seconds
         self._max = max_tasks
+        self._max_per_owner = max_tasks_per_owner
         self._owner = owner_resolver
         # (owner, task id) -> (task, expires at); ordered by last write
         self._tasks: OrderedDict[tuple[str, str], tuple[Task, float]] = OrderedDict()
+        # owner -> its task ids, ordered by last write
+        self._by_owner: dict[str, OrderedDict[str, None]] = {}
 
     def __len__(self) -> int:
         return len(self._tasks)
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        owner, task_id = key
+        self._tasks.pop(key, None)
+        mine = self._by_owner.get(owner)
+        if mine is not None:
+            mine.pop(task_id, None)
+            if not mine:
+                del self._by_owner[owner]
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -241,12 +260,17 @@ class MemoryTaskStore(TaskStore):
             key, (_, expires) = next(iter(self._tasks.items()))
             if expires > now and len(self._tasks) <= self._max:
                 return
-            del self._tasks[key]
+            self._drop(key)
 
     async def save(self, task: Task, context: ServerCallContext) -> None:
-        key = (self._owner(context), task.id)
-        self._tasks.pop(key, None)
+        owner = self._owner(context)
+        key = (owner, task.id)
+        self._drop(key)
         self._tasks[key] = (_copy(task), time.monotonic() + self._retention)
+        mine = self._by_owner.setdefault(owner, OrderedDict())
+        mine[task.id] = None
+        while len(mine) > self._max_per_owner:
+            self._drop((owner, next(iter(mine))))
         self._expire()
 
     async def get(self, task_id: str, context: ServerCallContext) -> Task | None:
@@ -259,11 +283,11 @@ class MemoryTaskStore(TaskStore):
     ) -> a2a_pb2.ListTasksResponse:
         self._expire()
         owner = self._owner(context)
-        mine = [_copy(task) for (o, _), (task, _) in self._tasks.items() if o == owner]
+        mine = [_copy(self._tasks[owner, i][0]) for i in self._by_owner.get(owner, ())]
         return page_tasks(mine, params)
 
     async def delete(self, task_id: str, context: ServerCallContext) -> None:
-        self._tasks.pop((self._owner(context), task_id), None)
+        self._drop((self._owner(context), task_id))
 
 
 # ------------------------------------------------------------------ Redis
