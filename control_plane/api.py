@@ -15,7 +15,7 @@ from typing import Any
 
 from control_plane.auth import Principal, authorize
 from control_plane.errors import BadRequestError
-from control_plane.issuer import CONTROL_PLANE_TREE, InvokeToken, TokenIssuer
+from control_plane.issuer import CONTROL_PLANE_TREE, InvokeToken, TokenIssuer, subject_problem
 from control_plane.mcptools import McpToolCatalog
 from control_plane.mesh import IstioValidator, MeshSettings, render_agent
 from control_plane.publisher import render_from_store
@@ -274,8 +274,13 @@ class ControlPlane:
         """A short-lived JWT that lets ``principal`` call the agent ``name`` through its public
         entry (``aud`` = the agent's resource name, ``sub`` = the principal's name); the
         agent's ``callers.principals`` must admit ``<issuer>/<principal>``. The mint is
-        audited (who, which agent, the token's id and expiry), the token never."""
+        audited (who, which agent, the token's id and expiry), the token never. A principal
+        whose name is no usable subject (``issuer.SUBJECT_RULE``: '/', '*', whitespace...)
+        gets none: 400."""
         authorize(principal, "agents.invoke")
+        problem = subject_problem(principal.name)
+        if problem is not None:
+            raise BadRequestError(f"invoke token: {problem}")
         record = await self.store.get_agent(name)  # 404 for an unknown agent
         minted = await self.issuer.mint(subject=principal.name, audience=resource_name(record.name))
         await self.store.record(

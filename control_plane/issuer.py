@@ -14,6 +14,12 @@ A token (:meth:`TokenIssuer.mint`) carries ``iss`` (``SPECMESH_TOKEN_ISSUER``, d
 random ``jti``; its header names the ``kid``. A sidecar that trusts this issuer (its
 ``SPECMESH_JWT_ISSUERS`` entry with ``audiences: ["{agent}"]``) turns it into the request
 principal ``<iss>/<sub>``. The token itself is never logged or stored.
+
+The principal's name must be a usable subject (:data:`SUBJECT_RULE`: no ``/``, ``*``,
+whitespace or control characters, at most 128 characters): ``<iss>/<sub>`` has to name one
+principal unambiguously in the agents' ``callers.principals`` and as a task owner.
+API token names are free text, so :func:`subject_problem` is checked at mint time (the API
+answers 400). Two API tokens with the same name are one principal: the principal is the name.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import base64
 import hashlib
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -46,15 +53,20 @@ __all__ = [
     "DEFAULT_TTL_SECONDS",
     "MAX_TTL_SECONDS",
     "SIGNING_KEY_PATH",
+    "SUBJECT_RULE",
     "InvokeToken",
     "TokenIssuer",
     "key_id",
+    "subject_problem",
 ]
 
 logger = logging.getLogger(__name__)
 
 ALGORITHM = "ES256"
 DEFAULT_ISSUER = "specmesh"
+SUBJECT_RULE = r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$"
+"""What a token's ``sub`` (the API principal's name) must match."""
+_SUBJECT = re.compile(SUBJECT_RULE.removeprefix("^").removesuffix("$"))
 DEFAULT_TTL_SECONDS = 300
 MAX_TTL_SECONDS = 3600
 SIGNING_KEY_PATH = f"{CONTROL_PLANE_TREE}/token-issuer"
@@ -94,6 +106,19 @@ def key_id(public_jwk: dict[str, Any]) -> str:
         {k: public_jwk[k] for k in ("crv", "kty", "x", "y")}, separators=(",", ":"), sort_keys=True
     )
     return _b64(hashlib.sha256(canonical.encode()).digest())
+
+
+def subject_problem(subject: str) -> str | None:
+    """What makes ``subject`` unusable as a token's ``sub``, or ``None``. The message shows
+    the name escaped and shortened (it may hold control characters)."""
+    if _SUBJECT.fullmatch(subject):
+        return None
+    shown = repr(subject if len(subject) <= 40 else subject[:40] + "...")
+    return (
+        f"principal name {shown} is not a usable token subject: must match {SUBJECT_RULE} "
+        "(letters, digits and . _ @ : - only; no '/', '*', whitespace or control characters; "
+        "at most 128 characters)"
+    )
 
 
 class TokenIssuer:
@@ -174,7 +199,11 @@ class TokenIssuer:
         return {"keys": [dict(self._jwk or {})]}
 
     async def mint(self, *, subject: str, audience: str) -> InvokeToken:
-        """A token for ``subject`` to call the agent ``audience`` (its resource name)."""
+        """A token for ``subject`` to call the agent ``audience`` (its resource name);
+        ``ValueError`` when ``subject`` is no usable subject (:func:`subject_problem`)."""
+        problem = subject_problem(subject)
+        if problem is not None:
+            raise ValueError(problem)
         kid = await self.load()
         assert self._key is not None
         now = int(self._clock())

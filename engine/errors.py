@@ -21,9 +21,15 @@ and httpx in :mod:`engine.tools.partners`, grpc in :mod:`engine.intake`::
         +-- CallDepthExceededError a partner call would exceed the call-depth limit
                                    (``depth``, ``limit``)
     +-- MemoryStoreError           the conversation memory store failed (``operation``,
-                                   ``reason``); redis errors translated in :mod:`engine.memory`
+    |                              ``reason``); redis errors translated in :mod:`engine.memory`
+    +-- TaskStoreError             the A2A task store failed (``operation``, ``where``,
+                                   ``reason``); redis errors translated in :mod:`engine.tasks`,
+                                   logged there, and only the cause of the SDK's generic
+                                   ``InternalError`` an A2A client sees (its message names
+                                   an address: engine-side only)
 
-Messages are safe to show a caller: they never hold a secret or message content.
+Messages are safe to show a caller: they never hold a secret or message content
+(:class:`TaskStoreError` names an address too, and is only logged).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ __all__ = [
     "ModelTimeoutError",
     "ModelUnavailableError",
     "PromptError",
+    "TaskStoreError",
     "ToolError",
     "ToolTimeoutError",
 ]
@@ -133,4 +140,15 @@ class MemoryStoreError(EngineError):
     def __init__(self, *, operation: str, reason: str) -> None:
         super().__init__(f"memory {operation}: {reason}")
         self.operation = operation
+        self.reason = reason
+
+
+class TaskStoreError(EngineError):
+    """The A2A task store failed (unreachable, timed out, refused). Its message names the
+    store's address: it is logged, never shown to an A2A client."""
+
+    def __init__(self, *, operation: str, where: str, reason: str) -> None:
+        super().__init__(f"task store {where} {operation}: {reason}")
+        self.operation = operation
+        self.where = where
         self.reason = reason

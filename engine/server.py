@@ -46,6 +46,13 @@ from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes, c
 from a2a.server.tasks import TaskStore
 from a2a.types import a2a_pb2, a2a_pb2_grpc
 from a2a.types.a2a_pb2 import AgentCard
+from a2a.utils.errors import A2A_ERROR_REASONS, A2AError, InternalError
+from a2a.utils.grpc_status import status_to_grpc
+from google.protobuf import any_pb2
+from google.rpc import (  # type: ignore[import-untyped]  # googleapis-common-protos: no stubs
+    error_details_pb2,
+    status_pb2,
+)
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from starlette.applications import Starlette
@@ -56,6 +63,7 @@ from starlette.routing import BaseRoute
 from engine.a2a_executor import EngineAgentExecutor
 from engine.callers import CallerContextBuilder, GrpcCallerContextBuilder
 from engine.card import DEFAULT_SECURITY, CardSource, CardUrls
+from engine.errors import TaskStoreError
 from engine.json_numbers import IntegralNumbersMiddleware
 from engine.knowledge.rest import KnowledgeSource, create_knowledge_routes
 from engine.rest import ConversationDeleter, create_business_routes
@@ -329,7 +337,7 @@ class EngineServer:
 
         # gRPC: A2A, health (NOT_SERVING until ready), reflection
         a2a_pb2_grpc.add_A2AServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            GrpcHandler(handler, context_builder=GrpcCallerContextBuilder()), grpc_server
+            _GrpcHandler(handler, context_builder=GrpcCallerContextBuilder()), grpc_server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, grpc_server)
         await self._set_health(serving=False)
@@ -500,3 +508,27 @@ class _RequestHandler(DefaultRequestHandlerV2):
         self._card_source.current()  # capabilities.streaming follows the spec
         async for event in super().on_message_send_stream(params, context):
             yield event
+
+
+class _GrpcHandler(GrpcHandler):
+    """The SDK's gRPC handler; a failing task store is ``UNAVAILABLE`` (retryable), not
+    ``INTERNAL``. The error stays the SDK's ``InternalError`` (its ``ErrorInfo`` reason,
+    so clients map it as on the other bindings); the cause marks it as the store's."""
+
+    async def abort_context(self, error: A2AError, context: grpc.aio.ServicerContext) -> None:
+        if not (isinstance(error, InternalError) and isinstance(error.__cause__, TaskStoreError)):
+            await super().abort_context(error, context)
+            return
+        info = any_pb2.Any()
+        info.Pack(
+            error_details_pb2.ErrorInfo(
+                reason=A2A_ERROR_REASONS[InternalError], domain="a2a-protocol.org"
+            )
+        )
+        status = status_pb2.Status(
+            code=grpc.StatusCode.UNAVAILABLE.value[0], message=error.message, details=[info]
+        )
+        rich = status_to_grpc(status)
+        trailing = tuple(context.trailing_metadata() or ())
+        context.set_trailing_metadata((*trailing, *rich.trailing_metadata))
+        await context.abort(rich.code, rich.details)

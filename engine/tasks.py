@@ -3,8 +3,9 @@
 ::
 
     SPECMESH_TASK_STORE=memory          MemoryTaskStore (SDK TaskStore)
-                                        one process; bounded: expires by retention and
-                                        keeps at most ``max_tasks`` (oldest write dropped)
+                                        one process; bounded: expires by retention, keeps
+                                        at most ``max_tasks_per_owner`` per caller and
+                                        ``max_tasks`` in all (oldest write dropped)
 
     SPECMESH_TASK_STORE=redis://h:p/db  RedisTaskStore (SDK VersionedTaskStore)
                                       + RedisTaskEventStream (SDK TaskEventStream)
@@ -33,6 +34,14 @@ created (another owner's task is the SDK's ``TaskNotFoundError``). Event streams
 keyed by task id alone -- the SDK's interface has no owner there -- which is safe
 because the handler reads the task with the caller's owner first, and task ids are
 server-made UUIDs (a message naming an unknown task id is refused).
+
+When Redis (or the sidecar's proxy in front of it) fails, the store logs the detail --
+address, error -- as a :class:`engine.errors.TaskStoreError` and raises the SDK's
+``InternalError`` with the generic :data:`TASK_STORE_UNAVAILABLE` message, that error as
+its cause: the client learns nothing of the infrastructure (the SDK would otherwise send
+``str(e)``, the proxy's ``specmesh: task store <host:port> unreachable``). Every binding
+maps it as an internal error (JSON-RPC -32603, HTTP 500); the engine's gRPC handler answers
+``UNAVAILABLE`` for it, so gRPC clients may retry.
 """
 
 from __future__ import annotations
@@ -40,7 +49,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -60,7 +70,7 @@ from a2a.server.tasks import TaskStore
 from a2a.types import a2a_pb2
 from a2a.types.a2a_pb2 import ListTasksRequest, ListTasksResponse, StreamResponse, Task, TaskState
 from a2a.utils.constants import DEFAULT_LIST_TASKS_PAGE_SIZE
-from a2a.utils.errors import InvalidParamsError
+from a2a.utils.errors import InternalError, InvalidParamsError
 from a2a.utils.proto_utils import to_stream_response
 from a2a.utils.task import (
     ListTasksCursor,
@@ -70,8 +80,10 @@ from a2a.utils.task import (
 )
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
 
 from engine.callers import resolve_owner
+from engine.errors import TaskStoreError
 from specmesh.names import resource_name
 
 __all__ = [
@@ -79,6 +91,7 @@ __all__ = [
     "EVENTS_MAX_LEN",
     "KEY_PREFIX",
     "MEMORY",
+    "TASK_STORE_UNAVAILABLE",
     "MemoryTaskStore",
     "RedisTaskEventStream",
     "RedisTaskStore",
@@ -93,10 +106,15 @@ MEMORY = "memory"
 KEY_PREFIX = "specmesh:a2a"
 """Prefix of every task-store key in Redis."""
 DEFAULT_RETENTION_SECONDS = 86400
+TASK_STORE_UNAVAILABLE = "the task store is unavailable; try again"
+"""What an A2A client hears when the task store fails (the detail stays in the log)."""
 EVENTS_MAX_LEN = 1000
 """Events kept per task stream (approximately: Redis trims whole nodes)."""
 DEFAULT_MAX_MEMORY_TASKS = 10000
 """Tasks the in-process store keeps at most, over all owners."""
+DEFAULT_MAX_MEMORY_TASKS_PER_OWNER = 1000
+"""Tasks the in-process store keeps at most for one owner (one caller cannot push every
+other caller's tasks out of :data:`DEFAULT_MAX_MEMORY_TASKS`)."""
 _DESTROYED_STREAM_SECONDS = 60
 """How long a finished task's event stream stays for subscribers still reading it."""
 _BLOCK_MS = 1000
@@ -200,26 +218,41 @@ def _copy(task: Task) -> Task:
 
 class MemoryTaskStore(TaskStore):
     """Tasks in this process, owner-scoped, bounded: a task not written for
-    ``retention_seconds`` is dropped, and beyond ``max_tasks`` the least recently
-    written task is dropped. Stores and returns copies (as the SDK's stores do)."""
+    ``retention_seconds`` is dropped; beyond ``max_tasks_per_owner`` tasks of one owner
+    that owner's least recently written task is dropped, and beyond ``max_tasks`` in all
+    the least recently written task of anyone. Stores and returns copies (as the SDK's
+    stores do)."""
 
     def __init__(
         self,
         *,
         retention_seconds: float = DEFAULT_RETENTION_SECONDS,
         max_tasks: int = DEFAULT_MAX_MEMORY_TASKS,
+        max_tasks_per_owner: int = DEFAULT_MAX_MEMORY_TASKS_PER_OWNER,
         owner_resolver: OwnerResolver = resolve_owner,
     ) -> None:
-        if retention_seconds <= 0 or max_tasks <= 0:
-            raise ValueError("retention_seconds and max_tasks must be > 0")
+        if retention_seconds <= 0 or max_tasks <= 0 or max_tasks_per_owner <= 0:
+            raise ValueError("retention_seconds, max_tasks and max_tasks_per_owner must be > 0")
         self._retention = retention_seconds
         self._max = max_tasks
+        self._max_per_owner = max_tasks_per_owner
         self._owner = owner_resolver
         # (owner, task id) -> (task, expires at); ordered by last write
         self._tasks: OrderedDict[tuple[str, str], tuple[Task, float]] = OrderedDict()
+        # owner -> its task ids, ordered by last write
+        self._by_owner: dict[str, OrderedDict[str, None]] = {}
 
     def __len__(self) -> int:
         return len(self._tasks)
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        owner, task_id = key
+        self._tasks.pop(key, None)
+        mine = self._by_owner.get(owner)
+        if mine is not None:
+            mine.pop(task_id, None)
+            if not mine:
+                del self._by_owner[owner]
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -227,12 +260,17 @@ class MemoryTaskStore(TaskStore):
             key, (_, expires) = next(iter(self._tasks.items()))
             if expires > now and len(self._tasks) <= self._max:
                 return
-            del self._tasks[key]
+            self._drop(key)
 
     async def save(self, task: Task, context: ServerCallContext) -> None:
-        key = (self._owner(context), task.id)
-        self._tasks.pop(key, None)
+        owner = self._owner(context)
+        key = (owner, task.id)
+        self._drop(key)
         self._tasks[key] = (_copy(task), time.monotonic() + self._retention)
+        mine = self._by_owner.setdefault(owner, OrderedDict())
+        mine[task.id] = None
+        while len(mine) > self._max_per_owner:
+            self._drop((owner, next(iter(mine))))
         self._expire()
 
     async def get(self, task_id: str, context: ServerCallContext) -> Task | None:
@@ -245,11 +283,11 @@ class MemoryTaskStore(TaskStore):
     ) -> a2a_pb2.ListTasksResponse:
         self._expire()
         owner = self._owner(context)
-        mine = [_copy(task) for (o, _), (task, _) in self._tasks.items() if o == owner]
+        mine = [_copy(self._tasks[owner, i][0]) for i in self._by_owner.get(owner, ())]
         return page_tasks(mine, params)
 
     async def delete(self, task_id: str, context: ServerCallContext) -> None:
-        self._tasks.pop((self._owner(context), task_id), None)
+        self._drop((self._owner(context), task_id))
 
 
 # ------------------------------------------------------------------ Redis
@@ -296,6 +334,27 @@ def connect_redis(url: str, *, timeout: float = 5.0) -> aioredis.Redis:
     )
 
 
+def _where(client: aioredis.Redis) -> str:
+    """The store's address, for the log."""
+    kwargs = client.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        return f"unix:{kwargs['path']}"
+    return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+
+
+@contextmanager
+def _translated(operation: str, where: str) -> Iterator[None]:
+    """Redis errors become a logged :class:`TaskStoreError`, the cause of the generic
+    ``InternalError`` the client sees."""
+    try:
+        yield
+    except (RedisError, OSError) as e:
+        error = TaskStoreError(operation=operation, where=where, reason=f"{type(e).__name__}: {e}")
+        error.__cause__ = e
+        logger.warning("%s", error)
+        raise InternalError(message=TASK_STORE_UNAVAILABLE) from error
+
+
 class _Keys:
     def __init__(self, agent_name: str) -> None:
         self.base = f"{KEY_PREFIX}:{resource_name(agent_name)}"
@@ -328,6 +387,7 @@ class RedisTaskStore(VersionedTaskStore):
         self._retention = int(retention_seconds)
         self._owner = owner_resolver
         self._save = client.register_script(_SAVE)
+        self._where = _where(client)
 
     @property
     def client(self) -> aioredis.Redis:
@@ -345,27 +405,29 @@ class RedisTaskStore(VersionedTaskStore):
         del event, prev  # events travel on the event stream
         owner = self._owner(context)
         cancels = task.status.state == TaskState.TASK_STATE_CANCELED
-        new = await self._save(
-            keys=[self._keys.task(owner, task.id), self._keys.index(owner)],
-            args=[
-                task.SerializeToString(),
-                0 if cancels else _version(prev_version),
-                "1" if cancels else "0",
-                "1" if task.status.state in _TERMINAL else "0",
-                self._retention,
-                int(time.time()) + self._retention,
-                task.id,
-            ],
-        )
+        with _translated("save", self._where):
+            new = await self._save(
+                keys=[self._keys.task(owner, task.id), self._keys.index(owner)],
+                args=[
+                    task.SerializeToString(),
+                    0 if cancels else _version(prev_version),
+                    "1" if cancels else "0",
+                    "1" if task.status.state in _TERMINAL else "0",
+                    self._retention,
+                    int(time.time()) + self._retention,
+                    task.id,
+                ],
+            )
         if int(new) < 0:
             raise ConcurrentTaskModificationError(task.id)
         return TaskVersion(int(new))
 
     async def get(self, task_id: str, context: ServerCallContext) -> StoredTask | None:
         owner = self._owner(context)
-        reply: list[Any] = await self._client.hmget(
-            self._keys.task(owner, task_id), ["task", "version"]
-        )
+        with _translated("get", self._where):
+            reply: list[Any] = await self._client.hmget(
+                self._keys.task(owner, task_id), ["task", "version"]
+            )
         data, version = reply
         if data is None or version is None:
             return None
@@ -374,24 +436,26 @@ class RedisTaskStore(VersionedTaskStore):
     async def list(self, params: ListTasksRequest, context: ServerCallContext) -> ListTasksResponse:
         owner = self._owner(context)
         index = self._keys.index(owner)
-        await self._client.zremrangebyscore(index, "-inf", int(time.time()))
-        members: list[Any] = await self._client.zrange(index, 0, -1)
-        ids = [bytes(i).decode() for i in members]
-        tasks: list[Task] = []
-        if ids:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for task_id in ids:
-                    pipe.hget(self._keys.task(owner, task_id), "task")
-                found = await pipe.execute()
-            tasks = [Task.FromString(data) for data in found if data is not None]
+        with _translated("list", self._where):
+            await self._client.zremrangebyscore(index, "-inf", int(time.time()))
+            members: list[Any] = await self._client.zrange(index, 0, -1)
+            ids = [bytes(i).decode() for i in members]
+            tasks: list[Task] = []
+            if ids:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for task_id in ids:
+                        pipe.hget(self._keys.task(owner, task_id), "task")
+                    found = await pipe.execute()
+                tasks = [Task.FromString(data) for data in found if data is not None]
         return page_tasks(tasks, params)
 
     async def delete(self, task_id: str, context: ServerCallContext) -> None:
         owner = self._owner(context)
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.delete(self._keys.task(owner, task_id))
-            pipe.zrem(self._keys.index(owner), task_id)
-            await pipe.execute()
+        with _translated("delete", self._where):
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.delete(self._keys.task(owner, task_id))
+                pipe.zrem(self._keys.index(owner), task_id)
+                await pipe.execute()
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -427,19 +491,21 @@ class RedisTaskEventStream(TaskEventStream):
         self._keys = _Keys(agent_name)
         self._retention = int(retention_seconds)
         self._max_len = max_len
+        self._where = _where(client)
 
     async def publish(self, task_id: str, event: VersionedEvent) -> None:
         key = self._keys.events(task_id)
         data = to_stream_response(event.event).SerializeToString()
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.xadd(
-                key,
-                {"version": _version(event.version), "event": data},
-                maxlen=self._max_len,
-                approximate=True,
-            )
-            pipe.expire(key, self._retention)
-            await pipe.execute()
+        with _translated("publish", self._where):
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.xadd(
+                    key,
+                    {"version": _version(event.version), "event": data},
+                    maxlen=self._max_len,
+                    approximate=True,
+                )
+                pipe.expire(key, self._retention)
+                await pipe.execute()
 
     async def subscribe(
         self, task_id: str, *, after: TaskVersion
@@ -447,7 +513,8 @@ class RedisTaskEventStream(TaskEventStream):
         key = self._keys.events(task_id)
         cursor: Any = b"0-0"
         while True:
-            reply: Any = await self._client.xread({key: cursor}, block=_BLOCK_MS, count=100)
+            with _translated("subscribe", self._where):
+                reply: Any = await self._client.xread({key: cursor}, block=_BLOCK_MS, count=100)
             for _, entries in reply or ():
                 for entry_id, fields in entries:
                     cursor = entry_id
@@ -459,6 +526,7 @@ class RedisTaskEventStream(TaskEventStream):
 
     async def destroy(self, task_id: str) -> None:
         """The task ended: its stream stays a short while for subscribers still reading."""
-        await self._client.expire(
-            self._keys.events(task_id), min(self._retention, _DESTROYED_STREAM_SECONDS)
-        )
+        with _translated("destroy", self._where):
+            await self._client.expire(
+                self._keys.events(task_id), min(self._retention, _DESTROYED_STREAM_SECONDS)
+            )

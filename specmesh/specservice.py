@@ -46,6 +46,7 @@ from specmesh.vault import (
     agent_policy,
     agent_policy_name,
     agent_secret_prefix,
+    is_infra_agent_secret,
 )
 
 __all__ = ["ApplyOutcome", "GarbageReport", "SpecService", "secret_ref_for"]
@@ -252,8 +253,11 @@ class SpecService:
         agent references: keys left by refused or crashed applies, and the keys of deleted
         agents. A version younger than ``grace_seconds`` is kept whatever its state (an apply
         may be between its Vault write and its etcd transaction), and so is the latest
-        version of a secret some revision references without a version. ``only`` limits the
-        sweep to these agents' trees (one Vault serving several stores, as in tests)."""
+        version of a secret some revision references without a version. The paths of an
+        agent's tree that infrastructure owns (:data:`specmesh.vault.INFRA_AGENT_SECRETS`:
+        the per-agent task-store password) are never swept, even once the agent is deleted
+        (the operator removes them with the Redis user). ``only`` limits the sweep to these
+        agents' trees (one Vault serving several stores, as in tests)."""
         referenced: dict[tuple[str, str], set[int]] = {}
         latest: set[tuple[str, str]] = set()
         for agent in await self.store.list_agents():
@@ -286,7 +290,12 @@ class SpecService:
         }
         names = [a for a in only if resource_name(a) in owned] if only is not None else owned
         roots = [agent_secret_prefix(a) for a in sorted(names)]
-        paths = [p for root in roots for p in await self._secret_paths(root)]
+        paths = [
+            p
+            for root in roots
+            for p in await self._secret_paths(root)
+            if not is_infra_agent_secret(root, p)
+        ]
         for path in paths:
             versions = await self.vault.versions(mount=self.kv_mount, path=path)
             newest = max(versions, default=0)

@@ -35,6 +35,7 @@ __all__ = [
     "AGENT_TOKEN_ROLE",
     "CONTROL_PLANE_POLICY",
     "CONTROL_PLANE_TREE",
+    "INFRA_AGENT_SECRETS",
     "KEPT_VERSIONS",
     "SUPERVISOR_POLICY",
     "VaultClient",
@@ -44,6 +45,7 @@ __all__ = [
     "agent_secret_prefix",
     "agent_token_role_params",
     "control_plane_policy",
+    "is_infra_agent_secret",
     "keep_token_alive",
     "kubernetes_login",
     "reserved_tree",
@@ -59,9 +61,27 @@ keys that old revisions still pin); unreferenced ones are destroyed by the spec 
 garbage collection."""
 
 
+INFRA_AGENT_SECRETS: tuple[str, ...] = ("task-store",)
+"""Paths in an agent's tree (relative to :func:`agent_secret_prefix`; each with whatever
+lies below it) that infrastructure owns, not apply: no revision references them, and the
+spec service's garbage collection never destroys their versions. ``task-store`` holds the
+agent's own Redis password of the per-agent task-store mode (``taskStore.perAgentUser``,
+docs/deploy.md 3.8), written by the operator. Apply never writes there: its paths start
+with a spec field (``model``, ``tools``, ...), and no spec field is hyphenated."""
+
+
 def agent_secret_prefix(agent: str) -> str:
     """KV path (below the mount) under which apply stores an agent's secrets."""
     return f"specmesh/agents/{resource_name(agent)}"
+
+
+def is_infra_agent_secret(agent_tree: str, path: str) -> bool:
+    """Whether ``path`` is at or below one of :data:`INFRA_AGENT_SECRETS` of the agent
+    tree ``agent_tree`` (an :func:`agent_secret_prefix`)."""
+    relative = path.removeprefix(agent_tree.rstrip("/") + "/")
+    if relative == path:
+        return False
+    return any(relative == p or relative.startswith(p + "/") for p in INFRA_AGENT_SECRETS)
 
 
 def agent_policy_name(agent: str) -> str:

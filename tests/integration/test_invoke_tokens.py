@@ -225,3 +225,51 @@ def test_two_control_planes_over_one_vault_and_etcd_share_the_key(
     finally:
         first.stop()
         second.stop()
+
+
+BAD_NAMES = ["ci/deploy", "ops team", "star*", "tab\tname", "-leading-dash", "x" * 129, "ünï"]
+
+
+@pytest.mark.parametrize("name", [*BAD_NAMES, "alice@example.com", "svc:ci.deploy-1_a"])
+async def test_a_principal_name_that_is_no_usable_subject_gets_no_token(
+    store: SpecStore, vault: VaultClient, name: str
+) -> None:
+    """``sub`` becomes the request principal ``<iss>/<sub>`` at the sidecar: a name with
+    '/', '*', whitespace or control characters would be ambiguous there, so no token."""
+    await publish_prompt(store)
+    token = f"tok-{uuid.uuid4().hex}"
+    authenticator = StaticTokenAuthenticator(
+        {
+            hash_token(token): Principal(name, frozenset({Role("invoker")})),
+            hash_token(TOKENS["admin"]): Principal("user-admin", frozenset({Role("admin")})),
+        }
+    )
+    issuer = TokenIssuer(vault=vault, issuer="specmesh-test", ttl_seconds=120)
+    server = TestServer(
+        build_app(ControlPlane(store=store, vault=vault, issuer=issuer), authenticator)
+    )
+    await server.start_server()
+    try:
+        assert (await _call(server, "POST", "/api/v1/apply", "admin"))[0] == 200
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                str(server.make_url("/api/v1/agents/Helper_Bot/invoke-token")),
+                headers={"Authorization": f"Bearer {token}"},
+            ) as r,
+        ):
+            status, body = r.status, await r.json()
+    finally:
+        await server.close()
+
+    if name in BAD_NAMES:
+        assert status == 400, body
+        assert "token" not in body
+        message = body["error"]["message"]
+        assert "^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$" in message, message
+        assert "\t" not in message  # the name is shown escaped
+        mints = [e for e in await store.audit_entries(kind="Agent") if e.action == "invoke-token"]
+        assert all(e.actor != name for e in mints)
+    else:
+        assert status == 200, body
+        assert body["subject"] == name

@@ -27,6 +27,7 @@ from specmesh.vault import (
     CONTROL_PLANE_POLICY,
     VaultClient,
     agent_policy_name,
+    agent_secret_prefix,
     control_plane_policy,
 )
 
@@ -152,6 +153,33 @@ async def test_gc_destroys_the_keys_of_a_deleted_agent(
     report = await service.collect_garbage(grace_seconds=0, only=[name])
 
     assert report.destroyed == [f"vault://{ref.mount}/{ref.path}@{ref.version}"]
+
+
+async def test_gc_spares_the_task_store_password_infrastructure_keeps_in_an_agents_tree(
+    service: SpecService, store: SpecStore, vault: VaultClient
+) -> None:
+    """Per-agent task-store mode (docs/deploy.md 3.8): the operator writes the agent's Redis
+    password into its tree; no revision references it, yet the collection keeps it, while
+    an orphan of a refused apply beside it is still destroyed."""
+    name = f"kv-{uuid.uuid4().hex[:6]}"
+    await service.apply(_loaded(_agent(name, "sk-live")), actor="alice")
+    with pytest.raises(ConflictError):
+        await service.apply(_loaded(_agent(name, "sk-refused")), actor="bob", expected_revision=0)
+    password = VaultRef(
+        mount=service.kv_mount, path=f"{agent_secret_prefix(name)}/task-store", field="password"
+    )
+    await vault.write(password, "redis-pass-1")
+    await vault.write(password, "redis-pass-2")  # rotated: both versions stay
+    live = VaultRef.parse((await store.get_agent(name)).spec["model"]["apiKey"])
+    orphan = max(await vault.versions(mount=live.mount, path=live.path))
+
+    report = await service.collect_garbage(grace_seconds=0, only=[name])
+
+    assert report.destroyed == [f"vault://{live.mount}/{live.path}@{orphan}"]
+    kept = await vault.versions(mount=password.mount, path=password.path)
+    assert not any(meta.get("destroyed") for meta in kept.values())
+    assert await vault.read(password) == "redis-pass-2"
+    assert await _injected(vault, store, name) == "sk-live"
 
 
 # ---------------------------------------------------------------- kill -9 mid-apply

@@ -349,3 +349,59 @@ async def test_the_sidecar_starts_the_task_store_proxy_from_its_settings(
         assert await direct.get(f"specmesh:a2a:{agent}:probe") == b"via-proxy"  # db 3
     finally:
         await direct.aclose()
+
+
+@pytest.mark.parametrize(
+    "binding",
+    [TransportProtocol.JSONRPC, TransportProtocol.HTTP_JSON, TransportProtocol.GRPC],
+)
+async def test_an_unreachable_task_store_tells_the_client_no_address(
+    vault: VaultClient, binding: str
+) -> None:
+    """The proxy's upstream is a closed port: the engine logs the address, the client only
+    hears that the task store is unavailable (gRPC: UNAVAILABLE, so it may retry)."""
+    closed = free_port()
+    ref = VaultRef(mount="secret", path=f"specmesh/test/closed-{closed}", field="password")
+    await vault.write(ref, "unused")
+    async with CredentialResolver(source=vault) as credentials:
+        proxy = RedisProxy(
+            snapshots=SnapshotHolder(),
+            credentials=credentials,
+            upstream=fixed_redis_upstream(f"redis://127.0.0.1:{closed}/0", password_ref=str(ref)),
+            label="task store",
+        )
+        async with proxy, _serving(ScriptedRunner(), _config(_agent(), proxy), binding) as client:
+            with pytest.raises(Exception) as listed:
+                await client.list_tasks(ListTasksRequest(), context=_as(ALICE))
+            with pytest.raises(Exception) as sent:
+                request = _message("lost")
+                request.configuration.return_immediately = False
+                await _collect(client.send_message(request, context=_as(ALICE)))
+
+    for raised in (listed.value, sent.value):
+        shown = str(raised)
+        assert "task store is unavailable" in shown, shown
+        assert "127.0.0.1" not in shown and str(closed) not in shown, shown
+        assert proxy.address not in shown, shown
+    if binding == TransportProtocol.GRPC:
+        cause = listed.value.__cause__
+        assert isinstance(cause, grpc.aio.AioRpcError)
+        assert cause.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_task_store_the_engine_cannot_reach_tells_the_client_no_address() -> None:
+    closed = free_port()
+    config = ServerConfig(
+        agent_name=_agent(),
+        http_port=0,
+        grpc_port=0,
+        drain_timeout=2.0,
+        readiness_interval=0.02,
+        task_store=f"redis://127.0.0.1:{closed}/0",
+    )
+    async with _serving(ScriptedRunner(), config, TransportProtocol.JSONRPC) as client:
+        with pytest.raises(Exception) as raised:
+            await client.get_task(GetTaskRequest(id="t"), context=_as(ALICE))
+    shown = str(raised.value)
+    assert "task store is unavailable" in shown, shown
+    assert str(closed) not in shown and "127.0.0.1" not in shown, shown

@@ -106,6 +106,38 @@ async def test_the_memory_store_keeps_at_most_max_tasks_dropping_the_oldest_writ
     assert sorted(t.id for t in listed.tasks) == ["t2", "t4", "t5"]
 
 
+async def test_one_owner_cannot_push_another_owners_tasks_out_of_the_memory_store() -> None:
+    store = MemoryTaskStore(max_tasks=10, max_tasks_per_owner=3)
+    alice, mallory = _as(principal="specmesh/alice"), _as(principal="specmesh/mallory")
+    await store.save(_task("a1", seconds=1), alice)
+    await store.save(_task("a2", seconds=2), alice)
+    for i in range(50):
+        await store.save(_task(f"m{i}", seconds=10 + i), mallory)
+    await store.save(_task("m47", seconds=99), mallory)  # written again: now its newest
+
+    theirs = await store.list(ListTasksRequest(), mallory)
+    mine = await store.list(ListTasksRequest(), alice)
+    assert sorted(t.id for t in mine.tasks) == ["a1", "a2"]
+    assert sorted(t.id for t in theirs.tasks) == ["m47", "m48", "m49"]
+    assert len(store) == 5
+
+
+async def test_the_memory_store_keeps_its_global_bound_over_many_owners() -> None:
+    store = MemoryTaskStore(max_tasks=4, max_tasks_per_owner=3)
+    for i in range(6):
+        await store.save(_task(f"t{i}", seconds=i), _as(principal=f"specmesh/p{i}"))
+    assert len(store) == 4
+    assert await store.get("t1", _as(principal="specmesh/p1")) is None
+    assert await store.get("t2", _as(principal="specmesh/p2")) is not None
+    await store.delete("t5", _as(principal="specmesh/p5"))
+    assert len(store) == 3
+
+
+def test_the_memory_store_bounds_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_tasks_per_owner"):
+        MemoryTaskStore(max_tasks_per_owner=0)
+
+
 async def test_the_memory_store_forgets_a_task_after_the_retention() -> None:
     store = MemoryTaskStore(retention_seconds=1e-9)
     alice = _as(principal="specmesh/alice")

@@ -6,7 +6,12 @@ from __future__ import annotations
 import re
 
 from specmesh.pki import agent_role_params, spiffe_id
-from specmesh.vault import agent_policy, control_plane_policy
+from specmesh.vault import (
+    agent_policy,
+    agent_secret_prefix,
+    control_plane_policy,
+    is_infra_agent_secret,
+)
 
 from ..conftest import REPO
 
@@ -63,3 +68,13 @@ def test_an_agents_pki_role_allows_its_own_identity_only() -> None:
     assert params["allowed_uri_sans"] == spiffe_id("schedulex-assistant")
     assert "*" not in str(params["allowed_uri_sans"]) + str(params["allowed_domains"])
     assert params["allow_any_name"] is False and params["allow_subdomains"] is False
+
+
+def test_infra_agent_secrets_are_the_task_store_path_and_below_only() -> None:
+    tree = agent_secret_prefix("Billing")
+    assert is_infra_agent_secret(tree, f"{tree}/task-store")
+    assert is_infra_agent_secret(tree, f"{tree}/task-store/extra")
+    assert not is_infra_agent_secret(tree, f"{tree}/task-store-old")
+    assert not is_infra_agent_secret(tree, f"{tree}/model/apiKey")
+    assert not is_infra_agent_secret(tree, f"{agent_secret_prefix('other')}/task-store")
+    assert not is_infra_agent_secret(tree, f"{tree}")
