@@ -44,7 +44,6 @@ import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -63,7 +62,7 @@ from specmesh.spec.models import ConnectionPoolSpec
 
 from .credentials import CredentialResolver, CredentialUnavailableError
 from .mtls import agent_dns_name
-from .relay import end_to_end_headers, relay
+from .relay import RelayListener, end_to_end_headers, relay
 from .router import NoInstanceError, Router
 from .state import SnapshotHolder
 
@@ -210,7 +209,7 @@ class _Outbound:
     params: MultiDict[str]
 
 
-class EgressProxy:
+class EgressProxy(RelayListener):
     """The egress HTTP server. Use as an async context manager (``start``/``stop``)."""
 
     def __init__(
@@ -231,6 +230,7 @@ class EgressProxy:
         service_addresses: Mapping[str, str] | None = None,
         tracer: trace.Tracer | None = None,
     ) -> None:
+        super().__init__(host=host, port=port)
         self._snapshots = snapshots
         self._tracer = tracer or trace.get_tracer("specmesh.sidecar")
         self.llm_override = llm_override
@@ -241,59 +241,17 @@ class EgressProxy:
         self._router = router
         self._client_ssl = client_ssl
         self.metrics = metrics or EgressMetrics(registry)
-        self.host = host
-        self.port = port
         self.connect_timeout = connect_timeout
         self.mcp_read_timeout = mcp_read_timeout
         self._pool = connection_pool or ConnectionPoolSpec()
-        self._session: aiohttp.ClientSession | None = None
-        self._runner: web.AppRunner | None = None
         self._inflight: dict[str, int] = {}
-        self.app = web.Application()
-        self.app.router.add_route("*", "/{tail:.*}", self._handle)
 
     # ------------------------------------------------------------ lifecycle
 
-    async def __aenter__(self) -> EgressProxy:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
+    def _connector(self) -> aiohttp.TCPConnector:
+        return aiohttp.TCPConnector(
             limit=0, limit_per_host=self._pool.max_connections, enable_cleanup_closed=True
         )
-        self._session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, trust_env=False
-        )
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        server = site._server
-        if server is not None and self.port == 0:
-            sockets = getattr(server, "sockets", None) or []
-            self.port = int(sockets[0].getsockname()[1])
-
-    async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish, close the upstream pool."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
 
     @property
     def session(self) -> aiohttp.ClientSession:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import AsyncIterator, Mapping
-from types import TracebackType
 from typing import Any
 
 import aiohttp
@@ -36,7 +35,6 @@ import grpc
 from aiohttp import web
 from multidict import CIMultiDict
 from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from specmesh.callers import CALLER_HEADER, CALLER_KEY, PRINCIPAL_HEADER, PRINCIPAL_KEY
 from specmesh.names import resource_name
@@ -58,7 +56,7 @@ from .grpcproxy import (
     split_address,
 )
 from .mtls import AgentCertificates, agent_dns_name
-from .relay import end_to_end_headers, relay
+from .relay import RelayListener, end_to_end_headers, relay, traced
 from .router import NoInstanceError, Router, Target
 
 __all__ = ["CARD_PATH", "EntryServer", "GrpcEntry"]
@@ -98,7 +96,7 @@ def _unavailable(message: str, status: int = 502) -> web.Response:
     return web.json_response(body, status=status)
 
 
-class EntryServer:
+class EntryServer(RelayListener):
     """The HTTP entry (``SPECMESH_ENTRY``); an async context manager."""
 
     def __init__(
@@ -115,70 +113,19 @@ class EntryServer:
         read_timeout: float = 300.0,
         tracer: trace.Tracer | None = None,
     ) -> None:
+        super().__init__(host=host, port=port)
         self.agent = resource_name(agent_name)
         self.instance_id = instance_id
         self.engine_url = engine_http if "://" in engine_http else f"http://{engine_http}"
         self.policy = policy
         self._router = router
         self._client_ssl = client_ssl
-        self.host = host
-        self.port = port
         self.read_timeout = read_timeout
         self._tracer = tracer or trace.get_tracer("specmesh.sidecar")
-        self._session: aiohttp.ClientSession | None = None
-        self._runner: web.AppRunner | None = None
-        self.app = web.Application()
-        self.app.router.add_route("*", "/{tail:.*}", self._handle)
-
-    async def __aenter__(self) -> EntryServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), auto_decompress=False, trust_env=False
-        )
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        server = site._server
-        if server is not None and self.port == 0:
-            sockets = getattr(server, "sockets", None) or []
-            self.port = int(sockets[0].getsockname()[1])
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         """One external call, as a SERVER span continuing the client's trace."""
-        parent = propagate.extract(request.headers)
-        with self._tracer.start_as_current_span(
-            f"entry {self.agent}", context=parent, kind=SpanKind.SERVER
-        ) as span:
-            span.set_attribute("http.request.method", request.method)
-            response = await self._forward(request, span)
-            span.set_attribute("http.response.status_code", response.status)
-            if response.status >= 500:
-                span.set_status(Status(StatusCode.ERROR))
-            return response
+        return await traced(self._tracer, f"entry {self.agent}", request, self._forward)
 
     async def _forward(self, request: web.Request, span: trace.Span) -> web.StreamResponse:
         headers: CIMultiDict[str] = CIMultiDict(end_to_end_headers(request.headers))

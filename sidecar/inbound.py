@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Iterable, Mapping
-from types import TracebackType
 from typing import Protocol
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from specmesh.callers import CALLER_HEADER, PRINCIPAL_HEADER
 from specmesh.names import resource_name
@@ -39,7 +38,7 @@ from specmesh.watch import PrefixWatcher
 
 from .callers import CARD_PATH, CallerPolicy, CallerRefused
 from .mtls import AgentCertificates, agent_from_cert
-from .relay import end_to_end_headers, relay
+from .relay import RelayListener, end_to_end_headers, relay, traced
 
 __all__ = [
     "CALLER_HEADER",
@@ -111,7 +110,7 @@ class EtcdPartnerGraph:
                 await self.refresh()
 
 
-class InboundServer:
+class InboundServer(RelayListener):
     """The inbound listener; ``certificates=None`` means plaintext mode (Istio).
 
     ``policy`` decides who may call; without one, a policy over ``graph`` with the default
@@ -131,6 +130,7 @@ class InboundServer:
         tracer: trace.Tracer | None = None,
         require_identity: bool = False,
     ) -> None:
+        super().__init__(host=host, port=port)
         self._tracer = tracer or trace.get_tracer("specmesh.sidecar")
         self.agent = resource_name(agent_name)
         self.engine_url = engine_http if "://" in engine_http else f"http://{engine_http}"
@@ -141,52 +141,14 @@ class InboundServer:
         self.policy = policy
         self._certs = certificates
         self._require_identity = require_identity
-        self.host = host
-        self.port = port
         self.read_timeout = read_timeout
-        self._session: aiohttp.ClientSession | None = None
-        self._runner: web.AppRunner | None = None
-        self.app = web.Application()
-        self.app.router.add_route("*", "/{tail:.*}", self._handle)
-
-    async def __aenter__(self) -> InboundServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     @property
-    def url(self) -> str:
-        scheme = "https" if self._certs is not None else "http"
-        return f"{scheme}://{self.host}:{self.port}"
+    def secure(self) -> bool:
+        return self._certs is not None
 
-    async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), auto_decompress=False, trust_env=False
-        )
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        ssl_context = self._certs.server_context if self._certs is not None else None
-        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=ssl_context)
-        await site.start()
-        server = site._server
-        if server is not None and self.port == 0:
-            sockets = getattr(server, "sockets", None) or []
-            self.port = int(sockets[0].getsockname()[1])
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+    def _server_ssl(self) -> ssl.SSLContext | None:
+        return self._certs.server_context if self._certs is not None else None
 
     def _caller(self, request: web.Request) -> str | None:
         transport = request.transport
@@ -195,16 +157,7 @@ class InboundServer:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         """One inbound call, as a SERVER span continuing the caller's trace."""
-        parent = propagate.extract(request.headers)
-        with self._tracer.start_as_current_span(
-            f"inbound {self.agent}", context=parent, kind=SpanKind.SERVER
-        ) as span:
-            span.set_attribute("http.request.method", request.method)
-            response = await self._forward(request, span)
-            span.set_attribute("http.response.status_code", response.status)
-            if response.status >= 500:
-                span.set_status(Status(StatusCode.ERROR))
-            return response
+        return await traced(self._tracer, f"inbound {self.agent}", request, self._forward)
 
     async def _forward(self, request: web.Request, span: trace.Span) -> web.StreamResponse:
         headers: CIMultiDict[str] = CIMultiDict(end_to_end_headers(request.headers))

@@ -1,14 +1,21 @@
 """Relaying an upstream HTTP response to the downstream caller as it arrives (shared by
-the egress and the inbound), without hop-by-hop headers."""
+the egress, the inbound and the entry), without hop-by-hop headers; and
+:class:`RelayListener`, the life of such an HTTP proxy listener."""
 
 from __future__ import annotations
 
 import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Self
 
 import aiohttp
 from aiohttp import web
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
-__all__ = ["HOP_BY_HOP", "end_to_end_headers", "relay"]
+__all__ = ["HOP_BY_HOP", "RelayListener", "end_to_end_headers", "relay", "traced"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,3 +79,90 @@ async def relay(
         return response
     finally:
         upstream.release()
+
+
+async def traced(
+    tracer: trace.Tracer,
+    name: str,
+    request: web.Request,
+    forward: Callable[[web.Request, trace.Span], Awaitable[web.StreamResponse]],
+) -> web.StreamResponse:
+    """One relayed call as a SERVER span ``name`` continuing the caller's trace (W3C
+    headers): method and status recorded, a 5xx marks it failed."""
+    parent = propagate.extract(request.headers)
+    with tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER) as span:
+        span.set_attribute("http.request.method", request.method)
+        response = await forward(request, span)
+        span.set_attribute("http.response.status_code", response.status)
+        if response.status >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+        return response
+
+
+class RelayListener:
+    """An aiohttp listener that relays every request (``_handle``) over one pooled client
+    session to its upstreams: the egress, the inbound and the entry. An async context
+    manager; ``port`` 0 picks a free port, read back after :meth:`start`."""
+
+    def __init__(self, *, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        self.app = web.Application()
+        self.app.router.add_route("*", "/{tail:.*}", self._handle)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+    def _connector(self) -> aiohttp.TCPConnector:
+        """The upstream pool (no limit by default)."""
+        return aiohttp.TCPConnector(limit=0)
+
+    def _server_ssl(self) -> ssl.SSLContext | None:
+        """TLS of the listener itself (``None``: plaintext)."""
+        return None
+
+    @property
+    def secure(self) -> bool:
+        """Whether the listener speaks TLS (``_server_ssl`` gives a context)."""
+        return False
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.secure else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=self._connector(), auto_decompress=False, trust_env=False
+        )
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self._server_ssl())
+        await site.start()
+        server = site._server
+        if server is not None and self.port == 0:
+            sockets = getattr(server, "sockets", None) or []
+            self.port = int(sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish, close the upstream pool."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
