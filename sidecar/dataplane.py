@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 from urllib.parse import urlsplit
 
 from sidecar.callers import CallerPolicy, JwtVerifier
@@ -165,25 +166,11 @@ class DataPlane:
             require_identity=settings.istio,
         )
         await self.inbound.start()
-        kind, host, port = parse_listen_address(settings.redis_proxy)
-        self.redis_proxy = RedisProxy(
-            snapshots=self.ctx.holder,
-            credentials=self.credentials,
-            host=host,
-            port=port,
-            unix_path=host if kind == "unix" else None,
-            service_addresses=parse_table(settings.service_addresses),
-        )
+        self.redis_proxy = self._redis_proxy(settings.redis_proxy)
         await self.redis_proxy.start()
         if settings.task_store_proxy and settings.task_store_upstream:
-            kind, host, port = parse_listen_address(settings.task_store_proxy)
-            self.task_store_proxy = RedisProxy(
-                snapshots=self.ctx.holder,
-                credentials=self.credentials,
-                host=host,
-                port=port,
-                unix_path=host if kind == "unix" else None,
-                service_addresses=parse_table(settings.service_addresses),
+            self.task_store_proxy = self._redis_proxy(
+                settings.task_store_proxy,
                 upstream=fixed_redis_upstream(
                     settings.task_store_upstream, password_ref=settings.task_store_password
                 ),
@@ -260,6 +247,21 @@ class DataPlane:
             )
             await self.grpc_entry.start()
             logger.info("public entry (gRPC) on %s", self.grpc_entry.target)
+
+    def _redis_proxy(self, listen: str, **kwargs: Any) -> RedisProxy:
+        """A Redis proxy on ``listen`` (``host:port`` or ``unix:path``): the memory store's
+        (following the snapshot), or one with a fixed ``upstream``."""
+        assert self.credentials is not None
+        kind, host, port = parse_listen_address(listen)
+        return RedisProxy(
+            snapshots=self.ctx.holder,
+            credentials=self.credentials,
+            host=host,
+            port=port,
+            unix_path=host if kind == "unix" else None,
+            service_addresses=parse_table(self.ctx.settings.service_addresses),
+            **kwargs,
+        )
 
     async def stop(self) -> None:
         if self.vault is not None and self.ctx.settings.vault_revoke_on_stop:
