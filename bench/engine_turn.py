@@ -3,13 +3,11 @@
 * Overhead per turn: a turn through the real engine against a bare ``litellm.acompletion``
   to the same scripted model server (it answers at once; same messages, same kwargs as
   :mod:`engine.llm` sends: streaming with usage, temperature, timeout, retries), p50/p99
-  of each, one after the other (alternating), and the difference. Three engine paths:
+  of each, one after the other (alternating), and the difference. Two engine paths:
 
   - ``http``: ``POST /v1/invoke`` on a real ``specmesh engine --spec-dir`` process
     (EngineRuntime + its HTTP server), from this process over a kept-alive connection,
     with ``GET /healthz`` on the same connection as the HTTP floor;
-  - ``http_tcp_nodelay``: the same engine code in a child process whose listener has
-    TCP_NODELAY (what fixing ``engine.server._bind`` gives; see :func:`_nodelay_bind`);
   - ``in_process``: ``EngineRuntime.run()`` in this process (the loop, prompt, memory,
     spans and ModelClient; no HTTP), against the bare call made from the same process.
 
@@ -30,8 +28,15 @@
   as ``specmesh engine`` runs them): the top 10 functions by cumulative time (and inside
   the HTTP stack, which wraps the whole turn), by own time, and own time by package.
 
+Earlier versions also ran a ``http_tcp_nodelay`` path, an engine whose listener was patched
+to set TCP_NODELAY. The shipped listener now does it (:func:`specmesh.serving.bind_tcp`
+makes its socket with ``IPPROTO_TCP``, so asyncio turns Nagle off on every accepted
+connection), so that path measured the same code twice and is gone.
+
 Goals (engine issue): overhead under 2 ms per turn, ready under 3 s, under 150 MB at rest.
-Run: ``uv run python bench/engine_turn.py [--seconds 6] [--turns 1000]``.
+Run: ``uv run python bench/engine_turn.py [--seconds 6] [--turns 1000]``; ``--smoke`` runs
+every part with tiny sizes (a few seconds of work beyond the imports) to prove the bench
+still works -- its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -413,12 +418,12 @@ async def _overhead_in_process(
     return _side_by_side(engine_ms, bare_ms)
 
 
-async def _litellm_cost(kwargs: dict[str, Any], calls: int) -> dict[str, Any]:
+async def _litellm_cost(kwargs: dict[str, Any], calls: int, warmup: int) -> dict[str, Any]:
     """The bare call streamed (as the engine makes it) and whole: wall and CPU per call."""
     whole = {k: v for k, v in kwargs.items() if k not in ("stream", "stream_options")}
     out: dict[str, Any] = {"chunks_per_streamed_answer": await _bare_turn(kwargs)}
     for name, kw in (("streamed", kwargs), ("whole", whole)):
-        for _ in range(20):
+        for _ in range(warmup):
             await _bare_turn(kw)
         ms = []
         cpu0 = time.process_time()
@@ -465,7 +470,7 @@ async def _closed_loop(
             done += 1
             k += 1
 
-    stop_at = time.perf_counter() + 0.5  # warm-up: opens the connections
+    stop_at = time.perf_counter() + min(0.5, seconds)  # warm-up: opens the connections
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
     latencies.clear()
     errors = 0
@@ -526,10 +531,10 @@ async def _throughput(
 # ---------------------------------------------------------------- engine in a child process
 
 
-def _engine_child(folder: str, egress: str, nodelay: bool, conn: Any) -> None:
+def _engine_child(folder: str, egress: str, conn: Any) -> None:
     """The engine as ``specmesh engine`` assembles it (telemetry, EngineRuntime over the
-    spec folder, EngineServer), in a child process the bench controls: to run it under
-    cProfile, and to listen with TCP_NODELAY (see :func:`_nodelay_bind`)."""
+    spec folder, EngineServer), in a child process the bench controls, to run it under
+    cProfile."""
     os.environ.setdefault("OTEL_INSTRUMENTATION_A2A_SDK_ENABLED", "false")
     import cProfile
     import logging
@@ -542,8 +547,6 @@ def _engine_child(folder: str, egress: str, nodelay: bool, conn: Any) -> None:
     from engine.telemetry import configure_telemetry
 
     logging.basicConfig(level=logging.WARNING)
-    if nodelay:
-        engine_server._bind = _nodelay_bind(engine_server._bind)  # type: ignore[attr-defined]
     telemetry = configure_telemetry(agent_name=AGENT)
 
     async def main() -> None:
@@ -569,33 +572,14 @@ def _engine_child(folder: str, egress: str, nodelay: bool, conn: Any) -> None:
     asyncio.run(main())
 
 
-def _nodelay_bind(bind: Callable[[str, int], Any]) -> Callable[[str, int], Any]:
-    """``engine.server._bind`` with TCP_NODELAY on the listener (accepted sockets inherit
-    it on Linux). The shipped ``_bind`` makes ``socket.socket(family, SOCK_STREAM)``,
-    whose ``proto`` is 0, so asyncio's ``_set_nodelay`` (it checks ``proto ==
-    IPPROTO_TCP``) skips the accepted connections: Nagle holds back the body written
-    after the headers until the client's delayed ACK, ~40 ms on every request but the
-    first of a kept-alive connection. Patched in this bench only, to show what the fix
-    gives."""
-
-    def nodelay_bind(host: str, port: int) -> Any:
-        import socket
-
-        sock = bind(host, port)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
-
-    return nodelay_bind
-
-
 class _ChildEngine:
     """An engine in a child process (:func:`_engine_child`), stopped on exit."""
 
-    def __init__(self, folder: Path, egress: str, *, nodelay: bool) -> None:
+    def __init__(self, folder: Path, egress: str) -> None:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(
-            target=_engine_child, args=(str(folder), egress, nodelay, child), daemon=True
+            target=_engine_child, args=(str(folder), egress, child), daemon=True
         )
         self.url = ""
 
@@ -619,8 +603,8 @@ class _ChildEngine:
             self._proc.terminate()
             self._proc.join(5)
 
-    def profile(self, turns: int) -> dict[str, Any]:
-        asyncio.run(_drive(self.url, 50, "profile-warm"))
+    def profile(self, turns: int, warmup: int) -> dict[str, Any]:
+        asyncio.run(_drive(self.url, warmup, "profile-warm"))
         self._conn.send("profile")
         asyncio.run(_drive(self.url, turns, "profile"))
         self._conn.send(turns)
@@ -727,19 +711,29 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=6.0, help="per throughput level")
     parser.add_argument("--turns", type=int, default=1000, help="turns for the overhead")
     parser.add_argument("--profile-turns", type=int, default=500)
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes: proves the bench runs, no figures"
+    )
     args = parser.parse_args()
+    startup_runs, warmup, litellm_calls = 3, 20, 300
+    if args.smoke:
+        args.seconds, args.turns, args.profile_turns = 0.2, 10, 10
+        startup_runs, warmup, litellm_calls = 1, 3, 10
     home = Path(tempfile.mkdtemp(prefix="specmesh-bench-engine-"))
     folder = _write_spec(home / AGENT)
     model_port = free_port()
     model_root = f"http://127.0.0.1:{model_port}"
     model = _start_model(model_port)
     engine: subprocess.Popen[bytes] | None = None
-    results: dict[str, Any] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
-    warmup = 20
+    results: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "smoke": args.smoke,
+    }
     try:
-        # start-up, 3 runs; the last engine stays for the rest
+        # start-up, 3 runs (1 in smoke mode); the last engine stays for the rest
         runs = []
-        for i in range(3):
+        for i in range(startup_runs):
             if engine is not None:
                 _stop(engine)
             engine, url, listening, ready = _spawn_engine(folder, model_root, home / "engine.log")
@@ -755,46 +749,37 @@ def main() -> int:
         time.sleep(1.0)  # at rest: the folder poll and the readiness watcher have run
         rss: dict[str, Any] = {"at_rest_after_ready": round(rss_mb(engine.pid), 1)}
         asyncio.run(_drive(url, warmup, "first"))  # litellm and openai import lazily
-        rss[f"after_{warmup}_turns"] = round(rss_mb(engine.pid), 1)
+        rss["after_first_turns"] = round(rss_mb(engine.pid), 1)
+        rss["first_turns"] = warmup
 
         shipped, messages = asyncio.run(_overhead_http(url, model_root, args.turns, warmup))
-        rss["after_1000_turns"] = round(rss_mb(engine.pid), 1)
+        rss["after_overhead_turns"] = round(rss_mb(engine.pid), 1)
         rss["turns_then"] = args.turns + 2 * warmup
         kwargs = _bare_kwargs(f"{model_root}/llm/v1", messages)
-        with _ChildEngine(folder, model_root, nodelay=True) as fixed:
-            nodelay, _ = asyncio.run(_overhead_http(fixed.url, model_root, args.turns, warmup))
-            results["overhead_per_turn"] = {
-                "prompt": {
-                    "messages": len(messages),
-                    "chars": sum(len(str(m.get("content", ""))) for m in messages),
-                },
-                "http": shipped,
-                "http_tcp_nodelay": nodelay,
-                "in_process": asyncio.run(
-                    _overhead_in_process(folder, model_root, messages, args.turns, warmup)
-                ),
-                "litellm_alone": asyncio.run(_litellm_cost(kwargs, 300)),
-            }
-            served = {"http": args.turns + 2 * warmup}
-            results["throughput"] = asyncio.run(
-                _throughput(
-                    {"http": (url, engine.pid), "http_tcp_nodelay": (fixed.url, fixed.pid)},
-                    model.pid,
-                    kwargs,
-                    args.seconds,
-                    served,
-                )
-            )
+        results["overhead_per_turn"] = {
+            "prompt": {
+                "messages": len(messages),
+                "chars": sum(len(str(m.get("content", ""))) for m in messages),
+            },
+            "http": shipped,
+            "in_process": asyncio.run(
+                _overhead_in_process(folder, model_root, messages, args.turns, warmup)
+            ),
+            "litellm_alone": asyncio.run(_litellm_cost(kwargs, litellm_calls, warmup)),
+        }
+        served = {"http": args.turns + 2 * warmup}
+        results["throughput"] = asyncio.run(
+            _throughput({"http": (url, engine.pid)}, model.pid, kwargs, args.seconds, served)
+        )
         rss["at_end"] = round(rss_mb(engine.pid), 1)
         rss["turns_at_end"] = served["http"]
         results["rss_mb"] = rss
-        with _ChildEngine(folder, model_root, nodelay=False) as profiled:
-            results["profile"] = profiled.profile(args.profile_turns)
+        with _ChildEngine(folder, model_root) as profiled:
+            results["profile"] = profiled.profile(args.profile_turns, warmup)
         overhead = results["overhead_per_turn"]
         results["goals"] = {
             "overhead_under_2ms_p50": {
-                "shipped": overhead["http"]["overhead_ms"]["p50_ms"] < 2,
-                "tcp_nodelay": overhead["http_tcp_nodelay"]["overhead_ms"]["p50_ms"] < 2,
+                "http": overhead["http"]["overhead_ms"]["p50_ms"] < 2,
                 "in_process": overhead["in_process"]["overhead_ms"]["p50_ms"] < 2,
             },
             "ready_under_3s": results["startup"]["ready_s_median"] < 3,

@@ -17,7 +17,8 @@ then the largest N that does fit by that estimate is run too (``largestThatFits`
 largest N that ran is reported as ``largestN``.
 
 Prints one JSON document (and a table on stderr). Run:
-``uv run python bench/fleet_density.py [--sizes 10,25,50] [--idle 20]``.
+``uv run python bench/fleet_density.py [--sizes 10,25,50] [--idle 20]`` (``--smoke``: N = 1 and
+1 s of idle -- proves the bench runs, no figures; the fleet still starts whole, ~1 min).
 """
 
 from __future__ import annotations
@@ -211,12 +212,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="10,25,50")
     parser.add_argument("--idle", type=float, default=20.0, help="seconds of idle measurement")
+    parser.add_argument(
+        "--smoke", action="store_true", help="N = 1, 1 s idle: proves the bench runs, no figures"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.sizes, args.idle = "1", 1.0
     sizes = [int(s) for s in args.sizes.split(",")]
     home = Path(tempfile.mkdtemp(prefix="specmesh-density-"))
     fleet = Fleet(FleetOptions(home=home))
     state = fleet.up()
     results: dict[str, Any] = {
+        "smoke": args.smoke,
         "machine": {
             "cpus": os.cpu_count(),
             "memTotalMB": round(_kb("/proc/meminfo", "MemTotal") / 1024),

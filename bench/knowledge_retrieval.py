@@ -18,7 +18,8 @@ chunk, so each has true neighbours, as a question has. ``random`` -- Gaussian ve
 normalised to unit length, queries likewise (no structure: the hardest case for an
 approximate index). The embedding model itself is not timed.
 
-Run: ``uv run python bench/knowledge_retrieval.py [--sizes 10000 100000] [--queries 300]``.
+Run: ``uv run python bench/knowledge_retrieval.py [--sizes 10000 100000] [--queries 300]``
+(``--smoke``: 200 and 400 chunks, 20 queries -- proves the bench runs, no figures).
 """
 
 from __future__ import annotations
@@ -179,12 +180,18 @@ def main() -> int:
     parser.add_argument(
         "--ef-search", type=int, default=0, help="HNSW ef_search (default: Chroma's, 100)"
     )
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes: proves the bench runs, no figures"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.sizes, args.queries, args.batch = [200, 400], 20, 100
     results = asyncio.run(_run(args))
     dump(
         "knowledge_retrieval",
         {
             "vectors": f"{args.vectors}, {DIM} dims, unit length",
+            "smoke": args.smoke,
             "k": args.k,
             "queries": args.queries,
             "chroma": "embedded PersistentClient, HNSW cosine, M 16, ef_construction 100, "

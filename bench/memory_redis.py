@@ -12,7 +12,8 @@ Operations: ``write`` = append one exchange (user + assistant turns: RPUSH, LTRI
 one MULTI); ``read`` = the whole conversation (LRANGE of ``--turns`` turns, ~200 bytes each).
 Closed loop, one operation at a time (``concurrency 1``) and ``--concurrency`` at a time;
 p50/p99 in milliseconds. Real redis-server and OpenBao from ``specmesh.services``. Run:
-``uv run python bench/memory_redis.py [--ops 2000] [--turns 20] [--concurrency 16]``.
+``uv run python bench/memory_redis.py [--ops 2000] [--turns 20] [--concurrency 16]``
+(``--smoke``: 50 ops, concurrency 2 -- proves the bench runs, no figures).
 """
 
 from __future__ import annotations
@@ -175,7 +176,12 @@ def main() -> int:
     parser.add_argument("--ops", type=int, default=2000)
     parser.add_argument("--turns", type=int, default=20)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes: proves the bench runs, no figures"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.ops, args.turns, args.concurrency = 50, 2, 2
     with tempfile.TemporaryDirectory(prefix="specmesh-bench-mem-") as tmp:
         home = Path(tmp)
         services = LocalServices(home=home / "services")
@@ -214,6 +220,7 @@ def main() -> int:
             dump(
                 "memory_redis",
                 {
+                    "smoke": args.smoke,
                     "ops": args.ops,
                     "turns_read": args.turns,
                     "turn_bytes": len(TURN_TEXT) + 40,

@@ -17,13 +17,15 @@
 Real etcd and OpenBao (KV + PKI) from ``specmesh.services``; two real ``specmesh sidecar``
 processes and one real ``specmesh engine`` beside sidecar A, with the environment
 ``specmesh.fleet`` gives engines (no Vault address, token or secret). Run:
-``uv run python bench/sidecar_hop.py [--seconds 10] [--reloads 30]``.
+``uv run python bench/sidecar_hop.py [--seconds 10] [--reloads 30]`` (``--smoke``: 0.5 s per
+rate, 3 reloads -- proves the bench runs, no figures).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -124,6 +126,41 @@ def _engine(home: Path, ports: dict[str, int]) -> subprocess.Popen:
     )
 
 
+def _stand_in_engine(sync_port: int, agent: str) -> None:
+    """What the upstream behind sidecar B lacks to be routed to: an engine reporting
+    SERVING. Holds a WatchSnapshots stream open on B's sync server (the sidecar's sign
+    that its engine is alive) and reports each snapshot as served, so B's registry entry
+    says ``serving`` and A's egress picks it."""
+    from specmesh.v1 import common_pb2
+
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{sync_port}") as channel:
+            stub = sidecar_pb2_grpc.SpecSyncServiceStub(channel)
+            stream = stub.WatchSnapshots(sidecar_pb2.WatchSnapshotsRequest(agent_name=agent))
+            async for response in stream:
+                await stub.ReportStatus(
+                    sidecar_pb2.ReportStatusRequest(
+                        agent_name=agent,
+                        state=common_pb2.ENGINE_STATE_SERVING,
+                        serving_revision=response.snapshot.revision,
+                        serving_etcd_revision=response.snapshot.etcd_revision,
+                    )
+                )
+
+    while True:  # until terminated; the sidecar may not listen yet
+        try:
+            asyncio.run(main())
+        except grpc.RpcError:
+            time.sleep(0.2)
+
+
+def _start_stand_in_engine(sync_port: int, agent: str) -> mp.process.BaseProcess:
+    ctx = mp.get_context("spawn")
+    proc = ctx.Process(target=_stand_in_engine, args=(sync_port, agent), daemon=True)
+    proc.start()
+    return proc
+
+
 def _wait_get(url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -138,14 +175,18 @@ def _wait_get(url: str, timeout: float = 60) -> None:
 
 def _wait_ok(url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
+    last = "no answer"
     while time.monotonic() < deadline:
         try:
-            if requests.post(url, data=b"{}", timeout=2).status_code == 200:
+            r = requests.post(url, data=b"{}", timeout=2)
+        except requests.RequestException as e:
+            last = repr(e)
+        else:
+            if r.status_code == 200:
                 return
-        except requests.RequestException:
-            pass
+            last = f"{r.status_code} {r.text[:300]}"
         time.sleep(0.2)
-    raise RuntimeError(f"{url} never answered 200")
+    raise RuntimeError(f"{url} never answered 200 (last: {last})")
 
 
 async def _card_revision(session: aiohttp.ClientSession, card_url: str) -> int:
@@ -162,9 +203,10 @@ async def _reload_times(
     """Per etcd write (n times): until the snapshot is on a WatchSnapshots stream, and
     until the engine's agent card shows the new revision (polled in a tight loop).
 
-    The card is fetched on a new connection each time: on a kept-alive connection the
-    engine's listener answers ~40 ms late (Nagle against delayed ACK, see
-    bench/engine_turn.py), which would measure that instead of the reload.
+    The card is fetched on a new connection each time, as when this was first measured: the
+    engine's listener then answered kept-alive requests ~40 ms late (Nagle against delayed
+    ACK). It sets TCP_NODELAY now (:func:`specmesh.serving.bind_tcp`); a new connection
+    per poll is kept so the figures compare with the earlier ones.
     """
     out: dict[str, list[float]] = {"apply": [], "stream": [], "engine": []}
     card_url = f"{engine_url}/.well-known/agent-card.json"
@@ -217,11 +259,16 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--reloads", type=int, default=30)
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes: proves the bench runs, no figures"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.seconds, args.reloads = 0.5, 3
     home = Path(tempfile.mkdtemp(prefix="specmesh-bench-"))
     services = LocalServices(home=home / "services")
     state = services.start()
-    procs: list[subprocess.Popen] = []
+    procs: list[subprocess.Popen[bytes] | mp.process.BaseProcess] = []
     try:
         asyncio.run(setup_pki(address=state["baoAddress"], token=state["baoToken"]))
         etcd = EtcdClient.from_endpoint(state["etcdEndpoint"])
@@ -243,8 +290,8 @@ def main() -> int:
             )
         )
         upstream_port = free_port()
-        procs.append(start_upstream(upstream_port))  # type: ignore[arg-type]
-        b, _ = _sidecar(
+        procs.append(start_upstream(upstream_port))
+        b, b_ports = _sidecar(
             "bench-b",
             home,
             state,
@@ -254,6 +301,7 @@ def main() -> int:
             ops=free_port(),
             engine=upstream_port,
         )
+        procs.append(_start_stand_in_engine(b_ports["sync"], "bench-b"))
         a, a_ports = _sidecar(
             "bench-a",
             home,
@@ -272,7 +320,7 @@ def main() -> int:
         _wait_ok(via)
         _wait_get(f"{engine_url}/readyz")
         _wait_get(f"http://127.0.0.1:{a_ports['ops']}/readyz")  # the engine reported SERVING
-        results: dict[str, object] = {}
+        results: dict[str, object] = {"smoke": args.smoke}
         for rps in (100, 1000):
             d = run_load(direct, rps=rps, seconds=args.seconds)
             cpu0 = cpu_seconds(a.pid) + cpu_seconds(b.pid)
