@@ -43,17 +43,15 @@ from .callers import CARD_PATH, CallerPolicy, CallerRefused
 from .grpcproxy import (
     AUTHORIZATION_KEY,
     ChannelPool,
+    GrpcRelayServer,
     Handler,
     Metadata,
     abort_as,
     abort_refused,
-    bind_server,
     end_to_end_metadata,
     first_value,
-    generic_handler,
     relay_stream,
     relay_unary,
-    split_address,
 )
 from .mtls import AgentCertificates, agent_dns_name
 from .relay import RelayListener, end_to_end_headers, relay, traced
@@ -189,7 +187,7 @@ class EntryServer(RelayListener):
         return await relay(request, upstream, downstream="caller")
 
 
-class GrpcEntry:
+class GrpcEntry(GrpcRelayServer):
     """The A2A gRPC entry (``SPECMESH_ENTRY_GRPC``, plaintext); an async context manager.
     ``router`` picks among instances with a ``grpcEndpoint``
     (:class:`~sidecar.grpcproxy.GrpcInstanceSource`)."""
@@ -205,45 +203,23 @@ class GrpcEntry:
         certificates: AgentCertificates | None = None,
         address: str = "127.0.0.1:0",
     ) -> None:
+        super().__init__(address=address)
         self.agent = resource_name(agent_name)
         self.instance_id = instance_id
         self.engine_grpc = engine_grpc
         self.policy = policy
         self._router = router
         self._pool = ChannelPool(certificates=certificates)
-        self.host, self.port = split_address(address)
-        self._server: grpc.aio.Server | None = None
         self._engine: grpc.aio.Channel | None = None
 
-    @property
-    def target(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    async def start(self) -> None:
+    async def _open(self) -> None:
         self._engine = grpc.aio.insecure_channel(self.engine_grpc)
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers(
-            (generic_handler(self._unary_handler, self._stream_handler),)
-        )
-        self.port = await bind_server(server, f"{self.host}:{self.port}", None)
-        await server.start()
-        self._server = server
 
-    async def stop(self, grace: float | None = 5.0) -> None:
-        if self._server is not None:
-            await self._server.stop(grace)
-            self._server = None
+    async def _close(self) -> None:
         if self._engine is not None:
             await self._engine.close()
             self._engine = None
         await self._pool.close()
-
-    async def __aenter__(self) -> GrpcEntry:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def _prepare(
         self, context: grpc.aio.ServicerContext

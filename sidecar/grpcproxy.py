@@ -37,7 +37,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Self
 
 import grpc
 from a2a.types import a2a_pb2
@@ -64,6 +64,7 @@ __all__ = [
     "GrpcEgress",
     "GrpcInbound",
     "GrpcInstanceSource",
+    "GrpcRelayServer",
     "Handler",
     "Metadata",
     "abort_as",
@@ -270,7 +271,62 @@ def split_address(address: str) -> tuple[str, int]:
 # ---------------------------------------------------------------- inbound
 
 
-class GrpcInbound:
+class GrpcRelayServer:
+    """A gRPC server that relays every method as raw bytes through the subclass's
+    ``_unary_handler`` / ``_stream_handler`` (the inbound, the egress and the entry); an
+    async context manager. ``_server_credentials`` gives TLS (``None``: plaintext); ``_open`` and
+    ``_close`` set up and release what the handlers relay to."""
+
+    def __init__(self, *, address: str) -> None:
+        self.host, self.port = split_address(address)
+        self._server: grpc.aio.Server | None = None
+
+    @property
+    def target(self) -> str:
+        """``host:port`` it listens on (the actual port after :meth:`start`)."""
+        return f"{self.host}:{self.port}"
+
+    def _unary_handler(self, method: str) -> Handler:
+        raise NotImplementedError
+
+    def _stream_handler(self, method: str) -> Handler:
+        raise NotImplementedError
+
+    def _server_credentials(self) -> Any | None:
+        return None
+
+    async def _open(self) -> None:
+        """Before the server starts."""
+
+    async def _close(self) -> None:
+        """After the server stopped."""
+
+    async def start(self) -> None:
+        await self._open()
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers(
+            (generic_handler(self._unary_handler, self._stream_handler),)
+        )
+        self.port = await bind_server(server, self.target, self._server_credentials())
+        await server.start()
+        self._server = server
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Stop accepting; calls in flight get ``grace`` seconds."""
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        await self._close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+class GrpcInbound(GrpcRelayServer):
     """The A2A gRPC inbound; ``certificates=None`` means plaintext mode (Istio).
 
     ``policy`` decides who may call (shared with the HTTP listeners); without one, a policy
@@ -287,6 +343,7 @@ class GrpcInbound:
         address: str = "127.0.0.1:0",
         require_identity: bool = False,
     ) -> None:
+        super().__init__(address=address)
         self.agent = resource_name(agent_name)
         self.engine_grpc = engine_grpc
         self._require_identity = require_identity
@@ -296,15 +353,8 @@ class GrpcInbound:
             policy = CallerPolicy(agent=agent_name, graph=graph)
         self.policy = policy
         self._certs = certificates
-        self.host, self.port = split_address(address)
-        self._server: grpc.aio.Server | None = None
         self._channel: grpc.aio.Channel | None = None
         self._cert_config: tuple[str, Any] | None = None
-
-    @property
-    def target(self) -> str:
-        """``host:port`` to register as this instance's ``grpcEndpoint``."""
-        return f"{self.host}:{self.port}"
 
     def _certificate_config(self) -> Any:
         assert self._certs is not None
@@ -324,37 +374,20 @@ class GrpcInbound:
         assert self._cert_config is not None
         return config if self._cert_config[0] != previous else None
 
-    async def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.engine_grpc)
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers(
-            (generic_handler(self._unary_handler, self._stream_handler),)
+    def _server_credentials(self) -> Any | None:
+        if self._certs is None:
+            return None
+        return grpc.dynamic_ssl_server_credentials(
+            self._certificate_config(), self._fetch_config, require_client_authentication=True
         )
-        creds = None
-        if self._certs is not None:
-            creds = grpc.dynamic_ssl_server_credentials(
-                self._certificate_config(),
-                self._fetch_config,
-                require_client_authentication=True,
-            )
-        self.port = await bind_server(server, f"{self.host}:{self.port}", creds)
-        await server.start()
-        self._server = server
 
-    async def stop(self, grace: float | None = 5.0) -> None:
-        if self._server is not None:
-            await self._server.stop(grace)
-            self._server = None
+    async def _open(self) -> None:
+        self._channel = grpc.aio.insecure_channel(self.engine_grpc)
+
+    async def _close(self) -> None:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
-
-    async def __aenter__(self) -> GrpcInbound:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def _authorize(self, context: grpc.aio.ServicerContext) -> Metadata:
         """The metadata to send to the engine, or abort the call (the same rules as the
@@ -510,7 +543,7 @@ class ChannelPool:
                 await task
 
 
-class GrpcEgress:
+class GrpcEgress(GrpcRelayServer):
     """The engine's A2A gRPC way out (loopback, plaintext)."""
 
     def __init__(
@@ -523,39 +556,15 @@ class GrpcEgress:
         address: str = "127.0.0.1:0",
         channel_grace: float = 30.0,
     ) -> None:
+        super().__init__(address=address)
         self._snapshots = snapshots
         self._credentials = credentials
         self._router = router
         self._certs = certificates
-        self.host, self.port = split_address(address)
         self._channels = ChannelPool(certificates=certificates, grace=channel_grace)
-        self._server: grpc.aio.Server | None = None
 
-    @property
-    def target(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    async def start(self) -> None:
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers(
-            (generic_handler(self._unary_handler, self._stream_handler),)
-        )
-        self.port = await bind_server(server, f"{self.host}:{self.port}", None)
-        await server.start()
-        self._server = server
-
-    async def stop(self, grace: float | None = 5.0) -> None:
-        if self._server is not None:
-            await self._server.stop(grace)
-            self._server = None
+    async def _close(self) -> None:
         await self._channels.close()
-
-    async def __aenter__(self) -> GrpcEgress:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def _prepare(
         self, context: grpc.aio.ServicerContext
