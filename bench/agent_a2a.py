@@ -67,7 +67,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._load import cpu_seconds, dump, percentile, rss_mb
-from bench.engine_turn import ANSWER, MODEL_PART, QUESTION, TEMPLATE, _engine_env, _write_spec
+from bench.engine_turn import ANSWER, QUESTION, TEMPLATE, _engine_env, _write_spec
 from specmesh.services import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -238,9 +238,15 @@ def _adk_argv(venv: Path, port: int, model_root: str, *extra: str) -> list[str]:
 
 
 def _floor_argv(port: int, name: str = "floor") -> list[str]:
-    return [sys.executable, str(BENCH / "_a2a_peers.py"), "floor", "--port", str(port)] + (
-        ["--name", name]
-    )
+    return [
+        sys.executable,
+        str(BENCH / "_a2a_peers.py"),
+        "floor",
+        "--port",
+        str(port),
+        "--name",
+        name,
+    ]
 
 
 def _engine_argv(folder: Path, port: int) -> list[str]:
@@ -360,6 +366,15 @@ def _ms(values: list[float]) -> dict[str, float | None]:
     return {f"p{p}_ms": round(percentile(values, p), 2) for p in (50, 90, 99)}
 
 
+def _cpu_split(cpu0: list[float], pids: list[int], turns: int) -> dict[str, float]:
+    """CPU-ms per turn of the server (``pids[0]``) and of the sidecars (the rest)."""
+    used = [cpu_seconds(p) - c for p, c in zip(pids, cpu0, strict=True)]
+    out = {"server_cpu_ms_per_turn": round(used[0] * 1000 / max(turns, 1), 2)}
+    if len(pids) > 1:
+        out["sidecars_cpu_ms_per_turn"] = round(sum(used[1:]) * 1000 / max(turns, 1), 2)
+    return out
+
+
 async def _sequential(
     url: str, pids: list[int], turns: int, warmup: int, question: str, expected: str
 ) -> dict[str, Any]:
@@ -377,7 +392,7 @@ async def _sequential(
             raise RuntimeError(f"every warm-up turn failed, e.g. {errors[0]}")
         errors.clear()
         ms: list[float] = []
-        cpu0 = sum(cpu_seconds(p) for p in pids)
+        cpu0 = [cpu_seconds(p) for p in pids]
         for _ in range(turns):
             t0 = time.perf_counter()
             try:
@@ -386,13 +401,13 @@ async def _sequential(
                 errors.append(str(e))
             else:
                 ms.append((time.perf_counter() - t0) * 1000)
-        cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+        cpu = _cpu_split(cpu0, pids, turns)
     return {
         "turns": len(ms),
         "errors": len(errors),
         "first_error": errors[0][:300] if errors else None,
         **_ms(ms),
-        "server_cpu_ms_per_turn": round(cpu * 1000 / max(turns, 1), 2),
+        **cpu,
     }
 
 
@@ -419,24 +434,26 @@ async def _concurrent(
 
         stop_at = time.perf_counter() + min(0.5, seconds)  # warm-up: opens the connections
         await asyncio.gather(*(worker() for _ in range(concurrency)))
+        warmup_turns = len(ms) + len(errors)
         ms.clear()
         errors.clear()
-        cpu0 = sum(cpu_seconds(p) for p in pids)
+        cpu0 = [cpu_seconds(p) for p in pids]
         t0 = time.perf_counter()
         stop_at = t0 + seconds
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
-        cpu = sum(cpu_seconds(p) for p in pids) - cpu0
-    done = len(ms) + len(errors)
+        server_cpu = cpu_seconds(pids[0]) - cpu0[0]
+        cpu = _cpu_split(cpu0, pids, len(ms) + len(errors))
     return {
         "concurrency": concurrency,
+        "warmup_turns": warmup_turns,
         "turns": len(ms),
         "errors": len(errors),
         "first_error": errors[0][:300] if errors else None,
         "turns_per_s": round(len(ms) / elapsed, 1),
         **_ms(ms),
-        "server_cpu_ms_per_turn": round(cpu * 1000 / max(done, 1), 2),
-        "server_cpu_cores": round(cpu / elapsed, 2),
+        **cpu,
+        "server_cpu_cores": round(server_cpu / elapsed, 2),
     }
 
 
@@ -449,10 +466,10 @@ class Sizes:
 
 
 def _measure(
-    server: Server, sizes: Sizes, question: str, expected: str, pids: list[int] | None = None
+    server: Server, sizes: Sizes, question: str, expected: str, sidecars: tuple[int, ...] = ()
 ) -> dict[str, Any]:
-    """Both phases against ``server``; CPU is read from ``pids`` (default: the server)."""
-    pids = pids or [server.pid]
+    """Both phases against ``server``; CPU read from it and, apart, from its ``sidecars``."""
+    pids = [server.pid, *sidecars]
     seq = asyncio.run(
         _sequential(server.jsonrpc, pids, sizes.turns, sizes.warmup, question, expected)
     )
@@ -485,6 +502,7 @@ _NULL_SERVER: dict[str, Any] = {
         k: None
         for k in (
             "concurrency",
+            "warmup_turns",
             "turns",
             "errors",
             "first_error",
@@ -584,7 +602,8 @@ def _per_turn(before: tuple[int, int], after: tuple[int, int], turns: int) -> di
 def _all_turns(doc: dict[str, Any], sizes: Sizes) -> int:
     """Every turn sent (warm-ups included) -- the denominator of the per-turn counts."""
     seq, conc = doc["sequential"], doc["concurrent"]
-    return int(sizes.warmup + seq["turns"] + seq["errors"] + conc["turns"] + conc["errors"])
+    sent = seq["turns"] + seq["errors"] + conc["warmup_turns"] + conc["turns"] + conc["errors"]
+    return int(sizes.warmup + sent)
 
 
 def tools_workload(
@@ -622,21 +641,126 @@ def tools_workload(
             doc.update(_per_turn(before, _counts(mcp_base, partner.base), _all_turns(doc, sizes)))
             results["adk"] = doc
         before = _counts(mcp_base, partner.base)
-        from bench._a2a_mesh import specmesh_with_sidecars
-
-        with specmesh_with_sidecars(
-            home=home,
-            model_root=model_root,
-            mcp_url=f"{mcp_base}/mcp",
-            partner_port=partner_port,
-        ) as (engine, sidecar_pids):
-            doc = _measure(engine, sizes, TOOL_QUESTION, TOOL_ANSWER, pids=[engine.pid])
-            doc["sidecars_cpu_ms_per_turn_concurrent"] = None
-            doc["rss_mb_sidecars"] = [round(rss_mb(p), 1) for p in sidecar_pids]
+        with _specmesh_with_sidecars(
+            home=home, model_root=model_root, mcp_url=f"{mcp_base}/mcp", partner_port=partner_port
+        ) as (engine, sidecars):
+            doc = _measure(engine, sizes, TOOL_QUESTION, TOOL_ANSWER, sidecars=sidecars)
+            doc["rss_mb_sidecars"] = [round(rss_mb(p), 1) for p in sidecars]
         doc.update(_per_turn(before, _counts(mcp_base, partner.base), _all_turns(doc, sizes)))
         doc["specmesh_includes_sidecar_hops"] = True
         results["specmesh"] = doc
     return {"servers": results, "ratios_to_adk": _ratios(results)}
+
+
+TOOLS_AGENT = "tools-agent"
+PARTNER = "partner"  # the engine's tool: ask_partner
+
+
+def _manifests(model_root: str, mcp_url: str) -> list[dict[str, Any]]:
+    """The specs applied for the tools workload: the prompt, the MCP Registry entry, the
+    partner (served by the bare a2a-sdk server behind its own sidecar) and the agent."""
+
+    def doc(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "apiVersion": "specmesh.io/v1",
+            "kind": kind,
+            "metadata": {"name": name},
+            "spec": spec,
+        }
+
+    model = {"model": "scripted", "baseUrl": f"{model_root}/llm/v1"}
+    return [
+        doc("Prompt", "bench-prompt", {"version": "1.0.0", "template": TEMPLATE}),
+        doc("McpServer", "kb", {"url": mcp_url}),
+        doc(
+            "Agent",
+            PARTNER,
+            {"base": {"description": "The partner.", "promptKey": "bench-prompt"}, "model": model},
+        ),
+        doc(
+            "Agent",
+            TOOLS_AGENT,
+            {
+                "base": {
+                    "description": "The benchmark agent.",
+                    "promptKey": "bench-prompt",
+                    "variables": {"name": "Bench"},
+                    "skills": [{"id": "qa", "name": "Questions"}],
+                },
+                "model": {**model, "temperature": 0.2, "maxTokens": 512},
+                "mcpServers": [{"mcpServerName": "kb"}],
+                "partnerAgents": [{"agentName": PARTNER}],
+            },
+        ),
+    ]
+
+
+@contextmanager
+def _specmesh_with_sidecars(
+    *, home: Path, model_root: str, mcp_url: str, partner_port: int
+) -> Iterator[tuple[Server, tuple[int, int]]]:
+    """The engine as in the fleet: real etcd and OpenBao (``specmesh.services``), the specs
+    applied, a real sidecar beside it (its egress: model, MCP, partner) and one beside the
+    partner (mTLS between the two, the partner's upstream the bare a2a-sdk server, a
+    stand-in engine reporting it SERVING), set up as ``bench/sidecar_hop.py`` does. The
+    engine gets the environment ``specmesh.fleet`` gives engines (no Vault address or
+    token) and its snapshots from its sidecar. Yields the engine and the two sidecar pids."""
+    from bench.sidecar_hop import PREFIX, _apply, _sidecar, _start_stand_in_engine, _wait_get
+    from sidecar.mtls import setup_pki
+    from specmesh.etcd import EtcdClient
+    from specmesh.keys import Keys
+    from specmesh.services import LocalServices
+    from specmesh.specservice import SpecService
+    from specmesh.store import SpecStore
+    from specmesh.vault import VaultClient
+
+    services = LocalServices(home=home / "services")
+    state = services.start()
+    procs: list[subprocess.Popen[bytes] | mp.process.BaseProcess] = []
+    try:
+        asyncio.run(setup_pki(address=state["baoAddress"], token=state["baoToken"]))
+        svc = SpecService(
+            store=SpecStore(
+                etcd=EtcdClient.from_endpoint(state["etcdEndpoint"]), keys=Keys(prefix=PREFIX)
+            ),
+            vault=VaultClient(address=state["baoAddress"], token=state["baoToken"]),
+            pki_mount="specmesh-pki",
+        )
+        for manifest in _manifests(model_root, mcp_url):
+            asyncio.run(_apply(svc, manifest))
+
+        def ports(engine: int) -> dict[str, int]:
+            names = ("sync", "egress", "inbound", "ops")
+            return {**{n: free_port() for n in names}, "engine": engine}
+
+        b, b_ports = _sidecar(PARTNER, home, state, **ports(partner_port))
+        procs += [b, _start_stand_in_engine(b_ports["sync"], PARTNER)]
+        engine_port = free_port()
+        a, a_ports = _sidecar(TOOLS_AGENT, home, state, **ports(engine_port))
+        procs.append(a)
+        egress = f"http://127.0.0.1:{a_ports['egress']}"
+        # the partner is routable from A's egress once B reports its upstream serving
+        _wait_get(f"{egress}/a2a/{PARTNER}/.well-known/agent-card.json")
+        env = _engine_env(egress)
+        env.update(
+            AGENT_NAME=TOOLS_AGENT,
+            HOME=str(home),
+            SPECMESH_SYNC_ADDR=f"127.0.0.1:{a_ports['sync']}",
+            SPECMESH_ENGINE_HTTP=f"127.0.0.1:{engine_port}",
+            SPECMESH_ENGINE_GRPC=f"127.0.0.1:{free_port()}",
+        )
+        argv = [sys.executable, "-m", "specmesh.cli", "engine"]
+        engine = _spawn("specmesh", argv, engine_port, home / "tools-engine.log", env=env)
+        procs.append(engine.proc)
+        _wait_get(f"http://127.0.0.1:{a_ports['ops']}/readyz")  # the engine reported SERVING
+        yield engine, (a.pid, b.pid)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            if isinstance(p, subprocess.Popen):
+                _stop(p)
+        services.stop()
 
 
 def _spawn_mcp(port: int, log: Path) -> subprocess.Popen[bytes]:
