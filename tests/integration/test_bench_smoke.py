@@ -3,7 +3,9 @@ the repository root, exits 0 and prints its JSON document with every figure's ke
 
 Only that: no timing is asserted here (timing goals live in ``bench/``). The smoke sizes are
 tiny, so the figures mean nothing. ``fleet_density`` starts the whole local fleet (~1 min on
-2 cores) and is marked ``e2e`` with the other whole-fleet tests.
+2 cores) and is marked ``e2e`` with the other whole-fleet tests. ``agent_a2a`` runs its
+Google ADK reference only when the bench's throwaway ADK venv is already there (the smoke
+never installs it; its figures are then null) and skips its tools workload.
 """
 
 from __future__ import annotations
@@ -99,6 +101,38 @@ _MEMORY = [
     "results.proxy_adds_concurrency_1.write.p50_ms",
     "results.proxy_adds_concurrency_1.read.p99_ms",
 ]
+_AGENT_A2A = [
+    "adk.pins",
+    "adk.venv_install_s",
+    *(
+        f"{workload}.servers.{server}.{key}"
+        for workload, servers in (
+            ("plain", ("adk", "floor", "specmesh")),
+            ("tools", ("adk", "specmesh")),
+        )
+        for server in servers
+        for key in (
+            "spawn_to_card_s",
+            "sequential.p50_ms",
+            "sequential.p90_ms",
+            "sequential.p99_ms",
+            "sequential.errors",
+            "sequential.server_cpu_ms_per_turn",
+            "concurrent.turns_per_s",
+            "concurrent.errors",
+            "concurrent.server_cpu_ms_per_turn",
+            "rss_mb_after_run",
+        )
+    ),
+    "tools.servers.specmesh.mcp_calls_per_turn",
+    "tools.servers.specmesh.partner_calls_per_turn",
+    *(
+        f"{workload}.ratios_to_adk.specmesh.{key}"
+        for workload in ("plain", "tools")
+        for key in ("p50", "p99", "turns_per_s", "cpu_ms_per_turn", "rss_mb", "spawn_to_card")
+    ),
+    "plain.ratios_to_adk.floor.p50",
+]
 _FLEET = [
     "baseline.pssMB",
     "baseline.idleCpuPercent",
@@ -149,6 +183,7 @@ def _missing(document: dict[str, Any], paths: list[str]) -> list[str]:
         ("sidecar_hop", _SIDECAR_HOP, 150),
         ("knowledge_retrieval", _KNOWLEDGE, 60),
         ("memory_redis", _MEMORY, 90),
+        ("agent_a2a", _AGENT_A2A, 120),
         pytest.param("fleet_density", _FLEET, 400, marks=pytest.mark.e2e),
     ],
 )
