@@ -115,10 +115,17 @@ _SCRIPT: dict[str, Any] = {
                 ],
             },
         },
+        # the tool results come in the order of the calls: the partner's answer is the
+        # last message when its call worked (the MCP calls are counted at the MCP server)
         {
             "name": "after-tools",
-            "match": {"lastMessageIsTool": True},
+            "match": {"toolResult": "a short answer of a few words"},
             "reply": {"type": "text", "text": TOOL_ANSWER},
+        },
+        {
+            "name": "a-tool-failed",
+            "match": {"lastMessageIsTool": True},
+            "reply": {"type": "text", "text": "A tool failed: {{last_tool_result}}"},
         },
     ],
     "fallback": {"type": "text", "text": ANSWER},
@@ -412,7 +419,13 @@ async def _sequential(
 
 
 async def _concurrent(
-    url: str, pids: list[int], concurrency: int, seconds: float, question: str, expected: str
+    url: str,
+    pids: list[int],
+    peers: dict[str, int],
+    concurrency: int,
+    seconds: float,
+    question: str,
+    expected: str,
 ) -> dict[str, Any]:
     timeout = aiohttp.ClientTimeout(total=60)
     connector = aiohttp.TCPConnector(limit=concurrency)
@@ -438,12 +451,17 @@ async def _concurrent(
         ms.clear()
         errors.clear()
         cpu0 = [cpu_seconds(p) for p in pids]
+        peers0 = {name: cpu_seconds(pid) for name, pid in peers.items()}
         t0 = time.perf_counter()
         stop_at = t0 + seconds
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
         server_cpu = cpu_seconds(pids[0]) - cpu0[0]
         cpu = _cpu_split(cpu0, pids, len(ms) + len(errors))
+        peer_cores = {
+            name: round((cpu_seconds(pid) - peers0[name]) / elapsed, 2)
+            for name, pid in peers.items()
+        }
     return {
         "concurrency": concurrency,
         "warmup_turns": warmup_turns,
@@ -454,6 +472,8 @@ async def _concurrent(
         **_ms(ms),
         **cpu,
         "server_cpu_cores": round(server_cpu / elapsed, 2),
+        # is a peer (the scripted model, the MCP server, the partner) the bottleneck?
+        "peer_cpu_cores": peer_cores,
     }
 
 
@@ -466,15 +486,24 @@ class Sizes:
 
 
 def _measure(
-    server: Server, sizes: Sizes, question: str, expected: str, sidecars: tuple[int, ...] = ()
+    server: Server,
+    sizes: Sizes,
+    question: str,
+    expected: str,
+    *,
+    peers: dict[str, int],
+    sidecars: tuple[int, ...] = (),
 ) -> dict[str, Any]:
-    """Both phases against ``server``; CPU read from it and, apart, from its ``sidecars``."""
+    """Both phases against ``server``; CPU read from it and, apart, from its ``sidecars``
+    and the ``peers`` it calls."""
     pids = [server.pid, *sidecars]
     seq = asyncio.run(
         _sequential(server.jsonrpc, pids, sizes.turns, sizes.warmup, question, expected)
     )
     conc = asyncio.run(
-        _concurrent(server.jsonrpc, pids, sizes.concurrency, sizes.seconds, question, expected)
+        _concurrent(
+            server.jsonrpc, pids, peers, sizes.concurrency, sizes.seconds, question, expected
+        )
     )
     return {
         "spawn_to_card_s": round(server.spawn_to_card_s, 3),
@@ -512,6 +541,7 @@ _NULL_SERVER: dict[str, Any] = {
             "p99_ms",
             "server_cpu_ms_per_turn",
             "server_cpu_cores",
+            "peer_cpu_cores",
         )
     },
     "rss_mb_after_run": None,
@@ -528,9 +558,10 @@ _RATIO_KEYS = {
 
 
 def _get(doc: dict[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = doc
     for key in path:
-        doc = doc.get(key) if isinstance(doc, dict) else None  # type: ignore[assignment]
-    return doc
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
 
 
 def _ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
@@ -552,7 +583,7 @@ def _ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | N
 
 
 def plain_workload(
-    home: Path, model_root: str, adk_venv: Path | None, sizes: Sizes
+    home: Path, model_root: str, model_pid: int, adk_venv: Path | None, sizes: Sizes
 ) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     folder = _write_spec(home / "plain-spec")
@@ -572,7 +603,9 @@ def plain_workload(
                 name, _engine_argv(folder, port), port, log, env=_engine_env(model_root)
             )
         with _serving(server):
-            results[name] = _measure(server, sizes, QUESTION, ANSWER)
+            results[name] = _measure(
+                server, sizes, QUESTION, ANSWER, peers={"model_server": model_pid}
+            )
     return {"servers": results, "ratios_to_adk": _ratios(results)}
 
 
@@ -607,7 +640,7 @@ def _all_turns(doc: dict[str, Any], sizes: Sizes) -> int:
 
 
 def tools_workload(
-    home: Path, model_root: str, adk_venv: Path | None, sizes: Sizes
+    home: Path, model_root: str, model_pid: int, adk_venv: Path | None, sizes: Sizes
 ) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     with ExitStack() as stack:
@@ -622,6 +655,7 @@ def tools_workload(
         )
         stack.enter_context(_serving(partner))
         mcp_base = f"http://127.0.0.1:{mcp_port}"
+        peers = {"model_server": model_pid, "mcp_server": mcp.pid, "partner": partner.pid}
         if adk_venv is None:
             results["adk"] = _NULL_TOOLS_SERVER
         else:
@@ -637,14 +671,16 @@ def tools_workload(
             )
             before = _counts(mcp_base, partner.base)
             with _serving(_spawn("adk", argv, port, home / "tools-adk.log")) as adk:
-                doc = _measure(adk, sizes, TOOL_QUESTION, TOOL_ANSWER)
+                doc = _measure(adk, sizes, TOOL_QUESTION, TOOL_ANSWER, peers=peers)
             doc.update(_per_turn(before, _counts(mcp_base, partner.base), _all_turns(doc, sizes)))
             results["adk"] = doc
         before = _counts(mcp_base, partner.base)
         with _specmesh_with_sidecars(
             home=home, model_root=model_root, mcp_url=f"{mcp_base}/mcp", partner_port=partner_port
         ) as (engine, sidecars):
-            doc = _measure(engine, sizes, TOOL_QUESTION, TOOL_ANSWER, sidecars=sidecars)
+            doc = _measure(
+                engine, sizes, TOOL_QUESTION, TOOL_ANSWER, peers=peers, sidecars=sidecars
+            )
             doc["rss_mb_sidecars"] = [round(rss_mb(p), 1) for p in sidecars]
         doc.update(_per_turn(before, _counts(mcp_base, partner.base), _all_turns(doc, sizes)))
         doc["specmesh_includes_sidecar_hops"] = True
@@ -822,7 +858,7 @@ def main() -> int:
     model_root = f"http://127.0.0.1:{model_port}"
     model = _start_model(model_port)
     try:
-        results["plain"] = plain_workload(home, model_root, adk_venv, sizes)
+        results["plain"] = plain_workload(home, model_root, model.pid or 0, adk_venv, sizes)
         if args.no_tools or args.smoke:
             results["tools"] = {
                 "skipped": "--no-tools" if args.no_tools else "smoke",
@@ -830,7 +866,7 @@ def main() -> int:
                 "ratios_to_adk": {"specmesh": dict.fromkeys(_RATIO_KEYS)},
             }
         else:
-            results["tools"] = tools_workload(home, model_root, adk_venv, sizes)
+            results["tools"] = tools_workload(home, model_root, model.pid or 0, adk_venv, sizes)
         dump("agent_a2a", results)
         return 0
     finally:
