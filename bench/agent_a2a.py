@@ -28,8 +28,9 @@ sides. ADK: ``McpToolset`` on the MCP server and an ``AgentTool`` around a
 partners and the model only through its sidecar's egress, so it runs as in the fleet:
 real etcd and OpenBao, its spec applied, a real ``specmesh sidecar`` beside it and one
 beside the partner (mTLS between them, as ``bench/sidecar_hop.py`` sets them up) -- its
-figures include those hops (``specmesh_includes_sidecar_hops``). Each turn's MCP and
-partner calls are counted at the servers (expected 1.0 per turn each).
+figures include those hops (``specmesh_includes_sidecar_hops``). A turn passes only when
+the partner's answer reached the model (the script answers the expected text only then);
+the MCP and partner calls are counted at their servers (expected 1.0 per turn each).
 
 Every figure has its ratio to ADK's in the same run (``ratios_to_adk``; > 1 for latency,
 RSS and spawn means slower/bigger than ADK, for turns/s faster). Figures are noisy on a
