@@ -82,6 +82,9 @@ class ServeSettings(BaseSettings):
         parse_card_security(value)
         return value
 
+    engine_uvloop: bool = True
+    """Run on uvloop (``SPECMESH_ENGINE_UVLOOP=false``: asyncio's own loop); asyncio's
+    loop when uvloop is not installed."""
     engine_drain_seconds: float = Field(default=10.0, ge=0)
     """How long turns in flight may finish after SIGTERM."""
     task_store: str = MEMORY
@@ -201,6 +204,18 @@ async def _run(
     return EXIT_OK
 
 
+def _loop_factory(*, use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when wanted and installed; None: asyncio's default."""
+    if not use_uvloop:
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        logger.info("uvloop is not installed; running on asyncio's loop")
+        return None
+    return uvloop.new_event_loop
+
+
 def main(argv: Sequence[str] | None = None, *, open_runtime: RuntimeOpener | None = None) -> int:
     """Entry point of ``specmesh engine``; returns the exit code.
 
@@ -228,7 +243,8 @@ def main(argv: Sequence[str] | None = None, *, open_runtime: RuntimeOpener | Non
         otlp_protocol=settings.otel_exporter_otlp_protocol,
     )
     try:
-        return asyncio.run(_run(args, settings, telemetry.metrics, open_runtime or _open_runtime))
+        with asyncio.Runner(loop_factory=_loop_factory(use_uvloop=settings.engine_uvloop)) as run:
+            return run.run(_run(args, settings, telemetry.metrics, open_runtime or _open_runtime))
     except OSError as e:
         logger.error("cannot start the engine: %s", e)
         return EXIT_FAILED
