@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -159,6 +160,10 @@ async def serve(
     ``started`` receives the server once both listeners accept connections.
     """
     async with EngineServer(runner=runner, config=config, metrics=metrics) as server:
+        # what start-up made (modules, the app, the listeners) lives as long as the
+        # process: kept out of the collector's sight, full collections under load went
+        # from up to ~130 ms to ~40 ms, and GC time per turn to a fifth (bench notes)
+        gc.freeze()
         if started is not None:
             started.set_result(server)
         await stop.wait()
