@@ -14,7 +14,7 @@ Which client makes the call depends on the provider::
     openai (the default: any       engine.openai_chat.OpenAIChat   aiohttp (one session
     OpenAI-compatible server)      -- the wire format itself        shared by the engine)
     anything else (anthropic,      engine.litellm_chat.LiteLlmChat litellm, imported in a
-    gemini, bedrock...)            -- litellm's translation         thread by prepare()
+    gemini, bedrock...)            -- litellm's translation         thread by the build
 
 The model is streamed only when the caller streams (``stream(..., streaming=True)``: A2A
 ``SendStreamingMessage``, ``/v1/invoke/stream``) and the model part allows it

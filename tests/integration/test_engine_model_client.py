@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from engine.errors import ModelRequestError, ModelTimeoutError, ModelUnavailableError
+from engine.litellm_chat import LiteLlmChat
 from engine.llm import ModelReply, TextChunk
 from engine.openai_chat import ChatRequest, OpenAIChat
 from specmesh.modelserver import ScriptedModelServer
@@ -83,7 +84,9 @@ def _request(server_url: str, text: str, **kw: Any) -> ChatRequest:
     )
 
 
-async def _collect(chat: OpenAIChat, request: ChatRequest, *, stream: bool) -> list[Any]:
+async def _collect(
+    chat: OpenAIChat | LiteLlmChat, request: ChatRequest, *, stream: bool
+) -> list[Any]:
     return [item async for item in chat.call(request, stream=stream)]
 
 
@@ -187,3 +190,22 @@ def test_an_openai_compatible_engine_does_not_import_litellm_chromadb_or_mcp() -
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_provider_litellm_translates_goes_through_litellm(
+    server: ScriptedModelServer, stream: bool
+) -> None:
+    chat = LiteLlmChat(provider="hosted_vllm")  # litellm's OpenAI-compatible vLLM provider
+
+    *_, reply = await _collect(
+        chat, _request(server.url, "weather in Lisbon", tools=TOOLS), stream=stream
+    )
+    with pytest.raises(ModelUnavailableError):
+        await _collect(chat, _request(server.url, "explode"), stream=stream)
+
+    assert [(c.name, c.arguments) for c in reply.tool_calls] == [
+        ("get_weather", '{"city": "Lisbon"}'),
+        ("get_weather", '{"city": "Oslo"}'),
+    ]
+    assert reply.usage["prompt_tokens"] > 0
