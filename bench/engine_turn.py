@@ -1,42 +1,50 @@
 """Engine benchmark, side by side in one run.
 
-* Overhead per turn: a turn through the real engine against a bare ``litellm.acompletion``
-  to the same scripted model server (it answers at once; same messages, same kwargs as
-  :mod:`engine.llm` sends: streaming with usage, temperature, timeout, retries), p50/p99
-  of each, one after the other (alternating), and the difference. Two engine paths:
+* Overhead per turn: a turn through the real engine against a bare model call to the
+  same scripted model server (it answers at once): the call ``engine.openai_chat`` makes
+  for a caller that waits for the whole answer -- one non-streamed
+  ``POST /chat/completions`` with the same messages, model, temperature and max_tokens,
+  over a kept-alive aiohttp connection. p50/p90/p99 of each, taking turns, and the
+  difference. Three engine paths:
 
   - ``http``: ``POST /v1/invoke`` on a real ``specmesh engine --spec-dir`` process
     (EngineRuntime + its HTTP server), from this process over a kept-alive connection,
     with ``GET /healthz`` on the same connection as the HTTP floor;
+  - ``a2a``: A2A 1.0 JSON-RPC ``SendMessage`` on the same process (a new contextId per
+    turn; the a2a-sdk request handler, task store and event queue on top of the turn);
   - ``in_process``: ``EngineRuntime.run()`` in this process (the loop, prompt, memory,
     spans and ModelClient; no HTTP), against the bare call made from the same process.
 
-  Beside them, litellm alone: the bare call streamed and whole (CPU per call).
+  Beside them, ``litellm_alone``: the same call through ``litellm.acompletion``, streamed
+  and whole (CPU per call) -- what the engine paid per call before its own client.
 
   The engine calls ``{egress}/llm/v1/...``. Here the model server's app is mounted at
   ``/llm`` and the egress URL points at its root, so the engine and the bare call reach
   the very same server at the very same URL with no hop in between; the sidecar hop is
   measured on its own by ``bench/sidecar_hop.py``.
 * Turns per second at 1, 10 and 100 concurrent conversations (closed loop, each turn a
-  new contextId so the prompt size stays the same), with the engine's CPU per turn,
-  beside the bare litellm calls per second at the same concurrency.
+  new contextId so the prompt size stays the same), over ``/v1/invoke`` and A2A
+  ``SendMessage``, with the engine's CPU per turn, beside the bare calls per second at
+  the same concurrency.
 * Start-up: spawn ``python -m specmesh.cli engine --spec-dir DIR`` until ``/readyz`` is
-  200, 3 runs; and how long the engine's imports alone take.
+  200, 3 runs; how long the engine's imports alone take, which heavy packages they pull
+  in (litellm, chromadb, mcp, openai: none for this OpenAI-compatible agent) and what
+  importing litellm would add.
 * Resident memory (VmRSS) of that process at rest after ready, after the first 20 turns,
-  after 1,000 more and at the end; and what the imports alone take.
-* A cProfile of 500 turns inside an engine (runtime + HTTP server in one child process,
-  as ``specmesh engine`` runs them): the top 10 functions by cumulative time (and inside
-  the HTTP stack, which wraps the whole turn), by own time, and own time by package.
+  after the overhead turns and at the end.
+* A cProfile of 500 A2A ``SendMessage`` turns inside an engine (runtime + servers in one
+  child process, as ``specmesh engine`` runs them): the top 10 functions by cumulative
+  time (and inside the HTTP stack, which wraps the whole turn), by own time, and own time
+  by package. cProfile counts each resumption of a coroutine as a call.
 
-Earlier versions also ran a ``http_tcp_nodelay`` path, an engine whose listener was patched
-to set TCP_NODELAY. The shipped listener now does it (:func:`specmesh.serving.bind_tcp`
-makes its socket with ``IPPROTO_TCP``, so asyncio turns Nagle off on every accepted
-connection), so that path measured the same code twice and is gone.
+The engine runs on uvloop (its default); ``--no-uvloop`` runs it on asyncio's loop
+(``SPECMESH_ENGINE_UVLOOP=false``) for an A/B.
 
-Goals (engine issue): overhead under 2 ms per turn, ready under 3 s, under 150 MB at rest.
-Run: ``uv run python bench/engine_turn.py [--seconds 6] [--turns 1000]``; ``--smoke`` runs
-every part with tiny sizes (a few seconds of work beyond the imports) to prove the bench
-still works -- its figures mean nothing.
+Goals (engine issue): overhead under 2 ms per turn, ready under 3 s, under 150 MB at rest;
+issue 15: ready under 2.5 s (the comparison with ADK is ``bench/agent_a2a.py``'s).
+Run: ``uv run python bench/engine_turn.py [--seconds 6] [--turns 1000] [--no-uvloop]``;
+``--smoke`` runs every part with tiny sizes (a few seconds of work beyond the imports) to
+prove the bench still works -- its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -79,6 +88,8 @@ TEMPLATE = (
 )
 MODEL_PART = {"model": "scripted", "temperature": 0.2, "maxTokens": 512}
 QUESTION = "How do I roll back a configuration change made an hour ago?"
+_ENGINE_ENV: dict[str, str] = {}
+"""Settings every spawned engine gets on top (``--no-uvloop``)."""
 _ENGINE_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV")
 
 
@@ -163,6 +174,7 @@ def _engine_env(egress: str) -> dict[str, str]:
         SPECMESH_LOG_LEVEL="WARNING",
         LITELLM_LOCAL_MODEL_COST_MAP="True",
     )
+    env.update(_ENGINE_ENV)
     return env
 
 
@@ -229,18 +241,22 @@ def rss():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
 t0, r0 = time.perf_counter(), rss()
-import litellm
-t1, r1 = time.perf_counter(), rss()
 import {_IMPORTS}
+t1, r1 = time.perf_counter(), rss()
+import sys
+loaded = [m for m in ("litellm", "chromadb", "mcp", "openai") if m in sys.modules]
+import litellm
 t2, r2 = time.perf_counter(), rss()
-print(json.dumps({{"s": [t1 - t0, t2 - t1], "mb": [r0, r1 - r0, r2 - r1]}}))
+print(json.dumps({{"s": [t1 - t0, t2 - t1], "mb": [r0, r1 - r0, r2 - r1], "loaded": loaded}}))
 """
 
 
 def _imports() -> dict[str, Any]:
-    """What the engine's imports cost alone: seconds and resident MB, litellm apart; and
-    the heaviest top-level packages by ``-X importtime`` (cumulative, nested ones
-    included, so they overlap)."""
+    """What the engine's imports cost alone: seconds and resident MB; what litellm would
+    add (an agent whose provider is not OpenAI-compatible imports it, in a thread); which
+    heavy packages the engine's imports pulled in (none expected); and the heaviest
+    top-level packages by ``-X importtime`` (cumulative, nested ones included, so they
+    overlap)."""
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
     run = partial(subprocess.run, cwd=str(REPO), env=env, capture_output=True, text=True)
     probe = json.loads(run([sys.executable, "-c", _IMPORT_PROBE], check=True).stdout)
@@ -254,13 +270,14 @@ def _imports() -> dict[str, Any]:
             heaviest[name] = max(heaviest.get(name, 0), int(cumulative))
     top = sorted(heaviest.items(), key=lambda kv: -kv[1])[:6]
     return {
-        "litellm_s": round(probe["s"][0], 3),
-        "rest_of_engine_s": round(probe["s"][1], 3),
+        "engine_s": round(probe["s"][0], 3),
+        "litellm_s": round(probe["s"][1], 3),
         "rss_mb": {
             "python_itself": round(probe["mb"][0], 1),
-            "litellm": round(probe["mb"][1], 1),
-            "rest_of_engine": round(probe["mb"][2], 1),
+            "engine": round(probe["mb"][1], 1),
+            "litellm": round(probe["mb"][2], 1),
         },
+        "heavy_packages_loaded_by_the_engine": probe["loaded"],
         "heaviest_packages_s": {k: round(v / 1e6, 3) for k, v in top},
     }
 
@@ -268,8 +285,43 @@ def _imports() -> dict[str, Any]:
 # ---------------------------------------------------------------- one turn, three ways
 
 
-def _bare_kwargs(api_base: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
-    """What engine.llm.ModelClient passes to litellm for this spec (see _write_spec)."""
+_BARE_HEADERS = {"Authorization": "Bearer sidecar-injected", "Content-Type": "application/json"}
+
+
+def _bare_request(api_base: str, messages: list[dict[str, Any]]) -> tuple[str, bytes]:
+    """The call engine.openai_chat makes for this spec when the caller waits for the
+    whole answer (``SendMessage``, ``/v1/invoke``): URL and body."""
+    from specmesh.spec.models import ModelSpec
+
+    spec = ModelSpec.model_validate(MODEL_PART)
+    body = {
+        "model": spec.model,
+        "messages": messages,
+        "temperature": spec.temperature,
+        "max_tokens": spec.max_tokens,
+    }
+    return f"{api_base}/chat/completions", json.dumps(body).encode()
+
+
+def _bare_call(
+    session: aiohttp.ClientSession, request: tuple[str, bytes]
+) -> Callable[[], Awaitable[None]]:
+    """The bare model call (aiohttp, kept-alive connection), the engine's reference."""
+    url, data = request
+
+    async def call() -> None:
+        async with session.post(url, data=data, headers=_BARE_HEADERS) as r:
+            body = await r.read()
+            if r.status != 200:
+                raise RuntimeError(f"the model answered {r.status}: {body[:200]!r}")
+            json.loads(body)
+
+    return call
+
+
+def _litellm_kwargs(api_base: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the engine passed to litellm for this spec before its own client (streamed,
+    usage included, temperature, timeout, retries)."""
     from engine.llm import SIDECAR_API_KEY
     from specmesh.spec.models import ModelSpec
 
@@ -288,7 +340,7 @@ def _bare_kwargs(api_base: str, messages: list[dict[str, Any]]) -> dict[str, Any
     }
 
 
-async def _bare_turn(kwargs: dict[str, Any]) -> int:
+async def _litellm_turn(kwargs: dict[str, Any]) -> int:
     """One bare litellm call; returns the number of chunks read (1 when not streamed)."""
     import litellm
 
@@ -313,6 +365,37 @@ def _http_turn(session: aiohttp.ClientSession, url: str) -> Callable[[str], Awai
     return turn
 
 
+def _a2a_turn(session: aiohttp.ClientSession, url: str) -> Callable[[str], Awaitable[None]]:
+    """A2A 1.0 JSON-RPC ``SendMessage`` (the caller waits for the whole answer)."""
+
+    async def turn(context_id: str) -> None:
+        request = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "SendMessage",
+            "params": {
+                "message": {
+                    "role": "ROLE_USER",
+                    "messageId": uuid.uuid4().hex,
+                    "contextId": context_id,
+                    "parts": [{"text": QUESTION}],
+                }
+            },
+        }
+        async with session.post(f"{url}/", json=request, headers=_A2A_HEADERS) as r:
+            body = await r.read()
+        state = json.loads(body).get("result", {}).get("task", {}).get("status", {}).get("state")
+        if r.status != 200 or state != "TASK_STATE_COMPLETED":
+            raise RuntimeError(f"SendMessage answered {r.status}: {body[:200]!r}")
+
+    return turn
+
+
+_A2A_HEADERS = {"A2A-Version": "1.0"}
+_TURNS = {"http": _http_turn, "a2a": _a2a_turn}
+"""Engine paths by name: ``POST /v1/invoke`` and A2A JSON-RPC ``SendMessage``."""
+
+
 async def _timed(fn: Callable[[], Awaitable[object]]) -> float:
     t0 = time.perf_counter()
     await fn()
@@ -333,7 +416,7 @@ def _side_by_side(engine: list[float], bare: list[float]) -> dict[str, Any]:
     e, b = _stats(engine), _stats(bare)
     return {
         "engine": e,
-        "bare_litellm": b,
+        "bare_call": b,
         "overhead_ms": {k: round(e[k] - b[k], 3) for k in ("p50_ms", "p90_ms", "p99_ms")},
     }
 
@@ -349,35 +432,43 @@ async def _recorded_messages(model_root: str) -> list[dict[str, Any]]:
 async def _overhead_http(
     url: str, model_root: str, turns: int, warmup: int
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """``POST /v1/invoke`` against the bare call, alternating; plus the HTTP floor (a
-    trivial route of the same server on the same kept-alive connection)."""
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
-        engine_turn = _http_turn(session, url)
+    """``POST /v1/invoke`` and A2A ``SendMessage`` against the bare call, taking turns
+    (the order rotates); plus the HTTP floor (a trivial route of the same server on the
+    same kept-alive connection). Returns {"http": ..., "a2a": ...} and the messages."""
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as bare_session,
+    ):
+        engine_turns = {name: make(session, url) for name, make in _TURNS.items()}
         for i in range(warmup):
-            await engine_turn(f"warm-{i}")
+            for turn in engine_turns.values():
+                await turn(f"warm-{i}")
         messages = await _recorded_messages(model_root)
-        kwargs = _bare_kwargs(f"{model_root}/llm/v1", messages)
+        bare = _bare_call(bare_session, _bare_request(f"{model_root}/llm/v1", messages))
         for _ in range(warmup):
-            await _bare_turn(kwargs)
+            await bare()
 
         async def healthz() -> None:
             async with session.get(f"{url}/healthz") as r:
                 await r.read()
 
-        engine_ms: list[float] = []
-        bare_ms: list[float] = []
+        timings: dict[str, list[float]] = {name: [] for name in (*engine_turns, "bare")}
         floor: list[float] = []
         for i in range(turns):
-            pair = [
-                (engine_ms, lambda i=i: engine_turn(f"overhead-{i}")),
-                (bare_ms, lambda: _bare_turn(kwargs)),
+            calls: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+                *(
+                    (name, lambda turn=turn, i=i: turn(f"overhead-{i}"))
+                    for name, turn in engine_turns.items()
+                ),
+                ("bare", bare),
             ]
-            for out, fn in pair if i % 2 else reversed(pair):
-                out.append(await _timed(fn))
+            shift = i % len(calls)
+            for name, fn in calls[shift:] + calls[:shift]:
+                timings[name].append(await _timed(fn))
             if i % 4 == 0:
                 floor.append(await _timed(healthz))
-    result = _side_by_side(engine_ms, bare_ms)
-    result["http_floor_healthz"] = _stats(floor)
+    result = {name: _side_by_side(timings[name], timings["bare"]) for name in engine_turns}
+    result["http"]["http_floor_healthz"] = _stats(floor)
     return result, messages
 
 
@@ -392,26 +483,30 @@ async def _overhead_in_process(
 
     settings = EngineSettings(agent_name=AGENT, egress_url=model_root)
     feed = DirSnapshotFeed(folder, agent_name=AGENT, poll_interval=0.5)
-    kwargs = _bare_kwargs(f"{model_root}/llm/v1", messages)
-    async with EngineRuntime(feed=feed, settings=settings) as runtime:
+    async with (
+        EngineRuntime(feed=feed, settings=settings) as runtime,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as bare_session,
+    ):
         await runtime.wait_ready(timeout=30)
+        bare = _bare_call(bare_session, _bare_request(f"{model_root}/llm/v1", messages))
 
         async def engine_turn(context_id: str) -> None:
             last = None
-            async for event in runtime.run(TurnRequest(context_id=context_id, text=QUESTION)):
+            request = TurnRequest(context_id=context_id, text=QUESTION, stream=False)
+            async for event in runtime.run(request):
                 last = event
             if not isinstance(last, TurnCompleted):
                 raise RuntimeError(f"the turn did not complete: {last!r}")
 
         for i in range(warmup):
             await engine_turn(f"warm-{i}")
-            await _bare_turn(kwargs)
+            await bare()
         engine_ms: list[float] = []
         bare_ms: list[float] = []
         for i in range(turns):
             pair = [
                 (engine_ms, lambda i=i: engine_turn(f"inproc-{i}")),
-                (bare_ms, lambda: _bare_turn(kwargs)),
+                (bare_ms, bare),
             ]
             for out, fn in pair if i % 2 else reversed(pair):
                 out.append(await _timed(fn))
@@ -419,16 +514,17 @@ async def _overhead_in_process(
 
 
 async def _litellm_cost(kwargs: dict[str, Any], calls: int, warmup: int) -> dict[str, Any]:
-    """The bare call streamed (as the engine makes it) and whole: wall and CPU per call."""
+    """The same call through litellm (what the engine used before its own client),
+    streamed and whole: wall and CPU per call in this process."""
     whole = {k: v for k, v in kwargs.items() if k not in ("stream", "stream_options")}
-    out: dict[str, Any] = {"chunks_per_streamed_answer": await _bare_turn(kwargs)}
+    out: dict[str, Any] = {"chunks_per_streamed_answer": await _litellm_turn(kwargs)}
     for name, kw in (("streamed", kwargs), ("whole", whole)):
         for _ in range(warmup):
-            await _bare_turn(kw)
+            await _litellm_turn(kw)
         ms = []
         cpu0 = time.process_time()
         for _ in range(calls):
-            ms.append(await _timed(lambda kw=kw: _bare_turn(kw)))
+            ms.append(await _timed(lambda kw=kw: _litellm_turn(kw)))
         cpu = time.process_time() - cpu0
         out[name] = {
             "p50_ms": round(percentile(ms, 50), 3),
@@ -494,11 +590,12 @@ async def _closed_loop(
 async def _throughput(
     engines: dict[str, tuple[str, int]],
     model_pid: int,
-    kwargs: dict[str, Any],
+    bare_request: tuple[str, bytes],
     seconds: float,
     served: dict[str, int],
 ) -> dict[str, Any]:
-    """Each engine (name -> URL, pid) and the bare call at 1, 10, 100 conversations."""
+    """Each engine path (name in :data:`_TURNS` -> URL, pid) and the bare call at 1, 10,
+    100 conversations."""
     out: dict[str, Any] = {}
     for concurrency in (1, 10, 100):
         level: dict[str, Any] = {}
@@ -506,24 +603,24 @@ async def _throughput(
             conn = aiohttp.TCPConnector(limit=concurrency)
             async with aiohttp.ClientSession(connector=conn) as session:
                 r = await _closed_loop(
-                    _http_turn(session, url),
+                    _TURNS[name](session, url),
                     concurrency,
                     seconds,
                     name,
                     cpu=lambda pid=pid: (cpu_seconds(pid), cpu_seconds(model_pid)),
                 )
             cpu, model_cpu = r.pop("_cpu")
-            served[name] = served.get(name, 0) + r.pop("_all")
+            served[url] = served.get(url, 0) + r.pop("_all")
             r["engine_cpu_cores"] = round(cpu / r["elapsed_s"], 2)
             r["engine_cpu_ms_per_turn"] = round(cpu * 1000 / max(r["turns"] + r["errors"], 1), 2)
             r["model_server_cpu_cores"] = round(model_cpu / r["elapsed_s"], 2)
             level[name] = r
 
-        async def bare(_: str) -> None:
-            await _bare_turn(kwargs)
-
-        b = await _closed_loop(bare, concurrency, seconds, "bare")
-        level["bare_litellm"] = {k: b[k] for k in ("turns_per_s", "p50_ms", "p99_ms", "errors")}
+        conn = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(connector=conn) as session:
+            call = _bare_call(session, bare_request)
+            b = await _closed_loop(lambda _, call=call: call(), concurrency, seconds, "bare")
+        level["bare_call"] = {k: b[k] for k in ("turns_per_s", "p50_ms", "p99_ms", "errors")}
         out[f"{concurrency}_conversations"] = level
     return out
 
@@ -615,8 +712,9 @@ class _ChildEngine:
 
 
 async def _drive(url: str, turns: int, prefix: str) -> None:
+    """``turns`` A2A ``SendMessage`` turns, one after the other."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
-        turn = _http_turn(session, url)
+        turn = _a2a_turn(session, url)
         for i in range(turns):
             await turn(f"{prefix}-{i}")
 
@@ -712,9 +810,14 @@ def main() -> int:
     parser.add_argument("--turns", type=int, default=1000, help="turns for the overhead")
     parser.add_argument("--profile-turns", type=int, default=500)
     parser.add_argument(
+        "--no-uvloop", action="store_true", help="the spawned engines on asyncio's own loop"
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes: proves the bench runs, no figures"
     )
     args = parser.parse_args()
+    if args.no_uvloop:
+        _ENGINE_ENV["SPECMESH_ENGINE_UVLOOP"] = "false"
     startup_runs, warmup, litellm_calls = 3, 20, 300
     if args.smoke:
         args.seconds, args.turns, args.profile_turns = 0.2, 10, 10
@@ -729,6 +832,7 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "python": sys.version.split()[0],
         "smoke": args.smoke,
+        "uvloop": not args.no_uvloop,
     }
     try:
         # start-up, 3 runs (1 in smoke mode); the last engine stays for the rest
@@ -748,41 +852,51 @@ def main() -> int:
         }
         time.sleep(1.0)  # at rest: the folder poll and the readiness watcher have run
         rss: dict[str, Any] = {"at_rest_after_ready": round(rss_mb(engine.pid), 1)}
-        asyncio.run(_drive(url, warmup, "first"))  # litellm and openai import lazily
+        asyncio.run(_drive(url, warmup, "first"))
         rss["after_first_turns"] = round(rss_mb(engine.pid), 1)
         rss["first_turns"] = warmup
 
         shipped, messages = asyncio.run(_overhead_http(url, model_root, args.turns, warmup))
         rss["after_overhead_turns"] = round(rss_mb(engine.pid), 1)
-        rss["turns_then"] = args.turns + 2 * warmup
-        kwargs = _bare_kwargs(f"{model_root}/llm/v1", messages)
+        rss["turns_then"] = 2 * (args.turns + warmup) + warmup
         results["overhead_per_turn"] = {
             "prompt": {
                 "messages": len(messages),
                 "chars": sum(len(str(m.get("content", ""))) for m in messages),
             },
-            "http": shipped,
+            **shipped,
             "in_process": asyncio.run(
                 _overhead_in_process(folder, model_root, messages, args.turns, warmup)
             ),
-            "litellm_alone": asyncio.run(_litellm_cost(kwargs, litellm_calls, warmup)),
+            "litellm_alone": asyncio.run(
+                _litellm_cost(
+                    _litellm_kwargs(f"{model_root}/llm/v1", messages), litellm_calls, warmup
+                )
+            ),
         }
-        served = {"http": args.turns + 2 * warmup}
+        served = {url: rss["turns_then"]}
         results["throughput"] = asyncio.run(
-            _throughput({"http": (url, engine.pid)}, model.pid, kwargs, args.seconds, served)
+            _throughput(
+                {name: (url, engine.pid) for name in _TURNS},
+                model.pid,
+                _bare_request(f"{model_root}/llm/v1", messages),
+                args.seconds,
+                served,
+            )
         )
         rss["at_end"] = round(rss_mb(engine.pid), 1)
-        rss["turns_at_end"] = served["http"]
+        rss["turns_at_end"] = served[url]
         results["rss_mb"] = rss
         with _ChildEngine(folder, model_root) as profiled:
             results["profile"] = profiled.profile(args.profile_turns, warmup)
         overhead = results["overhead_per_turn"]
         results["goals"] = {
             "overhead_under_2ms_p50": {
-                "http": overhead["http"]["overhead_ms"]["p50_ms"] < 2,
-                "in_process": overhead["in_process"]["overhead_ms"]["p50_ms"] < 2,
+                name: overhead[name]["overhead_ms"]["p50_ms"] < 2
+                for name in (*_TURNS, "in_process")
             },
             "ready_under_3s": results["startup"]["ready_s_median"] < 3,
+            "ready_under_2_5s": results["startup"]["ready_s_median"] < 2.5,
             "rss_at_rest_under_150mb": rss["at_rest_after_ready"] < 150,
         }
         dump("engine_turn", results)

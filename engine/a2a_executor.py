@@ -5,7 +5,7 @@ Mapping (A2A 1.0, the same for JSON-RPC, HTTP+JSON and gRPC)::
     message (text parts joined by "\\n"), contextId,   ->  TurnRequest
       header X-Specmesh-Call-Depth (default 0)
     start                                              ->  Task SUBMITTED, status WORKING
-    TextDelta                                          ->  artifact "answer" chunk (append)
+    TextDelta (streaming calls only)                   ->  artifact "answer" chunk (append)
     ToolCallStarted / ToolCallFinished                 ->  status WORKING, metadata.toolCall
     TurnCompleted                                      ->  artifact "answer" replaced by the
                                                            whole text (lastChunk), metadata
@@ -17,8 +17,11 @@ Mapping (A2A 1.0, the same for JSON-RPC, HTTP+JSON and gRPC)::
     CancelTask                                         ->  the running turn is cancelled,
                                                            status CANCELED
 
-Streaming clients see the answer grow chunk by chunk; the stored task ends with one
-artifact holding the whole answer, because the final chunk replaces the streamed ones.
+Streaming clients (``SendStreamingMessage``: the request handler marks the call with
+:data:`STREAMING_STATE`) see the answer grow chunk by chunk, and the model is streamed
+for them; the stored task ends with one artifact holding the whole answer, because the
+final chunk replaces the streamed ones. A ``SendMessage`` caller waits for the whole
+answer: the model is called non-streamed and the answer is one artifact event.
 
 Metadata keys are camelCase. Metadata is a protobuf ``Struct``, whose numbers are
 doubles: over gRPC ``revision`` is ``1.0``; the HTTP bindings write it ``1``
@@ -53,6 +56,7 @@ from engine.runner import (
 __all__ = [
     "ANSWER_ARTIFACT_ID",
     "CALL_DEPTH_HEADER",
+    "STREAMING_STATE",
     "CallDepthError",
     "EngineAgentExecutor",
     "call_headers",
@@ -64,6 +68,8 @@ logger = logging.getLogger(__name__)
 
 CALL_DEPTH_HEADER = "x-specmesh-call-depth"
 ANSWER_ARTIFACT_ID = "answer"
+STREAMING_STATE = "specmesh.streaming"
+"""Key of ``ServerCallContext.state``: true when the caller streams the answer."""
 _PASSED_ON_PREFIX = "x-specmesh-"
 _CANCEL_WAIT_S = 10.0
 _TERMINAL = frozenset(
@@ -182,6 +188,7 @@ class EngineAgentExecutor(AgentExecutor):
             call_depth=depth,
             headers=passed_on_headers(headers),
             task_id=task_id,
+            stream=context.call_context.state.get(STREAMING_STATE) is True,
         )
         await updater.start_work()
         await self._play(request, updater)
@@ -192,8 +199,8 @@ class EngineAgentExecutor(AgentExecutor):
         try:
             async for event in events:
                 if isinstance(event, TextDelta):
-                    if not event.text:
-                        continue
+                    if not event.text or not request.stream:
+                        continue  # a whole-answer caller gets the text with TurnCompleted
                     await updater.add_artifact(
                         [new_text_part(event.text)],
                         artifact_id=ANSWER_ARTIFACT_ID,

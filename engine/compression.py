@@ -22,7 +22,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import litellm
+import aiohttp
 
 from specmesh.spec.models import CompressionSpec, ModelSpec
 
@@ -95,6 +95,8 @@ def count_prompt_tokens(
 ) -> int:
     """Tokens of a prompt: max(litellm's count for ``model``, the simple estimate)."""
     estimate = _estimate_prompt(messages, tools)
+    import litellm  # with compression on only (the context builder imports it in a thread)
+
     try:
         counted = litellm.token_counter(
             model=model,
@@ -129,12 +131,14 @@ class Summarizer:
         compression: CompressionSpec,
         egress_url: str,
         record_content: bool = False,
+        session: aiohttp.ClientSession | None = None,
     ) -> None:
         self.max_tokens = compression.summary_max_tokens
         self._client = ModelClient(
             spec=model.model_copy(update={"max_tokens": self.max_tokens, "stream": False}),
             egress_url=egress_url,
             record_content=record_content,
+            session=session,
         )
 
     @property

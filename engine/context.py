@@ -25,29 +25,34 @@ when the last context holding it is released.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
+import aiohttp
 import httpx
 from a2a.utils.constants import PROTOCOL_VERSION_CURRENT, VERSION_HEADER
 
 from specmesh.snapshot import ResolvedSnapshot
-from specmesh.spec.models import McpServerRef
+from specmesh.spec.models import McpServerRef, SemanticSearch
 
 from .errors import ContextBuildError, PromptError
 from .knowledge.base import KnowledgeBase
 from .knowledge.errors import KnowledgeError
-from .llm import ModelClient
+from .llm import ModelClient, uses_litellm
 from .memory import ConversationMemory, InMemoryConversationMemory, RedisConversationMemory
+from .openai_chat import new_session
 from .prompt import PromptSet
 from .recall import ConversationRecall
 from .settings import EngineSettings
 from .tools import Tool
-from .tools.mcp import McpConnection, McpTool, mcp_tools
 from .tools.partners import PartnerTool
+
+if TYPE_CHECKING:  # the MCP SDK is imported by the first build that needs it
+    from .tools.mcp import McpConnection, McpTool
 
 __all__ = ["ContextBuilder", "RuntimeContext", "part_fingerprints"]
 
@@ -115,6 +120,8 @@ class RuntimeContext:
     def tools(self) -> dict[str, Tool]:
         """The tools offered now, by the name the model sees (MCP lists may refresh)."""
         out: dict[str, Tool] = {}
+        if self.mcp:
+            from .tools.mcp import mcp_tools
         for ref, conn in self.mcp:
             cached = self._tool_cache.get(ref.mcp_server_name)
             if cached is None or cached[0] != conn.generation:
@@ -186,6 +193,8 @@ class ContextBuilder:
         self._memory = memory
         self._own_http = http is None
         self._http = http or httpx.AsyncClient(headers={VERSION_HEADER: PROTOCOL_VERSION_CURRENT})
+        self._model_session: aiohttp.ClientSession | None = None
+        """Shared by every model client (kept-alive connections to the egress)."""
         self._mcp: _SharedPool[McpConnection] = _SharedPool()
         self._partners: _SharedPool[PartnerTool] = _SharedPool()
         self._memories: _SharedPool[ConversationMemory] = _SharedPool()
@@ -214,6 +223,9 @@ class ContextBuilder:
             )
         except PromptError as e:
             raise ContextBuildError(revision=snapshot.revision, reason=str(e)) from e
+        if self._model_session is None or self._model_session.closed:
+            self._model_session = new_session()
+        await _import_in_thread(_modules_needed(snapshot))
         model = (
             previous.model
             if previous and same("model")
@@ -221,6 +233,7 @@ class ContextBuilder:
                 spec=spec.model,
                 egress_url=self._egress,
                 record_content=self._settings.record_content,
+                session=self._model_session,
             )
         )
         knowledge = (
@@ -242,6 +255,8 @@ class ContextBuilder:
                 key = f"mcp:{name}|{fingerprints[f'mcp:{name}']}"
                 conn = self._mcp.get(key)
                 if conn is None:
+                    from .tools.mcp import McpConnection
+
                     conn = McpConnection(
                         server=name,
                         url=f"{self._egress}/mcp/{name}",
@@ -291,6 +306,7 @@ class ContextBuilder:
                 spec=spec,
                 egress_url=self._egress,
                 record_content=self._settings.record_content,
+                session=self._model_session,
             ),
             knowledge=knowledge,
             fingerprints=fingerprints,
@@ -383,6 +399,33 @@ class ContextBuilder:
             await asyncio.gather(*closing)
         if self._own_http:
             await self._http.aclose()
+        if self._model_session is not None:
+            await self._model_session.close()
+
+
+def _modules_needed(snapshot: ResolvedSnapshot) -> list[str]:
+    """The heavy modules a snapshot's parts need (none for an OpenAI-compatible model
+    without MCP servers, semantic memory, compression or knowledge)."""
+    spec = snapshot.spec
+    needed = []
+    if spec.mcp_servers:
+        needed.append("engine.tools.mcp")
+    if (
+        uses_litellm(spec.model)
+        or spec.memory.compression.enabled
+        or isinstance(spec.memory.search_strategy, SemanticSearch)
+    ):
+        needed.append("engine.litellm_chat")
+    return needed
+
+
+async def _import_in_thread(modules: list[str]) -> None:
+    """Import ``modules`` off the event loop (litellm, the MCP SDK: seconds each)."""
+    import sys
+
+    missing = [m for m in modules if m not in sys.modules]
+    if missing:
+        await asyncio.to_thread(lambda: [importlib.import_module(m) for m in missing])
 
 
 async def _ignore_result(fn: Callable[[], Awaitable[Any]]) -> None:

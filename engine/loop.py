@@ -6,8 +6,8 @@ One turn, on one :class:`RuntimeContext`:
    compression: :mod:`engine.recall`); with a knowledge
    base in ``auto`` mode, search it with the user's message and add the passages as a
    system message (in ``tool`` mode, offer ``search_knowledge`` instead);
-2. call the model with the tools the context offers, streaming its text as
-   :class:`TextDelta` s;
+2. call the model with the tools the context offers, its text as :class:`TextDelta` s
+   (streamed when the caller streams, ``TurnRequest.stream``; else one);
 3. if it asks for tools, run them concurrently (a task group, each call with the tool
    timeout), report :class:`ToolCallStarted` / :class:`ToolCallFinished`, append the
    results and call the model again; a failing tool's error is its result, the turn
@@ -134,7 +134,11 @@ async def run_turn(
         for _step in range(limits.max_steps):
             reply: ModelReply | None = None
             stream = context.model.stream(
-                messages, tools=definitions, parent=turn_ctx, attributes=chat_attributes
+                messages,
+                tools=definitions,
+                parent=turn_ctx,
+                attributes=chat_attributes,
+                streaming=request.stream,
             )
             async with aclosing(stream):
                 async for item in stream:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -82,6 +83,9 @@ class ServeSettings(BaseSettings):
         parse_card_security(value)
         return value
 
+    engine_uvloop: bool = True
+    """Run on uvloop (``SPECMESH_ENGINE_UVLOOP=false``: asyncio's own loop); asyncio's
+    loop when uvloop is not installed."""
     engine_drain_seconds: float = Field(default=10.0, ge=0)
     """How long turns in flight may finish after SIGTERM."""
     task_store: str = MEMORY
@@ -156,6 +160,10 @@ async def serve(
     ``started`` receives the server once both listeners accept connections.
     """
     async with EngineServer(runner=runner, config=config, metrics=metrics) as server:
+        # what start-up made (modules, the app, the listeners) lives as long as the
+        # process: kept out of the collector's sight, full collections under load went
+        # from up to ~130 ms to ~40 ms, and GC time per turn to a fifth (bench notes)
+        gc.freeze()
         if started is not None:
             started.set_result(server)
         await stop.wait()
@@ -201,6 +209,18 @@ async def _run(
     return EXIT_OK
 
 
+def _loop_factory(*, use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when wanted and installed; None: asyncio's default."""
+    if not use_uvloop:
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        logger.info("uvloop is not installed; running on asyncio's loop")
+        return None
+    return uvloop.new_event_loop
+
+
 def main(argv: Sequence[str] | None = None, *, open_runtime: RuntimeOpener | None = None) -> int:
     """Entry point of ``specmesh engine``; returns the exit code.
 
@@ -228,7 +248,8 @@ def main(argv: Sequence[str] | None = None, *, open_runtime: RuntimeOpener | Non
         otlp_protocol=settings.otel_exporter_otlp_protocol,
     )
     try:
-        return asyncio.run(_run(args, settings, telemetry.metrics, open_runtime or _open_runtime))
+        with asyncio.Runner(loop_factory=_loop_factory(use_uvloop=settings.engine_uvloop)) as run:
+            return run.run(_run(args, settings, telemetry.metrics, open_runtime or _open_runtime))
     except OSError as e:
         logger.error("cannot start the engine: %s", e)
         return EXIT_FAILED

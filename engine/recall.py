@@ -34,8 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import litellm
-import openai
+import aiohttp
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -50,7 +49,7 @@ from specmesh.spec.models import (
 
 from .compression import Summarizer, count_prompt_tokens, summary_message
 from .errors import ModelError
-from .llm import SIDECAR_API_KEY, translate_error
+from .llm import SIDECAR_API_KEY
 from .memory import ConversationMemory, Turn, prompt_message
 
 __all__ = ["ConversationRecall", "Embedder", "Recalled", "select_turns"]
@@ -162,10 +161,15 @@ class Embedder:
         }
         if self.spec.dimensions:
             kwargs["dimensions"] = self.spec.dimensions
+        # litellm only for semantic search (the context builder imports it in a thread)
+        import litellm
+
+        from .litellm_chat import LITELLM_ERRORS, translate_error
+
         try:
             try:
                 response = await litellm.aembedding(**kwargs)
-            except openai.OpenAIError as e:
+            except LITELLM_ERRORS as e:
                 raise translate_error(e, model=self.spec.model) from e
             data = sorted(response.data, key=lambda d: _get(d, "index"))
             return [[float(x) for x in _get(d, "embedding")] for d in data]
@@ -206,7 +210,9 @@ class ConversationRecall:
         spec: AgentSpec,
         egress_url: str,
         record_content: bool = False,
+        session: aiohttp.ClientSession | None = None,
     ) -> None:
+        """``session``: the aiohttp session the summarizer's model calls share."""
         self.memory = memory
         self._spec = spec.memory
         self._model_name = spec.model.model
@@ -230,6 +236,7 @@ class ConversationRecall:
                 compression=compression,
                 egress_url=egress_url,
                 record_content=record_content,
+                session=session,
             )
             if compression.enabled
             else None

@@ -123,7 +123,7 @@ def describe_validation_error(error: ValidationError, *, show_input: bool = True
     return "; ".join(problems)
 
 
-async def _parse(request: Request, runner: AgentRunner) -> TurnRequest | Response:
+async def _parse(request: Request, runner: AgentRunner, *, stream: bool) -> TurnRequest | Response:
     """The turn to run, or the error response to send."""
     body = await read_body(request, _MAX_BODY)
     if body is None:
@@ -155,6 +155,7 @@ async def _parse(request: Request, runner: AgentRunner) -> TurnRequest | Respons
         text=parsed.message,
         call_depth=depth,
         headers=passed_on_headers(headers),
+        stream=stream,
     )
 
 
@@ -187,7 +188,7 @@ def create_business_routes(
         conversations = runner
 
     async def invoke(request: Request) -> Response:
-        parsed = await _parse(request, runner)
+        parsed = await _parse(request, runner, stream=False)
         if isinstance(parsed, Response):
             return parsed
         events = runner.run(parsed)
@@ -204,7 +205,7 @@ def create_business_routes(
         return error_response(500, "internal", "the turn ended without an answer")
 
     async def invoke_stream(request: Request) -> Response:
-        parsed = await _parse(request, runner)
+        parsed = await _parse(request, runner, stream=True)
         if isinstance(parsed, Response):
             return parsed
         turn = parsed

@@ -43,6 +43,10 @@ class TurnRequest:
     """Request headers worth passing on (trace context is taken from the current span)."""
     task_id: str | None = None
     """The A2A task id, when there is one."""
+    stream: bool = True
+    """Whether the caller reads the answer as it grows (A2A ``SendStreamingMessage``,
+    ``/v1/invoke/stream``); when it waits for the whole answer the model is called
+    non-streamed and the text comes as one :class:`TextDelta`."""
 
 
 @dataclass(frozen=True)

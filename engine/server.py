@@ -60,7 +60,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 
-from engine.a2a_executor import EngineAgentExecutor
+from engine.a2a_executor import STREAMING_STATE, EngineAgentExecutor
 from engine.callers import CallerContextBuilder, GrpcCallerContextBuilder
 from engine.card import DEFAULT_SECURITY, CardSource, CardUrls
 from engine.errors import TaskStoreError
@@ -257,6 +257,7 @@ class EngineServer:
         self._grpc: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._watcher: asyncio.Task[None] | None = None
+        self._prices: asyncio.Future[int] | None = None
         self._handler: DefaultRequestHandlerV2 | None = None
         self._stopped = False
         self.http_port = 0
@@ -404,6 +405,9 @@ class EngineServer:
         self._http = server
         self._http_task = asyncio.create_task(server.serve(sockets=[sock]), name="engine-http")
         self._watcher = asyncio.create_task(self._follow_readiness(), name="engine-readiness")
+        # the price map (litellm's JSON file, ~40 ms) is read off the loop before the
+        # first turn needs it
+        self._prices = asyncio.ensure_future(asyncio.to_thread(self._metrics.prices.load))
         logger.info(
             "engine serving",
             extra={"http": self.http_url, "grpc": self.grpc_target, "agent": cfg.agent_name},
@@ -492,6 +496,8 @@ class EngineServer:
                 logger.error("server stopped with an error: %r", result)
         if self._redis_store is not None:
             await self._redis_store.aclose()
+        if self._prices is not None:
+            await asyncio.gather(self._prices, return_exceptions=True)
         logger.info("engine stopped")
 
 
@@ -506,6 +512,7 @@ class _RequestHandler(DefaultRequestHandlerV2):
         self, params: a2a_pb2.SendMessageRequest, context: ServerCallContext
     ) -> AsyncGenerator[Event, None]:
         self._card_source.current()  # capabilities.streaming follows the spec
+        context.state[STREAMING_STATE] = True  # the model is streamed for this caller
         async for event in super().on_message_send_stream(params, context):
             yield event
 

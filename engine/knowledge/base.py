@@ -24,12 +24,13 @@ way the passages used become the answer's citations.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -40,9 +41,11 @@ from engine.tools import ToolCallContext, ToolDefinition
 from specmesh.spec.models import KnowledgeSpec
 
 from .chunking import chunk_text, document_digest
-from .embeddings import Embedder, LiteLlmEmbedder
 from .errors import KnowledgeError
-from .store import ChromaVectorStore, StoredChunk, VectorStore
+
+if TYPE_CHECKING:  # chromadb and litellm: imported by KnowledgeBase.open, in a thread
+    from .embeddings import Embedder
+    from .store import VectorStore
 
 __all__ = [
     "EXCERPT_CHARS",
@@ -61,6 +64,11 @@ tracer = trace.get_tracer(__name__)
 EXCERPT_CHARS = 300
 """Characters of a passage kept in its citation."""
 SEARCH_TOOL = "search_knowledge"
+
+
+def _import_backends() -> None:
+    importlib.import_module("engine.knowledge.store")
+    importlib.import_module("engine.knowledge.embeddings")
 
 
 @dataclass(frozen=True)
@@ -153,6 +161,11 @@ class KnowledgeBase:
         """The knowledge base of an enabled spec (opens or creates its collection)."""
         if spec.store is None or spec.embedding_model is None:
             raise KnowledgeError("store and embeddingModel are required when enabled is true")
+        # chromadb and litellm take seconds to import: not on the event loop
+        await asyncio.to_thread(_import_backends)
+        from .embeddings import LiteLlmEmbedder
+        from .store import ChromaVectorStore
+
         store = await ChromaVectorStore.open(spec.store, data_dir=data_dir)
         embedder = LiteLlmEmbedder(spec=spec.embedding_model, egress_url=egress_url)
         return cls(spec=spec, store=store, embedder=embedder, record_content=record_content)
@@ -173,6 +186,8 @@ class KnowledgeBase:
 
     async def ingest(self, documents: Sequence[Document]) -> IngestReport:
         """Chunk, embed and upsert ``documents`` (see the module docstring)."""
+        from .store import StoredChunk
+
         report = IngestReport()
         chunking = self.spec.chunking
         async with self._write:

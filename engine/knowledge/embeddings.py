@@ -17,12 +17,11 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import litellm
-import openai
-from litellm import exceptions as llm_errors
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from engine.llm import SIDECAR_API_KEY, translate_error
+from engine.litellm_chat import LITELLM_ERRORS, translate_error
+from engine.llm import SIDECAR_API_KEY
 from specmesh.spec.models import EmbeddingModelSpec
 
 from .errors import EmbeddingError
@@ -89,7 +88,7 @@ class LiteLlmEmbedder:
                 kwargs["dimensions"] = self.spec.dimensions
             try:
                 response = await litellm.aembedding(**kwargs)
-            except (openai.OpenAIError, llm_errors.BudgetExceededError) as e:
+            except LITELLM_ERRORS as e:
                 error = translate_error(e, model=self.spec.model)
                 span.set_status(Status(StatusCode.ERROR, error.reason))
                 span.set_attribute("error.type", type(error).__name__)

@@ -31,11 +31,12 @@ _ENGINE_TURN = [
     "overhead_per_turn.prompt",
     *(
         f"overhead_per_turn.{path}.{side}.{stat}"
-        for path in ("http", "in_process")
-        for side in ("engine", "bare_litellm")
+        for path in ("http", "a2a", "in_process")
+        for side in ("engine", "bare_call")
         for stat in ("p50_ms", "p90_ms", "p99_ms")
     ),
     "overhead_per_turn.http.overhead_ms.p50_ms",
+    "overhead_per_turn.a2a.overhead_ms.p50_ms",
     "overhead_per_turn.http.http_floor_healthz.p50_ms",
     "overhead_per_turn.in_process.overhead_ms.p99_ms",
     "overhead_per_turn.litellm_alone.streamed.client_cpu_ms_per_call",
@@ -47,7 +48,10 @@ _ENGINE_TURN = [
             "http.turns_per_s",
             "http.p50_ms",
             "http.engine_cpu_ms_per_turn",
-            "bare_litellm.turns_per_s",
+            "a2a.turns_per_s",
+            "a2a.p99_ms",
+            "a2a.engine_cpu_ms_per_turn",
+            "bare_call.turns_per_s",
         )
     ),
     "rss_mb.at_rest_after_ready",
@@ -59,6 +63,7 @@ _ENGINE_TURN = [
     "profile.own_ms_per_turn_by_package",
     "goals.overhead_under_2ms_p50.http",
     "goals.ready_under_3s",
+    "goals.ready_under_2_5s",
     "goals.rss_at_rest_under_150mb",
 ]
 _SIDECAR_HOP = [

@@ -183,6 +183,39 @@ async def test_http_json_stream_metadata_is_camel_case_with_integers(
     _assert_answer_metadata(final[0]["artifact"]["metadata"])
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "streamed"),
+    [
+        ("SendMessage", "/", False),
+        ("SendStreamingMessage", "/", True),
+        (None, "/v1/message:send", False),
+        (None, "/v1/message:stream", True),
+        (None, "/v1/invoke", False),
+        (None, "/v1/invoke/stream", True),
+    ],
+)
+async def test_the_model_is_streamed_only_for_a_caller_that_streams(
+    http: httpx.AsyncClient,
+    model: ScriptedModelServer,
+    method: str | None,
+    path: str,
+    streamed: bool,
+) -> None:
+    context_id = f"stream-{uuid.uuid4().hex}"
+    if path.startswith("/v1/invoke"):
+        body: dict[str, Any] = {"contextId": context_id, "message": "the answer?"}
+    elif method is not None:
+        body = _rpc(method, _message("the answer?", context_id))
+    else:
+        body = _message("the answer?", context_id)
+
+    response = await http.post(path, json=body)
+
+    assert response.status_code == 200, response.text
+    assert "It is 42." in response.text
+    assert model.requests()[-1].stream is streamed
+
+
 async def test_a_completed_turn_records_outcome_completed_without_an_error(
     http: httpx.AsyncClient, spans: InMemorySpanExporter
 ) -> None:

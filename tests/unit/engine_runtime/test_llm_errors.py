@@ -10,7 +10,8 @@ import pytest
 from litellm import exceptions as llm_errors
 
 from engine.errors import ModelError, ModelRequestError, ModelTimeoutError, ModelUnavailableError
-from engine.llm import _ERROR_TABLE, ModelClient, translate_error
+from engine.litellm_chat import _ERROR_TABLE, translate_error
+from engine.llm import ModelClient
 from specmesh.spec.models import ModelSpec
 
 _GENERIC = {llm_errors.APIError, llm_errors.OpenAIError, openai.OpenAIError}

@@ -1,0 +1,163 @@
+"""Model prices from litellm's price map, read without importing litellm.
+
+litellm ships its price map as a JSON file inside its package
+(``model_prices_and_context_window_backup.json``); importing litellm to read it costs
+seconds and ~160 MB, reading the file ~40 ms once. :class:`PriceMap` keeps only what a
+turn's cost needs -- the price of an input and an output token, and the tiers above a
+prompt size (``input_cost_per_token_above_200k_tokens``...) -- and drops the rest.
+
+A model is looked up by its name, then by its name without a provider prefix
+(``openai/gpt-4o`` -> ``gpt-4o``); an unknown model costs 0.0, as with litellm.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PRICE_FILE", "ModelPrice", "PriceMap", "default_price_map", "litellm_price_file"]
+
+logger = logging.getLogger(__name__)
+
+PRICE_FILE = "model_prices_and_context_window_backup.json"
+"""The price map's file name inside the litellm package."""
+
+_TIER = re.compile(r"^(input|output)_cost_per_token_above_(\d+)k_tokens$")
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    """USD per token, and the prices that apply once the prompt passes a size."""
+
+    input: float
+    output: float
+    tiers: tuple[tuple[int, float, float], ...] = ()
+    """(prompt tokens above which it applies, input, output), largest threshold first
+    (litellm's ``*_above_<n>k_tokens`` keys and ``tiered_pricing`` ranges)."""
+
+    def cost(self, *, prompt_tokens: int, completion_tokens: int) -> float:
+        price_in, price_out = self.input, self.output
+        for above, tier_in, tier_out in self.tiers:
+            if prompt_tokens > above:
+                price_in, price_out = tier_in, tier_out
+                break
+        return prompt_tokens * price_in + completion_tokens * price_out
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _price(entry: Any) -> ModelPrice | None:
+    if not isinstance(entry, dict):
+        return None
+    base_in = _number(entry.get("input_cost_per_token"))
+    base_out = _number(entry.get("output_cost_per_token"))
+    tiers: dict[int, list[float | None]] = {}
+    for key, value in entry.items():
+        match = _TIER.match(key)
+        if match is not None and _number(value) is not None:
+            slot = tiers.setdefault(int(match.group(2)) * 1000, [None, None])
+            slot[0 if match.group(1) == "input" else 1] = _number(value)
+    # litellm's other form: [{"range": [from, to], "input_cost_per_token": ...}, ...]
+    for tier in entry.get("tiered_pricing") or ():
+        if not isinstance(tier, dict) or not isinstance(tier.get("range"), list):
+            continue
+        start = _number(tier["range"][0]) if tier["range"] else None
+        tier_in = _number(tier.get("input_cost_per_token"))
+        tier_out = _number(tier.get("output_cost_per_token"))
+        if start is None:
+            continue
+        if start <= 0:
+            base_in = base_in if base_in is not None else tier_in
+            base_out = base_out if base_out is not None else tier_out
+        else:  # from `start` tokens on: "above start - 1"
+            tiers[int(start) - 1] = [tier_in, tier_out]
+    if base_in is None and base_out is None:
+        return None
+    price_in, price_out = base_in or 0.0, base_out or 0.0
+    ordered = tuple(
+        sorted(
+            (
+                (above, price_in if t_in is None else t_in, price_out if t_out is None else t_out)
+                for above, (t_in, t_out) in tiers.items()
+            ),
+            reverse=True,
+        )
+    )
+    return ModelPrice(input=price_in, output=price_out, tiers=ordered)
+
+
+def litellm_price_file() -> Path | None:
+    """Where litellm's price map is, found without importing litellm; None if absent."""
+    spec = importlib.util.find_spec("litellm")
+    for folder in (spec.submodule_search_locations or ()) if spec else ():
+        path = Path(folder) / PRICE_FILE
+        if path.is_file():
+            return path
+    return None
+
+
+class PriceMap:
+    """Prices by model name, read once from a litellm-format price file."""
+
+    def __init__(self, *, path: Path | None = None) -> None:
+        """``path``: the price file (default: the one in the installed litellm)."""
+        self._path = path
+        self._prices: dict[str, ModelPrice] | None = None
+        self._lock = threading.Lock()
+
+    def load(self) -> int:
+        """Read the file now (idempotent; thread-safe); returns how many models it prices."""
+        with self._lock:
+            if self._prices is None:
+                self._prices = self._read()
+            return len(self._prices)
+
+    def _read(self) -> dict[str, ModelPrice]:
+        path = self._path or litellm_price_file()
+        if path is None:
+            logger.warning("litellm's price map was not found; model costs are 0")
+            return {}
+        try:
+            data = json.loads(path.read_bytes())
+        except (OSError, ValueError) as e:
+            logger.warning("cannot read the price map %s (%s); model costs are 0", path, e)
+            return {}
+        prices: dict[str, ModelPrice] = {}
+        for name, entry in data.items() if isinstance(data, dict) else ():
+            price = _price(entry)
+            if price is not None:
+                prices[name] = price
+        return prices
+
+    def price(self, model: str) -> ModelPrice | None:
+        """The price of ``model`` (or of its name without a provider prefix)."""
+        if self._prices is None:
+            self.load()
+        assert self._prices is not None
+        found = self._prices.get(model)
+        if found is None and "/" in model:
+            found = self._prices.get(model.split("/", 1)[1])
+        return found
+
+    def cost(self, model: str, *, prompt_tokens: int, completion_tokens: int) -> float:
+        """USD for one call's tokens; 0.0 for an unknown model."""
+        price = self.price(model)
+        if price is None:
+            return 0.0
+        return price.cost(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+
+
+_DEFAULT = PriceMap()
+
+
+def default_price_map() -> PriceMap:
+    """The process's price map over litellm's file (read on first use)."""
+    return _DEFAULT
