@@ -37,7 +37,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from engine.prices import PriceMap, default_price_map
+from specmesh.prices import PriceMap, default_price_map
 
 __all__ = [
     "SERVICE_NAME",
@@ -265,7 +265,7 @@ def cost_usd(
     """The price of a model call from litellm's price map; 0.0 for an unknown model.
 
     The map is litellm's own JSON file, read without importing litellm
-    (:mod:`engine.prices`: ~40 ms once, against seconds and ~160 MB for the import).
+    (:mod:`specmesh.prices`: ~40 ms once, against seconds and ~160 MB for the import).
     """
     return (prices or default_price_map()).cost(
         model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens

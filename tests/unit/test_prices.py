@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.prices import PriceMap, litellm_price_file
+from specmesh.prices import PriceMap, litellm_price_file
 
 
 def _map(tmp_path: Path, entries: dict[str, object]) -> PriceMap:
@@ -77,7 +77,7 @@ def test_a_missing_or_broken_file_prices_everything_at_zero(tmp_path: Path) -> N
 
 def test_litellm_file_is_found_and_read_without_importing_litellm() -> None:
     probe = (
-        "import sys; from engine.prices import PriceMap, litellm_price_file;"
+        "import sys; from specmesh.prices import PriceMap, litellm_price_file;"
         "assert litellm_price_file() is not None;"
         "assert PriceMap().cost('gpt-4o-mini', prompt_tokens=1000, completion_tokens=1000) > 0;"
         "print('litellm' in sys.modules)"

@@ -1,5 +1,9 @@
 """Model prices from litellm's price map, read without importing litellm.
 
+The one price computation: the engine's ``specmesh.agent.cost`` metric
+(``engine/telemetry.py``) and the control plane's token-usage costs
+(``control_plane/traces.py``) both come from here, so they cannot disagree.
+
 litellm ships its price map as a JSON file inside its package
 (``model_prices_and_context_window_backup.json``); importing litellm to read it costs
 seconds and ~160 MB, reading the file ~40 ms once. :class:`PriceMap` keeps only what a
