@@ -16,7 +16,9 @@ How spans are read (the engine follows the GenAI semantic conventions):
   :data:`MODEL_OPERATIONS`. Only they count for tokens and cost: an ``invoke_agent`` span
   carries the whole turn's usage as well, and counting both would count it twice.
 - **model**: ``gen_ai.request.model``, else ``gen_ai.response.model``, else ``unknown``;
-  priced with litellm's price map (0 for a model it does not know).
+  priced by :mod:`specmesh.prices` (litellm's price map, read without importing
+  litellm; the engine prices its calls with the same code), 0 for a model it does not
+  know.
 - **context**: ``gen_ai.conversation.id`` (the A2A contextId).
 - **day**: the UTC date a span started.
 
@@ -35,9 +37,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import sqlite3
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -48,13 +48,14 @@ from types import TracebackType
 from typing import Any, Final, TypeVar
 
 from control_plane.errors import BadRequestError
+from specmesh.prices import PriceMap, default_price_map
 
 __all__ = [
     "AGENT_ATTRIBUTE",
     "GROUP_KEYS",
     "MODEL_OPERATIONS",
     "InMemoryTraceStore",
-    "LitellmPricer",
+    "MapPricer",
     "Pricer",
     "Span",
     "SpanEvent",
@@ -281,38 +282,21 @@ Pricer = Callable[[str, int, int], float]
 """``(model, input tokens, output tokens) -> USD``; 0.0 for an unknown model. May block."""
 
 
-class LitellmPricer:
-    """Prices from litellm's bundled price map (never fetched from the network).
+class MapPricer:
+    """Prices from :mod:`specmesh.prices` -- litellm's bundled price map, read without
+    importing litellm; the engine's ``specmesh.agent.cost`` comes from the same code.
 
-    litellm is imported on first use (it takes seconds): call it from a thread.
+    The first call reads the file (~75 ms): call it from a thread.
     """
 
-    def __init__(self) -> None:
-        self._unknown: set[str] = set()
-        self._lock = threading.Lock()
-        self._litellm: Any = None
-
-    def _module(self) -> Any:
-        with self._lock:
-            if self._litellm is None:
-                os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-                import litellm
-
-                litellm.suppress_debug_info = True  # no "Provider List" banner per unknown model
-                self._litellm = litellm
-            return self._litellm
+    def __init__(self, prices: PriceMap | None = None) -> None:
+        """``prices``: the map (default: the process's, over litellm's file)."""
+        self.prices = prices or default_price_map()
 
     def __call__(self, model: str, input_tokens: int, output_tokens: int) -> float:
-        if model in self._unknown or model == UNKNOWN_MODEL:
+        if model == UNKNOWN_MODEL:
             return 0.0
-        try:
-            prompt_cost, completion_cost = self._module().cost_per_token(
-                model=model, prompt_tokens=input_tokens, completion_tokens=output_tokens
-            )
-        except Exception:  # litellm raises for a model missing from its price map
-            self._unknown.add(model)
-            return 0.0
-        return float(prompt_cost) + float(completion_cost)
+        return self.prices.cost(model, prompt_tokens=input_tokens, completion_tokens=output_tokens)
 
 
 @dataclass
@@ -432,7 +416,7 @@ class InMemoryTraceStore(TraceStore):
 
     def __init__(self, *, pricer: Pricer | None = None) -> None:
         self._traces: dict[str, dict[str, Span]] = {}
-        self._pricer = pricer or LitellmPricer()
+        self._pricer = pricer or MapPricer()
 
     async def add_spans(self, spans: Sequence[Span]) -> None:
         for span in spans:
@@ -618,7 +602,7 @@ class SqliteTraceStore(TraceStore):
         connection_factory: type[sqlite3.Connection] = sqlite3.Connection,
     ) -> None:
         self.path = str(path)
-        self._pricer = pricer or LitellmPricer()
+        self._pricer = pricer or MapPricer()
         self._factory = connection_factory
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace-store")
         self._conn: sqlite3.Connection | None = None
@@ -794,7 +778,7 @@ class SqliteTraceStore(TraceStore):
             ]
 
         raw = await self._run(select)
-        # Pricing may import litellm (seconds): its own thread, not the store's.
+        # Pricing may read the price file (first call): its own thread, not the store's.
         return await asyncio.to_thread(_price, raw, keys, self._pricer)
 
     async def prune(self, *, older_than: timedelta, now: datetime | None = None) -> int:

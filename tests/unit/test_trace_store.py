@@ -15,12 +15,12 @@ import pytest
 from control_plane.errors import BadRequestError
 from control_plane.traces import (
     InMemoryTraceStore,
-    LitellmPricer,
     Span,
     SpanEvent,
     SqliteTraceStore,
     TraceStore,
 )
+from specmesh.prices import default_price_map
 
 NOW = datetime(2026, 3, 14, 12, 0, tzinfo=UTC)
 T0 = int(NOW.timestamp() * 1e9)
@@ -265,7 +265,7 @@ async def test_cost_comes_from_litellms_price_map_and_is_zero_for_unknown_models
 
     expected = sum(litellm.cost_per_token(model="gpt-4o-mini", prompt_tokens=350,
                                           completion_tokens=70))  # fmt: skip
-    async with SqliteTraceStore(pricer=LitellmPricer()) as store:
+    async with SqliteTraceStore() as store:  # the default pricer: specmesh.prices, as the engine
         await store.add_spans(
             [*two_agent_trace(),
              chat("a00000000000000a", "a000000000000001", 80, (1000, 1000), model="scripted")]
@@ -274,6 +274,9 @@ async def test_cost_comes_from_litellms_price_map_and_is_zero_for_unknown_models
 
     assert expected > 0
     assert rows["gpt-4o-mini"].cost_usd == pytest.approx(expected)
+    assert rows["gpt-4o-mini"].cost_usd == pytest.approx(
+        default_price_map().cost("gpt-4o-mini", prompt_tokens=350, completion_tokens=70)
+    )
     assert rows["scripted"].cost_usd == 0.0
 
 
