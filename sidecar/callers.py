@@ -559,6 +559,7 @@ class CallerPolicy:
         self._verifier = verifier
         self._trust_domain = mesh_trust_domain
         self._namespace = mesh_namespace
+        self._allowed: tuple[CallersSpec, frozenset[str] | None] | None = None
 
     def mesh_caller(self, xfcc: str | None) -> str | None:
         """Istio mode: the calling agent named by the ``X-Forwarded-Client-Cert`` the local
@@ -567,7 +568,17 @@ class CallerPolicy:
         return agent_from_xfcc(xfcc, trust_domain=self._trust_domain, namespace=self._namespace)
 
     def callers(self) -> CallersSpec:
-        return self._callers() or CallersSpec()
+        return self._callers() or _DEFAULT_CALLERS
+
+    def _allowed_agents(self, callers: CallersSpec) -> frozenset[str] | None:
+        """``callers.agents`` as resource names (None: ``"*"``), kept per ``callers``
+        object -- a snapshot's spec is immutable, so this is computed once per snapshot."""
+        held = self._allowed
+        if held is None or held[0] is not callers:
+            agents = callers.agents
+            allowed = None if "*" in agents else frozenset(_rn(a) for a in agents)
+            held = self._allowed = (callers, allowed)
+        return held[1]
 
     def refused(self, reason: Reason, message: str, *, bad_token: bool = False) -> CallerRefused:
         return CallerRefused(reason, message, agent=self.agent, bad_token=bad_token)
@@ -582,8 +593,8 @@ class CallerPolicy:
                 f"agent {caller!r} may not call agent {self.agent!r}: "
                 "it does not list it among its partners",
             )
-        allowed = self.callers().agents
-        if "*" not in allowed and caller not in {_rn(a) for a in allowed}:
+        allowed = self._allowed_agents(self.callers())
+        if allowed is not None and caller not in allowed:
             raise self.refused(
                 "PERMISSION_DENIED",
                 f"agent {caller!r} may not call agent {self.agent!r}: "
@@ -626,6 +637,10 @@ class CallerPolicy:
         principal = await self.authenticate(authorization)
         self.check_principal(principal)
         return principal
+
+
+_DEFAULT_CALLERS = CallersSpec()
+"""``base.callers`` when the spec says nothing (a frozen model: shared, never changed)."""
 
 
 def _rn(name: str) -> str:

@@ -38,7 +38,7 @@ from specmesh.watch import PrefixWatcher
 
 from .callers import CARD_PATH, CallerPolicy, CallerRefused
 from .mtls import AgentCertificates, agent_from_cert
-from .relay import RelayListener, end_to_end_headers, relay, traced
+from .relay import RelayListener, active_tracer, end_to_end_headers, relay, traced
 
 __all__ = [
     "CALLER_HEADER",
@@ -131,7 +131,7 @@ class InboundServer(RelayListener):
         require_identity: bool = False,
     ) -> None:
         super().__init__(host=host, port=port)
-        self._tracer = tracer or trace.get_tracer("specmesh.sidecar")
+        self._tracer = tracer
         self.agent = resource_name(agent_name)
         self.engine_url = engine_http if "://" in engine_http else f"http://{engine_http}"
         if policy is None:
@@ -157,7 +157,9 @@ class InboundServer(RelayListener):
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         """One inbound call, as a SERVER span continuing the caller's trace."""
-        return await traced(self._tracer, f"inbound {self.agent}", request, self._forward)
+        return await traced(
+            active_tracer(self._tracer), f"inbound {self.agent}", request, self._forward
+        )
 
     async def _forward(self, request: web.Request, span: trace.Span) -> web.StreamResponse:
         headers: CIMultiDict[str] = CIMultiDict(end_to_end_headers(request.headers))

@@ -15,7 +15,14 @@ from aiohttp import web
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-__all__ = ["HOP_BY_HOP", "RelayListener", "end_to_end_headers", "relay", "traced"]
+__all__ = [
+    "HOP_BY_HOP",
+    "RelayListener",
+    "active_tracer",
+    "end_to_end_headers",
+    "relay",
+    "traced",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -39,20 +46,47 @@ HOP_BY_HOP = frozenset(
 
 
 def end_to_end_headers(headers: aiohttp.typedefs.LooseHeaders) -> list[tuple[str, str]]:
-    """``headers`` without the hop-by-hop ones, nor those the ``Connection`` header lists."""
-    items = list(headers.items()) if hasattr(headers, "items") else list(headers)
-    listed = {
-        h.strip().lower()
-        for k, v in items
-        if str(k).lower() == "connection"
-        for h in str(v).split(",")
-        if h.strip()
-    }
-    return [
-        (str(k), str(v))
-        for k, v in items
-        if str(k).lower() not in HOP_BY_HOP and str(k).lower() not in listed
-    ]
+    """``headers`` without the hop-by-hop ones, nor those the ``Connection`` header lists.
+
+    One pass, each name lower-cased once (it runs two or three times per proxied request)."""
+    items = headers.items() if hasattr(headers, "items") else headers
+    out: list[tuple[str, str, str]] = []
+    listed: set[str] | None = None
+    for k, v in items:
+        key = str(k)
+        lower = key.lower()
+        if lower in HOP_BY_HOP:
+            if lower == "connection":
+                listed = listed or set()
+                listed.update(h.strip().lower() for h in str(v).split(",") if h.strip())
+            continue
+        out.append((key, lower, str(v)))
+    if listed:
+        return [(k, v) for k, lower, v in out if lower not in listed]
+    return [(k, v) for k, _, v in out]
+
+
+def active_tracer(explicit: trace.Tracer | None) -> trace.Tracer | None:
+    """The tracer a listener records its spans with: the one it was given, else the global
+    provider's -- or ``None`` while no provider is installed (tracing off: no span is made,
+    and the W3C headers pass through untouched, as the no-op span would have left them)."""
+    if explicit is not None:
+        return explicit
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
+        return None
+    return _provider_tracer(provider)
+
+
+_tracers: dict[int, tuple[trace.TracerProvider, trace.Tracer]] = {}
+
+
+def _provider_tracer(provider: trace.TracerProvider) -> trace.Tracer:
+    held = _tracers.get(id(provider))
+    if held is None or held[0] is not provider:
+        held = (provider, provider.get_tracer("specmesh.sidecar"))
+        _tracers[id(provider)] = held
+    return held[1]
 
 
 async def relay(
@@ -61,8 +95,7 @@ async def relay(
     """Stream ``upstream`` to ``request``'s caller chunk by chunk, then release it."""
     try:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        for key, value in end_to_end_headers(upstream.headers):
-            response.headers.add(key, value)
+        response.headers.extend(end_to_end_headers(upstream.headers))
         if upstream.content_length is not None and "Content-Encoding" not in upstream.headers:
             response.content_length = upstream.content_length
         await response.prepare(request)
@@ -82,13 +115,17 @@ async def relay(
 
 
 async def traced(
-    tracer: trace.Tracer,
+    tracer: trace.Tracer | None,
     name: str,
     request: web.Request,
     forward: Callable[[web.Request, trace.Span], Awaitable[web.StreamResponse]],
 ) -> web.StreamResponse:
     """One relayed call as a SERVER span ``name`` continuing the caller's trace (W3C
-    headers): method and status recorded, a 5xx marks it failed."""
+    headers): method and status recorded, a 5xx marks it failed. ``tracer`` None (tracing
+    off, :func:`active_tracer`): no span is made, ``forward`` gets the invalid span (its
+    setters do nothing)."""
+    if tracer is None:
+        return await forward(request, trace.INVALID_SPAN)
     parent = propagate.extract(request.headers)
     with tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER) as span:
         span.set_attribute("http.request.method", request.method)
