@@ -26,10 +26,9 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import aiohttp
-import jwt
 from aiohttp import web
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped]
@@ -40,6 +39,9 @@ from specmesh.names import resource_name
 from specmesh.spec.models import CallersSpec
 
 from .mtls import TRUST_DOMAIN
+
+if TYPE_CHECKING:  # PyJWT (with cryptography, ~11 MB) is imported when a token is checked
+    import jwt
 
 __all__ = [
     "ALLOWED_ALGORITHMS",
@@ -241,6 +243,8 @@ class JwtVerifier:
     async def verify(self, token: str) -> str:
         """The request principal ``<iss>/<sub>`` of a valid token; raises
         :class:`_TokenInvalid` naming what is wrong."""
+        import jwt  # lazily: see the imports at the top
+
         try:
             header = jwt.get_unverified_header(token)
             claims = jwt.decode(token, options={"verify_signature": False})
@@ -365,6 +369,8 @@ def _short(value: object, limit: int = 80) -> object:
 
 
 def _parse_jwks(data: Any, issuer: str) -> dict[str | None, _Key]:
+    import jwt  # lazily: only a sidecar trusting an issuer needs it
+
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
         raise ValueError(f"the JWKS of issuer {issuer!r} is not {{'keys': [...]}}")
     keys: dict[str | None, _Key] = {}
