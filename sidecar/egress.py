@@ -225,15 +225,17 @@ class _PartnerTable:
 
     def __init__(self) -> None:
         self._snapshot: ResolvedSnapshot | None = None
-        self._by_name: dict[str, PartnerAgentRef] = {}
-        self._asked: dict[str, PartnerAgentRef | None] = {}
+        self._by_name: dict[str, tuple[str, PartnerAgentRef]] = {}
+        self._asked: dict[str, tuple[str, PartnerAgentRef] | None] = {}
 
-    def get(self, snapshot: ResolvedSnapshot, wanted: str) -> PartnerAgentRef | None:
-        """The partner declared under ``wanted``'s resource name (None: not declared)."""
+    def get(self, snapshot: ResolvedSnapshot, wanted: str) -> tuple[str, PartnerAgentRef] | None:
+        """The partner declared under ``wanted``'s resource name, with that resource name
+        (None: not declared)."""
         if snapshot is not self._snapshot:
-            by_name: dict[str, PartnerAgentRef] = {}
+            by_name: dict[str, tuple[str, PartnerAgentRef]] = {}
             for partner in snapshot.spec.partner_agents:
-                by_name.setdefault(resource_name(partner.agent_name), partner)
+                rn = resource_name(partner.agent_name)
+                by_name.setdefault(rn, (rn, partner))
             self._snapshot, self._by_name, self._asked = snapshot, by_name, {}
         try:
             return self._asked[wanted]
@@ -521,14 +523,14 @@ class EgressProxy(RelayListener):
     async def _a2a(
         self, request: web.Request, snapshot: ResolvedSnapshot, out: _Outbound, body: bytes | None
     ) -> aiohttp.ClientResponse:
-        partner = self._partners.get(snapshot, out.name)
-        if partner is None:
+        found = self._partners.get(snapshot, out.name)
+        if found is None:
             self._refuse("partner agent", out.name, snapshot)
-        assert partner is not None
+        assert found is not None
+        agent, partner = found
         if self._router is None:
             raise EgressError(503, "no_instance", "the sidecar has no router")
         await self._add_secrets(out, partner.headers, partner.query_params)
-        agent = resource_name(partner.agent_name)
         release = self._router.release(agent)
         pool = release.connection_pool if release else self._pool
         limit = pool.max_connections + pool.max_pending_requests
