@@ -313,7 +313,7 @@ class EgressProxy(RelayListener):
 
     # ------------------------------------------------------------ dispatch
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """One proxied call, as a CLIENT span continuing the engine's trace; the upstream
         gets this span as its parent (``traceparent`` is rewritten)."""
         tracer = active_tracer(self._tracer)
@@ -327,7 +327,7 @@ class EgressProxy(RelayListener):
                 span.set_status(Status(StatusCode.ERROR))
             return response
 
-    async def _proxy(self, request: web.Request, span: trace.Span) -> web.StreamResponse:
+    async def _proxy(self, request: web.BaseRequest, span: trace.Span) -> web.StreamResponse:
         started = time.perf_counter()
         kind: RouteKind = "unknown"
         status = 500
@@ -521,7 +521,11 @@ class EgressProxy(RelayListener):
     # ------------------------------------------------------------ A2A
 
     async def _a2a(
-        self, request: web.Request, snapshot: ResolvedSnapshot, out: _Outbound, body: bytes | None
+        self,
+        request: web.BaseRequest,
+        snapshot: ResolvedSnapshot,
+        out: _Outbound,
+        body: bytes | None,
     ) -> aiohttp.ClientResponse:
         found = self._partners.get(snapshot, out.name)
         if found is None:
@@ -548,7 +552,7 @@ class EgressProxy(RelayListener):
 
     async def _a2a_tries(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         agent: str,
         out: _Outbound,
         body: bytes | None,

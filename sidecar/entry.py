@@ -121,13 +121,13 @@ class EntryServer(RelayListener):
         self.read_timeout = read_timeout
         self._tracer = tracer
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """One external call, as a SERVER span continuing the client's trace."""
         return await traced(
             active_tracer(self._tracer), f"entry {self.agent}", request, self._forward
         )
 
-    async def _forward(self, request: web.Request, span: trace.Span) -> web.StreamResponse:
+    async def _forward(self, request: web.BaseRequest, span: trace.Span) -> web.StreamResponse:
         headers: CIMultiDict[str] = CIMultiDict(end_to_end_headers(request.headers))
         for name in _DROPPED:
             headers.popall(name, None)

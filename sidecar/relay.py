@@ -90,7 +90,7 @@ def _provider_tracer(provider: trace.TracerProvider) -> trace.Tracer:
 
 
 async def relay(
-    request: web.Request, upstream: aiohttp.ClientResponse, *, downstream: str
+    request: web.BaseRequest, upstream: aiohttp.ClientResponse, *, downstream: str
 ) -> web.StreamResponse:
     """Stream ``upstream`` to ``request``'s caller chunk by chunk, then release it."""
     try:
@@ -117,8 +117,8 @@ async def relay(
 async def traced(
     tracer: trace.Tracer | None,
     name: str,
-    request: web.Request,
-    forward: Callable[[web.Request, trace.Span], Awaitable[web.StreamResponse]],
+    request: web.BaseRequest,
+    forward: Callable[[web.BaseRequest, trace.Span], Awaitable[web.StreamResponse]],
 ) -> web.StreamResponse:
     """One relayed call as a SERVER span ``name`` continuing the caller's trace (W3C
     headers): method and status recorded, a 5xx marks it failed. ``tracer`` None (tracing
@@ -145,11 +145,9 @@ class RelayListener:
         self.host = host
         self.port = port
         self._session: aiohttp.ClientSession | None = None
-        self._runner: web.AppRunner | None = None
-        self.app = web.Application()
-        self.app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner: web.ServerRunner | None = None
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         raise NotImplementedError
 
     def _connector(self) -> aiohttp.TCPConnector:
@@ -186,7 +184,11 @@ class RelayListener:
         self._session = aiohttp.ClientSession(
             connector=self._connector(), auto_decompress=False, trust_env=False
         )
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # aiohttp's low-level server: every request goes to ``_handle`` (no application,
+        # router or middleware on the way: the listener relays whatever path it gets)
+        self._runner = web.ServerRunner(
+            web.Server(self._handle, access_log=None), handle_signals=False
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self._server_ssl())
         await site.start()
