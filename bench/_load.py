@@ -47,6 +47,8 @@ class LoadResult:
     cpu_s: list[float] | None = None
     """CPU seconds each of the ``cpu_pids`` given used during the load (measured by the
     load process right before and after it)."""
+    error_kinds: dict[str, int] | None = None
+    """Errors by kind (HTTP status, exception or gRPC status code)."""
 
 
 async def _run_load(
@@ -59,6 +61,7 @@ async def _run_load(
 ) -> dict[str, Any]:
     latencies: list[float] = []
     errors = 0
+    kinds: dict[str, int] = {}
     interval = 1.0 / rps
     conn = aiohttp.TCPConnector(limit=connections)
     async with aiohttp.ClientSession(connector=conn) as session:
@@ -71,9 +74,11 @@ async def _run_load(
                     await r.read()
                     if r.status != 200:
                         errors += 1
+                        kinds[str(r.status)] = kinds.get(str(r.status), 0) + 1
                         return
-            except aiohttp.ClientError:
+            except aiohttp.ClientError as e:
                 errors += 1
+                kinds[type(e).__name__] = kinds.get(type(e).__name__, 0) + 1
                 return
             latencies.append((time.perf_counter() - start) * 1000)
 
@@ -81,6 +86,7 @@ async def _run_load(
         await asyncio.gather(*(one() for _ in range(min(connections, 20))))
         latencies.clear()
         errors = 0
+        kinds.clear()
         tasks = []
         cpu0 = [cpu_seconds(pid) for pid in cpu_pids]
         t0 = time.perf_counter()
@@ -93,7 +99,14 @@ async def _run_load(
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - t0
         cpu = [cpu_seconds(pid) - c for pid, c in zip(cpu_pids, cpu0, strict=True)]
-    return {"sent": n, "latencies": latencies, "errors": errors, "elapsed": elapsed, "cpu": cpu}
+    return {
+        "sent": n,
+        "latencies": latencies,
+        "errors": errors,
+        "elapsed": elapsed,
+        "cpu": cpu,
+        "kinds": kinds,
+    }
 
 
 @dataclass(frozen=True)
@@ -182,6 +195,7 @@ def _result(rps: int, data: dict[str, Any]) -> LoadResult:
         mean_ms=statistics.fmean(lat) if lat else float("nan"),
         achieved_rps=len(lat) / data["elapsed"],
         cpu_s=[round(c, 3) for c in data["cpu"]] if data.get("cpu") else None,
+        error_kinds=data.get("kinds") or None,
     )
 
 
@@ -233,6 +247,7 @@ async def _run_grpc_load(
 
     latencies: list[float] = []
     errors = 0
+    kinds: dict[str, int] = {}
     interval = 1.0 / rps
     async with grpc.aio.insecure_channel(target) as channel:
         if streaming:
@@ -250,17 +265,20 @@ async def _run_grpc_load(
                         got += 1
                     if got != GRPC_STREAM_MESSAGES:
                         errors += 1
+                        kinds["short_stream"] = kinds.get("short_stream", 0) + 1
                         return
                 else:
                     await unary_call(PAYLOAD, metadata=metadata, timeout=30)
-            except grpc.aio.AioRpcError:
+            except grpc.aio.AioRpcError as e:
                 errors += 1
+                kinds[e.code().name] = kinds.get(e.code().name, 0) + 1
                 return
             latencies.append((time.perf_counter() - start) * 1000)
 
         await asyncio.gather(*(one() for _ in range(20)))  # warm-up: the connection
         latencies.clear()
         errors = 0
+        kinds.clear()
         tasks = []
         cpu0 = [cpu_seconds(pid) for pid in cpu_pids]
         t0 = time.perf_counter()
@@ -273,7 +291,14 @@ async def _run_grpc_load(
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - t0
         cpu = [cpu_seconds(pid) - c for pid, c in zip(cpu_pids, cpu0, strict=True)]
-    return {"sent": n, "latencies": latencies, "errors": errors, "elapsed": elapsed, "cpu": cpu}
+    return {
+        "sent": n,
+        "latencies": latencies,
+        "errors": errors,
+        "elapsed": elapsed,
+        "cpu": cpu,
+        "kinds": kinds,
+    }
 
 
 def _grpc_upstream_proc(port: int, service: str, methods: dict[str, bool], ready: Any) -> None:

@@ -94,6 +94,7 @@ _SIDECAR_HOP = [
     "rss_mb.sidecar_b",
     "rss_mb.nginx_a",
     "rss_mb.ratio_sidecar_to_nginx",
+    "rss_mb.after_grpc.sidecar_a",
     "goals.per_hop_at_1000rps",
     "goals.capacity_8_connections_4000rps",
     "reload_ms.from_apply_call_start.to_snapshot_stream.p99",
