@@ -583,6 +583,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--reloads", type=int, default=30)
     parser.add_argument(
+        "--grpc-rps", type=int, default=1000, help="rate of the gRPC loads (calls per second)"
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes: proves the bench runs, no figures"
     )
     args = parser.parse_args()
@@ -678,7 +681,9 @@ def main() -> int:
             wrk, args.seconds, direct=direct, nginx_pair=nginx_url, sidecar_pair=via
         )
         rss = _rss(a, b, nginx_a, nginx_b)  # after the HTTP loads
-        results["grpc"] = _grpc_figures(grpc_direct, grpc_via, args.seconds, sidecars)
+        results["grpc"] = _grpc_figures(
+            grpc_direct, grpc_via, args.seconds, sidecars, rps=args.grpc_rps
+        )
         rss["after_grpc"] = {
             "sidecar_a": round(rss_mb(a.pid), 1),
             "sidecar_b": round(rss_mb(b.pid), 1),

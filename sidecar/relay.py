@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Self
@@ -69,24 +70,29 @@ def end_to_end_headers(headers: aiohttp.typedefs.LooseHeaders) -> list[tuple[str
 def active_tracer(explicit: trace.Tracer | None) -> trace.Tracer | None:
     """The tracer a listener records its spans with: the one it was given, else the global
     provider's -- or ``None`` while no provider is installed (tracing off: no span is made,
-    and the W3C headers pass through untouched, as the no-op span would have left them)."""
+    and the W3C headers pass through untouched, as the no-op span would have left them).
+
+    The entry point installs the provider before the listeners start; one installed later
+    is seen within :data:`_RECHECK_SECONDS` (a provider, once set, is never replaced)."""
     if explicit is not None:
         return explicit
+    global _global_tracer, _checked_at
+    if _global_tracer is not None:
+        return _global_tracer
+    now = time.monotonic()
+    if now - _checked_at < _RECHECK_SECONDS:
+        return None
+    _checked_at = now
     provider = trace.get_tracer_provider()
     if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
         return None
-    return _provider_tracer(provider)
+    _global_tracer = provider.get_tracer("specmesh.sidecar")
+    return _global_tracer
 
 
-_tracers: dict[int, tuple[trace.TracerProvider, trace.Tracer]] = {}
-
-
-def _provider_tracer(provider: trace.TracerProvider) -> trace.Tracer:
-    held = _tracers.get(id(provider))
-    if held is None or held[0] is not provider:
-        held = (provider, provider.get_tracer("specmesh.sidecar"))
-        _tracers[id(provider)] = held
-    return held[1]
+_RECHECK_SECONDS = 1.0
+_global_tracer: trace.Tracer | None = None
+_checked_at = float("-inf")
 
 
 async def relay(
