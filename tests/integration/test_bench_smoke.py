@@ -97,6 +97,8 @@ _SIDECAR_HOP = [
     "rss_mb.after_grpc.sidecar_a",
     "goals.per_hop_at_1000rps",
     "goals.capacity_8_connections_4000rps",
+    "1000rps.kept_up",
+    "grpc.unary.kept_up",
     "reload_ms.from_apply_call_start.to_snapshot_stream.p99",
     "reload_ms.from_apply_call_start.to_engine_serving.p99",
     "reload_ms.from_apply_call_return.to_engine_serving.p99",
