@@ -1,5 +1,6 @@
-"""Shared pieces of the benchmarks: an open-loop HTTP load generator run in its own
-process, a 1 KB upstream, process CPU/RSS readings, and percentile maths."""
+"""Shared pieces of the benchmarks: open-loop HTTP and gRPC load generators run in their own
+process, 1 KB HTTP and gRPC upstreams, process CPU/RSS readings, closed-loop load with
+``wrk``, and percentile maths."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import re
+import shutil
 import statistics
+import subprocess
+import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,13 +44,24 @@ class LoadResult:
     p99_ms: float
     mean_ms: float
     achieved_rps: float
+    cpu_s: list[float] | None = None
+    """CPU seconds each of the ``cpu_pids`` given used during the load (measured by the
+    load process right before and after it)."""
+    error_kinds: dict[str, int] | None = None
+    """Errors by kind (HTTP status, exception or gRPC status code)."""
 
 
 async def _run_load(
-    url: str, rps: int, seconds: float, headers: dict[str, str], connections: int
+    url: str,
+    rps: int,
+    seconds: float,
+    headers: dict[str, str],
+    connections: int,
+    cpu_pids: Sequence[int] = (),
 ) -> dict[str, Any]:
     latencies: list[float] = []
     errors = 0
+    kinds: dict[str, int] = {}
     interval = 1.0 / rps
     conn = aiohttp.TCPConnector(limit=connections)
     async with aiohttp.ClientSession(connector=conn) as session:
@@ -57,9 +74,11 @@ async def _run_load(
                     await r.read()
                     if r.status != 200:
                         errors += 1
+                        kinds[str(r.status)] = kinds.get(str(r.status), 0) + 1
                         return
-            except aiohttp.ClientError:
+            except aiohttp.ClientError as e:
                 errors += 1
+                kinds[type(e).__name__] = kinds.get(type(e).__name__, 0) + 1
                 return
             latencies.append((time.perf_counter() - start) * 1000)
 
@@ -67,7 +86,9 @@ async def _run_load(
         await asyncio.gather(*(one() for _ in range(min(connections, 20))))
         latencies.clear()
         errors = 0
+        kinds.clear()
         tasks = []
+        cpu0 = [cpu_seconds(pid) for pid in cpu_pids]
         t0 = time.perf_counter()
         n = int(rps * seconds)
         for i in range(n):
@@ -77,13 +98,66 @@ async def _run_load(
             tasks.append(asyncio.create_task(one()))
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - t0
-    return {"sent": n, "latencies": latencies, "errors": errors, "elapsed": elapsed}
+        cpu = [cpu_seconds(pid) - c for pid, c in zip(cpu_pids, cpu0, strict=True)]
+    return {
+        "sent": n,
+        "latencies": latencies,
+        "errors": errors,
+        "elapsed": elapsed,
+        "cpu": cpu,
+        "kinds": kinds,
+    }
 
 
-def _load_proc(
-    url: str, rps: int, seconds: float, headers: dict[str, str], conns: int, out: Any
-) -> None:
-    out.send(asyncio.run(_run_load(url, rps, seconds, headers, conns)))
+@dataclass(frozen=True)
+class LoadPlan:
+    """One open-loop load: HTTP POSTs of 1 KB to ``url``, or (``grpc_method`` set: a full
+    ``/service/Method`` path) raw 1 KB gRPC calls to the ``url`` target ``host:port``."""
+
+    url: str
+    rps: int
+    seconds: float
+    headers: tuple[tuple[str, str], ...] = ()
+    """HTTP headers, or gRPC metadata."""
+    connections: int = 32
+    cpu_pids: tuple[int, ...] = ()
+    """Processes whose CPU seconds during the load go into :attr:`LoadResult.cpu_s`."""
+    grpc_method: str | None = None
+    streaming: bool = False
+
+
+def _run_plan(plan: LoadPlan) -> dict[str, Any]:
+    if plan.grpc_method is not None:
+        return asyncio.run(
+            _run_grpc_load(
+                plan.url,
+                plan.grpc_method,
+                plan.streaming,
+                plan.rps,
+                plan.seconds,
+                list(plan.headers),
+                plan.cpu_pids,
+            )
+        )
+    return asyncio.run(
+        _run_load(
+            plan.url, plan.rps, plan.seconds, dict(plan.headers), plan.connections, plan.cpu_pids
+        )
+    )
+
+
+def _loads_proc(plans: list[LoadPlan], out: Any) -> None:
+    out.send([_run_plan(plan) for plan in plans])
+
+
+def run_loads(plans: Sequence[LoadPlan]) -> list[LoadResult]:
+    """The loads one after the other from ONE separate process (one start-up for all)."""
+    parent, child = mp.Pipe()
+    proc = mp.get_context("spawn").Process(target=_loads_proc, args=(list(plans), child))
+    proc.start()
+    data = parent.recv()
+    proc.join()
+    return [_result(plan.rps, d) for plan, d in zip(plans, data, strict=True)]
 
 
 def run_load(
@@ -93,15 +167,22 @@ def run_load(
     seconds: float,
     headers: dict[str, str] | None = None,
     connections: int = 32,
+    cpu_pids: Sequence[int] = (),
 ) -> LoadResult:
-    """Open-loop load at a fixed rate from a separate process."""
-    parent, child = mp.Pipe()
-    proc = mp.get_context("spawn").Process(
-        target=_load_proc, args=(url, rps, seconds, headers or {}, connections, child)
+    """Open-loop HTTP load at a fixed rate from a separate process; the CPU seconds of
+    ``cpu_pids`` during it in ``cpu_s``."""
+    plan = LoadPlan(
+        url=url,
+        rps=rps,
+        seconds=seconds,
+        headers=tuple((headers or {}).items()),
+        connections=connections,
+        cpu_pids=tuple(cpu_pids),
     )
-    proc.start()
-    data = parent.recv()
-    proc.join()
+    return run_loads([plan])[0]
+
+
+def _result(rps: int, data: dict[str, Any]) -> LoadResult:
     lat = data["latencies"]
     return LoadResult(
         rps_target=rps,
@@ -113,6 +194,8 @@ def run_load(
         p99_ms=percentile(lat, 99),
         mean_ms=statistics.fmean(lat) if lat else float("nan"),
         achieved_rps=len(lat) / data["elapsed"],
+        cpu_s=[round(c, 3) for c in data["cpu"]] if data.get("cpu") else None,
+        error_kinds=data.get("kinds") or None,
     )
 
 
@@ -141,6 +224,179 @@ def start_upstream(port: int) -> mp.Process:
     proc.start()
     ready.wait(10)
     return proc
+
+
+# ---------------------------------------------------------------- gRPC
+
+GRPC_STREAM_MESSAGES = 4
+"""Messages of 1 KB the gRPC upstream streams per server-streaming call."""
+
+
+async def _run_grpc_load(
+    target: str,
+    method: str,
+    streaming: bool,
+    rps: int,
+    seconds: float,
+    metadata: list[tuple[str, str]],
+    cpu_pids: Sequence[int],
+) -> dict[str, Any]:
+    """Open-loop gRPC load (raw 1 KB requests) on one channel (HTTP/2, as the egress keeps
+    one per partner instance); a streaming call counts when all its messages came."""
+    import grpc
+
+    latencies: list[float] = []
+    errors = 0
+    kinds: dict[str, int] = {}
+    interval = 1.0 / rps
+    async with grpc.aio.insecure_channel(target) as channel:
+        if streaming:
+            stream_call = channel.unary_stream(method)
+        else:
+            unary_call = channel.unary_unary(method)
+
+        async def one() -> None:
+            nonlocal errors
+            start = time.perf_counter()
+            try:
+                if streaming:
+                    got = 0
+                    async for _ in stream_call(PAYLOAD, metadata=metadata, timeout=30):
+                        got += 1
+                    if got != GRPC_STREAM_MESSAGES:
+                        errors += 1
+                        kinds["short_stream"] = kinds.get("short_stream", 0) + 1
+                        return
+                else:
+                    await unary_call(PAYLOAD, metadata=metadata, timeout=30)
+            except grpc.aio.AioRpcError as e:
+                errors += 1
+                kinds[e.code().name] = kinds.get(e.code().name, 0) + 1
+                return
+            latencies.append((time.perf_counter() - start) * 1000)
+
+        await asyncio.gather(*(one() for _ in range(20)))  # warm-up: the connection
+        latencies.clear()
+        errors = 0
+        kinds.clear()
+        tasks = []
+        cpu0 = [cpu_seconds(pid) for pid in cpu_pids]
+        t0 = time.perf_counter()
+        n = int(rps * seconds)
+        for i in range(n):
+            delay = t0 + i * interval - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - t0
+        cpu = [cpu_seconds(pid) - c for pid, c in zip(cpu_pids, cpu0, strict=True)]
+    return {
+        "sent": n,
+        "latencies": latencies,
+        "errors": errors,
+        "elapsed": elapsed,
+        "cpu": cpu,
+        "kinds": kinds,
+    }
+
+
+def _grpc_upstream_proc(port: int, service: str, methods: dict[str, bool], ready: Any) -> None:
+    import grpc
+
+    async def unary(request: bytes, context: Any) -> bytes:
+        return PAYLOAD
+
+    async def stream(request: bytes, context: Any) -> Any:
+        for _ in range(GRPC_STREAM_MESSAGES):
+            yield PAYLOAD
+
+    async def main() -> None:
+        server = grpc.aio.server()
+        handlers = {
+            name: grpc.unary_stream_rpc_method_handler(stream)
+            if streaming
+            else grpc.unary_unary_rpc_method_handler(unary)
+            for name, streaming in methods.items()
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        ready.set()
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
+def start_grpc_upstream(port: int, service: str, methods: dict[str, bool]) -> mp.Process:
+    """A gRPC server in its own process answering every method of ``service`` (name ->
+    server-streaming) with raw bytes: 1 KB, or :data:`GRPC_STREAM_MESSAGES` x 1 KB."""
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(
+        target=_grpc_upstream_proc, args=(port, service, methods, ready), daemon=True
+    )
+    proc.start()
+    ready.wait(20)
+    return proc
+
+
+# ---------------------------------------------------------------- closed loop (wrk)
+
+_WRK_POST = """wrk.method = "POST"
+wrk.body = string.rep("x", 1024)
+wrk.headers["Content-Type"] = "application/octet-stream"
+"""
+
+
+def wrk_rps(
+    url: str, *, seconds: float, connections: int = 8, threads: int = 1, wrk: str | None = None
+) -> dict[str, Any] | None:
+    """Closed-loop capacity with ``wrk`` (the same 1 KB POST as the open-loop load):
+    requests per second and latency percentiles; ``None`` when ``wrk`` is not installed."""
+    wrk = wrk or shutil.which("wrk")
+    if wrk is None:
+        return None
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(_WRK_POST)
+        script = f.name
+    try:
+        out = subprocess.run(
+            [
+                wrk,
+                f"-t{threads}",
+                f"-c{connections}",
+                f"-d{max(1, round(seconds))}s",
+                "--latency",
+                "-s",
+                script,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=seconds + 60,
+        ).stdout
+    finally:
+        os.unlink(script)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+
+    def latency(p: str) -> float | None:
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if m is None:
+            return None
+        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+        return round(float(m.group(1)) * scale, 3)
+
+    return {
+        "rps": float(rps.group(1)) if rps else None,
+        "p50_ms": latency("50"),
+        "p99_ms": latency("99"),
+        "non_2xx": int(errors.group(1)) if errors else 0,
+        "socket_errors": socket_errors.group(1).strip() if socket_errors else None,
+    }
 
 
 def cpu_seconds(pid: int) -> float:

@@ -5,7 +5,20 @@
   p50/p90/p99 at 100 and 1,000 requests per second (open loop, load from its own process).
   Per hop = the pair's added latency / 2 (each request crosses two sidecars, as in Dapr's
   published "pair of sidecars" figure).
-* The sidecars' CPU per 1,000 rps and resident memory.
+* The reference in the same run: an nginx pair (Debian ``nginx-light``, one worker each, no
+  master) doing the same -- plaintext in, mTLS with certificates of the same Vault PKI
+  (each agent's own role) between the two, the partner header injected with
+  ``proxy_set_header``, kept-alive upstreams both ways -- in front of the same upstream,
+  under the same open-loop load; ``ratio_to_nginx`` divides the sidecars' figures by its.
+* Closed-loop capacity with 8 connections (``wrk``, one thread, the same 1 KB POST):
+  direct, nginx pair, sidecar pair.
+* The proxies' CPU per 1,000 rps (CPU seconds per 1,000 requests, read from /proc by the
+  load process right before and after each load) and resident memory, sidecars and nginx.
+* The A2A gRPC path at 1,000 rps, open loop: unary ``SendMessage`` and server-streaming
+  ``SendStreamingMessage`` (4 x 1 KB) through sidecar A's gRPC egress -> mTLS -> sidecar
+  B's gRPC inbound (partner header injected as metadata) to a gRPC upstream answering raw
+  bytes, against the direct call to that upstream (the gRPC reference).
+* ``goals``: issue 15's goals for the sidecar, each true or false.
 * Reload: time from an etcd write (the spec change applied) to the new snapshot arriving
   on a WatchSnapshots stream of sidecar A, and to a real engine beside sidecar A serving
   it -- its agent card's ``version`` (the spec revision) showing the new revision, polled
@@ -16,9 +29,11 @@
 
 Real etcd and OpenBao (KV + PKI) from ``specmesh.services``; two real ``specmesh sidecar``
 processes and one real ``specmesh engine`` beside sidecar A, with the environment
-``specmesh.fleet`` gives engines (no Vault address, token or secret). Run:
-``uv run python bench/sidecar_hop.py [--seconds 10] [--reloads 30]`` (``--smoke``: 0.5 s per
-rate, 3 reloads -- proves the bench runs, no figures).
+``specmesh.fleet`` gives engines (no Vault address, token or secret); nginx and wrk from
+Debian (installed by a full run, :func:`specmesh.services.ensure_nginx` / ``ensure_wrk``).
+Run: ``uv run python bench/sidecar_hop.py [--seconds 10] [--reloads 30]`` (``--smoke``:
+0.25 s per load, 1 s of wrk, 3 reloads -- proves the bench runs, no figures; nginx and wrk
+only when installed, their figures null otherwise).
 """
 
 from __future__ import annotations
@@ -27,11 +42,13 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
@@ -39,16 +56,27 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._load import cpu_seconds, dump, percentile, rss_mb, run_load, start_upstream
-from sidecar.mtls import setup_pki
+from bench._load import (
+    LoadPlan,
+    LoadResult,
+    dump,
+    percentile,
+    rss_mb,
+    run_loads,
+    start_grpc_upstream,
+    start_upstream,
+    wrk_rps,
+)
+from sidecar.grpcproxy import A2A_METHODS, A2A_SERVICE, TARGET_KEY
+from sidecar.mtls import PkiClient, agent_dns_name, setup_pki
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
-from specmesh.services import LocalServices, free_port
+from specmesh.services import LocalServices, ensure_nginx, ensure_wrk, free_port
 from specmesh.spec.manifest import LoadedManifest, parse_manifest
 from specmesh.specservice import SpecService
 from specmesh.store import SpecStore
 from specmesh.v1 import sidecar_pb2, sidecar_pb2_grpc
-from specmesh.vault import VaultClient
+from specmesh.vault import VaultClient, agent_pki_role
 
 PREFIX = "/bench"
 _ENGINE_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV")
@@ -96,11 +124,129 @@ def _sidecar(agent: str, home: Path, state: dict, **ports: int) -> tuple[subproc
         "SPECMESH_MTLS": "true",
         "SPECMESH_LOG_LEVEL": "WARNING",
     }
+    for key, setting in (
+        ("egress_grpc", "SPECMESH_EGRESS_GRPC"),
+        ("inbound_grpc", "SPECMESH_INBOUND_GRPC"),
+        ("engine_grpc", "SPECMESH_ENGINE_GRPC"),
+    ):
+        if key in ports:
+            env[setting] = f"127.0.0.1:{ports[key]}"
     log = (home / f"sidecar-{agent}.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "specmesh.cli", "sidecar"], env=env, stdout=log, stderr=log
     )
     return proc, ports
+
+
+_NGINX_COMMON = """worker_processes 1;
+daemon off;
+master_process off;
+pid {home}/nginx-{name}.pid;
+error_log {home}/nginx-{name}.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {home}/nginx-{name}-body;
+  proxy_temp_path {home}/nginx-{name}-proxy;
+  fastcgi_temp_path {home}/nginx-{name}-fastcgi;
+  uwsgi_temp_path {home}/nginx-{name}-uwsgi;
+  scgi_temp_path {home}/nginx-{name}-scgi;
+  keepalive_requests 1000000;
+  keepalive_timeout 75s;
+{body}
+}}
+"""
+
+# caller side: plaintext from the load, mTLS (this agent's certificate, the partner's
+# identity checked) to the callee, the partner header injected, kept-alive upstreams
+_NGINX_A = """  upstream callee {{
+    server 127.0.0.1:{b_port};
+    keepalive 64;
+    keepalive_requests 1000000;
+  }}
+  server {{
+    listen 127.0.0.1:{a_port};
+    location / {{
+      proxy_pass https://callee;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header x-partner-key "pk-bench-secret";
+      proxy_ssl_certificate {certs}/a.crt;
+      proxy_ssl_certificate_key {certs}/a.key;
+      proxy_ssl_trusted_certificate {certs}/ca.crt;
+      proxy_ssl_verify on;
+      proxy_ssl_name {b_dns};
+      proxy_ssl_server_name on;
+      proxy_ssl_session_reuse on;
+    }}
+  }}"""
+
+# callee side: mTLS required (a client certificate of the mesh CA), to the upstream
+_NGINX_B = """  upstream engine {{
+    server 127.0.0.1:{upstream};
+    keepalive 64;
+    keepalive_requests 1000000;
+  }}
+  server {{
+    listen 127.0.0.1:{b_port} ssl;
+    ssl_certificate {certs}/b.crt;
+    ssl_certificate_key {certs}/b.key;
+    ssl_client_certificate {certs}/ca.crt;
+    ssl_verify_client on;
+    location / {{
+      proxy_pass http://engine;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}"""
+
+
+def _nginx_pair(
+    nginx: str, home: Path, state: dict, upstream: int
+) -> tuple[subprocess.Popen, subprocess.Popen, str]:
+    """The C reference: an nginx pair (one worker each, no master) doing what the sidecar
+    pair does -- caller side plaintext in, mTLS with certificates from the same Vault PKI
+    (each agent's own role) to the callee side, the partner header injected, keep-alive
+    pools both ways -- in front of the same upstream. Returns both processes and the URL."""
+    certs = home / "nginx-certs"
+    certs.mkdir(mode=0o700)
+
+    async def issue() -> None:
+        for side, agent in (("a", "bench-a"), ("b", "bench-b")):
+            pki = PkiClient(
+                address=state["baoAddress"],
+                token=state["baoToken"],
+                mount="specmesh-pki",
+                role=agent_pki_role(agent),
+            )
+            cert = await pki.issue(agent, ttl=3600)
+            await pki.close()
+            (certs / f"{side}.crt").write_text(cert.certificate + "\n" + cert.ca_chain + "\n")
+            (certs / f"{side}.key").write_text(cert.private_key)
+            (certs / "ca.crt").write_text(cert.ca_chain + "\n")
+
+    asyncio.run(issue())
+    a_port, b_port = free_port(), free_port()
+    procs = []
+    for name, body in (
+        ("b", _NGINX_B.format(b_port=b_port, certs=certs, upstream=upstream)),
+        (
+            "a",
+            _NGINX_A.format(
+                a_port=a_port, b_port=b_port, certs=certs, b_dns=agent_dns_name("bench-b")
+            ),
+        ),
+    ):
+        conf = home / f"nginx-{name}.conf"
+        conf.write_text(_NGINX_COMMON.format(home=home, name=name, body=body))
+        log = (home / f"nginx-{name}.out").open("w")
+        procs.append(
+            subprocess.Popen(
+                [nginx, "-p", str(home), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
+            )
+        )
+    b, a = procs
+    return a, b, f"http://127.0.0.1:{a_port}/echo"
 
 
 def _engine(home: Path, ports: dict[str, int]) -> subprocess.Popen:
@@ -255,16 +401,228 @@ async def _reload_times(
     return out
 
 
+def _rss(
+    a: subprocess.Popen, b: subprocess.Popen, *nginx: subprocess.Popen | None
+) -> dict[str, object]:
+    """VmRSS of both sidecars and both nginx processes (None without nginx), MB."""
+    sidecar_a, sidecar_b = round(rss_mb(a.pid), 1), round(rss_mb(b.pid), 1)
+    nginx_mb = [round(rss_mb(p.pid), 1) if p is not None else None for p in nginx]
+    references = None if None in nginx_mb else sum(m or 0.0 for m in nginx_mb)
+    return {
+        "sidecar_a": sidecar_a,
+        "sidecar_b": sidecar_b,
+        "nginx_a": nginx_mb[0],
+        "nginx_b": nginx_mb[1],
+        "ratio_sidecar_to_nginx": _ratio(sidecar_a + sidecar_b, references),
+    }
+
+
+def _reap(proc: subprocess.Popen | mp.process.BaseProcess, grace: float = 15.0) -> None:
+    """Wait for a terminated process; kill it when it outlives ``grace`` (a sidecar with two
+    gRPC servers in its loop may not act on SIGTERM: noted in the sidecar's findings)."""
+    if isinstance(proc, subprocess.Popen):
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            print(f"sidecar_hop: pid {proc.pid} still up {grace}s after SIGTERM", file=sys.stderr)
+            proc.kill()
+            proc.wait()
+        return
+    proc.join(grace)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+
+
+def _pids(*procs: subprocess.Popen | None) -> list[int]:
+    return [p.pid for p in procs if p is not None]
+
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    if value is None or not reference:
+        return None
+    return round(value / reference, 2)
+
+
+_STATS = ("p50_ms", "p90_ms", "p99_ms")
+
+
+def _per_hop(v: LoadResult, d: LoadResult) -> dict[str, float]:
+    """What a pair adds over the direct call, halved (each request crosses two proxies)."""
+    return {k: round((getattr(v, k) - getattr(d, k)) / 2, 3) for k in _STATS}
+
+
+def _cpu_per_1000rps(v: LoadResult) -> float | None:
+    """CPU seconds per proxy per 1,000 requests = cores busy per 1,000 rps (the mean of the
+    two proxies of a pair)."""
+    if not v.cpu_s or not v.ok:
+        return None
+    return round(sum(v.cpu_s) / len(v.cpu_s) * 1000 / v.ok, 3)
+
+
+def _kept_up(*loads: LoadResult | None) -> bool:
+    """Whether every load reached 95 % of its target rate without errors: otherwise the
+    machine (or a proxy) was saturated, and the differences of percentiles mean nothing."""
+    return all(
+        x.achieved_rps >= 0.95 * x.rps_target and x.errors == 0 for x in loads if x is not None
+    )
+
+
+def _compare(d: LoadResult, v: LoadResult, n: LoadResult | None) -> dict[str, object]:
+    """One rate: direct, sidecar pair and nginx pair side by side, ratios to nginx."""
+    hop = _per_hop(v, d)
+    cpu = _cpu_per_1000rps(v)
+    out: dict[str, object] = {
+        "kept_up": _kept_up(d, v, n),
+        "direct": d.__dict__,
+        "via_sidecar_pair": v.__dict__,
+        "added_ms_pair": {k: round(getattr(v, k) - getattr(d, k), 3) for k in _STATS},
+        "added_ms_per_hop": hop,
+        "sidecar_cpu_per_1000rps": cpu,
+        "sidecar_cpu_per_1000rps_each": (
+            [round(c * 1000 / v.ok, 3) for c in v.cpu_s] if v.cpu_s and v.ok else None
+        ),
+        "nginx_pair": n.__dict__ if n else None,
+        "nginx_added_ms_per_hop": _per_hop(n, d) if n else dict.fromkeys(_STATS),
+        "nginx_cpu_per_1000rps": _cpu_per_1000rps(n) if n else None,
+    }
+    nginx_hop = out["nginx_added_ms_per_hop"]
+    assert isinstance(nginx_hop, dict)
+    out["ratio_to_nginx"] = {
+        **{k: _ratio(hop[k], nginx_hop[k]) for k in _STATS},
+        "cpu_per_1000rps": _ratio(cpu, out["nginx_cpu_per_1000rps"]),  # type: ignore[arg-type]
+    }
+    return out
+
+
+def _closed_loop(wrk: str | None, seconds: float, **urls: str | None) -> dict[str, object]:
+    """Capacity with 8 connections (wrk, 1 thread): direct, nginx pair, sidecar pair."""
+    out: dict[str, object] = {}
+    for name, url in urls.items():
+        out[name] = wrk_rps(url, seconds=seconds, connections=8, wrk=wrk) if wrk and url else None
+
+    def rps(name: str) -> float | None:
+        figures = out.get(name)
+        return figures.get("rps") if isinstance(figures, dict) else None
+
+    out["sidecar_to_nginx_ratio"] = _ratio(rps("sidecar_pair"), rps("nginx_pair"))
+    out["sidecar_to_direct_ratio"] = _ratio(rps("sidecar_pair"), rps("direct"))
+    return out
+
+
+def _wait_grpc(target: str, timeout: float = 60) -> None:
+    """Until a unary call through the sidecars' gRPC egress answers (B registered its
+    gRPC inbound and serves)."""
+
+    async def once() -> None:
+        async with grpc.aio.insecure_channel(target) as channel:
+            await channel.unary_unary(f"/{A2A_SERVICE}/SendMessage")(
+                b"x", metadata=[(TARGET_KEY, "bench-b")], timeout=5
+            )
+
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            asyncio.run(once())
+            return
+        except grpc.RpcError as e:
+            last = repr(e)
+        time.sleep(0.2)
+    raise RuntimeError(f"gRPC egress {target} never relayed a call (last: {last})")
+
+
+def _grpc_figures(
+    direct: str, via: str, seconds: float, sidecars: list[int], rps: int = 1000
+) -> dict[str, object]:
+    """The A2A gRPC path at ``rps``, open loop: unary (``SendMessage``) and server-streaming
+    (``SendStreamingMessage``, 4 x 1 KB) straight to the gRPC upstream, and through the
+    sidecars' gRPC egress (A) -> mTLS -> gRPC inbound (B), the partner header injected as
+    metadata. The reference is the direct call."""
+    out: dict[str, object] = {"rps": rps}
+    plans: list[LoadPlan] = []
+    kinds = (("unary", "SendMessage", False), ("server_streaming", "SendStreamingMessage", True))
+    for _, method, streaming in kinds:
+        path = f"/{A2A_SERVICE}/{method}"
+        plans += [
+            LoadPlan(url=direct, rps=rps, seconds=seconds, grpc_method=path, streaming=streaming),
+            LoadPlan(
+                url=via,
+                rps=rps,
+                seconds=seconds,
+                grpc_method=path,
+                streaming=streaming,
+                headers=((TARGET_KEY, "bench-b"),),
+                cpu_pids=tuple(sidecars),
+            ),
+        ]
+    loads = run_loads(plans)  # one load process for the four
+    for i, (name, _, _) in enumerate(kinds):
+        d, v = loads[2 * i], loads[2 * i + 1]
+        out[name] = {
+            "kept_up": _kept_up(d, v),
+            "direct": d.__dict__,
+            "via_sidecar_pair": v.__dict__,
+            "added_ms_per_hop": _per_hop(v, d),
+            "sidecar_cpu_per_1000rps": _cpu_per_1000rps(v),
+        }
+    return out
+
+
+_GOALS_HOP_MS = {"p50_ms": 0.4, "p90_ms": 0.6, "p99_ms": 1.5}
+
+
+def _goals(results: dict[str, object]) -> dict[str, object]:
+    """Issue 15's goals, each true/false (None: not measured in this run, or a latency
+    measured while a load did not keep up with its rate)."""
+    at = results["1000rps"]
+    closed = results["closed_loop_8_connections"]
+    grpc_figures = results["grpc"]
+    rss = results["rss_mb"]
+    assert isinstance(at, dict) and isinstance(closed, dict)
+    assert isinstance(grpc_figures, dict) and isinstance(rss, dict)
+    sidecar = closed.get("sidecar_pair")
+
+    def hop_ok(figures: dict[str, Any]) -> bool | None:
+        if not figures["kept_up"]:
+            return None
+        hop = figures["added_ms_per_hop"]
+        return all(hop[k] <= limit for k, limit in _GOALS_HOP_MS.items())
+
+    def cpu_ok(cpu: float | None) -> bool | None:
+        return None if cpu is None else cpu <= 0.25
+
+    return {
+        "per_hop_at_1000rps": hop_ok(at),
+        "capacity_8_connections_4000rps": (
+            sidecar["rps"] >= 4000 if isinstance(sidecar, dict) and sidecar["rps"] else None
+        ),
+        "cpu_per_1000rps_under_0.25": cpu_ok(at["sidecar_cpu_per_1000rps"]),
+        "rss_under_60mb": max(rss["sidecar_a"], rss["sidecar_b"]) <= 60,  # HTTP path
+        **{
+            f"grpc_{name}_{what}": ok
+            for name in ("unary", "server_streaming")
+            for what, ok in (
+                ("per_hop", hop_ok(grpc_figures[name])),
+                ("cpu", cpu_ok(grpc_figures[name]["sidecar_cpu_per_1000rps"])),
+            )
+        },
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--reloads", type=int, default=30)
     parser.add_argument(
+        "--grpc-rps", type=int, default=1000, help="rate of the gRPC loads (calls per second)"
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes: proves the bench runs, no figures"
     )
     args = parser.parse_args()
     if args.smoke:
-        args.seconds, args.reloads = 0.5, 3
+        args.seconds, args.reloads = 0.25, 3
     home = Path(tempfile.mkdtemp(prefix="specmesh-bench-"))
     services = LocalServices(home=home / "services")
     state = services.start()
@@ -289,8 +647,9 @@ def main() -> int:
                 ),
             )
         )
-        upstream_port = free_port()
+        upstream_port, grpc_upstream_port = free_port(), free_port()
         procs.append(start_upstream(upstream_port))
+        procs.append(start_grpc_upstream(grpc_upstream_port, A2A_SERVICE, A2A_METHODS))
         b, b_ports = _sidecar(
             "bench-b",
             home,
@@ -298,8 +657,10 @@ def main() -> int:
             sync=free_port(),
             egress=free_port(),
             inbound=free_port(),
+            inbound_grpc=free_port(),
             ops=free_port(),
             engine=upstream_port,
+            engine_grpc=grpc_upstream_port,
         )
         procs.append(_start_stand_in_engine(b_ports["sync"], "bench-b"))
         a, a_ports = _sidecar(
@@ -308,44 +669,58 @@ def main() -> int:
             state,
             sync=free_port(),
             egress=free_port(),
+            egress_grpc=free_port(),
             inbound=free_port(),
             ops=free_port(),
             engine=free_port(),
         )
         engine = _engine(home, a_ports)
         procs += [engine, a, b]
+        # the references: nginx (installed for a full run; a smoke run uses it if present)
+        nginx = shutil.which("nginx") if args.smoke else ensure_nginx()
+        wrk = shutil.which("wrk") if args.smoke else ensure_wrk()
+        nginx_url: str | None = None
+        nginx_a = nginx_b = None
+        if nginx:
+            nginx_a, nginx_b, nginx_url = _nginx_pair(nginx, home, state, upstream_port)
+            procs += [nginx_a, nginx_b]
         via = f"http://127.0.0.1:{a_ports['egress']}/a2a/bench-b/echo"
         direct = f"http://127.0.0.1:{upstream_port}/echo"
         engine_url = f"http://127.0.0.1:{a_ports['engine']}"
         _wait_ok(via)
+        if nginx_url:
+            _wait_ok(nginx_url)
         _wait_get(f"{engine_url}/readyz")
         _wait_get(f"http://127.0.0.1:{a_ports['ops']}/readyz")  # the engine reported SERVING
+        grpc_via = f"127.0.0.1:{a_ports['egress_grpc']}"
+        grpc_direct = f"127.0.0.1:{grpc_upstream_port}"
+        _wait_grpc(grpc_via)
         results: dict[str, object] = {"smoke": args.smoke}
-        for rps in (100, 1000):
-            d = run_load(direct, rps=rps, seconds=args.seconds)
-            cpu0 = cpu_seconds(a.pid) + cpu_seconds(b.pid)
-            v = run_load(via, rps=rps, seconds=args.seconds)
-            cpu = cpu_seconds(a.pid) + cpu_seconds(b.pid) - cpu0
-            results[f"{rps}rps"] = {
-                "direct": d.__dict__,
-                "via_sidecar_pair": v.__dict__,
-                "added_ms_pair": {
-                    k: round(getattr(v, k) - getattr(d, k), 3)
-                    for k in ("p50_ms", "p90_ms", "p99_ms")
-                },
-                "added_ms_per_hop": {
-                    k: round((getattr(v, k) - getattr(d, k)) / 2, 3)
-                    for k in ("p50_ms", "p90_ms", "p99_ms")
-                },
-                # CPU-seconds per sidecar per 1,000 requests = cores busy per 1,000 rps
-                "sidecar_cpu_per_1000rps": round(
-                    cpu / 2 * 1000 / (v.achieved_rps * args.seconds), 3
-                ),
-            }
-        results["rss_mb"] = {
+        sidecars = [a.pid, b.pid]
+        for rps in (100, 1000):  # direct, nginx pair, sidecar pair: one load process
+            plans = [
+                LoadPlan(url=direct, rps=rps, seconds=args.seconds),
+                LoadPlan(url=via, rps=rps, seconds=args.seconds, cpu_pids=tuple(sidecars)),
+            ]
+            if nginx_url:
+                nginx_pids = tuple(_pids(nginx_a, nginx_b))
+                plans.append(
+                    LoadPlan(url=nginx_url, rps=rps, seconds=args.seconds, cpu_pids=nginx_pids)
+                )
+            d, v, *n = run_loads(plans)
+            results[f"{rps}rps"] = _compare(d, v, n[0] if n else None)
+        results["closed_loop_8_connections"] = _closed_loop(
+            wrk, args.seconds, direct=direct, nginx_pair=nginx_url, sidecar_pair=via
+        )
+        rss = _rss(a, b, nginx_a, nginx_b)  # after the HTTP loads
+        results["grpc"] = _grpc_figures(
+            grpc_direct, grpc_via, args.seconds, sidecars, rps=args.grpc_rps
+        )
+        rss["after_grpc"] = {
             "sidecar_a": round(rss_mb(a.pid), 1),
             "sidecar_b": round(rss_mb(b.pid), 1),
         }
+        results["rss_mb"] = rss
         reloads = asyncio.run(_reload_times(svc, a_ports["sync"], engine_url, args.reloads))
         # The etcd write happens inside the apply call (after validation and the Vault
         # write of the partner header): "from the write" lies between the two bounds.
@@ -372,11 +747,14 @@ def main() -> int:
             },
             "apply_call": p50_p99(reloads["apply"]),
         }
+        results["goals"] = _goals(results)
         dump("sidecar_hop", results)
         return 0
     finally:
         for p in procs:
             p.terminate()
+        for p in procs:  # a process still up after its grace is killed: none outlives the run
+            _reap(p)
         services.stop()
 
 

@@ -26,10 +26,9 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import aiohttp
-import jwt
 from aiohttp import web
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped]
@@ -40,6 +39,9 @@ from specmesh.names import resource_name
 from specmesh.spec.models import CallersSpec
 
 from .mtls import TRUST_DOMAIN
+
+if TYPE_CHECKING:  # PyJWT (with cryptography, ~11 MB) is imported when a token is checked
+    import jwt
 
 __all__ = [
     "ALLOWED_ALGORITHMS",
@@ -241,6 +243,8 @@ class JwtVerifier:
     async def verify(self, token: str) -> str:
         """The request principal ``<iss>/<sub>`` of a valid token; raises
         :class:`_TokenInvalid` naming what is wrong."""
+        import jwt  # lazily: see the imports at the top
+
         try:
             header = jwt.get_unverified_header(token)
             claims = jwt.decode(token, options={"verify_signature": False})
@@ -365,6 +369,8 @@ def _short(value: object, limit: int = 80) -> object:
 
 
 def _parse_jwks(data: Any, issuer: str) -> dict[str | None, _Key]:
+    import jwt  # lazily: only a sidecar trusting an issuer needs it
+
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
         raise ValueError(f"the JWKS of issuer {issuer!r} is not {{'keys': [...]}}")
     keys: dict[str | None, _Key] = {}
@@ -559,6 +565,7 @@ class CallerPolicy:
         self._verifier = verifier
         self._trust_domain = mesh_trust_domain
         self._namespace = mesh_namespace
+        self._allowed: tuple[CallersSpec, frozenset[str] | None] | None = None
 
     def mesh_caller(self, xfcc: str | None) -> str | None:
         """Istio mode: the calling agent named by the ``X-Forwarded-Client-Cert`` the local
@@ -567,7 +574,17 @@ class CallerPolicy:
         return agent_from_xfcc(xfcc, trust_domain=self._trust_domain, namespace=self._namespace)
 
     def callers(self) -> CallersSpec:
-        return self._callers() or CallersSpec()
+        return self._callers() or _DEFAULT_CALLERS
+
+    def _allowed_agents(self, callers: CallersSpec) -> frozenset[str] | None:
+        """``callers.agents`` as resource names (None: ``"*"``), kept per ``callers``
+        object -- a snapshot's spec is immutable, so this is computed once per snapshot."""
+        held = self._allowed
+        if held is None or held[0] is not callers:
+            agents = callers.agents
+            allowed = None if "*" in agents else frozenset(_rn(a) for a in agents)
+            held = self._allowed = (callers, allowed)
+        return held[1]
 
     def refused(self, reason: Reason, message: str, *, bad_token: bool = False) -> CallerRefused:
         return CallerRefused(reason, message, agent=self.agent, bad_token=bad_token)
@@ -582,8 +599,8 @@ class CallerPolicy:
                 f"agent {caller!r} may not call agent {self.agent!r}: "
                 "it does not list it among its partners",
             )
-        allowed = self.callers().agents
-        if "*" not in allowed and caller not in {_rn(a) for a in allowed}:
+        allowed = self._allowed_agents(self.callers())
+        if allowed is not None and caller not in allowed:
             raise self.refused(
                 "PERMISSION_DENIED",
                 f"agent {caller!r} may not call agent {self.agent!r}: "
@@ -626,6 +643,10 @@ class CallerPolicy:
         principal = await self.authenticate(authorization)
         self.check_principal(principal)
         return principal
+
+
+_DEFAULT_CALLERS = CallersSpec()
+"""``base.callers`` when the spec says nothing (a frozen model: shared, never changed)."""
 
 
 def _rn(name: str) -> str:

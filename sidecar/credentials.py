@@ -134,6 +134,8 @@ class CredentialResolver:
         self.refresh_fraction = refresh_fraction
         self._clock = clock
         self._cache: dict[VaultRef, _Entry] = {}
+        self._refs: dict[str, VaultRef] = {}
+        """Parsed references by their text (a call resolves the same few again and again)."""
         self._inflight: dict[VaultRef, asyncio.Future[str]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -170,10 +172,14 @@ class CredentialResolver:
         """The secret a ``vault://`` reference points at; a non-reference is returned as is."""
         if not is_reference(value):
             return value
-        try:
-            ref = VaultRef.parse(value)
-        except SecretReferenceError as e:
-            raise CredentialUnavailableError(reference=value, reason=e.reason) from e
+        ref = self._refs.get(value)
+        if ref is None:
+            try:
+                ref = VaultRef.parse(value)
+            except SecretReferenceError as e:
+                raise CredentialUnavailableError(reference=value, reason=e.reason) from e
+            if len(self._refs) < 4096:  # references come from specs: few
+                self._refs[value] = ref
         entry = self._cache.get(ref)
         now = self._clock()
         if entry is not None and now - entry.fetched_at < self.ttl:

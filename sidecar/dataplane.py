@@ -24,14 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from sidecar.callers import CallerPolicy, JwtVerifier
 from sidecar.credentials import CredentialResolver, KubernetesLogin, TokenLogin, VaultLogin
 from sidecar.egress import EgressMetrics, EgressProxy
-from sidecar.entry import EntryServer, GrpcEntry
-from sidecar.grpcproxy import GrpcEgress, GrpcInbound, GrpcInstanceSource
 from sidecar.inbound import EtcdPartnerGraph, InboundServer
 from sidecar.main import SidecarContext
 from sidecar.mtls import AgentCertificates, PkiClient
@@ -44,6 +42,10 @@ from specmesh.spec.models import CallersSpec
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient, agent_pki_role, keep_token_alive
 from specmesh.watch import PrefixWatcher
+
+if TYPE_CHECKING:  # imported when their settings turn them on (the A2A gRPC protos, ~3 MB)
+    from sidecar.entry import EntryServer, GrpcEntry
+    from sidecar.grpcproxy import GrpcEgress, GrpcInbound
 
 __all__ = ["DataPlane", "vault_login"]
 
@@ -177,14 +179,20 @@ class DataPlane:
                 label="task store",
             )
             await self.task_store_proxy.start()
-        # its own router (outlier state per protocol) over the instances with a grpcEndpoint
-        grpc_router = Router(
-            instances=GrpcInstanceSource(self.ctx.registry_view),
-            releases=releases,
-            mode="istio" if settings.istio else "direct",
-            on_ejection=metrics.on_ejection,
-        )
+        grpc_router: Router | None = None
+        if settings.egress_grpc or settings.inbound_grpc or settings.entry_grpc:
+            from sidecar.grpcproxy import GrpcEgress, GrpcInbound, GrpcInstanceSource
+
+            # its own router (outlier state per protocol) over the instances with a
+            # grpcEndpoint
+            grpc_router = Router(
+                instances=GrpcInstanceSource(self.ctx.registry_view),
+                releases=releases,
+                mode="istio" if settings.istio else "direct",
+                on_ejection=metrics.on_ejection,
+            )
         if settings.egress_grpc:
+            assert grpc_router is not None
             self.grpc_egress = GrpcEgress(
                 snapshots=self.ctx.holder,
                 credentials=self.credentials,
@@ -211,7 +219,7 @@ class DataPlane:
         snapshot = self.ctx.holder.current
         return snapshot.spec.base.callers if snapshot is not None else None
 
-    async def _start_entry(self, router: Router, grpc_router: Router) -> None:
+    async def _start_entry(self, router: Router, grpc_router: Router | None) -> None:
         settings = self.ctx.settings
         assert self.policy is not None
         if settings.istio:
@@ -221,6 +229,8 @@ class DataPlane:
                     "the inbound is the entry"
                 )
             return
+        if settings.entry or settings.entry_grpc:
+            from sidecar.entry import EntryServer, GrpcEntry
         if settings.entry:
             host, port = _host_port(settings.entry)
             self.entry = EntryServer(
@@ -236,6 +246,7 @@ class DataPlane:
             await self.entry.start()
             logger.info("public entry (HTTP) on %s", self.entry.url)
         if settings.entry_grpc:
+            assert grpc_router is not None
             self.grpc_entry = GrpcEntry(
                 agent_name=settings.agent_name,
                 instance_id=settings.instance_id,

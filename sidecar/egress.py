@@ -44,7 +44,7 @@ import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -58,11 +58,11 @@ from yarl import URL
 from specmesh.addresses import resolve_url
 from specmesh.names import resource_name
 from specmesh.snapshot import ResolvedSnapshot
-from specmesh.spec.models import ConnectionPoolSpec
+from specmesh.spec.models import ConnectionPoolSpec, PartnerAgentRef
 
 from .credentials import CredentialResolver, CredentialUnavailableError
 from .mtls import agent_dns_name
-from .relay import RelayListener, end_to_end_headers, relay
+from .relay import RelayListener, active_tracer, end_to_end_headers, relay
 from .router import NoInstanceError, Router
 from .state import SnapshotHolder
 
@@ -96,6 +96,7 @@ _ROUTES: list[tuple[RouteKind, re.Pattern[str]]] = [
     ("mcp", re.compile(r"^/mcp/(?P<name>[^/]+)(?P<rest>/.*)?$")),
     ("a2a", re.compile(r"^/a2a/(?P<name>[^/]+)(?P<rest>/.*)?$")),
 ]
+_A2A_ROUTE = _ROUTES[-1][1]
 
 
 class EgressError(Exception):
@@ -158,6 +159,25 @@ class EgressMetrics:
             registry=reg,
         )
 
+        self._counted: dict[tuple[str, int], Any] = {}
+        self._timed: dict[str, Any] = {}
+
+    def count(self, kind: str, status: int) -> None:
+        """One request of ``kind`` answered ``status`` (the labelled child is kept)."""
+        child = self._counted.get((kind, status))
+        if child is None:
+            child = self._counted[(kind, status)] = self.requests.labels(
+                kind=kind, status=str(status)
+            )
+        child.inc()
+
+    def observe(self, kind: str, seconds: float) -> None:
+        """Time of one request of ``kind`` until its response headers."""
+        child = self._timed.get(kind)
+        if child is None:
+            child = self._timed[kind] = self.latency.labels(kind=kind)
+        child.observe(seconds)
+
     def on_ejection(self, agent: str, instance: str) -> None:
         """Hook for :class:`~sidecar.router.Router` (``on_ejection=``)."""
         logger.warning("ejected instance %s of agent %s (outlier detection)", instance, agent)
@@ -198,6 +218,38 @@ def _declared(names: list[str], wanted: str) -> int | None:
     return None
 
 
+class _PartnerTable:
+    """The current snapshot's ``partnerAgents`` by resource name, built once per snapshot
+    (a snapshot is immutable; a reload brings a new one), so a call does not map every
+    declared name again."""
+
+    def __init__(self) -> None:
+        self._snapshot: ResolvedSnapshot | None = None
+        self._by_name: dict[str, tuple[str, PartnerAgentRef]] = {}
+        self._asked: dict[str, tuple[str, PartnerAgentRef] | None] = {}
+
+    def get(self, snapshot: ResolvedSnapshot, wanted: str) -> tuple[str, PartnerAgentRef] | None:
+        """The partner declared under ``wanted``'s resource name, with that resource name
+        (None: not declared)."""
+        if snapshot is not self._snapshot:
+            by_name: dict[str, tuple[str, PartnerAgentRef]] = {}
+            for partner in snapshot.spec.partner_agents:
+                rn = resource_name(partner.agent_name)
+                by_name.setdefault(rn, (rn, partner))
+            self._snapshot, self._by_name, self._asked = snapshot, by_name, {}
+        try:
+            return self._asked[wanted]
+        except KeyError:
+            pass
+        try:
+            found = self._by_name.get(resource_name(wanted))
+        except ValueError:
+            found = None
+        if len(self._asked) < 1024:  # names asked for, bounded (callers choose them)
+            self._asked[wanted] = found
+        return found
+
+
 @dataclass
 class _Outbound:
     """One request to forward (before the URL base is known, for A2A)."""
@@ -232,7 +284,7 @@ class EgressProxy(RelayListener):
     ) -> None:
         super().__init__(host=host, port=port)
         self._snapshots = snapshots
-        self._tracer = tracer or trace.get_tracer("specmesh.sidecar")
+        self._tracer = tracer
         self.llm_override = llm_override
         """Send every LLM call here instead of the spec's baseUrl (the offline fleet's
         scripted model server); credentials are injected as usual."""
@@ -245,6 +297,7 @@ class EgressProxy(RelayListener):
         self.mcp_read_timeout = mcp_read_timeout
         self._pool = connection_pool or ConnectionPoolSpec()
         self._inflight: dict[str, int] = {}
+        self._partners = _PartnerTable()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -260,29 +313,31 @@ class EgressProxy(RelayListener):
 
     # ------------------------------------------------------------ dispatch
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """One proxied call, as a CLIENT span continuing the engine's trace; the upstream
         gets this span as its parent (``traceparent`` is rewritten)."""
+        tracer = active_tracer(self._tracer)
+        if tracer is None:  # tracing off: no span; traceparent passes through as it came
+            return await self._proxy(request, trace.INVALID_SPAN)
         parent = propagate.extract(request.headers)
-        with self._tracer.start_as_current_span(
-            "egress", context=parent, kind=SpanKind.CLIENT
-        ) as span:
+        with tracer.start_as_current_span("egress", context=parent, kind=SpanKind.CLIENT) as span:
             response = await self._proxy(request, span)
             span.set_attribute("http.response.status_code", response.status)
             if response.status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
             return response
 
-    async def _proxy(self, request: web.Request, span: trace.Span) -> web.StreamResponse:
+    async def _proxy(self, request: web.BaseRequest, span: trace.Span) -> web.StreamResponse:
         started = time.perf_counter()
         kind: RouteKind = "unknown"
         status = 500
         try:
             kind, name, rest = self._route(request.rel_url.raw_path)
-            span.update_name(f"egress {kind} {name}".rstrip())
-            span.set_attribute("specmesh.egress.kind", kind)
-            span.set_attribute("specmesh.egress.target", name)
-            span.set_attribute("http.request.method", request.method)
+            if span.is_recording():
+                span.update_name(f"egress {kind} {name}".rstrip())
+                span.set_attribute("specmesh.egress.kind", kind)
+                span.set_attribute("specmesh.egress.target", name)
+                span.set_attribute("http.request.method", request.method)
             snapshot = self._snapshots.current
             if snapshot is None:
                 raise EgressError(503, "no_snapshot", "the sidecar has no spec yet")
@@ -291,7 +346,7 @@ class EgressProxy(RelayListener):
                 name=name,
                 rest=rest,
                 headers=self._forward_headers(request.headers),
-                params=MultiDict(request.rel_url.query),
+                params=MultiDict(request.rel_url.query if request.rel_url.raw_query_string else ()),
             )
             propagate.inject(out.headers)  # the upstream continues from this span
             body = await request.read() if request.body_exists else None
@@ -309,7 +364,7 @@ class EgressProxy(RelayListener):
             else:
                 upstream = await self._a2a(request, snapshot, out, body)
             status = upstream.status
-            self.metrics.latency.labels(kind=kind).observe(time.perf_counter() - started)
+            self.metrics.observe(kind, time.perf_counter() - started)
             return await relay(request, upstream, downstream="engine")
         except EgressError as e:
             status = e.status
@@ -321,9 +376,13 @@ class EgressProxy(RelayListener):
                 500, "internal", "the sidecar failed to handle the request"
             ).response()
         finally:
-            self.metrics.requests.labels(kind=kind, status=str(status)).inc()
+            self.metrics.count(kind, status)
 
     def _route(self, path: str) -> tuple[RouteKind, str, str]:
+        if path.startswith("/a2a/"):  # the busiest route: try it first
+            m = _A2A_ROUTE.fullmatch(path)
+            if m:
+                return "a2a", m.group("name"), m.group("rest") or ""
         for kind, pattern in _ROUTES:
             m = pattern.fullmatch(path)  # not match: its `$` lets a trailing newline by
             if m:
@@ -332,9 +391,8 @@ class EgressProxy(RelayListener):
 
     @staticmethod
     def _forward_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
-        return CIMultiDict(
-            (k, v) for k, v in end_to_end_headers(headers) if k.lower() not in _ENGINE_CREDENTIALS
-        )
+        kept = end_to_end_headers(headers)
+        return CIMultiDict([(k, v) for k, v in kept if k.lower() not in _ENGINE_CREDENTIALS])
 
     async def _resolve(self, value: str) -> str:
         try:
@@ -463,17 +521,20 @@ class EgressProxy(RelayListener):
     # ------------------------------------------------------------ A2A
 
     async def _a2a(
-        self, request: web.Request, snapshot: ResolvedSnapshot, out: _Outbound, body: bytes | None
+        self,
+        request: web.BaseRequest,
+        snapshot: ResolvedSnapshot,
+        out: _Outbound,
+        body: bytes | None,
     ) -> aiohttp.ClientResponse:
-        partners = snapshot.spec.partner_agents
-        index = _declared([p.agent_name for p in partners], out.name)
-        if index is None:
+        found = self._partners.get(snapshot, out.name)
+        if found is None:
             self._refuse("partner agent", out.name, snapshot)
-        partner = partners[index]  # type: ignore[index]
+        assert found is not None
+        agent, partner = found
         if self._router is None:
             raise EgressError(503, "no_instance", "the sidecar has no router")
         await self._add_secrets(out, partner.headers, partner.query_params)
-        agent = resource_name(partner.agent_name)
         release = self._router.release(agent)
         pool = release.connection_pool if release else self._pool
         limit = pool.max_connections + pool.max_pending_requests
@@ -491,7 +552,7 @@ class EgressProxy(RelayListener):
 
     async def _a2a_tries(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         agent: str,
         out: _Outbound,
         body: bytes | None,

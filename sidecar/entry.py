@@ -54,7 +54,7 @@ from .grpcproxy import (
     relay_unary,
 )
 from .mtls import AgentCertificates, agent_dns_name
-from .relay import RelayListener, end_to_end_headers, relay, traced
+from .relay import RelayListener, active_tracer, end_to_end_headers, relay, traced
 from .router import NoInstanceError, Router, Target
 
 __all__ = ["CARD_PATH", "EntryServer", "GrpcEntry"]
@@ -119,13 +119,15 @@ class EntryServer(RelayListener):
         self._router = router
         self._client_ssl = client_ssl
         self.read_timeout = read_timeout
-        self._tracer = tracer or trace.get_tracer("specmesh.sidecar")
+        self._tracer = tracer
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """One external call, as a SERVER span continuing the client's trace."""
-        return await traced(self._tracer, f"entry {self.agent}", request, self._forward)
+        return await traced(
+            active_tracer(self._tracer), f"entry {self.agent}", request, self._forward
+        )
 
-    async def _forward(self, request: web.Request, span: trace.Span) -> web.StreamResponse:
+    async def _forward(self, request: web.BaseRequest, span: trace.Span) -> web.StreamResponse:
         headers: CIMultiDict[str] = CIMultiDict(end_to_end_headers(request.headers))
         for name in _DROPPED:
             headers.popall(name, None)

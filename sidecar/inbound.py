@@ -38,7 +38,7 @@ from specmesh.watch import PrefixWatcher
 
 from .callers import CARD_PATH, CallerPolicy, CallerRefused
 from .mtls import AgentCertificates, agent_from_cert
-from .relay import RelayListener, end_to_end_headers, relay, traced
+from .relay import RelayListener, active_tracer, end_to_end_headers, relay, traced
 
 __all__ = [
     "CALLER_HEADER",
@@ -131,7 +131,7 @@ class InboundServer(RelayListener):
         require_identity: bool = False,
     ) -> None:
         super().__init__(host=host, port=port)
-        self._tracer = tracer or trace.get_tracer("specmesh.sidecar")
+        self._tracer = tracer
         self.agent = resource_name(agent_name)
         self.engine_url = engine_http if "://" in engine_http else f"http://{engine_http}"
         if policy is None:
@@ -150,16 +150,18 @@ class InboundServer(RelayListener):
     def _server_ssl(self) -> ssl.SSLContext | None:
         return self._certs.server_context if self._certs is not None else None
 
-    def _caller(self, request: web.Request) -> str | None:
+    def _caller(self, request: web.BaseRequest) -> str | None:
         transport = request.transport
         peer = transport.get_extra_info("peercert") if transport is not None else None
         return agent_from_cert(peer)
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """One inbound call, as a SERVER span continuing the caller's trace."""
-        return await traced(self._tracer, f"inbound {self.agent}", request, self._forward)
+        return await traced(
+            active_tracer(self._tracer), f"inbound {self.agent}", request, self._forward
+        )
 
-    async def _forward(self, request: web.Request, span: trace.Span) -> web.StreamResponse:
+    async def _forward(self, request: web.BaseRequest, span: trace.Span) -> web.StreamResponse:
         headers: CIMultiDict[str] = CIMultiDict(end_to_end_headers(request.headers))
         sent_principal = headers.get(PRINCIPAL_HEADER)
         headers.popall(CALLER_HEADER, None)
@@ -226,5 +228,5 @@ class InboundServer(RelayListener):
         return await relay(request, upstream, downstream="caller")
 
 
-def _is_card(request: web.Request) -> bool:
+def _is_card(request: web.BaseRequest) -> bool:
     return request.method in ("GET", "HEAD") and request.path == CARD_PATH

@@ -283,6 +283,18 @@ async def run(
                 loop.remove_signal_handler(sig)
 
 
+def _loop_factory(use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when asked for and installed, else the standard one (``None``)."""
+    if not use_uvloop:
+        return None
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - a pinned dependency; only on odd platforms
+        logger.warning("SPECMESH_UVLOOP is on but uvloop is not installed; using asyncio's loop")
+        return None
+    return uvloop.new_event_loop
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``specmesh sidecar``: settings from the environment, logs as JSON."""
     parser = argparse.ArgumentParser(
@@ -308,7 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         endpoint=settings.otel_exporter_otlp_endpoint,
     )
     try:
-        asyncio.run(run(settings))
+        with asyncio.Runner(loop_factory=_loop_factory(settings.uvloop)) as runner:
+            runner.run(run(settings))
     except KeyboardInterrupt:
         return 130
     except Exception:

@@ -272,7 +272,10 @@ class RegistryView:
 
     def instances(self, agent: str) -> list[Instance]:
         """Live instances of ``agent`` (logical or resource name), sorted by instance."""
-        return list(self._by_agent.get(resource_name(agent), ()))
+        found = self._by_agent.get(agent)  # already a resource name (the router's case)
+        if found is None:
+            found = self._by_agent.get(resource_name(agent), [])
+        return list(found)
 
     def agents(self) -> dict[str, list[Instance]]:
         """Agent resource name -> instances."""

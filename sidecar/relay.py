@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Self
@@ -15,7 +16,14 @@ from aiohttp import web
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-__all__ = ["HOP_BY_HOP", "RelayListener", "end_to_end_headers", "relay", "traced"]
+__all__ = [
+    "HOP_BY_HOP",
+    "RelayListener",
+    "active_tracer",
+    "end_to_end_headers",
+    "relay",
+    "traced",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -39,30 +47,61 @@ HOP_BY_HOP = frozenset(
 
 
 def end_to_end_headers(headers: aiohttp.typedefs.LooseHeaders) -> list[tuple[str, str]]:
-    """``headers`` without the hop-by-hop ones, nor those the ``Connection`` header lists."""
-    items = list(headers.items()) if hasattr(headers, "items") else list(headers)
-    listed = {
-        h.strip().lower()
-        for k, v in items
-        if str(k).lower() == "connection"
-        for h in str(v).split(",")
-        if h.strip()
-    }
-    return [
-        (str(k), str(v))
-        for k, v in items
-        if str(k).lower() not in HOP_BY_HOP and str(k).lower() not in listed
-    ]
+    """``headers`` without the hop-by-hop ones, nor those the ``Connection`` header lists.
+
+    One pass, each name lower-cased once (it runs two or three times per proxied request)."""
+    items = headers.items() if hasattr(headers, "items") else headers
+    out: list[tuple[str, str, str]] = []
+    listed: set[str] | None = None
+    for k, v in items:
+        key = str(k)
+        lower = key.lower()
+        if lower in HOP_BY_HOP:
+            if lower == "connection":
+                listed = listed or set()
+                listed.update(h.strip().lower() for h in str(v).split(",") if h.strip())
+            continue
+        out.append((key, lower, str(v)))
+    if listed:
+        return [(k, v) for k, lower, v in out if lower not in listed]
+    return [(k, v) for k, _, v in out]
+
+
+def active_tracer(explicit: trace.Tracer | None) -> trace.Tracer | None:
+    """The tracer a listener records its spans with: the one it was given, else the global
+    provider's -- or ``None`` while no provider is installed (tracing off: no span is made,
+    and the W3C headers pass through untouched, as the no-op span would have left them).
+
+    The entry point installs the provider before the listeners start; one installed later
+    is seen within :data:`_RECHECK_SECONDS` (a provider, once set, is never replaced)."""
+    if explicit is not None:
+        return explicit
+    global _global_tracer, _checked_at
+    if _global_tracer is not None:
+        return _global_tracer
+    now = time.monotonic()
+    if now - _checked_at < _RECHECK_SECONDS:
+        return None
+    _checked_at = now
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
+        return None
+    _global_tracer = provider.get_tracer("specmesh.sidecar")
+    return _global_tracer
+
+
+_RECHECK_SECONDS = 1.0
+_global_tracer: trace.Tracer | None = None
+_checked_at = float("-inf")
 
 
 async def relay(
-    request: web.Request, upstream: aiohttp.ClientResponse, *, downstream: str
+    request: web.BaseRequest, upstream: aiohttp.ClientResponse, *, downstream: str
 ) -> web.StreamResponse:
     """Stream ``upstream`` to ``request``'s caller chunk by chunk, then release it."""
     try:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        for key, value in end_to_end_headers(upstream.headers):
-            response.headers.add(key, value)
+        response.headers.extend(end_to_end_headers(upstream.headers))
         if upstream.content_length is not None and "Content-Encoding" not in upstream.headers:
             response.content_length = upstream.content_length
         await response.prepare(request)
@@ -82,13 +121,17 @@ async def relay(
 
 
 async def traced(
-    tracer: trace.Tracer,
+    tracer: trace.Tracer | None,
     name: str,
-    request: web.Request,
-    forward: Callable[[web.Request, trace.Span], Awaitable[web.StreamResponse]],
+    request: web.BaseRequest,
+    forward: Callable[[web.BaseRequest, trace.Span], Awaitable[web.StreamResponse]],
 ) -> web.StreamResponse:
     """One relayed call as a SERVER span ``name`` continuing the caller's trace (W3C
-    headers): method and status recorded, a 5xx marks it failed."""
+    headers): method and status recorded, a 5xx marks it failed. ``tracer`` None (tracing
+    off, :func:`active_tracer`): no span is made, ``forward`` gets the invalid span (its
+    setters do nothing)."""
+    if tracer is None:
+        return await forward(request, trace.INVALID_SPAN)
     parent = propagate.extract(request.headers)
     with tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER) as span:
         span.set_attribute("http.request.method", request.method)
@@ -108,11 +151,9 @@ class RelayListener:
         self.host = host
         self.port = port
         self._session: aiohttp.ClientSession | None = None
-        self._runner: web.AppRunner | None = None
-        self.app = web.Application()
-        self.app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner: web.ServerRunner | None = None
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         raise NotImplementedError
 
     def _connector(self) -> aiohttp.TCPConnector:
@@ -149,7 +190,11 @@ class RelayListener:
         self._session = aiohttp.ClientSession(
             connector=self._connector(), auto_decompress=False, trust_env=False
         )
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # aiohttp's low-level server: every request goes to ``_handle`` (no application,
+        # router or middleware on the way: the listener relays whatever path it gets)
+        self._runner = web.ServerRunner(
+            web.Server(self._handle, access_log=None), handle_signals=False
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self._server_ssl())
         await site.start()

@@ -22,6 +22,7 @@ and retries to Istio.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -57,6 +58,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+_resource_name = functools.lru_cache(maxsize=4096)(resource_name)
+"""``resource_name`` remembered: the router maps the same few partner names on every call."""
 
 RouterMode = Literal["direct", "istio"]
 
@@ -167,7 +171,7 @@ class EtcdReleaseSource:
         self.revision = 0
 
     def release(self, agent: str) -> ReleaseSpec | None:
-        return self._releases.get(resource_name(agent))
+        return self._releases.get(_resource_name(agent))
 
     async def wait_ready(self) -> None:
         await self._ready.wait()
@@ -328,6 +332,9 @@ def headers_match(matches: Sequence[HeaderMatch], headers: Mapping[str, str]) ->
     return True
 
 
+_DEFAULT_RETRIES = RetrySpec()
+
+
 @dataclass
 class _Upstream:
     detector: OutlierDetector
@@ -361,6 +368,7 @@ class Router:
         self._rng = rng or random.Random()
         self._on_ejection = on_ejection
         self._upstreams: dict[str, _Upstream] = {}
+        self._retry_policies: dict[str, tuple[RetrySpec, RetryPolicy]] = {}
 
     def release(self, agent: str) -> ReleaseSpec | None:
         return self._releases.release(agent)
@@ -370,10 +378,16 @@ class Router:
         if self.mode == "istio":
             return RetryPolicy(attempts=0)
         release = self._releases.release(agent)
-        return RetryPolicy.from_spec(release.retries if release else RetrySpec())
+        spec = release.retries if release else _DEFAULT_RETRIES
+        held = self._retry_policies.get(agent)
+        if held is None or held[0] is not spec:  # kept per spec object: one per release
+            held = (spec, RetryPolicy.from_spec(spec))
+            if len(self._retry_policies) < 4096:
+                self._retry_policies[agent] = held
+        return held[1]
 
     def _upstream(self, agent: str) -> _Upstream:
-        rn = resource_name(agent)
+        rn = _resource_name(agent)
         release = self._releases.release(rn)
         up = self._upstreams.get(rn)
         if up is None:
@@ -416,7 +430,7 @@ class Router:
         self, agent: str, headers: Mapping[str, str], *, exclude: Iterable[str] = ()
     ) -> Target:
         """The target of one try; raise :class:`NoInstanceError` when none can take it."""
-        rn = resource_name(agent)
+        rn = _resource_name(agent)
         if self.mode == "istio":
             host = f"{rn}.{self.namespace}.svc.cluster.local"
             return Target(agent=rn, url=f"{self.service_scheme}://{host}:{self.service_port}")

@@ -171,6 +171,9 @@ class SidecarSettings(BaseSettings):
     """Seconds in-flight work may take to drain on SIGTERM."""
     log_level: str = "INFO"
     """Root log level."""
+    uvloop: bool = True
+    """Run the event loop on uvloop (``SPECMESH_UVLOOP``; ``false``: the standard asyncio
+    loop). It cuts the sidecar's CPU per proxied request (see ``bench/sidecar_hop.py``)."""
     otel_exporter_otlp_endpoint: str | None = Field(
         default=None,
         validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT", "SPECMESH_OTLP_ENDPOINT"),

@@ -7,11 +7,12 @@ otherwise spans are created and dropped. The resource names the agent
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from opentelemetry import trace
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 __all__ = ["configure_tracing"]
 
@@ -20,6 +21,13 @@ def configure_tracing(*, agent: str, track: str, endpoint: str | None) -> Tracer
     """Install the global tracer provider once, in the entry point; ``None`` when off."""
     if not endpoint:
         return None
+    # the SDK and the exporter only when spans are exported (a sidecar without them keeps
+    # ~3 MB less)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
     resource = Resource.create(
         {
             "service.name": "specmesh-sidecar",

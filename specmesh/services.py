@@ -42,6 +42,8 @@ __all__ = [
     "apt_install",
     "ensure_bao",
     "ensure_etcd",
+    "ensure_nginx",
+    "ensure_wrk",
     "free_port",
 ]
 
@@ -215,6 +217,18 @@ def ensure_redis() -> str:
 def ensure_chromium() -> str:
     """Path of Debian's ``chromium`` (for the browser tests), installing it if missing."""
     return _apt_install("chromium", "chromium")
+
+
+def ensure_nginx() -> str:
+    """Path of Debian's ``nginx`` (``nginx-light``: the C reference proxy of
+    ``bench/sidecar_hop.py``), installing it if missing."""
+    return _apt_install("nginx", "nginx-light")
+
+
+def ensure_wrk() -> str:
+    """Path of Debian's ``wrk`` (closed-loop HTTP load for the benchmarks), installing it if
+    missing."""
+    return _apt_install("wrk", "wrk")
 
 
 def ensure_bao() -> str:

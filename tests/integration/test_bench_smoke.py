@@ -79,8 +79,33 @@ _SIDECAR_HOP = [
             "sidecar_cpu_per_1000rps",
         )
     ),
+    *(
+        f"1000rps.{key}"
+        for key in (
+            "nginx_added_ms_per_hop.p50_ms",
+            "nginx_cpu_per_1000rps",
+            "ratio_to_nginx.p50_ms",
+            "ratio_to_nginx.cpu_per_1000rps",
+        )
+    ),
+    *(
+        f"closed_loop_8_connections.{key}"
+        for key in ("direct", "nginx_pair", "sidecar_pair", "sidecar_to_nginx_ratio")
+    ),
+    *(
+        f"grpc.{kind}.{key}"
+        for kind in ("unary", "server_streaming")
+        for key in ("added_ms_per_hop.p50_ms", "added_ms_per_hop.p99_ms", "sidecar_cpu_per_1000rps")
+    ),
     "rss_mb.sidecar_a",
     "rss_mb.sidecar_b",
+    "rss_mb.nginx_a",
+    "rss_mb.ratio_sidecar_to_nginx",
+    "rss_mb.after_grpc.sidecar_a",
+    "goals.per_hop_at_1000rps",
+    "goals.capacity_8_connections_4000rps",
+    "1000rps.kept_up",
+    "grpc.unary.kept_up",
     "reload_ms.from_apply_call_start.to_snapshot_stream.p99",
     "reload_ms.from_apply_call_start.to_engine_serving.p99",
     "reload_ms.from_apply_call_return.to_engine_serving.p99",
