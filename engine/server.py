@@ -73,6 +73,7 @@ from engine.runner import (
     TurnCompleted,
     TurnEvent,
     TurnFailed,
+    NotifiesChanges,
     TurnRequest,
     not_ready_reason,
 )
@@ -142,6 +143,11 @@ class ServerConfig:
     replica; the sidecar's task-store proxy), see :mod:`engine.tasks`."""
     task_retention_seconds: int = DEFAULT_RETENTION_SECONDS
     """How long a task not written is kept."""
+
+
+_READINESS_RECHECK = 30.0
+"""Seconds between two readiness checks when the runner announces its changes (a bound,
+not the way changes arrive)."""
 
 
 class _Drain:
@@ -441,7 +447,10 @@ class EngineServer:
         await self._health.set(A2A_SERVICE, status)
 
     async def _follow_readiness(self) -> None:
-        """Keep gRPC health equal to readiness (the runner has no change notification)."""
+        """Keep gRPC health equal to readiness: woken by the runner's changes when it
+        announces them (``EngineRuntime`` does: nothing runs at rest), else polled every
+        ``readiness_interval``. Draining ends this task (``stop``)."""
+        runner = self._runner
         serving: bool | None = None
         while True:
             ready = self.ready
@@ -449,7 +458,13 @@ class EngineServer:
                 await self._set_health(serving=ready)
                 logger.info("readiness changed", extra={"ready": ready})
                 serving = ready
-            await asyncio.sleep(self._config.readiness_interval)
+            if isinstance(runner, NotifiesChanges):
+                with contextlib.suppress(TimeoutError):
+                    await runner.wait_until(
+                        lambda r: bool(r.ready) != serving, timeout=_READINESS_RECHECK
+                    )
+            else:
+                await asyncio.sleep(self._config.readiness_interval)
 
     async def stop(self) -> None:
         """Graceful shutdown, bounded by ``drain_timeout`` (idempotent)."""
