@@ -97,6 +97,11 @@ STOP_TIMEOUT = 6.0
 """Time a process gets between SIGTERM and SIGKILL."""
 READY_POLL_SECONDS = 1.0
 _TICK = 0.2
+"""Shortest wait between two passes of the loop (and the poll of a process no pidfd
+watches)."""
+_IDLE_TICK = 5.0
+"""Longest wait between two passes: the loop is woken by what changes (a process exit, a
+workload, a readiness change, a restart due), this only bounds it."""
 _PORTS = (
     "egress", "inbound", "ops", "http", "grpc", "redis", "egress_grpc", "inbound_grpc",
     "entry", "entry_grpc", "task_store",
@@ -216,6 +221,8 @@ class _Process:
     restarts: int = 0
     next_start: float = 0.0
     last_error: str | None = None
+    exit_fd: int | None = None
+    """A pidfd of the running process in the event loop: it wakes the loop at its exit."""
 
     def alive(self) -> bool:
         if self.popen is not None:
@@ -314,6 +321,8 @@ class Supervisor:
         self._stopping: set[asyncio.Task[None]] = set()
         self._runner: web.AppRunner | None = None
         self._dirty = True
+        self._wake = asyncio.Event()
+        """Set by whatever the loop must look at now (see :data:`_IDLE_TICK`)."""
 
     # ------------------------------------------------------------ lifecycle
 
@@ -365,6 +374,9 @@ class Supervisor:
             self.workloads.clear()
         if self._stopping:
             await asyncio.gather(*self._stopping, return_exceptions=True)
+        for inst in self.instances.values():  # left running: no longer watched from here
+            for proc in (inst.sidecar, inst.engine):
+                self._unwatch(proc)
         self._write_state()
         for closer in (self._http, self._etcd, self._vault):
             if closer is not None:
@@ -433,6 +445,7 @@ class Supervisor:
             self.workloads[name] = workload
             self._converge(workload)
             self._dirty = True
+            self._wake.set()
 
     def _converge(self, workload: AgentWorkload) -> None:
         """Create the missing ordinals and begin stopping the extra ones (under the lock).
@@ -462,6 +475,7 @@ class Supervisor:
                 if resource_name(inst.agent) == name and not inst.stopping:
                     self._begin_stop(inst)
             self._dirty = True
+            self._wake.set()
 
     def _create(self, agent: str, track: str, ordinal: int) -> None:
         logs = self.config.home / "logs"
@@ -511,12 +525,14 @@ class Supervisor:
             del self.instances[inst.name]
         self._dirty = True
         self._write_state()
+        self._wake.set()  # its name may be due again (a re-created agent, a scale back up)
         logger.info("instance %s stopped", inst.name)
 
     # ------------------------------------------------------------ the loop
 
     async def _loop(self) -> None:
         while True:
+            self._wake.clear()
             try:
                 async with self._lock:
                     for workload in list(self.workloads.values()):
@@ -530,7 +546,46 @@ class Supervisor:
                 raise
             except Exception:
                 logger.exception("supervisor loop")
-            await asyncio.sleep(_TICK)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._next_pass())
+
+    def _next_pass(self) -> float:
+        """Seconds the loop may wait unless woken: until the next restart due, a tick for
+        a process no pidfd watches, at most :data:`_IDLE_TICK`."""
+        now, wait = time.monotonic(), _IDLE_TICK
+        for inst in self.instances.values():
+            if inst.stopping:
+                continue
+            for proc in (inst.sidecar, inst.engine):
+                if not proc.pid:
+                    wait = min(wait, proc.next_start - now)
+                elif proc.exit_fd is None:
+                    wait = min(wait, _TICK)
+        return max(wait, _TICK)
+
+    def _watch_exit(self, proc: _Process) -> None:
+        """Wake the loop when ``proc`` exits: a pidfd in the event loop (Linux >= 5.3;
+        without one the loop polls the process every :data:`_TICK`)."""
+        if proc.exit_fd is not None or not proc.pid:
+            return
+        try:
+            fd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):  # not Linux, an old kernel, or gone already
+            return
+        loop = asyncio.get_running_loop()
+
+        def exited() -> None:
+            self._unwatch(proc)
+            self._wake.set()
+
+        loop.add_reader(fd, exited)
+        proc.exit_fd = fd
+
+    def _unwatch(self, proc: _Process) -> None:
+        fd, proc.exit_fd = proc.exit_fd, None
+        if fd is not None:
+            asyncio.get_running_loop().remove_reader(fd)
+            os.close(fd)
 
     async def _tend(self, inst: _Instance) -> None:
         now = time.monotonic()
@@ -550,6 +605,7 @@ class Supervisor:
                 proc.popen = None
                 inst.ready = False
                 self._dirty = True
+                self._unwatch(proc)
                 if proc.role == "sidecar":
                     await self._deregister(inst)
             if not proc.pid:
@@ -565,6 +621,7 @@ class Supervisor:
                         self._dirty = True
             elif proc.quick_exits and now - proc.started >= MIN_HEALTHY:
                 proc.quick_exits = 0  # ran long enough: the streak is over
+            self._watch_exit(proc)
         if crash and not (inst.sidecar.pid and inst.engine.pid):
             inst.set_phase("CrashLoop")
         elif not (inst.sidecar.pid and inst.engine.pid):
@@ -746,6 +803,7 @@ class Supervisor:
             inst.ready, inst.revision = ready, revision
             inst.was_ready = inst.was_ready or ready
             self._dirty = True
+            self._wake.set()  # its phase follows
 
     # ------------------------------------------------------------ state file
 
