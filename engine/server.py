@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -70,10 +71,10 @@ from engine.rest import ConversationDeleter, create_business_routes
 from engine.runner import (
     AgentRunner,
     CardInfo,
+    NotifiesChanges,
     TurnCompleted,
     TurnEvent,
     TurnFailed,
-    NotifiesChanges,
     TurnRequest,
     not_ready_reason,
 )
@@ -148,6 +149,10 @@ class ServerConfig:
 _READINESS_RECHECK = 30.0
 """Seconds between two readiness checks when the runner announces its changes (a bound,
 not the way changes arrive)."""
+
+
+def _readiness_changed(runner: AgentRunner, *, serving: bool | None) -> bool:
+    return runner.ready != serving
 
 
 class _Drain:
@@ -459,10 +464,9 @@ class EngineServer:
                 logger.info("readiness changed", extra={"ready": ready})
                 serving = ready
             if isinstance(runner, NotifiesChanges):
+                changed = functools.partial(_readiness_changed, serving=serving)
                 with contextlib.suppress(TimeoutError):
-                    await runner.wait_until(
-                        lambda r: bool(r.ready) != serving, timeout=_READINESS_RECHECK
-                    )
+                    await runner.wait_until(changed, timeout=_READINESS_RECHECK)
             else:
                 await asyncio.sleep(self._config.readiness_interval)
 
