@@ -96,6 +96,11 @@ DRAIN_SECONDS = 2.0
 STOP_TIMEOUT = 6.0
 """Time a process gets between SIGTERM and SIGKILL."""
 READY_POLL_SECONDS = 1.0
+"""How often an instance with no readiness watch open gets one (or a first probe)."""
+READY_WATCH_SECONDS = 10.0
+"""Longest a readiness watch waits on a sidecar that has nothing new to say (its
+``/readyz?seen=&wait=``): a sidecar that hangs is unready after this (+ 2 s), as one that
+stops renewing its registry lease leaves the registry after its TTL."""
 _TICK = 0.2
 """Shortest wait between two passes of the loop (and the poll of a process no pidfd
 watches)."""
@@ -251,6 +256,8 @@ class _Instance:
     since: str = field(default_factory=_now)
     ready: bool = False
     was_ready: bool = False
+    ready_etag: str = ""
+    """The ETag of the sidecar's last readiness report ("" after a failed probe)."""
     revision: int = 0
     stopping: bool = False
     failed: str | None = None
@@ -335,7 +342,10 @@ class Supervisor:
         self._vault = VaultClient(address=cfg.vault_addr, token=cfg.vault_token)
         host, _, port = cfg.etcd_endpoint.removeprefix("http://").partition(":")
         self._etcd = EtcdClient(host=host, port=int(port or 2379))
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
+        self._http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),  # one watch open per instance
+            timeout=aiohttp.ClientTimeout(total=2),
+        )
         self._adopt()
         app = web.Application(client_max_size=MAX_WORKLOAD_BYTES)
         app.router.add_get("/healthz", self._healthz)
@@ -777,28 +787,49 @@ class Supervisor:
     # ------------------------------------------------------------ readiness
 
     async def _readiness_loop(self) -> None:
-        while True:
-            try:
-                instances = [i for i in self.instances.values() if not i.stopping and i.sidecar.pid]
-                await asyncio.gather(*(self._probe(i) for i in instances))
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("readiness probes")
-            await asyncio.sleep(READY_POLL_SECONDS)
+        """One probe in flight per instance: a watch (answered when the sidecar's report
+        changes, else after :data:`READY_WATCH_SECONDS`) once an answer came, a plain
+        probe until then; a finished one is followed within :data:`READY_POLL_SECONDS`."""
+        probes: dict[str, tuple[_Instance, asyncio.Task[None]]] = {}
+        try:
+            while True:
+                try:
+                    for name, (inst, task) in list(probes.items()):
+                        gone = self.instances.get(name) is not inst or inst.stopping
+                        if gone or task.done():
+                            task.cancel()
+                            del probes[name]
+                    for inst in list(self.instances.values()):
+                        if inst.name not in probes and not inst.stopping and inst.sidecar.pid:
+                            task = asyncio.create_task(self._probe(inst))
+                            probes[inst.name] = (inst, task)
+                except Exception:
+                    logger.exception("readiness probes")
+                await asyncio.sleep(READY_POLL_SECONDS)
+        finally:
+            tasks = [task for _, task in probes.values()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _probe(self, inst: _Instance) -> None:
         assert self._http is not None
-        ready, revision = False, inst.revision
+        ready, revision, etag = False, inst.revision, ""
+        url, query = f"{inst.endpoints['ops']}/readyz", {}
+        timeout = aiohttp.ClientTimeout(total=2)
+        if inst.ready_etag:
+            query = {"seen": inst.ready_etag, "wait": str(READY_WATCH_SECONDS)}
+            timeout = aiohttp.ClientTimeout(total=READY_WATCH_SECONDS + 2)
         try:
-            async with self._http.get(f"{inst.endpoints['ops']}/readyz") as r:
+            async with self._http.get(url, params=query, timeout=timeout) as r:
                 body = await r.json(content_type=None)
-                ready = r.status == 200
+                ready, etag = r.status == 200, r.headers.get("ETag", "")
                 engine = body.get("engine") if isinstance(body, dict) else None
                 if isinstance(engine, dict):
                     revision = int(engine.get("servingRevision") or revision)
         except (aiohttp.ClientError, TimeoutError, ValueError):
             ready = False
+        inst.ready_etag = etag
         if (ready, revision) != (inst.ready, inst.revision):
             inst.ready, inst.revision = ready, revision
             inst.was_ready = inst.was_ready or ready
