@@ -26,19 +26,19 @@ class QuietUvicornServer(uvicorn.Server):
     """
 
     def __init__(self, config: uvicorn.Config) -> None:
-        self._exit = asyncio.Event()
+        self._should_exit = False
+        self._tick: asyncio.Future[None] | None = None
         super().__init__(config)
 
     @property
     def should_exit(self) -> bool:
-        return self._exit.is_set()
+        return self._should_exit
 
     @should_exit.setter
     def should_exit(self, value: bool) -> None:
-        if value:
-            self._exit.set()
-        else:
-            self._exit.clear()
+        self._should_exit = value
+        if value and self._tick is not None and not self._tick.done():
+            self._tick.set_result(None)  # the main loop looks now
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -46,11 +46,23 @@ class QuietUvicornServer(uvicorn.Server):
 
     async def main_loop(self) -> None:
         _skip_sse_shutdown_watcher()
+        loop = asyncio.get_running_loop()
         counter = 0
         while not await self.on_tick(counter):
             counter = (counter + 10) % 864000  # on_tick refreshes the Date at multiples of 10
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._exit.wait(), _DATE_TICK)
+            # asyncio.sleep's own mechanism, with a future should_exit can resolve early
+            self._tick = loop.create_future()
+            timer = loop.call_later(_DATE_TICK, _resolve, self._tick)
+            try:
+                await self._tick
+            finally:
+                timer.cancel()
+                self._tick = None
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _skip_sse_shutdown_watcher() -> None:
