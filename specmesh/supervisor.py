@@ -398,20 +398,21 @@ class Supervisor:
     async def _healthz(self, _: web.Request) -> web.Response:
         return web.json_response({"ok": True, "instances": len(self.instances)})
 
-    def _agent_json(self, name: str) -> dict[str, Any]:
+    def _agent_json(self, name: str, instances: list[_Instance] | None = None) -> dict[str, Any]:
         workload = self.workloads.get(name)
+        if instances is None:
+            instances = [i for i in self.instances.values() if resource_name(i.agent) == name]
         return {
             "workload": workload.to_json() if workload else None,
-            "instances": [
-                i.status().to_json()
-                for i in sorted(self.instances.values(), key=lambda i: i.name)
-                if resource_name(i.agent) == name
-            ],
+            "instances": [i.status().to_json() for i in sorted(instances, key=lambda i: i.name)],
         }
 
     async def _list(self, _: web.Request) -> web.Response:
-        names = {resource_name(i.agent) for i in self.instances.values()} | set(self.workloads)
-        return web.json_response({n: self._agent_json(n) for n in sorted(names)})
+        # every agent's instances in one pass (the controller lists them every few seconds)
+        by_agent: dict[str, list[_Instance]] = {name: [] for name in self.workloads}
+        for inst in self.instances.values():
+            by_agent.setdefault(resource_name(inst.agent), []).append(inst)
+        return web.json_response({n: self._agent_json(n, by_agent[n]) for n in sorted(by_agent)})
 
     async def _get(self, request: web.Request) -> web.Response:
         return web.json_response(self._agent_json(request.match_info["name"]))
@@ -452,10 +453,12 @@ class Supervisor:
                     f"the supervisor's limit is {self.config.max_instances} "
                     "(SPECMESH_SUPERVISOR_MAX_INSTANCES)"
                 )
+            previous, had = self.workloads.get(name), set(self.instances)
             self.workloads[name] = workload
             self._converge(workload)
-            self._dirty = True
-            self._wake.set()
+            if previous != workload or set(self.instances) != had:  # not a mere resync
+                self._dirty = True
+                self._wake.set()
 
     def _converge(self, workload: AgentWorkload) -> None:
         """Create the missing ordinals and begin stopping the extra ones (under the lock).
