@@ -127,15 +127,27 @@ def _wait(check: Any, what: str, timeout: float) -> float:
     raise RuntimeError(f"{what}: not within {timeout:.0f}s")
 
 
-def _ask(url: str, token: str) -> None:
-    """One call through an instance's public entry (its card is read there)."""
+def _ask(url: str, token: str, attempts: int = 3) -> None:
+    """One call through an instance's public entry (its card is read there). A first turn
+    on a loaded machine can leave the SDK's HTTP client (5 s read timeout) waiting longer
+    than that between two events: such a call is asked again, up to ``attempts`` times."""
     import asyncio
+
+    from a2a.client.errors import A2AClientTimeoutError
 
     from specmesh.a2aclient import invoke
 
-    result = asyncio.run(asyncio.wait_for(invoke(url, "ping", token=token), 60))
-    if result.state != "completed":
-        raise RuntimeError(f"{url}: {result.state}")
+    for attempt in range(1, attempts + 1):
+        try:
+            result = asyncio.run(asyncio.wait_for(invoke(url, "ping", token=token), 60))
+        except A2AClientTimeoutError:
+            if attempt == attempts:
+                raise
+            print(f"{url}: timed out, asking again", file=sys.stderr)
+            continue
+        if result.state != "completed":
+            raise RuntimeError(f"{url}: {result.state}")
+        return
 
 
 def _fleet_pids(fleet: Fleet, home: Path) -> dict[int, str]:
