@@ -802,6 +802,10 @@ class Supervisor:
                         if gone or task.done():
                             task.cancel()
                             del probes[name]
+                            if task.done() and not task.cancelled() and task.exception():
+                                logger.error(
+                                    "readiness probe of %s", name, exc_info=task.exception()
+                                )
                     for inst in list(self.instances.values()):
                         if inst.name not in probes and not inst.stopping and inst.sidecar.pid:
                             task = asyncio.create_task(self._probe(inst))
