@@ -220,12 +220,21 @@ class Controller:
     # ------------------------------------------------------------ observe
 
     async def observe(self) -> None:
-        """Write each agent's observed state where it changed."""
+        """Write each agent's observed state where it changed (one look at the runtime for
+        all agents)."""
+        seen: dict[str, list[InstanceStatus]] = {}
+        failed: Exception | None = None
+        if self.workloads:
+            try:
+                seen = await self.runtime.observe_all()
+            except Exception as e:
+                failed = e
         for name, workload in list(self.workloads.items()):
             error = self.errors.get(name)
             try:
-                instances = await self.runtime.observe(name)
-                instances = await self._join_registry(name, instances)
+                if failed is not None:
+                    raise failed
+                instances = await self._join_registry(name, seen.get(name, []))
                 status = AgentStatus.build(
                     workload, instances, runtime=self.runtime.name, error=error
                 )

@@ -8,7 +8,7 @@ only call it. A turn streams :data:`TurnEvent` s and always ends with exactly on
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -16,6 +16,7 @@ __all__ = [
     "AgentRunner",
     "CardInfo",
     "ExplainsReadiness",
+    "NotifiesChanges",
     "TextDelta",
     "ToolCallFinished",
     "ToolCallStarted",
@@ -132,6 +133,16 @@ class ExplainsReadiness(Protocol):
 
     def not_ready_reason(self) -> str | None:
         """Why it is not ready, safe to show callers; ``None`` when it is ready."""
+        ...
+
+
+@runtime_checkable
+class NotifiesChanges(Protocol):
+    """A runner that can wait for a change of its state (``EngineRuntime`` does)."""
+
+    async def wait_until(self, predicate: Callable[[Any], bool], *, timeout: float) -> None:
+        """Wait until ``predicate(self)`` holds, checked on every state change; raises
+        ``TimeoutError`` after ``timeout`` seconds."""
         ...
 
 

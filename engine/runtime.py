@@ -230,6 +230,7 @@ class EngineRuntime:
                 raise
             except Exception:  # top of the task: the feed broke; keep serving, retry
                 logger.exception("the snapshot feed failed; restarting it in %.1f s", backoff)
+            await self._notify()  # a feed that ended is no longer connected: readiness changed
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._settings.reconnect_max_seconds)
 

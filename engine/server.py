@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -70,6 +71,7 @@ from engine.rest import ConversationDeleter, create_business_routes
 from engine.runner import (
     AgentRunner,
     CardInfo,
+    NotifiesChanges,
     TurnCompleted,
     TurnEvent,
     TurnFailed,
@@ -142,6 +144,15 @@ class ServerConfig:
     replica; the sidecar's task-store proxy), see :mod:`engine.tasks`."""
     task_retention_seconds: int = DEFAULT_RETENTION_SECONDS
     """How long a task not written is kept."""
+
+
+_READINESS_RECHECK = 30.0
+"""Seconds between two readiness checks when the runner announces its changes (a bound,
+not the way changes arrive)."""
+
+
+def _readiness_changed(runner: AgentRunner, *, serving: bool | None) -> bool:
+    return runner.ready != serving
 
 
 class _Drain:
@@ -445,7 +456,10 @@ class EngineServer:
         await self._health.set(A2A_SERVICE, status)
 
     async def _follow_readiness(self) -> None:
-        """Keep gRPC health equal to readiness (the runner has no change notification)."""
+        """Keep gRPC health equal to readiness: woken by the runner's changes when it
+        announces them (``EngineRuntime`` does: nothing runs at rest), else polled every
+        ``readiness_interval``. Draining ends this task (``stop``)."""
+        runner = self._runner
         serving: bool | None = None
         while True:
             ready = self.ready
@@ -453,7 +467,12 @@ class EngineServer:
                 await self._set_health(serving=ready)
                 logger.info("readiness changed", extra={"ready": ready})
                 serving = ready
-            await asyncio.sleep(self._config.readiness_interval)
+            if isinstance(runner, NotifiesChanges):
+                changed = functools.partial(_readiness_changed, serving=serving)
+                with contextlib.suppress(TimeoutError):
+                    await runner.wait_until(changed, timeout=_READINESS_RECHECK)
+            else:
+                await asyncio.sleep(self._config.readiness_interval)
 
     async def stop(self) -> None:
         """Graceful shutdown, bounded by ``drain_timeout`` (idempotent)."""

@@ -166,7 +166,8 @@ class Sidecar:
     def _on_engine_status(self, status: EngineStatus) -> None:
         """The registry entry follows the engine: ``engine-down`` (revision 0) while no
         snapshot stream is open, ``starting`` while connected but not yet reported, else
-        the state and revision it reports."""
+        the state and revision it reports. Readiness watches are told."""
+        self.ops.readiness_changed()
         if not status.connected:
             self.registration.update(revision=0, state=ENGINE_DOWN)
             return
@@ -241,6 +242,7 @@ class Sidecar:
     async def stop(self) -> None:
         """Deregister first, then drain and stop in reverse start order."""
         self.draining.set()
+        self.ops.readiness_changed()
         while self._started:
             stop = self._started.pop()
             began = time.monotonic()

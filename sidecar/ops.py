@@ -6,13 +6,20 @@ and :class:`OpsServer` serves it::
 
     GET /healthz   200 while the process runs
     GET /readyz    200 when a valid snapshot is held and the engine is connected and
-                   serves one; else 503, the JSON body says what is missing
+                   serves one; else 503, the JSON body says what is missing. Its ETag
+                   names the report: with ``?seen=<etag>&wait=<s>`` (at most
+                   :data:`MAX_READY_WAIT`) it answers once the report differs from
+                   ``seen``, or after ``wait`` seconds (a watch: the supervisor's
+                   readiness costs nothing while nothing changes)
     GET /metrics   Prometheus text format
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -131,6 +138,17 @@ class ReadinessReport:
         return {"ready": self.ready, "missing": self.missing, **self.details}
 
 
+MAX_READY_WAIT = 60.0
+"""Longest ``wait`` a ``/readyz`` watch may ask."""
+_READY_RECHECK = 2.0
+"""How often a ``/readyz`` watch looks at the report between two notifications (what
+:meth:`OpsServer.readiness_changed` is not told of: a first snapshot, draining)."""
+
+
+def _etag(body: bytes) -> str:
+    return '"' + hashlib.blake2b(body, digest_size=8).hexdigest() + '"'
+
+
 class OpsServer:
     """``/healthz``, ``/readyz`` and ``/metrics`` on one aiohttp listener."""
 
@@ -150,6 +168,13 @@ class OpsServer:
         self.readiness = readiness
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
+        self._changed = asyncio.Event()
+        self._closing = False
+
+    def readiness_changed(self) -> None:
+        """Wake the ``/readyz`` watches: the report may have changed."""
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -183,6 +208,8 @@ class OpsServer:
         return f"http://{host}:{self.port or self._port}"
 
     async def stop(self) -> None:
+        self._closing = True
+        self.readiness_changed()  # the watches answer now, not after their wait
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -190,13 +217,36 @@ class OpsServer:
     async def _healthz(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    async def _readyz(self, _: web.Request) -> web.Response:
+    def _report(self) -> tuple[ReadinessReport, bytes]:
         try:
             report = self.readiness()
         except Exception:
             logger.exception("readiness check failed")
             report = ReadinessReport(ready=False, missing=["readiness check raised"])
-        return web.json_response(report.to_json(), status=200 if report.ready else 503)
+        return report, json.dumps(report.to_json()).encode()
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        report, body = self._report()
+        seen = request.query.get("seen")
+        try:
+            wait = min(max(float(request.query.get("wait", 0)), 0.0), MAX_READY_WAIT)
+        except ValueError:
+            wait = 0.0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while seen == _etag(body) and not self._closing and loop.time() < deadline:
+            changed = self._changed
+            left = min(deadline - loop.time(), _READY_RECHECK)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), max(left, 0.0))
+            report, body = self._report()
+        return web.Response(
+            body=body,
+            status=200 if report.ready else 503,
+            content_type="application/json",
+            charset="utf-8",
+            headers={"ETag": _etag(body)},
+        )
 
     async def _metrics(self, _: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)

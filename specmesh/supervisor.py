@@ -96,7 +96,17 @@ DRAIN_SECONDS = 2.0
 STOP_TIMEOUT = 6.0
 """Time a process gets between SIGTERM and SIGKILL."""
 READY_POLL_SECONDS = 1.0
+"""How often an instance with no readiness watch open gets one (or a first probe)."""
+READY_WATCH_SECONDS = 10.0
+"""Longest a readiness watch waits on a sidecar that has nothing new to say (its
+``/readyz?seen=&wait=``): a sidecar that hangs is unready after this (+ 2 s), as one that
+stops renewing its registry lease leaves the registry after its TTL."""
 _TICK = 0.2
+"""Shortest wait between two passes of the loop (and the poll of a process no pidfd
+watches)."""
+_IDLE_TICK = 5.0
+"""Longest wait between two passes: the loop is woken by what changes (a process exit, a
+workload, a readiness change, a restart due), this only bounds it."""
 _PORTS = (
     "egress", "inbound", "ops", "http", "grpc", "redis", "egress_grpc", "inbound_grpc",
     "entry", "entry_grpc", "task_store",
@@ -216,6 +226,8 @@ class _Process:
     restarts: int = 0
     next_start: float = 0.0
     last_error: str | None = None
+    exit_fd: int | None = None
+    """A pidfd of the running process in the event loop: it wakes the loop at its exit."""
 
     def alive(self) -> bool:
         if self.popen is not None:
@@ -244,6 +256,8 @@ class _Instance:
     since: str = field(default_factory=_now)
     ready: bool = False
     was_ready: bool = False
+    ready_etag: str = ""
+    """The ETag of the sidecar's last readiness report ("" after a failed probe)."""
     revision: int = 0
     stopping: bool = False
     failed: str | None = None
@@ -314,6 +328,8 @@ class Supervisor:
         self._stopping: set[asyncio.Task[None]] = set()
         self._runner: web.AppRunner | None = None
         self._dirty = True
+        self._wake = asyncio.Event()
+        """Set by whatever the loop must look at now (see :data:`_IDLE_TICK`)."""
 
     # ------------------------------------------------------------ lifecycle
 
@@ -326,7 +342,10 @@ class Supervisor:
         self._vault = VaultClient(address=cfg.vault_addr, token=cfg.vault_token)
         host, _, port = cfg.etcd_endpoint.removeprefix("http://").partition(":")
         self._etcd = EtcdClient(host=host, port=int(port or 2379))
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
+        self._http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),  # one watch open per instance
+            timeout=aiohttp.ClientTimeout(total=2),
+        )
         self._adopt()
         app = web.Application(client_max_size=MAX_WORKLOAD_BYTES)
         app.router.add_get("/healthz", self._healthz)
@@ -365,6 +384,9 @@ class Supervisor:
             self.workloads.clear()
         if self._stopping:
             await asyncio.gather(*self._stopping, return_exceptions=True)
+        for inst in self.instances.values():  # left running: no longer watched from here
+            for proc in (inst.sidecar, inst.engine):
+                self._unwatch(proc)
         self._write_state()
         for closer in (self._http, self._etcd, self._vault):
             if closer is not None:
@@ -376,20 +398,21 @@ class Supervisor:
     async def _healthz(self, _: web.Request) -> web.Response:
         return web.json_response({"ok": True, "instances": len(self.instances)})
 
-    def _agent_json(self, name: str) -> dict[str, Any]:
+    def _agent_json(self, name: str, instances: list[_Instance] | None = None) -> dict[str, Any]:
         workload = self.workloads.get(name)
+        if instances is None:
+            instances = [i for i in self.instances.values() if resource_name(i.agent) == name]
         return {
             "workload": workload.to_json() if workload else None,
-            "instances": [
-                i.status().to_json()
-                for i in sorted(self.instances.values(), key=lambda i: i.name)
-                if resource_name(i.agent) == name
-            ],
+            "instances": [i.status().to_json() for i in sorted(instances, key=lambda i: i.name)],
         }
 
     async def _list(self, _: web.Request) -> web.Response:
-        names = {resource_name(i.agent) for i in self.instances.values()} | set(self.workloads)
-        return web.json_response({n: self._agent_json(n) for n in sorted(names)})
+        # every agent's instances in one pass (the controller lists them every few seconds)
+        by_agent: dict[str, list[_Instance]] = {name: [] for name in self.workloads}
+        for inst in self.instances.values():
+            by_agent.setdefault(resource_name(inst.agent), []).append(inst)
+        return web.json_response({n: self._agent_json(n, by_agent[n]) for n in sorted(by_agent)})
 
     async def _get(self, request: web.Request) -> web.Response:
         return web.json_response(self._agent_json(request.match_info["name"]))
@@ -430,9 +453,12 @@ class Supervisor:
                     f"the supervisor's limit is {self.config.max_instances} "
                     "(SPECMESH_SUPERVISOR_MAX_INSTANCES)"
                 )
+            previous, had = self.workloads.get(name), set(self.instances)
             self.workloads[name] = workload
             self._converge(workload)
-            self._dirty = True
+            if previous != workload or set(self.instances) != had:  # not a mere resync
+                self._dirty = True
+                self._wake.set()
 
     def _converge(self, workload: AgentWorkload) -> None:
         """Create the missing ordinals and begin stopping the extra ones (under the lock).
@@ -462,6 +488,7 @@ class Supervisor:
                 if resource_name(inst.agent) == name and not inst.stopping:
                     self._begin_stop(inst)
             self._dirty = True
+            self._wake.set()
 
     def _create(self, agent: str, track: str, ordinal: int) -> None:
         logs = self.config.home / "logs"
@@ -511,12 +538,14 @@ class Supervisor:
             del self.instances[inst.name]
         self._dirty = True
         self._write_state()
+        self._wake.set()  # its name may be due again (a re-created agent, a scale back up)
         logger.info("instance %s stopped", inst.name)
 
     # ------------------------------------------------------------ the loop
 
     async def _loop(self) -> None:
         while True:
+            self._wake.clear()
             try:
                 async with self._lock:
                     for workload in list(self.workloads.values()):
@@ -530,7 +559,46 @@ class Supervisor:
                 raise
             except Exception:
                 logger.exception("supervisor loop")
-            await asyncio.sleep(_TICK)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._next_pass())
+
+    def _next_pass(self) -> float:
+        """Seconds the loop may wait unless woken: until the next restart due, a tick for
+        a process no pidfd watches, at most :data:`_IDLE_TICK`."""
+        now, wait = time.monotonic(), _IDLE_TICK
+        for inst in self.instances.values():
+            if inst.stopping:
+                continue
+            for proc in (inst.sidecar, inst.engine):
+                if not proc.pid:
+                    wait = min(wait, proc.next_start - now)
+                elif proc.exit_fd is None:
+                    wait = min(wait, _TICK)
+        return max(wait, _TICK)
+
+    def _watch_exit(self, proc: _Process) -> None:
+        """Wake the loop when ``proc`` exits: a pidfd in the event loop (Linux >= 5.3;
+        without one the loop polls the process every :data:`_TICK`)."""
+        if proc.exit_fd is not None or not proc.pid:
+            return
+        try:
+            fd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):  # not Linux, an old kernel, or gone already
+            return
+        loop = asyncio.get_running_loop()
+
+        def exited() -> None:
+            self._unwatch(proc)
+            self._wake.set()
+
+        loop.add_reader(fd, exited)
+        proc.exit_fd = fd
+
+    def _unwatch(self, proc: _Process) -> None:
+        fd, proc.exit_fd = proc.exit_fd, None
+        if fd is not None:
+            asyncio.get_running_loop().remove_reader(fd)
+            os.close(fd)
 
     async def _tend(self, inst: _Instance) -> None:
         now = time.monotonic()
@@ -550,6 +618,7 @@ class Supervisor:
                 proc.popen = None
                 inst.ready = False
                 self._dirty = True
+                self._unwatch(proc)
                 if proc.role == "sidecar":
                     await self._deregister(inst)
             if not proc.pid:
@@ -565,6 +634,7 @@ class Supervisor:
                         self._dirty = True
             elif proc.quick_exits and now - proc.started >= MIN_HEALTHY:
                 proc.quick_exits = 0  # ran long enough: the streak is over
+            self._watch_exit(proc)
         if crash and not (inst.sidecar.pid and inst.engine.pid):
             inst.set_phase("CrashLoop")
         elif not (inst.sidecar.pid and inst.engine.pid):
@@ -720,32 +790,58 @@ class Supervisor:
     # ------------------------------------------------------------ readiness
 
     async def _readiness_loop(self) -> None:
-        while True:
-            try:
-                instances = [i for i in self.instances.values() if not i.stopping and i.sidecar.pid]
-                await asyncio.gather(*(self._probe(i) for i in instances))
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("readiness probes")
-            await asyncio.sleep(READY_POLL_SECONDS)
+        """One probe in flight per instance: a watch (answered when the sidecar's report
+        changes, else after :data:`READY_WATCH_SECONDS`) once an answer came, a plain
+        probe until then; a finished one is followed within :data:`READY_POLL_SECONDS`."""
+        probes: dict[str, tuple[_Instance, asyncio.Task[None]]] = {}
+        try:
+            while True:
+                try:
+                    for name, (inst, task) in list(probes.items()):
+                        gone = self.instances.get(name) is not inst or inst.stopping
+                        if gone or task.done():
+                            task.cancel()
+                            del probes[name]
+                            if task.done() and not task.cancelled() and task.exception():
+                                logger.error(
+                                    "readiness probe of %s", name, exc_info=task.exception()
+                                )
+                    for inst in list(self.instances.values()):
+                        if inst.name not in probes and not inst.stopping and inst.sidecar.pid:
+                            task = asyncio.create_task(self._probe(inst))
+                            probes[inst.name] = (inst, task)
+                except Exception:
+                    logger.exception("readiness probes")
+                await asyncio.sleep(READY_POLL_SECONDS)
+        finally:
+            tasks = [task for _, task in probes.values()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _probe(self, inst: _Instance) -> None:
         assert self._http is not None
-        ready, revision = False, inst.revision
+        ready, revision, etag = False, inst.revision, ""
+        url, query = f"{inst.endpoints['ops']}/readyz", {}
+        timeout = aiohttp.ClientTimeout(total=2)
+        if inst.ready_etag:
+            query = {"seen": inst.ready_etag, "wait": str(READY_WATCH_SECONDS)}
+            timeout = aiohttp.ClientTimeout(total=READY_WATCH_SECONDS + 2)
         try:
-            async with self._http.get(f"{inst.endpoints['ops']}/readyz") as r:
+            async with self._http.get(url, params=query, timeout=timeout) as r:
                 body = await r.json(content_type=None)
-                ready = r.status == 200
+                ready, etag = r.status == 200, r.headers.get("ETag", "")
                 engine = body.get("engine") if isinstance(body, dict) else None
                 if isinstance(engine, dict):
                     revision = int(engine.get("servingRevision") or revision)
         except (aiohttp.ClientError, TimeoutError, ValueError):
             ready = False
+        inst.ready_etag = etag
         if (ready, revision) != (inst.ready, inst.revision):
             inst.ready, inst.revision = ready, revision
             inst.was_ready = inst.was_ready or ready
             self._dirty = True
+            self._wake.set()  # its phase follows
 
     # ------------------------------------------------------------ state file
 

@@ -40,6 +40,11 @@ class Runtime(Protocol):
         """The agent's instances as they are now (by resource name)."""
         ...
 
+    async def observe_all(self) -> dict[str, list[InstanceStatus]]:
+        """Every agent's instances as they are now, by resource name: one look for all
+        (the controller observes every few seconds, whatever the number of agents)."""
+        ...
+
     async def close(self) -> None:
         """Release connections; what runs keeps running."""
         ...

@@ -670,6 +670,25 @@ class KubernetesRuntime:
             (pod_instance(p.to_dict()) for p in pods), key=lambda i: (i.track, i.instance)
         )
 
+    async def observe_all(self) -> dict[str, list[InstanceStatus]]:
+        pods = await _list(
+            "list pods",
+            self._client,
+            Pod,
+            namespace=self.namespace,
+            labels={LABEL_INSTANCE: self._renderer.release},
+        )
+        found: dict[str, list[InstanceStatus]] = {}
+        for p in pods:
+            pod = p.to_dict()
+            agent = ((pod.get("metadata") or {}).get("labels") or {}).get(LABEL_AGENT)
+            if agent:
+                found.setdefault(str(agent), []).append(pod_instance(pod))
+        return {
+            agent: sorted(instances, key=lambda i: (i.track, i.instance))
+            for agent, instances in found.items()
+        }
+
     async def close(self) -> None:
         await self._client.close()
         self._renderer.close()

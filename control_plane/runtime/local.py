@@ -78,6 +78,13 @@ class LocalRuntime:
         data = await self._call("GET", f"/v1/agents/{resource_name(agent)}")
         return [InstanceStatus.from_json(i) for i in data["instances"]]
 
+    async def observe_all(self) -> dict[str, list[InstanceStatus]]:
+        data = await self._call("GET", "/v1/agents")
+        return {
+            name: [InstanceStatus.from_json(i) for i in entry["instances"]]
+            for name, entry in data.items()
+        }
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()

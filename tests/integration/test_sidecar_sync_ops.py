@@ -160,3 +160,51 @@ async def _nothing_but_engine_missing(http: aiohttp.ClientSession) -> bool:
 async def _readyz_if(http: aiohttp.ClientSession, status: int) -> dict[str, Any] | None:
     async with http.get("/readyz") as r:
         return dict(await r.json()) if r.status == status else None
+
+
+async def test_a_readyz_watch_answers_when_the_report_changes(
+    store: SpecStore, etcd: EtcdClient, keys: Keys
+) -> None:
+    holder = SnapshotHolder()
+    metrics = SidecarMetrics()
+    agent = "ops-watched"
+    sync = SpecSync(
+        etcd=etcd, keys=keys, agent=agent, track="stable", holder=holder, metrics=metrics
+    )
+    server = SpecSyncServer(
+        address="127.0.0.1:0", agent=agent, sync=sync, holder=holder, metrics=metrics
+    )
+    ops = OpsServer(address="127.0.0.1:0", metrics=metrics, readiness=server.readiness)
+    server.add_status_listener(lambda _: ops.readiness_changed())  # as the sidecar wires it
+    spec = AgentSpec.model_validate(
+        {"base": {"description": "d", "promptKey": "p"}, "model": {"model": "m"}}
+    )
+    await store.apply_agent(agent, spec, actor="t")
+    await ops.start()
+    await sync.start()
+    await server.start()
+    channel = grpc.aio.insecure_channel(server.target)
+    stub = sidecar_pb2_grpc.SpecSyncServiceStub(channel)
+    try:
+        async with aiohttp.ClientSession(base_url=ops.url) as http:
+            await _poll_async(lambda: _nothing_but_engine_missing(http))
+            async with http.get("/readyz") as r:
+                etag = r.headers["ETag"]
+            # a watch on a report already different answers at once
+            async with http.get("/readyz", params={"seen": '"other"', "wait": "60"}) as r:
+                assert r.status == 503 and r.headers["ETag"] == etag
+
+            # a watch on the current report answers once the engine connects (not after
+            # its wait)
+            watch = asyncio.create_task(http.get("/readyz", params={"seen": etag, "wait": "60"}))
+            stream = stub.WatchSnapshots(sidecar_pb2.WatchSnapshotsRequest(agent_name=agent))
+            await asyncio.wait_for(stream.read(), 20)
+            r = await asyncio.wait_for(watch, 20)
+            body = await r.json()
+            assert r.headers["ETag"] != etag and body["engine"]["connected"] is True
+            stream.cancel()
+    finally:
+        await channel.close()
+        await server.stop(grace=0)
+        await sync.stop()
+        await ops.stop()

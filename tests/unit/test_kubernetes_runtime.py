@@ -684,6 +684,30 @@ async def test_observe_maps_the_agents_pods(
         await runtime.observe("scheduleX-assistant")
 
 
+async def test_observe_all_lists_every_agents_pods_at_once(
+    api: tuple[FakeKubeApi, str], runtime: KubernetesRuntime
+) -> None:
+    fake, _ = api
+    for name, agent, track in (
+        ("a-2", "schedulex-assistant", "stable"),
+        ("a-1", "schedulex-assistant", "canary"),
+        ("b-1", "mse-nacos-helper", "stable"),
+    ):
+        fake.put({"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": name, "namespace": NAMESPACE,
+            "labels": {LABEL_AGENT: agent, LABEL_TRACK: track, LABEL_INSTANCE: RELEASE}},
+            "status": {"phase": "Pending"}})  # fmt: skip
+
+    seen = await runtime.observe_all()
+
+    assert {a: [(i.instance, i.track) for i in found] for a, found in seen.items()} == {
+        "schedulex-assistant": [("a-1", "canary"), ("a-2", "stable")],
+        "mse-nacos-helper": [("b-1", "stable")],
+    }
+    (call,) = [c for c in fake.calls if c.plural == "pods" and c.method == "GET"]
+    assert call.query["labelSelector"] == f"{LABEL_INSTANCE}={RELEASE}"
+
+
 async def test_api_errors_are_translated(
     api: tuple[FakeKubeApi, str], runtime: KubernetesRuntime
 ) -> None:
