@@ -21,7 +21,9 @@ Streaming clients (``SendStreamingMessage``: the request handler marks the call 
 :data:`STREAMING_STATE`) see the answer grow chunk by chunk, and the model is streamed
 for them; the stored task ends with one artifact holding the whole answer, because the
 final chunk replaces the streamed ones. A ``SendMessage`` caller waits for the whole
-answer: the model is called non-streamed and the answer is one artifact event.
+answer: the model is called non-streamed and the answer is one artifact event. A
+``SendMessage`` with ``returnImmediately`` does not wait, so it is streamed too: a
+``GetTask`` poller or a ``SubscribeToTask`` follower sees the answer grow.
 
 Metadata keys are camelCase. Metadata is a protobuf ``Struct``, whose numbers are
 doubles: over gRPC ``revision`` is ``1.0``; the HTTP bindings write it ``1``

@@ -527,6 +527,15 @@ class _RequestHandler(DefaultRequestHandlerV2):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self._card_source = card_source
 
+    async def on_message_send(
+        self, params: a2a_pb2.SendMessageRequest, context: ServerCallContext
+    ) -> a2a_pb2.Message | a2a_pb2.Task:
+        if params.configuration.return_immediately:
+            # the caller does not wait: the answer grows in the task as it comes, for
+            # GetTask pollers and SubscribeToTask followers; a waiting caller gets it whole
+            context.state[STREAMING_STATE] = True
+        return await super().on_message_send(params, context)
+
     async def on_message_send_stream(
         self, params: a2a_pb2.SendMessageRequest, context: ServerCallContext
     ) -> AsyncGenerator[Event, None]:

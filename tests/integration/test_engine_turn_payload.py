@@ -216,6 +216,28 @@ async def test_the_model_is_streamed_only_for_a_caller_that_streams(
     assert model.requests()[-1].stream is streamed
 
 
+@pytest.mark.parametrize("path", ["/", "/v1/message:send"])
+async def test_a_caller_that_returns_immediately_has_the_model_streamed(
+    http: httpx.AsyncClient, model: ScriptedModelServer, path: str
+) -> None:
+    """``returnImmediately``: the caller does not wait, so the answer grows in the task
+    (for GetTask pollers and SubscribeToTask followers): the model is streamed."""
+    question = f"the answer for {uuid.uuid4().hex}?"
+    body = _message(question, f"later-{uuid.uuid4().hex}")
+    body["configuration"] = {"returnImmediately": True}
+
+    response = await http.post(path, json=_rpc("SendMessage", body) if path == "/" else body)
+
+    assert response.status_code == 200, response.text
+    assert "error" not in response.json(), response.text
+
+    def asked() -> list[Any]:
+        return [r for r in model.requests() if question in json.dumps(r.messages)]
+
+    await _eventually(lambda: bool(asked()), "the model request of the turn")
+    assert [r.stream for r in asked()] == [True]
+
+
 async def test_a_completed_turn_records_outcome_completed_without_an_error(
     http: httpx.AsyncClient, spans: InMemorySpanExporter
 ) -> None:
