@@ -132,9 +132,7 @@ def _sidecar(agent: str, home: Path, state: dict, **ports: int) -> tuple[subproc
         if key in ports:
             env[setting] = f"127.0.0.1:{ports[key]}"
     log = (home / f"sidecar-{agent}.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "specmesh.cli", "sidecar"], env=env, stdout=log, stderr=log
-    )
+    proc = subprocess.Popen([sys.executable, "-m", "sidecar"], env=env, stdout=log, stderr=log)
     return proc, ports
 
 
@@ -264,7 +262,7 @@ def _engine(home: Path, ports: dict[str, int]) -> subprocess.Popen:
     )
     log = (home / "engine-bench-a.log").open("w")
     return subprocess.Popen(
-        [sys.executable, "-m", "specmesh.cli", "engine"],
+        [sys.executable, "-m", "engine"],
         env=env,
         cwd=str(Path(__file__).resolve().parent.parent),
         stdout=log,

@@ -98,23 +98,37 @@ _checked_at = float("-inf")
 async def relay(
     request: web.BaseRequest, upstream: aiohttp.ClientResponse, *, downstream: str
 ) -> web.StreamResponse:
-    """Stream ``upstream`` to ``request``'s caller chunk by chunk, then release it."""
+    """Stream ``upstream`` to ``request``'s caller chunk by chunk, then release it.
+
+    A caller that hangs up mid-response (a client that gave up, a load generator ending its
+    run) is an expected event: logged at debug, the upstream connection closed (the upstream
+    sees its call cancelled), and the response returned as it stands -- aiohttp drops it
+    without writing anything more to the closed connection."""
     try:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.extend(end_to_end_headers(upstream.headers))
         if upstream.content_length is not None and "Content-Encoding" not in upstream.headers:
             response.content_length = upstream.content_length
-        await response.prepare(request)
         try:
-            async for chunk in upstream.content.iter_any():
+            await response.prepare(request)
+            while True:
+                try:
+                    chunk = await upstream.content.readany()
+                except (aiohttp.ClientError, TimeoutError) as e:
+                    # Headers are sent: the only honest signal left is to cut the connection.
+                    logger.warning(
+                        "upstream stream broke (%s); closing the %s's connection", e, downstream
+                    )
+                    if request.transport is not None:
+                        request.transport.close()
+                    return response
+                if not chunk:
+                    break
                 await response.write(chunk)
-        except (aiohttp.ClientError, TimeoutError) as e:
-            # Headers are sent: the only honest signal left is to cut the connection.
-            logger.warning("upstream stream broke (%s); closing the %s's connection", e, downstream)
-            if request.transport is not None:
-                request.transport.close()
-            return response
-        await response.write_eof()
+            await response.write_eof()
+        except ConnectionError as e:  # writing to the caller: it hung up
+            logger.debug("the %s closed its connection mid-response (%s)", downstream, e)
+            upstream.close()
         return response
     finally:
         upstream.release()

@@ -146,8 +146,8 @@ class SupervisorConfig:
     mtls: bool = True
     pki_mount: str = "specmesh-pki"
     python: str = sys.executable
-    engine_args: tuple[str, ...] = ("-m", "specmesh.cli", "engine")
-    sidecar_args: tuple[str, ...] = ("-m", "specmesh.cli", "sidecar")
+    engine_args: tuple[str, ...] = ("-m", "engine")
+    sidecar_args: tuple[str, ...] = ("-m", "sidecar")
     log_level: str = "INFO"
     max_instances: int = DEFAULT_MAX_INSTANCES
     """Most instances (engine + sidecar pairs) run at once over all agents

@@ -45,10 +45,12 @@ class Seen:
 @dataclass
 class Upstream:
     """An in-test HTTP upstream recording what reaches it; ``/stream`` paths send one SSE
-    chunk per permit put in ``gate``."""
+    chunk per permit put in ``gate``; ``/held`` paths answer on the first permit, then send
+    a chunk per permit until their caller is gone (``cut`` is set then)."""
 
     seen: list[Seen] = field(default_factory=list)
     gate: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
+    cut: asyncio.Event = field(default_factory=asyncio.Event)
     runner: web.AppRunner | None = None
     port: int = 0
 
@@ -69,6 +71,17 @@ class Upstream:
                 if i < 2:
                     await self.gate.get()
             await response.write_eof()
+            return response
+        if request.path.endswith("/held"):
+            await self.gate.get()
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            try:
+                await response.prepare(request)
+                while True:
+                    await response.write(b"data: tick\n\n")
+                    await self.gate.get()
+            except ConnectionError:
+                self.cut.set()
             return response
         return web.json_response({"ok": True, "path": request.path})
 
@@ -269,6 +282,47 @@ async def test_streaming_passes_through_chunk_by_chunk(
                 assert f"chunk-{i + 1}".encode() not in received
                 upstream.gate.put_nowait(None)
         assert await resp.read() == b""
+
+
+async def test_a_caller_hanging_up_mid_call_is_no_error_and_the_next_call_is_served(
+    services: LocalServices,
+    vault: VaultClient,
+    upstream: Upstream,
+    rig_factory: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    agent = _agent()
+    await vault.write(VaultRef.parse(_ref(agent, "model")), "sk-hangup")
+    rig = await rig_factory(
+        address=services.bao.address,
+        token=await _agent_token(vault, agent),
+        snapshot=_snapshot(agent, _spec(agent, upstream.url), {}),
+    )
+    caplog.set_level(logging.DEBUG)
+
+    # the engine's call reaches the upstream, which holds its answer; the engine hangs up
+    _, writer = await asyncio.open_connection(rig.egress.host, rig.egress.port)
+    writer.write(b"POST /llm/v1/held HTTP/1.1\r\nHost: egress\r\nContent-Length: 2\r\n\r\n{}")
+    await writer.drain()
+
+    async def upstream_called() -> bool:
+        return any(s.path.endswith("/held") for s in upstream.seen)
+
+    await _poll(upstream_called, timeout=10, what="the call to reach the upstream")
+    writer.close()
+    await writer.wait_closed()
+
+    async def upstream_cut() -> bool:  # the upstream answers, one more chunk per permit
+        upstream.gate.put_nowait(None)
+        return upstream.cut.is_set()
+
+    await _poll(upstream_cut, timeout=10, what="the egress to close the upstream's call")
+    async with rig.client.post(rig.egress.url + "/llm/v1/chat/completions", json={}) as resp:
+        status = resp.status
+
+    assert status == 200
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert any("closed its connection" in r.getMessage() for r in caplog.records)
 
 
 async def test_rotated_secret_is_used_by_the_next_request_after_refresh(

@@ -374,8 +374,9 @@ def test_agent_pods_carry_the_shared_labels_and_env(chart: helm_python.Chart) ->
         }
         containers = _containers(d)
         assert set(containers) == {"engine", "sidecar"}
-        assert containers["engine"]["args"] == ["engine"]
-        assert containers["sidecar"]["args"] == ["sidecar"]
+        for role in ("engine", "sidecar"):  # `specmesh <role>`'s main without the CLI's imports
+            assert containers[role]["command"] == ["/usr/bin/tini", "--", "python", "-m", role]
+            assert "args" not in containers[role]
         assert containers["engine"]["image"] == containers["sidecar"]["image"]
         assert _env(containers["sidecar"])["SPECMESH_TRACK"] == track  # the sidecar resolves it
         for c in containers.values():
