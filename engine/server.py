@@ -534,7 +534,8 @@ class _RequestHandler(DefaultRequestHandlerV2):
             # the caller does not wait: the answer grows in the task as it comes, for
             # GetTask pollers and SubscribeToTask followers; a waiting caller gets it whole
             context.state[STREAMING_STATE] = True
-        return await super().on_message_send(params, context)
+        answer: a2a_pb2.Message | a2a_pb2.Task = await super().on_message_send(params, context)
+        return answer
 
     async def on_message_send_stream(
         self, params: a2a_pb2.SendMessageRequest, context: ServerCallContext
