@@ -436,8 +436,14 @@ def _pids(*procs: subprocess.Popen | None) -> list[int]:
     return [p.pid for p in procs if p is not None]
 
 
+_NOISE_MS = 0.02
+"""A reference's added figure at or under this is the noise between two loads' percentiles
+(the nginx pair adds ~0.01 ms per hop at 1,000 rps, sometimes 'less than nothing'): no
+ratio is given to it."""
+
+
 def _ratio(value: float | None, reference: float | None) -> float | None:
-    if value is None or not reference:
+    if value is None or reference is None or reference <= _NOISE_MS:
         return None
     return round(value / reference, 2)
 
