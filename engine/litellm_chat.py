@@ -84,28 +84,19 @@ class LiteLlmChat:
     async def call(
         self, request: ChatRequest, *, stream: bool
     ) -> AsyncGenerator[TextChunk | ModelReply, None]:
+        # the same body as the OpenAI-compatible client sends, with litellm's own keys
         kwargs: dict[str, Any] = {
+            **request.body(stream=stream),
             "model": f"{self._provider}/{request.model}",
-            "messages": list(request.messages),
             "api_base": request.api_base,
             "api_key": request.api_key,
             "timeout": request.timeout,
             "num_retries": request.max_retries,
         }
-        if request.temperature is not None:
-            kwargs["temperature"] = request.temperature
-        if request.max_tokens is not None:
-            kwargs["max_tokens"] = request.max_tokens
-        if request.top_p is not None:
-            kwargs["top_p"] = request.top_p
-        if request.tools:
-            kwargs["tools"] = list(request.tools)
         builder = ReplyBuilder(model=request.display)
         try:
             if stream:
-                response = await litellm.acompletion(
-                    **kwargs, stream=True, stream_options={"include_usage": True}
-                )
+                response = await litellm.acompletion(**kwargs)
                 async for chunk in response:
                     text = _absorb_chunk(builder, chunk)
                     if text:

@@ -90,6 +90,13 @@ class ChatRequest:
         return body
 
 
+def _transport_error(error: BaseException, *, model: str) -> ModelError:
+    """A read that timed out or a connection that broke, as the engine's model error."""
+    if isinstance(error, TimeoutError | aiohttp.ServerTimeoutError):
+        return ModelTimeoutError(model=model, reason=safe_reason(ModelTimeoutError))
+    return ModelUnavailableError(model=model, reason=safe_reason(ModelUnavailableError))
+
+
 def _status_error(status: int, *, model: str) -> ModelError:
     kind: type[ModelError]
     if status == 408:
@@ -228,12 +235,8 @@ class OpenAIChat:
         model = request.display
         try:
             raw = await response.read()
-        except (TimeoutError, aiohttp.ServerTimeoutError) as e:
-            raise ModelTimeoutError(model=model, reason=safe_reason(ModelTimeoutError)) from e
-        except aiohttp.ClientError as e:
-            raise ModelUnavailableError(
-                model=model, reason=safe_reason(ModelUnavailableError)
-            ) from e
+        except (TimeoutError, aiohttp.ClientError) as e:
+            raise _transport_error(e, model=model) from e
         try:
             body = json.loads(raw)
         except ValueError as e:
@@ -267,12 +270,8 @@ class OpenAIChat:
                 text = builder.absorb_chunk(chunk)
                 if text:
                     yield TextChunk(text)
-        except (TimeoutError, aiohttp.ServerTimeoutError) as e:
-            raise ModelTimeoutError(model=model, reason=safe_reason(ModelTimeoutError)) from e
-        except aiohttp.ClientError as e:
-            raise ModelUnavailableError(
-                model=model, reason=safe_reason(ModelUnavailableError)
-            ) from e
+        except (TimeoutError, aiohttp.ClientError) as e:
+            raise _transport_error(e, model=model) from e
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
             raise _malformed(model) from e  # not JSON, not the format, a line too long
         yield builder.reply()
