@@ -216,6 +216,36 @@ def _upstream_proc(port: int, ready: Any) -> None:
     asyncio.run(main())
 
 
+def _model_proc(port: int, script: dict[str, Any], ready: Any) -> None:
+    """The project's scripted model server, its app mounted at /llm (the path an engine
+    calls on its egress)."""
+    from specmesh.modelserver import ScriptedModelServer
+
+    async def main() -> None:
+        server = ScriptedModelServer(script=script)
+        root = web.Application()
+        root.add_subapp("/llm", server.app)
+        runner = web.AppRunner(root, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        ready.set()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def start_model_server(port: int, script: dict[str, Any]) -> mp.process.BaseProcess:
+    """The scripted model server in its own process, serving ``script`` at
+    ``http://127.0.0.1:{port}/llm``; returns once it listens."""
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_model_proc, args=(port, script, ready), daemon=True)
+    proc.start()
+    if not ready.wait(30):
+        raise RuntimeError("the scripted model server did not start")
+    return proc
+
+
 def start_upstream(port: int) -> mp.Process:
     """A 1 KB echo server in its own process."""
     ctx = mp.get_context("spawn")

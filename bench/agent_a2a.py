@@ -67,7 +67,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._load import cpu_seconds, dump, percentile, rss_mb
+from bench._load import cpu_seconds, dump, percentile, rss_mb, start_model_server
 from bench.engine_turn import ANSWER, QUESTION, TEMPLATE, _engine_env, _write_spec
 from specmesh.services import free_port
 
@@ -136,33 +136,8 @@ _SCRIPT: dict[str, Any] = {
 # ---------------------------------------------------------------- processes
 
 
-def _model_proc(port: int, ready: Any) -> None:
-    """The scripted model server, its app mounted at /llm (the engine's egress path)."""
-    from aiohttp import web
-
-    from specmesh.modelserver import ScriptedModelServer
-
-    async def main() -> None:
-        server = ScriptedModelServer(script=_SCRIPT)
-        root = web.Application()
-        root.add_subapp("/llm", server.app)
-        runner = web.AppRunner(root, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        ready.set()
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
-
-
 def _start_model(port: int) -> mp.process.BaseProcess:
-    ctx = mp.get_context("spawn")
-    ready = ctx.Event()
-    proc = ctx.Process(target=_model_proc, args=(port, ready), daemon=True)
-    proc.start()
-    if not ready.wait(30):
-        raise RuntimeError("the scripted model server did not start")
-    return proc
+    return start_model_server(port, _SCRIPT)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

@@ -74,7 +74,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._load import cpu_seconds, dump, percentile, rss_mb
+from bench._load import cpu_seconds, dump, percentile, rss_mb, start_model_server
 from specmesh.services import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -131,35 +131,8 @@ def _write_spec(folder: Path) -> Path:
 # ---------------------------------------------------------------- model server
 
 
-def _model_proc(port: int, ready: Any) -> None:
-    """The scripted model server with its app mounted at /llm (what the engine calls)."""
-    from aiohttp import web
-
-    from specmesh.modelserver import ScriptedModelServer
-
-    async def main() -> None:
-        server = ScriptedModelServer(
-            script={"rules": [], "fallback": {"type": "text", "text": ANSWER}}
-        )
-        root = web.Application()
-        root.add_subapp("/llm", server.app)
-        runner = web.AppRunner(root, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        ready.set()
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
-
-
-def _start_model(port: int) -> Any:
-    ctx = mp.get_context("spawn")
-    ready = ctx.Event()
-    proc = ctx.Process(target=_model_proc, args=(port, ready), daemon=True)
-    proc.start()
-    if not ready.wait(30):
-        raise RuntimeError("the scripted model server did not start")
-    return proc
+def _start_model(port: int) -> mp.process.BaseProcess:
+    return start_model_server(port, {"rules": [], "fallback": {"type": "text", "text": ANSWER}})
 
 
 # ---------------------------------------------------------------- engine process
