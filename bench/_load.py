@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +51,55 @@ class LoadResult:
     """Errors by kind (HTTP status, exception or gRPC status code)."""
 
 
+async def _open_loop(
+    attempt: Callable[[], Awaitable[str | None]],
+    *,
+    rps: int,
+    seconds: float,
+    warmup: int,
+    cpu_pids: Sequence[int],
+) -> dict[str, Any]:
+    """Start ``attempt`` every 1/rps s for ``seconds`` (open loop: a slow answer does not
+    delay the next start), after ``warmup`` attempts at once (opening connections). An
+    attempt returns ``None`` when it succeeded, else the kind of error; only successes are
+    timed. CPU seconds of ``cpu_pids`` are read right before and after."""
+    latencies: list[float] = []
+    kinds: dict[str, int] = {}
+
+    async def one(timed: bool) -> None:
+        start = time.perf_counter()
+        kind = await attempt()
+        if not timed:
+            return
+        if kind is None:
+            latencies.append((time.perf_counter() - start) * 1000)
+        else:
+            kinds[kind] = kinds.get(kind, 0) + 1
+
+    await asyncio.gather(*(one(False) for _ in range(warmup)))
+    tasks = []
+    cpu0 = [cpu_seconds(pid) for pid in cpu_pids]
+    t0 = time.perf_counter()
+    interval = 1.0 / rps
+    n = int(rps * seconds)
+    for i in range(n):
+        delay = t0 + i * interval - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(True)))
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - t0
+    cpu = [cpu_seconds(pid) - c for pid, c in zip(cpu_pids, cpu0, strict=True)]
+    return {
+        "sent": n,
+        "latencies": latencies,
+        "errors": sum(kinds.values()),
+        "elapsed": elapsed,
+        "cpu": cpu,
+        "kinds": kinds,
+    }
+
+
 async def _run_load(
     url: str,
     rps: int,
@@ -59,54 +108,20 @@ async def _run_load(
     connections: int,
     cpu_pids: Sequence[int] = (),
 ) -> dict[str, Any]:
-    latencies: list[float] = []
-    errors = 0
-    kinds: dict[str, int] = {}
-    interval = 1.0 / rps
     conn = aiohttp.TCPConnector(limit=connections)
     async with aiohttp.ClientSession(connector=conn) as session:
 
-        async def one() -> None:
-            nonlocal errors
-            start = time.perf_counter()
+        async def attempt() -> str | None:
             try:
                 async with session.post(url, data=PAYLOAD, headers=headers) as r:
                     await r.read()
-                    if r.status != 200:
-                        errors += 1
-                        kinds[str(r.status)] = kinds.get(str(r.status), 0) + 1
-                        return
+                    return None if r.status == 200 else str(r.status)
             except aiohttp.ClientError as e:
-                errors += 1
-                kinds[type(e).__name__] = kinds.get(type(e).__name__, 0) + 1
-                return
-            latencies.append((time.perf_counter() - start) * 1000)
+                return type(e).__name__
 
-        # warm-up: open the connections
-        await asyncio.gather(*(one() for _ in range(min(connections, 20))))
-        latencies.clear()
-        errors = 0
-        kinds.clear()
-        tasks = []
-        cpu0 = [cpu_seconds(pid) for pid in cpu_pids]
-        t0 = time.perf_counter()
-        n = int(rps * seconds)
-        for i in range(n):
-            delay = t0 + i * interval - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one()))
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - t0
-        cpu = [cpu_seconds(pid) - c for pid, c in zip(cpu_pids, cpu0, strict=True)]
-    return {
-        "sent": n,
-        "latencies": latencies,
-        "errors": errors,
-        "elapsed": elapsed,
-        "cpu": cpu,
-        "kinds": kinds,
-    }
+        return await _open_loop(
+            attempt, rps=rps, seconds=seconds, warmup=min(connections, 20), cpu_pids=cpu_pids
+        )
 
 
 @dataclass(frozen=True)
@@ -275,60 +290,24 @@ async def _run_grpc_load(
     one per partner instance); a streaming call counts when all its messages came."""
     import grpc
 
-    latencies: list[float] = []
-    errors = 0
-    kinds: dict[str, int] = {}
-    interval = 1.0 / rps
     async with grpc.aio.insecure_channel(target) as channel:
-        if streaming:
-            stream_call = channel.unary_stream(method)
-        else:
-            unary_call = channel.unary_unary(method)
+        stream_call = channel.unary_stream(method)
+        unary_call = channel.unary_unary(method)
 
-        async def one() -> None:
-            nonlocal errors
-            start = time.perf_counter()
+        async def attempt() -> str | None:
             try:
-                if streaming:
-                    got = 0
-                    async for _ in stream_call(PAYLOAD, metadata=metadata, timeout=30):
-                        got += 1
-                    if got != GRPC_STREAM_MESSAGES:
-                        errors += 1
-                        kinds["short_stream"] = kinds.get("short_stream", 0) + 1
-                        return
-                else:
+                if not streaming:
                     await unary_call(PAYLOAD, metadata=metadata, timeout=30)
+                    return None
+                got = 0
+                async for _ in stream_call(PAYLOAD, metadata=metadata, timeout=30):
+                    got += 1
+                return None if got == GRPC_STREAM_MESSAGES else "short_stream"
             except grpc.aio.AioRpcError as e:
-                errors += 1
-                kinds[e.code().name] = kinds.get(e.code().name, 0) + 1
-                return
-            latencies.append((time.perf_counter() - start) * 1000)
+                return str(e.code().name)
 
-        await asyncio.gather(*(one() for _ in range(20)))  # warm-up: the connection
-        latencies.clear()
-        errors = 0
-        kinds.clear()
-        tasks = []
-        cpu0 = [cpu_seconds(pid) for pid in cpu_pids]
-        t0 = time.perf_counter()
-        n = int(rps * seconds)
-        for i in range(n):
-            delay = t0 + i * interval - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one()))
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - t0
-        cpu = [cpu_seconds(pid) - c for pid, c in zip(cpu_pids, cpu0, strict=True)]
-    return {
-        "sent": n,
-        "latencies": latencies,
-        "errors": errors,
-        "elapsed": elapsed,
-        "cpu": cpu,
-        "kinds": kinds,
-    }
+        # warm-up: the connection
+        return await _open_loop(attempt, rps=rps, seconds=seconds, warmup=20, cpu_pids=cpu_pids)
 
 
 def _grpc_upstream_proc(port: int, service: str, methods: dict[str, bool], ready: Any) -> None:
