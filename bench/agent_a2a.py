@@ -68,7 +68,14 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._load import cpu_seconds, dump, percentile, rss_mb, start_model_server
-from bench.engine_turn import ANSWER, QUESTION, TEMPLATE, _engine_env, _write_spec
+from bench.engine_turn import (
+    ANSWER,
+    QUESTION,
+    TEMPLATE,
+    _engine_env,
+    _write_spec,
+    engine_argv,
+)
 from specmesh.services import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -229,21 +236,6 @@ def _floor_argv(port: int, name: str = "floor") -> list[str]:
         str(port),
         "--name",
         name,
-    ]
-
-
-def _engine_argv(folder: Path, port: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "specmesh.cli",
-        "engine",
-        "--spec-dir",
-        str(folder),
-        "--http",
-        f"127.0.0.1:{port}",
-        "--grpc",
-        f"127.0.0.1:{free_port()}",
     ]
 
 
@@ -576,7 +568,7 @@ def plain_workload(
             server = _spawn(name, _floor_argv(port), port, log)
         else:
             server = _spawn(
-                name, _engine_argv(folder, port), port, log, env=_engine_env(model_root)
+                name, engine_argv(folder, port, free_port()), port, log, env=_engine_env(model_root)
             )
         with _serving(server):
             results[name] = _measure(

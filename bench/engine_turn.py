@@ -151,6 +151,22 @@ def _engine_env(egress: str) -> dict[str, str]:
     return env
 
 
+def engine_argv(folder: Path, http: int, grpc: int) -> list[str]:
+    """The engine process serving the spec folder, as the benchmarks start it."""
+    return [
+        sys.executable,
+        "-m",
+        "specmesh.cli",
+        "engine",
+        "--spec-dir",
+        str(folder),
+        "--http",
+        f"127.0.0.1:{http}",
+        "--grpc",
+        f"127.0.0.1:{grpc}",
+    ]
+
+
 def _spawn_engine(
     folder: Path, egress: str, log: Path
 ) -> tuple[subprocess.Popen[bytes], str, float, float]:
@@ -160,18 +176,7 @@ def _spawn_engine(
     with log.open("ab") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "specmesh.cli",
-                "engine",
-                "--spec-dir",
-                str(folder),
-                "--http",
-                f"127.0.0.1:{http}",
-                "--grpc",
-                f"127.0.0.1:{grpc_port}",
-            ],
+            engine_argv(folder, http, grpc_port),
             env=_engine_env(egress),
             cwd=str(REPO),
             stdout=out,
