@@ -55,6 +55,15 @@ def chart() -> Iterator[helm_python.Chart]:
         yield c
 
 
+def _role(container: dict[str, typing.Any]) -> str:
+    """The process a container runs: ``python -m <role>`` (the agents' containers, started
+    without the CLI) or the image's ``specmesh`` entrypoint with ``args: [<role>]``."""
+    command = container.get("command", [])
+    if "-m" in command:
+        return str(command[command.index("-m") + 1])
+    return str(container["args"][0])
+
+
 @pytest.mark.parametrize("case", list(MATRIX))
 def test_every_env_var_the_chart_sets_is_read_by_its_process(
     chart: helm_python.Chart, case: str
@@ -62,7 +71,7 @@ def test_every_env_var_the_chart_sets_is_read_by_its_process(
     unread: list[str] = []
     for deployment in _of(_render(chart, MATRIX[case]), "Deployment"):
         for container in deployment["spec"]["template"]["spec"]["containers"]:
-            role = container["args"][0]
+            role = _role(container)
             accepted = ROLES[role]
             for env in container.get("env", []):
                 name = env["name"]
