@@ -101,7 +101,8 @@ def _pid(instance: dict[str, Any], role: str) -> tuple[int, list[str]]:
 
 
 def _registered(fleet: dict[str, Any], agent: str = AGENT) -> dict[str, dict[str, Any]]:
-    return {i["instance"]: i for i in _api(fleet, f"/api/v1/instances?agent={agent}")}
+    listed = _api(fleet, f"/api/v1/instances?agentName={agent}")["instances"]
+    return {i["instanceId"]: i for i in listed}
 
 
 def _ready_urls(fleet: dict[str, Any], agent: str = AGENT) -> list[str]:
@@ -202,10 +203,10 @@ def test_a_new_agent_from_one_yaml_file_answers_with_no_other_command(
     logs = capsys.readouterr().out
     assert "[billing-helper-stable-0-engine]" in logs
     assert "[billing-helper-stable-0-sidecar]" in logs
-    status = _api(fleet, f"/api/v1/agents/{AGENT}/status")
+    status = _api(fleet, f"/api/v1/agents/{AGENT}/status")["status"]
     assert status["tracks"] == {"stable": {"desired": 1, "ready": 1}}
-    assert status["instances"][0]["instance"] == "billing-helper-stable-0"
-    assert status["instances"][0]["revision"] == 1
+    assert status["instances"][0]["instanceId"] == "billing-helper-stable-0"
+    assert status["instances"][0]["servingRevision"] == "1"  # an int64: a string in the JSON
     print(f"apply -> answering: {took:.1f}s")
 
 
@@ -218,7 +219,7 @@ def test_scaled_to_three_calls_spread_and_scaled_to_one_two_drain_without_errors
         registered = _registered(fleet)
         return len(_ready_urls(fleet)) == 3 and sorted(registered) == [
             f"billing-helper-stable-{n}" for n in range(3)
-        ] and all(r["state"] == "serving" for r in registered.values())  # fmt: skip
+        ] and all(r["state"] == "ENGINE_STATE_SERVING" for r in registered.values())  # fmt: skip
 
     _eventually(three_serving, "three instances ready and registered", timeout=60)
     instances = _instances(fleet)
@@ -309,7 +310,7 @@ def test_kill_9_of_the_engine_then_the_sidecar_under_load(fleet: dict[str, Any])
         time.sleep(3.0)
     assert caller.errors_since(sidecar_back) == []
     assert caller.successes_since(sidecar_back) >= 3
-    restarts = _api(fleet, f"/api/v1/agents/{AGENT}/status")["instances"][0]["restarts"]
+    restarts = _api(fleet, f"/api/v1/agents/{AGENT}/status")["status"]["instances"][0]["restarts"]
     assert restarts >= 2
 
 
@@ -363,8 +364,8 @@ def test_kill_9_of_the_control_plane_stops_no_agent_and_a_new_one_adopts_them(
 
     def observed_again() -> bool:
         try:
-            statuses = {a["name"]: a for a in _api(fleet, "/api/v1/agents")}
-            details = [_api(fleet, f"/api/v1/agents/{n}/status") for n in statuses]
+            statuses = {a["name"]: a for a in _api(fleet, "/api/v1/agents")["agents"]}
+            details = [_api(fleet, f"/api/v1/agents/{n}/status")["status"] for n in statuses]
         except requests.RequestException:
             return False
         return all(

@@ -203,7 +203,20 @@ def _apply(fleet: dict[str, Any], manifest: dict[str, Any]) -> Any:
 
 
 def _status(fleet: dict[str, Any], agent: str) -> Any:
-    return _api(fleet, "GET", f"/api/v1/agents/{agent}/status")
+    return _api(fleet, "GET", f"/api/v1/agents/{agent}/status")["status"]
+
+
+def _agent(fleet: dict[str, Any], agent: str) -> Any:
+    return _api(fleet, "GET", f"/api/v1/agents/{agent}")["agent"]
+
+
+def _revision(record: dict[str, Any]) -> int:
+    """An Agent's revision (an int64: a string in the proto's JSON)."""
+    return int(record["revisionInfo"]["revision"])
+
+
+def _ready(status: dict[str, Any]) -> str:
+    return f"{status['readyReplicas']}/{status['desiredReplicas']}"
 
 
 def _engine_versions(fleet: dict[str, Any], agent: str) -> set[str]:
@@ -230,7 +243,7 @@ def own_agents(fleet: dict[str, Any]) -> Iterator[Callable[..., str]]:
             _apply(fleet, _agent_manifest(name, **options))
             want = options.get("replicas", 1)
             _eventually(
-                lambda: _status(fleet, name).get("ready") == f"{want}/{want}",
+                lambda: _ready(_status(fleet, name)) == f"{want}/{want}",
                 f"{name}'s {want} replica(s) to be ready",
                 timeout=COME_UP_MS / 1000,
             )
@@ -295,9 +308,9 @@ def test_a_new_agent_is_created_through_the_form(
 
     expect(page.get_by_test_id("current-revision")).to_have_text("rev 1")
     assert page.url.endswith(f"#/agents/{name}")
-    stored = _api(fleet, "GET", f"/api/v1/agents/{name}")
+    stored = _agent(fleet, name)
     assert stored["spec"]["model"]["temperature"] == 0.4
-    assert stored["author"] == "local-admin"
+    assert stored["revisionInfo"]["author"] == "local-admin"
 
     # the page it lands on shows the agent coming up, without a reload
     expect(page.get_by_test_id("workload-ready")).to_have_text("1/1", timeout=COME_UP_MS)
@@ -311,7 +324,7 @@ def test_a_new_agent_is_created_through_the_form(
     admin.snap("agent-workload")
 
     status = _status(fleet, name)
-    assert status["ready"] == "1/1"
+    assert _ready(status) == "1/1"
     # made in the form without `callers`: its entry admits no external caller, so that the
     # new agent answers is checked on its engine's own listener (the card pointed there)
     answer = _ask_engine(status["instances"][0]["endpoints"]["a2a"], "Which gateway routes exist?")
@@ -337,7 +350,7 @@ def test_scaling_from_the_agent_page_brings_up_the_replicas(
     expect(rows).to_have_count(2)
     expect(rows.locator("[data-phase]")).to_have_text(["Running", "Running"])
     admin.snap("agent-scaled")
-    record = _api(fleet, "GET", f"/api/v1/agents/{name}")
+    record = _agent(fleet, name)
     assert record["spec"]["deployment"]["tracks"]["stable"]["replicas"] == 2
 
     # somebody else scales it back meanwhile: a scale from the stale page is refused, and says so
@@ -347,7 +360,7 @@ def test_scaling_from_the_agent_page_brings_up_the_replicas(
     expect(page.locator("[data-testid=scale] .alert-error")).to_contain_text(
         "current revision is 3"
     )
-    assert _api(fleet, "GET", f"/api/v1/agents/{name}")["revision"] == 3
+    assert _revision(_agent(fleet, name)) == 3
 
 
 def test_a_model_change_deployed_from_the_form_reaches_the_engine(
@@ -381,7 +394,7 @@ def test_rolling_back_from_history_restores_the_old_revision(
     admin: Studio, fleet: dict[str, Any], own_agents: Callable[..., str]
 ) -> None:
     name = own_agents("studio-rollback", temperature=0.3)  # revision 1
-    assert _apply(fleet, _agent_manifest(name, temperature=0.55))["revision"] == 2
+    assert int(_apply(fleet, _agent_manifest(name, temperature=0.55))["revision"]) == 2
     page = admin.go(f"agents/{name}/history", "[data-testid=history-diff]")
     expect(page.get_by_test_id("diff-changes")).to_contain_text("model.temperature")
     expect(page.locator(".diff-mod").first).to_contain_text("temperature")
@@ -391,8 +404,9 @@ def test_rolling_back_from_history_restores_the_old_revision(
     page.get_by_test_id("confirm").click()
 
     expect(page.get_by_test_id("current-revision")).to_have_text("rev 3")
-    record = _api(fleet, "GET", f"/api/v1/agents/{name}")
-    assert record["rolledBackFrom"] == 1 and record["spec"]["model"]["temperature"] == 0.3
+    record = _agent(fleet, name)
+    assert record["revisionInfo"]["message"] == "rollback to revision 1"
+    assert record["spec"]["model"]["temperature"] == 0.3
     _eventually(
         lambda: _engine_versions(fleet, name) == {"3"},
         "the engine to serve the rolled-back revision",
@@ -411,9 +425,9 @@ def clean_release(fleet: dict[str, Any]) -> Iterator[str]:
 
 
 def _abort_release(fleet: dict[str, Any], agent: str) -> None:
-    release = _api(fleet, "GET", f"/api/v1/agents/{agent}/release")["release"]
-    if release and (release["canaryRevision"] is not None or release["canaryWeight"]):
-        _api(fleet, "POST", f"/api/v1/agents/{agent}/release/abort")
+    release = _api(fleet, "GET", f"/api/v1/agents/{agent}/release").get("release")
+    if release and ("canaryRevision" in release or release["canaryWeight"]):
+        _api(fleet, "POST", f"/api/v1/agents/{agent}/release/abort", json={})
 
 
 def test_moving_the_canary_weight_changes_the_virtualservice_preview(
@@ -436,7 +450,7 @@ def test_moving_the_canary_weight_changes_the_virtualservice_preview(
     expect(page.get_by_test_id("abort")).to_be_visible()
     release = _api(fleet, "GET", f"/api/v1/agents/{clean_release}/release")["release"]
     assert release["canaryWeight"] == 30 and release["headerMatch"][0]["name"] == "x-canary"
-    mesh = _api(fleet, "GET", "/api/v1/mesh")
+    mesh = _api(fleet, "GET", "/api/v1/mesh")["objects"]
     vs = next(o for o in mesh if o["kind"] == "VirtualService"
               and o["metadata"]["name"] == clean_release)  # fmt: skip
     assert [r["weight"] for r in vs["spec"]["http"][-1]["route"]] == [70, 30]
@@ -446,7 +460,7 @@ def test_moving_the_canary_weight_changes_the_virtualservice_preview(
     page.get_by_test_id("confirm").click()
     expect(page.get_by_test_id("abort")).to_have_count(0)
     release = _api(fleet, "GET", f"/api/v1/agents/{clean_release}/release")["release"]
-    assert release["canaryRevision"] is None and release["canaryWeight"] == 0
+    assert "canaryRevision" not in release and release["canaryWeight"] == 0
 
 
 def test_the_trace_of_a_two_agent_conversation_is_a_waterfall(
@@ -459,9 +473,10 @@ def test_the_trace_of_a_two_agent_conversation_is_a_waterfall(
     assert result.state == "completed"
 
     def two_agent_trace() -> str | None:
-        for t in _api(fleet, "GET", "/api/v1/traces?agent=mse-nacos-helper&limit=300"):
+        listed = _api(fleet, "GET", "/api/v1/traces?agentName=mse-nacos-helper&pageSize=300")
+        for t in listed["traces"]:
             if {"mse-nacos-helper", "mse-gateway-assistant"} <= set(t["agents"]):
-                spans = _api(fleet, "GET", f"/api/v1/traces/{t['traceId']}")
+                spans = _api(fleet, "GET", f"/api/v1/traces/{t['traceId']}")["spans"]
                 # each engine exports in its own batches: wait for the spans shown below
                 names = {s["name"] for s in spans}
                 gateway = {s["name"] for s in spans if s["agent"] == "mse-gateway-assistant"}
@@ -499,7 +514,7 @@ def test_prompt_center_shows_the_figures_of_each_version(
     assert _ask(url, "Which Nacos configs exist?", token=token).state == "completed"
 
     def served() -> bool:
-        stats = _api(fleet, "GET", "/api/v1/prompts/mse-nacos-helper/stats")
+        stats = _api(fleet, "GET", "/api/v1/prompts/mse-nacos-helper/stats")["versions"]
         return any(v["version"] == "3.0.11" and v["requests"] > 0 for v in stats)
 
     _eventually(served, "the turn's span to count for prompt version 3.0.11")
@@ -565,12 +580,12 @@ def test_a_viewer_sees_no_credential_values_and_no_deploy_button(
         expect(page.get_by_test_id("workload-ready")).to_have_text("1/1")
         expect(page.get_by_test_id("scale-apply")).to_have_count(0)
         expect(page.get_by_test_id("scale-read-only")).to_be_visible()
-        revision = _api(fleet, "GET", "/api/v1/agents/mse-nacos-helper")["revision"]
+        revision = _revision(_agent(fleet, "mse-nacos-helper"))
         refused = _request(
             fleet, "POST", "/api/v1/agents/mse-nacos-helper/scale", "viewer", json={"replicas": 2}
         )
         assert refused.status_code == 403
-        assert _api(fleet, "GET", "/api/v1/agents/mse-nacos-helper")["revision"] == revision
+        assert _revision(_agent(fleet, "mse-nacos-helper")) == revision
 
         page = studio.go("agents/mse-nacos-helper/history", "[data-testid=history-diff]")
         expect(page.locator("[data-rollback]")).to_have_count(0)
