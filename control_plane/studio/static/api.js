@@ -55,7 +55,7 @@ const PAGE_SIZE = 1000;
  * Every item of a paged list: the answer is ``{<key>: [...], nextPageToken}`` (the proto's
  * List RPCs); pages are followed until ``nextPageToken`` is empty.
  */
-export async function list(path, key, params = {}) {
+export async function listAll(path, key, params = {}) {
   const items = [];
   let pageToken = "";
   do {

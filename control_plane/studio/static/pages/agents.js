@@ -1,6 +1,6 @@
 // Agents: list with health and workload, the form editor (six parts + raw), the workload
 // (refreshed while the page is open) and scale control, history with diff and rollback.
-import { api, get, list, int, session, enc } from "../api.js";
+import { api, get, listAll, int, session, enc } from "../api.js";
 import { SchemaForm, showIssues, formatPath } from "../form.js";
 import { workloadPanel, phaseBadge, pollWhileShown } from "./workload.js";
 import {
@@ -23,7 +23,7 @@ export const PARTS = [
 export const engineState = (i) => (i.state || "ENGINE_STATE_UNSPECIFIED").replace(/^ENGINE_STATE_/, "").toLowerCase();
 
 /** The live instances of ``agent`` in the Agent Registry. */
-export const instancesOf = (agent) => list("/api/v1/instances", "instances", { agentName: agent });
+export const instancesOf = (agent) => listAll("/api/v1/instances", "instances", { agentName: agent });
 
 /** An agent record's revision (RevisionInfo.revision, an int64) as a number. */
 export const revisionOf = (agent) => int(agent.revisionInfo.revision);
@@ -52,7 +52,7 @@ export async function render(rest, ctx = { stale: () => false }) {
 }
 
 async function listPage(ctx) {
-  const [agents, instances] = await Promise.all([list("/api/v1/agents", "agents"), instancesOf()]);
+  const [agents, instances] = await Promise.all([listAll("/api/v1/agents", "agents"), instancesOf()]);
   const byAgent = (name) => instances.filter((i) => i.agentName === name);
   const healthy = agents.filter((a) => health(byAgent(a.name)).kind === "ok").length;
   // READY and phase follow the controller while the list is shown
@@ -79,7 +79,7 @@ async function listPage(ctx) {
     ], agents, { empty: "No agents yet." }), { class: "agents-list" }));
   pollWhileShown(page, ctx, async () => {
     let now;
-    try { now = await list("/api/v1/agents", "agents"); } catch { return; }  // keep what is shown
+    try { now = await listAll("/api/v1/agents", "agents"); } catch { return; }  // keep what is shown
     if (ctx.stale()) return;
     for (const a of now) {
       const c = cells.get(a.name);
@@ -284,7 +284,7 @@ export function changeItem(c) {
 // ------------------------------------------------------------ history
 
 async function historyTab(name, record, rest) {
-  const revisions = (await list(`/api/v1/agents/${enc(name)}/revisions`, "revisions"))
+  const revisions = (await listAll(`/api/v1/agents/${enc(name)}/revisions`, "revisions"))
     .map((r) => ({ ...r, revision: int(r.revision) }));
   revisions.sort((a, b) => b.revision - a.revision);
   const latest = revisionOf(record);

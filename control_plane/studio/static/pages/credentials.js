@@ -1,9 +1,9 @@
 // Credentials: references with masked values; write-only entry of a new value into Vault.
-import { api, list, session } from "../api.js";
+import { api, listAll, session } from "../api.js";
 import { h, clear, card, table, badge, toast, errorBox } from "../ui.js";
 
 export async function render() {
-  const creds = await list("/api/v1/credentials", "credentials");
+  const creds = await listAll("/api/v1/credentials", "credentials");
   const canWrite = session.can("credentials.write");
   const state = { path: "", field: "value", value: "" };
   const status = h("div", {});

@@ -1,5 +1,5 @@
 // Observability: traces (list and waterfall across agents) and token / cost dashboards.
-import { get, list, int, enc, q } from "../api.js";
+import { get, listAll, int, enc, q } from "../api.js";
 import { h, clear, card, tabs, table, badge, agentChip, when, fmtInt, fmtMs, fmtUsd, empty, colorFor, codeBlock } from "../ui.js";
 import { columnChart, barChart } from "../charts.js";
 import { kpi } from "./agents.js";
@@ -17,7 +17,7 @@ export async function render(rest) {
 const HOUSEKEEPING = (t) => t.spanCount <= 1 && /^(MCP send|GET \/\.well-known)/.test(t.rootName);
 
 async function tracesTab(agent) {
-  const [{ traces }, agents] = await Promise.all([get(`/api/v1/traces${q({ agentName: agent, pageSize: 300 })}`), list("/api/v1/agents", "agents")]);
+  const [{ traces }, agents] = await Promise.all([get(`/api/v1/traces${q({ agentName: agent, pageSize: 300 })}`), listAll("/api/v1/agents", "agents")]);
   let showAll = false;
   const box = h("div", {});
   const draw = () => {

@@ -1,10 +1,10 @@
 // Prompt Center: versions, diff between versions, labels, A/B weights and the figures per version.
-import { api, get, list, int, session, enc } from "../api.js";
+import { api, get, listAll, int, session, enc } from "../api.js";
 import { h, clear, card, table, badge, toast, errorBox, sideBySide, fmtInt, fmtMs, colorFor, empty } from "../ui.js";
 import { splitBar } from "../charts.js";
 
 export async function render(rest) {
-  const prompts = (await list("/api/v1/prompts", "prompts")).sort((a, b) => a.promptKey.localeCompare(b.promptKey));
+  const prompts = (await listAll("/api/v1/prompts", "prompts")).sort((a, b) => a.promptKey.localeCompare(b.promptKey));
   const key = rest[0] || (prompts[0] || {}).promptKey;
   const nav = h("nav", { class: "list-nav", "aria-label": "Prompts" }, prompts.map(({ promptKey: k, versions }) =>
     h("a", { href: `#/prompts/${enc(k)}`, class: k === key ? "active" : "", "data-prompt": k },

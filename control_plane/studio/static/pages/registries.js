@@ -1,6 +1,6 @@
 // Registries: MCP servers with the tools they really offer; agents, instances, cards and the
 // partner graph (SVG).
-import { get, list, int, enc } from "../api.js";
+import { get, listAll, int, enc } from "../api.js";
 import { h, s, clear, card, tabs, table, badge, dot, when, errorBox, spinner, colorFor, codeBlock } from "../ui.js";
 import { health, trackBadges, engineState, instancesOf, revisionOf } from "./agents.js";
 
@@ -16,7 +16,7 @@ export async function render(rest) {
 }
 
 async function mcpTab() {
-  const servers = (await list("/api/v1/mcp-servers", "mcpServers")).sort((a, b) => a.name.localeCompare(b.name));
+  const servers = (await listAll("/api/v1/mcp-servers", "mcpServers")).sort((a, b) => a.name.localeCompare(b.name));
   return h("div", { class: "grid-cards" }, servers.map(({ name, spec: srv }) => {
     const tools = h("div", { class: "tools", "data-tools": name }, spinner("Asking the server for its tools…"));
     get(`/api/v1/mcp-servers/${enc(name)}/tools`).then(({ tools: offered }) => {
@@ -39,7 +39,7 @@ async function mcpTab() {
 }
 
 async function agentsTab() {
-  const [records, instances] = await Promise.all([list("/api/v1/agents", "agents"), instancesOf()]);
+  const [records, instances] = await Promise.all([listAll("/api/v1/agents", "agents"), instancesOf()]);
   const graph = partnerGraph(records);
   const cards = records.map((r) => {
     const inst = instances.filter((i) => i.agentName === r.name);

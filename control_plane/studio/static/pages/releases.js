@@ -1,6 +1,6 @@
 // Releases: canary weight, header match, promote and abort, with the Istio objects the change
 // would publish shown before it is applied.
-import { api, get, list, int, session, enc } from "../api.js";
+import { api, get, listAll, int, session, enc } from "../api.js";
 import { h, clear, card, badge, toast, errorBox, confirmDialog, sideBySide, toYaml, debounce, empty, spinner } from "../ui.js";
 import { splitBar } from "../charts.js";
 import { trackBadges, instancesOf } from "./agents.js";
@@ -11,7 +11,7 @@ async function releaseOf(agent) {
 }
 
 export async function render(rest) {
-  const agents = await list("/api/v1/agents", "agents");
+  const agents = await listAll("/api/v1/agents", "agents");
   const releases = Object.fromEntries(await Promise.all(agents.map(async (a) => [a.name, await releaseOf(a.name)])));
   const name = rest[0] || (agents.find((a) => releases[a.name]?.canaryRevision != null) || agents[0] || {}).name;
   const list = h("nav", { class: "list-nav", "aria-label": "Agents" }, agents.map((a) => {
@@ -29,7 +29,7 @@ export async function render(rest) {
 /** ``current``: the agent's Release (its ``spec``, a ReleaseSpec, is what is edited and
  *  sent back), or null. */
 async function releaseEditor(name, current) {
-  const [infos, instances] = await Promise.all([list(`/api/v1/agents/${enc(name)}/revisions`, "revisions"), instancesOf(name)]);
+  const [infos, instances] = await Promise.all([listAll(`/api/v1/agents/${enc(name)}/revisions`, "revisions"), instancesOf(name)]);
   const revisions = infos.map((r) => ({ ...r, revision: int(r.revision) }));
   const latest = Math.max(...revisions.map((r) => r.revision));
   const canWrite = session.can("releases.write");
