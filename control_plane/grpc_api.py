@@ -758,8 +758,10 @@ class _McpRegistryService(Servicer):
     @_rpc
     async def ListMcpServerTools(self, p: Principal, request: Any) -> Any:
         name = _required(request.mcp_server_name, "mcp_server_name")
-        tools = await self.cp.list_mcp_tools(p, name)
-        return _pb.ListMcpServerToolsResponse(tools=[_mcp_tool(t) for t in tools])
+        page = await self.cp.mcp_tools_page(p, name, _page(request))
+        return _pb.ListMcpServerToolsResponse(
+            tools=[_mcp_tool(t) for t in page.items], next_page_token=page.next_page_token
+        )
 
     @_rpc
     async def ListMcpToolListings(self, p: Principal, request: Any) -> Any:
