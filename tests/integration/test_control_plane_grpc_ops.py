@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -30,19 +29,14 @@ from control_plane.traces import InMemoryTraceStore, Span
 from specmesh.services import free_port
 from specmesh.store import SpecStore, dumps
 from specmesh.v1 import control_plane_pb2 as pb
-from specmesh.v1 import control_plane_pb2_grpc as pb_grpc
 from specmesh.vault import VaultClient
 
 from ..conftest import publish_prompt
+from .test_control_plane_grpc import TOKENS
+from .test_control_plane_grpc import Api as StubsApi
 
 pytestmark = pytest.mark.integration
 
-TOKENS = {
-    "viewer": "tok-viewer",
-    "operator": "tok-operator",
-    "admin": "tok-admin",
-    "secrets-admin": "tok-secrets",
-}
 TRACE = "5b8efff798038103d269b633813fc60c"
 START_NS = 1_773_489_600_000_000_000  # 2026-03-14T12:00:00Z
 
@@ -56,31 +50,15 @@ def _agent(name: str = "helper", model: str = "m") -> dict[str, Any]:
     }
 
 
-@dataclass
-class Api:
-    channel: grpc.aio.Channel
-    cp: ControlPlane
-    traces: InMemoryTraceStore
+class Api(StubsApi):
+    """Every service's stubs, and the control plane behind them (with its trace store)."""
 
-    def __post_init__(self) -> None:
-        c = self.channel
-        self.identity = pb_grpc.IdentityServiceStub(c)
-        self.manifests = pb_grpc.ManifestServiceStub(c)
-        self.agents = pb_grpc.AgentServiceStub(c)
-        self.prompts = pb_grpc.PromptServiceStub(c)
-        self.mcp = pb_grpc.McpRegistryServiceStub(c)
-        self.registry = pb_grpc.AgentRegistryServiceStub(c)
-        self.releases = pb_grpc.ReleaseServiceStub(c)
-        self.credentials = pb_grpc.CredentialServiceStub(c)
-        self.grants = pb_grpc.GrantServiceStub(c)
-        self.audit = pb_grpc.AuditServiceStub(c)
-        self.mesh = pb_grpc.MeshServiceStub(c)
-        self.trace = pb_grpc.TraceServiceStub(c)
-        self.tokens = pb_grpc.TokenServiceStub(c)
-
-    @staticmethod
-    def as_(role: str) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {TOKENS[role]}"),)
+    def __init__(
+        self, channel: grpc.aio.Channel, cp: ControlPlane, traces: InMemoryTraceStore
+    ) -> None:
+        super().__init__(channel)
+        self.cp = cp
+        self.traces = traces
 
 
 @pytest.fixture
