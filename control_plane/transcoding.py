@@ -337,7 +337,7 @@ class _Route:
         for q in list(self._query.values()):
             self._query.setdefault(q.proto_name, q)  # agent_name as well as agentName
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
             principal = self._authenticator.authenticate(request.headers.get("Authorization"))
             message = await self._message(request)
@@ -438,4 +438,6 @@ def add_transcoded_routes(
         servicer = servicers.get(binding.service.full_name)
         if servicer is None:
             raise ValueError(f"no servicer for {binding.service.full_name}")
-        app.router.add_route(binding.verb, binding.route, _Route(binding, servicer, authenticator))
+        app.router.add_route(
+            binding.verb, binding.route, _Route(binding, servicer, authenticator).handle
+        )
