@@ -1,6 +1,6 @@
 // Registries: MCP servers with the tools they really offer; agents, instances, cards and the
 // partner graph (SVG).
-import { get, listAll, int, enc } from "../api.js";
+import { listAll, int, enc } from "../api.js";
 import { h, s, clear, card, tabs, table, badge, dot, when, errorBox, spinner, colorFor, codeBlock } from "../ui.js";
 import { health, trackBadges, engineState, instancesOf, revisionOf } from "./agents.js";
 
@@ -19,7 +19,7 @@ async function mcpTab() {
   const servers = (await listAll("/api/v1/mcp-servers", "mcpServers")).sort((a, b) => a.name.localeCompare(b.name));
   return h("div", { class: "grid-cards" }, servers.map(({ name, spec: srv }) => {
     const tools = h("div", { class: "tools", "data-tools": name }, spinner("Asking the server for its tools…"));
-    get(`/api/v1/mcp-servers/${enc(name)}/tools`).then(({ tools: offered }) => {
+    listAll(`/api/v1/mcp-servers/${enc(name)}/tools`, "tools").then((offered) => {
       clear(tools, offered.length ? h("ul", { class: "tool-list" }, offered.map((t) => h("li", { "data-tool": t.name },
         h("code", {}, t.name), h("div", { class: "muted small" }, (t.description || "").split("\n")[0]),
         t.inputSchema && t.inputSchema.properties ? h("div", { class: "params" }, Object.keys(t.inputSchema.properties).map((p) =>
