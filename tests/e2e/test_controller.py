@@ -263,7 +263,7 @@ def test_kill_9_of_the_engine_then_the_sidecar_under_load(fleet: dict[str, Any])
         _eventually(
             lambda: (
                 _status_code(f"{ops}/readyz") == 503
-                and _registered(fleet).get(name, {}).get("state") != "serving"
+                and _registered(fleet).get(name, {}).get("state") != "ENGINE_STATE_SERVING"
             ),
             "the sidecar's readiness and the registry to drop the dead engine",
             timeout=5,
@@ -274,7 +274,7 @@ def test_kill_9_of_the_engine_then_the_sidecar_under_load(fleet: dict[str, Any])
                 (new := _pid(_instances(fleet)[0], "engine"))[0] not in (0, pid)
                 and alive(*new)
                 and _status_code(f"{ops}/readyz") == 200
-                and _registered(fleet).get(name, {}).get("state") == "serving"
+                and _registered(fleet).get(name, {}).get("state") == "ENGINE_STATE_SERVING"
                 and _ready_urls(fleet) == [instance["endpoints"]["entry"]]
             ),
             "the engine to be restarted and serving",
@@ -300,7 +300,7 @@ def test_kill_9_of_the_engine_then_the_sidecar_under_load(fleet: dict[str, Any])
                 and alive(*new)
                 and _status_code(f"{ops}/readyz") == 200
                 and _status_code(f"{a2a}/readyz") == 200
-                and _registered(fleet).get(name, {}).get("state") == "serving"
+                and _registered(fleet).get(name, {}).get("state") == "ENGINE_STATE_SERVING"
                 and _ready_urls(fleet) == [instance["endpoints"]["entry"]]
             ),
             "the sidecar to be restarted, the engine ready and registered",
