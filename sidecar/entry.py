@@ -40,6 +40,7 @@ from specmesh.callers import CALLER_HEADER, CALLER_KEY, PRINCIPAL_HEADER, PRINCI
 from specmesh.names import resource_name
 
 from .callers import CARD_PATH, CallerPolicy, CallerRefused
+from .errors import PolicyError
 from .grpcproxy import (
     AUTHORIZATION_KEY,
     ChannelPool,
@@ -47,7 +48,7 @@ from .grpcproxy import (
     Handler,
     Metadata,
     abort_as,
-    abort_refused,
+    abort_policy,
     end_to_end_metadata,
     first_value,
     relay_stream,
@@ -89,9 +90,8 @@ def _pick_other(
     return target
 
 
-def _unavailable(message: str, status: int = 502) -> web.Response:
-    body = {"error": {"code": status, "status": "UNAVAILABLE", "message": message}}
-    return web.json_response(body, status=status)
+def _unavailable(reason: str, message: str, **fields: str) -> web.Response:
+    return PolicyError(reason, message, **fields).http_response()
 
 
 class EntryServer(RelayListener):
@@ -162,7 +162,9 @@ class EntryServer(RelayListener):
                     timeout=timeout,
                 )
             except (aiohttp.ClientError, TimeoutError) as e:
-                return _unavailable(f"the engine is unreachable ({type(e).__name__})")
+                return _unavailable(
+                    "ENGINE_UNREACHABLE", f"the engine is unreachable ({type(e).__name__})"
+                )
             return await relay(request, upstream, downstream="caller")
         span.set_attribute("specmesh.instance", target.instance or "")
         https = target.url.startswith("https://")
@@ -181,8 +183,10 @@ class EntryServer(RelayListener):
             assert self._router is not None
             self._router.report_failure(target, timeout=isinstance(e, TimeoutError))
             return _unavailable(
+                "UPSTREAM_UNREACHABLE",
                 f"instance {target.instance} of agent {self.agent!r} is unreachable "
-                f"({type(e).__name__})"
+                f"({type(e).__name__})",
+                agent=self.agent,
             )
         assert self._router is not None
         self._router.report(target, upstream.status)
@@ -231,7 +235,13 @@ class GrpcEntry(GrpcRelayServer):
         try:
             principal = await self.policy.external(first_value(incoming, AUTHORIZATION_KEY))
         except CallerRefused as e:
-            await abort_refused(context, e)
+            logger.warning(
+                "refused an external gRPC call to %s: %s",
+                self.agent,
+                e.message,
+                extra={"agent": self.agent, "reason": e.reason},
+            )
+            await abort_policy(context, e)
         metadata = end_to_end_metadata(incoming, CALLER_KEY, PRINCIPAL_KEY, AUTHORIZATION_KEY)
         metadata.append((PRINCIPAL_KEY, principal))
         headers = {k: v for k, v in metadata if isinstance(v, str)}
