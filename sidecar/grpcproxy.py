@@ -62,7 +62,7 @@ from .credentials import CredentialResolver
 from .errors import PolicyError
 from .inbound import PartnerGraph
 from .mtls import TRUST_DOMAIN, AgentCertificates, agent_dns_name
-from .policy import EgressPolicy, Retries, admit_caller
+from .policy import EgressPolicy, Retries, admit_caller, log_refusal
 from .router import InstanceLike, InstanceSource, Router, Target
 from .state import SnapshotHolder
 
@@ -90,6 +90,7 @@ __all__ = [
     "relay_stream",
     "relay_unary",
     "relayed_trailers",
+    "reported_status",
     "split_address",
 ]
 
@@ -214,21 +215,31 @@ def generic_handler(
     return grpc.method_handlers_generic_handler(A2A_SERVICE, handlers)
 
 
+def _no_report(code: grpc.StatusCode) -> None:
+    """Nothing to report the outcome to."""
+
+
 async def relay_unary(
     channel: grpc.aio.Channel,
     method: str,
     request: bytes,
     context: grpc.aio.ServicerContext,
     metadata: Metadata,
+    report: Callable[[grpc.StatusCode], None] = _no_report,
 ) -> bytes:
-    """One unary call upstream; its answer's trailing metadata is copied to ``context``. An
-    upstream error is raised as :class:`grpc.aio.AioRpcError` (end the call with
-    :func:`abort_as`)."""
+    """One unary call upstream; its answer's trailing metadata is copied to ``context``, its
+    outcome given to ``report``. An upstream error ends the call as it ended upstream."""
     call = channel.unary_unary(f"/{A2A_SERVICE}/{method}")(
         request, metadata=metadata, timeout=_timeout(context)
     )
-    response: bytes = await call
-    context.set_trailing_metadata(relayed_trailers(await call.trailing_metadata()))
+    try:
+        response: bytes = await call
+        trailers = await call.trailing_metadata()
+    except grpc.aio.AioRpcError as e:
+        report(e.code())
+        await abort_as(context, e)
+    report(grpc.StatusCode.OK)
+    context.set_trailing_metadata(relayed_trailers(trailers))
     return response
 
 
@@ -238,23 +249,26 @@ async def relay_stream(
     request: bytes,
     context: grpc.aio.ServicerContext,
     metadata: Metadata,
-    outcome: list[grpc.StatusCode],
+    report: Callable[[grpc.StatusCode], None] = _no_report,
 ) -> AsyncIterator[bytes]:
-    """One server-streaming call upstream, relayed message by message; the final status goes
-    into ``outcome``, and an error ends the call on ``context`` as it ended upstream."""
+    """One server-streaming call upstream, relayed message by message; its final status
+    (``CANCELLED`` when the caller left) given to ``report``, and an error ends the call on
+    ``context`` as it ended upstream."""
     call = channel.unary_stream(f"/{A2A_SERVICE}/{method}")(
         request, metadata=metadata, timeout=_timeout(context)
     )
+    outcome = grpc.StatusCode.CANCELLED
     try:
         async for message in call:
             yield message
         trailers = await call.trailing_metadata()
+        outcome = grpc.StatusCode.OK
     except grpc.aio.AioRpcError as e:
-        outcome.append(e.code())
+        outcome = e.code()
         await abort_as(context, e)
     finally:
         call.cancel()  # no-op once done; stops upstream when the caller went away
-    outcome.append(grpc.StatusCode.OK)
+        report(outcome)
     context.set_trailing_metadata(relayed_trailers(trailers))
 
 
@@ -414,12 +428,7 @@ class GrpcInbound(GrpcRelayServer):
                 require_identity=self._require_identity,
             )
         except PolicyError as e:
-            logger.warning(
-                "refused a gRPC call to %s: %s",
-                self.agent,
-                e.message,
-                extra={"agent": self.agent, "reason": e.reason},
-            )
+            log_refusal("inbound gRPC", self.agent, e)
             await abort_policy(context, e)
         drop = (
             (CALLER_KEY, PRINCIPAL_KEY)
@@ -437,10 +446,7 @@ class GrpcInbound(GrpcRelayServer):
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             metadata = await self._authorize(context)
             assert self._channel is not None
-            try:
-                return await relay_unary(self._channel, method, request, context, metadata)
-            except grpc.aio.AioRpcError as e:
-                await abort_as(context, e)
+            return await relay_unary(self._channel, method, request, context, metadata)
 
         return handle
 
@@ -448,9 +454,7 @@ class GrpcInbound(GrpcRelayServer):
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             metadata = await self._authorize(context)
             assert self._channel is not None
-            async for message in relay_stream(
-                self._channel, method, request, context, metadata, []
-            ):
+            async for message in relay_stream(self._channel, method, request, context, metadata):
                 yield message
 
         return handle
@@ -486,7 +490,7 @@ class GrpcInstanceSource:
         return out
 
 
-_REPORTED_STATUS = {
+_REPORTED_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.OK: 200,
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
@@ -496,6 +500,12 @@ _REPORTED_STATUS = {
 
 
 _DEFAULT_POOL = ConnectionPoolSpec()
+
+
+def reported_status(code: grpc.StatusCode) -> int:
+    """The HTTP status a gRPC outcome counts as for outlier detection (``UNAVAILABLE``:
+    503, a gateway error; an application error: 400, no failure of the instance)."""
+    return _REPORTED_STATUS.get(code, 400)
 
 
 def _grpc_target(url: str) -> str:
@@ -645,27 +655,33 @@ class GrpcEgress(GrpcRelayServer):
                     agent=agent,
                 )
 
-    def _report(self, target: Target, code: grpc.StatusCode) -> None:
-        self._router.report(target, _REPORTED_STATUS.get(code, 400))
+    def _reporter(self, target: Target) -> Callable[[grpc.StatusCode], None]:
+        router = self._router
+        return lambda code: router.report(target, reported_status(code))
+
+    async def _begin(
+        self, context: grpc.aio.ServicerContext
+    ) -> tuple[str, Metadata, Target, grpc.aio.Channel]:
+        """(agent, metadata, target, connected channel) of one call, counted in flight (the
+        caller calls ``policy.leave(agent)``); or abort it with its policy error."""
+        try:
+            agent, metadata, retries = await self._prepare(context)
+        except PolicyError as e:
+            await abort_policy(context, e)
+        try:
+            target, channel = await self._connect(agent, retries, context)
+        except PolicyError as e:
+            self.policy.leave(agent)
+            await abort_policy(context, e)
+        return agent, metadata, target, channel
 
     def _unary_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            agent, metadata, target, channel = await self._begin(context)
             try:
-                agent, metadata, retries = await self._prepare(context)
-            except PolicyError as e:
-                await abort_policy(context, e)
-            try:
-                try:
-                    target, channel = await self._connect(agent, retries, context)
-                except PolicyError as e:
-                    await abort_policy(context, e)
-                try:
-                    response = await relay_unary(channel, method, request, context, metadata)
-                except grpc.aio.AioRpcError as e:
-                    self._report(target, e.code())
-                    await abort_as(context, e)
-                self._report(target, grpc.StatusCode.OK)
-                return response
+                return await relay_unary(
+                    channel, method, request, context, metadata, self._reporter(target)
+                )
             finally:
                 self.policy.leave(agent)
 
@@ -673,23 +689,12 @@ class GrpcEgress(GrpcRelayServer):
 
     def _stream_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            agent, metadata, target, channel = await self._begin(context)
             try:
-                agent, metadata, retries = await self._prepare(context)
-            except PolicyError as e:
-                await abort_policy(context, e)
-            try:
-                try:
-                    target, channel = await self._connect(agent, retries, context)
-                except PolicyError as e:
-                    await abort_policy(context, e)
-                outcome: list[grpc.StatusCode] = []
-                try:
-                    async for message in relay_stream(
-                        channel, method, request, context, metadata, outcome
-                    ):
-                        yield message
-                finally:
-                    self._report(target, outcome[0] if outcome else grpc.StatusCode.CANCELLED)
+                async for message in relay_stream(
+                    channel, method, request, context, metadata, self._reporter(target)
+                ):
+                    yield message
             finally:
                 self.policy.leave(agent)
 

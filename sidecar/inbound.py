@@ -39,7 +39,7 @@ from specmesh.watch import PrefixWatcher
 from .callers import CARD_PATH, CallerPolicy, CallerRefused
 from .errors import PolicyError
 from .mtls import AgentCertificates, agent_from_cert
-from .policy import admit_caller
+from .policy import admit_caller, log_refusal
 from .relay import RelayListener, active_tracer, end_to_end_headers, relay, traced
 
 __all__ = [
@@ -182,12 +182,7 @@ class InboundServer(RelayListener):
                 card=_is_card(request),
             )
         except CallerRefused as e:
-            logger.warning(
-                "refused an inbound call to %s: %s",
-                self.agent,
-                e.message,
-                extra={"agent": self.agent, "reason": e.reason},
-            )
+            log_refusal("inbound", self.agent, e)
             return e.http_response()
         if admitted.caller is not None:
             headers[CALLER_HEADER] = admitted.caller

@@ -47,6 +47,7 @@ __all__ = [
     "FailureKind",
     "Retries",
     "admit_caller",
+    "log_refusal",
 ]
 
 logger = logging.getLogger(__name__)
@@ -243,6 +244,17 @@ class Retries:
 
 
 # ---------------------------------------------------------------- callers
+
+
+def log_refusal(listener: str, agent: str, error: PolicyError) -> None:
+    """Log a call ``listener`` (``"inbound"``, ``"external gRPC"``...) refused to ``agent``."""
+    logger.warning(
+        "refused an %s call to %s: %s",
+        listener,
+        agent,
+        error.message,
+        extra={"agent": agent, "reason": error.reason},
+    )
 
 
 @dataclass(frozen=True, slots=True)

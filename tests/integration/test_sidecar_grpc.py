@@ -186,17 +186,24 @@ async def test_stream_goes_through_both_sidecars_with_caller_identity(rig: Rig) 
     assert request.headers["x-specmesh-partner-token"] == "tok-from-vault"
 
 
-async def test_unary_call_goes_through(rig: Rig) -> None:
-    async with grpc.aio.insecure_channel(rig.egress.target) as channel:
+async def _get_task_error(egress: str, agent: str) -> grpc.aio.AioRpcError:
+    """The error of a GetTask of an unknown task through the gRPC egress at ``egress`` to
+    ``agent`` (an engine answers NOT_FOUND; a refusal, its own status)."""
+    async with grpc.aio.insecure_channel(egress) as channel:
         call = channel.unary_unary(f"/{A2A_SERVICE}/GetTask")
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await call(
-                GetTaskRequest(id="missing").SerializeToString(),
-                metadata=[(TARGET_KEY, CALLEE)],
+                GetTaskRequest(id="no-such-task").SerializeToString(),
+                metadata=[(TARGET_KEY, agent)],
                 timeout=WAIT,
             )
+    return info.value
+
+
+async def test_unary_call_goes_through(rig: Rig) -> None:
+    error = await _get_task_error(rig.egress.target, CALLEE)
     # the engine answered (unknown task), so the call went all the way through
-    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error.code() == grpc.StatusCode.NOT_FOUND
 
 
 def _rich_status(error: BaseException) -> tuple[grpc.StatusCode, status_pb2.Status]:
@@ -392,17 +399,10 @@ async def test_unreachable_instance_is_unavailable_and_counts_as_gateway_error(
         GrpcEgress(
             snapshots=holder, credentials=resolver, router=router, certificates=rig.b_certs
         ) as egress,
-        grpc.aio.insecure_channel(egress.target) as channel,
     ):
-        call = channel.unary_unary(f"/{A2A_SERVICE}/GetTask")
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await call(
-                GetTaskRequest(id="t").SerializeToString(),
-                metadata=[(TARGET_KEY, CALLEE)],
-                timeout=WAIT,
-            )
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert _call_error_info(info.value).reason == "UPSTREAM_UNREACHABLE"
+        error = await _get_task_error(egress.target, CALLEE)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert _call_error_info(error).reason == "UPSTREAM_UNREACHABLE"
     # the first try and the two retries of the default policy, each a gateway error
     assert router.detector(CALLEE).state("b-dead").consecutive_gateway == 3
 
@@ -489,18 +489,6 @@ async def _http_error(egresses: Egresses, target: str) -> tuple[int, dict[str, A
         return r.status, (await r.json())["error"]
 
 
-async def _grpc_error(egresses: Egresses, target: str) -> grpc.aio.AioRpcError:
-    async with grpc.aio.insecure_channel(egresses.grpc.target) as channel:
-        call = channel.unary_unary(f"/{A2A_SERVICE}/GetTask")
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await call(
-                GetTaskRequest(id="t").SerializeToString(),
-                metadata=[(TARGET_KEY, target)],
-                timeout=WAIT,
-            )
-    return info.value
-
-
 @pytest.mark.parametrize(
     ("target", "reason", "http_status", "grpc_code"),
     [
@@ -517,7 +505,7 @@ async def test_malformed_and_undeclared_targets_get_the_same_answer_on_http_and_
     grpc_code: grpc.StatusCode,
 ) -> None:
     status, http_error = await _http_error(egresses, target)
-    grpc_error = await _grpc_error(egresses, target)
+    grpc_error = await _get_task_error(egresses.grpc.target, target)
 
     assert status == http_status == POLICY_ERRORS[reason].http_status
     assert http_error["details"][0]["reason"] == reason
@@ -538,21 +526,14 @@ async def test_grpc_retries_an_instance_it_cannot_connect_to_as_http_does(
         http_status = r.status
     http_retries = egresses.http.metrics.retries.labels(agent=CALLEE)._value.get()
 
-    async with grpc.aio.insecure_channel(egresses.grpc.target) as channel:
-        call = channel.unary_unary(f"/{A2A_SERVICE}/GetTask")
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await call(
-                GetTaskRequest(id="no-such-task").SerializeToString(),
-                metadata=[(TARGET_KEY, CALLEE)],
-                timeout=WAIT,
-            )
+    grpc_error = await _get_task_error(egresses.grpc.target, CALLEE)
 
     # HTTP: the dead instance failed, the live one answered
     assert http_status == 200
     assert http_retries == 1
     assert egresses.http_router.detector(CALLEE).state("b-dead").consecutive_gateway == 1
     # gRPC: the same -- the live instance's engine answered (its own NOT_FOUND, relayed)
-    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert grpc_error.code() == grpc.StatusCode.NOT_FOUND
     assert egresses.retried == [CALLEE]
     assert egresses.grpc_router.detector(CALLEE).state("b-dead").consecutive_gateway == 1
     assert egresses.grpc_router.detector(CALLEE).state("b-live").consecutive_gateway == 0
