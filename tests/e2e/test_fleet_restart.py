@@ -12,7 +12,7 @@ from typing import Any
 import hvac
 import pytest
 
-from specmesh.cli import main as cli
+from specmeshctl.main import main as cli
 from specmesh.fleet import Fleet, FleetOptions
 
 from .test_fleet import _api, _ask

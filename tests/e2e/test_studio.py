@@ -24,7 +24,7 @@ import pytest
 import requests
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from specmesh.a2aclient import card_from_json, invoke
+from specmeshctl.a2aclient import card_from_json, invoke
 from specmesh.fleet import Fleet, FleetOptions
 
 from ..conftest import REPO

@@ -23,7 +23,7 @@ from control_plane.runtime.local import (
     RuntimeRefusedError,
     RuntimeUnavailableError,
 )
-from specmesh.cli import main as cli
+from specmeshctl.main import main as cli
 from specmesh.procs import alive
 from specmesh.services import LocalServices
 from specmesh.spec.manifest import LoadedManifest, parse_manifest
@@ -198,7 +198,7 @@ def test_the_supervisor_refuses_to_start_without_its_settings() -> None:
     import subprocess
 
     result = subprocess.run(
-        [sys.executable, "-m", "specmesh.cli", "supervisor"],
+        [sys.executable, "-m", "specmeshctl", "supervisor"],
         env={"PATH": os.environ["PATH"]},
         capture_output=True,
         text=True,

@@ -22,7 +22,7 @@ import requests
 import yaml
 
 from control_plane.auth import Role
-from specmesh.cli import main
+from specmeshctl.main import main
 from specmesh.services import LocalServices, free_port
 
 from ..conftest import REPO

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from specmesh.cli import main
+from specmeshctl.main import main
 from specmesh.spec.manifest import MAX_DOCUMENT_BYTES, MAX_NESTING_DEPTH, MAX_NODES
 
 _HANG_GUARD_SECONDS = 2.0
