@@ -275,8 +275,7 @@ def test_get_mcpservers_shows_each_servers_tools(
         if variable.startswith(("SPECMESH_", "VAULT_")):
             monkeypatch.delenv(variable)
     monkeypatch.setenv("SPECMESH_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("SPECMESH_ETCD_ENDPOINT", "http://127.0.0.1:1")  # never used
-    monkeypatch.setenv("SPECMESH_SERVER", cp.url)
+    monkeypatch.setenv("SPECMESH_SERVER", cp.process.grpc)
     monkeypatch.setenv("SPECMESH_TOKEN", cp.admin)
 
     assert main(["get", "mcpservers"]) == 0
