@@ -5,6 +5,7 @@ Messages shared by the sidecar <-> engine contract and the control-plane API."""
 
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -138,27 +139,35 @@ class Change(_message.Message):
 
     PATH_FIELD_NUMBER: _builtins.int
     OP_FIELD_NUMBER: _builtins.int
-    OLD_JSON_FIELD_NUMBER: _builtins.int
-    NEW_JSON_FIELD_NUMBER: _builtins.int
+    OLD_VALUE_FIELD_NUMBER: _builtins.int
+    NEW_VALUE_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     """Location of the change, e.g. `model.temperature` or `mcpServers[0].headers`."""
     op: Global___ChangeOp.ValueType
     """What happened at the path."""
-    old_json: _builtins.str
-    """The old value as JSON; empty for CHANGE_OP_ADD. Secret values are references only."""
-    new_json: _builtins.str
-    """The new value as JSON; empty for CHANGE_OP_REMOVE. Secret values are references only."""
+    @_builtins.property
+    def old_value(self) -> _struct_pb2.Value:
+        """The old value (any JSON value); unset for CHANGE_OP_ADD. Secret values are
+        references only.
+        """
+
+    @_builtins.property
+    def new_value(self) -> _struct_pb2.Value:
+        """The new value (any JSON value); unset for CHANGE_OP_REMOVE. Secret values are
+        references only.
+        """
+
     def __init__(
         self,
         *,
         path: _builtins.str = ...,
         op: Global___ChangeOp.ValueType = ...,
-        old_json: _builtins.str = ...,
-        new_json: _builtins.str = ...,
+        old_value: _struct_pb2.Value | None = ...,
+        new_value: _struct_pb2.Value | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["new_value", b"new_value", "old_value", b"old_value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_json", b"new_json", "old_json", b"old_json", "op", b"op", "path", b"path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_value", b"new_value", "old_value", b"old_value", "op", b"op", "path", b"path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,6 +25,172 @@ if _version_not_supported:
     )
 
 
+class IdentityServiceStub:
+    """---------------------------------------------------------------- identity
+
+    IdentityService tells a caller who it is to the control plane.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.WhoAmI = channel.unary_unary(
+                '/specmesh.v1.IdentityService/WhoAmI',
+                request_serializer=specmesh_dot_v1_dot_control__plane__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.WhoAmIResponse.FromString,
+                _registered_method=True)
+
+
+class IdentityServiceServicer:
+    """---------------------------------------------------------------- identity
+
+    IdentityService tells a caller who it is to the control plane.
+    """
+
+    def WhoAmI(self, request, context):
+        """WhoAmI returns the calling principal, its roles and the actions they allow.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_IdentityServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.WhoAmIRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_control__plane__pb2.WhoAmIResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'specmesh.v1.IdentityService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('specmesh.v1.IdentityService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class IdentityService:
+    """---------------------------------------------------------------- identity
+
+    IdentityService tells a caller who it is to the control plane.
+    """
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specmesh.v1.IdentityService/WhoAmI',
+            specmesh_dot_v1_dot_control__plane__pb2.WhoAmIRequest.SerializeToString,
+            specmesh_dot_v1_dot_control__plane__pb2.WhoAmIResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class ManifestServiceStub:
+    """---------------------------------------------------------------- manifests
+
+    ManifestService applies manifests of any kind, as `specmesh apply -f` does.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ApplyManifest = channel.unary_unary(
+                '/specmesh.v1.ManifestService/ApplyManifest',
+                request_serializer=specmesh_dot_v1_dot_control__plane__pb2.ApplyManifestRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.ApplyManifestResponse.FromString,
+                _registered_method=True)
+
+
+class ManifestServiceServicer:
+    """---------------------------------------------------------------- manifests
+
+    ManifestService applies manifests of any kind, as `specmesh apply -f` does.
+    """
+
+    def ApplyManifest(self, request, context):
+        """ApplyManifest validates one manifest (Agent, Prompt, McpServer or Release) and,
+        unless dry_run, writes it. For an Agent, fails with ABORTED when expected_revision
+        is set and is not the current revision.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ManifestServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ApplyManifest': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyManifest,
+                    request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.ApplyManifestRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_control__plane__pb2.ApplyManifestResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'specmesh.v1.ManifestService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('specmesh.v1.ManifestService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ManifestService:
+    """---------------------------------------------------------------- manifests
+
+    ManifestService applies manifests of any kind, as `specmesh apply -f` does.
+    """
+
+    @staticmethod
+    def ApplyManifest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specmesh.v1.ManifestService/ApplyManifest',
+            specmesh_dot_v1_dot_control__plane__pb2.ApplyManifestRequest.SerializeToString,
+            specmesh_dot_v1_dot_control__plane__pb2.ApplyManifestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class AgentServiceStub:
     """---------------------------------------------------------------- agents
 
@@ -107,7 +273,8 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAgents(self, request, context):
-        """ListAgents lists the agents at their latest revision, by name.
+        """ListAgents lists the agents at their latest revision, by name, each with the short
+        form of its observed state.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -144,7 +311,8 @@ class AgentServiceServicer:
     def GetAgentStatus(self, request, context):
         """GetAgentStatus returns what runs of an agent, as the controller last observed it:
         desired and ready instances per track, each instance, the phase and the last error.
-        NOT_FOUND for an unknown agent; phase "NotRunning" when no controller reported on it.
+        NOT_FOUND for an unknown agent; phase "NotRunning" when the control plane runs no
+        runtime, "Pending" when no controller reported on it yet.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -498,6 +666,11 @@ class PromptServiceStub:
                 request_serializer=specmesh_dot_v1_dot_control__plane__pb2.SetPromptReleaseRequest.SerializeToString,
                 response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.SetPromptReleaseResponse.FromString,
                 _registered_method=True)
+        self.GetPromptStats = channel.unary_unary(
+                '/specmesh.v1.PromptService/GetPromptStats',
+                request_serializer=specmesh_dot_v1_dot_control__plane__pb2.GetPromptStatsRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.GetPromptStatsResponse.FromString,
+                _registered_method=True)
 
 
 class PromptServiceServicer:
@@ -535,6 +708,15 @@ class PromptServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPromptStats(self, request, context):
+        """GetPromptStats returns, per version of a prompt, the figures of the turns it served
+        (from the `invoke_agent` spans of the newest traces): requests, errors, tokens and
+        latency.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PromptServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -557,6 +739,11 @@ def add_PromptServiceServicer_to_server(servicer, server):
                     servicer.SetPromptRelease,
                     request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.SetPromptReleaseRequest.FromString,
                     response_serializer=specmesh_dot_v1_dot_control__plane__pb2.SetPromptReleaseResponse.SerializeToString,
+            ),
+            'GetPromptStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPromptStats,
+                    request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.GetPromptStatsRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_control__plane__pb2.GetPromptStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -680,6 +867,33 @@ class PromptService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def GetPromptStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specmesh.v1.PromptService/GetPromptStats',
+            specmesh_dot_v1_dot_control__plane__pb2.GetPromptStatsRequest.SerializeToString,
+            specmesh_dot_v1_dot_control__plane__pb2.GetPromptStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class McpRegistryServiceStub:
     """---------------------------------------------------------------- MCP registry
@@ -713,6 +927,11 @@ class McpRegistryServiceStub:
                 request_serializer=specmesh_dot_v1_dot_control__plane__pb2.ListMcpServerToolsRequest.SerializeToString,
                 response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.ListMcpServerToolsResponse.FromString,
                 _registered_method=True)
+        self.ListMcpToolListings = channel.unary_unary(
+                '/specmesh.v1.McpRegistryService/ListMcpToolListings',
+                request_serializer=specmesh_dot_v1_dot_control__plane__pb2.ListMcpToolListingsRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.ListMcpToolListingsResponse.FromString,
+                _registered_method=True)
 
 
 class McpRegistryServiceServicer:
@@ -743,8 +962,18 @@ class McpRegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListMcpServerTools(self, request, context):
-        """ListMcpServerTools connects to an MCP server (with its credentials from Vault) and
-        lists the tools it offers; UNAVAILABLE if the server cannot be reached.
+        """ListMcpServerTools connects to an MCP server now (with the credentials a sidecar
+        would add) and lists the tools it offers; INVALID_ARGUMENT when the server cannot be
+        listed (the reason in the message) or tool discovery is off.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMcpToolListings(self, request, context):
+        """ListMcpToolListings returns each MCP Registry entry's tools as last listed (on a
+        schedule and on change), with when and the last error; entries not listed yet are
+        absent, and the list is empty when tool discovery is off.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -772,6 +1001,11 @@ def add_McpRegistryServiceServicer_to_server(servicer, server):
                     servicer.ListMcpServerTools,
                     request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.ListMcpServerToolsRequest.FromString,
                     response_serializer=specmesh_dot_v1_dot_control__plane__pb2.ListMcpServerToolsResponse.SerializeToString,
+            ),
+            'ListMcpToolListings': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMcpToolListings,
+                    request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.ListMcpToolListingsRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_control__plane__pb2.ListMcpToolListingsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -895,6 +1129,33 @@ class McpRegistryService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def ListMcpToolListings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specmesh.v1.McpRegistryService/ListMcpToolListings',
+            specmesh_dot_v1_dot_control__plane__pb2.ListMcpToolListingsRequest.SerializeToString,
+            specmesh_dot_v1_dot_control__plane__pb2.ListMcpToolListingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AgentRegistryServiceStub:
     """---------------------------------------------------------------- agent registry
@@ -948,8 +1209,7 @@ class AgentRegistryServiceServicer:
     def IssueInvokeToken(self, request, context):
         """IssueInvokeToken mints a short-lived JWT (ES256) with which the caller may call the
         agent through its public entry (action agents.invoke: operator, admin, invoker);
-        NOT_FOUND for an unknown agent. The public keys are at the REST API's
-        `/.well-known/jwks.json`.
+        NOT_FOUND for an unknown agent. The public keys are at `/.well-known/jwks.json`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -1102,6 +1362,11 @@ class ReleaseServiceStub:
                 request_serializer=specmesh_dot_v1_dot_control__plane__pb2.GetReleaseRequest.SerializeToString,
                 response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.GetReleaseResponse.FromString,
                 _registered_method=True)
+        self.PreviewRelease = channel.unary_unary(
+                '/specmesh.v1.ReleaseService/PreviewRelease',
+                request_serializer=specmesh_dot_v1_dot_control__plane__pb2.PreviewReleaseRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.PreviewReleaseResponse.FromString,
+                _registered_method=True)
 
 
 class ReleaseServiceServicer:
@@ -1121,7 +1386,7 @@ class ReleaseServiceServicer:
 
     def PromoteRelease(self, request, context):
         """PromoteRelease makes the canary revision stable and ends the split;
-        FAILED_PRECONDITION when there is no canary.
+        INVALID_ARGUMENT when there is no canary.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -1129,14 +1394,24 @@ class ReleaseServiceServicer:
 
     def AbortRelease(self, request, context):
         """AbortRelease ends the split and drops the canary; stable is unchanged.
+        INVALID_ARGUMENT when there is no canary.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetRelease(self, request, context):
-        """GetRelease returns an agent's release policy; NOT_FOUND when it has none (every
-        instance serves the latest revision).
+        """GetRelease returns an agent's release policy, unset when it has none (every
+        instance serves the latest revision); NOT_FOUND for an unknown agent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PreviewRelease(self, request, context):
+        """PreviewRelease validates a release policy and returns the Istio objects of the agent
+        now and those the policy would publish; nothing is written. The agent and the
+        revisions the policy names must exist.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -1164,6 +1439,11 @@ def add_ReleaseServiceServicer_to_server(servicer, server):
                     servicer.GetRelease,
                     request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.GetReleaseRequest.FromString,
                     response_serializer=specmesh_dot_v1_dot_control__plane__pb2.GetReleaseResponse.SerializeToString,
+            ),
+            'PreviewRelease': grpc.unary_unary_rpc_method_handler(
+                    servicer.PreviewRelease,
+                    request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.PreviewReleaseRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_control__plane__pb2.PreviewReleaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1288,6 +1568,33 @@ class ReleaseService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def PreviewRelease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specmesh.v1.ReleaseService/PreviewRelease',
+            specmesh_dot_v1_dot_control__plane__pb2.PreviewReleaseRequest.SerializeToString,
+            specmesh_dot_v1_dot_control__plane__pb2.PreviewReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class CredentialServiceStub:
     """---------------------------------------------------------------- credentials
@@ -1310,6 +1617,11 @@ class CredentialServiceStub:
                 '/specmesh.v1.CredentialService/ListCredentials',
                 request_serializer=specmesh_dot_v1_dot_control__plane__pb2.ListCredentialsRequest.SerializeToString,
                 response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.ListCredentialsResponse.FromString,
+                _registered_method=True)
+        self.CollectSecretGarbage = channel.unary_unary(
+                '/specmesh.v1.CredentialService/CollectSecretGarbage',
+                request_serializer=specmesh_dot_v1_dot_control__plane__pb2.CollectSecretGarbageRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.CollectSecretGarbageResponse.FromString,
                 _registered_method=True)
 
 
@@ -1334,6 +1646,14 @@ class CredentialServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CollectSecretGarbage(self, request, context):
+        """CollectSecretGarbage destroys the secret versions no agent revision references,
+        older than grace_seconds (secrets-admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CredentialServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1346,6 +1666,11 @@ def add_CredentialServiceServicer_to_server(servicer, server):
                     servicer.ListCredentials,
                     request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.ListCredentialsRequest.FromString,
                     response_serializer=specmesh_dot_v1_dot_control__plane__pb2.ListCredentialsResponse.SerializeToString,
+            ),
+            'CollectSecretGarbage': grpc.unary_unary_rpc_method_handler(
+                    servicer.CollectSecretGarbage,
+                    request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.CollectSecretGarbageRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_control__plane__pb2.CollectSecretGarbageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1405,6 +1730,205 @@ class CredentialService:
             '/specmesh.v1.CredentialService/ListCredentials',
             specmesh_dot_v1_dot_control__plane__pb2.ListCredentialsRequest.SerializeToString,
             specmesh_dot_v1_dot_control__plane__pb2.ListCredentialsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CollectSecretGarbage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specmesh.v1.CredentialService/CollectSecretGarbage',
+            specmesh_dot_v1_dot_control__plane__pb2.CollectSecretGarbageRequest.SerializeToString,
+            specmesh_dot_v1_dot_control__plane__pb2.CollectSecretGarbageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class GrantServiceStub:
+    """---------------------------------------------------------------- grants
+
+    GrantService shares secrets outside an agent's own Vault tree with that agent.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListGrants = channel.unary_unary(
+                '/specmesh.v1.GrantService/ListGrants',
+                request_serializer=specmesh_dot_v1_dot_control__plane__pb2.ListGrantsRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.ListGrantsResponse.FromString,
+                _registered_method=True)
+        self.ShareSecret = channel.unary_unary(
+                '/specmesh.v1.GrantService/ShareSecret',
+                request_serializer=specmesh_dot_v1_dot_control__plane__pb2.ShareSecretRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.ShareSecretResponse.FromString,
+                _registered_method=True)
+        self.UnshareSecret = channel.unary_unary(
+                '/specmesh.v1.GrantService/UnshareSecret',
+                request_serializer=specmesh_dot_v1_dot_control__plane__pb2.UnshareSecretRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.UnshareSecretResponse.FromString,
+                _registered_method=True)
+
+
+class GrantServiceServicer:
+    """---------------------------------------------------------------- grants
+
+    GrantService shares secrets outside an agent's own Vault tree with that agent.
+    """
+
+    def ListGrants(self, request, context):
+        """ListGrants lists the secrets shared with agents, by agent then secret.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareSecret(self, request, context):
+        """ShareSecret lets an agent reference a secret (secrets-admin); the agent's Vault
+        policy then reads it. An agent's own secrets and the control plane's are never
+        shared.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnshareSecret(self, request, context):
+        """UnshareSecret ends a grant (secrets-admin); NOT_FOUND when there is none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_GrantServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListGrants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGrants,
+                    request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.ListGrantsRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_control__plane__pb2.ListGrantsResponse.SerializeToString,
+            ),
+            'ShareSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareSecret,
+                    request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.ShareSecretRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_control__plane__pb2.ShareSecretResponse.SerializeToString,
+            ),
+            'UnshareSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnshareSecret,
+                    request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.UnshareSecretRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_control__plane__pb2.UnshareSecretResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'specmesh.v1.GrantService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('specmesh.v1.GrantService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class GrantService:
+    """---------------------------------------------------------------- grants
+
+    GrantService shares secrets outside an agent's own Vault tree with that agent.
+    """
+
+    @staticmethod
+    def ListGrants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specmesh.v1.GrantService/ListGrants',
+            specmesh_dot_v1_dot_control__plane__pb2.ListGrantsRequest.SerializeToString,
+            specmesh_dot_v1_dot_control__plane__pb2.ListGrantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specmesh.v1.GrantService/ShareSecret',
+            specmesh_dot_v1_dot_control__plane__pb2.ShareSecretRequest.SerializeToString,
+            specmesh_dot_v1_dot_control__plane__pb2.ShareSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnshareSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specmesh.v1.GrantService/UnshareSecret',
+            specmesh_dot_v1_dot_control__plane__pb2.UnshareSecretRequest.SerializeToString,
+            specmesh_dot_v1_dot_control__plane__pb2.UnshareSecretResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1487,6 +2011,439 @@ class AuditService:
             '/specmesh.v1.AuditService/ListAuditEntries',
             specmesh_dot_v1_dot_control__plane__pb2.ListAuditEntriesRequest.SerializeToString,
             specmesh_dot_v1_dot_control__plane__pb2.ListAuditEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class MeshServiceStub:
+    """---------------------------------------------------------------- mesh
+
+    MeshService shows what the control plane publishes to the service mesh.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.RenderMesh = channel.unary_unary(
+                '/specmesh.v1.MeshService/RenderMesh',
+                request_serializer=specmesh_dot_v1_dot_control__plane__pb2.RenderMeshRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.RenderMeshResponse.FromString,
+                _registered_method=True)
+
+
+class MeshServiceServicer:
+    """---------------------------------------------------------------- mesh
+
+    MeshService shows what the control plane publishes to the service mesh.
+    """
+
+    def RenderMesh(self, request, context):
+        """RenderMesh returns the Istio objects the current state publishes, validated when
+        the control plane has the Istio CRDs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_MeshServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'RenderMesh': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenderMesh,
+                    request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.RenderMeshRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_control__plane__pb2.RenderMeshResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'specmesh.v1.MeshService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('specmesh.v1.MeshService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class MeshService:
+    """---------------------------------------------------------------- mesh
+
+    MeshService shows what the control plane publishes to the service mesh.
+    """
+
+    @staticmethod
+    def RenderMesh(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specmesh.v1.MeshService/RenderMesh',
+            specmesh_dot_v1_dot_control__plane__pb2.RenderMeshRequest.SerializeToString,
+            specmesh_dot_v1_dot_control__plane__pb2.RenderMeshResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class TraceServiceStub:
+    """---------------------------------------------------------------- traces
+
+    TraceService reads the traces the control plane received (OTLP) and the token usage
+    and cost they record.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListTraces = channel.unary_unary(
+                '/specmesh.v1.TraceService/ListTraces',
+                request_serializer=specmesh_dot_v1_dot_control__plane__pb2.ListTracesRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.ListTracesResponse.FromString,
+                _registered_method=True)
+        self.GetTrace = channel.unary_unary(
+                '/specmesh.v1.TraceService/GetTrace',
+                request_serializer=specmesh_dot_v1_dot_control__plane__pb2.GetTraceRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.GetTraceResponse.FromString,
+                _registered_method=True)
+        self.GetTokenUsage = channel.unary_unary(
+                '/specmesh.v1.TraceService/GetTokenUsage',
+                request_serializer=specmesh_dot_v1_dot_control__plane__pb2.GetTokenUsageRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.GetTokenUsageResponse.FromString,
+                _registered_method=True)
+
+
+class TraceServiceServicer:
+    """---------------------------------------------------------------- traces
+
+    TraceService reads the traces the control plane received (OTLP) and the token usage
+    and cost they record.
+    """
+
+    def ListTraces(self, request, context):
+        """ListTraces lists traces, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTrace(self, request, context):
+        """GetTrace returns every span of a trace, ordered by start, with parent ids;
+        NOT_FOUND for an unknown trace.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTokenUsage(self, request, context):
+        """GetTokenUsage returns the tokens and cost (USD) of model calls, grouped by any of
+        agent, model and UTC day.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TraceServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListTraces': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTraces,
+                    request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.ListTracesRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_control__plane__pb2.ListTracesResponse.SerializeToString,
+            ),
+            'GetTrace': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTrace,
+                    request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.GetTraceRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_control__plane__pb2.GetTraceResponse.SerializeToString,
+            ),
+            'GetTokenUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTokenUsage,
+                    request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.GetTokenUsageRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_control__plane__pb2.GetTokenUsageResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'specmesh.v1.TraceService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('specmesh.v1.TraceService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class TraceService:
+    """---------------------------------------------------------------- traces
+
+    TraceService reads the traces the control plane received (OTLP) and the token usage
+    and cost they record.
+    """
+
+    @staticmethod
+    def ListTraces(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specmesh.v1.TraceService/ListTraces',
+            specmesh_dot_v1_dot_control__plane__pb2.ListTracesRequest.SerializeToString,
+            specmesh_dot_v1_dot_control__plane__pb2.ListTracesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTrace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specmesh.v1.TraceService/GetTrace',
+            specmesh_dot_v1_dot_control__plane__pb2.GetTraceRequest.SerializeToString,
+            specmesh_dot_v1_dot_control__plane__pb2.GetTraceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTokenUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specmesh.v1.TraceService/GetTokenUsage',
+            specmesh_dot_v1_dot_control__plane__pb2.GetTokenUsageRequest.SerializeToString,
+            specmesh_dot_v1_dot_control__plane__pb2.GetTokenUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class TokenServiceStub:
+    """---------------------------------------------------------------- API tokens
+
+    TokenService manages API tokens (secrets-admin): bearer tokens for the control plane's
+    API, each with roles and an expiry.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateToken = channel.unary_unary(
+                '/specmesh.v1.TokenService/CreateToken',
+                request_serializer=specmesh_dot_v1_dot_control__plane__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/specmesh.v1.TokenService/ListTokens',
+                request_serializer=specmesh_dot_v1_dot_control__plane__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/specmesh.v1.TokenService/RevokeToken',
+                request_serializer=specmesh_dot_v1_dot_control__plane__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
+
+
+class TokenServiceServicer:
+    """---------------------------------------------------------------- API tokens
+
+    TokenService manages API tokens (secrets-admin): bearer tokens for the control plane's
+    API, each with roles and an expiry.
+    """
+
+    def CreateToken(self, request, context):
+        """CreateToken mints an API token; its roles may not allow more than the caller's. The
+        secret is in this answer only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """ListTokens lists the API and token-file tokens with their state, never a secret.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """RevokeToken refuses a token (API or token-file) from now on, on every replica
+        within seconds; NOT_FOUND for an unknown id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TokenServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.CreateTokenRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_control__plane__pb2.CreateTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.ListTokensRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_control__plane__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_control__plane__pb2.RevokeTokenResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'specmesh.v1.TokenService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('specmesh.v1.TokenService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class TokenService:
+    """---------------------------------------------------------------- API tokens
+
+    TokenService manages API tokens (secrets-admin): bearer tokens for the control plane's
+    API, each with roles and an expiry.
+    """
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specmesh.v1.TokenService/CreateToken',
+            specmesh_dot_v1_dot_control__plane__pb2.CreateTokenRequest.SerializeToString,
+            specmesh_dot_v1_dot_control__plane__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specmesh.v1.TokenService/ListTokens',
+            specmesh_dot_v1_dot_control__plane__pb2.ListTokensRequest.SerializeToString,
+            specmesh_dot_v1_dot_control__plane__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specmesh.v1.TokenService/RevokeToken',
+            specmesh_dot_v1_dot_control__plane__pb2.RevokeTokenRequest.SerializeToString,
+            specmesh_dot_v1_dot_control__plane__pb2.RevokeTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,
