@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from typing import Any
 
 from specmesh.v1 import control_plane_pb2 as pb
+from specmeshctl.client import plain
 from specmeshctl.context import Context
 from specmeshctl.errors import (
     EXIT_OK,
@@ -101,7 +101,7 @@ class _Target:
 
 
 def _card_json(reply: Any) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(reply.agent_card_json)
+    data: dict[str, Any] = plain(reply.agent_card)
     return data
 
 

@@ -8,12 +8,14 @@ The channel is plaintext for ``host:port`` and TLS for ``grpcs://host:port``, as
 plane serves it.
 
 Protobuf messages leave this module as they are; :func:`as_json` turns one into the JSON
-the ``-o json|yaml`` outputs print (camelCase, the proto's JSON mapping).
+the ``-o json|yaml`` outputs print (camelCase, the proto's JSON mapping), :func:`plain`
+turns a ``google.protobuf.Struct``/``Value`` (a spec, a manifest) into plain JSON and
+:func:`struct` a JSON object into a Struct.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -21,11 +23,12 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
+from google.protobuf.struct_pb2 import Struct
 
 from specmesh.v1 import control_plane_pb2_grpc as rpc
 from specmeshctl.errors import ControlPlaneError, UsageError
 
-__all__ = ["DEFAULT_TIMEOUT", "ControlPlaneClient", "as_json", "pages"]
+__all__ = ["DEFAULT_TIMEOUT", "ControlPlaneClient", "as_json", "pages", "plain", "struct"]
 
 DEFAULT_TIMEOUT = 30.0
 """Seconds one call may take."""
@@ -40,6 +43,18 @@ def as_json(message: Message) -> dict[str, Any]:
     numbers a ``google.protobuf.Struct`` carries as doubles turned back into integers."""
     data: dict[str, Any] = _integers(MessageToDict(message))
     return data
+
+
+def plain(message: Message) -> Any:
+    """A ``Struct`` or ``Value`` as the JSON it carries (whole numbers as integers)."""
+    return _integers(MessageToDict(message))
+
+
+def struct(data: Mapping[str, Any]) -> Struct:
+    """A JSON object as a ``google.protobuf.Struct``."""
+    out = Struct()
+    out.update(data)
+    return out
 
 
 def _integers(value: Any) -> Any:
@@ -87,13 +102,19 @@ class ControlPlaneClient:
             self._channel = grpc.aio.insecure_channel(target)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout = timeout
+        self.identity = rpc.IdentityServiceStub(self._channel)
+        self.manifests = rpc.ManifestServiceStub(self._channel)
         self.agents = rpc.AgentServiceStub(self._channel)
         self.prompts = rpc.PromptServiceStub(self._channel)
         self.mcp = rpc.McpRegistryServiceStub(self._channel)
         self.registry = rpc.AgentRegistryServiceStub(self._channel)
         self.releases = rpc.ReleaseServiceStub(self._channel)
         self.credentials = rpc.CredentialServiceStub(self._channel)
+        self.grants = rpc.GrantServiceStub(self._channel)
         self.audit = rpc.AuditServiceStub(self._channel)
+        self.mesh = rpc.MeshServiceStub(self._channel)
+        self.traces = rpc.TraceServiceStub(self._channel)
+        self.tokens = rpc.TokenServiceStub(self._channel)
 
     async def __aenter__(self) -> ControlPlaneClient:
         return self

@@ -1,52 +1,24 @@
-"""Prompts: publishing a version (``apply -f`` of a Prompt manifest) and ``get prompt(s)``."""
+"""Prompts: ``get prompts`` and ``get prompt KEY [--version V]`` (a version is published
+with ``apply -f``)."""
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
 
-import grpc
-
 from specmesh.errors import NotFoundError
-from specmesh.spec.manifest import LoadedManifest
 from specmesh.v1 import control_plane_pb2 as pb
-from specmeshctl.client import ControlPlaneClient, pages
-from specmeshctl.errors import EXIT_OK, ControlPlaneError
+from specmeshctl.client import ControlPlaneClient, pages, plain
+from specmeshctl.errors import EXIT_OK
 from specmeshctl.output import manifest, print_data, print_manifests, table
 
-__all__ = ["get", "labels", "publish", "versions_by_key"]
-
-
-async def publish(
-    cp: ControlPlaneClient, m: LoadedManifest, doc: str, *, dry_run: bool
-) -> dict[str, Any]:
-    """One Prompt manifest: a new version (and its release, when the manifest has one)."""
-    key, version = m.name, m.manifest.spec.version
-    try:
-        before = await cp.call(
-            cp.prompts.GetPrompt, pb.GetPromptRequest(prompt_key=key, version=version)
-        )
-    except ControlPlaneError as e:
-        if e.code != grpc.StatusCode.NOT_FOUND:
-            raise
-        before = None
-    await cp.call(
-        cp.prompts.PublishPromptVersion,
-        pb.PublishPromptVersionRequest(manifest_json=doc, dry_run=dry_run),
-    )
-    changed = before is None or _entry(before.versions[0]) != _entry_of(m)
-    return {"kind": "Prompt", "name": f"{key}@{version}", "changed": changed}
+__all__ = ["get", "labels", "versions_by_key"]
 
 
 def _entry(version: Any) -> dict[str, Any]:
-    entry: dict[str, Any] = json.loads(version.entry_json)
-    return {k: entry.get(k) for k in ("template", "variables", "description")}
-
-
-def _entry_of(m: LoadedManifest) -> dict[str, Any]:
-    spec = m.manifest.spec.model_dump(mode="json", by_alias=True)
-    return {k: spec.get(k) for k in ("template", "variables", "description")}
+    """A version's template, variables and description."""
+    entry: dict[str, Any] = plain(version.entry)
+    return {k: entry[k] for k in ("template", "variables", "description") if k in entry}
 
 
 async def versions_by_key(cp: ControlPlaneClient) -> dict[str, list[str]]:

@@ -1,72 +1,38 @@
-"""An agent's release: ``release get|set|promote|abort``, ``get release NAME`` and
-``apply -f`` of a Release manifest."""
+"""An agent's release: ``release get|set|promote|abort`` and ``get release NAME`` (a
+Release manifest is applied with ``apply -f``)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
-import grpc
-
 from specmesh.errors import NotFoundError
-from specmesh.spec.manifest import LoadedManifest
 from specmesh.spec.models import ReleaseSpec
 from specmesh.v1 import control_plane_pb2 as pb
-from specmeshctl.client import ControlPlaneClient
+from specmeshctl.client import ControlPlaneClient, plain, struct
 from specmeshctl.context import Context
-from specmeshctl.errors import EXIT_OK, ControlPlaneError, UsageError
+from specmeshctl.errors import EXIT_OK, UsageError
 from specmeshctl.output import manifest, print_data, print_manifests, write
 from specmeshctl.parsing import Registrar
 
-__all__ = ["apply", "fetch", "get", "line", "register"]
-
-_SPLIT = ("stableRevision", "canaryRevision", "canaryWeight", "headerMatch")
-"""A release's fields that travel as their own request fields (the rest as policy_json)."""
+__all__ = ["fetch", "get", "line", "register"]
 
 
 def _json(release: Any) -> dict[str, Any]:
     """A Release message as its spec (camelCase, every field)."""
-    return ReleaseSpec.model_validate_json(release.spec_json).model_dump(mode="json")
+    return ReleaseSpec.model_validate(plain(release.spec)).model_dump(mode="json")
 
 
 async def fetch(cp: ControlPlaneClient, agent: str) -> dict[str, Any] | None:
-    """The agent's release policy; None when it has none."""
-    try:
-        reply = await cp.call(cp.releases.GetRelease, pb.GetReleaseRequest(agent_name=agent))
-    except ControlPlaneError as e:
-        if e.code == grpc.StatusCode.NOT_FOUND:
-            return None
-        raise
-    return _json(reply.release)
+    """The agent's release policy; None when it has none (NOT_FOUND: no such agent)."""
+    reply = await cp.call(cp.releases.GetRelease, pb.GetReleaseRequest(agent_name=agent))
+    return _json(reply.release) if reply.HasField("release") else None
 
 
-async def _set(
-    cp: ControlPlaneClient, agent: str, spec: dict[str, Any], *, dry_run: bool = False
-) -> dict[str, Any]:
-    request = pb.SetReleaseRequest(
-        agent_name=agent,
-        canary_weight=int(spec.get("canaryWeight") or 0),
-        header_match=[pb.HeaderMatch(**h) for h in spec.get("headerMatch") or []],
-        policy_json=json.dumps({k: v for k, v in spec.items() if k not in _SPLIT}),
-        dry_run=dry_run,
-    )
-    for field, key in (
-        ("stable_revision", "stableRevision"),
-        ("canary_revision", "canaryRevision"),
-    ):
-        if spec.get(key) is not None:
-            setattr(request, field, spec[key])
+async def _set(cp: ControlPlaneClient, agent: str, spec: dict[str, Any]) -> dict[str, Any]:
+    request = pb.SetReleaseRequest(agent_name=agent, release=struct(spec))
     reply = await cp.call(cp.releases.SetRelease, request)
     return _json(reply.release)
-
-
-async def apply(cp: ControlPlaneClient, m: LoadedManifest, *, dry_run: bool) -> dict[str, Any]:
-    """A Release manifest (``metadata.name`` is the agent)."""
-    spec = m.manifest.spec.model_dump(mode="json")
-    before = await fetch(cp, m.name)
-    after = await _set(cp, m.name, spec, dry_run=dry_run)
-    return {"kind": "Release", "name": m.name, "changed": before != after}
 
 
 def line(agent: str, release: dict[str, Any] | None) -> str:

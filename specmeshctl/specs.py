@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +21,7 @@ from specmesh.spec.validation import prompt_issues, reference_warnings
 from specmesh.v1 import common_pb2
 from specmesh.v1 import control_plane_pb2 as pb
 from specmeshctl import mcp, prompts, releases
-from specmeshctl.client import ControlPlaneClient, as_json, pages
+from specmeshctl.client import ControlPlaneClient, as_json, pages, plain, struct
 from specmeshctl.context import Context
 from specmeshctl.errors import EXIT_OK, ControlPlaneError, UsageError
 from specmeshctl.output import manifest, print_data, print_manifests, table, write
@@ -45,7 +44,7 @@ def agent_json(agent: Any) -> dict[str, Any]:
         "createdAt": as_json(info).get("createdAt", ""),
         "author": info.author,
         "message": info.message,
-        "spec": json.loads(agent.spec_json) if agent.spec_json else {},
+        "spec": plain(agent.spec),
     }
     if agent.HasField("status"):
         out["status"] = as_json(agent.status)
@@ -53,11 +52,13 @@ def agent_json(agent: Any) -> dict[str, Any]:
 
 
 def change_json(change: Any) -> dict[str, Any]:
+    """A Change as :class:`specmesh.spec.diff.Change` prints it (``old``/``new`` absent
+    for an add/remove)."""
     out: dict[str, Any] = {"path": change.path, "op": _CHANGE_OPS.get(change.op, "?")}
-    if change.old_json:
-        out["old"] = json.loads(change.old_json)
-    if change.new_json:
-        out["new"] = json.loads(change.new_json)
+    if change.HasField("old_value"):
+        out["old"] = plain(change.old_value)
+    if change.HasField("new_value"):
+        out["new"] = plain(change.new_value)
     return out
 
 
@@ -128,31 +129,30 @@ async def cmd_validate(args: argparse.Namespace, ctx: Context) -> int:
 async def _apply_one(
     cp: ControlPlaneClient, m: LoadedManifest, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """One manifest through its kind's RPC; ``{kind, name, changed, revision?}``."""
-    doc = json.dumps(m.manifest.model_dump(mode="json", by_alias=True))
-    if m.kind == "Agent":
-        request = pb.ApplyAgentRequest(manifest_json=doc, dry_run=args.dry_run)
-        if args.expected_revision is not None:
-            request.expected_revision = args.expected_revision
-        try:
-            reply = await cp.call(cp.agents.ApplyAgent, request)
-        except ControlPlaneError as e:
-            raise _with_source(e, m.source) from e
-        return {
-            "kind": "Agent",
-            "name": m.name,
-            "changed": reply.created_revision,
-            "revision": reply.agent.revision_info.revision or None,
-            "changes": [change_json(c) for c in reply.changes],
-        }
-    if m.kind == "Prompt":
-        return await prompts.publish(cp, m, doc, dry_run=args.dry_run)
-    if m.kind == "McpServer":
-        return await mcp.register(cp, m, doc, dry_run=args.dry_run)
-    return await releases.apply(cp, m, dry_run=args.dry_run)
+    """One manifest of any kind (ApplyManifest): ``{kind, name, changed, revision,
+    changes, warnings, secretsMoved}``."""
+    request = pb.ApplyManifestRequest(
+        manifest=struct(m.manifest.model_dump(mode="json", by_alias=True)), dry_run=args.dry_run
+    )
+    if args.expected_revision is not None and m.kind == "Agent":
+        request.expected_revision = args.expected_revision
+    try:
+        reply = await cp.call(cp.manifests.ApplyManifest, request)
+    except ControlPlaneError as e:
+        raise _with_source(e, m.source) from e
+    return {
+        "kind": reply.kind,
+        "name": reply.name,
+        "changed": reply.changed,
+        "revision": reply.revision or None,
+        "changes": [change_json(c) for c in reply.changes],
+        "warnings": list(reply.warnings),
+        "secretsMoved": list(reply.secrets_moved),
+    }
 
 
 def _with_source(error: ControlPlaneError, source: str) -> ControlPlaneError:
+    """An invalid manifest's error, naming the file it came from."""
     if error.code != grpc.StatusCode.INVALID_ARGUMENT:
         return error
     return ControlPlaneError(
@@ -169,11 +169,9 @@ async def cmd_apply(args: argparse.Namespace, ctx: Context) -> int:
     loaded.sort(key=lambda m: order[m.kind])
     if args.expected_revision is not None and sum(m.kind == "Agent" for m in loaded) != 1:
         raise SpecError([], source="--expected-revision needs exactly one agent manifest")
-    warnings = _local_warnings(loaded)
     outcomes = []
-    for i, m in enumerate(loaded):
+    for m in loaded:
         outcome = await _apply_one(ctx.cp, m, args)
-        outcome.setdefault("warnings", warnings.get(i, []))
         outcomes.append(outcome)
         if args.output == "text":
             verb = "configured" if outcome["changed"] else "unchanged"
@@ -183,6 +181,8 @@ async def cmd_apply(args: argparse.Namespace, ctx: Context) -> int:
             write(f"{outcome['kind'].lower()}/{outcome['name']} {verb}{rev}")
             for w in outcome["warnings"]:
                 write(f"  warning: {w}")
+            for moved in outcome["secretsMoved"]:
+                write(f"  secret moved to Vault: {moved}")
     if args.output != "text":
         print_data(outcomes, args.output)
     return EXIT_OK
@@ -308,7 +308,7 @@ async def cmd_get(args: argparse.Namespace, ctx: Context) -> int:
 async def _describe_warnings(cp: ControlPlaneClient, agent: Any) -> list[str]:
     """What in the agent's spec points at nothing stored (yet): partners, MCP servers,
     its prompt (a prompt deleted since the apply)."""
-    spec = AgentSpec.model_validate(json.loads(agent.spec_json))
+    spec = AgentSpec.model_validate(plain(agent.spec))
     agents, servers, stored = await asyncio.gather(
         _list_agents(cp), mcp.names(cp), prompts.versions_by_key(cp)
     )
@@ -365,7 +365,7 @@ async def cmd_describe(args: argparse.Namespace, ctx: Context) -> int:
             args.output,
         )
         return EXIT_OK
-    spec: dict[str, Any] = json.loads(agent.spec_json) if agent.spec_json else {}
+    spec: dict[str, Any] = plain(agent.spec)
     base = spec.get("base") or {}
     model = spec.get("model") or {}
     info = agent.revision_info
