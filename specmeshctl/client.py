@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
@@ -80,8 +79,8 @@ def _target(server: str) -> tuple[str, bool]:
 
 
 class ControlPlaneClient:
-    """One channel to the control plane and a stub per service. An async context manager;
-    whoever creates it closes it."""
+    """One channel to the control plane and a stub per service; whoever creates it closes
+    it (:meth:`aclose`)."""
 
     def __init__(
         self,
@@ -116,18 +115,8 @@ class ControlPlaneClient:
         self.traces = rpc.TraceServiceStub(self._channel)
         self.tokens = rpc.TokenServiceStub(self._channel)
 
-    async def __aenter__(self) -> ControlPlaneClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
+    async def aclose(self) -> None:
+        """Close the channel (``contextlib.aclosing(client)`` does it at the block's end)."""
         await self._channel.close()
 
     async def call(

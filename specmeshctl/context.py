@@ -32,7 +32,7 @@ class Context:
             self._cp = ControlPlaneClient(
                 server=self.settings.server, token=self._token(), ca_file=self.settings.ca_file
             )
-            self._stack.push_async_callback(self._cp.close)
+            self._stack.push_async_callback(self._cp.aclose)
         return self._cp
 
     def _token(self) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -69,7 +70,7 @@ async def _serve(
 async def _call(answer: Callable[[Any, grpc.aio.ServicerContext], Any], token: str | None) -> Any:
     server, address = await _serve(answer)
     try:
-        async with ControlPlaneClient(server=address, token=token, timeout=10) as cp:
+        async with aclosing(ControlPlaneClient(server=address, token=token, timeout=10)) as cp:
             return await cp.call(cp.agents.ListAgents, pb.ListAgentsRequest())
     finally:
         await server.stop(None)
@@ -122,7 +123,7 @@ def test_the_token_travels_as_authorization_metadata() -> None:
 
 def test_a_server_nobody_listens_on_is_unavailable_exit_5() -> None:
     async def call() -> None:
-        async with ControlPlaneClient(server="127.0.0.1:1", token=None, timeout=10) as cp:
+        async with aclosing(ControlPlaneClient(server="127.0.0.1:1", token=None, timeout=10)) as cp:
             await cp.call(cp.agents.ListAgents, pb.ListAgentsRequest())
 
     with pytest.raises(ControlPlaneError) as caught:
