@@ -2,7 +2,8 @@
 
 Every method takes the calling :class:`~control_plane.auth.Principal` first, checks its
 permission (deny by default) and records the principal as the actor of every change
-(the store writes the audit entry in the same transaction as the change).
+(the store writes the audit entry in the same transaction as the change). List calls
+(``*_page``) filter and page here (:mod:`control_plane.paging`), once for every transport.
 """
 
 from __future__ import annotations
@@ -10,14 +11,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from control_plane.auth import Principal, authorize
+from control_plane.auth import PERMISSIONS, Principal, authorize
 from control_plane.errors import BadRequestError
 from control_plane.issuer import CONTROL_PLANE_TREE, InvokeToken, TokenIssuer, subject_problem
-from control_plane.mcptools import McpToolCatalog
+from control_plane.mcptools import McpToolCatalog, ToolListing
 from control_plane.mesh import IstioValidator, MeshSettings, render_agent
+from control_plane.paging import Page, PageRequest, paginate
 from control_plane.publisher import render_from_store
 from control_plane.tokens import TokenRecord, TokenRequest, TokenStore, check_grant
 from control_plane.traces import (
@@ -51,9 +53,9 @@ from specmesh.spec.models import (
 from specmesh.specservice import ApplyOutcome, SpecService
 from specmesh.store import AgentRecord, AgentSummary, AuditEntry, SpecStore
 from specmesh.vault import VaultClient
-from specmesh.workloads import TRACKS
+from specmesh.workloads import TRACKS, AgentStatus
 
-__all__ = ["MASK", "ControlPlane", "CredentialInfo"]
+__all__ = ["MASK", "AgentListing", "ControlPlane", "CredentialInfo", "Identity"]
 
 MASK = "********"
 
@@ -94,6 +96,27 @@ class CredentialInfo:
             "maskedValue": MASK,
             "version": self.version,
         }
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The calling principal as it sees itself."""
+
+    name: str
+    roles: list[str]
+    """Its roles, sorted."""
+    can: list[str]
+    """The actions its roles allow, sorted."""
+
+
+@dataclass(frozen=True)
+class AgentListing:
+    """An agent at its latest revision, with its observed state in short."""
+
+    record: AgentRecord
+    status: AgentStatus | None
+    """None when the control plane runs no runtime (nothing runs agents); phase
+    ``Pending`` while no controller reported on an agent applied a moment ago."""
 
 
 class ControlPlane:
@@ -148,8 +171,10 @@ class ControlPlane:
         expected_revision: int | None = None,
         dry_run: bool = False,
         source: str = "request",
+        message: str = "",
     ) -> ApplyOutcome:
-        """Apply one manifest document (any kind)."""
+        """Apply one manifest document (any kind); ``message`` is stored with the audit
+        entry (and an agent's revision)."""
         manifest = parse_manifest(document, source=source)
         authorize(principal, _WRITE_ACTION[manifest.kind])
         return await self.specs.apply(
@@ -157,6 +182,15 @@ class ControlPlane:
             actor=principal.name,
             expected_revision=expected_revision,
             dry_run=dry_run,
+            message=message,
+        )
+
+    async def whoami(self, principal: Principal) -> Identity:
+        """Who the caller is and what it may do (any authenticated caller may ask)."""
+        return Identity(
+            name=principal.name,
+            roles=sorted(str(r) for r in principal.roles),
+            can=sorted(a for a in PERMISSIONS if principal.can(a)),
         )
 
     # ------------------------------------------------------------ agents
@@ -171,12 +205,51 @@ class ControlPlane:
         authorize(principal, "agents.read")
         return await self.store.get_agent(name, revision)
 
+    async def agents_page(self, principal: Principal, page: PageRequest) -> Page[AgentListing]:
+        """One page of the agents at their latest revision, by name, each with its
+        observed state in short (see :class:`AgentListing`)."""
+        summaries = sorted(await self.list_agents(principal), key=lambda s: s.name)
+        listed = paginate(summaries, page)
+        statuses = await self.agent_statuses(principal)
+        out = []
+        for summary in listed.items:
+            try:
+                record = await self.store.get_agent(summary.name, summary.revision)
+            except NotFoundError:  # deleted since it was listed
+                continue
+            stored = statuses.get(resource_name(summary.name))
+            status: AgentStatus | None = None
+            if stored is not None:
+                status = AgentStatus.from_json({"agent": summary.name, **stored})
+            elif self.runtime != "none":  # applied a moment ago: the controller reports soon
+                status = AgentStatus(
+                    agent=summary.name,
+                    revision=0,
+                    runtime=self.runtime,
+                    tracks={},
+                    instances=[],
+                    phase="Pending",
+                )
+            out.append(AgentListing(record, status))
+        return Page(out, listed.next_page_token)
+
     async def history(self, principal: Principal, name: str) -> list[AgentRecord]:
         authorize(principal, "agents.read")
         return await self.store.history(name)
 
-    async def diff(self, principal: Principal, name: str, a: int, b: int) -> list[Change]:
+    async def revisions_page(
+        self, principal: Principal, name: str, page: PageRequest
+    ) -> Page[AgentRecord]:
+        """One page of an agent's revisions, newest first."""
+        return paginate(list(reversed(await self.history(principal, name))), page)
+
+    async def diff(
+        self, principal: Principal, name: str, a: int, b: int | None = None
+    ) -> list[Change]:
+        """The changes from revision ``a`` to revision ``b`` (None: the latest)."""
         authorize(principal, "agents.read")
+        if b is None:
+            b = (await self.store.get_agent(name)).revision
         return await self.store.diff(name, a, b)
 
     async def rollback(
@@ -186,10 +259,15 @@ class ControlPlane:
         revision: int,
         *,
         expected_revision: int | None = None,
+        message: str = "",
     ) -> Any:
         authorize(principal, "agents.write")
         return await self.store.rollback(
-            name, revision, actor=principal.name, expected_revision=expected_revision
+            name,
+            revision,
+            actor=principal.name,
+            expected_revision=expected_revision,
+            message=message,
         )
 
     async def scale(
@@ -299,6 +377,12 @@ class ControlPlane:
         authorize(principal, "prompts.read")
         return await self.store.list_prompts()
 
+    async def prompts_page(
+        self, principal: Principal, page: PageRequest
+    ) -> Page[tuple[str, list[str]]]:
+        """One page of (promptKey, its versions), by promptKey."""
+        return paginate(sorted((await self.list_prompts(principal)).items()), page)
+
     async def get_prompt(
         self, principal: Principal, key: str
     ) -> tuple[list[PromptEntry], PromptRelease | None]:
@@ -309,16 +393,22 @@ class ControlPlane:
         return versions, await self.store.get_prompt_release(key)
 
     async def set_prompt_release(
-        self, principal: Principal, key: str, release: PromptRelease
+        self, principal: Principal, key: str, release: PromptRelease, *, message: str = ""
     ) -> None:
         authorize(principal, "prompts.write")
-        await self.store.set_prompt_release(key, release, actor=principal.name)
+        await self.store.set_prompt_release(key, release, actor=principal.name, message=message)
 
     # ------------------------------------------------------------ registries
 
     async def list_mcp_servers(self, principal: Principal) -> dict[str, Any]:
         authorize(principal, "mcp.read")
         return await self.store.list_mcp_servers()
+
+    async def mcp_servers_page(
+        self, principal: Principal, page: PageRequest
+    ) -> Page[tuple[str, McpServerSpec]]:
+        """One page of the MCP Registry's entries, by name."""
+        return paginate(sorted((await self.list_mcp_servers(principal)).items()), page)
 
     async def list_mcp_tools(self, principal: Principal, name: str) -> Any:
         """The tools a registered MCP server really offers (by connecting to it now, with
@@ -340,11 +430,27 @@ class ControlPlane:
             return {}
         return {n: listing.to_json() for n, listing in sorted(self.mcp_tools.listings().items())}
 
+    async def mcp_tool_listings_page(
+        self, principal: Principal, page: PageRequest
+    ) -> Page[tuple[str, ToolListing]]:
+        """One page of :meth:`mcp_tool_listings`, as listings, by server name."""
+        authorize(principal, "mcp.read")
+        listings = self.mcp_tools.listings() if self.mcp_tools is not None else {}
+        return paginate(sorted(listings.items()), page)
+
     async def list_instances(
         self, principal: Principal, agent: str | None = None
     ) -> list[dict[str, Any]]:
         authorize(principal, "registry.read")
         return await self.store.list_instances(agent)
+
+    async def instances_page(
+        self, principal: Principal, agent: str | None, page: PageRequest
+    ) -> Page[dict[str, Any]]:
+        """One page of the live instances (of ``agent``, or all), by agent then instance."""
+        found = await self.list_instances(principal, agent)
+        found.sort(key=lambda i: (str(i.get("agent", "")), str(i.get("instance", ""))))
+        return paginate(found, page)
 
     # ------------------------------------------------------------ releases
 
@@ -354,17 +460,23 @@ class ControlPlane:
         return await self.store.get_release(agent)
 
     async def set_release(
-        self, principal: Principal, agent: str, spec: ReleaseSpec, *, dry_run: bool = False
+        self,
+        principal: Principal,
+        agent: str,
+        spec: ReleaseSpec,
+        *,
+        dry_run: bool = False,
+        message: str = "",
     ) -> ReleaseSpec:
         authorize(principal, "releases.write")
         if dry_run:  # the agent and the revisions it names must exist; nothing is written
             for revision in (None, spec.stable_revision, spec.canary_revision):
                 await self.store.get_agent(agent, revision)
             return spec
-        await self.store.put_release(agent, spec, actor=principal.name)
+        await self.store.put_release(agent, spec, actor=principal.name, message=message)
         return spec
 
-    async def promote(self, principal: Principal, agent: str) -> ReleaseSpec:
+    async def promote(self, principal: Principal, agent: str, *, message: str = "") -> ReleaseSpec:
         """The canary becomes stable; the split ends."""
         authorize(principal, "releases.write")
         current = await self.store.get_release(agent)
@@ -378,10 +490,10 @@ class ControlPlane:
                 "header_match": [],
             }
         )
-        await self.store.put_release(agent, promoted, actor=principal.name)
+        await self.store.put_release(agent, promoted, actor=principal.name, message=message)
         return promoted
 
-    async def abort(self, principal: Principal, agent: str) -> ReleaseSpec:
+    async def abort(self, principal: Principal, agent: str, *, message: str = "") -> ReleaseSpec:
         """The split ends; stable stays."""
         authorize(principal, "releases.write")
         current = await self.store.get_release(agent)
@@ -390,7 +502,7 @@ class ControlPlane:
         aborted = current.model_copy(
             update={"canary_revision": None, "canary_weight": 0, "header_match": []}
         )
-        await self.store.put_release(agent, aborted, actor=principal.name)
+        await self.store.put_release(agent, aborted, actor=principal.name, message=message)
         return aborted
 
     # ------------------------------------------------------------ secret versions
@@ -399,6 +511,12 @@ class ControlPlane:
         """Destroy KV versions no revision references (see
         :meth:`specmesh.specservice.SpecService.collect_garbage`)."""
         authorize(principal, "secrets.gc")
+        if isinstance(grace_seconds, bool) or not 60 <= grace_seconds <= 10**7:
+            # at least a minute: an apply between its Vault write and its etcd transaction
+            # keeps its new version
+            raise BadRequestError(
+                f"grace_seconds: must be 60 to 10000000 seconds (got {grace_seconds!r})"
+            )
         report = await self.specs.collect_garbage(grace_seconds=grace_seconds)
         await self.store.record(
             actor=principal.name,
@@ -442,12 +560,14 @@ class ControlPlane:
         await self.specs.write_identity(agent)
         return {"agent": agent, "secret": f"vault://{mount}/{path}"}
 
-    async def unshare_secret(self, principal: Principal, agent: str, secret: str) -> None:
-        """End a grant; the agent's policy no longer reads the secret."""
+    async def unshare_secret(self, principal: Principal, agent: str, secret: str) -> str:
+        """End a grant; the agent's policy no longer reads the secret. Returns the secret
+        as ``vault://<mount>/<path>``."""
         authorize(principal, "grants.write")
         mount, path = self._shareable(secret)
         await self.store.delete_grant(agent, mount, path, actor=principal.name)
         await self.specs.write_identity(agent)  # shared before the agent existed: still revoked
+        return f"vault://{mount}/{path}"
 
     async def list_grants(
         self, principal: Principal, agent: str | None = None
@@ -457,6 +577,14 @@ class ControlPlane:
             {**g, "secret": f"vault://{g['mount']}/{g['path']}"}
             for g in await self.store.list_grants(agent)
         ]
+
+    async def grants_page(
+        self, principal: Principal, agent: str | None, page: PageRequest
+    ) -> Page[dict[str, Any]]:
+        """One page of the grants (of ``agent``, or every agent's), by agent then secret."""
+        grants = await self.list_grants(principal, agent)
+        grants.sort(key=lambda g: (str(g["agent"]), str(g["secret"])))
+        return paginate(grants, page)
 
     # ------------------------------------------------------------ credentials
 
@@ -520,6 +648,21 @@ class ControlPlane:
                 )
         return sorted(out, key=lambda c: c.reference)
 
+    async def credentials_page(
+        self,
+        principal: Principal,
+        *,
+        path_prefix: str = "",
+        mount: str | None = None,
+        page: PageRequest,
+    ) -> Page[CredentialInfo]:
+        """One page of the credentials whose path starts with ``path_prefix`` (empty: all,
+        under ``specmesh/``), by reference."""
+        prefix = path_prefix.lstrip("/")
+        folder = prefix.rpartition("/")[0]  # list the folder, keep the paths starting with prefix
+        found = await self.list_credentials(principal, prefix=folder, mount=mount)
+        return paginate([c for c in found if c.path.startswith(prefix)], page)
+
     # ------------------------------------------------------------ added for the gRPC API
 
     async def get_mcp_server(self, principal: Principal, name: str) -> McpServerSpec:
@@ -567,6 +710,10 @@ class ControlPlane:
         authorize(principal, "tokens.read")
         return await self.tokens.list()
 
+    async def tokens_page(self, principal: Principal, page: PageRequest) -> Page[TokenRecord]:
+        """One page of the tokens, by id."""
+        return paginate(sorted(await self.list_tokens(principal), key=lambda t: t.id), page)
+
     async def revoke_token(self, principal: Principal, token_id: str) -> TokenRecord:
         """Refuse the token from now on (every replica, within the watch's latency)."""
         authorize(principal, "tokens.write")
@@ -587,6 +734,21 @@ class ControlPlane:
         return await self.traces.list_traces(
             agent=agent, context_id=context_id, since=since, limit=limit
         )
+
+    async def traces_page(
+        self,
+        principal: Principal,
+        *,
+        agent: str | None = None,
+        context_id: str | None = None,
+        since: datetime | None = None,
+        page: PageRequest,
+    ) -> Page[TraceSummary]:
+        """One page of the traces, newest first."""
+        traces = await self.list_traces(
+            principal, agent=agent, context_id=context_id, since=since, limit=page.end + 1
+        )
+        return paginate(traces, page)
 
     async def get_trace(self, principal: Principal, trace_id: str) -> list[Span]:
         """Every span of a trace, ordered by start, with parent ids (a waterfall)."""
@@ -620,6 +782,28 @@ class ControlPlane:
     ) -> list[AuditEntry]:
         authorize(principal, "audit.read")
         return await self.store.audit_entries(name=name, kind=kind, limit=limit)
+
+    async def audit_page(
+        self,
+        principal: Principal,
+        *,
+        name: str | None = None,
+        kind: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        page: PageRequest,
+    ) -> Page[AuditEntry]:
+        """One page of the audit entries about ``name`` of ``kind`` made at or after
+        ``since`` and before ``until`` (None: no bound), newest first."""
+        entries = await self.audit(principal, name=name, kind=kind, limit=sys.maxsize)
+        if since is not None or until is not None:
+            entries = [
+                e
+                for e in entries
+                if (since is None or _aware(e.time) >= since)
+                and (until is None or _aware(e.time) < until)
+            ]
+        return paginate(entries, page)
 
     async def render_mesh(self, principal: Principal) -> list[dict[str, Any]]:
         """The Istio objects the current state publishes, validated when a CRD file is set."""
@@ -718,6 +902,12 @@ def _credential_folder(prefix: str, mount: str) -> str:
             f"'{_CREDENTIALS_ROOT}/' (got {prefix!r})"
         )
     return folder
+
+
+def _aware(iso: str) -> datetime:
+    """An ISO 8601 time of the store, as an aware datetime (UTC when it names no zone)."""
+    moment = datetime.fromisoformat(iso)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _quantile(ordered: Sequence[float], q: float) -> float:

@@ -1,5 +1,5 @@
-"""Errors of the control plane's API, and the one table that maps every error to its
-HTTP status and gRPC status code::
+"""Errors of the control plane's API, and the one table (:data:`ERROR_TABLE`) that maps
+every error to its HTTP status, gRPC status code and reason, for REST and gRPC alike::
 
     SpecmeshError
     +-- ApiError
@@ -9,7 +9,8 @@ HTTP status and gRPC status code::
     |   +-- BodyTooLargeError       a request body over the limit     413 / RESOURCE_EXHAUSTED
     +-- (core errors, see specmesh.errors)
         SpecError                                                     400 / INVALID_ARGUMENT
-        ConflictError, NameCollisionError                             409 / ABORTED
+        ConflictError                                                 409 / ABORTED
+        NameCollisionError                                            409 / ALREADY_EXISTS
         NotFoundError                                                 404 / NOT_FOUND
         StoreUnavailableError, SecretUnavailableError                 503 / UNAVAILABLE
         SecretAccessDeniedError                                       403 / PERMISSION_DENIED
@@ -20,6 +21,7 @@ HTTP status and gRPC status code::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -38,12 +40,17 @@ from specmesh.errors import (
 )
 
 __all__ = [
+    "ERROR_TABLE",
+    "INTERNAL",
     "ApiError",
     "BadRequestError",
     "BodyTooLargeError",
+    "ErrorMapping",
     "PermissionDeniedError",
     "UnauthenticatedError",
     "error_body",
+    "error_mapping",
+    "error_message",
     "status_for",
 ]
 
@@ -76,36 +83,74 @@ class BodyTooLargeError(ApiError):
         super().__init__(f"body: must be at most {limit} bytes")
 
 
-_TABLE: list[tuple[type[BaseException], int, grpc.StatusCode, str]] = [
-    (UnauthenticatedError, 401, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated"),
-    (PermissionDeniedError, 403, grpc.StatusCode.PERMISSION_DENIED, "permission_denied"),
-    (BadRequestError, 400, grpc.StatusCode.INVALID_ARGUMENT, "bad_request"),
-    (BodyTooLargeError, 413, grpc.StatusCode.RESOURCE_EXHAUSTED, "too_large"),
-    (SpecError, 400, grpc.StatusCode.INVALID_ARGUMENT, "invalid_spec"),
-    (ConflictError, 409, grpc.StatusCode.ABORTED, "conflict"),
-    (NameCollisionError, 409, grpc.StatusCode.ALREADY_EXISTS, "name_collision"),
-    (NotFoundError, 404, grpc.StatusCode.NOT_FOUND, "not_found"),
-    (StoreUnavailableError, 503, grpc.StatusCode.UNAVAILABLE, "store_unavailable"),
-    (SecretUnavailableError, 503, grpc.StatusCode.UNAVAILABLE, "vault_unavailable"),
-    (SecretAccessDeniedError, 403, grpc.StatusCode.PERMISSION_DENIED, "vault_denied"),
-    (SecretReferenceError, 400, grpc.StatusCode.INVALID_ARGUMENT, "bad_reference"),
-    (MeshObjectError, 400, grpc.StatusCode.FAILED_PRECONDITION, "invalid_mesh_object"),
-]
+@dataclass(frozen=True)
+class ErrorMapping:
+    """How one kind of error is answered, on every transport."""
+
+    error: type[BaseException]
+    http_status: int
+    grpc_status: grpc.StatusCode
+    reason: str
+    """The stable machine-readable name: REST ``error.code``, gRPC trailing metadata
+    ``specmesh-error-reason``."""
+
+
+ERROR_TABLE: tuple[ErrorMapping, ...] = (
+    ErrorMapping(UnauthenticatedError, 401, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated"),
+    ErrorMapping(
+        PermissionDeniedError, 403, grpc.StatusCode.PERMISSION_DENIED, "permission_denied"
+    ),
+    ErrorMapping(BadRequestError, 400, grpc.StatusCode.INVALID_ARGUMENT, "bad_request"),
+    ErrorMapping(BodyTooLargeError, 413, grpc.StatusCode.RESOURCE_EXHAUSTED, "too_large"),
+    ErrorMapping(SpecError, 400, grpc.StatusCode.INVALID_ARGUMENT, "invalid_spec"),
+    ErrorMapping(ConflictError, 409, grpc.StatusCode.ABORTED, "conflict"),
+    ErrorMapping(NameCollisionError, 409, grpc.StatusCode.ALREADY_EXISTS, "name_collision"),
+    ErrorMapping(NotFoundError, 404, grpc.StatusCode.NOT_FOUND, "not_found"),
+    ErrorMapping(StoreUnavailableError, 503, grpc.StatusCode.UNAVAILABLE, "store_unavailable"),
+    ErrorMapping(SecretUnavailableError, 503, grpc.StatusCode.UNAVAILABLE, "vault_unavailable"),
+    ErrorMapping(SecretAccessDeniedError, 403, grpc.StatusCode.PERMISSION_DENIED, "vault_denied"),
+    ErrorMapping(SecretReferenceError, 400, grpc.StatusCode.INVALID_ARGUMENT, "bad_reference"),
+    ErrorMapping(MeshObjectError, 400, grpc.StatusCode.FAILED_PRECONDITION, "invalid_mesh_object"),
+)
+"""Every error the API answers with, in order: the first ``isinstance`` match wins."""
+
+INTERNAL = ErrorMapping(Exception, 500, grpc.StatusCode.INTERNAL, "internal")
+"""How anything not in :data:`ERROR_TABLE` is answered (its text is never sent)."""
+
+INTERNAL_MESSAGE = "internal error (see the control plane's log)"
+
+
+def error_mapping(error: BaseException) -> ErrorMapping:
+    """The row of :data:`ERROR_TABLE` for ``error``, else :data:`INTERNAL`."""
+    for mapping in ERROR_TABLE:
+        if isinstance(error, mapping.error):
+            return mapping
+    return INTERNAL
 
 
 def status_for(error: BaseException) -> tuple[int, grpc.StatusCode, str]:
     """(HTTP status, gRPC status, reason) of an error."""
-    for kind, http, code, reason in _TABLE:
-        if isinstance(error, kind):
-            return http, code, reason
-    return 500, grpc.StatusCode.INTERNAL, "internal"
+    m = error_mapping(error)
+    return m.http_status, m.grpc_status, m.reason
+
+
+def error_message(error: BaseException) -> str:
+    """The one text of an error on every transport: a :class:`SpecError` lists its issues
+    as ``path: message`` lines; an unexpected error says only where to look."""
+    if error_mapping(error) is INTERNAL:
+        return INTERNAL_MESSAGE
+    if isinstance(error, SpecError):
+        n = len(error.issues)
+        lines = "\n".join(str(i) for i in error.issues)
+        return f"{n} problem{'s' if n != 1 else ''} in spec:\n{lines}"
+    return str(error)
 
 
 def error_body(error: BaseException) -> dict[str, Any]:
     """The JSON error body of every REST error."""
     _, _, reason = status_for(error)
     body: dict[str, Any] = {"code": reason, "message": str(error) if reason != "internal" else
-                            "internal error (see the control plane's log)"}  # fmt: skip
+                            INTERNAL_MESSAGE}  # fmt: skip
     if isinstance(error, SpecError):
         body["issues"] = [
             {"path": i.path, "rule": i.rule, "message": i.message, "severity": i.severity}

@@ -1,62 +1,71 @@
-"""The gRPC API (grpc.aio): the same :class:`~control_plane.api.ControlPlane` as REST.
+"""The wire mapping of the control-plane API: proto request -> ControlPlane -> proto response.
 
-One servicer per service of ``proto/specmesh/v1/control_plane.proto``. Every RPC goes
-through :meth:`_Service._run`: the ``authorization`` metadata is authenticated by the same
-:class:`~control_plane.auth.Authenticator` as REST (``Bearer <token>``), one ControlPlane
-method does the work (and checks the role), and what it returns is converted to messages
-here -- no API logic lives in this module, only the wire mapping.
+One servicer per service of ``proto/specmesh/v1/control_plane.proto``. Each RPC is an
+``impl(self, principal, request)`` that reads the request's fields, calls one
+:class:`~control_plane.api.ControlPlane` method (which checks the role, filters and
+pages) and converts what it returns into the response message -- nothing else.
 
-Errors take their code from :func:`control_plane.errors.status_for` (the one table REST
-uses too); the details are the error's message, and for a :class:`SpecError` its issues
-as ``path: message`` lines; the trailing metadata ``specmesh-error-reason`` carries the
-table's reason (``invalid_spec``, ``permission_denied``...). An unexpected error is
-logged and answered INTERNAL without its text.
+Two transports call the same impls:
 
-Specs travel as JSON strings, times as ``Timestamp`` (from the store's ISO strings); an
-agent's observed state (GetAgentStatus, and its short form in ListAgents) is typed. List
-calls page over the in-memory list the ControlPlane returns: ``page_token`` is an opaque
-offset. gRPC health answers SERVING for ``""`` and every service, and reflection lists
-every service.
+- gRPC (:func:`build_grpc_server`): the ``authorization`` metadata is authenticated by
+  the :class:`~control_plane.auth.Authenticator` (``Bearer <token>``); an error is
+  answered with the status of :func:`control_plane.errors.error_mapping`, the text of
+  :func:`~control_plane.errors.error_message`, and the trailing metadata
+  ``specmesh-error-reason`` carrying the table's reason. An unexpected error is logged
+  and answered INTERNAL without its text.
+- REST, transcoded from the RPCs' ``google.api.http`` rules: :func:`build_servicers`
+  and :meth:`Servicer.invoke` (the caller authenticates and maps errors the same way).
+
+Documents travel as ``google.protobuf.Struct`` (:func:`to_struct`, :func:`from_struct`),
+change values as ``google.protobuf.Value``, times as ``Timestamp``. gRPC health answers
+SERVING for ``""`` and every service, and reflection lists every service.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
-import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import math
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.protobuf.struct_pb2 import Struct, Value
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from pydantic import ValidationError
 
 from control_plane.api import MASK, ControlPlane, CredentialInfo
 from control_plane.auth import Authenticator, Principal
-from control_plane.errors import BadRequestError, status_for
-from specmesh import jsonbounds
+from control_plane.errors import BadRequestError, error_mapping, error_message
+from control_plane.mcptools import ToolListing
+from control_plane.paging import PageRequest
+from control_plane.tokens import DEFAULT_TTL_SECONDS, TokenRecord, TokenRequest
+from control_plane.traces import GROUP_KEYS, Span, TokenUsageRow, TraceSummary
 from specmesh.errors import NotFoundError, SpecError
-from specmesh.names import resource_name
 from specmesh.spec.diff import Change
-from specmesh.spec.manifest import MAX_NESTING_DEPTH, parse_manifest
+from specmesh.spec.manifest import parse_manifest
 from specmesh.spec.models import McpServerSpec, PromptEntry, PromptRelease, ReleaseSpec
-from specmesh.spec.validation import validate_model
+from specmesh.spec.validation import issues_from_validation_error, validate_model
+from specmesh.specservice import ApplyOutcome
 from specmesh.store import AgentRecord, AuditEntry
 from specmesh.v1 import common_pb2, control_plane_pb2, control_plane_pb2_grpc
 from specmesh.workloads import AgentStatus
 
-__all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "SERVICE_NAMES", "build_grpc_server"]
+__all__ = [
+    "REASON_METADATA",
+    "SERVICE_NAMES",
+    "Servicer",
+    "build_grpc_server",
+    "build_servicers",
+    "from_struct",
+    "to_struct",
+]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_PAGE_SIZE = 100
-"""Page size when a request's ``page_size`` is 0."""
-MAX_PAGE_SIZE = 1000
-"""Larger page sizes are reduced to this."""
 
 SERVICE_NAMES: tuple[str, ...] = tuple(
     s.full_name for s in control_plane_pb2.DESCRIPTOR.services_by_name.values()
@@ -64,9 +73,9 @@ SERVICE_NAMES: tuple[str, ...] = tuple(
 """Full names of the control plane's services (``specmesh.v1.AgentService``...)."""
 
 REASON_METADATA = "specmesh-error-reason"
+"""Trailing metadata key of a failed RPC: the error table's reason."""
 
 _pb = control_plane_pb2
-_T = TypeVar("_T")
 
 _OPS = {
     "add": common_pb2.CHANGE_OP_ADD,
@@ -80,32 +89,77 @@ _STATES = {
     "failed": common_pb2.ENGINE_STATE_FAILED,
     "engine-down": common_pb2.ENGINE_STATE_DOWN,
 }
-_RELEASE_FIELDS = ("stableRevision", "canaryRevision", "canaryWeight", "headerMatch")
+_DEFAULT_TRACE_LIMIT = 200
+_MAX_TRACE_LIMIT = 1000
+_DEFAULT_GRACE_SECONDS = 3600
 
 
 # ---------------------------------------------------------------- conversions
 
 
-def _timestamp(iso: str | None) -> Timestamp | None:
-    if not iso:
+def to_struct(data: Mapping[str, Any]) -> Struct:
+    """A JSON object as a ``Struct``."""
+    return json_format.ParseDict(dict(data), Struct())
+
+
+def _plain(value: Any) -> Any:
+    """A ``Struct``'s JSON with whole numbers as ints (a Struct holds every number as a
+    double; specs count replicas and revisions)."""
+    if isinstance(value, float) and value.is_integer() and math.isfinite(value):
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def from_struct(struct: Struct) -> dict[str, Any]:
+    """A ``Struct`` as a JSON object (whole numbers as ints)."""
+    plain: dict[str, Any] = _plain(json_format.MessageToDict(struct))
+    return plain
+
+
+def _value(data: Any) -> Value:
+    return json_format.ParseDict(data, Value())
+
+
+def _timestamp(moment: str | datetime | None) -> Timestamp | None:
+    if not moment:
         return None
-    moment = datetime.fromisoformat(iso)
+    if isinstance(moment, str):
+        moment = datetime.fromisoformat(moment.replace("Z", "+00:00"))
     ts = Timestamp()
     ts.FromDatetime(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
     return ts
 
 
-def _change(change: Change | Mapping[str, Any]) -> Any:
+def _nanos(ns: int) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(ns)
+    return ts
+
+
+def _since(request: Message, field: str = "since") -> datetime | None:
+    if not request.HasField(field):
+        return None
+    moment: datetime = getattr(request, field).ToDatetime(tzinfo=UTC)
+    return moment
+
+
+def _change(change: Change | Mapping[str, Any]) -> common_pb2.Change:
     c = change.to_json() if isinstance(change, Change) else change
-    return common_pb2.Change(
-        path=c["path"],
-        op=_OPS.get(c["op"], common_pb2.CHANGE_OP_UNSPECIFIED),
-        old_json=json.dumps(c.get("old")) if c["op"] != "add" else "",
-        new_json=json.dumps(c.get("new")) if c["op"] != "remove" else "",
+    message = common_pb2.Change(
+        path=c["path"], op=_OPS.get(c["op"], common_pb2.CHANGE_OP_UNSPECIFIED)
     )
+    if c["op"] != "add":
+        message.old_value.CopyFrom(_value(c.get("old")))
+    if c["op"] != "remove":
+        message.new_value.CopyFrom(_value(c.get("new")))
+    return message
 
 
-def _revision_info(record: AgentRecord) -> Any:
+def _revision_info(record: AgentRecord) -> common_pb2.RevisionInfo:
     return common_pb2.RevisionInfo(
         revision=record.revision,
         author=record.author,
@@ -114,16 +168,13 @@ def _revision_info(record: AgentRecord) -> Any:
     )
 
 
-def _agent(record: AgentRecord) -> Any:
-    return _pb.Agent(
-        name=record.name, revision_info=_revision_info(record), spec_json=json.dumps(record.spec)
+def _agent(record: AgentRecord, status: AgentStatus | None = None) -> _pb.Agent:
+    agent = _pb.Agent(
+        name=record.name, revision_info=_revision_info(record), spec=to_struct(record.spec)
     )
-
-
-def _status_summary(status: Mapping[str, Any]) -> Any:
-    """The short form of a stored status (``get agents``' PHASE and READY)."""
-    full = AgentStatus.from_json({"agent": "", **status})
-    return _pb.AgentStatusSummary(phase=full.phase, **_counts(full))
+    if status is not None:
+        agent.status.CopyFrom(_pb.AgentStatusSummary(phase=status.phase, **_counts(status)))
+    return agent
 
 
 def _counts(status: AgentStatus) -> dict[str, int]:
@@ -133,7 +184,7 @@ def _counts(status: AgentStatus) -> dict[str, int]:
     }
 
 
-def _agent_status(data: Mapping[str, Any]) -> Any:
+def _agent_status(data: Mapping[str, Any]) -> _pb.AgentStatus:
     """An observed state as ``ControlPlane.agent_status`` returns it (the stored JSON)."""
     status = AgentStatus.from_json(dict(data))
     return _pb.AgentStatus(
@@ -172,11 +223,30 @@ def _who(entry: AuditEntry | None) -> dict[str, Any]:
     return {"updated_by": entry.actor, "updated_at": _timestamp(entry.time)}
 
 
-def _mcp_server(name: str, spec: McpServerSpec, entry: AuditEntry | None) -> Any:
-    return _pb.McpServer(name=name, spec_json=spec.model_dump_json(), **_who(entry))
+def _mcp_server(name: str, spec: McpServerSpec, entry: AuditEntry | None) -> _pb.McpServer:
+    return _pb.McpServer(name=name, spec=to_struct(spec.model_dump(mode="json")), **_who(entry))
 
 
-def _release(agent: str, spec: ReleaseSpec, entry: AuditEntry | None) -> Any:
+def _mcp_tool(tool: Mapping[str, Any]) -> _pb.McpTool:
+    return _pb.McpTool(
+        name=str(tool["name"]),
+        description=str(tool.get("description") or ""),
+        input_schema=to_struct(tool.get("inputSchema") or {}),
+    )
+
+
+def _tool_listing(name: str, listing: ToolListing) -> _pb.McpToolListing:
+    return _pb.McpToolListing(
+        mcp_server_name=name,
+        tools=[_mcp_tool(t) for t in listing.tools],
+        refreshed_at=_timestamp(listing.refreshed_at),
+        checked_at=_timestamp(listing.checked_at),
+        error=listing.error or "",
+        credentials_from=listing.credentials_from or "",
+    )
+
+
+def _release(agent: str, spec: ReleaseSpec, entry: AuditEntry | None) -> _pb.Release:
     header_match = []
     for h in spec.header_match:
         matches = {k: v for k in ("exact", "prefix", "regex") if (v := getattr(h, k)) is not None}
@@ -187,12 +257,12 @@ def _release(agent: str, spec: ReleaseSpec, entry: AuditEntry | None) -> Any:
         canary_revision=spec.canary_revision,
         canary_weight=spec.canary_weight,
         header_match=header_match,
-        spec_json=spec.model_dump_json(),
+        spec=to_struct(spec.model_dump(mode="json", by_alias=True)),
         **_who(entry),
     )
 
 
-def _credential(info: CredentialInfo, entry: AuditEntry | None) -> Any:
+def _credential(info: CredentialInfo, entry: AuditEntry | None) -> _pb.Credential:
     return _pb.Credential(
         reference=info.reference,
         mount=info.mount,
@@ -204,7 +274,7 @@ def _credential(info: CredentialInfo, entry: AuditEntry | None) -> Any:
     )
 
 
-def _audit_entry(e: AuditEntry) -> Any:
+def _audit_entry(e: AuditEntry) -> _pb.AuditEntry:
     return _pb.AuditEntry(
         id=e.id,
         time=_timestamp(e.time),
@@ -218,28 +288,94 @@ def _audit_entry(e: AuditEntry) -> Any:
     )
 
 
+def _trace_summary(t: TraceSummary) -> _pb.TraceSummary:
+    return _pb.TraceSummary(
+        trace_id=t.trace_id,
+        root_name=t.root_name,
+        agents=list(t.agents),
+        start_time=_nanos(t.start_ns),
+        start_time_unix_nano=t.start_ns,
+        duration_ms=t.duration_ns / 1e6,
+        span_count=t.span_count,
+        error=t.error,
+        input_tokens=t.input_tokens,
+        output_tokens=t.output_tokens,
+        total_tokens=t.total_tokens,
+    )
+
+
+def _span(s: Span) -> _pb.Span:
+    return _pb.Span(
+        trace_id=s.trace_id,
+        span_id=s.span_id,
+        parent_span_id=s.parent_span_id or "",
+        name=s.name,
+        kind=s.kind,
+        start_time=_nanos(s.start_ns),
+        start_time_unix_nano=s.start_ns,
+        end_time_unix_nano=s.end_ns,
+        duration_ms=s.duration_ns / 1e6,
+        status=s.status,
+        status_message=s.status_message,
+        service_name=s.service_name,
+        agent=s.agent,
+        attributes=to_struct(s.attributes),
+        events=[
+            _pb.SpanEvent(
+                name=e.name,
+                time=_nanos(e.time_ns),
+                time_unix_nano=e.time_ns,
+                attributes=to_struct(e.attributes),
+            )
+            for e in s.events
+        ],
+        resource=to_struct(s.resource),
+    )
+
+
+def _usage_row(row: TokenUsageRow) -> _pb.TokenUsageRow:
+    return _pb.TokenUsageRow(
+        agent=row.group.get("agent", ""),
+        model=row.group.get("model", ""),
+        day=row.group.get("day", ""),
+        calls=row.calls,
+        input_tokens=row.input_tokens,
+        output_tokens=row.output_tokens,
+        total_tokens=row.input_tokens + row.output_tokens,
+        cost_usd=row.cost_usd,
+    )
+
+
+def _api_token(record: TokenRecord, now: datetime) -> _pb.ApiToken:
+    return _pb.ApiToken(
+        id=record.id,
+        name=record.name,
+        roles=[str(r) for r in record.roles],
+        source=record.source,
+        created_at=_timestamp(record.created_at),
+        created_by=record.created_by or "",
+        expires_at=_timestamp(record.expires_at),
+        revoked_at=_timestamp(record.revoked_at),
+        revoked_by=record.revoked_by or "",
+        state=record.state(now),
+    )
+
+
+def _changes(outcome: ApplyOutcome) -> list[common_pb2.Change]:
+    return [_change(c) for c in (outcome.result.changes if outcome.result is not None else [])]
+
+
 # ---------------------------------------------------------------- request helpers
 
 
-def _json_object(text: str, field: str) -> dict[str, Any]:
-    try:
-        value = jsonbounds.loads(text, max_depth=MAX_NESTING_DEPTH)
-    except jsonbounds.JsonTooDeepError as e:
-        raise BadRequestError(f"{field}: {e}") from None
-    except json.JSONDecodeError as e:
-        raise BadRequestError(f"{field}: invalid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise BadRequestError(f"{field}: must be a JSON object")
-    return value
-
-
-def _manifest(text: str, kind: str) -> dict[str, Any]:
-    """The request's manifest document; it must be of ``kind`` (validated by the apply)."""
-    if not text:
-        raise BadRequestError("manifest_json: required")
-    doc = _json_object(text, "manifest_json")
-    if doc.get("kind") != kind:
-        raise BadRequestError(f"manifest_json: kind must be {kind!r} (got {doc.get('kind')!r})")
+def _manifest(request: Message, kind: str | None) -> dict[str, Any]:
+    """The request's ``manifest``; of ``kind`` when given (validated by the apply)."""
+    if not request.HasField("manifest"):
+        raise BadRequestError("manifest: required")
+    # its depth is bounded by protobuf's recursion limit (100 messages: ~33 JSON levels)
+    doc = from_struct(request.manifest)  # type: ignore[attr-defined]
+    if kind is not None and doc.get("kind") != kind:
+        raise BadRequestError(f"manifest: kind must be {kind!r} (got {doc.get('kind')!r})")
     return doc
 
 
@@ -255,53 +391,56 @@ def _revision(value: int, field: str) -> int:
     return value
 
 
-def _optional(request: Any, field: str) -> int | None:
+def _optional(request: Message, field: str) -> int | None:
     if not request.HasField(field):
         return None
     return _revision(getattr(request, field), field)
 
 
-def _page(items: Sequence[_T], page_size: int, page_token: str) -> tuple[list[_T], str]:
-    """One page of ``items`` and the token of the next (empty on the last page)."""
-    if page_size < 0:
-        raise BadRequestError(f"page_size: must be >= 0 (got {page_size})")
-    size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-    offset = 0
-    if page_token:
-        try:
-            kind, _, raw = base64.urlsafe_b64decode(page_token.encode()).decode().partition(":")
-            offset = int(raw)
-        except (binascii.Error, UnicodeDecodeError, ValueError):
-            raise BadRequestError("page_token: not a token from a previous response") from None
-        if kind != "offset" or offset < 0:
-            raise BadRequestError("page_token: not a token from a previous response")
-    end = offset + size
-    token = base64.urlsafe_b64encode(f"offset:{end}".encode()).decode() if end < len(items) else ""
-    return list(items[offset:end]), token
+def _page(request: Message) -> PageRequest:
+    return PageRequest(request.page_size, request.page_token)  # type: ignore[attr-defined]
+
+
+def _release_spec(request: Message) -> ReleaseSpec:
+    """The request's ``release`` (a ReleaseSpec document), validated."""
+    data = from_struct(request.release) if request.HasField("release") else {}  # type: ignore[attr-defined]
+    return validate_model(ReleaseSpec, data, source="release")
 
 
 # ---------------------------------------------------------------- services
 
-_PromptChanges = tuple[dict[str, AuditEntry], dict[str, AuditEntry]]
-_Impl = Callable[[Any, Principal, Any], Awaitable[Any]]
-_Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+_Impl = Callable[[Any, Principal, Any], Awaitable[Message]]
+_Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Message]]
 
 
 def _rpc(impl: _Impl) -> _Handler:
-    """Make ``impl(self, principal, request)`` a gRPC handler (authentication, errors)."""
+    """Make ``impl(self, principal, request)`` a gRPC handler (authentication, errors);
+    :meth:`Servicer.invoke` calls ``impl`` directly."""
 
-    async def handler(self: _Service, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def handler(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._run(impl, request, context)
 
     handler.__name__ = impl.__name__
     handler.__doc__ = impl.__doc__
+    handler.impl = impl  # type: ignore[attr-defined]
     return handler
 
 
-class _Service:
+class Servicer:
+    """The base of every service's servicer."""
+
     def __init__(self, control_plane: ControlPlane, authenticator: Authenticator) -> None:
         self.cp = control_plane
         self._authenticator = authenticator
+
+    async def invoke(self, method: str, principal: Principal, request: Message) -> Message:
+        """Run RPC ``method`` of this service for an authenticated ``principal``; raises the
+        API's errors (see :data:`control_plane.errors.ERROR_TABLE`)."""
+        impl = getattr(getattr(type(self), method, None), "impl", None)
+        if impl is None:
+            raise NotFoundError(kind=f"RPC of {type(self).__name__}", name=method)
+        response: Message = await impl(self, principal, request)
+        return response
 
     async def _run(self, impl: _Impl, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
@@ -311,37 +450,63 @@ class _Service:
             principal = self._authenticator.authenticate(authorization)
             return await impl(self, principal, request)
         except Exception as e:
-            _, code, reason = status_for(e)
-            if reason == "internal":
+            mapping = error_mapping(e)
+            if mapping.reason == "internal":
                 logger.exception("gRPC %s.%s failed", type(self).__name__, impl.__name__)
-                details = "internal error (see the control plane's log)"
-            elif isinstance(e, SpecError):
-                n = len(e.issues)
-                lines = "\n".join(str(i) for i in e.issues)
-                details = f"{n} problem{'s' if n != 1 else ''} in spec:\n{lines}"
-            else:
-                details = str(e)
-        await context.abort(code, details, ((REASON_METADATA, reason),))
+            details = error_message(e)
+        await context.abort(mapping.grpc_status, details, ((REASON_METADATA, mapping.reason),))
 
 
-class _AgentService(_Service):
+class _IdentityService(Servicer):
     @_rpc
-    async def ApplyAgent(self, p: Principal, request: Any) -> Any:
-        doc = _manifest(request.manifest_json, "Agent")
+    async def WhoAmI(self, p: Principal, request: Any) -> Any:
+        me = await self.cp.whoami(p)
+        return _pb.WhoAmIResponse(name=me.name, roles=me.roles, can=me.can)
+
+
+class _ManifestService(Servicer):
+    @_rpc
+    async def ApplyManifest(self, p: Principal, request: Any) -> Any:
         outcome = await self.cp.apply(
             p,
-            doc,
+            _manifest(request, None),
             expected_revision=_optional(request, "expected_revision"),
             dry_run=request.dry_run,
-            source="manifest_json",
+            source="manifest",
+            message=request.message,
+        )
+        return _pb.ApplyManifestResponse(
+            kind=outcome.kind,
+            name=outcome.name,
+            changed=outcome.changed,
+            revision=outcome.revision or 0,
+            changes=_changes(outcome),
+            warnings=[str(w) for w in outcome.warnings],
+            secrets_moved=outcome.secrets_moved,
+        )
+
+
+class _AgentService(Servicer):
+    @_rpc
+    async def ApplyAgent(self, p: Principal, request: Any) -> Any:
+        outcome = await self.cp.apply(
+            p,
+            _manifest(request, "Agent"),
+            expected_revision=_optional(request, "expected_revision"),
+            dry_run=request.dry_run,
+            source="manifest",
+            message=request.message,
         )
         if request.dry_run:  # nothing written: the spec with its secrets moved does not exist
             agent = _pb.Agent(name=outcome.name)
         else:
             agent = _agent(await self.cp.get_agent(p, outcome.name, outcome.revision))
-        changes = outcome.result.changes if outcome.result is not None else []
         return _pb.ApplyAgentResponse(
-            agent=agent, changes=[_change(c) for c in changes], created_revision=outcome.changed
+            agent=agent,
+            changes=_changes(outcome),
+            created_revision=outcome.changed,
+            warnings=[str(w) for w in outcome.warnings],
+            secrets_moved=outcome.secrets_moved,
         )
 
     @_rpc
@@ -352,22 +517,11 @@ class _AgentService(_Service):
 
     @_rpc
     async def ListAgents(self, p: Principal, request: Any) -> Any:
-        if request.label_selector:
-            raise BadRequestError("label_selector: not supported yet (labels are not stored)")
-        summaries = sorted(await self.cp.list_agents(p), key=lambda s: s.name)
-        page, token = _page(summaries, request.page_size, request.page_token)
-        statuses = await self.cp.agent_statuses(p)
-        agents = []
-        for summary in page:
-            try:
-                agent = _agent(await self.cp.get_agent(p, summary.name, summary.revision))
-            except NotFoundError:  # deleted since it was listed
-                continue
-            status = statuses.get(resource_name(summary.name))
-            if status is not None:
-                agent.status.CopyFrom(_status_summary(status))
-            agents.append(agent)
-        return _pb.ListAgentsResponse(agents=agents, next_page_token=token)
+        page = await self.cp.agents_page(p, _page(request))
+        return _pb.ListAgentsResponse(
+            agents=[_agent(a.record, a.status) for a in page.items],
+            next_page_token=page.next_page_token,
+        )
 
     @_rpc
     async def DeleteAgent(self, p: Principal, request: Any) -> Any:
@@ -375,15 +529,15 @@ class _AgentService(_Service):
         await self.cp.delete_agent(
             p, name, expected_revision=_optional(request, "expected_revision")
         )
-        return _pb.DeleteAgentResponse()
+        return _pb.DeleteAgentResponse(agent_name=name)
 
     @_rpc
     async def ListAgentRevisions(self, p: Principal, request: Any) -> Any:
         name = _required(request.agent_name, "agent_name")
-        records = list(reversed(await self.cp.history(p, name)))
-        page, token = _page(records, request.page_size, request.page_token)
+        page = await self.cp.revisions_page(p, name, _page(request))
         return _pb.ListAgentRevisionsResponse(
-            revisions=[_revision_info(r) for r in page], next_page_token=token
+            revisions=[_revision_info(r) for r in page.items],
+            next_page_token=page.next_page_token,
         )
 
     @_rpc
@@ -391,9 +545,7 @@ class _AgentService(_Service):
         name = _required(request.agent_name, "agent_name")
         if request.from_revision <= 0:
             raise BadRequestError("from_revision: required (a revision >= 1)")
-        to = _revision(request.to_revision, "to_revision")
-        if to == 0:
-            to = (await self.cp.get_agent(p, name)).revision
+        to = _revision(request.to_revision, "to_revision") or None
         changes = await self.cp.diff(p, name, request.from_revision, to)
         return _pb.DiffAgentRevisionsResponse(changes=[_change(c) for c in changes])
 
@@ -403,7 +555,11 @@ class _AgentService(_Service):
         if request.revision <= 0:
             raise BadRequestError("revision: required (a revision >= 1)")
         result = await self.cp.rollback(
-            p, name, request.revision, expected_revision=_optional(request, "expected_revision")
+            p,
+            name,
+            request.revision,
+            expected_revision=_optional(request, "expected_revision"),
+            message=request.message,
         )
         record = await self.cp.get_agent(p, name, result.revision)
         return _pb.RollbackAgentResponse(
@@ -428,16 +584,18 @@ class _AgentService(_Service):
             expected_revision=_optional(request, "expected_revision"),
         )
         record = await self.cp.get_agent(p, outcome.name, outcome.revision)
-        changes = outcome.result.changes if outcome.result is not None else []
         return _pb.ScaleAgentResponse(
             agent=_agent(record),
-            changes=[_change(c) for c in changes],
+            changes=_changes(outcome),
             created_revision=outcome.changed,
             warnings=[str(w) for w in outcome.warnings],
         )
 
 
-class _PromptService(_Service):
+_PromptChanges = tuple[dict[str, AuditEntry], dict[str, AuditEntry]]
+
+
+class _PromptService(Servicer):
     async def _changes(self, p: Principal) -> _PromptChanges:
         """Who published each ``key@version``, and who last set each key's release."""
         return await self.cp.last_changes(p, "Prompt"), await self.cp.last_changes(
@@ -475,18 +633,20 @@ class _PromptService(_Service):
         return _pb.PromptVersion(
             prompt_key=entry.prompt_key,
             version=entry.version,
-            entry_json=entry.model_dump_json(),
+            entry=to_struct(entry.model_dump(mode="json", by_alias=True)),
             author=e.actor if e else "",
             created_at=_timestamp(e.time) if e else None,
         )
 
     @_rpc
     async def PublishPromptVersion(self, p: Principal, request: Any) -> Any:
-        doc = _manifest(request.manifest_json, "Prompt")
-        outcome = await self.cp.apply(p, doc, dry_run=request.dry_run, source="manifest_json")
+        doc = _manifest(request, "Prompt")
+        outcome = await self.cp.apply(
+            p, doc, dry_run=request.dry_run, source="manifest", message=request.message
+        )
         key, _, version = outcome.name.rpartition("@")
         if request.dry_run:
-            spec = parse_manifest(doc, source="manifest_json").spec
+            spec = parse_manifest(doc, source="manifest").spec
             entry = PromptEntry.model_validate(
                 {"promptKey": key, **spec.model_dump(mode="json", exclude={"release"})}
             )
@@ -502,14 +662,13 @@ class _PromptService(_Service):
 
     @_rpc
     async def ListPrompts(self, p: Principal, request: Any) -> Any:
-        prompts = sorted((await self.cp.list_prompts(p)).items())
-        page, token = _page(prompts, request.page_size, request.page_token)
+        page = await self.cp.prompts_page(p, _page(request))
         changes = await self._changes(p)  # one audit read for the whole page
         out = []
-        for key, versions in page:
+        for key, versions in page.items:
             _, release = await self.cp.get_prompt(p, key)
             out.append((await self._prompt(p, key, versions, release, changes))[0])
-        return _pb.ListPromptsResponse(prompts=out, next_page_token=token)
+        return _pb.ListPromptsResponse(prompts=out, next_page_token=page.next_page_token)
 
     @_rpc
     async def GetPrompt(self, p: Principal, request: Any) -> Any:
@@ -534,19 +693,47 @@ class _PromptService(_Service):
             {"labels": dict(request.release.labels), "weights": dict(request.release.weights)},
             source="release",
         )
-        await self.cp.set_prompt_release(p, key, release)
+        await self.cp.set_prompt_release(p, key, release, message=request.message)
         entries, stored = await self.cp.get_prompt(p, key)
         prompt, _ = await self._prompt(p, key, [e.version for e in entries], stored)
         return _pb.SetPromptReleaseResponse(prompt=prompt)
 
+    @_rpc
+    async def GetPromptStats(self, p: Principal, request: Any) -> Any:
+        key = _required(request.prompt_key, "prompt_key")
+        if not 0 <= request.trace_limit <= _MAX_TRACE_LIMIT:
+            raise BadRequestError(
+                f"trace_limit: must be 0 to {_MAX_TRACE_LIMIT} (got {request.trace_limit})"
+            )
+        rows = await self.cp.prompt_stats(
+            p, key, since=_since(request), limit=request.trace_limit or _DEFAULT_TRACE_LIMIT
+        )
+        return _pb.GetPromptStatsResponse(
+            versions=[
+                _pb.PromptVersionStats(
+                    version=r["version"],
+                    requests=r["requests"],
+                    errors=r["errors"],
+                    input_tokens=r["inputTokens"],
+                    output_tokens=r["outputTokens"],
+                    latency_p50_ms=r["latencyP50Ms"],
+                    latency_p95_ms=r["latencyP95Ms"],
+                    agents=r["agents"],
+                )
+                for r in rows
+            ]
+        )
 
-class _McpRegistryService(_Service):
+
+class _McpRegistryService(Servicer):
     @_rpc
     async def RegisterMcpServer(self, p: Principal, request: Any) -> Any:
-        doc = _manifest(request.manifest_json, "McpServer")
-        outcome = await self.cp.apply(p, doc, dry_run=request.dry_run, source="manifest_json")
+        doc = _manifest(request, "McpServer")
+        outcome = await self.cp.apply(
+            p, doc, dry_run=request.dry_run, source="manifest", message=request.message
+        )
         if request.dry_run:
-            spec = parse_manifest(doc, source="manifest_json").spec
+            spec = parse_manifest(doc, source="manifest").spec
             return _pb.RegisterMcpServerResponse(mcp_server=_mcp_server(outcome.name, spec, None))
         spec = await self.cp.get_mcp_server(p, outcome.name)
         entry = (await self.cp.last_changes(p, "McpServer")).get(outcome.name)
@@ -554,12 +741,11 @@ class _McpRegistryService(_Service):
 
     @_rpc
     async def ListMcpServers(self, p: Principal, request: Any) -> Any:
-        servers = sorted((await self.cp.list_mcp_servers(p)).items())
-        page, token = _page(servers, request.page_size, request.page_token)
+        page = await self.cp.mcp_servers_page(p, _page(request))
         changes = await self.cp.last_changes(p, "McpServer")
         return _pb.ListMcpServersResponse(
-            mcp_servers=[_mcp_server(n, s, changes.get(n)) for n, s in page],
-            next_page_token=token,
+            mcp_servers=[_mcp_server(n, s, changes.get(n)) for n, s in page.items],
+            next_page_token=page.next_page_token,
         )
 
     @_rpc
@@ -573,23 +759,21 @@ class _McpRegistryService(_Service):
     async def ListMcpServerTools(self, p: Principal, request: Any) -> Any:
         name = _required(request.mcp_server_name, "mcp_server_name")
         tools = await self.cp.list_mcp_tools(p, name)
-        return _pb.ListMcpServerToolsResponse(
-            tools=[
-                _pb.McpTool(
-                    name=t["name"],
-                    description=t.get("description") or "",
-                    input_schema_json=json.dumps(t.get("inputSchema") or {}),
-                )
-                for t in tools
-            ]
+        return _pb.ListMcpServerToolsResponse(tools=[_mcp_tool(t) for t in tools])
+
+    @_rpc
+    async def ListMcpToolListings(self, p: Principal, request: Any) -> Any:
+        page = await self.cp.mcp_tool_listings_page(p, _page(request))
+        return _pb.ListMcpToolListingsResponse(
+            listings=[_tool_listing(n, listing) for n, listing in page.items],
+            next_page_token=page.next_page_token,
         )
 
 
-class _AgentRegistryService(_Service):
+class _AgentRegistryService(Servicer):
     @_rpc
     async def ListInstances(self, p: Principal, request: Any) -> Any:
-        found = await self.cp.list_instances(p, request.agent_name or None)
-        found.sort(key=lambda i: (str(i.get("agent", "")), str(i.get("instance", ""))))
+        page = await self.cp.instances_page(p, request.agent_name or None, _page(request))
         return _pb.ListInstancesResponse(
             instances=[
                 _pb.AgentInstance(
@@ -602,32 +786,31 @@ class _AgentRegistryService(_Service):
                     error_message=str(i.get("error") or ""),
                     registered_at=_timestamp(i.get("startedAt")),
                 )
-                for i in found
-            ]
+                for i in page.items
+            ],
+            next_page_token=page.next_page_token,
         )
 
     @_rpc
     async def GetAgentCard(self, p: Principal, request: Any) -> Any:
         name = _required(request.agent_name, "agent_name")
         card = await self.cp.get_agent_card(p, name)
-        return _pb.GetAgentCardResponse(agent_card_json=json.dumps(card))
+        return _pb.GetAgentCardResponse(agent_card=to_struct(card))
 
     @_rpc
     async def IssueInvokeToken(self, p: Principal, request: Any) -> Any:
         name = _required(request.agent_name, "agent_name")
         minted = await self.cp.invoke_token(p, name)
-        expires_at = Timestamp()
-        expires_at.FromDatetime(minted.expires_at)
         return _pb.IssueInvokeTokenResponse(
             token=minted.token,
-            expires_at=expires_at,
+            expires_at=_timestamp(minted.expires_at),
             issuer=minted.issuer,
             subject=minted.subject,
             audience=minted.audience,
         )
 
 
-class _ReleaseService(_Service):
+class _ReleaseService(Servicer):
     async def _reply(self, p: Principal, agent: str, spec: ReleaseSpec) -> Any:
         entry = (await self.cp.last_changes(p, "Release")).get(agent)
         return _release(agent, spec, entry)
@@ -635,35 +818,21 @@ class _ReleaseService(_Service):
     @_rpc
     async def SetRelease(self, p: Principal, request: Any) -> Any:
         agent = _required(request.agent_name, "agent_name")
-        policy = _json_object(request.policy_json, "policy_json") if request.policy_json else {}
-        repeated = [k for k in _RELEASE_FIELDS if k in policy]
-        if repeated:
-            raise BadRequestError(
-                f"policy_json.{repeated[0]}: set it in its own request field, not in policy_json"
-            )
-        data: dict[str, Any] = {**policy, "canaryWeight": request.canary_weight}
-        data["headerMatch"] = [
-            {"name": h.name, **({w: getattr(h, w)} if (w := h.WhichOneof("match")) else {})}
-            for h in request.header_match
-        ]
-        if request.HasField("stable_revision"):
-            data["stableRevision"] = request.stable_revision
-        if request.HasField("canary_revision"):
-            data["canaryRevision"] = request.canary_revision
-        spec = validate_model(ReleaseSpec, data)
-        stored = await self.cp.set_release(p, agent, spec, dry_run=request.dry_run)
+        stored = await self.cp.set_release(
+            p, agent, _release_spec(request), dry_run=request.dry_run, message=request.message
+        )
         return _pb.SetReleaseResponse(release=await self._reply(p, agent, stored))
 
     @_rpc
     async def PromoteRelease(self, p: Principal, request: Any) -> Any:
         agent = _required(request.agent_name, "agent_name")
-        spec = await self.cp.promote(p, agent)
+        spec = await self.cp.promote(p, agent, message=request.message)
         return _pb.PromoteReleaseResponse(release=await self._reply(p, agent, spec))
 
     @_rpc
     async def AbortRelease(self, p: Principal, request: Any) -> Any:
         agent = _required(request.agent_name, "agent_name")
-        spec = await self.cp.abort(p, agent)
+        spec = await self.cp.abort(p, agent, message=request.message)
         return _pb.AbortReleaseResponse(release=await self._reply(p, agent, spec))
 
     @_rpc
@@ -671,11 +840,20 @@ class _ReleaseService(_Service):
         agent = _required(request.agent_name, "agent_name")
         spec = await self.cp.get_release(p, agent)
         if spec is None:
-            raise NotFoundError(kind="release policy of agent", name=agent)
+            return _pb.GetReleaseResponse()
         return _pb.GetReleaseResponse(release=await self._reply(p, agent, spec))
 
+    @_rpc
+    async def PreviewRelease(self, p: Principal, request: Any) -> Any:
+        agent = _required(request.agent_name, "agent_name")
+        preview = await self.cp.preview_release(p, agent, _release_spec(request))
+        return _pb.PreviewReleaseResponse(
+            current=[to_struct(o) for o in preview["current"]],
+            proposed=[to_struct(o) for o in preview["proposed"]],
+        )
 
-class _CredentialService(_Service):
+
+class _CredentialService(Servicer):
     @_rpc
     async def PutCredential(self, p: Principal, request: Any) -> Any:
         info = await self.cp.put_credential(
@@ -690,48 +868,197 @@ class _CredentialService(_Service):
 
     @_rpc
     async def ListCredentials(self, p: Principal, request: Any) -> Any:
-        prefix = request.path_prefix.lstrip("/")
-        folder = prefix.rpartition("/")[0]  # list the folder, keep the paths starting with prefix
-        found = await self.cp.list_credentials(p, prefix=folder, mount=request.mount or None)
-        found = [c for c in found if c.path.startswith(prefix)]
-        page, token = _page(found, request.page_size, request.page_token)
+        page = await self.cp.credentials_page(
+            p, path_prefix=request.path_prefix, mount=request.mount or None, page=_page(request)
+        )
         changes = await self.cp.last_changes(p, "Credential")
         return _pb.ListCredentialsResponse(
-            credentials=[_credential(c, changes.get(c.reference)) for c in page],
-            next_page_token=token,
+            credentials=[_credential(c, changes.get(c.reference)) for c in page.items],
+            next_page_token=page.next_page_token,
         )
 
+    @_rpc
+    async def CollectSecretGarbage(self, p: Principal, request: Any) -> Any:
+        grace = request.grace_seconds or _DEFAULT_GRACE_SECONDS
+        report = await self.cp.collect_garbage(p, grace_seconds=grace)
+        return _pb.CollectSecretGarbageResponse(destroyed=report["destroyed"], kept=report["kept"])
 
-class _AuditService(_Service):
+
+class _GrantService(Servicer):
+    @_rpc
+    async def ListGrants(self, p: Principal, request: Any) -> Any:
+        page = await self.cp.grants_page(p, request.agent_name or None, _page(request))
+        return _pb.ListGrantsResponse(
+            grants=[
+                _pb.Grant(
+                    agent_name=str(g["agent"]),
+                    secret=str(g["secret"]),
+                    mount=str(g["mount"]),
+                    path=str(g["path"]),
+                    granted_by=str(g.get("grantedBy") or ""),
+                    granted_at=_timestamp(g.get("grantedAt")),
+                )
+                for g in page.items
+            ],
+            next_page_token=page.next_page_token,
+        )
+
+    @_rpc
+    async def ShareSecret(self, p: Principal, request: Any) -> Any:
+        agent = _required(request.agent_name, "agent_name")
+        shared = await self.cp.share_secret(p, agent, _required(request.secret, "secret"))
+        return _pb.ShareSecretResponse(agent_name=agent, secret=shared["secret"])
+
+    @_rpc
+    async def UnshareSecret(self, p: Principal, request: Any) -> Any:
+        agent = _required(request.agent_name, "agent_name")
+        secret = await self.cp.unshare_secret(p, agent, _required(request.secret, "secret"))
+        return _pb.UnshareSecretResponse(agent_name=agent, secret=secret)
+
+
+class _AuditService(Servicer):
     @_rpc
     async def ListAuditEntries(self, p: Principal, request: Any) -> Any:
-        entries = await self.cp.audit(
-            p, name=request.name or None, kind=request.kind or None, limit=sys.maxsize
+        page = await self.cp.audit_page(
+            p,
+            name=request.name or None,
+            kind=request.kind or None,
+            since=_since(request),
+            until=_since(request, "until"),
+            page=_page(request),
         )
-        if request.HasField("since") or request.HasField("until"):
-            since = request.since.ToDatetime(tzinfo=UTC) if request.HasField("since") else None
-            until = request.until.ToDatetime(tzinfo=UTC) if request.HasField("until") else None
-            entries = [
-                e
-                for e in entries
-                if (since is None or datetime.fromisoformat(e.time) >= since)
-                and (until is None or datetime.fromisoformat(e.time) < until)
-            ]
-        page, token = _page(entries, request.page_size, request.page_token)
         return _pb.ListAuditEntriesResponse(
-            entries=[_audit_entry(e) for e in page], next_page_token=token
+            entries=[_audit_entry(e) for e in page.items], next_page_token=page.next_page_token
         )
 
 
-_SERVICERS: list[tuple[type[_Service], Callable[[Any, grpc.aio.Server], None]]] = [
-    (_AgentService, control_plane_pb2_grpc.add_AgentServiceServicer_to_server),
-    (_PromptService, control_plane_pb2_grpc.add_PromptServiceServicer_to_server),
-    (_McpRegistryService, control_plane_pb2_grpc.add_McpRegistryServiceServicer_to_server),
-    (_AgentRegistryService, control_plane_pb2_grpc.add_AgentRegistryServiceServicer_to_server),
-    (_ReleaseService, control_plane_pb2_grpc.add_ReleaseServiceServicer_to_server),
-    (_CredentialService, control_plane_pb2_grpc.add_CredentialServiceServicer_to_server),
-    (_AuditService, control_plane_pb2_grpc.add_AuditServiceServicer_to_server),
-]
+class _MeshService(Servicer):
+    @_rpc
+    async def RenderMesh(self, p: Principal, request: Any) -> Any:
+        return _pb.RenderMeshResponse(objects=[to_struct(o) for o in await self.cp.render_mesh(p)])
+
+
+class _TraceService(Servicer):
+    @_rpc
+    async def ListTraces(self, p: Principal, request: Any) -> Any:
+        page = await self.cp.traces_page(
+            p,
+            agent=request.agent_name or None,
+            context_id=request.context_id or None,
+            since=_since(request),
+            page=_page(request),
+        )
+        return _pb.ListTracesResponse(
+            traces=[_trace_summary(t) for t in page.items], next_page_token=page.next_page_token
+        )
+
+    @_rpc
+    async def GetTrace(self, p: Principal, request: Any) -> Any:
+        trace_id = _required(request.trace_id, "trace_id")
+        return _pb.GetTraceResponse(spans=[_span(s) for s in await self.cp.get_trace(p, trace_id)])
+
+    @_rpc
+    async def GetTokenUsage(self, p: Principal, request: Any) -> Any:
+        rows = await self.cp.token_usage(
+            p, group_by=tuple(request.group_by) or GROUP_KEYS, since=_since(request)
+        )
+        return _pb.GetTokenUsageResponse(rows=[_usage_row(r) for r in rows])
+
+
+class _TokenService(Servicer):
+    @_rpc
+    async def CreateToken(self, p: Principal, request: Any) -> Any:
+        data = {
+            "name": request.name,
+            "roles": list(request.roles),
+            "ttlSeconds": request.ttl_seconds or DEFAULT_TTL_SECONDS,
+        }
+        try:
+            token_request = TokenRequest.model_validate(data)
+        except ValidationError as e:
+            raise SpecError(issues_from_validation_error(e, TokenRequest)) from None
+        secret, record = await self.cp.create_token(p, token_request)
+        return _pb.CreateTokenResponse(
+            token=secret, api_token=_api_token(record, self.cp.tokens.now())
+        )
+
+    @_rpc
+    async def ListTokens(self, p: Principal, request: Any) -> Any:
+        page = await self.cp.tokens_page(p, _page(request))
+        now = self.cp.tokens.now()
+        return _pb.ListTokensResponse(
+            api_tokens=[_api_token(t, now) for t in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    @_rpc
+    async def RevokeToken(self, p: Principal, request: Any) -> Any:
+        token_id = _required(request.token_id, "token_id")
+        record = await self.cp.revoke_token(p, token_id)
+        return _pb.RevokeTokenResponse(api_token=_api_token(record, self.cp.tokens.now()))
+
+
+_SERVICERS: dict[str, tuple[type[Servicer], Callable[[Any, grpc.aio.Server], None]]] = {
+    "specmesh.v1.IdentityService": (
+        _IdentityService,
+        control_plane_pb2_grpc.add_IdentityServiceServicer_to_server,
+    ),
+    "specmesh.v1.ManifestService": (
+        _ManifestService,
+        control_plane_pb2_grpc.add_ManifestServiceServicer_to_server,
+    ),
+    "specmesh.v1.AgentService": (
+        _AgentService,
+        control_plane_pb2_grpc.add_AgentServiceServicer_to_server,
+    ),
+    "specmesh.v1.PromptService": (
+        _PromptService,
+        control_plane_pb2_grpc.add_PromptServiceServicer_to_server,
+    ),
+    "specmesh.v1.McpRegistryService": (
+        _McpRegistryService,
+        control_plane_pb2_grpc.add_McpRegistryServiceServicer_to_server,
+    ),
+    "specmesh.v1.AgentRegistryService": (
+        _AgentRegistryService,
+        control_plane_pb2_grpc.add_AgentRegistryServiceServicer_to_server,
+    ),
+    "specmesh.v1.ReleaseService": (
+        _ReleaseService,
+        control_plane_pb2_grpc.add_ReleaseServiceServicer_to_server,
+    ),
+    "specmesh.v1.CredentialService": (
+        _CredentialService,
+        control_plane_pb2_grpc.add_CredentialServiceServicer_to_server,
+    ),
+    "specmesh.v1.GrantService": (
+        _GrantService,
+        control_plane_pb2_grpc.add_GrantServiceServicer_to_server,
+    ),
+    "specmesh.v1.AuditService": (
+        _AuditService,
+        control_plane_pb2_grpc.add_AuditServiceServicer_to_server,
+    ),
+    "specmesh.v1.MeshService": (
+        _MeshService,
+        control_plane_pb2_grpc.add_MeshServiceServicer_to_server,
+    ),
+    "specmesh.v1.TraceService": (
+        _TraceService,
+        control_plane_pb2_grpc.add_TraceServiceServicer_to_server,
+    ),
+    "specmesh.v1.TokenService": (
+        _TokenService,
+        control_plane_pb2_grpc.add_TokenServiceServicer_to_server,
+    ),
+}
+
+
+def build_servicers(
+    control_plane: ControlPlane, authenticator: Authenticator
+) -> dict[str, Servicer]:
+    """One servicer per service, by full name (``specmesh.v1.AgentService``...)."""
+    return {name: cls(control_plane, authenticator) for name, (cls, _) in _SERVICERS.items()}
 
 
 async def build_grpc_server(
@@ -742,8 +1069,8 @@ async def build_grpc_server(
     reflection. The caller starts and stops it."""
     # no SO_REUSEPORT: a second server on the same port must fail, not share the traffic
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    for servicer, add in _SERVICERS:
-        add(servicer(control_plane, authenticator), server)
+    for name, servicer in build_servicers(control_plane, authenticator).items():
+        _SERVICERS[name][1](servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *SERVICE_NAMES):

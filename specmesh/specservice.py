@@ -140,10 +140,13 @@ class SpecService:
         actor: str,
         expected_revision: int | None = None,
         dry_run: bool = False,
+        message: str = "",
     ) -> ApplyOutcome:
+        """Apply one manifest; ``message`` is stored with the audit entry (and an agent's
+        revision)."""
         m = loaded.manifest
         if isinstance(m, AgentManifest):
-            return await self._apply_agent(loaded, m, actor, expected_revision, dry_run)
+            return await self._apply_agent(loaded, m, actor, expected_revision, dry_run, message)
         if isinstance(m, PromptManifest):
             entry = PromptEntry(
                 prompt_key=m.metadata.name,
@@ -154,10 +157,10 @@ class SpecService:
             )
             changed = False
             if not dry_run:
-                changed = await self.store.put_prompt_version(entry, actor=actor)
+                changed = await self.store.put_prompt_version(entry, actor=actor, message=message)
                 if m.spec.release is not None:
                     released = await self.store.set_prompt_release(
-                        m.metadata.name, m.spec.release, actor=actor
+                        m.metadata.name, m.spec.release, actor=actor, message=message
                     )
                     changed = changed or released
             return ApplyOutcome(
@@ -166,12 +169,16 @@ class SpecService:
         if isinstance(m, McpServerManifest):
             changed = False
             if not dry_run:
-                changed = await self.store.put_mcp_server(m.metadata.name, m.spec, actor=actor)
+                changed = await self.store.put_mcp_server(
+                    m.metadata.name, m.spec, actor=actor, message=message
+                )
             return ApplyOutcome("McpServer", m.metadata.name, loaded.source, changed)
         if isinstance(m, ReleaseManifest):
             changed = False
             if not dry_run:
-                changed = await self.store.put_release(m.metadata.name, m.spec, actor=actor)
+                changed = await self.store.put_release(
+                    m.metadata.name, m.spec, actor=actor, message=message
+                )
             return ApplyOutcome("Release", m.metadata.name, loaded.source, changed)
         raise TypeError(f"unsupported manifest {type(m).__name__}")
 
@@ -182,6 +189,7 @@ class SpecService:
         actor: str,
         expected_revision: int | None,
         dry_run: bool,
+        message: str = "",
     ) -> ApplyOutcome:
         name = m.metadata.name
         spec_json = m.spec.model_dump(mode="json")
@@ -207,7 +215,7 @@ class SpecService:
             )
         await self.write_identity(name, grants)
         result = await self.store.apply_agent(
-            name, spec, actor=actor, expected_revision=expected_revision
+            name, spec, actor=actor, expected_revision=expected_revision, message=message
         )
         for w in warnings:
             logger.warning("%s: %s", name, w)

@@ -456,9 +456,16 @@ class SpecStore:
         return diff_json(old.spec, new.spec)
 
     async def rollback(
-        self, name: str, revision: int, *, actor: str, expected_revision: int | None = None
+        self,
+        name: str,
+        revision: int,
+        *,
+        actor: str,
+        expected_revision: int | None = None,
+        message: str = "",
     ) -> ApplyResult:
-        """A new revision whose spec equals revision ``revision``'s."""
+        """A new revision whose spec equals revision ``revision``'s; ``message`` follows
+        "rollback to revision N" in the revision and its audit entry."""
         target = await self.get_agent(name, revision)
         spec = validate_model(AgentSpec, target.spec, source=f"{name}@{revision}")
         return await self.apply_agent(
@@ -466,7 +473,7 @@ class SpecStore:
             spec,
             actor=actor,
             expected_revision=expected_revision,
-            message=f"rollback to revision {revision}",
+            message=f"rollback to revision {revision}" + (f": {message}" if message else ""),
             action="rollback",
             rolled_back_from=revision,
         )
@@ -550,7 +557,9 @@ class SpecStore:
 
     # ------------------------------------------------------------ prompts
 
-    async def put_prompt_version(self, entry: PromptEntry, *, actor: str) -> bool:
+    async def put_prompt_version(
+        self, entry: PromptEntry, *, actor: str, message: str = ""
+    ) -> bool:
         """Publish a prompt version; versions are immutable. Return False if it already exists
         with the same content; raise ConflictError if it exists with other content."""
         key = self.keys.prompt_version(entry.prompt_key, entry.version)
@@ -563,6 +572,7 @@ class SpecStore:
             revision=None,
             previous=None,
             changes=diff_json({}, entry.model_dump(mode="json")),
+            message=message,
         )
         result = await self.etcd.txn(
             compare=[Compare(key, "CREATE", "EQUAL", 0)], success=[Op.put(key, value), audit_op]
@@ -599,7 +609,9 @@ class SpecStore:
                 out.setdefault(data["promptKey"], []).append(data["version"])
         return out
 
-    async def set_prompt_release(self, key: str, release: PromptRelease, *, actor: str) -> bool:
+    async def set_prompt_release(
+        self, key: str, release: PromptRelease, *, actor: str, message: str = ""
+    ) -> bool:
         """Set a prompt's labels and weights; return False when they were already so."""
         versions = {e.version for e in await self.list_prompt_versions(key)}
         unknown = sorted((set(release.labels.values()) | set(release.weights)) - versions)
@@ -619,6 +631,7 @@ class SpecStore:
             actor=actor,
             kind="PromptRelease",
             name=key,
+            message=message,
         )
 
     async def get_prompt_release(self, key: str) -> PromptRelease | None:
@@ -627,10 +640,17 @@ class SpecStore:
 
     # ------------------------------------------------------------ MCP Registry, releases
 
-    async def put_mcp_server(self, name: str, spec: McpServerSpec, *, actor: str) -> bool:
+    async def put_mcp_server(
+        self, name: str, spec: McpServerSpec, *, actor: str, message: str = ""
+    ) -> bool:
         data = {"name": name, **spec.model_dump(mode="json")}
         return await self._put_with_audit(
-            self.keys.mcp_server(name), data, actor=actor, kind="McpServer", name=name
+            self.keys.mcp_server(name),
+            data,
+            actor=actor,
+            kind="McpServer",
+            name=name,
+            message=message,
         )
 
     async def get_mcp_server(self, name: str) -> McpServerSpec:
@@ -650,7 +670,9 @@ class SpecStore:
             out[name] = McpServerSpec.model_validate(data)
         return out
 
-    async def put_release(self, agent: str, spec: ReleaseSpec, *, actor: str) -> bool:
+    async def put_release(
+        self, agent: str, spec: ReleaseSpec, *, actor: str, message: str = ""
+    ) -> bool:
         current = await self.current_revision(agent)
         if current == 0:
             raise NotFoundError(kind="agent", name=agent)
@@ -671,6 +693,7 @@ class SpecStore:
             actor=actor,
             kind="Release",
             name=agent,
+            message=message,
         )
 
     async def get_release(self, agent: str) -> ReleaseSpec | None:
@@ -701,7 +724,14 @@ class SpecStore:
         await self.etcd.delete(self.keys.status(agent))
 
     async def _put_with_audit(
-        self, key: str, data: dict[str, Any], *, actor: str, kind: str, name: str
+        self,
+        key: str,
+        data: dict[str, Any],
+        *,
+        actor: str,
+        kind: str,
+        name: str,
+        message: str = "",
     ) -> bool:
         """Put ``data`` at ``key`` with an audit entry, guarded against concurrent change.
         Return False when nothing changed."""
@@ -718,6 +748,7 @@ class SpecStore:
             revision=None,
             previous=None,
             changes=changes,
+            message=message,
         )
         guard = Compare(key, "MOD", "EQUAL", existing.mod_revision if existing else 0)
         result = await self.etcd.txn(compare=[guard], success=[Op.put(key, dumps(data)), audit_op])
