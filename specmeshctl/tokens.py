@@ -1,4 +1,5 @@
-"""API tokens (role secrets-admin): ``token create|list|revoke``."""
+"""Who you are to the control plane (``whoami``) and its API tokens (role secrets-admin):
+``token create|list|revoke``."""
 
 from __future__ import annotations
 
@@ -69,7 +70,20 @@ async def cmd_token(args: argparse.Namespace, ctx: Context) -> int:
     return EXIT_OK
 
 
+async def cmd_whoami(args: argparse.Namespace, ctx: Context) -> int:
+    cp = ctx.cp
+    me = await cp.call(cp.identity.WhoAmI, pb.WhoAmIRequest())
+    if args.output != "text":
+        print_data({"name": me.name, "roles": list(me.roles), "can": list(me.can)}, args.output)
+        return EXIT_OK
+    write(f"{me.name} (roles {', '.join(me.roles) or 'none'}) at {cp.server}")
+    write(f"may: {', '.join(me.can) or 'nothing'}")
+    return EXIT_OK
+
+
 def register(r: Registrar) -> None:
+    p = r.api("whoami", "the token's name, roles and what they allow", cmd_whoami)
+    r.output(p, "text", ("text", "json", "yaml"))
     actions = r.group("token", "API tokens: create, list, revoke (secrets-admin)")
     a = actions.api("create", "mint a token (printed once) with an expiry", cmd_token)
     a.add_argument("name", help="who or what the token is for")

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from control_plane.auth import Role
-from specmeshctl.main import main
 from specmesh.services import LocalServices
+from specmeshctl.main import main
 
 from .cp_process import ControlPlaneProcess
 
@@ -78,6 +78,10 @@ def test_token_create_use_list_revoke(
     assert secret.startswith("smt_") and "shown only now" in err
     monkeypatch.setenv("SPECMESH_TOKEN", secret)
     assert _run(capsys, "get", "agents", "-o", "json")[0] == 0
+    code, out, _ = _run(capsys, "whoami", "-o", "json")
+    me = json.loads(out)
+    assert (code, me["name"], me["roles"]) == (0, "cli-bot", ["viewer"])
+    assert "agents.read" in me["can"] and "agents.write" not in me["can"]
     assert _run(capsys, "token", "list")[0] == 7  # a viewer may not
 
     monkeypatch.setenv("SPECMESH_TOKEN", cli.boss)

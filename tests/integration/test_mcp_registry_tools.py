@@ -22,8 +22,8 @@ import requests
 import yaml
 
 from control_plane.auth import Role
-from specmeshctl.main import main
 from specmesh.services import LocalServices, free_port
+from specmeshctl.main import main
 
 from ..conftest import REPO
 from .cp_process import ControlPlaneProcess

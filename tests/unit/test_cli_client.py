@@ -9,10 +9,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from contextlib import aclosing
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from specmesh.v1 import control_plane_pb2 as pb
 from specmeshctl.client import ControlPlaneClient
@@ -46,6 +52,7 @@ def test_every_grpc_status_has_an_exit_code() -> None:
 
 async def _serve(
     answer: Callable[[Any, grpc.aio.ServicerContext], Any],
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.aio.Server, str]:
     async def list_agents(request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await answer(request, context)
@@ -62,7 +69,10 @@ async def _serve(
     )
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
+    if credentials is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        port = server.add_secure_port("127.0.0.1:0", credentials)
     await server.start()
     return server, f"127.0.0.1:{port}"
 
@@ -137,3 +147,55 @@ def test_a_server_nobody_listens_on_is_unavailable_exit_5() -> None:
 def test_a_server_that_is_not_host_port_is_a_usage_error(server: str) -> None:
     with pytest.raises(UsageError, match="expected the control plane's gRPC address"):
         ControlPlaneClient(server=server, token=None)
+
+
+def _self_signed(folder: Path) -> tuple[bytes, bytes, Path]:
+    """A certificate for ``localhost`` signed by itself: (key PEM, certificate PEM, its file)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    (folder / "ca.pem").write_bytes(cert_pem)
+    return key_pem, cert_pem, folder / "ca.pem"
+
+
+def test_grpcs_talks_tls_and_trusts_the_ca_file(tmp_path: Path) -> None:
+    key_pem, cert_pem, ca_file = _self_signed(tmp_path)
+
+    async def answer(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return pb.ListAgentsResponse(next_page_token="")
+
+    async def call(ca: Path | None) -> Any:
+        credentials = grpc.ssl_server_credentials([(key_pem, cert_pem)])
+        server, address = await _serve(answer, credentials)
+        port = address.rpartition(":")[2]
+        try:
+            client = ControlPlaneClient(
+                server=f"grpcs://localhost:{port}", token="t", ca_file=ca, timeout=10
+            )
+            async with aclosing(client) as cp:
+                return await cp.call(cp.agents.ListAgents, pb.ListAgentsRequest())
+        finally:
+            await server.stop(None)
+
+    assert asyncio.run(call(ca_file)) == pb.ListAgentsResponse()
+    with pytest.raises(ControlPlaneError) as caught:  # the system's roots do not trust it
+        asyncio.run(call(None))
+    assert caught.value.exit_code == 5
