@@ -85,10 +85,10 @@ async def _run(command: Command, args: argparse.Namespace, settings: Settings) -
 
 
 def _hint(error: SpecmeshError, settings: Settings | None) -> str | None:
-    """What to do about an unreachable control plane, when it is likely the local fleet's."""
+    """What to do about an unreachable control plane, when it is the local fleet's."""
     if settings is None or not isinstance(error, ControlPlaneError):
         return None
-    if error.exit_code == 5 and settings.fleet_running:
+    if error.exit_code == 5 and error.server == settings.fleet_control_plane:
         return f"if that is the local fleet's control plane, the fleet is not running: {START_HINT}"
     return None
 

@@ -40,24 +40,24 @@ class Settings(BaseSettings):
     token_file: Path | None = None
     """File holding the bearer token (read when ``token`` is unset); default: the local
     fleet's ``<home>/admin-token`` when talking to the fleet's control plane."""
-    fleet_running: bool = False
-    """Whether ``<home>/fleet.json`` records a running control plane (set from that file)."""
+
+    @property
+    def fleet_control_plane(self) -> str | None:
+        """The gRPC address of the control plane the local fleet runs, if it runs one."""
+        try:
+            state: dict[str, Any] = json.loads((self.home / "fleet.json").read_text())
+        except (OSError, ValueError):
+            return None
+        endpoint = state.get("endpoints", {}).get("controlPlaneGrpc")
+        # `specmesh down` keeps the file but forgets the processes: none then.
+        running = any(p.get("role") == "control-plane" for p in state.get("processes", []))
+        return str(endpoint) if endpoint and running else None
 
     @model_validator(mode="after")
     def _from_local_fleet(self) -> Settings:
-        fleet_file = self.home / "fleet.json"
-        if not fleet_file.exists():
+        endpoint = self.fleet_control_plane
+        if endpoint is None:
             return self
-        try:
-            state: dict[str, Any] = json.loads(fleet_file.read_text())
-        except (OSError, ValueError):
-            return self
-        endpoint = state.get("endpoints", {}).get("controlPlaneGrpc")
-        # `specmesh down` keeps the file but forgets the processes: no default then.
-        running = any(p.get("role") == "control-plane" for p in state.get("processes", []))
-        if not endpoint or not running:
-            return self
-        object.__setattr__(self, "fleet_running", True)
         if self.server is None:
             object.__setattr__(self, "server", endpoint)
         admin_token = self.home / "admin-token"

@@ -20,7 +20,7 @@ from specmesh.spec.models import AgentSpec
 from specmesh.spec.validation import prompt_issues, reference_warnings
 from specmesh.v1 import common_pb2
 from specmesh.v1 import control_plane_pb2 as pb
-from specmeshctl import mcp, prompts, releases
+from specmeshctl import mcp, prompts, releases, secrets
 from specmeshctl.client import ControlPlaneClient, as_json, pages, plain, struct
 from specmeshctl.context import Context
 from specmeshctl.errors import EXIT_OK, ControlPlaneError, UsageError
@@ -29,7 +29,11 @@ from specmeshctl.parsing import Registrar
 
 __all__ = ["register"]
 
-_CHANGE_OPS = {1: "add", 2: "remove", 3: "replace"}
+_CHANGE_OPS = {
+    common_pb2.CHANGE_OP_ADD: "add",
+    common_pb2.CHANGE_OP_REMOVE: "remove",
+    common_pb2.CHANGE_OP_REPLACE: "replace",
+}
 
 
 # ---------------------------------------------------------------- messages as JSON
@@ -348,7 +352,7 @@ async def cmd_describe(args: argparse.Namespace, ctx: Context) -> int:
         releases.fetch(cp, args.name),
         _instances(cp, args.name),
         _describe_warnings(cp, agent),
-        _grants(cp, args.name),
+        secrets.grants(cp, args.name),
         _workload(cp, args.name),
     )
     if args.output != "text":
@@ -408,12 +412,6 @@ async def cmd_describe(args: argparse.Namespace, ctx: Context) -> int:
     for line in yaml.safe_dump(spec, sort_keys=False, allow_unicode=True).splitlines():
         out.write(f"  {line}\n")
     return EXIT_OK
-
-
-async def _grants(cp: ControlPlaneClient, agent: str) -> list[dict[str, Any]]:
-    from specmeshctl import secrets
-
-    return await secrets.grants(cp, agent)
 
 
 # ---------------------------------------------------------------- history, diff, rollback...

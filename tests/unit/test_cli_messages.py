@@ -57,6 +57,22 @@ def test_apply_with_the_fleet_down_says_how_to_start_it(
     assert "the local fleet is not running (start it with `./scripts/up`" in err
 
 
+def test_a_fleet_whose_control_plane_died_gets_the_way_to_start_it(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    state = {"processes": [{"name": "control-plane", "role": "control-plane", "pid": 1}],
+             "endpoints": {"controlPlaneGrpc": dead}}  # fmt: skip
+    (home / "fleet.json").write_text(json.dumps(state))
+
+    code = main(["get", "agents"])
+
+    err = capsys.readouterr().err
+    assert code == 5
+    assert f"control plane at {dead} is unavailable" in err
+    assert "the local fleet's control plane, the fleet is not running" in err
+
+
 @pytest.mark.parametrize("argv", [["status"], ["status", "-o", "json"], ["logs", "x"]])
 def test_status_and_logs_with_the_fleet_down_exit_5_with_the_way_to_start_it(
     home: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
