@@ -12,18 +12,21 @@ import os
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-import requests
 import yaml
 
 from control_plane.auth import Role
 from specmesh.etcd import EtcdClient
 from specmesh.names import resource_name
 from specmesh.services import LocalServices, free_port
+from specmesh.v1 import control_plane_pb2 as pb
+from specmeshctl.client import ControlPlaneClient, struct
 from specmeshctl.main import main
 from specmeshctl.settings import Settings
 
@@ -76,13 +79,22 @@ def control_plane(
     url, prefix = process.start(), process.prefix
     prompt = {"apiVersion": "specmesh.io/v1", "kind": "Prompt", "metadata": {"name": "p"},
               "spec": {"version": "1.0.0", "template": "You help."}}  # fmt: skip
-    r = requests.post(f"{url}/api/v1/apply", json={"manifest": prompt},
-                      headers={"Authorization": f"Bearer {admin}"}, timeout=30)  # fmt: skip
-    assert r.status_code == 200, r.text  # the prompt the test agents name
-    r = requests.put(f"{url}/api/v1/agents/mse-nacos-helper/grants",
-                     json={"secret": "vault://secret/specmesh/shared/fleet-redis"},
-                     headers={"Authorization": f"Bearer {secrets_admin}"}, timeout=30)  # fmt: skip
-    assert r.status_code == 200, r.text  # what the examples reference outside their trees
+    _call(
+        process.grpc,
+        admin,
+        "manifests",
+        "ApplyManifest",
+        pb.ApplyManifestRequest(manifest=struct(prompt)),
+    )  # the prompt the agents name
+    _call(
+        process.grpc,
+        secrets_admin,
+        "grants",
+        "ShareSecret",
+        pb.ShareSecretRequest(
+            agent_name="mse-nacos-helper", secret="vault://secret/specmesh/shared/fleet-redis"
+        ),
+    )  # what the examples reference outside their trees
     yield ControlPlane(url, process.grpc, prefix, admin, operator, viewer, secrets_admin)
     assert process.stop() == 0, process.log.read_text()
 
@@ -99,6 +111,16 @@ def cp(
     monkeypatch.setenv("SPECMESH_SERVER", control_plane.grpc)
     monkeypatch.setenv("SPECMESH_TOKEN", control_plane.operator)
     return control_plane
+
+
+def _call(server: str, token: str, service: str, method: str, request: Any) -> Any:
+    """One call to the control plane with the CLI's generated client (fixtures' setup)."""
+
+    async def call() -> Any:
+        async with aclosing(ControlPlaneClient(server=server, token=token)) as cp:
+            return await cp.call(getattr(getattr(cp, service), method), request)
+
+    return asyncio.run(call())
 
 
 def _agent_folder(tmp_path: Path, name: str, temperature: str) -> Path:
@@ -660,11 +682,9 @@ def test_invoke_calls_the_card_the_control_plane_serves_with_an_invoke_token(
         out, err = capsys.readouterr()
         assert code == 0, err
         assert "echo: hello there" in out
-        audit = requests.get(
-            f"{cp.url}/api/v1/audit", params={"name": "cli-invoked"},
-            headers={"Authorization": f"Bearer {cp.admin}"}, timeout=30,
-        ).json()  # fmt: skip
-        assert [e["actor"] for e in audit if e["action"] == "invoke-token"] == ["ci-operator"]
+        audit = _call(cp.grpc, cp.admin, "audit", "ListAuditEntries",
+                      pb.ListAuditEntriesRequest(name="cli-invoked")).entries  # fmt: skip
+        assert [e.actor for e in audit if e.action == "invoke-token"] == ["ci-operator"]
 
         monkeypatch.setenv("SPECMESH_TOKEN", cp.viewer)  # a viewer gets no invoke token
         assert main(["invoke", "cli-invoked", "hello"]) == 7
