@@ -422,6 +422,12 @@ class ControlPlane:
             raise BadRequestError(listing.error)
         return [dict(t) for t in listing.tools]
 
+    async def mcp_tools_page(
+        self, principal: Principal, name: str, page: PageRequest
+    ) -> Page[dict[str, Any]]:
+        """One page of :meth:`list_mcp_tools`, in the server's order."""
+        return paginate(await self.list_mcp_tools(principal, name), page)
+
     async def mcp_tool_listings(self, principal: Principal) -> dict[str, dict[str, Any]]:
         """Each MCP Registry entry's tools as last listed (refreshed on a schedule and on
         change), with when and the last error; entries not listed yet are absent."""

@@ -758,8 +758,10 @@ class _McpRegistryService(Servicer):
     @_rpc
     async def ListMcpServerTools(self, p: Principal, request: Any) -> Any:
         name = _required(request.mcp_server_name, "mcp_server_name")
-        tools = await self.cp.list_mcp_tools(p, name)
-        return _pb.ListMcpServerToolsResponse(tools=[_mcp_tool(t) for t in tools])
+        page = await self.cp.mcp_tools_page(p, name, _page(request))
+        return _pb.ListMcpServerToolsResponse(
+            tools=[_mcp_tool(t) for t in page.items], next_page_token=page.next_page_token
+        )
 
     @_rpc
     async def ListMcpToolListings(self, p: Principal, request: Any) -> Any:
@@ -998,67 +1000,35 @@ class _TokenService(Servicer):
         return _pb.RevokeTokenResponse(api_token=_api_token(record, self.cp.tokens.now()))
 
 
-_SERVICERS: dict[str, tuple[type[Servicer], Callable[[Any, grpc.aio.Server], None]]] = {
-    "specmesh.v1.IdentityService": (
-        _IdentityService,
-        control_plane_pb2_grpc.add_IdentityServiceServicer_to_server,
-    ),
-    "specmesh.v1.ManifestService": (
-        _ManifestService,
-        control_plane_pb2_grpc.add_ManifestServiceServicer_to_server,
-    ),
-    "specmesh.v1.AgentService": (
-        _AgentService,
-        control_plane_pb2_grpc.add_AgentServiceServicer_to_server,
-    ),
-    "specmesh.v1.PromptService": (
-        _PromptService,
-        control_plane_pb2_grpc.add_PromptServiceServicer_to_server,
-    ),
-    "specmesh.v1.McpRegistryService": (
-        _McpRegistryService,
-        control_plane_pb2_grpc.add_McpRegistryServiceServicer_to_server,
-    ),
-    "specmesh.v1.AgentRegistryService": (
-        _AgentRegistryService,
-        control_plane_pb2_grpc.add_AgentRegistryServiceServicer_to_server,
-    ),
-    "specmesh.v1.ReleaseService": (
-        _ReleaseService,
-        control_plane_pb2_grpc.add_ReleaseServiceServicer_to_server,
-    ),
-    "specmesh.v1.CredentialService": (
-        _CredentialService,
-        control_plane_pb2_grpc.add_CredentialServiceServicer_to_server,
-    ),
-    "specmesh.v1.GrantService": (
-        _GrantService,
-        control_plane_pb2_grpc.add_GrantServiceServicer_to_server,
-    ),
-    "specmesh.v1.AuditService": (
-        _AuditService,
-        control_plane_pb2_grpc.add_AuditServiceServicer_to_server,
-    ),
-    "specmesh.v1.MeshService": (
-        _MeshService,
-        control_plane_pb2_grpc.add_MeshServiceServicer_to_server,
-    ),
-    "specmesh.v1.TraceService": (
-        _TraceService,
-        control_plane_pb2_grpc.add_TraceServiceServicer_to_server,
-    ),
-    "specmesh.v1.TokenService": (
-        _TokenService,
-        control_plane_pb2_grpc.add_TokenServiceServicer_to_server,
-    ),
-}
+_SERVICERS: tuple[type[Servicer], ...] = (
+    _IdentityService,
+    _ManifestService,
+    _AgentService,
+    _PromptService,
+    _McpRegistryService,
+    _AgentRegistryService,
+    _ReleaseService,
+    _CredentialService,
+    _GrantService,
+    _AuditService,
+    _MeshService,
+    _TraceService,
+    _TokenService,
+)
+"""One servicer class per service; ``_<Name>`` serves ``specmesh.v1.<Name>``."""
+
+
+def _service_name(cls: type[Servicer]) -> str:
+    return cls.__name__.lstrip("_")
 
 
 def build_servicers(
     control_plane: ControlPlane, authenticator: Authenticator
 ) -> dict[str, Servicer]:
     """One servicer per service, by full name (``specmesh.v1.AgentService``...)."""
-    return {name: cls(control_plane, authenticator) for name, (cls, _) in _SERVICERS.items()}
+    return {
+        f"specmesh.v1.{_service_name(cls)}": cls(control_plane, authenticator) for cls in _SERVICERS
+    }
 
 
 async def build_grpc_server(
@@ -1069,8 +1039,9 @@ async def build_grpc_server(
     reflection. The caller starts and stops it."""
     # no SO_REUSEPORT: a second server on the same port must fail, not share the traffic
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    for name, servicer in build_servicers(control_plane, authenticator).items():
-        _SERVICERS[name][1](servicer, server)
+    for servicer in build_servicers(control_plane, authenticator).values():
+        add = f"add_{_service_name(type(servicer))}Servicer_to_server"
+        getattr(control_plane_pb2_grpc, add)(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *SERVICE_NAMES):

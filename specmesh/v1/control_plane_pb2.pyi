@@ -1792,16 +1792,24 @@ class ListMcpServerToolsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MCP_SERVER_NAME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     mcp_server_name: _builtins.str
     """The server's name."""
+    page_size: _builtins.int
+    """Most tools to return; 0 for the server's default."""
+    page_token: _builtins.str
+    """Token from a previous response's next_page_token; empty for the first page."""
     def __init__(
         self,
         *,
         mcp_server_name: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mcp_server_name", b"mcp_server_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mcp_server_name", b"mcp_server_name", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1809,23 +1817,27 @@ Global___ListMcpServerToolsRequest: _TypeAlias = ListMcpServerToolsRequest  # no
 
 @_typing.final
 class ListMcpServerToolsResponse(_message.Message):
-    """ListMcpServerToolsResponse lists an MCP server's tools."""
+    """ListMcpServerToolsResponse is one page of an MCP server's tools."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     TOOLS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
     @_builtins.property
     def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___McpTool]:
-        """The tools, in the server's order."""
+        """The tools of this page, in the server's order."""
 
     def __init__(
         self,
         *,
         tools: _abc.Iterable[Global___McpTool] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

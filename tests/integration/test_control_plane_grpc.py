@@ -77,6 +77,12 @@ class Api:
         self.releases = pb_grpc.ReleaseServiceStub(channel)
         self.credentials = pb_grpc.CredentialServiceStub(channel)
         self.audit = pb_grpc.AuditServiceStub(channel)
+        self.identity = pb_grpc.IdentityServiceStub(channel)
+        self.manifests = pb_grpc.ManifestServiceStub(channel)
+        self.grants = pb_grpc.GrantServiceStub(channel)
+        self.mesh = pb_grpc.MeshServiceStub(channel)
+        self.trace = pb_grpc.TraceServiceStub(channel)
+        self.tokens = pb_grpc.TokenServiceStub(channel)
 
     @staticmethod
     def as_(role: str | None) -> tuple[tuple[str, str], ...]:
