@@ -15,8 +15,8 @@ import sys
 import time
 from typing import Any
 
+from specmesh.protojson import message_json
 from specmesh.v1 import control_plane_pb2 as pb
-from specmeshctl.client import plain
 from specmeshctl.context import Context
 from specmeshctl.errors import (
     EXIT_OK,
@@ -101,7 +101,7 @@ class _Target:
 
 
 def _card_json(reply: Any) -> dict[str, Any]:
-    data: dict[str, Any] = plain(reply.agent_card)
+    data: dict[str, Any] = message_json(reply.agent_card)
     return data
 
 

@@ -8,26 +8,25 @@ The channel is plaintext for ``host:port`` and TLS for ``grpcs://host:port``, as
 plane serves it.
 
 Protobuf messages leave this module as they are; :func:`as_json` turns one into the JSON
-the ``-o json|yaml`` outputs print (camelCase, the proto's JSON mapping), :func:`plain`
-turns a ``google.protobuf.Struct``/``Value`` (a spec, a manifest) into plain JSON and
-:func:`struct` a JSON object into a Struct.
+the ``-o json|yaml`` outputs print (camelCase, the proto's JSON mapping);
+:mod:`specmesh.protojson` converts the ``google.protobuf.Struct`` documents (specs,
+manifests) both ways.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
-from google.protobuf.struct_pb2 import Struct
 
+from specmesh.protojson import message_json
 from specmesh.v1 import control_plane_pb2_grpc as rpc
 from specmeshctl.errors import ControlPlaneError, UsageError
 
-__all__ = ["DEFAULT_TIMEOUT", "ControlPlaneClient", "as_json", "pages", "plain", "struct"]
+__all__ = ["DEFAULT_TIMEOUT", "ControlPlaneClient", "as_json", "pages"]
 
 DEFAULT_TIMEOUT = 30.0
 """Seconds one call may take."""
@@ -40,30 +39,8 @@ _R = TypeVar("_R")
 def as_json(message: Message) -> dict[str, Any]:
     """A message as the proto's JSON mapping (camelCase; defaults left out), with the whole
     numbers a ``google.protobuf.Struct`` carries as doubles turned back into integers."""
-    data: dict[str, Any] = _integers(MessageToDict(message))
+    data: dict[str, Any] = message_json(message)
     return data
-
-
-def plain(message: Message) -> Any:
-    """A ``Struct`` or ``Value`` as the JSON it carries (whole numbers as integers)."""
-    return _integers(MessageToDict(message))
-
-
-def struct(data: Mapping[str, Any]) -> Struct:
-    """A JSON object as a ``google.protobuf.Struct``."""
-    out = Struct()
-    out.update(data)
-    return out
-
-
-def _integers(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _integers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_integers(v) for v in value]
-    return value
 
 
 def _target(server: str) -> tuple[str, bool]:

@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from specmesh.errors import NotFoundError
+from specmesh.protojson import message_json
 from specmesh.v1 import control_plane_pb2 as pb
-from specmeshctl.client import ControlPlaneClient, as_json, pages, plain
+from specmeshctl.client import ControlPlaneClient, as_json, pages
 from specmeshctl.errors import EXIT_OK
 from specmeshctl.output import manifest, print_data, print_manifests, table
 
@@ -16,7 +17,7 @@ __all__ = ["get", "names"]
 
 async def _servers(cp: ControlPlaneClient) -> dict[str, dict[str, Any]]:
     found = await pages(cp, cp.mcp.ListMcpServers, pb.ListMcpServersRequest(), "mcp_servers")
-    return {s.name: plain(s.spec) for s in found}
+    return {s.name: message_json(s.spec) for s in found}
 
 
 async def names(cp: ControlPlaneClient) -> list[str]:

@@ -7,8 +7,9 @@ import sys
 from typing import Any
 
 from specmesh.errors import NotFoundError
+from specmesh.protojson import message_json
 from specmesh.v1 import control_plane_pb2 as pb
-from specmeshctl.client import ControlPlaneClient, pages, plain
+from specmeshctl.client import ControlPlaneClient, pages
 from specmeshctl.errors import EXIT_OK
 from specmeshctl.output import manifest, print_data, print_manifests, table
 
@@ -17,7 +18,7 @@ __all__ = ["get", "labels", "versions_by_key"]
 
 def _entry(version: Any) -> dict[str, Any]:
     """A version's template, variables and description."""
-    entry: dict[str, Any] = plain(version.entry)
+    entry: dict[str, Any] = message_json(version.entry)
     return {k: entry[k] for k in ("template", "variables", "description") if k in entry}
 
 

@@ -7,9 +7,10 @@ import argparse
 from typing import Any
 
 from specmesh.errors import NotFoundError
+from specmesh.protojson import message_json, to_struct
 from specmesh.spec.models import ReleaseSpec
 from specmesh.v1 import control_plane_pb2 as pb
-from specmeshctl.client import ControlPlaneClient, plain, struct
+from specmeshctl.client import ControlPlaneClient
 from specmeshctl.context import Context
 from specmeshctl.errors import EXIT_OK, UsageError
 from specmeshctl.output import manifest, print_data, print_manifests, write
@@ -20,7 +21,7 @@ __all__ = ["fetch", "get", "line", "register"]
 
 def _json(release: Any) -> dict[str, Any]:
     """A Release message as its spec (camelCase, every field)."""
-    return ReleaseSpec.model_validate(plain(release.spec)).model_dump(mode="json")
+    return ReleaseSpec.model_validate(message_json(release.spec)).model_dump(mode="json")
 
 
 async def fetch(cp: ControlPlaneClient, agent: str) -> dict[str, Any] | None:
@@ -30,7 +31,7 @@ async def fetch(cp: ControlPlaneClient, agent: str) -> dict[str, Any] | None:
 
 
 async def _set(cp: ControlPlaneClient, agent: str, spec: dict[str, Any]) -> dict[str, Any]:
-    request = pb.SetReleaseRequest(agent_name=agent, release=struct(spec))
+    request = pb.SetReleaseRequest(agent_name=agent, release=to_struct(spec))
     reply = await cp.call(cp.releases.SetRelease, request)
     return _json(reply.release)
 

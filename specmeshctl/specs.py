@@ -14,6 +14,7 @@ import grpc
 import yaml
 
 from specmesh.errors import SpecError
+from specmesh.protojson import message_json, to_struct
 from specmesh.spec.diff import Change
 from specmesh.spec.manifest import LoadedManifest, load_path
 from specmesh.spec.models import AgentSpec
@@ -21,7 +22,7 @@ from specmesh.spec.validation import prompt_issues, reference_warnings
 from specmesh.v1 import common_pb2
 from specmesh.v1 import control_plane_pb2 as pb
 from specmeshctl import mcp, prompts, releases, secrets
-from specmeshctl.client import ControlPlaneClient, as_json, pages, plain, struct
+from specmeshctl.client import ControlPlaneClient, as_json, pages
 from specmeshctl.context import Context
 from specmeshctl.errors import EXIT_OK, ControlPlaneError, UsageError
 from specmeshctl.output import manifest, print_data, print_manifests, table, write
@@ -48,7 +49,7 @@ def agent_json(agent: Any) -> dict[str, Any]:
         "createdAt": as_json(info).get("createdAt", ""),
         "author": info.author,
         "message": info.message,
-        "spec": plain(agent.spec),
+        "spec": message_json(agent.spec),
     }
     if agent.HasField("status"):
         out["status"] = as_json(agent.status)
@@ -60,9 +61,9 @@ def change_json(change: Any) -> dict[str, Any]:
     for an add/remove)."""
     out: dict[str, Any] = {"path": change.path, "op": _CHANGE_OPS.get(change.op, "?")}
     if change.HasField("old_value"):
-        out["old"] = plain(change.old_value)
+        out["old"] = message_json(change.old_value)
     if change.HasField("new_value"):
-        out["new"] = plain(change.new_value)
+        out["new"] = message_json(change.new_value)
     return out
 
 
@@ -136,7 +137,7 @@ async def _apply_one(
     """One manifest of any kind (ApplyManifest): ``{kind, name, changed, revision,
     changes, warnings, secretsMoved}``."""
     request = pb.ApplyManifestRequest(
-        manifest=struct(m.manifest.model_dump(mode="json", by_alias=True)), dry_run=args.dry_run
+        manifest=to_struct(m.manifest.model_dump(mode="json", by_alias=True)), dry_run=args.dry_run
     )
     if args.expected_revision is not None and m.kind == "Agent":
         request.expected_revision = args.expected_revision
@@ -312,7 +313,7 @@ async def cmd_get(args: argparse.Namespace, ctx: Context) -> int:
 async def _describe_warnings(cp: ControlPlaneClient, agent: Any) -> list[str]:
     """What in the agent's spec points at nothing stored (yet): partners, MCP servers,
     its prompt (a prompt deleted since the apply)."""
-    spec = AgentSpec.model_validate(plain(agent.spec))
+    spec = AgentSpec.model_validate(message_json(agent.spec))
     agents, servers, stored = await asyncio.gather(
         _list_agents(cp), mcp.names(cp), prompts.versions_by_key(cp)
     )
@@ -369,7 +370,7 @@ async def cmd_describe(args: argparse.Namespace, ctx: Context) -> int:
             args.output,
         )
         return EXIT_OK
-    spec: dict[str, Any] = plain(agent.spec)
+    spec: dict[str, Any] = message_json(agent.spec)
     base = spec.get("base") or {}
     model = spec.get("model") or {}
     info = agent.revision_info

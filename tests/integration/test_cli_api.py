@@ -24,9 +24,10 @@ import yaml
 from control_plane.auth import Role
 from specmesh.etcd import EtcdClient
 from specmesh.names import resource_name
+from specmesh.protojson import to_struct
 from specmesh.services import LocalServices, free_port
 from specmesh.v1 import control_plane_pb2 as pb
-from specmeshctl.client import ControlPlaneClient, struct
+from specmeshctl.client import ControlPlaneClient
 from specmeshctl.main import main
 from specmeshctl.settings import Settings
 
@@ -84,7 +85,7 @@ def control_plane(
         admin,
         "manifests",
         "ApplyManifest",
-        pb.ApplyManifestRequest(manifest=struct(prompt)),
+        pb.ApplyManifestRequest(manifest=to_struct(prompt)),
     )  # the prompt the agents name
     _call(
         process.grpc,

@@ -9,20 +9,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from contextlib import aclosing
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from specmesh.v1 import control_plane_pb2 as pb
 from specmeshctl.client import ControlPlaneClient
 from specmeshctl.errors import ControlPlaneError, UsageError
+
+from ..certs import self_signed
 
 _EXPECTED_EXIT: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: 1,
@@ -149,35 +146,10 @@ def test_a_server_that_is_not_host_port_is_a_usage_error(server: str) -> None:
         ControlPlaneClient(server=server, token=None)
 
 
-def _self_signed(folder: Path) -> tuple[bytes, bytes, Path]:
-    """A certificate for ``localhost`` signed by itself: (key PEM, certificate PEM, its file)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=1))
-        .not_valid_after(now + timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    (folder / "ca.pem").write_bytes(cert_pem)
-    return key_pem, cert_pem, folder / "ca.pem"
-
-
 def test_grpcs_talks_tls_and_trusts_the_ca_file(tmp_path: Path) -> None:
-    key_pem, cert_pem, ca_file = _self_signed(tmp_path)
+    key_pem, cert_pem = self_signed("localhost", dns_names=("localhost",))
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(cert_pem)
 
     async def answer(request: Any, context: grpc.aio.ServicerContext) -> Any:
         return pb.ListAgentsResponse(next_page_token="")
