@@ -34,7 +34,13 @@ from typing import Any
 from specmesh.errors import SpecmeshError
 from specmeshctl import agents, audit, fleet, kb, mesh, releases, schema, secrets, specs, tokens
 from specmeshctl.context import Command, Context
-from specmeshctl.errors import EXIT_BROKEN_PIPE, START_HINT, ControlPlaneError, exit_code
+from specmeshctl.errors import (
+    EXIT_BROKEN_PIPE,
+    EXIT_UNAVAILABLE,
+    START_HINT,
+    ControlPlaneError,
+    exit_code,
+)
 from specmeshctl.parsing import Registrar, control_plane_flags
 from specmeshctl.settings import Settings
 
@@ -88,7 +94,7 @@ def _hint(error: SpecmeshError, settings: Settings | None) -> str | None:
     """What to do about an unreachable control plane, when it is the local fleet's."""
     if settings is None or not isinstance(error, ControlPlaneError):
         return None
-    if error.exit_code == 5 and error.server == settings.fleet_control_plane:
+    if error.exit_code == EXIT_UNAVAILABLE and error.server == settings.fleet_control_plane:
         return f"if that is the local fleet's control plane, the fleet is not running: {START_HINT}"
     return None
 

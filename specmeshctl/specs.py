@@ -210,10 +210,8 @@ def _instances_table(instances: Sequence[Any], *, indent: str = "") -> None:
 
 
 async def _instances(cp: ControlPlaneClient, agent: str | None) -> list[Any]:
-    reply = await cp.call(
-        cp.registry.ListInstances, pb.ListInstancesRequest(agent_name=agent or "")
-    )
-    return list(reply.instances)
+    request = pb.ListInstancesRequest(agent_name=agent or "")
+    return await pages(cp, cp.registry.ListInstances, request, "instances")
 
 
 async def _workload(cp: ControlPlaneClient, name: str) -> Any:
