@@ -100,8 +100,9 @@ class ApplyManifestRequest(_message.Message):
     DRY_RUN_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     expected_revision: _builtins.int
-    """Agents only: when set, the apply succeeds only if this is the agent's current
-    revision (0: the agent must not exist yet); guards concurrent editors.
+    """Agents only (other kinds have no revisions and ignore it, so one value can go with
+    every manifest of a directory): when set, the apply succeeds only if this is the
+    agent's current revision (0: the agent must not exist yet); guards concurrent editors.
     """
     dry_run: _builtins.bool
     """Validate and compute the changes without writing anything."""
