@@ -46,6 +46,7 @@ COPY specmesh ./specmesh
 COPY engine ./engine
 COPY sidecar ./sidecar
 COPY control_plane ./control_plane
+COPY specmeshctl ./specmeshctl
 RUN uv sync --locked --no-dev --no-editable --extra kubernetes \
     && /app/.venv/bin/specmesh --help > /dev/null \
     && /app/.venv/bin/python -c "import control_plane.runtime.kubernetes"

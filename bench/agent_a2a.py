@@ -753,7 +753,7 @@ def _specmesh_with_sidecars(
             SPECMESH_ENGINE_HTTP=f"127.0.0.1:{engine_port}",
             SPECMESH_ENGINE_GRPC=f"127.0.0.1:{free_port()}",
         )
-        argv = [sys.executable, "-m", "specmesh.cli", "engine"]
+        argv = [sys.executable, "-m", "specmeshctl", "engine"]
         engine = _spawn("specmesh", argv, engine_port, home / "tools-engine.log", env=env)
         procs.append(engine.proc)
         _wait_get(f"http://127.0.0.1:{a_ports['ops']}/readyz")  # the engine reported SERVING

@@ -26,7 +26,7 @@
   new contextId so the prompt size stays the same), over ``/v1/invoke`` and A2A
   ``SendMessage``, with the engine's CPU per turn, beside the bare calls per second at
   the same concurrency.
-* Start-up: spawn ``python -m specmesh.cli engine --spec-dir DIR`` until ``/readyz`` is
+* Start-up: spawn ``python -m specmeshctl engine --spec-dir DIR`` until ``/readyz`` is
   200, 3 runs; how long the engine's imports alone take, which heavy packages they pull
   in (litellm, chromadb, mcp, openai: none for this OpenAI-compatible agent) and what
   importing litellm would add.
@@ -156,7 +156,7 @@ def engine_argv(folder: Path, http: int, grpc: int) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "specmesh.cli",
+        "specmeshctl",
         "engine",
         "--spec-dir",
         str(folder),
@@ -211,7 +211,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-_IMPORTS = "engine.main, engine.runtime, engine.server, engine.intake, specmesh.cli"
+_IMPORTS = "engine.main, engine.runtime, engine.server, engine.intake, specmeshctl"
 _IMPORT_PROBE = f"""
 import json, time
 def rss():

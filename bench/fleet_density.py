@@ -135,7 +135,7 @@ def _ask(url: str, token: str, attempts: int = 3) -> None:
 
     from a2a.client.errors import A2AClientTimeoutError
 
-    from specmesh.a2aclient import invoke
+    from specmeshctl.a2aclient import invoke
 
     for attempt in range(1, attempts + 1):
         try:

@@ -157,7 +157,7 @@ def control_plane_process(home: Path) -> Iterator[tuple[str, str]]:
     }
     log = (home / "control-plane.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "specmesh.cli", "control-plane", "--listen", f"127.0.0.1:{port}"],
+        [sys.executable, "-m", "specmeshctl", "control-plane", "--listen", f"127.0.0.1:{port}"],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -167,7 +167,8 @@ def control_plane_process(home: Path) -> Iterator[tuple[str, str]]:
         deadline = time.monotonic() + 60
         while True:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the control plane did not start; see {log.name}")
+                tail = Path(log.name).read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"the control plane did not start:\n{tail}")
             try:
                 if requests.get(f"{url}/healthz", timeout=1).ok:
                     break

@@ -24,7 +24,6 @@ SERVING for ``""`` and every service, and reflection lists every service.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -32,7 +31,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from google.protobuf.struct_pb2 import Struct, Value
+from google.protobuf.struct_pb2 import Value
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -46,6 +45,7 @@ from control_plane.paging import PageRequest
 from control_plane.tokens import DEFAULT_TTL_SECONDS, TokenRecord, TokenRequest
 from control_plane.traces import GROUP_KEYS, Span, TokenUsageRow, TraceSummary
 from specmesh.errors import NotFoundError, SpecError
+from specmesh.protojson import from_struct, to_struct
 from specmesh.spec.diff import Change
 from specmesh.spec.manifest import parse_manifest
 from specmesh.spec.models import McpServerSpec, PromptEntry, PromptRelease, ReleaseSpec
@@ -95,29 +95,6 @@ _DEFAULT_GRACE_SECONDS = 3600
 
 
 # ---------------------------------------------------------------- conversions
-
-
-def to_struct(data: Mapping[str, Any]) -> Struct:
-    """A JSON object as a ``Struct``."""
-    return json_format.ParseDict(dict(data), Struct())
-
-
-def _plain(value: Any) -> Any:
-    """A ``Struct``'s JSON with whole numbers as ints (a Struct holds every number as a
-    double; specs count replicas and revisions)."""
-    if isinstance(value, float) and value.is_integer() and math.isfinite(value):
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
-
-def from_struct(struct: Struct) -> dict[str, Any]:
-    """A ``Struct`` as a JSON object (whole numbers as ints)."""
-    plain: dict[str, Any] = _plain(json_format.MessageToDict(struct))
-    return plain
 
 
 def _value(data: Any) -> Value:

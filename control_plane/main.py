@@ -50,7 +50,9 @@ async def _listen(runner: web.AppRunner, listen: str) -> None:
 async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = None) -> None:
     """Run the API (and the OTLP receiver) until ``stop`` is set (or forever)."""
     stop = stop or asyncio.Event()
-    etcd = EtcdClient.from_endpoint(settings.etcd_endpoint)
+    etcd = EtcdClient.from_endpoint(
+        settings.etcd_endpoint, watch_timeout=settings.etcd_watch_timeout
+    )
     if settings.vault_k8s_role:
         vault = await kubernetes_login(
             address=settings.vault_addr,

@@ -365,7 +365,8 @@ def _operation(schemas: _Schemas, binding: HttpBinding, notes: dict[str, str]) -
     elif binding.body:
         body = schemas.field(method.input_type.fields_by_name[binding.body])
     if binding.body:
-        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+        # an empty body is the empty message (every field of a proto3 message is optional)
+        op["requestBody"] = {"required": False, "content": {"application/json": {"schema": body}}}
     if binding.response_body:
         response = schemas.field(method.output_type.fields_by_name[binding.response_body])
     else:

@@ -27,6 +27,12 @@ class ControlPlaneSettings(BaseSettings):
     """gRPC API listener (with health and reflection), host:port."""
     etcd_endpoint: str = "http://127.0.0.1:2379"
     etcd_prefix: str = "/specmesh"
+    etcd_watch_timeout: float = Field(default=15.0, gt=0, le=3600)
+    """Read deadline of an etcd watch, in seconds: a watch that gets no message for this
+    long (etcd sends a progress notification every
+    ``--experimental-watch-progress-notify-interval`` when nothing changes; the local
+    fleet's etcd: 5 s) is half-open, and reconnects from its last revision. Keep it above
+    2.2 intervals (``SPECMESH_ETCD_WATCH_TIMEOUT``)."""
     vault_addr: str = Field(
         default="http://127.0.0.1:8200",
         validation_alias=AliasChoices("SPECMESH_VAULT_ADDR", "VAULT_ADDR"),

@@ -380,7 +380,8 @@ class _Route:
 
     def _query_tree(self, request: web.Request) -> dict[str, Any]:
         tree: dict[str, Any] = {}
-        for key in request.query:
+        given: dict[tuple[str, ...], tuple[QueryField, list[str]]] = {}
+        for key in dict.fromkeys(request.query):  # each name once, its values together
             name, _, rest = key.partition("[")
             q = self._query.get(name)
             if q is None:
@@ -395,20 +396,19 @@ class _Route:
                 entry_type = q.descriptor.message_type
                 assert entry_type is not None
                 entry = entry_type.fields_by_name["value"]
-                existing = tree
-                for part in q.json_path:
-                    existing = existing.setdefault(part, {})
-                existing[rest[:-1]] = _scalar(entry, values[0], "query", key)
+                _set(tree, (*q.json_path, rest[:-1]), _scalar(entry, values[0], "query", key))
                 continue
             if rest:
                 raise BadRequestError(f"query: {key}: {name} is not a map")
+            given.setdefault(q.json_path, (q, []))[1].extend(values)  # agentName, agent_name
+        for path, (q, values) in given.items():
             if _is_repeated(q.descriptor):
-                value: Any = [_scalar(q.descriptor, v, "query", name) for v in values]
+                value: Any = [_scalar(q.descriptor, v, "query", q.name) for v in values]
             elif len(values) > 1:
-                raise BadRequestError(f"query: {name}: given more than once (not repeated)")
+                raise BadRequestError(f"query: {q.name}: given more than once (not repeated)")
             else:
-                value = _scalar(q.descriptor, values[0], "query", name)
-            _set(tree, q.json_path, value)
+                value = _scalar(q.descriptor, values[0], "query", q.name)
+            _set(tree, path, value)
         return tree
 
     def _response(self, response: Message) -> Any:

@@ -13,9 +13,10 @@ The HTTP and gRPC listeners (entry and inbound) ask :class:`CallerPolicy` and no
 * :meth:`CallerPolicy.check_principal` -- a principal may call when a pattern of
   ``base.callers.principals`` matches it (:func:`specmesh.callers.principal_matches`).
 
-A refusal is a :class:`CallerRefused` (``UNAUTHENTICATED`` or ``PERMISSION_DENIED``), rendered
-for HTTP by :meth:`CallerRefused.http_response` (AIP-193 JSON with a ``google.rpc.ErrorInfo``)
-and for gRPC by :meth:`CallerRefused.grpc_trailers` (``grpc-status-details-bin``). Messages
+A refusal is a :class:`CallerRefused` (``UNAUTHENTICATED`` or ``PERMISSION_DENIED``), a
+:class:`~sidecar.errors.PolicyError` of the one error table: rendered for HTTP by
+:meth:`CallerRefused.http_response` (AIP-193 JSON with a ``google.rpc.ErrorInfo``) and for
+gRPC by :meth:`CallerRefused.grpc_trailers` (``grpc-status-details-bin``). Messages
 name what is wrong; a token is never logged, echoed or put on a span.
 """
 
@@ -29,15 +30,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import aiohttp
-from aiohttp import web
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped]
 
 from specmesh.callers import MAX_PRINCIPAL_LENGTH, principal_matches
 from specmesh.issuers import JwtIssuer
 from specmesh.names import resource_name
 from specmesh.spec.models import CallersSpec
 
+from .errors import PolicyError
 from .mtls import TRUST_DOMAIN
 
 if TYPE_CHECKING:  # PyJWT (with cryptography, ~11 MB) is imported when a token is checked
@@ -78,76 +77,35 @@ ALLOWED_ALGORITHMS = frozenset(
 )
 """Asymmetric JWS algorithms only: never ``none``, never a shared secret (``HS*``)."""
 
-ERROR_DOMAIN = "specmesh.io"
 Reason = Literal["UNAUTHENTICATED", "PERMISSION_DENIED"]
-_HTTP_STATUS: dict[str, int] = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}
-_RPC_CODE: dict[str, int] = {
-    "UNAUTHENTICATED": code_pb2.UNAUTHENTICATED,
-    "PERMISSION_DENIED": code_pb2.PERMISSION_DENIED,
-}
 
 
 # ---------------------------------------------------------------- refusals
 
 
-class CallerRefused(Exception):
+class CallerRefused(PolicyError):
     """A call the sidecar refuses: who is calling is unknown (``UNAUTHENTICATED``) or may
-    not call (``PERMISSION_DENIED``)."""
+    not call (``PERMISSION_DENIED``); rendered from the one error table
+    (:data:`~sidecar.errors.POLICY_ERRORS`), ``ErrorInfo.metadata`` ``{"agent": <this
+    agent>}``, and for HTTP ``UNAUTHENTICATED`` a ``WWW-Authenticate`` challenge."""
+
+    reason: Reason
 
     def __init__(
         self, reason: Reason, message: str, *, agent: str, bad_token: bool = False
     ) -> None:
-        self.reason: Reason = reason
-        self.message = message
+        super().__init__(reason, message, agent=agent)
         self.agent = agent
         self.bad_token = bad_token
         """A token was sent but is not valid (``error="invalid_token"``)."""
-        super().__init__(message)
 
-    @property
-    def http_status(self) -> int:
-        return _HTTP_STATUS[self.reason]
-
-    def _error_info(self) -> dict[str, Any]:
-        return {
-            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
-            "reason": self.reason,
-            "domain": ERROR_DOMAIN,
-            "metadata": {"agent": self.agent},
-        }
-
-    def body(self) -> dict[str, Any]:
-        """AIP-193 error JSON (a ``google.rpc.Status`` with one ``ErrorInfo``)."""
-        return {
-            "error": {
-                "code": self.http_status,
-                "status": self.reason,
-                "message": self.message,
-                "details": [self._error_info()],
-            }
-        }
-
-    def http_response(self) -> web.Response:
-        headers = {}
-        if self.reason == "UNAUTHENTICATED":
-            challenge = 'Bearer realm="specmesh"'
-            if self.bad_token:
-                challenge += ', error="invalid_token"'
-            headers["WWW-Authenticate"] = challenge
-        return web.json_response(self.body(), status=self.http_status, headers=headers)
-
-    def rpc_status(self) -> status_pb2.Status:
-        info = error_details_pb2.ErrorInfo(
-            reason=self.reason, domain=ERROR_DOMAIN, metadata={"agent": self.agent}
-        )
-        detail = any_pb2.Any()
-        detail.Pack(info)
-        return status_pb2.Status(
-            code=_RPC_CODE[self.reason], message=self.message, details=[detail]
-        )
-
-    def grpc_trailers(self) -> tuple[tuple[str, bytes], ...]:
-        return (("grpc-status-details-bin", self.rpc_status().SerializeToString()),)
+    def http_headers(self) -> dict[str, str]:
+        if self.reason != "UNAUTHENTICATED":
+            return {}
+        challenge = 'Bearer realm="specmesh"'
+        if self.bad_token:
+            challenge += ', error="invalid_token"'
+        return {"WWW-Authenticate": challenge}
 
 
 # ---------------------------------------------------------------- tokens

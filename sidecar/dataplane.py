@@ -199,6 +199,7 @@ class DataPlane:
                 router=grpc_router,
                 certificates=self.certificates,
                 address=settings.egress_grpc,
+                on_retry=metrics.on_retry,
             )
             await self.grpc_egress.start()
         if settings.inbound_grpc:

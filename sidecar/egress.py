@@ -18,16 +18,14 @@ The engine's own ``Authorization`` (the dummy key), ``x-api-key`` and ``api-key`
 every other end-to-end header (``traceparent``, ``tracestate``, ``X-Specmesh-Call-Depth``...)
 passes through. Responses are streamed through as they arrive (SSE, chunked), never buffered.
 
-Errors answer JSON ``{"error": {"code", "message", ...}}`` and never hold a secret::
-
-    EgressError               (status, code, message)
-    +-- 403 not_declared      the spec names no such MCP server / partner (also logged)
-    +-- 404 unknown_route     not an egress route, or no such fallback
-    +-- 502 upstream_*        upstream unreachable / reset / misconfigured, or a partner
-    |                         whose certificate is not the partner's (upstream_identity)
-    +-- 503 credential_unavailable   a reference cannot be resolved (names the reference)
-    +-- 503 no_snapshot / no_instance / overflow
-    +-- 504 upstream_timeout
+What may be called, with which credentials, retries and budgets is decided by
+:class:`~sidecar.policy.EgressPolicy` and :class:`~sidecar.policy.Retries` (shared with the
+gRPC egress); refusals and failures are :class:`~sidecar.errors.PolicyError` errors of the one
+error table, answered as AIP-193 JSON and never holding a secret: ``INVALID_TARGET`` 400,
+``NOT_DECLARED`` 403 (also logged), ``UNKNOWN_ROUTE`` 404, ``UPSTREAM_*`` 502 (unreachable,
+reset, misconfigured, or a partner whose certificate is not the partner's:
+``UPSTREAM_IDENTITY``), ``CREDENTIAL_UNAVAILABLE`` / ``NO_SNAPSHOT`` / ``NO_INSTANCE`` /
+``OVERFLOW`` 503, ``UPSTREAM_TIMEOUT`` 504.
 
 Metrics (on the :class:`prometheus_client.CollectorRegistry` given, default the global one):
 ``specmesh_sidecar_egress_requests_total{kind,status}``,
@@ -56,18 +54,18 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from yarl import URL
 
 from specmesh.addresses import resolve_url
-from specmesh.names import resource_name
 from specmesh.snapshot import ResolvedSnapshot
-from specmesh.spec.models import ConnectionPoolSpec, PartnerAgentRef
+from specmesh.spec.models import ConnectionPoolSpec
 
-from .credentials import CredentialResolver, CredentialUnavailableError
+from .credentials import CredentialResolver
+from .errors import PolicyError
 from .mtls import agent_dns_name
+from .policy import FAILURE_KINDS, EgressPolicy, FailureKind, Retries
 from .relay import RelayListener, active_tracer, end_to_end_headers, relay
-from .router import NoInstanceError, Router
+from .router import Router
 from .state import SnapshotHolder
 
 __all__ = [
-    "EgressError",
     "EgressMetrics",
     "EgressProxy",
     "RouteKind",
@@ -84,11 +82,6 @@ _DEFAULT_BASE_URLS = {
     "openai": "https://api.openai.com",
     "anthropic": "https://api.anthropic.com",
 }
-_FAILURE_KINDS: dict[str, Literal["connect", "reset", "timeout"]] = {
-    "upstream_unreachable": "connect",
-    "upstream_identity": "connect",
-    "upstream_timeout": "timeout",
-}
 _ROUTES: list[tuple[RouteKind, re.Pattern[str]]] = [
     ("llm", re.compile(r"^/llm/v1(?P<rest>/.*)?$")),
     ("llm_fallback", re.compile(r"^/llm/fallbacks/(?P<name>\d+)/v1(?P<rest>/.*)?$")),
@@ -97,21 +90,6 @@ _ROUTES: list[tuple[RouteKind, re.Pattern[str]]] = [
     ("a2a", re.compile(r"^/a2a/(?P<name>[^/]+)(?P<rest>/.*)?$")),
 ]
 _A2A_ROUTE = _ROUTES[-1][1]
-
-
-class EgressError(Exception):
-    """A request the egress answers itself (see the module docstring for the table)."""
-
-    def __init__(self, status: int, code: str, message: str, **fields: str) -> None:
-        self.status = status
-        self.code = code
-        self.message = message
-        self.fields = fields
-        super().__init__(message)
-
-    def response(self) -> web.Response:
-        body = {"error": {"code": self.code, "message": self.message, **self.fields}}
-        return web.json_response(body, status=self.status)
 
 
 class EgressMetrics:
@@ -178,6 +156,10 @@ class EgressMetrics:
             child = self._timed[kind] = self.latency.labels(kind=kind)
         child.observe(seconds)
 
+    def on_retry(self, agent: str) -> None:
+        """Hook for :class:`~sidecar.policy.Retries` (``on_retry=``): one retry to ``agent``."""
+        self.retries.labels(agent=agent).inc()
+
     def on_ejection(self, agent: str, instance: str) -> None:
         """Hook for :class:`~sidecar.router.Router` (``on_ejection=``)."""
         logger.warning("ejected instance %s of agent %s (outlier detection)", instance, agent)
@@ -189,9 +171,7 @@ def llm_upstream_base(base_url: str | None, provider: str | None) -> str:
     already ends in a version segment (``/v1``, ``/v4``, ``/api/v3``, ``/v1beta``)."""
     base = base_url or _DEFAULT_BASE_URLS.get(provider or "openai")
     if base is None:
-        raise EgressError(
-            502, "upstream_misconfigured", f"model provider {provider!r} has no baseUrl"
-        )
+        raise PolicyError("UPSTREAM_MISCONFIGURED", f"model provider {provider!r} has no baseUrl")
     base = base.rstrip("/")
     if not _VERSIONED.search(urlsplit(base).path):
         base += "/v1"
@@ -204,50 +184,6 @@ def _credential_header(provider: str | None, key: str) -> tuple[str, str]:
     if provider == "azure":
         return "api-key", key
     return "Authorization", f"Bearer {key}"
-
-
-def _declared(names: list[str], wanted: str) -> int | None:
-    """Index of ``wanted`` in ``names``, compared by resource name."""
-    try:
-        rn = resource_name(wanted)
-    except ValueError:
-        return None
-    for i, name in enumerate(names):
-        if resource_name(name) == rn:
-            return i
-    return None
-
-
-class _PartnerTable:
-    """The current snapshot's ``partnerAgents`` by resource name, built once per snapshot
-    (a snapshot is immutable; a reload brings a new one), so a call does not map every
-    declared name again."""
-
-    def __init__(self) -> None:
-        self._snapshot: ResolvedSnapshot | None = None
-        self._by_name: dict[str, tuple[str, PartnerAgentRef]] = {}
-        self._asked: dict[str, tuple[str, PartnerAgentRef] | None] = {}
-
-    def get(self, snapshot: ResolvedSnapshot, wanted: str) -> tuple[str, PartnerAgentRef] | None:
-        """The partner declared under ``wanted``'s resource name, with that resource name
-        (None: not declared)."""
-        if snapshot is not self._snapshot:
-            by_name: dict[str, tuple[str, PartnerAgentRef]] = {}
-            for partner in snapshot.spec.partner_agents:
-                rn = resource_name(partner.agent_name)
-                by_name.setdefault(rn, (rn, partner))
-            self._snapshot, self._by_name, self._asked = snapshot, by_name, {}
-        try:
-            return self._asked[wanted]
-        except KeyError:
-            pass
-        try:
-            found = self._by_name.get(resource_name(wanted))
-        except ValueError:
-            found = None
-        if len(self._asked) < 1024:  # names asked for, bounded (callers choose them)
-            self._asked[wanted] = found
-        return found
 
 
 @dataclass
@@ -296,8 +232,7 @@ class EgressProxy(RelayListener):
         self.connect_timeout = connect_timeout
         self.mcp_read_timeout = mcp_read_timeout
         self._pool = connection_pool or ConnectionPoolSpec()
-        self._inflight: dict[str, int] = {}
-        self._partners = _PartnerTable()
+        self.policy = EgressPolicy(credentials=credentials)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -340,7 +275,7 @@ class EgressProxy(RelayListener):
                 span.set_attribute("http.request.method", request.method)
             snapshot = self._snapshots.current
             if snapshot is None:
-                raise EgressError(503, "no_snapshot", "the sidecar has no spec yet")
+                raise PolicyError("NO_SNAPSHOT", "the sidecar has no spec yet")
             out = _Outbound(
                 kind=kind,
                 name=name,
@@ -366,15 +301,15 @@ class EgressProxy(RelayListener):
             status = upstream.status
             self.metrics.observe(kind, time.perf_counter() - started)
             return await relay(request, upstream, downstream="engine")
-        except EgressError as e:
-            status = e.status
-            return e.response()
+        except PolicyError as e:
+            status = e.http_status
+            return e.http_response()
         except Exception:
             logger.exception("egress request failed (%s %s)", request.method, request.path)
             status = 500
-            return EgressError(
-                500, "internal", "the sidecar failed to handle the request"
-            ).response()
+            return PolicyError(
+                "INTERNAL", "the sidecar failed to handle the request"
+            ).http_response()
         finally:
             self.metrics.count(kind, status)
 
@@ -387,26 +322,20 @@ class EgressProxy(RelayListener):
             m = pattern.fullmatch(path)  # not match: its `$` lets a trailing newline by
             if m:
                 return kind, m.groupdict().get("name") or "", m.group("rest") or ""
-        raise EgressError(404, "unknown_route", f"no egress route for {path!r}")
+        raise PolicyError("UNKNOWN_ROUTE", f"no egress route for {path!r}", path=path)
 
     @staticmethod
     def _forward_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
         kept = end_to_end_headers(headers)
         return CIMultiDict([(k, v) for k, v in kept if k.lower() not in _ENGINE_CREDENTIALS])
 
-    async def _resolve(self, value: str) -> str:
-        try:
-            return await self._credentials.resolve(value)
-        except CredentialUnavailableError as e:
-            raise EgressError(503, "credential_unavailable", str(e), reference=e.reference) from e
-
     async def _add_secrets(
         self, out: _Outbound, headers: Mapping[str, str], params: Mapping[str, str]
     ) -> None:
-        for key, value in headers.items():
-            out.headers[key] = await self._resolve(value)
-        for key, value in params.items():
-            out.params[key] = await self._resolve(value)
+        for key, value in await self.policy.secrets(headers):
+            out.headers[key] = value
+        for key, value in await self.policy.secrets(params):
+            out.params[key] = value
 
     # ------------------------------------------------------------ LLM and MCP
 
@@ -423,7 +352,7 @@ class EgressProxy(RelayListener):
         if out.kind == "llm_fallback":
             index = int(out.name)
             if index >= len(model.fallbacks):
-                raise EgressError(404, "unknown_route", f"the model has no fallback {index}")
+                raise PolicyError("UNKNOWN_ROUTE", f"the model has no fallback {index}")
             fb = model.fallbacks[index]
             provider, base_url, api_key = fb.provider, fb.base_url, fb.api_key
         elif out.kind == "embeddings":
@@ -434,41 +363,22 @@ class EgressProxy(RelayListener):
                 api_key = emb.api_key or api_key
         base = llm_upstream_base(self.llm_override or base_url, provider)
         if api_key is not None:
-            header, value = _credential_header(provider, await self._resolve(api_key))
+            header, value = _credential_header(provider, await self.policy.resolve(api_key))
             out.headers[header] = value
         return base + out.rest
 
     async def _prepare_mcp(self, snapshot: ResolvedSnapshot, out: _Outbound) -> str:
-        declared = snapshot.spec.mcp_servers
-        index = _declared([s.mcp_server_name for s in declared], out.name)
-        if index is None:
-            self._refuse("MCP server", out.name, snapshot)
-        ref = declared[index]  # type: ignore[index]
+        ref = self.policy.mcp_server(snapshot, out.name)
         entry = snapshot.mcp_servers.get(ref.mcp_server_name)
         if entry is None:
-            raise EgressError(
-                502,
-                "upstream_misconfigured",
+            raise PolicyError(
+                "UPSTREAM_MISCONFIGURED",
                 f"MCP server {ref.mcp_server_name!r} is not in the MCP Registry",
+                target=ref.mcp_server_name,
             )
         await self._add_secrets(out, ref.headers, ref.query_params)
         url = resolve_url(entry.url, self._service_addresses)
         return url.rstrip("/") + out.rest if out.rest else url
-
-    def _refuse(self, what: str, name: str, snapshot: ResolvedSnapshot) -> None:
-        logger.warning(
-            "refused a call to %s %r: agent %s's spec does not name it",
-            what,
-            name,
-            snapshot.agent_name,
-            extra={"refused": what, "target": name, "agent": snapshot.agent_name},
-        )
-        raise EgressError(
-            403,
-            "not_declared",
-            f"{what} {name!r} is not declared in agent {snapshot.agent_name!r}'s spec",
-            target=name,
-        )
 
     # ------------------------------------------------------------ sending
 
@@ -499,24 +409,23 @@ class EgressProxy(RelayListener):
                 server_hostname=server_hostname,
             )
         except aiohttp.ClientConnectorCertificateError as e:
-            raise EgressError(
-                502,
-                "upstream_identity",
+            raise PolicyError(
+                "UPSTREAM_IDENTITY",
                 f"{shown} did not present the expected certificate"
                 + (f" ({server_hostname})" if server_hostname else ""),
             ) from e
         except aiohttp.ClientConnectorError as e:
-            raise EgressError(
-                502, "upstream_unreachable", f"{shown} is unreachable ({type(e).__name__})"
+            raise PolicyError(
+                "UPSTREAM_UNREACHABLE", f"{shown} is unreachable ({type(e).__name__})"
             ) from e
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
-            raise EgressError(
-                502, "upstream_reset", f"{shown} closed the connection ({type(e).__name__})"
+            raise PolicyError(
+                "UPSTREAM_RESET", f"{shown} closed the connection ({type(e).__name__})"
             ) from e
         except TimeoutError as e:
-            raise EgressError(504, "upstream_timeout", f"{shown} timed out") from e
+            raise PolicyError("UPSTREAM_TIMEOUT", f"{shown} timed out") from e
         except aiohttp.ClientError as e:
-            raise EgressError(502, "upstream_error", f"{shown} failed ({type(e).__name__})") from e
+            raise PolicyError("UPSTREAM_ERROR", f"{shown} failed ({type(e).__name__})") from e
 
     # ------------------------------------------------------------ A2A
 
@@ -527,28 +436,22 @@ class EgressProxy(RelayListener):
         out: _Outbound,
         body: bytes | None,
     ) -> aiohttp.ClientResponse:
-        found = self._partners.get(snapshot, out.name)
-        if found is None:
-            self._refuse("partner agent", out.name, snapshot)
-        assert found is not None
-        agent, partner = found
+        agent, partner = self.policy.partner(snapshot, out.name)
         if self._router is None:
-            raise EgressError(503, "no_instance", "the sidecar has no router")
+            raise PolicyError("NO_INSTANCE", "the sidecar has no router", agent=agent)
         await self._add_secrets(out, partner.headers, partner.query_params)
         release = self._router.release(agent)
-        pool = release.connection_pool if release else self._pool
-        limit = pool.max_connections + pool.max_pending_requests
-        if self._inflight.get(agent, 0) >= limit:
-            raise EgressError(503, "overflow", f"too many calls in flight to {agent!r}")
-        self._inflight[agent] = self._inflight.get(agent, 0) + 1
+        self.policy.enter(agent, release.connection_pool if release else self._pool)
         try:
             overall = release.timeout_seconds if release else 300.0
             async with asyncio.timeout(overall):
                 return await self._a2a_tries(request, agent, out, body, overall)
         except TimeoutError as e:
-            raise EgressError(504, "upstream_timeout", f"call to {agent!r} timed out") from e
+            raise PolicyError(
+                "UPSTREAM_TIMEOUT", f"call to {agent!r} timed out", agent=agent
+            ) from e
         finally:
-            self._inflight[agent] -= 1
+            self.policy.leave(agent)
 
     async def _a2a_tries(
         self,
@@ -559,28 +462,17 @@ class EgressProxy(RelayListener):
         overall: float,
     ) -> aiohttp.ClientResponse:
         assert self._router is not None
-        router = self._router
-        policy = router.retry_policy(agent)
-        router.record_request(agent)
-        tried: list[str] = []
-        retries = 0
+        retries = Retries(self._router, agent, on_retry=self.metrics.on_retry)
+        per_try = retries.policy.per_try_timeout
         while True:
-            try:
-                target = router.pick(agent, request.headers, exclude=tried)
-            except NoInstanceError as e:
-                raise EgressError(503, "no_instance", str(e)) from e
-            if target.instance is not None:
-                tried.append(target.instance)
+            target = retries.pick(request.headers)
             timeout = aiohttp.ClientTimeout(
-                total=None,
-                sock_connect=min(self.connect_timeout, policy.per_try_timeout),
-                sock_read=overall,
+                total=None, sock_connect=min(self.connect_timeout, per_try), sock_read=overall
             )
             https = target.url.startswith("https://")
-            failure: Literal["connect", "reset", "timeout"] | None = None
-            error: EgressError
+            failure: FailureKind
             try:
-                async with asyncio.timeout(policy.per_try_timeout):
+                async with asyncio.timeout(per_try):
                     upstream = await self._send(
                         request.method,
                         target.url + out.rest,
@@ -592,32 +484,16 @@ class EgressProxy(RelayListener):
                     )
             except TimeoutError:
                 failure = "timeout"
-                error = EgressError(
-                    504, "upstream_timeout", f"instance of {agent!r} timed out (per try)"
+                error = PolicyError(
+                    "UPSTREAM_TIMEOUT", f"instance of {agent!r} timed out (per try)", agent=agent
                 )
-            except EgressError as e:
+            except PolicyError as e:
                 error = e
-                failure = _FAILURE_KINDS.get(e.code, "reset")
+                failure = FAILURE_KINDS.get(e.reason, "reset")
             else:
-                router.report(target, upstream.status)
-                if (
-                    policy.retriable_status(upstream.status)
-                    and retries < policy.attempts
-                    and router.try_retry(agent)
-                ):
+                if retries.answered(target, upstream.status):
                     upstream.release()
-                    retries += 1
-                    self.metrics.retries.labels(agent=agent).inc()
                     continue
                 return upstream
-            router.report_failure(target, timeout=failure == "timeout")
-            if (
-                failure is not None
-                and policy.retriable_failure(failure)
-                and retries < policy.attempts
-                and router.try_retry(agent)
-            ):
-                retries += 1
-                self.metrics.retries.labels(agent=agent).inc()
-                continue
-            raise error
+            if not retries.failed(target, failure):
+                raise error

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -40,20 +40,22 @@ from specmesh.callers import CALLER_HEADER, CALLER_KEY, PRINCIPAL_HEADER, PRINCI
 from specmesh.names import resource_name
 
 from .callers import CARD_PATH, CallerPolicy, CallerRefused
+from .errors import PolicyError
 from .grpcproxy import (
     AUTHORIZATION_KEY,
     ChannelPool,
     GrpcRelayServer,
     Handler,
     Metadata,
-    abort_as,
-    abort_refused,
+    abort_policy,
     end_to_end_metadata,
     first_value,
     relay_stream,
     relay_unary,
+    reported_status,
 )
 from .mtls import AgentCertificates, agent_dns_name
+from .policy import log_refusal
 from .relay import RelayListener, active_tracer, end_to_end_headers, relay, traced
 from .router import NoInstanceError, Router, Target
 
@@ -63,14 +65,6 @@ logger = logging.getLogger(__name__)
 
 
 _DROPPED = (CALLER_HEADER, PRINCIPAL_HEADER, "Authorization")
-
-_GRPC_REPORTED = {
-    grpc.StatusCode.OK: 200,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.INTERNAL: 500,
-    grpc.StatusCode.UNKNOWN: 500,
-}
 
 
 def _pick_other(
@@ -89,9 +83,8 @@ def _pick_other(
     return target
 
 
-def _unavailable(message: str, status: int = 502) -> web.Response:
-    body = {"error": {"code": status, "status": "UNAVAILABLE", "message": message}}
-    return web.json_response(body, status=status)
+def _unavailable(reason: str, message: str, **fields: str) -> web.Response:
+    return PolicyError(reason, message, **fields).http_response()
 
 
 class EntryServer(RelayListener):
@@ -137,12 +130,7 @@ class EntryServer(RelayListener):
             try:
                 principal = await self.policy.external(request.headers.get("Authorization"))
             except CallerRefused as e:
-                logger.warning(
-                    "refused an external call to %s: %s",
-                    self.agent,
-                    e.message,
-                    extra={"agent": self.agent, "reason": e.reason},
-                )
+                log_refusal("external", self.agent, e)
                 return e.http_response()
             headers[PRINCIPAL_HEADER] = principal
             span.set_attribute("specmesh.principal", principal)
@@ -162,7 +150,9 @@ class EntryServer(RelayListener):
                     timeout=timeout,
                 )
             except (aiohttp.ClientError, TimeoutError) as e:
-                return _unavailable(f"the engine is unreachable ({type(e).__name__})")
+                return _unavailable(
+                    "ENGINE_UNREACHABLE", f"the engine is unreachable ({type(e).__name__})"
+                )
             return await relay(request, upstream, downstream="caller")
         span.set_attribute("specmesh.instance", target.instance or "")
         https = target.url.startswith("https://")
@@ -181,8 +171,10 @@ class EntryServer(RelayListener):
             assert self._router is not None
             self._router.report_failure(target, timeout=isinstance(e, TimeoutError))
             return _unavailable(
+                "UPSTREAM_UNREACHABLE",
                 f"instance {target.instance} of agent {self.agent!r} is unreachable "
-                f"({type(e).__name__})"
+                f"({type(e).__name__})",
+                agent=self.agent,
             )
         assert self._router is not None
         self._router.report(target, upstream.status)
@@ -231,7 +223,8 @@ class GrpcEntry(GrpcRelayServer):
         try:
             principal = await self.policy.external(first_value(incoming, AUTHORIZATION_KEY))
         except CallerRefused as e:
-            await abort_refused(context, e)
+            log_refusal("external gRPC", self.agent, e)
+            await abort_policy(context, e)
         metadata = end_to_end_metadata(incoming, CALLER_KEY, PRINCIPAL_KEY, AUTHORIZATION_KEY)
         metadata.append((PRINCIPAL_KEY, principal))
         headers = {k: v for k, v in metadata if isinstance(v, str)}
@@ -241,33 +234,31 @@ class GrpcEntry(GrpcRelayServer):
             return metadata, self._engine, None
         return metadata, self._pool.get(target), target
 
-    def _report(self, target: Target | None, code: grpc.StatusCode) -> None:
-        if target is not None and self._router is not None:
-            self._router.report(target, _GRPC_REPORTED.get(code, 400))
+    def _reporter(self, target: Target | None) -> Callable[[grpc.StatusCode], None]:
+        router = self._router
+        if target is None or router is None:
+            return _ignore
+        return lambda code: router.report(target, reported_status(code))
 
     def _unary_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             metadata, channel, target = await self._prepare(context)
-            try:
-                response = await relay_unary(channel, method, request, context, metadata)
-            except grpc.aio.AioRpcError as e:
-                self._report(target, e.code())
-                await abort_as(context, e)
-            self._report(target, grpc.StatusCode.OK)
-            return response
+            return await relay_unary(
+                channel, method, request, context, metadata, self._reporter(target)
+            )
 
         return handle
 
     def _stream_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             metadata, channel, target = await self._prepare(context)
-            outcome: list[grpc.StatusCode] = []
-            try:
-                async for message in relay_stream(
-                    channel, method, request, context, metadata, outcome
-                ):
-                    yield message
-            finally:
-                self._report(target, outcome[0] if outcome else grpc.StatusCode.CANCELLED)
+            async for message in relay_stream(
+                channel, method, request, context, metadata, self._reporter(target)
+            ):
+                yield message
 
         return handle
+
+
+def _ignore(code: grpc.StatusCode) -> None:
+    """No instance to report to (the engine beside)."""

@@ -20,7 +20,17 @@
   :class:`GrpcInstanceSource`, dialled with this agent's certificate (the partner's identity
   checked through ``grpc.ssl_target_name_override``), and the partner's spec ``headers``
   (resolved from Vault) are added as lower-case metadata. Outcomes are reported to the router
-  (``UNAVAILABLE`` counts as a gateway error). No retries; ``queryParams`` do not apply.
+  (``UNAVAILABLE`` counts as a gateway error); ``queryParams`` do not apply.
+  Retries follow the partner's retry policy as on HTTP (:class:`~sidecar.policy.Retries`),
+  where gRPC allows: a try whose connection to the instance cannot be established (nothing
+  was sent, unary or streaming) goes to another instance, within the attempts and the
+  retry budget; an ``UNAVAILABLE`` the instance answered is relayed as it is (the request
+  may have been acted on).
+
+Declared-or-not, credentials, caller authorization, retries and budgets are decided by
+:mod:`sidecar.policy`, the same as for the HTTP listeners; refusals are the
+:class:`~sidecar.errors.PolicyError` errors of the one table (:func:`abort_policy`: its gRPC
+status and ``google.rpc.Status`` with an ``ErrorInfo``).
 
 Every method of the A2A service (read from ``a2a.types.a2a_pb2``'s descriptor; unary-unary and
 unary-stream) is relayed without decoding (serializers ``None``). The upstream outcome reaches
@@ -45,12 +55,15 @@ from cryptography import x509
 
 from specmesh.callers import CALLER_KEY, PRINCIPAL_KEY
 from specmesh.names import resource_name
+from specmesh.spec.models import ConnectionPoolSpec
 
-from .callers import CallerPolicy, CallerRefused
-from .credentials import CredentialResolver, CredentialUnavailableError
+from .callers import CallerPolicy
+from .credentials import CredentialResolver
+from .errors import PolicyError
 from .inbound import PartnerGraph
 from .mtls import TRUST_DOMAIN, AgentCertificates, agent_dns_name
-from .router import InstanceLike, InstanceSource, NoInstanceError, Router, Target
+from .policy import EgressPolicy, Retries, admit_caller, log_refusal
+from .router import InstanceLike, InstanceSource, Router, Target
 from .state import SnapshotHolder
 
 __all__ = [
@@ -68,7 +81,7 @@ __all__ = [
     "Handler",
     "Metadata",
     "abort_as",
-    "abort_refused",
+    "abort_policy",
     "agent_from_pem",
     "bind_server",
     "end_to_end_metadata",
@@ -77,6 +90,7 @@ __all__ = [
     "relay_stream",
     "relay_unary",
     "relayed_trailers",
+    "reported_status",
     "split_address",
 ]
 
@@ -151,17 +165,10 @@ def first_value(metadata: Sequence[Any] | None, key: str) -> str | None:
     return None
 
 
-async def abort_refused(context: grpc.aio.ServicerContext, refused: CallerRefused) -> NoReturn:
-    """End the call with the refusal's status (``UNAUTHENTICATED`` / ``PERMISSION_DENIED``)
-    and its ``google.rpc.Status`` in ``grpc-status-details-bin``."""
-    logger.warning(
-        "refused a gRPC call to %s: %s",
-        refused.agent,
-        refused.message,
-        extra={"agent": refused.agent, "reason": refused.reason},
-    )
-    code = getattr(grpc.StatusCode, refused.reason)
-    await context.abort(code, refused.message, refused.grpc_trailers())
+async def abort_policy(context: grpc.aio.ServicerContext, error: PolicyError) -> NoReturn:
+    """End the call as the error table says: its gRPC status and message, and its
+    ``google.rpc.Status`` (with the ``ErrorInfo``) in ``grpc-status-details-bin``."""
+    await context.abort(error.grpc_code, error.message, error.grpc_trailers())
     raise AssertionError("ServicerContext.abort returned")  # unreachable: abort raises
 
 
@@ -208,21 +215,31 @@ def generic_handler(
     return grpc.method_handlers_generic_handler(A2A_SERVICE, handlers)
 
 
+def _no_report(code: grpc.StatusCode) -> None:
+    """Nothing to report the outcome to."""
+
+
 async def relay_unary(
     channel: grpc.aio.Channel,
     method: str,
     request: bytes,
     context: grpc.aio.ServicerContext,
     metadata: Metadata,
+    report: Callable[[grpc.StatusCode], None] = _no_report,
 ) -> bytes:
-    """One unary call upstream; its answer's trailing metadata is copied to ``context``. An
-    upstream error is raised as :class:`grpc.aio.AioRpcError` (end the call with
-    :func:`abort_as`)."""
+    """One unary call upstream; its answer's trailing metadata is copied to ``context``, its
+    outcome given to ``report``. An upstream error ends the call as it ended upstream."""
     call = channel.unary_unary(f"/{A2A_SERVICE}/{method}")(
         request, metadata=metadata, timeout=_timeout(context)
     )
-    response: bytes = await call
-    context.set_trailing_metadata(relayed_trailers(await call.trailing_metadata()))
+    try:
+        response: bytes = await call
+        trailers = await call.trailing_metadata()
+    except grpc.aio.AioRpcError as e:
+        report(e.code())
+        await abort_as(context, e)
+    report(grpc.StatusCode.OK)
+    context.set_trailing_metadata(relayed_trailers(trailers))
     return response
 
 
@@ -232,23 +249,26 @@ async def relay_stream(
     request: bytes,
     context: grpc.aio.ServicerContext,
     metadata: Metadata,
-    outcome: list[grpc.StatusCode],
+    report: Callable[[grpc.StatusCode], None] = _no_report,
 ) -> AsyncIterator[bytes]:
-    """One server-streaming call upstream, relayed message by message; the final status goes
-    into ``outcome``, and an error ends the call on ``context`` as it ended upstream."""
+    """One server-streaming call upstream, relayed message by message; its final status
+    (``CANCELLED`` when the caller left) given to ``report``, and an error ends the call on
+    ``context`` as it ended upstream."""
     call = channel.unary_stream(f"/{A2A_SERVICE}/{method}")(
         request, metadata=metadata, timeout=_timeout(context)
     )
+    outcome = grpc.StatusCode.CANCELLED
     try:
         async for message in call:
             yield message
         trailers = await call.trailing_metadata()
+        outcome = grpc.StatusCode.OK
     except grpc.aio.AioRpcError as e:
-        outcome.append(e.code())
+        outcome = e.code()
         await abort_as(context, e)
     finally:
         call.cancel()  # no-op once done; stops upstream when the caller went away
-    outcome.append(grpc.StatusCode.OK)
+        report(outcome)
     context.set_trailing_metadata(relayed_trailers(trailers))
 
 
@@ -390,47 +410,43 @@ class GrpcInbound(GrpcRelayServer):
             self._channel = None
 
     async def _authorize(self, context: grpc.aio.ServicerContext) -> Metadata:
-        """The metadata to send to the engine, or abort the call (the same rules as the
-        HTTP inbound, :class:`~sidecar.inbound.InboundServer`)."""
+        """The metadata to send to the engine, or abort the call
+        (:func:`~sidecar.policy.admit_caller`, as the HTTP inbound)."""
         incoming = context.invocation_metadata()
-        sent = first_value(incoming, PRINCIPAL_KEY)
-        metadata = end_to_end_metadata(incoming, CALLER_KEY, PRINCIPAL_KEY)
+        cert_agent = None
+        if self._certs is not None:
+            pems = context.auth_context().get("x509_pem_cert") or []
+            cert_agent = agent_from_pem(pems[0]) if pems else None
         try:
-            if self._certs is not None:
-                pems = context.auth_context().get("x509_pem_cert") or []
-                caller = agent_from_pem(pems[0]) if pems else None
-                if caller is None:
-                    raise self.policy.refused(
-                        "UNAUTHENTICATED", "the client certificate names no agent"
-                    )
-                if caller == self.agent and sent:
-                    metadata.append((PRINCIPAL_KEY, sent))  # an entry of this agent forwarding
-                else:
-                    self.policy.check_agent(caller)
-                metadata.append((CALLER_KEY, caller))
-            else:
-                caller = self.policy.mesh_caller(first_value(incoming, XFCC_KEY))
-                if caller is not None:
-                    self.policy.check_agent(caller)
-                    metadata.append((CALLER_KEY, caller))
-                authorization = first_value(incoming, AUTHORIZATION_KEY)
-                metadata = [(k, v) for k, v in metadata if k != AUTHORIZATION_KEY]
-                if authorization:
-                    metadata.append((PRINCIPAL_KEY, await self.policy.external(authorization)))
-                elif caller is None and self._require_identity:
-                    await self.policy.authenticate(None)  # neither an agent nor a token
-        except CallerRefused as e:
-            await abort_refused(context, e)
+            admitted = await admit_caller(
+                self.policy,
+                secure=self._certs is not None,
+                cert_agent=cert_agent,
+                sent_principal=first_value(incoming, PRINCIPAL_KEY),
+                xfcc=first_value(incoming, XFCC_KEY),
+                authorization=first_value(incoming, AUTHORIZATION_KEY),
+                require_identity=self._require_identity,
+            )
+        except PolicyError as e:
+            log_refusal("inbound gRPC", self.agent, e)
+            await abort_policy(context, e)
+        drop = (
+            (CALLER_KEY, PRINCIPAL_KEY)
+            if self._certs
+            else (CALLER_KEY, PRINCIPAL_KEY, AUTHORIZATION_KEY)
+        )
+        metadata = end_to_end_metadata(incoming, *drop)
+        if admitted.principal is not None:
+            metadata.append((PRINCIPAL_KEY, admitted.principal))
+        if admitted.caller is not None:
+            metadata.append((CALLER_KEY, admitted.caller))
         return metadata
 
     def _unary_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             metadata = await self._authorize(context)
             assert self._channel is not None
-            try:
-                return await relay_unary(self._channel, method, request, context, metadata)
-            except grpc.aio.AioRpcError as e:
-                await abort_as(context, e)
+            return await relay_unary(self._channel, method, request, context, metadata)
 
         return handle
 
@@ -438,9 +454,7 @@ class GrpcInbound(GrpcRelayServer):
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             metadata = await self._authorize(context)
             assert self._channel is not None
-            async for message in relay_stream(
-                self._channel, method, request, context, metadata, []
-            ):
+            async for message in relay_stream(self._channel, method, request, context, metadata):
                 yield message
 
         return handle
@@ -476,13 +490,22 @@ class GrpcInstanceSource:
         return out
 
 
-_REPORTED_STATUS = {
+_REPORTED_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.OK: 200,
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
     grpc.StatusCode.INTERNAL: 500,
     grpc.StatusCode.UNKNOWN: 500,
 }
+
+
+_DEFAULT_POOL = ConnectionPoolSpec()
+
+
+def reported_status(code: grpc.StatusCode) -> int:
+    """The HTTP status a gRPC outcome counts as for outlier detection (``UNAVAILABLE``:
+    503, a gateway error; an application error: 400, no failure of the instance)."""
+    return _REPORTED_STATUS.get(code, 400)
 
 
 def _grpc_target(url: str) -> str:
@@ -543,8 +566,31 @@ class ChannelPool:
                 await task
 
 
+async def _connected(channel: grpc.aio.Channel, timeout: float) -> bool:
+    """Whether ``channel`` is (or gets) connected: ``False`` once a connection attempt
+    failed (``TRANSIENT_FAILURE``) or none succeeded within ``timeout`` -- the one gRPC
+    failure known to come before anything was sent. One state read when already connected."""
+    state = channel.get_state(try_to_connect=True)
+    if state is grpc.ChannelConnectivity.READY:
+        return True
+    try:
+        async with asyncio.timeout(timeout):
+            while state is not grpc.ChannelConnectivity.READY:
+                if state in (
+                    grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                    grpc.ChannelConnectivity.SHUTDOWN,
+                ):
+                    return False
+                await channel.wait_for_state_change(state)
+                state = channel.get_state(try_to_connect=True)
+    except TimeoutError:
+        return False
+    return True
+
+
 class GrpcEgress(GrpcRelayServer):
-    """The engine's A2A gRPC way out (loopback, plaintext)."""
+    """The engine's A2A gRPC way out (loopback, plaintext): an adapter over
+    :class:`~sidecar.policy.EgressPolicy` and :class:`~sidecar.policy.Retries`."""
 
     def __init__(
         self,
@@ -555,98 +601,101 @@ class GrpcEgress(GrpcRelayServer):
         certificates: AgentCertificates | None,
         address: str = "127.0.0.1:0",
         channel_grace: float = 30.0,
+        connect_timeout: float = 5.0,
+        on_retry: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(address=address)
         self._snapshots = snapshots
-        self._credentials = credentials
+        self.policy = EgressPolicy(credentials=credentials)
         self._router = router
         self._certs = certificates
         self._channels = ChannelPool(certificates=certificates, grace=channel_grace)
+        self.connect_timeout = connect_timeout
+        self._on_retry = on_retry
 
     async def _close(self) -> None:
         await self._channels.close()
 
-    async def _prepare(
-        self, context: grpc.aio.ServicerContext
-    ) -> tuple[str, Metadata, dict[str, str]]:
-        """(target agent, metadata to send, metadata as a dict for header matches), or abort."""
+    async def _prepare(self, context: grpc.aio.ServicerContext) -> tuple[str, Metadata, Retries]:
+        """(target agent, metadata to send, its retries); raises :class:`PolicyError`."""
         incoming = end_to_end_metadata(context.invocation_metadata())
-        by_key = {k: v for k, v in incoming if isinstance(v, str)}
-        wanted = by_key.get(TARGET_KEY, "")
         snapshot = self._snapshots.current
         if snapshot is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the sidecar has no spec yet")
-        assert snapshot is not None
+            raise PolicyError("NO_SNAPSHOT", "the sidecar has no spec yet")
+        wanted = first_value(incoming, TARGET_KEY) or ""
         if not wanted:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"metadata {TARGET_KEY!r} names no agent"
+            raise PolicyError(
+                "INVALID_TARGET", f"metadata {TARGET_KEY!r} names no agent", target=""
             )
-        partner = next(
-            (
-                p
-                for p in snapshot.spec.partner_agents
-                if resource_name(p.agent_name) == resource_name(wanted)
-            ),
-            None,
-        )
-        if partner is None:
-            logger.warning(
-                "refused a gRPC call to partner agent %r: agent %s's spec does not name it",
-                wanted,
-                snapshot.agent_name,
-                extra={"refused": "partner agent", "target": wanted},
-            )
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"partner agent {wanted!r} is not declared in agent {snapshot.agent_name!r}'s spec",
-            )
-        assert partner is not None
+        agent, partner = self.policy.partner(snapshot, wanted)
         metadata = [(k, v) for k, v in incoming if k != TARGET_KEY]
-        try:
-            for name, value in partner.headers.items():
-                metadata.append((name.lower(), await self._credentials.resolve(value)))
-        except CredentialUnavailableError as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        return resource_name(partner.agent_name), metadata, by_key
+        for name, value in await self.policy.secrets(partner.headers):
+            metadata.append((name.lower(), value))
+        release = self._router.release(agent)
+        self.policy.enter(agent, release.connection_pool if release else _DEFAULT_POOL)
+        return agent, metadata, Retries(self._router, agent, on_retry=self._on_retry)
 
-    async def _pick(self, agent: str, headers: dict[str, str], context: Any) -> Target:
-        try:
-            self._router.record_request(agent)
-            return self._router.pick(agent, headers)
-        except NoInstanceError as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-            raise  # unreachable: abort raises
+    async def _connect(
+        self, agent: str, retries: Retries, context: grpc.aio.ServicerContext
+    ) -> tuple[Target, grpc.aio.Channel]:
+        """An instance picked for the call and a connected channel to it: a try that cannot
+        connect is retried on another instance as the retry policy allows, else
+        ``UPSTREAM_UNREACHABLE`` (as the HTTP egress answers)."""
+        headers = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        while True:
+            target = retries.pick(headers)
+            channel = self._channels.get(target)
+            if await _connected(channel, self.connect_timeout):
+                return target, channel
+            if not retries.failed(target, "connect"):
+                raise PolicyError(
+                    "UPSTREAM_UNREACHABLE",
+                    f"instance {target.instance} of agent {agent!r} is unreachable "
+                    f"(gRPC {_grpc_target(target.url)}: no connection)",
+                    agent=agent,
+                )
 
-    def _report(self, target: Target, code: grpc.StatusCode) -> None:
-        self._router.report(target, _REPORTED_STATUS.get(code, 400))
+    def _reporter(self, target: Target) -> Callable[[grpc.StatusCode], None]:
+        router = self._router
+        return lambda code: router.report(target, reported_status(code))
+
+    async def _begin(
+        self, context: grpc.aio.ServicerContext
+    ) -> tuple[str, Metadata, Target, grpc.aio.Channel]:
+        """(agent, metadata, target, connected channel) of one call, counted in flight (the
+        caller calls ``policy.leave(agent)``); or abort it with its policy error."""
+        try:
+            agent, metadata, retries = await self._prepare(context)
+        except PolicyError as e:
+            await abort_policy(context, e)
+        try:
+            target, channel = await self._connect(agent, retries, context)
+        except PolicyError as e:
+            self.policy.leave(agent)
+            await abort_policy(context, e)
+        return agent, metadata, target, channel
 
     def _unary_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            agent, metadata, headers = await self._prepare(context)
-            target = await self._pick(agent, headers, context)
+            agent, metadata, target, channel = await self._begin(context)
             try:
-                response = await relay_unary(
-                    self._channels.get(target), method, request, context, metadata
+                return await relay_unary(
+                    channel, method, request, context, metadata, self._reporter(target)
                 )
-            except grpc.aio.AioRpcError as e:
-                self._report(target, e.code())
-                await abort_as(context, e)
-            self._report(target, grpc.StatusCode.OK)
-            return response
+            finally:
+                self.policy.leave(agent)
 
         return handle
 
     def _stream_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-            agent, metadata, headers = await self._prepare(context)
-            target = await self._pick(agent, headers, context)
-            outcome: list[grpc.StatusCode] = []
+            agent, metadata, target, channel = await self._begin(context)
             try:
                 async for message in relay_stream(
-                    self._channels.get(target), method, request, context, metadata, outcome
+                    channel, method, request, context, metadata, self._reporter(target)
                 ):
                     yield message
             finally:
-                self._report(target, outcome[0] if outcome else grpc.StatusCode.CANCELLED)
+                self.policy.leave(agent)
 
         return handle

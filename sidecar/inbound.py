@@ -37,7 +37,9 @@ from specmesh.store import SpecStore
 from specmesh.watch import PrefixWatcher
 
 from .callers import CARD_PATH, CallerPolicy, CallerRefused
+from .errors import PolicyError
 from .mtls import AgentCertificates, agent_from_cert
+from .policy import admit_caller, log_refusal
 from .relay import RelayListener, active_tracer, end_to_end_headers, relay, traced
 
 __all__ = [
@@ -166,46 +168,29 @@ class InboundServer(RelayListener):
         sent_principal = headers.get(PRINCIPAL_HEADER)
         headers.popall(CALLER_HEADER, None)
         headers.popall(PRINCIPAL_HEADER, None)
+        if self._certs is None:
+            headers.popall("Authorization", None)  # never forwarded in plaintext mode
         try:
-            if self._certs is not None:
-                caller = self._caller(request)
-                if caller is None:
-                    logger.warning("refused an inbound call: the certificate names no agent")
-                    raise self.policy.refused(
-                        "UNAUTHENTICATED", "the client certificate names no agent"
-                    )
-                if caller == self.agent and sent_principal:
-                    # an entry of another instance of this agent, forwarding a caller it
-                    # authenticated and authorised
-                    headers[PRINCIPAL_HEADER] = sent_principal
-                else:
-                    self.policy.check_agent(caller)
-                headers[CALLER_HEADER] = caller
-                span.set_attribute("specmesh.caller", caller)
-            else:
-                caller = self.policy.mesh_caller(request.headers.get(XFCC_HEADER))
-                if caller is not None:
-                    self.policy.check_agent(caller)
-                    headers[CALLER_HEADER] = caller
-                    span.set_attribute("specmesh.caller", caller)
-                authorization = headers.popall("Authorization", None)
-                if authorization:
-                    principal = await self.policy.external(authorization[0])
-                    headers[PRINCIPAL_HEADER] = principal
-                    span.set_attribute("specmesh.principal", principal)
-                elif caller is None and self._require_identity and not _is_card(request):
-                    # Istio admitted the connection, but nothing names the caller: a pod
-                    # that reached this port around the mesh's policy (ambient mode's
-                    # waypoint), or a workload that is no agent, without a token
-                    await self.policy.authenticate(None)
-        except CallerRefused as e:
-            logger.warning(
-                "refused an inbound call to %s: %s",
-                self.agent,
-                e.message,
-                extra={"agent": self.agent, "reason": e.reason},
+            admitted = await admit_caller(
+                self.policy,
+                secure=self._certs is not None,
+                cert_agent=self._caller(request) if self._certs is not None else None,
+                sent_principal=sent_principal,
+                xfcc=request.headers.get(XFCC_HEADER),
+                authorization=request.headers.get("Authorization"),
+                require_identity=self._require_identity,
+                card=_is_card(request),
             )
+        except CallerRefused as e:
+            log_refusal("inbound", self.agent, e)
             return e.http_response()
+        if admitted.caller is not None:
+            headers[CALLER_HEADER] = admitted.caller
+            span.set_attribute("specmesh.caller", admitted.caller)
+        if admitted.principal is not None:
+            headers[PRINCIPAL_HEADER] = admitted.principal
+            if self._certs is None:
+                span.set_attribute("specmesh.principal", admitted.principal)
         propagate.inject(headers)  # the engine continues from this span
         assert self._session is not None
         body = await request.read() if request.body_exists else None
@@ -221,10 +206,9 @@ class InboundServer(RelayListener):
                 ),
             )
         except (aiohttp.ClientError, TimeoutError) as e:
-            return web.json_response(
-                {"error": {"code": "engine_unreachable", "message": f"engine: {type(e).__name__}"}},
-                status=502,
-            )
+            return PolicyError(
+                "ENGINE_UNREACHABLE", f"the engine is unreachable ({type(e).__name__})"
+            ).http_response()
         return await relay(request, upstream, downstream="caller")
 
 

@@ -107,7 +107,9 @@ class Sidecar:
         assert settings.etcd_endpoint is not None
         self._own_etcd = etcd is None
         self.etcd = etcd or EtcdClient.from_endpoint(
-            settings.etcd_endpoint, timeout=settings.etcd_timeout
+            settings.etcd_endpoint,
+            timeout=settings.etcd_timeout,
+            watch_timeout=settings.etcd_watch_timeout,
         )
         self.metrics = SidecarMetrics()
         self.holder = SnapshotHolder()

@@ -110,6 +110,12 @@ class SidecarSettings(BaseSettings):
     """Prefix of every specmesh key in etcd."""
     etcd_timeout: float = Field(default=5.0, gt=0, le=60)
     """Timeout of one etcd request, in seconds."""
+    etcd_watch_timeout: float = Field(default=15.0, gt=0, le=3600)
+    """Read deadline of an etcd watch, in seconds: a watch that gets no message for this
+    long (etcd sends a progress notification every
+    ``--experimental-watch-progress-notify-interval`` when nothing changes; the local
+    fleet's etcd: 5 s) is half-open, and reconnects from its last revision. Keep it above
+    2.2 intervals (``SPECMESH_ETCD_WATCH_TIMEOUT``)."""
     registry_ttl: int = Field(default=10, ge=2, le=300)
     """Lease TTL of this instance's registry entry, in seconds (keep-alive every TTL/3)."""
 

@@ -124,19 +124,24 @@ class _Watch:
 
 
 class _WatchCollector(Collector):
-    """Reconnects and resets of the sync's etcd watches, read at scrape time."""
+    """Reconnects, stalls and resets of the sync's etcd watches, read at scrape time."""
 
     def __init__(self, sync: SpecSync) -> None:
         self._sync = sync
 
     def collect(self) -> Iterator[Metric]:
-        reconnects, resets = self._sync.watch_counters()
+        reconnects, resets, stalls = self._sync.watch_counters()
         c = CounterMetricFamily(
             "specmesh_sidecar_etcd_watch_reconnects",
             "Times an etcd watch stream broke and was resumed",
             value=reconnects,
         )
         yield c
+        yield CounterMetricFamily(
+            "specmesh_sidecar_etcd_watch_stalls",
+            "Times an etcd watch heard nothing within its read deadline (half-open, etcd frozen)",
+            value=stalls,
+        )
         yield CounterMetricFamily(
             "specmesh_sidecar_etcd_watch_resets",
             "Full re-reads of a watched prefix (start, compaction)",
@@ -177,7 +182,7 @@ class SpecSync:
         self._queue: asyncio.Queue[tuple[_Watch, WatchUpdate]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._resolved_once = asyncio.Event()
-        self._closed_counts = (0, 0)
+        self._closed_counts = (0, 0, 0)
         self.not_found = False
         """True while etcd answered and the agent does not exist."""
         self.last_error: InvalidSnapshotError | None = None
@@ -202,13 +207,14 @@ class SpecSync:
         """The prefixes watched now."""
         return sorted(self._watches)
 
-    def watch_counters(self) -> tuple[int, int]:
-        """``(reconnects, resets)`` of every watch this sync ran."""
-        reconnects, resets = self._closed_counts
+    def watch_counters(self) -> tuple[int, int, int]:
+        """``(reconnects, resets, stalls)`` of every watch this sync ran."""
+        reconnects, resets, stalls = self._closed_counts
         for w in self._watches.values():
             reconnects += w.watcher.reconnects
             resets += w.watcher.resets
-        return reconnects, resets
+            stalls += w.watcher.stalls
+        return reconnects, resets, stalls
 
     def status(self) -> str:
         """Why there is (or is not) a snapshot, for readiness and logs."""
@@ -261,8 +267,12 @@ class SpecSync:
 
     def _stop_watch(self, w: _Watch) -> None:
         self._watches.pop(w.prefix, None)
-        r, s = self._closed_counts
-        self._closed_counts = (r + w.watcher.reconnects, s + w.watcher.resets)
+        r, s, t = self._closed_counts
+        self._closed_counts = (
+            r + w.watcher.reconnects,
+            s + w.watcher.resets,
+            t + w.watcher.stalls,
+        )
         w.watcher.close()
         if w.task is not None:
             w.task.cancel()

@@ -11,6 +11,7 @@ code, an HTTP status or a gRPC status in one table::
     +-- NameCollisionError         two logical names map to the same resource name
     +-- StoreError                 etcd could not do what was asked
     |   +-- StoreUnavailableError  etcd cannot be reached (connection refused, timeout)
+    |   |   +-- WatchStalledError  a watch got no message within its read deadline
     |   +-- ConflictError          the expected revision is stale (``expected``, ``actual``)
     |   +-- NotFoundError          no such agent / revision / prompt (``kind``, ``name``)
     |   +-- CompactedError         a watch asked for a revision etcd already compacted
@@ -21,8 +22,9 @@ code, an HTTP status or a gRPC status in one table::
     |   +-- SecretReferenceError   a ``vault://`` reference is malformed
     +-- ServiceError               a local service (etcd, OpenBao) failed to install or start
 
-Errors of the libraries underneath (etcd3gw, hvac, requests) are translated into
-these at one boundary (``specmesh.etcd``, ``specmesh.vault``) with ``raise ... from e``.
+Errors of the libraries underneath (aiohttp for etcd, hvac and requests for Vault) are
+translated into these at one boundary (``specmesh.etcd``, ``specmesh.vault``) with
+``raise ... from e``.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ __all__ = [
     "SpecmeshError",
     "StoreError",
     "StoreUnavailableError",
+    "WatchStalledError",
 ]
 
 
@@ -136,6 +139,19 @@ class StoreUnavailableError(StoreError):
         self.endpoint = endpoint
         self.reason = reason
         super().__init__(f"etcd at {endpoint} is unavailable: {reason}")
+
+
+class WatchStalledError(StoreUnavailableError):
+    """A watch got no message, not even a progress notification, within its read deadline:
+    the connection is half-open or etcd is frozen."""
+
+    def __init__(self, *, endpoint: str, key: str, timeout: float) -> None:
+        self.key = key
+        self.timeout = timeout
+        super().__init__(
+            endpoint=endpoint,
+            reason=f"the watch on {key} got no message for {timeout:g} s (its read deadline)",
+        )
 
 
 class ConflictError(StoreError):

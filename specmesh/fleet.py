@@ -227,7 +227,7 @@ class Fleet:
                     "model-server",
                     [
                         "-m",
-                        "specmesh.cli",
+                        "specmeshctl",
                         "model-server",
                         "--port",
                         str(port),
@@ -262,7 +262,7 @@ class Fleet:
                 "mcp-time",
                 [
                     "-m",
-                    "specmesh.cli",
+                    "specmeshctl",
                     "mcp-bridge",
                     "--port",
                     str(port),
@@ -311,7 +311,7 @@ class Fleet:
                 cp_env["SPECMESH_ISTIO_CRDS"] = str(self.options.istio_crds)
             p = self._spawn(
                 "control-plane",
-                ["-m", "specmesh.cli", "control-plane", "--listen", f"127.0.0.1:{cp_port}"],
+                ["-m", "specmeshctl", "control-plane", "--listen", f"127.0.0.1:{cp_port}"],
                 env=cp_env,
                 role="control-plane",
             )
@@ -560,7 +560,7 @@ class Fleet:
         with contextlib.suppress(FileNotFoundError):
             socket_path(self.home).unlink()  # a dead supervisor's: wait for the new one's
         proc = self._spawn(
-            "supervisor", ["-m", "specmesh.cli", "supervisor"], env=env, role="supervisor"
+            "supervisor", ["-m", "specmeshctl", "supervisor"], env=env, role="supervisor"
         )
         self._wait(proc, lambda: socket_path(self.home).exists(), "supervisor")
         return proc

@@ -284,12 +284,17 @@ def _terminate(proc: subprocess.Popen[bytes] | None, pid: int | None = None) -> 
 
 @dataclass
 class EtcdProcess:
-    """One etcd member with its data under ``data_dir``; restartable on the same ports."""
+    """One etcd member with its data under ``data_dir``; restartable on the same ports.
+
+    ``progress_notify_interval`` is how often etcd tells a quiet watch that nothing
+    changed (etcd's default: 10 minutes); the watches' read deadline
+    (``SPECMESH_ETCD_WATCH_TIMEOUT``, 15 s) is three of these intervals."""
 
     data_dir: Path
     client_port: int
     peer_port: int
     host: str = "127.0.0.1"
+    progress_notify_interval: str = "5s"
     _proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -321,6 +326,8 @@ class EtcdProcess:
             peer,
             "--initial-cluster",
             f"specmesh={peer}",
+            "--experimental-watch-progress-notify-interval",
+            self.progress_notify_interval,
             "--log-level",
             "warn",
             "--logger",

@@ -2,45 +2,29 @@
 
 :class:`PrefixWatcher` first reads everything under the prefix (a *reset* update
 holding the snapshot and its store revision), then streams changes from the next
-revision. When the stream breaks (etcd stopped, connection lost) it reconnects with
-backoff from the last revision it delivered, so changes made meanwhile arrive once,
-none twice. When etcd answers that the revision is compacted, it reads everything
-again and delivers another reset.
+revision. When the stream breaks (etcd stopped, connection lost) or stalls (no message,
+not even a progress notification, within its read deadline: a half-open connection or a
+frozen etcd), it reconnects with backoff from the last revision it delivered + 1, so
+changes made meanwhile arrive once, none twice. When etcd answers that the revision is
+compacted, it reads everything again and delivers another reset.
 
-The gateway's watch stream is read by a thread per watcher (``requests`` is
-blocking); updates reach the event loop through a queue.
+Each stream is read by an asyncio task (:meth:`specmesh.etcd.EtcdClient.watch`) that
+queues its messages; :meth:`PrefixWatcher.close` cancels it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
-import json
 import logging
-import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
 
-import requests
-
-from specmesh.errors import CompactedError, StoreUnavailableError
-from specmesh.etcd import KV, EtcdClient, prefix_end
+from specmesh.errors import CompactedError, StoreError, StoreUnavailableError, WatchStalledError
+from specmesh.etcd import KV, EtcdClient, WatchEvent, WatchResponse
 
 __all__ = ["PrefixWatcher", "WatchEvent", "WatchUpdate"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WatchEvent:
-    """One change of one key."""
-
-    type: Literal["put", "delete"]
-    key: str
-    value: bytes
-    mod_revision: int
 
 
 @dataclass(frozen=True)
@@ -61,65 +45,41 @@ _END = object()
 
 
 class _Stream:
-    """One gateway watch stream, read on a thread, consumed from the event loop."""
+    """One watch stream, read by a task, consumed through a queue."""
 
-    def __init__(self, etcd: EtcdClient, prefix: str, start_revision: int) -> None:
-        self._url = etcd.raw.get_url("/watch")
-        self._payload: dict[str, Any] = {
-            "create_request": {
-                "key": base64.b64encode(prefix.encode()).decode(),
-                "range_end": base64.b64encode(prefix_end(prefix)).decode(),
-                "start_revision": str(start_revision),
-                "progress_notify": True,
-            }
-        }
-        self._timeout = etcd.timeout
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._loop = asyncio.get_running_loop()
-        self._session = requests.Session()
-        self._response: requests.Response | None = None
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._read, name="etcd-watch", daemon=True)
-        self._thread.start()
+    def __init__(
+        self, etcd: EtcdClient, prefix: str, start_revision: int, read_timeout: float | None
+    ) -> None:
+        self.queue: asyncio.Queue[WatchResponse | Exception | object] = asyncio.Queue()
+        self._task = asyncio.create_task(
+            self._read(etcd, prefix, start_revision, read_timeout), name=f"etcd watch {prefix}"
+        )
 
-    def _emit(self, item: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # loop closed
-            self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-    def _read(self) -> None:
+    async def _read(
+        self, etcd: EtcdClient, prefix: str, start_revision: int, read_timeout: float | None
+    ) -> None:
         try:
-            self._response = self._session.post(
-                self._url, json=self._payload, stream=True, timeout=(self._timeout, None)
-            )
-            if self._response.status_code != 200:
-                raise StoreUnavailableError(
-                    endpoint=self._url, reason=f"watch answered HTTP {self._response.status_code}"
-                )
-            # chunk_size=None: yield each gateway message as it arrives (not per 512 bytes)
-            for line in self._response.iter_lines(chunk_size=None):  # type: ignore[call-overload]
-                if self._closed.is_set():
-                    break
-                if line.strip():
-                    self._emit(json.loads(line))
-        except Exception as e:
-            if not self._closed.is_set():
-                self._emit(e)
+            async for response in etcd.watch(
+                prefix, prefix=True, start_revision=start_revision, read_timeout=read_timeout
+            ):
+                self.queue.put_nowait(response)
+        except Exception as e:  # handed to the consumer, which decides
+            self.queue.put_nowait(e)
         finally:
-            self._emit(_END)
+            self.queue.put_nowait(_END)
 
     def close(self) -> None:
-        self._closed.set()
-        response = self._response
-        if response is not None:
-            with contextlib.suppress(Exception):
-                response.raw._fp.fp.raw._sock.shutdown(2)  # unblock the reading thread
-            with contextlib.suppress(Exception):
-                response.close()
-        self._session.close()
+        self._task.cancel()
 
 
 class PrefixWatcher:
-    """Deliver every change under ``prefix``, surviving etcd restarts and compaction."""
+    """Deliver every change under ``prefix``, surviving etcd restarts, stalls and compaction.
+
+    ``read_timeout`` is the stream's read deadline (default: the client's
+    ``watch_timeout``); ``sleep`` waits out a backoff delay (tests pass one that waits on
+    an event). ``reconnects``, ``stalls`` (deadlines expired), ``resets`` and
+    ``progress_notifications`` count what happened, for metrics and tests.
+    """
 
     def __init__(
         self,
@@ -129,14 +89,20 @@ class PrefixWatcher:
         start_revision: int | None = None,
         retry_initial: float = 0.05,
         retry_max: float = 2.0,
+        read_timeout: float | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.etcd = etcd
         self.prefix = prefix
         self.last_revision: int | None = None if start_revision is None else start_revision - 1
         self.retry_initial = retry_initial
         self.retry_max = retry_max
+        self.read_timeout = read_timeout
+        self._sleep = sleep
         self.reconnects = 0
+        self.stalls = 0
         self.resets = 0
+        self.progress_notifications = 0
         self._stream: _Stream | None = None
         self._closed = False
 
@@ -152,7 +118,7 @@ class PrefixWatcher:
                 result = await self.etcd.range(self.prefix, prefix=True)
             except StoreUnavailableError as e:
                 logger.warning("etcd unavailable while reading %s: %s", self.prefix, e.reason)
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
                 delay = min(delay * 2, self.retry_max)
                 continue
             self.last_revision = result.revision
@@ -167,63 +133,63 @@ class PrefixWatcher:
             delay = self.retry_initial
             while not self._closed:
                 assert self.last_revision is not None
-                self._stream = _Stream(self.etcd, self.prefix, self.last_revision + 1)
+                self._stream = _Stream(
+                    self.etcd, self.prefix, self.last_revision + 1, self.read_timeout
+                )
                 try:
                     async for update in self._consume(self._stream):
                         delay = self.retry_initial
-                        yield update
+                        if update is not None:
+                            yield update
                 except CompactedError as e:
                     logger.info("watch on %s compacted (%s); reading everything", self.prefix, e)
                     self._stream.close()
                     yield await self._reread()
                     continue
+                except WatchStalledError as e:
+                    self.stalls += 1
+                    logger.warning(
+                        "watch on %s stalled: %s; reconnecting from revision %d",
+                        self.prefix,
+                        e.reason,
+                        self.last_revision + 1,
+                    )
+                except StoreError as e:
+                    logger.warning(
+                        "watch on %s broke: %s; reconnecting from revision %d",
+                        self.prefix,
+                        e,
+                        self.last_revision + 1,
+                    )
                 finally:
                     self._stream.close()
                 if self._closed:
                     return
                 self.reconnects += 1
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
                 delay = min(delay * 2, self.retry_max)
         finally:
             self.close()
 
-    async def _consume(self, stream: _Stream) -> AsyncIterator[WatchUpdate]:
+    async def _consume(self, stream: _Stream) -> AsyncIterator[WatchUpdate | None]:
+        """The stream's updates; ``None`` for a progress notification (the stream lives).
+        Returns when the stream ends; raises what broke it."""
         while True:
             item = await stream.queue.get()
             if item is _END:
                 return
             if isinstance(item, Exception):
-                logger.warning("watch on %s broke: %s; resuming", self.prefix, item)
-                return
-            if "error" in item:
-                logger.warning("watch on %s: etcd error %s; resuming", self.prefix, item["error"])
-                return
-            result = item.get("result", {})
-            compact = int(result.get("compact_revision", 0) or 0)
-            if compact:
-                assert self.last_revision is not None
-                raise CompactedError(requested=self.last_revision + 1, compact_revision=compact)
-            if result.get("canceled"):
-                return
-            assert self.last_revision is not None
-            events = tuple(
-                e
-                for e in (_event(raw) for raw in result.get("events", []))
-                if e.mod_revision > self.last_revision
-            )
-            header_rev = int(result.get("header", {}).get("revision", 0) or 0)
+                raise item
+            assert isinstance(item, WatchResponse) and self.last_revision is not None
+            if item.created:
+                continue
+            if item.progress:
+                self.progress_notifications += 1
+                # every change up to item.revision has been sent: nothing missed
+                self.last_revision = max(self.last_revision, item.revision)
+                yield None
+                continue
+            events = tuple(e for e in item.events if e.mod_revision > self.last_revision)
             if events:
                 self.last_revision = max(e.mod_revision for e in events)
                 yield WatchUpdate(revision=self.last_revision, events=events)
-            elif not result.get("created") and header_rev > self.last_revision:
-                self.last_revision = header_rev  # progress notification: nothing missed
-
-
-def _event(raw: dict[str, Any]) -> WatchEvent:
-    kv = raw["kv"]
-    return WatchEvent(
-        type="delete" if raw.get("type") == "DELETE" else "put",
-        key=base64.b64decode(kv["key"]).decode(),
-        value=base64.b64decode(kv.get("value", "")),
-        mod_revision=int(kv.get("mod_revision", 0)),
-    )

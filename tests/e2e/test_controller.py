@@ -30,10 +30,10 @@ from typing import Any
 import pytest
 import requests
 
-from specmesh.a2aclient import invoke
-from specmesh.cli import main as cli
 from specmesh.fleet import REPO, Fleet, FleetOptions
 from specmesh.procs import alive
+from specmeshctl.a2aclient import invoke
+from specmeshctl.main import main as cli
 
 from .test_fleet import _api, _invoke_token
 

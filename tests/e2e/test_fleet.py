@@ -38,9 +38,9 @@ from a2a.types.a2a_pb2 import (
 from a2a.utils.constants import TransportProtocol
 from a2a.utils.errors import TaskNotFoundError
 
-from specmesh.a2aclient import InvokeResult, invoke
-from specmesh.cli import main as cli
 from specmesh.fleet import Fleet, FleetOptions
+from specmeshctl.a2aclient import InvokeResult, invoke
+from specmeshctl.main import main as cli
 
 from ..integration.test_sidecar_grpc import _TargetStream, _TargetUnary
 from .external_client import TEST_ISSUER, TestIssuer, card_from, client_for, user_message

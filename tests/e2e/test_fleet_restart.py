@@ -12,8 +12,8 @@ from typing import Any
 import hvac
 import pytest
 
-from specmesh.cli import main as cli
 from specmesh.fleet import Fleet, FleetOptions
+from specmeshctl.main import main as cli
 
 from .test_fleet import _api, _ask
 

@@ -27,8 +27,8 @@ import pytest
 import requests
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from specmesh.a2aclient import card_from_json, invoke
 from specmesh.fleet import Fleet, FleetOptions
+from specmeshctl.a2aclient import card_from_json, invoke
 
 from ..conftest import REPO
 from .test_fleet import _invoke_token

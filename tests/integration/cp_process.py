@@ -50,6 +50,7 @@ class ControlPlaneProcess:
         }
         self._procs: list[subprocess.Popen[bytes]] = []
         self.url = ""
+        self.grpc = ""
 
     @property
     def log(self) -> Path:
@@ -58,11 +59,11 @@ class ControlPlaneProcess:
     def start(self) -> str:
         """Start a process (a new one after a kill) and wait until it answers; its URL."""
         port = free_port()
-        self.env["SPECMESH_GRPC_LISTEN"] = f"127.0.0.1:{free_port()}"
+        self.grpc = self.env["SPECMESH_GRPC_LISTEN"] = f"127.0.0.1:{free_port()}"
         with (self.folder / f"cp-{len(self._procs) + 1}.log").open("wb") as log:
             self._procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "specmesh.cli", "control-plane", "--listen",
+                    [sys.executable, "-m", "specmeshctl", "control-plane", "--listen",
                      f"127.0.0.1:{port}"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
                 )
             )  # fmt: skip

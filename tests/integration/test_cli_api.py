@@ -1,7 +1,7 @@
-"""The ``specmesh`` command through the control plane's REST API: a real control-plane
-process on real etcd and OpenBao, the CLI driven in-process with SPECMESH_SERVER and
-SPECMESH_TOKEN. The error-mapping table of :mod:`specmesh.apiclient` is checked at the
-HTTP boundary with httpx's mock transport."""
+"""The ``specmesh`` command through the control plane's gRPC API: a real control-plane
+process on real etcd and OpenBao, the CLI driven in-process with SPECMESH_SERVER (the gRPC
+address) and SPECMESH_TOKEN. The error table of :mod:`specmeshctl.client` is checked in
+tests/unit/test_cli_client.py."""
 
 from __future__ import annotations
 
@@ -12,23 +12,24 @@ import os
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import requests
 import yaml
 
 from control_plane.auth import Role
-from specmesh import apiclient
-from specmesh.cli import main
-from specmesh.errors import ConflictError, NameCollisionError, NotFoundError, SpecError
 from specmesh.etcd import EtcdClient
 from specmesh.names import resource_name
+from specmesh.protojson import to_struct
 from specmesh.services import LocalServices, free_port
-from specmesh.settings import Settings
+from specmesh.v1 import control_plane_pb2 as pb
+from specmeshctl.client import ControlPlaneClient
+from specmeshctl.main import main
+from specmeshctl.settings import Settings
 
 from ..conftest import REPO
 from .cp_process import ControlPlaneProcess
@@ -49,6 +50,7 @@ PLAINTEXT_IN_EXAMPLES = [
 @dataclass(frozen=True)
 class ControlPlane:
     url: str
+    grpc: str
     prefix: str
     admin: str
     operator: str
@@ -78,14 +80,23 @@ def control_plane(
     url, prefix = process.start(), process.prefix
     prompt = {"apiVersion": "specmesh.io/v1", "kind": "Prompt", "metadata": {"name": "p"},
               "spec": {"version": "1.0.0", "template": "You help."}}  # fmt: skip
-    r = requests.post(f"{url}/api/v1/apply", json={"manifest": prompt},
-                      headers={"Authorization": f"Bearer {admin}"}, timeout=30)  # fmt: skip
-    assert r.status_code == 200, r.text  # the prompt the test agents name
-    r = requests.put(f"{url}/api/v1/agents/mse-nacos-helper/grants",
-                     json={"secret": "vault://secret/specmesh/shared/fleet-redis"},
-                     headers={"Authorization": f"Bearer {secrets_admin}"}, timeout=30)  # fmt: skip
-    assert r.status_code == 200, r.text  # what the examples reference outside their trees
-    yield ControlPlane(url, prefix, admin, operator, viewer, secrets_admin)
+    _call(
+        process.grpc,
+        admin,
+        "manifests",
+        "ApplyManifest",
+        pb.ApplyManifestRequest(manifest=to_struct(prompt)),
+    )  # the prompt the agents name
+    _call(
+        process.grpc,
+        secrets_admin,
+        "grants",
+        "ShareSecret",
+        pb.ShareSecretRequest(
+            agent_name="mse-nacos-helper", secret="vault://secret/specmesh/shared/fleet-redis"
+        ),
+    )  # what the examples reference outside their trees
+    yield ControlPlane(url, process.grpc, prefix, admin, operator, viewer, secrets_admin)
     assert process.stop() == 0, process.log.read_text()
 
 
@@ -93,15 +104,24 @@ def control_plane(
 def cp(
     control_plane: ControlPlane, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> ControlPlane:
-    """The CLI's environment: the control plane as operator; no fleet, no direct etcd."""
+    """The CLI's environment: the control plane as operator; no fleet."""
     for name in list(os.environ):
         if name.startswith(("SPECMESH_", "VAULT_")):
             monkeypatch.delenv(name)
     monkeypatch.setenv("SPECMESH_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("SPECMESH_ETCD_ENDPOINT", "http://127.0.0.1:1")  # never used
-    monkeypatch.setenv("SPECMESH_SERVER", control_plane.url)
+    monkeypatch.setenv("SPECMESH_SERVER", control_plane.grpc)
     monkeypatch.setenv("SPECMESH_TOKEN", control_plane.operator)
     return control_plane
+
+
+def _call(server: str, token: str, service: str, method: str, request: Any) -> Any:
+    """One call to the control plane with the CLI's generated client (fixtures' setup)."""
+
+    async def call() -> Any:
+        async with aclosing(ControlPlaneClient(server=server, token=token)) as cp:
+            return await cp.call(getattr(getattr(cp, service), method), request)
+
+    return asyncio.run(call())
 
 
 def _agent_folder(tmp_path: Path, name: str, temperature: str) -> Path:
@@ -181,7 +201,7 @@ def test_get_describe_history_diff_rollback(
     assert any(line.split()[:4] == ["cli-lifecycle", "-", "-", "2"] for line in out.splitlines())
     code, out, _ = _run(capsys, "describe", "agent", "cli-lifecycle")
     assert code == 0
-    assert "Revision:     2 (apply by ci-operator" in out
+    assert "Revision:     2 (by ci-operator" in out
     assert "Release:      none" in out
     assert "temperature: 0.2" in out
     code, out, _ = _run(capsys, "describe", "agent", "cli-lifecycle", "-o", "yaml")
@@ -325,7 +345,7 @@ def test_a_viewer_reads_but_may_not_apply_exit_7(
 def test_a_control_plane_that_is_down_exits_5(
     cp: ControlPlane, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    down = f"http://127.0.0.1:{free_port()}"
+    down = f"127.0.0.1:{free_port()}"
     monkeypatch.setenv("SPECMESH_SERVER", down)
 
     code, out, err = _run(capsys, "get", "agents")
@@ -348,7 +368,7 @@ def test_the_local_fleet_is_the_default_server(
     home = tmp_path / "fleet"
     home.mkdir()
     state = {
-        "endpoints": {"controlPlane": control_plane.url},
+        "endpoints": {"controlPlane": control_plane.url, "controlPlaneGrpc": control_plane.grpc},
         "processes": [{"name": "control-plane", "role": "control-plane", "pid": 1}],
     }
     (home / "fleet.json").write_text(json.dumps(state))
@@ -356,18 +376,15 @@ def test_the_local_fleet_is_the_default_server(
     monkeypatch.setenv("SPECMESH_HOME", str(home))
 
     assert _run(capsys, "get", "agents", "-o", "json")[0] == 0
-    assert Settings().server == control_plane.url
-    monkeypatch.setenv("SPECMESH_SERVER", "")  # the way back to direct etcd/Vault
-    assert _run(capsys, "mesh", "render")[0] == 2
-    monkeypatch.delenv("SPECMESH_SERVER")
+    assert Settings().server == control_plane.grpc
 
     (home / "fleet.json").write_text(json.dumps({**state, "processes": []}))  # `specmesh down`
     assert Settings().server is None
     code, _, err = _run(capsys, "mesh", "render")
-    assert code == 2 and "SPECMESH_SERVER" in err
+    assert code == 5 and "the local fleet is not running" in err and "SPECMESH_SERVER" in err
 
 
-def test_without_a_server_the_control_plane_commands_exit_2(
+def test_without_a_control_plane_every_spec_command_exits_5_and_says_how_to_get_one(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     for name in list(os.environ):
@@ -376,6 +393,10 @@ def test_without_a_server_the_control_plane_commands_exit_2(
     monkeypatch.setenv("SPECMESH_HOME", str(tmp_path / "home"))
 
     for argv in (
+        ["apply", "-f", str(EXAMPLES / "prompts")],
+        ["get", "agents"],
+        ["history", "a"],
+        ["audit"],
         ["release", "get", "a"],
         ["release", "set", "a", "--canary-revision", "2", "--weight", "10"],
         ["mesh", "render"],
@@ -383,76 +404,17 @@ def test_without_a_server_the_control_plane_commands_exit_2(
         ["get", "instances"],
     ):
         code, _, err = _run(capsys, *argv)
-        assert code == 2, argv
-        assert "SPECMESH_SERVER" in err
+        assert code == 5, argv
+        assert "./scripts/up" in err and "SPECMESH_SERVER" in err, argv
 
 
-# ---------------------------------------------------------------- the error table
-
-
-@pytest.mark.parametrize(
-    ("status", "body", "error", "exit_code"),
-    [
-        (400, {"error": {"code": "invalid_spec", "message": "m", "issues": [
-            {"path": "spec.x", "rule": "le", "message": "must be <= 2 (got 7)"}]}},
-         SpecError, 1),
-        (400, {"error": {"code": "bad_request", "message": "revision: required"}}, SpecError, 1),
-        (401, {"error": {"code": "unauthenticated", "message": "unknown bearer token"}},
-         apiclient.NotAllowedError, 7),
-        (403, {"error": {"code": "permission_denied", "message": "'v' may not agents.write"}},
-         apiclient.NotAllowedError, 7),
-        (403, {"error": {"code": "vault_denied", "message": "denied"}},
-         apiclient.NotAllowedError, 7),
-        (404, {"error": {"code": "not_found", "message": "agent 'a' not found"}},
-         NotFoundError, 4),
-        (409, {"error": {"code": "conflict", "message": "conflict on agent 'a'"}},
-         ConflictError, 3),
-        (409, {"error": {"code": "name_collision", "message": "maps to"}},
-         NameCollisionError, 3),
-        (503, {"error": {"code": "store_unavailable", "message": "etcd down"}},
-         apiclient.ControlPlaneUnavailableError, 5),
-        (500, {"error": {"code": "internal", "message": "internal error"}},
-         apiclient.ApiError, 6),
-        (502, "<html>bad gateway</html>", apiclient.ControlPlaneUnavailableError, 5),
-        (418, None, apiclient.ApiError, 6),
-    ],
-)  # fmt: skip
-def test_every_error_answer_maps_to_a_specmesh_error_and_an_exit_code(
-    status: int, body: Any, error: type[Exception], exit_code: int
+def test_a_server_that_is_not_a_grpc_address_is_a_usage_error(
+    cp: ControlPlane, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from specmesh.cli import _exit_code
+    code, _, err = _run(capsys, "get", "agents", "--server", cp.url)
 
-    def answer(request: httpx.Request) -> httpx.Response:
-        if isinstance(body, str):
-            return httpx.Response(status, text=body)
-        return httpx.Response(status, json=body) if body is not None else httpx.Response(status)
-
-    async def call() -> None:
-        async with apiclient.ApiClient(
-            server="http://cp.test", token="t", transport=httpx.MockTransport(answer)
-        ) as api:
-            await api.list_agents()
-
-    with pytest.raises(error) as caught:
-        asyncio.run(call())
-
-    assert _exit_code(caught.value) == exit_code
-    if isinstance(caught.value, SpecError) and status == 400 and body["error"].get("issues"):
-        assert "spec.x: must be <= 2 (got 7)" in str(caught.value)
-
-
-def test_transport_failures_map_to_unavailable() -> None:
-    def fail(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadTimeout("slow", request=request)
-
-    async def call() -> None:
-        async with apiclient.ApiClient(
-            server="http://cp.test", token=None, transport=httpx.MockTransport(fail)
-        ) as api:
-            await api.mesh()
-
-    with pytest.raises(apiclient.ControlPlaneUnavailableError, match="timed out"):
-        asyncio.run(call())
+    assert code == 2
+    assert "expected the control plane's gRPC address" in err
 
 
 # ---------------------------------------------------------------- round trips (kubectl's contract)
@@ -721,11 +683,9 @@ def test_invoke_calls_the_card_the_control_plane_serves_with_an_invoke_token(
         out, err = capsys.readouterr()
         assert code == 0, err
         assert "echo: hello there" in out
-        audit = requests.get(
-            f"{cp.url}/api/v1/audit", params={"name": "cli-invoked"},
-            headers={"Authorization": f"Bearer {cp.admin}"}, timeout=30,
-        ).json()  # fmt: skip
-        assert [e["actor"] for e in audit if e["action"] == "invoke-token"] == ["ci-operator"]
+        audit = _call(cp.grpc, cp.admin, "audit", "ListAuditEntries",
+                      pb.ListAuditEntriesRequest(name="cli-invoked")).entries  # fmt: skip
+        assert [e.actor for e in audit if e.action == "invoke-token"] == ["ci-operator"]
 
         monkeypatch.setenv("SPECMESH_TOKEN", cp.viewer)  # a viewer gets no invoke token
         assert main(["invoke", "cli-invoked", "hello"]) == 7

@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 
+from control_plane.auth import Role
 from control_plane.controller import Controller
 from control_plane.runtime.local import (
     LocalRuntime,
     RuntimeRefusedError,
     RuntimeUnavailableError,
 )
-from specmesh.cli import main as cli
 from specmesh.procs import alive
 from specmesh.services import LocalServices
 from specmesh.spec.manifest import LoadedManifest, parse_manifest
@@ -39,8 +39,10 @@ from specmesh.vault import (
     supervisor_policy,
 )
 from specmesh.workloads import AgentWorkload
+from specmeshctl.main import main as cli
 
 from ..conftest import publish_prompt
+from .cp_process import ControlPlaneProcess
 
 pytestmark = pytest.mark.integration
 
@@ -117,6 +119,7 @@ async def test_an_engine_that_exits_at_start_crash_loops_with_back_off_and_shows
     services: LocalServices,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
     await publish_prompt(store)
     specs = SpecService(store=store, vault=vault)
@@ -139,16 +142,22 @@ async def test_an_engine_that_exits_at_start_crash_loops_with_back_off_and_shows
     assert supervisor.instances["crashy-stable-0"].engine.restarts - first <= 4
     assert supervisor.instances["crashy-stable-0"].engine.backoff() >= 4
 
-    # `specmesh get agents`, against the store directly
-    for name in list(os.environ):
-        if name.startswith("SPECMESH_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("SPECMESH_SERVER", "")
-    monkeypatch.setenv(
-        "SPECMESH_ETCD_ENDPOINT", f"http://{services.etcd.host}:{services.etcd.client_port}"
-    )
-    monkeypatch.setenv("SPECMESH_ETCD_PREFIX", store.keys.prefix)
-    assert await asyncio.to_thread(cli, ["get", "agents"]) == 0
+    # `specmesh get agents`, through a control plane on the same store
+    process = ControlPlaneProcess(
+        services, tmp_path, tokens={"tok-viewer": ("viewer", [Role.VIEWER])},
+        prefix=store.keys.prefix,
+    )  # fmt: skip
+    await asyncio.to_thread(process.start)
+    try:
+        for name in list(os.environ):
+            if name.startswith("SPECMESH_"):
+                monkeypatch.delenv(name)
+        monkeypatch.setenv("SPECMESH_HOME", str(tmp_path / "cli-home"))
+        monkeypatch.setenv("SPECMESH_SERVER", process.grpc)
+        monkeypatch.setenv("SPECMESH_TOKEN", "tok-viewer")
+        assert await asyncio.to_thread(cli, ["get", "agents"]) == 0
+    finally:
+        process.stop()
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["NAME", "READY", "STATUS"]
     assert out[1].split()[:3] == ["crashy", "0/1", "CrashLoop"]
@@ -198,7 +207,7 @@ def test_the_supervisor_refuses_to_start_without_its_settings() -> None:
     import subprocess
 
     result = subprocess.run(
-        [sys.executable, "-m", "specmesh.cli", "supervisor"],
+        [sys.executable, "-m", "specmeshctl", "supervisor"],
         env={"PATH": os.environ["PATH"]},
         capture_output=True,
         text=True,

@@ -60,7 +60,7 @@ class _Pair:
         env = self.sidecar_env if role == "sidecar" else self.engine_env
         with (self.logs / f"{role}.log").open("ab") as out:
             self.procs[role] = subprocess.Popen(
-                [sys.executable, "-m", "specmesh.cli", role],
+                [sys.executable, "-m", "specmeshctl", role],
                 env=env,
                 cwd=REPO,
                 stdout=out,

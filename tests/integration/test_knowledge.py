@@ -32,10 +32,10 @@ from engine.intake import InMemorySnapshotFeed
 from engine.runtime import EngineRuntime
 from engine.server import EngineServer, ServerConfig
 from engine.settings import EngineSettings
-from specmesh.cli import main as cli_main
 from specmesh.modelserver import ScriptedModelServer
 from specmesh.snapshot import PromptBundle, ResolvedSnapshot
 from specmesh.spec.models import AgentSpec, PromptEntry
+from specmeshctl.main import main as cli_main
 
 pytestmark = pytest.mark.integration
 

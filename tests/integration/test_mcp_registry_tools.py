@@ -22,8 +22,8 @@ import requests
 import yaml
 
 from control_plane.auth import Role
-from specmesh.cli import main
 from specmesh.services import LocalServices, free_port
+from specmeshctl.main import main
 
 from ..conftest import REPO
 from .cp_process import ControlPlaneProcess
@@ -282,8 +282,7 @@ def test_get_mcpservers_shows_each_servers_tools(
         if variable.startswith(("SPECMESH_", "VAULT_")):
             monkeypatch.delenv(variable)
     monkeypatch.setenv("SPECMESH_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("SPECMESH_ETCD_ENDPOINT", "http://127.0.0.1:1")  # never used
-    monkeypatch.setenv("SPECMESH_SERVER", cp.url)
+    monkeypatch.setenv("SPECMESH_SERVER", cp.process.grpc)
     monkeypatch.setenv("SPECMESH_TOKEN", cp.admin)
 
     assert main(["get", "mcpservers"]) == 0

@@ -409,8 +409,8 @@ async def test_openbao_down_serves_from_cache_until_ttl_then_fails_clearly(
     assert failure["at"] >= expires_at - 0.05
     assert failure["status"] == 503
     error = failure["body"]["error"]
-    assert error["code"] == "credential_unavailable"
-    assert error["reference"] == ref
+    assert error["details"][0]["reason"] == "CREDENTIAL_UNAVAILABLE"
+    assert error["details"][0]["metadata"]["reference"] == ref
     assert ref in error["message"]
     assert "sk-cached" not in str(failure["body"])
     assert all(s.headers["Authorization"] == "Bearer sk-cached" for s in upstream.seen)
@@ -484,7 +484,7 @@ async def test_undeclared_mcp_server_or_partner_is_refused_and_logged(
     async with rig.client.get(rig.egress.url + "/elsewhere") as resp:
         unknown_status = resp.status
 
-    assert mcp_status == 403 and mcp_body["error"]["code"] == "not_declared"
+    assert mcp_status == 403 and mcp_body["error"]["details"][0]["reason"] == "NOT_DECLARED"
     assert a2a_status == 403 and "stranger-agent" in a2a_body["error"]["message"]
     assert unknown_status == 404
     refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
@@ -509,7 +509,7 @@ async def test_upstream_down_is_a_clear_502(
         status, body = resp.status, await resp.json()
 
     assert status == 502
-    assert body["error"]["code"] == "upstream_unreachable"
+    assert body["error"]["details"][0]["reason"] == "UPSTREAM_UNREACHABLE"
     assert dead in body["error"]["message"]
     assert "sk-down" not in str(body)
 

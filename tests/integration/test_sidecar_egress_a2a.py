@@ -234,7 +234,7 @@ async def test_no_instance_is_a_clear_503(a2a_rig: A2ARig) -> None:
         status, body = r.status, await r.json()
 
     assert status == 503
-    assert body["error"]["code"] == "no_instance"
+    assert body["error"]["details"][0]["reason"] == "NO_INSTANCE"
 
 
 async def test_target_release_policy_is_read_from_etcd(

@@ -5,12 +5,14 @@ official a2a-sdk client (GRPC binding) -> sidecar A's GrpcEgress -> sidecar B's 
 from __future__ import annotations
 
 import asyncio
+import random
 import ssl
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 from a2a.client import ClientConfig, create_client
@@ -27,10 +29,13 @@ from a2a.types.a2a_pb2 import (
 from a2a.utils.constants import TransportProtocol
 from a2a.utils.errors import TaskNotFoundError
 from google.rpc import error_details_pb2, status_pb2
+from prometheus_client import CollectorRegistry
 
 from engine.server import EngineServer, ServerConfig
 from engine.testing import ScriptedRunner, ScriptedTurn
 from sidecar.credentials import CredentialResolver
+from sidecar.egress import EgressProxy
+from sidecar.errors import POLICY_ERRORS
 from sidecar.grpcproxy import (
     A2A_SERVICE,
     CALLER_KEY,
@@ -181,17 +186,24 @@ async def test_stream_goes_through_both_sidecars_with_caller_identity(rig: Rig) 
     assert request.headers["x-specmesh-partner-token"] == "tok-from-vault"
 
 
-async def test_unary_call_goes_through(rig: Rig) -> None:
-    async with grpc.aio.insecure_channel(rig.egress.target) as channel:
+async def _get_task_error(egress: str, agent: str) -> grpc.aio.AioRpcError:
+    """The error of a GetTask of an unknown task through the gRPC egress at ``egress`` to
+    ``agent`` (an engine answers NOT_FOUND; a refusal, its own status)."""
+    async with grpc.aio.insecure_channel(egress) as channel:
         call = channel.unary_unary(f"/{A2A_SERVICE}/GetTask")
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await call(
-                GetTaskRequest(id="missing").SerializeToString(),
-                metadata=[(TARGET_KEY, CALLEE)],
+                GetTaskRequest(id="no-such-task").SerializeToString(),
+                metadata=[(TARGET_KEY, agent)],
                 timeout=WAIT,
             )
+    return info.value
+
+
+async def test_unary_call_goes_through(rig: Rig) -> None:
+    error = await _get_task_error(rig.egress.target, CALLEE)
     # the engine answered (unknown task), so the call went all the way through
-    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error.code() == grpc.StatusCode.NOT_FOUND
 
 
 def _rich_status(error: BaseException) -> tuple[grpc.StatusCode, status_pb2.Status]:
@@ -387,14 +399,141 @@ async def test_unreachable_instance_is_unavailable_and_counts_as_gateway_error(
         GrpcEgress(
             snapshots=holder, credentials=resolver, router=router, certificates=rig.b_certs
         ) as egress,
-        grpc.aio.insecure_channel(egress.target) as channel,
     ):
-        call = channel.unary_unary(f"/{A2A_SERVICE}/GetTask")
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await call(
-                GetTaskRequest(id="t").SerializeToString(),
-                metadata=[(TARGET_KEY, CALLEE)],
-                timeout=WAIT,
-            )
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert router.detector(CALLEE).state("b-dead").consecutive_gateway == 1
+        error = await _get_task_error(egress.target, CALLEE)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert _call_error_info(error).reason == "UPSTREAM_UNREACHABLE"
+    # the first try and the two retries of the default policy, each a gateway error
+    assert router.detector(CALLEE).state("b-dead").consecutive_gateway == 3
+
+
+# ---------------------------------------------------------------- HTTP and gRPC agree
+
+
+def _call_error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    details_bin = dict(error.trailing_metadata() or ())["grpc-status-details-bin"]
+    return _error_info(status_pb2.Status.FromString(details_bin))
+
+
+class _FirstChoice(random.Random):
+    """The router's rng picking the first candidate (the instance listed first)."""
+
+    def choice(self, seq: Any) -> Any:
+        return seq[0]
+
+
+@dataclass
+class Egresses:
+    """An HTTP and a gRPC egress of agent A over one snapshot and one instance list."""
+
+    http: EgressProxy
+    grpc: GrpcEgress
+    http_router: Router
+    grpc_router: Router
+    retried: list[str]
+
+
+@pytest.fixture
+async def egresses(rig: Rig, vault: VaultClient) -> AsyncIterator[Egresses]:
+    """Instances of B: a dead one listed first (the router's first choice), then the live
+    one (its HTTP endpoint: engine B's HTTP listener; its gRPC endpoint: B's inbound)."""
+    instances = InMemoryInstanceSource(
+        [
+            Instance(  # type: ignore[list-item]
+                "b-dead",
+                CALLEE,
+                f"http://127.0.0.1:{free_port()}",
+                state="serving",
+                grpc_endpoint=f"127.0.0.1:{free_port()}",
+            ),
+            Instance(  # type: ignore[list-item]
+                "b-live",
+                CALLEE,
+                rig.engine.http_url,
+                state="serving",
+                grpc_endpoint=rig.inbound.target,
+            ),
+        ]
+    )
+    releases = InMemoryReleaseSource()
+    http_router = Router(instances=instances, releases=releases, rng=_FirstChoice())
+    grpc_router = Router(
+        instances=GrpcInstanceSource(instances), releases=releases, rng=_FirstChoice()
+    )
+    holder = SnapshotHolder()
+    spec = _spec(CALLER, "http://127.0.0.1:9", partnerAgents=[{"agentName": CALLEE}])
+    await holder.set(_snapshot(CALLER, spec, {}), etcd_revision=1)
+    retried: list[str] = []
+    async with (
+        AgentCertificates(agent=CALLER, pki=rig.pki) as a_certs,
+        CredentialResolver(source=vault) as resolver,
+        EgressProxy(
+            snapshots=holder, credentials=resolver, router=http_router, registry=CollectorRegistry()
+        ) as http_egress,
+        GrpcEgress(
+            snapshots=holder,
+            credentials=resolver,
+            router=grpc_router,
+            certificates=a_certs,
+            on_retry=retried.append,
+        ) as grpc_egress,
+    ):
+        yield Egresses(http_egress, grpc_egress, http_router, grpc_router, retried)
+
+
+async def _http_error(egresses: Egresses, target: str) -> tuple[int, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{egresses.http.url}/a2a/{target}/v1/message:send", json={}) as r,
+    ):
+        return r.status, (await r.json())["error"]
+
+
+@pytest.mark.parametrize(
+    ("target", "reason", "http_status", "grpc_code"),
+    [
+        ("9-lives", "INVALID_TARGET", 400, grpc.StatusCode.INVALID_ARGUMENT),
+        ("stranger-agent", "NOT_DECLARED", 403, grpc.StatusCode.PERMISSION_DENIED),
+    ],
+)
+async def test_malformed_and_undeclared_targets_get_the_same_answer_on_http_and_grpc(
+    egresses: Egresses,
+    rig: Rig,
+    target: str,
+    reason: str,
+    http_status: int,
+    grpc_code: grpc.StatusCode,
+) -> None:
+    status, http_error = await _http_error(egresses, target)
+    grpc_error = await _get_task_error(egresses.grpc.target, target)
+
+    assert status == http_status == POLICY_ERRORS[reason].http_status
+    assert http_error["details"][0]["reason"] == reason
+    assert grpc_error.code() == grpc_code == POLICY_ERRORS[reason].grpc_code
+    assert _call_error_info(grpc_error).reason == reason
+    assert grpc_error.details() == http_error["message"]
+    assert repr(target) in http_error["message"]
+    assert rig.runner.requests == []
+
+
+async def test_grpc_retries_an_instance_it_cannot_connect_to_as_http_does(
+    egresses: Egresses, rig: Rig
+) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{egresses.http.url}/a2a/{CALLEE}/.well-known/agent-card.json") as r,
+    ):
+        http_status = r.status
+    http_retries = egresses.http.metrics.retries.labels(agent=CALLEE)._value.get()
+
+    grpc_error = await _get_task_error(egresses.grpc.target, CALLEE)
+
+    # HTTP: the dead instance failed, the live one answered
+    assert http_status == 200
+    assert http_retries == 1
+    assert egresses.http_router.detector(CALLEE).state("b-dead").consecutive_gateway == 1
+    # gRPC: the same -- the live instance's engine answered (its own NOT_FOUND, relayed)
+    assert grpc_error.code() == grpc.StatusCode.NOT_FOUND
+    assert egresses.retried == [CALLEE]
+    assert egresses.grpc_router.detector(CALLEE).state("b-dead").consecutive_gateway == 1
+    assert egresses.grpc_router.detector(CALLEE).state("b-live").consecutive_gateway == 0

@@ -255,7 +255,7 @@ async def test_egress_calls_partner_sidecars_over_mtls_and_checks_their_identity
 
     assert (status, body) == (200, {"path": "/v1/message:send", "caller": "caller-ok"})
     assert impostor_status == 502
-    assert impostor["error"]["code"] == "upstream_identity"
+    assert impostor["error"]["details"][0]["reason"] == "UPSTREAM_IDENTITY"
 
 
 async def test_plaintext_mode_proxies_without_tls(engine: Engine) -> None:

@@ -126,6 +126,7 @@ async def test_readyz_turns_ready_after_snapshot_and_engine_serving(
                     "specmesh_sidecar_snapshot_revision 1.0",
                     "specmesh_sidecar_etcd_watch_reconnects_total",
                     "specmesh_sidecar_etcd_watch_resets_total",
+                    "specmesh_sidecar_etcd_watch_stalls_total",
                     "specmesh_sidecar_invalid_snapshots",
                     'specmesh_sidecar_engine_state{specmesh_sidecar_engine_state="failed"} 1.0',
                     'specmesh_sidecar_snapshot_source{specmesh_sidecar_snapshot_source="etcd"} 1.0',

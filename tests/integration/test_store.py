@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from typing import Any
 
 import pytest
@@ -173,31 +172,3 @@ async def test_delete_removes_everything_but_the_audit(
     dump = await _dump(etcd, keys)
     assert [k for k in dump if "/agents/" in k] == []
     assert [a.action for a in await store.audit_entries(name="helper")] == ["delete", "apply"]
-
-
-async def test_blocking_etcd_calls_leave_the_event_loop_free(store: SpecStore) -> None:
-    """While an etcd call is stuck in its thread, the loop keeps running other work."""
-    raw = store.etcd.raw
-    release = threading.Event()
-    entered = threading.Event()
-    original = raw.post
-
-    def slow_post(*args: Any, **kwargs: Any) -> Any:
-        entered.set()
-        release.wait(timeout=30)
-        return original(*args, **kwargs)
-
-    raw.post = slow_post
-    try:
-        call = asyncio.create_task(store.list_agents())
-        await asyncio.wait_for(asyncio.to_thread(entered.wait, 10), timeout=15)
-        ticks = 0
-        for _ in range(100):  # the loop runs other coroutines while the call blocks
-            await asyncio.sleep(0)
-            ticks += 1
-        assert ticks == 100 and not call.done()
-        release.set()
-        assert await asyncio.wait_for(call, timeout=15) == []
-    finally:
-        raw.post = original
-        release.set()

@@ -23,7 +23,7 @@ _THIRD_PARTY_PREFIXES = ("OTEL_",)
 _THIRD_PARTY = {
     "POD_IP", "POD_NAME", "POD_NAMESPACE",  # downward API, substituted into other values
     "VAULT_CACERT",  # hvac
-    "REQUESTS_CA_BUNDLE",  # requests (hvac, etcd3gw)
+    "REQUESTS_CA_BUNDLE",  # requests (hvac)
     "HOME",
 }  # fmt: skip
 

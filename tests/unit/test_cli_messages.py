@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from specmesh.cli import _up_banner, main
 from specmesh.services import free_port
+from specmeshctl.fleet import up_banner
+from specmeshctl.main import main
 
 from ..conftest import REPO
 
@@ -52,8 +53,24 @@ def test_apply_with_the_fleet_down_says_how_to_start_it(
 
     err = capsys.readouterr().err
     assert code == 5
-    assert "is unavailable" in err
-    assert "the local fleet is not running: start it with `./scripts/up`" in err
+    assert "`specmesh apply` talks to the control plane, and none is configured" in err
+    assert "the local fleet is not running (start it with `./scripts/up`" in err
+
+
+def test_a_fleet_whose_control_plane_died_gets_the_way_to_start_it(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    state = {"processes": [{"name": "control-plane", "role": "control-plane", "pid": 1}],
+             "endpoints": {"controlPlaneGrpc": dead}}  # fmt: skip
+    (home / "fleet.json").write_text(json.dumps(state))
+
+    code = main(["get", "agents"])
+
+    err = capsys.readouterr().err
+    assert code == 5
+    assert f"control plane at {dead} is unavailable" in err
+    assert "the local fleet's control plane, the fleet is not running" in err
 
 
 @pytest.mark.parametrize("argv", [["status"], ["status", "-o", "json"], ["logs", "x"]])
@@ -140,7 +157,7 @@ def test_status_json_lists_mcp_servers_and_every_sidecar_endpoint(
 
 
 def test_the_up_banner_separates_every_label_from_its_value(home: Path) -> None:
-    banner = _up_banner(_fleet_state(home))
+    banner = up_banner(_fleet_state(home))
 
     lines = banner.splitlines()
     rows = [line for line in lines if line.startswith("  ")]
@@ -152,6 +169,7 @@ def test_the_up_banner_separates_every_label_from_its_value(home: Path) -> None:
         'try: uv run specmesh invoke mse-nacos-helper "Which Nacos services are registered?"'
     )
     assert "uv run specmesh up --reset" in banner
+    assert "gRPC 127.0.0.1:2005  (REST http://127.0.0.1:2004/api/v1)" in banner
     # the way in for clients is each agent's entry, not its engine
     assert "entry http://127.0.0.1:1008 (gRPC 127.0.0.1:1009)" in banner
     assert "http://127.0.0.1:1001" not in banner
@@ -166,7 +184,7 @@ def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path) -> None:
             "spec: {version: '1.0.0', template: t}\n"
         )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "specmesh.cli", "validate", "-f", str(folder)],
+        [sys.executable, "-m", "specmeshctl", "validate", "-f", str(folder)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from specmesh.cli import main
 from specmesh.spec.manifest import MAX_DOCUMENT_BYTES, MAX_NESTING_DEPTH, MAX_NODES
+from specmeshctl.main import main
 
 _HANG_GUARD_SECONDS = 2.0
 

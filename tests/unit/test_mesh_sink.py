@@ -4,23 +4,19 @@ the route mode removes the other mode's routes)."""
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
 import pytest
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from control_plane.mesh import MeshSettings, render_mesh
 from control_plane.publisher import KubernetesMeshSink
 from specmesh.issuers import JwtIssuer
 from specmesh.spec.models import ReleaseSpec
 
+from ..certs import self_signed
 from .kube_api import APPLY_PATCH, FakeKubeApi
 
 NS = "agents"
@@ -40,21 +36,8 @@ async def api() -> AsyncIterator[tuple[FakeKubeApi, str]]:
 @pytest.fixture
 def sa_dir(tmp_path: Path) -> Path:
     """A service-account folder: a token and a CA bundle (a self-signed CA)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-ca")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    (tmp_path / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _, cert = self_signed("test-ca")
+    (tmp_path / "ca.crt").write_bytes(cert)
     (tmp_path / "token").write_text("cp-token\n")
     return tmp_path
 

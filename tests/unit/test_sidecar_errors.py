@@ -21,7 +21,8 @@ def _concrete() -> list[type[SidecarError]]:
 def test_every_error_is_mapped_and_exported() -> None:
     table = errors._GRPC_STATUS
     for cls in _concrete():
-        assert cls in table, f"{cls.__name__} has no gRPC status"
+        # a PolicyError (and CallerRefused) takes its status from POLICY_ERRORS, by reason
+        assert cls in table or cls is errors.PolicyError, f"{cls.__name__} has no gRPC status"
         assert cls.__name__ in errors.__all__
         assert cls.__name__ in (errors.__doc__ or ""), f"{cls.__name__} missing from the tree"
 
@@ -36,3 +37,6 @@ def test_statuses() -> None:
         == grpc.StatusCode.UNAVAILABLE
     )
     assert grpc_status(SidecarError("x")) == grpc.StatusCode.INTERNAL
+    assert (
+        grpc_status(errors.PolicyError("NOT_DECLARED", "no")) == grpc.StatusCode.PERMISSION_DENIED
+    )

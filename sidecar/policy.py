@@ -1,0 +1,307 @@
+"""The sidecar's data-plane policy, written once: every listener (HTTP and gRPC; egress,
+inbound, entry) is an adapter that reads its request, asks this module, and renders the
+decision -- or the :class:`~sidecar.errors.PolicyError` of the one error table
+(:data:`~sidecar.errors.POLICY_ERRORS`) -- on its own wire.
+
+* **declared or not** -- :meth:`EgressPolicy.partner` / :meth:`EgressPolicy.mcp_server`: the
+  target a call names must be declared in the current snapshot's ``partnerAgents`` /
+  ``mcpServers`` (compared by resource name), else ``NOT_DECLARED``; a target that is no
+  valid name is ``INVALID_TARGET`` (naming the rule it breaks). Decisions are kept per
+  snapshot (a snapshot is immutable; a reload brings a new one), so a call maps no declared
+  name again.
+* **credentials** -- :meth:`EgressPolicy.resolve` / :meth:`EgressPolicy.secrets`: the spec's
+  ``vault://`` references resolved, else ``CREDENTIAL_UNAVAILABLE`` naming the reference.
+* **caller authorization** -- :func:`admit_caller`: who is calling an inbound listener and
+  whether it may (over :class:`~sidecar.callers.CallerPolicy`), else ``UNAUTHENTICATED`` /
+  ``PERMISSION_DENIED``.
+* **retries** -- :class:`Retries`: per call, which instance each try goes to and whether a
+  failed try is tried again (the target's retry policy, its attempts and its retry budget);
+  the same for HTTP and gRPC. gRPC retries only where its semantics allow: a try whose
+  connection could not be established (nothing was sent).
+* **budgets** -- :meth:`EgressPolicy.enter` / :meth:`EgressPolicy.leave`: calls in flight to a
+  partner are capped at its ``connectionPool`` (``maxConnections + maxPendingRequests``),
+  else ``OVERFLOW``; retries draw on the router's :class:`~sidecar.router.RetryBudget`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from specmesh.errors import InvalidNameError
+from specmesh.names import resource_name
+from specmesh.snapshot import ResolvedSnapshot
+from specmesh.spec.models import ConnectionPoolSpec, McpServerRef, PartnerAgentRef
+
+from .callers import CallerPolicy
+from .credentials import CredentialResolver, CredentialUnavailableError
+from .errors import PolicyError
+from .router import NoInstanceError, RetryPolicy, Router, Target
+
+__all__ = [
+    "FAILURE_KINDS",
+    "Admission",
+    "EgressPolicy",
+    "FailureKind",
+    "Retries",
+    "admit_caller",
+    "log_refusal",
+]
+
+logger = logging.getLogger(__name__)
+
+FailureKind = Literal["connect", "reset", "timeout"]
+FAILURE_KINDS: dict[str, FailureKind] = {
+    "UPSTREAM_UNREACHABLE": "connect",
+    "UPSTREAM_IDENTITY": "connect",
+    "UPSTREAM_RESET": "reset",
+    "UPSTREAM_ERROR": "reset",
+    "UPSTREAM_TIMEOUT": "timeout",
+}
+"""A try that got no answer, by the reason it failed with: what the retry policy sees."""
+
+_ASKED_LIMIT = 1024
+"""Names remembered per snapshot and kind (callers choose them: bounded)."""
+
+
+# ---------------------------------------------------------------- declared or not
+
+
+class _Declared:
+    """One snapshot's declared targets of one kind, by resource name, and the decisions
+    already taken for the names asked (a found entry, ``None`` for not declared, or the
+    rule an invalid name breaks)."""
+
+    __slots__ = ("_asked", "_by_name")
+
+    def __init__(self, entries: Iterable[tuple[str, object]]) -> None:
+        self._by_name: dict[str, tuple[str, object]] = {}
+        for name, entry in entries:
+            try:
+                rn = resource_name(name)
+            except InvalidNameError:
+                continue  # a spec's names are validated; never matched if one is not
+            self._by_name.setdefault(rn, (rn, entry))
+        self._asked: dict[str, tuple[str, object] | str | None] = {}
+
+    def get(self, wanted: str) -> tuple[str, object] | str | None:
+        try:
+            return self._asked[wanted]
+        except KeyError:
+            pass
+        found: tuple[str, object] | str | None
+        if not wanted:
+            found = "it is empty"
+        else:
+            try:
+                found = self._by_name.get(resource_name(wanted))
+            except InvalidNameError as e:
+                found = e.reason
+        if len(self._asked) < _ASKED_LIMIT:
+            self._asked[wanted] = found
+        return found
+
+
+class EgressPolicy:
+    """What the engine may call, with which credentials, within which budgets: the
+    decisions of the HTTP egress and the gRPC egress."""
+
+    def __init__(self, *, credentials: CredentialResolver) -> None:
+        self._credentials = credentials
+        self._snapshot: ResolvedSnapshot | None = None
+        self._partners = _Declared(())
+        self._mcp = _Declared(())
+        self._inflight: dict[str, int] = {}
+
+    def _tables(self, snapshot: ResolvedSnapshot) -> None:
+        if snapshot is not self._snapshot:
+            spec = snapshot.spec
+            self._partners = _Declared((p.agent_name, p) for p in spec.partner_agents)
+            self._mcp = _Declared((m.mcp_server_name, m) for m in spec.mcp_servers)
+            self._snapshot = snapshot
+
+    def partner(self, snapshot: ResolvedSnapshot, wanted: str) -> tuple[str, PartnerAgentRef]:
+        """The partner declared under ``wanted``'s resource name, with that resource name;
+        else ``INVALID_TARGET`` / ``NOT_DECLARED``."""
+        self._tables(snapshot)
+        found = self._partners.get(wanted)
+        if type(found) is tuple:
+            return found  # type: ignore[return-value]
+        raise _refusal("partner agent", wanted, snapshot, found)  # type: ignore[arg-type]
+
+    def mcp_server(self, snapshot: ResolvedSnapshot, wanted: str) -> McpServerRef:
+        """The spec's reference to MCP server ``wanted``; else ``INVALID_TARGET`` /
+        ``NOT_DECLARED``."""
+        self._tables(snapshot)
+        found = self._mcp.get(wanted)
+        if type(found) is tuple:
+            return found[1]  # type: ignore[return-value]
+        raise _refusal("MCP server", wanted, snapshot, found)  # type: ignore[arg-type]
+
+    async def resolve(self, value: str) -> str:
+        """``value``, or the secret it references; else ``CREDENTIAL_UNAVAILABLE``."""
+        try:
+            return await self._credentials.resolve(value)
+        except CredentialUnavailableError as e:
+            raise PolicyError("CREDENTIAL_UNAVAILABLE", str(e), reference=e.reference) from e
+
+    async def secrets(self, values: Mapping[str, str]) -> list[tuple[str, str]]:
+        """``values`` (the spec's ``headers`` or ``queryParams``) with references resolved."""
+        return [(key, await self.resolve(value)) for key, value in values.items()]
+
+    def enter(self, agent: str, pool: ConnectionPoolSpec) -> None:
+        """Count one call in flight to ``agent``; ``OVERFLOW`` past its pool's limit
+        (pair with :meth:`leave`)."""
+        inflight = self._inflight.get(agent, 0)
+        if inflight >= pool.max_connections + pool.max_pending_requests:
+            raise PolicyError(
+                "OVERFLOW", f"too many calls in flight to {agent!r} ({inflight})", agent=agent
+            )
+        self._inflight[agent] = inflight + 1
+
+    def leave(self, agent: str) -> None:
+        self._inflight[agent] -= 1
+
+
+def _refusal(
+    what: str, wanted: str, snapshot: ResolvedSnapshot, invalid: str | None
+) -> PolicyError:
+    logger.warning(
+        "refused a call to %s %r: %s",
+        what,
+        wanted,
+        f"not a valid name ({invalid})"
+        if invalid
+        else f"agent {snapshot.agent_name}'s spec does not name it",
+        extra={"refused": what, "target": wanted, "agent": snapshot.agent_name},
+    )
+    if invalid is not None:
+        return PolicyError(
+            "INVALID_TARGET", f"{what} {wanted!r} is not a valid name: {invalid}", target=wanted
+        )
+    return PolicyError(
+        "NOT_DECLARED",
+        f"{what} {wanted!r} is not declared in agent {snapshot.agent_name!r}'s spec",
+        target=wanted,
+    )
+
+
+# ---------------------------------------------------------------- retries
+
+
+class Retries:
+    """One call to partner ``agent``: the instance of each try (:meth:`pick`, another one
+    than those tried when it can) and, after each try, whether to try again
+    (:meth:`answered`, :meth:`failed`): the target's retry policy allows it, attempts are
+    left and the retry budget has room. Outcomes are reported to the router (outlier
+    detection). ``on_retry`` is told of every retry (metrics).
+
+    Tries follow one another at once: another instance is tried (a shared backoff helper
+    can be added at :meth:`_take`)."""
+
+    __slots__ = ("_on_retry", "_router", "agent", "count", "policy", "tried")
+
+    def __init__(
+        self, router: Router, agent: str, *, on_retry: Callable[[str], None] | None = None
+    ) -> None:
+        self._router = router
+        self.agent = agent
+        self._on_retry = on_retry
+        self.policy: RetryPolicy = router.retry_policy(agent)
+        self.tried: list[str] = []
+        self.count = 0
+        router.record_request(agent)
+
+    def pick(self, headers: Mapping[str, str]) -> Target:
+        """Where the next try goes; ``NO_INSTANCE`` when nothing can take it."""
+        try:
+            target = self._router.pick(self.agent, headers, exclude=self.tried)
+        except NoInstanceError as e:
+            raise PolicyError("NO_INSTANCE", str(e), agent=self.agent) from e
+        if target.instance is not None:
+            self.tried.append(target.instance)
+        return target
+
+    def answered(self, target: Target, status: int) -> bool:
+        """The try got an answer with HTTP ``status``: whether to try again."""
+        self._router.report(target, status)
+        return self.policy.retriable_status(status) and self._take()
+
+    def failed(self, target: Target, kind: FailureKind) -> bool:
+        """The try got no answer (``kind`` of failure): whether to try again."""
+        self._router.report_failure(target, timeout=kind == "timeout")
+        return self.policy.retriable_failure(kind) and self._take()
+
+    def _take(self) -> bool:
+        if self.count >= self.policy.attempts or not self._router.try_retry(self.agent):
+            return False
+        self.count += 1
+        if self._on_retry is not None:
+            self._on_retry(self.agent)
+        return True
+
+
+# ---------------------------------------------------------------- callers
+
+
+def log_refusal(listener: str, agent: str, error: PolicyError) -> None:
+    """Log a call ``listener`` (``"inbound"``, ``"external gRPC"``...) refused to ``agent``."""
+    logger.warning(
+        "refused an %s call to %s: %s",
+        listener,
+        agent,
+        error.message,
+        extra={"agent": agent, "reason": error.reason},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """Who an admitted inbound call comes from: the calling agent and the external
+    principal (either may be None), for ``X-Specmesh-Caller`` / ``X-Specmesh-Principal``."""
+
+    caller: str | None
+    principal: str | None
+
+
+async def admit_caller(
+    policy: CallerPolicy,
+    *,
+    secure: bool,
+    cert_agent: str | None,
+    sent_principal: str | None,
+    xfcc: str | None,
+    authorization: str | None,
+    require_identity: bool,
+    card: bool = False,
+) -> Admission:
+    """Whether an inbound call may reach the engine (HTTP and gRPC inbound alike); raises
+    :class:`~sidecar.callers.CallerRefused`.
+
+    mTLS (``secure``): the caller is the agent its certificate names (``cert_agent``; none
+    -> ``UNAUTHENTICATED``) and must pass :meth:`CallerPolicy.check_agent` -- unless it is
+    this very agent forwarding a principal it authenticated (``sent_principal``, an entry of
+    another instance). Plaintext (Istio): the caller comes from ``X-Forwarded-Client-Cert``,
+    a bearer token (``authorization``) is verified into the principal, and with
+    ``require_identity`` a call naming neither is refused (but the agent card)."""
+    if secure:
+        if cert_agent is None:
+            raise policy.refused("UNAUTHENTICATED", "the client certificate names no agent")
+        if cert_agent == policy.agent and sent_principal:
+            return Admission(caller=cert_agent, principal=sent_principal)
+        policy.check_agent(cert_agent)
+        return Admission(caller=cert_agent, principal=None)
+    caller = policy.mesh_caller(xfcc)
+    if caller is not None:
+        policy.check_agent(caller)
+    principal = None
+    if authorization:
+        principal = await policy.external(authorization)
+    elif caller is None and require_identity and not card:
+        # Istio admitted the connection, but nothing names the caller: a pod that reached
+        # this port around the mesh's policy (ambient mode's waypoint), or a workload that
+        # is no agent, without a token
+        await policy.authenticate(None)
+    return Admission(caller=caller, principal=principal)

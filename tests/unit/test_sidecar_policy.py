@@ -1,0 +1,207 @@
+"""The sidecar's one policy: its error table rendered the same over HTTP and gRPC (and as
+A2A errors), and its decisions -- declared or not, retries, budgets -- taken once for both."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, NoReturn
+
+import grpc
+import pytest
+from a2a.utils.errors import JSON_RPC_ERROR_CODE_MAP, A2AError
+from google.rpc import error_details_pb2, status_pb2
+
+from sidecar.callers import CallerRefused
+from sidecar.errors import ERROR_DOMAIN, POLICY_ERRORS, PolicyError
+from sidecar.grpcproxy import abort_policy
+from sidecar.policy import EgressPolicy, Retries
+from sidecar.router import InMemoryInstanceSource, InMemoryReleaseSource, Instance, Router
+from specmesh.snapshot import PromptBundle, ResolvedSnapshot
+from specmesh.spec.models import AgentSpec, ConnectionPoolSpec, ReleaseSpec
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    """What :func:`abort_policy` uses of a ``grpc.aio.ServicerContext``: ``abort``."""
+
+    def __init__(self) -> None:
+        self.aborted: tuple[grpc.StatusCode, str, Any] | None = None
+
+    async def abort(self, code: grpc.StatusCode, details: str, trailing_metadata: Any) -> NoReturn:
+        self.aborted = (code, details, trailing_metadata)
+        raise _Aborted
+
+
+def _error_info(status: status_pb2.Status) -> error_details_pb2.ErrorInfo:
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    return info
+
+
+@pytest.mark.parametrize("reason", sorted(POLICY_ERRORS))
+async def test_every_table_row_renders_alike_on_http_grpc_and_a2a(reason: str) -> None:
+    row = POLICY_ERRORS[reason]
+    error = PolicyError(reason, f"what is wrong with {reason}", target="t-1")
+
+    # HTTP adapter: the status and AIP-193 body every HTTP listener answers
+    response = error.http_response()
+    body = json.loads(response.body)  # type: ignore[arg-type]
+    assert response.status == row.http_status
+    assert body["error"]["code"] == row.http_status
+    assert body["error"]["status"] == row.grpc_code.name
+    assert body["error"]["message"] == f"what is wrong with {reason}"
+    assert body["error"]["details"][0]["reason"] == reason
+    assert body["error"]["details"][0]["metadata"] == {"target": "t-1"}
+
+    # gRPC adapter: the status, message and google.rpc.Status every gRPC listener answers
+    context = _Context()
+    with pytest.raises(_Aborted):
+        await abort_policy(context, error)  # type: ignore[arg-type]
+    assert context.aborted is not None
+    code, details, trailers = context.aborted
+    assert code == row.grpc_code
+    assert details == f"what is wrong with {reason}"
+    ((key, value),) = trailers
+    status = status_pb2.Status.FromString(value)
+    assert key == "grpc-status-details-bin"
+    assert status.code == row.grpc_code.value[0]
+    info = _error_info(status)
+    assert (info.reason, info.domain, dict(info.metadata)) == (
+        reason,
+        ERROR_DOMAIN,
+        {"target": "t-1"},
+    )
+
+    # A2A: the a2a-sdk error of the row, with its JSON-RPC code
+    a2a = error.to_a2a()
+    assert isinstance(a2a, A2AError) and type(a2a) is row.a2a_error
+    assert row.a2a_code == JSON_RPC_ERROR_CODE_MAP[row.a2a_error]
+    assert a2a.message == error.message and a2a.data == {"reason": reason, "target": "t-1"}
+
+
+def test_an_unknown_reason_is_refused() -> None:
+    with pytest.raises(ValueError, match="NO_SUCH"):
+        PolicyError("NO_SUCH", "x")
+
+
+def test_caller_refusals_come_from_the_same_table() -> None:
+    for reason in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        refused = CallerRefused(reason, "no", agent="agent-b")  # type: ignore[arg-type]
+        assert (refused.http_status, refused.grpc_code) == (
+            POLICY_ERRORS[reason].http_status,
+            POLICY_ERRORS[reason].grpc_code,
+        )
+        assert _error_info(refused.rpc_status()).metadata["agent"] == "agent-b"
+
+
+# ---------------------------------------------------------------- decisions
+
+
+class _NoSecrets:
+    async def resolve(self, value: str) -> str:
+        return value
+
+
+def _snapshot(**spec: Any) -> ResolvedSnapshot:
+    return ResolvedSnapshot(
+        agent_name="agent-a",
+        revision=1,
+        track="stable",
+        spec=AgentSpec.model_validate(
+            {"base": {"description": "d", "promptKey": "p"}, "model": {"model": "m"}, **spec}
+        ),
+        prompt=PromptBundle(),
+        mcp_servers={},
+    )
+
+
+def test_declared_partner_is_found_by_resource_name() -> None:
+    policy = EgressPolicy(credentials=_NoSecrets())  # type: ignore[arg-type]
+    snapshot = _snapshot(partnerAgents=[{"agentName": "Agent_B"}])
+    agent, partner = policy.partner(snapshot, "agent-b")
+    assert (agent, partner.agent_name) == ("agent-b", "Agent_B")
+
+
+@pytest.mark.parametrize(
+    ("wanted", "reason", "named"),
+    [
+        ("agent-c", "NOT_DECLARED", "is not declared in agent 'agent-a'"),
+        ("Bad Name!", "INVALID_TARGET", "is not a valid name"),
+        ("", "INVALID_TARGET", "is empty"),
+    ],
+)
+def test_undeclared_or_malformed_target_is_refused_naming_it(
+    wanted: str, reason: str, named: str
+) -> None:
+    policy = EgressPolicy(credentials=_NoSecrets())  # type: ignore[arg-type]
+    snapshot = _snapshot(partnerAgents=[{"agentName": "agent-b"}])
+    for _ in range(2):  # the second answer comes from the per-snapshot decisions
+        with pytest.raises(PolicyError) as info:
+            policy.partner(snapshot, wanted)
+        assert info.value.reason == reason
+        assert named in info.value.message and repr(wanted) in info.value.message
+    with pytest.raises(PolicyError) as mcp:
+        policy.mcp_server(snapshot, wanted)
+    assert mcp.value.reason == reason
+
+
+def test_a_new_snapshot_brings_new_decisions() -> None:
+    policy = EgressPolicy(credentials=_NoSecrets())  # type: ignore[arg-type]
+    with pytest.raises(PolicyError):
+        policy.partner(_snapshot(), "agent-b")
+    agent, _ = policy.partner(_snapshot(partnerAgents=[{"agentName": "agent-b"}]), "agent-b")
+    assert agent == "agent-b"
+
+
+def test_calls_in_flight_past_the_pool_overflow() -> None:
+    policy = EgressPolicy(credentials=_NoSecrets())  # type: ignore[arg-type]
+    pool = ConnectionPoolSpec(maxConnections=1, maxPendingRequests=1)
+    policy.enter("agent-b", pool)
+    policy.enter("agent-b", pool)
+    with pytest.raises(PolicyError) as info:
+        policy.enter("agent-b", pool)
+    assert info.value.reason == "OVERFLOW" and "agent-b" in info.value.message
+    policy.leave("agent-b")
+    policy.enter("agent-b", pool)
+
+
+def _router(*ids: str, release: ReleaseSpec | None = None) -> Router:
+    instances = InMemoryInstanceSource(
+        Instance(i, "agent-b", f"http://127.0.0.1:{n + 1}") for n, i in enumerate(ids)
+    )
+    releases = InMemoryReleaseSource({"agent-b": release} if release else {})
+    return Router(instances=instances, releases=releases)
+
+
+def test_connect_failure_is_retried_on_another_instance_within_attempts() -> None:
+    retried: list[str] = []
+    retries = Retries(_router("b-1", "b-2", "b-3"), "agent-b", on_retry=retried.append)
+    first = retries.pick({})
+    assert retries.failed(first, "connect")
+    second = retries.pick({})
+    assert second.instance != first.instance
+    assert retries.failed(second, "connect")
+    third = retries.pick({})
+    assert not retries.failed(third, "connect")  # default attempts: 2
+    assert retried == ["agent-b", "agent-b"]
+    assert {first.instance, second.instance, third.instance} == {"b-1", "b-2", "b-3"}
+
+
+def test_retry_on_follows_the_targets_release() -> None:
+    release = ReleaseSpec.model_validate({"retries": {"attempts": 3, "retryOn": "reset"}})
+    retries = Retries(_router("b-1", release=release), "agent-b")
+    target = retries.pick({})
+    assert not retries.failed(target, "connect")  # not in retryOn
+    assert retries.failed(target, "reset")
+    assert not retries.answered(target, 503)  # gateway-error not in retryOn
+    assert retries.answered(target, 200) is False
+
+
+def test_no_instance_is_the_tables_no_instance() -> None:
+    retries = Retries(_router(), "agent-b")
+    with pytest.raises(PolicyError) as info:
+        retries.pick({})
+    assert info.value.reason == "NO_INSTANCE" and info.value.http_status == 503
