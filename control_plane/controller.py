@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from control_plane.runtime import Runtime
+from specmesh.backoff import BackoffPolicy
 from specmesh.errors import NotFoundError
 from specmesh.names import resource_name
 from specmesh.store import SpecStore
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 MAX_BACKOFF = 60.0
 """Longest wait before retrying an agent whose apply failed."""
+_RETRY_BACKOFF = BackoffPolicy(initial=1.0, maximum=MAX_BACKOFF, jitter=0.5)
 
 
 class Controller:
@@ -197,7 +199,7 @@ class Controller:
 
     def _failed(self, name: str, error: str) -> None:
         count = self._failures.get(name, (0, 0.0))[0] + 1
-        delay = min(2.0 ** (count - 1), MAX_BACKOFF)
+        delay = _RETRY_BACKOFF.delay(count)
         self._failures[name] = (count, time.monotonic() + delay)
         self.errors[name] = error
         logger.warning("agent %s: %s (retry %d in %.0fs)", name, error, count, delay)

@@ -40,7 +40,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TextIO, TypeVar
@@ -64,6 +63,7 @@ from mcp.server.subscriptions import (
 from mcp.shared.message import SessionMessage
 from starlette.types import ASGIApp
 
+from specmesh.backoff import BackoffPolicy, Reconnect
 from specmesh.logs import configure_logging
 from specmesh.serving import QuietUvicornServer, bind_tcp
 
@@ -217,10 +217,11 @@ class StdioUpstream:
     # ------------------------------------------------------------ connection task
 
     async def _run(self) -> None:
-        backoff = self._initial_backoff
+        reconnect = Reconnect(
+            BackoffPolicy(initial=self._initial_backoff, maximum=self._max_backoff)
+        )
         while not self._closing.is_set():
             ended = asyncio.Event()
-            up_since: float | None = None
             try:
                 transport = _eof_watching_stdio(self._params, ended, self._errlog)
                 async with contextlib.AsyncExitStack() as stack:
@@ -236,7 +237,7 @@ class StdioUpstream:
                     self._ready.set()
                     self.starts += 1
                     self.last_error = None
-                    up_since = time.monotonic()
+                    reconnect.connected()
                     logger.info(
                         "stdio MCP server connected",
                         extra={
@@ -260,16 +261,12 @@ class StdioUpstream:
                 self._first_attempt.set()
             if self._closing.is_set():
                 return
-            if up_since is not None and time.monotonic() - up_since >= self._max_backoff:
-                backoff = self._initial_backoff  # it ran a while: a fresh failure, not a loop
             self.last_error = self.last_error or "the process exited"
+            delay = reconnect.next_delay()  # a child that ran a while starts over
             logger.warning(
-                "stdio MCP server down (%s); restarting in %.1f s", self.last_error, backoff
+                "stdio MCP server down (%s); restarting in %.1f s", self.last_error, delay
             )
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(backoff):
-                    await self._closing.wait()
-            backoff = min(backoff * 2, self._max_backoff)
+            await reconnect.wait(delay, stop=self._closing)
 
     async def _follow(self, client: Client, ended: asyncio.Event) -> None:
         """Return when the child's stdout ends or the bridge closes; relist on changes."""

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import requests
 
+from specmesh.backoff import BackoffPolicy, Reconnect
 from specmesh.errors import CompactedError, StoreUnavailableError
 from specmesh.etcd import KV, EtcdClient, prefix_end
 
@@ -140,20 +141,26 @@ class PrefixWatcher:
         self._stream: _Stream | None = None
         self._closed = False
 
+    def _policy(self) -> BackoffPolicy:
+        return BackoffPolicy(
+            initial=self.retry_initial,
+            maximum=max(self.retry_max, self.retry_initial),
+            jitter=self.retry_initial,
+        )
+
     def close(self) -> None:
         self._closed = True
         if self._stream is not None:
             self._stream.close()
 
     async def _reread(self) -> WatchUpdate:
-        delay = self.retry_initial
+        reconnect = Reconnect(self._policy())
         while True:
             try:
                 result = await self.etcd.range(self.prefix, prefix=True)
             except StoreUnavailableError as e:
                 logger.warning("etcd unavailable while reading %s: %s", self.prefix, e.reason)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.retry_max)
+                await reconnect.wait()
                 continue
             self.last_revision = result.revision
             self.resets += 1
@@ -164,13 +171,13 @@ class PrefixWatcher:
         try:
             if self.last_revision is None:
                 yield await self._reread()
-            delay = self.retry_initial
+            reconnect = Reconnect(self._policy())
             while not self._closed:
                 assert self.last_revision is not None
                 self._stream = _Stream(self.etcd, self.prefix, self.last_revision + 1)
                 try:
                     async for update in self._consume(self._stream):
-                        delay = self.retry_initial
+                        reconnect.reset()
                         yield update
                 except CompactedError as e:
                     logger.info("watch on %s compacted (%s); reading everything", self.prefix, e)
@@ -182,8 +189,7 @@ class PrefixWatcher:
                 if self._closed:
                     return
                 self.reconnects += 1
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.retry_max)
+                await reconnect.wait()
         finally:
             self.close()
 

@@ -34,6 +34,7 @@ from mcp import Client, MCPError
 from mcp.client.subscriptions import ListenNotSupportedError, SubscriptionLost
 from pydantic import ValidationError
 
+from specmesh.backoff import BackoffPolicy, Reconnect
 from specmesh.spec.models import McpServerRef
 
 from ..errors import ToolError, ToolTimeoutError
@@ -111,7 +112,9 @@ class McpConnection:
         return self._tools if self._client is not None else ()
 
     async def _run(self) -> None:
-        backoff = self._initial_backoff
+        reconnect = Reconnect(
+            BackoffPolicy(initial=self._initial_backoff, maximum=self._max_backoff)
+        )
         while not self._closing.is_set():
             try:
                 async with Client(self.url, message_handler=self._on_message, cache=None) as client:
@@ -119,7 +122,7 @@ class McpConnection:
                     self._client = client
                     self.connects += 1
                     self.last_error = None
-                    backoff = self._initial_backoff
+                    reconnect.connected()
                     logger.info(
                         "MCP server %s connected (%d tools, protocol %s)",
                         self.server,
@@ -132,21 +135,19 @@ class McpConnection:
                 raise
             except Exception as e:  # top of the connection task: log, back off, retry
                 self.last_error = _describe(e)
-                logger.warning(
-                    "MCP server %s unreachable (%s); retrying in %.1f s",
-                    self.server,
-                    self.last_error,
-                    backoff,
-                )
             finally:
                 self._client = None
                 self._first_attempt.set()
             if self._closing.is_set():
                 return
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(backoff):
-                    await self._closing.wait()
-            backoff = min(backoff * 2, self._max_backoff)
+            delay = reconnect.next_delay()
+            logger.warning(
+                "MCP server %s unreachable (%s); retrying in %.1f s",
+                self.server,
+                self.last_error,
+                delay,
+            )
+            await reconnect.wait(delay, stop=self._closing)
 
     async def _follow(self, client: Client) -> None:
         """Wait until closing, refreshing the tools on ``tools/list_changed``."""
