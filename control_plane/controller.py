@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from control_plane.runtime import Runtime
-from specmesh.backoff import BackoffPolicy
+from specmesh.backoff import BackoffPolicy, Reconnect
 from specmesh.errors import NotFoundError
 from specmesh.names import resource_name
 from specmesh.store import SpecStore
@@ -79,6 +79,7 @@ class Controller:
         """Reconcile until cancelled."""
         watching = asyncio.create_task(self._watch(), name="controller-watch")
         last_resync = last_observe = 0.0
+        failing = Reconnect(_RETRY_BACKOFF)
         try:
             while True:
                 now = time.monotonic()
@@ -94,12 +95,14 @@ class Controller:
                     if time.monotonic() - last_observe >= self.observe_seconds:
                         last_observe = time.monotonic()
                         await self.observe()
+                    failing.reset()
                 except asyncio.CancelledError:
                     raise
                 except Exception:
-                    logger.exception("reconciling failed; retrying")
+                    delay = failing.next_delay()
+                    logger.exception("reconciling failed; retrying in %.1f s", delay)
                     self._resync_due = True
-                    await asyncio.sleep(1.0)
+                    await failing.wait(delay)
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self.observe_seconds)
