@@ -340,8 +340,7 @@ class Supervisor:
         run.mkdir(parents=True, exist_ok=True)
         run.chmod(0o700)
         self._vault = VaultClient(address=cfg.vault_addr, token=cfg.vault_token)
-        host, _, port = cfg.etcd_endpoint.removeprefix("http://").partition(":")
-        self._etcd = EtcdClient(host=host, port=int(port or 2379))
+        self._etcd = EtcdClient.from_endpoint(cfg.etcd_endpoint)
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0),  # one watch open per instance
             timeout=aiohttp.ClientTimeout(total=2),
