@@ -125,8 +125,7 @@ class ControlPlaneSettings(BaseSettings):
     @classmethod
     def _listener(cls, value: str, info: ValidationInfo) -> str:
         if value:  # an empty otlp_listen turns the receiver off
-            setting = f"SPECMESH_{str(info.field_name).upper()}"
-            parse_host_port(value, setting=setting, listen=True)
+            parse_host_port(value, setting=f"SPECMESH_{str(info.field_name).upper()}", listen=True)
         return value
 
     @field_validator("etcd_endpoint")

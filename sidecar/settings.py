@@ -216,8 +216,7 @@ class SidecarSettings(BaseSettings):
     @classmethod
     def _tcp_listener(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None:
-            setting = f"SPECMESH_{str(info.field_name).upper()}"
-            parse_host_port(value, setting=setting, listen=True)
+            parse_host_port(value, setting=f"SPECMESH_{str(info.field_name).upper()}", listen=True)
         return value
 
     @field_validator("egress_url")

@@ -24,17 +24,20 @@ setting it came from and the rule::
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 __all__ = [
     "DEFAULT_PORTS",
     "AddressError",
+    "RedisAddress",
     "format_host_port",
     "format_table",
     "parse_endpoint",
     "parse_host_port",
     "parse_listen",
+    "parse_redis_url",
     "parse_table",
     "resolve_host_port",
     "resolve_url",
@@ -143,6 +146,54 @@ def parse_endpoint(
         return parse_host_port(rest.rstrip("/"), setting=setting, default_port=port, listen=listen)
     except AddressError as e:
         raise AddressError(setting=setting, address=endpoint, rule=e.rule) from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RedisAddress:
+    """Where a ``redis://`` / ``rediss://`` URL points."""
+
+    host: str
+    port: int
+    db: int
+    tls: bool
+    username: str | None
+    password: str | None
+
+
+def parse_redis_url(url: str, *, setting: str) -> RedisAddress:
+    """``redis[s]://[user[:password]@]host[:port][/db]`` (port 6379 when not given)."""
+
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    shown = url  # an error never shows a password the URL carries
+    if at and ":" in userinfo:
+        masked = f"{userinfo.partition(':')[0]}:***@{hostport}"
+        shown = urlunsplit((parts.scheme, masked, parts.path, parts.query, parts.fragment))
+
+    def bad(rule: str) -> AddressError:
+        return AddressError(setting=setting, address=shown, rule=rule)
+
+    if parts.scheme not in ("redis", "rediss"):
+        raise bad("must be redis://host:port/db or rediss://...")
+    if not parts.hostname:
+        raise bad("the host is missing")
+    try:
+        port = parts.port
+    except ValueError:
+        raise bad("port must be a number from 1 to 65535") from None
+    if port == 0:
+        raise bad("port must be a number from 1 to 65535")
+    db = unquote(parts.path).strip("/")
+    if db and not (db.isascii() and db.isdigit()):
+        raise bad("the path must be a database number")
+    return RedisAddress(
+        host=parts.hostname,
+        port=port or DEFAULT_PORTS[parts.scheme],
+        db=int(db or 0),
+        tls=parts.scheme == "rediss",
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+    )
 
 
 def format_host_port(host: str, port: int) -> str:

@@ -6,11 +6,13 @@ import pytest
 
 from specmesh.addresses import (
     AddressError,
+    RedisAddress,
     format_host_port,
     format_table,
     parse_endpoint,
     parse_host_port,
     parse_listen,
+    parse_redis_url,
     parse_table,
     resolve_host_port,
     resolve_url,
@@ -165,3 +167,49 @@ def test_a_listener_is_tcp_or_unix() -> None:
 @pytest.mark.parametrize(("host", "port"), [("127.0.0.1", 80), ("::1", 7100), ("svc", 1)])
 def test_a_formatted_host_port_parses_back(host: str, port: int) -> None:
     assert parse_host_port(format_host_port(host, port), setting="X") == (host, port)
+
+
+@pytest.mark.parametrize(
+    ("url", "parsed"),
+    [
+        (
+            "redis://fleet-redis:6380/2",
+            RedisAddress(
+                host="fleet-redis", port=6380, db=2, tls=False, username=None, password=None
+            ),
+        ),
+        (
+            "rediss://agent%40x@[::1]/",
+            RedisAddress(host="::1", port=6379, db=0, tls=True, username="agent@x", password=None),
+        ),
+        (
+            "redis://u:p@h",
+            RedisAddress(host="h", port=6379, db=0, tls=False, username="u", password="p"),
+        ),
+    ],
+)
+def test_redis_urls_parse(url: str, parsed: RedisAddress) -> None:
+    assert parse_redis_url(url, setting="memory.address") == parsed
+
+
+@pytest.mark.parametrize(
+    ("url", "rule"),
+    [
+        ("http://h:6379/0", "must be redis://host:port/db or rediss://..."),
+        ("redis:///0", "the host is missing"),
+        ("redis://h:0/0", "port must be a number from 1 to 65535"),
+        ("redis://h:70000/0", "port must be a number from 1 to 65535"),
+        ("redis://h:6379/tasks", "the path must be a database number"),
+    ],
+)
+def test_bad_redis_urls_name_the_setting(url: str, rule: str) -> None:
+    with pytest.raises(AddressError) as caught:
+        parse_redis_url(url, setting="memory.address")
+    assert str(caught.value) == f"memory.address: {rule} (got {url!r})"
+
+
+def test_a_bad_redis_url_never_shows_its_password() -> None:
+    with pytest.raises(AddressError) as caught:
+        parse_redis_url("redis://agent:s3cret@h:99999/0", setting="SPECMESH_TASK_STORE")
+    assert "s3cret" not in str(caught.value)
+    assert caught.value.address == "redis://agent:***@h:99999/0"
