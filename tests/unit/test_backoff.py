@@ -201,3 +201,12 @@ async def test_retrying_does_not_retry_what_retry_refuses() -> None:
 
     assert calls == 1
     assert t.slept == []
+
+
+def test_the_engine_refuses_a_reconnect_cap_below_the_first_delay() -> None:
+    from pydantic import ValidationError
+
+    from engine.settings import EngineSettings
+
+    with pytest.raises(ValidationError, match="SPECMESH_SIDECAR_RECONNECT_MAX_SECONDS must be >="):
+        EngineSettings(reconnect_initial_seconds=2.0, reconnect_max_seconds=5.0)
