@@ -34,6 +34,7 @@ import hvac
 import requests
 from hvac import exceptions as hvac_exc
 
+from specmesh.backoff import BackoffPolicy, Reconnect
 from specmesh.errors import SecretAccessDeniedError, SecretError, SecretUnavailableError
 from specmesh.names import resource_name
 from specmesh.pki import (
@@ -303,6 +304,8 @@ class AgentCertificates:
         while True:
             issued_for = self.ttl * self.rotate_fraction
             await asyncio.sleep(issued_for)
+            cap = min(5.0, max(self.ttl / 10, 0.1))
+            retry = Reconnect(BackoffPolicy(initial=min(0.1, cap), maximum=cap, jitter=0.05))
             while True:
                 try:
                     await self.rotate()
@@ -315,4 +318,4 @@ class AgentCertificates:
                         e,
                         left,
                     )
-                    await asyncio.sleep(min(5.0, max(self.ttl / 10, 0.1)))
+                    await retry.wait()

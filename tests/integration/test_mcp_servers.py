@@ -266,7 +266,7 @@ async def test_bridge_restarts_a_killed_child(time_bridge: _Process) -> None:
     assert after.structured_content["timezone"] == "UTC"
     second = await asyncio.to_thread(
         time_bridge.wait_for,
-        lambda r: r.get("message") == "stdio MCP server connected" and r.get("starts") == 2,
+        lambda r: r.get("message") == "MCP server connected" and r.get("connects") == 2,
     )
     assert second["tools"] == 2
 
