@@ -16,13 +16,13 @@ from aiohttp import web
 from control_plane.api import ControlPlane
 from control_plane.auth import StaticTokenAuthenticator
 from control_plane.controller import Controller
-from control_plane.grpc_api import build_grpc_server
+from control_plane.grpc_api import build_grpc_server, build_servicers
+from control_plane.http_api import build_app
 from control_plane.issuer import TokenIssuer
 from control_plane.mcptools import McpToolCatalog
 from control_plane.mesh import IstioValidator
 from control_plane.otlp import OtlpForwarder, OtlpReceiver, build_otlp_app
 from control_plane.publisher import KubernetesMeshSink, MeshPublisher, MeshSink, YamlMeshSink
-from control_plane.rest import build_app
 from control_plane.runtime import Runtime
 from control_plane.runtime.local import LocalRuntime
 from control_plane.settings import ControlPlaneSettings
@@ -91,7 +91,10 @@ async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = 
         ),
     )  # fmt: skip
     grpc_server = await build_grpc_server(control_plane, authenticator, settings.grpc_listen)
-    runner = web.AppRunner(build_app(control_plane, authenticator), access_log=None)
+    runner = web.AppRunner(
+        build_app(control_plane, authenticator, build_servicers(control_plane, authenticator)),
+        access_log=None,
+    )
     # Closed in reverse: gRPC, OTLP listener, REST, forwarder (drains), trace store, token
     # watch, etcd, Vault.
     async with contextlib.AsyncExitStack() as stack:

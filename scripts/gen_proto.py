@@ -2,8 +2,10 @@
 
 One command for both ``scripts/gen-proto`` (which writes ``specmesh/v1/``) and the test
 that checks the committed code is current (which writes into a temporary folder and
-compares). Messages come from protoc's Python generator, services from grpcio-tools, and
-type stubs (``.pyi``) from mypy-protobuf's ``protoc-gen-mypy`` and ``protoc-gen-mypy_grpc``.
+compares). Messages come from protoc's Python generator, services from grpcio-tools, the
+descriptor set with comments (``descriptors.binpb``, for the OpenAPI document) from protoc,
+and type stubs (``.pyi``) from mypy-protobuf's ``protoc-gen-mypy`` and
+``protoc-gen-mypy_grpc``.
 
 With ``-I proto``, ``proto/specmesh/v1/x.proto`` becomes ``<out>/specmesh/v1/x_pb2.py``, so
 generated imports (``from specmesh.v1 import common_pb2``) resolve to our own package.
@@ -25,7 +27,10 @@ PROTO_ROOT = REPO / "proto"
 """The protoc include root of our own protos."""
 PACKAGE = Path("specmesh") / "v1"
 """Where generated modules land, relative to the output root (and to the repository)."""
-GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
+DESCRIPTOR_SET = "descriptors.binpb"
+"""The descriptor set of our protos with source info (their comments), for the OpenAPI
+document (control_plane/openapi.py)."""
+GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi", DESCRIPTOR_SET)
 """Name endings of generated files; anything else in ``specmesh/v1`` is hand-written."""
 
 _PLUGINS = ("protoc-gen-mypy", "protoc-gen-mypy_grpc")
@@ -58,6 +63,8 @@ def _command(out_dir: Path) -> list[str]:
         f"--grpc_python_out={out_dir}",
         f"--mypy_out={out_dir}",
         f"--mypy_grpc_out={out_dir}",
+        f"--descriptor_set_out={out_dir / PACKAGE / DESCRIPTOR_SET}",
+        "--include_source_info",
         *protos,
     ]
 

@@ -12,9 +12,10 @@ from aiohttp.test_utils import TestServer
 
 from control_plane.api import MASK, ControlPlane
 from control_plane.auth import Principal, Role, StaticTokenAuthenticator, hash_token
+from control_plane.grpc_api import build_servicers
+from control_plane.http_api import build_app
 from control_plane.istio import CRDS_PATH
 from control_plane.mesh import IstioValidator
-from control_plane.rest import build_app
 from specmesh.errors import SecretError, SecretUnavailableError
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient, agent_policy_name
@@ -48,7 +49,7 @@ async def api(store: SpecStore, vault: VaultClient) -> AsyncIterator[TestServer]
     )
     istio = IstioValidator(CRDS_PATH)
     cp = ControlPlane(store=store, vault=vault, istio=istio)
-    server = TestServer(build_app(cp, authenticator))
+    server = TestServer(build_app(cp, authenticator, build_servicers(cp, authenticator)))
     await server.start_server()
     yield server
     await server.close()
@@ -114,7 +115,7 @@ async def test_role_by_call_table_denies_by_default(
     _, token = await _call(api, "POST", "/api/v1/tokens", "secrets-admin", mint)
     outcomes = {}
     for name, method, path, body in CALLS:
-        status, _ = await _call(api, method, path.format(token=token["id"]), role, body)
+        status, _ = await _call(api, method, path.format(token=token["apiToken"]["id"]), role, body)
         outcomes[name] = status
 
     allowed = {n for n, s in outcomes.items() if s not in (401, 403)}
@@ -154,7 +155,8 @@ async def test_no_role_can_read_a_secret_value(api: TestServer) -> None:
             seen.append(str(body))
     everything = "\n".join(seen)
     assert "sk-planted-canary-77" not in everything and "v-secret-2" not in everything
-    _, creds = await _call(api, "GET", "/api/v1/credentials", "secrets-admin")
+    _, listed = await _call(api, "GET", "/api/v1/credentials", "secrets-admin")
+    creds = listed["credentials"]
     assert creds and {c["maskedValue"] for c in creds} == {MASK}
 
 
@@ -167,7 +169,8 @@ async def test_changes_are_audited_with_the_principal(api: TestServer) -> None:
         "operator",
         {"canaryRevision": 1, "canaryWeight": 20},
     )
-    _, entries = await _call(api, "GET", "/api/v1/audit?name=helper", "admin")
+    _, listed = await _call(api, "GET", "/api/v1/audit?name=helper", "admin")
+    entries = listed["entries"]
     assert [(e["actor"], e["kind"]) for e in entries][:2] == [
         ("user-operator", "Release"),
         ("user-operator", "Agent"),
@@ -187,11 +190,12 @@ async def test_release_promote_and_abort(api: TestServer) -> None:
         {"stableRevision": 1, "canaryRevision": 2, "canaryWeight": 10},
     )
     assert status == 200
-    _, objs = await _call(api, "GET", "/api/v1/mesh", "viewer")
-    vs = next(o for o in objs if o["kind"] == "VirtualService")
+    _, mesh = await _call(api, "GET", "/api/v1/mesh", "viewer")
+    vs = next(o for o in mesh["objects"] if o["kind"] == "VirtualService")
     assert [d["weight"] for d in vs["spec"]["http"][-1]["route"]] == [90, 10]
-    status, promoted = await _call(api, "POST", "/api/v1/agents/helper/release/promote", "operator")
-    assert (status, promoted["stableRevision"], promoted["canaryRevision"]) == (200, 2, None)
+    status, body = await _call(api, "POST", "/api/v1/agents/helper/release/promote", "operator")
+    promoted = body["release"]
+    assert (status, promoted["stableRevision"], "canaryRevision" in promoted) == (200, "2", False)
     status, body = await _call(api, "POST", "/api/v1/agents/helper/release/abort", "operator")
     assert status == 400 and "has no canary" in body["error"]["message"]
 
@@ -232,8 +236,14 @@ async def test_bad_input_gets_a_clear_error(api: TestServer) -> None:
     assert status == 400
     assert body["error"]["issues"][0]["path"] == "spec.model.temperature"
     assert body["error"]["issues"][0]["message"] == "must be <= 2 (got 7)"
-    status, body = await _call(api, "GET", "/api/v1/agents/helper/diff?from=x&to=1", "viewer")
-    assert (status, body["error"]["message"]) == (400, "from: must be an integer (got 'x')")
+    status, body = await _call(
+        api, "GET", "/api/v1/agents/helper/diff?fromRevision=x&toRevision=1", "viewer"
+    )
+    assert (status, body["error"]["code"]) == (400, "bad_request")
+    assert body["error"]["message"].startswith("query: Failed to parse fromRevision field")
+    status, body = await _call(api, "GET", "/api/v1/agents/helper/diff?from=1", "viewer")
+    assert (status, body["error"]["code"]) == (400, "bad_request")
+    assert body["error"]["message"].startswith("query: unknown parameter 'from'")
     status, _ = await _call(api, "GET", "/api/v1/agents/nobody", "viewer")
     assert status == 404
 
@@ -294,12 +304,14 @@ async def test_a_deeply_nested_body_is_a_400_not_a_recursion_error(
 
 
 @pytest.mark.parametrize(
-    "prefix", ["../../sys/policies/acl", "specmesh/../../sys", "sys/policies/acl", "specmesh//x"]
+    "prefix", ["../../sys/policies/acl", "specmesh/../../sys", "sys/policies/acl", "specmesh//x/"]
 )
 async def test_a_credentials_prefix_outside_specmesh_is_a_400_naming_prefix(
     api: TestServer, prefix: str
 ) -> None:
-    status, body = await _call(api, "GET", f"/api/v1/credentials?prefix={prefix}", "secrets-admin")
+    status, body = await _call(
+        api, "GET", f"/api/v1/credentials?pathPrefix={prefix}", "secrets-admin"
+    )
 
     assert status == 400
     assert body["error"]["code"] == "bad_request"
@@ -321,12 +333,12 @@ async def test_a_credentials_prefix_under_specmesh_lists(api: TestServer) -> Non
     await _call(api, "POST", "/api/v1/apply", "operator", {"manifest": AGENT})
 
     status, body = await _call(
-        api, "GET", "/api/v1/credentials?prefix=specmesh/agents/helper/", "secrets-admin"
+        api, "GET", "/api/v1/credentials?pathPrefix=specmesh/agents/helper/", "secrets-admin"
     )
 
     assert status == 200
-    assert [c["field"] for c in body] == ["value"]
-    assert body[0]["path"].startswith("specmesh/agents/helper/")
+    assert [c["field"] for c in body["credentials"]] == ["value"]
+    assert body["credentials"][0]["path"].startswith("specmesh/agents/helper/")
 
 
 async def test_a_path_name_with_a_trailing_newline_is_a_4xx(api: TestServer) -> None:

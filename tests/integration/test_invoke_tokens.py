@@ -18,8 +18,9 @@ from aiohttp.test_utils import TestServer
 
 from control_plane.api import ControlPlane
 from control_plane.auth import Principal, Role, StaticTokenAuthenticator, hash_token
+from control_plane.grpc_api import build_servicers
+from control_plane.http_api import build_app
 from control_plane.issuer import SIGNING_KEY_PATH, TokenIssuer
-from control_plane.rest import build_app
 from specmesh.secrets import VaultRef
 from specmesh.services import LocalServices
 from specmesh.store import SpecStore
@@ -52,12 +53,14 @@ async def api(store: SpecStore, vault: VaultClient) -> AsyncIterator[TestServer]
         {hash_token(t): Principal(f"user-{r}", frozenset({Role(r)})) for r, t in TOKENS.items()}
     )
     issuer = TokenIssuer(vault=vault, issuer="specmesh-test", ttl_seconds=120)
-    server = TestServer(
-        build_app(ControlPlane(store=store, vault=vault, issuer=issuer), authenticator)
-    )
+    server = TestServer(_app(ControlPlane(store=store, vault=vault, issuer=issuer), authenticator))
     await server.start_server()
     yield server
     await server.close()
+
+
+def _app(cp: ControlPlane, authenticator: Any) -> Any:
+    return build_app(cp, authenticator, build_servicers(cp, authenticator))
 
 
 async def _call(server: TestServer, method: str, path: str, role: str | None) -> tuple[int, Any]:
@@ -245,9 +248,7 @@ async def test_a_principal_name_that_is_no_usable_subject_gets_no_token(
         }
     )
     issuer = TokenIssuer(vault=vault, issuer="specmesh-test", ttl_seconds=120)
-    server = TestServer(
-        build_app(ControlPlane(store=store, vault=vault, issuer=issuer), authenticator)
-    )
+    server = TestServer(_app(ControlPlane(store=store, vault=vault, issuer=issuer), authenticator))
     await server.start_server()
     try:
         assert (await _call(server, "POST", "/api/v1/apply", "admin"))[0] == 200

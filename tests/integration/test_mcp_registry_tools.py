@@ -62,9 +62,16 @@ class Cp:
         while time.monotonic() < deadline:
             r = self.get("/api/v1/mcp-tools")
             assert r.status_code == 200, r.text
-            last = r.json().get(name)
+            found = [e for e in r.json()["listings"] if e["mcpServerName"] == name]
+            # proto3 JSON: "" for no error / no agent's credentials, no refreshedAt when unset
+            last = {
+                **found[0],
+                "error": found[0]["error"] or None,
+                "credentialsFrom": found[0]["credentialsFrom"] or None,
+                "refreshedAt": found[0].get("refreshedAt"),
+            } if found else None  # fmt: skip
             if last is not None and until(last):
-                return dict(last)
+                return last
             time.sleep(0.05)  # polling a condition with a deadline
         raise AssertionError(f"listing of {name} never matched; last: {last}")
 
@@ -190,9 +197,9 @@ def test_a_keyed_server_is_listed_with_an_agents_vault_credential_and_refused_wi
     assert listed["credentialsFrom"] == agent
     assert listed["refreshedAt"] is not None
     assert listed_now.status_code == 200
-    assert [t["name"] for t in listed_now.json()] == ["alpha", "beta"]
+    assert [t["name"] for t in listed_now.json()["tools"]] == ["alpha", "beta"]
     # the agent's spec holds a Vault reference, which the control plane read
-    header = stored.json()["spec"]["mcpServers"][0]["headers"]["X-Api-Key"]
+    header = stored.json()["agent"]["spec"]["mcpServers"][0]["headers"]["X-Api-Key"]
     assert header.startswith("vault://")
     for text in (refused_now.text, listed_now.text, json.dumps(listed), json.dumps(refused)):
         assert KEY not in text

@@ -12,8 +12,9 @@ from aiohttp.test_utils import TestServer
 
 from control_plane.api import ControlPlane
 from control_plane.auth import Principal, Role, StaticTokenAuthenticator, hash_token
+from control_plane.grpc_api import build_servicers
+from control_plane.http_api import build_app
 from control_plane.otlp import OtlpReceiver, build_otlp_app
-from control_plane.rest import build_app
 from control_plane.traces import InMemoryTraceStore
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient
@@ -33,7 +34,8 @@ async def servers(
             hash_token("s"): Principal("secrets", frozenset({Role.SECRETS_ADMIN})),
         }
     )
-    api = TestServer(build_app(ControlPlane(store=store, vault=vault, traces=traces), auth))
+    cp = ControlPlane(store=store, vault=vault, traces=traces)
+    api = TestServer(build_app(cp, auth, build_servicers(cp, auth)))
     otlp = TestServer(build_otlp_app(OtlpReceiver(store=traces)))
     await api.start_server()
     await otlp.start_server()
@@ -120,15 +122,18 @@ async def test_traces_over_rest(servers: tuple[TestServer, TestServer]) -> None:
     ):
         assert r.status == 200
 
-    status, traces = await _get(api, "/api/v1/traces?contextId=c1&since=2026-03-14T00:00:00Z", "v")
+    status, body = await _get(api, "/api/v1/traces?contextId=c1&since=2026-03-14T00:00:00Z", "v")
+    traces = body["traces"]
     assert (
         status == 200
         and [t["traceId"] for t in traces] == [TRACE]
-        and traces[0]["totalTokens"] == 1100
+        and traces[0]["totalTokens"] == "1100"  # int64: a string in proto3 JSON
     )
-    status, spans = await _get(api, f"/api/v1/traces/{TRACE}", "v")
-    assert status == 200 and [s["parentSpanId"] for s in spans] == [None, "eee19b7ec3c1b174"]
-    status, usage = await _get(api, "/api/v1/token-usage?groupBy=agent,model", "v")
+    status, body = await _get(api, f"/api/v1/traces/{TRACE}", "v")
+    spans = body["spans"]
+    assert status == 200 and [s["parentSpanId"] for s in spans] == ["", "eee19b7ec3c1b174"]
+    status, body = await _get(api, "/api/v1/token-usage?groupBy=agent&groupBy=model", "v")
+    usage = body["rows"]
     assert status == 200 and usage[0]["agent"] == "a" and usage[0]["costUsd"] > 0, usage
     assert (await _get(api, "/api/v1/token-usage?groupBy=tenant", "v"))[0] == 400
     assert (await _get(api, "/api/v1/traces?since=yesterday", "v"))[0] == 400
