@@ -12,7 +12,7 @@ import asyncio
 import json
 import re
 import socket
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,7 @@ from specmesh.modelserver import ScriptedModelServer
 from specmesh.snapshot import PromptBundle, ResolvedSnapshot
 from specmesh.spec.models import AgentSpec, McpServerSpec, PromptEntry, PromptRelease
 from specmesh.v1 import sidecar_pb2, sidecar_pb2_grpc
+from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -90,11 +91,13 @@ async def _serve_asgi(app: Any) -> AsyncIterator[str]:
         uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=1)
     )
     task = asyncio.create_task(server.serve(sockets=[sock]))
-    async with asyncio.timeout(WAIT):
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
+
+    def started() -> bool:
+        if task.done():
+            task.result()  # raises the server's error
+        return bool(server.started)
+
+    await eventually(started, timeout=WAIT, what="the ASGI server to start")
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -435,14 +438,6 @@ async def turn(
         ]
 
 
-async def _eventually(predicate: Callable[[], bool], *, every: float = 0.02) -> None:
-    """Poll ``predicate`` until it holds (callers bound it with a timeout)."""
-    while True:
-        if predicate():
-            return
-        await asyncio.sleep(every)
-
-
 def tool_call(name: str, arguments: Mapping[str, Any], call_id: str = "call_1") -> dict[str, Any]:
     return {"id": call_id, "name": name, "arguments": dict(arguments)}
 
@@ -609,8 +604,11 @@ async def test_tools_list_changed_refreshes_the_offered_tools(
         handshakes = mcp_state.handshakes
         before = set(runtime.context.tools())
         await turn(runtime, "grow")
-        async with asyncio.timeout(WAIT):
-            await _eventually(lambda: "kb__fresh" in runtime.context.tools())  # type: ignore[union-attr]
+        await eventually(
+            lambda: "kb__fresh" in runtime.context.tools(),  # type: ignore[union-attr]
+            timeout=WAIT,
+            what="the refreshed tool list",
+        )
 
     assert "kb__fresh" not in before
     assert mcp_state.handshakes == handshakes  # refreshed on the same session
@@ -960,7 +958,9 @@ async def test_dir_feed_picks_up_a_file_edit_and_skips_invalid_content(tmp_path:
         async with asyncio.timeout(WAIT):
             first = await received.get()
             (folder / "model.json").write_text("{not json")
-            await _eventually(lambda: feed.last_error is not None)
+            await eventually(
+                lambda: feed.last_error is not None, timeout=WAIT, what="the feed's error"
+            )
             error = feed.last_error
             _write_agent(folder, "second template")
             (folder / "model.json").write_text(json.dumps({"model": "scripted"}))
@@ -1019,8 +1019,7 @@ async def test_grpc_feed_converts_skips_invalid_reconnects_and_reports_again(
         async with EngineRuntime(feed=feed, settings=settings) as runtime:
             await runtime.wait_until(lambda r: r.revision == 3, timeout=WAIT)
             done = (await turn(runtime, "hi"))[-1]
-            async with asyncio.timeout(WAIT):
-                await _eventually(lambda: len(sidecar.reports) == 3)
+            await eventually(lambda: len(sidecar.reports) == 3, timeout=WAIT, what="three reports")
             ready_while_connected = runtime.ready
 
             await server.stop(grace=None)  # the sidecar is gone

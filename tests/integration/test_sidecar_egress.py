@@ -26,6 +26,7 @@ from specmesh.services import BaoProcess, LocalServices, free_port
 from specmesh.snapshot import PromptBundle, ResolvedSnapshot
 from specmesh.spec.models import AgentSpec, McpServerSpec
 from specmesh.vault import VaultClient, agent_policy, agent_policy_name, agent_secret_prefix
+from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -177,15 +178,6 @@ async def rig_factory() -> AsyncIterator[Callable[..., Awaitable[Rig]]]:
         await thing.close() if not isinstance(thing, EgressProxy) else await thing.stop()
 
 
-async def _poll(check: Callable[[], Awaitable[bool]], *, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 # ---------------------------------------------------------------- tests
 
 
@@ -308,7 +300,7 @@ async def test_a_caller_hanging_up_mid_call_is_no_error_and_the_next_call_is_ser
     async def upstream_called() -> bool:
         return any(s.path.endswith("/held") for s in upstream.seen)
 
-    await _poll(upstream_called, timeout=10, what="the call to reach the upstream")
+    await eventually(upstream_called, timeout=10, what="the call to reach the upstream")
     writer.close()
     await writer.wait_closed()
 
@@ -316,7 +308,7 @@ async def test_a_caller_hanging_up_mid_call_is_no_error_and_the_next_call_is_ser
         upstream.gate.put_nowait(None)
         return upstream.cut.is_set()
 
-    await _poll(upstream_cut, timeout=10, what="the egress to close the upstream's call")
+    await eventually(upstream_cut, timeout=10, what="the egress to close the upstream's call")
     async with rig.client.post(rig.egress.url + "/llm/v1/chat/completions", json={}) as resp:
         status = resp.status
 
@@ -349,7 +341,7 @@ async def test_rotated_secret_is_used_by_the_next_request_after_refresh(
     async def two_refreshes() -> bool:
         return resolver.refreshes >= start + 2
 
-    await _poll(two_refreshes, timeout=10, what="two background refreshes")
+    await eventually(two_refreshes, timeout=10, what="two background refreshes")
     async with rig.client.post(url, json={}) as resp:
         assert resp.status == 200
 
@@ -401,7 +393,7 @@ async def test_openbao_down_serves_from_cache_until_ttl_then_fails_clearly(
                 failure.update(status=resp.status, body=await resp.json(), at=time.monotonic())
                 return True
 
-        await _poll(failed, timeout=ttl + 10, what="the cached credential to expire")
+        await eventually(failed, timeout=ttl + 10, what="the cached credential to expire")
     finally:
         await asyncio.to_thread(bao.stop)
 

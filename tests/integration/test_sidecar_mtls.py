@@ -32,7 +32,8 @@ from specmesh.services import LocalServices, free_port
 from specmesh.spec.models import AgentSpec
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient
-from tests.integration.test_sidecar_egress import _poll, _snapshot, _spec
+from tests.integration.test_sidecar_egress import _snapshot, _spec
+from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -150,7 +151,7 @@ async def test_only_allowed_callers_with_valid_certificates_pass(
     async def is_expired() -> bool:
         return time.time() > expired.not_after.timestamp() + 0.5
 
-    await _poll(is_expired, timeout=10, what="the 1 s certificate to expire")
+    await eventually(is_expired, timeout=10, what="the 1 s certificate to expire")
     foreign_mount = f"foreign-{uuid.uuid4().hex[:6]}"
     await setup_pki(
         address=services.bao.address, token=services.bao.root_token, mount=foreign_mount
@@ -210,7 +211,7 @@ async def test_certificate_rotates_at_two_thirds_of_its_ttl(pki: PkiClient) -> N
         async def rotated() -> bool:
             return certs.rotations >= 1
 
-        await _poll(rotated, timeout=10, what="the certificate to rotate")
+        await eventually(rotated, timeout=10, what="the certificate to rotate")
         elapsed = time.monotonic() - started
 
     assert certs.current.serial != first
@@ -294,7 +295,7 @@ async def test_partner_graph_from_etcd_follows_changes(store: SpecStore) -> None
         async def changed() -> bool:
             return graph.partners("Caller_One") == frozenset({"other-agent"})
 
-        await _poll(changed, timeout=10, what="the partner graph to change")
+        await eventually(changed, timeout=10, what="the partner graph to change")
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
