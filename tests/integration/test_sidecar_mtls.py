@@ -204,18 +204,20 @@ async def test_rotation_keeps_open_connections_and_new_handshakes_see_the_new_se
 
 
 async def test_certificate_rotates_at_two_thirds_of_its_ttl(pki: PkiClient) -> None:
-    started = time.monotonic()
-    async with AgentCertificates(agent="short-lived", pki=pki, ttl=3) as certs:
+    asked: list[float] = []  # the rotation loop's clock, injected: what it waits for
+
+    async def sleep(seconds: float) -> None:
+        asked.append(seconds)
+        if len(asked) > 1:
+            await asyncio.Event().wait()  # after the first rotation: wait until closed
+
+    async with AgentCertificates(agent="short-lived", pki=pki, ttl=300, sleep=sleep) as certs:
         first = certs.current.serial
-
-        async def rotated() -> bool:
-            return certs.rotations >= 1
-
-        await eventually(rotated, timeout=10, what="the certificate to rotate")
-        elapsed = time.monotonic() - started
+        await eventually(lambda: certs.rotations >= 1, timeout=10, what="the certificate to rotate")
 
     assert certs.current.serial != first
-    assert 1.9 <= elapsed < 3.0
+    assert asked[0] == pytest.approx(200)  # two thirds of the 300 s TTL
+    assert asked[1] == pytest.approx(200)  # and again for the new certificate
 
 
 async def test_egress_calls_partner_sidecars_over_mtls_and_checks_their_identity(
