@@ -114,6 +114,9 @@ def test_question_uses_an_mcp_tool_and_a_partner_over_a2a(fleet: dict[str, Any])
 
 
 def test_one_trace_holds_the_spans_of_both_agents(fleet: dict[str, Any]) -> None:
+    # its own question (not the previous test's), found by its conversation id
+    asked = _ask(fleet, "mse-nacos-helper", "Which Nacos services are registered?")
+    assert asked.state == "completed"
     expected = {
         ("mse-nacos-helper", "invoke_agent mse-nacos-helper"),
         ("mse-nacos-helper", "execute_tool nacos-mcp-tools__list_services"),
@@ -121,20 +124,24 @@ def test_one_trace_holds_the_spans_of_both_agents(fleet: dict[str, Any]) -> None
         ("mse-gateway-assistant", "invoke_agent mse-gateway-assistant"),
         ("mse-gateway-assistant", "chat qwen-plus-latest"),
     }
+    seen: dict[str, set[tuple[str, str]]] = {}
 
     def two_agent_trace() -> dict[str, Any] | None:
         # each process exports its spans in its own batches: wait until all have arrived
-        for t in _api(fleet, "/api/v1/traces?agent=mse-nacos-helper&limit=100"):
-            if {"mse-nacos-helper", "mse-gateway-assistant"} <= set(t["agents"]):
-                spans = _api(fleet, f"/api/v1/traces/{t['traceId']}")
-                names = {(s["agent"], s["name"]) for s in spans}
-                if expected <= names:
-                    return {"trace": t, "names": names, "spans": spans}
+        for t in _api(fleet, f"/api/v1/traces?contextId={asked.context_id}&limit=100"):
+            spans = _api(fleet, f"/api/v1/traces/{t['traceId']}")
+            names = seen[t["traceId"]] = {(s["agent"], s["name"]) for s in spans}
+            if expected <= names:
+                return {"trace": t, "names": names, "spans": spans}
         return None
 
-    found = eventually_sync(two_agent_trace, what=f"a trace holding {sorted(expected)}", timeout=60)
+    try:
+        found = eventually_sync(two_agent_trace, what="the turn's trace", timeout=60)
+    except AssertionError as e:
+        missing = {t: sorted(expected - names) for t, names in seen.items()}
+        raise AssertionError(f"{e}: spans missing per trace {missing}") from None
 
-    assert expected <= found["names"]
+    assert {"mse-nacos-helper", "mse-gateway-assistant"} <= set(found["trace"]["agents"])
     assert found["trace"]["totalTokens"] > 0
     assert len(found["spans"]) < 100  # the SDK's internal spans are off
 

@@ -31,7 +31,8 @@ from engine.server import EngineServer, ServerConfig
 from engine.settings import EngineSettings
 from specmesh.modelserver import RecordedRequest, ScriptedModelServer
 from specmesh.snapshot import ResolvedSnapshot
-from tests.integration.test_engine_runtime import AGENT, Egress, _serve_asgi, make_snapshot
+from tests.integration.asgi_server import serve_asgi
+from tests.integration.test_engine_runtime import AGENT, Egress, make_snapshot
 
 pytestmark = pytest.mark.integration
 
@@ -170,7 +171,7 @@ def gate() -> Gate:
 
 @pytest.fixture(scope="module")
 async def egress(model: ScriptedModelServer, gate: Gate) -> AsyncIterator[Egress]:
-    async with _serve_asgi(_kb(gate).streamable_http_app()) as mcp_url:
+    async with serve_asgi(_kb(gate).streamable_http_app()) as mcp_url:
         e = Egress(model=model.root_url, mcp={"kb": f"{mcp_url}/mcp"}, a2a={})
         async with e.running():
             yield e

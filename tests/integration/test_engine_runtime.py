@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,7 +19,6 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-import uvicorn
 from a2a.helpers.proto_helpers import new_text_message
 from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.events.event_queue_v2 import EventQueue
@@ -64,6 +62,7 @@ from specmesh.modelserver import ScriptedModelServer
 from specmesh.snapshot import PromptBundle, ResolvedSnapshot
 from specmesh.spec.models import AgentSpec, McpServerSpec, PromptEntry, PromptRelease
 from specmesh.v1 import sidecar_pb2, sidecar_pb2_grpc
+from tests.integration.asgi_server import free_socket, serve_asgi
 from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
@@ -74,36 +73,6 @@ WAIT = 20.0
 
 
 # ---------------------------------------------------------------- servers
-
-
-def _free_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
-@asynccontextmanager
-async def _serve_asgi(app: Any) -> AsyncIterator[str]:
-    sock = _free_socket()
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=1)
-    )
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-
-    def started() -> bool:
-        if task.done():
-            task.result()  # raises the server's error
-        return bool(server.started)
-
-    await eventually(started, timeout=WAIT, what="the ASGI server to start")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
 
 
 class McpState:
@@ -315,16 +284,15 @@ async def mcp_state() -> McpState:
 async def mcp_url(mcp_state: McpState) -> AsyncIterator[str]:
     server = _mcp_server(mcp_state)
     app = _counting(server.streamable_http_app(), mcp_state)
-    async with _serve_asgi(app) as url:
+    async with serve_asgi(app) as url:
         yield f"{url}/mcp"
 
 
 @pytest.fixture(scope="module")
 async def partner_url() -> AsyncIterator[str]:
-    sock = _free_socket()
+    sock = free_socket()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    sock.close()
-    async with _serve_asgi(_partner_app(url)) as served:
+    async with serve_asgi(_partner_app(url), sock=sock) as served:
         yield served
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -13,10 +14,14 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from mcp import Client
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.types import TextContent
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
+from starlette.requests import Request
 
 from sidecar.credentials import CredentialResolver
 from sidecar.egress import EgressProxy, llm_upstream_base
@@ -26,6 +31,7 @@ from specmesh.services import BaoProcess, LocalServices, free_port
 from specmesh.snapshot import PromptBundle, ResolvedSnapshot
 from specmesh.spec.models import AgentSpec, McpServerSpec
 from specmesh.vault import VaultClient, agent_policy, agent_policy_name, agent_secret_prefix
+from tests.integration.asgi_server import serve_asgi
 from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
@@ -408,8 +414,24 @@ async def test_openbao_down_serves_from_cache_until_ttl_then_fails_clearly(
     assert all(s.headers["Authorization"] == "Bearer sk-cached" for s in upstream.seen)
 
 
-async def test_mcp_headers_and_query_params_are_injected(
-    services: LocalServices, vault: VaultClient, upstream: Upstream, rig_factory: Any
+def _echo_mcp_server() -> MCPServer:
+    """A real MCP server whose tool answers with what its HTTP request carried."""
+    server = MCPServer("gaode")
+
+    @server.tool()
+    def whoami(ctx: Context) -> str:
+        """The credential header and the query parameters this call arrived with."""
+        request = ctx.request_context.request
+        assert isinstance(request, Request)
+        return json.dumps(
+            {"header": request.headers.get("X-Gaode-Key"), "query": dict(request.query_params)}
+        )
+
+    return server
+
+
+async def test_a_real_mcp_server_gets_the_injected_header_and_query_param(
+    services: LocalServices, vault: VaultClient, rig_factory: Any
 ) -> None:
     agent = _agent()
     await vault.write(VaultRef.parse(_ref(agent, "model")), "sk-model")
@@ -417,7 +439,7 @@ async def test_mcp_headers_and_query_params_are_injected(
     await vault.write(VaultRef.parse(_ref(agent, "gaode-query")), "qp-secret")
     spec = _spec(
         agent,
-        upstream.url,
+        "http://127.0.0.1:9",
         mcpServers=[
             {
                 "mcpServerName": "gaode",
@@ -426,32 +448,27 @@ async def test_mcp_headers_and_query_params_are_injected(
             }
         ],
     )
-    mcp = {"gaode": McpServerSpec(url=upstream.url + "/mcp")}
-    rig = await rig_factory(
-        address=services.bao.address,
-        token=await _agent_token(vault, agent),
-        snapshot=_snapshot(agent, spec, mcp),
-    )
+    async with serve_asgi(_echo_mcp_server().streamable_http_app()) as server_url:
+        mcp = {"gaode": McpServerSpec(url=server_url + "/mcp")}
+        rig = await rig_factory(
+            address=services.bao.address,
+            token=await _agent_token(vault, agent),
+            snapshot=_snapshot(agent, spec, mcp),
+        )
+        # the official client, through the egress (the server's name is case-insensitive);
+        # the caller's own query parameters are kept beside the injected one
+        async with Client(rig.egress.url + "/mcp/Gaode?tenant=t1") as client:
+            tools = [t.name for t in (await client.list_tools()).tools]
+            result = await client.call_tool("whoami", {})
 
-    async with rig.client.post(
-        rig.egress.url + "/mcp/gaode?session=abc",
-        json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
-        headers={"Accept": "application/json, text/event-stream"},
-    ) as resp:
-        assert resp.status == 200
-    async with rig.client.get(rig.egress.url + "/mcp/Gaode/stream") as resp:
-        assert resp.status == 200
-        for _ in range(2):
-            upstream.gate.put_nowait(None)
-        assert b"chunk-2" in await resp.read()
-
-    first, second = upstream.seen
-    assert first.path == "/mcp"
-    assert first.query == {"session": "abc", "key": "qp-secret"}
-    assert first.headers["X-Gaode-Key"] == "hdr-secret"
-    assert b"tools/list" in first.body
-    assert second.path == "/mcp/stream"
-    assert second.query == {"key": "qp-secret"}
+    assert tools == ["whoami"]
+    assert not result.is_error
+    [block] = result.content
+    assert isinstance(block, TextContent)
+    assert json.loads(block.text) == {
+        "header": "hdr-secret",
+        "query": {"tenant": "t1", "key": "qp-secret"},
+    }
 
 
 async def test_undeclared_mcp_server_or_partner_is_refused_and_logged(
