@@ -4,6 +4,11 @@ and the target's release policy read from real etcd."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,6 +28,7 @@ from sidecar.router import (
     Router,
 )
 from sidecar.state import SnapshotHolder
+from specmesh.a2aclient import invoke
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
 from specmesh.secrets import VaultRef
@@ -31,6 +37,9 @@ from specmesh.spec.models import AgentSpec, ReleaseSpec
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient
 from specmesh.watch import PrefixWatcher
+from tests.conftest import REPO
+from tests.integration.test_engine_server_main import _SCRIPT as ENGINE_SCRIPT
+from tests.integration.test_engine_server_main import _serving_line
 from tests.integration.test_sidecar_egress import (
     Upstream,
     _agent,
@@ -286,3 +295,48 @@ async def test_target_release_policy_is_read_from_etcd(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+@pytest.fixture
+async def engine_partner(a2a_rig: A2ARig) -> AsyncIterator[str]:
+    """A real engine process (its A2A server; the scripted runner echoes) as the partner's
+    only instance; its card names the egress route as its public way in."""
+    public = f"{a2a_rig.egress.url}/a2a/partner-x/"
+    env = {
+        **os.environ,
+        "AGENT_NAME": "partner-x",
+        "SPECMESH_ENGINE_PUBLIC_HTTP_URL": public,
+        "SPECMESH_ENGINE_DRAIN_SECONDS": "2",
+    }
+    process = await asyncio.to_thread(
+        subprocess.Popen,
+        [sys.executable, "-c", ENGINE_SCRIPT, "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"],
+        cwd=REPO,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        serving = await asyncio.to_thread(_serving_line, process, time.monotonic() + 30)
+        for name in ("a", "b", "c"):  # the recording instances make way for the engine
+            a2a_rig.instances.remove(PARTNER, name)
+        a2a_rig.instances.add(Instance("engine", PARTNER, str(serving["http"]), "stable"))
+        yield public
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(process.wait, 30)
+
+
+async def test_a_real_engine_behind_the_egress_answers_the_a2a_client(
+    a2a_rig: A2ARig, engine_partner: str
+) -> None:
+    streamed: list[str] = []
+
+    # the SDK's client reads the card through the egress and sends there (the card's URL)
+    result = await asyncio.wait_for(invoke(engine_partner, "hello", on_text=streamed.append), 30)
+
+    assert (result.state, result.text) == ("completed", "echo: hello")
+    requests_total = a2a_rig.registry.get_sample_value(
+        "specmesh_sidecar_egress_requests_total", {"kind": "a2a", "status": "200"}
+    )
+    assert requests_total is not None and requests_total >= 2  # the card and the message
