@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -37,9 +35,7 @@ from specmesh.spec.models import AgentSpec, ReleaseSpec
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient
 from specmesh.watch import PrefixWatcher
-from tests.conftest import REPO
-from tests.integration.test_engine_server_main import _SCRIPT as ENGINE_SCRIPT
-from tests.integration.test_engine_server_main import _serving_line
+from tests.integration.test_engine_server_main import _serving_line, start_scripted_engine
 from tests.integration.test_sidecar_egress import (
     Upstream,
     _agent,
@@ -308,14 +304,7 @@ async def engine_partner(a2a_rig: A2ARig) -> AsyncIterator[str]:
         "SPECMESH_ENGINE_PUBLIC_HTTP_URL": public,
         "SPECMESH_ENGINE_DRAIN_SECONDS": "2",
     }
-    process = await asyncio.to_thread(
-        subprocess.Popen,
-        [sys.executable, "-c", ENGINE_SCRIPT, "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"],
-        cwd=REPO,
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = await asyncio.to_thread(start_scripted_engine, env)
     try:
         serving = await asyncio.to_thread(_serving_line, process, time.monotonic() + 30)
         for name in ("a", "b", "c"):  # the recording instances make way for the engine
