@@ -239,9 +239,13 @@ def test_scaled_to_three_calls_spread_and_scaled_to_one_two_drain_without_errors
             timeout=10,
         )
         eventually_sync(
+            lambda: [i["instance"] for i in _instances(fleet)] == ["billing-helper-stable-0"],
+            what="the supervisor to forget the two stopped instances",
+            timeout=10,
+        )
+        eventually_sync(
             lambda: caller.successes_since(scaled) >= 4, what="calls after the scale", timeout=30
         )
-    assert [i["instance"] for i in _instances(fleet)] == ["billing-helper-stable-0"]
     assert caller.errors_since(0) == []
     assert caller.successes_since(scaled) >= 4
 
