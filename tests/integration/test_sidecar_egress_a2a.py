@@ -26,7 +26,6 @@ from sidecar.router import (
     Router,
 )
 from sidecar.state import SnapshotHolder
-from specmesh.a2aclient import invoke
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
 from specmesh.secrets import VaultRef
@@ -35,6 +34,7 @@ from specmesh.spec.models import AgentSpec, ReleaseSpec
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient
 from specmesh.watch import PrefixWatcher
+from specmeshctl.a2aclient import invoke
 from tests.integration.test_engine_server_main import _serving_line, start_scripted_engine
 from tests.integration.test_sidecar_egress import (
     Upstream,
