@@ -11,7 +11,7 @@ import asyncio
 import functools
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -557,18 +557,24 @@ class VaultClient:
         return str(response["auth"]["client_token"])
 
 
-async def keep_token_alive(vault: VaultClient, *, floor: float = 5.0) -> None:
+async def keep_token_alive(
+    vault: VaultClient,
+    *,
+    floor: float = 5.0,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> None:
     """Renew ``vault``'s token at half its remaining TTL, for as long as the task runs (a
     token that never expires -- root, a static token -- needs nothing). A failed renewal is
     logged and retried (backing off up to ``floor`` seconds); the caller's reads fail clearly
-    once the token has expired."""
+    once the token has expired. ``sleep`` waits between renewals (a test injects its own
+    clock here)."""
     retry = Reconnect(BackoffPolicy(initial=min(0.5, floor), maximum=floor))
     while True:
         try:
             ttl = await vault.token_ttl()
             if ttl is None:
                 return
-            await asyncio.sleep(min(max(floor, ttl / 2), max(ttl - 1, 0.1)))
+            await sleep(min(max(floor, ttl / 2), max(ttl - 1, 0.1)))
             await vault.renew_self()
             retry.reset()
         except SecretError as e:

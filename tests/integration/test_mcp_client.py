@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import httpcore2
 import pytest
@@ -15,18 +15,10 @@ from specmesh.backoff import BackoffPolicy
 from specmesh.mcp_client import ReconnectingMcpClient, tls_context
 from specmesh.mcpbridge import serve_http
 from specmesh.services import free_port
+from tests.polling import eventually
 
 WAIT = 20.0
 FAST = BackoffPolicy(initial=0.05, maximum=0.2, jitter=0.0)
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    """Return once ``condition()`` holds; fail after WAIT seconds."""
-    async with asyncio.timeout(WAIT):
-        while True:  # the client has no change event to wait on
-            if condition():
-                return
-            await asyncio.sleep(0.02)
 
 
 @contextlib.asynccontextmanager
@@ -55,9 +47,12 @@ async def test_the_client_reconnects_to_a_restarted_server_and_lists_its_tools()
             await client.start()
             first = {t.name for t in client.tools}
             was_connected = client.connected
-        await _until(lambda: not client.connected)  # the server stopped; the client retries
+        # the server stopped; the client retries
+        await eventually(
+            lambda: not client.connected, timeout=WAIT, what="the client to notice the stop"
+        )
         async with _server(port, ["alpha", "beta"]):
-            await _until(lambda: client.connects == 2)
+            await eventually(lambda: client.connects == 2, timeout=WAIT, what="the second connect")
             second = {t.name for t in client.tools}
             session = client.client
             assert session is not None
@@ -87,7 +82,7 @@ async def test_reconnect_attempts_share_one_tls_context(monkeypatch: pytest.Monk
     client = ReconnectingMcpClient(url, name="nowhere", backoff=FAST, connect_timeout=2.0)
     try:
         await client.start()
-        await _until(lambda: client.attempts >= 4)
+        await eventually(lambda: client.attempts >= 4, timeout=WAIT, what="four connect attempts")
     finally:
         await client.aclose()
 
