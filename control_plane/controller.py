@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from control_plane.runtime import Runtime
+from specmesh.backoff import BackoffPolicy, Reconnect
 from specmesh.errors import NotFoundError
 from specmesh.names import resource_name
 from specmesh.store import SpecStore
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 MAX_BACKOFF = 60.0
 """Longest wait before retrying an agent whose apply failed."""
+_RETRY_BACKOFF = BackoffPolicy(initial=1.0, maximum=MAX_BACKOFF, jitter=0.5)
 
 
 class Controller:
@@ -77,6 +79,7 @@ class Controller:
         """Reconcile until cancelled."""
         watching = asyncio.create_task(self._watch(), name="controller-watch")
         last_resync = last_observe = 0.0
+        failing = Reconnect(_RETRY_BACKOFF)
         try:
             while True:
                 now = time.monotonic()
@@ -92,12 +95,14 @@ class Controller:
                     if time.monotonic() - last_observe >= self.observe_seconds:
                         last_observe = time.monotonic()
                         await self.observe()
+                    failing.reset()
                 except asyncio.CancelledError:
                     raise
                 except Exception:
-                    logger.exception("reconciling failed; retrying")
+                    delay = failing.next_delay()
+                    logger.exception("reconciling failed; retrying in %.1f s", delay)
                     self._resync_due = True
-                    await asyncio.sleep(1.0)
+                    await failing.wait(delay)
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self.observe_seconds)
@@ -197,7 +202,7 @@ class Controller:
 
     def _failed(self, name: str, error: str) -> None:
         count = self._failures.get(name, (0, 0.0))[0] + 1
-        delay = min(2.0 ** (count - 1), MAX_BACKOFF)
+        delay = _RETRY_BACKOFF.delay(count)
         self._failures[name] = (count, time.monotonic() + delay)
         self.errors[name] = error
         logger.warning("agent %s: %s (retry %d in %.0fs)", name, error, count, delay)

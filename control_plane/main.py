@@ -28,7 +28,7 @@ from control_plane.runtime.local import LocalRuntime
 from control_plane.settings import ControlPlaneSettings
 from control_plane.tokens import TokenAuthenticator, TokenStore
 from control_plane.traces import SqliteTraceStore, retention_loop
-from specmesh.addresses import parse_table
+from specmesh.addresses import parse_host_port, parse_table
 from specmesh.errors import SecretError
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
@@ -42,9 +42,9 @@ __all__ = ["main", "serve"]
 logger = logging.getLogger(__name__)
 
 
-async def _listen(runner: web.AppRunner, listen: str) -> None:
-    host, _, port = listen.rpartition(":")
-    await web.TCPSite(runner, host or "127.0.0.1", int(port)).start()
+async def _listen(runner: web.AppRunner, listen: str, *, setting: str) -> None:
+    host, port = parse_host_port(listen, setting=setting, listen=True)
+    await web.TCPSite(runner, host, port).start()
 
 
 async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = None) -> None:
@@ -116,14 +116,14 @@ async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = 
             )
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
-        await _listen(runner, settings.listen)
+        await _listen(runner, settings.listen, setting="SPECMESH_LISTEN")
         logger.info("control plane listening on http://%s", settings.listen)
         if settings.otlp_listen:
             receiver = OtlpReceiver(store=traces, forwarder=forwarder)
             otlp_runner = web.AppRunner(build_otlp_app(receiver), access_log=None)
             await otlp_runner.setup()
             stack.push_async_callback(otlp_runner.cleanup)
-            await _listen(otlp_runner, settings.otlp_listen)
+            await _listen(otlp_runner, settings.otlp_listen, setting="SPECMESH_OTLP_LISTEN")
             logger.info("OTLP/HTTP receiver on http://%s/v1/traces", settings.otlp_listen)
         if settings.task_store_password:
             # agents applied before the task store was configured may read its password too

@@ -40,6 +40,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from control_plane.errors import BadRequestError
 from specmesh.addresses import resolve_url
+from specmesh.backoff import BackoffPolicy, Reconnect
 from specmesh.errors import SecretError, SecretReferenceError, SpecmeshError
 from specmesh.logs import register_secret
 from specmesh.secrets import VaultRef, is_reference
@@ -297,6 +298,8 @@ class McpToolCatalog:
     async def _schedule(self) -> None:
         loop = asyncio.get_running_loop()
         next_full = loop.time()
+        cap = min(5.0, self.refresh_seconds)
+        failing = Reconnect(BackoffPolicy(initial=min(0.5, cap), maximum=cap))
         while True:
             force = loop.time() >= next_full
             if force:
@@ -304,11 +307,15 @@ class McpToolCatalog:
             self._changed.clear()
             try:
                 await self.sync(force=force)
+                failing.reset()
             except asyncio.CancelledError:
                 raise
             except Exception:  # top of the task: etcd unavailable, ... try again soon
-                logger.exception("refreshing the MCP Registry's tools failed; retrying")
-                next_full = min(next_full, loop.time() + min(5.0, self.refresh_seconds))
+                delay = failing.next_delay()
+                logger.exception(
+                    "refreshing the MCP Registry's tools failed; retrying in %.1f s", delay
+                )
+                next_full = min(next_full, loop.time() + delay)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(next_full - loop.time(), 0.0)):
                     await self._changed.wait()

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from control_plane.istio import CRDS_PATH
 from control_plane.mesh import MeshSettings
-from specmesh.addresses import parse_table
+from specmesh.addresses import parse_endpoint, parse_host_port, parse_table
 from specmesh.issuers import JwtIssuer, parse_jwt_issuers
 
 __all__ = ["ControlPlaneSettings", "KubernetesRuntimeSettings"]
@@ -125,6 +125,19 @@ class ControlPlaneSettings(BaseSettings):
     @classmethod
     def _table(cls, value: str) -> str:
         parse_table(value)
+        return value
+
+    @field_validator("listen", "grpc_listen", "otlp_listen")
+    @classmethod
+    def _listener(cls, value: str, info: ValidationInfo) -> str:
+        if value:  # an empty otlp_listen turns the receiver off
+            parse_host_port(value, setting=f"SPECMESH_{str(info.field_name).upper()}", listen=True)
+        return value
+
+    @field_validator("etcd_endpoint")
+    @classmethod
+    def _etcd_endpoint(cls, value: str) -> str:
+        parse_endpoint(value, setting="SPECMESH_ETCD_ENDPOINT", default_port=2379)
         return value
 
     @field_validator("jwt_issuers", mode="before")

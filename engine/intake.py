@@ -30,6 +30,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import ValidationError
 
+from specmesh.backoff import BackoffPolicy, Reconnect
 from specmesh.errors import SpecError, SpecmeshError
 from specmesh.snapshot import PromptBundle, ResolvedSnapshot
 from specmesh.spec.manifest import load_agent_folder, load_path
@@ -238,7 +239,9 @@ class GrpcSnapshotFeed:
         return self._watch()
 
     async def _watch(self) -> AsyncIterator[ResolvedSnapshot]:
-        backoff = self._initial_backoff
+        reconnect = Reconnect(
+            BackoffPolicy(initial=self._initial_backoff, maximum=self._max_backoff)
+        )
         # gRPC's own reconnection backoff grows to minutes; the sidecar is local: <= 1 s
         reconnect_ms = max(int(self._max_backoff * 1000), 100)
         channel = grpc.aio.insecure_channel(
@@ -266,7 +269,7 @@ class GrpcSnapshotFeed:
                     await self._set_connected(True)
                     await self._send_last_report()
                     async for response in call:
-                        backoff = self._initial_backoff
+                        reconnect.reset()
                         try:
                             snapshot = snapshot_from_proto(response.snapshot)
                         except SnapshotDecodeError as e:
@@ -282,7 +285,9 @@ class GrpcSnapshotFeed:
                     self.last_error = "the sidecar ended the snapshot stream"
                     await self._set_connected(False)
                     logger.warning("snapshot stream from %s ended; reopening", self._address)
+                    delay = reconnect.next_delay()
                 except grpc.aio.AioRpcError as e:
+                    delay = reconnect.next_delay()
                     self.last_error = f"snapshot stream failed: {e.code().name}"
                     await self._set_connected(False)
                     level = (
@@ -296,12 +301,11 @@ class GrpcSnapshotFeed:
                         self._address,
                         e.code().name,
                         e.details(),
-                        backoff,
+                        delay,
                     )
                 finally:
                     call.cancel()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self._max_backoff)
+                await reconnect.wait(delay)
         finally:
             self._channel = None
             self._connected = False  # the iteration ended: no listener to tell

@@ -36,9 +36,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.card import parse_card_security
 from engine.runner import AgentRunner
-from engine.server import EngineServer, ServerConfig, parse_address
+from engine.server import EngineServer, ServerConfig
 from engine.tasks import DEFAULT_RETENTION_SECONDS, MEMORY, check_task_store
 from engine.telemetry import EngineMetrics, configure_telemetry
+from specmesh.addresses import AddressError, parse_host_port
 from specmesh.logs import configure_logging
 
 __all__ = ["RuntimeOpener", "ServeSettings", "main", "serve"]
@@ -180,8 +181,8 @@ async def _run(
     metrics: EngineMetrics,
     open_runtime: RuntimeOpener,
 ) -> int:
-    http_host, http_port = parse_address(args.http)
-    grpc_host, grpc_port = parse_address(args.grpc)
+    http_host, http_port = parse_host_port(args.http, setting="--http", listen=True)
+    grpc_host, grpc_port = parse_host_port(args.grpc, setting="--grpc", listen=True)
     config = ServerConfig(
         agent_name=settings.agent_name,
         http_host=http_host,
@@ -237,9 +238,9 @@ def main(argv: Sequence[str] | None = None, *, open_runtime: RuntimeOpener | Non
         logger.error("AGENT_NAME is not set")
         return EXIT_USAGE
     try:
-        parse_address(args.http)
-        parse_address(args.grpc)
-    except ValueError as e:
+        parse_host_port(args.http, setting="--http", listen=True)
+        parse_host_port(args.grpc, setting="--grpc", listen=True)
+    except AddressError as e:
         logger.error("bad listen address: %s", e)
         return EXIT_USAGE
     telemetry = configure_telemetry(

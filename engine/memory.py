@@ -33,6 +33,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError, ResponseError
 
+from specmesh.addresses import parse_listen
 from specmesh.names import resource_name
 from specmesh.spec.models import MemorySpec
 
@@ -265,12 +266,11 @@ class RedisConversationMemory:
             "driver_info": None,  # no CLIENT SETINFO: the first reply is the proxy's own
             "decode_responses": True,
         }
-        if proxy.startswith("unix:"):
-            path = proxy.removeprefix("unix:")
-            client = aioredis.Redis(unix_socket_path=path.removeprefix("//"), **common)
+        kind, host, port = parse_listen(proxy, setting="SPECMESH_REDIS_PROXY")
+        if kind == "unix":
+            client = aioredis.Redis(unix_socket_path=host, **common)
         else:
-            host, _, port = proxy.rpartition(":")
-            client = aioredis.Redis(host=host.strip("[]") or "127.0.0.1", port=int(port), **common)
+            client = aioredis.Redis(host=host, port=port, **common)
         return cls(
             client=client, agent_name=agent_name, ttl_seconds=ttl_seconds, max_messages=max_messages
         )

@@ -22,7 +22,8 @@ providers it translates (:mod:`engine.litellm_chat`).
         +-- a body that is not the format -> ModelError
 
 Retries: ``max_retries`` more attempts after the first, with a short exponential backoff
-(:data:`RETRY_BASE_S` doubling, at most :data:`RETRY_MAX_S`; a 429's ``Retry-After`` up
+(:data:`RETRY_BASE_S` doubling plus jitter, at most :data:`RETRY_MAX_S`, the project's
+:class:`specmesh.backoff.BackoffPolicy`; a 429's ``Retry-After`` up
 to that bound), only while nothing was received -- a stream that broke halfway is not
 replayed. Timeouts: ``timeout`` seconds to connect and between two reads (as httpx's
 timeout in litellm's OpenAI client). Errors carry the status, never the body: a
@@ -31,7 +32,6 @@ provider's error text can echo a key.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
@@ -39,6 +39,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from tenacity import RetryCallState, retry_if_exception
+
+from specmesh.backoff import BackoffPolicy
 
 from .errors import ModelError, ModelRequestError, ModelTimeoutError, ModelUnavailableError
 from .replies import ModelReply, ReplyBuilder, TextChunk, safe_reason
@@ -51,6 +54,7 @@ RETRY_BASE_S = 0.1
 """First wait before retrying a failed call (doubles each retry)."""
 RETRY_MAX_S = 4.0
 """Longest wait between two attempts."""
+_RETRY_POLICY = BackoffPolicy(initial=RETRY_BASE_S, maximum=RETRY_MAX_S, jitter=RETRY_BASE_S)
 
 _JSON = "application/json"
 
@@ -167,38 +171,39 @@ class OpenAIChat:
             total=None, sock_connect=request.timeout, sock_read=request.timeout
         )
         url = f"{request.api_base.rstrip('/')}/chat/completions"
-        attempt = 0
-        while True:
-            try:
-                response = await self._open(request, url, data, headers, timeout)
-            except _Failed as failed:
-                if not failed.retry or attempt >= request.max_retries:
-                    raise failed.error from failed.error.__cause__
-                wait = min(
-                    failed.wait if failed.wait is not None else RETRY_BASE_S * 2**attempt,
-                    RETRY_MAX_S,
-                )
-                attempt += 1
-                logger.info(
-                    "model %s %s; retry %d of %d in %.2f s",
-                    request.display,
-                    failed.error.reason,
-                    attempt,
-                    request.max_retries,
-                    wait,
-                )
-                await asyncio.sleep(wait)
-                continue
-            try:
-                if stream:
-                    async for item in self._streamed(request, response):
-                        yield item
-                else:
-                    async for item in self._whole(request, response):
-                        yield item
-            finally:
-                response.release()
-            return
+
+        def log_retry(state: RetryCallState) -> None:
+            failed = state.outcome.exception() if state.outcome is not None else None
+            reason = failed.error.reason if isinstance(failed, _Failed) else str(failed)
+            logger.info(
+                "model %s %s; retry %d of %d in %.2f s",
+                request.display,
+                reason,
+                state.attempt_number,
+                request.max_retries,
+                state.upcoming_sleep,
+            )
+
+        try:
+            async for attempt in _RETRY_POLICY.retrying(
+                retry=retry_if_exception(lambda e: isinstance(e, _Failed) and e.retry),
+                attempts=request.max_retries + 1,
+                hint=lambda e: e.wait if isinstance(e, _Failed) else None,
+                before_sleep=log_retry,
+            ):
+                with attempt:
+                    response = await self._open(request, url, data, headers, timeout)
+        except _Failed as failed:
+            raise failed.error from failed.error.__cause__
+        try:
+            if stream:
+                async for item in self._streamed(request, response):
+                    yield item
+            else:
+                async for item in self._whole(request, response):
+                    yield item
+        finally:
+            response.release()
 
     async def _open(
         self,

@@ -30,6 +30,7 @@ from types import TracebackType
 import httpx
 from opentelemetry import context as otel_context
 
+from specmesh.backoff import BackoffPolicy, Reconnect
 from specmesh.snapshot import ResolvedSnapshot
 
 from .context import ContextBuilder, RuntimeContext
@@ -219,20 +220,26 @@ class EngineRuntime:
     # ------------------------------------------------------------ snapshots
 
     async def _consume(self) -> None:
-        backoff = self._settings.reconnect_initial_seconds
+        reconnect = Reconnect(
+            BackoffPolicy(
+                initial=self._settings.reconnect_initial_seconds,
+                maximum=self._settings.reconnect_max_seconds,
+            )
+        )
         while True:
             try:
                 async for snapshot in self._feed:
-                    backoff = self._settings.reconnect_initial_seconds
+                    reconnect.reset()
                     await self._apply(snapshot)
-                logger.warning("the snapshot feed ended; restarting it")
+                delay = reconnect.next_delay()
+                logger.warning("the snapshot feed ended; restarting it in %.1f s", delay)
             except asyncio.CancelledError:
                 raise
             except Exception:  # top of the task: the feed broke; keep serving, retry
-                logger.exception("the snapshot feed failed; restarting it in %.1f s", backoff)
+                delay = reconnect.next_delay()
+                logger.exception("the snapshot feed failed; restarting it in %.1f s", delay)
             await self._notify()  # a feed that ended is no longer connected: readiness changed
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self._settings.reconnect_max_seconds)
+            await reconnect.wait(delay)
 
     async def _apply(self, snapshot: ResolvedSnapshot) -> None:
         expected = self._settings.agent_name

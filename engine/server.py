@@ -89,7 +89,7 @@ from engine.tasks import (
 from engine.telemetry import EngineMetrics, TraceContextInterceptor, TraceContextMiddleware
 from specmesh.serving import QuietUvicornServer, bind_tcp
 
-__all__ = ["A2A_SERVICE", "EngineServer", "ServerConfig", "parse_address"]
+__all__ = ["A2A_SERVICE", "EngineServer", "ServerConfig"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,15 +97,6 @@ A2A_SERVICE = a2a_pb2.DESCRIPTOR.services_by_name["A2AService"].full_name
 """The gRPC service name, also the gRPC health service name of the A2A endpoint."""
 HTTP_JSON_PREFIX = "/v1"
 _UNTRACED_PATHS = frozenset({"/healthz", "/readyz"})
-
-
-def parse_address(address: str, *, default_host: str = "127.0.0.1") -> tuple[str, int]:
-    """``host:port``, ``[v6]:port`` or ``:port`` -> (host, port)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"address {address!r}: must be host:port")
-    host = host.strip("[]") or default_host
-    return host, int(port)
 
 
 def _url_host(host: str) -> str:

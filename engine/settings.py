@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["EngineSettings"]
@@ -58,3 +58,13 @@ class EngineSettings(BaseSettings):
     data_dir: Path = Path("data")
     """The engine's own data folder; the embedded knowledge store lives in
     ``<data_dir>/knowledge`` unless ``knowledge.store.address`` names another folder."""
+
+    @model_validator(mode="after")
+    def _reconnect_delays(self) -> EngineSettings:
+        for name in ("reconnect_max_seconds", "sidecar_reconnect_max_seconds"):
+            if getattr(self, name) < self.reconnect_initial_seconds:
+                raise ValueError(
+                    f"SPECMESH_{name.upper()} must be >= SPECMESH_RECONNECT_INITIAL_SECONDS "
+                    f"(got {getattr(self, name)} < {self.reconnect_initial_seconds})"
+                )
+        return self

@@ -84,6 +84,7 @@ from redis.exceptions import RedisError
 
 from engine.callers import resolve_owner
 from engine.errors import TaskStoreError
+from specmesh.addresses import AddressError, parse_redis_url
 from specmesh.names import resource_name
 
 __all__ = [
@@ -137,15 +138,10 @@ def check_task_store(value: str) -> str | None:
     if parts.scheme not in ("redis", "unix"):
         return f"must be {MEMORY!r} or a redis://host:port/db URL (got {value!r})"
     if parts.scheme == "redis":
-        if not parts.hostname:
-            return f"redis URL {value!r} has no host"
         try:
-            parts.port  # noqa: B018 - raises on a bad port
-        except ValueError:
-            return f"redis URL {value!r} has a bad port"
-        db = parts.path.strip("/")
-        if db and not db.isdigit():
-            return f"redis URL {value!r}: the path must be a database number"
+            parse_redis_url(value, setting="SPECMESH_TASK_STORE")
+        except AddressError as e:
+            return str(e)
     if parts.password:
         return "must not carry a password: the sidecar's task-store proxy adds it"
     return None

@@ -27,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
+from specmesh.backoff import BackoffPolicy, Reconnect
 from specmesh.errors import (
     SecretAccessDeniedError,
     SecretError,
@@ -248,7 +249,8 @@ class CredentialResolver:
 
     async def _refresh_loop(self) -> None:
         lead = self.ttl * self.refresh_fraction
-        retry = max(min(self.ttl / 10, 5.0), 0.05)
+        cap = max(min(self.ttl / 10, 5.0), 0.05)
+        retry = Reconnect(BackoffPolicy(initial=min(0.05, cap), maximum=cap, jitter=0.0))
         while True:
             due = self._next_due()
             self._wake.clear()
@@ -284,5 +286,6 @@ class CredentialResolver:
                 self.refreshes += 1
             if failed:
                 # Entries still due: try again soon, not in a busy loop.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), retry)
+                await retry.wait(stop=self._wake)
+            else:
+                retry.reset()

@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from sidecar.callers import CallerPolicy, JwtVerifier
 from sidecar.credentials import CredentialResolver, KubernetesLogin, TokenLogin, VaultLogin
@@ -35,8 +34,8 @@ from sidecar.main import SidecarContext
 from sidecar.mtls import AgentCertificates, PkiClient
 from sidecar.redisproxy import RedisProxy, fixed_redis_upstream
 from sidecar.router import EtcdReleaseSource, Router
-from sidecar.settings import SidecarSettings, parse_listen_address
-from specmesh.addresses import parse_table
+from sidecar.settings import SidecarSettings
+from specmesh.addresses import parse_endpoint, parse_host_port, parse_listen, parse_table
 from specmesh.errors import SecretError
 from specmesh.spec.models import CallersSpec
 from specmesh.store import SpecStore
@@ -66,11 +65,6 @@ def vault_login(settings: SidecarSettings) -> VaultLogin:
     if not settings.vault_token:
         raise SecretError("no Vault identity: set SPECMESH_VAULT_TOKEN or SPECMESH_VAULT_K8S_ROLE")
     return TokenLogin(address=settings.vault_addr, token=settings.vault_token)
-
-
-def _host_port(address: str) -> tuple[str, int]:
-    parts = urlsplit(address if "://" in address else f"tcp://{address}")
-    return parts.hostname or "127.0.0.1", int(parts.port or 0)
 
 
 class DataPlane:
@@ -125,7 +119,7 @@ class DataPlane:
             mode="istio" if settings.istio else "direct",
             on_ejection=metrics.on_ejection,
         )
-        host, port = _host_port(settings.egress_url)
+        host, port = parse_endpoint(settings.egress_url, setting="SPECMESH_EGRESS_URL", listen=True)
         self.egress = EgressProxy(
             snapshots=self.ctx.holder,
             credentials=self.credentials,
@@ -157,7 +151,7 @@ class DataPlane:
             mesh_trust_domain=settings.istio_trust_domain,
             mesh_namespace=settings.namespace,
         )
-        host, port = _host_port(settings.inbound)
+        host, port = parse_host_port(settings.inbound, setting="SPECMESH_INBOUND", listen=True)
         self.inbound = InboundServer(
             agent_name=settings.agent_name,
             engine_http=settings.engine_http,
@@ -168,11 +162,12 @@ class DataPlane:
             require_identity=settings.istio,
         )
         await self.inbound.start()
-        self.redis_proxy = self._redis_proxy(settings.redis_proxy)
+        self.redis_proxy = self._redis_proxy(settings.redis_proxy, setting="SPECMESH_REDIS_PROXY")
         await self.redis_proxy.start()
         if settings.task_store_proxy and settings.task_store_upstream:
             self.task_store_proxy = self._redis_proxy(
                 settings.task_store_proxy,
+                setting="SPECMESH_TASK_STORE_PROXY",
                 upstream=fixed_redis_upstream(
                     settings.task_store_upstream, password_ref=settings.task_store_password
                 ),
@@ -233,7 +228,7 @@ class DataPlane:
         if settings.entry or settings.entry_grpc:
             from sidecar.entry import EntryServer, GrpcEntry
         if settings.entry:
-            host, port = _host_port(settings.entry)
+            host, port = parse_host_port(settings.entry, setting="SPECMESH_ENTRY", listen=True)
             self.entry = EntryServer(
                 agent_name=settings.agent_name,
                 instance_id=settings.instance_id,
@@ -260,11 +255,11 @@ class DataPlane:
             await self.grpc_entry.start()
             logger.info("public entry (gRPC) on %s", self.grpc_entry.target)
 
-    def _redis_proxy(self, listen: str, **kwargs: Any) -> RedisProxy:
+    def _redis_proxy(self, listen: str, *, setting: str, **kwargs: Any) -> RedisProxy:
         """A Redis proxy on ``listen`` (``host:port`` or ``unix:path``): the memory store's
         (following the snapshot), or one with a fixed ``upstream``."""
         assert self.credentials is not None
-        kind, host, port = parse_listen_address(listen)
+        kind, host, port = parse_listen(listen, setting=setting)
         return RedisProxy(
             snapshots=self.ctx.holder,
             credentials=self.credentials,

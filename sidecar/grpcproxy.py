@@ -53,6 +53,7 @@ import grpc
 from a2a.types import a2a_pb2
 from cryptography import x509
 
+from specmesh.addresses import parse_host_port
 from specmesh.callers import CALLER_KEY, PRINCIPAL_KEY
 from specmesh.names import resource_name
 from specmesh.spec.models import ConnectionPoolSpec
@@ -284,8 +285,7 @@ async def bind_server(server: grpc.aio.Server, address: str, creds: Any | None) 
 
 
 def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port or 0)
+    return parse_host_port(address, setting="gRPC listen address", listen=True)
 
 
 # ---------------------------------------------------------------- inbound

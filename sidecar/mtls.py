@@ -23,7 +23,7 @@ import os
 import ssl
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +34,7 @@ import hvac
 import requests
 from hvac import exceptions as hvac_exc
 
+from specmesh.backoff import BackoffPolicy, Reconnect
 from specmesh.errors import SecretAccessDeniedError, SecretError, SecretUnavailableError
 from specmesh.names import resource_name
 from specmesh.pki import (
@@ -227,8 +228,11 @@ class AgentCertificates:
         pki: PkiClient,
         ttl: float = 300.0,
         rotate_fraction: float = 2 / 3,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        """``sleep`` waits between rotations (a test injects its own clock here)."""
         self.agent = resource_name(agent)
+        self._sleep = sleep
         self._pki = pki
         self.ttl = ttl
         self.rotate_fraction = rotate_fraction
@@ -302,7 +306,9 @@ class AgentCertificates:
     async def _rotate_loop(self) -> None:
         while True:
             issued_for = self.ttl * self.rotate_fraction
-            await asyncio.sleep(issued_for)
+            await self._sleep(issued_for)
+            cap = min(5.0, max(self.ttl / 10, 0.1))
+            retry = Reconnect(BackoffPolicy(initial=min(0.1, cap), maximum=cap, jitter=0.05))
             while True:
                 try:
                     await self.rotate()
@@ -315,4 +321,4 @@ class AgentCertificates:
                         e,
                         left,
                     )
-                    await asyncio.sleep(min(5.0, max(self.ttl / 10, 0.1)))
+                    await retry.wait()

@@ -37,7 +37,7 @@ from prometheus_client import (
 from prometheus_client import Enum as EnumMetric
 
 from sidecar.errors import ListenAddressError
-from sidecar.settings import parse_listen_address
+from specmesh.addresses import parse_listen
 
 __all__ = ["OpsServer", "ReadinessReport", "SidecarMetrics"]
 
@@ -160,7 +160,7 @@ class OpsServer:
         readiness: Callable[[], ReadinessReport],
     ) -> None:
         try:
-            self._kind, self._host, self._port = parse_listen_address(address)
+            self._kind, self._host, self._port = parse_listen(address, setting="SPECMESH_OPS")
         except ValueError as e:
             raise ListenAddressError(address=address, reason=str(e)) from e
         self.address = address

@@ -40,9 +40,8 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from urllib.parse import unquote, urlsplit
 
-from specmesh.addresses import resolve_host_port
+from specmesh.addresses import AddressError, parse_redis_url, resolve_host_port
 from specmesh.snapshot import ResolvedSnapshot
 from specmesh.spec.models import MemorySpec
 
@@ -90,16 +89,16 @@ def redis_upstream(memory: MemorySpec) -> RedisUpstream | None:
     """The upstream of a memory part; ``None`` unless it is ``storageType: redis``."""
     if memory.storage_type != "redis" or not memory.address:
         return None
-    parts = urlsplit(memory.address)
-    path = unquote(parts.path).strip("/")
-    if path and not path.isdigit():
-        raise RedisProxyError(f"memory.address: the path must be a database number (got {path!r})")
+    try:
+        address = parse_redis_url(memory.address, setting="memory.address")
+    except AddressError as e:
+        raise RedisProxyError(str(e)) from e
     creds = {k.lower(): v for k, v in memory.credentials.items()}
     return RedisUpstream(
-        host=parts.hostname or "127.0.0.1",
-        port=parts.port or 6379,
-        db=int(path or 0),
-        tls=parts.scheme == "rediss",
+        host=address.host,
+        port=address.port,
+        db=address.db,
+        tls=address.tls,
         password_ref=creds.get("password"),
         username_ref=creds.get("username"),
     )
@@ -111,22 +110,20 @@ def fixed_redis_upstream(
     """The upstream of a fixed-upstream proxy: a ``redis://`` / ``rediss://`` URL (no
     password in it; a username may be: ``redis://<user>@host:port/db``) and references to
     its credentials."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-        raise RedisProxyError(f"upstream {url!r}: must be redis://host:port/db or rediss://...")
-    if parts.password is not None:
+    try:
+        address = parse_redis_url(url, setting="SPECMESH_TASK_STORE_UPSTREAM")
+    except AddressError as e:
+        raise RedisProxyError(str(e)) from e
+    if address.password is not None:
         raise RedisProxyError("upstream URL must not carry a password (give a vault:// reference)")
-    path = unquote(parts.path).strip("/")
-    if path and not path.isdigit():
-        raise RedisProxyError(f"upstream {url!r}: the path must be a database number")
     return RedisUpstream(
-        host=parts.hostname,
-        port=parts.port or 6379,
-        db=int(path or 0),
-        tls=parts.scheme == "rediss",
+        host=address.host,
+        port=address.port,
+        db=address.db,
+        tls=address.tls,
         password_ref=password_ref,
         username_ref=username_ref,
-        username=unquote(parts.username) if parts.username else None,
+        username=address.username,
     )
 
 

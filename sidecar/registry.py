@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sidecar.ops import SidecarMetrics
+from specmesh.backoff import BackoffPolicy, Reconnect
 from specmesh.errors import StoreError, StoreUnavailableError
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
@@ -206,6 +207,7 @@ class InstanceRegistration:
         loop = asyncio.get_running_loop()
         interval = max(self.ttl / 3, 0.2)
         retry = min(interval, 1.0)
+        reconnect = Reconnect(BackoffPolicy(initial=min(0.1, retry), maximum=retry, jitter=0.05))
         last_keepalive = loop.time()
         while True:
             try:
@@ -227,13 +229,19 @@ class InstanceRegistration:
                         await self.etcd.put(self.key, value, lease=self.lease_id)
                         self._written = value
                 self._etcd_up(True)
+                reconnect.reset()
                 wait = max(interval - (loop.time() - last_keepalive), 0.0)
             except StoreUnavailableError as e:
                 self._etcd_up(False)
                 if self.metrics is not None:
                     self.metrics.registry_keepalive_failures.inc()
-                logger.warning("registry %s: etcd unreachable (%s); retrying", self.key, e.reason)
-                wait = retry
+                wait = reconnect.next_delay()
+                logger.warning(
+                    "registry %s: etcd unreachable (%s); retrying in %.2f s",
+                    self.key,
+                    e.reason,
+                    wait,
+                )
             except StoreError as e:  # e.g. "requested lease not found" on a put
                 logger.warning("registry %s: %s; registering again", self.key, e)
                 self.lease_id = None

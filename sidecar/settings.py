@@ -13,17 +13,17 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from specmesh.addresses import parse_table
+from specmesh.addresses import parse_endpoint, parse_host_port, parse_listen, parse_table
 from specmesh.errors import SecretError
 from specmesh.issuers import JwtIssuer, parse_jwt_issuers
 from specmesh.keys import Keys
 from specmesh.names import check_logical_name, resource_name
 from specmesh.secrets import VaultRef
 
-__all__ = ["SidecarSettings", "default_instance_id", "parse_listen_address"]
+__all__ = ["SidecarSettings", "default_instance_id"]
 
 
 def default_instance_id() -> str:
@@ -211,14 +211,24 @@ class SidecarSettings(BaseSettings):
         Keys(prefix=value)  # raises ValueError with the rule
         return value
 
-    @field_validator("task_store_proxy")
+    @field_validator("sync_addr", "redis_proxy", "task_store_proxy")
     @classmethod
-    def _task_store_proxy(cls, value: str | None) -> str | None:
+    def _listener(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None:
-            try:
-                parse_listen_address(value)
-            except ValueError as e:
-                raise ValueError(f"SPECMESH_TASK_STORE_PROXY {e}") from e
+            parse_listen(value, setting=f"SPECMESH_{str(info.field_name).upper()}")
+        return value
+
+    @field_validator("inbound", "inbound_grpc", "egress_grpc", "entry", "entry_grpc", "ops")
+    @classmethod
+    def _tcp_listener(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            parse_host_port(value, setting=f"SPECMESH_{str(info.field_name).upper()}", listen=True)
+        return value
+
+    @field_validator("egress_url")
+    @classmethod
+    def _egress_url(cls, value: str) -> str:
+        parse_endpoint(value, setting="SPECMESH_EGRESS_URL", listen=True)
         return value
 
     @field_validator("task_store_password")
@@ -281,20 +291,3 @@ class SidecarSettings(BaseSettings):
             return self.inbound
         scheme = "https" if self.mtls else "http"
         return f"{scheme}://{self.inbound}"
-
-
-def parse_listen_address(address: str) -> tuple[str, str, int]:
-    """``host:port`` -> ``("tcp", host, port)``; ``unix:path`` / ``unix:///path`` ->
-    ``("unix", path, 0)``. Raises ``ValueError`` naming the rule."""
-    if address.startswith("unix:"):
-        path = address.removeprefix("unix:")
-        if path.startswith("//"):
-            path = path[2:]
-        if not path:
-            raise ValueError(f"unix address needs a path (got {address!r})")
-        return "unix", path, 0
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"must be host:port or unix:path (got {address!r})")
-    host = host.strip("[]") or "127.0.0.1"
-    return "tcp", host, int(port)

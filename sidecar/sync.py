@@ -40,6 +40,7 @@ from pydantic import ValidationError
 from sidecar.errors import InvalidSnapshotError, SnapshotCacheError
 from sidecar.ops import SidecarMetrics
 from sidecar.state import SnapshotHolder
+from specmesh.backoff import BackoffPolicy, Reconnect
 from specmesh.errors import NotFoundError, SpecError, StoreUnavailableError
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
@@ -279,16 +280,21 @@ class SpecSync:
         logger.info("stopped watching %s", w.prefix)
 
     async def _pump(self, w: _Watch) -> None:
+        reconnect = Reconnect(
+            BackoffPolicy(initial=min(0.2, self.watch_retry_max), maximum=self.watch_retry_max)
+        )
         while True:
             try:
                 async for update in w.watcher.updates():
+                    reconnect.reset()
                     await self._queue.put((w, update))
                 return
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.exception("watch on %s failed; restarting it", w.prefix)
-                await asyncio.sleep(self.watch_retry_max)
+                delay = reconnect.next_delay()
+                logger.exception("watch on %s failed; restarting it in %.1f s", w.prefix, delay)
+                await reconnect.wait(delay)
                 w.watcher = PrefixWatcher(
                     etcd=self.etcd,
                     prefix=w.prefix,

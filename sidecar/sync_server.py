@@ -38,9 +38,9 @@ from sidecar.errors import (
     grpc_status,
 )
 from sidecar.ops import ReadinessReport, SidecarMetrics
-from sidecar.settings import parse_listen_address
 from sidecar.state import SnapshotHolder
 from sidecar.sync import SpecSync, SyncedSnapshot
+from specmesh.addresses import parse_listen
 from specmesh.names import resource_name
 from specmesh.v1 import common_pb2, sidecar_pb2, sidecar_pb2_grpc
 
@@ -188,7 +188,7 @@ class SpecSyncServer:
         metrics: SidecarMetrics | None = None,
     ) -> None:
         try:
-            self._kind, self._host, self._port = parse_listen_address(address)
+            self._kind, self._host, self._port = parse_listen(address, setting="SPECMESH_SYNC_ADDR")
         except ValueError as e:
             raise ListenAddressError(address=address, reason=str(e)) from e
         self.address = address

@@ -48,6 +48,7 @@ from typing import Any, Literal
 
 import aiohttp
 
+from specmesh.addresses import parse_endpoint
 from specmesh.errors import CompactedError, StoreError, StoreUnavailableError, WatchStalledError
 
 __all__ = [
@@ -232,9 +233,8 @@ class EtcdClient:
     @classmethod
     def from_endpoint(cls, endpoint: str, **kwargs: Any) -> EtcdClient:
         """``http://host:port`` -> client."""
-        hostport = endpoint.split("://", 1)[-1].rstrip("/")
-        host, _, port = hostport.rpartition(":")
-        return cls(host=host or "127.0.0.1", port=int(port), **kwargs)
+        host, port = parse_endpoint(endpoint, setting="SPECMESH_ETCD_ENDPOINT", default_port=2379)
+        return cls(host=host, port=port, **kwargs)
 
     @property
     def endpoint(self) -> str:

@@ -14,14 +14,16 @@ bridges third-party stdio servers (``mcp-server-time``) itself::
 
 :class:`StdioUpstream` owns the child: it spawns it with the official client's stdio
 transport, lists its tools, follows its list changes and, when the child exits (its stdout
-reaches EOF), starts it again with exponential backoff. :func:`bridge_server` builds the
-HTTP-facing server as the child presents itself: its ``serverInfo`` (name, version, title...),
-its instructions and the capabilities it declares. Its handlers forward ``tools/list`` and
-``tools/call`` and, when the child offers them, ``prompts/list``, ``prompts/get``,
-``resources/list``, ``resources/templates/list`` and ``resources/read`` (pages and errors as
-the child answers them). A change of the child's tool, prompt or resource list is
-published to ``subscriptions/listen`` streams (2026-07-28 clients, which is what the engine
-speaks). Clients on handshake-era protocol versions are served but are not told about list
+reaches EOF), starts it again with backoff -- all of that is
+:class:`specmesh.mcp_client.ReconnectingMcpClient`, which the engine uses too.
+:func:`bridge_server` builds the HTTP-facing server as the child presents itself: its
+``serverInfo`` (name, version, title...), its instructions and the capabilities it declares.
+Its handlers forward ``tools/list`` and ``tools/call`` and, when the child offers them,
+``prompts/list``, ``prompts/get``, ``resources/list``, ``resources/templates/list`` and
+``resources/read`` (pages and errors as the child answers them). A change of the child's
+tool, prompt or resource list is published to ``subscriptions/listen`` streams (2026-07-28
+clients, which is what the engine speaks).
+Clients on handshake-era protocol versions are served but are not told about list
 changes. When the child is not up when the bridge starts, the bridge presents itself under
 the command's name and forwards every method.
 
@@ -35,36 +37,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TextIO, TypeVar
 
-import anyio
 import mcp_types
 import uvicorn
-from mcp import Client, MCPError, StdioServerParameters, stdio_client
-from mcp.client._transport import TransportStreams
-from mcp.client.subscriptions import ListenNotSupportedError
+from mcp import Client, MCPError, StdioServerParameters
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 from mcp.server.subscriptions import (
     InMemorySubscriptionBus,
     ListenHandler,
-    PromptsListChanged,
-    ResourcesListChanged,
     ServerEvent,
     ToolsListChanged,
 )
-from mcp.shared.message import SessionMessage
 from starlette.types import ASGIApp
 
+from specmesh.backoff import BackoffPolicy
 from specmesh.logs import configure_logging
+from specmesh.mcp_client import ReconnectingMcpClient
 from specmesh.serving import QuietUvicornServer, bind_tcp
 
 __all__ = ["StdioUpstream", "bridge_server", "main", "serve_http"]
@@ -83,8 +79,9 @@ class StdioUpstream:
 
     An async context manager: entering starts the child and returns once the first
     attempt succeeded or failed (bounded by ``connect_timeout``); leaving stops it. The
-    client's transport holds a task group that one task must enter and leave, so the
-    connection lives in its own task.
+    child is kept up by :class:`specmesh.mcp_client.ReconnectingMcpClient`; this class adds
+    what forwarding needs: calls wait (bounded) for a restarting child and fail as tool
+    errors, never as a crash of the bridge.
     """
 
     def __init__(
@@ -101,36 +98,20 @@ class StdioUpstream:
         errlog: TextIO = sys.stderr,
     ) -> None:
         self._params = params
-        self._on_tools_changed = on_tools_changed
-        self._on_changed = on_changed
-        self._connect_timeout = connect_timeout
         self._ready_timeout = ready_timeout
         self._call_timeout = call_timeout
-        self._initial_backoff = initial_backoff
-        self._max_backoff = max_backoff
-        self._errlog = errlog
-        self._client: Client | None = None
-        self._tools: tuple[mcp_types.Tool, ...] = ()
-        self._ready = asyncio.Event()
-        self._first_attempt = asyncio.Event()
-        self._closing = asyncio.Event()
-        self._refresh_lock = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[None]] = set()
-        self.starts = 0
-        """Successful handshakes so far (1 + restarts)."""
-        self.server_info: mcp_types.Implementation | None = None
-        """How the child identified itself (at the last handshake; None before the first)."""
-        self.capabilities: mcp_types.ServerCapabilities | None = None
-        """What the child declared it offers (at the last handshake)."""
-        self.instructions: str | None = None
-        self.last_error: str | None = None
+        self._conn = ReconnectingMcpClient(
+            params,
+            name=params.command,
+            connect_timeout=connect_timeout,
+            backoff=BackoffPolicy(initial=initial_backoff, maximum=max_backoff),
+            on_tools_changed=on_tools_changed,
+            on_changed=on_changed,
+            errlog=errlog,
+        )
 
     async def __aenter__(self) -> StdioUpstream:
-        self._task = asyncio.create_task(self._run(), name=f"mcp-bridge:{self._params.command}")
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self._connect_timeout):
-                await self._first_attempt.wait()
+        await self._conn.start()
         return self
 
     async def __aexit__(
@@ -139,33 +120,49 @@ class StdioUpstream:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._closing.set()
-        for t in list(self._background):
-            t.cancel()
-        if self._task is not None:
-            await asyncio.wait({self._task})
+        await self._conn.aclose()
 
     @property
     def ready(self) -> bool:
-        return self._client is not None
+        return self._conn.connected
+
+    @property
+    def starts(self) -> int:
+        """Successful handshakes so far (1 + restarts)."""
+        return self._conn.connects
+
+    @property
+    def server_info(self) -> mcp_types.Implementation | None:
+        """How the child identified itself (at the last handshake; None before the first)."""
+        return self._conn.server_info
+
+    @property
+    def capabilities(self) -> mcp_types.ServerCapabilities | None:
+        """What the child declared it offers (at the last handshake)."""
+        return self._conn.capabilities
+
+    @property
+    def instructions(self) -> str | None:
+        return self._conn.instructions
+
+    @property
+    def last_error(self) -> str | None:
+        return self._conn.last_error
 
     @property
     def tools(self) -> tuple[mcp_types.Tool, ...]:
         """The child's tools as last listed (kept while it restarts)."""
-        return self._tools
+        return self._conn.tools
 
     def input_schema(self, name: str) -> Mapping[str, Any] | None:
-        for t in self._tools:
+        for t in self._conn.tools:
             if t.name == name:
                 return t.input_schema
         return None
 
     async def wait_ready(self) -> bool:
         """Wait (bounded by ``ready_timeout``) until the child is connected."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self._ready_timeout):
-                await self._ready.wait()
-        return self.ready
+        return await self._conn.wait_connected(self._ready_timeout) is not None
 
     async def call_tool(
         self, name: str, arguments: Mapping[str, Any] | None, *, timeout: float | None = None
@@ -175,7 +172,8 @@ class StdioUpstream:
         An error the child answers with (unknown tool, bad arguments) is raised as the
         same :class:`MCPError`, so the HTTP client sees what a direct client would.
         """
-        if not await self.wait_ready() or (client := self._client) is None:
+        client = await self._conn.wait_connected(self._ready_timeout)
+        if client is None:
             return _tool_error(
                 f"the stdio MCP server is not running ({self.last_error or 'starting'}); "
                 "try again shortly"
@@ -197,7 +195,8 @@ class StdioUpstream:
         An error the child answers with is raised as the same :class:`MCPError`; a child
         that is down or dies meanwhile is an ``INTERNAL_ERROR``.
         """
-        if not await self.wait_ready() or (client := self._client) is None:
+        client = await self._conn.wait_connected(self._ready_timeout)
+        if client is None:
             raise MCPError(
                 mcp_types.INTERNAL_ERROR,
                 f"the stdio MCP server is not running ({self.last_error or 'starting'}); "
@@ -214,203 +213,11 @@ class StdioUpstream:
                 "the stdio MCP server exited during the request; it is restarting",
             ) from e
 
-    # ------------------------------------------------------------ connection task
-
-    async def _run(self) -> None:
-        backoff = self._initial_backoff
-        while not self._closing.is_set():
-            ended = asyncio.Event()
-            up_since: float | None = None
-            try:
-                transport = _eof_watching_stdio(self._params, ended, self._errlog)
-                async with contextlib.AsyncExitStack() as stack:
-                    async with asyncio.timeout(self._connect_timeout):
-                        c = await stack.enter_async_context(
-                            Client(transport, message_handler=self._on_message, cache=None)
-                        )
-                        self.server_info = c.server_info
-                        self.capabilities = c.server_capabilities
-                        self.instructions = c.instructions
-                        await self._list_tools(c)
-                    self._client = c
-                    self._ready.set()
-                    self.starts += 1
-                    self.last_error = None
-                    up_since = time.monotonic()
-                    logger.info(
-                        "stdio MCP server connected",
-                        extra={
-                            "command": self._params.command,
-                            "tools": len(self._tools),
-                            "server": c.server_info.name if c.server_info else None,
-                            "version": c.server_info.version if c.server_info else None,
-                            "protocol": c.protocol_version,
-                            "starts": self.starts,
-                        },
-                    )
-                    self._first_attempt.set()
-                    await self._follow(c, ended)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # top of the connection task: log, back off, restart
-                self.last_error = _describe(e)
-            finally:
-                self._client = None
-                self._ready.clear()
-                self._first_attempt.set()
-            if self._closing.is_set():
-                return
-            if up_since is not None and time.monotonic() - up_since >= self._max_backoff:
-                backoff = self._initial_backoff  # it ran a while: a fresh failure, not a loop
-            self.last_error = self.last_error or "the process exited"
-            logger.warning(
-                "stdio MCP server down (%s); restarting in %.1f s", self.last_error, backoff
-            )
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(backoff):
-                    await self._closing.wait()
-            backoff = min(backoff * 2, self._max_backoff)
-
-    async def _follow(self, client: Client, ended: asyncio.Event) -> None:
-        """Return when the child's stdout ends or the bridge closes; relist on changes."""
-        stops = {asyncio.create_task(ended.wait()), asyncio.create_task(self._closing.wait())}
-        listener: asyncio.Task[None] | None = None
-        if client.protocol_version.startswith(_MODERN):
-            listener = asyncio.create_task(self._listen(client))
-        waits = stops | ({listener} if listener is not None else set())
-        try:
-            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            if listener is not None and listener in done and not done & stops:
-                if not ended.is_set():
-                    listener.result()  # a lost subscription raises: reconnect
-                await asyncio.wait(stops, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in waits:
-                t.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
-
-    async def _listen(self, client: Client) -> None:
-        """Relist on each tool list change and pass prompt and resource list changes on;
-        return if the child cannot say."""
-        caps = client.server_capabilities
-        try:
-            async with client.listen(
-                tools_list_changed=True,
-                prompts_list_changed=caps.prompts is not None,
-                resources_list_changed=caps.resources is not None,
-            ) as sub:
-                async for event in sub:
-                    if isinstance(event, ToolsListChanged):
-                        await self._list_tools(client)
-                    elif self._on_changed is not None:
-                        await self._on_changed(event)
-        except (ListenNotSupportedError, MCPError):
-            return  # the child does not serve subscriptions/listen: its lists are fixed
-
-    async def _on_message(self, message: Any) -> None:
-        client = self._client
-        if client is None:
-            return
-        work: Awaitable[None] | None = None
-        if isinstance(message, mcp_types.ToolListChangedNotification):
-            work = self._relist(client)
-        elif self._on_changed is not None:
-            if isinstance(message, mcp_types.PromptListChangedNotification):
-                work = self._on_changed(PromptsListChanged())
-            elif isinstance(message, mcp_types.ResourceListChangedNotification):
-                work = self._on_changed(ResourcesListChanged())
-        if work is not None:
-            task = asyncio.create_task(_run_awaitable(work))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-
-    async def _relist(self, client: Client) -> None:
-        try:
-            await self._list_tools(client)
-        except (MCPError, OSError, TimeoutError) as e:  # the connection task will notice
-            logger.warning("relisting the stdio MCP server's tools failed: %s", _describe(e))
-
-    async def _list_tools(self, client: Client) -> None:
-        async with self._refresh_lock:
-            tools: list[mcp_types.Tool] = []
-            cursor: str | None = None
-            while True:
-                page = await client.list_tools(cursor=cursor)
-                tools.extend(page.tools)
-                if not (cursor := page.next_cursor):
-                    break
-            new = tuple(tools)
-            if new == self._tools:
-                return
-            self._tools = new
-        logger.info("stdio MCP server lists %d tools", len(new))
-        if self._on_tools_changed is not None:
-            await self._on_tools_changed()
-
-
-class _EofWatchingReadStream:
-    """The child's read stream, setting ``ended`` once its stdout is exhausted."""
-
-    def __init__(self, inner: Any, ended: asyncio.Event) -> None:
-        self._inner = inner
-        self._ended = ended
-
-    async def receive(self) -> SessionMessage | Exception:
-        try:
-            item: SessionMessage | Exception = await self._inner.receive()
-        except (anyio.EndOfStream, anyio.ClosedResourceError):
-            self._ended.set()
-            raise
-        return item
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    def __aiter__(self) -> _EofWatchingReadStream:
-        return self
-
-    async def __anext__(self) -> SessionMessage | Exception:
-        try:
-            return await self.receive()
-        except anyio.EndOfStream:
-            raise StopAsyncIteration from None
-
-    async def __aenter__(self) -> _EofWatchingReadStream:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-
-@contextlib.asynccontextmanager
-async def _eof_watching_stdio(
-    params: StdioServerParameters, ended: asyncio.Event, errlog: TextIO
-) -> AsyncIterator[TransportStreams]:
-    """The SDK's stdio transport, telling ``ended`` when the child's stdout closes."""
-    async with stdio_client(params, errlog=errlog) as (read, write):
-        yield _EofWatchingReadStream(read, ended), write
-
-
-async def _run_awaitable(work: Awaitable[None]) -> None:
-    await work
-
 
 def _tool_error(text: str) -> mcp_types.CallToolResult:
     return mcp_types.CallToolResult(
         content=[mcp_types.TextContent(type="text", text=text)], is_error=True
     )
-
-
-def _describe(e: BaseException) -> str:
-    if isinstance(e, BaseExceptionGroup):
-        return "; ".join(_describe(x) for x in e.exceptions)
-    text = str(e)
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 # ---------------------------------------------------------------- the HTTP-facing server

@@ -263,6 +263,14 @@ def _wait(check: Any, *, what: str, proc: subprocess.Popen[bytes], log: Path) ->
     raise ServiceError(service=what, reason=f"not ready after {_START_TIMEOUT:.0f}s (log: {log})")
 
 
+def _kv_answers(address: str, headers: dict[str, str]) -> bool:
+    """Whether the KV v2 mount at ``secret/`` serves (its upgrade is done)."""
+    probe = requests.get(
+        f"{address}/v1/secret/data/specmesh-ready-probe", headers=headers, timeout=2
+    )
+    return probe.status_code == 404
+
+
 def _terminate(proc: subprocess.Popen[bytes] | None, pid: int | None = None) -> None:
     if proc is not None:
         if proc.poll() is None:
@@ -434,6 +442,16 @@ class BaoProcess:
                 json={"type": "kv", "options": {"version": "2"}},
                 timeout=10,
             ).raise_for_status()
+        assert self._proc is not None, "start() runs the server first"
+        # A KV v2 mount upgrades its storage in the background after it is enabled (and
+        # after each unseal): until then every read and write answers "Upgrading from
+        # non-versioned to versioned data". Ready once a read of a missing key is a 404.
+        _wait(
+            lambda: _kv_answers(self.address, headers),
+            what="openbao's secret/ mount",
+            proc=self._proc,
+            log=self.data_dir.parent / "openbao.log",
+        )
 
     def stop(self) -> None:
         _terminate(self._proc)

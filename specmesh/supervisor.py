@@ -65,6 +65,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from specmesh.backoff import BackoffPolicy
 from specmesh.errors import SecretError
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
@@ -91,6 +92,7 @@ MIN_HEALTHY = 10.0
 """Seconds a process must run for its exit not to count as a crash."""
 MAX_BACKOFF = 60.0
 """Longest wait before restarting a crash-looping process."""
+_RESTART_BACKOFF = BackoffPolicy(initial=1.0, maximum=MAX_BACKOFF, jitter=0.5)
 DRAIN_SECONDS = 2.0
 """Time a stopping instance keeps serving after it left the ready set and the registry."""
 STOP_TIMEOUT = 6.0
@@ -235,9 +237,7 @@ class _Process:
         return bool(self.pid) and alive(self.pid, self.cmd)
 
     def backoff(self) -> float:
-        if self.quick_exits <= 1:
-            return 0.0 if self.quick_exits == 0 else 1.0
-        return min(2.0 ** (self.quick_exits - 1), MAX_BACKOFF)
+        return 0.0 if self.quick_exits == 0 else _RESTART_BACKOFF.delay(self.quick_exits)
 
     def to_json(self) -> dict[str, Any]:
         return {"role": self.role, "pid": self.pid, "cmd": self.cmd, "log": str(self.log)}
@@ -340,8 +340,7 @@ class Supervisor:
         run.mkdir(parents=True, exist_ok=True)
         run.chmod(0o700)
         self._vault = VaultClient(address=cfg.vault_addr, token=cfg.vault_token)
-        host, _, port = cfg.etcd_endpoint.removeprefix("http://").partition(":")
-        self._etcd = EtcdClient(host=host, port=int(port or 2379))
+        self._etcd = EtcdClient.from_endpoint(cfg.etcd_endpoint)
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0),  # one watch open per instance
             timeout=aiohttp.ClientTimeout(total=2),

@@ -11,7 +11,7 @@ import asyncio
 import functools
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +20,7 @@ import hvac
 import requests
 from hvac import exceptions as hvac_exc
 
+from specmesh.backoff import BackoffPolicy, Reconnect
 from specmesh.errors import (
     SecretAccessDeniedError,
     SecretError,
@@ -556,20 +557,30 @@ class VaultClient:
         return str(response["auth"]["client_token"])
 
 
-async def keep_token_alive(vault: VaultClient, *, floor: float = 5.0) -> None:
+async def keep_token_alive(
+    vault: VaultClient,
+    *,
+    floor: float = 5.0,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> None:
     """Renew ``vault``'s token at half its remaining TTL, for as long as the task runs (a
     token that never expires -- root, a static token -- needs nothing). A failed renewal is
-    logged and retried; the caller's reads fail clearly once the token has expired."""
+    logged and retried (backing off up to ``floor`` seconds); the caller's reads fail clearly
+    once the token has expired. ``sleep`` waits between renewals (a test injects its own
+    clock here)."""
+    retry = Reconnect(BackoffPolicy(initial=min(0.5, floor), maximum=floor))
     while True:
         try:
             ttl = await vault.token_ttl()
             if ttl is None:
                 return
-            await asyncio.sleep(min(max(floor, ttl / 2), max(ttl - 1, 0.1)))
+            await sleep(min(max(floor, ttl / 2), max(ttl - 1, 0.1)))
             await vault.renew_self()
+            retry.reset()
         except SecretError as e:
-            logger.warning("renewing the Vault token failed: %s (retrying)", e)
-            await asyncio.sleep(floor)
+            delay = retry.next_delay()
+            logger.warning("renewing the Vault token failed: %s (retrying in %.1f s)", e, delay)
+            await retry.wait(delay)
 
 
 async def kubernetes_login(

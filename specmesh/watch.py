@@ -19,6 +19,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+from specmesh.backoff import BackoffPolicy, Reconnect
 from specmesh.errors import CompactedError, StoreError, StoreUnavailableError, WatchStalledError
 from specmesh.etcd import KV, EtcdClient, WatchEvent, WatchResponse
 
@@ -106,20 +107,26 @@ class PrefixWatcher:
         self._stream: _Stream | None = None
         self._closed = False
 
+    def _policy(self) -> BackoffPolicy:
+        return BackoffPolicy(
+            initial=self.retry_initial,
+            maximum=max(self.retry_max, self.retry_initial),
+            jitter=self.retry_initial,
+        )
+
     def close(self) -> None:
         self._closed = True
         if self._stream is not None:
             self._stream.close()
 
     async def _reread(self) -> WatchUpdate:
-        delay = self.retry_initial
+        reconnect = Reconnect(self._policy(), sleep=self._sleep)
         while True:
             try:
                 result = await self.etcd.range(self.prefix, prefix=True)
             except StoreUnavailableError as e:
                 logger.warning("etcd unavailable while reading %s: %s", self.prefix, e.reason)
-                await self._sleep(delay)
-                delay = min(delay * 2, self.retry_max)
+                await reconnect.wait()
                 continue
             self.last_revision = result.revision
             self.resets += 1
@@ -130,7 +137,7 @@ class PrefixWatcher:
         try:
             if self.last_revision is None:
                 yield await self._reread()
-            delay = self.retry_initial
+            reconnect = Reconnect(self._policy(), sleep=self._sleep)
             while not self._closed:
                 assert self.last_revision is not None
                 self._stream = _Stream(
@@ -138,7 +145,7 @@ class PrefixWatcher:
                 )
                 try:
                     async for update in self._consume(self._stream):
-                        delay = self.retry_initial
+                        reconnect.reset()
                         if update is not None:
                             yield update
                 except CompactedError as e:
@@ -166,8 +173,7 @@ class PrefixWatcher:
                 if self._closed:
                     return
                 self.reconnects += 1
-                await self._sleep(delay)
-                delay = min(delay * 2, self.retry_max)
+                await reconnect.wait()
         finally:
             self.close()
 

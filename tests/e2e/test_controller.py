@@ -34,6 +34,7 @@ from specmesh.fleet import REPO, Fleet, FleetOptions
 from specmesh.procs import alive
 from specmeshctl.a2aclient import invoke
 from specmeshctl.main import main as cli
+from tests.polling import eventually_sync
 
 from .test_fleet import _api, _invoke_token
 
@@ -77,16 +78,6 @@ def _cli_env(fleet: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
         if name.startswith(("SPECMESH_", "VAULT_")):
             monkeypatch.delenv(name)
     monkeypatch.setenv("SPECMESH_HOME", str(fleet["_home"]))
-
-
-def _eventually(check: Any, what: str, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout:g}s: {what}")
 
 
 def _instances(fleet: dict[str, Any], agent: str = AGENT) -> list[dict[str, Any]]:
@@ -187,7 +178,7 @@ def test_a_new_agent_from_one_yaml_file_answers_with_no_other_command(
     def answers() -> bool:
         return cli(["invoke", AGENT, "How much is my invoice?", "--timeout", "20"]) == 0
 
-    _eventually(answers, "billing-helper answering `specmesh invoke`", timeout=60)
+    eventually_sync(answers, what="billing-helper answering `specmesh invoke`", timeout=60)
     assert "scripted: How much is my invoice?" in capsys.readouterr().out
     took = time.monotonic() - applied
 
@@ -197,7 +188,9 @@ def test_a_new_agent_from_one_yaml_file_answers_with_no_other_command(
         rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
         return rows.get(AGENT, [])[1:3] == ["1/1", "Running"]
 
-    _eventually(shows_running, "`get agents` to show billing-helper 1/1 Running", timeout=10)
+    eventually_sync(
+        shows_running, what="`get agents` to show billing-helper 1/1 Running", timeout=10
+    )
     capsys.readouterr()
     assert cli(["logs", AGENT, "--tail", "200"]) == 0  # its engine's and sidecar's logs
     logs = capsys.readouterr().out
@@ -221,7 +214,7 @@ def test_scaled_to_three_calls_spread_and_scaled_to_one_two_drain_without_errors
             f"billing-helper-stable-{n}" for n in range(3)
         ] and all(r["state"] == "ENGINE_STATE_SERVING" for r in registered.values())  # fmt: skip
 
-    _eventually(three_serving, "three instances ready and registered", timeout=60)
+    eventually_sync(three_serving, what="three instances ready and registered", timeout=60)
     instances = _instances(fleet)
     before = {i["instance"]: _llm_calls(i) for i in instances}
     for _ in range(60):  # `specmesh invoke` picks a ready instance for each call
@@ -233,18 +226,27 @@ def test_scaled_to_three_calls_spread_and_scaled_to_one_two_drain_without_errors
         _pid(i, role) for i in instances if i["ordinal"] > 0 for role in ("engine", "sidecar")
     ]
     with Caller(fleet) as caller:
-        time.sleep(1.0)
+        eventually_sync(lambda: caller.successes_since(0) >= 2, what="calls flowing", timeout=30)
         scaled = time.monotonic()
         assert cli(["scale", "agent", AGENT, "--replicas", "1"]) == 0
-        _eventually(
+        eventually_sync(
             lambda: not any(alive(pid, cmd) for pid, cmd in doomed),
-            "the two extra instances' processes to stop",
+            what="the two extra instances' processes to stop",
             timeout=30,
         )
-        _eventually(lambda: sorted(_registered(fleet)) == ["billing-helper-stable-0"],
-                    "the registry to hold one instance", timeout=10)  # fmt: skip
-        time.sleep(1.0)
-    assert [i["instance"] for i in _instances(fleet)] == ["billing-helper-stable-0"]
+        eventually_sync(
+            lambda: sorted(_registered(fleet)) == ["billing-helper-stable-0"],
+            what="the registry to hold one instance",
+            timeout=10,
+        )
+        eventually_sync(
+            lambda: [i["instance"] for i in _instances(fleet)] == ["billing-helper-stable-0"],
+            what="the supervisor to forget the two stopped instances",
+            timeout=10,
+        )
+        eventually_sync(
+            lambda: caller.successes_since(scaled) >= 4, what="calls after the scale", timeout=30
+        )
     assert caller.errors_since(0) == []
     assert caller.successes_since(scaled) >= 4
 
@@ -254,22 +256,22 @@ def test_kill_9_of_the_engine_then_the_sidecar_under_load(fleet: dict[str, Any])
     name, ops = instance["instance"], instance["endpoints"]["ops"]
     a2a = instance["endpoints"]["a2a"]
     with Caller(fleet) as caller:
-        time.sleep(2.0)
-        assert caller.successes_since(0) >= 2 and caller.errors_since(0) == []
+        eventually_sync(lambda: caller.successes_since(0) >= 2, what="calls flowing", timeout=30)
+        assert caller.errors_since(0) == []
 
         # the engine dies: readiness and the registry say so within 5 s
         pid, _ = _pid(instance, "engine")
         os.kill(pid, signal.SIGKILL)
-        _eventually(
+        eventually_sync(
             lambda: (
                 _status_code(f"{ops}/readyz") == 503
                 and _registered(fleet).get(name, {}).get("state") != "ENGINE_STATE_SERVING"
             ),
-            "the sidecar's readiness and the registry to drop the dead engine",
+            what="the sidecar's readiness and the registry to drop the dead engine",
             timeout=5,
         )
         # restarted within 10 s, serving again
-        _eventually(
+        eventually_sync(
             lambda: (
                 (new := _pid(_instances(fleet)[0], "engine"))[0] not in (0, pid)
                 and alive(*new)
@@ -277,24 +279,27 @@ def test_kill_9_of_the_engine_then_the_sidecar_under_load(fleet: dict[str, Any])
                 and _registered(fleet).get(name, {}).get("state") == "ENGINE_STATE_SERVING"
                 and _ready_urls(fleet) == [instance["endpoints"]["entry"]]
             ),
-            "the engine to be restarted and serving",
+            what="the engine to be restarted and serving",
             timeout=10,
         )
         engine_back = time.monotonic()
-        time.sleep(2.0)
+        eventually_sync(
+            lambda: caller.successes_since(engine_back) >= 2,
+            what="calls after the engine's restart",
+            timeout=30,
+        )
         assert caller.errors_since(engine_back) == []  # callers see no error after it
-        assert caller.successes_since(engine_back) >= 2
 
         # the sidecar dies: its registry entry goes and the engine is not ready, within 5 s
         instance = _instances(fleet)[0]
         pid, _ = _pid(instance, "sidecar")
         os.kill(pid, signal.SIGKILL)
-        _eventually(
+        eventually_sync(
             lambda: name not in _registered(fleet) and _status_code(f"{a2a}/readyz") == 503,
-            "the registry and the engine's readiness to drop the dead sidecar",
+            what="the registry and the engine's readiness to drop the dead sidecar",
             timeout=5,
         )
-        _eventually(
+        eventually_sync(
             lambda: (
                 (new := _pid(_instances(fleet)[0], "sidecar"))[0] not in (0, pid)
                 and alive(*new)
@@ -303,13 +308,16 @@ def test_kill_9_of_the_engine_then_the_sidecar_under_load(fleet: dict[str, Any])
                 and _registered(fleet).get(name, {}).get("state") == "ENGINE_STATE_SERVING"
                 and _ready_urls(fleet) == [instance["endpoints"]["entry"]]
             ),
-            "the sidecar to be restarted, the engine ready and registered",
+            what="the sidecar to be restarted, the engine ready and registered",
             timeout=10,
         )
         sidecar_back = time.monotonic()
-        time.sleep(3.0)
+        eventually_sync(
+            lambda: caller.successes_since(sidecar_back) >= 3,
+            what="calls after the sidecar's restart",
+            timeout=30,
+        )
     assert caller.errors_since(sidecar_back) == []
-    assert caller.successes_since(sidecar_back) >= 3
     restarts = _api(fleet, f"/api/v1/agents/{AGENT}/status")["status"]["instances"][0]["restarts"]
     assert restarts >= 2
 
@@ -320,12 +328,12 @@ def test_a_deleted_agents_processes_stop_within_10_seconds(fleet: dict[str, Any]
 
     assert cli(["delete", "agent", AGENT]) == 0
 
-    _eventually(
+    eventually_sync(
         lambda: not any(alive(pid, cmd) for pid, cmd in pids),
-        "the deleted agent's processes to stop",
+        what="the deleted agent's processes to stop",
         timeout=10,
     )
-    _eventually(lambda: not _instances(fleet), "the supervisor to forget it", timeout=5)
+    eventually_sync(lambda: not _instances(fleet), what="the supervisor to forget it", timeout=5)
     assert _registered(fleet) == {}
 
 
@@ -346,7 +354,9 @@ def test_kill_9_of_the_control_plane_stops_no_agent_and_a_new_one_adopts_them(
     tokens = {a: _invoke_token(fleet, a) for a in agents}  # minted while it still runs
 
     os.kill(cp["pid"], signal.SIGKILL)
-    _eventually(lambda: not alive(cp["pid"], cp["cmd"]), "the control plane to die", 10)
+    eventually_sync(
+        lambda: not alive(cp["pid"], cp["cmd"]), what="the control plane to die", timeout=10
+    )
     for agent in agents:
         (url,) = [i["endpoints"]["entry"] for i in before.values() if i["agent"] == agent
                   and i["track"] == "stable"]  # fmt: skip
@@ -375,7 +385,7 @@ def test_kill_9_of_the_control_plane_stops_no_agent_and_a_new_one_adopts_them(
             for d in details
         )
 
-    _eventually(observed_again, "the new control plane's controller to report", timeout=60)
+    eventually_sync(observed_again, what="the new control plane's controller to report", timeout=60)
     after = {i["instance"]: i for i in _instances_all(fleet)}
     assert {n: [p["pid"] for p in i["processes"]] for n, i in after.items()} == pids
     assert all(i["restarts"] == before[n]["restarts"] for n, i in after.items())

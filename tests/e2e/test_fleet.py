@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import signal
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +40,7 @@ from a2a.utils.errors import TaskNotFoundError
 from specmesh.fleet import Fleet, FleetOptions
 from specmeshctl.a2aclient import InvokeResult, invoke
 from specmeshctl.main import main as cli
+from tests.polling import eventually_sync
 
 from ..integration.test_sidecar_grpc import _TargetStream, _TargetUnary
 from .external_client import TEST_ISSUER, TestIssuer, card_from, client_for, user_message
@@ -105,16 +105,6 @@ def _api(state: dict[str, Any], path: str) -> Any:
     return r.json()
 
 
-def _eventually(check: Any, what: str, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_question_uses_an_mcp_tool_and_a_partner_over_a2a(fleet: dict[str, Any]) -> None:
     result = _ask(fleet, "mse-nacos-helper", "Which Nacos services are registered?")
 
@@ -124,6 +114,9 @@ def test_question_uses_an_mcp_tool_and_a_partner_over_a2a(fleet: dict[str, Any])
 
 
 def test_one_trace_holds_the_spans_of_both_agents(fleet: dict[str, Any]) -> None:
+    # its own question (not the previous test's), found by its conversation id
+    asked = _ask(fleet, "mse-nacos-helper", "Which Nacos services are registered?")
+    assert asked.state == "completed"
     expected = {
         ("mse-nacos-helper", "invoke_agent mse-nacos-helper"),
         ("mse-nacos-helper", "execute_tool nacos-mcp-tools__list_services"),
@@ -131,21 +124,25 @@ def test_one_trace_holds_the_spans_of_both_agents(fleet: dict[str, Any]) -> None
         ("mse-gateway-assistant", "invoke_agent mse-gateway-assistant"),
         ("mse-gateway-assistant", "chat qwen-plus-latest"),
     }
+    seen: dict[str, set[tuple[str, str]]] = {}
 
     def two_agent_trace() -> dict[str, Any] | None:
         # each process exports its spans in its own batches: wait until all have arrived
-        listed = _api(fleet, "/api/v1/traces?agentName=mse-nacos-helper&pageSize=100")
+        listed = _api(fleet, f"/api/v1/traces?contextId={asked.context_id}&pageSize=100")
         for t in listed["traces"]:
-            if {"mse-nacos-helper", "mse-gateway-assistant"} <= set(t["agents"]):
-                spans = _api(fleet, f"/api/v1/traces/{t['traceId']}")["spans"]
-                names = {(s["agent"], s["name"]) for s in spans}
-                if expected <= names:
-                    return {"trace": t, "names": names, "spans": spans}
+            spans = _api(fleet, f"/api/v1/traces/{t['traceId']}")["spans"]
+            names = seen[t["traceId"]] = {(s["agent"], s["name"]) for s in spans}
+            if expected <= names:
+                return {"trace": t, "names": names, "spans": spans}
         return None
 
-    found = _eventually(two_agent_trace, f"a trace holding {sorted(expected)}")
+    try:
+        found = eventually_sync(two_agent_trace, what="the turn's trace", timeout=60)
+    except AssertionError as e:
+        missing = {t: sorted(expected - names) for t, names in seen.items()}
+        raise AssertionError(f"{e}: spans missing per trace {missing}") from None
 
-    assert expected <= found["names"]
+    assert {"mse-nacos-helper", "mse-gateway-assistant"} <= set(found["trace"]["agents"])
     assert int(found["trace"]["totalTokens"]) > 0  # an int64: a string in the JSON
     assert len(found["spans"]) < 100  # the SDK's internal spans are off
 
@@ -332,7 +329,9 @@ def test_an_external_client_finds_the_entry_by_its_card_and_uses_every_binding(
         raw = _api(fleet, f"/api/v1/agents/{ENTRY_AGENT}/card")["agentCard"]
         return card_from(raw) if int(raw["version"]) > before else None
 
-    card = _eventually(current_card, "the card of the revision admitting alice")
+    card = eventually_sync(
+        current_card, what="the card of the revision admitting alice", timeout=60
+    )
     urls = {i.protocol_binding: i.url for i in card.supported_interfaces}
     assert urls == {
         "JSONRPC": f"{instance['entry']}/",
@@ -398,7 +397,9 @@ def test_a_prompt_change_is_used_by_the_next_invoke_without_restart(
         bodies = recorded if isinstance(recorded, list) else recorded.get("requests", [])
         return any("second edition" in json.dumps(r) for r in bodies)
 
-    _eventually(served_new_prompt, "the new prompt version in the model's request", timeout=30)
+    eventually_sync(
+        served_new_prompt, what="the new prompt version in the model's request", timeout=30
+    )
     status = Fleet(FleetOptions(home=fleet["_home"])).status()
     assert {p["name"]: p["pid"] for p in status["processes"] if p["running"]} == pids
 
@@ -545,4 +546,4 @@ def test_killing_one_agent_leaves_the_others_answering_and_it_comes_back(
             and all(p["running"] and p["pid"] not in {v["pid"] for v in victims} for p in restarted)
         )
 
-    _eventually(canary_back, "the killed canary to be restarted and serving", timeout=40)
+    eventually_sync(canary_back, what="the killed canary to be restarted and serving", timeout=40)

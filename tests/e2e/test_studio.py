@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +28,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from specmesh.fleet import Fleet, FleetOptions
 from specmeshctl.a2aclient import card_from_json, invoke
+from tests.polling import eventually_sync
 
 from ..conftest import REPO
 from .test_fleet import _invoke_token
@@ -42,6 +42,8 @@ DOCS_PAGES = {"agents", "agent-new-invalid", "agent-workload", "agent-history", 
               "trace", "tokens", "registries-agents", "prompts"}  # fmt: skip
 SEED_SECRETS = ["sk-51668897d94****", "51668897d9410********", "8897d941******c7465cff2"]
 TIMEOUT_MS = 20_000
+POLL_EVERY = 0.2
+"""Seconds between two polls of the control plane (each one an HTTP call or a few)."""
 COME_UP_MS = 60_000
 """How long a new or scaled agent's instances may take to be ready (processes start, the
 engine loads its spec, the sidecar registers)."""
@@ -127,16 +129,6 @@ def _ask_engine(url: str, text: str) -> Any:
     with ThreadPoolExecutor(1) as pool:
         call = asyncio.wait_for(invoke(card_from_json(card), text), 60)
         return pool.submit(asyncio.run, call).result()
-
-
-def _eventually(check: Any, what: str, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Studio:
@@ -242,10 +234,11 @@ def own_agents(fleet: dict[str, Any]) -> Iterator[Callable[..., str]]:
         if apply:
             _apply(fleet, _agent_manifest(name, **options))
             want = options.get("replicas", 1)
-            _eventually(
+            eventually_sync(
                 lambda: _ready(_status(fleet, name)) == f"{want}/{want}",
-                f"{name}'s {want} replica(s) to be ready",
+                what=f"{name}'s {want} replica(s) to be ready",
                 timeout=COME_UP_MS / 1000,
+                every=POLL_EVERY,
             )
         return name
 
@@ -376,10 +369,11 @@ def test_a_model_change_deployed_from_the_form_reaches_the_engine(
     page.get_by_test_id("deploy").click()
 
     expect(page.get_by_test_id("current-revision")).to_have_text("rev 2")
-    _eventually(
+    eventually_sync(
         lambda: _engine_versions(fleet, name) == {"2"},
-        "the engine's agent card to show the new revision",
+        what="the engine's agent card to show the new revision",
         timeout=30,
+        every=POLL_EVERY,
     )
     page = admin.go(f"agents/{name}/instances", "[data-instance-revision]")
     expect(page.locator(f"[data-instance-revision='{name}-stable-0']")).to_have_text("rev 2")
@@ -407,10 +401,11 @@ def test_rolling_back_from_history_restores_the_old_revision(
     record = _agent(fleet, name)
     assert record["revisionInfo"]["message"] == "rollback to revision 1"
     assert record["spec"]["model"]["temperature"] == 0.3
-    _eventually(
+    eventually_sync(
         lambda: _engine_versions(fleet, name) == {"3"},
-        "the engine to serve the rolled-back revision",
+        what="the engine to serve the rolled-back revision",
         timeout=30,
+        every=POLL_EVERY,
     )
 
 
@@ -485,7 +480,9 @@ def test_the_trace_of_a_two_agent_conversation_is_a_waterfall(
                     return str(t["traceId"])
         return None
 
-    trace_id = _eventually(two_agent_trace, "a trace across both agents")
+    trace_id = eventually_sync(
+        two_agent_trace, what="a trace across both agents", timeout=60, every=POLL_EVERY
+    )
     page = admin.go("observability/traces", f"[data-trace='{trace_id}']")
     admin.snap("traces")
     page.click(f"[data-trace='{trace_id}']")
@@ -517,7 +514,12 @@ def test_prompt_center_shows_the_figures_of_each_version(
         stats = _api(fleet, "GET", "/api/v1/prompts/mse-nacos-helper/stats")["versions"]
         return any(v["version"] == "3.0.11" and v["requests"] > 0 for v in stats)
 
-    _eventually(served, "the turn's span to count for prompt version 3.0.11")
+    eventually_sync(
+        served,
+        what="the turn's span to count for prompt version 3.0.11",
+        timeout=60,
+        every=POLL_EVERY,
+    )
     page = admin.go("prompts/mse-nacos-helper", "[data-version='3.0.11']")
     row = page.locator("[data-version='3.0.11']")
     expect(row.locator("td").nth(2)).not_to_have_text("0")  # requests served

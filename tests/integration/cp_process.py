@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ import requests
 
 from control_plane.auth import Role, StaticTokenAuthenticator
 from specmesh.services import LocalServices, free_port
+from tests.polling import eventually_sync
 
 __all__ = ["ControlPlaneProcess"]
 
@@ -68,17 +68,21 @@ class ControlPlaneProcess:
                 )
             )  # fmt: skip
         self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+
+        def healthy() -> bool:
             if self._procs[-1].poll() is not None:
-                break
+                raise AssertionError(f"control plane exited: {self.log.read_text()}")
             try:
-                if requests.get(f"{self.url}/healthz", timeout=1).ok:
-                    return self.url
+                return requests.get(f"{self.url}/healthz", timeout=1).ok
             except requests.RequestException:
-                time.sleep(0.05)  # polling a condition with a deadline
-        self._procs[-1].kill()
-        raise AssertionError(f"control plane did not start: {self.log.read_text()}")
+                return False
+
+        try:
+            eventually_sync(healthy, timeout=30, what="the control plane's /healthz")
+        except AssertionError as e:
+            self._procs[-1].kill()
+            raise AssertionError(f"control plane did not start: {self.log.read_text()}") from e
+        return self.url
 
     def kill(self) -> None:
         """kill -9 the running process."""

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from specmesh.vault import (
 )
 from specmesh.workloads import AgentWorkload
 from specmeshctl.main import main as cli
+from tests.polling import eventually
 
 from ..conftest import publish_prompt
 from .cp_process import ControlPlaneProcess
@@ -101,16 +101,6 @@ async def controller(
     await runtime.close()
 
 
-async def _until(check: Any, what: str, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = await check()
-        if value:
-            return value
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def test_an_engine_that_exits_at_start_crash_loops_with_back_off_and_shows_it(
     store: SpecStore,
     vault: VaultClient,
@@ -129,7 +119,7 @@ async def test_an_engine_that_exits_at_start_crash_loops_with_back_off_and_shows
         status = await store.get_status("crashy")
         return status if status and status["phase"] == "CrashLoop" else None
 
-    status = await _until(crash_looping, "the status to say CrashLoop")
+    status = await eventually(crash_looping, what="the status to say CrashLoop", timeout=30.0)
     (instance,) = status["instances"]
     assert instance["instance"] == "crashy-stable-0" and instance["phase"] == "CrashLoop"
     assert "engine exited with code 3" in status["lastError"]
@@ -165,10 +155,10 @@ async def test_an_engine_that_exits_at_start_crash_loops_with_back_off_and_shows
     # deleted: its processes stop, its status goes
     pids = [(p.pid, p.cmd) for p in (supervisor.instances["crashy-stable-0"].sidecar,)]
     await store.delete_agent("crashy", actor="test")
-    await _until(
-        lambda: _gone(supervisor, pids), "the deleted agent's processes to stop", timeout=15
+    await eventually(
+        lambda: _gone(supervisor, pids), what="the deleted agent's processes to stop", timeout=15
     )
-    assert await _until(_no_status(store, "crashy"), "its status to go", timeout=10)
+    assert await eventually(_no_status(store, "crashy"), what="its status to go", timeout=10)
 
 
 async def _gone(supervisor: Supervisor, pids: list[tuple[int, list[str]]]) -> bool:

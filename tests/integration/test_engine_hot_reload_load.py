@@ -31,7 +31,8 @@ from engine.server import EngineServer, ServerConfig
 from engine.settings import EngineSettings
 from specmesh.modelserver import RecordedRequest, ScriptedModelServer
 from specmesh.snapshot import ResolvedSnapshot
-from tests.integration.test_engine_runtime import AGENT, Egress, _serve_asgi, make_snapshot
+from tests.integration.asgi_server import serve_asgi
+from tests.integration.test_engine_runtime import AGENT, Egress, make_snapshot
 
 pytestmark = pytest.mark.integration
 
@@ -131,12 +132,27 @@ def revisions() -> dict[int, Revision]:
 # ---------------------------------------------------------------- servers
 
 
-def _kb() -> MCPServer:
+HELD_KEY = "held"
+"""The one lookup the tool holds until the test releases it: a turn held mid-flight."""
+
+
+@dataclass
+class Gate:
+    """Holds the ``HELD_KEY`` lookup between the turn's two model calls."""
+
+    entered: asyncio.Event
+    release: asyncio.Event
+
+
+def _kb(gate: Gate) -> MCPServer:
     server = MCPServer("kb")
 
     @server.tool()
-    def lookup(key: str) -> str:
+    async def lookup(key: str) -> str:
         """Look a key up in the knowledge base."""
+        if key == HELD_KEY:
+            gate.entered.set()
+            await gate.release.wait()
         return f"value-of-{key}"
 
     return server
@@ -149,8 +165,13 @@ async def model() -> AsyncIterator[ScriptedModelServer]:
 
 
 @pytest.fixture(scope="module")
-async def egress(model: ScriptedModelServer) -> AsyncIterator[Egress]:
-    async with _serve_asgi(_kb().streamable_http_app()) as mcp_url:
+def gate() -> Gate:
+    return Gate(entered=asyncio.Event(), release=asyncio.Event())
+
+
+@pytest.fixture(scope="module")
+async def egress(model: ScriptedModelServer, gate: Gate) -> AsyncIterator[Egress]:
+    async with serve_asgi(_kb(gate).streamable_http_app()) as mcp_url:
         e = Egress(model=model.root_url, mcp={"kb": f"{mcp_url}/mcp"}, a2a={})
         async with e.running():
             yield e
@@ -254,6 +275,7 @@ def _mismatches(outcome: Outcome, calls: list[RecordedRequest], rev: Revision) -
 async def test_hot_reload_under_load_answers_each_request_with_one_revision(
     engine: tuple[EngineRuntime, InMemorySnapshotFeed, EngineServer],
     model: ScriptedModelServer,
+    gate: Gate,
 ) -> None:
     runtime, feed, server = engine
     revs = revisions()
@@ -263,6 +285,7 @@ async def test_hot_reload_under_load_answers_each_request_with_one_revision(
 
     outcomes: list[Outcome] = []
     probes: dict[int, Outcome] = {}
+    held: list[Outcome] = []
     switched_at: dict[int, float] = {}
     progress = asyncio.Condition()
     pending = iter(range(REQUESTS))
@@ -280,9 +303,15 @@ async def test_hot_reload_under_load_answers_each_request_with_one_revision(
         # spread over the load: change k goes out once 9*k requests were answered
         async with progress:
             await progress.wait_for(lambda: len(outcomes) >= 9 * (number - 1))
+        if number == 2:
+            # one turn is held mid-flight (in its tool call, between its two model calls)
+            # across this change: a turn that surely straddles a reload
+            group.create_task(hold(http))
+            await asyncio.wait_for(gate.entered.wait(), WAIT)
         await feed.publish(revs[number].snapshot())
         await runtime.wait_until(lambda r: r.revision == number, timeout=WAIT)
         switched_at[number] = time.time()
+        gate.release.set()
         # the next request, started after the change and before any other change: the
         # next change waits until its turn reached the model (it holds its revision)
         text = f"lookup probe-{number}"
@@ -296,6 +325,9 @@ async def test_hot_reload_under_load_answers_each_request_with_one_revision(
     async def probe(http: httpx.AsyncClient, number: int, text: str) -> None:
         probes[number] = await _invoke(http, runtime, f"probe-{number}", text)
 
+    async def hold(http: httpx.AsyncClient) -> None:
+        held.append(await _invoke(http, runtime, "held", f"lookup {HELD_KEY}"))
+
     limits = httpx.Limits(max_connections=CONCURRENCY + 5)
     started = time.monotonic()
     async with (
@@ -308,10 +340,10 @@ async def test_hot_reload_under_load_answers_each_request_with_one_revision(
             group.create_task(worker(http))
 
     seconds = time.monotonic() - started
-    everything = outcomes + list(probes.values())
+    everything = outcomes + list(probes.values()) + held
     failed = [(o.context_id, o.status, o.body) for o in everything if o.status != 200]
     assert failed == []
-    assert len(outcomes) == REQUESTS and len(probes) == CHANGES
+    assert len(outcomes) == REQUESTS and len(probes) == CHANGES and len(held) == 1
 
     # each request answered entirely by one revision: the one it reports
     calls = _calls_by_conversation(model)
@@ -326,21 +358,22 @@ async def test_hot_reload_under_load_answers_each_request_with_one_revision(
     assert {n: p.body["revision"] for n, p in probes.items()} == {n: n for n in probes}
     stale = [
         (o.context_id, o.revision_before, o.body["revision"], o.revision_after)
-        for o in outcomes
+        for o in outcomes + held
         if not o.revision_before <= o.body["revision"] <= o.revision_after
     ]
     assert stale == []
 
-    # turns did straddle reloads: their last model call came after a newer revision was
-    # serving, and still carried the revision the turn started on
+    # turns straddled reloads: their last model call came after a newer revision was
+    # serving, and still carried the revision the turn started on (checked above, with
+    # every turn); the held turn surely did, the load's turns may have
     straddled = [
         o.context_id
-        for o in outcomes
+        for o in outcomes + held
         if o.text.startswith("lookup ")
         and (newer := switched_at.get(o.body["revision"] + 1)) is not None
         and calls[o.text][-1].received_at > newer
     ]
-    assert straddled, "no two-step turn straddled a reload"
+    assert held[0].body["revision"] == 1 and "held" in straddled
 
     assert (runtime.revision, runtime.builds, runtime.failures) == (CHANGES + 1, CHANGES + 1, 0)
     assert runtime.context is not None and runtime.context.mcp[0][1] is kb_connection

@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-import uvicorn
 from a2a.helpers.proto_helpers import new_text_message
 from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.events.event_queue_v2 import EventQueue
@@ -64,6 +62,8 @@ from specmesh.modelserver import ScriptedModelServer
 from specmesh.snapshot import PromptBundle, ResolvedSnapshot
 from specmesh.spec.models import AgentSpec, McpServerSpec, PromptEntry, PromptRelease
 from specmesh.v1 import sidecar_pb2, sidecar_pb2_grpc
+from tests.integration.asgi_server import free_socket, serve_asgi
+from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -73,34 +73,6 @@ WAIT = 20.0
 
 
 # ---------------------------------------------------------------- servers
-
-
-def _free_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
-@asynccontextmanager
-async def _serve_asgi(app: Any) -> AsyncIterator[str]:
-    sock = _free_socket()
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=1)
-    )
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    async with asyncio.timeout(WAIT):
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
 
 
 class McpState:
@@ -312,16 +284,15 @@ async def mcp_state() -> McpState:
 async def mcp_url(mcp_state: McpState) -> AsyncIterator[str]:
     server = _mcp_server(mcp_state)
     app = _counting(server.streamable_http_app(), mcp_state)
-    async with _serve_asgi(app) as url:
+    async with serve_asgi(app) as url:
         yield f"{url}/mcp"
 
 
 @pytest.fixture(scope="module")
 async def partner_url() -> AsyncIterator[str]:
-    sock = _free_socket()
+    sock = free_socket()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    sock.close()
-    async with _serve_asgi(_partner_app(url)) as served:
+    async with serve_asgi(_partner_app(url), sock=sock) as served:
         yield served
 
 
@@ -433,14 +404,6 @@ async def turn(
                 TurnRequest(context_id=context_id, text=text, call_depth=depth)
             )
         ]
-
-
-async def _eventually(predicate: Callable[[], bool], *, every: float = 0.02) -> None:
-    """Poll ``predicate`` until it holds (callers bound it with a timeout)."""
-    while True:
-        if predicate():
-            return
-        await asyncio.sleep(every)
 
 
 def tool_call(name: str, arguments: Mapping[str, Any], call_id: str = "call_1") -> dict[str, Any]:
@@ -609,8 +572,11 @@ async def test_tools_list_changed_refreshes_the_offered_tools(
         handshakes = mcp_state.handshakes
         before = set(runtime.context.tools())
         await turn(runtime, "grow")
-        async with asyncio.timeout(WAIT):
-            await _eventually(lambda: "kb__fresh" in runtime.context.tools())  # type: ignore[union-attr]
+        await eventually(
+            lambda: "kb__fresh" in runtime.context.tools(),  # type: ignore[union-attr]
+            timeout=WAIT,
+            what="the refreshed tool list",
+        )
 
     assert "kb__fresh" not in before
     assert mcp_state.handshakes == handshakes  # refreshed on the same session
@@ -960,7 +926,9 @@ async def test_dir_feed_picks_up_a_file_edit_and_skips_invalid_content(tmp_path:
         async with asyncio.timeout(WAIT):
             first = await received.get()
             (folder / "model.json").write_text("{not json")
-            await _eventually(lambda: feed.last_error is not None)
+            await eventually(
+                lambda: feed.last_error is not None, timeout=WAIT, what="the feed's error"
+            )
             error = feed.last_error
             _write_agent(folder, "second template")
             (folder / "model.json").write_text(json.dumps({"model": "scripted"}))
@@ -1019,8 +987,7 @@ async def test_grpc_feed_converts_skips_invalid_reconnects_and_reports_again(
         async with EngineRuntime(feed=feed, settings=settings) as runtime:
             await runtime.wait_until(lambda r: r.revision == 3, timeout=WAIT)
             done = (await turn(runtime, "hi"))[-1]
-            async with asyncio.timeout(WAIT):
-                await _eventually(lambda: len(sidecar.reports) == 3)
+            await eventually(lambda: len(sidecar.reports) == 3, timeout=WAIT, what="three reports")
             ready_while_connected = runtime.ready
 
             await server.stop(grace=None)  # the sidecar is gone

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -44,6 +43,7 @@ from engine.runner import CardInfo
 from engine.server import A2A_SERVICE, EngineServer, ServerConfig
 from engine.telemetry import EngineMetrics, install_memory_exporter
 from engine.testing import DEFAULT_CARD, ScriptedRunner, ScriptedTurn
+from tests.polling import eventually
 
 BINDINGS = [TransportProtocol.JSONRPC, TransportProtocol.HTTP_JSON, TransportProtocol.GRPC]
 WAIT = 10.0
@@ -121,14 +121,6 @@ def _headers(**values: str) -> ClientCallContext:
 async def _collect(stream: AsyncIterator[StreamResponse]) -> list[StreamResponse]:
     async with asyncio.timeout(WAIT):
         return [event async for event in stream]
-
-
-async def _eventually(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 # ---------------------------------------------------------------- A2A
@@ -554,7 +546,9 @@ async def test_a2a_requests_continue_the_callers_trace(server: EngineServer, bin
             client.send_message(_message("hi"), context=_headers(traceparent=traceparent))
         )
 
-    await _eventually(lambda: len(_server_spans(trace_id)) >= 2, "the server spans")
+    await eventually(
+        lambda: len(_server_spans(trace_id)) >= 2, what="the server spans", timeout=WAIT
+    )
     names = {s.name for s in _server_spans(trace_id)}
     assert any(n.endswith("on_message_send") for n in names)  # a2a-sdk's span, nested
     assert names & {"POST /", "POST /v1/message:send", "lf.a2a.v1.A2AService/SendMessage"}
@@ -568,7 +562,7 @@ async def test_http_span_names_use_the_route_template(
         "/v1/tasks/no-such-task", headers={"traceparent": traceparent, "A2A-Version": "1.0"}
     )
     assert response.status_code == 404
-    await _eventually(lambda: bool(_server_spans(trace_id)), "the server span")
+    await eventually(lambda: bool(_server_spans(trace_id)), what="the server span", timeout=WAIT)
     outer = [s for s in _server_spans(trace_id) if s.name.startswith("GET ")]
     assert [s.name for s in outer] == ["GET /v1/tasks/{id}"]
 
@@ -579,7 +573,7 @@ async def test_rest_requests_continue_the_callers_trace(http: httpx.AsyncClient)
         "/v1/invoke", json={"message": "hi"}, headers={"traceparent": traceparent}
     )
     assert response.status_code == 200
-    await _eventually(lambda: bool(_server_spans(trace_id)), "the server span")
+    await eventually(lambda: bool(_server_spans(trace_id)), what="the server span", timeout=WAIT)
     [span] = _server_spans(trace_id)
     assert span.name == "POST /v1/invoke"
     assert span.attributes["http.response.status_code"] == 200
@@ -613,11 +607,12 @@ async def test_shutdown_drains_turns_in_flight() -> None:
             await turn.held.wait()
 
         stop.set()
-        await _eventually(lambda: not server.ready, "draining")
-        deadline = time.monotonic() + WAIT
-        while not await _refused(f"{server.http_url}/healthz"):  # listener closed
-            assert time.monotonic() < deadline, "the listener still accepts"
-            await asyncio.sleep(0.01)
+        await eventually(lambda: not server.ready, what="draining", timeout=WAIT)
+        await eventually(
+            lambda: _refused(f"{server.http_url}/healthz"),
+            timeout=WAIT,
+            what="the listener to close",
+        )
         assert not invoke.done()
         turn.release.set()
         async with asyncio.timeout(WAIT):

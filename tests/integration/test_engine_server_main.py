@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 
 import httpx
 
@@ -25,6 +26,18 @@ sys.exit(main(sys.argv[1:], open_runtime=open_runtime))
 """
 
 
+def start_scripted_engine(env: Mapping[str, str]) -> subprocess.Popen[str]:
+    """The engine's ``main`` as a process, with the scripted (echo) runner, on free ports;
+    its JSON log lines on stderr (see :func:`_serving_line`)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", _SCRIPT, "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"],
+        cwd=REPO,
+        env=dict(env),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def _serving_line(process: subprocess.Popen[str], deadline: float) -> dict[str, object]:
     assert process.stderr is not None
     for line in process.stderr:
@@ -37,13 +50,7 @@ def _serving_line(process: subprocess.Popen[str], deadline: float) -> dict[str, 
 
 def test_engine_process_serves_and_exits_cleanly_on_sigterm() -> None:
     env = {**os.environ, "AGENT_NAME": "scripted-agent", "SPECMESH_ENGINE_DRAIN_SECONDS": "2"}
-    process = subprocess.Popen(
-        [sys.executable, "-c", _SCRIPT, "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"],
-        cwd=REPO,
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_scripted_engine(env)
     try:
         serving = _serving_line(process, time.monotonic() + 30)
         http_url = str(serving["http"])
@@ -67,13 +74,7 @@ def test_card_lists_the_public_entry_and_the_configured_schemes() -> None:
         "SPECMESH_ENGINE_PUBLIC_GRPC_URL": "entry.example:8081",
         "SPECMESH_CARD_SECURITY": "bearer,mtls",
     }
-    process = subprocess.Popen(
-        [sys.executable, "-c", _SCRIPT, "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"],
-        cwd=REPO,
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_scripted_engine(env)
     try:
         serving = _serving_line(process, time.monotonic() + 30)
         card = httpx.get(f"{serving['http']}/.well-known/agent-card.json", timeout=10).json()

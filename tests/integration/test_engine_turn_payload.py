@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -36,6 +35,7 @@ from engine.settings import EngineSettings
 from engine.telemetry import install_memory_exporter
 from specmesh.modelserver import ScriptedModelServer
 from tests.integration.test_engine_runtime import AGENT, Egress, make_snapshot
+from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -110,14 +110,6 @@ def _rpc(method: str, params: dict[str, Any]) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
 
 
-async def _eventually(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 def _turn_spans(spans: InMemorySpanExporter, context_id: str) -> list[ReadableSpan]:
     return [
         s
@@ -128,7 +120,9 @@ def _turn_spans(spans: InMemorySpanExporter, context_id: str) -> list[ReadableSp
 
 
 async def _turn_span(spans: InMemorySpanExporter, context_id: str) -> dict[str, Any]:
-    await _eventually(lambda: bool(_turn_spans(spans, context_id)), "the invoke_agent span")
+    await eventually(
+        lambda: bool(_turn_spans(spans, context_id)), what="the invoke_agent span", timeout=WAIT
+    )
     [span] = _turn_spans(spans, context_id)
     return dict(span.attributes or {})
 
@@ -234,7 +228,7 @@ async def test_a_caller_that_returns_immediately_has_the_model_streamed(
     def asked() -> list[Any]:
         return [r for r in model.requests() if question in json.dumps(r.messages)]
 
-    await _eventually(lambda: bool(asked()), "the model request of the turn")
+    await eventually(lambda: bool(asked()), what="the model request of the turn", timeout=WAIT)
     assert [r.stream for r in asked()] == [True]
 
 
@@ -269,7 +263,9 @@ async def test_a_cancelled_turn_still_records_outcome_cancelled(
         async with asyncio.timeout(WAIT):
             first = await anext(stream)
         task_id = first.task.id if first.HasField("task") else first.status_update.task_id
-        await _eventually(lambda: len(model.requests()) > before, "the model call")
+        await eventually(
+            lambda: len(model.requests()) > before, what="the model call", timeout=WAIT
+        )
         cancelled = await client.cancel_task(CancelTaskRequest(id=task_id))
         async with asyncio.timeout(WAIT):
             _ = [event async for event in stream]

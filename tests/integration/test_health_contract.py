@@ -8,7 +8,6 @@ engine itself (no spec change). Each reaction is polled with the contract's boun
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -32,6 +31,7 @@ from specmesh.specservice import SpecService
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient, agent_policy_name
 from tests.conftest import REPO, publish_prompt
+from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -169,24 +169,25 @@ async def _until(
     pair: _Pair, check: Callable[[], Awaitable[T | None]], *, within: float, what: str
 ) -> T:
     """``check()``'s first truthy answer, polled until ``within`` seconds have passed."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
     last: Any = None
-    while True:
+
+    async def answer() -> T | None:
+        nonlocal last
         pair.check_alive()
         try:
             last = await check()
         except httpx.TransportError as e:
             last = e
-        else:
-            if last:
-                return last
-        if loop.time() > deadline:
-            raise AssertionError(
-                f"{what}: not within {within:.0f} s (last: {last!r})\n"
-                f"sidecar log:\n{pair.log('sidecar')}\nengine log:\n{pair.log('engine')}"
-            )
-        await asyncio.sleep(0.05)
+            return None
+        return last
+
+    try:
+        return await eventually(answer, timeout=within, what=what)
+    except AssertionError as e:
+        raise AssertionError(
+            f"{e} (last: {last!r})\n"
+            f"sidecar log:\n{pair.log('sidecar')}\nengine log:\n{pair.log('engine')}"
+        ) from None
 
 
 async def _get(http: httpx.AsyncClient, url: str, status: int) -> dict[str, Any] | None:

@@ -36,6 +36,7 @@ from specmesh.modelserver import ScriptedModelServer
 from specmesh.snapshot import PromptBundle, ResolvedSnapshot
 from specmesh.spec.models import AgentSpec, PromptEntry
 from specmeshctl.main import main as cli_main
+from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -485,16 +486,17 @@ async def chroma_server(tmp_path: Path) -> AsyncIterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        async with asyncio.timeout(WAIT), httpx.AsyncClient(timeout=2) as http:
-            while True:
+        async with httpx.AsyncClient(timeout=2) as http:
+
+            async def beating() -> bool:
                 if proc.returncode is not None:
                     pytest.fail(f"chroma run exited with {proc.returncode}")
                 try:
-                    if (await http.get(f"{url}/api/v2/heartbeat")).status_code == 200:
-                        break
+                    return (await http.get(f"{url}/api/v2/heartbeat")).status_code == 200
                 except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.05)
+                    return False
+
+            await eventually(beating, timeout=WAIT, what="chroma's heartbeat")
         yield url
     finally:
         if proc.returncode is None:

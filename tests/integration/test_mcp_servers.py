@@ -30,6 +30,7 @@ from mcp import Client, MCPError, StdioServerParameters
 
 from tests.conftest import REPO
 from tests.integration.mcp_fixture_servers import NOTES_NAME, NOTES_VERSION
+from tests.polling import eventually
 
 WAIT = 30.0
 
@@ -147,15 +148,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-async def _poll(condition: Callable[[], Any]) -> Any:
-    """Return ``condition()`` once it is truthy; fail after WAIT seconds."""
-    async with asyncio.timeout(WAIT):
-        while True:  # nothing to wait on: /proc has no change notification
-            if value := condition():
-                return value
-            await asyncio.sleep(0.02)
-
-
 def _text(result: mcp_types.CallToolResult) -> str:
     return "\n".join(b.text for b in result.content if isinstance(b, mcp_types.TextContent))
 
@@ -252,11 +244,15 @@ async def test_bridge_forwards_a_tool_error(time_bridge: _Process) -> None:
 async def test_bridge_restarts_a_killed_child(time_bridge: _Process) -> None:
     bridge_pid = time_bridge.popen.pid
     async with Client(time_bridge.url()) as client:
-        (child,) = await _poll(lambda: _children(bridge_pid))
+        (child,) = await eventually(
+            lambda: _children(bridge_pid), timeout=WAIT, what="the bridge's child"
+        )
         before = await client.call_tool("get_current_time", {"timezone": "UTC"})
 
         os.kill(child, signal.SIGKILL)
-        (restarted,) = await _poll(lambda: _children(bridge_pid) - {child})
+        (restarted,) = await eventually(
+            lambda: _children(bridge_pid) - {child}, timeout=WAIT, what="a restarted child"
+        )
         after = await client.call_tool("get_current_time", {"timezone": "UTC"})
 
     assert not before.is_error
@@ -266,7 +262,7 @@ async def test_bridge_restarts_a_killed_child(time_bridge: _Process) -> None:
     assert after.structured_content["timezone"] == "UTC"
     second = await asyncio.to_thread(
         time_bridge.wait_for,
-        lambda r: r.get("message") == "stdio MCP server connected" and r.get("starts") == 2,
+        lambda r: r.get("message") == "MCP server connected" and r.get("connects") == 2,
     )
     assert second["tools"] == 2
 
@@ -290,7 +286,9 @@ async def test_bridge_exits_cleanly_on_sigterm_with_a_listener_open() -> None:
     assert _MCP_SERVER_TIME is not None
     with _bridge(_MCP_SERVER_TIME) as bridge:
         url = await asyncio.to_thread(bridge.url)
-        child = await _poll(lambda: _children(bridge.popen.pid))
+        child = await eventually(
+            lambda: _children(bridge.popen.pid), timeout=WAIT, what="the bridge's child"
+        )
         async with Client(url) as client, client.listen(tools_list_changed=True) as sub:
             code = await asyncio.to_thread(bridge.terminate)
             async with asyncio.timeout(WAIT):

@@ -7,8 +7,7 @@ import gzip
 import json
 import sqlite3
 import threading
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,6 +33,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from control_plane.otlp import OtlpForwarder, OtlpReceiver, build_otlp_app
 from control_plane.traces import InMemoryTraceStore, SqliteTraceStore
+from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -50,14 +50,6 @@ class _RecordingConnection(sqlite3.Connection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.set_trace_callback(lambda _sql: self.threads.add(threading.get_ident()))
-
-
-async def _wait_for(condition: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)  # polling a condition with a deadline, not waiting blind
 
 
 @pytest.fixture
@@ -445,7 +437,7 @@ async def test_accepted_exports_are_forwarded_to_a_collector(store: SqliteTraceS
                 async def arrived() -> bool:
                     return len(await collector_store.get_trace(trace_id)) == 7
 
-                await _wait_for(arrived)
+                await eventually(arrived, timeout=10.0, what="the exported spans")
             finally:
                 await server.close()
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -13,10 +14,14 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from mcp import Client
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.types import TextContent
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
+from starlette.requests import Request
 
 from sidecar.credentials import CredentialResolver
 from sidecar.egress import EgressProxy, llm_upstream_base
@@ -26,6 +31,8 @@ from specmesh.services import BaoProcess, LocalServices, free_port
 from specmesh.snapshot import PromptBundle, ResolvedSnapshot
 from specmesh.spec.models import AgentSpec, McpServerSpec
 from specmesh.vault import VaultClient, agent_policy, agent_policy_name, agent_secret_prefix
+from tests.integration.asgi_server import serve_asgi
+from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -158,9 +165,10 @@ async def rig_factory() -> AsyncIterator[Callable[..., Awaitable[Rig]]]:
         snapshot: ResolvedSnapshot,
         ttl: float = 300.0,
         tracer: Any = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> Rig:
         vault = VaultClient(address=address, token=token, timeout=2.0)
-        resolver = CredentialResolver(source=vault, ttl=ttl)
+        resolver = CredentialResolver(source=vault, ttl=ttl, clock=clock)
         resolver.start()
         holder = SnapshotHolder()
         await holder.set(snapshot, etcd_revision=1)
@@ -175,15 +183,6 @@ async def rig_factory() -> AsyncIterator[Callable[..., Awaitable[Rig]]]:
     yield make
     for thing in opened:
         await thing.close() if not isinstance(thing, EgressProxy) else await thing.stop()
-
-
-async def _poll(check: Callable[[], Awaitable[bool]], *, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # ---------------------------------------------------------------- tests
@@ -308,7 +307,7 @@ async def test_a_caller_hanging_up_mid_call_is_no_error_and_the_next_call_is_ser
     async def upstream_called() -> bool:
         return any(s.path.endswith("/held") for s in upstream.seen)
 
-    await _poll(upstream_called, timeout=10, what="the call to reach the upstream")
+    await eventually(upstream_called, timeout=10, what="the call to reach the upstream")
     writer.close()
     await writer.wait_closed()
 
@@ -316,7 +315,7 @@ async def test_a_caller_hanging_up_mid_call_is_no_error_and_the_next_call_is_ser
         upstream.gate.put_nowait(None)
         return upstream.cut.is_set()
 
-    await _poll(upstream_cut, timeout=10, what="the egress to close the upstream's call")
+    await eventually(upstream_cut, timeout=10, what="the egress to close the upstream's call")
     async with rig.client.post(rig.egress.url + "/llm/v1/chat/completions", json={}) as resp:
         status = resp.status
 
@@ -349,7 +348,7 @@ async def test_rotated_secret_is_used_by_the_next_request_after_refresh(
     async def two_refreshes() -> bool:
         return resolver.refreshes >= start + 2
 
-    await _poll(two_refreshes, timeout=10, what="two background refreshes")
+    await eventually(two_refreshes, timeout=10, what="two background refreshes")
     async with rig.client.post(url, json={}) as resp:
         assert resp.status == 200
 
@@ -374,39 +373,30 @@ async def test_openbao_down_serves_from_cache_until_ttl_then_fails_clearly(
         await root.write(VaultRef.parse(ref), "sk-cached")
         token = await _agent_token(root, agent)
         await root.close()
-        ttl = 3.0
+        now = [0.0]  # the credential cache's clock, injected
         rig = await rig_factory(
             address=bao.address,
             token=token,
             snapshot=_snapshot(agent, _spec(agent, upstream.url), {}),
-            ttl=ttl,
+            ttl=300.0,
+            clock=lambda: now[0],
         )
         url = rig.egress.url + "/llm/v1/chat/completions"
         async with rig.client.post(url, json={}) as resp:
             assert resp.status == 200
 
         await asyncio.to_thread(bao.stop)
-        left = rig.resolver.expires_in(ref)
-        assert left is not None
-        expires_at = time.monotonic() + left
-        served_while_down = 0
-        failure: dict[str, Any] = {}
-
-        async def failed() -> bool:
-            nonlocal served_while_down
-            async with rig.client.post(url, json={}) as resp:
-                if resp.status == 200:
-                    served_while_down += 1
-                    return False
-                failure.update(status=resp.status, body=await resp.json(), at=time.monotonic())
-                return True
-
-        await _poll(failed, timeout=ttl + 10, what="the cached credential to expire")
+        now[0] = 299.0  # OpenBao is down: the cached value serves until its TTL is up
+        assert rig.resolver.expires_in(ref) == pytest.approx(1.0)
+        async with rig.client.post(url, json={}) as resp:
+            served_while_down = resp.status
+        now[0] = 300.0  # and no longer once it is
+        async with rig.client.post(url, json={}) as resp:
+            failure = {"status": resp.status, "body": await resp.json()}
     finally:
         await asyncio.to_thread(bao.stop)
 
-    assert served_while_down >= 1
-    assert failure["at"] >= expires_at - 0.05
+    assert served_while_down == 200
     assert failure["status"] == 503
     error = failure["body"]["error"]
     assert error["details"][0]["reason"] == "CREDENTIAL_UNAVAILABLE"
@@ -416,8 +406,24 @@ async def test_openbao_down_serves_from_cache_until_ttl_then_fails_clearly(
     assert all(s.headers["Authorization"] == "Bearer sk-cached" for s in upstream.seen)
 
 
-async def test_mcp_headers_and_query_params_are_injected(
-    services: LocalServices, vault: VaultClient, upstream: Upstream, rig_factory: Any
+def _echo_mcp_server() -> MCPServer:
+    """A real MCP server whose tool answers with what its HTTP request carried."""
+    server = MCPServer("gaode")
+
+    @server.tool()
+    def whoami(ctx: Context) -> str:
+        """The credential header and the query parameters this call arrived with."""
+        request = ctx.request_context.request
+        assert isinstance(request, Request)
+        return json.dumps(
+            {"header": request.headers.get("X-Gaode-Key"), "query": dict(request.query_params)}
+        )
+
+    return server
+
+
+async def test_a_real_mcp_server_gets_the_injected_header_and_query_param(
+    services: LocalServices, vault: VaultClient, rig_factory: Any
 ) -> None:
     agent = _agent()
     await vault.write(VaultRef.parse(_ref(agent, "model")), "sk-model")
@@ -425,7 +431,7 @@ async def test_mcp_headers_and_query_params_are_injected(
     await vault.write(VaultRef.parse(_ref(agent, "gaode-query")), "qp-secret")
     spec = _spec(
         agent,
-        upstream.url,
+        "http://127.0.0.1:9",
         mcpServers=[
             {
                 "mcpServerName": "gaode",
@@ -434,32 +440,27 @@ async def test_mcp_headers_and_query_params_are_injected(
             }
         ],
     )
-    mcp = {"gaode": McpServerSpec(url=upstream.url + "/mcp")}
-    rig = await rig_factory(
-        address=services.bao.address,
-        token=await _agent_token(vault, agent),
-        snapshot=_snapshot(agent, spec, mcp),
-    )
+    async with serve_asgi(_echo_mcp_server().streamable_http_app()) as server_url:
+        mcp = {"gaode": McpServerSpec(url=server_url + "/mcp")}
+        rig = await rig_factory(
+            address=services.bao.address,
+            token=await _agent_token(vault, agent),
+            snapshot=_snapshot(agent, spec, mcp),
+        )
+        # the official client, through the egress (the server's name is case-insensitive);
+        # the caller's own query parameters are kept beside the injected one
+        async with Client(rig.egress.url + "/mcp/Gaode?tenant=t1") as client:
+            tools = [t.name for t in (await client.list_tools()).tools]
+            result = await client.call_tool("whoami", {})
 
-    async with rig.client.post(
-        rig.egress.url + "/mcp/gaode?session=abc",
-        json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
-        headers={"Accept": "application/json, text/event-stream"},
-    ) as resp:
-        assert resp.status == 200
-    async with rig.client.get(rig.egress.url + "/mcp/Gaode/stream") as resp:
-        assert resp.status == 200
-        for _ in range(2):
-            upstream.gate.put_nowait(None)
-        assert b"chunk-2" in await resp.read()
-
-    first, second = upstream.seen
-    assert first.path == "/mcp"
-    assert first.query == {"session": "abc", "key": "qp-secret"}
-    assert first.headers["X-Gaode-Key"] == "hdr-secret"
-    assert b"tools/list" in first.body
-    assert second.path == "/mcp/stream"
-    assert second.query == {"key": "qp-secret"}
+    assert tools == ["whoami"]
+    assert not result.is_error
+    [block] = result.content
+    assert isinstance(block, TextContent)
+    assert json.loads(block.text) == {
+        "header": "hdr-secret",
+        "query": {"tenant": "t1", "key": "qp-secret"},
+    }
 
 
 async def test_undeclared_mcp_server_or_partner_is_refused_and_logged(

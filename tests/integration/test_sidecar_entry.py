@@ -43,6 +43,7 @@ from specmesh.services import free_port
 from specmesh.snapshot import PromptBundle, ResolvedSnapshot
 from specmesh.spec.models import AgentSpec, ReleaseSpec
 from tests.integration.test_sidecar_mtls import pki  # noqa: F401  (fixture)
+from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -776,11 +777,7 @@ async def test_keys_fetched_in_the_background_verify_tokens_while_the_issuer_is_
     async with verifier:
         refresher = asyncio.create_task(verifier.run())
         try:
-            for _ in range(100):
-                if issuer.fetches:
-                    break
-                await asyncio.sleep(0.05)
-            assert issuer.fetches >= 1
+            await eventually(lambda: issuer.fetches >= 1, timeout=WAIT, what="the JWKS fetch")
             assert issuer.runner is not None
             await issuer.runner.cleanup()  # the issuer is gone
             assert await policy.authenticate(f"Bearer {issuer.token()}") == ALICE

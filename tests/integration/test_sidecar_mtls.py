@@ -32,7 +32,8 @@ from specmesh.services import LocalServices, free_port
 from specmesh.spec.models import AgentSpec
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient
-from tests.integration.test_sidecar_egress import _poll, _snapshot, _spec
+from tests.integration.test_sidecar_egress import _snapshot, _spec
+from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -150,7 +151,7 @@ async def test_only_allowed_callers_with_valid_certificates_pass(
     async def is_expired() -> bool:
         return time.time() > expired.not_after.timestamp() + 0.5
 
-    await _poll(is_expired, timeout=10, what="the 1 s certificate to expire")
+    await eventually(is_expired, timeout=10, what="the 1 s certificate to expire")
     foreign_mount = f"foreign-{uuid.uuid4().hex[:6]}"
     await setup_pki(
         address=services.bao.address, token=services.bao.root_token, mount=foreign_mount
@@ -203,18 +204,20 @@ async def test_rotation_keeps_open_connections_and_new_handshakes_see_the_new_se
 
 
 async def test_certificate_rotates_at_two_thirds_of_its_ttl(pki: PkiClient) -> None:
-    started = time.monotonic()
-    async with AgentCertificates(agent="short-lived", pki=pki, ttl=3) as certs:
+    asked: list[float] = []  # the rotation loop's clock, injected: what it waits for
+
+    async def sleep(seconds: float) -> None:
+        asked.append(seconds)
+        if len(asked) > 1:
+            await asyncio.Event().wait()  # after the first rotation: wait until closed
+
+    async with AgentCertificates(agent="short-lived", pki=pki, ttl=300, sleep=sleep) as certs:
         first = certs.current.serial
-
-        async def rotated() -> bool:
-            return certs.rotations >= 1
-
-        await _poll(rotated, timeout=10, what="the certificate to rotate")
-        elapsed = time.monotonic() - started
+        await eventually(lambda: certs.rotations >= 1, timeout=10, what="the certificate to rotate")
 
     assert certs.current.serial != first
-    assert 1.9 <= elapsed < 3.0
+    assert asked[0] == pytest.approx(200)  # two thirds of the 300 s TTL
+    assert asked[1] == pytest.approx(200)  # and again for the new certificate
 
 
 async def test_egress_calls_partner_sidecars_over_mtls_and_checks_their_identity(
@@ -294,7 +297,7 @@ async def test_partner_graph_from_etcd_follows_changes(store: SpecStore) -> None
         async def changed() -> bool:
             return graph.partners("Caller_One") == frozenset({"other-agent"})
 
-        await _poll(changed, timeout=10, what="the partner graph to change")
+        await eventually(changed, timeout=10, what="the partner graph to change")
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

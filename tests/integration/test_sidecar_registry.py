@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +14,7 @@ from sidecar.registry import Instance, InstanceRegistration, RegistryView
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
 from specmesh.services import EtcdProcess, free_port
+from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -28,20 +29,6 @@ def _instance(name: str, agent: str = "Reg_Agent", track: str = "stable") -> Ins
         state="starting",
         started_at="2026-11-01T00:00:00+00:00",
     )
-
-
-async def _poll(condition: Callable[[], object], timeout: float = 20, what: str = "") -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def test_entry_is_held_under_a_lease_and_removed_on_deregister(
@@ -72,7 +59,7 @@ async def test_entry_is_held_under_a_lease_and_removed_on_deregister(
         kv = await etcd.get(reg.key)
         return kv is not None and json.loads(kv.value)["revision"] == 2
 
-    await _poll(updated, what="revision 2 in the registry")
+    await eventually(updated, what="revision 2 in the registry", timeout=20)
     kv = await etcd.get(reg.key)
     assert kv is not None and kv.lease == reg.lease_id
     assert json.loads(kv.value)["state"] == "serving"
@@ -102,7 +89,7 @@ async def test_entry_expires_after_ttl_when_keepalive_stops(etcd: EtcdClient, ke
     async def gone() -> bool:
         return await etcd.get(reg.key) is None
 
-    await _poll(gone, timeout=15, what="the entry to expire")
+    await eventually(gone, timeout=15, what="the entry to expire")
     await reg.stop()  # revoking an expired lease is harmless
 
 
@@ -126,7 +113,7 @@ async def test_expired_lease_is_granted_again_and_the_entry_rewritten(
         kv = await etcd.get(reg.key)
         return kv is not None and kv.lease not in (0, first) and reg.registered
 
-    await _poll(back, timeout=15, what="re-registration under a new lease")
+    await eventually(back, timeout=15, what="re-registration under a new lease")
     assert reg.registered and reg.lease_id != first
     await reg.stop()
     assert await etcd.get(reg.key) is None
@@ -152,7 +139,7 @@ async def test_registration_survives_an_etcd_restart(own_etcd: EtcdProcess) -> N
     try:
         await asyncio.wait_for(reg.wait_registered(), 20)
         await asyncio.to_thread(own_etcd.stop)
-        await _poll(
+        await eventually(
             lambda: (
                 (
                     metrics.registry.get_sample_value(
@@ -163,6 +150,7 @@ async def test_registration_survives_an_etcd_restart(own_etcd: EtcdProcess) -> N
                 >= 1
             ),
             what="a failed keep-alive",
+            timeout=20,
         )
         reg.update(state="serving")  # made while etcd is away
         await asyncio.to_thread(own_etcd.start)
@@ -176,7 +164,7 @@ async def test_registration_survives_an_etcd_restart(own_etcd: EtcdProcess) -> N
                 and kv.lease == reg.lease_id
             )
 
-        await _poll(serving_under_live_lease, timeout=30, what="the entry back after restart")
+        await eventually(serving_under_live_lease, timeout=30, what="the entry back after restart")
         # and it stays: the keep-alive works against the restarted etcd
         loop = asyncio.get_running_loop()
         until = loop.time() + 3
@@ -203,7 +191,9 @@ async def test_registry_view_sees_instances_come_and_go(etcd: EtcdClient, keys: 
     for reg in (a, b, other):
         await reg.start()
     try:
-        await _poll(lambda: len(view.instances("Reg_Agent")) == 2, what="two instances")
+        await eventually(
+            lambda: len(view.instances("Reg_Agent")) == 2, what="two instances", timeout=20
+        )
         got = view.instances("reg-agent")  # resource name works too
         assert [(i.instance, i.track) for i in got] == [("a", "stable"), ("b", "canary")]
         assert [i.instance for i in view.instances("other")] == ["x"]
@@ -212,17 +202,20 @@ async def test_registry_view_sees_instances_come_and_go(etcd: EtcdClient, keys: 
         version = view.version
         b.update(revision=5)
         await asyncio.wait_for(view.wait_changed(version), 20)
-        await _poll(
+        await eventually(
             lambda: [i.revision for i in view.instances("Reg_Agent")] == [1, 5],
             what="b at revision 5",
+            timeout=20,
         )
 
         await a.stop()
-        await _poll(
-            lambda: [i.instance for i in view.instances("Reg_Agent")] == ["b"], what="a gone"
+        await eventually(
+            lambda: [i.instance for i in view.instances("Reg_Agent")] == ["b"],
+            what="a gone",
+            timeout=20,
         )
     finally:
         for reg in (a, b, other):
             await reg.stop()
-        await _poll(lambda: view.instances("Reg_Agent") == [], what="all gone")
+        await eventually(lambda: view.instances("Reg_Agent") == [], what="all gone", timeout=20)
         await view.stop()

@@ -30,6 +30,7 @@ from specmesh.spec.models import AgentSpec, McpServerSpec, PromptEntry, ReleaseS
 from specmesh.store import SpecStore
 from specmesh.v1 import sidecar_pb2, sidecar_pb2_grpc
 from specmesh.vault import VaultClient
+from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -114,14 +115,6 @@ async def _until(stream: Any, predicate: Callable[[Any], bool], timeout: float =
         raise AssertionError("stream ended")
 
     return await asyncio.wait_for(run(), timeout)
-
-
-async def _poll(condition: Callable[[], bool], timeout: float = 20, what: str = "") -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what or condition}")
-        await asyncio.sleep(0.02)
 
 
 def _temperature(snapshot: Any) -> float:
@@ -270,22 +263,26 @@ async def test_invalid_values_are_not_pushed_and_the_last_good_stays(
 
         # 1. bad JSON for the release
         await etcd.put(keys.agent_release(AGENT), "{not json")
-        await _poll(lambda: refused() >= 1, what="the bad release to be refused")
+        await eventually(lambda: refused() >= 1, what="the bad release to be refused", timeout=20)
         assert h.holder.version == version and h.holder.current is not None
         assert h.sync.last_error is not None
         # 2. a release that does not validate (canary weight without a canary revision)
         await etcd.put(keys.agent_release(AGENT), json.dumps({"canaryWeight": 50}))
-        await _poll(lambda: refused() >= 2, what="the invalid release to be refused")
+        await eventually(
+            lambda: refused() >= 2, what="the invalid release to be refused", timeout=20
+        )
         await etcd.delete(keys.agent_release(AGENT))
-        await _poll(lambda: h.sync.last_error is None, what="recovery after the delete")
+        await eventually(
+            lambda: h.sync.last_error is None, what="recovery after the delete", timeout=20
+        )
         # 3. a corrupted revision bundle of the served revision
         await etcd.put(keys.agent_revision(AGENT, 1), b"\x00garbage")
-        await _poll(lambda: refused() >= 3, what="the bad bundle to be refused")
+        await eventually(lambda: refused() >= 3, what="the bad bundle to be refused", timeout=20)
         # 4. a bad part value written raw into the bundle (temperature out of range)
         bundle = {"agent": AGENT, "revision": 1, "spec": _spec().model_dump(mode="json")}
         bundle["spec"]["model"]["temperature"] = 7
         await etcd.put(keys.agent_revision(AGENT, 1), json.dumps(bundle))
-        await _poll(lambda: refused() >= 4, what="the invalid spec to be refused")
+        await eventually(lambda: refused() >= 4, what="the invalid spec to be refused", timeout=20)
         assert h.sync.last_error is not None and "temperature" in h.sync.last_error.reason
 
         # nothing was pushed meanwhile; the engine still gets the last good snapshot
@@ -327,11 +324,13 @@ async def test_etcd_outage_keeps_the_snapshot_and_later_updates_all_arrive(
     try:
         stream = h.stub.WatchSnapshots(sidecar_pb2.WatchSnapshotsRequest(agent_name=AGENT))
         first = await _until(stream, lambda s: s.revision == 1)
-        await _poll(lambda: cache.path.exists(), what="the snapshot on disk")
+        await eventually(lambda: cache.path.exists(), what="the snapshot on disk", timeout=20)
 
         await asyncio.to_thread(own_etcd.stop)
         # the watches notice and retry; the holder keeps its snapshot meanwhile
-        await _poll(lambda: h.sync.watch_counters()[0] >= 1, what="a watch reconnect")
+        await eventually(
+            lambda: h.sync.watch_counters()[0] >= 1, what="a watch reconnect", timeout=20
+        )
         assert h.holder.current is not None and h.holder.current.revision == 1
         got = await h.stub.GetSnapshot(sidecar_pb2.GetSnapshotRequest(agent_name=AGENT))
         assert got.snapshot.spec_json == first.spec_json
@@ -348,9 +347,10 @@ async def test_etcd_outage_keeps_the_snapshot_and_later_updates_all_arrive(
         assert snap.source == sidecar_pb2.SNAPSHOT_SOURCE_ETCD
         stream.cancel()
         # the disk copy follows
-        await _poll(
+        await eventually(
             lambda: (c := cache.load()) is not None and c[0].revision == 2,
             what="the disk snapshot at revision 2",
+            timeout=20,
         )
     finally:
         await h.close()
@@ -368,8 +368,8 @@ async def test_start_with_etcd_down_serves_the_disk_snapshot(
     cache = SnapshotCache(path=tmp_path / "state" / "snapshot.json")
     h = await _harness(etcd, keys, cache=cache)
     try:
-        await _poll(lambda: h.holder.current is not None, what="a first snapshot")
-        await _poll(lambda: cache.path.exists(), what="the snapshot on disk")
+        await eventually(lambda: h.holder.current is not None, what="a first snapshot", timeout=20)
+        await eventually(lambda: cache.path.exists(), what="the snapshot on disk", timeout=20)
         on_disk = h.sync.current
     finally:
         await h.close()

@@ -18,6 +18,7 @@ from specmesh.services import free_port
 from specmesh.spec.models import AgentSpec
 from specmesh.store import SpecStore
 from specmesh.v1 import common_pb2, sidecar_pb2, sidecar_pb2_grpc
+from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -107,13 +108,10 @@ async def test_sidecar_starts_serves_registers_and_stops_in_order(
             stream.cancel()
             entry_json = await _entry_when(etcd, keys, "engine-down")
             assert entry_json["revision"] == 0
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 20
         assert sidecar.sync.current is not None
         cached = tmp_path / "sidecars" / "main-helper-stable" / "snapshot.json"
-        while not cached.exists():  # the last good snapshot is kept on disk
-            assert loop.time() < deadline, "snapshot not written to disk"
-            await asyncio.sleep(0.02)
+        # the last good snapshot is kept on disk
+        await eventually(cached.exists, timeout=20, what="the snapshot on disk")
     finally:
         await sidecar.stop()
     assert log[2:] == [
@@ -125,13 +123,11 @@ async def test_sidecar_starts_serves_registers_and_stops_in_order(
 
 async def _entry_when(etcd: EtcdClient, keys: Keys, state: str) -> dict[str, object]:
     """The instance's registry entry once its state is ``state`` (bounded poll)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 20
-    while True:
+
+    async def in_state() -> dict[str, object] | None:
         entry = await etcd.get(keys.registry_instance("main-helper", "inst-1"))
         assert entry is not None
         value: dict[str, object] = json.loads(entry.value)
-        if value["state"] == state:
-            return value
-        assert loop.time() < deadline, f"registry state not {state}: {value}"
-        await asyncio.sleep(0.02)
+        return value if value["state"] == state else None
+
+    return await eventually(in_state, timeout=20, what=f"registry state {state}")

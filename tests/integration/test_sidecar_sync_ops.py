@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -19,21 +18,11 @@ from specmesh.keys import Keys
 from specmesh.spec.models import AgentSpec
 from specmesh.store import SpecStore
 from specmesh.v1 import common_pb2, sidecar_pb2, sidecar_pb2_grpc
+from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
 
 AGENT = "ops-helper"
-
-
-async def _poll_async(check: Callable[[], Any], timeout: float = 20) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("timed out")
-        await asyncio.sleep(0.02)
 
 
 async def test_readyz_turns_ready_after_snapshot_and_engine_serving(
@@ -69,7 +58,9 @@ async def test_readyz_turns_ready_after_snapshot_and_engine_serving(
                 {"base": {"description": "d", "promptKey": "p"}, "model": {"model": "m"}}
             )
             await store.apply_agent(AGENT, spec, actor="t")
-            await _poll_async(lambda: _nothing_but_engine_missing(http))
+            await eventually(
+                lambda: _nothing_but_engine_missing(http), timeout=20, what="the readyz answer"
+            )
 
             # a report without an open snapshot stream counts for nothing: no engine is
             # connected
@@ -139,7 +130,9 @@ async def test_readyz_turns_ready_after_snapshot_and_engine_serving(
             async with http.get("/readyz") as r:
                 assert r.status == 200
             stream.cancel()
-            body = await _poll_async(lambda: _readyz_if(http, 503))
+            body = await eventually(
+                lambda: _readyz_if(http, 503), timeout=20, what="the readyz answer"
+            )
             assert body["missing"] == ["engine: not connected (no snapshot stream open)"]
             assert body["engine"]["state"] == "unspecified"
             assert body["engine"]["servingRevision"] == 0
@@ -188,7 +181,9 @@ async def test_a_readyz_watch_answers_when_the_report_changes(
     stub = sidecar_pb2_grpc.SpecSyncServiceStub(channel)
     try:
         async with aiohttp.ClientSession(base_url=ops.url) as http:
-            await _poll_async(lambda: _nothing_but_engine_missing(http))
+            await eventually(
+                lambda: _nothing_but_engine_missing(http), timeout=20, what="the readyz answer"
+            )
             async with http.get("/readyz") as r:
                 etag = r.headers["ETag"]
             # a watch on a report already different answers at once

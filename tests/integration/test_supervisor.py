@@ -13,11 +13,9 @@ small Python processes, so what is tested is the supervisor, not them):
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -37,6 +35,7 @@ from specmesh.vault import (
     supervisor_policy,
 )
 from specmesh.workloads import AgentWorkload
+from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -87,15 +86,6 @@ async def make_supervisor(
             await sup.stop(stop_instances=True)
 
 
-async def _until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _running(sup: Supervisor, name: str) -> bool:
     inst = sup.instances.get(name)
     return inst is not None and all(p.pid and p.alive() for p in (inst.engine, inst.sidecar))
@@ -107,7 +97,9 @@ async def test_a_name_is_not_reused_while_its_instance_still_stops(
     sup = await make_supervisor()
     workload = AgentWorkload(agent="reborn", revision=1, replicas={"stable": 1})
     await sup.apply(workload)
-    await _until(lambda: _running(sup, "reborn-stable-0"), "the instance to run")
+    await eventually(
+        lambda: _running(sup, "reborn-stable-0"), what="the instance to run", timeout=20.0
+    )
     old = sup.instances["reborn-stable-0"]
     old_processes = [(p.pid, p.cmd) for p in (old.engine, old.sidecar)]
 
@@ -118,20 +110,23 @@ async def test_a_name_is_not_reused_while_its_instance_still_stops(
     def old_alive() -> bool:
         return any(alive(pid, cmd) for pid, cmd in old_processes)
 
-    while old_alive():
+    def old_stopped() -> bool:
         current = sup.instances.get("reborn-stable-0")
         assert (
             current is None
             or current is old
             or not any(p.pid and p.alive() for p in (current.engine, current.sidecar))
         ), "a second reborn-stable-0 runs while the first one still stops"
-        await asyncio.sleep(0.05)
-    await _until(
+        return not old_alive()
+
+    await eventually(old_stopped, timeout=20, what="the first reborn-stable-0 to stop")
+    await eventually(
         lambda: (
             sup.instances.get("reborn-stable-0") not in (None, old)
             and _running(sup, "reborn-stable-0")
         ),
-        "the new instance of that name to run once the old one stopped",
+        what="the new instance of that name to run once the old one stopped",
+        timeout=20.0,
     )
 
 
@@ -173,7 +168,9 @@ async def test_adoption_takes_over_its_own_processes_and_leaves_alone_any_other(
 ) -> None:
     first = await make_supervisor()
     await first.apply(AgentWorkload(agent="kept", revision=1, replicas={"stable": 1}))
-    await _until(lambda: _running(first, "kept-stable-0"), "the instance to run")
+    await eventually(
+        lambda: _running(first, "kept-stable-0"), what="the instance to run", timeout=20.0
+    )
     kept = {p.role: p.pid for p in (first.instances["kept-stable-0"].engine,
                                     first.instances["kept-stable-0"].sidecar)}  # fmt: skip
     await first.stop(stop_instances=False)  # as a supervisor killed or restarted
@@ -203,7 +200,11 @@ async def test_adoption_takes_over_its_own_processes_and_leaves_alone_any_other(
         assert {p.role: p.pid for p in (adopted.engine, adopted.sidecar)} == kept
         assert adopted.engine.restarts == adopted.sidecar.restarts == 0
         await second.remove("squatter")
-        await _until(lambda: "squatter-stable-0" not in second.instances, "squatter to stop")
+        await eventually(
+            lambda: "squatter-stable-0" not in second.instances,
+            what="squatter to stop",
+            timeout=20.0,
+        )
         assert foreign.poll() is None
     finally:
         foreign.kill()
@@ -216,7 +217,9 @@ async def test_children_get_a_minimal_environment_and_never_the_supervisors_toke
     monkeypatch.setenv("SOME_PROVIDER_API_KEY", "sk-of-the-user")  # the supervisor's env
     sup = await make_supervisor()
     await sup.apply(AgentWorkload(agent="plain", revision=1, replicas={"stable": 1}))
-    await _until(lambda: _running(sup, "plain-stable-0"), "the instance to run")
+    await eventually(
+        lambda: _running(sup, "plain-stable-0"), what="the instance to run", timeout=20.0
+    )
     inst = sup.instances["plain-stable-0"]
 
     def environ(pid: int) -> dict[str, str]:
@@ -245,9 +248,10 @@ async def test_the_engine_card_names_the_sidecars_entry_and_tasks_go_through_its
         task_store_password=password,
     )
     await sup.apply(AgentWorkload(agent="Wired_Up", revision=1, replicas={"stable": 2}))
-    await _until(
+    await eventually(
         lambda: _running(sup, "wired-up-stable-0") and _running(sup, "wired-up-stable-1"),
-        "both instances to run",
+        what="both instances to run",
+        timeout=20.0,
     )
     first, second = sup.instances["wired-up-stable-0"], sup.instances["wired-up-stable-1"]
 
@@ -279,7 +283,9 @@ async def test_without_a_shared_task_store_the_engine_keeps_tasks_in_memory(
 ) -> None:
     sup = await make_supervisor()
     await sup.apply(AgentWorkload(agent="alone", revision=1, replicas={"stable": 1}))
-    await _until(lambda: _running(sup, "alone-stable-0"), "the instance to run")
+    await eventually(
+        lambda: _running(sup, "alone-stable-0"), what="the instance to run", timeout=20.0
+    )
     inst = sup.instances["alone-stable-0"]
 
     engine, sidecar = _environ(inst.engine.pid), _environ(inst.sidecar.pid)

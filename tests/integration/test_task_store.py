@@ -9,12 +9,10 @@ official a2a-sdk client. Callers are named as a sidecar names them: the
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -49,20 +47,13 @@ from specmesh.secrets import VaultRef
 from specmesh.services import LocalServices, RedisProcess, free_port
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient
+from tests.polling import eventually
 
 from .memory_support import agent_instance, apply_agent
 
 WAIT = 15.0
 ALICE = {"X-Specmesh-Principal": "specmesh/alice"}
 MALLORY = {"X-Specmesh-Principal": "specmesh/mallory"}
-
-
-async def _eventually(condition: Callable[[], Any], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -212,7 +203,7 @@ async def test_another_caller_neither_lists_nor_reaches_the_task(
             task = await client.get_task(GetTaskRequest(id=task_id), context=_as(ALICE))
             return task.status.state == TaskState.TASK_STATE_COMPLETED
 
-        await _eventually(completed, "the task to complete")
+        await eventually(completed, what="the task to complete", timeout=WAIT)
 
     assert list(theirs.tasks) == [] and theirs.total_size == 0
     assert list(anonymous.tasks) == []
@@ -248,12 +239,12 @@ async def test_tasks_expire_after_the_retention(
                     return not listed.tasks
                 return False
 
-            await _eventually(gone, "the task to expire")
+            await eventually(gone, what="the task to expire", timeout=WAIT)
 
             async def no_keys() -> bool:
                 return not await direct.keys(f"specmesh:a2a:{agent}:*")
 
-            await _eventually(no_keys, "every key of the agent to expire")
+            await eventually(no_keys, what="every key of the agent to expire", timeout=WAIT)
         finally:
             await direct.aclose()
 

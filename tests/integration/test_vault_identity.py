@@ -4,31 +4,44 @@ before it expires, and that stops working once revoked."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
 from specmesh.errors import SecretError
 from specmesh.vault import VaultClient, keep_token_alive
+from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
 
 
-async def test_a_periodic_token_is_renewed_before_it_expires_and_dies_when_revoked(
+async def test_a_periodic_token_is_renewed_at_half_its_ttl_and_dies_when_revoked(
     vault: VaultClient,
 ) -> None:
     token, accessor = await vault.create_identity_token(
-        policies=["default"], period="4s", display_name="renew-test"
+        policies=["default"], period="1h", display_name="renew-test"
     )
     own = VaultClient(address=vault.address, token=token)
-    renewing = asyncio.create_task(keep_token_alive(own, floor=0.5))
+    renewals: list[int | None] = []
+    renew_self = own.renew_self
+
+    async def renew_and_count() -> None:  # the real renewal, counted
+        await renew_self()
+        renewals.append(await own.token_ttl())
+
+    own.renew_self = renew_and_count  # type: ignore[method-assign]
+    asked: list[float] = []  # the renewal loop's clock, injected: what it waits for
+
+    async def sleep(seconds: float) -> None:
+        asked.append(seconds)
+        if len(asked) > 2:
+            await asyncio.Event().wait()  # after two renewals: wait until cancelled
+
+    renewing = asyncio.create_task(keep_token_alive(own, floor=0.5, sleep=sleep))
     try:
-        # past two periods the token still answers: it was renewed, more than once
-        deadline = time.monotonic() + 9
-        while time.monotonic() < deadline:
-            ttl = await own.token_ttl()
-            assert ttl is not None and ttl > 0
-            await asyncio.sleep(0.5)  # observing a lifetime: the wait is the point here
+        await eventually(lambda: len(asked) > 2, timeout=20, what="two renewals")
+        assert len(renewals) == 2
+        assert all(ttl is not None and ttl > 3500 for ttl in renewals)  # back to the period
+        assert asked[:2] == [pytest.approx(1800, abs=30)] * 2  # at half the TTL
         assert await own.token_policies() == ["default"]
 
         await vault.revoke_accessor(accessor)

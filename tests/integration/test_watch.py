@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from specmesh.errors import StoreUnavailableError
 from specmesh.etcd import EtcdClient
 from specmesh.services import EtcdProcess, free_port
 from specmesh.watch import PrefixWatcher, WatchUpdate
+from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -49,14 +50,6 @@ def _frozen(proc: EtcdProcess) -> Iterator[None]:
         yield
     finally:
         os.kill(proc.pid, signal.SIGCONT)
-
-
-async def _poll(condition: Callable[[], bool], *, what: str, timeout: float = 30) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            pytest.fail(f"not within {timeout} s: {what}")
-        await asyncio.sleep(0.02)
 
 
 async def _next(it: AsyncIterator[WatchUpdate], timeout: float = 30) -> WatchUpdate:
@@ -95,7 +88,8 @@ async def test_watch_resumes_after_etcd_restart_without_loss_or_duplicates(
     with pytest.raises(StoreUnavailableError):
         await writer.put("/w/lost", "x")
     pending = asyncio.ensure_future(_collect_until(it, {f"/w/c{i}" for i in range(20)}, seen))
-    await _poll(lambda: watcher.reconnects >= 1, what="the watcher notices the broken stream")
+    # the watcher notices the broken stream and starts retrying
+    await eventually(lambda: watcher.reconnects >= 1, timeout=30, what="a watch reconnect")
     await asyncio.to_thread(own_etcd.start)
     for i in range(20):
         await writer.put(f"/w/c{i}", str(i))
@@ -189,9 +183,13 @@ async def test_a_watch_on_a_frozen_etcd_notices_within_its_deadline_and_loses_no
     pending = asyncio.ensure_future(_collect_until(it, set(gap + later), seen, timeout=120))
 
     with _frozen(own_etcd):
-        await _poll(lambda: watcher.stalls >= 1, what="the watcher notices the frozen stream")
+        await eventually(
+            lambda: watcher.stalls >= 1, what="the watcher notices the frozen stream", timeout=30
+        )
         # its reconnect meets the frozen etcd too (accepted, unanswered) and stalls as well
-        await _poll(lambda: watcher.stalls >= 2, what="a reconnect to the frozen etcd stalls")
+        await eventually(
+            lambda: watcher.stalls >= 2, what="a reconnect to the frozen etcd stalls", timeout=30
+        )
         hold.set()
         await asyncio.wait_for(parked.wait(), timeout=30)
     # etcd continues; the watcher waits in its backoff: these commit before it reconnects
@@ -227,9 +225,10 @@ async def test_a_quiet_watch_is_kept_alive_by_progress_notifications(
     await client.put("/other/y", "2")
     revision = await client.revision()
     quiet_for = READ_DEADLINE / PROGRESS_INTERVAL + 2
-    await _poll(
+    await eventually(
         lambda: watcher.progress_notifications >= quiet_for,
         what=f"{quiet_for:g} progress notifications",
+        timeout=30,
     )
 
     assert watcher.stalls == 0 and watcher.reconnects == 0

@@ -162,7 +162,8 @@ def test_the_owner_comes_from_the_principal_then_the_caller() -> None:
         ("redis://:pw@127.0.0.1:7106/0", "password"),
         ("postgres://db/tasks", "must be 'memory' or a redis://"),
         ("redis://127.0.0.1:7106/tasks", "database number"),
-        ("redis:///0", "no host"),
+        ("redis:///0", "SPECMESH_TASK_STORE: the host is missing"),
+        ("redis://127.0.0.1:99999/0", "SPECMESH_TASK_STORE: port must be a number"),
         ("Memory", "must be 'memory'"),
     ],
 )

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from sidecar.settings import SidecarSettings, parse_listen_address
+from sidecar.settings import SidecarSettings
+from specmesh.addresses import parse_listen
 
 
 def _env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **values: str) -> None:
@@ -93,10 +94,10 @@ def test_refuses_bad_values(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     ],
 )
 def test_parse_listen_address(address: str, parsed: tuple[str, str, int]) -> None:
-    assert parse_listen_address(address) == parsed
+    assert parse_listen(address, setting="SPECMESH_SYNC_ADDR") == parsed
 
 
 @pytest.mark.parametrize("address", ["localhost", "host:port", "unix:"])
 def test_parse_listen_address_refuses(address: str) -> None:
-    with pytest.raises(ValueError, match=r"host:port|path"):
-        parse_listen_address(address)
+    with pytest.raises(ValueError, match=r"^SPECMESH_SYNC_ADDR: .*(host:port|path)"):
+        parse_listen(address, setting="SPECMESH_SYNC_ADDR")
