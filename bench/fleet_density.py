@@ -261,8 +261,14 @@ def run_size(
     applied = time.monotonic() - start
 
     def all_ready() -> bool:
-        statuses = {a["name"]: a.get("status") for a in api.call("GET", "/api/v1/agents")}
-        return all((statuses.get(n) or {}).get("ready") == "1/1" for n in names)
+        agents = api.call("GET", "/api/v1/agents?pageSize=1000")["agents"]
+        # (ready, desired) replicas of each agent the controller reported on
+        counts = {
+            a["name"]: (s.get("readyReplicas"), s.get("desiredReplicas"))
+            for a in agents
+            if (s := a.get("status"))
+        }
+        return all(counts.get(n) == (1, 1) for n in names)
 
     _wait(all_ready, f"{n} agents ready", timeout=120 + 12 * n)
     ready = time.monotonic() - start

@@ -326,7 +326,8 @@ class Fleet:
             )
 
             seeded = self._seed(api, admin_token, loaded)
-            stored = {a["resourceName"] for a in self._api_get(api, admin_token, "/api/v1/agents")}
+            listed = self._api_get(api, admin_token, "/api/v1/agents?pageSize=1000")["agents"]
+            stored = {resource_name(a["name"]) for a in listed}
             not_ready = self._wait_agents(supervisor, stored)
             state.update(
                 processes=[p.__dict__ for p in procs],
@@ -475,8 +476,12 @@ class Fleet:
         whether they were applied. A store holding any agent, prompt or MCP server is the
         operator's: it is left as it is."""
         if not self.options.reset:
-            paths = ("/api/v1/agents", "/api/v1/prompts", "/api/v1/mcp-servers")
-            if any(self._api_get(api, token, p) for p in paths):
+            lists = {"agents": "agents", "prompts": "prompts", "mcp-servers": "mcpServers"}
+            # one item of a list (pageSize=1) says whether the store holds any
+            if any(
+                self._api_get(api, token, f"/api/v1/{path}?pageSize=1")[key]
+                for path, key in lists.items()
+            ):
                 return False
         headers = {"Authorization": f"Bearer {token}"}
         for agent, secret in _shared_secrets(loaded):

@@ -92,7 +92,8 @@ def _pid(instance: dict[str, Any], role: str) -> tuple[int, list[str]]:
 
 
 def _registered(fleet: dict[str, Any], agent: str = AGENT) -> dict[str, dict[str, Any]]:
-    return {i["instance"]: i for i in _api(fleet, f"/api/v1/instances?agent={agent}")}
+    listed = _api(fleet, f"/api/v1/instances?agentName={agent}")["instances"]
+    return {i["instanceId"]: i for i in listed}
 
 
 def _ready_urls(fleet: dict[str, Any], agent: str = AGENT) -> list[str]:
@@ -195,10 +196,10 @@ def test_a_new_agent_from_one_yaml_file_answers_with_no_other_command(
     logs = capsys.readouterr().out
     assert "[billing-helper-stable-0-engine]" in logs
     assert "[billing-helper-stable-0-sidecar]" in logs
-    status = _api(fleet, f"/api/v1/agents/{AGENT}/status")
+    status = _api(fleet, f"/api/v1/agents/{AGENT}/status")["status"]
     assert status["tracks"] == {"stable": {"desired": 1, "ready": 1}}
-    assert status["instances"][0]["instance"] == "billing-helper-stable-0"
-    assert status["instances"][0]["revision"] == 1
+    assert status["instances"][0]["instanceId"] == "billing-helper-stable-0"
+    assert status["instances"][0]["servingRevision"] == "1"  # an int64: a string in the JSON
     print(f"apply -> answering: {took:.1f}s")
 
 
@@ -211,7 +212,7 @@ def test_scaled_to_three_calls_spread_and_scaled_to_one_two_drain_without_errors
         registered = _registered(fleet)
         return len(_ready_urls(fleet)) == 3 and sorted(registered) == [
             f"billing-helper-stable-{n}" for n in range(3)
-        ] and all(r["state"] == "serving" for r in registered.values())  # fmt: skip
+        ] and all(r["state"] == "ENGINE_STATE_SERVING" for r in registered.values())  # fmt: skip
 
     eventually_sync(three_serving, what="three instances ready and registered", timeout=60)
     instances = _instances(fleet)
@@ -264,7 +265,7 @@ def test_kill_9_of_the_engine_then_the_sidecar_under_load(fleet: dict[str, Any])
         eventually_sync(
             lambda: (
                 _status_code(f"{ops}/readyz") == 503
-                and _registered(fleet).get(name, {}).get("state") != "serving"
+                and _registered(fleet).get(name, {}).get("state") != "ENGINE_STATE_SERVING"
             ),
             what="the sidecar's readiness and the registry to drop the dead engine",
             timeout=5,
@@ -275,7 +276,7 @@ def test_kill_9_of_the_engine_then_the_sidecar_under_load(fleet: dict[str, Any])
                 (new := _pid(_instances(fleet)[0], "engine"))[0] not in (0, pid)
                 and alive(*new)
                 and _status_code(f"{ops}/readyz") == 200
-                and _registered(fleet).get(name, {}).get("state") == "serving"
+                and _registered(fleet).get(name, {}).get("state") == "ENGINE_STATE_SERVING"
                 and _ready_urls(fleet) == [instance["endpoints"]["entry"]]
             ),
             what="the engine to be restarted and serving",
@@ -304,7 +305,7 @@ def test_kill_9_of_the_engine_then_the_sidecar_under_load(fleet: dict[str, Any])
                 and alive(*new)
                 and _status_code(f"{ops}/readyz") == 200
                 and _status_code(f"{a2a}/readyz") == 200
-                and _registered(fleet).get(name, {}).get("state") == "serving"
+                and _registered(fleet).get(name, {}).get("state") == "ENGINE_STATE_SERVING"
                 and _ready_urls(fleet) == [instance["endpoints"]["entry"]]
             ),
             what="the sidecar to be restarted, the engine ready and registered",
@@ -317,7 +318,7 @@ def test_kill_9_of_the_engine_then_the_sidecar_under_load(fleet: dict[str, Any])
             timeout=30,
         )
     assert caller.errors_since(sidecar_back) == []
-    restarts = _api(fleet, f"/api/v1/agents/{AGENT}/status")["instances"][0]["restarts"]
+    restarts = _api(fleet, f"/api/v1/agents/{AGENT}/status")["status"]["instances"][0]["restarts"]
     assert restarts >= 2
 
 
@@ -373,8 +374,8 @@ def test_kill_9_of_the_control_plane_stops_no_agent_and_a_new_one_adopts_them(
 
     def observed_again() -> bool:
         try:
-            statuses = {a["name"]: a for a in _api(fleet, "/api/v1/agents")}
-            details = [_api(fleet, f"/api/v1/agents/{n}/status") for n in statuses]
+            statuses = {a["name"]: a for a in _api(fleet, "/api/v1/agents")["agents"]}
+            details = [_api(fleet, f"/api/v1/agents/{n}/status")["status"] for n in statuses]
         except requests.RequestException:
             return False
         return all(

@@ -128,8 +128,9 @@ def test_one_trace_holds_the_spans_of_both_agents(fleet: dict[str, Any]) -> None
 
     def two_agent_trace() -> dict[str, Any] | None:
         # each process exports its spans in its own batches: wait until all have arrived
-        for t in _api(fleet, f"/api/v1/traces?contextId={asked.context_id}&limit=100"):
-            spans = _api(fleet, f"/api/v1/traces/{t['traceId']}")
+        listed = _api(fleet, f"/api/v1/traces?contextId={asked.context_id}&pageSize=100")
+        for t in listed["traces"]:
+            spans = _api(fleet, f"/api/v1/traces/{t['traceId']}")["spans"]
             names = seen[t["traceId"]] = {(s["agent"], s["name"]) for s in spans}
             if expected <= names:
                 return {"trace": t, "names": names, "spans": spans}
@@ -142,16 +143,17 @@ def test_one_trace_holds_the_spans_of_both_agents(fleet: dict[str, Any]) -> None
         raise AssertionError(f"{e}: spans missing per trace {missing}") from None
 
     assert {"mse-nacos-helper", "mse-gateway-assistant"} <= set(found["trace"]["agents"])
-    assert found["trace"]["totalTokens"] > 0
+    assert int(found["trace"]["totalTokens"]) > 0  # an int64: a string in the JSON
     assert len(found["spans"]) < 100  # the SDK's internal spans are off
 
 
-def test_the_agent_registry_holds_each_instances_card(fleet: dict[str, Any]) -> None:
-    card = _api(fleet, "/api/v1/agents/mse-nacos-helper/card")
+def test_the_agent_registry_holds_the_card_and_each_instance(fleet: dict[str, Any]) -> None:
+    card = _api(fleet, "/api/v1/agents/mse-nacos-helper/card")["agentCard"]
     assert card["name"] == "mse-nacos-helper" and card["description"] == "MSE Nacos assistant"
-    instances = _api(fleet, "/api/v1/instances?agent=schedulex-assistant")
+    instances = _api(fleet, "/api/v1/instances?agentName=schedulex-assistant")["instances"]
     assert sorted(i["track"] for i in instances) == ["canary", "stable"]
-    assert all(i["card"]["name"] == "schedulex-assistant" for i in instances)
+    assert all(i["agentName"] == "schedulex-assistant" for i in instances)
+    assert all(i["state"] == "ENGINE_STATE_SERVING" and i["endpoint"] for i in instances)
 
 
 def test_a_conversation_is_remembered_in_redis(fleet: dict[str, Any]) -> None:
@@ -230,8 +232,7 @@ BINDINGS = [TransportProtocol.JSONRPC, TransportProtocol.HTTP_JSON, TransportPro
 
 def _admit(state: dict[str, Any], agent: str, principals: list[str]) -> None:
     """Apply the agent's current spec again with ``base.callers.principals`` set."""
-    record = _api(state, f"/api/v1/agents/{agent}")
-    spec = record["spec"]
+    spec = _api(state, f"/api/v1/agents/{agent}")["agent"]["spec"]
     spec["base"]["callers"] = {"principals": principals}
     token = Path(state["adminTokenFile"]).read_text().strip()
     manifest = {"apiVersion": "specmesh.io/v1", "kind": "Agent", "metadata": {"name": agent}}
@@ -320,12 +321,12 @@ def test_an_external_client_finds_the_entry_by_its_card_and_uses_every_binding(
     sidecar's public listeners, never the engine's), and on JSON-RPC, HTTP+JSON and gRPC
     send, stream, get, list, cancel and subscribe work; another caller does not see the
     task; no token -> UNAUTHENTICATED; a principal ``callers`` omits -> PERMISSION_DENIED."""
-    before = int(_api(fleet, f"/api/v1/agents/{ENTRY_AGENT}")["revision"])
+    before = int(_api(fleet, f"/api/v1/agents/{ENTRY_AGENT}")["agent"]["revisionInfo"]["revision"])
     _admit(fleet, ENTRY_AGENT, ["specmesh/*", f"{TEST_ISSUER}/alice", f"{TEST_ISSUER}/carol"])
     instance = fleet["agents"][ENTRY_AGENT]["stable"]
 
     def current_card() -> Any:
-        raw = _api(fleet, f"/api/v1/agents/{ENTRY_AGENT}/card")
+        raw = _api(fleet, f"/api/v1/agents/{ENTRY_AGENT}/card")["agentCard"]
         return card_from(raw) if int(raw["version"]) > before else None
 
     card = eventually_sync(
@@ -367,8 +368,8 @@ def test_the_third_party_mcp_server_answers_through_the_bridge(fleet: dict[str, 
 
 
 def test_the_mcp_registry_shows_the_tools_servers_really_offer(fleet: dict[str, Any]) -> None:
-    nacos = {t["name"] for t in _api(fleet, "/api/v1/mcp-servers/nacos-mcp-tools/tools")}
-    time_tools = {t["name"] for t in _api(fleet, "/api/v1/mcp-servers/time/tools")}
+    nacos = {t["name"] for t in _api(fleet, "/api/v1/mcp-servers/nacos-mcp-tools/tools")["tools"]}
+    time_tools = {t["name"] for t in _api(fleet, "/api/v1/mcp-servers/time/tools")["tools"]}
     assert {"list_services", "get_service", "get_config", "list_configs"} == nacos
     assert {"get_current_time", "convert_time"} == time_tools
 
@@ -417,7 +418,7 @@ def test_engines_never_hold_a_secret(fleet: dict[str, Any]) -> None:
         assert "VAULT" not in environ and not [s for s in secrets if s in environ], p["name"]
         log = Path(p["log"]).read_text(errors="replace")
         assert not [s for s in secrets if s in log], p["name"]
-    traces = json.dumps(_api(fleet, "/api/v1/traces?limit=200"))
+    traces = json.dumps(_api(fleet, "/api/v1/traces?pageSize=200"))
     assert not [s for s in secrets if s in traces]
 
 
@@ -452,8 +453,8 @@ def test_each_process_holds_its_own_vault_identity_and_no_root_token(
     info = as_helper.auth.token.lookup_self()["data"]
     assert sorted(info["policies"]) == ["default", "specmesh-agent-mse-nacos-helper"]
     assert info["ttl"] > 0  # a periodic token, renewed by the sidecar
-    own = _api(fleet, "/api/v1/agents/mse-nacos-helper")["spec"]["model"]["apiKey"]
-    other = _api(fleet, "/api/v1/agents/mse-gateway-assistant")["spec"]["model"]["apiKey"]
+    own = _api(fleet, "/api/v1/agents/mse-nacos-helper")["agent"]["spec"]["model"]["apiKey"]
+    other = _api(fleet, "/api/v1/agents/mse-gateway-assistant")["agent"]["spec"]["model"]["apiKey"]
     for ref, allowed in ((own, True), (other, False)):
         path, _, rest = ref.removeprefix("vault://secret/").partition("#")
         version = int(rest.partition("@")[2])
@@ -535,8 +536,8 @@ def test_killing_one_agent_leaves_the_others_answering_and_it_comes_back(
 
     # the supervisor restarts both processes; the registry serves the canary again
     def canary_back() -> bool:
-        instances = _api(fleet, "/api/v1/instances?agent=schedulex-assistant")
-        serving = sorted(i["track"] for i in instances if i["state"] == "serving")
+        instances = _api(fleet, "/api/v1/instances?agentName=schedulex-assistant")["instances"]
+        serving = sorted(i["track"] for i in instances if i["state"] == "ENGINE_STATE_SERVING")
         running = Fleet(FleetOptions(home=fleet["_home"])).status()["processes"]
         restarted = [p for p in running if p.get("instance") == "schedulex-assistant-canary-0"]
         return (

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.e2e
 
 
 def _revisions(state: dict[str, Any]) -> dict[str, int]:
-    return {a["name"]: a["revision"] for a in _api(state, "/api/v1/agents")}
+    agents = _api(state, "/api/v1/agents")["agents"]
+    return {a["name"]: int(a["revisionInfo"]["revision"]) for a in agents}
 
 
 def test_up_twice_keeps_a_prompt_pin_and_adds_no_revision(
@@ -54,7 +55,7 @@ def test_up_twice_keeps_a_prompt_pin_and_adds_no_revision(
 
         assert second["seeded"] is False
         assert _revisions(second) == before  # no agent got a revision from the restart
-        agent = _api(second, "/api/v1/agents/mse-gateway-assistant")
+        agent = _api(second, "/api/v1/agents/mse-gateway-assistant")["agent"]
         assert agent["spec"]["base"]["promptVersion"] == "1.0.0"
         # new ports, same specs: the sidecars reach Redis and the MCP servers by name
         assert second["endpoints"]["redis"] != first["endpoints"]["redis"]

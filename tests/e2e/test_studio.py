@@ -6,7 +6,10 @@ canary, open a trace across two agents, and check what a viewer may not see or d
 page is saved as a screenshot at 1280x800 and 1920x1080 (in the test's temporary folder;
 also into ``docs/studio/`` when ``SPECMESH_STUDIO_DOCS=1``, a few of them).
 
-One fleet is started for the module; the tests use it in order.
+One fleet is started for the module. Each test sets up the state it checks: an agent it
+creates, scales, edits or rolls back is its own (a name no other test uses, deleted when the
+test ends), and what it reads of the example agents it brings about itself (the calls behind
+a trace or a prompt's figures); so any one test passes alone and in any order.
 """
 
 from __future__ import annotations
@@ -14,8 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from specmesh.fleet import Fleet, FleetOptions
 from specmeshctl.a2aclient import card_from_json, invoke
+from tests.polling import eventually_sync
 
 from ..conftest import REPO
 from .test_fleet import _invoke_token
@@ -39,6 +42,8 @@ DOCS_PAGES = {"agents", "agent-new-invalid", "agent-workload", "agent-history", 
               "trace", "tokens", "registries-agents", "prompts"}  # fmt: skip
 SEED_SECRETS = ["sk-51668897d94****", "51668897d9410********", "8897d941******c7465cff2"]
 TIMEOUT_MS = 20_000
+POLL_EVERY = 0.2
+"""Seconds between two polls of the control plane (each one an HTTP call or a few)."""
 COME_UP_MS = 60_000
 """How long a new or scaled agent's instances may take to be ready (processes start, the
 engine loads its spec, the sidecar registers)."""
@@ -126,16 +131,6 @@ def _ask_engine(url: str, text: str) -> Any:
         return pool.submit(asyncio.run, call).result()
 
 
-def _eventually(check: Any, what: str, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 class Studio:
     """One signed-in browser tab; records the page's script errors."""
 
@@ -182,9 +177,75 @@ def admin(browser: Browser, fleet: dict[str, Any], shots: Path) -> Iterator[Stud
     studio.close()
 
 
-def _card_version(fleet: dict[str, Any], agent: str) -> str:
-    url = fleet["agents"][agent]["stable"]["a2a"]
-    return str(requests.get(f"{url}/.well-known/agent-card.json", timeout=10).json()["version"])
+def _agent_manifest(name: str, *, temperature: float = 0.3, replicas: int = 1) -> dict[str, Any]:
+    return {
+        "apiVersion": "specmesh.io/v1",
+        "kind": "Agent",
+        "metadata": {"name": name},
+        "spec": {
+            "base": {"description": "Made by a Studio test", "promptKey": "mse-gateway-assistant"},
+            "model": {"model": "qwen-plus-latest", "temperature": temperature},
+            "deployment": {"tracks": {"stable": {"replicas": replicas}}},
+        },
+    }
+
+
+def _apply(fleet: dict[str, Any], manifest: dict[str, Any]) -> Any:
+    return _api(fleet, "POST", "/api/v1/apply", json={"manifest": manifest})
+
+
+def _status(fleet: dict[str, Any], agent: str) -> Any:
+    return _api(fleet, "GET", f"/api/v1/agents/{agent}/status")["status"]
+
+
+def _agent(fleet: dict[str, Any], agent: str) -> Any:
+    return _api(fleet, "GET", f"/api/v1/agents/{agent}")["agent"]
+
+
+def _revision(record: dict[str, Any]) -> int:
+    """An Agent's revision (an int64: a string in the proto's JSON)."""
+    return int(record["revisionInfo"]["revision"])
+
+
+def _ready(status: dict[str, Any]) -> str:
+    return f"{status['readyReplicas']}/{status['desiredReplicas']}"
+
+
+def _engine_versions(fleet: dict[str, Any], agent: str) -> set[str]:
+    """The revision each of ``agent``'s engines publishes (its card's version), read on the
+    engines' own listeners."""
+    versions = set()
+    for instance in _status(fleet, agent)["instances"]:
+        url = instance["endpoints"]["a2a"]
+        card = requests.get(f"{url}/.well-known/agent-card.json", timeout=10).json()
+        versions.add(str(card["version"]))
+    return versions
+
+
+@pytest.fixture
+def own_agents(fleet: dict[str, Any]) -> Iterator[Callable[..., str]]:
+    """``own_agents(name, **manifest_options)`` applies an agent of the test's own (or, with
+    ``apply=False``, only claims a name the test creates itself) and waits until all its
+    replicas are ready; every agent claimed is deleted when the test ends."""
+    names: list[str] = []
+
+    def own(name: str, *, apply: bool = True, **options: Any) -> str:
+        names.append(name)
+        if apply:
+            _apply(fleet, _agent_manifest(name, **options))
+            want = options.get("replicas", 1)
+            eventually_sync(
+                lambda: _ready(_status(fleet, name)) == f"{want}/{want}",
+                what=f"{name}'s {want} replica(s) to be ready",
+                timeout=COME_UP_MS / 1000,
+                every=POLL_EVERY,
+            )
+        return name
+
+    yield own
+    for name in names:
+        r = _request(fleet, "DELETE", f"/api/v1/agents/{name}")
+        assert r.status_code in (200, 404), r.text
 
 
 # ---------------------------------------------------------------- tests
@@ -216,9 +277,12 @@ def test_sign_in_shows_the_agents_with_their_health(admin: Studio, browser: Brow
     signed_out.close()
 
 
-def test_a_new_agent_is_created_through_the_form(admin: Studio, fleet: dict[str, Any]) -> None:
+def test_a_new_agent_is_created_through_the_form(
+    admin: Studio, fleet: dict[str, Any], own_agents: Callable[..., str]
+) -> None:
+    name = own_agents("studio-demo", apply=False)
     page = admin.go("agents/new", "[data-testid=editor]")
-    page.fill("[data-control='metadata.name']", "studio-demo")
+    page.fill("[data-control='metadata.name']", name)
     page.fill("[data-control='spec.base.description']", "Made in the Studio")
     page.fill("[data-control='spec.base.promptKey']", "mse-gateway-assistant")
     page.click("[data-tab=model]")
@@ -236,10 +300,10 @@ def test_a_new_agent_is_created_through_the_form(admin: Studio, fleet: dict[str,
     page.get_by_test_id("deploy").click()
 
     expect(page.get_by_test_id("current-revision")).to_have_text("rev 1")
-    assert page.url.endswith("#/agents/studio-demo")
-    stored = _api(fleet, "GET", "/api/v1/agents/studio-demo")
+    assert page.url.endswith(f"#/agents/{name}")
+    stored = _agent(fleet, name)
     assert stored["spec"]["model"]["temperature"] == 0.4
-    assert stored["author"] == "local-admin"
+    assert stored["revisionInfo"]["author"] == "local-admin"
 
     # the page it lands on shows the agent coming up, without a reload
     expect(page.get_by_test_id("workload-ready")).to_have_text("1/1", timeout=COME_UP_MS)
@@ -252,8 +316,8 @@ def test_a_new_agent_is_created_through_the_form(admin: Studio, fleet: dict[str,
     expect(page.get_by_test_id("registry-health")).to_have_text("Healthy")
     admin.snap("agent-workload")
 
-    status = _api(fleet, "GET", "/api/v1/agents/studio-demo/status")
-    assert status["ready"] == "1/1"
+    status = _status(fleet, name)
+    assert _ready(status) == "1/1"
     # made in the form without `callers`: its entry admits no external caller, so that the
     # new agent answers is checked on its engine's own listener (the card pointed there)
     answer = _ask_engine(status["instances"][0]["endpoints"]["a2a"], "Which gateway routes exist?")
@@ -261,9 +325,10 @@ def test_a_new_agent_is_created_through_the_form(admin: Studio, fleet: dict[str,
 
 
 def test_scaling_from_the_agent_page_brings_up_the_replicas(
-    admin: Studio, fleet: dict[str, Any]
+    admin: Studio, fleet: dict[str, Any], own_agents: Callable[..., str]
 ) -> None:
-    page = admin.go("agents/studio-demo", "[data-testid=scale]")
+    name = own_agents("studio-scale")  # revision 1, one replica
+    page = admin.go(f"agents/{name}", "[data-testid=scale]")
     expect(page.get_by_test_id("workload-ready")).to_have_text("1/1")
     expect(page.get_by_test_id("scale-replicas")).to_have_value("1")
 
@@ -278,24 +343,24 @@ def test_scaling_from_the_agent_page_brings_up_the_replicas(
     expect(rows).to_have_count(2)
     expect(rows.locator("[data-phase]")).to_have_text(["Running", "Running"])
     admin.snap("agent-scaled")
-    record = _api(fleet, "GET", "/api/v1/agents/studio-demo")
+    record = _agent(fleet, name)
     assert record["spec"]["deployment"]["tracks"]["stable"]["replicas"] == 2
 
     # somebody else scales it back meanwhile: a scale from the stale page is refused, and says so
-    _api(fleet, "POST", "/api/v1/agents/studio-demo/scale", json={"replicas": 1})
+    _api(fleet, "POST", f"/api/v1/agents/{name}/scale", json={"replicas": 1})
     page.get_by_test_id("scale-replicas").fill("3")
     page.get_by_test_id("scale-apply").click()
     expect(page.locator("[data-testid=scale] .alert-error")).to_contain_text(
         "current revision is 3"
     )
-    assert _api(fleet, "GET", "/api/v1/agents/studio-demo")["revision"] == 3
+    assert _revision(_agent(fleet, name)) == 3
 
 
 def test_a_model_change_deployed_from_the_form_reaches_the_engine(
-    admin: Studio, fleet: dict[str, Any]
+    admin: Studio, fleet: dict[str, Any], own_agents: Callable[..., str]
 ) -> None:
-    before = _api(fleet, "GET", "/api/v1/agents/mse-gateway-assistant")["revision"]
-    page = admin.go("agents/mse-gateway-assistant", "[data-testid=editor]")
+    name = own_agents("studio-edit", temperature=0.3)  # revision 1
+    page = admin.go(f"agents/{name}", "[data-testid=editor]")
     page.click("[data-tab=model]")
     page.fill("[data-control='spec.model.temperature']", "0.55")
     expect(page.get_by_test_id("validation")).to_contain_text("1 change")
@@ -303,16 +368,15 @@ def test_a_model_change_deployed_from_the_form_reaches_the_engine(
     admin.snap("agent-edit")
     page.get_by_test_id("deploy").click()
 
-    expect(page.get_by_test_id("current-revision")).to_have_text(f"rev {before + 1}")
-    _eventually(
-        lambda: _card_version(fleet, "mse-gateway-assistant") == str(before + 1),
-        "the engine's agent card to show the new revision",
+    expect(page.get_by_test_id("current-revision")).to_have_text("rev 2")
+    eventually_sync(
+        lambda: _engine_versions(fleet, name) == {"2"},
+        what="the engine's agent card to show the new revision",
         timeout=30,
+        every=POLL_EVERY,
     )
-    page = admin.go("agents/mse-gateway-assistant/instances", "[data-instance-revision]")
-    expect(page.locator("[data-instance-revision='mse-gateway-assistant-stable-0']")).to_have_text(
-        f"rev {before + 1}"
-    )
+    page = admin.go(f"agents/{name}/instances", "[data-instance-revision]")
+    expect(page.locator(f"[data-instance-revision='{name}-stable-0']")).to_have_text("rev 2")
     admin.snap("agent-instances")
     page.click("[data-tab=spec]")
     page.click("[data-tab=raw]")
@@ -321,10 +385,11 @@ def test_a_model_change_deployed_from_the_form_reaches_the_engine(
 
 
 def test_rolling_back_from_history_restores_the_old_revision(
-    admin: Studio, fleet: dict[str, Any]
+    admin: Studio, fleet: dict[str, Any], own_agents: Callable[..., str]
 ) -> None:
-    current = _api(fleet, "GET", "/api/v1/agents/mse-gateway-assistant")["revision"]
-    page = admin.go("agents/mse-gateway-assistant/history", "[data-testid=history-diff]")
+    name = own_agents("studio-rollback", temperature=0.3)  # revision 1
+    assert int(_apply(fleet, _agent_manifest(name, temperature=0.55))["revision"]) == 2
+    page = admin.go(f"agents/{name}/history", "[data-testid=history-diff]")
     expect(page.get_by_test_id("diff-changes")).to_contain_text("model.temperature")
     expect(page.locator(".diff-mod").first).to_contain_text("temperature")
     admin.snap("agent-history")
@@ -332,20 +397,38 @@ def test_rolling_back_from_history_restores_the_old_revision(
     page.click("[data-rollback='1']")
     page.get_by_test_id("confirm").click()
 
-    expect(page.get_by_test_id("current-revision")).to_have_text(f"rev {current + 1}")
-    record = _api(fleet, "GET", "/api/v1/agents/mse-gateway-assistant")
-    assert record["rolledBackFrom"] == 1 and record["spec"]["model"]["temperature"] == 0.3
-    _eventually(
-        lambda: _card_version(fleet, "mse-gateway-assistant") == str(current + 1),
-        "the engine to serve the rolled-back revision",
+    expect(page.get_by_test_id("current-revision")).to_have_text("rev 3")
+    record = _agent(fleet, name)
+    assert record["revisionInfo"]["message"] == "rollback to revision 1"
+    assert record["spec"]["model"]["temperature"] == 0.3
+    eventually_sync(
+        lambda: _engine_versions(fleet, name) == {"3"},
+        what="the engine to serve the rolled-back revision",
         timeout=30,
+        every=POLL_EVERY,
     )
 
 
+@pytest.fixture
+def clean_release(fleet: dict[str, Any]) -> Iterator[str]:
+    """schedulex-assistant (the example agent with a canary track) with no release in
+    progress before and after the test."""
+    agent = "schedulex-assistant"
+    _abort_release(fleet, agent)
+    yield agent
+    _abort_release(fleet, agent)
+
+
+def _abort_release(fleet: dict[str, Any], agent: str) -> None:
+    release = _api(fleet, "GET", f"/api/v1/agents/{agent}/release").get("release")
+    if release and ("canaryRevision" in release or release["canaryWeight"]):
+        _api(fleet, "POST", f"/api/v1/agents/{agent}/release/abort", json={})
+
+
 def test_moving_the_canary_weight_changes_the_virtualservice_preview(
-    admin: Studio, fleet: dict[str, Any]
+    admin: Studio, fleet: dict[str, Any], clean_release: str
 ) -> None:
-    page = admin.go("releases/schedulex-assistant", "[data-testid=preview-VirtualService]")
+    page = admin.go(f"releases/{clean_release}", "[data-testid=preview-VirtualService]")
     expect(page.get_by_test_id("preview-status")).to_contain_text("No change")
 
     page.get_by_test_id("canary-weight").fill("30")
@@ -360,19 +443,19 @@ def test_moving_the_canary_weight_changes_the_virtualservice_preview(
 
     page.get_by_test_id("apply-release").click()
     expect(page.get_by_test_id("abort")).to_be_visible()
-    release = _api(fleet, "GET", "/api/v1/agents/schedulex-assistant/release")["release"]
+    release = _api(fleet, "GET", f"/api/v1/agents/{clean_release}/release")["release"]
     assert release["canaryWeight"] == 30 and release["headerMatch"][0]["name"] == "x-canary"
-    mesh = _api(fleet, "GET", "/api/v1/mesh")
+    mesh = _api(fleet, "GET", "/api/v1/mesh")["objects"]
     vs = next(o for o in mesh if o["kind"] == "VirtualService"
-              and o["metadata"]["name"] == "schedulex-assistant")  # fmt: skip
+              and o["metadata"]["name"] == clean_release)  # fmt: skip
     assert [r["weight"] for r in vs["spec"]["http"][-1]["route"]] == [70, 30]
     admin.snap("release-applied")
 
     page.get_by_test_id("abort").click()
     page.get_by_test_id("confirm").click()
     expect(page.get_by_test_id("abort")).to_have_count(0)
-    release = _api(fleet, "GET", "/api/v1/agents/schedulex-assistant/release")["release"]
-    assert release["canaryRevision"] is None and release["canaryWeight"] == 0
+    release = _api(fleet, "GET", f"/api/v1/agents/{clean_release}/release")["release"]
+    assert "canaryRevision" not in release and release["canaryWeight"] == 0
 
 
 def test_the_trace_of_a_two_agent_conversation_is_a_waterfall(
@@ -385,9 +468,10 @@ def test_the_trace_of_a_two_agent_conversation_is_a_waterfall(
     assert result.state == "completed"
 
     def two_agent_trace() -> str | None:
-        for t in _api(fleet, "GET", "/api/v1/traces?agent=mse-nacos-helper&limit=300"):
+        listed = _api(fleet, "GET", "/api/v1/traces?agentName=mse-nacos-helper&pageSize=300")
+        for t in listed["traces"]:
             if {"mse-nacos-helper", "mse-gateway-assistant"} <= set(t["agents"]):
-                spans = _api(fleet, "GET", f"/api/v1/traces/{t['traceId']}")
+                spans = _api(fleet, "GET", f"/api/v1/traces/{t['traceId']}")["spans"]
                 # each engine exports in its own batches: wait for the spans shown below
                 names = {s["name"] for s in spans}
                 gateway = {s["name"] for s in spans if s["agent"] == "mse-gateway-assistant"}
@@ -396,7 +480,9 @@ def test_the_trace_of_a_two_agent_conversation_is_a_waterfall(
                     return str(t["traceId"])
         return None
 
-    trace_id = _eventually(two_agent_trace, "a trace across both agents")
+    trace_id = eventually_sync(
+        two_agent_trace, what="a trace across both agents", timeout=60, every=POLL_EVERY
+    )
     page = admin.go("observability/traces", f"[data-trace='{trace_id}']")
     admin.snap("traces")
     page.click(f"[data-trace='{trace_id}']")
@@ -420,6 +506,20 @@ def test_the_trace_of_a_two_agent_conversation_is_a_waterfall(
 def test_prompt_center_shows_the_figures_of_each_version(
     admin: Studio, fleet: dict[str, Any]
 ) -> None:
+    url = fleet["agents"]["mse-nacos-helper"]["stable"]["entry"]
+    token = _invoke_token(fleet, "mse-nacos-helper")
+    assert _ask(url, "Which Nacos configs exist?", token=token).state == "completed"
+
+    def served() -> bool:
+        stats = _api(fleet, "GET", "/api/v1/prompts/mse-nacos-helper/stats")["versions"]
+        return any(v["version"] == "3.0.11" and v["requests"] > 0 for v in stats)
+
+    eventually_sync(
+        served,
+        what="the turn's span to count for prompt version 3.0.11",
+        timeout=60,
+        every=POLL_EVERY,
+    )
     page = admin.go("prompts/mse-nacos-helper", "[data-version='3.0.11']")
     row = page.locator("[data-version='3.0.11']")
     expect(row.locator("td").nth(2)).not_to_have_text("0")  # requests served
@@ -482,12 +582,12 @@ def test_a_viewer_sees_no_credential_values_and_no_deploy_button(
         expect(page.get_by_test_id("workload-ready")).to_have_text("1/1")
         expect(page.get_by_test_id("scale-apply")).to_have_count(0)
         expect(page.get_by_test_id("scale-read-only")).to_be_visible()
-        revision = _api(fleet, "GET", "/api/v1/agents/mse-nacos-helper")["revision"]
+        revision = _revision(_agent(fleet, "mse-nacos-helper"))
         refused = _request(
             fleet, "POST", "/api/v1/agents/mse-nacos-helper/scale", "viewer", json={"replicas": 2}
         )
         assert refused.status_code == 403
-        assert _api(fleet, "GET", "/api/v1/agents/mse-nacos-helper")["revision"] == revision
+        assert _revision(_agent(fleet, "mse-nacos-helper")) == revision
 
         page = studio.go("agents/mse-nacos-helper/history", "[data-testid=history-diff]")
         expect(page.locator("[data-rollback]")).to_have_count(0)

@@ -38,9 +38,34 @@ export async function api(method, path, body, token = session.token) {
 }
 
 export const get = (path) => api("GET", path);
+
+/** A query string; a list value is repeated (``groupBy=agent&groupBy=model``). */
 export const q = (params) => {
-  const s = new URLSearchParams(Object.entries(params).filter(([, v]) => v != null && v !== ""));
+  const s = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) {
+    for (const x of Array.isArray(v) ? v : [v]) if (x != null && x !== "") s.append(k, x);
+  }
   const t = s.toString();
   return t ? "?" + t : "";
 };
+
+const PAGE_SIZE = 1000;
+
+/**
+ * Every item of a paged list: the answer is ``{<key>: [...], nextPageToken}`` (the proto's
+ * List RPCs); pages are followed until ``nextPageToken`` is empty.
+ */
+export async function listAll(path, key, params = {}) {
+  const items = [];
+  let pageToken = "";
+  do {
+    const page = await get(path + q({ ...params, pageSize: PAGE_SIZE, pageToken }));
+    items.push(...(page[key] || []));
+    pageToken = page.nextPageToken || "";
+  } while (pageToken);
+  return items;
+}
+
+/** An int64 of the proto's JSON (a string, or absent for 0) as a number. */
+export const int = (v) => Number(v || 0);
 export const enc = encodeURIComponent;

@@ -243,23 +243,24 @@ export function debounce(fn, ms) {
   return (...args) => { clearTimeout(t); t = setTimeout(() => fn(...args), ms); };
 }
 
-/** Changes turning ``a`` into ``b`` (objects by key, lists by index), like the control
- *  plane's diff: [{path, op: add|remove|replace, old?, new?}]. */
+/** Changes turning ``a`` into ``b`` (objects by key, lists by index), in the shape of the
+ *  control plane's diff (the proto's Change: path, op CHANGE_OP_ADD/REMOVE/REPLACE,
+ *  oldValue?, newValue?). */
 export function jsonDiff(a, b, path = "", out = []) {
   const isObj = (x) => x && typeof x === "object" && !Array.isArray(x);
   const join = (k) => (typeof k === "number" ? `${path}[${k}]` : path ? `${path}.${k}` : k);
   if (isObj(a) && isObj(b)) {
     for (const k of new Set([...Object.keys(a), ...Object.keys(b)])) {
-      if (!(k in b)) out.push({ path: join(k), op: "remove", old: a[k] });
-      else if (!(k in a)) out.push({ path: join(k), op: "add", new: b[k] });
+      if (!(k in b)) out.push({ path: join(k), op: "CHANGE_OP_REMOVE", oldValue: a[k] });
+      else if (!(k in a)) out.push({ path: join(k), op: "CHANGE_OP_ADD", newValue: b[k] });
       else jsonDiff(a[k], b[k], join(k), out);
     }
   } else if (Array.isArray(a) && Array.isArray(b)) {
     for (let i = 0; i < Math.max(a.length, b.length); i++) {
-      if (i >= b.length) out.push({ path: join(i), op: "remove", old: a[i] });
-      else if (i >= a.length) out.push({ path: join(i), op: "add", new: b[i] });
+      if (i >= b.length) out.push({ path: join(i), op: "CHANGE_OP_REMOVE", oldValue: a[i] });
+      else if (i >= a.length) out.push({ path: join(i), op: "CHANGE_OP_ADD", newValue: b[i] });
       else jsonDiff(a[i], b[i], join(i), out);
     }
-  } else if (JSON.stringify(a) !== JSON.stringify(b)) out.push({ path, op: "replace", old: a, new: b });
+  } else if (JSON.stringify(a) !== JSON.stringify(b)) out.push({ path, op: "CHANGE_OP_REPLACE", oldValue: a, newValue: b });
   return out;
 }

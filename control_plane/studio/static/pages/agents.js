@@ -1,6 +1,6 @@
 // Agents: list with health and workload, the form editor (six parts + raw), the workload
 // (refreshed while the page is open) and scale control, history with diff and rollback.
-import { api, get, session, enc, q } from "../api.js";
+import { api, get, listAll, int, session, enc } from "../api.js";
 import { SchemaForm, showIssues, formatPath } from "../form.js";
 import { workloadPanel, phaseBadge, pollWhileShown } from "./workload.js";
 import {
@@ -19,9 +19,18 @@ export const PARTS = [
   { id: "partnerAgents", label: "Partner agents" }, { id: "memory", label: "Memory" }, { id: "knowledge", label: "Knowledge" },
 ];
 
+/** An instance's EngineState without its prefix: "serving", "degraded", ... */
+export const engineState = (i) => (i.state || "ENGINE_STATE_UNSPECIFIED").replace(/^ENGINE_STATE_/, "").toLowerCase();
+
+/** The live instances of ``agent`` in the Agent Registry. */
+export const instancesOf = (agent) => listAll("/api/v1/instances", "instances", { agentName: agent });
+
+/** An agent record's revision (RevisionInfo.revision, an int64) as a number. */
+export const revisionOf = (agent) => int(agent.revisionInfo.revision);
+
 export function health(instances) {
   if (!instances.length) return { kind: "bad", label: "No live instance" };
-  const serving = instances.filter((i) => i.state === "serving").length;
+  const serving = instances.filter((i) => engineState(i) === "serving").length;
   if (serving === instances.length) return { kind: "ok", label: "Healthy" };
   return serving ? { kind: "warn", label: `${serving}/${instances.length} serving` } : { kind: "bad", label: "Not serving" };
 }
@@ -32,7 +41,7 @@ export function trackBadges(instances) {
   const tracks = Object.keys(by).sort((a, b) => (a === "stable" ? -1 : b === "stable" ? 1 : a.localeCompare(b)));
   if (!tracks.length) return h("span", { class: "muted" }, "none");
   return h("span", { class: "tracks" }, tracks.map((t) => badge(
-    `${t} · ${by[t].length} · rev ${[...new Set(by[t].map((i) => i.revision))].join(",")}`,
+    `${t} · ${by[t].length} · rev ${[...new Set(by[t].map((i) => int(i.servingRevision)))].join(",")}`,
     t === "stable" ? "info" : "canary", { "data-track": t })));
 }
 
@@ -43,11 +52,13 @@ export async function render(rest, ctx = { stale: () => false }) {
 }
 
 async function listPage(ctx) {
-  const [agents, instances] = await Promise.all([get("/api/v1/agents"), get("/api/v1/instances")]);
-  const byAgent = (name) => instances.filter((i) => i.agent === name);
+  const [agents, instances] = await Promise.all([listAll("/api/v1/agents", "agents"), instancesOf()]);
+  const byAgent = (name) => instances.filter((i) => i.agentName === name);
   const healthy = agents.filter((a) => health(byAgent(a.name)).kind === "ok").length;
   // READY and phase follow the controller while the list is shown
-  const ready = (a) => a.status ? h("span", { class: "mono", "data-ready": a.name }, a.status.ready) : h("span", { class: "muted", "data-ready": a.name }, "–");
+  const ready = (a) => a.status && a.status.phase !== "Pending"
+    ? h("span", { class: "mono", "data-ready": a.name }, `${a.status.readyReplicas}/${a.status.desiredReplicas}`)
+    : h("span", { class: "muted", "data-ready": a.name }, "–");
   const phase = (a) => phaseBadge(a.status ? a.status.phase : "NotRunning", { "data-agent-phase": a.name });
   const cells = new Map(agents.map((a) => [a.name, { ready: h("span", {}, ready(a)), phase: h("span", {}, phase(a)) }]));
   const page = h("div", { class: "page" },
@@ -58,17 +69,17 @@ async function listPage(ctx) {
       kpi("Agents", agents.length), kpi("Healthy", `${healthy}/${agents.length}`),
       kpi("Live instances", instances.length), kpi("Canary instances", instances.filter((i) => i.track === "canary").length)),
     card(null, table([
-      { label: "Agent", render: (a) => h("div", {}, h("a", { class: "strong", href: `#/agents/${enc(a.name)}`, "data-agent": a.name }, a.name), h("span", { class: "muted small clip sub" }, a.description)) },
+      { label: "Agent", render: (a) => h("div", {}, h("a", { class: "strong", href: `#/agents/${enc(a.name)}`, "data-agent": a.name }, a.name), h("span", { class: "muted small clip sub" }, a.spec.base.description)) },
       { label: "Ready", class: "num", render: (a) => cells.get(a.name).ready },
       { label: "Phase", render: (a) => cells.get(a.name).phase },
       { label: "Health", render: (a) => { const x = health(byAgent(a.name)); return h("span", { class: "health" }, dot(x.kind, x.label), x.label); } },
       { label: "Instances", render: (a) => trackBadges(byAgent(a.name)) },
-      { label: "Revision", class: "num", render: (a) => badge(`rev ${a.revision}`, "neutral", { "data-revision": a.name }) },
-      { label: "Updated", class: "nowrap", render: (a) => h("span", {}, when(a.updatedAt), h("span", { class: "muted" }, ` by ${a.updatedBy}`)) },
+      { label: "Revision", class: "num", render: (a) => badge(`rev ${revisionOf(a)}`, "neutral", { "data-revision": a.name }) },
+      { label: "Updated", class: "nowrap", render: (a) => h("span", {}, when(a.revisionInfo.createdAt), h("span", { class: "muted" }, ` by ${a.revisionInfo.author}`)) },
     ], agents, { empty: "No agents yet." }), { class: "agents-list" }));
   pollWhileShown(page, ctx, async () => {
     let now;
-    try { now = await get("/api/v1/agents"); } catch { return; }  // keep what is shown
+    try { now = await listAll("/api/v1/agents", "agents"); } catch { return; }  // keep what is shown
     if (ctx.stale()) return;
     for (const a of now) {
       const c = cells.get(a.name);
@@ -95,14 +106,14 @@ async function newPage() {
 }
 
 async function detailPage(name, tab, rest, ctx) {
-  const [record, instances, status] = await Promise.all([
-    get(`/api/v1/agents/${enc(name)}`), get(`/api/v1/instances${q({ agent: name })}`), get(`/api/v1/agents/${enc(name)}/status`)]);
+  const [{ agent: record }, instances, { status }] = await Promise.all([
+    get(`/api/v1/agents/${enc(name)}`), instancesOf(name), get(`/api/v1/agents/${enc(name)}/status`)]);
   // the registry's view of it, refreshed like the workload
   const liveLine = (list) => { const x = health(list); return [h("span", { class: "health", "data-testid": "registry-health" }, dot(x.kind, x.label), x.label), " · ", trackBadges(list)]; };
   const live = h("span", {}, liveLine(instances));
   pollWhileShown(live, ctx, async () => {
     try {
-      const now = await get(`/api/v1/instances${q({ agent: name })}`);
+      const now = await instancesOf(name);
       if (!ctx.stale()) clear(live, liveLine(now));
     } catch { /* keep what is shown; the workload panel reports errors */ }
   });
@@ -112,12 +123,12 @@ async function detailPage(name, tab, rest, ctx) {
   else if (tab === "instances") body = instancesTab(record, instances);
   else {
     const manifest = { apiVersion: "specmesh.io/v1", kind: "Agent", metadata: { name }, spec: record.spec };
-    body = await editor({ manifest, revision: record.revision });
+    body = await editor({ manifest, revision: revisionOf(record) });
   }
   return h("div", { class: "page" },
     h("div", { class: "page-head" }, h("div", {},
       h("div", { class: "crumbs" }, h("a", { href: "#/agents" }, "Agents"), ` / ${name}`),
-      h("h1", {}, name, " ", badge(`rev ${record.revision}`, "neutral", { "data-testid": "current-revision" })),
+      h("h1", {}, name, " ", badge(`rev ${revisionOf(record)}`, "neutral", { "data-testid": "current-revision" })),
       h("p", { class: "muted" }, record.spec.base.description, " · ", live))),
     workloadPanel(name, record, status, ctx),
     tabs(tabItems, { active: tab, onSelect: (t) => { location.hash = `#/agents/${enc(name)}/${t}`; }, testid: "agent-tabs" }),
@@ -261,19 +272,22 @@ export async function editor({ manifest, revision = null, isNew = false }) {
   return h("div", { class: "editor", "data-testid": "editor" }, tabBox, h("div", { class: "editor-grid" }, h("div", { class: "card editor-main" }, formBox), side));
 }
 
+/** One Change (the proto's: path, op CHANGE_OP_*, oldValue, newValue) as a list item. */
 export function changeItem(c) {
   const fmt = (v) => (v && typeof v === "object" ? JSON.stringify(v) : String(v));
-  return h("li", { class: `change change-${c.op}` }, h("code", {}, c.path), " ",
-    c.op === "add" ? h("span", { class: "new" }, fmt(c.new)) : c.op === "remove" ? h("span", { class: "old" }, fmt(c.old))
-      : h("span", {}, h("span", { class: "old" }, fmt(c.old)), " → ", h("span", { class: "new" }, fmt(c.new))));
+  const op = c.op.replace(/^CHANGE_OP_/, "").toLowerCase();
+  return h("li", { class: `change change-${op}` }, h("code", {}, c.path), " ",
+    op === "add" ? h("span", { class: "new" }, fmt(c.newValue)) : op === "remove" ? h("span", { class: "old" }, fmt(c.oldValue))
+      : h("span", {}, h("span", { class: "old" }, fmt(c.oldValue)), " → ", h("span", { class: "new" }, fmt(c.newValue))));
 }
 
 // ------------------------------------------------------------ history
 
 async function historyTab(name, record, rest) {
-  const revisions = await get(`/api/v1/agents/${enc(name)}/revisions`);
+  const revisions = (await listAll(`/api/v1/agents/${enc(name)}/revisions`, "revisions"))
+    .map((r) => ({ ...r, revision: int(r.revision) }));
   revisions.sort((a, b) => b.revision - a.revision);
-  const latest = record.revision;
+  const latest = revisionOf(record);
   let to = Number(rest[1]) || latest;
   let from = Number(rest[0]) || Math.max(1, to - 1);
   const canWrite = session.can("agents.write");
@@ -284,9 +298,9 @@ async function historyTab(name, record, rest) {
   async function drawDiff() {
     clear(diffBox, spinner());
     try {
-      const [a, b, changes] = await Promise.all([
+      const [{ agent: a }, { agent: b }, { changes }] = await Promise.all([
         get(`/api/v1/agents/${enc(name)}?revision=${from}`), get(`/api/v1/agents/${enc(name)}?revision=${to}`),
-        get(`/api/v1/agents/${enc(name)}/diff?from=${from}&to=${to}`)]);
+        get(`/api/v1/agents/${enc(name)}/diff?fromRevision=${from}&toRevision=${to}`)]);
       clear(diffBox,
         changes.length ? h("ul", { class: "change-list", "data-testid": "diff-changes" }, changes.map(changeItem)) : h("p", { class: "muted" }, "The two revisions are equal."),
         sideBySide(toYaml(a.spec), toYaml(b.spec), { leftTitle: `revision ${from}`, rightTitle: `revision ${to}`, testid: "history-diff" }));
@@ -301,7 +315,7 @@ async function historyTab(name, record, rest) {
     if (!ok) return;
     try {
       const r = await api("POST", `/api/v1/agents/${enc(name)}/rollback`, { revision: rev, expectedRevision: latest });
-      toast(`Rolled back: revision ${r.revision} equals revision ${rev}`);
+      toast(`Rolled back: revision ${revisionOf(r.agent)} equals revision ${rev}`);
       location.hash = `#/agents/${enc(name)}/history`;
       window.dispatchEvent(new HashChangeEvent("hashchange"));
     } catch (e) { toast(e.message, "error"); }
@@ -309,7 +323,7 @@ async function historyTab(name, record, rest) {
 
   const rows = table([
     { label: "Revision", render: (r) => h("span", {}, badge(`rev ${r.revision}`, r.revision === latest ? "info" : "neutral"), r.revision === latest ? h("span", { class: "muted small" }, " current") : null) },
-    { label: "Action", render: (r) => r.action === "rollback" ? h("span", {}, "rollback", h("span", { class: "muted" }, ` from rev ${r.rolledBackFrom}`)) : r.action },
+    { label: "Message", render: (r) => r.message ? h("span", { class: "clip", title: r.message }, r.message) : h("span", { class: "muted" }, "–") },
     { label: "Author", key: "author" },
     { label: "When", render: (r) => when(r.createdAt) },
     { label: "", class: "actions", render: (r) => h("span", { class: "row-actions" },
@@ -329,17 +343,17 @@ async function historyTab(name, record, rest) {
 function instancesTab(record, instances) {
   const spec = record.spec;
   const cardJson = {
-    name: record.agent, description: spec.base.description, version: String(record.revision),
+    name: record.name, description: spec.base.description, version: String(revisionOf(record)),
     skills: spec.base.skills.map((s) => ({ id: s.id, name: s.name, description: s.description, tags: s.tags })),
     capabilities: { streaming: true },
   };
   return h("div", { class: "grid-2" },
     card("Live instances", table([
-      { label: "Instance", render: (i) => h("code", {}, i.instance) },
+      { label: "Instance", render: (i) => h("code", {}, i.instanceId) },
       { label: "Track", render: (i) => badge(i.track, i.track === "stable" ? "info" : "canary") },
-      { label: "Serving revision", render: (i) => badge(`rev ${i.revision}`, i.revision === record.revision ? "ok" : "warn", { "data-instance-revision": i.instance }) },
-      { label: "State", render: (i) => h("span", { class: "health" }, dot(i.state === "serving" ? "ok" : "warn", i.state), i.state) },
-      { label: "Started", render: (i) => when(i.startedAt) },
+      { label: "Serving revision", render: (i) => badge(`rev ${int(i.servingRevision)}`, int(i.servingRevision) === revisionOf(record) ? "ok" : "warn", { "data-instance-revision": i.instanceId }) },
+      { label: "State", render: (i) => h("span", { class: "health" }, dot(engineState(i) === "serving" ? "ok" : "warn", engineState(i)), engineState(i)) },
+      { label: "Registered", render: (i) => when(i.registeredAt) },
     ], instances, { empty: "No live instance is registered." }), { subtitle: "From the Agent Registry (each sidecar registers its instance with a lease)." }),
     card("Agent card", h("div", {},
       h("p", { class: "muted small" }, "What the engine publishes at /.well-known/agent-card.json for this revision (version = revision)."),

@@ -1,10 +1,10 @@
 // Credentials: references with masked values; write-only entry of a new value into Vault.
-import { api, get } from "../api.js";
+import { api, listAll, session } from "../api.js";
 import { h, clear, card, table, badge, toast, errorBox } from "../ui.js";
 
 export async function render() {
-  const creds = await get("/api/v1/credentials");
-  const canWrite = (await import("../api.js")).session.can("credentials.write");
+  const creds = await listAll("/api/v1/credentials", "credentials");
+  const canWrite = session.can("credentials.write");
   const state = { path: "", field: "value", value: "" };
   const status = h("div", {});
   const value = h("input", { class: "input", type: "password", id: "cred-value", autocomplete: "new-password", "data-testid": "cred-value", onInput: (e) => { state.value = e.target.value; } });
@@ -12,7 +12,7 @@ export async function render() {
     class: "form-grid", onSubmit: async (e) => {
       e.preventDefault();
       try {
-        const r = await api("PUT", "/api/v1/credentials", { ...state });
+        const { credential: r } = await api("PUT", "/api/v1/credentials", { ...state });
         value.value = ""; state.value = "";
         toast(`Stored ${r.reference} (version ${r.version})`);
         clear(status, h("div", { class: "alert alert-ok" }, "Stored as ", h("code", {}, r.reference), ` — version ${r.version}. Use this reference in a spec; the value cannot be read back.`));

@@ -1,5 +1,5 @@
 // Observability: traces (list and waterfall across agents) and token / cost dashboards.
-import { get, enc, q } from "../api.js";
+import { get, listAll, int, enc, q } from "../api.js";
 import { h, clear, card, tabs, table, badge, agentChip, when, fmtInt, fmtMs, fmtUsd, empty, colorFor, codeBlock } from "../ui.js";
 import { columnChart, barChart } from "../charts.js";
 import { kpi } from "./agents.js";
@@ -17,18 +17,18 @@ export async function render(rest) {
 const HOUSEKEEPING = (t) => t.spanCount <= 1 && /^(MCP send|GET \/\.well-known)/.test(t.rootName);
 
 async function tracesTab(agent) {
-  const [traces, agents] = await Promise.all([get(`/api/v1/traces${q({ agent, limit: 300 })}`), get("/api/v1/agents")]);
+  const [{ traces }, agents] = await Promise.all([get(`/api/v1/traces${q({ agentName: agent, pageSize: 300 })}`), listAll("/api/v1/agents", "agents")]);
   let showAll = false;
   const box = h("div", {});
   const draw = () => {
     const rows = showAll ? traces : traces.filter((t) => !HOUSEKEEPING(t));
     clear(box, table([
-      { label: "Started", render: (t) => when(t.start) },
+      { label: "Started", render: (t) => when(t.startTime) },
       { label: "Trace", render: (t) => h("a", { href: `#/observability/trace/${t.traceId}`, class: "strong", "data-trace": t.traceId, "data-agents": t.agents.join(",") }, t.rootName, h("div", { class: "muted small mono" }, t.traceId.slice(0, 16) + "…")) },
       { label: "Agents", render: (t) => h("span", { class: "chips" }, t.agents.map(agentChip)) },
       { label: "Spans", class: "num", key: "spanCount" },
       { label: "Duration", class: "num", render: (t) => fmtMs(t.durationMs) },
-      { label: "Tokens", class: "num", render: (t) => fmtInt(t.totalTokens) },
+      { label: "Tokens", class: "num", render: (t) => fmtInt(int(t.totalTokens)) },
       { label: "Status", render: (t) => (t.error ? badge("error", "bad") : badge("ok", "ok")) },
     ], rows, { empty: "No traces yet: invoke an agent." }));
   };
@@ -56,7 +56,7 @@ function classify(span) {
 const PAYLOAD_KEYS = /(^gen_ai\.(input|output)\.messages|^gen_ai\.system_instructions|^gen_ai\.tool\.call\.(arguments|result)|prompt|completion|payload)/;
 
 async function tracePage(traceId) {
-  const spans = await get(`/api/v1/traces/${enc(traceId)}`);
+  const { spans } = await get(`/api/v1/traces/${enc(traceId)}`);
   const ids = new Set(spans.map((sp) => sp.spanId));
   const children = new Map();
   for (const sp of spans) {
@@ -120,7 +120,10 @@ function prettyMaybe(v) { try { return JSON.stringify(JSON.parse(v), null, 2); }
 async function tokensTab(range) {
   const days = { "1d": 1, "7d": 7, "30d": 30 }[range];
   const since = days ? new Date(Date.now() - days * 86400e3).toISOString() : null;
-  const rows = await get(`/api/v1/token-usage${q({ groupBy: "agent,model,day", since })}`);
+  // int64 counts arrive as strings (the proto's JSON): numbers from here on
+  const rows = (await get(`/api/v1/token-usage${q({ groupBy: ["agent", "model", "day"], since })}`)).rows.map((r) => ({
+    ...r, calls: int(r.calls), inputTokens: int(r.inputTokens), outputTokens: int(r.outputTokens), totalTokens: int(r.totalTokens),
+  }));
   const sum = (f, list = rows) => list.reduce((a, r) => a + (r[f] || 0), 0);
   const by = (key, f) => {
     const m = new Map();

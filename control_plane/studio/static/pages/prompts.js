@@ -1,27 +1,27 @@
 // Prompt Center: versions, diff between versions, labels, A/B weights and the figures per version.
-import { api, get, session, enc } from "../api.js";
+import { api, get, listAll, int, session, enc } from "../api.js";
 import { h, clear, card, table, badge, toast, errorBox, sideBySide, fmtInt, fmtMs, colorFor, empty } from "../ui.js";
 import { splitBar } from "../charts.js";
 
 export async function render(rest) {
-  const prompts = await get("/api/v1/prompts");
-  const keys = Object.keys(prompts).sort();
-  const key = rest[0] || keys[0];
-  const list = h("nav", { class: "list-nav", "aria-label": "Prompts" }, keys.map((k) =>
+  const prompts = (await listAll("/api/v1/prompts", "prompts")).sort((a, b) => a.promptKey.localeCompare(b.promptKey));
+  const key = rest[0] || (prompts[0] || {}).promptKey;
+  const nav = h("nav", { class: "list-nav", "aria-label": "Prompts" }, prompts.map(({ promptKey: k, versions }) =>
     h("a", { href: `#/prompts/${enc(k)}`, class: k === key ? "active" : "", "data-prompt": k },
-      h("span", {}, k), h("span", { class: "muted small" }, `${prompts[k].length} version${prompts[k].length > 1 ? "s" : ""}`))));
+      h("span", {}, k), h("span", { class: "muted small" }, `${versions.length} version${versions.length > 1 ? "s" : ""}`))));
   const detail = key ? await promptDetail(key) : empty("No prompts yet.");
   return h("div", { class: "page" },
     h("div", { class: "page-head" }, h("div", {}, h("h1", {}, "Prompt Center"),
       h("p", { class: "muted" }, "Versions are immutable; labels and A/B weights decide which one each conversation gets."))),
-    h("div", { class: "split-layout" }, card("Prompts", list, { class: "list-card" }), detail));
+    h("div", { class: "split-layout" }, card("Prompts", nav, { class: "list-card" }), detail));
 }
 
 async function promptDetail(key) {
   const [p, stats] = await Promise.all([get(`/api/v1/prompts/${enc(key)}`),
-    get(`/api/v1/prompts/${enc(key)}/stats`).catch(() => [])]);
-  const versions = p.versions;
-  const release = p.release || { labels: {}, weights: {} };
+    get(`/api/v1/prompts/${enc(key)}/stats`).then((r) => r.versions).catch(() => [])]);
+  // each version's entry (template, description, variables) beside its name
+  const versions = p.versions.map((v) => ({ ...v.entry, version: v.version }));
+  const release = p.prompt.release || { labels: {}, weights: {} };
   const statOf = (v) => stats.find((x) => x.version === v);
   const labelsOf = (v) => Object.entries(release.labels || {}).filter(([, ver]) => ver === v).map(([l]) => l);
   const canWrite = session.can("prompts.write");
@@ -31,7 +31,7 @@ async function promptDetail(key) {
     { label: "Weight", class: "num", render: (v) => release.weights && release.weights[v.version] != null ? `${release.weights[v.version]}%` : h("span", { class: "muted" }, "–") },
     { label: "Requests", class: "num", render: (v) => fmtInt(statOf(v.version)?.requests ?? 0) },
     { label: "Errors", class: "num", render: (v) => { const s = statOf(v.version); if (!s) return "0"; const rate = s.requests ? (100 * s.errors) / s.requests : 0; return h("span", { class: s.errors ? "bad" : "" }, `${s.errors} (${rate.toFixed(1)}%)`); } },
-    { label: "Tokens in / out", class: "num", render: (v) => { const s = statOf(v.version); return s ? `${fmtInt(s.inputTokens)} / ${fmtInt(s.outputTokens)}` : "–"; } },
+    { label: "Tokens in / out", class: "num", render: (v) => { const s = statOf(v.version); return s ? `${fmtInt(int(s.inputTokens))} / ${fmtInt(int(s.outputTokens))}` : "–"; } },
     { label: "Latency p50 / p95", class: "num", render: (v) => { const s = statOf(v.version); return s ? `${fmtMs(s.latencyP50Ms)} / ${fmtMs(s.latencyP95Ms)}` : "–"; } },
     { label: "Description", render: (v) => h("span", { class: "muted" }, v.description) },
   ], versions, { rowProps: (v) => ({ "data-version": v.version }) });

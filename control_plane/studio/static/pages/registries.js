@@ -1,8 +1,8 @@
 // Registries: MCP servers with the tools they really offer; agents, instances, cards and the
 // partner graph (SVG).
-import { get, enc } from "../api.js";
+import { listAll, int, enc } from "../api.js";
 import { h, s, clear, card, tabs, table, badge, dot, when, errorBox, spinner, colorFor, codeBlock } from "../ui.js";
-import { health, trackBadges } from "./agents.js";
+import { health, trackBadges, engineState, instancesOf, revisionOf } from "./agents.js";
 
 export async function render(rest) {
   const tab = rest[0] || "mcp";
@@ -16,13 +16,11 @@ export async function render(rest) {
 }
 
 async function mcpTab() {
-  const servers = await get("/api/v1/mcp-servers");
-  const names = Object.keys(servers).sort();
-  return h("div", { class: "grid-cards" }, names.map((name) => {
-    const srv = servers[name];
+  const servers = (await listAll("/api/v1/mcp-servers", "mcpServers")).sort((a, b) => a.name.localeCompare(b.name));
+  return h("div", { class: "grid-cards" }, servers.map(({ name, spec: srv }) => {
     const tools = h("div", { class: "tools", "data-tools": name }, spinner("Asking the server for its tools…"));
-    get(`/api/v1/mcp-servers/${enc(name)}/tools`).then((list) => {
-      clear(tools, list.length ? h("ul", { class: "tool-list" }, list.map((t) => h("li", { "data-tool": t.name },
+    listAll(`/api/v1/mcp-servers/${enc(name)}/tools`, "tools").then((offered) => {
+      clear(tools, offered.length ? h("ul", { class: "tool-list" }, offered.map((t) => h("li", { "data-tool": t.name },
         h("code", {}, t.name), h("div", { class: "muted small" }, (t.description || "").split("\n")[0]),
         t.inputSchema && t.inputSchema.properties ? h("div", { class: "params" }, Object.keys(t.inputSchema.properties).map((p) =>
           badge(p + ((t.inputSchema.required || []).includes(p) ? "*" : ""), "neutral"))) : null)))
@@ -41,26 +39,25 @@ async function mcpTab() {
 }
 
 async function agentsTab() {
-  const [agents, instances] = await Promise.all([get("/api/v1/agents"), get("/api/v1/instances")]);
-  const records = await Promise.all(agents.map((a) => get(`/api/v1/agents/${enc(a.name)}`)));
+  const [records, instances] = await Promise.all([listAll("/api/v1/agents", "agents"), instancesOf()]);
   const graph = partnerGraph(records);
   const cards = records.map((r) => {
-    const inst = instances.filter((i) => i.agent === r.agent);
+    const inst = instances.filter((i) => i.agentName === r.name);
     const x = health(inst);
-    const cardJson = { name: r.agent, description: r.spec.base.description, version: String(r.revision), skills: r.spec.base.skills.map((sk) => sk.name || sk.id) };
-    return card(r.agent, h("div", {},
+    const cardJson = { name: r.name, description: r.spec.base.description, version: String(revisionOf(r)), skills: r.spec.base.skills.map((sk) => sk.name || sk.id) };
+    return card(r.name, h("div", {},
       h("p", { class: "muted" }, r.spec.base.description),
       h("div", { class: "inline" }, h("span", { class: "health" }, dot(x.kind, x.label), x.label), trackBadges(inst)),
       table([
-        { label: "Instance", render: (i) => h("code", {}, i.instance) },
-        { label: "Revision", render: (i) => `rev ${i.revision}` },
-        { label: "State", key: "state" },
-        { label: "Started", render: (i) => when(i.startedAt) },
+        { label: "Instance", render: (i) => h("code", {}, i.instanceId) },
+        { label: "Revision", render: (i) => `rev ${int(i.servingRevision)}` },
+        { label: "State", render: engineState },
+        { label: "Registered", render: (i) => when(i.registeredAt) },
       ], inst, { empty: "No live instance." }),
       h("details", {}, h("summary", {}, "Agent card"), codeBlock(JSON.stringify(cardJson, null, 2))),
       h("div", { class: "small" }, h("strong", {}, "Partners: "), r.spec.partnerAgents.length ? r.spec.partnerAgents.map((p) => badge(p.agentName, "neutral")) : h("span", { class: "muted" }, "none"),
         h("strong", {}, "  MCP: "), r.spec.mcpServers.length ? r.spec.mcpServers.map((m) => badge(m.mcpServerName, "neutral")) : h("span", { class: "muted" }, "none"))),
-    { class: "agent-card", actions: h("a", { class: "btn btn-sm", href: `#/agents/${enc(r.agent)}` }, "Open") });
+    { class: "agent-card", actions: h("a", { class: "btn btn-sm", href: `#/agents/${enc(r.name)}` }, "Open") });
   });
   return h("div", { class: "stack" },
     card("Partner graph", graph, { subtitle: "Arrows point from caller to callee: partner agents over A2A, and the MCP servers each agent uses." }),
@@ -71,14 +68,14 @@ const lc = (x) => x.toLowerCase();
 
 /** Layered drawing: callers left of their partners; MCP servers in the last column. */
 function partnerGraph(records) {
-  const known = new Map(records.map((r) => [lc(r.agent), r.agent]));
+  const known = new Map(records.map((r) => [lc(r.name), r.name]));
   const edges = [];
   const mcp = new Set();
   for (const r of records) {
-    for (const p of r.spec.partnerAgents) edges.push({ from: r.agent, to: known.get(lc(p.agentName)) || p.agentName, kind: "a2a", missing: !known.has(lc(p.agentName)) });
-    for (const m of r.spec.mcpServers) { edges.push({ from: r.agent, to: "mcp:" + m.mcpServerName, kind: "mcp" }); mcp.add("mcp:" + m.mcpServerName); }
+    for (const p of r.spec.partnerAgents) edges.push({ from: r.name, to: known.get(lc(p.agentName)) || p.agentName, kind: "a2a", missing: !known.has(lc(p.agentName)) });
+    for (const m of r.spec.mcpServers) { edges.push({ from: r.name, to: "mcp:" + m.mcpServerName, kind: "mcp" }); mcp.add("mcp:" + m.mcpServerName); }
   }
-  const agentNodes = [...new Set([...records.map((r) => r.agent), ...edges.filter((e) => e.kind === "a2a").map((e) => e.to)])];
+  const agentNodes = [...new Set([...records.map((r) => r.name), ...edges.filter((e) => e.kind === "a2a").map((e) => e.to)])];
   const level = new Map(agentNodes.map((n) => [n, 0]));
   for (let pass = 0; pass < agentNodes.length; pass++)
     for (const e of edges) if (e.kind === "a2a" && level.get(e.to) < level.get(e.from) + 1) level.set(e.to, Math.min(agentNodes.length, level.get(e.from) + 1));

@@ -1,19 +1,24 @@
 // Releases: canary weight, header match, promote and abort, with the Istio objects the change
 // would publish shown before it is applied.
-import { api, get, session, enc, q } from "../api.js";
+import { api, get, listAll, int, session, enc } from "../api.js";
 import { h, clear, card, badge, toast, errorBox, confirmDialog, sideBySide, toYaml, debounce, empty, spinner } from "../ui.js";
 import { splitBar } from "../charts.js";
-import { trackBadges } from "./agents.js";
+import { trackBadges, instancesOf } from "./agents.js";
+
+/** The agent's Release, or null when it has none (GetRelease answers ``{}``). */
+async function releaseOf(agent) {
+  return (await get(`/api/v1/agents/${enc(agent)}/release`)).release || null;
+}
 
 export async function render(rest) {
-  const agents = await get("/api/v1/agents");
-  const releases = Object.fromEntries(await Promise.all(agents.map(async (a) => [a.name, (await get(`/api/v1/agents/${enc(a.name)}/release`)).release])));
-  const name = rest[0] || (agents.find((a) => releases[a.name]?.canaryRevision) || agents[0] || {}).name;
+  const agents = await listAll("/api/v1/agents", "agents");
+  const releases = Object.fromEntries(await Promise.all(agents.map(async (a) => [a.name, await releaseOf(a.name)])));
+  const name = rest[0] || (agents.find((a) => releases[a.name]?.canaryRevision != null) || agents[0] || {}).name;
   const list = h("nav", { class: "list-nav", "aria-label": "Agents" }, agents.map((a) => {
     const r = releases[a.name];
     return h("a", { href: `#/releases/${enc(a.name)}`, class: a.name === name ? "active" : "", "data-release": a.name },
       h("span", {}, a.name),
-      r && r.canaryRevision ? badge(`canary ${r.canaryWeight}%`, "canary") : h("span", { class: "muted small" }, "stable only"));
+      r && r.canaryRevision != null ? badge(`canary ${r.canaryWeight}%`, "canary") : h("span", { class: "muted small" }, "stable only"));
   }));
   return h("div", { class: "page" },
     h("div", { class: "page-head" }, h("div", {}, h("h1", {}, "Releases"),
@@ -21,11 +26,14 @@ export async function render(rest) {
     h("div", { class: "split-layout" }, card("Agents", list, { class: "list-card" }), name ? await releaseEditor(name, releases[name]) : empty("No agents.")));
 }
 
+/** ``current``: the agent's Release (its ``spec``, a ReleaseSpec, is what is edited and
+ *  sent back), or null. */
 async function releaseEditor(name, current) {
-  const [revisions, instances] = await Promise.all([get(`/api/v1/agents/${enc(name)}/revisions`), get(`/api/v1/instances${q({ agent: name })}`)]);
+  const [infos, instances] = await Promise.all([listAll(`/api/v1/agents/${enc(name)}/revisions`, "revisions"), instancesOf(name)]);
+  const revisions = infos.map((r) => ({ ...r, revision: int(r.revision) }));
   const latest = Math.max(...revisions.map((r) => r.revision));
   const canWrite = session.can("releases.write");
-  const draft = structuredClone(current || {});
+  const draft = structuredClone(current ? current.spec : {});
   draft.canaryWeight ??= 0;
   draft.headerMatch ??= [];
   const controls = h("div", {});
@@ -105,10 +113,10 @@ async function releaseEditor(name, current) {
     const ok = await confirmDialog({
       title: kind === "promote" ? `Promote the canary of ${name}?` : `Abort the canary of ${name}?`, danger: kind === "abort",
       confirm: kind === "promote" ? "Promote" : "Abort canary",
-      body: h("p", {}, kind === "promote" ? `Revision ${current.canaryRevision} becomes stable and the split ends.` : "All traffic goes back to stable; the canary revision stays in history."),
+      body: h("p", {}, kind === "promote" ? `Revision ${int(current.canaryRevision)} becomes stable and the split ends.` : "All traffic goes back to stable; the canary revision stays in history."),
     });
     if (!ok) return;
-    try { await api("POST", `/api/v1/agents/${enc(name)}/release/${kind}`); toast(kind === "promote" ? "Canary promoted" : "Canary aborted"); window.dispatchEvent(new HashChangeEvent("hashchange")); }
+    try { await api("POST", `/api/v1/agents/${enc(name)}/release/${kind}`, {}); toast(kind === "promote" ? "Canary promoted" : "Canary aborted"); window.dispatchEvent(new HashChangeEvent("hashchange")); }
     catch (e) { toast(e.message, "error"); }
   }
 
@@ -118,7 +126,7 @@ async function releaseEditor(name, current) {
   return h("div", { class: "stack" },
     card(name, h("div", {},
       h("div", { class: "inline" }, h("span", { class: "muted" }, "Live: "), trackBadges(instances),
-        current ? h("span", { class: "muted small" }, ` · applied: stable ${current.stableRevision ?? "latest"}, canary ${current.canaryRevision ?? "none"} at ${current.canaryWeight}%`) : h("span", { class: "muted small" }, " · no release policy yet (all traffic to stable)")),
+        current ? h("span", { class: "muted small" }, ` · applied: stable ${current.stableRevision ?? "latest"}, canary ${current.canaryRevision ?? "none"} at ${current.canaryWeight || 0}%`) : h("span", { class: "muted small" }, " · no release policy yet (all traffic to stable)")),
       split, controls,
       canWrite ? h("div", { class: "form-actions" },
         h("button", { class: "btn btn-primary", "data-testid": "apply-release", onClick: applyRelease }, "Apply release"),

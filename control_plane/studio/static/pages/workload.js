@@ -1,6 +1,6 @@
 // An agent's workload as the controller observes it (phase, desired/ready per track, its
 // instances), refreshed while the page is open, and the scale control.
-import { api, get, session, enc } from "../api.js";
+import { api, get, int, session, enc } from "../api.js";
 import { h, clear, card, table, badge, dot, when, toast, errorBox } from "../ui.js";
 
 export const POLL_MS = 2000;
@@ -56,7 +56,7 @@ export function workloadPanel(name, record, initial, ctx) {
     const shown = TRACKS.filter((t) => tracks[t]);
     clear(summary,
       kpiBox("Phase", phaseBadge(status.phase, { "data-testid": "workload-phase" })),
-      kpiBox("Ready", h("span", { "data-testid": "workload-ready" }, status.ready || "0/0"), "ready / desired, all tracks"),
+      kpiBox("Ready", h("span", { "data-testid": "workload-ready" }, `${status.readyReplicas || 0}/${status.desiredReplicas || 0}`), "ready / desired, all tracks"),
       TRACKS.map((t) => kpiBox(`Track ${t}`,
         h("span", { "data-track-ready": t }, tracks[t] ? `${tracks[t].ready}/${tracks[t].desired}` : "–"),
         tracks[t] ? `desired ${tracks[t].desired} · ready ${tracks[t].ready}` : t === "canary" ? "not running" : "no instance desired")));
@@ -66,26 +66,26 @@ export function workloadPanel(name, record, initial, ctx) {
       notice,
       pollError ? errorBox(pollError) : null,
       table([
-        { label: "Instance", render: (i) => h("code", {}, i.instance) },
+        { label: "Instance", render: (i) => h("code", {}, i.instanceId) },
         { label: "Track", render: (i) => badge(i.track, i.track === "stable" ? "info" : "canary") },
         { label: "Phase", render: (i) => instancePhase(i.phase) },
-        { label: "Ready", render: (i) => h("span", { class: "health", "data-instance-ready": i.instance }, dot(i.ready ? "ok" : "warn", i.ready ? "ready" : "not ready"), i.ready ? "yes" : "no") },
-        { label: "Serving revision", render: (i) => i.revision ? badge(`rev ${i.revision}`, i.revision === status.revision ? "ok" : "warn") : h("span", { class: "muted" }, "none yet") },
+        { label: "Ready", render: (i) => h("span", { class: "health", "data-instance-ready": i.instanceId }, dot(i.ready ? "ok" : "warn", i.ready ? "ready" : "not ready"), i.ready ? "yes" : "no") },
+        { label: "Serving revision", render: (i) => int(i.servingRevision) ? badge(`rev ${int(i.servingRevision)}`, int(i.servingRevision) === int(status.revision) ? "ok" : "warn") : h("span", { class: "muted" }, "none yet") },
         { label: "Restarts", class: "num", render: (i) => h("span", { class: i.restarts ? "bad" : "" }, String(i.restarts)) },
         { label: "Last error", render: (i) => i.lastError ? h("span", { class: "clip bad small", title: i.lastError }, i.lastError) : h("span", { class: "muted" }, "–") },
         { label: "Since", render: (i) => when(i.since) },
       ], instances, {
         empty: shown.length ? "No instance yet: the runtime is starting them." : "No instance runs.",
-        rowProps: (i) => ({ "data-instance": i.instance }),
+        rowProps: (i) => ({ "data-instance": i.instanceId }),
       }),
       h("p", { class: "muted small" }, status.observedAt
-        ? h("span", {}, `Runtime ${status.runtime} · reconciled revision ${status.revision} · observed `, when(status.observedAt), ` · refreshed every ${POLL_MS / 1000} s`)
+        ? h("span", {}, `Runtime ${status.runtime} · reconciled revision ${int(status.revision)} · observed `, when(status.observedAt), ` · refreshed every ${POLL_MS / 1000} s`)
         : `Refreshed every ${POLL_MS / 1000} s`));
   }
 
   function noticeFor() {
     if (status.phase === "NotRunning") {
-      const fresh = Date.now() - new Date(record.updatedAt).getTime() < FRESH_MS;
+      const fresh = Date.now() - new Date(record.revisionInfo.createdAt).getTime() < FRESH_MS;
       return h("div", { class: "alert alert-info", "data-testid": "workload-error" },
         fresh ? "Waiting for the controller to pick this revision up…" : status.lastError || "No runtime reports on this agent.");
     }
@@ -96,7 +96,7 @@ export function workloadPanel(name, record, initial, ctx) {
 
   async function refresh() {
     try {
-      const next = await get(`/api/v1/agents/${enc(name)}/status`);
+      const { status: next } = await get(`/api/v1/agents/${enc(name)}/status`);
       if (ctx.stale()) return;
       status = next; pollError = null;
     } catch (e) {
@@ -150,8 +150,8 @@ function scaleControl(name, record, status) {
       const n = Number(replicas.value);
       button.disabled = true; clear(error);
       try {
-        const r = await api("POST", `/api/v1/agents/${enc(name)}/scale`, { replicas: n, track: track.value, expectedRevision: record.revision });
-        const text = r.changed ? `Scaled ${track.value} to ${n} replica${n === 1 ? "" : "s"}: revision ${r.revision}.` : `${track.value} already has ${n} replica${n === 1 ? "" : "s"}.`;
+        const r = await api("POST", `/api/v1/agents/${enc(name)}/scale`, { replicas: n, track: track.value, expectedRevision: int(record.revisionInfo.revision) });
+        const text = r.createdRevision ? `Scaled ${track.value} to ${n} replica${n === 1 ? "" : "s"}: revision ${int(r.agent.revisionInfo.revision)}.` : `${track.value} already has ${n} replica${n === 1 ? "" : "s"}.`;
         toast(text);
         for (const w of r.warnings || []) toast(w, "error");
         flash = { agent: name, text };
