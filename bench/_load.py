@@ -234,7 +234,7 @@ def _upstream_proc(port: int, ready: Any) -> None:
 def _model_proc(port: int, script: dict[str, Any], ready: Any) -> None:
     """The project's scripted model server, its app mounted at /llm (the path an engine
     calls on its egress)."""
-    from specmesh.modelserver import ScriptedModelServer
+    from localfleet.modelserver import ScriptedModelServer
 
     async def main() -> None:
         server = ScriptedModelServer(script=script)

@@ -76,7 +76,7 @@ from bench.engine_turn import (
     _write_spec,
     engine_argv,
 )
-from specmesh.services import free_port
+from specmesh.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -703,18 +703,18 @@ def _manifests(model_root: str, mcp_url: str) -> list[dict[str, Any]]:
 def _specmesh_with_sidecars(
     *, home: Path, model_root: str, mcp_url: str, partner_port: int
 ) -> Iterator[tuple[Server, tuple[int, int]]]:
-    """The engine as in the fleet: real etcd and OpenBao (``specmesh.services``), the specs
+    """The engine as in the fleet: real etcd and OpenBao (``localfleet.installer``), the specs
     applied, a real sidecar beside it (its egress: model, MCP, partner) and one beside the
     partner (mTLS between the two, the partner's upstream the bare a2a-sdk server, a
     stand-in engine reporting it SERVING), set up as ``bench/sidecar_hop.py`` does. The
-    engine gets the environment ``specmesh.fleet`` gives engines (no Vault address or
+    engine gets the environment ``localfleet.fleet`` gives engines (no Vault address or
     token) and its snapshots from its sidecar. Yields the engine and the two sidecar pids."""
     from bench.sidecar_hop import PREFIX, _apply, _sidecar, _start_stand_in_engine, _wait_get
+    from localfleet.installer import LocalServices
     from sidecar.mtls import setup_pki
     from specmesh.etcd import EtcdClient
     from specmesh.keys import Keys
-    from specmesh.services import LocalServices
-    from specmesh.specservice import SpecService
+    from specmesh.spec_apply import SpecService
     from specmesh.store import SpecStore
     from specmesh.vault import VaultClient
 

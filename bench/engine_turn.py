@@ -75,7 +75,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._load import cpu_seconds, dump, percentile, rss_mb, start_model_server
-from specmesh.services import free_port
+from specmesh.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -211,7 +211,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-_IMPORTS = "engine.main, engine.runtime, engine.server, engine.intake, specmeshctl"
+_IMPORTS = "engine.main, engine.hot_reload, engine.server, engine.intake, specmeshctl"
 _IMPORT_PROBE = f"""
 import json, time
 def rss():
@@ -454,10 +454,10 @@ async def _overhead_in_process(
     folder: Path, model_root: str, messages: list[dict[str, Any]], turns: int, warmup: int
 ) -> dict[str, Any]:
     """``EngineRuntime.run()`` in this process against the bare call from this process."""
+    from engine.hot_reload import EngineRuntime
     from engine.intake import DirSnapshotFeed
-    from engine.runner import TurnCompleted, TurnRequest
-    from engine.runtime import EngineRuntime
     from engine.settings import EngineSettings
+    from engine.turn_protocol import TurnCompleted, TurnRequest
 
     settings = EngineSettings(agent_name=AGENT, egress_url=model_root)
     feed = DirSnapshotFeed(folder, agent_name=AGENT, poll_interval=0.5)
@@ -616,8 +616,8 @@ def _engine_child(folder: str, egress: str, conn: Any) -> None:
     import pstats
 
     import engine.server as engine_server
+    from engine.hot_reload import EngineRuntime
     from engine.intake import DirSnapshotFeed
-    from engine.runtime import EngineRuntime
     from engine.settings import EngineSettings
     from engine.telemetry import configure_telemetry
 

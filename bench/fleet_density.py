@@ -45,7 +45,7 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from specmesh.fleet import Fleet, FleetOptions  # noqa: E402
+from localfleet.fleet import Fleet, FleetOptions  # noqa: E402
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE_KB = os.sysconf("SC_PAGE_SIZE") / 1024

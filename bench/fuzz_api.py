@@ -1,6 +1,6 @@
 """Fuzz the control plane's REST API against its own OpenAPI document with schemathesis.
 
-Starts etcd and OpenBao (``specmesh.services``) and a real ``specmesh control-plane`` process,
+Starts etcd and OpenBao (``localfleet.installer``) and a real ``specmesh control-plane`` process,
 then runs ``st run`` on ``/api/v1/openapi.json`` for ``--minutes`` with the checks
 ``not_a_server_error``, ``status_code_conformance``, ``content_type_conformance`` and
 ``response_schema_conformance``, and prints the figures::
@@ -134,7 +134,8 @@ def _count(event: dict[str, object], result: FuzzResult, seen: set[str]) -> None
 def control_plane_process(home: Path) -> Iterator[tuple[str, str]]:
     """etcd, OpenBao and a control plane whose token may do everything; (URL, token)."""
     from control_plane.auth import Role, StaticTokenAuthenticator
-    from specmesh.services import LocalServices, free_port
+    from localfleet.installer import LocalServices
+    from specmesh.ports import free_port
 
     services = LocalServices(home=home / "services")
     state = services.start()

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._load import dump, percentile
 from engine.knowledge.store import ChromaVectorStore, StoredChunk
-from specmesh.modelserver.embeddings import embed_text
+from localfleet.modelserver.embeddings import embed_text
 from specmesh.spec.models import VectorStoreSpec
 
 DIM = 256

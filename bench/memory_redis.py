@@ -11,7 +11,7 @@ operations against the same redis-server (with a password):
 Operations: ``write`` = append one exchange (user + assistant turns: RPUSH, LTRIM, EXPIRE in
 one MULTI); ``read`` = the whole conversation (LRANGE of ``--turns`` turns, ~200 bytes each).
 Closed loop, one operation at a time (``concurrency 1``) and ``--concurrency`` at a time;
-p50/p99 in milliseconds. Real redis-server and OpenBao from ``specmesh.services``. Run:
+p50/p99 in milliseconds. Real redis-server and OpenBao from ``localfleet.installer``. Run:
 ``uv run python bench/memory_redis.py [--ops 2000] [--turns 20] [--concurrency 16]``
 (``--smoke``: 50 ops, concurrency 2 -- proves the bench runs, no figures).
 """
@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._load import dump, percentile
 from engine.memory import RedisConversationMemory
+from localfleet.installer import LocalServices, RedisProcess
+from specmesh.ports import free_port
 from specmesh.secrets import VaultRef
-from specmesh.services import LocalServices, RedisProcess, free_port
 from specmesh.vault import VaultClient
 
 PASSWORD = "bench-redis-pw-91c2"

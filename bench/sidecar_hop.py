@@ -27,10 +27,10 @@
   partner header), so both are given from the call's start and from its return: the
   time from the write itself lies between the two.
 
-Real etcd and OpenBao (KV + PKI) from ``specmesh.services``; two real ``specmesh sidecar``
+Real etcd and OpenBao (KV + PKI) from ``localfleet.installer``; two real ``specmesh sidecar``
 processes and one real ``specmesh engine`` beside sidecar A, with the environment
-``specmesh.fleet`` gives engines (no Vault address, token or secret); nginx and wrk from
-Debian (installed by a full run, :func:`specmesh.services.ensure_nginx` / ``ensure_wrk``).
+``localfleet.fleet`` gives engines (no Vault address, token or secret); nginx and wrk from
+Debian (installed by a full run, :func:`localfleet.installer.ensure_nginx` / ``ensure_wrk``).
 Run: ``uv run python bench/sidecar_hop.py [--seconds 10] [--reloads 30]`` (``--smoke``:
 0.25 s per load, 1 s of wrk, 3 reloads -- proves the bench runs, no figures; nginx and wrk
 only when installed, their figures null otherwise).
@@ -67,13 +67,14 @@ from bench._load import (
     start_upstream,
     wrk_rps,
 )
+from localfleet.installer import LocalServices, ensure_nginx, ensure_wrk
 from sidecar.grpcproxy import A2A_METHODS, A2A_SERVICE, TARGET_KEY
 from sidecar.mtls import PkiClient, agent_dns_name, setup_pki
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
-from specmesh.services import LocalServices, ensure_nginx, ensure_wrk, free_port
+from specmesh.ports import free_port
 from specmesh.spec.manifest import LoadedManifest, parse_manifest
-from specmesh.specservice import SpecService
+from specmesh.spec_apply import SpecService
 from specmesh.store import SpecStore
 from specmesh.v1 import sidecar_pb2, sidecar_pb2_grpc
 from specmesh.vault import VaultClient, agent_pki_role
@@ -248,7 +249,7 @@ def _nginx_pair(
 
 
 def _engine(home: Path, ports: dict[str, int]) -> subprocess.Popen:
-    """A real engine beside sidecar A, with the environment specmesh.fleet gives engines."""
+    """A real engine beside sidecar A, with the environment localfleet.fleet gives engines."""
     env = {k: v for k, v in os.environ.items() if k in _ENGINE_ENV_KEEP}
     env.update(
         AGENT_NAME="bench-a",
@@ -349,7 +350,7 @@ async def _reload_times(
 
     The card is fetched on a new connection each time, as when this was first measured: the
     engine's listener then answered kept-alive requests ~40 ms late (Nagle against delayed
-    ACK). It sets TCP_NODELAY now (:func:`specmesh.serving.bind_tcp`); a new connection
+    ACK). It sets TCP_NODELAY now (:func:`specmesh.uvicorn_server.bind_tcp`); a new connection
     per poll is kept so the figures compare with the earlier ones.
     """
     out: dict[str, list[float]] = {"apply": [], "stream": [], "engine": []}

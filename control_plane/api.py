@@ -50,7 +50,7 @@ from specmesh.spec.models import (
     PromptRelease,
     ReleaseSpec,
 )
-from specmesh.specservice import ApplyOutcome, SpecService
+from specmesh.spec_apply import ApplyOutcome, SpecService
 from specmesh.store import AgentRecord, AgentSummary, AuditEntry, SpecStore
 from specmesh.vault import VaultClient
 from specmesh.workloads import TRACKS, AgentStatus
@@ -515,7 +515,7 @@ class ControlPlane:
 
     async def collect_garbage(self, principal: Principal, *, grace_seconds: float) -> Any:
         """Destroy KV versions no revision references (see
-        :meth:`specmesh.specservice.SpecService.collect_garbage`)."""
+        :meth:`specmesh.spec_apply.SpecService.collect_garbage`)."""
         authorize(principal, "secrets.gc")
         if isinstance(grace_seconds, bool) or not 60 <= grace_seconds <= 10**7:
             # at least a minute: an apply between its Vault write and its etcd transaction

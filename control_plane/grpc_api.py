@@ -50,7 +50,7 @@ from specmesh.spec.diff import Change
 from specmesh.spec.manifest import parse_manifest
 from specmesh.spec.models import McpServerSpec, PromptEntry, PromptRelease, ReleaseSpec
 from specmesh.spec.validation import issues_from_validation_error, validate_model
-from specmesh.specservice import ApplyOutcome
+from specmesh.spec_apply import ApplyOutcome
 from specmesh.store import AgentRecord, AuditEntry
 from specmesh.v1 import common_pb2, control_plane_pb2, control_plane_pb2_grpc
 from specmesh.workloads import AgentStatus

@@ -44,7 +44,7 @@ from a2a.server.events import EventQueue
 from a2a.server.tasks import TaskUpdater
 from a2a.types.a2a_pb2 import Message, Task, TaskState, TaskStatus
 
-from engine.runner import (
+from engine.turn_protocol import (
     AgentRunner,
     TextDelta,
     ToolCallFinished,
@@ -132,7 +132,8 @@ async def _aclose(events: AsyncIterator[TurnEvent]) -> None:
 
 
 class EngineAgentExecutor(AgentExecutor):
-    """Runs A2A tasks on an :class:`~engine.runner.AgentRunner` and reports via ``TaskUpdater``."""
+    """Runs A2A tasks on an :class:`~engine.turn_protocol.AgentRunner`; reports via
+    ``TaskUpdater``."""
 
     def __init__(self, *, runner: AgentRunner, report_tool_calls: bool = True) -> None:
         self._runner = runner

@@ -1,4 +1,4 @@
-"""The A2A agent card, built from the runner's :class:`~engine.runner.CardInfo`.
+"""The A2A agent card, built from the runner's :class:`~engine.turn_protocol.CardInfo`.
 
 The card follows the spec: a hot reload changes the name, description, skills or
 streaming capability, and the revision becomes the card's ``version``.
@@ -28,7 +28,7 @@ from a2a.types.a2a_pb2 import (
 )
 from a2a.utils.constants import PROTOCOL_VERSION_CURRENT, TransportProtocol
 
-from engine.runner import CardInfo
+from engine.turn_protocol import CardInfo
 
 __all__ = [
     "BEARER_SCHEME",

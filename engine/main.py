@@ -35,10 +35,10 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.card import parse_card_security
-from engine.runner import AgentRunner
 from engine.server import EngineServer, ServerConfig
 from engine.tasks import DEFAULT_RETENTION_SECONDS, MEMORY, check_task_store
 from engine.telemetry import EngineMetrics, configure_telemetry
+from engine.turn_protocol import AgentRunner
 from specmesh.addresses import AddressError, parse_host_port
 from specmesh.logs import configure_logging
 
@@ -127,8 +127,8 @@ async def _open_runtime(stack: AsyncExitStack, spec_dir: Path | None) -> AgentRu
 
     Imported here, not at the top: the runtime pulls in litellm and mcp (seconds).
     """
+    from engine.hot_reload import EngineRuntime
     from engine.intake import DirSnapshotFeed, GrpcSnapshotFeed, SnapshotFeed
-    from engine.runtime import EngineRuntime
     from engine.settings import EngineSettings
 
     settings = EngineSettings()

@@ -37,7 +37,7 @@ from starlette.routing import Route
 
 from engine.a2a_executor import CallDepthError, parse_call_depth, passed_on_headers
 from engine.errors import MemoryStoreError
-from engine.runner import (
+from engine.turn_protocol import (
     AgentRunner,
     TextDelta,
     ToolCallFinished,

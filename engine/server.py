@@ -68,16 +68,6 @@ from engine.errors import TaskStoreError
 from engine.json_numbers import IntegralNumbersMiddleware
 from engine.knowledge.rest import KnowledgeSource, create_knowledge_routes
 from engine.rest import ConversationDeleter, create_business_routes
-from engine.runner import (
-    AgentRunner,
-    CardInfo,
-    NotifiesChanges,
-    TurnCompleted,
-    TurnEvent,
-    TurnFailed,
-    TurnRequest,
-    not_ready_reason,
-)
 from engine.tasks import (
     DEFAULT_RETENTION_SECONDS,
     MEMORY,
@@ -87,7 +77,17 @@ from engine.tasks import (
     connect_redis,
 )
 from engine.telemetry import EngineMetrics, TraceContextInterceptor, TraceContextMiddleware
-from specmesh.serving import QuietUvicornServer, bind_tcp
+from engine.turn_protocol import (
+    AgentRunner,
+    CardInfo,
+    NotifiesChanges,
+    TurnCompleted,
+    TurnEvent,
+    TurnFailed,
+    TurnRequest,
+    not_ready_reason,
+)
+from specmesh.uvicorn_server import QuietUvicornServer, bind_tcp
 
 __all__ = ["A2A_SERVICE", "EngineServer", "ServerConfig"]
 
@@ -234,7 +234,7 @@ class _ServingRunner:
 
 
 class EngineServer:
-    """Both listeners of one engine, over one :class:`~engine.runner.AgentRunner`."""
+    """Both listeners of one engine, over one :class:`~engine.turn_protocol.AgentRunner`."""
 
     def __init__(
         self,

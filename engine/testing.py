@@ -1,4 +1,4 @@
-"""An in-memory :class:`~engine.runner.AgentRunner` whose turns are scripted.
+"""An in-memory :class:`~engine.turn_protocol.AgentRunner` whose turns are scripted.
 
 It stands in for the engine's runtime behind the real servers: tests queue the turns
 they expect (:meth:`ScriptedRunner.enqueue`), flip readiness and the card, and wait on
@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-from engine.runner import (
+from engine.turn_protocol import (
     CardInfo,
     TextDelta,
     ToolCallFinished,
@@ -113,7 +113,7 @@ def _split(text: str) -> list[str]:
 
 
 class ScriptedRunner:
-    """An :class:`~engine.runner.AgentRunner` playing queued :class:`ScriptedTurn` s."""
+    """An :class:`~engine.turn_protocol.AgentRunner` playing queued :class:`ScriptedTurn` s."""
 
     def __init__(self, *, card: CardInfo | None = DEFAULT_CARD, ready: bool = True) -> None:
         self._card = card

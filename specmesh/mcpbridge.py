@@ -61,7 +61,7 @@ from starlette.types import ASGIApp
 from specmesh.backoff import BackoffPolicy
 from specmesh.logs import configure_logging
 from specmesh.mcp_client import ReconnectingMcpClient
-from specmesh.serving import QuietUvicornServer, bind_tcp
+from specmesh.uvicorn_server import QuietUvicornServer, bind_tcp
 
 __all__ = ["StdioUpstream", "bridge_server", "main", "serve_http"]
 

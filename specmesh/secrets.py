@@ -2,7 +2,7 @@
 
 A secret-bearing spec field (``apiKey``, header and query-parameter values, store
 credentials) holds either a reference ``vault://<mount>/<path>#<field>[@<version>]`` or, on
-the way in only, a plaintext value that apply (:mod:`specmesh.specservice`) writes into Vault
+the way in only, a plaintext value that apply (:mod:`specmesh.spec_apply`) writes into Vault
 KV v2 as a new version and replaces with a reference to exactly that version. Nothing
 downstream of an apply -- etcd, the engine, logs, spans, error messages -- ever holds the
 plaintext.

@@ -7,7 +7,7 @@ written. The agent revision *is* the etcd ``version`` of the agent's meta key: o
 put per revision, compared atomically in the transaction.
 
 The store refuses plaintext secrets: what it is given must already hold ``vault://``
-references (see :mod:`specmesh.specservice`), so etcd never holds a secret.
+references (see :mod:`specmesh.spec_apply`), so etcd never holds a secret.
 """
 
 from __future__ import annotations

@@ -70,8 +70,8 @@ from specmesh.errors import SecretError
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
 from specmesh.names import resource_name
+from specmesh.ports import listen_port
 from specmesh.procs import alive, spawn
-from specmesh.services import listen_port
 from specmesh.vault import AGENT_TOKEN_ROLE, VaultClient, agent_policy_name, keep_token_alive
 from specmesh.workloads import TRACKS, AgentWorkload, InstanceStatus
 

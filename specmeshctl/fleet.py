@@ -6,12 +6,13 @@ processes."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 from typing import Any
 
 from specmesh.errors import NotFoundError
-from specmeshctl.errors import EXIT_OK, FleetNotRunningError
+from specmeshctl.errors import EXIT_OK, FleetNotRunningError, UsageError
 from specmeshctl.output import print_data, table, write
 from specmeshctl.parsing import Registrar
 from specmeshctl.settings import Settings
@@ -19,14 +20,28 @@ from specmeshctl.settings import Settings
 __all__ = ["register", "running_fleet", "up_banner"]
 
 
+def _dev_tooling(module: str) -> Any:
+    """A module of ``localfleet``: the dev tooling of a source checkout, which the image does
+    not ship (``up``, ``services`` and ``model-server`` run from a clone)."""
+    try:
+        return importlib.import_module(f"localfleet.{module}")
+    except ModuleNotFoundError as e:
+        if e.name not in ("localfleet", f"localfleet.{module}"):
+            raise
+        raise UsageError(
+            "this command runs the local fleet's tooling (localfleet/), which only a source "
+            "checkout has: run it from a clone of the repository (./scripts/up)"
+        ) from None
+
+
 def _fleet(settings: Settings, args: argparse.Namespace | None = None) -> Any:
-    from specmesh.fleet import Fleet, FleetOptions
+    fleet = _dev_tooling("fleet")
 
     # No istio_crds: the control plane validates with the Istio CRD schemas it carries.
-    options = FleetOptions(home=settings.home)
+    options = fleet.FleetOptions(home=settings.home)
     if args is not None and getattr(args, "llm_url", None):
         options.llm_url = args.llm_url
-    return Fleet(options)
+    return fleet.Fleet(options)
 
 
 def running_fleet(settings: Settings) -> dict[str, Any]:
@@ -152,9 +167,7 @@ def cmd_logs(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_services(args: argparse.Namespace, settings: Settings) -> int:
-    from specmesh.services import LocalServices
-
-    services = LocalServices(home=settings.home.resolve())
+    services = _dev_tooling("installer").LocalServices(home=settings.home.resolve())
     if args.action == "up":
         state = services.start()
         print_data(
@@ -174,9 +187,7 @@ def cmd_services(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_model_server(args: argparse.Namespace, settings: Settings) -> int:
-    from specmesh.modelserver import main as model_server_main
-
-    return int(model_server_main(args) or 0)
+    return int(_dev_tooling("modelserver").main(args) or 0)
 
 
 def register(r: Registrar) -> None:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from localfleet.installer import LocalServices, RedisProcess
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
-from specmesh.services import LocalServices, RedisProcess, free_port
+from specmesh.ports import free_port
 from specmesh.spec.models import PromptEntry
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient

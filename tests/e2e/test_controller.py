@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 import requests
 
-from specmesh.fleet import REPO, Fleet, FleetOptions
+from localfleet.fleet import REPO, Fleet, FleetOptions
 from specmesh.procs import alive
 from specmeshctl.a2aclient import invoke
 from specmeshctl.main import main as cli

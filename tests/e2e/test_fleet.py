@@ -37,7 +37,7 @@ from a2a.types.a2a_pb2 import (
 from a2a.utils.constants import TransportProtocol
 from a2a.utils.errors import TaskNotFoundError
 
-from specmesh.fleet import Fleet, FleetOptions
+from localfleet.fleet import Fleet, FleetOptions
 from specmeshctl.a2aclient import InvokeResult, invoke
 from specmeshctl.main import main as cli
 from tests.polling import eventually_sync

@@ -12,7 +12,7 @@ from typing import Any
 import hvac
 import pytest
 
-from specmesh.fleet import Fleet, FleetOptions
+from localfleet.fleet import Fleet, FleetOptions
 from specmeshctl.main import main as cli
 
 from .test_fleet import _api, _ask

@@ -26,7 +26,7 @@ import pytest
 import requests
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from specmesh.fleet import Fleet, FleetOptions
+from localfleet.fleet import Fleet, FleetOptions
 from specmeshctl.a2aclient import card_from_json, invoke
 from tests.polling import eventually_sync
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import requests
 
 from control_plane.auth import Role, StaticTokenAuthenticator
-from specmesh.services import LocalServices, free_port
+from localfleet.installer import LocalServices
+from specmesh.ports import free_port
 from tests.polling import eventually_sync
 
 __all__ = ["ControlPlaneProcess"]

@@ -11,18 +11,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.hot_reload import EngineRuntime
 from engine.intake import InMemorySnapshotFeed
-from engine.runner import TurnCompleted, TurnEvent, TurnRequest
-from engine.runtime import EngineRuntime
 from engine.settings import EngineSettings
+from engine.turn_protocol import TurnCompleted, TurnEvent, TurnRequest
+from localfleet.installer import LocalServices, RedisProcess
+from localfleet.modelserver import ScriptedModelServer
 from sidecar.dataplane import DataPlane
 from sidecar.main import Sidecar
 from sidecar.settings import SidecarSettings
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
-from specmesh.modelserver import ScriptedModelServer
+from specmesh.ports import free_port
 from specmesh.secrets import VaultRef
-from specmesh.services import LocalServices, RedisProcess, free_port
 from specmesh.spec.models import AgentSpec, PromptEntry
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient

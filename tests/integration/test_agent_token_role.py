@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from localfleet.installer import LocalServices
 from specmesh.errors import SecretError
 from specmesh.secrets import VaultRef
-from specmesh.services import LocalServices
 from specmesh.vault import (
     AGENT_TOKEN_ROLE,
     CONTROL_PLANE_POLICY,

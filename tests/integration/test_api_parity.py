@@ -23,7 +23,7 @@ from control_plane.errors import ERROR_TABLE, INTERNAL, ErrorMapping
 from control_plane.grpc_api import build_grpc_server, build_servicers
 from control_plane.http_api import OPENAPI_PATH, build_app
 from control_plane.transcoding import HttpBinding, http_bindings
-from specmesh.services import free_port
+from specmesh.ports import free_port
 from specmesh.store import SpecStore
 from specmesh.v1 import control_plane_pb2
 from specmesh.vault import VaultClient

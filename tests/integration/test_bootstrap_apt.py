@@ -1,7 +1,7 @@
 """Set-up's apt step waits for another apt-get or dpkg instead of failing.
 
 A real lock on ``/var/lib/dpkg/lock-frontend`` (and on ``/var/lib/apt/lists/lock``) is held
-by another process while :func:`specmesh.services.apt_install` installs a package that is
+by another process while :func:`localfleet.installer.apt_install` installs a package that is
 already installed (``redis-server``: apt-get still takes every lock, nothing changes).
 
 apt and dpkg lock with ``fcntl`` (POSIX record locks). The ``flock`` command takes a
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from localfleet.installer import apt_install
 from specmesh.errors import ServiceError
-from specmesh.services import apt_install
 
 pytestmark = pytest.mark.integration
 

@@ -22,10 +22,11 @@ import pytest
 import yaml
 
 from control_plane.auth import Role
+from localfleet.installer import LocalServices
 from specmesh.etcd import EtcdClient
 from specmesh.names import resource_name
+from specmesh.ports import free_port
 from specmesh.protojson import to_struct
-from specmesh.services import LocalServices, free_port
 from specmesh.v1 import control_plane_pb2 as pb
 from specmeshctl.client import ControlPlaneClient
 from specmeshctl.main import main

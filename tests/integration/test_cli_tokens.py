@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from control_plane.auth import Role
-from specmesh.services import LocalServices
+from localfleet.installer import LocalServices
 from specmeshctl.main import main
 
 from .cp_process import ControlPlaneProcess

@@ -23,7 +23,7 @@ from control_plane.grpc_api import (
     from_struct,
     to_struct,
 )
-from specmesh.services import free_port
+from specmesh.ports import free_port
 from specmesh.store import SpecStore, dumps
 from specmesh.v1 import common_pb2
 from specmesh.v1 import control_plane_pb2 as pb

@@ -26,7 +26,7 @@ from control_plane.grpc_api import (
 )
 from control_plane.tokens import TokenAuthenticator, TokenStore
 from control_plane.traces import InMemoryTraceStore, Span
-from specmesh.services import free_port
+from specmesh.ports import free_port
 from specmesh.store import SpecStore, dumps
 from specmesh.v1 import control_plane_pb2 as pb
 from specmesh.vault import VaultClient

@@ -14,7 +14,7 @@ import pytest
 
 from bench.fuzz_api import CHECKS, fuzz
 from control_plane.auth import Role
-from specmesh.services import LocalServices
+from localfleet.installer import LocalServices
 
 from .cp_process import ControlPlaneProcess
 

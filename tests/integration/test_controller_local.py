@@ -23,11 +23,11 @@ from control_plane.runtime.local import (
     RuntimeRefusedError,
     RuntimeUnavailableError,
 )
+from localfleet.installer import LocalServices
 from specmesh.procs import alive
-from specmesh.services import LocalServices
 from specmesh.spec.manifest import LoadedManifest, parse_manifest
 from specmesh.spec.models import AgentManifest
-from specmesh.specservice import SpecService
+from specmesh.spec_apply import SpecService
 from specmesh.store import SpecStore
 from specmesh.supervisor import Supervisor, SupervisorConfig
 from specmesh.vault import (

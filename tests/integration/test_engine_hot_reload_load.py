@@ -25,11 +25,11 @@ import httpx
 import pytest
 from mcp.server.mcpserver import MCPServer
 
+from engine.hot_reload import EngineRuntime
 from engine.intake import InMemorySnapshotFeed
-from engine.runtime import EngineRuntime
 from engine.server import EngineServer, ServerConfig
 from engine.settings import EngineSettings
-from specmesh.modelserver import RecordedRequest, ScriptedModelServer
+from localfleet.modelserver import RecordedRequest, ScriptedModelServer
 from specmesh.snapshot import ResolvedSnapshot
 from tests.integration.asgi_server import serve_asgi
 from tests.integration.test_engine_runtime import AGENT, Egress, make_snapshot

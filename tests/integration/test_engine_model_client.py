@@ -19,9 +19,9 @@ from engine.errors import ModelRequestError, ModelTimeoutError, ModelUnavailable
 from engine.litellm_chat import LiteLlmChat
 from engine.llm import ModelReply, TextChunk
 from engine.openai_chat import ChatRequest, OpenAIChat
-from specmesh.modelserver import ScriptedModelServer
-from specmesh.modelserver.tokens import count_prompt_tokens
-from specmesh.services import free_port
+from localfleet.modelserver import ScriptedModelServer
+from localfleet.modelserver.tokens import count_prompt_tokens
+from specmesh.ports import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -183,7 +183,7 @@ async def test_a_model_slower_than_the_timeout_times_out(chat: OpenAIChat) -> No
 
 def test_an_openai_compatible_engine_does_not_import_litellm_chromadb_or_mcp() -> None:
     probe = (
-        "import sys, engine.main, engine.runtime, engine.server, engine.intake, engine.context;"
+        "import sys, engine.main, engine.hot_reload, engine.server, engine.intake, engine.context;"
         "print(sorted(m for m in ('litellm', 'chromadb', 'mcp', 'openai') if m in sys.modules))"
     )
     out = subprocess.run(

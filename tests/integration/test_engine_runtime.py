@@ -41,13 +41,15 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.applications import Starlette
 
+from engine.hot_reload import EngineRuntime
 from engine.intake import (
     DirSnapshotFeed,
     GrpcSnapshotFeed,
     InMemorySnapshotFeed,
     snapshot_to_proto,
 )
-from engine.runner import (
+from engine.settings import EngineSettings
+from engine.turn_protocol import (
     TextDelta,
     ToolCallFinished,
     ToolCallStarted,
@@ -56,9 +58,7 @@ from engine.runner import (
     TurnFailed,
     TurnRequest,
 )
-from engine.runtime import EngineRuntime
-from engine.settings import EngineSettings
-from specmesh.modelserver import ScriptedModelServer
+from localfleet.modelserver import ScriptedModelServer
 from specmesh.snapshot import PromptBundle, ResolvedSnapshot
 from specmesh.spec.models import AgentSpec, McpServerSpec, PromptEntry, PromptRelease
 from specmesh.v1 import sidecar_pb2, sidecar_pb2_grpc

@@ -39,10 +39,10 @@ from opentelemetry.trace import SpanKind
 
 from engine.card import BEARER_SCHEME
 from engine.main import serve
-from engine.runner import CardInfo
 from engine.server import A2A_SERVICE, EngineServer, ServerConfig
 from engine.telemetry import EngineMetrics, install_memory_exporter
 from engine.testing import DEFAULT_CARD, ScriptedRunner, ScriptedTurn
+from engine.turn_protocol import CardInfo
 from tests.polling import eventually
 
 BINDINGS = [TransportProtocol.JSONRPC, TransportProtocol.HTTP_JSON, TransportProtocol.GRPC]

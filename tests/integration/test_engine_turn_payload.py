@@ -28,12 +28,12 @@ from a2a.types.a2a_pb2 import (
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from engine.hot_reload import EngineRuntime
 from engine.intake import InMemorySnapshotFeed
-from engine.runtime import EngineRuntime
 from engine.server import EngineServer, ServerConfig
 from engine.settings import EngineSettings
 from engine.telemetry import install_memory_exporter
-from specmesh.modelserver import ScriptedModelServer
+from localfleet.modelserver import ScriptedModelServer
 from tests.integration.test_engine_runtime import AGENT, Egress, make_snapshot
 from tests.polling import eventually
 

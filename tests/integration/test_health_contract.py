@@ -21,13 +21,14 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
+from localfleet.installer import LocalServices
+from localfleet.modelserver import ScriptedModelServer
 from sidecar.mtls import setup_pki
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
-from specmesh.modelserver import ScriptedModelServer
-from specmesh.services import LocalServices, free_port
+from specmesh.ports import free_port
 from specmesh.spec.models import AgentSpec
-from specmesh.specservice import SpecService
+from specmesh.spec_apply import SpecService
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient, agent_policy_name
 from tests.conftest import REPO, publish_prompt

@@ -21,8 +21,8 @@ from control_plane.auth import Principal, Role, StaticTokenAuthenticator, hash_t
 from control_plane.grpc_api import build_servicers
 from control_plane.http_api import build_app
 from control_plane.issuer import SIGNING_KEY_PATH, TokenIssuer
+from localfleet.installer import LocalServices
 from specmesh.secrets import VaultRef
-from specmesh.services import LocalServices
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient
 

@@ -28,11 +28,11 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from engine.hot_reload import EngineRuntime
 from engine.intake import InMemorySnapshotFeed
-from engine.runtime import EngineRuntime
 from engine.server import EngineServer, ServerConfig
 from engine.settings import EngineSettings
-from specmesh.modelserver import ScriptedModelServer
+from localfleet.modelserver import ScriptedModelServer
 from specmesh.snapshot import PromptBundle, ResolvedSnapshot
 from specmesh.spec.models import AgentSpec, PromptEntry
 from specmeshctl.main import main as cli_main

@@ -21,8 +21,8 @@ from lightkube import AsyncClient, KubeConfig
 from lightkube.config.models import Cluster, User
 
 from control_plane.runtime.kubernetes import ChartRenderer, KubernetesRuntime, VaultRoles
+from localfleet.installer import LocalServices
 from specmesh.errors import SecretAccessDeniedError, SecretNotFoundError
-from specmesh.services import LocalServices
 from specmesh.spec.models import DeploymentSpec
 from specmesh.vault import VaultClient, control_plane_policy
 from specmesh.workloads import AgentWorkload

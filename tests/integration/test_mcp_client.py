@@ -14,7 +14,7 @@ from mcp.server.mcpserver import MCPServer
 from specmesh.backoff import BackoffPolicy
 from specmesh.mcp_client import ReconnectingMcpClient, tls_context
 from specmesh.mcpbridge import serve_http
-from specmesh.services import free_port
+from specmesh.ports import free_port
 from tests.polling import eventually
 
 WAIT = 20.0

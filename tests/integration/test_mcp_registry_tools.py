@@ -22,7 +22,8 @@ import requests
 import yaml
 
 from control_plane.auth import Role
-from specmesh.services import LocalServices, free_port
+from localfleet.installer import LocalServices
+from specmesh.ports import free_port
 from specmeshctl.main import main
 
 from ..conftest import REPO

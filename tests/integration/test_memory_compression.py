@@ -17,11 +17,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from engine.compression import SUMMARIZE_INSTRUCTIONS, SUMMARY_PREFIX
 from engine.memory import memory_key
+from localfleet.installer import LocalServices, RedisProcess
+from localfleet.modelserver import ScriptedModelServer
+from localfleet.modelserver.tokens import count_prompt_tokens
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
-from specmesh.modelserver import ScriptedModelServer
-from specmesh.modelserver.tokens import count_prompt_tokens
-from specmesh.services import LocalServices, RedisProcess
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient
 

@@ -18,10 +18,10 @@ from starlette.applications import Starlette
 from engine.errors import MemoryStoreError
 from engine.memory import RedisConversationMemory, memory_key
 from engine.rest import create_business_routes
+from localfleet.installer import LocalServices, RedisProcess
+from localfleet.modelserver import ScriptedModelServer
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
-from specmesh.modelserver import ScriptedModelServer
-from specmesh.services import LocalServices, RedisProcess
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient
 

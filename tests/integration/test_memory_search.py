@@ -14,10 +14,10 @@ import redis.asyncio as aioredis
 
 from engine.memory import memory_key
 from engine.recall import select_turns
+from localfleet.installer import LocalServices, RedisProcess
+from localfleet.modelserver import ScriptedModelServer, embed_text
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
-from specmesh.modelserver import ScriptedModelServer, embed_text
-from specmesh.services import LocalServices, RedisProcess
 from specmesh.spec.models import KeywordSearch, RecentSearch, SemanticSearch
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient

@@ -15,8 +15,8 @@ import litellm
 import pytest
 from litellm.exceptions import ServiceUnavailableError
 
-from specmesh.modelserver import ScriptedModelServer, cosine
-from specmesh.modelserver.tokens import count_prompt_tokens
+from localfleet.modelserver import ScriptedModelServer, cosine
+from localfleet.modelserver.tokens import count_prompt_tokens
 
 pytestmark = pytest.mark.integration
 

@@ -14,14 +14,14 @@ import pytest
 import requests
 
 from control_plane.auth import Role
+from localfleet.installer import LocalServices
 from sidecar.credentials import CredentialResolver
 from specmesh.errors import ConflictError
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
 from specmesh.secrets import VaultRef
-from specmesh.services import LocalServices
 from specmesh.spec.manifest import LoadedManifest, parse_manifest
-from specmesh.specservice import SpecService
+from specmesh.spec_apply import SpecService
 from specmesh.store import SpecStore
 from specmesh.vault import (
     CONTROL_PLANE_POLICY,

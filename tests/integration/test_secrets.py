@@ -10,7 +10,7 @@ from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
 from specmesh.secrets import VaultRef
 from specmesh.spec.manifest import LoadedManifest, parse_manifest
-from specmesh.specservice import SpecService
+from specmesh.spec_apply import SpecService
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient, agent_policy, agent_policy_name
 

@@ -23,11 +23,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import CollectorRegistry
 from starlette.requests import Request
 
+from localfleet.installer import BaoProcess, LocalServices
 from sidecar.credentials import CredentialResolver
 from sidecar.egress import EgressProxy, llm_upstream_base
 from sidecar.state import SnapshotHolder
+from specmesh.ports import free_port
 from specmesh.secrets import VaultRef
-from specmesh.services import BaoProcess, LocalServices, free_port
 from specmesh.snapshot import PromptBundle, ResolvedSnapshot
 from specmesh.spec.models import AgentSpec, McpServerSpec
 from specmesh.vault import VaultClient, agent_policy, agent_policy_name, agent_secret_prefix

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
+from localfleet.installer import LocalServices
 from sidecar.credentials import CredentialResolver
 from sidecar.egress import EgressMetrics, EgressProxy
 from sidecar.router import (
@@ -29,7 +30,6 @@ from sidecar.state import SnapshotHolder
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
 from specmesh.secrets import VaultRef
-from specmesh.services import LocalServices
 from specmesh.spec.models import AgentSpec, ReleaseSpec
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient

@@ -39,7 +39,7 @@ from sidecar.router import InMemoryInstanceSource, InMemoryReleaseSource, Router
 from sidecar.state import SnapshotHolder
 from specmesh.callers import CALLER_HEADER, CALLER_KEY, PRINCIPAL_HEADER, PRINCIPAL_KEY
 from specmesh.issuers import JwtIssuer
-from specmesh.services import free_port
+from specmesh.ports import free_port
 from specmesh.snapshot import PromptBundle, ResolvedSnapshot
 from specmesh.spec.models import AgentSpec, ReleaseSpec
 from tests.integration.test_sidecar_mtls import pki  # noqa: F401  (fixture)

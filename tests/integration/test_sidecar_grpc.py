@@ -49,8 +49,8 @@ from sidecar.mtls import AgentCertificates, PkiClient, agent_dns_name
 from sidecar.registry import Instance
 from sidecar.router import InMemoryInstanceSource, InMemoryReleaseSource, Router
 from sidecar.state import SnapshotHolder
+from specmesh.ports import free_port
 from specmesh.secrets import VaultRef
-from specmesh.services import free_port
 from specmesh.vault import VaultClient
 from tests.integration.test_sidecar_egress import _ref, _snapshot, _spec
 from tests.integration.test_sidecar_mtls import pki  # noqa: F401  (fixture)

@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from localfleet.installer import LocalServices
 from sidecar.credentials import CredentialResolver
 from sidecar.egress import EgressProxy
 from sidecar.inbound import CALLER_HEADER, EtcdPartnerGraph, InboundServer, InMemoryPartnerGraph
@@ -28,7 +29,7 @@ from sidecar.mtls import (
 )
 from sidecar.router import InMemoryInstanceSource, InMemoryReleaseSource, Instance, Router
 from sidecar.state import SnapshotHolder
-from specmesh.services import LocalServices, free_port
+from specmesh.ports import free_port
 from specmesh.spec.models import AgentSpec
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient

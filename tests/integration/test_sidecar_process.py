@@ -16,17 +16,18 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from localfleet.installer import LocalServices
+from localfleet.modelserver import ScriptedModelServer
 from sidecar.dataplane import DataPlane
 from sidecar.main import Sidecar
 from sidecar.mtls import AgentCertificates, PkiClient, agent_dns_name, setup_pki
 from sidecar.settings import SidecarSettings
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
-from specmesh.modelserver import ScriptedModelServer
+from specmesh.ports import free_port
 from specmesh.secrets import VaultRef
-from specmesh.services import LocalServices, free_port
 from specmesh.spec.models import AgentSpec
-from specmesh.specservice import SpecService
+from specmesh.spec_apply import SpecService
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient, agent_policy_name
 

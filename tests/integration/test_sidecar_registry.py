@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from localfleet.installer import EtcdProcess
 from sidecar.ops import SidecarMetrics
 from sidecar.registry import Instance, InstanceRegistration, RegistryView
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
-from specmesh.services import EtcdProcess, free_port
+from specmesh.ports import free_port
 from tests.polling import eventually
 
 pytestmark = pytest.mark.integration

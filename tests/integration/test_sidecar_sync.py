@@ -17,14 +17,15 @@ from typing import Any
 import grpc
 import pytest
 
+from localfleet.installer import EtcdProcess
 from sidecar.ops import SidecarMetrics
 from sidecar.state import SnapshotHolder
 from sidecar.sync import SnapshotCache, SpecSync
 from sidecar.sync_server import SpecSyncServer
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
+from specmesh.ports import free_port
 from specmesh.secrets import VaultRef
-from specmesh.services import EtcdProcess, free_port
 from specmesh.snapshot import Track
 from specmesh.spec.models import AgentSpec, McpServerSpec, PromptEntry, ReleaseSpec
 from specmesh.store import SpecStore

@@ -14,7 +14,7 @@ from sidecar.main import Sidecar, SidecarContext
 from sidecar.settings import SidecarSettings
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
-from specmesh.services import free_port
+from specmesh.ports import free_port
 from specmesh.spec.models import AgentSpec
 from specmesh.store import SpecStore
 from specmesh.v1 import common_pb2, sidecar_pb2, sidecar_pb2_grpc

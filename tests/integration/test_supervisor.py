@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from control_plane.runtime.local import LocalRuntime, RuntimeRefusedError
+from localfleet.installer import LocalServices
 from specmesh.procs import alive
-from specmesh.services import LocalServices
 from specmesh.supervisor import Supervisor, SupervisorConfig
 from specmesh.vault import (
     AGENT_TOKEN_ROLE,

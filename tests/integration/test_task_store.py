@@ -37,14 +37,15 @@ from a2a.utils.errors import TaskNotFoundError
 
 from engine.server import EngineServer, ServerConfig
 from engine.testing import ScriptedRunner, ScriptedTurn
+from localfleet.installer import LocalServices, RedisProcess
+from localfleet.modelserver import ScriptedModelServer
 from sidecar.credentials import CredentialResolver
 from sidecar.redisproxy import RedisProxy, fixed_redis_upstream
 from sidecar.state import SnapshotHolder
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
-from specmesh.modelserver import ScriptedModelServer
+from specmesh.ports import free_port
 from specmesh.secrets import VaultRef
-from specmesh.services import LocalServices, RedisProcess, free_port
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient
 from tests.polling import eventually

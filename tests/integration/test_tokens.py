@@ -22,7 +22,7 @@ from control_plane.grpc_api import build_grpc_server, build_servicers
 from control_plane.http_api import build_app
 from control_plane.tokens import TokenAuthenticator, TokenRequest, TokenStore, token_id
 from specmesh.errors import StoreUnavailableError
-from specmesh.services import free_port
+from specmesh.ports import free_port
 from specmesh.store import SpecStore
 from specmesh.v1 import control_plane_pb2 as pb
 from specmesh.v1 import control_plane_pb2_grpc as pb_grpc

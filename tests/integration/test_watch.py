@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from localfleet.installer import EtcdProcess
 from specmesh.errors import StoreUnavailableError
 from specmesh.etcd import EtcdClient
-from specmesh.services import EtcdProcess, free_port
+from specmesh.ports import free_port
 from specmesh.watch import PrefixWatcher, WatchUpdate
 from tests.polling import eventually
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from specmesh.services import free_port
+from specmesh.ports import free_port
 from specmeshctl.fleet import up_banner
 from specmeshctl.main import main
 

@@ -15,7 +15,7 @@ from engine.card import (
     build_agent_card,
     parse_card_security,
 )
-from engine.runner import CardInfo
+from engine.turn_protocol import CardInfo
 
 URLS = CardUrls(jsonrpc="http://a:1/", http_json="http://a:1/v1", grpc="a:2")
 INFO = CardInfo(name="mse-nacos-helper", description="Answers Nacos questions.", revision=7)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 
-from specmesh.serving import bind_tcp
+from specmesh.uvicorn_server import bind_tcp
 
 
 def test_listener_is_declared_tcp_so_nagle_gets_turned_off() -> None:

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from specmesh.errors import StoreError, StoreUnavailableError
 from specmesh.etcd import EtcdClient, WatchResponse
-from specmesh.services import free_port
+from specmesh.ports import free_port
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

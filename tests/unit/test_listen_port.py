@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from specmesh.services import _ephemeral_low, listen_port
+from specmesh.ports import _ephemeral_low, listen_port
 
 
 def test_listen_ports_are_below_the_ephemeral_range_free_and_not_handed_out_twice() -> None:
@@ -25,7 +25,7 @@ def test_a_port_in_use_or_handed_out_is_skipped(monkeypatch: pytest.MonkeyPatch)
     handed = listen_port(avoid={busy})
     free = listen_port(avoid={busy, handed})
     draws = iter([busy, handed, free])
-    monkeypatch.setattr("specmesh.services.random.randint", lambda a, b: next(draws))
+    monkeypatch.setattr("specmesh.ports.random.randint", lambda a, b: next(draws))
     with socket.socket() as held:
         held.bind(("127.0.0.1", busy))
         held.listen()

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from specmesh.modelserver import (
+from localfleet.modelserver import (
     ScriptedModelServer,
     ScriptError,
     cosine,
@@ -26,9 +26,9 @@ from specmesh.modelserver import (
     load_script,
     parse_script,
 )
-from specmesh.modelserver.completions import Completion, ToolCall
-from specmesh.modelserver.script import ChatView, ScriptEngine
-from specmesh.modelserver.tokens import count_prompt_tokens, truncate_to_tokens
+from localfleet.modelserver.completions import Completion, ToolCall
+from localfleet.modelserver.script import ChatView, ScriptEngine
+from localfleet.modelserver.tokens import count_prompt_tokens, truncate_to_tokens
 
 TIMEOUT = aiohttp.ClientTimeout(total=10)
 
@@ -453,7 +453,7 @@ async def test_cli_prints_url_serves_and_stops_on_sigterm(tmp_path: Path) -> Non
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "specmesh.modelserver",
+        "localfleet.modelserver",
         "--script",
         str(script),
         stdout=asyncio.subprocess.PIPE,
@@ -485,7 +485,7 @@ async def test_cli_rejects_an_invalid_script_with_exit_code_1(tmp_path: Path) ->
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "specmesh.modelserver",
+        "localfleet.modelserver",
         "--script",
         str(script),
         stdout=asyncio.subprocess.PIPE,

@@ -9,7 +9,7 @@ from specmesh.secrets import REDACTED, VaultRef, redact, redact_text
 from specmesh.spec.diff import diff_json
 from specmesh.spec.models import AgentSpec
 from specmesh.spec.secretpaths import iter_secrets, replace_values
-from specmesh.specservice import secret_ref_for
+from specmesh.spec_apply import secret_ref_for
 
 
 def test_reference_round_trips() -> None:

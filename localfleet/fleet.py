@@ -1,6 +1,6 @@
 """The local fleet (``specmesh up``): every part of specmesh as its own process.
 
-``up`` starts, in order: etcd and OpenBao (:mod:`specmesh.services`, with Vault PKI for
+``up`` starts, in order: etcd and OpenBao (:mod:`localfleet.installer`, with Vault PKI for
 the agents' mTLS), Redis (the agents' shared memory store), the scripted model server
 (unless an LLM provider is configured), the MCP servers the examples use (the project's
 ``nacos-mcp-tools`` and the third-party ``mcp-server-time`` behind ``specmesh mcp-bridge``)
@@ -44,12 +44,13 @@ from urllib.parse import urlsplit
 
 import requests
 
+from localfleet.installer import LocalServices
 from specmesh.addresses import format_table
 from specmesh.errors import ServiceError, SpecError
 from specmesh.names import resource_name
 from specmesh.pki import DEFAULT_PKI_MOUNT
+from specmesh.ports import free_port
 from specmesh.procs import alive, spawn
-from specmesh.services import LocalServices, free_port
 from specmesh.spec.manifest import load_path
 from specmesh.supervisor import socket_path
 from specmesh.vault import (
@@ -412,8 +413,8 @@ class Fleet:
 
         import redis
 
+        from localfleet.installer import ensure_redis
         from specmesh.secrets import VaultRef
-        from specmesh.services import ensure_redis
         from specmesh.vault import VaultClient
 
         password = secrets.token_urlsafe(24)

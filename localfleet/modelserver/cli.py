@@ -72,7 +72,7 @@ def _announce(server: ScriptedModelServer) -> None:
 def run(*, host: str = "127.0.0.1", port: int = 0, script_path: str | Path | None = None) -> int:
     """Load the script, serve until SIGTERM/SIGINT, return the exit code.
 
-    Raises :class:`~specmesh.modelserver.errors.ScriptError` for an invalid script and
+    Raises :class:`~localfleet.modelserver.errors.ScriptError` for an invalid script and
     :class:`~specmesh.errors.ServiceError` when the address cannot be bound.
     """
     script = load_script(script_path) if script_path is not None else None
@@ -81,7 +81,7 @@ def run(*, host: str = "127.0.0.1", port: int = 0, script_path: str | Path | Non
 
 
 def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
-    """Entry point: ``argv`` as for ``python -m specmesh.modelserver``, or the namespace
+    """Entry point: ``argv`` as for ``python -m localfleet.modelserver``, or the namespace
     parsed by the ``specmesh`` CLI (``host``, ``port``, ``script``)."""
     if isinstance(argv, argparse.Namespace):
         args = argv

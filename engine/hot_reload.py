@@ -1,6 +1,6 @@
 """The engine runtime: snapshots in, turns out, hot reload in between.
 
-:class:`EngineRuntime` implements :class:`engine.runner.AgentRunner`. A background task
+:class:`EngineRuntime` implements :class:`engine.turn_protocol.AgentRunner`. A background task
 consumes a :class:`engine.intake.SnapshotFeed`; each snapshot builds the next
 :class:`RuntimeContext` beside the current one (reusing what did not change) and swaps
 it in atomically. A turn captures the current context when it starts and finishes on it,
@@ -33,14 +33,14 @@ from opentelemetry import context as otel_context
 from specmesh.backoff import BackoffPolicy, Reconnect
 from specmesh.snapshot import ResolvedSnapshot
 
+from .agent_loop import LoopLimits, run_turn
 from .context import ContextBuilder, RuntimeContext
 from .errors import ContextBuildError
 from .intake import SidecarLink, SnapshotFeed, StatusReporter
 from .knowledge.base import KnowledgeBase
-from .loop import LoopLimits, run_turn
 from .memory import ConversationMemory, InMemoryConversationMemory
-from .runner import AgentRunner, CardInfo, TurnEvent, TurnFailed, TurnRequest
 from .settings import EngineSettings
+from .turn_protocol import AgentRunner, CardInfo, TurnEvent, TurnFailed, TurnRequest
 
 __all__ = ["EngineRuntime"]
 
@@ -57,7 +57,7 @@ class _Lease:
 
 
 class EngineRuntime:
-    """The engine's runtime as the servers see it (:class:`engine.runner.AgentRunner`)."""
+    """The engine's runtime as the servers see it (:class:`engine.turn_protocol.AgentRunner`)."""
 
     def __init__(
         self,

@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import signal
@@ -26,7 +25,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from typing import Any
 import requests
 
 from specmesh.errors import ServiceError
+from specmesh.ports import free_port
 
 __all__ = [
     "BaoProcess",
@@ -49,60 +48,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 _START_TIMEOUT = 30.0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now, for a listener that binds it soon: picked
-    like :func:`listen_port` (below the ephemeral range, none this process handed out
-    before), so that no outgoing connection takes it in between."""
-    port = listen_port(host, avoid=_HANDED_OUT)
-    _HANDED_OUT.add(port)
-    return port
-
-
-_HANDED_OUT: set[int] = set()
-"""Ports :func:`free_port` handed out in this process (a listener may not have bound one
-yet; none is handed out twice)."""
-
-
-def _kernel_port(host: str) -> int:
-    """A port the kernel picks (in the ephemeral range): the fallback."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-_LISTEN_LOW = 20000
-"""Lowest port :func:`listen_port` picks."""
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def listen_port(host: str = "127.0.0.1", *, avoid: Collection[int] = ()) -> int:
-    """A TCP port free on ``host`` now, for a listener that binds it later and keeps it
-    across restarts. It is picked below the kernel's ephemeral range, so that no outgoing
-    connection can take it in between (a port the kernel picks with ``bind(0)`` can go to
-    any connect() of the machine before the listener binds it), and outside ``avoid``
-    (ports already handed out but maybe not bound yet)."""
-    high = _ephemeral_low() - 1
-    if high <= _LISTEN_LOW:
-        return _kernel_port(host)
-    for _ in range(256):
-        port = random.randint(_LISTEN_LOW, high)
-        if port in avoid:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-        return port
-    return _kernel_port(host)
 
 
 def _run(cmd: list[str]) -> None:

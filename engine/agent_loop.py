@@ -44,7 +44,8 @@ from .errors import MemoryStoreError, ModelError, ToolError
 from .knowledge.base import KnowledgeBase, Passage, passages_message
 from .knowledge.errors import KnowledgeError
 from .llm import ModelReply, TextChunk, ToolCallRequest
-from .runner import (
+from .tools import Tool, ToolCallContext
+from .turn_protocol import (
     TextDelta,
     ToolCallFinished,
     ToolCallStarted,
@@ -53,7 +54,6 @@ from .runner import (
     TurnFailed,
     TurnRequest,
 )
-from .tools import Tool, ToolCallContext
 
 __all__ = ["LoopLimits", "run_turn"]
 
