@@ -87,6 +87,7 @@ from engine.turn_protocol import (
     TurnRequest,
     not_ready_reason,
 )
+from specmesh.aio import cancel_and_wait
 from specmesh.uvicorn_server import QuietUvicornServer, bind_tcp
 
 __all__ = ["A2A_SERVICE", "EngineServer", "ServerConfig"]
@@ -472,10 +473,7 @@ class EngineServer:
         self._stopped = True
         grace = self._config.drain_timeout
         self._drain.draining = True
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        await cancel_and_wait(self._watcher)
         await self._health.enter_graceful_shutdown()
         logger.info("draining", extra={"in_flight": self._drain.in_flight, "grace_s": grace})
 
