@@ -148,12 +148,7 @@ class EntryServer(RelayListener):
         assert self._session is not None
         if target is None:
             return await forward_to_engine(
-                self._session,
-                request,
-                engine_url=self.engine_url,
-                headers=headers,
-                body=body,
-                timeout=timeout,
+                self._session, request, headers, body, self.engine_url, self.read_timeout
             )
         span.set_attribute("specmesh.instance", target.instance or "")
         https = target.url.startswith("https://")

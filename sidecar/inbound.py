@@ -26,7 +26,6 @@ import ssl
 from collections.abc import Iterable, Mapping
 from typing import Protocol
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from opentelemetry import propagate, trace
@@ -200,12 +199,7 @@ class InboundServer(RelayListener):
         assert self._session is not None
         body = await request.read() if request.body_exists else None
         return await forward_to_engine(
-            self._session,
-            request,
-            engine_url=self.engine_url,
-            headers=headers,
-            body=body,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=self.read_timeout),
+            self._session, request, headers, body, self.engine_url, self.read_timeout
         )
 
 

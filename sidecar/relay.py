@@ -162,15 +162,16 @@ async def traced(
 async def forward_to_engine(
     session: aiohttp.ClientSession,
     request: web.BaseRequest,
-    *,
-    engine_url: str,
     headers: aiohttp.typedefs.LooseHeaders,
     body: bytes | None,
-    timeout: aiohttp.ClientTimeout,
+    engine_url: str,
+    read_timeout: float,
 ) -> web.StreamResponse:
-    """Send ``request`` on to the local engine at ``engine_url`` (same method, path and query)
-    and relay its answer to the caller; a 503 ``ENGINE_UNREACHABLE`` when the engine does not
-    answer. Shared by the inbound and the entry."""
+    """Send ``request`` on to the local engine at ``engine_url`` (same method, path and query;
+    ``read_timeout`` seconds at most between two reads) and relay its answer to the caller; a
+    503 ``ENGINE_UNREACHABLE`` when the engine does not answer. Shared by the inbound and the
+    entry."""
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=read_timeout)
     try:
         upstream = await session.request(
             request.method,
