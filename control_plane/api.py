@@ -484,32 +484,27 @@ class ControlPlane:
 
     async def promote(self, principal: Principal, agent: str, *, message: str = "") -> ReleaseSpec:
         """The canary becomes stable; the split ends."""
-        authorize(principal, "releases.write")
-        current = await self.store.get_release(agent)
-        if current is None or current.canary_revision is None:
-            raise SpecError([SpecIssue("release", "no_canary", f"agent {agent!r} has no canary")])
-        promoted = current.model_copy(
-            update={
-                "stable_revision": current.canary_revision,
-                "canary_revision": None,
-                "canary_weight": 0,
-                "header_match": [],
-            }
-        )
-        await self.store.put_release(agent, promoted, actor=principal.name, message=message)
-        return promoted
+        return await self._end_split(principal, agent, message=message, promote=True)
 
     async def abort(self, principal: Principal, agent: str, *, message: str = "") -> ReleaseSpec:
         """The split ends; stable stays."""
+        return await self._end_split(principal, agent, message=message, promote=False)
+
+    async def _end_split(
+        self, principal: Principal, agent: str, *, message: str, promote: bool
+    ) -> ReleaseSpec:
+        """No canary any more (``promote``: it becomes stable first); a SpecError when the
+        agent has no canary."""
         authorize(principal, "releases.write")
         current = await self.store.get_release(agent)
         if current is None or current.canary_revision is None:
             raise SpecError([SpecIssue("release", "no_canary", f"agent {agent!r} has no canary")])
-        aborted = current.model_copy(
-            update={"canary_revision": None, "canary_weight": 0, "header_match": []}
-        )
-        await self.store.put_release(agent, aborted, actor=principal.name, message=message)
-        return aborted
+        update: dict[str, Any] = {"canary_revision": None, "canary_weight": 0, "header_match": []}
+        if promote:
+            update["stable_revision"] = current.canary_revision
+        ended = current.model_copy(update=update)
+        await self.store.put_release(agent, ended, actor=principal.name, message=message)
+        return ended
 
     # ------------------------------------------------------------ secret versions
 

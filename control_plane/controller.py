@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from control_plane.runtime import Runtime
+from specmesh.aio import cancel_and_wait
 from specmesh.backoff import BackoffPolicy, Reconnect
 from specmesh.errors import NotFoundError
 from specmesh.names import resource_name
@@ -107,9 +108,7 @@ class Controller:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self.observe_seconds)
         finally:
-            watching.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watching
+            await cancel_and_wait(watching)
 
     async def _watch(self) -> None:
         """Mark the agents whose meta or release changed (a spec part alone changes only

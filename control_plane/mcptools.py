@@ -40,6 +40,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from control_plane.errors import BadRequestError
 from specmesh.addresses import resolve_url
+from specmesh.aio import cancel_and_wait
 from specmesh.backoff import BackoffPolicy, Reconnect
 from specmesh.errors import SecretError, SecretReferenceError, SpecmeshError
 from specmesh.logs import register_secret
@@ -248,11 +249,8 @@ class McpToolCatalog:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     # ------------------------------------------------------------ reading
 

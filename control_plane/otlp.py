@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hmac
 import json
 import logging
@@ -53,6 +52,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from control_plane.traces import UNKNOWN_SERVICE, Span, SpanEvent, TraceStore
+from specmesh.aio import cancel_and_wait
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -299,10 +299,7 @@ class OtlpForwarder:
                 self.url,
                 self._queue.qsize(),
             )
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         if self._session is not None:
             await self._session.close()
 

@@ -33,7 +33,6 @@ in one etcd transaction. Who may do what:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import re
@@ -57,6 +56,7 @@ from control_plane.auth import (
     parse_time,
 )
 from control_plane.errors import BadRequestError, PermissionDeniedError, UnauthenticatedError
+from specmesh.aio import cancel_and_wait
 from specmesh.errors import ConflictError, NotFoundError, StoreUnavailableError
 from specmesh.etcd import Compare, EtcdClient, Op
 from specmesh.keys import Keys
@@ -372,11 +372,8 @@ class TokenAuthenticator:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def wait_loaded(self, timeout: float) -> bool:
         """Whether etcd's tokens and revocations were read within ``timeout`` seconds."""

@@ -20,7 +20,6 @@ rather than fail each turn.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
@@ -30,6 +29,7 @@ from types import TracebackType
 import httpx
 from opentelemetry import context as otel_context
 
+from specmesh.aio import cancel_and_wait
 from specmesh.backoff import BackoffPolicy, Reconnect
 from specmesh.snapshot import ResolvedSnapshot
 
@@ -105,11 +105,8 @@ class EngineRuntime:
 
     async def aclose(self) -> None:
         """Stop consuming, wait for released contexts, close every MCP session."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._releasing:
             await asyncio.gather(*self._releasing, return_exceptions=True)
         self._current = None

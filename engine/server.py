@@ -87,6 +87,8 @@ from engine.turn_protocol import (
     TurnRequest,
     not_ready_reason,
 )
+from specmesh.addresses import local_url_host
+from specmesh.aio import cancel_and_wait
 from specmesh.uvicorn_server import QuietUvicornServer, bind_tcp
 
 __all__ = ["A2A_SERVICE", "EngineServer", "ServerConfig"]
@@ -97,12 +99,6 @@ A2A_SERVICE = a2a_pb2.DESCRIPTOR.services_by_name["A2AService"].full_name
 """The gRPC service name, also the gRPC health service name of the A2A endpoint."""
 HTTP_JSON_PREFIX = "/v1"
 _UNTRACED_PATHS = frozenset({"/healthz", "/readyz"})
-
-
-def _url_host(host: str) -> str:
-    if host in ("0.0.0.0", "::"):
-        return "127.0.0.1" if host == "0.0.0.0" else "[::1]"
-    return f"[{host}]" if ":" in host else host
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -271,12 +267,12 @@ class EngineServer:
     @property
     def http_url(self) -> str:
         """The HTTP listener's base URL, e.g. ``http://127.0.0.1:7103``."""
-        return f"http://{_url_host(self._config.http_host)}:{self.http_port}"
+        return f"http://{local_url_host(self._config.http_host)}:{self.http_port}"
 
     @property
     def grpc_target(self) -> str:
         """The gRPC listener's target, e.g. ``127.0.0.1:7104``."""
-        return f"{_url_host(self._config.grpc_host)}:{self.grpc_port}"
+        return f"{local_url_host(self._config.grpc_host)}:{self.grpc_port}"
 
     @property
     def ready(self) -> bool:
@@ -472,10 +468,7 @@ class EngineServer:
         self._stopped = True
         grace = self._config.drain_timeout
         self._drain.draining = True
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        await cancel_and_wait(self._watcher)
         await self._health.enter_graceful_shutdown()
         logger.info("draining", extra={"in_flight": self._drain.in_flight, "grace_s": grace})
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
+from specmesh.aio import cancel_and_wait
 from specmesh.backoff import BackoffPolicy, Reconnect
 from specmesh.errors import (
     SecretAccessDeniedError,
@@ -161,11 +162,8 @@ class CredentialResolver:
             self._task = asyncio.create_task(self._refresh_loop(), name="credential-refresh")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     # ------------------------------------------------------------ API
 

@@ -22,7 +22,6 @@ from its own snapshot, the partner graph, the trusted token issuers).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +35,7 @@ from sidecar.redisproxy import RedisProxy, fixed_redis_upstream
 from sidecar.router import EtcdReleaseSource, Router
 from sidecar.settings import SidecarSettings
 from specmesh.addresses import parse_endpoint, parse_host_port, parse_listen, parse_table
+from specmesh.aio import cancel_and_wait
 from specmesh.errors import SecretError
 from specmesh.spec.models import CallersSpec
 from specmesh.store import SpecStore
@@ -295,11 +295,7 @@ class DataPlane:
             await self.inbound.stop()
         if self.egress is not None:
             await self.egress.stop()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*(cancel_and_wait(task) for task in self._tasks))
         if self.certificates is not None:
             await self.certificates.close()
         if self._pki is not None:

@@ -56,7 +56,14 @@ from .grpcproxy import (
 )
 from .mtls import AgentCertificates, agent_dns_name
 from .policy import log_refusal
-from .relay import RelayListener, active_tracer, end_to_end_headers, relay, traced
+from .relay import (
+    RelayListener,
+    active_tracer,
+    end_to_end_headers,
+    forward_to_engine,
+    relay,
+    traced,
+)
 from .router import NoInstanceError, Router, Target
 
 __all__ = ["CARD_PATH", "EntryServer", "GrpcEntry"]
@@ -140,20 +147,9 @@ class EntryServer(RelayListener):
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=self.read_timeout)
         assert self._session is not None
         if target is None:
-            try:
-                upstream = await self._session.request(
-                    request.method,
-                    self.engine_url + request.rel_url.raw_path_qs,
-                    headers=headers,
-                    data=body,
-                    allow_redirects=False,
-                    timeout=timeout,
-                )
-            except (aiohttp.ClientError, TimeoutError) as e:
-                return _unavailable(
-                    "ENGINE_UNREACHABLE", f"the engine is unreachable ({type(e).__name__})"
-                )
-            return await relay(request, upstream, downstream="caller")
+            return await forward_to_engine(
+                self._session, request, headers, body, self.engine_url, self.read_timeout
+            )
         span.set_attribute("specmesh.instance", target.instance or "")
         https = target.url.startswith("https://")
         try:

@@ -43,7 +43,6 @@ streams, also after messages were relayed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ from a2a.types import a2a_pb2
 from cryptography import x509
 
 from specmesh.addresses import parse_host_port
+from specmesh.aio import cancel_and_wait
 from specmesh.callers import CALLER_KEY, PRINCIPAL_KEY
 from specmesh.names import resource_name
 from specmesh.spec.models import ConnectionPoolSpec
@@ -561,9 +561,7 @@ class ChannelPool:
             await channel.close()
         self._channels.clear()
         for task in list(self._closing):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
 
 async def _connected(channel: grpc.aio.Channel, timeout: float) -> bool:

@@ -26,7 +26,6 @@ import ssl
 from collections.abc import Iterable, Mapping
 from typing import Protocol
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from opentelemetry import propagate, trace
@@ -37,10 +36,15 @@ from specmesh.store import SpecStore
 from specmesh.watch import PrefixWatcher
 
 from .callers import CARD_PATH, CallerPolicy, CallerRefused
-from .errors import PolicyError
 from .mtls import AgentCertificates, agent_from_cert
 from .policy import admit_caller, log_refusal
-from .relay import RelayListener, active_tracer, end_to_end_headers, relay, traced
+from .relay import (
+    RelayListener,
+    active_tracer,
+    end_to_end_headers,
+    forward_to_engine,
+    traced,
+)
 
 __all__ = [
     "CALLER_HEADER",
@@ -194,22 +198,9 @@ class InboundServer(RelayListener):
         propagate.inject(headers)  # the engine continues from this span
         assert self._session is not None
         body = await request.read() if request.body_exists else None
-        try:
-            upstream = await self._session.request(
-                request.method,
-                self.engine_url + request.rel_url.raw_path_qs,
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=5, sock_read=self.read_timeout
-                ),
-            )
-        except (aiohttp.ClientError, TimeoutError) as e:
-            return PolicyError(
-                "ENGINE_UNREACHABLE", f"the engine is unreachable ({type(e).__name__})"
-            ).http_response()
-        return await relay(request, upstream, downstream="caller")
+        return await forward_to_engine(
+            self._session, request, headers, body, self.engine_url, self.read_timeout
+        )
 
 
 def _is_card(request: web.BaseRequest) -> bool:

@@ -17,7 +17,6 @@ An agent's identity is the URI SAN of its certificate (:func:`spiffe_id`,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import ssl
@@ -34,6 +33,7 @@ import hvac
 import requests
 from hvac import exceptions as hvac_exc
 
+from specmesh.aio import cancel_and_wait
 from specmesh.backoff import BackoffPolicy, Reconnect
 from specmesh.errors import SecretAccessDeniedError, SecretError, SecretUnavailableError
 from specmesh.names import resource_name
@@ -264,11 +264,8 @@ class AgentCertificates:
         self._task = asyncio.create_task(self._rotate_loop(), name=f"cert-rotation-{self.agent}")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     @property
     def server_context(self) -> ssl.SSLContext:

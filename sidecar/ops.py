@@ -37,7 +37,7 @@ from prometheus_client import (
 from prometheus_client import Enum as EnumMetric
 
 from sidecar.errors import ListenAddressError
-from specmesh.addresses import parse_listen
+from specmesh.addresses import format_host_port, parse_listen
 
 __all__ = ["OpsServer", "ReadinessReport", "SidecarMetrics"]
 
@@ -204,8 +204,7 @@ class OpsServer:
     def url(self) -> str:
         if self._kind == "unix":
             return f"unix:{self._host}"
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"http://{host}:{self.port or self._port}"
+        return f"http://{format_host_port(self._host, self.port or self._port)}"
 
     async def stop(self) -> None:
         self._closing = True

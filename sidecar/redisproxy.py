@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from specmesh.addresses import AddressError, parse_redis_url, resolve_host_port
+from specmesh.aio import cancel_and_wait
 from specmesh.snapshot import ResolvedSnapshot
 from specmesh.spec.models import MemorySpec
 
@@ -205,11 +206,8 @@ class RedisProxy:
 
     async def stop(self) -> None:
         """Stop listening and close every piped connection."""
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
-            self._watch = None
+        await cancel_and_wait(self._watch)
+        self._watch = None
         if self._server is not None:
             self._server.close()
         for task in list(self._connections):

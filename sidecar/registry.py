@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sidecar.ops import SidecarMetrics
+from specmesh.aio import cancel_and_wait
 from specmesh.backoff import BackoffPolicy, Reconnect
 from specmesh.errors import StoreError, StoreUnavailableError
 from specmesh.etcd import EtcdClient
@@ -163,10 +164,7 @@ class InstanceRegistration:
     async def stop(self) -> None:
         """Deregister: stop the keep-alive and revoke the lease (deleting the entry)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         lease, self.lease_id = self.lease_id, None
         self._set_registered(False)
         if lease is None:
@@ -316,10 +314,7 @@ class RegistryView:
     async def stop(self) -> None:
         self._watcher.close()
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         async for update in self._watcher.updates():

@@ -16,11 +16,14 @@ from aiohttp import web
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from .errors import PolicyError
+
 __all__ = [
     "HOP_BY_HOP",
     "RelayListener",
     "active_tracer",
     "end_to_end_headers",
+    "forward_to_engine",
     "relay",
     "traced",
 ]
@@ -154,6 +157,35 @@ async def traced(
         if response.status >= 500:
             span.set_status(Status(StatusCode.ERROR))
         return response
+
+
+async def forward_to_engine(
+    session: aiohttp.ClientSession,
+    request: web.BaseRequest,
+    headers: aiohttp.typedefs.LooseHeaders,
+    body: bytes | None,
+    engine_url: str,
+    read_timeout: float,
+) -> web.StreamResponse:
+    """Send ``request`` on to the local engine at ``engine_url`` (same method, path and query;
+    ``read_timeout`` seconds at most between two reads) and relay its answer to the caller; a
+    503 ``ENGINE_UNREACHABLE`` when the engine does not answer. Shared by the inbound and the
+    entry."""
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=read_timeout)
+    try:
+        upstream = await session.request(
+            request.method,
+            engine_url + request.rel_url.raw_path_qs,
+            headers=headers,
+            data=body,
+            allow_redirects=False,
+            timeout=timeout,
+        )
+    except (aiohttp.ClientError, TimeoutError) as e:
+        return PolicyError(
+            "ENGINE_UNREACHABLE", f"the engine is unreachable ({type(e).__name__})"
+        ).http_response()
+    return await relay(request, upstream, downstream="caller")
 
 
 class RelayListener:

@@ -40,7 +40,7 @@ from sidecar.errors import (
 from sidecar.ops import ReadinessReport, SidecarMetrics
 from sidecar.state import SnapshotHolder
 from sidecar.sync import SpecSync, SyncedSnapshot
-from specmesh.addresses import parse_listen
+from specmesh.addresses import format_host_port, parse_listen
 from specmesh.names import resource_name
 from specmesh.v1 import common_pb2, sidecar_pb2, sidecar_pb2_grpc
 
@@ -311,8 +311,7 @@ class SpecSyncServer:
             await asyncio.to_thread(_clear_socket, Path(self._host))
             target = f"unix:{self._host}"
         else:
-            host = f"[{self._host}]" if ":" in self._host else self._host
-            target = f"{host}:{self._port}"
+            target = format_host_port(self._host, self._port)
         try:
             port = server.add_insecure_port(target)
         except RuntimeError as e:
@@ -329,8 +328,7 @@ class SpecSyncServer:
         """What a gRPC client dials."""
         if self._kind == "unix":
             return f"unix:{self._host}"
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"{host}:{self.port or self._port}"
+        return format_host_port(self._host, self.port or self._port)
 
     async def stop(self, grace: float | None = 1.0) -> None:
         if self._server is not None:

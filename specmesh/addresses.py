@@ -34,6 +34,7 @@ __all__ = [
     "RedisAddress",
     "format_host_port",
     "format_table",
+    "local_url_host",
     "parse_endpoint",
     "parse_host_port",
     "parse_listen",
@@ -199,6 +200,17 @@ def parse_redis_url(url: str, *, setting: str) -> RedisAddress:
 def format_host_port(host: str, port: int) -> str:
     """``host:port``, an IPv6 host in brackets (the text :func:`parse_host_port` reads)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def local_url_host(host: str) -> str:
+    """The host part of a URL that reaches, from this machine, a listener bound to ``host``:
+    a wildcard (``""``, ``0.0.0.0``, ``::``) is reached on loopback, an IPv6 host goes in
+    brackets (``::1`` -> ``[::1]``)."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
 
 
 def parse_table(text: str, *, setting: str = _TABLE_SETTING) -> dict[str, str]:

@@ -26,6 +26,17 @@ TRUST_DOMAIN = "specmesh.local"
 DEFAULT_PKI_MOUNT = "specmesh-pki"
 DEFAULT_PKI_ROLE = "specmesh-agent"
 _SPIFFE_PREFIX = f"spiffe://{TRUST_DOMAIN}/agent/"
+_AGENT_CERTIFICATE: dict[str, object] = {
+    "enforce_hostnames": False,
+    "allow_ip_sans": False,
+    "server_flag": True,
+    "client_flag": True,
+    "key_type": "ec",
+    "key_bits": 256,
+    "no_store": True,
+}
+"""What every agent certificate is, whichever role issues it: an EC P-256 key for both ends
+of an mTLS connection, no IP SANs, not kept by Vault."""
 
 
 def spiffe_id(agent: str) -> str:
@@ -54,14 +65,8 @@ def agent_role_params(agent: str, *, max_ttl: str = "24h") -> dict[str, object]:
         "allow_wildcard_certificates": False,
         "allow_any_name": False,
         "allow_localhost": False,
-        "enforce_hostnames": False,
-        "allow_ip_sans": False,
-        "server_flag": True,
-        "client_flag": True,
-        "key_type": "ec",
-        "key_bits": 256,
+        **_AGENT_CERTIFICATE,
         "max_ttl": max_ttl,
-        "no_store": True,
     }
 
 
@@ -103,14 +108,8 @@ async def setup_pki(
                 extra_params={
                     "allowed_uri_sans": f"{_SPIFFE_PREFIX}*",
                     "allow_any_name": True,
-                    "enforce_hostnames": False,
-                    "allow_ip_sans": False,
-                    "server_flag": True,
-                    "client_flag": True,
-                    "key_type": "ec",
-                    "key_bits": 256,
+                    **_AGENT_CERTIFICATE,
                     "max_ttl": cert_max_ttl,
-                    "no_store": True,
                 },
                 mount_point=mount,
             )

@@ -15,7 +15,6 @@ from the caller's agent name and contextId.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -41,6 +40,8 @@ from a2a.types.a2a_pb2 import (
 from a2a.utils.constants import TransportProtocol
 from a2a.utils.errors import A2AError
 from opentelemetry import propagate
+
+from specmesh.aio import cancel_and_wait
 
 from ..errors import CallDepthExceededError, ToolError, ToolTimeoutError
 from . import ToolCallContext, ToolDefinition, tool_name
@@ -151,10 +152,7 @@ class PartnerTool:
 
     async def aclose(self) -> None:
         """Stop a background card fetch."""
-        if self._fetching is not None:
-            self._fetching.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._fetching
+        await cancel_and_wait(self._fetching)
 
     # ------------------------------------------------------------ calls
 

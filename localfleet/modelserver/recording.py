@@ -16,10 +16,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
+from pydantic import Field
 
 from specmesh.secrets import REDACTED
+from specmesh.spec.models import SpecModel
 
 __all__ = ["DEFAULT_CAPACITY", "SECRET_HEADERS", "RecordedRequest", "RequestLog"]
 
@@ -32,17 +32,8 @@ SECRET_HEADERS: frozenset[str] = frozenset(
 )
 
 
-class RecordedRequest(BaseModel):
+class RecordedRequest(SpecModel):
     """One request as received (camelCase on the wire)."""
-
-    model_config = ConfigDict(
-        frozen=True,
-        alias_generator=to_camel,
-        validate_by_name=True,
-        validate_by_alias=True,
-        serialize_by_alias=True,
-        use_attribute_docstrings=True,
-    )
 
     seq: int
     """1-based number of the request since the server started."""

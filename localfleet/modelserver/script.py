@@ -60,11 +60,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from specmesh.errors import SpecError, SpecIssue
 from specmesh.spec.manifest import parse_documents
+from specmesh.spec.models import SpecModel
 from specmesh.spec.validation import issues_from_validation_error
 
 from .errors import ScriptError
@@ -95,16 +95,8 @@ _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 _MAX_DELAY_MS = 600_000
 
 
-class _ScriptModel(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        frozen=True,
-        alias_generator=to_camel,
-        validate_by_name=True,
-        validate_by_alias=True,
-        serialize_by_alias=True,
-        use_attribute_docstrings=True,
-    )
+class _ScriptModel(SpecModel):
+    """Base of the script's models: the spec's conventions (camelCase, strict, frozen)."""
 
 
 def _check_regex(value: str | None) -> str | None:

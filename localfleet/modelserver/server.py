@@ -28,6 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
+from specmesh.addresses import local_url_host
 from specmesh.errors import ServiceError
 
 from .completions import SSE_DONE, Completion, ToolCall, error_body, sse
@@ -101,14 +102,6 @@ def _positive_int(body: Mapping[str, Any], *names: str) -> int | None:
             raise _BadRequest(f"{name} must be a positive integer", param=name)
         return value
     return None
-
-
-def _display_host(host: str) -> str:
-    if host in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
 
 
 @web.middleware
@@ -225,7 +218,7 @@ class ScriptedModelServer:
     @property
     def root_url(self) -> str:
         """``http://host:port`` (admin routes live under it)."""
-        return f"http://{_display_host(self._host)}:{self.port}"
+        return f"http://{local_url_host(self._host)}:{self.port}"
 
     @property
     def url(self) -> str:

@@ -9,6 +9,7 @@ from specmesh.addresses import (
     RedisAddress,
     format_host_port,
     format_table,
+    local_url_host,
     parse_endpoint,
     parse_host_port,
     parse_listen,
@@ -213,3 +214,20 @@ def test_a_bad_redis_url_never_shows_its_password() -> None:
         parse_redis_url("redis://agent:s3cret@h:99999/0", setting="SPECMESH_TASK_STORE")
     assert "s3cret" not in str(caught.value)
     assert caught.value.address == "redis://agent:***@h:99999/0"
+
+
+@pytest.mark.parametrize(
+    ("bound", "url_host"),
+    [
+        ("", "127.0.0.1"),
+        ("0.0.0.0", "127.0.0.1"),
+        ("::", "[::1]"),
+        ("::1", "[::1]"),
+        ("10.1.2.3", "10.1.2.3"),
+        ("localhost", "localhost"),
+    ],
+)
+def test_local_url_host_reaches_a_wildcard_on_loopback_and_brackets_ipv6(
+    bound: str, url_host: str
+) -> None:
+    assert local_url_host(bound) == url_host
