@@ -30,12 +30,10 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import hvac
-import requests
-from hvac import exceptions as hvac_exc
 
 from specmesh.aio import cancel_and_wait
 from specmesh.backoff import BackoffPolicy, Reconnect
-from specmesh.errors import SecretAccessDeniedError, SecretError, SecretUnavailableError
+from specmesh.errors import SecretError
 from specmesh.names import resource_name
 from specmesh.pki import (
     DEFAULT_PKI_MOUNT,
@@ -45,6 +43,7 @@ from specmesh.pki import (
     setup_pki,
     spiffe_id,
 )
+from specmesh.vault import call_vault
 
 __all__ = [
     "DEFAULT_PKI_MOUNT",
@@ -128,16 +127,9 @@ class PkiClient:
 
     async def _run(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         def call() -> T:
-            try:
-                return fn(*args, **kwargs)
-            except hvac_exc.Forbidden as e:
-                raise SecretAccessDeniedError(path=what) from e
-            except (hvac_exc.VaultDown, hvac_exc.BadGateway) as e:
-                raise SecretUnavailableError(address=self.address, reason="sealed or down") from e
-            except requests.RequestException as e:
-                raise SecretUnavailableError(address=self.address, reason=type(e).__name__) from e
-            except hvac_exc.VaultError as e:
-                raise SecretError(f"Vault PKI refused {what!r}: {e}") from e
+            return call_vault(
+                self.address, what, fn, *args, missing=False, refused="Vault PKI", **kwargs
+            )
 
         return await asyncio.to_thread(call)
 

@@ -45,6 +45,7 @@ __all__ = [
     "agent_policy_name",
     "agent_secret_prefix",
     "agent_token_role_params",
+    "call_vault",
     "control_plane_policy",
     "is_infra_agent_secret",
     "keep_token_alive",
@@ -217,6 +218,37 @@ def supervisor_policy() -> str:
     return f'path "auth/token/create/{AGENT_TOKEN_ROLE}" {{\n  capabilities = ["update"]\n}}\n'
 
 
+def call_vault(
+    address: str,
+    what: str,
+    fn: Callable[..., T],
+    *args: Any,
+    missing: bool = True,
+    refused: str = "Vault",
+    **kwargs: Any,
+) -> T:
+    """``fn(*args, **kwargs)`` (an hvac call, blocking) with its errors as the project's:
+    403 -> :class:`SecretAccessDeniedError`; an unknown path -> :class:`SecretNotFoundError`
+    (``missing``; else a refusal); sealed, down or unreachable ->
+    :class:`SecretUnavailableError`; any other refusal -> :class:`SecretError` naming
+    ``what`` and the refusing engine (``refused``: "Vault", "Vault PKI")."""
+    try:
+        return fn(*args, **kwargs)
+    except hvac_exc.Forbidden as e:
+        raise SecretAccessDeniedError(path=what) from e
+    except hvac_exc.InvalidPath as e:
+        if missing:
+            raise SecretNotFoundError(reference=what) from e
+        raise SecretError(f"{refused} refused {what!r}: {e}") from e
+    except (hvac_exc.VaultDown, hvac_exc.BadGateway) as e:
+        raise SecretUnavailableError(address=address, reason="sealed or down") from e
+    except requests.RequestException as e:
+        raise SecretUnavailableError(address=address, reason=type(e).__name__) from e
+    except hvac_exc.VaultError as e:
+        detail = e if refused != "Vault" else type(e).__name__
+        raise SecretError(f"{refused} refused {what!r}: {detail}") from e
+
+
 class VaultClient:
     """One Vault identity (a token) at one address."""
 
@@ -241,18 +273,7 @@ class VaultClient:
         )
 
     def _translate(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        try:
-            return fn(*args, **kwargs)
-        except hvac_exc.Forbidden as e:
-            raise SecretAccessDeniedError(path=what) from e
-        except hvac_exc.InvalidPath as e:
-            raise SecretNotFoundError(reference=what) from e
-        except (hvac_exc.VaultDown, hvac_exc.BadGateway) as e:
-            raise SecretUnavailableError(address=self.address, reason="sealed or down") from e
-        except requests.RequestException as e:
-            raise SecretUnavailableError(address=self.address, reason=type(e).__name__) from e
-        except hvac_exc.VaultError as e:
-            raise SecretError(f"Vault refused {what!r}: {type(e).__name__}") from e
+        return call_vault(self.address, what, fn, *args, **kwargs)
 
     # ------------------------------------------------------------ KV v2
 
