@@ -235,8 +235,30 @@ def _terminate(proc: subprocess.Popen[bytes] | None, pid: int | None = None) -> 
             os.kill(pid, signal.SIGKILL)
 
 
+class _ServerProcess:
+    """What the local services' processes share: one child process, stopped and restarted
+    the same way (the subclass's ``start`` sets ``_proc``)."""
+
+    _proc: subprocess.Popen[bytes] | None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def stop(self) -> None:
+        _terminate(self._proc)
+        self._proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
 @dataclass
-class EtcdProcess:
+class EtcdProcess(_ServerProcess):
     """One etcd member with its data under ``data_dir``; restartable on the same ports.
 
     ``progress_notify_interval`` is how often etcd tells a quiet watch that nothing
@@ -253,10 +275,6 @@ class EtcdProcess:
     @property
     def endpoint(self) -> str:
         return f"http://{self.host}:{self.client_port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
 
     def start(self) -> None:
         binary = ensure_etcd()
@@ -297,17 +315,9 @@ class EtcdProcess:
             log=log,
         )
 
-    def stop(self) -> None:
-        _terminate(self._proc)
-        self._proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
 
 @dataclass
-class BaoProcess:
+class BaoProcess(_ServerProcess):
     """An OpenBao server with raft storage, initialised and unsealed by itself."""
 
     data_dir: Path
@@ -320,10 +330,6 @@ class BaoProcess:
     @property
     def address(self) -> str:
         return f"http://{self.host}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
 
     def start(self) -> None:
         binary = ensure_bao()
@@ -398,17 +404,9 @@ class BaoProcess:
             log=self.data_dir.parent / "openbao.log",
         )
 
-    def stop(self) -> None:
-        _terminate(self._proc)
-        self._proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
 
 @dataclass
-class RedisProcess:
+class RedisProcess(_ServerProcess):
     """A redis-server on loopback with a password, data under ``data_dir``."""
 
     data_dir: Path
@@ -451,10 +449,6 @@ class RedisProcess:
                 return b"+PONG" in s.recv(64)
 
         _wait(ping, what="redis", proc=self._proc, log=log)
-
-    def stop(self) -> None:
-        _terminate(self._proc)
-        self._proc = None
 
 
 class LocalServices:
