@@ -10,9 +10,6 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from engine.compression import SUMMARIZE_INSTRUCTIONS, SUMMARY_PREFIX
@@ -25,6 +22,7 @@ from specmesh.keys import Keys
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient
 
+from .egress_stub import span_exporter
 from .memory_support import REDIS_PASSWORD, agent_instance, apply_agent, ask
 
 pytestmark = pytest.mark.integration
@@ -51,13 +49,7 @@ async def model() -> AsyncIterator[ScriptedModelServer]:
 
 @pytest.fixture(scope="module")
 def spans() -> InMemorySpanExporter:
-    exporter = InMemorySpanExporter()
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
+    return span_exporter()
 
 
 def _fact(i: int) -> str:
