@@ -7,6 +7,7 @@ themselves by etcd key prefix.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -14,13 +15,19 @@ from pathlib import Path
 
 import pytest
 
-from localfleet.installer import LocalServices, RedisProcess
+from localfleet.installer import EtcdProcess, LocalServices, RedisProcess
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
 from specmesh.ports import free_port
 from specmesh.spec.models import PromptEntry
 from specmesh.store import SpecStore
-from specmesh.vault import VaultClient
+from specmesh.vault import (
+    AGENT_TOKEN_ROLE,
+    SUPERVISOR_POLICY,
+    VaultClient,
+    agent_token_role_params,
+    supervisor_policy,
+)
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -75,3 +82,22 @@ async def publish_prompt(store: SpecStore, key: str = "p") -> None:
     whose promptKey the Prompt Center does not hold."""
     entry = PromptEntry(prompt_key=key, version="1.0.0", template="You help.")
     await store.put_prompt_version(entry, actor="fixture")
+
+
+@pytest.fixture
+async def own_etcd(tmp_path: Path) -> AsyncIterator[EtcdProcess]:
+    """An etcd of the test's own, for tests that stop and restart it."""
+    proc = EtcdProcess(data_dir=tmp_path / "etcd", client_port=free_port(), peer_port=free_port())
+    await asyncio.to_thread(proc.start)
+    yield proc
+    await asyncio.to_thread(proc.stop)
+
+
+async def supervisor_token(vault: VaultClient) -> str:
+    """Set up the agent token role and the supervisor policy; a supervisor's Vault token."""
+    await vault.put_token_role(AGENT_TOKEN_ROLE, agent_token_role_params())
+    await vault.put_policy(SUPERVISOR_POLICY, supervisor_policy())
+    token, _ = await vault.create_identity_token(
+        policies=[SUPERVISOR_POLICY], period="1h", display_name="supervisor-test"
+    )
+    return token

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,3 +156,47 @@ async def ask(runtime: EngineRuntime, text: str, *, context_id: str) -> TurnComp
     final = events[-1]
     assert isinstance(final, TurnCompleted), final
     return final
+
+
+@dataclass
+class MemoryRig:
+    """What a memory test stands on: the shared services, this test's etcd prefix, the
+    module's scripted model, the password-protected Redis, and a folder of its own."""
+
+    services: LocalServices
+    store: SpecStore
+    etcd: EtcdClient
+    keys: Keys
+    vault: VaultClient
+    model: ScriptedModelServer
+    redis: RedisProcess
+    home: Path
+
+    def agent_name(self, tag: str) -> str:
+        """An agent name unique to this test: ``tag`` and the test's prefix suffix."""
+        return f"{tag}-{self.keys.prefix.rsplit('-', 1)[-1]}"
+
+    async def apply(self, agent: str, **parts: Mapping[str, Any] | None) -> AgentSpec:
+        """``apply_agent`` on this rig; ``parts``: its ``memory`` / ``model_part``."""
+        return await apply_agent(
+            self.store,
+            self.vault,
+            agent=agent,
+            model=self.model,
+            redis=self.redis,
+            memory=parts.get("memory"),
+            model_part=parts.get("model_part"),
+        )
+
+    def instance(
+        self, agent: str, instance_id: str = "i1"
+    ) -> AbstractAsyncContextManager[Instance]:
+        """``agent_instance`` on this rig, its home ``<folder>/<instance_id>``."""
+        return agent_instance(
+            agent=agent,
+            instance_id=instance_id,
+            services=self.services,
+            etcd=self.etcd,
+            keys=self.keys,
+            home=self.home / instance_id,
+        )

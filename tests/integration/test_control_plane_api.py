@@ -11,7 +11,6 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from control_plane.api import MASK, ControlPlane
-from control_plane.auth import Principal, Role, StaticTokenAuthenticator, hash_token
 from control_plane.grpc_api import build_servicers
 from control_plane.http_api import build_app
 from control_plane.istio import CRDS_PATH
@@ -21,15 +20,11 @@ from specmesh.store import SpecStore
 from specmesh.vault import VaultClient, agent_policy_name
 
 from ..conftest import publish_prompt
+from .role_tokens import ROLE_TOKENS, rest_call, role_authenticator
 
 pytestmark = pytest.mark.integration
 
-TOKENS = {
-    "viewer": "tok-viewer",
-    "operator": "tok-operator",
-    "admin": "tok-admin",
-    "secrets-admin": "tok-secrets",
-}
+TOKENS = ROLE_TOKENS
 AGENT = {
     "apiVersion": "specmesh.io/v1",
     "kind": "Agent",
@@ -44,9 +39,7 @@ AGENT = {
 @pytest.fixture
 async def api(store: SpecStore, vault: VaultClient) -> AsyncIterator[TestServer]:
     await publish_prompt(store)
-    authenticator = StaticTokenAuthenticator(
-        {hash_token(t): Principal(f"user-{r}", frozenset({Role(r)})) for r, t in TOKENS.items()}
-    )
+    authenticator = role_authenticator()
     istio = IstioValidator(CRDS_PATH)
     cp = ControlPlane(store=store, vault=vault, istio=istio)
     server = TestServer(build_app(cp, authenticator, build_servicers(cp, authenticator)))
@@ -58,12 +51,7 @@ async def api(store: SpecStore, vault: VaultClient) -> AsyncIterator[TestServer]
 async def _call(
     server: TestServer, method: str, path: str, role: str | None, body: Any = None
 ) -> tuple[int, Any]:
-    headers = {"Authorization": f"Bearer {TOKENS[role]}"} if role else {}
-    async with (
-        aiohttp.ClientSession() as s,
-        s.request(method, str(server.make_url(path)), json=body, headers=headers) as r,
-    ):
-        return r.status, await r.json()
+    return await rest_call(server, method, path, TOKENS[role] if role else None, body)
 
 
 CALLS: list[tuple[str, str, str, Any]] = [

@@ -15,7 +15,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from control_plane.api import MASK, ControlPlane
-from control_plane.auth import Principal, Role, StaticTokenAuthenticator, hash_token
 from control_plane.grpc_api import (
     REASON_METADATA,
     SERVICE_NAMES,
@@ -32,15 +31,11 @@ from specmesh.vault import VaultClient
 from specmesh.workloads import AgentStatus, InstanceStatus, TrackStatus
 
 from ..conftest import publish_prompt
+from .role_tokens import ROLE_TOKENS, role_authenticator
 
 pytestmark = pytest.mark.integration
 
-TOKENS = {
-    "viewer": "tok-viewer",
-    "operator": "tok-operator",
-    "admin": "tok-admin",
-    "secrets-admin": "tok-secrets",
-}
+TOKENS = ROLE_TOKENS
 PLANTED = "sk-planted-canary-grpc-91"
 AGENT: dict[str, Any] = {
     "apiVersion": "specmesh.io/v1",
@@ -92,9 +87,7 @@ class Api:
 @pytest.fixture
 async def api(store: SpecStore, vault: VaultClient) -> AsyncIterator[Api]:
     await publish_prompt(store)
-    authenticator = StaticTokenAuthenticator(
-        {hash_token(t): Principal(f"user-{r}", frozenset({Role(r)})) for r, t in TOKENS.items()}
-    )
+    authenticator = role_authenticator()
 
     async def fetch_card(instance: Mapping[str, Any]) -> dict[str, Any]:
         return {**CARD, "url": instance["endpoint"]}

@@ -31,17 +31,13 @@ from specmesh.spec_apply import SpecService
 from specmesh.store import SpecStore
 from specmesh.supervisor import Supervisor, SupervisorConfig
 from specmesh.vault import (
-    AGENT_TOKEN_ROLE,
-    SUPERVISOR_POLICY,
     VaultClient,
-    agent_token_role_params,
-    supervisor_policy,
 )
 from specmesh.workloads import AgentWorkload
 from specmeshctl.main import main as cli
 from tests.polling import eventually
 
-from ..conftest import publish_prompt
+from ..conftest import publish_prompt, supervisor_token
 from .cp_process import ControlPlaneProcess
 
 pytestmark = pytest.mark.integration
@@ -67,11 +63,7 @@ def _agent(name: str, **deployment: Any) -> LoadedManifest:
 async def supervisor(
     tmp_path: Path, services: LocalServices, vault: VaultClient, store: SpecStore
 ) -> AsyncIterator[Supervisor]:
-    await vault.put_token_role(AGENT_TOKEN_ROLE, agent_token_role_params())
-    await vault.put_policy(SUPERVISOR_POLICY, supervisor_policy())
-    token, _ = await vault.create_identity_token(
-        policies=[SUPERVISOR_POLICY], period="1h", display_name="supervisor-test"
-    )
+    token = await supervisor_token(vault)
     config = SupervisorConfig(
         home=tmp_path / "home",
         etcd_endpoint=f"http://{services.etcd.host}:{services.etcd.client_port}",

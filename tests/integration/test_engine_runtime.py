@@ -16,7 +16,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import grpc
 import pytest
 from a2a.helpers.proto_helpers import new_text_message
@@ -36,8 +35,7 @@ from aiohttp import web
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError as McpToolError
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.applications import Starlette
 
@@ -63,6 +61,7 @@ from specmesh.snapshot import PromptBundle, ResolvedSnapshot
 from specmesh.spec.models import AgentSpec, McpServerSpec, PromptEntry, PromptRelease
 from specmesh.v1 import sidecar_pb2, sidecar_pb2_grpc
 from tests.integration.asgi_server import free_socket, serve_asgi
+from tests.integration.egress_stub import StubEgress, span_exporter
 from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
@@ -202,18 +201,17 @@ def _partner_app(url: str) -> Starlette:
     return Starlette(routes=[*create_agent_card_routes(card), *create_jsonrpc_routes(handler, "/")])
 
 
-class Egress:
+class Egress(StubEgress):
     """A stand-in for the sidecar's egress: path prefix -> upstream, streamed through."""
 
-    _HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
+    handler_cancellation = True
 
     def __init__(self, *, model: str, mcp: Mapping[str, str], a2a: Mapping[str, str]) -> None:
+        super().__init__()
         self.model = model
         self.mcp = dict(mcp)
         self.a2a = dict(a2a)
         self.a2a_headers: list[dict[str, str]] = []
-        self.url = ""
-        self._session: aiohttp.ClientSession | None = None
 
     def _target(self, path: str, headers: Mapping[str, str]) -> str | None:
         if m := re.fullmatch(r"llm/(?:fallbacks/\d+/)?v1/(.*)", path):
@@ -233,40 +231,7 @@ class Egress:
             return web.Response(status=403, text="not allowed")
         if request.query_string:
             target += "?" + request.query_string
-        assert self._session is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in self._HOP}
-        try:
-            upstream = await self._session.request(
-                request.method, target, headers=headers, data=await request.read()
-            )
-        except aiohttp.ClientError:
-            return web.Response(status=502, text="upstream unreachable")
-        async with upstream:
-            response = web.StreamResponse(status=upstream.status)
-            for k, v in upstream.headers.items():
-                if k.lower() not in self._HOP:
-                    response.headers[k] = v
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
-            return response
-
-    @asynccontextmanager
-    async def running(self) -> AsyncIterator[Egress]:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        self._session = aiohttp.ClientSession(auto_decompress=False)
-        try:
-            yield self
-        finally:
-            await self._session.close()
-            await runner.cleanup()
+        return await self.relay(request, target)
 
 
 @pytest.fixture(scope="module")
@@ -684,13 +649,7 @@ async def test_cancelling_a_turn_cancels_the_tool_call(
 
 @pytest.fixture(scope="module")
 def spans() -> InMemorySpanExporter:
-    exporter = InMemorySpanExporter()
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
+    return span_exporter()
 
 
 async def test_spans_follow_the_genai_conventions_without_content(

@@ -19,13 +19,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import httpx
 import pytest
 from aiohttp import web
-from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from engine.hot_reload import EngineRuntime
@@ -36,6 +33,7 @@ from localfleet.modelserver import ScriptedModelServer
 from specmesh.snapshot import PromptBundle, ResolvedSnapshot
 from specmesh.spec.models import AgentSpec, PromptEntry
 from specmeshctl.main import main as cli_main
+from tests.integration.egress_stub import StubEgress, span_exporter
 from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
@@ -86,16 +84,13 @@ NACOS_ANSWER = "To register a service instance in Nacos, call the naming API"
 # ---------------------------------------------------------------- servers
 
 
-class Egress:
+class Egress(StubEgress):
     """The sidecar's egress, stood in for: ``/llm/...`` to the model server, recorded."""
 
-    _HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
-
     def __init__(self, *, model: str) -> None:
+        super().__init__()
         self.model = model
         self.paths: list[str] = []
-        self.url = ""
-        self._session: aiohttp.ClientSession | None = None
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         path = request.match_info["tail"]
@@ -103,39 +98,7 @@ class Egress:
         if m is None:
             return web.Response(status=403, text="not allowed")
         self.paths.append(path)
-        assert self._session is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in self._HOP}
-        async with self._session.request(
-            request.method,
-            f"{self.model}/v1/{m.group(1)}",
-            headers=headers,
-            data=await request.read(),
-        ) as upstream:
-            response = web.StreamResponse(status=upstream.status)
-            for k, v in upstream.headers.items():
-                if k.lower() not in self._HOP:
-                    response.headers[k] = v
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
-            return response
-
-    @asynccontextmanager
-    async def running(self) -> AsyncIterator[Egress]:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        self._session = aiohttp.ClientSession(auto_decompress=False)
-        try:
-            yield self
-        finally:
-            await self._session.close()
-            await runner.cleanup()
+        return await self.relay(request, f"{self.model}/v1/{m.group(1)}")
 
 
 @pytest.fixture(scope="module")
@@ -152,13 +115,7 @@ async def egress(model: ScriptedModelServer) -> AsyncIterator[Egress]:
 
 @pytest.fixture(scope="module")
 def spans() -> InMemorySpanExporter:
-    exporter = InMemorySpanExporter()
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
+    return span_exporter()
 
 
 @pytest.fixture

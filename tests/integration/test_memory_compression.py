@@ -6,26 +6,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from engine.compression import SUMMARIZE_INSTRUCTIONS, SUMMARY_PREFIX
 from engine.memory import memory_key
-from localfleet.installer import LocalServices, RedisProcess
 from localfleet.modelserver import ScriptedModelServer
 from localfleet.modelserver.tokens import count_prompt_tokens
-from specmesh.etcd import EtcdClient
-from specmesh.keys import Keys
-from specmesh.store import SpecStore
-from specmesh.vault import VaultClient
 
-from .memory_support import REDIS_PASSWORD, agent_instance, apply_agent, ask
+from .egress_stub import span_exporter
+from .memory_support import REDIS_PASSWORD, MemoryRig, ask
 
 pytestmark = pytest.mark.integration
 
@@ -51,13 +43,7 @@ async def model() -> AsyncIterator[ScriptedModelServer]:
 
 @pytest.fixture(scope="module")
 def spans() -> InMemorySpanExporter:
-    exporter = InMemorySpanExporter()
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
+    return span_exporter()
 
 
 def _fact(i: int) -> str:
@@ -69,23 +55,12 @@ def _fact(i: int) -> str:
 
 
 async def test_a_long_conversation_is_summarised_and_stays_under_the_budget(
-    services: LocalServices,
-    store: SpecStore,
-    etcd: EtcdClient,
-    keys: Keys,
-    vault: VaultClient,
-    model: ScriptedModelServer,
-    redis_server: RedisProcess,
-    spans: InMemorySpanExporter,
-    tmp_path: Path,
+    memory_rig: MemoryRig, spans: InMemorySpanExporter
 ) -> None:
-    agent = f"cmp-{keys.prefix.rsplit('-', 1)[-1]}"
-    await apply_agent(
-        store,
-        vault,
-        agent=agent,
-        model=model,
-        redis=redis_server,
+    model, redis_server = memory_rig.model, memory_rig.redis
+    agent = memory_rig.agent_name("cmp")
+    await memory_rig.apply(
+        agent,
         memory={
             "compression": {
                 "enabled": True,
@@ -97,14 +72,7 @@ async def test_a_long_conversation_is_summarised_and_stays_under_the_budget(
         },
     )
     spans.clear()
-    async with agent_instance(
-        agent=agent,
-        instance_id="i1",
-        services=services,
-        etcd=etcd,
-        keys=keys,
-        home=tmp_path / "i1",
-    ) as inst:
+    async with memory_rig.instance(agent) as inst:
         for i in range(8):
             await ask(inst.runtime, _fact(i), context_id="long")
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -18,18 +17,13 @@ from starlette.applications import Starlette
 from engine.errors import MemoryStoreError
 from engine.memory import RedisConversationMemory, memory_key
 from engine.rest import create_business_routes
-from localfleet.installer import LocalServices, RedisProcess
+from localfleet.installer import RedisProcess
 from localfleet.modelserver import ScriptedModelServer
-from specmesh.etcd import EtcdClient
-from specmesh.keys import Keys
-from specmesh.store import SpecStore
-from specmesh.vault import VaultClient
 
 from .memory_support import (
     REDIS_PASSWORD,
     Instance,
-    agent_instance,
-    apply_agent,
+    MemoryRig,
     ask,
     password_ref,
 )
@@ -63,23 +57,15 @@ def memory_snapshot_json(inst: Instance) -> str:
 
 
 async def test_a_conversation_continues_on_a_second_instance(
-    services: LocalServices,
-    store: SpecStore,
-    etcd: EtcdClient,
-    keys: Keys,
-    vault: VaultClient,
-    model: ScriptedModelServer,
-    redis_server: RedisProcess,
-    direct: aioredis.Redis,
-    tmp_path: Path,
+    memory_rig: MemoryRig, direct: aioredis.Redis
 ) -> None:
-    agent = f"mem-{keys.prefix.rsplit('-', 1)[-1]}"
-    await apply_agent(store, vault, agent=agent, model=model, redis=redis_server)
-    common = {"agent": agent, "services": services, "etcd": etcd, "keys": keys}
+    model, redis_server = memory_rig.model, memory_rig.redis
+    agent = memory_rig.agent_name("mem")
+    await memory_rig.apply(agent)
 
     async with (
-        agent_instance(instance_id="i1", home=tmp_path / "i1", **common) as first,
-        agent_instance(instance_id="i2", home=tmp_path / "i2", **common) as second,
+        memory_rig.instance(agent, "i1") as first,
+        memory_rig.instance(agent, "i2") as second,
     ):
         one = await ask(first.runtime, "My ticket number is 4711.", context_id="conv-1")
         model.clear_requests()
@@ -137,26 +123,12 @@ async def test_a_conversation_continues_on_a_second_instance(
 
 
 async def test_the_proxy_refuses_when_the_password_in_vault_is_wrong(
-    services: LocalServices,
-    store: SpecStore,
-    etcd: EtcdClient,
-    keys: Keys,
-    vault: VaultClient,
-    model: ScriptedModelServer,
-    redis_server: RedisProcess,
-    tmp_path: Path,
+    memory_rig: MemoryRig,
 ) -> None:
-    agent = f"memx-{keys.prefix.rsplit('-', 1)[-1]}"
-    await apply_agent(store, vault, agent=agent, model=model, redis=redis_server)
-    await vault.write(password_ref(agent), "not-the-password")
-    async with agent_instance(
-        agent=agent,
-        instance_id="i1",
-        services=services,
-        etcd=etcd,
-        keys=keys,
-        home=tmp_path / "i1",
-    ) as inst:
+    agent = memory_rig.agent_name("memx")
+    await memory_rig.apply(agent)
+    await memory_rig.vault.write(password_ref(agent), "not-the-password")
+    async with memory_rig.instance(agent) as inst:
         memory = inst.runtime.context.memory if inst.runtime.context else None
         assert isinstance(memory, RedisConversationMemory)
         with pytest.raises(MemoryStoreError) as caught:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,15 +13,10 @@ import redis.asyncio as aioredis
 
 from engine.memory import memory_key
 from engine.recall import select_turns
-from localfleet.installer import LocalServices, RedisProcess
 from localfleet.modelserver import ScriptedModelServer, embed_text
-from specmesh.etcd import EtcdClient
-from specmesh.keys import Keys
 from specmesh.spec.models import KeywordSearch, RecentSearch, SemanticSearch
-from specmesh.store import SpecStore
-from specmesh.vault import VaultClient
 
-from .memory_support import REDIS_PASSWORD, agent_instance, apply_agent, ask
+from .memory_support import REDIS_PASSWORD, MemoryRig, ask
 
 pytestmark = pytest.mark.integration
 
@@ -96,25 +90,12 @@ async def model() -> AsyncIterator[ScriptedModelServer]:
     ids=["keyword", "semantic"],
 )
 async def test_the_engine_sends_the_relevant_old_turn(
-    strategy: dict[str, Any],
-    services: LocalServices,
-    store: SpecStore,
-    etcd: EtcdClient,
-    keys: Keys,
-    vault: VaultClient,
-    model: ScriptedModelServer,
-    redis_server: RedisProcess,
-    tmp_path: Path,
+    strategy: dict[str, Any], memory_rig: MemoryRig
 ) -> None:
-    agent = f"srch-{strategy['type'][:3]}-{keys.prefix.rsplit('-', 1)[-1]}"
-    await apply_agent(
-        store, vault, agent=agent, model=model, redis=redis_server,
-        memory={"searchStrategy": strategy},
-    )  # fmt: skip
-    async with agent_instance(
-        agent=agent, instance_id="i1", services=services, etcd=etcd, keys=keys,
-        home=tmp_path / "i1",
-    ) as inst:  # fmt: skip
+    model, redis_server = memory_rig.model, memory_rig.redis
+    agent = memory_rig.agent_name(f"srch-{strategy['type'][:3]}")
+    await memory_rig.apply(agent, memory={"searchStrategy": strategy})
+    async with memory_rig.instance(agent) as inst:
         for text in TOPICS:
             await ask(inst.runtime, text, context_id="s")
         model.clear_requests()

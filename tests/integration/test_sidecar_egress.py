@@ -189,6 +189,28 @@ async def rig_factory() -> AsyncIterator[Callable[..., Awaitable[Rig]]]:
 # ---------------------------------------------------------------- tests
 
 
+async def _model_rig(
+    rig_factory: Any,
+    services: LocalServices,
+    vault: VaultClient,
+    agent: str,
+    base_url: str,
+    key: str | None = None,
+    **options: Any,
+) -> Rig:
+    """A rig for ``agent`` whose model is at ``base_url``; ``key``, when given, is its key
+    written to Vault first."""
+    if key is not None:
+        await vault.write(VaultRef.parse(_ref(agent, "model")), key)
+    rig: Rig = await rig_factory(
+        address=services.bao.address,
+        token=await _agent_token(vault, agent),
+        snapshot=_snapshot(agent, _spec(agent, base_url), {}),
+        **options,
+    )
+    return rig
+
+
 def test_llm_base_appends_v1_unless_versioned() -> None:
     assert llm_upstream_base("https://x.example/compatible-mode", None) == (
         "https://x.example/compatible-mode/v1"
@@ -264,12 +286,7 @@ async def test_streaming_passes_through_chunk_by_chunk(
     services: LocalServices, vault: VaultClient, upstream: Upstream, rig_factory: Any
 ) -> None:
     agent = _agent()
-    await vault.write(VaultRef.parse(_ref(agent, "model")), "sk-stream")
-    rig = await rig_factory(
-        address=services.bao.address,
-        token=await _agent_token(vault, agent),
-        snapshot=_snapshot(agent, _spec(agent, upstream.url), {}),
-    )
+    rig = await _model_rig(rig_factory, services, vault, agent, upstream.url, "sk-stream")
 
     async with rig.client.post(rig.egress.url + "/llm/v1/stream", json={}) as resp:
         assert resp.headers["Content-Type"] == "text/event-stream"
@@ -292,12 +309,7 @@ async def test_a_caller_hanging_up_mid_call_is_no_error_and_the_next_call_is_ser
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     agent = _agent()
-    await vault.write(VaultRef.parse(_ref(agent, "model")), "sk-hangup")
-    rig = await rig_factory(
-        address=services.bao.address,
-        token=await _agent_token(vault, agent),
-        snapshot=_snapshot(agent, _spec(agent, upstream.url), {}),
-    )
+    rig = await _model_rig(rig_factory, services, vault, agent, upstream.url, "sk-hangup")
     caplog.set_level(logging.DEBUG)
 
     # the engine's call reaches the upstream, which holds its answer; the engine hangs up
@@ -331,12 +343,7 @@ async def test_rotated_secret_is_used_by_the_next_request_after_refresh(
     agent = _agent()
     ref = _ref(agent, "model")
     await vault.write(VaultRef.parse(ref), "sk-v1")
-    rig = await rig_factory(
-        address=services.bao.address,
-        token=await _agent_token(vault, agent),
-        snapshot=_snapshot(agent, _spec(agent, upstream.url), {}),
-        ttl=0.5,
-    )
+    rig = await _model_rig(rig_factory, services, vault, agent, upstream.url, ttl=0.5)
     url = rig.egress.url + "/llm/v1/chat/completions"
 
     async with rig.client.post(url, json={}) as resp:
@@ -472,11 +479,7 @@ async def test_undeclared_mcp_server_or_partner_is_refused_and_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     agent = _agent()
-    rig = await rig_factory(
-        address=services.bao.address,
-        token=await _agent_token(vault, agent),
-        snapshot=_snapshot(agent, _spec(agent, upstream.url), {}),
-    )
+    rig = await _model_rig(rig_factory, services, vault, agent, upstream.url)
     caplog.set_level(logging.INFO)
 
     async with rig.client.post(rig.egress.url + "/mcp/not-mine", json={}) as resp:
@@ -499,13 +502,8 @@ async def test_upstream_down_is_a_clear_502(
     services: LocalServices, vault: VaultClient, rig_factory: Any
 ) -> None:
     agent = _agent()
-    await vault.write(VaultRef.parse(_ref(agent, "model")), "sk-down")
     dead = f"http://127.0.0.1:{free_port()}"
-    rig = await rig_factory(
-        address=services.bao.address,
-        token=await _agent_token(vault, agent),
-        snapshot=_snapshot(agent, _spec(agent, dead), {}),
-    )
+    rig = await _model_rig(rig_factory, services, vault, agent, dead, "sk-down")
 
     async with rig.client.post(rig.egress.url + "/llm/v1/chat/completions", json={}) as resp:
         status, body = resp.status, await resp.json()
@@ -577,11 +575,13 @@ async def test_proxied_call_is_a_span_in_the_callers_trace(
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     agent = _agent()
-    await vault.write(VaultRef.parse(_ref(agent, "model")), "sk-span-test")
-    rig = await rig_factory(
-        address=services.bao.address,
-        token=await _agent_token(vault, agent),
-        snapshot=_snapshot(agent, _spec(agent, upstream.url), {}),
+    rig = await _model_rig(
+        rig_factory,
+        services,
+        vault,
+        agent,
+        upstream.url,
+        "sk-span-test",
         tracer=provider.get_tracer("test"),
     )
     trace_id, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"

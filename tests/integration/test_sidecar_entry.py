@@ -134,6 +134,29 @@ class Rig:
     issuer: JwksIssuer
 
 
+async def _caller_policy(
+    issuer: JwksIssuer,
+    *,
+    snapshot: ResolvedSnapshot | None = None,
+    partners: dict[str, list[str]] | None = None,
+    mesh_trust_domain: str | None = None,
+    mesh_namespace: str | None = None,
+) -> tuple[CallerPolicy, JwtVerifier]:
+    """AGENT's caller policy over ``snapshot`` (default: ALICE may call) and ``partners``."""
+    holder = SnapshotHolder()
+    await holder.set(snapshot or _snapshot(AGENT, principals=[ALICE]), etcd_revision=1)
+    verifier = JwtVerifier(issuers=[issuer.config()], agent=AGENT)
+    policy = CallerPolicy(
+        agent=AGENT,
+        graph=InMemoryPartnerGraph(partners or {}),
+        callers=lambda: holder.current.spec.base.callers if holder.current else None,
+        verifier=verifier,
+        mesh_trust_domain=mesh_trust_domain,
+        mesh_namespace=mesh_namespace,
+    )
+    return policy, verifier
+
+
 @pytest.fixture
 async def rig(issuer: JwksIssuer) -> AsyncIterator[Rig]:
     http_port, grpc_port = free_port(), free_port()
@@ -146,15 +169,7 @@ async def rig(issuer: JwksIssuer) -> AsyncIterator[Rig]:
         public_http_url=f"http://127.0.0.1:{http_port}",
         public_grpc_url=f"127.0.0.1:{grpc_port}",
     )
-    holder = SnapshotHolder()
-    await holder.set(_snapshot(AGENT, principals=[ALICE]), etcd_revision=1)
-    verifier = JwtVerifier(issuers=[issuer.config()], agent=AGENT)
-    policy = CallerPolicy(
-        agent=AGENT,
-        graph=InMemoryPartnerGraph({}),
-        callers=lambda: holder.current.spec.base.callers if holder.current else None,
-        verifier=verifier,
-    )
+    policy, verifier = await _caller_policy(issuer)
     async with EngineServer(runner=runner, config=config) as engine:
         entry = EntryServer(
             agent_name=AGENT,
@@ -418,16 +433,8 @@ async def test_external_calls_follow_the_release_to_the_canary(
 ) -> None:
     """Canary weight 100: the entry of the stable instance forwards every external call to
     the canary's mTLS inbound (as the agent itself), which passes the principal on."""
-    holder = SnapshotHolder()
-    await holder.set(_snapshot(AGENT, principals=[ALICE]), etcd_revision=1)
-    verifier = JwtVerifier(issuers=[issuer.config()], agent=AGENT)
     # no agent lists AGENT as a partner: only the entry's forwarding may pass the inbound
-    policy = CallerPolicy(
-        agent=AGENT,
-        graph=InMemoryPartnerGraph({}),
-        callers=lambda: holder.current.spec.base.callers if holder.current else None,
-        verifier=verifier,
-    )
+    policy, verifier = await _caller_policy(issuer)
     http_port, grpc_port = free_port(), free_port()
     public = {
         "public_http_url": f"http://127.0.0.1:{http_port}",
@@ -528,7 +535,6 @@ class InboundRig:
 async def inbound_rig(issuer: JwksIssuer, pki: PkiClient) -> AsyncIterator[InboundRig]:  # noqa: F811
     """AGENT's mTLS inbounds; partners ``partner-a`` and ``partner-b`` both list AGENT, but
     AGENT's ``callers.agents`` admits ``partner-a`` only."""
-    holder = SnapshotHolder()
     snapshot = _snapshot(AGENT, principals=[ALICE])
     callers = snapshot.spec.base.callers
     assert callers is not None
@@ -539,13 +545,10 @@ async def inbound_rig(issuer: JwksIssuer, pki: PkiClient) -> AsyncIterator[Inbou
             )
         }
     )
-    await holder.set(snapshot.model_copy(update={"spec": spec}), etcd_revision=1)
-    verifier = JwtVerifier(issuers=[issuer.config()], agent=AGENT)
-    policy = CallerPolicy(
-        agent=AGENT,
-        graph=InMemoryPartnerGraph({"partner-a": [AGENT], "partner-b": [AGENT]}),
-        callers=lambda: holder.current.spec.base.callers if holder.current else None,
-        verifier=verifier,
+    policy, verifier = await _caller_policy(
+        issuer,
+        snapshot=snapshot.model_copy(update={"spec": spec}),
+        partners={"partner-a": [AGENT], "partner-b": [AGENT]},
     )
     runner = ScriptedRunner()
     config = ServerConfig(agent_name=AGENT, http_port=0, grpc_port=0, drain_timeout=2.0)
@@ -631,14 +634,9 @@ async def test_istio_inbound_verifies_tokens_and_takes_the_caller_from_xfcc(
     trust domain and namespace, and admitted like a partner over mTLS); a token is verified
     when sent; a call naming neither is refused (a pod that went around the mesh's policy),
     and an XFCC a client shaped to hide the proxy's element names nobody."""
-    holder = SnapshotHolder()
-    await holder.set(_snapshot(AGENT, principals=[ALICE]), etcd_revision=1)
-    verifier = JwtVerifier(issuers=[issuer.config()], agent=AGENT)
-    policy = CallerPolicy(
-        agent=AGENT,
-        graph=InMemoryPartnerGraph({"partner-a": [AGENT], "victim": [AGENT]}),
-        callers=lambda: holder.current.spec.base.callers if holder.current else None,
-        verifier=verifier,
+    policy, verifier = await _caller_policy(
+        issuer,
+        partners={"partner-a": [AGENT], "victim": [AGENT]},
         mesh_trust_domain="cluster.local",
         mesh_namespace="default",
     )

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -118,14 +116,6 @@ async def test_expired_lease_is_granted_again_and_the_entry_rewritten(
     assert reg.registered and reg.lease_id != first
     await reg.stop()
     assert await etcd.get(reg.key) is None
-
-
-@pytest.fixture
-async def own_etcd(tmp_path: Path) -> AsyncIterator[EtcdProcess]:
-    proc = EtcdProcess(data_dir=tmp_path / "etcd", client_port=free_port(), peer_port=free_port())
-    await asyncio.to_thread(proc.start)
-    yield proc
-    await asyncio.to_thread(proc.stop)
 
 
 async def test_registration_survives_an_etcd_restart(own_etcd: EtcdProcess) -> None:

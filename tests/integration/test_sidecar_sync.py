@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,6 @@ from sidecar.sync import SnapshotCache, SpecSync
 from sidecar.sync_server import SpecSyncServer
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
-from specmesh.ports import free_port
 from specmesh.secrets import VaultRef
 from specmesh.snapshot import Track
 from specmesh.spec.models import AgentSpec, McpServerSpec, PromptEntry, ReleaseSpec
@@ -302,14 +301,6 @@ async def test_invalid_values_are_not_pushed_and_the_last_good_stays(
 
 
 # ---------------------------------------------------------------------- etcd outages
-
-
-@pytest.fixture
-async def own_etcd(tmp_path: Path) -> AsyncIterator[EtcdProcess]:
-    proc = EtcdProcess(data_dir=tmp_path / "etcd", client_port=free_port(), peer_port=free_port())
-    await asyncio.to_thread(proc.start)
-    yield proc
-    await asyncio.to_thread(proc.stop)
 
 
 async def test_etcd_outage_keeps_the_snapshot_and_later_updates_all_arrive(

@@ -28,14 +28,12 @@ from localfleet.installer import LocalServices
 from specmesh.procs import alive
 from specmesh.supervisor import Supervisor, SupervisorConfig
 from specmesh.vault import (
-    AGENT_TOKEN_ROLE,
-    SUPERVISOR_POLICY,
     VaultClient,
-    agent_token_role_params,
-    supervisor_policy,
 )
 from specmesh.workloads import AgentWorkload
 from tests.polling import eventually
+
+from ..conftest import supervisor_token
 
 pytestmark = pytest.mark.integration
 
@@ -56,11 +54,7 @@ Factory = Callable[..., Awaitable[Supervisor]]
 async def make_supervisor(
     tmp_path: Path, services: LocalServices, vault: VaultClient
 ) -> AsyncIterator[Factory]:
-    await vault.put_token_role(AGENT_TOKEN_ROLE, agent_token_role_params())
-    await vault.put_policy(SUPERVISOR_POLICY, supervisor_policy())
-    token, _ = await vault.create_identity_token(
-        policies=[SUPERVISOR_POLICY], period="1h", display_name="supervisor-test"
-    )
+    token = await supervisor_token(vault)
     started: list[Supervisor] = []
 
     async def make(**overrides: Any) -> Supervisor:

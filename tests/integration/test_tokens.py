@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aiohttp
 import grpc
 import pytest
 from aiohttp.test_utils import TestServer
@@ -28,13 +27,12 @@ from specmesh.v1 import control_plane_pb2 as pb
 from specmesh.v1 import control_plane_pb2_grpc as pb_grpc
 from specmesh.vault import VaultClient
 
+from .role_tokens import ROLE_TOKENS, rest_call, role_principals
+
 pytestmark = pytest.mark.integration
 
 TOKENS = {
-    "viewer": "tok-viewer",
-    "operator": "tok-operator",
-    "admin": "tok-admin",
-    "secrets-admin": "tok-secrets",
+    **ROLE_TOKENS,
     "boss": "tok-boss",  # admin + secrets-admin, as the local fleet's admin token
     "stale": "tok-stale",  # a file token past its expiresAt
 }
@@ -51,11 +49,7 @@ class Stack:
 
 @pytest.fixture
 async def stack(store: SpecStore, vault: VaultClient) -> AsyncIterator[Stack]:
-    principals = {
-        hash_token(t): Principal(f"user-{r}", frozenset({Role(r)}))
-        for r, t in TOKENS.items()
-        if r in {str(x) for x in Role}
-    }
+    principals = role_principals(TOKENS)
     principals[hash_token(TOKENS["boss"])] = Principal(
         "boss", frozenset({Role.ADMIN, Role.SECRETS_ADMIN})
     )
@@ -79,12 +73,7 @@ async def stack(store: SpecStore, vault: VaultClient) -> AsyncIterator[Stack]:
 async def _call(
     stack: Stack, method: str, path: str, token: str | None, body: Any = None
 ) -> tuple[int, Any]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with (
-        aiohttp.ClientSession() as s,
-        s.request(method, str(stack.rest.make_url(path)), json=body, headers=headers) as r,
-    ):
-        return r.status, await r.json()
+    return await rest_call(stack.rest, method, path, token, body)
 
 
 async def _grpc(stack: Stack, token: str) -> tuple[grpc.StatusCode, str]:

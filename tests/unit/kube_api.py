@@ -25,6 +25,8 @@ from __future__ import annotations
 import copy
 import json
 import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -250,3 +252,27 @@ class FakeKubeApi:
             stored = self._store(key, obj, manager)
             return self._json(stored, 200 if old is not None else 201)
         return self._status(405, "MethodNotAllowed", request.method)
+
+
+@asynccontextmanager
+async def serving(fake: FakeKubeApi) -> AsyncIterator[str]:
+    """``fake`` served on a free local port; its base URL."""
+    runner = web.AppRunner(fake.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+def role_grants(role: Mapping[str, Any]) -> set[tuple[str, str, str]]:
+    """Every (apiGroup, resource, verb) an RBAC Role's rules grant."""
+    return {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }

@@ -207,28 +207,30 @@ def test_the_sidecar_task_store_proxy_settings_are_checked(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     agent = f"a{uuid.uuid4().hex[:6]}"
-    _clean_env(monkeypatch, tmp_path, AGENT_NAME=agent, SPECMESH_TASK_STORE_PROXY="127.0.0.1:7106")
-    with pytest.raises(ValidationError, match="SPECMESH_TASK_STORE_UPSTREAM is not"):
-        SidecarSettings()
-    _clean_env(
-        monkeypatch,
-        tmp_path,
-        AGENT_NAME=agent,
-        SPECMESH_TASK_STORE_PROXY="127.0.0.1:7106",
-        SPECMESH_TASK_STORE_UPSTREAM="redis://:pw@redis:6379/1",
-    )
-    with pytest.raises(ValidationError, match="must not carry a password"):
-        SidecarSettings()
-    _clean_env(
-        monkeypatch,
-        tmp_path,
-        AGENT_NAME=agent,
-        SPECMESH_TASK_STORE_PROXY="127.0.0.1:7106",
-        SPECMESH_TASK_STORE_UPSTREAM="redis://redis:6379/1",
-        SPECMESH_TASK_STORE_PASSWORD="plain-password",
-    )
-    with pytest.raises(ValidationError, match="SPECMESH_TASK_STORE_PASSWORD"):
-        SidecarSettings()
+    refused: list[tuple[dict[str, str], str]] = [
+        ({}, "SPECMESH_TASK_STORE_UPSTREAM is not"),
+        (
+            {"SPECMESH_TASK_STORE_UPSTREAM": "redis://:pw@redis:6379/1"},
+            "must not carry a password",
+        ),
+        (
+            {
+                "SPECMESH_TASK_STORE_UPSTREAM": "redis://redis:6379/1",
+                "SPECMESH_TASK_STORE_PASSWORD": "plain-password",
+            },
+            "SPECMESH_TASK_STORE_PASSWORD",
+        ),
+    ]
+    for env, match in refused:
+        _clean_env(
+            monkeypatch,
+            tmp_path,
+            AGENT_NAME=agent,
+            SPECMESH_TASK_STORE_PROXY="127.0.0.1:7106",
+            **env,
+        )
+        with pytest.raises(ValidationError, match=match):
+            SidecarSettings()
     _clean_env(
         monkeypatch,
         tmp_path,

@@ -51,6 +51,7 @@ from specmesh.spec.models import ReleaseSpec
 from specmesh.vault import agent_policy, agent_secret_prefix
 
 from ..conftest import REPO
+from .kube_api import role_grants
 
 CHART = REPO / "helm" / "specmesh"
 NAMESPACE = "agents"
@@ -466,13 +467,7 @@ def test_control_plane_service_ports_and_rbac(chart: helm_python.Chart) -> None:
         ("grpc-api", 8091),
     ]
     (role,) = _of(docs, "Role")
-    granted = {
-        (group, resource, verb)
-        for rule in role["rules"]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-        for verb in rule["verbs"]
-    }
+    granted = role_grants(role)
     for group, resources in {
         "networking.istio.io": ["virtualservices", "destinationrules"],
         "security.istio.io": ["authorizationpolicies", "peerauthentications"],

@@ -36,7 +36,6 @@ from typing import Any
 import helm_python
 import pytest
 import yaml
-from aiohttp import web
 from lightkube import AsyncClient, KubeConfig
 from lightkube.config.models import Cluster, User
 from lightkube.core.resource import api_info
@@ -72,7 +71,7 @@ from specmesh.k8s import (
 from specmesh.spec.models import DeploymentSpec, ReleaseSpec
 from specmesh.workloads import AgentWorkload, desired_replicas
 
-from .kube_api import APPLY_PATCH, FakeKubeApi
+from .kube_api import APPLY_PATCH, FakeKubeApi, role_grants, serving
 from .kube_api import KINDS as FAKE_KINDS
 from .test_helm_chart import BASE, CHART, NAMESPACE, RELEASE, _problems
 
@@ -395,13 +394,7 @@ def test_the_charts_rbac_grants_what_the_runtime_calls(chart: helm_python.Chart)
     for install in (INSTALLS["defaults"], INSTALLS["customised"]):
         docs = _docs(chart.render({**install, "agents": []}, name=RELEASE, namespace=NAMESPACE))
         (role,) = [d for d in docs if d["kind"] == "Role"]
-        granted = {
-            (group, resource, verb)
-            for rule in role["rules"]
-            for group in rule["apiGroups"]
-            for resource in rule["resources"]
-            for verb in rule["verbs"]
-        }
+        granted = role_grants(role)
         for res in KINDS.values():
             info = api_info(res).resource
             for verb in ("get", "list", "watch", "create", "patch", "delete"):
@@ -469,13 +462,8 @@ def test_the_control_plane_pod_gets_the_runtimes_settings(chart: helm_python.Cha
 @pytest.fixture
 async def api() -> AsyncIterator[tuple[FakeKubeApi, str]]:
     fake = FakeKubeApi()
-    runner = web.AppRunner(fake.app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    yield fake, f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with serving(fake) as url:
+        yield fake, url
 
 
 def _client(url: str) -> AsyncClient:

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
-from aiohttp import web
 
 from control_plane.mesh import MeshSettings, render_mesh
 from control_plane.publisher import KubernetesMeshSink
@@ -17,7 +16,7 @@ from specmesh.issuers import JwtIssuer
 from specmesh.spec.models import ReleaseSpec
 
 from ..certs import self_signed
-from .kube_api import APPLY_PATCH, FakeKubeApi
+from .kube_api import APPLY_PATCH, FakeKubeApi, serving
 
 NS = "agents"
 
@@ -25,12 +24,8 @@ NS = "agents"
 @pytest.fixture
 async def api() -> AsyncIterator[tuple[FakeKubeApi, str]]:
     fake = FakeKubeApi()
-    runner = web.AppRunner(fake.app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield fake, f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
+    async with serving(fake) as url:
+        yield fake, url
 
 
 @pytest.fixture
