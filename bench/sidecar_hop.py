@@ -632,18 +632,20 @@ def main() -> int:
     services = LocalServices(home=home / "services")
     state = services.start()
     procs: list[subprocess.Popen[bytes] | mp.process.BaseProcess] = []
+    # one event loop for every call on the etcd client (its HTTP session belongs to a loop)
+    runner = asyncio.Runner()
+    etcd = EtcdClient.from_endpoint(state["etcdEndpoint"])
     try:
-        asyncio.run(setup_pki(address=state["baoAddress"], token=state["baoToken"]))
-        etcd = EtcdClient.from_endpoint(state["etcdEndpoint"])
+        runner.run(setup_pki(address=state["baoAddress"], token=state["baoToken"]))
         vault = VaultClient(address=state["baoAddress"], token=state["baoToken"])
         svc = SpecService(
             store=SpecStore(etcd=etcd, keys=Keys(prefix=PREFIX)),
             vault=vault,
             pki_mount="specmesh-pki",  # apply keeps each agent's own PKI role, as in the fleet
         )
-        asyncio.run(_apply(svc, _PROMPT))  # the engine serves nothing without its prompt
-        asyncio.run(_apply(svc, _agent("bench-b", [])))
-        asyncio.run(
+        runner.run(_apply(svc, _PROMPT))  # the engine serves nothing without its prompt
+        runner.run(_apply(svc, _agent("bench-b", [])))
+        runner.run(
             _apply(
                 svc,
                 _agent(
@@ -726,7 +728,7 @@ def main() -> int:
             "sidecar_b": round(rss_mb(b.pid), 1),
         }
         results["rss_mb"] = rss
-        reloads = asyncio.run(_reload_times(svc, a_ports["sync"], engine_url, args.reloads))
+        reloads = runner.run(_reload_times(svc, a_ports["sync"], engine_url, args.reloads))
         # The etcd write happens inside the apply call (after validation and the Vault
         # write of the partner header): "from the write" lies between the two bounds.
         after_apply = {
@@ -760,6 +762,8 @@ def main() -> int:
             p.terminate()
         for p in procs:  # a process still up after its grace is killed: none outlives the run
             _reap(p)
+        runner.run(etcd.close())
+        runner.close()
         services.stop()
 
 

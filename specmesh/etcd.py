@@ -40,6 +40,7 @@ silent longer is half-open or its server frozen, and the watch raises
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator, Sequence
@@ -228,6 +229,7 @@ class EtcdClient:
         self.watch_timeout = watch_timeout
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._session_loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
     @classmethod
@@ -249,12 +251,18 @@ class EtcdClient:
     def _http(self) -> aiohttp.ClientSession:
         if self._closed:
             raise RuntimeError(f"the etcd client of {self.endpoint} is closed")
+        loop = asyncio.get_running_loop()
+        if self._session is not None and self._session_loop is not loop:
+            # a caller that runs one asyncio.run() after another (a script, a benchmark):
+            # the old session belongs to a finished loop and cannot be used (or closed) here
+            self._session = None
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 base_url=self.endpoint,
                 connector=aiohttp.TCPConnector(limit=self._max_connections),
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
             )
+            self._session_loop = loop
         return self._session
 
     def _unavailable(self, error: BaseException, *, what: str) -> StoreUnavailableError:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from localfleet.installer import LocalServices
 from specmesh.errors import ConflictError, NameCollisionError, NotFoundError, SpecError
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
@@ -172,3 +173,22 @@ async def test_delete_removes_everything_but_the_audit(
     dump = await _dump(etcd, keys)
     assert [k for k in dump if "/agents/" in k] == []
     assert [a.action for a in await store.audit_entries(name="helper")] == ["delete", "apply"]
+
+
+def test_one_client_serves_one_event_loop_after_another(services: LocalServices) -> None:
+    """A script that runs ``asyncio.run`` more than once (the benchmarks do) can keep one
+    client: each loop gets its own HTTP session."""
+    client = EtcdClient(host=services.etcd.host, port=services.etcd.client_port)
+    key = "/specmesh-test/loops/k"
+
+    async def put(value: str) -> None:
+        await client.put(key, value)
+
+    async def get() -> bytes | None:
+        kv = await client.get(key)
+        return None if kv is None else kv.value
+
+    asyncio.run(put("one"))
+    asyncio.run(put("two"))
+    assert asyncio.run(get()) == b"two"
+    asyncio.run(client.close())
