@@ -83,9 +83,7 @@ def test_an_added_field_passes_against_the_commit_before(repo: Path) -> None:
 
 
 def test_a_declared_break_is_skipped_with_its_reason(repo: Path) -> None:
-    _change_proto(
-        repo, _FIELD, "", "drop RevisionInfo.message\n\nProto-Breaking: nobody reads it"
-    )
+    _change_proto(repo, _FIELD, "", "drop RevisionInfo.message\n\nProto-Breaking: nobody reads it")
 
     run = _run(repo)
 
