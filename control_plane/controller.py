@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from control_plane.runtime import Runtime
-from specmesh.aio import cancel_and_wait
+from specmesh.aio import cancel_and_wait, wait_event
 from specmesh.backoff import BackoffPolicy, Reconnect
 from specmesh.errors import NotFoundError
 from specmesh.names import resource_name
@@ -105,8 +105,7 @@ class Controller:
                     self._resync_due = True
                     await failing.wait(delay)
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=self.observe_seconds)
+                await wait_event(self._wake, self.observe_seconds)
         finally:
             await cancel_and_wait(watching)
 

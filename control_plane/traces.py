@@ -34,7 +34,6 @@ connection keeps ``check_same_thread`` on, so a slip would raise).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import sqlite3
@@ -48,6 +47,7 @@ from types import TracebackType
 from typing import Any, Final, TypeVar
 
 from control_plane.errors import BadRequestError
+from specmesh.aio import wait_event
 from specmesh.prices import PriceMap, default_price_map
 
 __all__ = [
@@ -818,5 +818,4 @@ async def retention_loop(
             await store.prune(older_than=older_than)
         except Exception:  # top of a background task: log, keep going
             logger.exception("trace retention failed")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=every.total_seconds())
+        await wait_event(stop, every.total_seconds())

@@ -18,7 +18,6 @@ any log line.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
-from specmesh.aio import cancel_and_wait
+from specmesh.aio import cancel_and_wait, wait_event
 from specmesh.backoff import BackoffPolicy, Reconnect
 from specmesh.errors import (
     SecretAccessDeniedError,
@@ -257,8 +256,7 @@ class CredentialResolver:
                 continue
             delay = due - self._clock()
             if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), delay)
+                await wait_event(self._wake, delay)
                 continue
             now = self._clock()
             failed = False

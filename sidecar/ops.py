@@ -17,7 +17,6 @@ and :class:`OpsServer` serves it::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -38,6 +37,7 @@ from prometheus_client import Enum as EnumMetric
 
 from sidecar.errors import ListenAddressError
 from specmesh.addresses import format_host_port, parse_listen
+from specmesh.aio import wait_event
 
 __all__ = ["OpsServer", "ReadinessReport", "SidecarMetrics"]
 
@@ -236,8 +236,7 @@ class OpsServer:
         while seen == _etag(body) and not self._closing and loop.time() < deadline:
             changed = self._changed
             left = min(deadline - loop.time(), _READY_RECHECK)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), max(left, 0.0))
+            await wait_event(changed, left)
             report, body = self._report()
         return web.Response(
             body=body,

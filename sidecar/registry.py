@@ -21,7 +21,6 @@ instances for the router, with a change counter to wait on and change listeners.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sidecar.ops import SidecarMetrics
-from specmesh.aio import cancel_and_wait
+from specmesh.aio import cancel_and_wait, wait_event
 from specmesh.backoff import BackoffPolicy, Reconnect
 from specmesh.errors import StoreError, StoreUnavailableError
 from specmesh.etcd import EtcdClient
@@ -245,8 +244,7 @@ class InstanceRegistration:
                 self.lease_id = None
                 self._set_registered(False)
                 wait = 0.0
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+            await wait_event(self._wake, wait)
             self._wake.clear()
 
 

@@ -65,6 +65,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from specmesh.aio import wait_event
 from specmesh.backoff import BackoffPolicy
 from specmesh.errors import SecretError
 from specmesh.etcd import EtcdClient
@@ -558,8 +559,7 @@ class Supervisor:
                 raise
             except Exception:
                 logger.exception("supervisor loop")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._next_pass())
+            await wait_event(self._wake, self._next_pass())
 
     def _next_pass(self) -> float:
         """Seconds the loop may wait unless woken: until the next restart due, a tick for
