@@ -482,15 +482,16 @@ class ControlPlane:
         it sends calls to a track with no ready instance, unless ``allow_empty``; a
         :class:`ConflictError` when ``expected_version`` is not the policy's version."""
         authorize(principal, "releases.write")
-        if dry_run:  # the agent and the revisions it names must exist; nothing is written
-            for revision in (None, spec.stable_revision, spec.canary_revision):
-                await self.store.get_agent(agent, revision)
-            if not allow_empty:
-                await self._check_tracks(agent, spec)
-            return ReleaseState(spec, (await self.store.get_release_state(agent)).version)
         await self.store.get_agent(agent)  # 404 for an unknown agent before anything else
+        version = (await self.store.get_release_state(agent)).version
+        _expect_version(agent, expected_version, version)
+        if dry_run:  # the revisions it names must exist; nothing is written
+            for revision in (spec.stable_revision, spec.canary_revision):
+                await self.store.get_agent(agent, revision)
         if not allow_empty:
             await self._check_tracks(agent, spec)
+        if dry_run:
+            return ReleaseState(spec, version)
         return await self.store.put_release(
             agent,
             spec,
@@ -602,14 +603,7 @@ class ControlPlane:
         ``expected_version``), so a concurrent change is a ConflictError, never lost."""
         authorize(principal, "releases.write")
         state = await self.store.get_release_state(agent)
-        if expected_version is not None and expected_version != state.version:
-            raise ConflictError(
-                kind="release",
-                name=agent,
-                expected=expected_version,
-                actual=state.version,
-                counter="version",
-            )
+        _expect_version(agent, expected_version, state.version)
         current = state.spec
         if current is None or current.canary_revision is None:
             raise SpecError([SpecIssue("release", "no_canary", f"agent {agent!r} has no canary")])
@@ -1024,6 +1018,15 @@ def _credential_folder(prefix: str, mount: str) -> str:
             f"'{_CREDENTIALS_ROOT}/' (got {prefix!r})"
         )
     return folder
+
+
+def _expect_version(agent: str, expected: int | None, actual: int) -> None:
+    """A ConflictError unless ``expected`` (None: anything) is the release's version; the
+    write's transaction compares it again."""
+    if expected is not None and expected != actual:
+        raise ConflictError(
+            kind="release", name=agent, expected=expected, actual=actual, counter="version"
+        )
 
 
 def _aware(iso: str) -> datetime:

@@ -219,6 +219,24 @@ async def test_a_stale_expected_version_is_a_conflict_on_grpc_and_rest(
     assert (got.release.version, got.release.canary_weight) == (2, 30)
 
 
+async def test_a_stale_expected_version_is_reported_before_an_empty_track_and_in_a_dry_run(
+    api: Api, store: SpecStore
+) -> None:
+    await observe_tracks(store, "helper", stable=1, canary=1)
+    await api.cp.set_release(OPS, "helper", ReleaseSpec.model_validate(SPLIT))
+    await observe_tracks(store, "helper", stable=1, canary=0)
+    spec = ReleaseSpec.model_validate({**SPLIT, "canaryWeight": 50})
+
+    with pytest.raises(ConflictError) as dry:
+        await api.cp.set_release(OPS, "helper", spec, dry_run=True, expected_version=0)
+    with pytest.raises(ConflictError) as both_wrong:
+        await api.cp.set_release(OPS, "helper", spec, expected_version=5)
+
+    assert (dry.value.expected, dry.value.actual) == (0, 1)
+    assert (both_wrong.value.expected, both_wrong.value.actual) == (5, 1)
+    assert (await store.get_release_state("helper")).spec == ReleaseSpec.model_validate(SPLIT)
+
+
 async def test_of_two_writers_with_the_same_expected_version_one_conflicts(
     api: Api, store: SpecStore
 ) -> None:
