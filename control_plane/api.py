@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from control_plane.auth import PERMISSIONS, Principal, authorize
-from control_plane.errors import BadRequestError
+from control_plane.errors import BadRequestError, TrackEmptyError
 from control_plane.issuer import CONTROL_PLANE_TREE, InvokeToken, TokenIssuer, subject_problem
 from control_plane.mcptools import McpToolCatalog, ToolListing
 from control_plane.mesh import IstioValidator, MeshSettings, render_agent
@@ -31,6 +31,7 @@ from control_plane.traces import (
     TraceSummary,
 )
 from specmesh.errors import (
+    ConflictError,
     NotFoundError,
     SecretNotFoundError,
     SecretReferenceError,
@@ -51,7 +52,7 @@ from specmesh.spec.models import (
     ReleaseSpec,
 )
 from specmesh.spec_apply import ApplyOutcome, SpecService
-from specmesh.store import AgentRecord, AgentSummary, AuditEntry, SpecStore
+from specmesh.store import AgentRecord, AgentSummary, AuditEntry, ReleaseState, SpecStore
 from specmesh.vault import VaultClient
 from specmesh.workloads import TRACKS, AgentStatus
 
@@ -460,10 +461,11 @@ class ControlPlane:
 
     # ------------------------------------------------------------ releases
 
-    async def get_release(self, principal: Principal, agent: str) -> ReleaseSpec | None:
+    async def get_release(self, principal: Principal, agent: str) -> ReleaseState:
+        """The agent's release policy (None: it has none) and its version (0: none)."""
         authorize(principal, "releases.read")
         await self.store.get_agent(agent)  # 404 for an unknown agent
-        return await self.store.get_release(agent)
+        return await self.store.get_release_state(agent)
 
     async def set_release(
         self,
@@ -473,38 +475,151 @@ class ControlPlane:
         *,
         dry_run: bool = False,
         message: str = "",
-    ) -> ReleaseSpec:
+        allow_empty: bool = False,
+        expected_version: int | None = None,
+    ) -> ReleaseState:
+        """Create or replace the release policy. Refused (:class:`TrackEmptyError`) when
+        it sends calls to a track with no ready instance, unless ``allow_empty``; a
+        :class:`ConflictError` when ``expected_version`` is not the policy's version."""
         authorize(principal, "releases.write")
-        if dry_run:  # the agent and the revisions it names must exist; nothing is written
-            for revision in (None, spec.stable_revision, spec.canary_revision):
+        await self.store.get_agent(agent)  # 404 for an unknown agent before anything else
+        version = (await self.store.get_release_state(agent)).version
+        _expect_version(agent, expected_version, version)
+        if dry_run:  # the revisions it names must exist; nothing is written
+            for revision in (spec.stable_revision, spec.canary_revision):
                 await self.store.get_agent(agent, revision)
-            return spec
-        await self.store.put_release(agent, spec, actor=principal.name, message=message)
-        return spec
+        if not allow_empty:
+            await self._check_tracks(agent, spec)
+        if dry_run:
+            return ReleaseState(spec, version)
+        return await self.store.put_release(
+            agent,
+            spec,
+            actor=principal.name,
+            message=message,
+            action="set",
+            expected_version=expected_version,
+        )
 
-    async def promote(self, principal: Principal, agent: str, *, message: str = "") -> ReleaseSpec:
+    async def _check_tracks(self, agent: str, spec: ReleaseSpec) -> None:
+        """Refuse ``spec`` if it sends calls to a track the controller last saw with no
+        ready instance, or if no status of the agent was seen at all."""
+        sends = []
+        canary = [f"{spec.canary_weight}% of calls"] if spec.canary_weight else []
+        if spec.header_match:
+            canary.append("the calls matching its headerMatch")
+        if canary:
+            sends.append(("canary", " and ".join(canary)))
+        if spec.canary_weight < 100:
+            sends.append(("stable", f"{100 - spec.canary_weight}% of calls"))
+        status = await self.store.get_status(agent)
+        tracks = AgentStatus.from_json({"agent": agent, **status}).tracks if status else {}
+        for track, share in sends:
+            advice = ""
+            if track == "canary":
+                advice = (
+                    "a release naming a canary revision starts the canary track: set the "
+                    f"canary revision at weight 0 first (`specmesh release set {agent} "
+                    f"--canary-revision {spec.canary_revision} --weight 0`), wait until "
+                    "`specmesh get agents` shows its canary ready, then raise the weight"
+                )
+            if status is None:
+                unobserved = (
+                    "the control plane runs no controller (SPECMESH_RUNTIME=none)"
+                    if self.runtime == "none"
+                    else "the controller has not reported on the agent yet (it does within "
+                    "seconds of an apply): retry then"
+                )
+                raise TrackEmptyError(
+                    agent=agent,
+                    track=track,
+                    share=share,
+                    ready=None,
+                    desired=None,
+                    advice=advice,
+                    unobserved=unobserved,
+                )
+            observed = tracks.get(track)
+            ready, desired = (observed.ready, observed.desired) if observed else (0, 0)
+            if ready == 0:
+                raise TrackEmptyError(
+                    agent=agent,
+                    track=track,
+                    share=share,
+                    ready=ready,
+                    desired=desired,
+                    advice=advice,
+                )
+
+    async def promote(
+        self,
+        principal: Principal,
+        agent: str,
+        *,
+        message: str = "",
+        expected_version: int | None = None,
+    ) -> ReleaseState:
         """The canary becomes stable; the split ends."""
-        return await self._end_split(principal, agent, message=message, promote=True)
+        return await self._end_split(
+            principal, agent, message=message, action="promote", expected_version=expected_version
+        )
 
-    async def abort(self, principal: Principal, agent: str, *, message: str = "") -> ReleaseSpec:
-        """The split ends; stable stays."""
-        return await self._end_split(principal, agent, message=message, promote=False)
+    async def abort(
+        self,
+        principal: Principal,
+        agent: str,
+        *,
+        message: str = "",
+        action: str = "abort",
+        details: dict[str, Any] | None = None,
+        expected_version: int | None = None,
+    ) -> ReleaseState:
+        """The split ends; stable stays. ``action`` is ``abort`` or ``auto-abort`` (the
+        analysis loop's, with the figures that failed in ``details``); never refused for
+        an empty track: it only moves calls back to stable."""
+        if action not in ("abort", "auto-abort"):
+            raise ValueError(f"abort action {action!r}: not abort or auto-abort")
+        return await self._end_split(
+            principal,
+            agent,
+            message=message,
+            action=action,
+            details=details,
+            expected_version=expected_version,
+        )
 
     async def _end_split(
-        self, principal: Principal, agent: str, *, message: str, promote: bool
-    ) -> ReleaseSpec:
+        self,
+        principal: Principal,
+        agent: str,
+        *,
+        message: str,
+        action: str,
+        details: dict[str, Any] | None = None,
+        expected_version: int | None = None,
+    ) -> ReleaseState:
         """No canary any more (``promote``: it becomes stable first); a SpecError when the
-        agent has no canary."""
+        agent has no canary. The write is guarded by the version read here (or
+        ``expected_version``), so a concurrent change is a ConflictError, never lost."""
         authorize(principal, "releases.write")
-        current = await self.store.get_release(agent)
+        state = await self.store.get_release_state(agent)
+        _expect_version(agent, expected_version, state.version)
+        current = state.spec
         if current is None or current.canary_revision is None:
             raise SpecError([SpecIssue("release", "no_canary", f"agent {agent!r} has no canary")])
         update: dict[str, Any] = {"canary_revision": None, "canary_weight": 0, "header_match": []}
-        if promote:
+        if action == "promote":
             update["stable_revision"] = current.canary_revision
         ended = current.model_copy(update=update)
-        await self.store.put_release(agent, ended, actor=principal.name, message=message)
-        return ended
+        return await self.store.put_release(
+            agent,
+            ended,
+            actor=principal.name,
+            message=message,
+            action=action,
+            expected_version=state.version,
+            details=details,
+        )
 
     # ------------------------------------------------------------ secret versions
 
@@ -903,6 +1018,15 @@ def _credential_folder(prefix: str, mount: str) -> str:
             f"'{_CREDENTIALS_ROOT}/' (got {prefix!r})"
         )
     return folder
+
+
+def _expect_version(agent: str, expected: int | None, actual: int) -> None:
+    """A ConflictError unless ``expected`` (None: anything) is the release's version; the
+    write's transaction compares it again."""
+    if expected is not None and expected != actual:
+        raise ConflictError(
+            kind="release", name=agent, expected=expected, actual=actual, counter="version"
+        )
 
 
 def _aware(iso: str) -> datetime:

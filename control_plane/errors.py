@@ -7,6 +7,9 @@ every error to its HTTP status, gRPC status code and reason, for REST and gRPC a
     |   +-- PermissionDeniedError   the role may not do this          403 / PERMISSION_DENIED
     |   +-- BadRequestError         a malformed request body/param    400 / INVALID_ARGUMENT
     |   +-- BodyTooLargeError       a request body over the limit     413 / RESOURCE_EXHAUSTED
+    |   +-- TrackEmptyError         a release sends calls to a track  409 / FAILED_PRECONDITION
+    |                               with no ready instance (or none
+    |                               observed yet)
     +-- (core errors, see specmesh.errors)
         SpecError                                                     400 / INVALID_ARGUMENT
         ConflictError                                                 409 / ABORTED
@@ -47,6 +50,7 @@ __all__ = [
     "BodyTooLargeError",
     "ErrorMapping",
     "PermissionDeniedError",
+    "TrackEmptyError",
     "UnauthenticatedError",
     "error_body",
     "error_mapping",
@@ -83,6 +87,37 @@ class BodyTooLargeError(ApiError):
         super().__init__(f"body: must be at most {limit} bytes")
 
 
+class TrackEmptyError(ApiError):
+    """A release would send calls to a track of ``agent`` with no ready instance, as the
+    controller last observed it; ``ready``/``desired`` are None when no status of the agent
+    was observed (``unobserved`` says why)."""
+
+    def __init__(
+        self,
+        *,
+        agent: str,
+        track: str,
+        share: str,
+        ready: int | None,
+        desired: int | None,
+        advice: str = "",
+        unobserved: str = "",
+    ) -> None:
+        self.agent = agent
+        self.track = track
+        self.ready = ready
+        self.desired = desired
+        if ready is None:
+            seen = f"but its ready instances are unknown: {unobserved}"
+        else:
+            seen = f"which has {ready} ready of {desired} desired instance(s)"
+        advice = f"{advice}; or " if advice else ""
+        super().__init__(
+            f"release of agent {agent!r} sends {share} to track {track}, {seen}; "
+            f"{advice}pass --allow-empty (allow_empty) to set it anyway"
+        )
+
+
 @dataclass(frozen=True)
 class ErrorMapping:
     """How one kind of error is answered, on every transport."""
@@ -102,6 +137,7 @@ ERROR_TABLE: tuple[ErrorMapping, ...] = (
     ),
     ErrorMapping(BadRequestError, 400, grpc.StatusCode.INVALID_ARGUMENT, "bad_request"),
     ErrorMapping(BodyTooLargeError, 413, grpc.StatusCode.RESOURCE_EXHAUSTED, "too_large"),
+    ErrorMapping(TrackEmptyError, 409, grpc.StatusCode.FAILED_PRECONDITION, "track_empty"),
     ErrorMapping(SpecError, 400, grpc.StatusCode.INVALID_ARGUMENT, "invalid_spec"),
     ErrorMapping(ConflictError, 409, grpc.StatusCode.ABORTED, "conflict"),
     ErrorMapping(NameCollisionError, 409, grpc.StatusCode.ALREADY_EXISTS, "name_collision"),

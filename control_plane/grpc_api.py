@@ -51,7 +51,7 @@ from specmesh.spec.manifest import parse_manifest
 from specmesh.spec.models import McpServerSpec, PromptEntry, PromptRelease, ReleaseSpec
 from specmesh.spec.validation import issues_from_validation_error, validate_model
 from specmesh.spec_apply import ApplyOutcome
-from specmesh.store import AgentRecord, AuditEntry
+from specmesh.store import AgentRecord, AuditEntry, ReleaseState
 from specmesh.v1 import common_pb2, control_plane_pb2, control_plane_pb2_grpc
 from specmesh.workloads import AgentStatus
 
@@ -223,7 +223,10 @@ def _tool_listing(name: str, listing: ToolListing) -> _pb.McpToolListing:
     )
 
 
-def _release(agent: str, spec: ReleaseSpec, entry: AuditEntry | None) -> _pb.Release:
+def _release(agent: str, state: ReleaseState, entry: AuditEntry | None) -> _pb.Release:
+    spec = state.spec
+    if spec is None:  # the callers answer "no policy" themselves; this is a bug
+        raise NotFoundError(kind="release of agent", name=agent)
     header_match = []
     for h in spec.header_match:
         matches = {k: v for k in ("exact", "prefix", "regex") if (v := getattr(h, k)) is not None}
@@ -235,6 +238,7 @@ def _release(agent: str, spec: ReleaseSpec, entry: AuditEntry | None) -> _pb.Rel
         canary_weight=spec.canary_weight,
         header_match=header_match,
         spec=to_struct(spec.model_dump(mode="json", by_alias=True)),
+        version=state.version,
         **_who(entry),
     )
 
@@ -262,6 +266,9 @@ def _audit_entry(e: AuditEntry) -> _pb.AuditEntry:
         revision=e.revision or 0,
         changes=[_change(c) for c in e.changes],
         message=e.message,
+        before=None if e.before is None else to_struct(e.before),
+        after=None if e.after is None else to_struct(e.after),
+        details=None if e.details is None else to_struct(e.details),
     )
 
 
@@ -790,37 +797,53 @@ class _AgentRegistryService(Servicer):
 
 
 class _ReleaseService(Servicer):
-    async def _reply(self, p: Principal, agent: str, spec: ReleaseSpec) -> Any:
+    async def _reply(self, p: Principal, agent: str, state: ReleaseState) -> Any:
         entry = (await self.cp.last_changes(p, "Release")).get(agent)
-        return _release(agent, spec, entry)
+        return _release(agent, state, entry)
 
     @_rpc
     async def SetRelease(self, p: Principal, request: Any) -> Any:
         agent = _required(request.agent_name, "agent_name")
         stored = await self.cp.set_release(
-            p, agent, _release_spec(request), dry_run=request.dry_run, message=request.message
+            p,
+            agent,
+            _release_spec(request),
+            dry_run=request.dry_run,
+            message=request.message,
+            allow_empty=request.allow_empty,
+            expected_version=_optional(request, "expected_version"),
         )
         return _pb.SetReleaseResponse(release=await self._reply(p, agent, stored))
 
     @_rpc
     async def PromoteRelease(self, p: Principal, request: Any) -> Any:
         agent = _required(request.agent_name, "agent_name")
-        spec = await self.cp.promote(p, agent, message=request.message)
-        return _pb.PromoteReleaseResponse(release=await self._reply(p, agent, spec))
+        state = await self.cp.promote(
+            p,
+            agent,
+            message=request.message,
+            expected_version=_optional(request, "expected_version"),
+        )
+        return _pb.PromoteReleaseResponse(release=await self._reply(p, agent, state))
 
     @_rpc
     async def AbortRelease(self, p: Principal, request: Any) -> Any:
         agent = _required(request.agent_name, "agent_name")
-        spec = await self.cp.abort(p, agent, message=request.message)
-        return _pb.AbortReleaseResponse(release=await self._reply(p, agent, spec))
+        state = await self.cp.abort(
+            p,
+            agent,
+            message=request.message,
+            expected_version=_optional(request, "expected_version"),
+        )
+        return _pb.AbortReleaseResponse(release=await self._reply(p, agent, state))
 
     @_rpc
     async def GetRelease(self, p: Principal, request: Any) -> Any:
         agent = _required(request.agent_name, "agent_name")
-        spec = await self.cp.get_release(p, agent)
-        if spec is None:
+        state = await self.cp.get_release(p, agent)
+        if state.spec is None:
             return _pb.GetReleaseResponse()
-        return _pb.GetReleaseResponse(release=await self._reply(p, agent, spec))
+        return _pb.GetReleaseResponse(release=await self._reply(p, agent, state))
 
     @_rpc
     async def PreviewRelease(self, p: Principal, request: Any) -> Any:

@@ -13,6 +13,8 @@ AgentCard                            a2a-sdk's ``AgentCard`` message in proto3 J
 IstioObject                          a Kubernetes object (apiVersion, kind, metadata, spec)
 JsonSchema                           an MCP tool's ``inputSchema``
 Attributes                           OpenTelemetry span/resource attributes
+AuditObject                          an object before or after an audited change
+AuditDetails                         why an automatic change was made (its figures)
 ==================================  ==========================================================
 
 :func:`json_schema` answers a name with its schema and the ``$defs`` it refers to (to be
@@ -92,6 +94,17 @@ _LITERAL: dict[str, dict[str, Any]] = {
         "type": "object",
         "description": "OpenTelemetry attributes: name -> value",
         "additionalProperties": _ATTRIBUTE_VALUE,
+    },
+    "AuditObject": {
+        "type": "object",
+        "description": "the object as stored before or after the change (a release: its "
+        "ReleaseSpec)",
+        "additionalProperties": True,
+    },
+    "AuditDetails": {
+        "type": "object",
+        "description": "why an automatic change was made, e.g. an auto-abort's gate figures",
+        "additionalProperties": True,
     },
 }
 

@@ -157,16 +157,27 @@ class WatchStalledError(StoreUnavailableError):
 class ConflictError(StoreError):
     """The expected revision is stale: somebody else changed the object first."""
 
-    def __init__(self, *, kind: str, name: str, expected: int | None, actual: int | None) -> None:
+    def __init__(
+        self,
+        *,
+        kind: str,
+        name: str,
+        expected: int | None,
+        actual: int | None,
+        counter: str = "revision",
+    ) -> None:
         self.kind = kind
         self.name = name
         self.expected = expected
         self.actual = actual
+        self.counter = counter
+        """What ``expected`` and ``actual`` count: an agent's ``revision``, a release's
+        ``version``."""
         exp = "none (create)" if not expected else str(expected)
         act = "none (does not exist)" if not actual else str(actual)
         super().__init__(
-            f"conflict on {kind} {name!r}: expected revision {exp}, current revision is {act}; "
-            "re-read it and apply again"
+            f"conflict on {kind} {name!r}: expected {counter} {exp}, current {counter} is "
+            f"{act}; re-read it and apply again"
         )
 
 

@@ -176,9 +176,10 @@ class SpecService:
         if isinstance(m, ReleaseManifest):
             changed = False
             if not dry_run:
-                changed = await self.store.put_release(
+                written = await self.store.put_release(
                     m.metadata.name, m.spec, actor=actor, message=message
                 )
+                changed = written.changed
             return ApplyOutcome("Release", m.metadata.name, loaded.source, changed)
         raise TypeError(f"unsupported manifest {type(m).__name__}")
 

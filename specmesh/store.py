@@ -43,10 +43,12 @@ from specmesh.spec.secretpaths import iter_secrets
 from specmesh.spec.validation import format_path, validate_model
 
 __all__ = [
+    "RELEASE_ACTIONS",
     "AgentRecord",
     "AgentSummary",
     "ApplyResult",
     "AuditEntry",
+    "ReleaseState",
     "SpecStore",
     "dumps",
     "grant_id",
@@ -167,9 +169,16 @@ class AuditEntry:
     previous_revision: int | None
     changes: list[dict[str, Any]]
     message: str = ""
+    before: dict[str, Any] | None = None
+    """The object as it was (a release's policy JSON); None when it did not exist or the
+    entry does not record it (agents keep revisions instead)."""
+    after: dict[str, Any] | None = None
+    """The object as the change left it; None when deleted or not recorded."""
+    details: dict[str, Any] | None = None
+    """Why an automatic change was made (e.g. an auto-abort's gate figures)."""
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "id": self.id,
             "time": self.time,
             "actor": self.actor,
@@ -181,6 +190,10 @@ class AuditEntry:
             "changes": self.changes,
             "message": self.message,
         }
+        for key in ("before", "after", "details"):
+            if (value := getattr(self, key)) is not None:
+                out[key] = value
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> AuditEntry:
@@ -195,7 +208,26 @@ class AuditEntry:
             previous_revision=data.get("previousRevision"),
             changes=data.get("changes", []),
             message=data.get("message", ""),
+            before=data.get("before"),
+            after=data.get("after"),
+            details=data.get("details"),
         )
+
+
+RELEASE_ACTIONS: tuple[str, ...] = ("set", "promote", "abort", "auto-abort")
+"""What a release write does; its audit entry's action is ``release.<action>``."""
+
+
+@dataclass(frozen=True)
+class ReleaseState:
+    """An agent's release policy and the etcd version of its key: 0 when it has none, 1
+    once set, +1 per change -- what a guarded write passes as ``expected_version``."""
+
+    spec: ReleaseSpec | None
+    version: int
+    changed: bool = False
+    """Of a write: whether it wrote anything (a ``set`` equal to the stored policy does
+    not)."""
 
 
 def _same_name(a: str, b: str) -> bool:
@@ -244,6 +276,9 @@ class SpecStore:
         previous: int | None,
         changes: list[Change],
         message: str = "",
+        before: dict[str, Any] | None = None,
+        after: dict[str, Any] | None = None,
+        details: dict[str, Any] | None = None,
     ) -> tuple[AuditEntry, Op]:
         now = _now()
         entry = AuditEntry(
@@ -257,6 +292,9 @@ class SpecStore:
             previous_revision=previous,
             changes=[c.to_json() for c in changes],
             message=message,
+            before=before,
+            after=after,
+            details=details,
         )
         stamp = now.strftime("%Y%m%dT%H%M%S.%fZ")
         return entry, Op.put(self.keys.audit_entry(stamp, entry.id), dumps(entry.to_json()))
@@ -671,8 +709,24 @@ class SpecStore:
         return out
 
     async def put_release(
-        self, agent: str, spec: ReleaseSpec, *, actor: str, message: str = ""
-    ) -> bool:
+        self,
+        agent: str,
+        spec: ReleaseSpec,
+        *,
+        actor: str,
+        message: str = "",
+        action: str = "set",
+        expected_version: int | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> ReleaseState:
+        """Write ``agent``'s release policy in one transaction with its audit entry
+        (action ``release.<action>``, the policy before and after, ``details``), guarded
+        by the release key's version: ``expected_version`` is the version the caller read
+        (0: no release yet); when ``None`` the version read here is used, so only a
+        concurrent writer can conflict. A ``set`` equal to the stored policy writes
+        nothing. Returns the policy, its version after the call and whether it wrote."""
+        if action not in RELEASE_ACTIONS:
+            raise ValueError(f"release action {action!r}: not one of {RELEASE_ACTIONS}")
         current = await self.current_revision(agent)
         if current == 0:
             raise NotFoundError(kind="agent", name=agent)
@@ -687,18 +741,52 @@ class SpecStore:
                     )
                 ]
             )
-        return await self._put_with_audit(
-            self.keys.agent_release(agent),
-            spec.model_dump(mode="json"),
+        key = self.keys.agent_release(agent)
+        existing = await self.etcd.get(key)
+        version = existing.version if existing else 0
+        expected = version if expected_version is None else expected_version
+        if expected != version:
+            raise ConflictError(
+                kind="release", name=agent, expected=expected, actual=version, counter="version"
+            )
+        before = json.loads(existing.value) if existing else None
+        after = spec.model_dump(mode="json")
+        changes = diff_json(before or {}, after)
+        if existing is not None and not changes and action == "set":
+            return ReleaseState(spec, version)
+        _, audit_op = self._audit(
             actor=actor,
+            action=f"release.{action}",
             kind="Release",
             name=agent,
+            revision=None,
+            previous=None,
+            changes=changes,
             message=message,
+            before=before,
+            after=after,
+            details=details,
         )
+        result = await self.etcd.txn(
+            compare=[Compare(key, "VERSION", "EQUAL", version)],
+            success=[Op.put(key, dumps(after)), audit_op],
+        )
+        if not result.succeeded:
+            actual = (await self.get_release_state(agent)).version
+            raise ConflictError(
+                kind="release", name=agent, expected=expected, actual=actual, counter="version"
+            )
+        return ReleaseState(spec, version + 1, changed=True)
 
     async def get_release(self, agent: str) -> ReleaseSpec | None:
+        return (await self.get_release_state(agent)).spec
+
+    async def get_release_state(self, agent: str) -> ReleaseState:
+        """The release policy and its version, from one read."""
         kv = await self.etcd.get(self.keys.agent_release(agent))
-        return ReleaseSpec.model_validate_json(kv.value) if kv else None
+        if kv is None:
+            return ReleaseState(None, 0)
+        return ReleaseState(ReleaseSpec.model_validate_json(kv.value), kv.version)
 
     async def list_instances(self, agent: str | None = None) -> list[dict[str, Any]]:
         """Live instances from the Agent Registry (their keys live under leases)."""

@@ -26,14 +26,15 @@ def _json(release: Any) -> dict[str, Any]:
 
 async def fetch(cp: ControlPlaneClient, agent: str) -> dict[str, Any] | None:
     """The agent's release policy; None when it has none (NOT_FOUND: no such agent)."""
+    return (await _fetch_versioned(cp, agent))[0]
+
+
+async def _fetch_versioned(cp: ControlPlaneClient, agent: str) -> tuple[dict[str, Any] | None, int]:
+    """The agent's release policy (None: none) and its version (0: none)."""
     reply = await cp.call(cp.releases.GetRelease, pb.GetReleaseRequest(agent_name=agent))
-    return _json(reply.release) if reply.HasField("release") else None
-
-
-async def _set(cp: ControlPlaneClient, agent: str, spec: dict[str, Any]) -> dict[str, Any]:
-    request = pb.SetReleaseRequest(agent_name=agent, release=to_struct(spec))
-    reply = await cp.call(cp.releases.SetRelease, request)
-    return _json(reply.release)
+    if not reply.HasField("release"):
+        return None, 0
+    return _json(reply.release), reply.release.version
 
 
 def line(agent: str, release: dict[str, Any] | None) -> str:
@@ -92,43 +93,77 @@ def _parse_header(raw: str) -> dict[str, str]:
 async def cmd_release(args: argparse.Namespace, ctx: Context) -> int:
     cp, agent = ctx.cp, args.agent
     if args.action == "get":
-        _show(agent, await fetch(cp, agent), args.output)
+        got, version = await _fetch_versioned(cp, agent)
+        if args.output == "text":
+            write(line(agent, got) + (f" (version {version})" if got is not None else ""))
+        else:
+            print_data(None if got is None else {**got, "version": version}, args.output)
         return EXIT_OK
     if args.action in ("promote", "abort"):
         if args.action == "promote":
-            reply = await cp.call(
-                cp.releases.PromoteRelease, pb.PromoteReleaseRequest(agent_name=agent)
+            promote = pb.PromoteReleaseRequest(
+                agent_name=agent, expected_version=args.expected_version
             )
+            reply = await cp.call(cp.releases.PromoteRelease, promote)
         else:
-            reply = await cp.call(
-                cp.releases.AbortRelease, pb.AbortReleaseRequest(agent_name=agent)
-            )
+            abort = pb.AbortReleaseRequest(agent_name=agent, expected_version=args.expected_version)
+            reply = await cp.call(cp.releases.AbortRelease, abort)
         _show(agent, _json(reply.release), args.output)
         return EXIT_OK
     # set: the split (canary revision, weight, header match) is replaced; the stable
     # revision is kept unless given, and so are timeout, retries, outlier detection and
-    # connection pool. (Read-modify-write: the release has no expected revision.)
-    release = dict(await fetch(cp, agent) or {})
+    # connection pool. The write is guarded by the version read (or --expected-version):
+    # a change made in between is a conflict, never overwritten.
+    stored, version = await _fetch_versioned(cp, agent)
+    release = dict(stored or {})
     release["canaryRevision"] = args.canary_revision
     release["canaryWeight"] = args.weight
     release["headerMatch"] = [_parse_header(h) for h in args.header]
     if args.stable_revision is not None:
         release["stableRevision"] = args.stable_revision
-    _show(agent, await _set(cp, agent, release), args.output)
+    request = pb.SetReleaseRequest(
+        agent_name=agent,
+        release=to_struct(release),
+        allow_empty=args.allow_empty,
+        expected_version=version if args.expected_version is None else args.expected_version,
+    )
+    reply = await cp.call(cp.releases.SetRelease, request)
+    _show(agent, _json(reply.release), args.output)
     return EXIT_OK
 
 
 def register(r: Registrar) -> None:
     actions = r.group("release", "an agent's canary release")
     for action, helptext in (
-        ("get", "show the release policy"),
-        ("set", "set the canary revision, its weight and header match"),
+        ("get", "show the release policy and its version"),
+        (
+            "set",
+            "set the canary revision, its weight and header match; refused when it sends "
+            "calls to a track with no ready instance (naming a canary revision starts the "
+            "canary track: set it at --weight 0, wait until `get agents` shows it ready, "
+            "then raise the weight)",
+        ),
         ("promote", "the canary becomes stable; the split ends"),
         ("abort", "the split ends; stable stays"),
     ):
         a = actions.api(action, helptext, cmd_release)
         a.add_argument("agent")
+        if action != "get":
+            a.add_argument(
+                "--expected-version",
+                type=int,
+                default=None,
+                metavar="N",
+                help="change it only if the policy's version is N (`release get` shows it; "
+                "0: no policy yet); a concurrent change is a conflict (exit 3)"
+                + ("; default: the version read before the change" if action == "set" else ""),
+            )
         if action == "set":
+            a.add_argument(
+                "--allow-empty",
+                action="store_true",
+                help="set it even if a track it sends calls to has no ready instance",
+            )
             a.add_argument("--canary-revision", type=int, required=True)
             a.add_argument(
                 "--weight", type=int, default=0, help="percent of calls to the canary (0-100)"

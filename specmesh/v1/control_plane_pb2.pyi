@@ -2166,6 +2166,7 @@ class Release(_message.Message):
     UPDATED_BY_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     agent_name: _builtins.str
     """The agent's name."""
     stable_revision: _builtins.int
@@ -2176,6 +2177,10 @@ class Release(_message.Message):
     """Share of calls sent to the canary, in percent (0-100)."""
     updated_by: _builtins.str
     """Who last changed the policy."""
+    version: _builtins.int
+    """The policy's version: 1 once set, +1 per change (0: no policy). Pass it as
+    expected_version to change the policy only if nobody changed it since.
+    """
     @_builtins.property
     def header_match(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeaderMatch]:
         """Calls matching all of these go to the canary, whatever the weight."""
@@ -2201,10 +2206,11 @@ class Release(_message.Message):
         updated_by: _builtins.str = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         spec: _struct_pb2.Struct | None = ...,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_canary_revision", b"_canary_revision", "_stable_revision", b"_stable_revision", "canary_revision", b"canary_revision", "spec", b"spec", "stable_revision", b"stable_revision", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_canary_revision", b"_canary_revision", "_stable_revision", b"_stable_revision", "agent_name", b"agent_name", "canary_revision", b"canary_revision", "canary_weight", b"canary_weight", "header_match", b"header_match", "spec", b"spec", "stable_revision", b"stable_revision", "updated_at", b"updated_at", "updated_by", b"updated_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_canary_revision", b"_canary_revision", "_stable_revision", b"_stable_revision", "agent_name", b"agent_name", "canary_revision", b"canary_revision", "canary_weight", b"canary_weight", "header_match", b"header_match", "spec", b"spec", "stable_revision", b"stable_revision", "updated_at", b"updated_at", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__canary_revision: _TypeAlias = _typing.Literal["canary_revision"]  # noqa: Y015
     _WhichOneofArgType__canary_revision: _TypeAlias = _typing.Literal["_canary_revision", b"_canary_revision"]  # noqa: Y015
@@ -2227,12 +2233,20 @@ class SetReleaseRequest(_message.Message):
     RELEASE_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    ALLOW_EMPTY_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
     agent_name: _builtins.str
     """The agent's name."""
     dry_run: _builtins.bool
     """Validate without writing anything."""
     message: _builtins.str
     """Change message stored with the audit entry."""
+    allow_empty: _builtins.bool
+    """Set the policy even if it sends calls to a track with no ready instance."""
+    expected_version: _builtins.int
+    """When set, the change succeeds only if this is the policy's version (0: the agent has
+    no policy yet); guards concurrent operators.
+    """
     @_builtins.property
     def release(self) -> _struct_pb2.Struct:
         """The policy: stableRevision, canaryRevision, canaryWeight, headerMatch,
@@ -2246,12 +2260,16 @@ class SetReleaseRequest(_message.Message):
         release: _struct_pb2.Struct | None = ...,
         dry_run: _builtins.bool = ...,
         message: _builtins.str = ...,
+        allow_empty: _builtins.bool = ...,
+        expected_version: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["release", b"release"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version", "release", b"release"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "dry_run", b"dry_run", "message", b"message", "release", b"release"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "agent_name", b"agent_name", "allow_empty", b"allow_empty", "dry_run", b"dry_run", "expected_version", b"expected_version", "message", b"message", "release", b"release"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
+    _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_version) -> _WhichOneofReturnType__expected_version | None: ...
 
 Global___SetReleaseRequest: _TypeAlias = SetReleaseRequest  # noqa: Y015
 
@@ -2287,21 +2305,27 @@ class PromoteReleaseRequest(_message.Message):
 
     AGENT_NAME_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
     agent_name: _builtins.str
     """The agent's name."""
     message: _builtins.str
     """Change message stored with the audit entry."""
+    expected_version: _builtins.int
+    """When set, the change succeeds only if this is the policy's version."""
     def __init__(
         self,
         *,
         agent_name: _builtins.str = ...,
         message: _builtins.str = ...,
+        expected_version: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "agent_name", b"agent_name", "expected_version", b"expected_version", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
+    _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_version) -> _WhichOneofReturnType__expected_version | None: ...
 
 Global___PromoteReleaseRequest: _TypeAlias = PromoteReleaseRequest  # noqa: Y015
 
@@ -2337,21 +2361,27 @@ class AbortReleaseRequest(_message.Message):
 
     AGENT_NAME_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
     agent_name: _builtins.str
     """The agent's name."""
     message: _builtins.str
     """Change message stored with the audit entry."""
+    expected_version: _builtins.int
+    """When set, the change succeeds only if this is the policy's version."""
     def __init__(
         self,
         *,
         agent_name: _builtins.str = ...,
         message: _builtins.str = ...,
+        expected_version: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "agent_name", b"agent_name", "expected_version", b"expected_version", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
+    _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_version) -> _WhichOneofReturnType__expected_version | None: ...
 
 Global___AbortReleaseRequest: _TypeAlias = AbortReleaseRequest  # noqa: Y015
 
@@ -2930,13 +2960,17 @@ class AuditEntry(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     CHANGES_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    BEFORE_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The entry's id, unique and sortable by time."""
     actor: _builtins.str
     """The authenticated identity that made the change."""
     action: _builtins.str
-    """What was done, e.g. "apply", "delete", "rollback", "publish", "set-release",
-    "promote", "abort", "put", "grant", "revoke", "gc", "invoke-token".
+    """What was done, e.g. "apply", "delete", "rollback", "publish", "put", "grant",
+    "revoke", "gc", "invoke-token"; a release change is "release.set",
+    "release.promote", "release.abort" or "release.auto-abort".
     """
     kind: _builtins.str
     """Kind of the object changed: "Agent", "Prompt", "PromptRelease", "McpServer",
@@ -2956,6 +2990,20 @@ class AuditEntry(_message.Message):
     def changes(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Change]:
         """The changes made, by path; secret values are references or masks only."""
 
+    @_builtins.property
+    def before(self) -> _struct_pb2.Struct:
+        """The object before the change (a release: its policy); unset when it did not exist or
+        the entry does not record it.
+        """
+
+    @_builtins.property
+    def after(self) -> _struct_pb2.Struct:
+        """The object after the change (a release: its policy)."""
+
+    @_builtins.property
+    def details(self) -> _struct_pb2.Struct:
+        """Why an automatic change was made: e.g. an auto-abort's gate figures."""
+
     def __init__(
         self,
         *,
@@ -2968,10 +3016,13 @@ class AuditEntry(_message.Message):
         revision: _builtins.int = ...,
         changes: _abc.Iterable[_common_pb2.Change] | None = ...,
         message: _builtins.str = ...,
+        before: _struct_pb2.Struct | None = ...,
+        after: _struct_pb2.Struct | None = ...,
+        details: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "before", b"before", "details", b"details", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "changes", b"changes", "id", b"id", "kind", b"kind", "message", b"message", "name", b"name", "revision", b"revision", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "after", b"after", "before", b"before", "changes", b"changes", "details", b"details", "id", b"id", "kind", b"kind", "message", b"message", "name", b"name", "revision", b"revision", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

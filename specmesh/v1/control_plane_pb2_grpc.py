@@ -1378,7 +1378,10 @@ class ReleaseServiceServicer:
 
     def SetRelease(self, request, context):
         """SetRelease creates or replaces an agent's release policy; the revisions it names
-        must exist.
+        must exist. FAILED_PRECONDITION (reason track_empty) when the policy sends calls to a
+        track with no ready instance as the controller last observed it (or no status of the
+        agent was observed), unless allow_empty; ABORTED when expected_version is set and is
+        not the policy's version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -1386,7 +1389,8 @@ class ReleaseServiceServicer:
 
     def PromoteRelease(self, request, context):
         """PromoteRelease makes the canary revision stable and ends the split;
-        INVALID_ARGUMENT when there is no canary.
+        INVALID_ARGUMENT when there is no canary; ABORTED when expected_version is set and is
+        not the policy's version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -1394,7 +1398,8 @@ class ReleaseServiceServicer:
 
     def AbortRelease(self, request, context):
         """AbortRelease ends the split and drops the canary; stable is unchanged.
-        INVALID_ARGUMENT when there is no canary.
+        INVALID_ARGUMENT when there is no canary; ABORTED when expected_version is set and is
+        not the policy's version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

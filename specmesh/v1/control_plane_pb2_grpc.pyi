@@ -602,15 +602,20 @@ class ReleaseServiceStub:
     def __new__(cls, channel: _aio.Channel) -> ReleaseServiceAsyncStub: ...
     SetRelease: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.SetReleaseRequest, _control_plane_pb2.SetReleaseResponse]
     """SetRelease creates or replaces an agent's release policy; the revisions it names
-    must exist.
+    must exist. FAILED_PRECONDITION (reason track_empty) when the policy sends calls to a
+    track with no ready instance as the controller last observed it (or no status of the
+    agent was observed), unless allow_empty; ABORTED when expected_version is set and is
+    not the policy's version.
     """
     PromoteRelease: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.PromoteReleaseRequest, _control_plane_pb2.PromoteReleaseResponse]
     """PromoteRelease makes the canary revision stable and ends the split;
-    INVALID_ARGUMENT when there is no canary.
+    INVALID_ARGUMENT when there is no canary; ABORTED when expected_version is set and is
+    not the policy's version.
     """
     AbortRelease: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.AbortReleaseRequest, _control_plane_pb2.AbortReleaseResponse]
     """AbortRelease ends the split and drops the canary; stable is unchanged.
-    INVALID_ARGUMENT when there is no canary.
+    INVALID_ARGUMENT when there is no canary; ABORTED when expected_version is set and is
+    not the policy's version.
     """
     GetRelease: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.GetReleaseRequest, _control_plane_pb2.GetReleaseResponse]
     """GetRelease returns an agent's release policy, unset when it has none (every
@@ -633,15 +638,20 @@ class ReleaseServiceAsyncStub(ReleaseServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     SetRelease: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.SetReleaseRequest, _control_plane_pb2.SetReleaseResponse]  # type: ignore[assignment]
     """SetRelease creates or replaces an agent's release policy; the revisions it names
-    must exist.
+    must exist. FAILED_PRECONDITION (reason track_empty) when the policy sends calls to a
+    track with no ready instance as the controller last observed it (or no status of the
+    agent was observed), unless allow_empty; ABORTED when expected_version is set and is
+    not the policy's version.
     """
     PromoteRelease: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.PromoteReleaseRequest, _control_plane_pb2.PromoteReleaseResponse]  # type: ignore[assignment]
     """PromoteRelease makes the canary revision stable and ends the split;
-    INVALID_ARGUMENT when there is no canary.
+    INVALID_ARGUMENT when there is no canary; ABORTED when expected_version is set and is
+    not the policy's version.
     """
     AbortRelease: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.AbortReleaseRequest, _control_plane_pb2.AbortReleaseResponse]  # type: ignore[assignment]
     """AbortRelease ends the split and drops the canary; stable is unchanged.
-    INVALID_ARGUMENT when there is no canary.
+    INVALID_ARGUMENT when there is no canary; ABORTED when expected_version is set and is
+    not the policy's version.
     """
     GetRelease: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.GetReleaseRequest, _control_plane_pb2.GetReleaseResponse]  # type: ignore[assignment]
     """GetRelease returns an agent's release policy, unset when it has none (every
@@ -667,7 +677,10 @@ class ReleaseServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_control_plane_pb2.SetReleaseResponse, _abc.Awaitable[_control_plane_pb2.SetReleaseResponse]]:
         """SetRelease creates or replaces an agent's release policy; the revisions it names
-        must exist.
+        must exist. FAILED_PRECONDITION (reason track_empty) when the policy sends calls to a
+        track with no ready instance as the controller last observed it (or no status of the
+        agent was observed), unless allow_empty; ABORTED when expected_version is set and is
+        not the policy's version.
         """
 
     @_abc_1.abstractmethod
@@ -677,7 +690,8 @@ class ReleaseServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_control_plane_pb2.PromoteReleaseResponse, _abc.Awaitable[_control_plane_pb2.PromoteReleaseResponse]]:
         """PromoteRelease makes the canary revision stable and ends the split;
-        INVALID_ARGUMENT when there is no canary.
+        INVALID_ARGUMENT when there is no canary; ABORTED when expected_version is set and is
+        not the policy's version.
         """
 
     @_abc_1.abstractmethod
@@ -687,7 +701,8 @@ class ReleaseServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_control_plane_pb2.AbortReleaseResponse, _abc.Awaitable[_control_plane_pb2.AbortReleaseResponse]]:
         """AbortRelease ends the split and drops the canary; stable is unchanged.
-        INVALID_ARGUMENT when there is no canary.
+        INVALID_ARGUMENT when there is no canary; ABORTED when expected_version is set and is
+        not the policy's version.
         """
 
     @_abc_1.abstractmethod

@@ -415,6 +415,13 @@ def clean_release(fleet: dict[str, Any]) -> Iterator[str]:
     progress before and after the test."""
     agent = "schedulex-assistant"
     _abort_release(fleet, agent)
+
+    def both_tracks_ready() -> bool:  # a release sending calls to an empty track is refused
+        status = _api(fleet, "GET", f"/api/v1/agents/{agent}/status")["status"]
+        tracks = status.get("tracks", {})
+        return all(tracks.get(t, {}).get("ready", 0) >= 1 for t in ("stable", "canary"))
+
+    eventually_sync(both_tracks_ready, what=f"{agent}'s tracks ready", timeout=60, every=POLL_EVERY)
     yield agent
     _abort_release(fleet, agent)
 

@@ -24,9 +24,11 @@ import yaml
 from control_plane.auth import Role
 from localfleet.installer import LocalServices
 from specmesh.etcd import EtcdClient
+from specmesh.keys import Keys
 from specmesh.names import resource_name
 from specmesh.ports import free_port
 from specmesh.protojson import to_struct
+from specmesh.store import SpecStore
 from specmesh.v1 import control_plane_pb2 as pb
 from specmeshctl.client import ControlPlaneClient
 from specmeshctl.main import main
@@ -34,6 +36,7 @@ from specmeshctl.settings import Settings
 
 from ..conftest import REPO
 from .cp_process import ControlPlaneProcess
+from .release_support import observe_tracks
 
 pytestmark = pytest.mark.integration
 
@@ -159,6 +162,19 @@ def _dump(services: LocalServices, prefix: str) -> str:
     return asyncio.run(read())
 
 
+def _observe(services: LocalServices, prefix: str, agent: str, *, canary: int) -> None:
+    """Write the agent's status as a controller would (this control plane runs none)."""
+
+    async def write() -> None:
+        client = EtcdClient(host=services.etcd.host, port=services.etcd.client_port)
+        try:
+            await observe_tracks(SpecStore(etcd=client, keys=Keys(prefix)), agent, canary=canary)
+        finally:
+            await client.close()
+
+    asyncio.run(write())
+
+
 # ---------------------------------------------------------------- through the API
 
 
@@ -228,10 +244,17 @@ def test_get_describe_history_diff_rollback(
 
 
 def test_release_set_promote_abort_and_mesh_render(
-    cp: ControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    cp: ControlPlane,
+    services: LocalServices,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     _two_revisions(tmp_path, "cli-canary", capsys)
+    split = ("release", "set", "cli-canary", "--canary-revision", "2", "--weight", "10")
 
+    code, _, err = _run(capsys, *split)  # no controller reported on the agent
+    assert code == 1 and "ready instances are unknown" in err and "--allow-empty" in err
+    _observe(services, cp.prefix, "cli-canary", canary=1)
     code, out, err = _run(
         capsys, "release", "set", "cli-canary",
         "--canary-revision", "2", "--weight", "10", "--stable-revision", "1",
@@ -265,8 +288,9 @@ def test_release_set_promote_abort_and_mesh_render(
     code, out, _ = _run(capsys, "release", "abort", "cli-canary")
     assert (code, out) == (0, "release/cli-canary: stable revision 2, no canary\n")
     code, out, _ = _run(capsys, "release", "get", "cli-canary", "-o", "json")
-    assert json.loads(out)["canaryWeight"] == 0
-
+    assert json.loads(out)["canaryWeight"] == 0 and json.loads(out)["version"] == 4
+    code, out, _ = _run(capsys, "release", "get", "cli-canary")
+    assert out == "release/cli-canary: stable revision 2, no canary (version 4)\n"
     code, _, err = _run(capsys, "release", "abort", "cli-canary")
     assert code == 1 and "has no canary" in err
     code, _, err = _run(
@@ -275,6 +299,20 @@ def test_release_set_promote_abort_and_mesh_render(
     assert code == 1 and "canaryWeight: must be <= 100 (got 150)" in err  # the server's issue
     assert _run(capsys, "release", "set", "cli-canary", "--canary-revision", "2",
                 "--header", "no-equals-sign")[0] == 2  # fmt: skip
+
+    code, _, err = _run(capsys, *split, "--expected-version", "3")
+    assert code == 3 and "expected version 3, current version is 4" in err
+
+    _observe(services, cp.prefix, "cli-canary", canary=0)
+    code, _, err = _run(capsys, *split)
+    assert code == 1 and "track canary, which has 0 ready of 1 desired" in err
+    assert "--weight 0" in err  # how to start the canary first
+    code, out, err = _run(capsys, *split, "--allow-empty", "--expected-version", "4")
+    assert code == 0, err
+    code, out, _ = _run(capsys, "audit", "--name", "cli-canary", "--kind", "Release")
+    actions = [line.split()[2] for line in out.splitlines()[1:]]
+    assert actions == ["release.set", "release.abort", "release.set", "release.promote",
+                       "release.set"]  # fmt: skip
 
 
 # ---------------------------------------------------------------- exit codes

@@ -20,6 +20,7 @@ from specmesh.store import SpecStore
 from specmesh.vault import VaultClient, agent_policy_name
 
 from ..conftest import publish_prompt
+from .release_support import observe_tracks
 from .role_tokens import ROLE_TOKENS, rest_call, role_authenticator
 
 pytestmark = pytest.mark.integration
@@ -96,8 +97,9 @@ ALLOWED = {
 async def test_role_by_call_table_denies_by_default(
     api: TestServer, store: SpecStore, role: str
 ) -> None:
-    # the agent exists so that release calls can succeed where allowed
+    # the agent exists, its canary ready, so that release calls can succeed where allowed
     await _call(api, "POST", "/api/v1/apply", "admin", {"manifest": AGENT})
+    await observe_tracks(store, "helper", canary=1)
     # ...and a token exists that the revoke call can revoke where allowed
     mint = {"name": "to-revoke", "roles": ["secrets-admin"]}
     _, token = await _call(api, "POST", "/api/v1/tokens", "secrets-admin", mint)
@@ -148,8 +150,9 @@ async def test_no_role_can_read_a_secret_value(api: TestServer) -> None:
     assert creds and {c["maskedValue"] for c in creds} == {MASK}
 
 
-async def test_changes_are_audited_with_the_principal(api: TestServer) -> None:
+async def test_changes_are_audited_with_the_principal(api: TestServer, store: SpecStore) -> None:
     await _call(api, "POST", "/api/v1/apply", "operator", {"manifest": AGENT})
+    await observe_tracks(store, "helper", canary=1)
     await _call(
         api,
         "PUT",
@@ -159,17 +162,18 @@ async def test_changes_are_audited_with_the_principal(api: TestServer) -> None:
     )
     _, listed = await _call(api, "GET", "/api/v1/audit?name=helper", "admin")
     entries = listed["entries"]
-    assert [(e["actor"], e["kind"]) for e in entries][:2] == [
-        ("user-operator", "Release"),
-        ("user-operator", "Agent"),
+    assert [(e["actor"], e["action"], e["kind"]) for e in entries][:2] == [
+        ("user-operator", "release.set", "Release"),
+        ("user-operator", "apply", "Agent"),
     ]
     assert any(c["path"] == "canaryWeight" for c in entries[0]["changes"])
 
 
-async def test_release_promote_and_abort(api: TestServer) -> None:
+async def test_release_promote_and_abort(api: TestServer, store: SpecStore) -> None:
     await _call(api, "POST", "/api/v1/apply", "operator", {"manifest": AGENT})
     changed = {**AGENT, "spec": {**AGENT["spec"], "model": {"model": "m2", "apiKey": "sk-x"}}}
     await _call(api, "POST", "/api/v1/apply", "operator", {"manifest": changed})
+    await observe_tracks(store, "helper", canary=1)
     status, _ = await _call(
         api,
         "PUT",

@@ -31,6 +31,7 @@ from specmesh.vault import VaultClient
 from specmesh.workloads import AgentStatus, InstanceStatus, TrackStatus
 
 from ..conftest import publish_prompt
+from .release_support import observe_tracks
 from .role_tokens import ROLE_TOKENS, role_authenticator
 
 pytestmark = pytest.mark.integration
@@ -424,10 +425,11 @@ async def test_status_and_scale_of_an_unknown_agent_are_not_found(api: Api) -> N
 # ---------------------------------------------------------------- releases
 
 
-async def test_release_set_promote_and_abort(api: Api) -> None:
+async def test_release_set_promote_and_abort(api: Api, store: SpecStore) -> None:
     op = api.as_("operator")
     for model in ("m1", "m2"):
         await api.agents.ApplyAgent(pb.ApplyAgentRequest(manifest=_agent(model=model)), metadata=op)
+    await observe_tracks(store, "helper", canary=1)
     none_yet = await api.releases.GetRelease(pb.GetReleaseRequest(agent_name="helper"), metadata=op)
 
     dry = await api.releases.SetRelease(
@@ -472,9 +474,11 @@ async def test_release_set_promote_and_abort(api: Api) -> None:
     assert r.header_match[0].WhichOneof("match") == "exact" and r.header_match[0].exact == "yes"
     assert from_struct(r.spec)["timeoutSeconds"] == 30
     assert r.updated_by == "user-operator" and r.HasField("updated_at")
-    assert set_.release == got.release
+    assert set_.release == got.release and got.release.version == 1
+    assert dry.release.version == 0  # a dry run writes nothing
     p = promoted.release
     assert (p.stable_revision, p.HasField("canary_revision"), p.canary_weight) == (2, False, 0)
+    assert p.version == 2
     assert no_canary.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "has no canary" in no_canary.details()
 
@@ -632,10 +636,11 @@ async def test_agent_registry_lists_live_instances_and_their_card(
     assert from_struct(card.agent_card)["url"] == "https://10.0.0.7:8443"
 
 
-async def test_changes_are_audited_with_the_principal(api: Api) -> None:
+async def test_changes_are_audited_with_the_principal(api: Api, store: SpecStore) -> None:
     await api.agents.ApplyAgent(
         pb.ApplyAgentRequest(manifest=_agent()), metadata=api.as_("operator")
     )
+    await observe_tracks(store, "helper", canary=1)
     await api.releases.SetRelease(
         pb.SetReleaseRequest(
             agent_name="helper", release=to_struct({"canaryRevision": 1, "canaryWeight": 20})
@@ -649,9 +654,9 @@ async def test_changes_are_audited_with_the_principal(api: Api) -> None:
         pb.ListAuditEntriesRequest(kind="Agent", page_size=1), metadata=api.as_("admin")
     )
 
-    assert [(e.actor, e.kind) for e in entries.entries][:2] == [
-        ("user-operator", "Release"),
-        ("user-operator", "Agent"),
+    assert [(e.actor, e.action, e.kind) for e in entries.entries][:2] == [
+        ("user-operator", "release.set", "Release"),
+        ("user-operator", "apply", "Agent"),
     ]
     assert any(c.path == "canaryWeight" for c in entries.entries[0].changes)
     assert entries.entries[1].revision == 1
@@ -705,8 +710,9 @@ ALLOWED = {
 
 
 @pytest.mark.parametrize("role", list(TOKENS))
-async def test_role_by_call_table_denies_by_default(api: Api, role: str) -> None:
+async def test_role_by_call_table_denies_by_default(api: Api, store: SpecStore, role: str) -> None:
     await api.agents.ApplyAgent(pb.ApplyAgentRequest(manifest=_agent()), metadata=api.as_("admin"))
+    await observe_tracks(store, "helper", canary=1)
     outcomes = {name: await _status(call(api, api.as_(role))) for name, call in CALLS.items()}
 
     allowed = {n for n, code in outcomes.items() if code == grpc.StatusCode.OK}

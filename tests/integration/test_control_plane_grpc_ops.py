@@ -32,6 +32,7 @@ from specmesh.v1 import control_plane_pb2 as pb
 from specmesh.vault import VaultClient
 
 from ..conftest import publish_prompt
+from .release_support import observe_tracks
 from .test_control_plane_grpc import TOKENS
 from .test_control_plane_grpc import Api as StubsApi
 
@@ -145,7 +146,7 @@ async def test_apply_manifest_takes_any_kind_and_refuses_a_viewer(api: Api) -> N
     assert from_struct(got.agent.spec)["model"]["model"] == "m"
 
 
-async def test_every_change_message_reaches_the_audit_entry(api: Api) -> None:
+async def test_every_change_message_reaches_the_audit_entry(api: Api, store: SpecStore) -> None:
     op, admin = api.as_("operator"), api.as_("admin")
     await api.agents.ApplyAgent(
         pb.ApplyAgentRequest(manifest=to_struct(_agent()), message="apply"), metadata=op
@@ -155,6 +156,7 @@ async def test_every_change_message_reaches_the_audit_entry(api: Api) -> None:
         metadata=op,
     )
     release = to_struct({"canaryRevision": 2, "canaryWeight": 10})
+    await observe_tracks(store, "helper", canary=1)
     await api.releases.SetRelease(
         pb.SetReleaseRequest(agent_name="helper", release=release, message="set"), metadata=op
     )
@@ -196,8 +198,8 @@ async def test_every_change_message_reaches_the_audit_entry(api: Api) -> None:
     assert {
         ("Agent", "apply", "apply"),
         ("Agent", "apply", "apply 2"),
-        ("Release", "apply", "set"),
-        ("Release", "apply", "promote"),
+        ("Release", "release.set", "set"),
+        ("Release", "release.promote", "promote"),
         ("Prompt", "publish", "publish"),
         ("PromptRelease", "apply", "label"),
         ("McpServer", "apply", "register"),

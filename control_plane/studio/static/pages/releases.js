@@ -34,6 +34,8 @@ async function releaseEditor(name, current) {
   const latest = Math.max(...revisions.map((r) => r.revision));
   const canWrite = session.can("releases.write");
   const draft = structuredClone(current ? current.spec : {});
+  // every write is guarded by the version shown: a change made meanwhile is a conflict
+  const expectedVersion = current ? String(current.version || 0) : "0";
   draft.canaryWeight ??= 0;
   draft.headerMatch ??= [];
   const controls = h("div", {});
@@ -104,7 +106,7 @@ async function releaseEditor(name, current) {
 
   async function applyRelease() {
     try {
-      await api("PUT", `/api/v1/agents/${enc(name)}/release`, draft);
+      await api("PUT", `/api/v1/agents/${enc(name)}/release?expectedVersion=${expectedVersion}`, draft);
       toast(`Release of ${name} applied: canary ${draft.canaryWeight}%`);
       window.dispatchEvent(new HashChangeEvent("hashchange"));
     } catch (e) { toast(e.message, "error"); clear(previewBox, errorBox(e)); }
@@ -116,7 +118,7 @@ async function releaseEditor(name, current) {
       body: h("p", {}, kind === "promote" ? `Revision ${int(current.canaryRevision)} becomes stable and the split ends.` : "All traffic goes back to stable; the canary revision stays in history."),
     });
     if (!ok) return;
-    try { await api("POST", `/api/v1/agents/${enc(name)}/release/${kind}`, {}); toast(kind === "promote" ? "Canary promoted" : "Canary aborted"); window.dispatchEvent(new HashChangeEvent("hashchange")); }
+    try { await api("POST", `/api/v1/agents/${enc(name)}/release/${kind}`, { expectedVersion }); toast(kind === "promote" ? "Canary promoted" : "Canary aborted"); window.dispatchEvent(new HashChangeEvent("hashchange")); }
     catch (e) { toast(e.message, "error"); }
   }
 
