@@ -1,0 +1,321 @@
+"""Conversation pinning in the engine, end to end.
+
+The acceptance test runs a real sidecar (sync from etcd, data plane with its egress) and a
+real engine fed by the sidecar's snapshot stream (``GrpcSnapshotFeed``, as in production),
+litellm to the scripted model server: a prompt version published in the Prompt Center hot
+reloads the engine, and what the model server received shows which system prompt each
+turn had. The maximum age is driven by an injected clock (no waiting).
+
+The other tests stand on the pass-through egress of test_engine_runtime and a real MCP
+server: an old context is kept while a conversation is pinned to it and released -- its
+MCP session closed -- once the last pin leaves (expiry, deletion, the retained bound).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp.server.mcpserver import MCPServer
+
+from engine.hot_reload import EngineRuntime
+from engine.intake import GrpcSnapshotFeed, InMemorySnapshotFeed
+from engine.settings import EngineSettings
+from engine.turn_protocol import TurnCompleted, TurnEvent, TurnRequest
+from localfleet.installer import LocalServices
+from localfleet.modelserver import ScriptedModelServer
+from sidecar.dataplane import DataPlane
+from sidecar.main import Sidecar
+from sidecar.settings import SidecarSettings
+from specmesh.etcd import EtcdClient
+from specmesh.keys import Keys
+from specmesh.ports import free_port
+from specmesh.spec.models import AgentSpec, PromptEntry
+from specmesh.store import SpecStore
+from tests.integration.asgi_server import serve_asgi
+from tests.integration.test_engine_runtime import AGENT, Egress, make_snapshot
+from tests.polling import eventually
+
+pytestmark = pytest.mark.integration
+
+WAIT = 20.0
+PIN_SECONDS = 1800.0
+
+
+class Clock:
+    """The engine's pin clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def model() -> AsyncIterator[ScriptedModelServer]:
+    async with ScriptedModelServer() as server:  # answers "scripted: <last user message>"
+        yield server
+
+
+async def ask(runtime: EngineRuntime, text: str, *, context_id: str) -> TurnCompleted:
+    async with asyncio.timeout(WAIT):
+        events: list[TurnEvent] = [
+            e async for e in runtime.run(TurnRequest(context_id=context_id, text=text))
+        ]
+    final = events[-1]
+    assert isinstance(final, TurnCompleted), final
+    return final
+
+
+def _system_prompt_of(model: ScriptedModelServer, text: str) -> str:
+    """The system prompt of the model call that carried the user message ``text``."""
+    [call] = [
+        r
+        for r in model.requests()
+        if [m for m in r.messages if m["role"] == "user"][-1]["content"] == text
+    ]
+    assert call.messages[0]["role"] == "system"
+    return str(call.messages[0]["content"])
+
+
+def _prompt(key: str, version: str) -> PromptEntry:
+    return PromptEntry(
+        prompt_key=key, version=version, template=f"You are the assistant of prompt {version}."
+    )
+
+
+@asynccontextmanager
+async def sidecar_and_engine(
+    *,
+    agent: str,
+    services: LocalServices,
+    etcd: EtcdClient,
+    keys: Keys,
+    home: Path,
+    clock: Clock,
+) -> AsyncIterator[EngineRuntime]:
+    """A real sidecar and an engine on its snapshot stream, pins on ``clock``."""
+    settings = SidecarSettings(
+        agent_name=agent,
+        instance_id="i1",
+        sync_addr=f"unix:{home}/sync.sock",
+        egress_url=f"http://127.0.0.1:{free_port()}",
+        redis_proxy=f"127.0.0.1:{free_port()}",
+        inbound=f"127.0.0.1:{free_port()}",
+        ops=f"127.0.0.1:{free_port()}",
+        engine_http=f"127.0.0.1:{free_port()}",
+        home=home,
+        etcd_endpoint=etcd.endpoint,
+        etcd_prefix=keys.prefix,
+        vault_addr=services.bao.address,
+        vault_token=services.bao.root_token,
+        mtls=False,
+    )
+    sidecar = Sidecar(settings=settings, component_factories=[DataPlane])
+    await sidecar.start()
+    try:
+        feed = GrpcSnapshotFeed(settings.sync_addr, agent_name=agent)
+        config = EngineSettings(
+            agent_name=agent,
+            egress_url=settings.egress_url,
+            conversation_pin_seconds=PIN_SECONDS,
+        )
+        async with EngineRuntime(feed=feed, settings=config, clock=clock) as runtime:
+            await runtime.wait_ready(timeout=WAIT)
+            yield runtime
+    finally:
+        await sidecar.stop()
+
+
+async def test_a_conversation_keeps_its_system_prompt_across_a_prompt_change_until_its_age(
+    services: LocalServices,
+    store: SpecStore,
+    etcd: EtcdClient,
+    keys: Keys,
+    model: ScriptedModelServer,
+    tmp_path: Path,
+) -> None:
+    agent = f"pin-{keys.prefix.rsplit('-', 1)[-1]}"
+    old_prompt, new_prompt = _prompt(agent, "1.0.0"), _prompt(agent, "1.1.0")
+    await store.put_prompt_version(old_prompt, actor="t")
+    spec = AgentSpec.model_validate(
+        {
+            "base": {"description": "pinned", "promptKey": agent},
+            "model": {
+                "model": "scripted",
+                "baseUrl": model.url,
+                "temperature": 0,
+                "maxRetries": 0,
+                "timeoutSeconds": 10,
+            },
+        }
+    )
+    await store.apply_agent(agent, spec, actor="t")
+    clock = Clock()
+
+    async with sidecar_and_engine(
+        agent=agent, services=services, etcd=etcd, keys=keys, home=tmp_path, clock=clock
+    ) as runtime:
+        first = await ask(runtime, "C1 turn 1", context_id="C1")
+
+        await store.put_prompt_version(new_prompt, actor="t")  # hot reload
+        await runtime.wait_until(
+            lambda r: r.context is not None and r.context.prompt.fixed == "1.1.0", timeout=WAIT
+        )
+        later = [await ask(runtime, f"C1 turn {n}", context_id="C1") for n in (2, 3, 4)]
+        fresh = await ask(runtime, "C2 turn 1", context_id="C2")
+        kept_while_pinned = len(runtime.retained_revisions)
+
+        clock.now += PIN_SECONDS  # C1's first turn is now as old as the maximum age
+        moved = await ask(runtime, "C1 turn 5", context_id="C1")
+        released = runtime.retained_revisions
+
+    old, new = old_prompt.template, new_prompt.template
+    assert _system_prompt_of(model, "C1 turn 1") == old
+    # the model server saw the old prompt on each of C1's next 3 turns, after the change
+    assert [_system_prompt_of(model, f"C1 turn {n}") for n in (2, 3, 4)] == [old, old, old]
+    assert [t.prompt_version for t in [first, *later]] == ["1.0.0"] * 4
+    # a new conversation takes the new prompt
+    assert _system_prompt_of(model, "C2 turn 1") == new and fresh.prompt_version == "1.1.0"
+    # after the maximum age C1 moves, and the old snapshot is let go
+    assert _system_prompt_of(model, "C1 turn 5") == new and moved.prompt_version == "1.1.0"
+    assert kept_while_pinned == 1 and released == []
+
+
+# ---------------------------------------------------------------- releasing old contexts
+
+
+def _kb() -> MCPServer:
+    server = MCPServer("kb")
+
+    @server.tool()
+    def lookup(key: str) -> str:
+        """Look a key up."""
+        return f"value-of-{key}"
+
+    return server
+
+
+@pytest.fixture
+async def egress(model: ScriptedModelServer) -> AsyncIterator[Egress]:
+    async with serve_asgi(_kb().streamable_http_app()) as mcp_url:
+        e = Egress(model=model.root_url, mcp={"kb": f"{mcp_url}/mcp"}, a2a={})
+        async with e.running():
+            yield e
+
+
+@asynccontextmanager
+async def engine_on(
+    egress: Egress, clock: Clock, **settings: Any
+) -> AsyncIterator[tuple[EngineRuntime, InMemorySnapshotFeed]]:
+    feed = InMemorySnapshotFeed()
+    config = EngineSettings(
+        agent_name=AGENT, egress_url=egress.url, mcp_connect_timeout_seconds=5, **settings
+    )
+    async with EngineRuntime(feed=feed, settings=config, clock=clock) as runtime:
+        yield runtime, feed
+
+
+def _revision(number: int) -> Mapping[str, Any]:
+    """Revision ``number``: its own prompt and its own MCP Registry entry (a new session)."""
+    return {
+        "revision": number,
+        "template": f"rev-{number}",
+        "registry_description": f"knowledge base, entry {number}",
+    }
+
+
+async def _publish(runtime: EngineRuntime, feed: InMemorySnapshotFeed, number: int) -> None:
+    await feed.publish(make_snapshot(**_revision(number)))
+    await runtime.wait_until(lambda r: r.revision == number, timeout=WAIT)
+
+
+async def test_an_old_context_lives_while_pinned_and_closes_its_mcp_session_after(
+    egress: Egress,
+) -> None:
+    clock = Clock()
+    async with engine_on(egress, clock, conversation_pin_seconds=60) as (runtime, feed):
+        await _publish(runtime, feed, 1)
+        await ask(runtime, "hello", context_id="C1")
+        await ask(runtime, "hello", context_id="C3")
+        await _publish(runtime, feed, 2)
+        pinned = runtime.pinned_context("C1")
+        both_open = runtime.builder.open_mcp_connections
+        retained = runtime.retained_revisions
+
+        assert await runtime.delete_conversation("C3")  # deleting one keeps the other's pin
+        after_delete = runtime.retained_revisions
+        clock.now += 60
+        runtime_swept = await ask(runtime, "hello", context_id="C2")  # any turn sweeps
+        await eventually(
+            lambda: runtime.builder.open_mcp_connections == 1,
+            timeout=WAIT,
+            what="the old context's MCP session closed",
+        )
+        released = runtime.retained_revisions
+        moved = await ask(runtime, "hello again", context_id="C1")
+
+    assert pinned is not None and pinned.revision == 1
+    assert both_open == 2 and retained == [1] and after_delete == [1]
+    assert runtime_swept.revision == 2 and released == []
+    assert moved.revision == 2
+
+
+async def test_deleting_the_last_pinned_conversation_releases_its_context(egress: Egress) -> None:
+    clock = Clock()
+    async with engine_on(egress, clock) as (runtime, feed):
+        await _publish(runtime, feed, 1)
+        await ask(runtime, "hello", context_id="C1")
+        await _publish(runtime, feed, 2)
+        kept = runtime.retained_revisions
+
+        assert await runtime.delete_conversation("C1")
+        await eventually(
+            lambda: runtime.builder.open_mcp_connections == 1,
+            timeout=WAIT,
+            what="the old context's MCP session closed",
+        )
+        released = runtime.retained_revisions
+        again = await ask(runtime, "hello", context_id="C1")
+
+    assert kept == [1] and released == []
+    assert again.revision == 2
+
+
+async def test_older_contexts_kept_for_pins_are_bounded(egress: Egress) -> None:
+    clock = Clock()
+    async with engine_on(egress, clock, conversation_pin_max_contexts=1) as (runtime, feed):
+        await _publish(runtime, feed, 1)
+        await ask(runtime, "hello", context_id="C1")
+        await _publish(runtime, feed, 2)
+        await ask(runtime, "hello", context_id="C2")
+        await _publish(runtime, feed, 3)  # a third snapshot: revision 1 is one too many
+        retained = runtime.retained_revisions
+        await eventually(
+            lambda: runtime.builder.open_mcp_connections == 2,
+            timeout=WAIT,
+            what="revision 1's MCP session closed",
+        )
+        c1, c2 = (
+            await ask(runtime, "hi", context_id="C1"),
+            await ask(runtime, "hi", context_id="C2"),
+        )
+
+    assert retained == [2]
+    assert (c1.revision, c2.revision) == (3, 2)
+
+
+async def test_pinning_off_serves_every_turn_from_the_newest_snapshot(egress: Egress) -> None:
+    clock = Clock()
+    async with engine_on(egress, clock, conversation_pin_seconds=0) as (runtime, feed):
+        await _publish(runtime, feed, 1)
+        await ask(runtime, "hello", context_id="C1")
+        await _publish(runtime, feed, 2)
+        turn = await ask(runtime, "hello", context_id="C1")
+
+    assert turn.revision == 2 and runtime.pinned_conversations == 0
