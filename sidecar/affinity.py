@@ -13,8 +13,14 @@ The contextId is read from the A2A request as the entry sees it, with a2a-sdk's 
 types: JSON-RPC ``SendMessage`` / ``SendStreamingMessage`` ``params.message.contextId``,
 HTTP+JSON ``POST [/{tenant}]/v1/message:send|:stream`` ``message.contextId``, gRPC
 ``SendMessageRequest.message.context_id``, and the business REST ``POST /v1/invoke[/stream]``
-``contextId``. A body that does not parse, or a call without a contextId, is routed as
+``contextId``. A body that does not parse, or a call that is no message, is routed as
 before and pins nothing.
+
+A message that starts a conversation carries no contextId (the official clients leave it to
+the agent), so the entry names it: it writes a new contextId (a UUID, as the agent would
+make) into a message that has neither ``contextId`` nor ``taskId``, before routing. The
+agent then uses that contextId, the client reads it in the answer as usual, and the
+conversation's first message is pinned like its next ones.
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from __future__ import annotations
 import json
 import re
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from a2a.types.a2a_pb2 import SendMessageRequest
 from google.protobuf.json_format import ParseDict, ParseError
@@ -32,12 +40,38 @@ from google.protobuf.message import DecodeError
 from specmesh.pins import PinTable
 from specmesh.spec.models import ReleaseSpec
 
-__all__ = ["ConversationTracks", "context_id_of_grpc", "context_id_of_http"]
+__all__ = [
+    "ConversationTracks",
+    "MessageContext",
+    "context_id_of_grpc",
+    "context_id_of_http",
+    "message_context_grpc",
+    "message_context_http",
+    "new_context_id",
+]
 
 _SEND_METHODS = frozenset({"SendMessage", "SendStreamingMessage"})
 _HTTP_JSON_SEND = re.compile(r"^(?:/[^/]+)?/v1/message:(?:send|stream)$")
 _BUSINESS_INVOKE = frozenset({"/v1/invoke", "/v1/invoke/stream"})
 _MAX_ID = 256
+
+
+def new_context_id() -> str:
+    """A contextId for a conversation the entry names (a UUID, as a2a-sdk makes them)."""
+    return str(uuid.uuid4())
+
+
+@dataclass(frozen=True)
+class MessageContext:
+    """What the entry learnt of a call: its conversation and, when it named it, the
+    request rewritten to carry that contextId."""
+
+    context_id: str | None = None
+    rewritten: bytes | None = None
+    """The request with the contextId the entry assigned; None: send it unchanged."""
+
+
+_NOTHING = MessageContext()
 
 
 def _usable(context_id: object) -> str | None:
@@ -46,47 +80,89 @@ def _usable(context_id: object) -> str | None:
     return None
 
 
-def _from_send_request(params: object) -> str | None:
+def _from_send_request(
+    params: object, document: dict[str, Any], assign: Callable[[], str] | None
+) -> MessageContext:
+    """``params``: a SendMessageRequest as JSON, inside ``document`` (the whole body)."""
     if not isinstance(params, dict):
-        return None
+        return _NOTHING
     try:
         request = ParseDict(params, SendMessageRequest(), ignore_unknown_fields=True)
     except (ParseError, TypeError, ValueError):
-        return None
-    return _usable(request.message.context_id)
+        return _NOTHING
+    message = request.message
+    if message.context_id:
+        return MessageContext(_usable(message.context_id))
+    message_json = params.get("message")
+    if assign is None or message.task_id or not isinstance(message_json, dict):
+        return _NOTHING
+    context_id = assign()
+    message_json["contextId"] = context_id
+    return MessageContext(context_id, _dump(document))
 
 
-def context_id_of_http(method: str, path: str, body: bytes | None) -> str | None:
-    """The contextId of an HTTP call to the entry; None when it has none or is no message."""
+def _dump(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def message_context_http(
+    method: str, path: str, body: bytes | None, *, assign: Callable[[], str] | None = None
+) -> MessageContext:
+    """The conversation of an HTTP call to the entry (nothing when it is no message);
+    ``assign`` names a conversation a message starts (see the module's docstring)."""
     if method != "POST" or not body:
-        return None
+        return _NOTHING
     is_rest = path in _BUSINESS_INVOKE
     if not (is_rest or path == "/" or _HTTP_JSON_SEND.match(path)):
-        return None
+        return _NOTHING
     try:
         document = json.loads(body)
     except (ValueError, RecursionError):
-        return None
+        return _NOTHING
     if not isinstance(document, dict):
-        return None
+        return _NOTHING
     if is_rest:
-        return _usable(document.get("contextId"))
+        if "contextId" in document:
+            return MessageContext(_usable(document["contextId"]))
+        if assign is None or not isinstance(document.get("message"), str):
+            return _NOTHING
+        context_id = assign()
+        document["contextId"] = context_id
+        return MessageContext(context_id, _dump(document))
     if path == "/":
         if document.get("method") not in _SEND_METHODS:
-            return None
-        return _from_send_request(document.get("params"))
-    return _from_send_request(document)
+            return _NOTHING
+        return _from_send_request(document.get("params"), document, assign)
+    return _from_send_request(document, document, assign)
+
+
+def message_context_grpc(
+    method: str, request: bytes, *, assign: Callable[[], str] | None = None
+) -> MessageContext:
+    """The conversation of a gRPC call (``method``: the A2A service's method name)."""
+    if method not in _SEND_METHODS:
+        return _NOTHING
+    try:
+        parsed = SendMessageRequest.FromString(request)
+    except DecodeError:
+        return _NOTHING
+    message = parsed.message
+    if message.context_id:
+        return MessageContext(_usable(message.context_id))
+    if assign is None or message.task_id or not parsed.HasField("message"):
+        return _NOTHING
+    message.context_id = assign()
+    return MessageContext(message.context_id, parsed.SerializeToString())
+
+
+def context_id_of_http(method: str, path: str, body: bytes | None) -> str | None:
+    """The contextId an HTTP call carries; None when it has none or is no message."""
+    return message_context_http(method, path, body).context_id
 
 
 def context_id_of_grpc(method: str, request: bytes) -> str | None:
-    """The contextId of a gRPC call (``method``: the A2A service's method name)."""
-    if method not in _SEND_METHODS:
-        return None
-    try:
-        message = SendMessageRequest.FromString(request)
-    except DecodeError:
-        return None
-    return _usable(message.message.context_id)
+    """The contextId a gRPC call carries; None when it has none or is no message."""
+    return message_context_grpc(method, request).context_id
 
 
 @dataclass(frozen=True)

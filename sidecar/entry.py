@@ -23,7 +23,8 @@ chosen instance's mTLS inbound, as this agent (its client certificate), which ac
 principal because the certificate names the same agent. A conversation keeps the track its
 first message went to (:class:`~sidecar.affinity.ConversationTracks`, when given ``tracks``):
 the entry reads the message's contextId from the body it already holds (HTTP) or the request
-message (gRPC, unary request) -- nothing is buffered for it that was not already.
+message (gRPC, unary request) -- nothing is buffered for it that was not already -- and names
+the conversation a message starts (it writes a new contextId into it).
 """
 
 from __future__ import annotations
@@ -42,7 +43,13 @@ from opentelemetry import propagate, trace
 from specmesh.callers import CALLER_HEADER, CALLER_KEY, PRINCIPAL_HEADER, PRINCIPAL_KEY
 from specmesh.names import resource_name
 
-from .affinity import ConversationTracks, context_id_of_grpc, context_id_of_http
+from .affinity import (
+    ConversationTracks,
+    MessageContext,
+    message_context_grpc,
+    message_context_http,
+    new_context_id,
+)
 from .callers import CARD_PATH, CallerPolicy, CallerRefused
 from .errors import PolicyError
 from .grpcproxy import (
@@ -150,6 +157,7 @@ class EntryServer(RelayListener):
             headers.popall(name, None)
         card = request.method in ("GET", "HEAD") and request.path == CARD_PATH
         target: Target | None = None
+        body: bytes | None = None
         if not card:
             try:
                 principal = await self.policy.external(request.headers.get("Authorization"))
@@ -158,19 +166,26 @@ class EntryServer(RelayListener):
                 return e.http_response()
             headers[PRINCIPAL_HEADER] = principal
             span.set_attribute("specmesh.principal", principal)
-            context_id = None
-            if self._tracks is not None and request.body_exists:  # read once it is allowed
-                context_id = context_id_of_http(request.method, request.path, await request.read())
+            body = await request.read() if request.body_exists else None
+            call = MessageContext()
+            if self._tracks is not None:
+                call = message_context_http(
+                    request.method, request.path, body, assign=new_context_id
+                )
+                if call.rewritten is not None:  # the entry named the conversation
+                    body = call.rewritten
+                    headers.popall("Content-Length", None)
             target = _pick_other(
                 self._router,
                 self.agent,
                 self.instance_id,
                 request.headers,
                 tracks=self._tracks,
-                context_id=context_id,
+                context_id=call.context_id,
             )
         propagate.inject(headers)
-        body = await request.read() if request.body_exists else None  # (kept once read)
+        if body is None and request.body_exists:
+            body = await request.read()
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=self.read_timeout)
         assert self._session is not None
         if target is None:
@@ -242,8 +257,9 @@ class GrpcEntry(GrpcRelayServer):
 
     async def _prepare(
         self, context: grpc.aio.ServicerContext, method: str, request: bytes
-    ) -> tuple[Metadata, grpc.aio.Channel, Target | None]:
-        """(metadata to send, channel, the other instance or None), or abort the call."""
+    ) -> tuple[Metadata, grpc.aio.Channel, Target | None, bytes]:
+        """(metadata to send, channel, the other instance or None, the request to send),
+        or abort the call."""
         incoming = context.invocation_metadata()
         try:
             principal = await self.policy.external(first_value(incoming, AUTHORIZATION_KEY))
@@ -253,19 +269,22 @@ class GrpcEntry(GrpcRelayServer):
         metadata = end_to_end_metadata(incoming, CALLER_KEY, PRINCIPAL_KEY, AUTHORIZATION_KEY)
         metadata.append((PRINCIPAL_KEY, principal))
         headers = {k: v for k, v in metadata if isinstance(v, str)}
-        context_id = context_id_of_grpc(method, request) if self._tracks is not None else None
+        call = MessageContext()
+        if self._tracks is not None:
+            call = message_context_grpc(method, request, assign=new_context_id)
+            request = call.rewritten or request
         target = _pick_other(
             self._router,
             self.agent,
             self.instance_id,
             headers,
             tracks=self._tracks,
-            context_id=context_id,
+            context_id=call.context_id,
         )
         if target is None:
             assert self._engine is not None
-            return metadata, self._engine, None
-        return metadata, self._pool.get(target), target
+            return metadata, self._engine, None, request
+        return metadata, self._pool.get(target), target, request
 
     def _reporter(self, target: Target | None) -> Callable[[grpc.StatusCode], None]:
         router = self._router
@@ -275,7 +294,7 @@ class GrpcEntry(GrpcRelayServer):
 
     def _unary_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            metadata, channel, target = await self._prepare(context, method, request)
+            metadata, channel, target, request = await self._prepare(context, method, request)
             return await relay_unary(
                 channel, method, request, context, metadata, self._reporter(target)
             )
@@ -284,7 +303,7 @@ class GrpcEntry(GrpcRelayServer):
 
     def _stream_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            metadata, channel, target = await self._prepare(context, method, request)
+            metadata, channel, target, request = await self._prepare(context, method, request)
             async for message in relay_stream(
                 channel, method, request, context, metadata, self._reporter(target)
             ):

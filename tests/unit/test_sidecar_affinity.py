@@ -8,9 +8,15 @@ import random
 import uuid
 
 from a2a.types.a2a_pb2 import Message, Part, Role, SendMessageRequest
-from google.protobuf.json_format import MessageToDict
+from google.protobuf.json_format import MessageToDict, Parse, ParseDict
 
-from sidecar.affinity import ConversationTracks, context_id_of_grpc, context_id_of_http
+from sidecar.affinity import (
+    ConversationTracks,
+    context_id_of_grpc,
+    context_id_of_http,
+    message_context_grpc,
+    message_context_http,
+)
 from sidecar.router import InMemoryInstanceSource, InMemoryReleaseSource, Instance, Router
 from specmesh.spec.models import ReleaseSpec
 
@@ -102,3 +108,39 @@ def test_the_router_keeps_a_pinned_track_but_a_header_match_wins() -> None:
     assert router.pick("a", {}, pinned="canary").instance == "k1"
     assert router.pick("a", {"x-t": "1"}, pinned="stable").instance == "k1"
     assert router.pick("a", {}).instance == "s1"
+
+
+def test_a_message_starting_a_conversation_is_named_on_every_binding() -> None:
+    def named() -> str:
+        return "named-1"
+
+    request = _request()
+    rpc = message_context_http("POST", "/", _jsonrpc("SendMessage", request), assign=named)
+    http_json = json.dumps(MessageToDict(request)).encode()
+    rest = message_context_http("POST", "/v1/message:send", http_json, assign=named)
+    grpc = message_context_grpc("SendMessage", request.SerializeToString(), assign=named)
+    invoke = message_context_http("POST", "/v1/invoke", b'{"message": "hi"}', assign=named)
+
+    assert rpc.rewritten is not None and rest.rewritten is not None
+    assert grpc.rewritten is not None and invoke.rewritten is not None
+    assert (rpc.context_id, rest.context_id, grpc.context_id) == ("named-1",) * 3
+    sent = json.loads(rpc.rewritten)["params"]
+    assert ParseDict(sent, SendMessageRequest()).message.context_id == "named-1"
+    assert sent["message"]["messageId"] == request.message.message_id  # the rest kept
+    assert Parse(rest.rewritten, SendMessageRequest()).message.context_id == "named-1"
+    assert SendMessageRequest.FromString(grpc.rewritten).message.context_id == "named-1"
+    assert json.loads(invoke.rewritten) == {"message": "hi", "contextId": "named-1"}
+
+
+def test_a_message_of_a_task_or_a_named_conversation_is_not_rewritten() -> None:
+    def named() -> str:
+        raise AssertionError("no contextId may be assigned")
+
+    of_task = SendMessageRequest()
+    of_task.CopyFrom(_request())
+    of_task.message.task_id = "task-1"
+    for request in (of_task, _request("conv-1")):
+        rpc = message_context_http("POST", "/", _jsonrpc("SendMessage", request), assign=named)
+        grpc = message_context_grpc("SendMessage", request.SerializeToString(), assign=named)
+        assert rpc.rewritten is None and grpc.rewritten is None
+        assert rpc.context_id == grpc.context_id == (request.message.context_id or None)
