@@ -750,6 +750,9 @@ async def test_a_prompt_only_change_keeps_the_mcp_session(
         await runtime.wait_until(lambda r: r.revision == 4, timeout=WAIT)
         assert mcp_state.handshakes == handshakes + 1
         assert runtime.context is not None and runtime.context.mcp[0][1] is not connection
+        # conversation c1 is pinned to revision 3, which holds the old session; it ends
+        assert runtime.retained_revisions == [3] and connection.connected
+        assert await runtime.delete_conversation("c1")
         async with asyncio.timeout(WAIT):  # closed once no context holds it
             await connection.wait_closed()
         assert not connection.connected
