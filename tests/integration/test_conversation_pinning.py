@@ -13,9 +13,8 @@ MCP session closed -- once the last pin leaves (expiry, deletion, the retained b
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +22,16 @@ import pytest
 from mcp.server.mcpserver import MCPServer
 
 from engine.hot_reload import EngineRuntime
-from engine.intake import GrpcSnapshotFeed, InMemorySnapshotFeed
-from engine.settings import EngineSettings
-from engine.turn_protocol import TurnCompleted, TurnEvent, TurnRequest
+from engine.intake import InMemorySnapshotFeed
 from localfleet.installer import LocalServices
 from localfleet.modelserver import ScriptedModelServer
-from sidecar.dataplane import DataPlane
-from sidecar.main import Sidecar
-from sidecar.settings import SidecarSettings
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
-from specmesh.ports import free_port
 from specmesh.spec.models import AgentSpec, PromptEntry
 from specmesh.store import SpecStore
 from tests.integration.asgi_server import serve_asgi
-from tests.integration.test_engine_runtime import AGENT, Egress, make_snapshot
+from tests.integration.memory_support import agent_instance, ask, scripted_model
+from tests.integration.test_engine_runtime import Egress, make_snapshot, running_engine
 from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
@@ -62,16 +56,6 @@ async def model() -> AsyncIterator[ScriptedModelServer]:
         yield server
 
 
-async def ask(runtime: EngineRuntime, text: str, *, context_id: str) -> TurnCompleted:
-    async with asyncio.timeout(WAIT):
-        events: list[TurnEvent] = [
-            e async for e in runtime.run(TurnRequest(context_id=context_id, text=text))
-        ]
-    final = events[-1]
-    assert isinstance(final, TurnCompleted), final
-    return final
-
-
 def _system_prompt_of(model: ScriptedModelServer, text: str) -> str:
     """The system prompt of the model call that carried the user message ``text``."""
     [call] = [
@@ -89,49 +73,6 @@ def _prompt(key: str, version: str) -> PromptEntry:
     )
 
 
-@asynccontextmanager
-async def sidecar_and_engine(
-    *,
-    agent: str,
-    services: LocalServices,
-    etcd: EtcdClient,
-    keys: Keys,
-    home: Path,
-    clock: Clock,
-) -> AsyncIterator[EngineRuntime]:
-    """A real sidecar and an engine on its snapshot stream, pins on ``clock``."""
-    settings = SidecarSettings(
-        agent_name=agent,
-        instance_id="i1",
-        sync_addr=f"unix:{home}/sync.sock",
-        egress_url=f"http://127.0.0.1:{free_port()}",
-        redis_proxy=f"127.0.0.1:{free_port()}",
-        inbound=f"127.0.0.1:{free_port()}",
-        ops=f"127.0.0.1:{free_port()}",
-        engine_http=f"127.0.0.1:{free_port()}",
-        home=home,
-        etcd_endpoint=etcd.endpoint,
-        etcd_prefix=keys.prefix,
-        vault_addr=services.bao.address,
-        vault_token=services.bao.root_token,
-        mtls=False,
-    )
-    sidecar = Sidecar(settings=settings, component_factories=[DataPlane])
-    await sidecar.start()
-    try:
-        feed = GrpcSnapshotFeed(settings.sync_addr, agent_name=agent)
-        config = EngineSettings(
-            agent_name=agent,
-            egress_url=settings.egress_url,
-            conversation_pin_seconds=PIN_SECONDS,
-        )
-        async with EngineRuntime(feed=feed, settings=config, clock=clock) as runtime:
-            await runtime.wait_ready(timeout=WAIT)
-            yield runtime
-    finally:
-        await sidecar.stop()
-
-
 async def test_a_conversation_keeps_its_system_prompt_across_a_prompt_change_until_its_age(
     services: LocalServices,
     store: SpecStore,
@@ -146,21 +87,24 @@ async def test_a_conversation_keeps_its_system_prompt_across_a_prompt_change_unt
     spec = AgentSpec.model_validate(
         {
             "base": {"description": "pinned", "promptKey": agent},
-            "model": {
-                "model": "scripted",
-                "baseUrl": model.url,
-                "temperature": 0,
-                "maxRetries": 0,
-                "timeoutSeconds": 10,
-            },
+            "model": scripted_model(model),
         }
     )
     await store.apply_agent(agent, spec, actor="t")
     clock = Clock()
 
-    async with sidecar_and_engine(
-        agent=agent, services=services, etcd=etcd, keys=keys, home=tmp_path, clock=clock
-    ) as runtime:
+    async with agent_instance(
+        agent=agent,
+        instance_id="i1",
+        services=services,
+        etcd=etcd,
+        keys=keys,
+        home=tmp_path,
+        engine={"conversation_pin_seconds": PIN_SECONDS},
+        follow=True,  # the engine on the sidecar's snapshot stream
+        clock=clock,
+    ) as instance:
+        runtime = instance.runtime
         first = await ask(runtime, "C1 turn 1", context_id="C1")
 
         await store.put_prompt_version(new_prompt, actor="t")  # hot reload
@@ -209,18 +153,6 @@ async def egress(model: ScriptedModelServer) -> AsyncIterator[Egress]:
             yield e
 
 
-@asynccontextmanager
-async def engine_on(
-    egress: Egress, clock: Clock, **settings: Any
-) -> AsyncIterator[tuple[EngineRuntime, InMemorySnapshotFeed]]:
-    feed = InMemorySnapshotFeed()
-    config = EngineSettings(
-        agent_name=AGENT, egress_url=egress.url, mcp_connect_timeout_seconds=5, **settings
-    )
-    async with EngineRuntime(feed=feed, settings=config, clock=clock) as runtime:
-        yield runtime, feed
-
-
 def _revision(number: int) -> Mapping[str, Any]:
     """Revision ``number``: its own prompt and its own MCP Registry entry (a new session)."""
     return {
@@ -235,12 +167,27 @@ async def _publish(runtime: EngineRuntime, feed: InMemorySnapshotFeed, number: i
     await runtime.wait_until(lambda r: r.revision == number, timeout=WAIT)
 
 
+def engine_on(
+    egress: Egress, clock: Clock, **settings: Any
+) -> AbstractAsyncContextManager[tuple[EngineRuntime, InMemorySnapshotFeed]]:
+    """An engine on revision 1, pins on ``clock``."""
+    return running_engine(egress, make_snapshot(**_revision(1)), clock=clock, **settings)
+
+
+async def _mcp_sessions(runtime: EngineRuntime, count: int) -> None:
+    """Wait until ``count`` MCP sessions are open (the released contexts' are closed)."""
+    await eventually(
+        lambda: runtime.builder.open_mcp_connections == count,
+        timeout=WAIT,
+        what=f"{count} MCP sessions open",
+    )
+
+
 async def test_an_old_context_lives_while_pinned_and_closes_its_mcp_session_after(
     egress: Egress,
 ) -> None:
     clock = Clock()
     async with engine_on(egress, clock, conversation_pin_seconds=60) as (runtime, feed):
-        await _publish(runtime, feed, 1)
         await ask(runtime, "hello", context_id="C1")
         await ask(runtime, "hello", context_id="C3")
         await _publish(runtime, feed, 2)
@@ -252,11 +199,7 @@ async def test_an_old_context_lives_while_pinned_and_closes_its_mcp_session_afte
         after_delete = runtime.retained_revisions
         clock.now += 60
         runtime_swept = await ask(runtime, "hello", context_id="C2")  # any turn sweeps
-        await eventually(
-            lambda: runtime.builder.open_mcp_connections == 1,
-            timeout=WAIT,
-            what="the old context's MCP session closed",
-        )
+        await _mcp_sessions(runtime, 1)
         released = runtime.retained_revisions
         moved = await ask(runtime, "hello again", context_id="C1")
 
@@ -269,17 +212,12 @@ async def test_an_old_context_lives_while_pinned_and_closes_its_mcp_session_afte
 async def test_deleting_the_last_pinned_conversation_releases_its_context(egress: Egress) -> None:
     clock = Clock()
     async with engine_on(egress, clock) as (runtime, feed):
-        await _publish(runtime, feed, 1)
         await ask(runtime, "hello", context_id="C1")
         await _publish(runtime, feed, 2)
         kept = runtime.retained_revisions
 
         assert await runtime.delete_conversation("C1")
-        await eventually(
-            lambda: runtime.builder.open_mcp_connections == 1,
-            timeout=WAIT,
-            what="the old context's MCP session closed",
-        )
+        await _mcp_sessions(runtime, 1)
         released = runtime.retained_revisions
         again = await ask(runtime, "hello", context_id="C1")
 
@@ -290,17 +228,12 @@ async def test_deleting_the_last_pinned_conversation_releases_its_context(egress
 async def test_older_contexts_kept_for_pins_are_bounded(egress: Egress) -> None:
     clock = Clock()
     async with engine_on(egress, clock, conversation_pin_max_contexts=1) as (runtime, feed):
-        await _publish(runtime, feed, 1)
         await ask(runtime, "hello", context_id="C1")
         await _publish(runtime, feed, 2)
         await ask(runtime, "hello", context_id="C2")
         await _publish(runtime, feed, 3)  # a third snapshot: revision 1 is one too many
         retained = runtime.retained_revisions
-        await eventually(
-            lambda: runtime.builder.open_mcp_connections == 2,
-            timeout=WAIT,
-            what="revision 1's MCP session closed",
-        )
+        await _mcp_sessions(runtime, 2)
         c1, c2 = (
             await ask(runtime, "hi", context_id="C1"),
             await ask(runtime, "hi", context_id="C2"),
@@ -313,7 +246,6 @@ async def test_older_contexts_kept_for_pins_are_bounded(egress: Egress) -> None:
 async def test_pinning_off_serves_every_turn_from_the_newest_snapshot(egress: Egress) -> None:
     clock = Clock()
     async with engine_on(egress, clock, conversation_pin_seconds=0) as (runtime, feed):
-        await _publish(runtime, feed, 1)
         await ask(runtime, "hello", context_id="C1")
         await _publish(runtime, feed, 2)
         turn = await ask(runtime, "hello", context_id="C1")

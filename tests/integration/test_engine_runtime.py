@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -342,8 +343,13 @@ def make_snapshot(
 
 @asynccontextmanager
 async def running_engine(
-    egress: Egress, snapshot: ResolvedSnapshot, **settings: Any
+    egress: Egress,
+    snapshot: ResolvedSnapshot,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    **settings: Any,
 ) -> AsyncIterator[tuple[EngineRuntime, InMemorySnapshotFeed]]:
+    """An engine on ``snapshot``; ``clock``: its pin clock; ``settings``: EngineSettings."""
     feed = InMemorySnapshotFeed()
     config = EngineSettings(
         agent_name=AGENT,
@@ -353,7 +359,7 @@ async def running_engine(
         card_timeout_seconds=2,
         **settings,
     )
-    async with EngineRuntime(feed=feed, settings=config) as runtime:
+    async with EngineRuntime(feed=feed, settings=config, clock=clock) as runtime:
         await feed.publish(snapshot)
         await runtime.wait_ready(timeout=WAIT)
         yield runtime, feed
