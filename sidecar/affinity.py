@@ -97,6 +97,7 @@ def _from_send_request(
     if assign is None or message.task_id or not isinstance(message_json, dict):
         return _NOTHING
     context_id = assign()
+    message_json.pop("context_id", None)  # an empty one under the proto name: one field only
     message_json["contextId"] = context_id
     return MessageContext(context_id, _dump(document))
 

@@ -144,3 +144,14 @@ def test_a_message_of_a_task_or_a_named_conversation_is_not_rewritten() -> None:
         grpc = message_context_grpc("SendMessage", request.SerializeToString(), assign=named)
         assert rpc.rewritten is None and grpc.rewritten is None
         assert rpc.context_id == grpc.context_id == (request.message.context_id or None)
+
+
+def test_an_empty_context_id_under_the_proto_name_is_replaced_not_doubled() -> None:
+    params = {"message": {"messageId": "m1", "role": "ROLE_USER", "context_id": "", "parts": []}}
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "SendMessage", "params": params})
+
+    call = message_context_http("POST", "/", body.encode(), assign=lambda: "named-2")
+
+    assert call.rewritten is not None
+    sent = json.loads(call.rewritten)["params"]
+    assert ParseDict(sent, SendMessageRequest()).message.context_id == "named-2"
