@@ -154,4 +154,5 @@ def test_an_empty_context_id_under_the_proto_name_is_replaced_not_doubled() -> N
 
     assert call.rewritten is not None
     sent = json.loads(call.rewritten)["params"]
+    assert "context_id" not in sent["message"]  # whichever a parser reads last, it is ours
     assert ParseDict(sent, SendMessageRequest()).message.context_id == "named-2"
