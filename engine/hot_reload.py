@@ -267,8 +267,8 @@ class EngineRuntime:
         pinned = self._pins.get(context_id)
         if pinned is not None:
             return pinned
+        current.pins += 1  # before pinning: a pin the table evicts may be to it too
         self._pins.pin(context_id, current)
-        current.pins += 1
         return current
 
     async def delete_conversation(self, context_id: str) -> bool:

@@ -251,3 +251,20 @@ async def test_pinning_off_serves_every_turn_from_the_newest_snapshot(egress: Eg
         turn = await ask(runtime, "hello", context_id="C1")
 
     assert turn.revision == 2 and runtime.pinned_conversations == 0
+
+
+async def test_a_conversation_evicted_from_a_full_table_lets_its_context_go(
+    egress: Egress,
+) -> None:
+    clock = Clock()
+    async with engine_on(egress, clock, conversation_pin_max=1) as (runtime, feed):
+        await ask(runtime, "hello", context_id="C1")
+        await _publish(runtime, feed, 2)
+        kept = runtime.retained_revisions
+        await ask(runtime, "hello", context_id="C2")  # the table holds one: C1 leaves
+        await _mcp_sessions(runtime, 1)
+        released = runtime.retained_revisions
+        moved = await ask(runtime, "hello again", context_id="C1")
+
+    assert kept == [1] and released == []
+    assert moved.revision == 2
