@@ -8,8 +8,18 @@ so ``TurnCompleted.revision`` is the revision that answered the whole turn. A sn
 that fails to build is logged, kept in ``last_error``, reported to the sidecar, and the
 current context stays.
 
-Old contexts are reference-counted by the turns using them: once replaced and idle,
-they are released, and the MCP sessions no other context holds are closed.
+Conversations are pinned (:class:`specmesh.pins.PinTable`): the first turn of a
+conversation (A2A ``contextId``; the business REST ``contextId`` is the same) pins it to the
+context current then, and its later turns run on that context -- across hot reloads --
+until the conversation is deleted or ``conversation_pin_seconds`` after its first turn
+(then the newest context serves it and pins it anew). New conversations take the newest
+context. At most ``conversation_pin_max`` conversations are pinned (least recently used
+leaves first) and at most ``conversation_pin_max_contexts`` older contexts are kept for
+them (when one more is retired, the conversations of the oldest move to the newest).
+
+Old contexts are reference-counted by the turns running on them and the conversations
+pinned to them: once replaced, idle and unpinned, they are released, and the MCP sessions
+no other context holds are closed.
 
 Ready means a context is built and, when the feed is the sidecar's
 (:class:`engine.intake.SidecarLink`), its stream is connected: without its sidecar the
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -31,6 +42,7 @@ from opentelemetry import context as otel_context
 
 from specmesh.aio import cancel_and_wait
 from specmesh.backoff import BackoffPolicy, Reconnect
+from specmesh.pins import PinTable
 from specmesh.snapshot import ResolvedSnapshot
 
 from .agent_loop import LoopLimits, run_turn
@@ -49,11 +61,18 @@ logger = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class _Lease:
-    """A context and the turns running on it."""
+    """A context, the turns running on it and the conversations pinned to it."""
 
     context: RuntimeContext
     turns: int = 0
+    pins: int = 0
     retired: bool = False
+    released: bool = False
+
+    @property
+    def idle(self) -> bool:
+        """Replaced, no turn running on it and no conversation pinned to it."""
+        return self.retired and self.turns == 0 and self.pins == 0
 
 
 class EngineRuntime:
@@ -67,7 +86,9 @@ class EngineRuntime:
         egress_url: str | None = None,
         memory: ConversationMemory | None = None,
         http: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock`` measures the age of conversation pins (tests inject one)."""
         self._settings = settings or EngineSettings()
         self._feed = feed
         self._builder = ContextBuilder(
@@ -82,8 +103,18 @@ class EngineRuntime:
             record_content=self._settings.record_content,
         )
         self._current: _Lease | None = None
+        self._pins: PinTable[str, _Lease] = PinTable(
+            max_age=self._settings.conversation_pin_seconds,
+            max_entries=self._settings.conversation_pin_max,
+            clock=clock,
+            on_drop=self._unpinned,
+        )
+        self._retained: list[_Lease] = []
+        """Replaced contexts kept for pinned conversations, oldest first."""
+        self._closed = False
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._releasing: set[asyncio.Task[None]] = set()
         self.last_error: str | None = None
         """Why the last snapshot failed to build (secret-free); None after a success."""
@@ -102,14 +133,21 @@ class EngineRuntime:
         """Start consuming snapshots in the background (returns at once)."""
         if self._task is None:
             self._task = asyncio.create_task(self._consume(), name="engine-snapshots")
+        if self._sweeper is None and self._pins.enabled:
+            self._sweeper = asyncio.create_task(self._sweep(), name="engine-pin-expiry")
 
     async def aclose(self) -> None:
         """Stop consuming, wait for released contexts, close every MCP session."""
+        self._closed = True  # the builder closes what pinned contexts hold
         await cancel_and_wait(self._task)
+        await cancel_and_wait(self._sweeper)
         self._task = None
+        self._sweeper = None
         if self._releasing:
             await asyncio.gather(*self._releasing, return_exceptions=True)
         self._current = None
+        self._pins.clear()
+        self._retained.clear()
         await self._builder.aclose()
 
     async def __aenter__(self) -> EngineRuntime:
@@ -162,6 +200,21 @@ class EngineRuntime:
     def builder(self) -> ContextBuilder:
         return self._builder
 
+    @property
+    def pinned_conversations(self) -> int:
+        """Conversations pinned to a context now."""
+        return len(self._pins)
+
+    @property
+    def retained_revisions(self) -> list[int]:
+        """Revisions of the replaced contexts kept alive for pinned conversations."""
+        return [lease.context.revision for lease in self._retained]
+
+    def pinned_context(self, context_id: str) -> RuntimeContext | None:
+        """The context the conversation is pinned to, None when it is not (or expired)."""
+        lease = self._pins.get(context_id)
+        return lease.context if lease is not None else None
+
     def card_info(self) -> CardInfo | None:
         lease = self._current
         if lease is None:
@@ -188,8 +241,9 @@ class EngineRuntime:
     # ------------------------------------------------------------ turns
 
     async def run(self, request: TurnRequest) -> AsyncIterator[TurnEvent]:
-        """Run one turn on the context current when it starts."""
-        lease = self._current
+        """Run one turn on the conversation's pinned context, else on the current one
+        (which the conversation is then pinned to)."""
+        lease = self._lease_for(request.context_id)
         if lease is None:
             yield TurnFailed(code="not_ready", message="the agent has no valid spec yet")
             return
@@ -203,16 +257,34 @@ class EngineRuntime:
                     yield event
         finally:
             lease.turns -= 1
-            if lease.retired and lease.turns == 0:
+            if lease.idle:
                 self._release(lease)
 
+    def _lease_for(self, context_id: str) -> _Lease | None:
+        current = self._current
+        if current is None or not context_id or not self._pins.enabled:
+            return current
+        pinned = self._pins.get(context_id)
+        if pinned is not None:
+            return pinned
+        current.pins += 1  # before pinning: a pin the table evicts may be to it too
+        self._pins.pin(context_id, current)
+        return current
+
     async def delete_conversation(self, context_id: str) -> bool:
-        """Forget a conversation in the current memory store; whether it existed
-        (raises :class:`engine.errors.MemoryStoreError`, or RuntimeError when not ready)."""
+        """Forget a conversation -- in the memory store of the context it is pinned to and
+        in the current one -- and unpin it; whether it existed (raises
+        :class:`engine.errors.MemoryStoreError`, or RuntimeError when not ready)."""
         lease = self._current
         if lease is None:
             raise RuntimeError("the agent has no valid spec yet")
-        return await lease.context.recall.delete(context_id)
+        pinned = self._pins.get(context_id)
+        existed = False
+        if pinned is not None and pinned.context.memory is not lease.context.memory:
+            existed = await pinned.context.recall.delete(context_id)
+        existed = await lease.context.recall.delete(context_id) or existed
+        self._pins.remove(context_id)
+        return existed
 
     # ------------------------------------------------------------ snapshots
 
@@ -273,8 +345,11 @@ class EngineRuntime:
         )
         if old is not None:
             old.retired = True
-            if old.turns == 0:
+            if old.idle:
                 self._release(old)
+            elif old.pins:
+                self._retained.append(old)
+                self._bound_retained()
         await self._notify()
         await self._report(serving=context.revision, failed=0, error="")
 
@@ -306,7 +381,43 @@ class EngineRuntime:
                 serving_revision=serving, failed_revision=failed, error=error
             )
 
+    # ------------------------------------------------------------ pins
+
+    async def _sweep(self) -> None:
+        """Expire pins on a timer, so an idle conversation lets its old context go."""
+        every = min(60.0, max(1.0, self._settings.conversation_pin_seconds / 10))
+        while True:
+            await asyncio.sleep(every)  # a timer: expiry itself reads the injected clock
+            self._pins.expire()
+
+    def _unpinned(self, context_id: str, lease: _Lease) -> None:
+        lease.pins -= 1
+        if lease.idle:
+            self._release(lease)
+
+    def _bound_retained(self) -> None:
+        """Keep at most ``conversation_pin_max_contexts`` replaced contexts for pins."""
+        while len(self._retained) > self._settings.conversation_pin_max_contexts:
+            oldest = self._retained[0]
+            moved = self._pins.remove_value(oldest)  # releases it (via _unpinned) when idle
+            if self._retained and self._retained[0] is oldest:
+                self._retained.pop(0)  # still running a turn: released when it ends
+            logger.info(
+                "%d conversations pinned to revision %d move to the newest snapshot "
+                "(more than %d older snapshots kept)",
+                moved,
+                oldest.context.revision,
+                self._settings.conversation_pin_max_contexts,
+            )
+
     def _release(self, lease: _Lease) -> None:
+        if lease.released:
+            return
+        lease.released = True
+        if lease in self._retained:
+            self._retained.remove(lease)
+        if self._closed:
+            return  # aclose closes every shared resource
         task = asyncio.create_task(self._builder.release(lease.context))
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)

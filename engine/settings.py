@@ -55,6 +55,15 @@ class EngineSettings(BaseSettings):
     sidecar_reconnect_max_seconds: float = Field(default=1.0, gt=0)
     """Longest delay between attempts to reopen the sidecar's snapshot stream (a local
     process: short, so that a restarted sidecar learns what the engine serves at once)."""
+    conversation_pin_seconds: float = Field(default=1800.0, ge=0)
+    """How long a conversation (A2A ``contextId``) stays on the snapshot that served its
+    first turn, measured from that turn; a newer snapshot serves it after that. 0 disables
+    pinning (every turn takes the newest snapshot)."""
+    conversation_pin_max: int = Field(default=10000, ge=1)
+    """Most conversations pinned at once; the least recently used one leaves first."""
+    conversation_pin_max_contexts: int = Field(default=4, ge=0)
+    """Most older snapshots kept alive for pinned conversations; when one more is retired,
+    the conversations of the oldest move to the newest snapshot."""
     data_dir: Path = Path("data")
     """The engine's own data folder; the embedded knowledge store lives in
     ``<data_dir>/knowledge`` unless ``knowledge.store.address`` names another folder."""

@@ -226,7 +226,17 @@ class DataPlane:
                 )
             return
         if settings.entry or settings.entry_grpc:
+            from sidecar.affinity import ConversationTracks
             from sidecar.entry import EntryServer, GrpcEntry
+
+            tracks = (
+                ConversationTracks(
+                    max_age=settings.conversation_pin_seconds,
+                    max_entries=settings.conversation_pin_max,
+                )
+                if settings.conversation_pin_seconds > 0
+                else None
+            )
         if settings.entry:
             host, port = parse_host_port(settings.entry, setting="SPECMESH_ENTRY", listen=True)
             self.entry = EntryServer(
@@ -238,6 +248,7 @@ class DataPlane:
                 client_ssl=self.certificates.client_context if self.certificates else None,
                 host=host,
                 port=port,
+                tracks=tracks,
             )
             await self.entry.start()
             logger.info("public entry (HTTP) on %s", self.entry.url)
@@ -251,6 +262,7 @@ class DataPlane:
                 router=grpc_router,
                 certificates=self.certificates,
                 address=settings.entry_grpc,
+                tracks=tracks,
             )
             await self.grpc_entry.start()
             logger.info("public entry (gRPC) on %s", self.grpc_entry.target)

@@ -20,7 +20,11 @@ External calls honour the agent's release: the same :class:`~sidecar.router.Rout
 egress uses picks an instance (weights, header match, outlier ejection). When it picks this
 instance -- or lists none serving -- the call goes to the engine beside; otherwise to the
 chosen instance's mTLS inbound, as this agent (its client certificate), which accepts the
-principal because the certificate names the same agent.
+principal because the certificate names the same agent. A conversation keeps the track its
+first message went to (:class:`~sidecar.affinity.ConversationTracks`, when given ``tracks``):
+the entry reads the message's contextId from the body it already holds (HTTP) or the request
+message (gRPC, unary request) -- nothing is buffered for it that was not already -- and names
+the conversation a message starts (it writes a new contextId into it).
 """
 
 from __future__ import annotations
@@ -39,6 +43,13 @@ from opentelemetry import propagate, trace
 from specmesh.callers import CALLER_HEADER, CALLER_KEY, PRINCIPAL_HEADER, PRINCIPAL_KEY
 from specmesh.names import resource_name
 
+from .affinity import (
+    ConversationTracks,
+    MessageContext,
+    message_context_grpc,
+    message_context_http,
+    new_context_id,
+)
 from .callers import CARD_PATH, CallerPolicy, CallerRefused
 from .errors import PolicyError
 from .grpcproxy import (
@@ -75,16 +86,27 @@ _DROPPED = (CALLER_HEADER, PRINCIPAL_HEADER, "Authorization")
 
 
 def _pick_other(
-    router: Router | None, agent: str, instance_id: str, headers: Mapping[str, str]
+    router: Router | None,
+    agent: str,
+    instance_id: str,
+    headers: Mapping[str, str],
+    *,
+    tracks: ConversationTracks | None = None,
+    context_id: str | None = None,
 ) -> Target | None:
-    """The instance an external call goes to, or None for this instance's own engine."""
+    """The instance an external call goes to, or None for this instance's own engine; a
+    known conversation keeps its track, a new one is remembered on the track it got."""
     if router is None:
         return None
+    release = router.release(agent)
+    pinned = tracks.track(context_id, release) if tracks is not None else None
     try:
-        target = router.pick(agent, headers)
+        target = router.pick(agent, headers, pinned=pinned)
     except NoInstanceError as e:
         logger.debug("entry: %s; serving from this instance", e)
         return None
+    if tracks is not None and pinned is None:
+        tracks.remember(context_id, target.track, release)
     if target.instance is None or target.instance == instance_id:
         return None
     return target
@@ -110,6 +132,7 @@ class EntryServer(RelayListener):
         port: int = 0,
         read_timeout: float = 300.0,
         tracer: trace.Tracer | None = None,
+        tracks: ConversationTracks | None = None,
     ) -> None:
         super().__init__(host=host, port=port)
         self.agent = resource_name(agent_name)
@@ -117,6 +140,7 @@ class EntryServer(RelayListener):
         self.engine_url = engine_http if "://" in engine_http else f"http://{engine_http}"
         self.policy = policy
         self._router = router
+        self._tracks = tracks
         self._client_ssl = client_ssl
         self.read_timeout = read_timeout
         self._tracer = tracer
@@ -133,6 +157,7 @@ class EntryServer(RelayListener):
             headers.popall(name, None)
         card = request.method in ("GET", "HEAD") and request.path == CARD_PATH
         target: Target | None = None
+        body: bytes | None = None
         if not card:
             try:
                 principal = await self.policy.external(request.headers.get("Authorization"))
@@ -141,9 +166,26 @@ class EntryServer(RelayListener):
                 return e.http_response()
             headers[PRINCIPAL_HEADER] = principal
             span.set_attribute("specmesh.principal", principal)
-            target = _pick_other(self._router, self.agent, self.instance_id, request.headers)
+            body = await request.read() if request.body_exists else None
+            call = MessageContext()
+            if self._tracks is not None:
+                call = message_context_http(
+                    request.method, request.path, body, assign=new_context_id
+                )
+                if call.rewritten is not None:  # the entry named the conversation
+                    body = call.rewritten
+                    headers.popall("Content-Length", None)
+            target = _pick_other(
+                self._router,
+                self.agent,
+                self.instance_id,
+                request.headers,
+                tracks=self._tracks,
+                context_id=call.context_id,
+            )
         propagate.inject(headers)
-        body = await request.read() if request.body_exists else None
+        if body is None and request.body_exists:
+            body = await request.read()
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=self.read_timeout)
         assert self._session is not None
         if target is None:
@@ -192,6 +234,7 @@ class GrpcEntry(GrpcRelayServer):
         router: Router | None = None,
         certificates: AgentCertificates | None = None,
         address: str = "127.0.0.1:0",
+        tracks: ConversationTracks | None = None,
     ) -> None:
         super().__init__(address=address)
         self.agent = resource_name(agent_name)
@@ -199,6 +242,7 @@ class GrpcEntry(GrpcRelayServer):
         self.engine_grpc = engine_grpc
         self.policy = policy
         self._router = router
+        self._tracks = tracks
         self._pool = ChannelPool(certificates=certificates)
         self._engine: grpc.aio.Channel | None = None
 
@@ -212,9 +256,10 @@ class GrpcEntry(GrpcRelayServer):
         await self._pool.close()
 
     async def _prepare(
-        self, context: grpc.aio.ServicerContext
-    ) -> tuple[Metadata, grpc.aio.Channel, Target | None]:
-        """(metadata to send, channel, the other instance or None), or abort the call."""
+        self, context: grpc.aio.ServicerContext, method: str, request: bytes
+    ) -> tuple[Metadata, grpc.aio.Channel, Target | None, bytes]:
+        """(metadata to send, channel, the other instance or None, the request to send),
+        or abort the call."""
         incoming = context.invocation_metadata()
         try:
             principal = await self.policy.external(first_value(incoming, AUTHORIZATION_KEY))
@@ -224,11 +269,22 @@ class GrpcEntry(GrpcRelayServer):
         metadata = end_to_end_metadata(incoming, CALLER_KEY, PRINCIPAL_KEY, AUTHORIZATION_KEY)
         metadata.append((PRINCIPAL_KEY, principal))
         headers = {k: v for k, v in metadata if isinstance(v, str)}
-        target = _pick_other(self._router, self.agent, self.instance_id, headers)
+        call = MessageContext()
+        if self._tracks is not None:
+            call = message_context_grpc(method, request, assign=new_context_id)
+            request = call.rewritten or request
+        target = _pick_other(
+            self._router,
+            self.agent,
+            self.instance_id,
+            headers,
+            tracks=self._tracks,
+            context_id=call.context_id,
+        )
         if target is None:
             assert self._engine is not None
-            return metadata, self._engine, None
-        return metadata, self._pool.get(target), target
+            return metadata, self._engine, None, request
+        return metadata, self._pool.get(target), target, request
 
     def _reporter(self, target: Target | None) -> Callable[[grpc.StatusCode], None]:
         router = self._router
@@ -238,7 +294,7 @@ class GrpcEntry(GrpcRelayServer):
 
     def _unary_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            metadata, channel, target = await self._prepare(context)
+            metadata, channel, target, request = await self._prepare(context, method, request)
             return await relay_unary(
                 channel, method, request, context, metadata, self._reporter(target)
             )
@@ -247,7 +303,7 @@ class GrpcEntry(GrpcRelayServer):
 
     def _stream_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            metadata, channel, target = await self._prepare(context)
+            metadata, channel, target, request = await self._prepare(context, method, request)
             async for message in relay_stream(
                 channel, method, request, context, metadata, self._reporter(target)
             ):

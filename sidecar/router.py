@@ -415,21 +415,33 @@ class Router:
     def detector(self, agent: str) -> OutlierDetector:
         return self._upstream(agent).detector
 
-    def choose_track(self, agent: str, headers: Mapping[str, str]) -> Literal["stable", "canary"]:
-        """The track a call goes to, by the target's release policy."""
+    def choose_track(
+        self, agent: str, headers: Mapping[str, str], *, pinned: str | None = None
+    ) -> Literal["stable", "canary"]:
+        """The track a call goes to, by the target's release policy: a header match sends
+        it to the canary; else a ``pinned`` track (a known conversation's) holds; else the
+        weight decides."""
         release = self._releases.release(agent)
         if release is None or release.canary_revision is None:
             return "stable"
         if headers_match(release.header_match, headers):
             return "canary"
+        if pinned in ("stable", "canary"):
+            return "canary" if pinned == "canary" else "stable"
         if release.canary_weight > 0 and self._rng.random() * 100 < release.canary_weight:
             return "canary"
         return "stable"
 
     def pick(
-        self, agent: str, headers: Mapping[str, str], *, exclude: Iterable[str] = ()
+        self,
+        agent: str,
+        headers: Mapping[str, str],
+        *,
+        exclude: Iterable[str] = (),
+        pinned: str | None = None,
     ) -> Target:
-        """The target of one try; raise :class:`NoInstanceError` when none can take it."""
+        """The target of one try; raise :class:`NoInstanceError` when none can take it.
+        ``pinned``: the track a known conversation keeps (:meth:`choose_track`)."""
         rn = _resource_name(agent)
         if self.mode == "istio":
             host = f"{rn}.{self.namespace}.svc.cluster.local"
@@ -446,7 +458,7 @@ class Router:
             )
         up.detector.set_hosts(i.instance for i in all_instances)
         healthy_ids = set(up.detector.available([i.instance for i in all_instances]))
-        track = self.choose_track(rn, headers)
+        track = self.choose_track(rn, headers, pinned=pinned)
         by_track = [i for i in all_instances if i.track == track]
         if not by_track:
             by_track = [i for i in all_instances if i.track != track]

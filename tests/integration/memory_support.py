@@ -5,14 +5,15 @@ snapshot, litellm to a ScriptedModelServer, Redis password only in OpenBao."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from engine.hot_reload import EngineRuntime
-from engine.intake import InMemorySnapshotFeed
+from engine.intake import GrpcSnapshotFeed, InMemorySnapshotFeed, SnapshotFeed
 from engine.settings import EngineSettings
 from engine.turn_protocol import TurnCompleted, TurnEvent, TurnRequest
 from localfleet.installer import LocalServices, RedisProcess
@@ -36,6 +37,18 @@ def password_ref(agent: str) -> VaultRef:
     return VaultRef(mount="secret", path=f"specmesh/agents/{agent}/memory/password", field="value")
 
 
+def scripted_model(model: ScriptedModelServer, **more: Any) -> dict[str, Any]:
+    """An agent's ``model`` part calling the scripted model server directly (no retries)."""
+    return {
+        "model": "scripted",
+        "baseUrl": model.url,
+        "temperature": 0,
+        "maxRetries": 0,
+        "timeoutSeconds": 10,
+        **more,
+    }
+
+
 async def apply_agent(
     store: SpecStore,
     vault: VaultClient,
@@ -56,14 +69,7 @@ async def apply_agent(
     spec = AgentSpec.model_validate(
         {
             "base": {"description": "remembers", "promptKey": agent},
-            "model": {
-                "model": "scripted",
-                "baseUrl": model.url,
-                "temperature": 0,
-                "maxRetries": 0,
-                "timeoutSeconds": 10,
-                **(model_part or {}),
-            },
+            "model": scripted_model(model, **(model_part or {})),
             "memory": {
                 "storageType": "redis",
                 "address": redis.address,
@@ -102,8 +108,14 @@ async def agent_instance(
     keys: Keys,
     home: Path,
     extra: Mapping[str, Any] | None = None,
+    engine: Mapping[str, Any] | None = None,
+    follow: bool = False,
+    clock: Callable[[], float] = time.monotonic,
 ) -> AsyncIterator[Instance]:
-    """``extra``: more sidecar settings (by field name)."""
+    """``extra``: more sidecar settings (by field name); ``engine``: more engine settings;
+    ``follow``: the engine takes the sidecar's snapshot stream (hot reloads, as in
+    production) rather than the one snapshot the sidecar had at start; ``clock``: the
+    engine's pin clock."""
     egress_port, proxy_port = free_port(), free_port()
     await asyncio.to_thread(home.mkdir, parents=True, exist_ok=True)
     settings = SidecarSettings(
@@ -129,14 +141,20 @@ async def agent_instance(
         await asyncio.wait_for(sidecar.sync.wait_resolved(), WAIT)
         snapshot = sidecar.holder.current
         assert snapshot is not None
-        feed = InMemorySnapshotFeed()
         config = EngineSettings(
             agent_name=agent,
             egress_url=settings.egress_url,
             redis_proxy=settings.redis_proxy,
+            **dict(engine or {}),
         )
-        async with EngineRuntime(feed=feed, settings=config) as runtime:
-            await feed.publish(snapshot)  # the secret-free snapshot the sidecar streams
+        feed: SnapshotFeed = (
+            GrpcSnapshotFeed(settings.sync_addr, agent_name=agent)
+            if follow
+            else InMemorySnapshotFeed()
+        )
+        async with EngineRuntime(feed=feed, settings=config, clock=clock) as runtime:
+            if isinstance(feed, InMemorySnapshotFeed):
+                await feed.publish(snapshot)  # the secret-free snapshot the sidecar streams
             await runtime.wait_ready(timeout=WAIT)
             yield Instance(
                 sidecar=sidecar,

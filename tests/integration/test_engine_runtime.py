@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -342,8 +343,13 @@ def make_snapshot(
 
 @asynccontextmanager
 async def running_engine(
-    egress: Egress, snapshot: ResolvedSnapshot, **settings: Any
+    egress: Egress,
+    snapshot: ResolvedSnapshot,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    **settings: Any,
 ) -> AsyncIterator[tuple[EngineRuntime, InMemorySnapshotFeed]]:
+    """An engine on ``snapshot``; ``clock``: its pin clock; ``settings``: EngineSettings."""
     feed = InMemorySnapshotFeed()
     config = EngineSettings(
         agent_name=AGENT,
@@ -353,7 +359,7 @@ async def running_engine(
         card_timeout_seconds=2,
         **settings,
     )
-    async with EngineRuntime(feed=feed, settings=config) as runtime:
+    async with EngineRuntime(feed=feed, settings=config, clock=clock) as runtime:
         await feed.publish(snapshot)
         await runtime.wait_ready(timeout=WAIT)
         yield runtime, feed
@@ -750,6 +756,9 @@ async def test_a_prompt_only_change_keeps_the_mcp_session(
         await runtime.wait_until(lambda r: r.revision == 4, timeout=WAIT)
         assert mcp_state.handshakes == handshakes + 1
         assert runtime.context is not None and runtime.context.mcp[0][1] is not connection
+        # conversation c1 is pinned to revision 3, which holds the old session; it ends
+        assert runtime.retained_revisions == [3] and connection.connected
+        assert await runtime.delete_conversation("c1")
         async with asyncio.timeout(WAIT):  # closed once no context holds it
             await connection.wait_closed()
         assert not connection.connected

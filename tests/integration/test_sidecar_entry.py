@@ -11,6 +11,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from engine.server import EngineServer, ServerConfig
 from engine.testing import ScriptedRunner
+from sidecar.affinity import ConversationTracks
 from sidecar.callers import CallerPolicy, CallerRefused, JwtVerifier
 from sidecar.entry import CARD_PATH, EntryServer, GrpcEntry
 from sidecar.grpcproxy import A2A_SERVICE, GrpcInbound, GrpcInstanceSource
@@ -256,15 +258,20 @@ async def client_for() -> AsyncIterator[ClientFactory]:
         await item.close() if not hasattr(item, "aclose") else await item.aclose()
 
 
-def _message(text: str) -> SendMessageRequest:
+def _message(text: str, context_id: str = "") -> SendMessageRequest:
     return SendMessageRequest(
-        message=Message(role=Role.ROLE_USER, message_id=uuid.uuid4().hex, parts=[Part(text=text)])
+        message=Message(
+            role=Role.ROLE_USER,
+            message_id=uuid.uuid4().hex,
+            context_id=context_id,
+            parts=[Part(text=text)],
+        )
     )
 
 
-async def _send(client: Any, text: str) -> list[StreamResponse]:
+async def _send(client: Any, text: str, *, context_id: str = "") -> list[StreamResponse]:
     async with asyncio.timeout(WAIT):
-        return [event async for event in client.send_message(_message(text))]
+        return [event async for event in client.send_message(_message(text, context_id))]
 
 
 def _refusal(error: BaseException) -> tuple[int | str, str, str]:
@@ -419,20 +426,25 @@ async def test_http_refusal_has_the_bearer_challenge(rig: Rig) -> None:
 
 
 @dataclass
-class Instance2:
-    runner: ScriptedRunner
-    engine: EngineServer
-    inbound: InboundServer
-    grpc_inbound: GrpcInbound
+class TwoTracks:
+    """The entry of the stable instance (whose engine is beside it) and a canary instance
+    behind its mTLS inbound; ``releases`` is AGENT's release as both entries' routers see it."""
+
+    entry: EntryServer
+    grpc_entry: GrpcEntry
+    stable: ScriptedRunner
+    canary: ScriptedRunner
+    releases: InMemoryReleaseSource
 
 
-async def test_external_calls_follow_the_release_to_the_canary(
+@asynccontextmanager
+async def _two_tracks(
     issuer: JwksIssuer,
     pki: PkiClient,  # noqa: F811
-    client_for: ClientFactory,
-) -> None:
-    """Canary weight 100: the entry of the stable instance forwards every external call to
-    the canary's mTLS inbound (as the agent itself), which passes the principal on."""
+    release: ReleaseSpec,
+    *,
+    tracks: ConversationTracks | None = None,
+) -> AsyncIterator[TwoTracks]:
     # no agent lists AGENT as a partner: only the entry's forwarding may pass the inbound
     policy, verifier = await _caller_policy(issuer)
     http_port, grpc_port = free_port(), free_port()
@@ -442,6 +454,7 @@ async def test_external_calls_follow_the_release_to_the_canary(
     }
     stable_runner, canary_runner = ScriptedRunner(), ScriptedRunner()
     async with (
+        verifier,
         AgentCertificates(agent=AGENT, pki=pki) as certs,
         EngineServer(
             runner=stable_runner,
@@ -478,9 +491,7 @@ async def test_external_calls_follow_the_release_to_the_canary(
                 ),
             ]
         )
-        releases = InMemoryReleaseSource(
-            {AGENT: ReleaseSpec.model_validate({"canaryRevision": 2, "canaryWeight": 100})}
-        )
+        releases = InMemoryReleaseSource({AGENT: release})
         router = Router(instances=instances, releases=releases)
         grpc_router = Router(instances=GrpcInstanceSource(instances), releases=releases)
         entry = EntryServer(
@@ -491,6 +502,7 @@ async def test_external_calls_follow_the_release_to_the_canary(
             router=router,
             client_ssl=certs.client_context,
             port=http_port,
+            tracks=tracks,
         )
         grpc_entry = GrpcEntry(
             agent_name=AGENT,
@@ -500,19 +512,71 @@ async def test_external_calls_follow_the_release_to_the_canary(
             router=grpc_router,
             certificates=certs,
             address=f"127.0.0.1:{grpc_port}",
+            tracks=tracks,
         )
         async with entry, grpc_entry:
-            for binding in BINDINGS:
-                client = await client_for(entry.url, binding, token=issuer.token())
-                events = await _send(client, f"canary via {binding}")
-                assert events[-1].status_update.status.state == TaskState.TASK_STATE_COMPLETED
-    await verifier.close()
+            yield TwoTracks(entry, grpc_entry, stable_runner, canary_runner, releases)
 
-    assert stable_runner.requests == []
-    assert [r.text for r in canary_runner.requests] == [f"canary via {b}" for b in BINDINGS]
-    for request in canary_runner.requests:
+
+async def test_external_calls_follow_the_release_to_the_canary(
+    issuer: JwksIssuer,
+    pki: PkiClient,  # noqa: F811
+    client_for: ClientFactory,
+) -> None:
+    """Canary weight 100: the entry of the stable instance forwards every external call to
+    the canary's mTLS inbound (as the agent itself), which passes the principal on."""
+    release = ReleaseSpec.model_validate({"canaryRevision": 2, "canaryWeight": 100})
+    async with _two_tracks(issuer, pki, release) as rig:
+        for binding in BINDINGS:
+            client = await client_for(rig.entry.url, binding, token=issuer.token())
+            events = await _send(client, f"canary via {binding}")
+            assert events[-1].status_update.status.state == TaskState.TASK_STATE_COMPLETED
+
+    assert rig.stable.requests == []
+    assert [r.text for r in rig.canary.requests] == [f"canary via {b}" for b in BINDINGS]
+    for request in rig.canary.requests:
         assert request.headers[PRINCIPAL_KEY] == ALICE
         assert request.headers[CALLER_KEY] == AGENT.replace("_", "-")
+
+
+def _context_of(events: list[StreamResponse]) -> str:
+    """The contextId the agent answered with (the task's, on every binding)."""
+    [context_id] = {e.task.context_id for e in events if e.HasField("task")} | {
+        e.status_update.context_id for e in events if e.HasField("status_update")
+    }
+    return context_id
+
+
+async def test_a_conversation_keeps_its_track_when_the_weight_changes(
+    issuer: JwksIssuer,
+    pki: PkiClient,  # noqa: F811
+    client_for: ClientFactory,
+) -> None:
+    """A conversation routed to the canary keeps going there after the weight drops to 0,
+    on every binding (its first message carried no contextId: the entry named it); new
+    conversations follow the new weight; an abort (no canary) moves it back."""
+    release = ReleaseSpec.model_validate({"canaryRevision": 2, "canaryWeight": 100})
+    tracks = ConversationTracks(max_age=1800, max_entries=100)
+    async with _two_tracks(issuer, pki, release, tracks=tracks) as rig:
+        clients = {b: await client_for(rig.entry.url, b, token=issuer.token()) for b in BINDINGS}
+        started = {b: _context_of(await _send(clients[b], f"start {b}")) for b in BINDINGS}
+
+        rig.releases.set(AGENT, release.model_copy(update={"canary_weight": 0}))
+        for b in BINDINGS:
+            await _send(clients[b], f"again {b}", context_id=started[b])
+            await _send(clients[b], f"new {b}")
+        rig.releases.set(AGENT, ReleaseSpec())  # aborted: no canary any more
+        for b in BINDINGS:
+            await _send(clients[b], f"after abort {b}", context_id=started[b])
+
+    on_canary = [(r.text, r.context_id) for r in rig.canary.requests]
+    assert on_canary == [(f"start {b}", started[b]) for b in BINDINGS] + [
+        (f"again {b}", started[b]) for b in BINDINGS
+    ]
+    assert [r.text for r in rig.stable.requests] == [f"new {b}" for b in BINDINGS] + [
+        f"after abort {b}" for b in BINDINGS
+    ]
+    assert len(set(started.values())) == len(BINDINGS)
 
 
 # ---------------------------------------------------------------- the inbound
