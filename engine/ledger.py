@@ -21,9 +21,10 @@ partner as its message's :data:`BUDGET_METADATA`, so the budget travels down the
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
+
+from specmesh.budget import BUDGET_HEADER, BUDGET_TOTAL_HEADER, BudgetValueError, parse_budget
 
 __all__ = [
     "BUDGET_HEADER",
@@ -43,35 +44,6 @@ COST_METADATA = "cost"
 """Key of the cost in an answer artifact's metadata."""
 BUDGET_METADATA = "specmesh.budgetUsd"
 """Key of a request's budget (USD) in the A2A message metadata."""
-BUDGET_HEADER = "x-specmesh-budget-remaining-usd"
-"""What is left of the request's budget (USD), on every model and partner call the engine
-makes through its sidecar."""
-BUDGET_TOTAL_HEADER = "x-specmesh-budget-usd"
-"""The request's whole budget (USD), beside :data:`BUDGET_HEADER` (for the refusal's text)."""
-
-
-class BudgetValueError(ValueError):
-    """A budget is not a non-negative finite number."""
-
-    def __init__(self, where: str, value: object) -> None:
-        super().__init__(f"{where}: must be a non-negative number of USD (got {value!r})")
-        self.where = where
-        self.value = value
-
-
-def parse_budget(value: object, *, where: str = BUDGET_METADATA) -> float | None:
-    """A budget from metadata or a header (a number, or its text); None when absent."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, bool):
-        raise BudgetValueError(where, value)
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise BudgetValueError(where, value) from None
-    if not math.isfinite(number) or number < 0:
-        raise BudgetValueError(where, value)
-    return number
 
 
 def _smallest(*budgets: float | None) -> float | None:

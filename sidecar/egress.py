@@ -22,8 +22,9 @@ What may be called, with which credentials, retries and budgets is decided by
 :class:`~sidecar.policy.EgressPolicy` and :class:`~sidecar.policy.Retries` (shared with the
 gRPC egress); refusals and failures are :class:`~sidecar.errors.PolicyError` errors of the one
 error table, answered as AIP-193 JSON and never holding a secret: ``INVALID_TARGET`` 400,
-``NOT_DECLARED`` 403 (also logged), ``UNKNOWN_ROUTE`` 404, ``UPSTREAM_*`` 502 (unreachable,
-reset, misconfigured, or a partner whose certificate is not the partner's:
+``NOT_DECLARED`` 403 (also logged), ``BUDGET_EXCEEDED`` 402 (a model or partner call that
+could pass what is left of the request's cost budget), ``UNKNOWN_ROUTE`` 404,
+``UPSTREAM_*`` 502 (unreachable, reset, misconfigured, or a partner whose certificate is not the partner's:
 ``UPSTREAM_IDENTITY``), ``CREDENTIAL_UNAVAILABLE`` / ``NO_SNAPSHOT`` / ``NO_INSTANCE`` /
 ``OVERFLOW`` 503, ``UPSTREAM_TIMEOUT`` 504.
 
@@ -285,6 +286,9 @@ class EgressProxy(RelayListener):
             )
             propagate.inject(out.headers)  # the upstream continues from this span
             body = await request.read() if request.body_exists else None
+            if kind in ("llm", "llm_fallback"):
+                fallback = int(name) if kind == "llm_fallback" else None
+                await self.policy.model_budget(snapshot, fallback, body, request.headers)
             if kind in ("llm", "llm_fallback", "embeddings"):
                 url = await self._prepare_llm(snapshot, out)
                 upstream = await self._send(
@@ -437,6 +441,7 @@ class EgressProxy(RelayListener):
         body: bytes | None,
     ) -> aiohttp.ClientResponse:
         agent, partner = self.policy.partner(snapshot, out.name)
+        self.policy.partner_budget(agent, request.headers)
         if self._router is None:
             raise PolicyError("NO_INSTANCE", "the sidecar has no router", agent=agent)
         await self._add_secrets(out, partner.headers, partner.query_params)
