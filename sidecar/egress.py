@@ -24,9 +24,9 @@ gRPC egress); refusals and failures are :class:`~sidecar.errors.PolicyError` err
 error table, answered as AIP-193 JSON and never holding a secret: ``INVALID_TARGET`` 400,
 ``NOT_DECLARED`` 403 (also logged), ``BUDGET_EXCEEDED`` 402 (a model or partner call that
 could pass what is left of the request's cost budget), ``UNKNOWN_ROUTE`` 404,
-``UPSTREAM_*`` 502 (unreachable, reset, misconfigured, or a partner whose certificate is not the partner's:
-``UPSTREAM_IDENTITY``), ``CREDENTIAL_UNAVAILABLE`` / ``NO_SNAPSHOT`` / ``NO_INSTANCE`` /
-``OVERFLOW`` 503, ``UPSTREAM_TIMEOUT`` 504.
+``UPSTREAM_*`` 502 (unreachable, reset, misconfigured, or a partner whose certificate is
+not the partner's: ``UPSTREAM_IDENTITY``), ``CREDENTIAL_UNAVAILABLE`` / ``NO_SNAPSHOT`` /
+``NO_INSTANCE`` / ``OVERFLOW`` 503, ``UPSTREAM_TIMEOUT`` 504.
 
 Metrics (on the :class:`prometheus_client.CollectorRegistry` given, default the global one):
 ``specmesh_sidecar_egress_requests_total{kind,status}``,
