@@ -238,13 +238,17 @@ async def test_token_usage_per_agent_model_and_day(store: TraceStore) -> None:
 
     assert rows == [
         {"agent": "planner", "model": "gpt-4o-mini", "day": "2026-03-13", "calls": 1,
-         "inputTokens": 7, "outputTokens": 3, "totalTokens": 10, "costUsd": 0.0, "unpricedCalls": 0},
+         "inputTokens": 7, "outputTokens": 3, "totalTokens": 10, "costUsd": 0.0,
+         "unpricedCalls": 0},
         {"agent": "planner", "model": "gpt-4o-mini", "day": "2026-03-14", "calls": 2,
-         "inputTokens": 300, "outputTokens": 60, "totalTokens": 360, "costUsd": 0.0, "unpricedCalls": 0},
+         "inputTokens": 300, "outputTokens": 60, "totalTokens": 360, "costUsd": 0.0,
+         "unpricedCalls": 0},
         {"agent": "planner", "model": "scripted", "day": "2026-03-14", "calls": 1,
-         "inputTokens": 1, "outputTokens": 1, "totalTokens": 2, "costUsd": 0.0, "unpricedCalls": 0},
+         "inputTokens": 1, "outputTokens": 1, "totalTokens": 2, "costUsd": 0.0,
+         "unpricedCalls": 0},
         {"agent": "weather", "model": "gpt-4o-mini", "day": "2026-03-14", "calls": 1,
-         "inputTokens": 50, "outputTokens": 10, "totalTokens": 60, "costUsd": 0.0, "unpricedCalls": 0},
+         "inputTokens": 50, "outputTokens": 10, "totalTokens": 60, "costUsd": 0.0,
+         "unpricedCalls": 0},
     ]  # fmt: skip
     by_agent = await store.token_usage(group_by=["agent"], since=NOW)
     assert [(r.group, r.input_tokens, r.calls) for r in by_agent] == [
