@@ -18,6 +18,7 @@ Mapping (A2A 1.0, the same for JSON-RPC, HTTP+JSON and gRPC)::
                                                            COST_EXTENSION);
                                                            status COMPLETED
     TurnFailed                                         ->  status FAILED, its message
+                                                           (metadata code/revision/cost)
     CancelTask                                         ->  the running turn is cancelled,
                                                            status CANCELED
 
@@ -305,4 +306,6 @@ def _failure_message(updater: TaskUpdater, event: TurnFailed) -> Message:
     metadata: dict[str, Any] = {"code": event.code}
     if event.revision is not None:
         metadata["revision"] = event.revision
+    if event.cost is not None:
+        metadata[COST_METADATA] = dict(event.cost)
     return updater.new_agent_message([new_text_part(event.message)], metadata=metadata)

@@ -189,17 +189,22 @@ async def run_turn(
             code="step_limit",
             message=f"no answer after {limits.max_steps} model calls (the step limit)",
             revision=context.revision,
+            cost=ledger.metadata(),
         )
     except ModelError as e:
         outcome = e.code
         span.set_status(Status(StatusCode.ERROR, e.reason))
         span.set_attribute("error.type", type(e).__name__)
-        yield TurnFailed(code=e.code, message=str(e), revision=context.revision)
+        yield TurnFailed(
+            code=e.code, message=str(e), revision=context.revision, cost=ledger.metadata()
+        )
     except MemoryStoreError as e:
         outcome = e.code
         span.set_status(Status(StatusCode.ERROR, e.reason))
         span.set_attribute("error.type", type(e).__name__)
-        yield TurnFailed(code=e.code, message=str(e), revision=context.revision)
+        yield TurnFailed(
+            code=e.code, message=str(e), revision=context.revision, cost=ledger.metadata()
+        )
     except (asyncio.CancelledError, GeneratorExit):
         if not ended:
             outcome = "cancelled"
@@ -209,7 +214,12 @@ async def run_turn(
         logger.exception("turn failed in agent %s", context.agent_name)
         span.set_status(Status(StatusCode.ERROR, type(e).__name__))
         span.set_attribute("error.type", type(e).__name__)
-        yield TurnFailed(code="internal", message="internal error", revision=context.revision)
+        yield TurnFailed(
+            code="internal",
+            message="internal error",
+            revision=context.revision,
+            cost=ledger.metadata(),
+        )
     finally:
         span.set_attributes(
             {

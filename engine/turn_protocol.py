@@ -100,6 +100,9 @@ class TurnFailed:
     code: str
     message: str
     revision: int | None = None
+    cost: Mapping[str, Any] | None = None
+    """What the turn spent before it failed (as :attr:`TurnCompleted.cost`): a caller
+    books it all the same."""
 
 
 TurnEvent = TextDelta | ToolCallStarted | ToolCallFinished | TurnCompleted | TurnFailed

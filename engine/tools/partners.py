@@ -229,12 +229,16 @@ def _sidecar_refusal(error: A2AError) -> str | None:
 
 
 def _answer_cost(event: StreamResponse | None) -> Any:
-    """The ``cost`` metadata of the partner's answer artifact; None when it has none."""
+    """The ``cost`` metadata of the partner's answer artifact, or of its failure's status
+    message (a failed turn spent too); None when it has none."""
     if event is None or not event.HasField("task"):
         return None
-    for artifact in event.task.artifacts:
+    task = event.task
+    for artifact in task.artifacts:
         if COST_METADATA in artifact.metadata:
             return MessageToDict(artifact.metadata).get(COST_METADATA)
+    if task.status.HasField("message") and COST_METADATA in task.status.message.metadata:
+        return MessageToDict(task.status.message.metadata).get(COST_METADATA)
     return None
 
 

@@ -121,3 +121,30 @@ async def test_a_sidecar_refusal_is_a_tool_error_with_the_sidecars_message() -> 
         "agent 'b' could not answer: budget exceeded: the call to agent 'b' is refused: "
         "the request's budget is $1, $0 is left"
     )
+
+
+async def test_a_partner_that_failed_is_a_tool_error_and_what_it_spent_is_booked() -> None:
+    def failed(request: httpx.Request) -> httpx.Response:
+        rpc = json.loads(request.content)
+        message = {
+            "messageId": "m1",
+            "role": "ROLE_AGENT",
+            "parts": [{"text": "no answer after 8 model calls (the step limit)"}],
+            "metadata": {"code": "step_limit", "cost": {"totalUsd": 0.5}},
+        }
+        task = {
+            "id": "t1",
+            "contextId": "c1",
+            "status": {"state": "TASK_STATE_FAILED", "message": message},
+        }
+        return httpx.Response(
+            200, json={"jsonrpc": "2.0", "id": rpc["id"], "result": {"task": task}}
+        )
+
+    ledger = CostLedger()
+    context = ToolCallContext(context_id="ctx", call_depth=0, timeout=5, ledger=ledger)
+
+    with pytest.raises(ToolError, match="agent 'b' failed: no answer after 8 model calls"):
+        await _partner(failed).call({"message": "hi"}, context=context)
+
+    assert ledger.downstream_usd == 0.5
