@@ -248,6 +248,26 @@ async def test_bad_call_depth_is_rejected(server: EngineServer, runner: Scripted
     assert len(runner.requests) == seen
 
 
+async def test_the_callers_budget_reaches_the_turn_and_a_bad_one_is_rejected(
+    server: EngineServer, runner: ScriptedRunner
+) -> None:
+    budgeted, bad = _message("hi"), _message("hi")
+    budgeted.message.metadata.update({"specmesh.budgetUsd": 0.25})
+    bad.message.metadata.update({"specmesh.budgetUsd": -1})
+    async with await _client(server, TransportProtocol.JSONRPC, streaming=False) as client:
+        [answered] = await _collect(client.send_message(budgeted))
+        seen = len(runner.requests)
+        [rejected] = await _collect(client.send_message(bad))
+
+    assert answered.task.status.state == TaskState.TASK_STATE_COMPLETED
+    assert runner.requests[seen - 1].budget_usd == 0.25
+    assert rejected.task.status.state == TaskState.TASK_STATE_REJECTED
+    assert rejected.task.status.message.parts[0].text == (
+        "metadata specmesh.budgetUsd: must be a non-negative number of USD (got -1.0)"
+    )
+    assert len(runner.requests) == seen
+
+
 # ---------------------------------------------------------------- agent card
 
 
