@@ -326,7 +326,7 @@ async def test_invoke_answers(runner: ScriptedRunner, http: httpx.AsyncClient) -
     )
     response = await http.post(
         "/v1/invoke",
-        json={"contextId": "conv-1", "message": "the answer?"},
+        json={"contextId": "conv-1", "message": "the answer?", "budgetUsd": 0.5},
         headers={"X-Specmesh-Call-Depth": "1"},
     )
 
@@ -340,6 +340,7 @@ async def test_invoke_answers(runner: ScriptedRunner, http: httpx.AsyncClient) -
         "citations": [{"source": "kb://answers", "score": 0.9}],
     }
     assert runner.requests[-1].call_depth == 1
+    assert runner.requests[-1].budget_usd == 0.5
 
 
 async def test_invoke_starts_a_conversation_without_context_id(
@@ -396,6 +397,7 @@ async def test_invoke_stream_reports_a_failed_turn(
         (b'{"message": "hi", "contextId": 3}', {}, "contextId: input should be a valid string"),
         (b'{"message": "hi", "extra": true}', {}, "extra: unknown field"),
         (b'{"message": "hi"}', {"X-Specmesh-Call-Depth": "-1"}, "x-specmesh-call-depth"),
+        (b'{"message": "hi", "budgetUsd": -1}', {}, "budgetUsd: input should be greater"),
     ],
 )
 @pytest.mark.parametrize("path", ["/v1/invoke", "/v1/invoke/stream"])
