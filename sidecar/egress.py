@@ -55,6 +55,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from yarl import URL
 
 from specmesh.addresses import resolve_url
+from specmesh.budget import BUDGET_HEADER, BUDGET_TOTAL_HEADER
 from specmesh.snapshot import ResolvedSnapshot
 from specmesh.spec.models import ConnectionPoolSpec
 
@@ -351,6 +352,8 @@ class EgressProxy(RelayListener):
         )
 
     async def _prepare_llm(self, snapshot: ResolvedSnapshot, out: _Outbound) -> str:
+        for name in (BUDGET_HEADER, BUDGET_TOTAL_HEADER):  # for this sidecar, not the provider
+            out.headers.popall(name, None)
         model = snapshot.spec.model
         provider, base_url, api_key = model.provider, model.base_url, model.api_key
         if out.kind == "llm_fallback":

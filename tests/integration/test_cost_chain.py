@@ -35,6 +35,7 @@ from google.protobuf.struct_pb2 import Struct
 from localfleet.installer import LocalServices
 from localfleet.modelserver import RecordedRequest, ScriptedModelServer
 from sidecar.mtls import setup_pki
+from specmesh.budget import BUDGET_HEADER
 from specmesh.spec.models import AgentSpec
 from specmesh.spec_apply import SpecService
 from specmesh.store import SpecStore
@@ -246,6 +247,8 @@ async def test_a_budget_smaller_than_cs_cost_fails_bs_call_to_c_and_a_still_answ
     assert state == TaskState.TASK_STATE_COMPLETED, text
     # C's model was never called: its sidecar refused the call
     assert [r.model for r in records].count("model-c") == 0
+    # the budget headers are for the sidecars: the model provider never sees them
+    assert records and not any(BUDGET_HEADER in r.headers for r in records)
     # what B's model saw as ask_cost-c's result: the budget error, naming what was left
     (b_after_tool,) = [
         r for r in records if r.model == "model-b" and r.messages[-1]["role"] == "tool"
