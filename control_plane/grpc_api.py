@@ -285,6 +285,8 @@ def _trace_summary(t: TraceSummary) -> _pb.TraceSummary:
         input_tokens=t.input_tokens,
         output_tokens=t.output_tokens,
         total_tokens=t.total_tokens,
+        cost_usd=t.cost_usd,
+        unpriced_models=list(t.unpriced_models),
     )
 
 
@@ -327,6 +329,7 @@ def _usage_row(row: TokenUsageRow) -> _pb.TokenUsageRow:
         output_tokens=row.output_tokens,
         total_tokens=row.input_tokens + row.output_tokens,
         cost_usd=row.cost_usd,
+        unpriced_calls=row.unpriced_calls,
     )
 
 

@@ -15,10 +15,14 @@ How spans are read (the engine follows the GenAI semantic conventions):
 - **model calls**: spans whose ``gen_ai.operation.name`` is one of
   :data:`MODEL_OPERATIONS`. Only they count for tokens and cost: an ``invoke_agent`` span
   carries the whole turn's usage as well, and counting both would count it twice.
-- **model**: ``gen_ai.request.model``, else ``gen_ai.response.model``, else ``unknown``;
-  priced by :mod:`specmesh.prices` (litellm's price map, read without importing
-  litellm; the engine prices its calls with the same code), 0 for a model it does not
-  know.
+- **model**: ``gen_ai.request.model``, else ``gen_ai.response.model``, else ``unknown``.
+- **cost**: what the engine recorded on the model call's span -- ``specmesh.cost.usd``
+  (priced by :mod:`specmesh.prices` at the model part's price, else litellm's map) or
+  ``specmesh.cost.unpriced`` (priced nowhere). A call without either (an older engine) is
+  priced here by the same code over litellm's map. An unpriced call adds nothing to a cost
+  and is counted (``unpricedCalls``, a trace's ``unpricedModels``): never a silent $0.
+  A turn's ``invoke_agent`` span carries ``specmesh.cost.total_usd``: its own calls plus
+  what its partners' answers carried -- the agent's cost "including downstream".
 - **context**: ``gen_ai.conversation.id`` (the A2A contextId).
 - **day**: the UTC date a span started.
 
@@ -52,8 +56,10 @@ from specmesh.prices import PriceMap, default_price_map
 
 __all__ = [
     "AGENT_ATTRIBUTE",
+    "COST_ATTRIBUTE",
     "GROUP_KEYS",
     "MODEL_OPERATIONS",
+    "UNPRICED_ATTRIBUTE",
     "InMemoryTraceStore",
     "MapPricer",
     "Pricer",
@@ -72,6 +78,10 @@ AGENT_ATTRIBUTE: Final = "specmesh.agent.name"
 """Resource attribute naming the agent (set by ``engine/telemetry.py``)."""
 UNKNOWN_SERVICE: Final = "unknown_service"
 UNKNOWN_MODEL: Final = "unknown"
+COST_ATTRIBUTE: Final = "specmesh.cost.usd"
+"""Span attribute: the model call's cost in USD, as the engine priced it."""
+UNPRICED_ATTRIBUTE: Final = "specmesh.cost.unpriced"
+"""Span attribute: true when the model call's model is priced nowhere."""
 MODEL_OPERATIONS: Final = frozenset({"chat", "text_completion", "generate_content", "embeddings"})
 """``gen_ai.operation.name`` values of a model call: the spans tokens are counted on."""
 GROUP_KEYS: Final = ("agent", "model", "day")
@@ -198,6 +208,19 @@ class Span:
         return _int_or_none(self.attributes.get("gen_ai.usage.output_tokens"))
 
     @property
+    def recorded_cost(self) -> float | None:
+        """The cost the engine recorded on a model call's span (None: none recorded)."""
+        value = self.attributes.get(COST_ATTRIBUTE)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        return None
+
+    @property
+    def unpriced(self) -> bool:
+        """The engine found the call's model priced nowhere."""
+        return self.attributes.get(UNPRICED_ATTRIBUTE) is True
+
+    @property
     def is_error(self) -> bool:
         return self.status == "ERROR"
 
@@ -235,6 +258,11 @@ class TraceSummary:
     error: bool
     input_tokens: int
     output_tokens: int
+    cost_usd: float = 0.0
+    """What the trace's model calls cost, as the engines recorded it (every agent's calls:
+    the whole chain)."""
+    unpriced_models: tuple[str, ...] = ()
+    """Models of the trace priced nowhere (their calls are not in ``cost_usd``)."""
 
     @property
     def total_tokens(self) -> int:
@@ -253,6 +281,8 @@ class TraceSummary:
             "inputTokens": self.input_tokens,
             "outputTokens": self.output_tokens,
             "totalTokens": self.total_tokens,
+            "costUsd": self.cost_usd,
+            "unpricedModels": list(self.unpriced_models),
         }
 
 
@@ -264,6 +294,8 @@ class TokenUsageRow:
     input_tokens: int
     output_tokens: int
     cost_usd: float
+    unpriced_calls: int = 0
+    """Calls whose model is priced nowhere: not in ``cost_usd``."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -273,13 +305,15 @@ class TokenUsageRow:
             "outputTokens": self.output_tokens,
             "totalTokens": self.input_tokens + self.output_tokens,
             "costUsd": self.cost_usd,
+            "unpricedCalls": self.unpriced_calls,
         }
 
 
 # ---------------------------------------------------------------- pricing
 
-Pricer = Callable[[str, int, int], float]
-"""``(model, input tokens, output tokens) -> USD``; 0.0 for an unknown model. May block."""
+Pricer = Callable[[str, int, int], float | None]
+"""``(model, input tokens, output tokens) -> USD``; None for a model priced nowhere. May
+block. Prices calls whose span records no cost (see the module docstring)."""
 
 
 class MapPricer:
@@ -293,10 +327,12 @@ class MapPricer:
         """``prices``: the map (default: the process's, over litellm's file)."""
         self.prices = prices or default_price_map()
 
-    def __call__(self, model: str, input_tokens: int, output_tokens: int) -> float:
+    def __call__(self, model: str, input_tokens: int, output_tokens: int) -> float | None:
         if model == UNKNOWN_MODEL:
-            return 0.0
-        return self.prices.cost(model, prompt_tokens=input_tokens, completion_tokens=output_tokens)
+            return None
+        return self.prices.charge(
+            model, prompt_tokens=input_tokens, completion_tokens=output_tokens
+        )
 
 
 @dataclass
@@ -305,6 +341,39 @@ class _Usage:
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    unpriced_calls: int = 0
+
+
+@dataclass
+class _Calls:
+    """Model calls of one (agent, model, day): all of them, and those whose span settled
+    the cost (a recorded cost, or the unpriced flag) -- the rest are priced here."""
+
+    key: Mapping[str, str]
+    model: str
+    calls: int
+    input_tokens: int
+    output_tokens: int
+    recorded_usd: float = 0.0
+    settled_calls: int = 0
+    settled_input: int = 0
+    settled_output: int = 0
+    unpriced_calls: int = 0
+
+    def add(self, span: Span) -> None:
+        self.calls += 1
+        self.input_tokens += span.input_tokens or 0
+        self.output_tokens += span.output_tokens or 0
+        cost = span.recorded_cost
+        if cost is None and not span.unpriced:
+            return
+        self.settled_calls += 1
+        self.settled_input += span.input_tokens or 0
+        self.settled_output += span.output_tokens or 0
+        if cost is None:
+            self.unpriced_calls += 1
+        else:
+            self.recorded_usd += cost
 
 
 def _check_group_by(group_by: Sequence[str]) -> tuple[str, ...]:
@@ -323,20 +392,27 @@ def _check_limit(limit: int) -> int:
     return min(limit, MAX_LIMIT)
 
 
-def _price(
-    raw: Iterable[tuple[Mapping[str, str], str, int, int, int]],
-    group_by: tuple[str, ...],
-    pricer: Pricer,
-) -> list[TokenUsageRow]:
-    """Price rows of ``(key incl. agent/model/day, model, calls, in, out)`` and fold them
-    into the requested groups (each model is priced separately even when not grouped by)."""
+def _price(raw: Iterable[_Calls], group_by: tuple[str, ...], pricer: Pricer) -> list[TokenUsageRow]:
+    """Fold the calls of each (agent, model, day) into the requested groups: their recorded
+    costs, plus the calls no span settled priced by ``pricer`` (each model separately even
+    when not grouped by)."""
     folded: dict[tuple[str, ...], _Usage] = {}
-    for key, model, calls, tokens_in, tokens_out in raw:
-        usage = folded.setdefault(tuple(key[k] for k in group_by), _Usage())
-        usage.calls += calls
-        usage.input_tokens += tokens_in
-        usage.output_tokens += tokens_out
-        usage.cost_usd += pricer(model, tokens_in, tokens_out)
+    for c in raw:
+        usage = folded.setdefault(tuple(c.key[k] for k in group_by), _Usage())
+        usage.calls += c.calls
+        usage.input_tokens += c.input_tokens
+        usage.output_tokens += c.output_tokens
+        usage.cost_usd += c.recorded_usd
+        usage.unpriced_calls += c.unpriced_calls
+        rest = c.calls - c.settled_calls
+        if rest:
+            usd = pricer(
+                c.model, c.input_tokens - c.settled_input, c.output_tokens - c.settled_output
+            )
+            if usd is None:
+                usage.unpriced_calls += rest
+            else:
+                usage.cost_usd += usd
     return [
         TokenUsageRow(
             group=dict(zip(group_by, key, strict=True)),
@@ -344,6 +420,7 @@ def _price(
             input_tokens=u.input_tokens,
             output_tokens=u.output_tokens,
             cost_usd=round(u.cost_usd, 10),
+            unpriced_calls=u.unpriced_calls,
         )
         for key, u in sorted(folded.items())
     ]
@@ -458,6 +535,10 @@ class InMemoryTraceStore(TraceStore):
                     error=any(s.is_error for s in spans),
                     input_tokens=sum(s.input_tokens or 0 for s in calls),
                     output_tokens=sum(s.output_tokens or 0 for s in calls),
+                    cost_usd=round(sum(s.recorded_cost or 0.0 for s in calls), 10),
+                    unpriced_models=tuple(
+                        sorted({s.model or UNKNOWN_MODEL for s in calls if s.unpriced})
+                    ),
                 )
             )
         out.sort(key=lambda t: (t.start_ns, t.trace_id), reverse=True)
@@ -468,22 +549,18 @@ class InMemoryTraceStore(TraceStore):
     ) -> list[TokenUsageRow]:
         keys = _check_group_by(group_by)
         since_ns = _to_ns(since) if since is not None else None
-        raw: dict[tuple[str, str, str], list[int]] = {}
+        raw: dict[tuple[str, str, str], _Calls] = {}
         for by_id in self._traces.values():
             for s in by_id.values():
                 if not s.is_model_call or (since_ns is not None and s.start_ns < since_ns):
                     continue
-                sums = raw.setdefault(
-                    (s.agent, s.model or UNKNOWN_MODEL, _day(s.start_ns)), [0, 0, 0]
-                )
-                sums[0] += 1
-                sums[1] += s.input_tokens or 0
-                sums[2] += s.output_tokens or 0
-        rows = [
-            ({"agent": a, "model": m, "day": d}, m, calls, i, o)
-            for (a, m, d), (calls, i, o) in raw.items()
-        ]
-        return await asyncio.to_thread(_price, rows, keys, self._pricer)
+                agent, model, day = s.agent, s.model or UNKNOWN_MODEL, _day(s.start_ns)
+                calls = raw.get((agent, model, day))
+                if calls is None:
+                    key = {"agent": agent, "model": model, "day": day}
+                    calls = raw[(agent, model, day)] = _Calls(key, model, 0, 0, 0)
+                calls.add(s)
+        return await asyncio.to_thread(_price, list(raw.values()), keys, self._pricer)
 
     async def prune(self, *, older_than: timedelta, now: datetime | None = None) -> int:
         cutoff = _to_ns((now or datetime.now(UTC)) - older_than)
@@ -528,6 +605,10 @@ CREATE INDEX IF NOT EXISTS spans_model_calls ON spans (start_ns) WHERE {model_ca
 """
 _MODEL_CALL = f"operation IN ({', '.join(repr(op) for op in sorted(MODEL_OPERATIONS))})"
 _SCHEMA = _SCHEMA.format(model_call=_MODEL_CALL)
+_COST = f"""json_extract(attributes, '$."{COST_ATTRIBUTE}"')"""
+"""A span's recorded cost (a number, NULL when absent or not a number)."""
+_UNPRICED = f"""COALESCE(json_extract(attributes, '$."{UNPRICED_ATTRIBUTE}"') = 1, 0)"""
+_SETTLED = f"({_COST} IS NOT NULL OR {_UNPRICED})"
 
 _COLUMNS = (
     "trace_id, span_id, parent_span_id, name, kind, start_ns, end_ns, status, status_message, "
@@ -719,6 +800,9 @@ class SqliteTraceStore(TraceStore):
                        MAX(status = 'ERROR') AS error,
                        TOTAL(CASE WHEN {_MODEL_CALL} THEN input_tokens END) AS input_tokens,
                        TOTAL(CASE WHEN {_MODEL_CALL} THEN output_tokens END) AS output_tokens,
+                       TOTAL(CASE WHEN {_MODEL_CALL} THEN {_COST} END) AS cost_usd,
+                       json_group_array(DISTINCT CASE WHEN {_MODEL_CALL} AND {_UNPRICED}
+                           THEN COALESCE(model, '{UNKNOWN_MODEL}') END) AS unpriced,
                        json_group_array(DISTINCT agent) AS agents
                 FROM spans
                 {"WHERE " + " AND ".join(where) if where else ""}
@@ -742,6 +826,8 @@ class SqliteTraceStore(TraceStore):
                     error=bool(r["error"]),
                     input_tokens=int(r["input_tokens"]),
                     output_tokens=int(r["output_tokens"]),
+                    cost_usd=round(r["cost_usd"], 10),
+                    unpriced_models=tuple(sorted(m for m in json.loads(r["unpriced"]) if m)),
                 )
                 for r in conn.execute(sql, params)
             ]
@@ -758,21 +844,31 @@ class SqliteTraceStore(TraceStore):
                    strftime('%Y-%m-%d', start_ns / {_NS}, 'unixepoch') AS day,
                    COUNT(*) AS calls,
                    TOTAL(input_tokens) AS input_tokens,
-                   TOTAL(output_tokens) AS output_tokens
+                   TOTAL(output_tokens) AS output_tokens,
+                   TOTAL({_COST}) AS recorded_usd,
+                   TOTAL({_SETTLED}) AS settled_calls,
+                   TOTAL(CASE WHEN {_SETTLED} THEN input_tokens END) AS settled_input,
+                   TOTAL(CASE WHEN {_SETTLED} THEN output_tokens END) AS settled_output,
+                   TOTAL({_COST} IS NULL AND {_UNPRICED}) AS unpriced_calls
             FROM spans
             WHERE {_MODEL_CALL} {"AND start_ns >= ?" if since is not None else ""}
             GROUP BY 1, 2, 3
         """
         params = (_to_ns(since),) if since is not None else ()
 
-        def select(conn: sqlite3.Connection) -> list[tuple[dict[str, str], str, int, int, int]]:
+        def select(conn: sqlite3.Connection) -> list[_Calls]:
             return [
-                (
-                    {"agent": r["agent"], "model": r["model"], "day": r["day"]},
-                    r["model"],
-                    r["calls"],
-                    int(r["input_tokens"]),
-                    int(r["output_tokens"]),
+                _Calls(
+                    key={"agent": r["agent"], "model": r["model"], "day": r["day"]},
+                    model=r["model"],
+                    calls=r["calls"],
+                    input_tokens=int(r["input_tokens"]),
+                    output_tokens=int(r["output_tokens"]),
+                    recorded_usd=r["recorded_usd"],
+                    settled_calls=int(r["settled_calls"]),
+                    settled_input=int(r["settled_input"]),
+                    settled_output=int(r["settled_output"]),
+                    unpriced_calls=int(r["unpriced_calls"]),
                 )
                 for r in conn.execute(sql, params)
             ]

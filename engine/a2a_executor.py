@@ -3,7 +3,8 @@
 Mapping (A2A 1.0, the same for JSON-RPC, HTTP+JSON and gRPC)::
 
     message (text parts joined by "\\n"), contextId,   ->  TurnRequest
-      header X-Specmesh-Call-Depth (default 0)
+      header X-Specmesh-Call-Depth (default 0),
+      metadata specmesh.budgetUsd (engine.ledger)
     start                                              ->  Task SUBMITTED, status WORKING
     TextDelta (streaming calls only)                   ->  artifact "answer" chunk (append)
     ToolCallStarted / ToolCallFinished                 ->  status WORKING, metadata.toolCall
@@ -11,9 +12,13 @@ Mapping (A2A 1.0, the same for JSON-RPC, HTTP+JSON and gRPC)::
                                                            whole text (lastChunk), metadata
                                                            revision/promptVersion/usage
                                                            {promptTokens, completionTokens,
-                                                           totalTokens}/citations;
+                                                           totalTokens}/citations/
+                                                           cost (engine.ledger: the
+                                                           chain's total, the
+                                                           COST_EXTENSION);
                                                            status COMPLETED
     TurnFailed                                         ->  status FAILED, its message
+                                                           (metadata code/revision/cost)
     CancelTask                                         ->  the running turn is cancelled,
                                                            status CANCELED
 
@@ -44,6 +49,7 @@ from a2a.server.events import EventQueue
 from a2a.server.tasks import TaskUpdater
 from a2a.types.a2a_pb2 import Message, Task, TaskState, TaskStatus
 
+from engine.ledger import BUDGET_METADATA, COST_METADATA, BudgetValueError, parse_budget
 from engine.turn_protocol import (
     AgentRunner,
     TextDelta,
@@ -182,7 +188,8 @@ class EngineAgentExecutor(AgentExecutor):
         headers = call_headers(context.call_context)
         try:
             depth = parse_call_depth(headers)
-        except CallDepthError as e:
+            budget = _budget(context.message)
+        except (CallDepthError, BudgetValueError) as e:
             await updater.reject(updater.new_agent_message([new_text_part(str(e))]))
             return
         request = TurnRequest(
@@ -192,6 +199,7 @@ class EngineAgentExecutor(AgentExecutor):
             headers=passed_on_headers(headers),
             task_id=task_id,
             stream=context.call_context.state.get(STREAMING_STATE) is True,
+            budget_usd=budget,
         )
         await updater.start_work()
         await self._play(request, updater)
@@ -258,6 +266,13 @@ class EngineAgentExecutor(AgentExecutor):
             self._cancel_requested.pop(task_id, None)
 
 
+def _budget(message: Message | None) -> float | None:
+    """The caller's budget: the message's metadata ``specmesh.budgetUsd``."""
+    if message is None or BUDGET_METADATA not in message.metadata:
+        return None
+    return parse_budget(message.metadata[BUDGET_METADATA], where=f"metadata {BUDGET_METADATA}")
+
+
 def _tool_metadata(event: ToolCallStarted | ToolCallFinished) -> dict[str, Any]:
     if isinstance(event, ToolCallStarted):
         return {"toolCall": {"callId": event.call_id, "name": event.name, "state": "started"}}
@@ -283,6 +298,7 @@ def _answer_metadata(event: TurnCompleted) -> dict[str, Any]:
         "promptVersion": event.prompt_version,
         "usage": {_camel(k): v for k, v in event.usage.items()},
         "citations": [{_camel(k): v for k, v in c.items()} for c in event.citations],
+        **({COST_METADATA: dict(event.cost)} if event.cost is not None else {}),
     }
 
 
@@ -290,4 +306,6 @@ def _failure_message(updater: TaskUpdater, event: TurnFailed) -> Message:
     metadata: dict[str, Any] = {"code": event.code}
     if event.revision is not None:
         metadata["revision"] = event.revision
+    if event.cost is not None:
+        metadata[COST_METADATA] = dict(event.cost)
     return updater.new_agent_message([new_text_part(event.message)], metadata=metadata)

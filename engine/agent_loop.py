@@ -12,6 +12,9 @@ One turn, on one :class:`RuntimeContext`:
    timeout), report :class:`ToolCallStarted` / :class:`ToolCallFinished`, append the
    results and call the model again; a failing tool's error is its result, the turn
    goes on;
+   Every model call is priced and booked in the turn's :class:`~engine.ledger.CostLedger`
+   with what partners' answers carried; what is left of the request's budget goes with
+   each model and partner call (the sidecar refuses a call that would pass it);
 4. stop at the first answer without tool calls (:class:`TurnCompleted`, the history is
    extended) or after ``max_steps`` model calls (:class:`TurnFailed` ``step_limit``).
 
@@ -43,6 +46,7 @@ from .context import RuntimeContext
 from .errors import MemoryStoreError, ModelError, ToolError
 from .knowledge.base import KnowledgeBase, Passage, passages_message
 from .knowledge.errors import KnowledgeError
+from .ledger import CostLedger
 from .llm import ModelReply, TextChunk, ToolCallRequest
 from .tools import Tool, ToolCallContext
 from .turn_protocol import (
@@ -103,6 +107,9 @@ async def run_turn(
         "specmesh.spec.revision": context.revision,
     }
     usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    ledger = CostLedger(
+        budget_usd=request.budget_usd, spec_budget_usd=context.model.spec.budget_per_request_usd
+    )
     outcome = "error"
     ended = False  # the last event is out: the consumer closing us now is no cancellation
     try:
@@ -139,6 +146,7 @@ async def run_turn(
                 parent=turn_ctx,
                 attributes=chat_attributes,
                 streaming=request.stream,
+                headers=ledger.headers(),
             )
             async with aclosing(stream):
                 async for item in stream:
@@ -149,6 +157,7 @@ async def run_turn(
             assert reply is not None
             for key in usage:
                 usage[key] += reply.usage.get(key, 0)
+            ledger.add_model_call(reply.model, reply.cost_usd, unpriced=reply.unpriced)
             if not reply.tool_calls:
                 await context.recall.record(recalled, reply.text, parent=turn_ctx)
                 outcome, ended = "completed", True
@@ -161,6 +170,7 @@ async def run_turn(
                     usage=dict(usage),
                     citations=_citations(passages),
                     model=context.model.name,
+                    cost=ledger.metadata(),
                 )
                 return
             messages.append(reply.assistant_message())
@@ -169,7 +179,7 @@ async def run_turn(
                     call_id=call.id, name=call.name, arguments=_arguments_for_event(call)
                 )
             results = await _run_tools(
-                reply.tool_calls, tools, request, limits=limits, parent=turn_ctx
+                reply.tool_calls, tools, request, ledger, limits=limits, parent=turn_ctx
             )
             for call, (ok, text) in zip(reply.tool_calls, results, strict=True):
                 messages.append({"role": "tool", "tool_call_id": call.id, "content": text})
@@ -179,17 +189,22 @@ async def run_turn(
             code="step_limit",
             message=f"no answer after {limits.max_steps} model calls (the step limit)",
             revision=context.revision,
+            cost=ledger.metadata(),
         )
     except ModelError as e:
         outcome = e.code
         span.set_status(Status(StatusCode.ERROR, e.reason))
         span.set_attribute("error.type", type(e).__name__)
-        yield TurnFailed(code=e.code, message=str(e), revision=context.revision)
+        yield TurnFailed(
+            code=e.code, message=str(e), revision=context.revision, cost=ledger.metadata()
+        )
     except MemoryStoreError as e:
         outcome = e.code
         span.set_status(Status(StatusCode.ERROR, e.reason))
         span.set_attribute("error.type", type(e).__name__)
-        yield TurnFailed(code=e.code, message=str(e), revision=context.revision)
+        yield TurnFailed(
+            code=e.code, message=str(e), revision=context.revision, cost=ledger.metadata()
+        )
     except (asyncio.CancelledError, GeneratorExit):
         if not ended:
             outcome = "cancelled"
@@ -199,15 +214,24 @@ async def run_turn(
         logger.exception("turn failed in agent %s", context.agent_name)
         span.set_status(Status(StatusCode.ERROR, type(e).__name__))
         span.set_attribute("error.type", type(e).__name__)
-        yield TurnFailed(code="internal", message="internal error", revision=context.revision)
+        yield TurnFailed(
+            code="internal",
+            message="internal error",
+            revision=context.revision,
+            cost=ledger.metadata(),
+        )
     finally:
         span.set_attributes(
             {
                 "gen_ai.usage.input_tokens": usage["prompt_tokens"],
                 "gen_ai.usage.output_tokens": usage["completion_tokens"],
                 "specmesh.turn.outcome": outcome,
+                "specmesh.cost.usd": ledger.own_usd,
+                "specmesh.cost.total_usd": ledger.total_usd,
             }
         )
+        if ledger.unpriced:
+            span.set_attribute("specmesh.cost.unpriced_models", sorted(ledger.unpriced))
         span.end()
 
 
@@ -243,6 +267,7 @@ async def _run_tools(
     calls: Sequence[ToolCallRequest],
     tools: Mapping[str, Tool],
     request: TurnRequest,
+    ledger: CostLedger,
     *,
     limits: LoopLimits,
     parent: otel_context.Context,
@@ -252,6 +277,7 @@ async def _run_tools(
         context_id=request.context_id,
         call_depth=request.call_depth,
         timeout=limits.tool_timeout,
+        ledger=ledger,
     )
     async with asyncio.TaskGroup() as group:
         tasks = [

@@ -18,6 +18,7 @@ from typing import Any
 from a2a.types.a2a_pb2 import (
     AgentCapabilities,
     AgentCard,
+    AgentExtension,
     AgentInterface,
     AgentSkill,
     HTTPAuthSecurityScheme,
@@ -28,6 +29,7 @@ from a2a.types.a2a_pb2 import (
 )
 from a2a.utils.constants import PROTOCOL_VERSION_CURRENT, TransportProtocol
 
+from engine.ledger import COST_EXTENSION
 from engine.turn_protocol import CardInfo
 
 __all__ = [
@@ -67,6 +69,15 @@ SECURITY_SCHEMES: dict[str, SecurityScheme] = {
 }
 """The schemes a card may declare, by name."""
 DEFAULT_SECURITY: tuple[str, ...] = (BEARER_SCHEME,)
+
+
+_COST = AgentExtension(
+    uri=COST_EXTENSION,
+    description="Answers carry their call chain's cost in artifact metadata 'cost' "
+    "(totalUsd, ownUsd, downstreamUsd, unpriced); a message's metadata "
+    "'specmesh.budgetUsd' caps what its chain may spend.",
+    required=False,
+)
 
 
 def parse_card_security(raw: str) -> tuple[str, ...]:
@@ -174,7 +185,11 @@ def build_agent_card(
         description=info.description or info.name,
         version=str(info.revision),
         supported_interfaces=interfaces,
-        capabilities=AgentCapabilities(streaming=info.streaming, push_notifications=False),
+        capabilities=AgentCapabilities(
+            streaming=info.streaming,
+            push_notifications=False,
+            extensions=[_COST],
+        ),
         security_schemes={name: SECURITY_SCHEMES[name] for name in security},
         security_requirements=[
             SecurityRequirement(schemes={name: StringList(list=[])}) for name in security

@@ -14,7 +14,9 @@ and httpx in :mod:`engine.tools.partners`, grpc in :mod:`engine.intake`::
     |   +-- ModelUnavailableError  connection failed, 5xx, overloaded or rate-limited;
     |   |                          the next fallback is tried
     |   +-- ModelRequestError      the request was refused (4xx: bad request,
-    |                              authentication, unknown model, context window)
+    |       |                      authentication, unknown model, context window)
+    |       +-- ModelBudgetError   the sidecar refused it: it could pass what is left of
+    |                              the request's budget (the sidecar's text, with amounts)
     +-- ToolError                  a tool call failed (``tool``); its message goes back to
         |                          the model as the tool's result, the turn goes on
         +-- ToolTimeoutError       the tool did not answer within the tool timeout
@@ -39,6 +41,7 @@ __all__ = [
     "ContextBuildError",
     "EngineError",
     "MemoryStoreError",
+    "ModelBudgetError",
     "ModelError",
     "ModelRequestError",
     "ModelTimeoutError",
@@ -100,6 +103,13 @@ class ModelRequestError(ModelError):
     """The model refused the request (4xx); a fallback is not tried."""
 
     code = "model_refused"
+
+
+class ModelBudgetError(ModelRequestError):
+    """The sidecar refused the call: it could pass what is left of the request's budget
+    (``BUDGET_EXCEEDED``); ``reason`` is the sidecar's text (amounts, no secret)."""
+
+    code = "budget_exceeded"
 
 
 class ToolError(EngineError):

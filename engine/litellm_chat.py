@@ -93,6 +93,8 @@ class LiteLlmChat:
             "timeout": request.timeout,
             "num_retries": request.max_retries,
         }
+        if request.headers:
+            kwargs["extra_headers"] = dict(request.headers)
         builder = ReplyBuilder(model=request.display)
         try:
             if stream:

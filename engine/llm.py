@@ -30,7 +30,7 @@ import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
@@ -38,6 +38,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from specmesh.prices import ModelPrice, PriceMap, default_price_map, spec_price
 from specmesh.spec.models import ModelSpec
 
 from .errors import ModelError, ModelTimeoutError, ModelUnavailableError
@@ -91,6 +92,8 @@ class ModelTarget:
     api_base: str
     display: str
     """The model name as the provider knows it."""
+    price: ModelPrice | None = None
+    """The model part's price for it (overrides litellm's map)."""
 
     @property
     def provider(self) -> str:
@@ -111,16 +114,26 @@ class ModelClient:
         egress_url: str,
         record_content: bool = False,
         session: aiohttp.ClientSession | None = None,
+        prices: PriceMap | None = None,
     ) -> None:
+        """``prices``: the map a model the spec does not price is looked up in (default:
+        litellm's file, :mod:`specmesh.prices`)."""
         self.spec = spec
+        self.prices = prices or default_price_map()
         base = egress_url.rstrip("/")
         self.targets: tuple[ModelTarget, ...] = (
-            ModelTarget(f"{spec.provider or 'openai'}/{spec.model}", f"{base}/llm/v1", spec.model),
+            ModelTarget(
+                f"{spec.provider or 'openai'}/{spec.model}",
+                f"{base}/llm/v1",
+                spec.model,
+                spec_price(spec.price),
+            ),
             *(
                 ModelTarget(
                     f"{fb.provider or 'openai'}/{fb.model}",
                     f"{base}/llm/fallbacks/{i}/v1",
                     fb.model,
+                    spec_price(fb.price),
                 )
                 for i, fb in enumerate(spec.fallbacks)
             ),
@@ -155,18 +168,23 @@ class ModelClient:
         parent: Context | None = None,
         attributes: Mapping[str, Any] | None = None,
         streaming: bool = True,
+        headers: Mapping[str, str] | None = None,
     ) -> AsyncGenerator[TextChunk | ModelReply, None]:
-        """One answer: text chunks, then exactly one ModelReply.
+        """One answer: text chunks, then exactly one ModelReply, priced
+        (``cost_usd`` / ``unpriced``) at the price of the model that answered.
 
         ``streaming``: whether the caller streams; the model is streamed only when it
         does and the model part allows it, otherwise the text comes in one chunk.
+        ``headers``: for the sidecar (the request's budget, :mod:`engine.ledger`).
         """
         stream = streaming and self.spec.stream
         last: ModelError | None = None
         for target in self.targets:
             started = False
             try:
-                async for item in self._call(target, messages, tools, parent, attributes, stream):
+                async for item in self._call(
+                    target, messages, tools, parent, attributes, stream, headers or {}
+                ):
                     if isinstance(item, TextChunk):
                         started = True
                     yield item
@@ -182,6 +200,17 @@ class ModelClient:
         assert last is not None
         raise last
 
+    def _priced(self, target: ModelTarget, reply: ModelReply) -> ModelReply:
+        usd = self.prices.charge(
+            target.model,
+            prompt_tokens=int(reply.usage.get("prompt_tokens", 0) or 0),
+            completion_tokens=int(reply.usage.get("completion_tokens", 0) or 0),
+            override=target.price,
+        )
+        if usd is None:
+            return replace(reply, cost_usd=0.0, unpriced=True)
+        return replace(reply, cost_usd=usd, unpriced=False)
+
     async def _call(
         self,
         target: ModelTarget,
@@ -190,6 +219,7 @@ class ModelClient:
         parent: Context | None,
         attributes: Mapping[str, Any] | None,
         stream: bool,
+        headers: Mapping[str, str],
     ) -> AsyncIterator[TextChunk | ModelReply]:
         spec = self.spec
         span = tracer.start_span(f"chat {target.display}", context=parent, kind=SpanKind.CLIENT)
@@ -218,6 +248,7 @@ class ModelClient:
             top_p=spec.top_p,
             timeout=spec.timeout_seconds,
             max_retries=spec.max_retries,
+            headers=headers,
         )
         try:
             reply: ModelReply | None = None
@@ -228,12 +259,18 @@ class ModelClient:
                     else:
                         yield item
             assert reply is not None
+            reply = self._priced(target, reply)
             span.set_attributes(
                 {
                     "gen_ai.response.model": reply.model,
                     "gen_ai.response.finish_reasons": [reply.finish_reason],
                     "gen_ai.usage.input_tokens": reply.usage.get("prompt_tokens", 0),
                     "gen_ai.usage.output_tokens": reply.usage.get("completion_tokens", 0),
+                    **(
+                        {"specmesh.cost.unpriced": True}
+                        if reply.unpriced
+                        else {"specmesh.cost.usd": reply.cost_usd}
+                    ),
                 }
             )
             if self._record_content:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -43,8 +43,18 @@ from tenacity import RetryCallState, retry_if_exception
 
 from specmesh.backoff import BackoffPolicy
 
-from .errors import ModelError, ModelRequestError, ModelTimeoutError, ModelUnavailableError
+from .errors import (
+    ModelBudgetError,
+    ModelError,
+    ModelRequestError,
+    ModelTimeoutError,
+    ModelUnavailableError,
+)
 from .replies import ModelReply, ReplyBuilder, TextChunk, safe_reason
+
+BUDGET_STATUS = 402
+"""The sidecar's answer to a call that would pass the request's budget."""
+BUDGET_REASON = "BUDGET_EXCEEDED"
 
 __all__ = ["RETRY_BASE_S", "RETRY_MAX_S", "ChatRequest", "OpenAIChat", "new_session"]
 
@@ -77,6 +87,8 @@ class ChatRequest:
     top_p: float | None = None
     timeout: float = 60.0
     max_retries: int = 0
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """Extra headers for the sidecar (the request's budget: :mod:`engine.ledger`)."""
 
     def body(self, *, stream: bool) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "messages": list(self.messages)}
@@ -163,6 +175,7 @@ class OpenAIChat:
         """Text chunks (one when whole), then exactly one ModelReply; raises ModelError."""
         data = json.dumps(request.body(stream=stream), ensure_ascii=False).encode()
         headers = {
+            **request.headers,
             "Authorization": f"Bearer {request.api_key}",
             "Content-Type": _JSON,
             "Accept": "text/event-stream" if stream else _JSON,
@@ -229,6 +242,12 @@ class OpenAIChat:
             raise _Failed(error, retry=True) from e
         if response.status < 300:
             return response
+        if response.status == BUDGET_STATUS:
+            refusal = await _budget_refusal(response)
+            if refusal is not None:
+                raise _Failed(
+                    ModelBudgetError(model=model, reason=refusal, status=402), retry=False
+                )
         wait = _retry_after(response.headers) if response.status == 429 else None
         response.release()
         error = _status_error(response.status, model=model)
@@ -280,6 +299,21 @@ class OpenAIChat:
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
             raise _malformed(model) from e  # not JSON, not the format, a line too long
         yield builder.reply()
+
+
+async def _budget_refusal(response: aiohttp.ClientResponse) -> str | None:
+    """The sidecar's ``BUDGET_EXCEEDED`` message (its own text: no provider's, no secret);
+    None for another 402."""
+    try:
+        body = await response.json(content_type=None)
+        error = body["error"]
+        reasons = {d.get("reason") for d in error.get("details", ()) if isinstance(d, dict)}
+        message = error["message"]
+    except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    finally:
+        response.release()
+    return message if BUDGET_REASON in reasons and isinstance(message, str) else None
 
 
 def _stream_error(error: Any, *, model: str) -> ModelError:

@@ -55,6 +55,10 @@ class ModelReply:
     usage: Mapping[str, int]
     finish_reason: str
     model: str
+    cost_usd: float = 0.0
+    """What the call cost (:class:`~engine.llm.ModelClient` prices it; 0 until then)."""
+    unpriced: bool = False
+    """The model is priced nowhere (the spec, litellm's map): its cost is unknown."""
 
     def assistant_message(self) -> dict[str, Any]:
         """The reply as an OpenAI assistant message (to send back with tool results)."""

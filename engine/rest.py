@@ -2,9 +2,9 @@
 
 ::
 
-    POST /v1/invoke         {"contextId"?: str, "message": str}
+    POST /v1/invoke         {"contextId"?: str, "message": str, "budgetUsd"?: number}
                             200 {"contextId", "answer", "revision", "promptVersion",
-                                 "usage", "citations"}
+                                 "usage", "citations", "cost"}
     POST /v1/invoke/stream  same body; text/event-stream of events
                             delta {"text"} | tool_call {"callId", "name", "arguments"} |
                             tool_result {"callId", "name", "ok", "result"} |
@@ -89,6 +89,8 @@ class InvokeRequest(BaseModel):
     """The conversation; a new one is started when absent."""
     message: str = Field(min_length=1)
     """The user's message."""
+    budget_usd: float | None = Field(default=None, alias="budgetUsd", ge=0, allow_inf_nan=False)
+    """The most the request's chain may spend (as A2A metadata ``specmesh.budgetUsd``)."""
 
 
 @runtime_checkable
@@ -156,6 +158,7 @@ async def _parse(request: Request, runner: AgentRunner, *, stream: bool) -> Turn
         call_depth=depth,
         headers=passed_on_headers(headers),
         stream=stream,
+        budget_usd=parsed.budget_usd,
     )
 
 
@@ -167,6 +170,7 @@ def _done(context_id: str, event: TurnCompleted) -> dict[str, Any]:
         "promptVersion": event.prompt_version,
         "usage": dict(event.usage),
         "citations": [dict(c) for c in event.citations],
+        **({"cost": dict(event.cost)} if event.cost is not None else {}),
     }
 
 

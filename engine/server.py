@@ -211,6 +211,7 @@ class _ServingRunner:
                                 model=event.model,
                                 prompt_tokens=int(usage.get("prompt_tokens", 0) or 0),
                                 completion_tokens=int(usage.get("completion_tokens", 0) or 0),
+                                cost=event.cost,
                             )
                     elif isinstance(event, TurnFailed):
                         outcome = "failed"

@@ -290,7 +290,8 @@ class EngineMetrics:
         self._cost = meter.create_counter(
             "specmesh.agent.cost",
             unit="USD",
-            description="Estimated model cost from litellm's price map (0 for unknown models).",
+            description="Model cost of turns' own calls, at the model part's price or litellm's "
+            "map (an unpriced model adds 0 here; spans and answers flag it).",
         )
         self._duration = meter.create_histogram(
             "specmesh.agent.turn.duration",
@@ -313,14 +314,27 @@ class EngineMetrics:
         if completion:
             self._tokens.add(completion, self._attrs(**{"gen_ai.token.type": "output"}))
 
-    def record_cost(self, *, model: str, prompt_tokens: int, completion_tokens: int) -> float:
-        """Add one model call's cost (for the runtime's model client); returns it."""
-        usd = cost_usd(
-            model,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            prices=self.prices,
-        )
+    def record_cost(
+        self,
+        *,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cost: Mapping[str, Any] | None = None,
+    ) -> float:
+        """Add one turn's own model cost; returns it. ``cost``: the turn's ledger
+        (:mod:`engine.ledger`, priced per call with the spec's prices): its ``ownUsd``;
+        without it the turn's tokens are priced at ``model``'s price in the map."""
+        own = cost.get("ownUsd") if cost is not None else None
+        if isinstance(own, int | float):
+            usd = float(own)
+        else:
+            usd = cost_usd(
+                model,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                prices=self.prices,
+            )
         if usd:
             self._cost.add(usd, self._attrs(**{"gen_ai.request.model": model}))
         return usd

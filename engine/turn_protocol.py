@@ -48,6 +48,9 @@ class TurnRequest:
     """Whether the caller reads the answer as it grows (A2A ``SendStreamingMessage``,
     ``/v1/invoke/stream``); when it waits for the whole answer the model is called
     non-streamed and the text comes as one :class:`TextDelta`."""
+    budget_usd: float | None = None
+    """The most this request's chain may spend (the caller's A2A metadata
+    ``specmesh.budgetUsd``); the model part's ``budgetPerRequestUsd`` may lower it."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,9 @@ class TurnCompleted:
     citations: tuple[Mapping[str, Any], ...] = ()
     model: str = ""
     """The model that answered (as litellm knows it), for cost accounting."""
+    cost: Mapping[str, Any] | None = None
+    """The chain's cost (:meth:`engine.ledger.CostLedger.metadata`): this turn's model
+    calls and what its partners' answers carried."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,9 @@ class TurnFailed:
     code: str
     message: str
     revision: int | None = None
+    cost: Mapping[str, Any] | None = None
+    """What the turn spent before it failed (as :attr:`TurnCompleted.cost`): a caller
+    books it all the same."""
 
 
 TurnEvent = TextDelta | ToolCallStarted | ToolCallFinished | TurnCompleted | TurnFailed

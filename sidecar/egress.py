@@ -22,10 +22,11 @@ What may be called, with which credentials, retries and budgets is decided by
 :class:`~sidecar.policy.EgressPolicy` and :class:`~sidecar.policy.Retries` (shared with the
 gRPC egress); refusals and failures are :class:`~sidecar.errors.PolicyError` errors of the one
 error table, answered as AIP-193 JSON and never holding a secret: ``INVALID_TARGET`` 400,
-``NOT_DECLARED`` 403 (also logged), ``UNKNOWN_ROUTE`` 404, ``UPSTREAM_*`` 502 (unreachable,
-reset, misconfigured, or a partner whose certificate is not the partner's:
-``UPSTREAM_IDENTITY``), ``CREDENTIAL_UNAVAILABLE`` / ``NO_SNAPSHOT`` / ``NO_INSTANCE`` /
-``OVERFLOW`` 503, ``UPSTREAM_TIMEOUT`` 504.
+``NOT_DECLARED`` 403 (also logged), ``BUDGET_EXCEEDED`` 402 (a model or partner call that
+could pass what is left of the request's cost budget), ``UNKNOWN_ROUTE`` 404,
+``UPSTREAM_*`` 502 (unreachable, reset, misconfigured, or a partner whose certificate is
+not the partner's: ``UPSTREAM_IDENTITY``), ``CREDENTIAL_UNAVAILABLE`` / ``NO_SNAPSHOT`` /
+``NO_INSTANCE`` / ``OVERFLOW`` 503, ``UPSTREAM_TIMEOUT`` 504.
 
 Metrics (on the :class:`prometheus_client.CollectorRegistry` given, default the global one):
 ``specmesh_sidecar_egress_requests_total{kind,status}``,
@@ -54,6 +55,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from yarl import URL
 
 from specmesh.addresses import resolve_url
+from specmesh.budget import BUDGET_HEADER, BUDGET_TOTAL_HEADER
 from specmesh.snapshot import ResolvedSnapshot
 from specmesh.spec.models import ConnectionPoolSpec
 
@@ -285,6 +287,9 @@ class EgressProxy(RelayListener):
             )
             propagate.inject(out.headers)  # the upstream continues from this span
             body = await request.read() if request.body_exists else None
+            if kind in ("llm", "llm_fallback"):
+                fallback = int(name) if kind == "llm_fallback" else None
+                await self.policy.model_budget(snapshot, fallback, body, request.headers)
             if kind in ("llm", "llm_fallback", "embeddings"):
                 url = await self._prepare_llm(snapshot, out)
                 upstream = await self._send(
@@ -347,6 +352,8 @@ class EgressProxy(RelayListener):
         )
 
     async def _prepare_llm(self, snapshot: ResolvedSnapshot, out: _Outbound) -> str:
+        for name in (BUDGET_HEADER, BUDGET_TOTAL_HEADER):  # for this sidecar, not the provider
+            out.headers.popall(name, None)
         model = snapshot.spec.model
         provider, base_url, api_key = model.provider, model.base_url, model.api_key
         if out.kind == "llm_fallback":
@@ -437,6 +444,7 @@ class EgressProxy(RelayListener):
         body: bytes | None,
     ) -> aiohttp.ClientResponse:
         agent, partner = self.policy.partner(snapshot, out.name)
+        self.policy.partner_budget(agent, request.headers)
         if self._router is None:
             raise PolicyError("NO_INSTANCE", "the sidecar has no router", agent=agent)
         await self._add_secrets(out, partner.headers, partner.query_params)

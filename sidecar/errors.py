@@ -30,6 +30,9 @@ UNAUTHENTICATED            401   UNAUTHENTICATED      the caller is not known (n
                                                       naming an agent, a missing/invalid token)
 PERMISSION_DENIED          403   PERMISSION_DENIED    the caller may not call this agent
 NOT_DECLARED               403   PERMISSION_DENIED    the spec names no such MCP server/partner
+BUDGET_EXCEEDED            402   RESOURCE_EXHAUSTED   the call could pass what is left of the
+                                                      request's cost budget (names the budget,
+                                                      what is left and the call's worst case)
 UNKNOWN_ROUTE              404   UNIMPLEMENTED        not an egress route, or no such fallback
 UPSTREAM_UNREACHABLE       502   UNAVAILABLE          the upstream cannot be connected to
 UPSTREAM_IDENTITY          502   UNAVAILABLE          the partner's certificate is not its own
@@ -122,6 +125,7 @@ POLICY_ERRORS: dict[str, ErrorMapping] = {
     "UNAUTHENTICATED": ErrorMapping(401, _S.UNAUTHENTICATED, InvalidRequestError),
     "PERMISSION_DENIED": ErrorMapping(403, _S.PERMISSION_DENIED, InvalidRequestError),
     "NOT_DECLARED": ErrorMapping(403, _S.PERMISSION_DENIED, InvalidRequestError),
+    "BUDGET_EXCEEDED": ErrorMapping(402, _S.RESOURCE_EXHAUSTED, InvalidRequestError),
     "UNKNOWN_ROUTE": ErrorMapping(404, _S.UNIMPLEMENTED, MethodNotFoundError),
     "UPSTREAM_UNREACHABLE": ErrorMapping(502, _S.UNAVAILABLE, InternalError),
     "UPSTREAM_IDENTITY": ErrorMapping(502, _S.UNAVAILABLE, InternalError),

@@ -626,6 +626,7 @@ class GrpcEgress(GrpcRelayServer):
                 "INVALID_TARGET", f"metadata {TARGET_KEY!r} names no agent", target=""
             )
         agent, partner = self.policy.partner(snapshot, wanted)
+        self.policy.partner_budget(agent, {k: v for k, v in incoming if isinstance(v, str)})
         metadata = [(k, v) for k, v in incoming if k != TARGET_KEY]
         for name, value in await self.policy.secrets(partner.headers):
             metadata.append((name.lower(), value))

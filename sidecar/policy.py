@@ -18,6 +18,15 @@ decision -- or the :class:`~sidecar.errors.PolicyError` of the one error table
   failed try is tried again (the target's retry policy, its attempts and its retry budget);
   the same for HTTP and gRPC. gRPC retries only where its semantics allow: a try whose
   connection could not be established (nothing was sent).
+* **cost budget** -- :meth:`EgressPolicy.partner_budget` / :meth:`EgressPolicy.model_budget`:
+  a call carrying what is left of its request's budget (``X-Specmesh-Budget-Remaining-Usd``,
+  :mod:`specmesh.budget`) is refused with ``BUDGET_EXCEEDED`` -- a partner call when nothing
+  is left (<= 0); a model call when its worst case passes what is left: the request body's
+  bytes / 4 (rounded up) as input tokens at the input price, plus the request's
+  ``max_tokens`` (``max_completion_tokens``; 0 when it sets neither) at the output price,
+  priced as the engine prices it (the model part's ``price``, else litellm's map). A model
+  priced nowhere has no worst case: only "nothing left" refuses it. The rule reads only the
+  request, so the same request is always decided the same way.
 * **budgets** -- :meth:`EgressPolicy.enter` / :meth:`EgressPolicy.leave`: calls in flight to a
   partner are capped at its ``connectionPool`` (``maxConnections + maxPendingRequests``),
   else ``OVERFLOW``; retries draw on the router's :class:`~sidecar.router.RetryBudget`.
@@ -25,13 +34,18 @@ decision -- or the :class:`~sidecar.errors.PolicyError` of the one error table
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from specmesh.budget import BUDGET_HEADER, BUDGET_TOTAL_HEADER, BudgetValueError, parse_budget
 from specmesh.errors import InvalidNameError
 from specmesh.names import resource_name
+from specmesh.prices import PriceMap, default_price_map, spec_price
 from specmesh.snapshot import ResolvedSnapshot
 from specmesh.spec.models import ConnectionPoolSpec, McpServerRef, PartnerAgentRef
 
@@ -108,8 +122,11 @@ class EgressPolicy:
     """What the engine may call, with which credentials, within which budgets: the
     decisions of the HTTP egress and the gRPC egress."""
 
-    def __init__(self, *, credentials: CredentialResolver) -> None:
+    def __init__(self, *, credentials: CredentialResolver, prices: PriceMap | None = None) -> None:
+        """``prices``: where a model the spec does not price is looked up (default:
+        litellm's file, read in a thread on the first budgeted model call)."""
         self._credentials = credentials
+        self._prices = prices or default_price_map()
         self._snapshot: ResolvedSnapshot | None = None
         self._partners = _Declared(())
         self._mcp = _Declared(())
@@ -151,6 +168,43 @@ class EgressPolicy:
         """``values`` (the spec's ``headers`` or ``queryParams``) with references resolved."""
         return [(key, await self.resolve(value)) for key, value in values.items()]
 
+    def partner_budget(self, agent: str, headers: Mapping[str, str]) -> None:
+        """``BUDGET_EXCEEDED`` when the call to partner ``agent`` carries a budget with
+        nothing left."""
+        budget = _budget(headers)
+        if budget is not None and budget[0] <= 0:
+            raise _over_budget(f"the call to agent {agent!r}", budget, worst=None, agent=agent)
+
+    async def model_budget(
+        self,
+        snapshot: ResolvedSnapshot,
+        fallback: int | None,
+        body: bytes | None,
+        headers: Mapping[str, str],
+    ) -> None:
+        """``BUDGET_EXCEEDED`` when the model call (the model, or fallback ``fallback``)
+        carries a budget its worst case passes (see the module docstring)."""
+        budget = _budget(headers)
+        if budget is None:
+            return
+        model = snapshot.spec.model
+        name, provider, price = model.model, model.provider, model.price
+        if fallback is not None and fallback < len(model.fallbacks):
+            fb = model.fallbacks[fallback]
+            name, provider, price = fb.model, fb.provider, fb.price
+        worst = None
+        found = spec_price(price)
+        if found is None:
+            await asyncio.to_thread(self._prices.load)
+            found = self._prices.price(f"{provider or 'openai'}/{name}")
+        if found is not None:
+            worst = found.worst_case(
+                prompt_tokens=math.ceil(len(body or b"") / 4),
+                max_completion_tokens=_max_tokens(body),
+            )
+        if budget[0] <= 0 or (worst is not None and worst > budget[0]):
+            raise _over_budget(f"a call to model {name!r}", budget, worst=worst, model=name)
+
     def enter(self, agent: str, pool: ConnectionPoolSpec) -> None:
         """Count one call in flight to ``agent``; ``OVERFLOW`` past its pool's limit
         (pair with :meth:`leave`)."""
@@ -163,6 +217,52 @@ class EgressPolicy:
 
     def leave(self, agent: str) -> None:
         self._inflight[agent] -= 1
+
+
+def _budget(headers: Mapping[str, str]) -> tuple[float, float | None] | None:
+    """(what is left, the whole budget) from a call's headers; None without a budget."""
+    try:
+        left = parse_budget(headers.get(BUDGET_HEADER), where=f"header {BUDGET_HEADER}")
+        total = parse_budget(
+            headers.get(BUDGET_TOTAL_HEADER), where=f"header {BUDGET_TOTAL_HEADER}"
+        )
+    except BudgetValueError as e:
+        raise PolicyError("INVALID_TARGET", str(e), header=e.where) from e
+    return None if left is None else (left, total)
+
+
+def _max_tokens(body: bytes | None) -> int:
+    """The request's ``max_tokens`` (or ``max_completion_tokens``); 0 when it sets none."""
+    try:
+        request = json.loads(body or b"{}")
+    except ValueError:
+        return 0
+    if not isinstance(request, dict):
+        return 0
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = request.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0
+
+
+def _over_budget(
+    what: str, budget: tuple[float, float | None], *, worst: float | None, **fields: str
+) -> PolicyError:
+    left, total = budget
+    message = (
+        f"budget exceeded: {what} is refused: the request's budget is "
+        + (f"${total:.6g}" if total is not None else "unknown")
+        + f", ${left:.6g} is left"
+        + (f", and this call may cost up to ${worst:.6g}" if worst is not None else "")
+    )
+    logger.warning("refused %s: over the request's budget", what, extra={"reason": message})
+    details = {"remainingUsd": repr(left), **fields}
+    if total is not None:
+        details["budgetUsd"] = repr(total)
+    if worst is not None:
+        details["worstCaseUsd"] = repr(worst)
+    return PolicyError("BUDGET_EXCEEDED", message, **details)
 
 
 def _refusal(

@@ -11,7 +11,11 @@ turn's cost needs -- the price of an input and an output token, and the tiers ab
 prompt size (``input_cost_per_token_above_200k_tokens``...) -- and drops the rest.
 
 A model is looked up by its name, then by its name without a provider prefix
-(``openai/gpt-4o`` -> ``gpt-4o``); an unknown model costs 0.0, as with litellm.
+(``openai/gpt-4o`` -> ``gpt-4o``). A price the model part sets (``model.price``, each
+fallback's ``price``: USD per 1M input / output tokens, :meth:`ModelPrice.per_million`)
+overrides the map. A model priced nowhere is *unpriced*: :meth:`PriceMap.charge` answers
+None, and whoever shows a cost flags it (``unpriced``) -- never a silent 0. (The older
+:meth:`PriceMap.cost` keeps answering 0.0 for it, for the metric counter.)
 """
 
 from __future__ import annotations
@@ -23,9 +27,19 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["PRICE_FILE", "ModelPrice", "PriceMap", "default_price_map", "litellm_price_file"]
+if TYPE_CHECKING:
+    from specmesh.spec.models import ModelPriceSpec
+
+__all__ = [
+    "PRICE_FILE",
+    "ModelPrice",
+    "PriceMap",
+    "default_price_map",
+    "litellm_price_file",
+    "spec_price",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +59,16 @@ class ModelPrice:
     """(prompt tokens above which it applies, input, output), largest threshold first
     (litellm's ``*_above_<n>k_tokens`` keys and ``tiered_pricing`` ranges)."""
 
+    @classmethod
+    def per_million(cls, input_usd: float, output_usd: float) -> ModelPrice:
+        """A price given in USD per 1M input and output tokens (the model part's form)."""
+        return cls(input=input_usd / 1_000_000, output=output_usd / 1_000_000)
+
+    def worst_case(self, *, prompt_tokens: int, max_completion_tokens: int) -> float:
+        """The most a call may cost: ``prompt_tokens`` in and ``max_completion_tokens`` out
+        at the prices of that prompt size (the sidecar's budget check)."""
+        return self.cost(prompt_tokens=prompt_tokens, completion_tokens=max_completion_tokens)
+
     def cost(self, *, prompt_tokens: int, completion_tokens: int) -> float:
         price_in, price_out = self.input, self.output
         for above, tier_in, tier_out in self.tiers:
@@ -52,6 +76,13 @@ class ModelPrice:
                 price_in, price_out = tier_in, tier_out
                 break
         return prompt_tokens * price_in + completion_tokens * price_out
+
+
+def spec_price(price: ModelPriceSpec | None) -> ModelPrice | None:
+    """The model part's ``price`` (USD per 1M tokens) as a :class:`ModelPrice`."""
+    if price is None:
+        return None
+    return ModelPrice.per_million(price.input_per_million, price.output_per_million)
 
 
 def _number(value: Any) -> float | None:
@@ -141,8 +172,11 @@ class PriceMap:
                 prices[name] = price
         return prices
 
-    def price(self, model: str) -> ModelPrice | None:
-        """The price of ``model`` (or of its name without a provider prefix)."""
+    def price(self, model: str, *, override: ModelPrice | None = None) -> ModelPrice | None:
+        """``override`` (the spec's price) if set, else the map's price of ``model`` (or of
+        its name without a provider prefix); None when it is priced nowhere."""
+        if override is not None:
+            return override
         if self._prices is None:
             self.load()
         assert self._prices is not None
@@ -151,12 +185,37 @@ class PriceMap:
             found = self._prices.get(model.split("/", 1)[1])
         return found
 
-    def cost(self, model: str, *, prompt_tokens: int, completion_tokens: int) -> float:
-        """USD for one call's tokens; 0.0 for an unknown model."""
-        price = self.price(model)
+    def charge(
+        self,
+        model: str,
+        *,
+        prompt_tokens: int,
+        completion_tokens: int,
+        override: ModelPrice | None = None,
+    ) -> float | None:
+        """USD for one call's tokens; None when ``model`` is unpriced (no ``override``,
+        not in the map)."""
+        price = self.price(model, override=override)
         if price is None:
-            return 0.0
+            return None
         return price.cost(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+
+    def cost(
+        self,
+        model: str,
+        *,
+        prompt_tokens: int,
+        completion_tokens: int,
+        override: ModelPrice | None = None,
+    ) -> float:
+        """USD for one call's tokens; 0.0 for an unpriced model (see :meth:`charge`)."""
+        usd = self.charge(
+            model,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            override=override,
+        )
+        return usd or 0.0
 
 
 _DEFAULT = PriceMap()

@@ -11,7 +11,10 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ..ledger import CostLedger
 
 __all__ = ["MAX_TOOL_NAME", "Tool", "ToolCallContext", "ToolDefinition", "tool_name"]
 
@@ -63,6 +66,9 @@ class ToolCallContext:
     call_depth: int
     timeout: float
     """Seconds the call may take."""
+    ledger: CostLedger | None = None
+    """The turn's cost ledger: a partner call sends what is left of the budget and books
+    the cost its answer carried."""
 
 
 class Tool(Protocol):

@@ -10,6 +10,12 @@ with a tool error when ``depth+1`` would pass the limit (stops A -> B -> A loops
 
 The partner sees one conversation per caller conversation: the contextId sent is derived
 from the caller's agent name and contextId.
+
+Cost (:mod:`engine.ledger`): a call carries what is left of the request's budget (header
+``X-Specmesh-Budget-Remaining-Usd``, which the sidecar checks, and message metadata
+``specmesh.budgetUsd``, the partner's budget); the ``cost`` metadata of the partner's answer
+is booked in the turn's ledger. A call the sidecar refuses (``BUDGET_EXCEEDED``,
+``NOT_DECLARED``...) is a tool error with the sidecar's message (its own text: no secret).
 """
 
 from __future__ import annotations
@@ -39,11 +45,14 @@ from a2a.types.a2a_pb2 import (
 )
 from a2a.utils.constants import TransportProtocol
 from a2a.utils.errors import A2AError
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.struct_pb2 import Struct
 from opentelemetry import propagate
 
 from specmesh.aio import cancel_and_wait
 
 from ..errors import CallDepthExceededError, ToolError, ToolTimeoutError
+from ..ledger import BUDGET_METADATA, COST_METADATA
 from . import ToolCallContext, ToolDefinition, tool_name
 
 __all__ = ["CALL_DEPTH_HEADER", "PartnerTool"]
@@ -164,6 +173,11 @@ class PartnerTool:
         if not isinstance(text, str) or not text.strip():
             raise ToolError(tool=self._name, reason="argument 'message' (a string) is required")
         headers: dict[str, str] = {CALL_DEPTH_HEADER: str(depth)}
+        metadata = Struct()
+        ledger = context.ledger
+        if ledger is not None and ledger.remaining_usd is not None:
+            headers.update(ledger.headers())
+            metadata.update({BUDGET_METADATA: ledger.remaining_usd})
         propagate.inject(headers)
         partner_context = str(
             uuid.uuid5(uuid.NAMESPACE_URL, f"specmesh:{self._caller}:{context.context_id}")
@@ -174,6 +188,7 @@ class PartnerTool:
                 message_id=str(uuid.uuid4()),
                 context_id=partner_context,
                 parts=[Part(text=text)],
+                metadata=metadata,
             ),
             configuration=SendMessageConfiguration(accepted_output_modes=["text/plain"]),
         )
@@ -186,15 +201,45 @@ class PartnerTool:
         except TimeoutError as e:
             raise ToolTimeoutError(tool=self._name, timeout=context.timeout) from e
         except A2AError as e:
+            why = _sidecar_refusal(e) or str(e)
             raise ToolError(
-                tool=self._name, reason=f"agent {self.partner!r} could not answer: {e}"
+                tool=self._name, reason=f"agent {self.partner!r} could not answer: {why}"
             ) from e
         except (httpx.HTTPError, ValueError) as e:
             raise ToolError(
                 tool=self._name,
                 reason=f"agent {self.partner!r} could not answer: {type(e).__name__}",
             ) from e
+        if ledger is not None:
+            ledger.add_partner_answer(_answer_cost(last))
         return _answer(last, self.partner, self._name)
+
+
+def _sidecar_refusal(error: A2AError) -> str | None:
+    """The message of the sidecar's AIP-193 error body behind an HTTP error of the call
+    (the sidecar's own text, never a secret); None when there is none."""
+    cause = error.__cause__
+    if not isinstance(cause, httpx.HTTPStatusError):
+        return None
+    try:
+        message = cause.response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError, httpx.ResponseNotRead):
+        return None
+    return message if isinstance(message, str) else None
+
+
+def _answer_cost(event: StreamResponse | None) -> Any:
+    """The ``cost`` metadata of the partner's answer artifact, or of its failure's status
+    message (a failed turn spent too); None when it has none."""
+    if event is None or not event.HasField("task"):
+        return None
+    task = event.task
+    for artifact in task.artifacts:
+        if COST_METADATA in artifact.metadata:
+            return MessageToDict(artifact.metadata).get(COST_METADATA)
+    if task.status.HasField("message") and COST_METADATA in task.status.message.metadata:
+        return MessageToDict(task.status.message.metadata).get(COST_METADATA)
+    return None
 
 
 def _describe_card(card: AgentCard, partner: str) -> str:

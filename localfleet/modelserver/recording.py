@@ -60,6 +60,9 @@ class RecordedRequest(SpecModel):
     rule_index: int | None = None
     """Index of the script rule that answered; None for the fallback or no decision."""
     rule_name: str | None = None
+    usage: dict[str, int] | None = None
+    """The token counts the answer reported (``prompt_tokens``, ``completion_tokens``,
+    ``total_tokens``); None until answered, and for an error answer."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,14 @@ class RequestLog:
         self._changed.set()
         self._changed = asyncio.Event()
         return record
+
+    def set_usage(self, seq: int, usage: Mapping[str, int]) -> None:
+        """Record the token counts answered to request ``seq`` (if still held)."""
+        for i, entry in enumerate(self._entries):
+            if entry.record.seq == seq:
+                record = entry.record.model_copy(update={"usage": dict(usage)})
+                self._entries[i] = _Entry(record, entry.raw_headers)
+                return
 
     def records(self, *, include_auth: bool = False) -> list[RecordedRequest]:
         """The recorded requests, oldest first; raw secret headers only if ``include_auth``."""

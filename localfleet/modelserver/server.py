@@ -351,6 +351,7 @@ class ScriptedModelServer:
             prompt_tokens=count_prompt_tokens(messages, tools),
             completion_tokens=count_completion_tokens(text, [(c.name, c.arguments) for c in calls]),
         )
+        self._log.set_usage(seq, completion.usage())
         if not stream:
             return web.json_response(completion.body())
         options = body.get("stream_options")

@@ -64,6 +64,7 @@ __all__ = [
     "McpServersPart",
     "MemorySpec",
     "Metadata",
+    "ModelPriceSpec",
     "ModelSpec",
     "OutlierDetectionSpec",
     "PartnerAgentRef",
@@ -389,6 +390,15 @@ class AgentBase(SpecModel):
 # ---------------------------------------------------------------- model
 
 
+class ModelPriceSpec(SpecModel):
+    """What a model costs, in USD per one million tokens; overrides litellm's price map."""
+
+    input_per_million: Annotated[float, Field(ge=0, le=1_000_000)]
+    """USD per 1M prompt (input) tokens."""
+    output_per_million: Annotated[float, Field(ge=0, le=1_000_000)]
+    """USD per 1M completion (output) tokens."""
+
+
 class FallbackModel(SpecModel):
     """A model tried when the primary fails."""
 
@@ -401,6 +411,9 @@ class FallbackModel(SpecModel):
     """Base URL of the provider's API."""
     api_key: HeaderSecret | None = None
     """API key (a vault:// reference once applied)."""
+    price: ModelPriceSpec | None = None
+    """This model's price (overrides litellm's price map; a model priced nowhere is
+    flagged ``unpriced``, never counted as free)."""
 
 
 class ModelSpec(SpecModel):
@@ -428,6 +441,13 @@ class ModelSpec(SpecModel):
     """Models tried in order when this one fails."""
     stream: bool = True
     """Stream tokens from the model when the caller streams."""
+    price: ModelPriceSpec | None = None
+    """The model's price (overrides litellm's price map; a model priced nowhere is flagged
+    ``unpriced``, never counted as free)."""
+    budget_per_request_usd: Annotated[float, Field(gt=0, le=1_000_000)] | None = None
+    """Most one request may spend, in USD, over its whole chain (this agent's model calls
+    and every partner's answer); a caller's smaller budget (A2A metadata
+    ``specmesh.budgetUsd``) wins. The sidecar refuses a call that would pass it."""
 
 
 # ---------------------------------------------------------------- mcpServers

@@ -3160,6 +3160,8 @@ class TraceSummary(_message.Message):
     INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     TOTAL_TOKENS_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
+    UNPRICED_MODELS_FIELD_NUMBER: _builtins.int
     trace_id: _builtins.str
     """The trace id: 32 lower-case hex digits."""
     root_name: _builtins.str
@@ -3178,6 +3180,10 @@ class TraceSummary(_message.Message):
     """Output tokens of the trace's model calls."""
     total_tokens: _builtins.int
     """Input plus output tokens."""
+    cost_usd: _builtins.float
+    """What the trace's model calls cost (every agent's: the whole chain), in US dollars, as
+    the engines recorded it on their spans (the model part's price, else litellm's map).
+    """
     @_builtins.property
     def agents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The agents with spans in the trace, sorted."""
@@ -3185,6 +3191,10 @@ class TraceSummary(_message.Message):
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """When the trace's first span started."""
+
+    @_builtins.property
+    def unpriced_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Models of the trace priced nowhere: their calls are not in cost_usd."""
 
     def __init__(
         self,
@@ -3200,10 +3210,12 @@ class TraceSummary(_message.Message):
         input_tokens: _builtins.int = ...,
         output_tokens: _builtins.int = ...,
         total_tokens: _builtins.int = ...,
+        cost_usd: _builtins.float = ...,
+        unpriced_models: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "duration_ms", b"duration_ms", "error", b"error", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "root_name", b"root_name", "span_count", b"span_count", "start_time", b"start_time", "start_time_unix_nano", b"start_time_unix_nano", "total_tokens", b"total_tokens", "trace_id", b"trace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "cost_usd", b"cost_usd", "duration_ms", b"duration_ms", "error", b"error", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "root_name", b"root_name", "span_count", b"span_count", "start_time", b"start_time", "start_time_unix_nano", b"start_time_unix_nano", "total_tokens", b"total_tokens", "trace_id", b"trace_id", "unpriced_models", b"unpriced_models"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3519,6 +3531,7 @@ class TokenUsageRow(_message.Message):
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     TOTAL_TOKENS_FIELD_NUMBER: _builtins.int
     COST_USD_FIELD_NUMBER: _builtins.int
+    UNPRICED_CALLS_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     """The agent; empty when not grouped by agent."""
     model: _builtins.str
@@ -3534,7 +3547,11 @@ class TokenUsageRow(_message.Message):
     total_tokens: _builtins.int
     """Input plus output tokens."""
     cost_usd: _builtins.float
-    """Cost in US dollars, from litellm's price map; 0 for unknown models."""
+    """Cost in US dollars: what the engines recorded (the model part's price, else litellm's
+    price map); calls without a recorded cost are priced by litellm's map here.
+    """
+    unpriced_calls: _builtins.int
+    """Calls whose model is priced nowhere: not in cost_usd (flagged, never counted as free)."""
     def __init__(
         self,
         *,
@@ -3546,10 +3563,11 @@ class TokenUsageRow(_message.Message):
         output_tokens: _builtins.int = ...,
         total_tokens: _builtins.int = ...,
         cost_usd: _builtins.float = ...,
+        unpriced_calls: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "calls", b"calls", "cost_usd", b"cost_usd", "day", b"day", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens", "total_tokens", b"total_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "calls", b"calls", "cost_usd", b"cost_usd", "day", b"day", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens", "total_tokens", b"total_tokens", "unpriced_calls", b"unpriced_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

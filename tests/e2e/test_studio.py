@@ -503,6 +503,12 @@ def test_the_trace_of_a_two_agent_conversation_is_a_waterfall(
     expect(a2a).to_contain_text("ask_mse-gateway-assistant")
     a2a.click()
     expect(page.get_by_test_id("span-detail")).to_contain_text("gen_ai.tool.name")
+    # the chain's cost: the examples price their model, so no "unpriced" badge and no $0
+    cost = page.get_by_test_id("trace-cost")
+    expect(cost).not_to_contain_text("unpriced")
+    assert float(cost.locator("[data-cost]").get_attribute("data-cost") or 0) > 0
+    helper = page.get_by_test_id("agent-costs").locator("[data-agent='mse-nacos-helper']")
+    expect(helper).to_contain_text("including downstream")
     admin.snap("trace")
 
     page = admin.go("observability/tokens/7d", ".chart")

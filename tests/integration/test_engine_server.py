@@ -248,6 +248,26 @@ async def test_bad_call_depth_is_rejected(server: EngineServer, runner: Scripted
     assert len(runner.requests) == seen
 
 
+async def test_the_callers_budget_reaches_the_turn_and_a_bad_one_is_rejected(
+    server: EngineServer, runner: ScriptedRunner
+) -> None:
+    budgeted, bad = _message("hi"), _message("hi")
+    budgeted.message.metadata.update({"specmesh.budgetUsd": 0.25})
+    bad.message.metadata.update({"specmesh.budgetUsd": -1})
+    async with await _client(server, TransportProtocol.JSONRPC, streaming=False) as client:
+        [answered] = await _collect(client.send_message(budgeted))
+        seen = len(runner.requests)
+        [rejected] = await _collect(client.send_message(bad))
+
+    assert answered.task.status.state == TaskState.TASK_STATE_COMPLETED
+    assert runner.requests[seen - 1].budget_usd == 0.25
+    assert rejected.task.status.state == TaskState.TASK_STATE_REJECTED
+    assert rejected.task.status.message.parts[0].text == (
+        "metadata specmesh.budgetUsd: must be a non-negative number of USD (got -1.0)"
+    )
+    assert len(runner.requests) == seen
+
+
 # ---------------------------------------------------------------- agent card
 
 
@@ -306,7 +326,7 @@ async def test_invoke_answers(runner: ScriptedRunner, http: httpx.AsyncClient) -
     )
     response = await http.post(
         "/v1/invoke",
-        json={"contextId": "conv-1", "message": "the answer?"},
+        json={"contextId": "conv-1", "message": "the answer?", "budgetUsd": 0.5},
         headers={"X-Specmesh-Call-Depth": "1"},
     )
 
@@ -320,6 +340,7 @@ async def test_invoke_answers(runner: ScriptedRunner, http: httpx.AsyncClient) -
         "citations": [{"source": "kb://answers", "score": 0.9}],
     }
     assert runner.requests[-1].call_depth == 1
+    assert runner.requests[-1].budget_usd == 0.5
 
 
 async def test_invoke_starts_a_conversation_without_context_id(
@@ -376,6 +397,7 @@ async def test_invoke_stream_reports_a_failed_turn(
         (b'{"message": "hi", "contextId": 3}', {}, "contextId: input should be a valid string"),
         (b'{"message": "hi", "extra": true}', {}, "extra: unknown field"),
         (b'{"message": "hi"}', {"X-Specmesh-Call-Depth": "-1"}, "x-specmesh-call-depth"),
+        (b'{"message": "hi", "budgetUsd": -1}', {}, "budgetUsd: input should be greater"),
     ],
 )
 @pytest.mark.parametrize("path", ["/v1/invoke", "/v1/invoke/stream"])

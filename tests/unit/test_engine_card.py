@@ -15,6 +15,7 @@ from engine.card import (
     build_agent_card,
     parse_card_security,
 )
+from engine.ledger import COST_EXTENSION
 from engine.turn_protocol import CardInfo
 
 URLS = CardUrls(jsonrpc="http://a:1/", http_json="http://a:1/v1", grpc="a:2")
@@ -40,6 +41,9 @@ def test_card_carries_the_spec_revision_interfaces_and_bearer() -> None:
     assert (bearer.scheme, bearer.bearer_format) == ("Bearer", "JWT")
     assert [list(r.schemes) for r in card.security_requirements] == [[BEARER_SCHEME]]
     assert card.capabilities.streaming and not card.capabilities.push_notifications
+    # answers carry their chain's cost (engine.ledger): an optional A2A extension
+    (cost,) = card.capabilities.extensions
+    assert (cost.uri, cost.required) == (COST_EXTENSION, False)
 
 
 def test_istio_mode_card_offers_bearer_or_mtls() -> None:

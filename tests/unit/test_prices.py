@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from specmesh.prices import PriceMap, litellm_price_file
+from specmesh.prices import ModelPrice, PriceMap, litellm_price_file, spec_price
+from specmesh.spec.models import ModelPriceSpec, ModelSpec
 
 
 def _map(tmp_path: Path, entries: dict[str, object]) -> PriceMap:
@@ -87,3 +88,64 @@ def test_litellm_file_is_found_and_read_without_importing_litellm() -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
     assert litellm_price_file() is not None
+
+
+def test_a_price_set_in_the_model_part_overrides_the_map(tmp_path: Path) -> None:
+    prices = _map(tmp_path, {"m": {"input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6}})
+    spec = ModelSpec.model_validate(
+        {"model": "m", "price": {"inputPerMillion": 3, "outputPerMillion": 15}}
+    )
+
+    charged = prices.charge(
+        "m", prompt_tokens=1000, completion_tokens=100, override=spec_price(spec.price)
+    )
+
+    assert charged == pytest.approx(1000 * 3e-6 + 100 * 15e-6)
+    assert prices.charge("m", prompt_tokens=1000, completion_tokens=100) == pytest.approx(
+        1000 * 1e-6 + 100 * 2e-6
+    )
+
+
+def test_each_fallback_carries_its_own_price(tmp_path: Path) -> None:
+    prices = _map(tmp_path, {})
+    spec = ModelSpec.model_validate(
+        {
+            "model": "primary",
+            "price": {"inputPerMillion": 1, "outputPerMillion": 2},
+            "fallbacks": [
+                {"model": "backup", "price": {"inputPerMillion": 10, "outputPerMillion": 20}},
+                {"model": "free-tier"},
+            ],
+        }
+    )
+
+    backup, free_tier = (spec_price(fb.price) for fb in spec.fallbacks)
+
+    assert prices.charge(
+        "backup", prompt_tokens=100, completion_tokens=10, override=backup
+    ) == pytest.approx(100 * 10e-6 + 10 * 20e-6)
+    assert (
+        prices.charge("free-tier", prompt_tokens=100, completion_tokens=10, override=free_tier)
+        is None
+    )
+
+
+def test_a_model_priced_nowhere_is_unpriced_not_free(tmp_path: Path) -> None:
+    prices = _map(tmp_path, {"known": {"input_cost_per_token": 0.0, "output_cost_per_token": 0.0}})
+
+    assert prices.charge("unknown", prompt_tokens=10, completion_tokens=5) is None
+    assert prices.charge("known", prompt_tokens=10, completion_tokens=5) == 0.0  # really free
+    assert prices.cost("unknown", prompt_tokens=10, completion_tokens=5) == 0.0  # the counter's
+
+
+def test_a_worst_case_counts_every_allowed_completion_token() -> None:
+    price = ModelPrice.per_million(2, 8)
+
+    assert price.worst_case(prompt_tokens=500, max_completion_tokens=100) == pytest.approx(
+        500 * 2e-6 + 100 * 8e-6
+    )
+
+
+def test_a_negative_price_is_refused_naming_the_field() -> None:
+    with pytest.raises(ValueError, match="outputPerMillion"):
+        ModelPriceSpec.model_validate({"inputPerMillion": 1, "outputPerMillion": -1})

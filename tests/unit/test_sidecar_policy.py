@@ -4,6 +4,7 @@ A2A errors), and its decisions -- declared or not, retries, budgets -- taken onc
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
@@ -16,6 +17,8 @@ from sidecar.errors import ERROR_DOMAIN, POLICY_ERRORS, PolicyError
 from sidecar.grpcproxy import abort_policy
 from sidecar.policy import EgressPolicy, Retries
 from sidecar.router import InMemoryInstanceSource, InMemoryReleaseSource, Instance, Router
+from specmesh.budget import BUDGET_HEADER, BUDGET_TOTAL_HEADER
+from specmesh.prices import PriceMap
 from specmesh.snapshot import PromptBundle, ResolvedSnapshot
 from specmesh.spec.models import AgentSpec, ConnectionPoolSpec, ReleaseSpec
 
@@ -154,6 +157,55 @@ def test_a_new_snapshot_brings_new_decisions() -> None:
         policy.partner(_snapshot(), "agent-b")
     agent, _ = policy.partner(_snapshot(partnerAgents=[{"agentName": "agent-b"}]), "agent-b")
     assert agent == "agent-b"
+
+
+def test_a_partner_call_with_nothing_left_of_its_budget_is_refused_naming_it() -> None:
+    policy = EgressPolicy(credentials=_NoSecrets())  # type: ignore[arg-type]
+    policy.partner_budget("agent-b", {})  # no budget: no check
+    policy.partner_budget("agent-b", {BUDGET_HEADER: "0.01", BUDGET_TOTAL_HEADER: "0.05"})
+
+    with pytest.raises(PolicyError) as info:
+        policy.partner_budget("agent-b", {BUDGET_HEADER: "0.0", BUDGET_TOTAL_HEADER: "0.05"})
+
+    assert info.value.reason == "BUDGET_EXCEEDED" and info.value.http_status == 402
+    assert "budget is $0.05, $0 is left" in info.value.message
+    assert "'agent-b'" in info.value.message
+    assert info.value.fields["budgetUsd"] == "0.05"
+
+
+async def test_a_model_call_whose_worst_case_passes_what_is_left_is_refused() -> None:
+    policy = EgressPolicy(credentials=_NoSecrets(), prices=PriceMap(path=Path("/nonexistent")))  # type: ignore[arg-type]
+    snapshot = _snapshot(
+        model={
+            "model": "m",
+            "price": {"inputPerMillion": 1_000_000, "outputPerMillion": 1_000_000},
+            "fallbacks": [{"model": "unpriced"}],
+        }
+    )
+    body = json.dumps({"model": "m", "max_tokens": 10}).encode()  # 29 bytes: 8 tokens in
+    worst = 8 * 1.0 + 10 * 1.0
+    budget = {BUDGET_HEADER: repr(worst), BUDGET_TOTAL_HEADER: "100"}
+
+    await policy.model_budget(snapshot, None, body, budget)  # exactly what is left: allowed
+    with pytest.raises(PolicyError) as info:
+        await policy.model_budget(snapshot, None, body, {**budget, BUDGET_HEADER: "17.9"})
+    # a fallback priced nowhere has no worst case: only "nothing left" refuses it
+    await policy.model_budget(snapshot, 0, body, {**budget, BUDGET_HEADER: "0.001"})
+    with pytest.raises(PolicyError):
+        await policy.model_budget(snapshot, 0, body, {**budget, BUDGET_HEADER: "0"})
+
+    assert info.value.reason == "BUDGET_EXCEEDED"
+    assert info.value.message == (
+        "budget exceeded: a call to model 'm' is refused: the request's budget is $100, "
+        "$17.9 is left, and this call may cost up to $18"
+    )
+
+
+async def test_a_malformed_budget_header_is_refused_naming_it() -> None:
+    policy = EgressPolicy(credentials=_NoSecrets())  # type: ignore[arg-type]
+    with pytest.raises(PolicyError) as info:
+        policy.partner_budget("agent-b", {BUDGET_HEADER: "lots"})
+    assert BUDGET_HEADER in info.value.message and "'lots'" in info.value.message
 
 
 def test_calls_in_flight_past_the_pool_overflow() -> None:

@@ -246,8 +246,8 @@ BAD_SPECS = [
             "spec.model.maxTokens: must be >= 1 (got 0)",
             "spec.model.temperature: must be <= 2 (got 7)",
             "spec.model.zzz: unknown field 'zzz'; valid fields are apiKey, baseUrl, "
-            "fallbacks, maxRetries, maxTokens, model, provider, stream, temperature, "
-            "timeoutSeconds, topP",
+            "budgetPerRequestUsd, fallbacks, maxRetries, maxTokens, model, price, provider, "
+            "stream, temperature, timeoutSeconds, topP",
         ],
         id="every-issue-listed-in-path-order",
     ),
@@ -266,8 +266,8 @@ BAD_SPECS = [
         _agent(model={"zzz": 1}),
         [
             "spec.model.zzz: unknown field 'zzz'; valid fields are apiKey, baseUrl, "
-            "fallbacks, maxRetries, maxTokens, model, provider, stream, temperature, "
-            "timeoutSeconds, topP"
+            "budgetPerRequestUsd, fallbacks, maxRetries, maxTokens, model, price, provider, "
+            "stream, temperature, timeoutSeconds, topP"
         ],
         id="unknown-field-lists-valid-fields",
     ),

@@ -238,13 +238,17 @@ async def test_token_usage_per_agent_model_and_day(store: TraceStore) -> None:
 
     assert rows == [
         {"agent": "planner", "model": "gpt-4o-mini", "day": "2026-03-13", "calls": 1,
-         "inputTokens": 7, "outputTokens": 3, "totalTokens": 10, "costUsd": 0.0},
+         "inputTokens": 7, "outputTokens": 3, "totalTokens": 10, "costUsd": 0.0,
+         "unpricedCalls": 0},
         {"agent": "planner", "model": "gpt-4o-mini", "day": "2026-03-14", "calls": 2,
-         "inputTokens": 300, "outputTokens": 60, "totalTokens": 360, "costUsd": 0.0},
+         "inputTokens": 300, "outputTokens": 60, "totalTokens": 360, "costUsd": 0.0,
+         "unpricedCalls": 0},
         {"agent": "planner", "model": "scripted", "day": "2026-03-14", "calls": 1,
-         "inputTokens": 1, "outputTokens": 1, "totalTokens": 2, "costUsd": 0.0},
+         "inputTokens": 1, "outputTokens": 1, "totalTokens": 2, "costUsd": 0.0,
+         "unpricedCalls": 0},
         {"agent": "weather", "model": "gpt-4o-mini", "day": "2026-03-14", "calls": 1,
-         "inputTokens": 50, "outputTokens": 10, "totalTokens": 60, "costUsd": 0.0},
+         "inputTokens": 50, "outputTokens": 10, "totalTokens": 60, "costUsd": 0.0,
+         "unpricedCalls": 0},
     ]  # fmt: skip
     by_agent = await store.token_usage(group_by=["agent"], since=NOW)
     assert [(r.group, r.input_tokens, r.calls) for r in by_agent] == [
@@ -278,6 +282,32 @@ async def test_cost_comes_from_litellms_price_map_and_is_zero_for_unknown_models
         default_price_map().cost("gpt-4o-mini", prompt_tokens=350, completion_tokens=70)
     )
     assert rows["scripted"].cost_usd == 0.0
+    assert rows["scripted"].unpriced_calls == 1  # priced nowhere: flagged, not free
+    assert rows["gpt-4o-mini"].unpriced_calls == 0
+
+
+async def test_a_cost_the_engine_recorded_wins_and_unpriced_calls_are_flagged(
+    store: TraceStore,
+) -> None:
+    # the engine priced these calls at the spec's prices; "mystery" is priced nowhere
+    await store.add_spans(
+        [span("b000000000000001", None, "invoke_agent planner", 0, 100,
+              gen_ai__operation__name="invoke_agent", specmesh__cost__total_usd=0.75),
+         chat("b000000000000002", "b000000000000001", 1, (100, 20), specmesh__cost__usd=0.25),
+         chat("b000000000000003", "b000000000000001", 30, (10, 2), specmesh__cost__usd=0.5),
+         chat("b000000000000004", "b000000000000001", 60, (5, 5), model="mystery",
+              specmesh__cost__unpriced=True)]
+    )  # fmt: skip
+
+    rows = {r.group["model"]: r for r in await store.token_usage(group_by=["model"])}
+    (summary,) = await store.list_traces()
+
+    # the zero pricer would say 0: the recorded costs win
+    assert rows["gpt-4o-mini"].cost_usd == pytest.approx(0.75)
+    assert (rows["mystery"].cost_usd, rows["mystery"].unpriced_calls) == (0.0, 1)
+    assert summary.cost_usd == pytest.approx(0.75)
+    assert summary.unpriced_models == ("mystery",)
+    assert summary.to_json()["unpricedModels"] == ["mystery"]
 
 
 async def test_prune_drops_whole_traces_that_ended_before_the_cutoff(store: TraceStore) -> None:

@@ -29,6 +29,7 @@ async function tracesTab(agent) {
       { label: "Spans", class: "num", key: "spanCount" },
       { label: "Duration", class: "num", render: (t) => fmtMs(t.durationMs) },
       { label: "Tokens", class: "num", render: (t) => fmtInt(int(t.totalTokens)) },
+      { label: "Cost", class: "num", render: (t) => costCell(t.costUsd, (t.unpricedModels || []).length, `unpriced: ${(t.unpricedModels || []).join(", ")}`) },
       { label: "Status", render: (t) => (t.error ? badge("error", "bad") : badge("ok", "ok")) },
     ], rows, { empty: "No traces yet: invoke an agent." }));
   };
@@ -38,6 +39,25 @@ async function tracesTab(agent) {
       h("option", { value: "" }, "All agents"), agents.map((a) => h("option", { value: a.name, selected: a.name === agent }, a.name))),
     h("label", { class: "check" }, h("input", { type: "checkbox", onChange: (e) => { showAll = e.target.checked; draw(); } }), "show MCP housekeeping"));
   return card("Recent traces", box, { actions: filter, subtitle: "Newest first. A conversation that calls a partner agent is one trace across both agents." });
+}
+
+// A cost, with an "unpriced" badge when some calls are priced nowhere (never shown as $0 alone).
+function costCell(usd, unpriced, title) {
+  return h("span", { "data-cost": String(usd || 0) }, fmtUsd(usd || 0), unpriced ? [" ", h("span", { title }, badge("unpriced", "warn"))] : null);
+}
+
+// Per agent: its own model calls' cost, and "including downstream" -- what its turns'
+// invoke_agent spans recorded (specmesh.cost.total_usd: its calls and its partners' chains).
+function agentCosts(spans) {
+  const by = new Map();
+  const of = (a) => by.get(a) || by.set(a, { agent: a, own: 0, withDownstream: 0, unpriced: new Set() }).get(a);
+  for (const sp of spans) {
+    const c = classify(sp).kind;
+    if (c === "llm" && typeof sp.attributes["specmesh.cost.usd"] === "number") of(sp.agent).own += sp.attributes["specmesh.cost.usd"];
+    if (c === "llm" && sp.attributes["specmesh.cost.unpriced"] === true) of(sp.agent).unpriced.add(sp.attributes["gen_ai.request.model"] || "unknown");
+    if (c === "agent" && typeof sp.attributes["specmesh.cost.total_usd"] === "number") of(sp.agent).withDownstream += sp.attributes["specmesh.cost.total_usd"];
+  }
+  return [...by.values()];
 }
 
 function classify(span) {
@@ -73,6 +93,9 @@ async function tracePage(traceId) {
   const total = Number(t1 - t0) / 1e6 || 1;
   const agents = [...new Set(spans.map((sp) => sp.agent))];
   const tokens = spans.filter((sp) => classify(sp).kind === "llm").reduce((a, sp) => a + (sp.attributes["gen_ai.usage.input_tokens"] || 0) + (sp.attributes["gen_ai.usage.output_tokens"] || 0), 0);
+  const costs = agentCosts(spans);
+  const chainCost = costs.reduce((a, c) => a + c.own, 0);
+  const unpriced = [...new Set(costs.flatMap((c) => [...c.unpriced]))];
   const detail = h("div", { class: "span-detail", "data-testid": "span-detail" }, empty("Select a span to see its attributes and payloads."));
   const showDetail = (sp, row) => {
     for (const r of row.parentElement.children) r.classList.remove("selected");
@@ -106,7 +129,10 @@ async function tracePage(traceId) {
     h("div", { class: "page-head" }, h("div", {},
       h("div", { class: "crumbs" }, h("a", { href: "#/observability" }, "Observability"), " / trace"),
       h("h1", {}, "Trace ", h("span", { class: "mono small muted" }, traceId)),
-      h("div", { class: "inline" }, agents.map(agentChip), h("span", { class: "muted" }, ` · ${spans.length} spans · ${fmtMs(total)} · ${fmtInt(tokens)} tokens`)))),
+      h("div", { class: "inline" }, agents.map(agentChip), h("span", { class: "muted" }, ` · ${spans.length} spans · ${fmtMs(total)} · ${fmtInt(tokens)} tokens · `),
+        h("span", { "data-testid": "trace-cost" }, costCell(chainCost, unpriced.length, `unpriced: ${unpriced.join(", ")}`))),
+      costs.length ? h("div", { class: "inline small", "data-testid": "agent-costs" }, costs.map((c) => h("span", { class: "muted", "data-agent": c.agent },
+        agentChip(c.agent), ` ${fmtUsd(c.own)} own · ${fmtUsd(c.withDownstream)} including downstream `, c.unpriced.size ? badge("unpriced", "warn") : null))) : null)),
     h("div", { class: "trace-layout" },
       card("Waterfall", h("div", { class: "waterfall", "data-testid": "waterfall" },
         h("div", { class: "wf-row wf-head" }, h("div", { class: "wf-name" }, "Span"), h("div", { class: "wf-agent" }, "Agent"),
@@ -122,7 +148,7 @@ async function tokensTab(range) {
   const since = days ? new Date(Date.now() - days * 86400e3).toISOString() : null;
   // int64 counts arrive as strings (the proto's JSON): numbers from here on
   const rows = (await get(`/api/v1/token-usage${q({ groupBy: ["agent", "model", "day"], since })}`)).rows.map((r) => ({
-    ...r, calls: int(r.calls), inputTokens: int(r.inputTokens), outputTokens: int(r.outputTokens), totalTokens: int(r.totalTokens),
+    ...r, calls: int(r.calls), inputTokens: int(r.inputTokens), outputTokens: int(r.outputTokens), totalTokens: int(r.totalTokens), unpricedCalls: int(r.unpricedCalls || 0),
   }));
   const sum = (f, list = rows) => list.reduce((a, r) => a + (r[f] || 0), 0);
   const by = (key, f) => {
@@ -143,7 +169,7 @@ async function tokensTab(range) {
   return h("div", { class: "stack" },
     h("div", { class: "inline between" }, h("div", { class: "kpis" },
       kpi("Model calls", fmtInt(sum("calls"))), kpi("Tokens", fmtInt(sum("totalTokens")), `${fmtInt(sum("inputTokens"))} in · ${fmtInt(sum("outputTokens"))} out`),
-      kpi("Cost", fmtUsd(sum("costUsd")), "litellm price map; 0 for unknown models"), kpi("Agents", agents.length)), rangePick),
+      kpi("Cost", fmtUsd(sum("costUsd")), sum("unpricedCalls") ? `${fmtInt(sum("unpricedCalls"))} calls unpriced (not counted)` : "the model part's price, else litellm's map"), kpi("Agents", agents.length)), rangePick),
     card("Tokens per day, by agent", columnChart(perDay, { series: agents, title: "tokens per day" }), { class: "chart-card" }),
     h("div", { class: "grid-3" },
       card("Tokens by agent", barChart(by("agent", "totalTokens"))),
@@ -152,6 +178,6 @@ async function tokensTab(range) {
     card("Usage rows", table([
       { label: "Day", key: "day" }, { label: "Agent", render: (r) => agentChip(r.agent) }, { label: "Model", key: "model" },
       { label: "Calls", class: "num", render: (r) => fmtInt(r.calls) }, { label: "Input", class: "num", render: (r) => fmtInt(r.inputTokens) },
-      { label: "Output", class: "num", render: (r) => fmtInt(r.outputTokens) }, { label: "Cost", class: "num", render: (r) => fmtUsd(r.costUsd) },
+      { label: "Output", class: "num", render: (r) => fmtInt(r.outputTokens) }, { label: "Cost", class: "num", render: (r) => costCell(r.costUsd, r.unpricedCalls, `${r.unpricedCalls} calls of a model priced nowhere`) },
     ], rows.slice().sort((a, b) => (a.day < b.day ? 1 : -1)), { empty: "No model calls in this period." })));
 }

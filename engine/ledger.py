@@ -1,0 +1,111 @@
+"""The cost ledger of one turn: what it spent, what its partners' chains spent, and what is
+left of the request's budget.
+
+A turn's cost is its own model calls (each priced by :mod:`specmesh.prices` with the model
+part's prices, :class:`~engine.llm.ModelClient`) plus the cost every partner's answer
+carried (that partner's own calls and its partners', recursively): the answer's A2A
+metadata ``cost`` (the :data:`COST_EXTENSION` extension, declared on the agent card)::
+
+    {"totalUsd": own + downstream, "ownUsd": ..., "downstreamUsd": ...,
+     "unpriced": ["model", ...],         # models priced nowhere in the chain (not counted)
+     "budgetUsd": ..., "remainingUsd": ...}   # when the request had a budget
+
+so the agent that started the chain answers with the whole chain's total.
+
+The budget of a request is the smaller of the caller's (message metadata
+:data:`BUDGET_METADATA`) and the model part's ``budgetPerRequestUsd``. What is left
+(budget - spent so far in this turn, never below 0) goes with every model and partner call
+in the header :data:`BUDGET_HEADER`, which the sidecar checks (``BUDGET_EXCEEDED``), and to a
+partner as its message's :data:`BUDGET_METADATA`, so the budget travels down the chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from specmesh.budget import BUDGET_HEADER, BUDGET_TOTAL_HEADER, BudgetValueError, parse_budget
+
+__all__ = [
+    "BUDGET_HEADER",
+    "BUDGET_METADATA",
+    "BUDGET_TOTAL_HEADER",
+    "COST_EXTENSION",
+    "COST_METADATA",
+    "BudgetValueError",
+    "CostLedger",
+    "parse_budget",
+]
+
+COST_EXTENSION = "https://specmesh.io/a2a/extensions/cost/v1"
+"""URI of the A2A extension: answers carry their chain's cost in metadata ``cost``; a
+message's metadata ``specmesh.budgetUsd`` is the most its chain may spend."""
+COST_METADATA = "cost"
+"""Key of the cost in an answer artifact's metadata."""
+BUDGET_METADATA = "specmesh.budgetUsd"
+"""Key of a request's budget (USD) in the A2A message metadata."""
+
+
+def _smallest(*budgets: float | None) -> float | None:
+    given = [b for b in budgets if b is not None]
+    return min(given) if given else None
+
+
+class CostLedger:
+    """One turn's spending; shared by its model calls and its partner calls."""
+
+    def __init__(self, *, budget_usd: float | None = None, spec_budget_usd: float | None = None):
+        """The budget is the smaller of the caller's and the spec's (None: unlimited)."""
+        self.budget_usd = _smallest(budget_usd, spec_budget_usd)
+        self.own_usd = 0.0
+        self.downstream_usd = 0.0
+        self.unpriced: set[str] = set()
+
+    @property
+    def total_usd(self) -> float:
+        return self.own_usd + self.downstream_usd
+
+    @property
+    def remaining_usd(self) -> float | None:
+        """What is left of the budget (never below 0); None without a budget."""
+        if self.budget_usd is None:
+            return None
+        return max(0.0, self.budget_usd - self.total_usd)
+
+    def add_model_call(self, model: str, usd: float, *, unpriced: bool = False) -> None:
+        """One model call of this turn; ``unpriced``: the model is priced nowhere."""
+        if unpriced:
+            self.unpriced.add(model)
+        else:
+            self.own_usd += usd
+
+    def add_partner_answer(self, cost: Any) -> None:
+        """The ``cost`` metadata of a partner's answer (ignored when malformed)."""
+        if not isinstance(cost, Mapping):
+            return
+        total = cost.get("totalUsd")
+        if isinstance(total, int | float) and not isinstance(total, bool) and total >= 0:
+            self.downstream_usd += float(total)
+        unpriced = cost.get("unpriced")
+        if isinstance(unpriced, list | tuple):
+            self.unpriced.update(str(m) for m in unpriced)
+
+    def headers(self) -> dict[str, str]:
+        """The budget header for a call through the sidecar (none without a budget)."""
+        left = self.remaining_usd
+        if left is None or self.budget_usd is None:
+            return {}
+        return {BUDGET_HEADER: repr(left), BUDGET_TOTAL_HEADER: repr(self.budget_usd)}
+
+    def metadata(self) -> dict[str, Any]:
+        """The answer's ``cost`` metadata (see the module docstring)."""
+        cost: dict[str, Any] = {
+            "totalUsd": self.total_usd,
+            "ownUsd": self.own_usd,
+            "downstreamUsd": self.downstream_usd,
+            "unpriced": sorted(self.unpriced),
+        }
+        if self.budget_usd is not None:
+            cost["budgetUsd"] = self.budget_usd
+            cost["remainingUsd"] = self.remaining_usd
+        return cost
