@@ -823,6 +823,9 @@ class PromptRelease(SpecModel):
         dict[Version, Annotated[int, Field(ge=0, le=100)]], Field(max_length=16)
     ] = {}
     """Version -> share of conversations in percent; must sum to 100 when set."""
+    current: Version | None = None
+    """The version served when no pin, label or weights apply (set by a prompt rollback);
+    the highest version when unset."""
 
     @model_validator(mode="after")
     def _weights_sum(self) -> PromptRelease:
