@@ -22,7 +22,14 @@ import re
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from specmesh.spec.models import AgentSpec, McpServerSpec, PromptEntry, PromptRelease
+from specmesh.spec.models import (
+    AgentSpec,
+    McpServerSpec,
+    PromptEntry,
+    PromptRelease,
+    Resolution,
+    ResolvedPrompt,
+)
 
 __all__ = [
     "recorded_mcp_servers",
@@ -46,22 +53,21 @@ def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
 
 def resolve_prompt(
     spec: AgentSpec, versions: Collection[str], release: PromptRelease | None
-) -> dict[str, Any]:
+) -> ResolvedPrompt:
     """The prompt part of ``resolved``: which versions of the agent's prompt it serves."""
     base = spec.base
-    out: dict[str, Any] = {"key": base.prompt_key}
+    key = base.prompt_key
     if base.prompt_version is not None:
-        out["versions"] = [base.prompt_version]
-    elif base.prompt_label is not None:
+        return ResolvedPrompt(key=key, versions=[base.prompt_version])
+    if base.prompt_label is not None:
         label = release.labels.get(base.prompt_label) if release else None
-        out["versions"] = [label] if label else []
-    elif release is not None and release.weights:
-        out["weights"] = {v: w for v, w in sorted(release.weights.items()) if w > 0}
-    elif release is not None and release.current is not None:
-        out["versions"] = [release.current]
-    else:
-        out["versions"] = [max(versions, key=version_key)] if versions else []
-    return out
+        return ResolvedPrompt(key=key, versions=[label] if label else [])
+    if release is not None and release.weights:
+        weights = {v: w for v, w in sorted(release.weights.items()) if w > 0}
+        return ResolvedPrompt(key=key, weights=weights)
+    if release is not None and release.current is not None:
+        return ResolvedPrompt(key=key, versions=[release.current])
+    return ResolvedPrompt(key=key, versions=[max(versions, key=version_key)] if versions else [])
 
 
 def resolve(
@@ -71,15 +77,17 @@ def resolve(
     mcp_servers: Mapping[str, McpServerSpec],
 ) -> dict[str, Any]:
     """``resolved`` of a revision of ``spec``, from the Prompt Center and MCP Registry as
-    they are now (MCP servers the registry lacks are left out, as the snapshot does)."""
-    return {
-        "prompt": resolve_prompt(spec, versions, release),
-        "mcpServers": {
-            ref.mcp_server_name: mcp_servers[ref.mcp_server_name].model_dump(mode="json")
+    they are now (MCP servers the registry lacks are left out, as the snapshot does), as
+    the JSON of :class:`~specmesh.spec.models.Resolution`."""
+    resolution = Resolution(
+        prompt=resolve_prompt(spec, versions, release),
+        mcp_servers={
+            ref.mcp_server_name: mcp_servers[ref.mcp_server_name]
             for ref in spec.mcp_servers
             if ref.mcp_server_name in mcp_servers
         },
-    }
+    )
+    return resolution.model_dump(mode="json", exclude_none=True)
 
 
 def uses_prompt(spec: AgentSpec, key: str) -> bool:
@@ -96,9 +104,9 @@ def recorded_prompt(
     """The prompt versions and release a revision serves: the recorded versions only (taken
     from ``entries``, the published ones -- versions are immutable), with a release that
     makes the engine choose what was recorded."""
-    prompt = resolved["prompt"]
-    weights: dict[str, int] = prompt.get("weights") or {}
-    chosen = list(weights) or list(prompt.get("versions") or [])
+    prompt = Resolution.model_validate(resolved).prompt
+    weights = prompt.weights or {}
+    chosen = list(weights) or list(prompt.versions or [])
     versions = {v: entries[v] for v in chosen if v in entries}
     if weights:
         return versions, PromptRelease(weights=weights)
@@ -110,7 +118,4 @@ def recorded_prompt(
 
 def recorded_mcp_servers(resolved: Mapping[str, Any]) -> dict[str, McpServerSpec]:
     """The MCP Registry entries a revision recorded."""
-    return {
-        name: McpServerSpec.model_validate(data)
-        for name, data in (resolved.get("mcpServers") or {}).items()
-    }
+    return dict(Resolution.model_validate(resolved).mcp_servers)

@@ -74,6 +74,8 @@ __all__ = [
     "RecentSearch",
     "ReleaseManifest",
     "ReleaseSpec",
+    "Resolution",
+    "ResolvedPrompt",
     "ResourceAmounts",
     "ResourcesSpec",
     "RetrievalSpec",
@@ -894,6 +896,31 @@ class McpServerManifest(SpecModel):
     kind: Literal["McpServer"]
     metadata: Metadata
     spec: McpServerSpec
+
+
+# ---------------------------------------------------------------- revisions
+
+
+class ResolvedPrompt(SpecModel):
+    """The prompt versions an agent revision serves (one of ``versions``, ``weights``)."""
+
+    key: Name
+    """The prompt's key."""
+    versions: Annotated[list[Version], Field(max_length=1)] | None = None
+    """The version every conversation gets; empty when none resolved (no version yet, or
+    a label no version has)."""
+    weights: dict[Version, Annotated[int, Field(ge=1, le=100)]] | None = None
+    """The A/B split recorded from the prompt's release: version -> percent."""
+
+
+class Resolution(SpecModel):
+    """What an agent revision runs with besides its spec, resolved when it was written
+    (a rollback copies its target's)."""
+
+    prompt: ResolvedPrompt
+    """The prompt versions it serves."""
+    mcp_servers: dict[str, McpServerSpec] = {}
+    """The MCP Registry entries of the servers its spec names (missing ones left out)."""
 
 
 # ---------------------------------------------------------------- releases
