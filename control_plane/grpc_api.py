@@ -610,6 +610,11 @@ class _PromptService(Servicer):
             message.release.current = release.current or ""
         return message, published
 
+    async def _stored(self, p: Principal, key: str) -> Any:
+        """The Prompt message of ``key`` as stored now."""
+        entries, release = await self.cp.get_prompt(p, key)
+        return (await self._prompt(p, key, [e.version for e in entries], release))[0]
+
     @staticmethod
     def _version(entry: PromptEntry, published: Mapping[str, AuditEntry]) -> Any:
         e = published.get(entry.version)
@@ -681,18 +686,14 @@ class _PromptService(Servicer):
             source="release",
         )
         await self.cp.set_prompt_release(p, key, release, message=request.message)
-        entries, stored = await self.cp.get_prompt(p, key)
-        prompt, _ = await self._prompt(p, key, [e.version for e in entries], stored)
-        return _pb.SetPromptReleaseResponse(prompt=prompt)
+        return _pb.SetPromptReleaseResponse(prompt=await self._stored(p, key))
 
     @_rpc
     async def RollbackPrompt(self, p: Principal, request: Any) -> Any:
         key = _required(request.prompt_key, "prompt_key")
         version = _required(request.version, "version")
         await self.cp.rollback_prompt(p, key, version, message=request.message)
-        entries, stored = await self.cp.get_prompt(p, key)
-        prompt, _ = await self._prompt(p, key, [e.version for e in entries], stored)
-        return _pb.RollbackPromptResponse(prompt=prompt)
+        return _pb.RollbackPromptResponse(prompt=await self._stored(p, key))
 
     @_rpc
     async def GetPromptHistory(self, p: Principal, request: Any) -> Any:

@@ -240,8 +240,8 @@ def _workload_json(status: Any) -> dict[str, Any]:
 
 def _agent_manifest(agent: Any, workload: Any | None) -> Any:
     record = agent_json(agent)
-    status = {k: record[k] for k in ("revision", "createdAt", "author", "message", "resolved")
-              if k in record}  # fmt: skip
+    fields = ("revision", "createdAt", "author", "message", "resolved")
+    status: dict[str, Any] = {k: record[k] for k in fields if k in record}
     if workload is not None and workload.phase != "NotRunning":
         full = _workload_json(workload)
         status["workload"] = {

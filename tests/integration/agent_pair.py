@@ -25,9 +25,12 @@ from specmesh.vault import VaultClient, agent_policy_name
 from tests.conftest import REPO
 from tests.polling import eventually
 
-__all__ = ["AgentPair", "prepare_pair", "until"]
+__all__ = ["STARTUP", "AgentPair", "prepare_pair", "until"]
 
 T = TypeVar("T")
+
+STARTUP = 90.0
+"""Seconds a process may take to start (imports, Vault login) on a loaded machine."""
 
 
 @dataclass

@@ -26,7 +26,7 @@ from specmesh.store import SpecStore
 from specmesh.vault import VaultClient
 from tests.conftest import publish_prompt
 
-from .agent_pair import AgentPair, prepare_pair
+from .agent_pair import STARTUP, AgentPair, prepare_pair
 from .agent_pair import until as _until
 
 pytestmark = pytest.mark.integration
@@ -35,8 +35,6 @@ AGENT = "health-helper"
 INSTANCE = "health-helper-1"
 CONTRACT = 5.0
 """Seconds within which readiness and the registry reflect a process dying or returning."""
-STARTUP = 90.0
-"""Seconds a process may take to start (imports, Vault login) on a loaded machine."""
 
 
 @pytest.fixture

@@ -21,13 +21,11 @@ from specmesh.spec_apply import SpecService
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient
 
-from .agent_pair import AgentPair, prepare_pair, until
+from .agent_pair import STARTUP, AgentPair, prepare_pair, until
 
 pytestmark = pytest.mark.integration
 
 AGENT = "rollback-helper"
-STARTUP = 90.0
-"""Seconds the pair may take to start (imports, Vault login) on a loaded machine."""
 RELOAD = 30.0
 """Seconds within which a new revision reaches the engine."""
 
