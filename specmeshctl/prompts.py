@@ -51,13 +51,15 @@ async def get(cp: ControlPlaneClient, key: str | None, version: str | None, outp
     )
     if version is not None and not reply.versions:
         raise NotFoundError(kind="prompt version", name=f"{key}@{version}")
-    release = {"labels": dict(reply.prompt.release.labels),
-               "weights": dict(reply.prompt.release.weights)}  # fmt: skip
+    release: dict[str, Any] = {"labels": dict(reply.prompt.release.labels),
+                               "weights": dict(reply.prompt.release.weights)}  # fmt: skip
+    if reply.prompt.release.current:
+        release["current"] = reply.prompt.release.current  # set by `prompt rollback`
     if output != "table":
         docs = [
             manifest("Prompt", key, {"version": v.version, **_entry(v)}) for v in reply.versions
         ]
-        if version is None and (release["labels"] or release["weights"]):
+        if version is None and any(release.values()):
             docs[-1]["spec"]["release"] = release  # applied once, with the last version
         print_manifests(docs, output)
     elif version is not None:

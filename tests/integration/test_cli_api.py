@@ -557,6 +557,12 @@ def test_prompt_rollback_and_history_and_the_prompt_of_each_agent_revision(
     code, out, _ = _run(capsys, "get", "agent", key, "-o", "json")
     resolved = json.loads(out)["status"]["resolved"]
     assert resolved["prompt"] == {"key": key, "versions": ["1.0.0"]}
+    code, out, _ = _run(capsys, "get", "prompt", key, "-o", "json")
+    assert json.loads(out)[-1]["spec"]["release"] == {
+        "labels": {},
+        "weights": {},
+        "current": "1.0.0",
+    }
     code, out, _ = _run(capsys, "prompt", "history", key, "-o", "json")
     history = json.loads(out)
     assert [(v["version"], v["author"]) for v in history["versions"]] == [
