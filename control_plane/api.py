@@ -52,7 +52,14 @@ from specmesh.spec.models import (
     ReleaseSpec,
 )
 from specmesh.spec_apply import ApplyOutcome, SpecService
-from specmesh.store import AgentRecord, AgentSummary, AuditEntry, ReleaseState, SpecStore
+from specmesh.store import (
+    AgentRecord,
+    AgentSummary,
+    AuditEntry,
+    PromptHistory,
+    ReleaseState,
+    SpecStore,
+)
 from specmesh.vault import VaultClient
 from specmesh.workloads import TRACKS, AgentStatus
 
@@ -398,6 +405,17 @@ class ControlPlane:
     ) -> None:
         authorize(principal, "prompts.write")
         await self.store.set_prompt_release(key, release, actor=principal.name, message=message)
+
+    async def rollback_prompt(
+        self, principal: Principal, key: str, version: str, *, message: str = ""
+    ) -> PromptRelease:
+        """Serve ``version`` of prompt ``key`` again (as set_prompt_release may)."""
+        authorize(principal, "prompts.write")
+        return await self.store.rollback_prompt(key, version, actor=principal.name, message=message)
+
+    async def prompt_history(self, principal: Principal, key: str) -> PromptHistory:
+        authorize(principal, "prompts.read")
+        return await self.store.prompt_history(key)
 
     # ------------------------------------------------------------ registries
 

@@ -142,6 +142,7 @@ def _revision_info(record: AgentRecord) -> common_pb2.RevisionInfo:
         author=record.author,
         created_at=_timestamp(record.created_at),
         message=record.message,
+        resolved=to_struct(record.resolved) if record.resolved is not None else None,
     )
 
 
@@ -604,7 +605,11 @@ class _PromptService(Servicer):
             for name, e in publishes.items()
             if name.rpartition("@")[0] == key
         }
-        released = releases.get(key)
+        released = max(
+            (e for e in (releases.get(key), publishes.get(key)) if e),  # a set, a rollback
+            key=lambda e: e.time,
+            default=None,
+        )
         ordered = sorted(versions, key=lambda v: (published[v].time if v in published else "", v))
         entries = [*published.values(), *([released] if released else [])]
         newest = max(entries, key=lambda e: e.time, default=None)
@@ -612,7 +617,13 @@ class _PromptService(Servicer):
         if release is not None:
             message.release.labels.update(release.labels)
             message.release.weights.update(release.weights)
+            message.release.current = release.current or ""
         return message, published
+
+    async def _stored(self, p: Principal, key: str) -> Any:
+        """The Prompt message of ``key`` as stored now."""
+        entries, release = await self.cp.get_prompt(p, key)
+        return (await self._prompt(p, key, [e.version for e in entries], release))[0]
 
     @staticmethod
     def _version(entry: PromptEntry, published: Mapping[str, AuditEntry]) -> Any:
@@ -677,13 +688,31 @@ class _PromptService(Servicer):
         key = _required(request.prompt_key, "prompt_key")
         release = validate_model(
             PromptRelease,
-            {"labels": dict(request.release.labels), "weights": dict(request.release.weights)},
+            {
+                "labels": dict(request.release.labels),
+                "weights": dict(request.release.weights),
+                "current": request.release.current or None,
+            },
             source="release",
         )
         await self.cp.set_prompt_release(p, key, release, message=request.message)
-        entries, stored = await self.cp.get_prompt(p, key)
-        prompt, _ = await self._prompt(p, key, [e.version for e in entries], stored)
-        return _pb.SetPromptReleaseResponse(prompt=prompt)
+        return _pb.SetPromptReleaseResponse(prompt=await self._stored(p, key))
+
+    @_rpc
+    async def RollbackPrompt(self, p: Principal, request: Any) -> Any:
+        key = _required(request.prompt_key, "prompt_key")
+        version = _required(request.version, "version")
+        await self.cp.rollback_prompt(p, key, version, message=request.message)
+        return _pb.RollbackPromptResponse(prompt=await self._stored(p, key))
+
+    @_rpc
+    async def GetPromptHistory(self, p: Principal, request: Any) -> Any:
+        key = _required(request.prompt_key, "prompt_key")
+        history = await self.cp.prompt_history(p, key)
+        return _pb.GetPromptHistoryResponse(
+            versions=[self._version(e, history.published) for e in history.versions],
+            release_changes=[_audit_entry(e) for e in history.release_changes],
+        )
 
     @_rpc
     async def GetPromptStats(self, p: Principal, request: Any) -> Any:

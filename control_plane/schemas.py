@@ -43,6 +43,7 @@ MODEL_NAMES = (
     "McpServerSpec",
     "ReleaseSpec",
     "PromptEntry",
+    "Resolution",
 )
 """Names of pydantic models (or unions of them) in :mod:`specmesh.spec.models`."""
 

@@ -6,7 +6,11 @@ Version choice, in order:
 2. ``base.promptLabel`` takes the version the prompt's release gives that label;
 3. the release's A/B ``weights`` split conversations: the contextId is hashed into one of
    100 buckets, so the same conversation always gets the same version;
-4. otherwise the highest version (``3.0.11`` > ``3.0.9`` > ``3.0``).
+4. otherwise the release's ``current`` version (set by a prompt rollback), else the highest
+   version (``3.0.11`` > ``3.0.9`` > ``3.0``).
+
+The snapshot carries only the versions the served agent revision recorded (see
+:mod:`specmesh.resolution`), so this choice replays what was resolved when it was written.
 
 Templates hold ``{{name}}`` placeholders filled from the prompt's default variables,
 overridden by ``base.variables``; an unknown placeholder is left as written.
@@ -20,6 +24,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from specmesh.resolution import version_key
 from specmesh.snapshot import PromptBundle
 from specmesh.spec.models import AgentBase, PromptEntry
 
@@ -28,7 +33,6 @@ from .errors import PromptError
 __all__ = ["PromptSet", "RenderedPrompt", "bucket_of", "render_template", "version_key"]
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*\}\}")
-_VERSION_PART = re.compile(r"\d+|[A-Za-z]+")
 
 
 @dataclass(frozen=True)
@@ -46,13 +50,6 @@ def render_template(template: str, variables: Mapping[str, str]) -> str:
         return variables.get(m.group(1), m.group(0))
 
     return _PLACEHOLDER.sub(fill, template)
-
-
-def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
-    """Sort key of a version: numeric parts by value, others by text, numbers first."""
-    return tuple(
-        (0, int(p)) if p.isdigit() else (1, p.lower()) for p in _VERSION_PART.findall(version)
-    )
 
 
 def bucket_of(context_id: str) -> int:
@@ -109,6 +106,10 @@ class PromptSet:
                 for v, w in sorted(release.weights.items(), key=lambda kv: version_key(kv[0]))
                 if w > 0
             )
+        elif release is not None and release.current is not None:
+            fixed = release.current
+            if fixed not in rendered:
+                raise PromptError(prompt_key=key, reason=f"current version {fixed!r} not found")
         else:
             fixed = max(rendered, key=version_key)
         return cls(prompt_key=key, rendered=rendered, fixed=fixed, weights=weights)

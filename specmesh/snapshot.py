@@ -8,8 +8,14 @@ what it streams to the engine. Resolution is a pure function of those keys:
 * with one, track ``stable`` serves ``stableRevision`` (latest when unset) and track
   ``canary`` serves ``canaryRevision`` (``stableRevision`` when unset, so a canary
   instance without a canary revision behaves as stable);
-* the prompt part carries every version of the agent's ``promptKey`` and its release,
-  so the engine can choose per conversation; MCP entries are those the spec names.
+* the prompt part and the MCP entries are what the served revision recorded in its
+  ``resolved`` (:mod:`specmesh.resolution`): only the recorded prompt versions, with a
+  release that makes the engine choose them (the recorded version, or the recorded A/B
+  split), and the recorded MCP Registry entries -- never the live release or entries, so a
+  revision serves what it ran with when it was written, and rollback restores it;
+* a revision written before ``resolved`` was recorded serves as it always did: every
+  version of the agent's ``promptKey`` and its live release, so the engine can choose per
+  conversation, and the live MCP entries the spec names.
 
 The snapshot holds references (``vault://...``) only, never a secret value.
 """
@@ -24,6 +30,7 @@ from pydantic import Field
 
 from specmesh.errors import NotFoundError, SpecError, SpecIssue
 from specmesh.keys import Keys
+from specmesh.resolution import recorded_mcp_servers, recorded_prompt
 from specmesh.secrets import is_reference
 from specmesh.spec.models import (
     AgentSpec,
@@ -113,12 +120,17 @@ def resolve_snapshot(
         PromptRelease.model_validate_json(prompt_release_raw) if prompt_release_raw else None
     )
     servers: dict[str, McpServerSpec] = {}
-    for ref in spec.mcp_servers:
-        raw = kvs.get(keys.mcp_server(ref.mcp_server_name))
-        if raw is not None:
-            data = json.loads(raw)
-            data.pop("name", None)
-            servers[ref.mcp_server_name] = McpServerSpec.model_validate(data)
+    resolved = bundle.get("resolved")
+    if resolved is not None:
+        versions, prompt_release = recorded_prompt(spec, resolved, versions)
+        servers = recorded_mcp_servers(resolved)
+    else:
+        for ref in spec.mcp_servers:
+            raw = kvs.get(keys.mcp_server(ref.mcp_server_name))
+            if raw is not None:
+                data = json.loads(raw)
+                data.pop("name", None)
+                servers[ref.mcp_server_name] = McpServerSpec.model_validate(data)
     return ResolvedSnapshot(
         agent_name=bundle["agent"],
         revision=revision,

@@ -157,7 +157,10 @@ class SpecService:
             )
             changed = False
             if not dry_run:
-                changed = await self.store.put_prompt_version(entry, actor=actor, message=message)
+                # a release in the manifest refreshes the agents using the prompt once, after it
+                changed = await self.store.put_prompt_version(
+                    entry, actor=actor, message=message, refresh=m.spec.release is None
+                )
                 if m.spec.release is not None:
                     released = await self.store.set_prompt_release(
                         m.metadata.name, m.spec.release, actor=actor, message=message

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets as _random
+import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -29,6 +31,7 @@ from specmesh.errors import (
 from specmesh.etcd import Compare, EtcdClient, Op
 from specmesh.keys import Keys
 from specmesh.names import check_logical_name, resource_name
+from specmesh.resolution import resolve, uses_mcp_server, uses_prompt, version_key
 from specmesh.secrets import is_reference
 from specmesh.spec.diff import Change, diff_json
 from specmesh.spec.models import (
@@ -48,11 +51,15 @@ __all__ = [
     "AgentSummary",
     "ApplyResult",
     "AuditEntry",
+    "PromptHistory",
     "ReleaseState",
     "SpecStore",
     "dumps",
     "grant_id",
 ]
+
+
+logger = logging.getLogger(__name__)
 
 
 def dumps(value: Any) -> str:
@@ -81,6 +88,9 @@ class AgentRecord:
     action: str
     message: str = ""
     rolled_back_from: int | None = None
+    resolved: dict[str, Any] | None = None
+    """The prompt versions and MCP Registry entries the revision runs with (see
+    :mod:`specmesh.resolution`); ``None`` on revisions written before they were recorded."""
 
     @property
     def resource_name(self) -> str:
@@ -99,6 +109,7 @@ class AgentRecord:
             "message": self.message,
             "rolledBackFrom": self.rolled_back_from,
             "spec": self.spec,
+            **({"resolved": self.resolved} if self.resolved is not None else {}),
         }
 
     @classmethod
@@ -112,6 +123,7 @@ class AgentRecord:
             action=data.get("action", "apply"),
             message=data.get("message", ""),
             rolled_back_from=data.get("rolledBackFrom"),
+            resolved=data.get("resolved"),
         )
 
 
@@ -155,6 +167,11 @@ class ApplyResult:
             "changes": [c.to_json() for c in self.changes],
             "auditId": self.audit_id,
         }
+
+
+def _why(what: str, message: str) -> str:
+    """A dependent revision's message: what changed, then the change's own message."""
+    return f"{what}: {message}" if message else what
 
 
 @dataclass(frozen=True)
@@ -228,6 +245,26 @@ class ReleaseState:
     changed: bool = False
     """Of a write: whether it wrote anything (a ``set`` equal to the stored policy does
     not)."""
+
+
+_IDEMPOTENT = ("apply", "prompt", "mcp")
+"""Agent write actions that write nothing when nothing changed."""
+
+_REFRESH_ATTEMPTS = 5
+"""How often a prompt or MCP change retries one dependent agent's new revision when a
+concurrent writer got there first."""
+
+
+@dataclass(frozen=True)
+class PromptHistory:
+    """A prompt's versions and release changes, oldest first."""
+
+    versions: list[PromptEntry]
+    published: dict[str, AuditEntry]
+    """Version -> the audit entry of its publish (absent for versions published before
+    the audit log held it)."""
+    release_changes: list[AuditEntry]
+    """Release sets (kind ``PromptRelease``) and rollbacks (kind ``Prompt``)."""
 
 
 def _same_name(a: str, b: str) -> bool:
@@ -364,13 +401,20 @@ class SpecStore:
         message: str = "",
         action: str = "apply",
         rolled_back_from: int | None = None,
+        resolved: dict[str, Any] | None = None,
     ) -> ApplyResult:
-        """Write a new revision of ``name`` if ``spec`` differs from the current one.
+        """Write a new revision of ``name`` if ``spec`` or what it resolves differs from the
+        current one (a ``rollback`` always writes one).
 
         ``expected_revision``: the revision the caller read (0 to create); when ``None``
         the current revision is read and used, so only a concurrent writer can conflict.
+        ``resolved``: the prompt versions and MCP entries the revision runs with (a rollback
+        passes its target's); ``None`` resolves them now (:meth:`resolve`). An ``apply`` on
+        a revision written before revisions recorded ``resolved`` compares the spec only.
         """
         _refuse_plaintext(spec)
+        if resolved is None:
+            resolved = await self.resolve(spec)
         current, meta, read_at = await self._meta_at(name)
         if meta is not None and meta["name"] != name:
             raise NameCollisionError(
@@ -381,6 +425,7 @@ class SpecStore:
             raise ConflictError(kind="agent", name=name, expected=expected, actual=current)
         new_parts = spec.model_dump(mode="json")
         old_parts: dict[str, Any] = {}
+        old_resolved: dict[str, Any] | None = None
         if current:
             # the parts as of the same store revision as the meta read: one snapshot
             stored = await self.etcd.range(
@@ -388,8 +433,15 @@ class SpecStore:
             )
             for kv in stored.kvs:
                 old_parts[kv.key.rsplit("/", 1)[-1]] = json.loads(kv.value)
+            bundle = await self.etcd.range(
+                self.keys.agent_revision(name, current), revision=read_at
+            )
+            if bundle.kvs:
+                old_resolved = json.loads(bundle.kvs[0].value).get("resolved")
         changes = diff_json(old_parts, new_parts)
-        if not changes and action == "apply":
+        if current and (old_resolved is not None or action != "apply"):
+            changes += diff_json({"resolved": old_resolved}, {"resolved": resolved})
+        if not changes and action in _IDEMPOTENT:
             return ApplyResult(
                 agent=name, revision=current, previous_revision=current, changed=False
             )
@@ -403,6 +455,7 @@ class SpecStore:
             action=action,
             message=message,
             rolled_back_from=rolled_back_from,
+            resolved=resolved,
         )
         entry, audit_op = self._audit(
             actor=actor,
@@ -502,7 +555,9 @@ class SpecStore:
         expected_revision: int | None = None,
         message: str = "",
     ) -> ApplyResult:
-        """A new revision whose spec equals revision ``revision``'s; ``message`` follows
+        """A new revision whose spec and ``resolved`` equal revision ``revision``'s (its
+        prompt versions and MCP entries, not what they would resolve to now; a revision
+        written before ``resolved`` was recorded is resolved now); ``message`` follows
         "rollback to revision N" in the revision and its audit entry."""
         target = await self.get_agent(name, revision)
         spec = validate_model(AgentSpec, target.spec, source=f"{name}@{revision}")
@@ -514,6 +569,7 @@ class SpecStore:
             message=f"rollback to revision {revision}" + (f": {message}" if message else ""),
             action="rollback",
             rolled_back_from=revision,
+            resolved=target.resolved,
         )
 
     async def delete_agent(
@@ -559,6 +615,75 @@ class SpecStore:
                 partners[agent_rn] = [p["agentName"] for p in json.loads(kv.value)]
         return {names[rn]: ps for rn, ps in partners.items() if rn in names}
 
+    # ------------------------------------------------------------ resolution
+
+    async def resolve(self, spec: AgentSpec) -> dict[str, Any]:
+        """What a revision of ``spec`` written now runs with: its prompt versions and MCP
+        Registry entries (:mod:`specmesh.resolution`)."""
+        key = spec.base.prompt_key
+        versions = [e.version for e in await self.list_prompt_versions(key)]
+        return resolve(
+            spec, versions, await self.get_prompt_release(key), await self.list_mcp_servers()
+        )
+
+    async def refresh_dependents(
+        self,
+        *,
+        actor: str,
+        message: str,
+        prompt_key: str | None = None,
+        mcp_server: str | None = None,
+    ) -> list[ApplyResult]:
+        """A new revision (action ``prompt``, or ``mcp`` for ``mcp_server``) of every agent
+        whose current spec uses ``prompt_key`` (or ``mcp_server``) and whose resolution
+        differs from what its current revision recorded; agents it does not change get no
+        revision. Each agent is its own transaction guarded by the revision read, retried
+        when a concurrent writer got there first.
+
+        Every prompt and MCP write calls this after its own write, and it compares *every*
+        dependent agent with the live Prompt Center and Registry, not only those the write
+        changed: if the process dies between two agents, the rest keep serving their
+        previous, complete revision until the next write of that prompt or server -- the
+        same command run again included -- or an apply of the agent writes their new one."""
+        action = "prompt" if prompt_key is not None else "mcp"
+
+        def uses(spec: AgentSpec) -> bool:
+            if prompt_key is not None:
+                return uses_prompt(spec, prompt_key)
+            return mcp_server is not None and uses_mcp_server(spec, mcp_server)
+
+        results: list[ApplyResult] = []
+        for name in [a.name for a in await self.list_agents()]:
+            for _ in range(_REFRESH_ATTEMPTS):
+                try:
+                    record = await self.get_agent(name)
+                    spec = record.spec_model()
+                    if not uses(spec):
+                        break
+                    result = await self.apply_agent(
+                        name,
+                        spec,
+                        actor=actor,
+                        expected_revision=record.revision,
+                        message=message,
+                        action=action,
+                    )
+                except NotFoundError:
+                    break  # deleted meanwhile
+                except ConflictError:
+                    continue
+                if result.changed:
+                    results.append(result)
+                break
+            else:
+                logger.warning(
+                    "agent %s kept changing while its %s changed; its next revision is "
+                    "left to the next write of it",
+                    name,
+                    action,
+                )
+        return results
+
     # ------------------------------------------------------------ grants
 
     async def put_grant(self, agent: str, mount: str, path: str, *, actor: str) -> bool:
@@ -596,10 +721,12 @@ class SpecStore:
     # ------------------------------------------------------------ prompts
 
     async def put_prompt_version(
-        self, entry: PromptEntry, *, actor: str, message: str = ""
+        self, entry: PromptEntry, *, actor: str, message: str = "", refresh: bool = True
     ) -> bool:
         """Publish a prompt version; versions are immutable. Return False if it already exists
-        with the same content; raise ConflictError if it exists with other content."""
+        with the same content; raise ConflictError if it exists with other content. Agents
+        whose prompt now resolves otherwise get a new revision (:meth:`refresh_dependents`;
+        ``refresh=False`` leaves that to a release change that follows)."""
         key = self.keys.prompt_version(entry.prompt_key, entry.version)
         value = dumps(entry.model_dump(mode="json"))
         _, audit_op = self._audit(
@@ -615,11 +742,15 @@ class SpecStore:
         result = await self.etcd.txn(
             compare=[Compare(key, "CREATE", "EQUAL", 0)], success=[Op.put(key, value), audit_op]
         )
-        if result.succeeded:
-            return True
-        existing = await self.etcd.get(key)
-        if existing is not None and existing.value.decode() == value:
-            return False
+        existing = None if result.succeeded else await self.etcd.get(key)
+        if result.succeeded or (existing is not None and existing.value.decode() == value):
+            if refresh:
+                await self.refresh_dependents(
+                    actor=actor,
+                    prompt_key=entry.prompt_key,
+                    message=_why(f"prompt {entry.prompt_key} version {entry.version}", message),
+                )
+            return bool(result.succeeded)
         raise ConflictError(
             kind="prompt version",
             name=f"{entry.prompt_key}@{entry.version}",
@@ -650,9 +781,11 @@ class SpecStore:
     async def set_prompt_release(
         self, key: str, release: PromptRelease, *, actor: str, message: str = ""
     ) -> bool:
-        """Set a prompt's labels and weights; return False when they were already so."""
+        """Set a prompt's labels, weights and current version; return False when they were
+        already so. Agents whose prompt now resolves otherwise get a new revision."""
         versions = {e.version for e in await self.list_prompt_versions(key)}
-        unknown = sorted((set(release.labels.values()) | set(release.weights)) - versions)
+        named = set(release.labels.values()) | set(release.weights)
+        unknown = sorted((named | ({release.current} if release.current else set())) - versions)
         if unknown:
             raise SpecError(
                 [
@@ -663,7 +796,7 @@ class SpecStore:
                     )
                 ]
             )
-        return await self._put_with_audit(
+        changed = await self._put_with_audit(
             self.keys.prompt_release(key),
             release.model_dump(mode="json"),
             actor=actor,
@@ -671,6 +804,59 @@ class SpecStore:
             name=key,
             message=message,
         )
+        await self.refresh_dependents(
+            actor=actor, prompt_key=key, message=_why(f"prompt {key} release", message)
+        )
+        return changed
+
+    async def rollback_prompt(
+        self, key: str, version: str, *, actor: str, message: str = ""
+    ) -> PromptRelease:
+        """Serve ``version`` of prompt ``key`` again: the release's ``current`` becomes it and
+        its A/B weights end (labels stay: an agent that pins a label keeps it). Audited as
+        ``rollback`` of kind ``Prompt``; agents whose prompt now resolves otherwise get a new
+        revision. Return the release as stored."""
+        versions = {e.version for e in await self.list_prompt_versions(key)}
+        if not versions:
+            raise NotFoundError(kind="prompt", name=key)
+        if version not in versions:
+            raise NotFoundError(kind="prompt version", name=f"{key}@{version}")
+        old = await self.get_prompt_release(key) or PromptRelease()
+        release = PromptRelease(labels=old.labels, current=version)
+        await self._put_with_audit(
+            self.keys.prompt_release(key),
+            release.model_dump(mode="json"),
+            actor=actor,
+            kind="Prompt",
+            name=key,
+            action="rollback",
+            message=_why(f"rollback to {version}", message),
+        )
+        await self.refresh_dependents(
+            actor=actor,
+            prompt_key=key,
+            message=_why(f"prompt {key} rolled back to {version}", message),
+        )
+        return release
+
+    async def prompt_history(self, key: str) -> PromptHistory:
+        """A prompt's versions (with who published them, when) and its release changes
+        (sets and rollbacks), oldest first, from the Prompt Center and the audit log."""
+        entries = await self.list_prompt_versions(key)
+        if not entries:
+            raise NotFoundError(kind="prompt", name=key)
+        published: dict[str, AuditEntry] = {}
+        changes: list[AuditEntry] = []
+        for e in reversed(await self.audit_entries(limit=sys.maxsize)):  # oldest first
+            if e.kind == "Prompt" and e.name.rpartition("@")[0] == key:
+                published[e.name.rpartition("@")[2]] = e
+            elif e.kind in ("Prompt", "PromptRelease") and e.name == key:
+                changes.append(e)
+        entries.sort(
+            key=lambda v: (published[v.version].time if v.version in published else "",
+                           version_key(v.version))
+        )  # fmt: skip
+        return PromptHistory(versions=entries, published=published, release_changes=changes)
 
     async def get_prompt_release(self, key: str) -> PromptRelease | None:
         kv = await self.etcd.get(self.keys.prompt_release(key))
@@ -681,8 +867,10 @@ class SpecStore:
     async def put_mcp_server(
         self, name: str, spec: McpServerSpec, *, actor: str, message: str = ""
     ) -> bool:
+        """Register or change an MCP server; agents that use it and recorded another entry
+        get a new revision (action ``mcp``). Return False when nothing changed."""
         data = {"name": name, **spec.model_dump(mode="json")}
-        return await self._put_with_audit(
+        changed = await self._put_with_audit(
             self.keys.mcp_server(name),
             data,
             actor=actor,
@@ -690,6 +878,10 @@ class SpecStore:
             name=name,
             message=message,
         )
+        await self.refresh_dependents(
+            actor=actor, mcp_server=name, message=_why(f"MCP server {name}", message)
+        )
+        return changed
 
     async def get_mcp_server(self, name: str) -> McpServerSpec:
         kv = await self.etcd.get(self.keys.mcp_server(name))
@@ -820,6 +1012,7 @@ class SpecStore:
         kind: str,
         name: str,
         message: str = "",
+        action: str = "apply",
     ) -> bool:
         """Put ``data`` at ``key`` with an audit entry, guarded against concurrent change.
         Return False when nothing changed."""
@@ -830,7 +1023,7 @@ class SpecStore:
             return False
         _, audit_op = self._audit(
             actor=actor,
-            action="apply",
+            action=action,
             kind=kind,
             name=name,
             revision=None,

@@ -32,7 +32,19 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from specmesh.errors import SpecmeshError
-from specmeshctl import agents, audit, fleet, kb, mesh, releases, schema, secrets, specs, tokens
+from specmeshctl import (
+    agents,
+    audit,
+    fleet,
+    kb,
+    mesh,
+    prompts,
+    releases,
+    schema,
+    secrets,
+    specs,
+    tokens,
+)
 from specmeshctl.context import Command, Context
 from specmeshctl.errors import (
     EXIT_BROKEN_PIPE,
@@ -46,7 +58,7 @@ from specmeshctl.settings import Settings
 
 __all__ = ["main"]
 
-_GROUPS = (specs, releases, audit, mesh, secrets, tokens, agents, kb, fleet, schema)
+_GROUPS = (specs, prompts, releases, audit, mesh, secrets, tokens, agents, kb, fleet, schema)
 """The modules that add commands, in the order ``--help`` lists them."""
 
 

@@ -51,6 +51,8 @@ def agent_json(agent: Any) -> dict[str, Any]:
         "message": info.message,
         "spec": message_json(agent.spec),
     }
+    if info.HasField("resolved"):
+        out["resolved"] = message_json(info.resolved)
     if agent.HasField("status"):
         out["status"] = as_json(agent.status)
     return out
@@ -68,12 +70,25 @@ def change_json(change: Any) -> dict[str, Any]:
 
 
 def revision_json(info: Any) -> dict[str, Any]:
-    return {
+    out = {
         "revision": info.revision,
         "createdAt": as_json(info).get("createdAt", ""),
         "author": info.author,
         "message": info.message,
     }
+    if info.HasField("resolved"):
+        out["resolved"] = message_json(info.resolved)
+    return out
+
+
+def prompt_text(resolved: dict[str, Any] | None) -> str:
+    """The prompt a revision recorded, in short: ``1.0.0``, ``1.0.0 90% 1.1.0 10%``, or
+    ``-`` (not recorded, or no version)."""
+    prompt = (resolved or {}).get("prompt") or {}
+    weights = prompt.get("weights") or {}
+    if weights:
+        return " ".join(f"{v} {w}%" for v, w in weights.items())
+    return ", ".join(prompt.get("versions") or []) or "-"
 
 
 # ---------------------------------------------------------------- validate, apply
@@ -225,7 +240,8 @@ def _workload_json(status: Any) -> dict[str, Any]:
 
 def _agent_manifest(agent: Any, workload: Any | None) -> Any:
     record = agent_json(agent)
-    status = {k: record[k] for k in ("revision", "createdAt", "author", "message")}
+    fields = ("revision", "createdAt", "author", "message", "resolved")
+    status: dict[str, Any] = {k: record[k] for k in fields if k in record}
     if workload is not None and workload.phase != "NotRunning":
         full = _workload_json(workload)
         status["workload"] = {
@@ -335,10 +351,16 @@ async def _history(cp: ControlPlaneClient, name: str) -> list[dict[str, Any]]:
 def _history_table(records: list[dict[str, Any]], *, indent: str = "") -> None:
     table(
         [
-            [str(r["revision"]), str(r["createdAt"])[:19], str(r["author"]), str(r["message"])]
+            [
+                str(r["revision"]),
+                str(r["createdAt"])[:19],
+                str(r["author"]),
+                prompt_text(r.get("resolved")),
+                str(r["message"]),
+            ]
             for r in records
         ],
-        ["REVISION", "CREATED", "AUTHOR", "MESSAGE"],
+        ["REVISION", "CREATED", "AUTHOR", "PROMPT", "MESSAGE"],
         indent=indent,
     )
 

@@ -75,6 +75,8 @@ __all__ = [
     "RecentSearch",
     "ReleaseManifest",
     "ReleaseSpec",
+    "Resolution",
+    "ResolvedPrompt",
     "ResourceAmounts",
     "ResourcesSpec",
     "RetrievalSpec",
@@ -843,6 +845,9 @@ class PromptRelease(SpecModel):
         dict[Version, Annotated[int, Field(ge=0, le=100)]], Field(max_length=16)
     ] = {}
     """Version -> share of conversations in percent; must sum to 100 when set."""
+    current: Version | None = None
+    """The version served when no pin, label or weights apply (set by a prompt rollback);
+    the highest version when unset."""
 
     @model_validator(mode="after")
     def _weights_sum(self) -> PromptRelease:
@@ -911,6 +916,31 @@ class McpServerManifest(SpecModel):
     kind: Literal["McpServer"]
     metadata: Metadata
     spec: McpServerSpec
+
+
+# ---------------------------------------------------------------- revisions
+
+
+class ResolvedPrompt(SpecModel):
+    """The prompt versions an agent revision serves (one of ``versions``, ``weights``)."""
+
+    key: Name
+    """The prompt's key."""
+    versions: Annotated[list[Version], Field(max_length=1)] | None = None
+    """The version every conversation gets; empty when none resolved (no version yet, or
+    a label no version has)."""
+    weights: dict[Version, Annotated[int, Field(ge=1, le=100)]] | None = None
+    """The A/B split recorded from the prompt's release: version -> percent."""
+
+
+class Resolution(SpecModel):
+    """What an agent revision runs with besides its spec, resolved when it was written
+    (a rollback copies its target's)."""
+
+    prompt: ResolvedPrompt
+    """The prompt versions it serves."""
+    mcp_servers: dict[str, McpServerSpec] = {}
+    """The MCP Registry entries of the servers its spec names (missing ones left out)."""
 
 
 # ---------------------------------------------------------------- releases

@@ -24,21 +24,24 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from specmesh.v1 import options_pb2 as specmesh_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specmesh/v1/common.proto\x12\x0bspecmesh.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"q\n\x0cRevisionInfo\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x0e\n\x06\x61uthor\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07message\x18\x04 \x01(\t\"\xaf\x01\n\x06\x43hange\x12\x0c\n\x04path\x18\x01 \x01(\t\x12!\n\x02op\x18\x02 \x01(\x0e\x32\x15.specmesh.v1.ChangeOp\x12)\n\told_value\x18\x05 \x01(\x0b\x32\x16.google.protobuf.Value\x12)\n\tnew_value\x18\x06 \x01(\x0b\x32\x16.google.protobuf.ValueJ\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05R\x08old_jsonR\x08new_json*e\n\x08\x43hangeOp\x12\x19\n\x15\x43HANGE_OP_UNSPECIFIED\x10\x00\x12\x11\n\rCHANGE_OP_ADD\x10\x01\x12\x14\n\x10\x43HANGE_OP_REMOVE\x10\x02\x12\x15\n\x11\x43HANGE_OP_REPLACE\x10\x03*\xab\x01\n\x0b\x45ngineState\x12\x1c\n\x18\x45NGINE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45NGINE_STATE_STARTING\x10\x01\x12\x18\n\x14\x45NGINE_STATE_SERVING\x10\x02\x12\x19\n\x15\x45NGINE_STATE_DEGRADED\x10\x03\x12\x17\n\x13\x45NGINE_STATE_FAILED\x10\x04\x12\x15\n\x11\x45NGINE_STATE_DOWN\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specmesh/v1/common.proto\x12\x0bspecmesh.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19specmesh/v1/options.proto\"\xac\x01\n\x0cRevisionInfo\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x0e\n\x06\x61uthor\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x39\n\x08resolved\x18\x05 \x01(\x0b\x32\x17.google.protobuf.StructB\x0e\x8a\xb5\x18\nResolution\"\xaf\x01\n\x06\x43hange\x12\x0c\n\x04path\x18\x01 \x01(\t\x12!\n\x02op\x18\x02 \x01(\x0e\x32\x15.specmesh.v1.ChangeOp\x12)\n\told_value\x18\x05 \x01(\x0b\x32\x16.google.protobuf.Value\x12)\n\tnew_value\x18\x06 \x01(\x0b\x32\x16.google.protobuf.ValueJ\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05R\x08old_jsonR\x08new_json*e\n\x08\x43hangeOp\x12\x19\n\x15\x43HANGE_OP_UNSPECIFIED\x10\x00\x12\x11\n\rCHANGE_OP_ADD\x10\x01\x12\x14\n\x10\x43HANGE_OP_REMOVE\x10\x02\x12\x15\n\x11\x43HANGE_OP_REPLACE\x10\x03*\xab\x01\n\x0b\x45ngineState\x12\x1c\n\x18\x45NGINE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45NGINE_STATE_STARTING\x10\x01\x12\x18\n\x14\x45NGINE_STATE_SERVING\x10\x02\x12\x19\n\x15\x45NGINE_STATE_DEGRADED\x10\x03\x12\x17\n\x13\x45NGINE_STATE_FAILED\x10\x04\x12\x15\n\x11\x45NGINE_STATE_DOWN\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specmesh.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHANGEOP']._serialized_start=397
-  _globals['_CHANGEOP']._serialized_end=498
-  _globals['_ENGINESTATE']._serialized_start=501
-  _globals['_ENGINESTATE']._serialized_end=672
-  _globals['_REVISIONINFO']._serialized_start=104
-  _globals['_REVISIONINFO']._serialized_end=217
-  _globals['_CHANGE']._serialized_start=220
-  _globals['_CHANGE']._serialized_end=395
+  _globals['_REVISIONINFO'].fields_by_name['resolved']._loaded_options = None
+  _globals['_REVISIONINFO'].fields_by_name['resolved']._serialized_options = b'\212\265\030\nResolution'
+  _globals['_CHANGEOP']._serialized_start=484
+  _globals['_CHANGEOP']._serialized_end=585
+  _globals['_ENGINESTATE']._serialized_start=588
+  _globals['_ENGINESTATE']._serialized_end=759
+  _globals['_REVISIONINFO']._serialized_start=132
+  _globals['_REVISIONINFO']._serialized_end=304
+  _globals['_CHANGE']._serialized_start=307
+  _globals['_CHANGE']._serialized_end=482
 # @@protoc_insertion_point(module_scope)

@@ -103,6 +103,7 @@ class RevisionInfo(_message.Message):
     AUTHOR_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    RESOLVED_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """The revision number: 1 for the first apply, then one more per change."""
     author: _builtins.str
@@ -113,6 +114,13 @@ class RevisionInfo(_message.Message):
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When the revision was written."""
 
+    @_builtins.property
+    def resolved(self) -> _struct_pb2.Struct:
+        """What the revision runs with besides its spec, resolved when it was written:
+        `prompt` ({key, versions: [V]} or {key, weights: {V: percent}}) and `mcpServers`
+        (name -> MCP Registry entry). Unset for revisions written before it was recorded.
+        """
+
     def __init__(
         self,
         *,
@@ -120,10 +128,11 @@ class RevisionInfo(_message.Message):
         author: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         message: _builtins.str = ...,
+        resolved: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "resolved", b"resolved"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "created_at", b"created_at", "message", b"message", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "created_at", b"created_at", "message", b"message", "resolved", b"resolved", "revision", b"revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1066,6 +1066,11 @@ class PromptRelease(_message.Message):
 
     LABELS_FIELD_NUMBER: _builtins.int
     WEIGHTS_FIELD_NUMBER: _builtins.int
+    CURRENT_FIELD_NUMBER: _builtins.int
+    current: _builtins.str
+    """The version served when no pin, label or weights apply (set by RollbackPrompt);
+    empty for the highest version.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Label -> version, e.g. `prod` -> `3.0.11`; an agent may pin a label."""
@@ -1079,10 +1084,11 @@ class PromptRelease(_message.Message):
         *,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         weights: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        current: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current", b"current", "labels", b"labels", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1403,6 +1409,114 @@ class SetPromptReleaseResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetPromptReleaseResponse: _TypeAlias = SetPromptReleaseResponse  # noqa: Y015
+
+@_typing.final
+class RollbackPromptRequest(_message.Message):
+    """RollbackPromptRequest names the prompt and the version to serve again."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_KEY_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    prompt_key: _builtins.str
+    """The prompt's key."""
+    version: _builtins.str
+    """The version to serve; it must exist."""
+    message: _builtins.str
+    """Change message stored with the audit entry."""
+    def __init__(
+        self,
+        *,
+        prompt_key: _builtins.str = ...,
+        version: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "prompt_key", b"prompt_key", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackPromptRequest: _TypeAlias = RollbackPromptRequest  # noqa: Y015
+
+@_typing.final
+class RollbackPromptResponse(_message.Message):
+    """RollbackPromptResponse carries the prompt after the rollback."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def prompt(self) -> Global___Prompt:
+        """The prompt with its new release."""
+
+    def __init__(
+        self,
+        *,
+        prompt: Global___Prompt | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["prompt", b"prompt"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["prompt", b"prompt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackPromptResponse: _TypeAlias = RollbackPromptResponse  # noqa: Y015
+
+@_typing.final
+class GetPromptHistoryRequest(_message.Message):
+    """GetPromptHistoryRequest names a prompt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_KEY_FIELD_NUMBER: _builtins.int
+    prompt_key: _builtins.str
+    """The prompt's key."""
+    def __init__(
+        self,
+        *,
+        prompt_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["prompt_key", b"prompt_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPromptHistoryRequest: _TypeAlias = GetPromptHistoryRequest  # noqa: Y015
+
+@_typing.final
+class GetPromptHistoryResponse(_message.Message):
+    """GetPromptHistoryResponse is a prompt's history, oldest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    RELEASE_CHANGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PromptVersion]:
+        """Its versions, by publish time, with who published them and when."""
+
+    @_builtins.property
+    def release_changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEntry]:
+        """Its release changes: `apply` of kind PromptRelease (a set) and `rollback` of kind
+        Prompt.
+        """
+
+    def __init__(
+        self,
+        *,
+        versions: _abc.Iterable[Global___PromptVersion] | None = ...,
+        release_changes: _abc.Iterable[Global___AuditEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["release_changes", b"release_changes", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPromptHistoryResponse: _TypeAlias = GetPromptHistoryResponse  # noqa: Y015
 
 @_typing.final
 class GetPromptStatsRequest(_message.Message):

@@ -671,6 +671,16 @@ class PromptServiceStub:
                 request_serializer=specmesh_dot_v1_dot_control__plane__pb2.GetPromptStatsRequest.SerializeToString,
                 response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.GetPromptStatsResponse.FromString,
                 _registered_method=True)
+        self.RollbackPrompt = channel.unary_unary(
+                '/specmesh.v1.PromptService/RollbackPrompt',
+                request_serializer=specmesh_dot_v1_dot_control__plane__pb2.RollbackPromptRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.RollbackPromptResponse.FromString,
+                _registered_method=True)
+        self.GetPromptHistory = channel.unary_unary(
+                '/specmesh.v1.PromptService/GetPromptHistory',
+                request_serializer=specmesh_dot_v1_dot_control__plane__pb2.GetPromptHistoryRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_control__plane__pb2.GetPromptHistoryResponse.FromString,
+                _registered_method=True)
 
 
 class PromptServiceServicer:
@@ -717,6 +727,23 @@ class PromptServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RollbackPrompt(self, request, context):
+        """RollbackPrompt serves one version of a prompt again: the release's `current` becomes
+        it and its A/B weights end (labels stay). Agents whose prompt resolves otherwise get
+        a new revision.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPromptHistory(self, request, context):
+        """GetPromptHistory lists a prompt's versions and its release changes (sets and
+        rollbacks, from the audit log), oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PromptServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -744,6 +771,16 @@ def add_PromptServiceServicer_to_server(servicer, server):
                     servicer.GetPromptStats,
                     request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.GetPromptStatsRequest.FromString,
                     response_serializer=specmesh_dot_v1_dot_control__plane__pb2.GetPromptStatsResponse.SerializeToString,
+            ),
+            'RollbackPrompt': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackPrompt,
+                    request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.RollbackPromptRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_control__plane__pb2.RollbackPromptResponse.SerializeToString,
+            ),
+            'GetPromptHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPromptHistory,
+                    request_deserializer=specmesh_dot_v1_dot_control__plane__pb2.GetPromptHistoryRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_control__plane__pb2.GetPromptHistoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -884,6 +921,60 @@ class PromptService:
             '/specmesh.v1.PromptService/GetPromptStats',
             specmesh_dot_v1_dot_control__plane__pb2.GetPromptStatsRequest.SerializeToString,
             specmesh_dot_v1_dot_control__plane__pb2.GetPromptStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackPrompt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specmesh.v1.PromptService/RollbackPrompt',
+            specmesh_dot_v1_dot_control__plane__pb2.RollbackPromptRequest.SerializeToString,
+            specmesh_dot_v1_dot_control__plane__pb2.RollbackPromptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPromptHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specmesh.v1.PromptService/GetPromptHistory',
+            specmesh_dot_v1_dot_control__plane__pb2.GetPromptHistoryRequest.SerializeToString,
+            specmesh_dot_v1_dot_control__plane__pb2.GetPromptHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -332,6 +332,15 @@ class PromptServiceStub:
     (from the `invoke_agent` spans of the newest traces): requests, errors, tokens and
     latency.
     """
+    RollbackPrompt: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.RollbackPromptRequest, _control_plane_pb2.RollbackPromptResponse]
+    """RollbackPrompt serves one version of a prompt again: the release's `current` becomes
+    it and its A/B weights end (labels stay). Agents whose prompt resolves otherwise get
+    a new revision.
+    """
+    GetPromptHistory: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.GetPromptHistoryRequest, _control_plane_pb2.GetPromptHistoryResponse]
+    """GetPromptHistory lists a prompt's versions and its release changes (sets and
+    rollbacks, from the audit log), oldest first.
+    """
 
 @_typing.type_check_only
 class PromptServiceAsyncStub(PromptServiceStub):
@@ -355,6 +364,15 @@ class PromptServiceAsyncStub(PromptServiceStub):
     """GetPromptStats returns, per version of a prompt, the figures of the turns it served
     (from the `invoke_agent` spans of the newest traces): requests, errors, tokens and
     latency.
+    """
+    RollbackPrompt: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.RollbackPromptRequest, _control_plane_pb2.RollbackPromptResponse]  # type: ignore[assignment]
+    """RollbackPrompt serves one version of a prompt again: the release's `current` becomes
+    it and its A/B weights end (labels stay). Agents whose prompt resolves otherwise get
+    a new revision.
+    """
+    GetPromptHistory: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.GetPromptHistoryRequest, _control_plane_pb2.GetPromptHistoryResponse]  # type: ignore[assignment]
+    """GetPromptHistory lists a prompt's versions and its release changes (sets and
+    rollbacks, from the audit log), oldest first.
     """
 
 class PromptServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -406,6 +424,27 @@ class PromptServiceServicer(metaclass=_abc_1.ABCMeta):
         """GetPromptStats returns, per version of a prompt, the figures of the turns it served
         (from the `invoke_agent` spans of the newest traces): requests, errors, tokens and
         latency.
+        """
+
+    @_abc_1.abstractmethod
+    def RollbackPrompt(
+        self,
+        request: _control_plane_pb2.RollbackPromptRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_plane_pb2.RollbackPromptResponse, _abc.Awaitable[_control_plane_pb2.RollbackPromptResponse]]:
+        """RollbackPrompt serves one version of a prompt again: the release's `current` becomes
+        it and its A/B weights end (labels stay). Agents whose prompt resolves otherwise get
+        a new revision.
+        """
+
+    @_abc_1.abstractmethod
+    def GetPromptHistory(
+        self,
+        request: _control_plane_pb2.GetPromptHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_plane_pb2.GetPromptHistoryResponse, _abc.Awaitable[_control_plane_pb2.GetPromptHistoryResponse]]:
+        """GetPromptHistory lists a prompt's versions and its release changes (sets and
+        rollbacks, from the audit log), oldest first.
         """
 
 def add_PromptServiceServicer_to_server(servicer: PromptServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

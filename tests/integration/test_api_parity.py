@@ -38,7 +38,7 @@ MISSING = {"trace_id": "0" * 32, "token_id": "0" * 12}
 """Path values naming nothing, where a field has a format; others get ``missing-<field>``."""
 NOT_FOUND = {
     *("GetAgent", "DeleteAgent", "ListAgentRevisions", "GetAgentStatus"),
-    *("GetPrompt", "SetPromptRelease", "GetMcpServer", "ListMcpServerTools"),
+    *("GetPrompt", "SetPromptRelease", "GetPromptHistory", "GetMcpServer", "ListMcpServerTools"),
     *("GetAgentCard", "IssueInvokeToken", "SetRelease", "GetRelease", "PreviewRelease"),
     *("GetTrace", "RevokeToken"),
 }

@@ -561,6 +561,64 @@ def test_get_prompt_shows_its_versions_and_a_versions_text(
     assert code == 4 and "no-such-prompt" in err
 
 
+def test_prompt_rollback_and_history_and_the_prompt_of_each_agent_revision(
+    cp: ControlPlane,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    key = f"rb-{uuid.uuid4().hex[:6]}"
+    for v in ("1.0.0", "1.1.0"):
+        f = tmp_path / f"{v}.yaml"
+        f.write_text(
+            yaml.safe_dump(
+                {"apiVersion": "specmesh.io/v1", "kind": "Prompt", "metadata": {"name": key},
+                 "spec": {"version": v, "template": f"Text {v}."}}
+            )
+        )  # fmt: skip
+        assert _run(capsys, "apply", "-f", str(f))[0] == 0
+    folder = tmp_path / key
+    folder.mkdir()
+    (folder / "agent-base.json").write_text(f'{{"description": "d", "promptKey": "{key}"}}')
+    (folder / "model.json").write_text('{"model": "m"}')
+    assert _run(capsys, "apply", "-f", str(folder))[0] == 0
+
+    code, out, err = _run(capsys, "prompt", "rollback", key, "1.0.0", "-m", "bad tone")
+
+    assert code == 0, err
+    assert out.startswith(f"prompt/{key}: version 1.0.0 serves again")
+    code, out, _ = _run(capsys, "history", key)
+    lines = out.splitlines()
+    assert lines[0].split() == ["REVISION", "CREATED", "AUTHOR", "PROMPT", "MESSAGE"]
+    assert [line.split()[3] for line in lines[1:]] == ["1.1.0", "1.0.0"]
+    assert lines[2].endswith(f"prompt {key} rolled back to 1.0.0: bad tone")
+    code, out, _ = _run(capsys, "get", "agent", key, "-o", "json")
+    resolved = json.loads(out)["status"]["resolved"]
+    assert resolved["prompt"] == {"key": key, "versions": ["1.0.0"]}
+    code, out, _ = _run(capsys, "get", "prompt", key, "-o", "json")
+    assert json.loads(out)[-1]["spec"]["release"] == {
+        "labels": {},
+        "weights": {},
+        "current": "1.0.0",
+    }
+    code, out, _ = _run(capsys, "prompt", "history", key, "-o", "json")
+    history = json.loads(out)
+    assert [(v["version"], v["author"]) for v in history["versions"]] == [
+        ("1.0.0", "ci-operator"),
+        ("1.1.0", "ci-operator"),
+    ]
+    assert [(c["kind"], c["action"], c["message"]) for c in history["releaseChanges"]] == [
+        ("Prompt", "rollback", "rollback to 1.0.0: bad tone")
+    ]
+    code, out, _ = _run(capsys, "prompt", "history", key)
+    assert code == 0 and any(line.split()[1:3] == ["rollback", "ci-operator"]
+                             for line in out.splitlines())  # fmt: skip
+    assert _run(capsys, "prompt", "rollback", key, "9.9.9")[0] == 4
+    monkeypatch.setenv("SPECMESH_TOKEN", cp.viewer)
+    assert _run(capsys, "prompt", "history", key)[0] == 0
+    assert _run(capsys, "prompt", "rollback", key, "1.1.0")[0] == 7
+
+
 def test_diff_prints_values_as_json_and_unset_as_add_or_remove(
     cp: ControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -9,30 +9,25 @@ engine itself (no spec change). Each reaction is polled with the contract's boun
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 
 from localfleet.installer import LocalServices
 from localfleet.modelserver import ScriptedModelServer
-from sidecar.mtls import setup_pki
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
-from specmesh.ports import free_port
 from specmesh.spec.models import AgentSpec
-from specmesh.spec_apply import SpecService
 from specmesh.store import SpecStore
-from specmesh.vault import VaultClient, agent_policy_name
-from tests.conftest import REPO, publish_prompt
-from tests.polling import eventually
+from specmesh.vault import VaultClient
+from tests.conftest import publish_prompt
+
+from .agent_pair import STARTUP, AgentPair, prepare_pair
+from .agent_pair import until as _until
 
 pytestmark = pytest.mark.integration
 
@@ -40,52 +35,6 @@ AGENT = "health-helper"
 INSTANCE = "health-helper-1"
 CONTRACT = 5.0
 """Seconds within which readiness and the registry reflect a process dying or returning."""
-STARTUP = 90.0
-"""Seconds a process may take to start (imports, Vault login) on a loaded machine."""
-
-T = TypeVar("T")
-
-
-@dataclass
-class _Pair:
-    """One agent instance as two real processes, each started, killed and restarted."""
-
-    sidecar_env: dict[str, str]
-    engine_env: dict[str, str]
-    logs: Path
-    ops: str
-    engine: str
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    def start(self, role: str) -> None:
-        env = self.sidecar_env if role == "sidecar" else self.engine_env
-        with (self.logs / f"{role}.log").open("ab") as out:
-            self.procs[role] = subprocess.Popen(
-                [sys.executable, "-m", "specmeshctl", role],
-                env=env,
-                cwd=REPO,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def kill(self, role: str) -> None:
-        """SIGKILL: no shutdown code runs, as when the process crashes."""
-        proc = self.procs.pop(role)
-        proc.kill()
-        proc.wait(timeout=30)
-
-    def stop_all(self) -> None:
-        for role in list(self.procs):
-            self.kill(role)
-
-    def log(self, role: str) -> str:
-        path = self.logs / f"{role}.log"
-        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
-
-    def check_alive(self) -> None:
-        for role, proc in self.procs.items():
-            if proc.poll() is not None:
-                raise AssertionError(f"the {role} exited ({proc.returncode}):\n{self.log(role)}")
 
 
 @pytest.fixture
@@ -103,7 +52,7 @@ async def pair(
     etcd: EtcdClient,
     model: ScriptedModelServer,
     tmp_path: Path,
-) -> AsyncIterator[_Pair]:
+) -> AsyncIterator[AgentPair]:
     """A sidecar + engine pair of an agent at revision 2, both started."""
     await publish_prompt(store)
     for description in ("first", "second"):  # revision 2: "the right revision" is not 1
@@ -114,49 +63,15 @@ async def pair(
             }
         )
         await store.apply_agent(AGENT, spec, actor="t")
-    await setup_pki(address=services.bao.address, token=services.bao.root_token)
-    await SpecService(store=store, vault=vault, pki_mount="specmesh-pki").write_identity(AGENT)
-    token, _ = await vault.create_identity_token(
-        policies=[agent_policy_name(AGENT)], period="1h", display_name=AGENT
-    )
-    ports = {k: free_port() for k in ("egress", "inbound", "ops", "http", "grpc", "redis")}
-    common = {
-        "AGENT_NAME": AGENT,
-        "SPECMESH_SYNC_ADDR": f"unix:{tmp_path}/sync.sock",
-        "SPECMESH_EGRESS_URL": f"http://127.0.0.1:{ports['egress']}",
-        "SPECMESH_ENGINE_HTTP": f"127.0.0.1:{ports['http']}",
-        "SPECMESH_ENGINE_GRPC": f"127.0.0.1:{ports['grpc']}",
-        "SPECMESH_REDIS_PROXY": f"127.0.0.1:{ports['redis']}",
-        "SPECMESH_LOG_LEVEL": "INFO",
-    }
-    base = {
-        k: v for k, v in os.environ.items() if not k.startswith(("SPECMESH_", "VAULT_", "AGENT"))
-    }
-    (tmp_path / "engine-home").mkdir()
-    result = _Pair(
-        sidecar_env={
-            **base,
-            **common,
-            "SPECMESH_INSTANCE_ID": INSTANCE,
-            "SPECMESH_INBOUND": f"127.0.0.1:{ports['inbound']}",
-            "SPECMESH_OPS": f"127.0.0.1:{ports['ops']}",
-            "SPECMESH_HOME": str(tmp_path / "sidecar-home"),
-            "SPECMESH_ETCD_ENDPOINT": etcd.endpoint,
-            "SPECMESH_ETCD_PREFIX": keys.prefix,
-            "SPECMESH_VAULT_ADDR": services.bao.address,
-            "SPECMESH_VAULT_TOKEN": token,
-            "SPECMESH_MTLS": "false",
-        },
-        engine_env={
-            **base,
-            **common,
-            "HOME": str(tmp_path / "engine-home"),
-            "SPECMESH_DATA_DIR": str(tmp_path / "engine-data"),
-            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-        },
-        logs=tmp_path,
-        ops=f"http://127.0.0.1:{ports['ops']}",
-        engine=f"http://127.0.0.1:{ports['http']}",
+    result = await prepare_pair(
+        agent=AGENT,
+        instance=INSTANCE,
+        services=services,
+        store=store,
+        vault=vault,
+        keys=keys,
+        etcd=etcd,
+        tmp_path=tmp_path,
     )
     result.start("sidecar")
     result.start("engine")
@@ -164,31 +79,6 @@ async def pair(
         yield result
     finally:
         result.stop_all()
-
-
-async def _until(
-    pair: _Pair, check: Callable[[], Awaitable[T | None]], *, within: float, what: str
-) -> T:
-    """``check()``'s first truthy answer, polled until ``within`` seconds have passed."""
-    last: Any = None
-
-    async def answer() -> T | None:
-        nonlocal last
-        pair.check_alive()
-        try:
-            last = await check()
-        except httpx.TransportError as e:
-            last = e
-            return None
-        return last
-
-    try:
-        return await eventually(answer, timeout=within, what=what)
-    except AssertionError as e:
-        raise AssertionError(
-            f"{e} (last: {last!r})\n"
-            f"sidecar log:\n{pair.log('sidecar')}\nengine log:\n{pair.log('engine')}"
-        ) from None
 
 
 async def _get(http: httpx.AsyncClient, url: str, status: int) -> dict[str, Any] | None:
@@ -202,7 +92,7 @@ async def _entry(etcd: EtcdClient, keys: Keys, state: str) -> dict[str, Any] | N
     return value if value is not None and value["state"] == state else None
 
 
-async def _serving(pair: _Pair, http: httpx.AsyncClient, etcd: EtcdClient, keys: Keys) -> None:
+async def _serving(pair: AgentPair, http: httpx.AsyncClient, etcd: EtcdClient, keys: Keys) -> None:
     """Both processes up and serving revision 2: sidecar ready, registry ``serving``."""
     ready = await _until(
         pair,
@@ -218,7 +108,7 @@ async def _serving(pair: _Pair, http: httpx.AsyncClient, etcd: EtcdClient, keys:
 
 
 async def test_a_killed_engine_turns_its_sidecar_unready_and_its_entry_engine_down(
-    pair: _Pair, etcd: EtcdClient, keys: Keys
+    pair: AgentPair, etcd: EtcdClient, keys: Keys
 ) -> None:
     async with httpx.AsyncClient() as http:
         await _serving(pair, http, etcd, keys)
@@ -255,7 +145,7 @@ async def test_a_killed_engine_turns_its_sidecar_unready_and_its_entry_engine_do
 
 
 async def test_an_engine_without_its_sidecar_is_unready_and_reports_to_the_new_one(
-    pair: _Pair, etcd: EtcdClient, keys: Keys
+    pair: AgentPair, etcd: EtcdClient, keys: Keys
 ) -> None:
     async with httpx.AsyncClient() as http:
         await _serving(pair, http, etcd, keys)

@@ -128,9 +128,9 @@ def _prompt_versions(snapshot: Any, key: str = "sync-prompt") -> set[str]:
 
 
 async def _seed(store: SpecStore) -> None:
-    await store.apply_agent(AGENT, _spec(0.5), actor="t")
     await store.put_prompt_version(_prompt("1"), actor="t")
     await store.put_mcp_server("tools", McpServerSpec(url="http://127.0.0.1:9/mcp"), actor="t")
+    await store.apply_agent(AGENT, _spec(0.5), actor="t")
 
 
 # ---------------------------------------------------------------------- streaming
@@ -149,24 +149,24 @@ async def test_watch_streams_current_snapshot_then_each_change(
         assert _prompt_versions(first) == {"1"} and list(first.mcp_servers_json) == ["tools"]
         assert first.release_json == "" and first.etcd_revision > 0
 
-        # a prompt version published
+        # a prompt version published: a new revision, which serves it
         await store.put_prompt_version(_prompt("2"), actor="t")
-        snap = await _until(stream, lambda s: _prompt_versions(s) == {"1", "2"})
-        assert snap.revision == 1
+        snap = await _until(stream, lambda s: s.revision == 2)
+        assert _prompt_versions(snap) == {"2"}
 
         # a model change: a new revision
         await store.apply_agent(AGENT, _spec(0.9), actor="t")
-        snap = await _until(stream, lambda s: s.revision == 2)
+        snap = await _until(stream, lambda s: s.revision == 3)
         assert _temperature(snap) == 0.9
 
-        # a release for track canary: canary serves revision 3, then back to 2
+        # a release for track canary: canary serves revision 4, then back to 3
         await store.apply_agent(AGENT, _spec(1.1), actor="t")
-        await _until(stream, lambda s: s.revision == 3)
+        await _until(stream, lambda s: s.revision == 4)
         await store.put_release(
-            AGENT, ReleaseSpec(stable_revision=1, canary_revision=2, canary_weight=10), actor="t"
+            AGENT, ReleaseSpec(stable_revision=1, canary_revision=3, canary_weight=10), actor="t"
         )
         snap = await _until(stream, lambda s: s.release_json != "")
-        assert snap.revision == 2 and _temperature(snap) == 0.9
+        assert snap.revision == 3 and _temperature(snap) == 0.9
         assert json.loads(snap.release_json)["canaryWeight"] == 10
         assert snap.etcd_revision == h.holder.etcd_revision
         stream.cancel()
@@ -191,7 +191,8 @@ async def test_prompt_key_change_moves_the_prompt_watch(
         assert keys.prompt("other-prompt") in h.sync.watched
         assert keys.prompt("sync-prompt") not in h.sync.watched
         await store.put_prompt_version(_prompt("8", key="other-prompt"), actor="t")
-        await _until(stream, lambda s: _prompt_versions(s, "other-prompt") == {"7", "8"})
+        snap = await _until(stream, lambda s: s.revision == 3)
+        assert _prompt_versions(snap, "other-prompt") == {"8"}
         stream.cancel()
     finally:
         await h.close()
@@ -328,20 +329,19 @@ async def test_etcd_outage_keeps_the_snapshot_and_later_updates_all_arrive(
         assert got.snapshot.spec_json == first.spec_json
 
         await asyncio.to_thread(own_etcd.start)
-        for v in range(2, 7):
+        for v in range(2, 7):  # each a new revision of the agent (2..6), serving it
             await store.put_prompt_version(_prompt(str(v)), actor="t")
-        await store.apply_agent(AGENT, _spec(1.5), actor="t")
-        expected = {str(v) for v in range(1, 7)}
+        await store.apply_agent(AGENT, _spec(1.5), actor="t")  # revision 7
         snap = await _until(
-            stream, lambda s: s.revision == 2 and _prompt_versions(s) == expected, timeout=30
+            stream, lambda s: s.revision == 7 and _prompt_versions(s) == {"6"}, timeout=30
         )
         assert _temperature(snap) == 1.5
         assert snap.source == sidecar_pb2.SNAPSHOT_SOURCE_ETCD
         stream.cancel()
         # the disk copy follows
         await eventually(
-            lambda: (c := cache.load()) is not None and c[0].revision == 2,
-            what="the disk snapshot at revision 2",
+            lambda: (c := cache.load()) is not None and c[0].revision == 7,
+            what="the disk snapshot at revision 7",
             timeout=20,
         )
     finally:

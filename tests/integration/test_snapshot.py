@@ -34,12 +34,12 @@ async def _kvs(etcd: EtcdClient, keys: Keys) -> dict[str, bytes]:
 async def test_tracks_serve_release_revisions_with_prompt_and_mcp(
     store: SpecStore, etcd: EtcdClient, keys: Keys
 ) -> None:
-    for t in (0.1, 0.2, 0.3):
-        await store.apply_agent("helper", _spec(t), actor="a")
     await store.put_prompt_version(
         PromptEntry(prompt_key="helper-prompt", version="1", template="You help."), actor="a"
     )
     await store.put_mcp_server("tools", McpServerSpec(url="http://127.0.0.1:9/mcp"), actor="a")
+    for t in (0.1, 0.2, 0.3):
+        await store.apply_agent("helper", _spec(t), actor="a")
 
     latest = resolve_snapshot(await _kvs(etcd, keys), keys=keys, agent="helper", track="canary")
     assert (latest.revision, latest.spec.model.temperature) == (3, 0.3)

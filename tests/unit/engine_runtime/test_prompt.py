@@ -50,6 +50,16 @@ def test_without_release_the_highest_version_serves() -> None:
     assert prompts.choose("any").version == "3.0.11"
 
 
+def test_current_version_serves_over_the_highest_but_not_over_weights() -> None:
+    rolled_back = PromptSet.build(_base(), _bundle("1", "2", release=PromptRelease(current="1")))
+    split = PromptSet.build(
+        _base(), _bundle("1", "2", release=PromptRelease(current="1", weights={"2": 100}))
+    )
+
+    assert {rolled_back.choose(f"c{i}").version for i in range(50)} == {"1"}
+    assert {split.choose(f"c{i}").version for i in range(50)} == {"2"}
+
+
 def test_pinned_version_wins_over_label_and_weights() -> None:
     release = PromptRelease(labels={"prod": "1"}, weights={"1": 50, "2": 50})
     prompts = PromptSet.build(_base(promptVersion="2"), _bundle("1", "2", "3", release=release))
