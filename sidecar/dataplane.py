@@ -25,6 +25,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from sidecar.affinity import ConversationTracks
 from sidecar.callers import CallerPolicy, JwtVerifier
 from sidecar.credentials import CredentialResolver, KubernetesLogin, TokenLogin, VaultLogin
 from sidecar.egress import EgressMetrics, EgressProxy
@@ -87,6 +88,17 @@ class DataPlane:
         self.policy: CallerPolicy | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pki: PkiClient | None = None
+        self.tracks = self._conversation_tracks(ctx.settings)
+
+    @staticmethod
+    def _conversation_tracks(settings: SidecarSettings) -> ConversationTracks | None:
+        """The one table of conversations' tracks, for the entry and the egress; None when
+        pinning is off, and in Istio mode (the mesh splits each request)."""
+        if settings.istio or settings.conversation_pin_seconds <= 0:
+            return None
+        return ConversationTracks(
+            max_age=settings.conversation_pin_seconds, max_entries=settings.conversation_pin_max
+        )
 
     async def start(self) -> None:
         settings = self.ctx.settings
@@ -130,6 +142,7 @@ class DataPlane:
             port=port,
             llm_override=settings.llm_override_url,
             service_addresses=parse_table(settings.service_addresses),
+            tracks=self.tracks,
         )
         await self.egress.start()
         graph = EtcdPartnerGraph(store=SpecStore(etcd=self.ctx.etcd, keys=self.ctx.keys))
@@ -195,6 +208,7 @@ class DataPlane:
                 certificates=self.certificates,
                 address=settings.egress_grpc,
                 on_retry=metrics.on_retry,
+                tracks=self.tracks,
             )
             await self.grpc_egress.start()
         if settings.inbound_grpc:
@@ -226,17 +240,7 @@ class DataPlane:
                 )
             return
         if settings.entry or settings.entry_grpc:
-            from sidecar.affinity import ConversationTracks
             from sidecar.entry import EntryServer, GrpcEntry
-
-            tracks = (
-                ConversationTracks(
-                    max_age=settings.conversation_pin_seconds,
-                    max_entries=settings.conversation_pin_max,
-                )
-                if settings.conversation_pin_seconds > 0
-                else None
-            )
         if settings.entry:
             host, port = parse_host_port(settings.entry, setting="SPECMESH_ENTRY", listen=True)
             self.entry = EntryServer(
@@ -248,7 +252,7 @@ class DataPlane:
                 client_ssl=self.certificates.client_context if self.certificates else None,
                 host=host,
                 port=port,
-                tracks=tracks,
+                tracks=self.tracks,
             )
             await self.entry.start()
             logger.info("public entry (HTTP) on %s", self.entry.url)
@@ -262,7 +266,7 @@ class DataPlane:
                 router=grpc_router,
                 certificates=self.certificates,
                 address=settings.entry_grpc,
-                tracks=tracks,
+                tracks=self.tracks,
             )
             await self.grpc_entry.start()
             logger.info("public entry (gRPC) on %s", self.grpc_entry.target)
