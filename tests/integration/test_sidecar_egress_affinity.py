@@ -13,12 +13,11 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import httpx
 import pytest
-from a2a.client import ClientCallContext, ClientConfig, create_client
+from a2a.client import ClientCallContext
 from a2a.types.a2a_pb2 import Message, Part, Role, SendMessageRequest, TaskState
-from a2a.utils.constants import PROTOCOL_VERSION_CURRENT, VERSION_HEADER, TransportProtocol
+from a2a.utils.constants import PROTOCOL_VERSION_CURRENT, VERSION_HEADER
 from prometheus_client import CollectorRegistry
 
 from engine.server import EngineServer, ServerConfig
@@ -37,7 +36,7 @@ from sidecar.state import SnapshotHolder
 from specmesh.spec.models import ReleaseSpec
 from specmesh.vault import VaultClient
 from tests.integration.test_sidecar_egress import _snapshot, _spec
-from tests.integration.test_sidecar_grpc import _TargetStream, _TargetUnary
+from tests.integration.test_sidecar_grpc import egress_client
 from tests.integration.test_sidecar_mtls import pki  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.integration
@@ -138,16 +137,6 @@ async def _ask_over_grpc(
     """A SendMessage in ``context_id`` through the gRPC egress (the target named in the
     metadata, as the engine names it; ``headers`` sent as metadata)."""
 
-    def channel(_url: str) -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(
-            rig.grpc_egress.target, interceptors=[_TargetUnary(PARTNER), _TargetStream(PARTNER)]
-        )
-
-    config = ClientConfig(
-        streaming=True,
-        supported_protocol_bindings=[TransportProtocol.GRPC],
-        grpc_channel_factory=channel,
-    )
     request = SendMessageRequest(
         message=Message(
             role=Role.ROLE_USER,
@@ -156,7 +145,7 @@ async def _ask_over_grpc(
             parts=[Part(text=text)],
         )
     )
-    async with await create_client(rig.card_url, client_config=config) as client:
+    async with await egress_client(rig.grpc_egress.target, rig.card_url, PARTNER) as client:
         async with asyncio.timeout(WAIT):
             call = ClientCallContext(service_parameters=headers or {})
             events: list[Any] = [e async for e in client.send_message(request, context=call)]
