@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # imported when their settings turn them on (the A2A gRPC pro
     from sidecar.entry import EntryServer, GrpcEntry
     from sidecar.grpcproxy import GrpcEgress, GrpcInbound
 
-__all__ = ["DataPlane", "vault_login"]
+__all__ = ["DataPlane", "conversation_tracks", "vault_login"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,16 @@ def vault_login(settings: SidecarSettings) -> VaultLogin:
     if not settings.vault_token:
         raise SecretError("no Vault identity: set SPECMESH_VAULT_TOKEN or SPECMESH_VAULT_K8S_ROLE")
     return TokenLogin(address=settings.vault_addr, token=settings.vault_token)
+
+
+def conversation_tracks(settings: SidecarSettings) -> ConversationTracks | None:
+    """The sidecar's one table of conversations' tracks, for the entry and the egress; None
+    when pinning is off, and in Istio mode (the mesh splits each request)."""
+    if settings.istio or settings.conversation_pin_seconds <= 0:
+        return None
+    return ConversationTracks(
+        max_age=settings.conversation_pin_seconds, max_entries=settings.conversation_pin_max
+    )
 
 
 class DataPlane:
@@ -88,17 +98,7 @@ class DataPlane:
         self.policy: CallerPolicy | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pki: PkiClient | None = None
-        self.tracks = self._conversation_tracks(ctx.settings)
-
-    @staticmethod
-    def _conversation_tracks(settings: SidecarSettings) -> ConversationTracks | None:
-        """The one table of conversations' tracks, for the entry and the egress; None when
-        pinning is off, and in Istio mode (the mesh splits each request)."""
-        if settings.istio or settings.conversation_pin_seconds <= 0:
-            return None
-        return ConversationTracks(
-            max_age=settings.conversation_pin_seconds, max_entries=settings.conversation_pin_max
-        )
+        self.tracks = conversation_tracks(ctx.settings)
 
     async def start(self) -> None:
         settings = self.ctx.settings
