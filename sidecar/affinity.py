@@ -1,4 +1,5 @@
-"""Conversation affinity at the entry: a known contextId goes back to its release track.
+"""Conversation affinity at the entry and the egress: a known contextId goes back to its
+release track.
 
 The entry routes a conversation's first message by the release split (weights, header
 match); :class:`ConversationTracks` remembers the track it went to, and the conversation's
@@ -21,6 +22,12 @@ the agent), so the entry names it: it writes a new contextId (a UUID, as the age
 make) into a message that has neither ``contextId`` nor ``taskId``, before routing. The
 agent then uses that contextId, the client reads it in the answer as usual, and the
 conversation's first message is pinned like its next ones.
+
+The egress keeps the same table for the engine's calls to its partners (HTTP A2A bindings
+and gRPC; see :class:`~sidecar.policy.Retries`), keyed by (partner, contextId): the engine
+sends each partner a contextId of its own per conversation, so a conversation with a
+partner stays on the partner's track as a conversation at the entry does. The egress never
+names a conversation (the engine always sends a contextId).
 """
 
 from __future__ import annotations
@@ -173,7 +180,9 @@ class _TrackPin:
 
 
 class ConversationTracks:
-    """contextId -> the release track the entry routed the conversation to."""
+    """(agent, contextId) -> the release track a conversation was routed to: the entry's
+    own conversations (``agent`` left empty), and the egress's with each partner (the
+    partner's name: contextIds of different partners never meet)."""
 
     def __init__(
         self,
@@ -182,33 +191,42 @@ class ConversationTracks:
         max_entries: int,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._pins: PinTable[str, _TrackPin] = PinTable(
+        self._pins: PinTable[tuple[str, str], _TrackPin] = PinTable(
             max_age=max_age, max_entries=max_entries, clock=clock
         )
 
     def __len__(self) -> int:
         return len(self._pins)
 
-    def track(self, context_id: str | None, release: ReleaseSpec | None) -> str | None:
-        """The track the conversation is pinned to, if the pin still holds under
-        ``release`` (a canary pin: the same canary revision)."""
+    def track(
+        self, context_id: str | None, release: ReleaseSpec | None, *, agent: str = ""
+    ) -> str | None:
+        """The track the conversation (with ``agent``, whose release is ``release``) is
+        pinned to, if the pin still holds under ``release`` (a canary pin: the same canary
+        revision)."""
         if context_id is None:
             return None
-        pin = self._pins.get(context_id)
+        key = (agent, context_id)
+        pin = self._pins.get(key)
         if pin is None:
             return None
         if pin.track == "canary":
             canary = release.canary_revision if release is not None else None
             if canary is None or canary != pin.canary_revision:
-                self._pins.remove(context_id)
+                self._pins.remove(key)
                 return None
         return pin.track
 
     def remember(
-        self, context_id: str | None, track: str | None, release: ReleaseSpec | None
+        self,
+        context_id: str | None,
+        track: str | None,
+        release: ReleaseSpec | None,
+        *,
+        agent: str = "",
     ) -> None:
-        """Pin a conversation to the track its first message went to."""
+        """Pin a conversation (with ``agent``) to the track its first message went to."""
         if context_id is None or track is None:
             return
         canary = release.canary_revision if release is not None else None
-        self._pins.pin(context_id, _TrackPin(track, canary))
+        self._pins.pin((agent, context_id), _TrackPin(track, canary))

@@ -25,6 +25,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from sidecar.affinity import ConversationTracks
 from sidecar.callers import CallerPolicy, JwtVerifier
 from sidecar.credentials import CredentialResolver, KubernetesLogin, TokenLogin, VaultLogin
 from sidecar.egress import EgressMetrics, EgressProxy
@@ -46,7 +47,7 @@ if TYPE_CHECKING:  # imported when their settings turn them on (the A2A gRPC pro
     from sidecar.entry import EntryServer, GrpcEntry
     from sidecar.grpcproxy import GrpcEgress, GrpcInbound
 
-__all__ = ["DataPlane", "vault_login"]
+__all__ = ["DataPlane", "conversation_tracks", "vault_login"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,16 @@ def vault_login(settings: SidecarSettings) -> VaultLogin:
     if not settings.vault_token:
         raise SecretError("no Vault identity: set SPECMESH_VAULT_TOKEN or SPECMESH_VAULT_K8S_ROLE")
     return TokenLogin(address=settings.vault_addr, token=settings.vault_token)
+
+
+def conversation_tracks(settings: SidecarSettings) -> ConversationTracks | None:
+    """The sidecar's one table of conversations' tracks, for the entry and the egress; None
+    when pinning is off, and in Istio mode (the mesh splits each request)."""
+    if settings.istio or settings.conversation_pin_seconds <= 0:
+        return None
+    return ConversationTracks(
+        max_age=settings.conversation_pin_seconds, max_entries=settings.conversation_pin_max
+    )
 
 
 class DataPlane:
@@ -87,6 +98,7 @@ class DataPlane:
         self.policy: CallerPolicy | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pki: PkiClient | None = None
+        self.tracks = conversation_tracks(ctx.settings)
 
     async def start(self) -> None:
         settings = self.ctx.settings
@@ -130,6 +142,7 @@ class DataPlane:
             port=port,
             llm_override=settings.llm_override_url,
             service_addresses=parse_table(settings.service_addresses),
+            tracks=self.tracks,
         )
         await self.egress.start()
         graph = EtcdPartnerGraph(store=SpecStore(etcd=self.ctx.etcd, keys=self.ctx.keys))
@@ -195,6 +208,7 @@ class DataPlane:
                 certificates=self.certificates,
                 address=settings.egress_grpc,
                 on_retry=metrics.on_retry,
+                tracks=self.tracks,
             )
             await self.grpc_egress.start()
         if settings.inbound_grpc:
@@ -226,17 +240,7 @@ class DataPlane:
                 )
             return
         if settings.entry or settings.entry_grpc:
-            from sidecar.affinity import ConversationTracks
             from sidecar.entry import EntryServer, GrpcEntry
-
-            tracks = (
-                ConversationTracks(
-                    max_age=settings.conversation_pin_seconds,
-                    max_entries=settings.conversation_pin_max,
-                )
-                if settings.conversation_pin_seconds > 0
-                else None
-            )
         if settings.entry:
             host, port = parse_host_port(settings.entry, setting="SPECMESH_ENTRY", listen=True)
             self.entry = EntryServer(
@@ -248,7 +252,7 @@ class DataPlane:
                 client_ssl=self.certificates.client_context if self.certificates else None,
                 host=host,
                 port=port,
-                tracks=tracks,
+                tracks=self.tracks,
             )
             await self.entry.start()
             logger.info("public entry (HTTP) on %s", self.entry.url)
@@ -262,7 +266,7 @@ class DataPlane:
                 router=grpc_router,
                 certificates=self.certificates,
                 address=settings.entry_grpc,
-                tracks=tracks,
+                tracks=self.tracks,
             )
             await self.grpc_entry.start()
             logger.info("public entry (gRPC) on %s", self.grpc_entry.target)

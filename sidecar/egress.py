@@ -11,7 +11,8 @@ engine calls                               forwarded to (credentials added)
                                            spec's ``headers`` and ``queryParams``
 ``/a2a/<agent>/...``                       an instance chosen by :class:`~sidecar.router.Router`
                                            (mTLS with the agent's client certificate);
-                                           the partner's ``headers`` / ``queryParams``
+                                           the partner's ``headers`` / ``queryParams``;
+                                           a conversation (``contextId``) keeps its track
 =========================================  ==============================================
 
 The engine's own ``Authorization`` (the dummy key), ``x-api-key`` and ``api-key`` are dropped;
@@ -59,6 +60,7 @@ from specmesh.budget import BUDGET_HEADER, BUDGET_TOTAL_HEADER
 from specmesh.snapshot import ResolvedSnapshot
 from specmesh.spec.models import ConnectionPoolSpec
 
+from .affinity import ConversationTracks, context_id_of_http
 from .credentials import CredentialResolver
 from .errors import PolicyError
 from .mtls import agent_dns_name
@@ -219,6 +221,7 @@ class EgressProxy(RelayListener):
         llm_override: str | None = None,
         service_addresses: Mapping[str, str] | None = None,
         tracer: trace.Tracer | None = None,
+        tracks: ConversationTracks | None = None,
     ) -> None:
         super().__init__(host=host, port=port)
         self._snapshots = snapshots
@@ -234,7 +237,7 @@ class EgressProxy(RelayListener):
         self.connect_timeout = connect_timeout
         self.mcp_read_timeout = mcp_read_timeout
         self._pool = connection_pool or ConnectionPoolSpec()
-        self.policy = EgressPolicy(credentials=credentials)
+        self.policy = EgressPolicy(credentials=credentials, tracks=tracks)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -461,6 +464,13 @@ class EgressProxy(RelayListener):
         finally:
             self.policy.leave(agent)
 
+    def _context_id(self, method: str, rest: str, body: bytes | None) -> str | None:
+        """The conversation of a partner call (``rest``: its path at the partner), read as
+        the entry reads it; None when nothing pins partner conversations."""
+        if self.policy.tracks is None:
+            return None
+        return context_id_of_http(method, rest or "/", body)
+
     async def _a2a_tries(
         self,
         request: web.BaseRequest,
@@ -470,7 +480,13 @@ class EgressProxy(RelayListener):
         overall: float,
     ) -> aiohttp.ClientResponse:
         assert self._router is not None
-        retries = Retries(self._router, agent, on_retry=self.metrics.on_retry)
+        retries = Retries(
+            self._router,
+            agent,
+            on_retry=self.metrics.on_retry,
+            tracks=self.policy.tracks,
+            context_id=self._context_id(request.method, out.rest, body),
+        )
         per_try = retries.policy.per_try_timeout
         while True:
             target = retries.pick(request.headers)

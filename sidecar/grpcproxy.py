@@ -26,6 +26,9 @@
   was sent, unary or streaming) goes to another instance, within the attempts and the
   retry budget; an ``UNAVAILABLE`` the instance answered is relayed as it is (the request
   may have been acted on).
+  A conversation (the request's ``message.context_id``) keeps the partner's track its first
+  call went to (``tracks``: :class:`~sidecar.affinity.ConversationTracks`, as the HTTP
+  egress).
 
 Declared-or-not, credentials, caller authorization, retries and budgets are decided by
 :mod:`sidecar.policy`, the same as for the HTTP listeners; refusals are the
@@ -58,6 +61,7 @@ from specmesh.callers import CALLER_KEY, PRINCIPAL_KEY
 from specmesh.names import resource_name
 from specmesh.spec.models import ConnectionPoolSpec
 
+from .affinity import ConversationTracks, context_id_of_grpc
 from .callers import CallerPolicy
 from .credentials import CredentialResolver
 from .errors import PolicyError
@@ -601,10 +605,11 @@ class GrpcEgress(GrpcRelayServer):
         channel_grace: float = 30.0,
         connect_timeout: float = 5.0,
         on_retry: Callable[[str], None] | None = None,
+        tracks: ConversationTracks | None = None,
     ) -> None:
         super().__init__(address=address)
         self._snapshots = snapshots
-        self.policy = EgressPolicy(credentials=credentials)
+        self.policy = EgressPolicy(credentials=credentials, tracks=tracks)
         self._router = router
         self._certs = certificates
         self._channels = ChannelPool(certificates=certificates, grace=channel_grace)
@@ -614,8 +619,11 @@ class GrpcEgress(GrpcRelayServer):
     async def _close(self) -> None:
         await self._channels.close()
 
-    async def _prepare(self, context: grpc.aio.ServicerContext) -> tuple[str, Metadata, Retries]:
-        """(target agent, metadata to send, its retries); raises :class:`PolicyError`."""
+    async def _prepare(
+        self, context: grpc.aio.ServicerContext, context_id: str | None = None
+    ) -> tuple[str, Metadata, Retries]:
+        """(target agent, metadata to send, its retries); raises :class:`PolicyError`.
+        ``context_id``: the call's conversation (:meth:`_context_id`)."""
         incoming = end_to_end_metadata(context.invocation_metadata())
         snapshot = self._snapshots.current
         if snapshot is None:
@@ -632,7 +640,18 @@ class GrpcEgress(GrpcRelayServer):
             metadata.append((name.lower(), value))
         release = self._router.release(agent)
         self.policy.enter(agent, release.connection_pool if release else _DEFAULT_POOL)
-        return agent, metadata, Retries(self._router, agent, on_retry=self._on_retry)
+        tracks = self.policy.tracks
+        retries = Retries(
+            self._router, agent, on_retry=self._on_retry, tracks=tracks, context_id=context_id
+        )
+        return agent, metadata, retries
+
+    def _context_id(self, method: str, request: bytes) -> str | None:
+        """The conversation of a partner call, read as the entry reads it; None when
+        nothing pins partner conversations."""
+        if self.policy.tracks is None:
+            return None
+        return context_id_of_grpc(method, request)
 
     async def _connect(
         self, agent: str, retries: Retries, context: grpc.aio.ServicerContext
@@ -659,12 +678,12 @@ class GrpcEgress(GrpcRelayServer):
         return lambda code: router.report(target, reported_status(code))
 
     async def _begin(
-        self, context: grpc.aio.ServicerContext
+        self, context: grpc.aio.ServicerContext, context_id: str | None = None
     ) -> tuple[str, Metadata, Target, grpc.aio.Channel]:
         """(agent, metadata, target, connected channel) of one call, counted in flight (the
         caller calls ``policy.leave(agent)``); or abort it with its policy error."""
         try:
-            agent, metadata, retries = await self._prepare(context)
+            agent, metadata, retries = await self._prepare(context, context_id)
         except PolicyError as e:
             await abort_policy(context, e)
         try:
@@ -676,7 +695,9 @@ class GrpcEgress(GrpcRelayServer):
 
     def _unary_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            agent, metadata, target, channel = await self._begin(context)
+            agent, metadata, target, channel = await self._begin(
+                context, self._context_id(method, request)
+            )
             try:
                 return await relay_unary(
                     channel, method, request, context, metadata, self._reporter(target)
@@ -688,7 +709,9 @@ class GrpcEgress(GrpcRelayServer):
 
     def _stream_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-            agent, metadata, target, channel = await self._begin(context)
+            agent, metadata, target, channel = await self._begin(
+                context, self._context_id(method, request)
+            )
             try:
                 async for message in relay_stream(
                     channel, method, request, context, metadata, self._reporter(target)

@@ -27,6 +27,11 @@ decision -- or the :class:`~sidecar.errors.PolicyError` of the one error table
   priced as the engine prices it (the model part's ``price``, else litellm's map). A model
   priced nowhere has no worst case: only "nothing left" refuses it. The rule reads only the
   request, so the same request is always decided the same way.
+* **conversation affinity** -- :class:`Retries` given ``tracks`` and the call's contextId:
+  a conversation with a partner goes to the partner's release track its first call went to
+  (:class:`~sidecar.affinity.ConversationTracks`, keyed by partner and contextId; a canary
+  pin holds while the partner's release names the same canary revision; ``headerMatch``
+  still wins); a conversation's first call pins it to the track it was answered from.
 * **budgets** -- :meth:`EgressPolicy.enter` / :meth:`EgressPolicy.leave`: calls in flight to a
   partner are capped at its ``connectionPool`` (``maxConnections + maxPendingRequests``),
   else ``OVERFLOW``; retries draw on the router's :class:`~sidecar.router.RetryBudget`.
@@ -49,6 +54,7 @@ from specmesh.prices import PriceMap, default_price_map, spec_price
 from specmesh.snapshot import ResolvedSnapshot
 from specmesh.spec.models import ConnectionPoolSpec, McpServerRef, PartnerAgentRef
 
+from .affinity import ConversationTracks
 from .callers import CallerPolicy
 from .credentials import CredentialResolver, CredentialUnavailableError
 from .errors import PolicyError
@@ -122,11 +128,19 @@ class EgressPolicy:
     """What the engine may call, with which credentials, within which budgets: the
     decisions of the HTTP egress and the gRPC egress."""
 
-    def __init__(self, *, credentials: CredentialResolver, prices: PriceMap | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        credentials: CredentialResolver,
+        prices: PriceMap | None = None,
+        tracks: ConversationTracks | None = None,
+    ) -> None:
         """``prices``: where a model the spec does not price is looked up (default:
-        litellm's file, read in a thread on the first budgeted model call)."""
+        litellm's file, read in a thread on the first budgeted model call); ``tracks``:
+        partner conversations' tracks (None: every call is split by the release)."""
         self._credentials = credentials
         self._prices = prices or default_price_map()
+        self.tracks = tracks
         self._snapshot: ResolvedSnapshot | None = None
         self._partners = _Declared(())
         self._mcp = _Declared(())
@@ -296,15 +310,34 @@ class Retries:
     than those tried when it can) and, after each try, whether to try again
     (:meth:`answered`, :meth:`failed`): the target's retry policy allows it, attempts are
     left and the retry budget has room. Outcomes are reported to the router (outlier
-    detection). ``on_retry`` is told of every retry (metrics).
+    detection). ``on_retry`` is told of every retry (metrics). With ``tracks`` and the
+    call's ``context_id``, every try goes to the track the conversation is pinned to; a
+    conversation not pinned yet is pinned to the track of its last try.
 
     Tries follow one another at once: another instance is tried (a shared backoff helper
     can be added at :meth:`_take`)."""
 
-    __slots__ = ("_on_retry", "_router", "agent", "count", "policy", "tried")
+    __slots__ = (
+        "_context_id",
+        "_on_retry",
+        "_pinned",
+        "_release",
+        "_router",
+        "_tracks",
+        "agent",
+        "count",
+        "policy",
+        "tried",
+    )
 
     def __init__(
-        self, router: Router, agent: str, *, on_retry: Callable[[str], None] | None = None
+        self,
+        router: Router,
+        agent: str,
+        *,
+        on_retry: Callable[[str], None] | None = None,
+        tracks: ConversationTracks | None = None,
+        context_id: str | None = None,
     ) -> None:
         self._router = router
         self.agent = agent
@@ -313,15 +346,29 @@ class Retries:
         self.tried: list[str] = []
         self.count = 0
         router.record_request(agent)
+        self._find_pin(tracks, context_id)
+
+    def _find_pin(self, tracks: ConversationTracks | None, context_id: str | None) -> None:
+        """The track the call's conversation is pinned to, if any (conversation affinity)."""
+        self._tracks = tracks if context_id is not None else None
+        self._context_id = context_id
+        self._release = self._router.release(self.agent) if self._tracks is not None else None
+        self._pinned = (
+            self._tracks.track(context_id, self._release, agent=self.agent)
+            if self._tracks is not None
+            else None
+        )
 
     def pick(self, headers: Mapping[str, str]) -> Target:
         """Where the next try goes; ``NO_INSTANCE`` when nothing can take it."""
         try:
-            target = self._router.pick(self.agent, headers, exclude=self.tried)
+            target = self._router.pick(self.agent, headers, exclude=self.tried, pinned=self._pinned)
         except NoInstanceError as e:
             raise PolicyError("NO_INSTANCE", str(e), agent=self.agent) from e
         if target.instance is not None:
             self.tried.append(target.instance)
+        if self._tracks is not None and self._pinned is None:
+            self._tracks.remember(self._context_id, target.track, self._release, agent=self.agent)
         return target
 
     def answered(self, target: Target, status: int) -> bool:

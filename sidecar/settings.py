@@ -70,11 +70,12 @@ class SidecarSettings(BaseSettings):
     bearer token); off when unset, and in Istio mode."""
     conversation_pin_seconds: float = Field(default=1800.0, ge=0)
     """How long the entry sends a conversation (A2A ``contextId``) back to the release track
-    its first message went to, measured from that message (the engine's setting of the same
-    name keeps it on its snapshot); 0 disables it (each message is split by the release)."""
+    its first message went to, and the egress a conversation with a partner back to the
+    partner's track, measured from that message (the engine's setting of the same name
+    keeps it on its snapshot); 0 disables it (each message is split by the release)."""
     conversation_pin_max: int = Field(default=10000, ge=1)
-    """Most conversations the entry remembers a track of; the least recently used leaves
-    first."""
+    """Most conversations the sidecar remembers a track of (the entry's and those with
+    partners, together); the least recently used leaves first."""
     jwt_issuers: Annotated[tuple[JwtIssuer, ...], NoDecode] = ()
     """Trusted bearer-token issuers (``SPECMESH_JWT_ISSUERS``, read by
     :func:`specmesh.issuers.parse_jwt_issuers`, the control plane's rule too): a JSON list

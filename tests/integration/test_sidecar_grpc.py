@@ -152,10 +152,13 @@ def _message(text: str) -> SendMessageRequest:
     )
 
 
-async def _client(rig: Rig, target: str) -> Any:
+async def egress_client(egress: str, card_url: str, target: str) -> Any:
+    """An a2a-sdk client (GRPC binding, streaming) whose every call goes to the gRPC egress
+    at ``egress`` naming ``target`` (as the engine calls); the card is read at ``card_url``."""
+
     def channel(_url: str) -> grpc.aio.Channel:
         return grpc.aio.insecure_channel(
-            rig.egress.target, interceptors=[_TargetUnary(target), _TargetStream(target)]
+            egress, interceptors=[_TargetUnary(target), _TargetStream(target)]
         )
 
     config = ClientConfig(
@@ -163,7 +166,11 @@ async def _client(rig: Rig, target: str) -> Any:
         supported_protocol_bindings=[TransportProtocol.GRPC],
         grpc_channel_factory=channel,
     )
-    return await create_client(rig.engine.http_url, client_config=config)
+    return await create_client(card_url, client_config=config)
+
+
+async def _client(rig: Rig, target: str) -> Any:
+    return await egress_client(rig.egress.target, rig.engine.http_url, target)
 
 
 async def _collect(stream: AsyncIterator[StreamResponse]) -> list[StreamResponse]:

@@ -12,6 +12,7 @@ import pytest
 from a2a.utils.errors import JSON_RPC_ERROR_CODE_MAP, A2AError
 from google.rpc import error_details_pb2, status_pb2
 
+from sidecar.affinity import ConversationTracks
 from sidecar.callers import CallerRefused
 from sidecar.errors import ERROR_DOMAIN, POLICY_ERRORS, PolicyError
 from sidecar.grpcproxy import abort_policy
@@ -257,3 +258,56 @@ def test_no_instance_is_the_tables_no_instance() -> None:
     with pytest.raises(PolicyError) as info:
         retries.pick({})
     assert info.value.reason == "NO_INSTANCE" and info.value.http_status == 503
+
+
+def _two_track_router(releases: InMemoryReleaseSource) -> Router:
+    instances = InMemoryInstanceSource(
+        Instance(f"{agent}-{track}", agent, f"http://127.0.0.1:{n + 1}", track)
+        for n, (agent, track) in enumerate(
+            (a, t) for a in ("agent-b", "agent-c") for t in ("stable", "canary")
+        )
+    )
+    return Router(instances=instances, releases=releases)
+
+
+def test_a_partner_conversation_keeps_its_track_per_partner() -> None:
+    canary_2 = ReleaseSpec.model_validate(
+        {
+            "canaryRevision": 2,
+            "canaryWeight": 100,
+            "headerMatch": [{"name": "x-canary", "exact": "yes"}],
+        }
+    )
+    releases = InMemoryReleaseSource({"agent-b": canary_2, "agent-c": canary_2})
+    router = _two_track_router(releases)
+    tracks = ConversationTracks(max_age=60, max_entries=10)
+
+    def track(agent: str, context_id: str | None, headers: dict[str, str] | None = None) -> str:
+        retries = Retries(router, agent, tracks=tracks, context_id=context_id)
+        target = retries.pick(headers or {})
+        assert target.track is not None
+        return target.track
+
+    assert track("agent-b", "conv-1") == "canary"  # pinned by its first call
+    releases.set("agent-b", canary_2.model_copy(update={"canary_weight": 0}))
+    releases.set("agent-c", canary_2.model_copy(update={"canary_weight": 0}))
+
+    assert track("agent-b", "conv-1") == "canary"  # the pin holds against the weight
+    assert track("agent-c", "conv-1") == "stable"  # another partner: another conversation
+    assert track("agent-b", "conv-2") == "stable"  # a new one follows the weight
+    assert track("agent-b", None) == "stable"  # no contextId: nothing pinned
+    assert track("agent-b", "conv-2", {"x-canary": "yes"}) == "canary"  # headerMatch wins
+    assert track("agent-b", "conv-2") == "stable"
+
+    releases.set("agent-b", canary_2.model_copy(update={"canary_revision": 3, "canary_weight": 0}))
+    assert track("agent-b", "conv-1") == "stable"  # another canary: split by the release
+
+
+def test_without_tracks_every_call_is_split() -> None:
+    releases = InMemoryReleaseSource(
+        {"agent-b": ReleaseSpec.model_validate({"canaryRevision": 2, "canaryWeight": 100})}
+    )
+    router = _two_track_router(releases)
+    assert Retries(router, "agent-b", context_id="conv-1").pick({}).track == "canary"
+    releases.set("agent-b", ReleaseSpec.model_validate({"canaryRevision": 2}))
+    assert Retries(router, "agent-b", context_id="conv-1").pick({}).track == "stable"

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from sidecar.dataplane import conversation_tracks
 from sidecar.settings import SidecarSettings
 from specmesh.addresses import parse_listen
 
@@ -101,3 +102,25 @@ def test_parse_listen_address(address: str, parsed: tuple[str, str, int]) -> Non
 def test_parse_listen_address_refuses(address: str) -> None:
     with pytest.raises(ValueError, match=r"^SPECMESH_SYNC_ADDR: .*(host:port|path)"):
         parse_listen(address, setting="SPECMESH_SYNC_ADDR")
+
+
+@pytest.mark.parametrize(
+    ("values", "kept"),
+    [
+        ({}, True),
+        ({"SPECMESH_CONVERSATION_PIN_SECONDS": "0"}, False),
+        ({"SPECMESH_ISTIO": "true"}, False),  # the mesh splits each request
+    ],
+)
+def test_one_conversation_table_for_the_entry_and_the_egress(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, values: dict[str, str], kept: bool
+) -> None:
+    _env(monkeypatch, tmp_path, AGENT_NAME="a", SPECMESH_CONVERSATION_PIN_MAX="7", **values)
+    tracks = conversation_tracks(SidecarSettings())
+    if not kept:
+        assert tracks is None
+        return
+    assert tracks is not None
+    for n in range(8):  # the bound is the setting's, whichever agent a conversation is with
+        tracks.remember(f"c{n}", "stable", None, agent="" if n % 2 else "partner-b")
+    assert len(tracks) == 7
