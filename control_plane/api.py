@@ -482,16 +482,44 @@ class ControlPlane:
         await self.store.put_release(agent, spec, actor=principal.name, message=message)
         return spec
 
-    async def promote(self, principal: Principal, agent: str, *, message: str = "") -> ReleaseSpec:
+    async def promote(
+        self,
+        principal: Principal,
+        agent: str,
+        *,
+        message: str = "",
+        action: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> ReleaseSpec:
         """The canary becomes stable; the split ends."""
-        return await self._end_split(principal, agent, message=message, promote=True)
+        return await self._end_split(
+            principal, agent, message=message, promote=True, action=action, details=details
+        )
 
-    async def abort(self, principal: Principal, agent: str, *, message: str = "") -> ReleaseSpec:
-        """The split ends; stable stays."""
-        return await self._end_split(principal, agent, message=message, promote=False)
+    async def abort(
+        self,
+        principal: Principal,
+        agent: str,
+        *,
+        message: str = "",
+        action: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> ReleaseSpec:
+        """The split ends; stable stays (``action="auto-abort"``: the release analysis
+        decided it, ``details`` are the figures)."""
+        return await self._end_split(
+            principal, agent, message=message, promote=False, action=action, details=details
+        )
 
     async def _end_split(
-        self, principal: Principal, agent: str, *, message: str, promote: bool
+        self,
+        principal: Principal,
+        agent: str,
+        *,
+        message: str,
+        promote: bool,
+        action: str | None = None,
+        details: dict[str, Any] | None = None,
     ) -> ReleaseSpec:
         """No canary any more (``promote``: it becomes stable first); a SpecError when the
         agent has no canary."""
@@ -503,7 +531,9 @@ class ControlPlane:
         if promote:
             update["stable_revision"] = current.canary_revision
         ended = current.model_copy(update=update)
-        await self.store.put_release(agent, ended, actor=principal.name, message=message)
+        await self.store.put_release(
+            agent, ended, actor=principal.name, message=message, action=action, details=details
+        )
         return ended
 
     # ------------------------------------------------------------ secret versions

@@ -167,8 +167,11 @@ class AuditEntry:
     previous_revision: int | None
     changes: list[dict[str, Any]]
     message: str = ""
+    details: dict[str, Any] | None = None
+    """What a machine-made change decided on (e.g. the gate figures of an auto-abort)."""
 
     def to_json(self) -> dict[str, Any]:
+        extra = {"details": self.details} if self.details is not None else {}
         return {
             "id": self.id,
             "time": self.time,
@@ -180,6 +183,7 @@ class AuditEntry:
             "previousRevision": self.previous_revision,
             "changes": self.changes,
             "message": self.message,
+            **extra,
         }
 
     @classmethod
@@ -195,6 +199,7 @@ class AuditEntry:
             previous_revision=data.get("previousRevision"),
             changes=data.get("changes", []),
             message=data.get("message", ""),
+            details=data.get("details"),
         )
 
 
@@ -244,6 +249,7 @@ class SpecStore:
         previous: int | None,
         changes: list[Change],
         message: str = "",
+        details: dict[str, Any] | None = None,
     ) -> tuple[AuditEntry, Op]:
         now = _now()
         entry = AuditEntry(
@@ -257,6 +263,7 @@ class SpecStore:
             previous_revision=previous,
             changes=[c.to_json() for c in changes],
             message=message,
+            details=details,
         )
         stamp = now.strftime("%Y%m%dT%H%M%S.%fZ")
         return entry, Op.put(self.keys.audit_entry(stamp, entry.id), dumps(entry.to_json()))
@@ -501,6 +508,7 @@ class SpecStore:
                 # a later agent of the same name does not inherit what was shared with it
                 Op.delete(self.keys.grants(name), prefix=True),
                 Op.delete(self.keys.status(name)),
+                Op.delete(self.keys.agent_analysis(name)),
                 audit_op,
             ],
         )
@@ -671,8 +679,17 @@ class SpecStore:
         return out
 
     async def put_release(
-        self, agent: str, spec: ReleaseSpec, *, actor: str, message: str = ""
+        self,
+        agent: str,
+        spec: ReleaseSpec,
+        *,
+        actor: str,
+        message: str = "",
+        action: str | None = None,
+        details: dict[str, Any] | None = None,
     ) -> bool:
+        """Write an agent's release policy, audited as ``release.<action>`` (``apply`` when
+        no action is named) with ``details``."""
         current = await self.current_revision(agent)
         if current == 0:
             raise NotFoundError(kind="agent", name=agent)
@@ -694,11 +711,22 @@ class SpecStore:
             kind="Release",
             name=agent,
             message=message,
+            action=f"release.{action}" if action else "apply",
+            details=details,
         )
 
     async def get_release(self, agent: str) -> ReleaseSpec | None:
         kv = await self.etcd.get(self.keys.agent_release(agent))
         return ReleaseSpec.model_validate_json(kv.value) if kv else None
+
+    async def put_analysis(self, agent: str, state: dict[str, Any]) -> None:
+        """Write the progress of an agent's release analysis (the analysis loop's; not
+        audited: the release changes it makes are)."""
+        await self.etcd.put(self.keys.agent_analysis(agent), dumps(state))
+
+    async def get_analysis(self, agent: str) -> dict[str, Any] | None:
+        kv = await self.etcd.get(self.keys.agent_analysis(agent))
+        return dict(json.loads(kv.value)) if kv else None
 
     async def list_instances(self, agent: str | None = None) -> list[dict[str, Any]]:
         """Live instances from the Agent Registry (their keys live under leases)."""
@@ -732,6 +760,8 @@ class SpecStore:
         kind: str,
         name: str,
         message: str = "",
+        action: str = "apply",
+        details: dict[str, Any] | None = None,
     ) -> bool:
         """Put ``data`` at ``key`` with an audit entry, guarded against concurrent change.
         Return False when nothing changed."""
@@ -742,13 +772,14 @@ class SpecStore:
             return False
         _, audit_op = self._audit(
             actor=actor,
-            action="apply",
+            action=action,
             kind=kind,
             name=name,
             revision=None,
             previous=None,
             changes=changes,
             message=message,
+            details=details,
         )
         guard = Compare(key, "MOD", "EQUAL", existing.mod_revision if existing else 0)
         result = await self.etcd.txn(compare=[guard], success=[Op.put(key, dumps(data)), audit_op])
