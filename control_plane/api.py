@@ -465,6 +465,12 @@ class ControlPlane:
         await self.store.get_agent(agent)  # 404 for an unknown agent
         return await self.store.get_release(agent)
 
+    async def release_analysis(self, principal: Principal, agent: str) -> dict[str, Any] | None:
+        """The progress of the agent's release analysis (see :mod:`control_plane.analysis_loop`);
+        None when none ran."""
+        authorize(principal, "releases.read")
+        return await self.store.get_analysis(agent)
+
     async def set_release(
         self,
         principal: Principal,

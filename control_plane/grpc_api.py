@@ -223,7 +223,12 @@ def _tool_listing(name: str, listing: ToolListing) -> _pb.McpToolListing:
     )
 
 
-def _release(agent: str, spec: ReleaseSpec, entry: AuditEntry | None) -> _pb.Release:
+def _release(
+    agent: str,
+    spec: ReleaseSpec,
+    entry: AuditEntry | None,
+    analysis: dict[str, Any] | None = None,
+) -> _pb.Release:
     header_match = []
     for h in spec.header_match:
         matches = {k: v for k in ("exact", "prefix", "regex") if (v := getattr(h, k)) is not None}
@@ -235,6 +240,7 @@ def _release(agent: str, spec: ReleaseSpec, entry: AuditEntry | None) -> _pb.Rel
         canary_weight=spec.canary_weight,
         header_match=header_match,
         spec=to_struct(spec.model_dump(mode="json", by_alias=True)),
+        analysis=to_struct(analysis) if analysis is not None else None,
         **_who(entry),
     )
 
@@ -792,7 +798,7 @@ class _AgentRegistryService(Servicer):
 class _ReleaseService(Servicer):
     async def _reply(self, p: Principal, agent: str, spec: ReleaseSpec) -> Any:
         entry = (await self.cp.last_changes(p, "Release")).get(agent)
-        return _release(agent, spec, entry)
+        return _release(agent, spec, entry, await self.cp.release_analysis(p, agent))
 
     @_rpc
     async def SetRelease(self, p: Principal, request: Any) -> Any:

@@ -13,6 +13,8 @@ AgentCard                            a2a-sdk's ``AgentCard`` message in proto3 J
 IstioObject                          a Kubernetes object (apiVersion, kind, metadata, spec)
 JsonSchema                           an MCP tool's ``inputSchema``
 Attributes                           OpenTelemetry span/resource attributes
+ReleaseAnalysis                      the progress of a release analysis
+                                     (control_plane.analysis_loop)
 ==================================  ==========================================================
 
 :func:`json_schema` answers a name with its schema and the ``$defs`` it refers to (to be
@@ -92,6 +94,44 @@ _LITERAL: dict[str, dict[str, Any]] = {
         "type": "object",
         "description": "OpenTelemetry attributes: name -> value",
         "additionalProperties": _ATTRIBUTE_VALUE,
+    },
+    "ReleaseAnalysis": {
+        "type": "object",
+        "description": "the progress of a release analysis (docs/analysis.md)",
+        "properties": {
+            "canaryRevision": {"type": "integer"},
+            "stableRevision": {"type": "integer"},
+            "phase": {"type": "string", "enum": ["running", "aborted", "promoted"]},
+            "step": {"type": "integer", "description": "the current step, from 0"},
+            "steps": {"type": "integer"},
+            "startedAt": {"type": "string", "format": "date-time"},
+            "stepStartedAt": {"type": "string", "format": "date-time"},
+            "updatedAt": {"type": "string", "format": "date-time"},
+            "timeline": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "step": {"type": "integer"},
+                        "weight": {"type": "integer"},
+                        "startedAt": {"type": "string", "format": "date-time"},
+                        "decision": {"type": "string", "enum": ["hold", "pass", "fail"]},
+                        "reason": {"type": "string"},
+                        "decidedAt": {"type": ["string", "null"], "format": "date-time"},
+                        "updatedAt": {"type": "string", "format": "date-time"},
+                        "figures": {
+                            "type": ["object", "null"],
+                            "description": "per track (stable, canary): requests, errors, "
+                            "errorRate, p95Seconds, costPerTurn; gates: gate, threshold, "
+                            "canary, stable, bound, judged, failed, reason",
+                            "additionalProperties": True,
+                        },
+                    },
+                    "additionalProperties": True,
+                },
+            },
+        },
+        "additionalProperties": True,
     },
 }
 
