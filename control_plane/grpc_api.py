@@ -268,6 +268,7 @@ def _audit_entry(e: AuditEntry) -> _pb.AuditEntry:
         revision=e.revision or 0,
         changes=[_change(c) for c in e.changes],
         message=e.message,
+        details=to_struct(e.details) if e.details is not None else None,
     )
 
 

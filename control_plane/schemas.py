@@ -13,6 +13,7 @@ AgentCard                            a2a-sdk's ``AgentCard`` message in proto3 J
 IstioObject                          a Kubernetes object (apiVersion, kind, metadata, spec)
 JsonSchema                           an MCP tool's ``inputSchema``
 Attributes                           OpenTelemetry span/resource attributes
+AuditDetails                         what a machine-made change decided on
 ReleaseAnalysis                      the progress of a release analysis
                                      (control_plane.analysis_loop)
 ==================================  ==========================================================
@@ -94,6 +95,12 @@ _LITERAL: dict[str, dict[str, Any]] = {
         "type": "object",
         "description": "OpenTelemetry attributes: name -> value",
         "additionalProperties": _ATTRIBUTE_VALUE,
+    },
+    "AuditDetails": {
+        "type": "object",
+        "description": "what a machine-made change decided on, e.g. an auto-abort's step "
+        "(step, weight) and figures (stable, canary, gates) -- see docs/analysis.md",
+        "additionalProperties": True,
     },
     "ReleaseAnalysis": {
         "type": "object",

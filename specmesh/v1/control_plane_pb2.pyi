@@ -2941,6 +2941,7 @@ class AuditEntry(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     CHANGES_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The entry's id, unique and sortable by time."""
     actor: _builtins.str
@@ -2967,6 +2968,12 @@ class AuditEntry(_message.Message):
     def changes(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Change]:
         """The changes made, by path; secret values are references or masks only."""
 
+    @_builtins.property
+    def details(self) -> _struct_pb2.Struct:
+        """What a machine-made change decided on, e.g. the step and gate figures of a
+        "release.auto-abort" (docs/analysis.md); unset for most entries.
+        """
+
     def __init__(
         self,
         *,
@@ -2979,10 +2986,11 @@ class AuditEntry(_message.Message):
         revision: _builtins.int = ...,
         changes: _abc.Iterable[_common_pb2.Change] | None = ...,
         message: _builtins.str = ...,
+        details: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["details", b"details", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "changes", b"changes", "id", b"id", "kind", b"kind", "message", b"message", "name", b"name", "revision", b"revision", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "changes", b"changes", "details", b"details", "id", b"id", "kind", b"kind", "message", b"message", "name", b"name", "revision", b"revision", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
