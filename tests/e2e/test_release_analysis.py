@@ -1,6 +1,7 @@
 """Analysis-gated progressive delivery on the local fleet (`specmesh up`): the control plane
 aborts a canary that fails 30 % of its turns by itself before it reaches 50 %, stable
-unaffected, audited with the figures; a healthy canary is promoted by itself.
+unaffected, audited with the figures; a healthy canary is promoted by itself; the Studio's
+release view shows the analysis timeline. Used in order.
 
 The scripted model fails 3 of every 10 calls whose system prompt says "flaky" (a rule's
 ``cycle``): the bad canary's prompt. Stable and the healthy canary have other prompts, so
@@ -20,16 +21,22 @@ from typing import Any
 
 import pytest
 import requests
+from playwright.sync_api import Browser, expect
 
 from localfleet.fleet import Fleet, FleetOptions
 from specmeshctl.a2aclient import InvokeResult, invoke
 from specmeshctl.main import main as cli
 from tests.polling import eventually_sync
 
+from . import test_studio
 from .test_controller import _ready_urls
 from .test_fleet import _api, _invoke_token
+from .test_studio import Studio
 
 pytestmark = pytest.mark.e2e
+
+browser = test_studio.browser  # the Studio test's fixtures, over this module's fleet
+shots = test_studio.shots
 
 AGENT = "canaried"
 SCRIPT = """\
@@ -220,3 +227,22 @@ def test_a_healthy_canary_is_promoted_by_itself(fleet: dict[str, Any], tmp_path:
     assert [r.state for r in results] == ["completed"] * len(results)
     actions = [e["action"] for e in _audit(fleet)]
     assert actions[0] == "release.promote" and "release.auto-abort" in actions
+
+
+def test_the_studio_shows_the_analysis_timeline(
+    browser: Browser, fleet: dict[str, Any], shots: Path
+) -> None:
+    studio = Studio(browser, fleet, shots, "admin")
+    page = studio.go(f"releases/{AGENT}", "[data-testid=release-analysis]")
+
+    timeline = page.get_by_test_id("release-analysis")
+    expect(timeline).to_contain_text("promoted")
+    expect(timeline).to_contain_text("canary revision 3 against stable revision 1")
+    rows = timeline.locator("tr[data-step]")
+    expect(rows).to_have_count(2)
+    for i, weight in enumerate(("10%", "50%")):
+        expect(rows.nth(i)).to_contain_text(weight)
+        expect(rows.nth(i)).to_contain_text("pass")
+        expect(rows.nth(i).locator("[data-gate=errorRate]")).to_contain_text("ok")
+    studio.snap("release-analysis")
+    studio.close()
