@@ -3,7 +3,9 @@
 - :class:`Span` (with :class:`SpanEvent`): one span, as the receiver decoded it.
 - :class:`TraceStore`: ``add_spans``, ``get_trace`` (a waterfall: ordered by start, with
   parent ids), ``list_traces`` (:class:`TraceSummary`), ``token_usage``
-  (:class:`TokenUsageRow`), ``prune`` (retention); :class:`InMemoryTraceStore` and
+  (:class:`TokenUsageRow`), ``turns`` (:class:`Turn`: one per engine ``invoke_agent``
+  span, with its revision, outcome, duration and cost -- what release analysis reads),
+  ``prune`` (retention); :class:`InMemoryTraceStore` and
   :class:`SqliteTraceStore` (the embedded default) implement it.
 - :func:`retention_loop`: prune on a timer until stopped.
 
