@@ -30,7 +30,7 @@ only once, at the end of a step, noise within the step cannot flap it. See docs/
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any, Literal
@@ -210,73 +210,80 @@ def _error_gate(threshold: float, stable: TrackWindow, canary: TrackWindow, z: f
     )
 
 
+Bounds = Callable[[Sequence[float], float], tuple[float, float]]
+"""``(values, z) -> (lower, upper)`` confidence bounds of a statistic."""
+
+
+def _ratio_gate(
+    gate: str,
+    threshold: float,
+    *,
+    stable: Sequence[float],
+    canary: Sequence[float],
+    statistic: Callable[[Sequence[float]], float | None],
+    bounds: Bounds,
+    z: float,
+    unjudged: str | None,
+    unit: str = "",
+) -> GateResult:
+    """Fails when the canary's lower bound exceeds ``threshold`` times stable's upper bound;
+    not judged when ``unjudged`` says why."""
+    bound: float | None = None
+    reason = unjudged or ""
+    if unjudged is None:
+        canary_low, _ = bounds(canary, z)
+        _, stable_high = bounds(stable, z)
+        bound = canary_low / stable_high if stable_high > 0 else (math.inf if canary_low else 1.0)
+        reason = (
+            f"canary >= {canary_low:.6g}{unit} vs stable <= {stable_high:.6g}{unit}: "
+            f"ratio {bound:.2f} (max {threshold})"
+        )
+    return GateResult(
+        gate=gate,
+        threshold=threshold,
+        canary=statistic(canary),
+        stable=statistic(stable),
+        bound=bound,
+        judged=bound is not None,
+        failed=bound is not None and bound > threshold,
+        reason=reason,
+    )
+
+
 def _latency_gate(
     threshold: float, stable: TrackWindow, canary: TrackWindow, z: float, minimum: int
 ) -> GateResult:
-    canary_p95, stable_p95 = _p95(canary.latencies), _p95(stable.latencies)
-    if min(len(canary.latencies), len(stable.latencies)) < minimum:
-        return GateResult(
-            gate="p95Latency",
-            threshold=threshold,
-            canary=canary_p95,
-            stable=stable_p95,
-            bound=None,
-            judged=False,
-            failed=False,
-            reason=f"fewer than {minimum} latencies on a track",
-        )
-    canary_low, _ = quantile_bounds(canary.latencies, 0.95, z)
-    _, stable_high = quantile_bounds(stable.latencies, 0.95, z)
-    ratio = canary_low / stable_high if stable_high > 0 else (math.inf if canary_low else 1.0)
-    return GateResult(
-        gate="p95Latency",
-        threshold=threshold,
-        canary=canary_p95,
-        stable=stable_p95,
-        bound=ratio,
-        judged=True,
-        failed=ratio > threshold,
-        reason=(
-            f"canary p95 >= {canary_low:.3f}s vs stable p95 <= {stable_high:.3f}s: "
-            f"ratio {ratio:.2f} (max {threshold})"
-        ),
+    few = min(len(canary.latencies), len(stable.latencies)) < minimum
+    return _ratio_gate(
+        "p95Latency",
+        threshold,
+        stable=stable.latencies,
+        canary=canary.latencies,
+        statistic=_p95,
+        bounds=lambda values, z: quantile_bounds(values, 0.95, z),
+        z=z,
+        unjudged=f"fewer than {minimum} latencies on a track" if few else None,
+        unit="s",
     )
 
 
 def _cost_gate(
     threshold: float, stable: TrackWindow, canary: TrackWindow, z: float, minimum: int
 ) -> GateResult:
-    canary_mean, stable_mean = _mean(canary.costs), _mean(stable.costs)
-    if min(len(canary.costs), len(stable.costs)) < minimum or not stable_mean:
-        return GateResult(
-            gate="costPerTurn",
-            threshold=threshold,
-            canary=canary_mean,
-            stable=stable_mean,
-            bound=None,
-            judged=False,
-            failed=False,
-            reason=(
-                "stable's cost per turn is 0 (prices unknown)"
-                if stable_mean == 0
-                else f"fewer than {minimum} priced turns on a track"
-            ),
-        )
-    canary_low, _ = _mean_bounds(canary.costs, z)
-    _, stable_high = _mean_bounds(stable.costs, z)
-    ratio = canary_low / stable_high
-    return GateResult(
-        gate="costPerTurn",
-        threshold=threshold,
-        canary=canary_mean,
-        stable=stable_mean,
-        bound=ratio,
-        judged=True,
-        failed=ratio > threshold,
-        reason=(
-            f"canary cost/turn >= {canary_low:.6f} vs stable <= {stable_high:.6f}: "
-            f"ratio {ratio:.2f} (max {threshold})"
-        ),
+    unjudged = None
+    if min(len(canary.costs), len(stable.costs)) < minimum:
+        unjudged = f"fewer than {minimum} priced turns on a track"
+    elif not _mean(stable.costs):
+        unjudged = "stable's cost per turn is 0 (prices unknown)"
+    return _ratio_gate(
+        "costPerTurn",
+        threshold,
+        stable=stable.costs,
+        canary=canary.costs,
+        statistic=_mean,
+        bounds=_mean_bounds,
+        z=z,
+        unjudged=unjudged,
     )
 
 

@@ -13,7 +13,6 @@ store.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,14 +27,17 @@ from specmeshctl.a2aclient import InvokeResult, invoke
 from specmeshctl.main import main as cli
 from tests.polling import eventually_sync
 
-from . import test_studio
+from . import test_controller, test_studio
 from .test_controller import _ready_urls
 from .test_fleet import _api, _invoke_token
 from .test_studio import Studio
 
 pytestmark = pytest.mark.e2e
 
-browser = test_studio.browser  # the Studio test's fixtures, over this module's fleet
+# fixtures of other e2e modules, over this module's fleet: the CLI's environment (autouse),
+# the Studio's browser and screenshots
+_cli_env = test_controller._cli_env
+browser = test_studio.browser
 shots = test_studio.shots
 
 AGENT = "canaried"
@@ -109,14 +111,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     state["_home"] = home
     yield state
     f.down()
-
-
-@pytest.fixture(autouse=True)
-def _cli_env(fleet: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith(("SPECMESH_", "VAULT_")):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("SPECMESH_HOME", str(fleet["_home"]))
 
 
 def _apply(tmp_path: Path, text: str) -> None:

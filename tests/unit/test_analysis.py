@@ -37,104 +37,91 @@ def test_a_canary_equal_to_stable_is_never_aborted_over_ten_runs_with_small_samp
     assert [d.verdict for d in verdicts] == ["pass"] * 10, [d.reason for d in verdicts]
 
 
-def test_a_canary_failing_thirty_percent_of_turns_is_aborted() -> None:
+@pytest.mark.parametrize(
+    ("canary_n", "canary_errors", "canary_latency", "gate"),
+    [(25, 0.3, 0.5, "errorRate"), (60, 0.0, 2.0, "p95Latency")],
+    ids=["thirty-percent-errors", "four-times-slower"],
+)
+def test_a_worse_canary_is_aborted_by_the_gate_it_fails(
+    canary_n: int, canary_errors: float, canary_latency: float, gate: str
+) -> None:
     rng = random.Random(17)
     decision = judge(
         ANALYSIS,
         ANALYSIS.steps[0],
         held_seconds=60,
         stable=_window(rng, 200, 0.0, 0.5),
-        canary=_window(rng, 25, 0.3, 0.5),
+        canary=_window(rng, canary_n, canary_errors, canary_latency),
     )
     assert decision.verdict == "fail"
-    assert [g.gate for g in decision.failed_gates] == ["errorRate"]
+    assert [g.gate for g in decision.failed_gates] == [gate]
     figures = decision.to_json()
-    assert figures["canary"]["errors"] > 0
-    assert figures["gates"][0]["failed"] is True
+    assert [g["failed"] for g in figures["gates"] if g["gate"] == gate] == [True]
+    assert figures["canary"]["requests"] == canary_n
 
 
-def test_a_slow_canary_fails_the_latency_gate() -> None:
-    rng = random.Random(3)
+@pytest.mark.parametrize(
+    ("held_seconds", "canary", "reason"),
+    [
+        (600, TrackWindow(requests=5, errors=5), "not enough data: stable 100, canary 5"),
+        (30, TrackWindow(requests=100, errors=90), "held 30s of 60s"),
+    ],
+    ids=["too-few-canary-turns", "step-not-over"],
+)
+def test_a_step_holds_whatever_the_canary_looks_like_until_it_ends_with_enough_data(
+    held_seconds: float, canary: TrackWindow, reason: str
+) -> None:
     decision = judge(
         ANALYSIS,
         ANALYSIS.steps[0],
-        held_seconds=60,
-        stable=_window(rng, 200, 0.0, 0.5),
-        canary=_window(rng, 60, 0.0, 2.0),
-    )
-    assert decision.verdict == "fail"
-    assert [g.gate for g in decision.failed_gates] == ["p95Latency"]
-
-
-def test_not_enough_data_holds_the_step_even_when_the_canary_looks_bad() -> None:
-    decision = judge(
-        ANALYSIS,
-        ANALYSIS.steps[0],
-        held_seconds=600,
+        held_seconds=held_seconds,
         stable=TrackWindow(requests=100, errors=0),
-        canary=TrackWindow(requests=5, errors=5),
+        canary=canary,
     )
     assert decision.verdict == "hold"
-    assert "not enough data" in decision.reason
+    assert reason in decision.reason
 
 
-def test_no_decision_before_the_step_ends() -> None:
-    decision = judge(
-        ANALYSIS,
-        ANALYSIS.steps[0],
-        held_seconds=30,
-        stable=TrackWindow(requests=100, errors=0),
-        canary=TrackWindow(requests=100, errors=90),
-    )
-    assert decision.verdict == "hold"
+def _verdicts(
+    analysis: dict[str, object], held_seconds: float, pairs: list[tuple[TrackWindow, TrackWindow]]
+) -> list[tuple[str, list[bool]]]:
+    """(verdict, which gates were judged) for each (stable, canary) pair on the first step."""
+    spec = AnalysisSpec.model_validate(analysis)
+    out = []
+    for stable, canary in pairs:
+        d = judge(spec, spec.steps[0], held_seconds=held_seconds, stable=stable, canary=canary)
+        out.append((d.verdict, [g.judged for g in d.gates]))
+    return out
 
 
 def test_min_canary_requests_holds_until_reached() -> None:
-    analysis = AnalysisSpec.model_validate(
-        {"steps": [{"weight": 10, "minCanaryRequests": 40}], "minSamplePerTrack": 5}
-    )
-    few = judge(
+    analysis = {"steps": [{"weight": 10, "minCanaryRequests": 40}], "minSamplePerTrack": 5}
+    verdicts = _verdicts(
         analysis,
-        analysis.steps[0],
-        held_seconds=0,
-        stable=TrackWindow(requests=100),
-        canary=TrackWindow(requests=39),
+        0,
+        [
+            (TrackWindow(requests=100), TrackWindow(requests=39)),
+            (TrackWindow(requests=100), TrackWindow(requests=40)),
+        ],
     )
-    enough = judge(
-        analysis,
-        analysis.steps[0],
-        held_seconds=0,
-        stable=TrackWindow(requests=100),
-        canary=TrackWindow(requests=40),
-    )
-    assert (few.verdict, enough.verdict) == ("hold", "pass")
+    assert verdicts == [("hold", []), ("pass", [])]
 
 
 def test_the_cost_gate_is_not_judged_without_prices_and_fails_a_costlier_canary() -> None:
-    analysis = AnalysisSpec.model_validate(
-        {
-            "steps": [{"weight": 10, "durationSeconds": 1}],
-            "gates": {"maxCostPerTurnRatio": 1.2},
-            "minSamplePerTrack": 20,
-        }
+    analysis = {
+        "steps": [{"weight": 10, "durationSeconds": 1}],
+        "gates": {"maxCostPerTurnRatio": 1.2},
+        "minSamplePerTrack": 20,
+    }
+    unpriced = (
+        TrackWindow(requests=30, costs=[0.0] * 30),
+        TrackWindow(requests=30, costs=[0.01] * 30),
     )
-    step = analysis.steps[0]
-    unpriced = judge(
-        analysis,
-        step,
-        held_seconds=1,
-        stable=TrackWindow(requests=30, costs=[0.0] * 30),
-        canary=TrackWindow(requests=30, costs=[0.01] * 30),
+    costly = (
+        TrackWindow(requests=30, costs=[0.001] * 30),
+        TrackWindow(requests=30, costs=[0.002] * 30),
     )
-    costly = judge(
-        analysis,
-        step,
-        held_seconds=1,
-        stable=TrackWindow(requests=30, costs=[0.001] * 30),
-        canary=TrackWindow(requests=30, costs=[0.002] * 30),
-    )
-    assert unpriced.verdict == "pass" and not unpriced.gates[0].judged
-    assert costly.verdict == "fail"
+    assert _verdicts(analysis, 1, [unpriced, costly]) == [("pass", [False]), ("fail", [True])]
 
 
 def test_wilson_and_quantile_bounds_contain_the_estimate() -> None:
