@@ -4,7 +4,9 @@ For every agent whose release policy carries ``analysis`` and names a canary rev
 every ``interval_seconds``:
 
 1. a new canary (no progress recorded for it, or the recorded analysis ended) starts at
-   step 0: the release's ``canaryWeight`` is set to the step's weight (``release.set``);
+   step 0 once its track has a ready instance (the controller's observed state; a weight
+   to an empty track would fail calls under Istio): the release's ``canaryWeight`` is set
+   to the step's weight (``release.set``);
 2. the turns each track answered since the step began are read from the trace store --
    the engines' ``invoke_agent`` spans, told apart by their ``specmesh.spec.revision``
    (stable's revision or the canary's), their status (a failed turn), duration and the
@@ -129,6 +131,8 @@ class AnalysisLoop:
             or state.get("canaryRevision") != canary
             or state.get("phase") != "running"
         ):
+            if not await self._canary_ready(agent):
+                return state
             return await self._start(agent, release, stable=stable, now=now)
         step_index = int(state["step"])
         step = release.analysis.steps[min(step_index, len(release.analysis.steps) - 1)]
@@ -196,6 +200,17 @@ class AnalysisLoop:
             state["timeline"].append(_entry(step_index + 1, nxt.weight, now))
         await self.store.put_analysis(agent, state)
         return state
+
+    async def _canary_ready(self, agent: str) -> bool:
+        """Whether the canary track has a ready instance (the controller's observed state);
+        True when no controller reports (no runtime: the operator runs the workloads)."""
+        status = await self.store.get_status(agent)
+        if status is None:
+            return True
+        ready = int((status.get("tracks") or {}).get("canary", {}).get("ready") or 0)
+        if not ready:
+            logger.info("release analysis of %s waits for a ready canary instance", agent)
+        return ready > 0
 
     async def _start(
         self, agent: str, release: ReleaseSpec, *, stable: int, now: datetime

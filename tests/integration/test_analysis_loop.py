@@ -200,3 +200,21 @@ async def test_without_enough_canary_turns_the_step_holds_and_never_aborts(
     assert state is not None and state["phase"] == "running"
     assert "not enough data" in state["timeline"][0]["reason"]
     assert (await store.get_release(agent)).canary_revision == 2  # type: ignore[union-attr]
+
+
+async def test_the_first_step_waits_for_a_ready_canary_instance(
+    store: SpecStore, vault: VaultClient
+) -> None:
+    cp, agent = await _setup(store, vault)
+    loop = AnalysisLoop(control_plane=cp, turns=InMemoryTraceStore(), clock=Clock())
+    tracks = {"stable": {"desired": 1, "ready": 1}, "canary": {"desired": 1, "ready": 0}}
+    await store.put_status(agent, {"tracks": tracks})
+
+    assert await loop.analyse(agent) is None
+    assert (await store.get_release(agent)).canary_weight == 0  # type: ignore[union-attr]
+
+    tracks["canary"]["ready"] = 1
+    await store.put_status(agent, {"tracks": tracks})
+    state = await loop.analyse(agent)
+    assert state is not None and state["phase"] == "running"
+    assert (await store.get_release(agent)).canary_weight == 10  # type: ignore[union-attr]
