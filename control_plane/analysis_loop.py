@@ -17,9 +17,11 @@ every ``interval_seconds``:
    (:meth:`ControlPlane.abort` with ``action="auto-abort"`` and the figures as
    ``details``): canary weight 0, stable untouched.
 
-The progress (phase, current step, when it began, a timeline of the steps with their
-figures and decisions) lives in etcd at ``<prefix>/analysis/<agent>``, so a restarted
-control plane resumes where it was; the loop holds nothing else. The clock is injected.
+The progress (phase: ``running``, ``aborted``, ``promoted``, or ``cancelled`` when the
+release changed outside the analysis -- promoted, aborted or replaced by hand; the current
+step, when it began, a timeline of the steps with their figures and decisions) lives in etcd
+at ``<prefix>/analysis/<agent>``, so a restarted control plane resumes where it was; the loop
+holds nothing else. The clock is injected.
 Run one loop per store (one control-plane replica), like the controller.
 """
 
@@ -121,9 +123,24 @@ class AnalysisLoop:
         """Advance ``agent``'s release analysis by what the data say now; its progress."""
         release = await self.store.get_release(agent)
         state = await self.store.get_analysis(agent)
+        now = self.clock()
+        if (
+            state is not None
+            and state.get("phase") == "running"
+            and (
+                release is None
+                or release.analysis is None
+                or release.canary_revision != state.get("canaryRevision")
+            )
+        ):
+            # promoted, aborted or replaced by hand, or its analysis removed
+            state.update(phase="cancelled", updatedAt=_iso(now))
+            state["timeline"][-1].update(
+                reason="the release changed outside the analysis", updatedAt=_iso(now)
+            )
+            await self.store.put_analysis(agent, state)
         if release is None or release.analysis is None or release.canary_revision is None:
             return state
-        now = self.clock()
         canary = release.canary_revision
         stable = release.stable_revision or await self.store.current_revision(agent)
         if (

@@ -108,7 +108,7 @@ _LITERAL: dict[str, dict[str, Any]] = {
         "properties": {
             "canaryRevision": {"type": "integer"},
             "stableRevision": {"type": "integer"},
-            "phase": {"type": "string", "enum": ["running", "aborted", "promoted"]},
+            "phase": {"type": "string", "enum": ["running", "aborted", "promoted", "cancelled"]},
             "step": {"type": "integer", "description": "the current step, from 0"},
             "steps": {"type": "integer"},
             "startedAt": {"type": "string", "format": "date-time"},

@@ -2194,7 +2194,8 @@ class Release(_message.Message):
     @_builtins.property
     def analysis(self) -> _struct_pb2.Struct:
         """The progress of the release analysis, when the policy has one (see docs/analysis.md):
-        canaryRevision, stableRevision, phase (running, aborted, promoted), step, startedAt,
+        canaryRevision, stableRevision, phase (running, aborted, promoted, cancelled), step,
+        startedAt,
         stepStartedAt, and the timeline: per step its weight, startedAt, decision (hold, pass,
         fail), reason, decidedAt and figures (per track requests, errors, errorRate,
         p95Seconds, costPerTurn; per gate its threshold, values, bound and outcome).

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from control_plane.analysis_loop import AnalysisLoop
+from control_plane.analysis_loop import ANALYSIS_PRINCIPAL, AnalysisLoop
 from control_plane.api import ControlPlane
 from control_plane.traces import InMemoryTraceStore, Span, SqliteTraceStore, TraceStore
 from specmesh.spec.models import AgentSpec, ReleaseSpec
@@ -218,3 +218,18 @@ async def test_the_first_step_waits_for_a_ready_canary_instance(
     state = await loop.analyse(agent)
     assert state is not None and state["phase"] == "running"
     assert (await store.get_release(agent)).canary_weight == 10  # type: ignore[union-attr]
+
+
+async def test_a_release_ended_by_hand_cancels_its_analysis(
+    store: SpecStore, vault: VaultClient
+) -> None:
+    cp, agent = await _setup(store, vault)
+    loop = AnalysisLoop(control_plane=cp, turns=InMemoryTraceStore(), clock=Clock())
+    await loop.analyse(agent)
+
+    await cp.abort(ANALYSIS_PRINCIPAL, agent, message="by hand")
+    state = await loop.analyse(agent)
+
+    assert state is not None and state["phase"] == "cancelled"
+    assert state["timeline"][-1]["reason"] == "the release changed outside the analysis"
+    assert (await store.get_analysis(agent)) == state

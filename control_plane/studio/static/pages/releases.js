@@ -27,7 +27,7 @@ export async function render(rest) {
 }
 
 const DECISION_BADGE = { pass: "ok", fail: "bad", hold: "info" };
-const PHASE_BADGE = { running: "info", promoted: "ok", aborted: "bad" };
+const PHASE_BADGE = { running: "info", promoted: "ok", aborted: "bad", cancelled: "warn" };
 const pct = (v) => (v == null ? "–" : `${(100 * Number(v)).toFixed(1)}%`);
 
 function trackFigures(f) {
