@@ -485,6 +485,12 @@ class ControlPlane:
         await self.store.get_agent(agent)  # 404 for an unknown agent
         return await self.store.get_release_state(agent)
 
+    async def release_analysis(self, principal: Principal, agent: str) -> dict[str, Any] | None:
+        """The progress of the agent's release analysis (see :mod:`control_plane.analysis_loop`);
+        None when none ran."""
+        authorize(principal, "releases.read")
+        return await self.store.get_analysis(agent)
+
     async def set_release(
         self,
         principal: Principal,
@@ -575,11 +581,18 @@ class ControlPlane:
         agent: str,
         *,
         message: str = "",
+        details: dict[str, Any] | None = None,
         expected_version: int | None = None,
     ) -> ReleaseState:
-        """The canary becomes stable; the split ends."""
+        """The canary becomes stable; the split ends (``details``: why, when the release
+        analysis decided it)."""
         return await self._end_split(
-            principal, agent, message=message, action="promote", expected_version=expected_version
+            principal,
+            agent,
+            message=message,
+            action="promote",
+            details=details,
+            expected_version=expected_version,
         )
 
     async def abort(

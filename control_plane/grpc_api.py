@@ -224,7 +224,12 @@ def _tool_listing(name: str, listing: ToolListing) -> _pb.McpToolListing:
     )
 
 
-def _release(agent: str, state: ReleaseState, entry: AuditEntry | None) -> _pb.Release:
+def _release(
+    agent: str,
+    state: ReleaseState,
+    entry: AuditEntry | None,
+    analysis: dict[str, Any] | None = None,
+) -> _pb.Release:
     spec = state.spec
     if spec is None:  # the callers answer "no policy" themselves; this is a bug
         raise NotFoundError(kind="release of agent", name=agent)
@@ -240,6 +245,7 @@ def _release(agent: str, state: ReleaseState, entry: AuditEntry | None) -> _pb.R
         header_match=header_match,
         spec=to_struct(spec.model_dump(mode="json", by_alias=True)),
         version=state.version,
+        analysis=to_struct(analysis) if analysis is not None else None,
         **_who(entry),
     )
 
@@ -831,7 +837,7 @@ class _AgentRegistryService(Servicer):
 class _ReleaseService(Servicer):
     async def _reply(self, p: Principal, agent: str, state: ReleaseState) -> Any:
         entry = (await self.cp.last_changes(p, "Release")).get(agent)
-        return _release(agent, state, entry)
+        return _release(agent, state, entry, await self.cp.release_analysis(p, agent))
 
     @_rpc
     async def SetRelease(self, p: Principal, request: Any) -> Any:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from control_plane.analysis_loop import AnalysisLoop
 from control_plane.api import ControlPlane
 from control_plane.auth import StaticTokenAuthenticator
 from control_plane.controller import Controller
@@ -152,6 +153,17 @@ async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = 
                 if runtime is not None
                 else None
             )
+            analysing = (
+                tasks.create_task(
+                    AnalysisLoop(
+                        control_plane=control_plane,
+                        turns=traces,
+                        interval_seconds=settings.analysis_interval_seconds,
+                    ).run()
+                )
+                if settings.analysis_interval_seconds
+                else None
+            )
             renewing = tasks.create_task(keep_token_alive(vault))
             collecting = (
                 tasks.create_task(_collect_garbage(control_plane, settings))
@@ -166,6 +178,8 @@ async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = 
                 publishing.cancel()
             if controlling is not None:
                 controlling.cancel()
+            if analysing is not None:
+                analysing.cancel()
 
 
 async def _collect_garbage(control_plane: ControlPlane, settings: ControlPlaneSettings) -> None:

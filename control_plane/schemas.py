@@ -14,7 +14,9 @@ IstioObject                          a Kubernetes object (apiVersion, kind, meta
 JsonSchema                           an MCP tool's ``inputSchema``
 Attributes                           OpenTelemetry span/resource attributes
 AuditObject                          an object before or after an audited change
-AuditDetails                         why an automatic change was made (its figures)
+AuditDetails                         what a machine-made change decided on
+ReleaseAnalysis                      the progress of a release analysis
+                                     (control_plane.analysis_loop)
 ==================================  ==========================================================
 
 :func:`json_schema` answers a name with its schema and the ``$defs`` it refers to (to be
@@ -104,7 +106,46 @@ _LITERAL: dict[str, dict[str, Any]] = {
     },
     "AuditDetails": {
         "type": "object",
-        "description": "why an automatic change was made, e.g. an auto-abort's gate figures",
+        "description": "what a machine-made change decided on, e.g. an auto-abort's step "
+        "(step, weight) and figures (stable, canary, gates) -- see docs/analysis.md",
+        "additionalProperties": True,
+    },
+    "ReleaseAnalysis": {
+        "type": "object",
+        "description": "the progress of a release analysis (docs/analysis.md)",
+        "properties": {
+            "canaryRevision": {"type": "integer"},
+            "stableRevision": {"type": "integer"},
+            "phase": {"type": "string", "enum": ["running", "aborted", "promoted", "cancelled"]},
+            "step": {"type": "integer", "description": "the current step, from 0"},
+            "steps": {"type": "integer"},
+            "startedAt": {"type": "string", "format": "date-time"},
+            "stepStartedAt": {"type": "string", "format": "date-time"},
+            "updatedAt": {"type": "string", "format": "date-time"},
+            "timeline": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "step": {"type": "integer"},
+                        "weight": {"type": "integer"},
+                        "startedAt": {"type": "string", "format": "date-time"},
+                        "decision": {"type": "string", "enum": ["hold", "pass", "fail"]},
+                        "reason": {"type": "string"},
+                        "decidedAt": {"type": ["string", "null"], "format": "date-time"},
+                        "updatedAt": {"type": "string", "format": "date-time"},
+                        "figures": {
+                            "type": ["object", "null"],
+                            "description": "per track (stable, canary): requests, errors, "
+                            "errorRate, p95Seconds, costPerTurn; gates: gate, threshold, "
+                            "canary, stable, bound, judged, failed, reason",
+                            "additionalProperties": True,
+                        },
+                    },
+                    "additionalProperties": True,
+                },
+            },
+        },
         "additionalProperties": True,
     },
 }

@@ -114,6 +114,9 @@ class ControlPlaneSettings(BaseSettings):
     """How often the controller hands every agent's desired state to the runtime again."""
     controller_observe_seconds: float = Field(default=2.0, gt=0)
     """How often the controller reads what runs and writes the agents' status."""
+    analysis_interval_seconds: float = Field(default=5.0, ge=0)
+    """How often the release analysis looks at every analysed release (0: it does not run;
+    see docs/analysis.md)."""
 
     task_store_password: str | None = None
     """``vault://`` reference of the shared A2A task store's Redis password

@@ -3,7 +3,9 @@
 - :class:`Span` (with :class:`SpanEvent`): one span, as the receiver decoded it.
 - :class:`TraceStore`: ``add_spans``, ``get_trace`` (a waterfall: ordered by start, with
   parent ids), ``list_traces`` (:class:`TraceSummary`), ``token_usage``
-  (:class:`TokenUsageRow`), ``prune`` (retention); :class:`InMemoryTraceStore` and
+  (:class:`TokenUsageRow`), ``turns`` (:class:`Turn`: one per engine ``invoke_agent``
+  span, with its revision, outcome, duration and cost -- what release analysis reads),
+  ``prune`` (retention); :class:`InMemoryTraceStore` and
   :class:`SqliteTraceStore` (the embedded default) implement it.
 - :func:`retention_loop`: prune on a timer until stopped.
 
@@ -69,6 +71,7 @@ __all__ = [
     "TokenUsageRow",
     "TraceStore",
     "TraceSummary",
+    "Turn",
     "retention_loop",
 ]
 
@@ -316,6 +319,64 @@ Pricer = Callable[[str, int, int], float | None]
 block. Prices calls whose span records no cost (see the module docstring)."""
 
 
+TURN_OPERATION: Final = "invoke_agent"
+"""``gen_ai.operation.name`` of an engine's turn span (it carries ``specmesh.spec.revision``)."""
+REVISION_ATTRIBUTE: Final = "specmesh.spec.revision"
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One turn an agent answered, as its spans tell it (what release analysis reads)."""
+
+    trace_id: str
+    revision: int | None
+    start_ns: int
+    seconds: float
+    error: bool
+    cost_usd: float
+
+
+def _turns(spans: Iterable[Span], pricer: Pricer) -> list[Turn]:
+    """Turns (``invoke_agent`` spans) with the cost of the model calls inside each."""
+    calls: dict[str, list[Span]] = {}
+    turns: list[Span] = []
+    for span in spans:
+        if span.operation == TURN_OPERATION:
+            turns.append(span)
+        elif span.is_model_call:
+            calls.setdefault(span.trace_id, []).append(span)
+    out = []
+    for turn in sorted(turns, key=lambda t: (t.start_ns, t.span_id)):
+        cost = sum(
+            _call_cost(c, pricer)
+            for c in calls.get(turn.trace_id, [])
+            if turn.start_ns <= c.start_ns <= turn.end_ns
+        )
+        revision = _int_or_none(turn.attributes.get(REVISION_ATTRIBUTE))
+        out.append(
+            Turn(
+                trace_id=turn.trace_id,
+                revision=revision,
+                start_ns=turn.start_ns,
+                seconds=turn.duration_ns / _NS,
+                error=turn.is_error,
+                cost_usd=cost,
+            )
+        )
+    return out
+
+
+def _call_cost(span: Span, pricer: Pricer) -> float:
+    """A model call's cost: what its span recorded, else the price map's; 0.0 for a model
+    priced nowhere (the analysis's cost gate judges nothing while stable costs 0)."""
+    if span.recorded_cost is not None:
+        return span.recorded_cost
+    if span.unpriced:
+        return 0.0
+    priced = pricer(span.model or UNKNOWN_MODEL, span.input_tokens or 0, span.output_tokens or 0)
+    return priced or 0.0
+
+
 class MapPricer:
     """Prices from :mod:`specmesh.prices` -- litellm's bundled price map, read without
     importing litellm; the engine's ``specmesh.agent.cost`` comes from the same code.
@@ -464,6 +525,11 @@ class TraceStore(ABC):
         """Drop every trace whose last span ended before ``now - older_than``; the number
         of spans dropped."""
 
+    @abstractmethod
+    async def turns(self, *, agents: Sequence[str], since: datetime, until: datetime) -> list[Turn]:
+        """The turns of an agent (any of its names) started in ``[since, until)``, oldest
+        first, each with the cost of its model calls."""
+
     async def close(self) -> None:  # noqa: B027 - nothing to release by default
         """Release what the store holds."""
 
@@ -490,6 +556,17 @@ def _root_name(spans: Sequence[Span]) -> str:
 
 class InMemoryTraceStore(TraceStore):
     """Spans in a dict (tests, and a control plane run without a database)."""
+
+    async def turns(self, *, agents: Sequence[str], since: datetime, until: datetime) -> list[Turn]:
+        low, high = _to_ns(since), _to_ns(until)
+        names = set(agents)
+        spans = [
+            s
+            for by_id in self._traces.values()
+            for s in by_id.values()
+            if s.agent in names and low <= s.start_ns < high
+        ]
+        return await asyncio.to_thread(_turns, spans, self._pricer)
 
     def __init__(self, *, pricer: Pricer | None = None) -> None:
         self._traces: dict[str, dict[str, Span]] = {}
@@ -876,6 +953,22 @@ class SqliteTraceStore(TraceStore):
         raw = await self._run(select)
         # Pricing may read the price file (first call): its own thread, not the store's.
         return await asyncio.to_thread(_price, raw, keys, self._pricer)
+
+    async def turns(self, *, agents: Sequence[str], since: datetime, until: datetime) -> list[Turn]:
+        names = list(dict.fromkeys(agents))
+        sql = f"""
+            SELECT {_COLUMNS} FROM spans
+            WHERE agent IN ({", ".join("?" for _ in names)})
+              AND start_ns >= ? AND start_ns < ?
+              AND (operation = '{TURN_OPERATION}' OR {_MODEL_CALL})
+        """
+        params = (*names, _to_ns(since), _to_ns(until))
+
+        def select(conn: sqlite3.Connection) -> list[Span]:
+            return [_span_of(r) for r in conn.execute(sql, params)]
+
+        spans = await self._run(select)
+        return await asyncio.to_thread(_turns, spans, self._pricer)
 
     async def prune(self, *, older_than: timedelta, now: datetime | None = None) -> int:
         cutoff = _to_ns((now or datetime.now(UTC)) - older_than)

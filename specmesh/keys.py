@@ -15,6 +15,11 @@
     <prefix>/status/<agent>                       observed state of the agent's workload
                                                   (desired/ready per track, instances),
                                                   written by the controller
+    <prefix>/analysis/<agent>                     progress of the agent's release analysis
+                                                  (step, figures, decisions), written by
+                                                  the control plane's analysis loop (not
+                                                  under agents/: the sidecars' snapshot
+                                                  watch would wake on every write)
     <prefix>/grants/<agent>/<id>                  secrets a secrets-admin shared with the
                                                   agent (outside its own Vault tree)
     <prefix>/audit/<ts>-<id>                      who changed what (diff)
@@ -69,6 +74,9 @@ class Keys:
 
     def agent_release(self, agent: str) -> str:
         return f"{self.agent(agent)}release"
+
+    def agent_analysis(self, agent: str) -> str:
+        return f"{self.prefix}/analysis/{resource_name(agent)}"
 
     # grants
     def grants(self, agent: str | None = None) -> str:

@@ -595,6 +595,7 @@ class SpecStore:
                 # a later agent of the same name does not inherit what was shared with it
                 Op.delete(self.keys.grants(name), prefix=True),
                 Op.delete(self.keys.status(name)),
+                Op.delete(self.keys.agent_analysis(name)),
                 audit_op,
             ],
         )
@@ -979,6 +980,15 @@ class SpecStore:
         if kv is None:
             return ReleaseState(None, 0)
         return ReleaseState(ReleaseSpec.model_validate_json(kv.value), kv.version)
+
+    async def put_analysis(self, agent: str, state: dict[str, Any]) -> None:
+        """Write the progress of an agent's release analysis (the analysis loop's; not
+        audited: the release changes it makes are)."""
+        await self.etcd.put(self.keys.agent_analysis(agent), dumps(state))
+
+    async def get_analysis(self, agent: str) -> dict[str, Any] | None:
+        kv = await self.etcd.get(self.keys.agent_analysis(agent))
+        return dict(json.loads(kv.value)) if kv else None
 
     async def list_instances(self, agent: str | None = None) -> list[dict[str, Any]]:
         """Live instances from the Agent Registry (their keys live under leases)."""

@@ -16,7 +16,7 @@ from specmeshctl.errors import EXIT_OK, UsageError
 from specmeshctl.output import manifest, print_data, print_manifests, write
 from specmeshctl.parsing import Registrar
 
-__all__ = ["fetch", "get", "line", "register"]
+__all__ = ["analysis_lines", "fetch", "get", "line", "register"]
 
 
 def _json(release: Any) -> dict[str, Any]:
@@ -26,15 +26,63 @@ def _json(release: Any) -> dict[str, Any]:
 
 async def fetch(cp: ControlPlaneClient, agent: str) -> dict[str, Any] | None:
     """The agent's release policy; None when it has none (NOT_FOUND: no such agent)."""
-    return (await _fetch_versioned(cp, agent))[0]
+    return (await _fetch(cp, agent))[0]
 
 
-async def _fetch_versioned(cp: ControlPlaneClient, agent: str) -> tuple[dict[str, Any] | None, int]:
-    """The agent's release policy (None: none) and its version (0: none)."""
+async def _fetch(
+    cp: ControlPlaneClient, agent: str
+) -> tuple[dict[str, Any] | None, int, dict[str, Any] | None]:
+    """The agent's release policy (None: none), its version (0: none) and the progress of
+    its analysis (None: none ran)."""
     reply = await cp.call(cp.releases.GetRelease, pb.GetReleaseRequest(agent_name=agent))
     if not reply.HasField("release"):
-        return None, 0
-    return _json(reply.release), reply.release.version
+        return None, 0, None
+    analysis = message_json(reply.release.analysis) if reply.release.HasField("analysis") else None
+    return _json(reply.release), reply.release.version, analysis
+
+
+def _percent(value: Any) -> str:
+    return "-" if value is None else f"{100 * float(value):.1f}%"
+
+
+def analysis_lines(analysis: dict[str, Any] | None) -> list[str]:
+    """The analysis timeline: a line per step (weight, decision, each track's figures,
+    each judged gate), then the reason of the last decision."""
+    if not analysis:
+        return []
+    out = [
+        f"analysis of canary revision {analysis.get('canaryRevision')} against stable "
+        f"revision {analysis.get('stableRevision')}: {analysis.get('phase')} "
+        f"(step {int(analysis.get('step', 0)) + 1} of {analysis.get('steps', '?')})"
+    ]
+    for entry in analysis.get("timeline") or []:
+        figures = entry.get("figures") or {}
+        tracks = []
+        for track in ("stable", "canary"):
+            f = figures.get(track)
+            if f:
+                p95 = f.get("p95Seconds")
+                tracks.append(
+                    f"{track} {f.get('requests', 0)} turns, {f.get('errors', 0)} errors "
+                    f"({_percent(f.get('errorRate'))}), p95 "
+                    + ("-" if p95 is None else f"{p95:.3f}s")
+                )
+        gates = [
+            f"{g['gate']} {'FAILED' if g.get('failed') else 'ok'}"
+            + (
+                f" (bound {g['bound']:.3g}, max {g['threshold']:g})"
+                if g.get("judged")
+                else " (not judged)"
+            )
+            for g in figures.get("gates") or []
+        ]
+        out.append(
+            f"  step {int(entry.get('step', 0)) + 1} at {entry.get('weight')}%: "
+            f"{entry.get('decision')} -- " + "; ".join(tracks + gates or ["no data yet"])
+        )
+        if entry.get("reason"):
+            out.append(f"    {entry['reason']}")
+    return out
 
 
 def line(agent: str, release: dict[str, Any] | None) -> str:
@@ -73,13 +121,14 @@ async def get(cp: ControlPlaneClient, agent: str | None, output: str) -> int:
     """``get release NAME``."""
     if not agent:
         raise UsageError("`get release` needs the agent's name: `get release NAME`")
-    release = await fetch(cp, agent)
+    release, _, analysis = await _fetch(cp, agent)
     if release is None:
         raise NotFoundError(kind="release of agent", name=agent)
     if output == "table":
-        write(line(agent, release))
+        write("\n".join([line(agent, release), *analysis_lines(analysis)]))
     else:
-        print_manifests([manifest("Release", agent, release)], output)
+        status = {"analysis": analysis} if analysis else None
+        print_manifests([manifest("Release", agent, release, status)], output)
     return EXIT_OK
 
 
@@ -93,9 +142,10 @@ def _parse_header(raw: str) -> dict[str, str]:
 async def cmd_release(args: argparse.Namespace, ctx: Context) -> int:
     cp, agent = ctx.cp, args.agent
     if args.action == "get":
-        got, version = await _fetch_versioned(cp, agent)
+        got, version, analysis = await _fetch(cp, agent)
         if args.output == "text":
-            write(line(agent, got) + (f" (version {version})" if got is not None else ""))
+            heading = line(agent, got) + (f" (version {version})" if got is not None else "")
+            write("\n".join([heading, *analysis_lines(analysis)]))
         else:
             print_data(None if got is None else {**got, "version": version}, args.output)
         return EXIT_OK
@@ -114,7 +164,7 @@ async def cmd_release(args: argparse.Namespace, ctx: Context) -> int:
     # revision is kept unless given, and so are timeout, retries, outlier detection and
     # connection pool. The write is guarded by the version read (or --expected-version):
     # a change made in between is a conflict, never overwritten.
-    stored, version = await _fetch_versioned(cp, agent)
+    stored, version, _ = await _fetch(cp, agent)
     release = dict(stored or {})
     release["canaryRevision"] = args.canary_revision
     release["canaryWeight"] = args.weight

@@ -19,6 +19,9 @@ A script is pure data (YAML or JSON)::
         times: 1                           # fires once, then is skipped
       - match: {lastUser: "(?i)explode"}
         reply: {type: error, status: 503, message: "overloaded"}
+      - match: {system: "flaky"}
+        cycle: {every: 10, first: 3}       # 3 of every 10 matching requests: a 30 % error rate
+        reply: {type: error, status: 500, message: "scripted failure"}
     fallback: {type: text, text: "scripted: {{last_user}}"}
 
 The first rule whose every given condition holds, and that has not yet fired ``times``
@@ -73,6 +76,7 @@ from .tokens import content_text
 __all__ = [
     "BUILTIN_PLACEHOLDERS",
     "ChatView",
+    "Cycle",
     "Decision",
     "ErrorReply",
     "Match",
@@ -227,6 +231,22 @@ def _check_placeholders(
                 )
 
 
+class Cycle(_ScriptModel):
+    """A deterministic share of the matching requests: the first ``first`` of every
+    ``every`` (``{every: 10, first: 3}``: 30 %)."""
+
+    every: int = Field(ge=1, le=1_000_000)
+    """Length of the cycle, in matching requests."""
+    first: int = Field(ge=0)
+    """How many requests at the start of each cycle the rule answers."""
+
+    @model_validator(mode="after")
+    def _within(self) -> Cycle:
+        if self.first > self.every:
+            raise ValueError(f"first must be <= every (got {self.first} > {self.every})")
+        return self
+
+
 class Rule(_ScriptModel):
     """When a request matches, answer with ``reply`` (at most ``times`` times)."""
 
@@ -238,6 +258,9 @@ class Rule(_ScriptModel):
     """What to answer."""
     times: int | None = Field(default=None, ge=1)
     """How many times the rule may fire before it is skipped; unlimited when absent."""
+    cycle: Cycle | None = None
+    """Answer only this share of the requests that match (the others go on to the next
+    rules), counted in arrival order: a scripted error rate without randomness."""
 
     @model_validator(mode="after")
     def _placeholders_known(self) -> Rule:
@@ -458,6 +481,7 @@ class ScriptEngine:
         self._script = script
         self._rules = [_CompiledRule.of(rule) for rule in script.rules]
         self._fired = [0] * len(self._rules)
+        self._matched = [0] * len(self._rules)
 
     @property
     def script(self) -> Script:
@@ -483,6 +507,11 @@ class ScriptEngine:
             groups = compiled.groups(view)
             if groups is None:
                 continue
+            if rule.cycle is not None:
+                position = self._matched[index] % rule.cycle.every
+                self._matched[index] += 1
+                if position >= rule.cycle.first:
+                    continue
             self._fired[index] += 1
             return Decision(rule.reply, index, rule.name, {**variables, **groups})
         return Decision(self._script.fallback, None, None, variables)

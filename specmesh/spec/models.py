@@ -38,11 +38,15 @@ from specmesh.secrets import VaultRef, is_reference
 
 __all__ = [
     "API_VERSION",
+    "MAX_ANALYSIS_STEPS",
     "MAX_REPLICAS",
     "PART_NAMES",
     "AgentBase",
     "AgentManifest",
     "AgentSpec",
+    "AnalysisGates",
+    "AnalysisSpec",
+    "AnalysisStep",
     "AutoscalingSpec",
     "CallersSpec",
     "CanaryTrackSpec",
@@ -1015,6 +1019,73 @@ class ConnectionPoolSpec(SpecModel):
     """Most requests waiting for a connection."""
 
 
+MAX_ANALYSIS_STEPS = 10
+"""Most steps an analysis may walk."""
+
+
+class AnalysisStep(SpecModel):
+    """One step of a progressive release: the canary's weight, and how long it holds."""
+
+    weight: Annotated[int, Field(ge=1, le=100)]
+    """Share of calls sent to the canary during this step, in percent."""
+    duration_seconds: Annotated[float, Field(ge=0, le=7 * 86_400)] | None = None
+    """Hold the step at least this long."""
+    min_canary_requests: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    """Hold the step until the canary answered at least this many turns."""
+
+    @model_validator(mode="after")
+    def _holds(self) -> AnalysisStep:
+        if self.duration_seconds is None and self.min_canary_requests is None:
+            raise PydanticCustomError(
+                "hold_required",
+                "set durationSeconds, minCanaryRequests or both (how long the step holds)",
+                {},
+            )
+        return self
+
+
+class AnalysisGates(SpecModel):
+    """What the canary must not be worse at than stable, over the same window. Each gate
+    is optional; a gate fails only when the canary is worse beyond its threshold with the
+    analysis's confidence (see docs/analysis.md)."""
+
+    max_error_rate_increase: Annotated[float, Field(ge=0, le=1)] | None = None
+    """Most the canary's share of failed turns may exceed stable's (0.05: 5 points)."""
+    max_p95_latency_ratio: Annotated[float, Field(ge=1, le=100)] | None = None
+    """Most the canary's p95 turn latency may be, as a multiple of stable's."""
+    max_cost_per_turn_ratio: Annotated[float, Field(ge=1, le=100)] | None = None
+    """Most the canary's mean model cost per turn may be, as a multiple of stable's."""
+
+
+class AnalysisSpec(SpecModel):
+    """Analysis-gated progressive delivery: the control plane walks the steps, compares
+    canary with stable at the end of each, aborts the release when a gate fails and
+    promotes the canary when every step passed."""
+
+    steps: Annotated[list[AnalysisStep], Field(min_length=1, max_length=MAX_ANALYSIS_STEPS)]
+    """The canary's weights, increasing (e.g. 5 -> 25 -> 50 -> 100)."""
+    gates: AnalysisGates = AnalysisGates()
+    """What fails a step."""
+    min_sample_per_track: Annotated[int, Field(ge=5, le=100_000)] = 30
+    """Turns each track must have answered in a step before its gates are judged; with
+    fewer the step holds longer (it never aborts for want of data)."""
+    confidence: Annotated[float, Field(ge=0.5, le=0.999)] = 0.95
+    """One-sided confidence a gate needs that the canary is worse before it fails."""
+
+    @model_validator(mode="after")
+    def _increasing(self) -> AnalysisSpec:
+        weights = [s.weight for s in self.steps]
+        for i in range(1, len(weights)):
+            if weights[i] <= weights[i - 1]:
+                raise PydanticCustomError(
+                    "weights_increasing",
+                    "steps[{i}].weight must be greater than steps[{j}].weight "
+                    "(got {w} after {prev})",
+                    {"i": i, "j": i - 1, "w": weights[i], "prev": weights[i - 1]},
+                )
+        return self
+
+
 class ReleaseSpec(SpecModel):
     """An agent's release policy: stable and canary revisions, split, and resilience."""
 
@@ -1034,6 +1105,9 @@ class ReleaseSpec(SpecModel):
     """Ejection of failing instances."""
     connection_pool: ConnectionPoolSpec = ConnectionPoolSpec()
     """Connection limits."""
+    analysis: AnalysisSpec | None = None
+    """Progressive delivery: steps and gates the control plane walks the canary through,
+    aborting or promoting it by itself (see docs/analysis.md)."""
 
     @model_validator(mode="after")
     def _canary_needs_revision(self) -> ReleaseSpec:

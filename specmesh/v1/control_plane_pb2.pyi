@@ -2281,6 +2281,7 @@ class Release(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    ANALYSIS_FIELD_NUMBER: _builtins.int
     agent_name: _builtins.str
     """The agent's name."""
     stable_revision: _builtins.int
@@ -2309,6 +2310,15 @@ class Release(_message.Message):
         connectionPool (the fields above repeat its main ones, typed).
         """
 
+    @_builtins.property
+    def analysis(self) -> _struct_pb2.Struct:
+        """The progress of the release analysis, when the policy has one (see docs/analysis.md):
+        canaryRevision, stableRevision, phase (running, aborted, promoted, cancelled), step,
+        startedAt, stepStartedAt, and the timeline: per step its weight, startedAt, decision (hold, pass,
+        fail), reason, decidedAt and figures (per track requests, errors, errorRate,
+        p95Seconds, costPerTurn; per gate its threshold, values, bound and outcome).
+        """
+
     def __init__(
         self,
         *,
@@ -2321,10 +2331,11 @@ class Release(_message.Message):
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         spec: _struct_pb2.Struct | None = ...,
         version: _builtins.int = ...,
+        analysis: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_canary_revision", b"_canary_revision", "_stable_revision", b"_stable_revision", "canary_revision", b"canary_revision", "spec", b"spec", "stable_revision", b"stable_revision", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_canary_revision", b"_canary_revision", "_stable_revision", b"_stable_revision", "analysis", b"analysis", "canary_revision", b"canary_revision", "spec", b"spec", "stable_revision", b"stable_revision", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_canary_revision", b"_canary_revision", "_stable_revision", b"_stable_revision", "agent_name", b"agent_name", "canary_revision", b"canary_revision", "canary_weight", b"canary_weight", "header_match", b"header_match", "spec", b"spec", "stable_revision", b"stable_revision", "updated_at", b"updated_at", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_canary_revision", b"_canary_revision", "_stable_revision", b"_stable_revision", "agent_name", b"agent_name", "analysis", b"analysis", "canary_revision", b"canary_revision", "canary_weight", b"canary_weight", "header_match", b"header_match", "spec", b"spec", "stable_revision", b"stable_revision", "updated_at", b"updated_at", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__canary_revision: _TypeAlias = _typing.Literal["canary_revision"]  # noqa: Y015
     _WhichOneofArgType__canary_revision: _TypeAlias = _typing.Literal["_canary_revision", b"_canary_revision"]  # noqa: Y015
@@ -3116,7 +3127,9 @@ class AuditEntry(_message.Message):
 
     @_builtins.property
     def details(self) -> _struct_pb2.Struct:
-        """Why an automatic change was made: e.g. an auto-abort's gate figures."""
+        """What a machine-made change decided on, e.g. the step and gate figures of a
+        "release.auto-abort" (docs/analysis.md); unset for most entries.
+        """
 
     def __init__(
         self,

@@ -72,7 +72,7 @@ def test_an_added_field_passes_against_the_commit_before(repo: Path) -> None:
     _change_proto(
         repo,
         _FIELD,
-        _FIELD + "  // Why the revision was made, in one word.\n  string reason = 5;\n",
+        _FIELD + "  // Why the revision was made, in one word.\n  string reason = 6;\n",
         "add RevisionInfo.reason",
     )
 

@@ -35,6 +35,7 @@ from specmeshctl.main import main
 from specmeshctl.settings import Settings
 
 from ..conftest import REPO
+from ..polling import eventually_sync
 from .cp_process import ControlPlaneProcess
 from .release_support import observe_tracks
 
@@ -313,6 +314,62 @@ def test_release_set_promote_abort_and_mesh_render(
     actions = [line.split()[2] for line in out.splitlines()[1:]]
     assert actions == ["release.set", "release.abort", "release.set", "release.promote",
                        "release.set"]  # fmt: skip
+
+
+def test_release_get_shows_the_analysis_timeline_the_control_plane_keeps(
+    cp: ControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _two_revisions(tmp_path, "cli-analysed", capsys)
+    release = tmp_path / "release.yaml"
+    release.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "specmesh.io/v1",
+                "kind": "Release",
+                "metadata": {"name": "cli-analysed"},
+                "spec": {
+                    "stableRevision": 1,
+                    "canaryRevision": 2,
+                    "analysis": {
+                        "steps": [
+                            {"weight": 10, "durationSeconds": 1},
+                            {"weight": 50, "durationSeconds": 1},
+                        ],
+                        "gates": {"maxErrorRateIncrease": 0.05},
+                    },
+                },
+            }
+        )
+    )
+    assert _run(capsys, "apply", "-f", str(release))[0] == 0
+
+    def shows_the_first_step() -> str | None:
+        code, out, err = _run(capsys, "release", "get", "cli-analysed")
+        assert code == 0, err
+        return out if "not enough data" in out else None
+
+    # the control plane's analysis loop (every 5 s) sets the first step's weight, then holds
+    # it: no turn reached the trace store
+    out = eventually_sync(shows_the_first_step, what="the analysis timeline", timeout=30)
+    lines = out.splitlines()
+    # version 2: the manifest's policy, then the loop's first step
+    assert lines[0] == (
+        "release/cli-analysed: stable revision 1, canary revision 2 at 10% (version 2)"
+    )
+    assert lines[1] == (
+        "analysis of canary revision 2 against stable revision 1: running (step 1 of 2)"
+    )
+    assert lines[2].startswith("  step 1 at 10%: hold -- stable 0 turns, 0 errors")
+    assert "not enough data: stable 0, canary 0 turns (at least 30 each)" in out
+    code, out, err = _run(capsys, "get", "release", "cli-analysed", "-o", "json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["spec"]["analysis"]["steps"][0]["weight"] == 10
+    timeline = doc["status"]["analysis"]["timeline"]
+    assert [(e["weight"], e["decision"]) for e in timeline] == [(10, "hold")]
+    out = _run(capsys, "audit", "--name", "cli-analysed", "-o", "json")[1]
+    sets = [e["actor"] for e in json.loads(out) if e["action"] == "release.set"]
+    assert sets == ["specmesh-analysis", "ci-operator"]  # newest first: the step, the manifest
 
 
 # ---------------------------------------------------------------- exit codes

@@ -126,6 +126,32 @@ def test_rules_match_in_order_and_stop_after_times() -> None:
     assert (other.rule_index, other.text()) == (None, "scripted: bye")
 
 
+def test_a_cycle_answers_a_deterministic_share_of_the_matching_requests() -> None:
+    engine = ScriptEngine(
+        parse_script(
+            {
+                "rules": [
+                    {
+                        "match": {"lastUser": "flaky"},
+                        "cycle": {"every": 10, "first": 3},
+                        "reply": {"type": "error", "status": 500, "message": "boom"},
+                    }
+                ]
+            }
+        )
+    )
+
+    flaky = [engine.decide(_view(_user("flaky"))).rule_index for _ in range(20)]
+    other = engine.decide(_view(_user("steady")))
+
+    assert flaky == ([0] * 3 + [None] * 7) * 2  # 30 %, the rest falls through
+    assert engine.fired == [6] and other.rule_index is None
+    with pytest.raises(ScriptError, match="first must be <= every"):
+        parse_script(
+            {"rules": [{"cycle": {"every": 2, "first": 3}, "reply": {"type": "text", "text": "x"}}]}
+        )
+
+
 def test_rule_conditions_model_system_tool_offered_and_tool_result() -> None:
     engine = ScriptEngine(
         parse_script(

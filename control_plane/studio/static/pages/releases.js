@@ -1,7 +1,7 @@
 // Releases: canary weight, header match, promote and abort, with the Istio objects the change
 // would publish shown before it is applied.
 import { api, get, listAll, int, session, enc } from "../api.js";
-import { h, clear, card, badge, toast, errorBox, confirmDialog, sideBySide, toYaml, debounce, empty, spinner } from "../ui.js";
+import { h, clear, card, badge, table, toast, errorBox, confirmDialog, sideBySide, toYaml, debounce, empty, spinner } from "../ui.js";
 import { splitBar } from "../charts.js";
 import { trackBadges, instancesOf } from "./agents.js";
 
@@ -24,6 +24,36 @@ export async function render(rest) {
     h("div", { class: "page-head" }, h("div", {}, h("h1", {}, "Releases"),
       h("p", { class: "muted" }, "Split traffic between the stable and canary tracks; see the Istio objects before you apply."))),
     h("div", { class: "split-layout" }, card("Agents", list, { class: "list-card" }), name ? await releaseEditor(name, releases[name]) : empty("No agents.")));
+}
+
+const DECISION_BADGE = { pass: "ok", fail: "bad", hold: "info" };
+const PHASE_BADGE = { running: "info", promoted: "ok", aborted: "bad", cancelled: "warn" };
+const pct = (v) => (v == null ? "–" : `${(100 * Number(v)).toFixed(1)}%`);
+
+function trackFigures(f) {
+  if (!f) return h("span", { class: "muted" }, "–");
+  return h("span", {}, `${f.requests} turns, ${f.errors} errors (${pct(f.errorRate)}), p95 ${f.p95Seconds == null ? "–" : `${Number(f.p95Seconds).toFixed(3)} s`}`,
+    f.costPerTurn ? h("span", { class: "muted small" }, ` · $${Number(f.costPerTurn).toFixed(6)}/turn`) : null);
+}
+
+/** The release analysis (docs/analysis.md): its phase, then per step the weight, the
+ *  decision, both tracks' figures and every gate's bound against its threshold. */
+function analysisCard(analysis) {
+  const gates = (g) => (g || []).map((x) => h("div", { "data-gate": x.gate },
+    badge(x.failed ? "failed" : x.judged ? "ok" : "not judged", x.failed ? "bad" : x.judged ? "ok" : "neutral"), " ",
+    h("span", {}, x.gate), x.judged ? h("span", { class: "muted small" }, ` bound ${Number(x.bound).toPrecision(3)} (max ${x.threshold})`) : h("span", { class: "muted small" }, ` ${x.reason}`)));
+  return card("Analysis", h("div", { "data-testid": "release-analysis" },
+    h("p", {}, badge(analysis.phase, PHASE_BADGE[analysis.phase] || "neutral"),
+      ` canary revision ${int(analysis.canaryRevision)} against stable revision ${int(analysis.stableRevision)} · step ${Number(analysis.step) + 1} of ${analysis.steps}`),
+    table([
+      { label: "Step", render: (e) => `${Number(e.step) + 1}` },
+      { label: "Weight", render: (e) => `${e.weight}%` },
+      { label: "Decision", render: (e) => badge(e.decision, DECISION_BADGE[e.decision] || "neutral") },
+      { label: "Stable", render: (e) => trackFigures(e.figures?.stable) },
+      { label: "Canary", render: (e) => trackFigures(e.figures?.canary) },
+      { label: "Gates", render: (e) => h("div", {}, gates(e.figures?.gates), h("div", { class: "muted small" }, e.reason || "")) },
+    ], analysis.timeline || [], { rowProps: (e) => ({ "data-step": e.step }) })),
+  { subtitle: "Steps walked by the control plane: a failed gate aborts the release, passing every step promotes it." });
 }
 
 /** ``current``: the agent's Release (its ``spec``, a ReleaseSpec, is what is edited and
@@ -136,5 +166,6 @@ async function releaseEditor(name, current) {
         hasCanary ? h("button", { class: "btn btn-danger-ghost", "data-testid": "abort", onClick: () => action("abort") }, "Abort canary") : null)
         : h("p", { class: "muted small" }, "Read only: your role cannot change releases.")),
       { subtitle: "Release policy" }),
+    current?.analysis ? analysisCard(current.analysis) : null,
     card("Istio objects this change publishes", previewBox, { subtitle: "Rendered by the control plane from the policy above; nothing is applied until you press Apply." }));
 }

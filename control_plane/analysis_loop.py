@@ -1,0 +1,287 @@
+"""The analysis loop: walks each analysed release through its steps, by itself.
+
+For every agent whose release policy carries ``analysis`` and names a canary revision,
+every ``interval_seconds``:
+
+1. a new canary (no progress recorded for it, or the recorded analysis ended) starts at
+   step 0 once its track has a ready instance (the controller's observed state; a weight
+   to an empty track would fail calls under Istio): the release's ``canaryWeight`` is set
+   to the step's weight (``release.set``);
+2. the turns each track answered since the step began are read from the trace store --
+   the engines' ``invoke_agent`` spans, told apart by their ``specmesh.spec.revision``
+   (stable's revision or the canary's), their status (a failed turn), duration and the
+   model calls inside them (cost) -- never from an engine's own report;
+3. :func:`control_plane.analysis.judge` decides: ``hold`` keeps the step (its figures are
+   recorded), ``pass`` moves to the next step (its weight is set) or, after the last,
+   promotes the canary (``release.promote``); ``fail`` aborts the release
+   (:meth:`ControlPlane.abort` with ``action="auto-abort"`` and the figures as
+   ``details``): canary weight 0, stable untouched.
+
+The progress (phase: ``running``, ``aborted``, ``promoted``, or ``cancelled`` when the
+release changed outside the analysis -- promoted, aborted or replaced by hand; the current
+step, when it began, a timeline of the steps with their figures and decisions) lives in etcd
+at ``<prefix>/analysis/<agent>``, so a restarted control plane resumes where it was; the loop
+holds nothing else. The clock is injected.
+Run one loop per store (one control-plane replica), like the controller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from control_plane.analysis import StepDecision, TrackWindow, judge
+from control_plane.api import ControlPlane
+from control_plane.auth import Principal, Role
+from control_plane.traces import Turn
+from specmesh.names import resource_name
+from specmesh.spec.models import ReleaseSpec
+
+__all__ = ["ANALYSIS_PRINCIPAL", "AnalysisLoop", "TurnSource", "windows"]
+
+logger = logging.getLogger(__name__)
+
+ANALYSIS_PRINCIPAL = Principal(name="specmesh-analysis", roles=frozenset({Role.OPERATOR}))
+"""Who the loop's release changes are audited as."""
+
+
+class TurnSource(Protocol):
+    """Where the turns come from (:class:`control_plane.traces.TraceStore`)."""
+
+    async def turns(
+        self, *, agents: Sequence[str], since: datetime, until: datetime
+    ) -> list[Turn]: ...
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="seconds")
+
+
+def windows(turns: Sequence[Turn], *, stable: int, canary: int) -> tuple[TrackWindow, TrackWindow]:
+    """Per-track windows of ``turns`` (turns of other revisions are left out)."""
+
+    def window(revision: int) -> TrackWindow:
+        mine = [t for t in turns if t.revision == revision]
+        return TrackWindow(
+            requests=len(mine),
+            errors=sum(t.error for t in mine),
+            latencies=[t.seconds for t in mine],
+            costs=[t.cost_usd for t in mine],
+        )
+
+    return window(stable), window(canary)
+
+
+class AnalysisLoop:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        control_plane: ControlPlane,
+        turns: TurnSource,
+        interval_seconds: float = 5.0,
+        clock: Callable[[], datetime] = _utcnow,
+        principal: Principal = ANALYSIS_PRINCIPAL,
+    ) -> None:
+        self.cp = control_plane
+        self.store = control_plane.store
+        self.turns = turns
+        self.interval_seconds = interval_seconds
+        self.clock = clock
+        self.principal = principal
+
+    async def run(self) -> None:
+        """Analyse every interval until cancelled."""
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("release analysis failed (will retry)")
+            await asyncio.sleep(self.interval_seconds)
+
+    async def tick(self) -> None:
+        """One look at every agent's release."""
+        for summary in await self.store.list_agents():
+            try:
+                await self.analyse(summary.name)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("release analysis of %s failed (will retry)", summary.name)
+
+    async def analyse(self, agent: str) -> dict[str, Any] | None:
+        """Advance ``agent``'s release analysis by what the data say now; its progress."""
+        # every release write below is guarded by the version read here: a change made by
+        # hand in between is a conflict (retried next tick, when it cancels the analysis)
+        read = await self.store.get_release_state(agent)
+        release, version = read.spec, read.version
+        state = await self.store.get_analysis(agent)
+        now = self.clock()
+        if (
+            state is not None
+            and state.get("phase") == "running"
+            and (
+                release is None
+                or release.analysis is None
+                or release.canary_revision != state.get("canaryRevision")
+            )
+        ):
+            # promoted, aborted or replaced by hand, or its analysis removed
+            state.update(phase="cancelled", updatedAt=_iso(now))
+            state["timeline"][-1].update(
+                reason="the release changed outside the analysis", updatedAt=_iso(now)
+            )
+            await self.store.put_analysis(agent, state)
+        if release is None or release.analysis is None or release.canary_revision is None:
+            return state
+        canary = release.canary_revision
+        stable = release.stable_revision or await self.store.current_revision(agent)
+        if (
+            state is None
+            or state.get("canaryRevision") != canary
+            or state.get("phase") != "running"
+        ):
+            if not await self._canary_ready(agent):
+                return state
+            return await self._start(agent, release, version, stable=stable, now=now)
+        step_index = int(state["step"])
+        step = release.analysis.steps[min(step_index, len(release.analysis.steps) - 1)]
+        started = datetime.fromisoformat(state["stepStartedAt"])
+        if stable == canary:
+            decision = StepDecision("hold", f"stable and canary are both revision {canary}")
+        else:
+            turns = await self.turns.turns(
+                agents=list(dict.fromkeys([agent, resource_name(agent)])), since=started, until=now
+            )
+            stable_window, canary_window = windows(turns, stable=stable, canary=canary)
+            decision = judge(
+                release.analysis,
+                step,
+                held_seconds=(now - started).total_seconds(),
+                stable=stable_window,
+                canary=canary_window,
+            )
+        entry = state["timeline"][-1]
+        entry.update(
+            {
+                "decision": decision.verdict,
+                "reason": decision.reason,
+                "figures": decision.to_json(),
+                "updatedAt": _iso(now),
+            }
+        )
+        state["updatedAt"] = _iso(now)
+        if decision.verdict == "hold":
+            await self.store.put_analysis(agent, state)
+            return state
+        entry["decidedAt"] = _iso(now)
+        if decision.verdict == "fail":
+            details = {"step": step_index, "weight": step.weight, **decision.to_json()}
+            await self.cp.abort(
+                self.principal,
+                agent,
+                message=f"analysis step {step_index} ({step.weight} %): {decision.reason}",
+                action="auto-abort",
+                details=details,
+                expected_version=version,
+            )
+            state["phase"] = "aborted"
+            logger.warning(
+                "release of %s aborted at step %d (%d %%): %s",
+                agent,
+                step_index,
+                step.weight,
+                decision.reason,
+            )
+        elif step_index + 1 >= len(release.analysis.steps):
+            await self.cp.promote(
+                self.principal,
+                agent,
+                message=f"analysis passed {len(release.analysis.steps)} steps",
+                details={"step": step_index, "weight": step.weight, **decision.to_json()},
+                expected_version=version,
+            )
+            state["phase"] = "promoted"
+            logger.info("release of %s promoted: every analysis step passed", agent)
+        else:
+            nxt = release.analysis.steps[step_index + 1]
+            await self._set_weight(agent, release, version, nxt.weight, step_index + 1)
+            state["step"] = step_index + 1
+            state["stepStartedAt"] = _iso(now)
+            state["timeline"].append(_entry(step_index + 1, nxt.weight, now))
+        await self.store.put_analysis(agent, state)
+        return state
+
+    async def _canary_ready(self, agent: str) -> bool:
+        """Whether the canary track has a ready instance (the controller's observed state);
+        True when no controller reports (no runtime: the operator runs the workloads)."""
+        status = await self.store.get_status(agent)
+        if status is None:
+            return True
+        ready = int((status.get("tracks") or {}).get("canary", {}).get("ready") or 0)
+        if not ready:
+            logger.info("release analysis of %s waits for a ready canary instance", agent)
+        return ready > 0
+
+    async def _start(
+        self, agent: str, release: ReleaseSpec, version: int, *, stable: int, now: datetime
+    ) -> dict[str, Any]:
+        assert release.analysis is not None and release.canary_revision is not None
+        first = release.analysis.steps[0]
+        await self._set_weight(agent, release, version, first.weight, 0)
+        state: dict[str, Any] = {
+            "canaryRevision": release.canary_revision,
+            "stableRevision": stable,
+            "phase": "running",
+            "step": 0,
+            "steps": len(release.analysis.steps),
+            "startedAt": _iso(now),
+            "stepStartedAt": _iso(now),
+            "updatedAt": _iso(now),
+            "timeline": [_entry(0, first.weight, now)],
+        }
+        await self.store.put_analysis(agent, state)
+        logger.info(
+            "release analysis of %s: canary revision %d at %d %%",
+            agent,
+            release.canary_revision,
+            first.weight,
+        )
+        return state
+
+    async def _set_weight(
+        self, agent: str, release: ReleaseSpec, version: int, weight: int, step: int
+    ) -> None:
+        if release.canary_weight == weight:
+            return
+        await self.store.put_release(
+            agent,
+            release.model_copy(update={"canary_weight": weight}),
+            actor=self.principal.name,
+            message=f"analysis step {step}: canary at {weight} %",
+            action="set",
+            expected_version=version,
+        )
+
+
+def _entry(step: int, weight: int, now: datetime) -> dict[str, Any]:
+    return {
+        "step": step,
+        "weight": weight,
+        "startedAt": _iso(now),
+        "decision": "hold",
+        "reason": "started",
+        "figures": None,
+        "decidedAt": None,
+        "updatedAt": _iso(now),
+    }

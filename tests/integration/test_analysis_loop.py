@@ -1,0 +1,236 @@
+"""The release analysis loop against a real etcd and a real trace store: it walks the steps,
+aborts a bad canary by itself (audited with the figures), promotes a good one, and resumes
+after a restart. Turns are spans shaped as the engine exports them; the clock is injected."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from control_plane.analysis_loop import ANALYSIS_PRINCIPAL, AnalysisLoop
+from control_plane.api import ControlPlane
+from control_plane.traces import InMemoryTraceStore, Span, SqliteTraceStore, TraceStore
+from specmesh.spec.models import AgentSpec, ReleaseSpec
+from specmesh.store import SpecStore
+from specmesh.vault import VaultClient
+
+pytestmark = pytest.mark.integration
+
+T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+_ids = itertools.count(1)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def _spec(temperature: float) -> AgentSpec:
+    return AgentSpec.model_validate(
+        {
+            "base": {"description": "analysed", "promptKey": "p"},
+            "model": {"model": "scripted", "temperature": temperature},
+        }
+    )
+
+
+def _turn(agent: str, revision: int, at: datetime, *, error: bool, seconds: float = 0.2) -> Span:
+    start = int(at.timestamp() * 1e9)
+    trace_id = f"{next(_ids):032x}"
+    return Span(
+        trace_id=trace_id,
+        span_id=f"{next(_ids):016x}",
+        parent_span_id=None,
+        name=f"invoke_agent {agent}",
+        kind="INTERNAL",
+        start_ns=start,
+        end_ns=start + int(seconds * 1e9),
+        status="ERROR" if error else "UNSET",
+        agent=agent,
+        attributes={"gen_ai.operation.name": "invoke_agent", "specmesh.spec.revision": revision},
+    )
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def traces(request: pytest.FixtureRequest) -> AsyncIterator[TraceStore]:
+    if request.param == "memory":
+        yield InMemoryTraceStore()
+        return
+    async with SqliteTraceStore(path=":memory:") as store:
+        yield store
+
+
+async def _traffic(
+    traces: TraceStore,
+    agent: str,
+    at: datetime,
+    *,
+    stable: int,
+    canary: int,
+    canary_errors: float,
+    n: int,
+    weight: int,
+    rng: random.Random,
+) -> None:
+    spans = []
+    for i in range(n):
+        moment = at + timedelta(milliseconds=10 * i)
+        if rng.random() < weight / 100:
+            spans.append(_turn(agent, canary, moment, error=rng.random() < canary_errors))
+        else:
+            spans.append(_turn(agent, stable, moment, error=False))
+    await traces.add_spans(spans)
+
+
+ANALYSIS = {
+    "steps": [{"weight": 10, "durationSeconds": 60}, {"weight": 50, "durationSeconds": 60}],
+    "gates": {"maxErrorRateIncrease": 0.05},
+    "minSamplePerTrack": 20,
+}
+
+
+async def _setup(store: SpecStore, vault: VaultClient) -> tuple[ControlPlane, str]:
+    agent = "support"
+    await store.apply_agent(agent, _spec(0.1), actor="t")
+    await store.apply_agent(agent, _spec(0.2), actor="t")
+    cp = ControlPlane(store=store, vault=vault)
+    release = ReleaseSpec.model_validate(
+        {"stableRevision": 1, "canaryRevision": 2, "analysis": ANALYSIS}
+    )
+    await store.put_release(agent, release, actor="alice")
+    return cp, agent
+
+
+async def test_a_canary_failing_thirty_percent_is_aborted_at_the_first_step(
+    store: SpecStore, vault: VaultClient, traces: TraceStore
+) -> None:
+    cp, agent = await _setup(store, vault)
+    clock, rng = Clock(), random.Random(7)
+    loop = AnalysisLoop(control_plane=cp, turns=traces, clock=clock)
+
+    state = await loop.analyse(agent)
+    assert state is not None and state["phase"] == "running"
+    assert (await store.get_release(agent)).canary_weight == 10  # type: ignore[union-attr]
+
+    await _traffic(
+        traces, agent, T0, stable=1, canary=2, canary_errors=0.3, n=400, weight=10, rng=rng
+    )
+    clock.now = T0 + timedelta(seconds=30)
+    assert (await loop.analyse(agent))["phase"] == "running"  # type: ignore[index]
+    clock.now = T0 + timedelta(seconds=61)
+    state = await loop.analyse(agent)
+
+    assert state is not None and state["phase"] == "aborted"
+    release = await store.get_release(agent)
+    assert release is not None
+    assert (release.canary_revision, release.canary_weight, release.stable_revision) == (
+        None,
+        0,
+        1,
+    )
+    assert [e["weight"] for e in state["timeline"]] == [10]  # never reached 50 %
+    assert state["timeline"][0]["decision"] == "fail"
+    audit = await store.audit_entries(name=agent, kind="Release")
+    aborted = [e for e in audit if e.action == "release.auto-abort"]
+    assert len(aborted) == 1 and aborted[0].actor == "specmesh-analysis"
+    details = aborted[0].details
+    assert details is not None and details["weight"] == 10
+    gate = details["gates"][0]
+    assert gate["gate"] == "errorRate" and gate["failed"] is True
+    assert details["canary"]["errors"] > 0 and details["stable"]["errors"] == 0
+
+
+async def test_a_healthy_canary_is_promoted_by_itself_and_survives_a_restart(
+    store: SpecStore, vault: VaultClient
+) -> None:
+    cp, agent = await _setup(store, vault)
+    traces, clock, rng = InMemoryTraceStore(), Clock(), random.Random(11)
+    await AnalysisLoop(control_plane=cp, turns=traces, clock=clock).analyse(agent)
+    await _traffic(
+        traces, agent, T0, stable=1, canary=2, canary_errors=0.0, n=400, weight=10, rng=rng
+    )
+    clock.now = T0 + timedelta(seconds=61)
+    # a restarted control plane: a new loop reads the progress from etcd
+    state = await AnalysisLoop(control_plane=cp, turns=traces, clock=clock).analyse(agent)
+    assert state is not None and (state["phase"], state["step"]) == ("running", 1)
+    assert (await store.get_release(agent)).canary_weight == 50  # type: ignore[union-attr]
+
+    step2 = T0 + timedelta(seconds=62)
+    await _traffic(
+        traces, agent, step2, stable=1, canary=2, canary_errors=0.0, n=200, weight=50, rng=rng
+    )
+    clock.now = T0 + timedelta(seconds=125)
+    state = await AnalysisLoop(control_plane=cp, turns=traces, clock=clock).analyse(agent)
+
+    assert state is not None and state["phase"] == "promoted"
+    assert [(e["weight"], e["decision"]) for e in state["timeline"]] == [
+        (10, "pass"),
+        (50, "pass"),
+    ]
+    release = await store.get_release(agent)
+    assert release is not None
+    assert (release.stable_revision, release.canary_revision) == (2, None)
+    actions = [e.action for e in await store.audit_entries(name=agent, kind="Release")]
+    assert actions[0] == "release.promote"
+    # alice's set (the policy with its analysis), then the loop's 10 % and 50 %
+    assert actions.count("release.set") == 3
+
+
+async def test_without_enough_canary_turns_the_step_holds_and_never_aborts(
+    store: SpecStore, vault: VaultClient
+) -> None:
+    cp, agent = await _setup(store, vault)
+    traces, clock = InMemoryTraceStore(), Clock()
+    loop = AnalysisLoop(control_plane=cp, turns=traces, clock=clock)
+    await loop.analyse(agent)
+    # every canary turn fails, but there are only 5 of them
+    await traces.add_spans(
+        [_turn(agent, 2, T0 + timedelta(seconds=i), error=True) for i in range(5)]
+        + [_turn(agent, 1, T0 + timedelta(seconds=i), error=False) for i in range(50)]
+    )
+    clock.now = T0 + timedelta(hours=1)
+    state = await loop.analyse(agent)
+
+    assert state is not None and state["phase"] == "running"
+    assert "not enough data" in state["timeline"][0]["reason"]
+    assert (await store.get_release(agent)).canary_revision == 2  # type: ignore[union-attr]
+
+
+async def test_the_first_step_waits_for_a_ready_canary_instance(
+    store: SpecStore, vault: VaultClient
+) -> None:
+    cp, agent = await _setup(store, vault)
+    loop = AnalysisLoop(control_plane=cp, turns=InMemoryTraceStore(), clock=Clock())
+    tracks = {"stable": {"desired": 1, "ready": 1}, "canary": {"desired": 1, "ready": 0}}
+    await store.put_status(agent, {"tracks": tracks})
+
+    assert await loop.analyse(agent) is None
+    assert (await store.get_release(agent)).canary_weight == 0  # type: ignore[union-attr]
+
+    tracks["canary"]["ready"] = 1
+    await store.put_status(agent, {"tracks": tracks})
+    state = await loop.analyse(agent)
+    assert state is not None and state["phase"] == "running"
+    assert (await store.get_release(agent)).canary_weight == 10  # type: ignore[union-attr]
+
+
+async def test_a_release_ended_by_hand_cancels_its_analysis(
+    store: SpecStore, vault: VaultClient
+) -> None:
+    cp, agent = await _setup(store, vault)
+    loop = AnalysisLoop(control_plane=cp, turns=InMemoryTraceStore(), clock=Clock())
+    await loop.analyse(agent)
+
+    await cp.abort(ANALYSIS_PRINCIPAL, agent, message="by hand")
+    state = await loop.analyse(agent)
+
+    assert state is not None and state["phase"] == "cancelled"
+    assert state["timeline"][-1]["reason"] == "the release changed outside the analysis"
+    assert (await store.get_analysis(agent)) == state
