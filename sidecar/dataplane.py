@@ -30,6 +30,7 @@ from sidecar.callers import CallerPolicy, JwtVerifier
 from sidecar.credentials import CredentialResolver, KubernetesLogin, TokenLogin, VaultLogin
 from sidecar.egress import EgressMetrics, EgressProxy
 from sidecar.inbound import EtcdPartnerGraph, InboundServer
+from sidecar.ledger import BudgetLedger
 from sidecar.main import SidecarContext
 from sidecar.mtls import AgentCertificates, PkiClient
 from sidecar.redisproxy import RedisProxy, fixed_redis_upstream
@@ -99,6 +100,8 @@ class DataPlane:
         self._tasks: list[asyncio.Task[None]] = []
         self._pki: PkiClient | None = None
         self.tracks = conversation_tracks(ctx.settings)
+        self.ledger = BudgetLedger(spec_budget=self._spec_budget)
+        """The requests' cost budgets: opened by the inbound and entry, charged by the egress."""
 
     async def start(self) -> None:
         settings = self.ctx.settings
@@ -143,6 +146,7 @@ class DataPlane:
             llm_override=settings.llm_override_url,
             service_addresses=parse_table(settings.service_addresses),
             tracks=self.tracks,
+            ledger=self.ledger,
         )
         await self.egress.start()
         graph = EtcdPartnerGraph(store=SpecStore(etcd=self.ctx.etcd, keys=self.ctx.keys))
@@ -173,6 +177,7 @@ class DataPlane:
             host=host,
             port=port,
             require_identity=settings.istio,
+            ledger=self.ledger,
         )
         await self.inbound.start()
         self.redis_proxy = self._redis_proxy(settings.redis_proxy, setting="SPECMESH_REDIS_PROXY")
@@ -209,6 +214,7 @@ class DataPlane:
                 address=settings.egress_grpc,
                 on_retry=metrics.on_retry,
                 tracks=self.tracks,
+                ledger=self.ledger,
             )
             await self.grpc_egress.start()
         if settings.inbound_grpc:
@@ -219,10 +225,16 @@ class DataPlane:
                 certificates=self.certificates,
                 address=settings.inbound_grpc,
                 require_identity=settings.istio,
+                ledger=self.ledger,
             )
             await self.grpc_inbound.start()
         await self._start_entry(router, grpc_router)
         logger.info("data plane up: egress %s, inbound %s", self.egress.url, self.inbound.url)
+
+    def _spec_budget(self) -> float | None:
+        """The spec's ``model.budgetPerRequestUsd`` in the snapshot it serves."""
+        snapshot = self.ctx.holder.current
+        return snapshot.spec.model.budget_per_request_usd if snapshot is not None else None
 
     def _own_callers(self) -> CallersSpec | None:
         """This agent's ``base.callers`` in the snapshot it serves (None: the defaults)."""
@@ -253,6 +265,7 @@ class DataPlane:
                 host=host,
                 port=port,
                 tracks=self.tracks,
+                ledger=self.ledger,
             )
             await self.entry.start()
             logger.info("public entry (HTTP) on %s", self.entry.url)
@@ -267,6 +280,7 @@ class DataPlane:
                 certificates=self.certificates,
                 address=settings.entry_grpc,
                 tracks=self.tracks,
+                ledger=self.ledger,
             )
             await self.grpc_entry.start()
             logger.info("public entry (gRPC) on %s", self.grpc_entry.target)

@@ -25,6 +25,10 @@ first message went to (:class:`~sidecar.affinity.ConversationTracks`, when given
 the entry reads the message's contextId from the body it already holds (HTTP) or the request
 message (gRPC, unary request) -- nothing is buffered for it that was not already -- and names
 the conversation a message starts (it writes a new contextId into it).
+
+A message this instance's engine answers gets a cost ledger entry (``ledger``,
+:mod:`sidecar.ledger`), as at the inbound; one sent on to another instance gets its entry
+there.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from opentelemetry import propagate, trace
 
+from specmesh.budget import LEDGER_HEADER
 from specmesh.callers import CALLER_HEADER, CALLER_KEY, PRINCIPAL_HEADER, PRINCIPAL_KEY
 from specmesh.names import resource_name
 
@@ -65,13 +70,13 @@ from .grpcproxy import (
     relay_unary,
     reported_status,
 )
+from .ledger import BudgetLedger, forward_message
 from .mtls import AgentCertificates, agent_dns_name
 from .policy import log_refusal
 from .relay import (
     RelayListener,
     active_tracer,
     end_to_end_headers,
-    forward_to_engine,
     relay,
     traced,
 )
@@ -133,8 +138,10 @@ class EntryServer(RelayListener):
         read_timeout: float = 300.0,
         tracer: trace.Tracer | None = None,
         tracks: ConversationTracks | None = None,
+        ledger: BudgetLedger | None = None,
     ) -> None:
         super().__init__(host=host, port=port)
+        self._ledger = ledger
         self.agent = resource_name(agent_name)
         self.instance_id = instance_id
         self.engine_url = engine_http if "://" in engine_http else f"http://{engine_http}"
@@ -189,9 +196,16 @@ class EntryServer(RelayListener):
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=self.read_timeout)
         assert self._session is not None
         if target is None:
-            return await forward_to_engine(
-                self._session, request, headers, body, self.engine_url, self.read_timeout
+            return await forward_message(
+                self._ledger,
+                self._session,
+                request,
+                headers,
+                body,
+                self.engine_url,
+                self.read_timeout,
             )
+        headers.popall(LEDGER_HEADER, None)  # the other instance's inbound opens the entry
         span.set_attribute("specmesh.instance", target.instance or "")
         https = target.url.startswith("https://")
         try:
@@ -235,8 +249,10 @@ class GrpcEntry(GrpcRelayServer):
         certificates: AgentCertificates | None = None,
         address: str = "127.0.0.1:0",
         tracks: ConversationTracks | None = None,
+        ledger: BudgetLedger | None = None,
     ) -> None:
         super().__init__(address=address)
+        self.ledger = ledger
         self.agent = resource_name(agent_name)
         self.instance_id = instance_id
         self.engine_grpc = engine_grpc
@@ -284,6 +300,7 @@ class GrpcEntry(GrpcRelayServer):
         if target is None:
             assert self._engine is not None
             return metadata, self._engine, None, request
+        metadata = [(k, v) for k, v in metadata if k != LEDGER_HEADER]  # opened over there
         return metadata, self._pool.get(target), target, request
 
     def _reporter(self, target: Target | None) -> Callable[[grpc.StatusCode], None]:
@@ -295,19 +312,31 @@ class GrpcEntry(GrpcRelayServer):
     def _unary_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             metadata, channel, target, request = await self._prepare(context, method, request)
-            return await relay_unary(
-                channel, method, request, context, metadata, self._reporter(target)
-            )
+            entry = None
+            if target is None:
+                entry = await self._open_entry(context, method, request, metadata)
+            try:
+                return await relay_unary(
+                    channel, method, request, context, metadata, self._reporter(target)
+                )
+            finally:
+                self._close_entry(entry)
 
         return handle
 
     def _stream_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             metadata, channel, target, request = await self._prepare(context, method, request)
-            async for message in relay_stream(
-                channel, method, request, context, metadata, self._reporter(target)
-            ):
-                yield message
+            entry = None
+            if target is None:
+                entry = await self._open_entry(context, method, request, metadata)
+            try:
+                async for message in relay_stream(
+                    channel, method, request, context, metadata, self._reporter(target)
+                ):
+                    yield message
+            finally:
+                self._close_entry(entry)
 
         return handle
 

@@ -99,9 +99,14 @@ _checked_at = float("-inf")
 
 
 async def relay(
-    request: web.BaseRequest, upstream: aiohttp.ClientResponse, *, downstream: str
+    request: web.BaseRequest,
+    upstream: aiohttp.ClientResponse,
+    *,
+    downstream: str,
+    tap: Callable[[bytes], None] | None = None,
 ) -> web.StreamResponse:
-    """Stream ``upstream`` to ``request``'s caller chunk by chunk, then release it.
+    """Stream ``upstream`` to ``request``'s caller chunk by chunk, then release it;
+    ``tap`` sees each chunk read (the egress's cost ledger reads the answer so).
 
     A caller that hangs up mid-response (a client that gave up, a load generator ending its
     run) is an expected event: logged at debug, the upstream connection closed (the upstream
@@ -127,6 +132,8 @@ async def relay(
                     return response
                 if not chunk:
                     break
+                if tap is not None:
+                    tap(chunk)
                 await response.write(chunk)
             await response.write_eof()
         except ConnectionError as e:  # writing to the caller: it hung up
