@@ -15,6 +15,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import pytest
@@ -26,6 +27,7 @@ from sidecar.credentials import CredentialResolver
 from sidecar.egress import EgressProxy
 from sidecar.inbound import InboundServer, InMemoryPartnerGraph
 from sidecar.ledger import BudgetLedger
+from sidecar.router import InMemoryInstanceSource, InMemoryReleaseSource, Instance, Router
 from sidecar.state import SnapshotHolder
 from specmesh.budget import BUDGET_HEADER, BUDGET_TOTAL_HEADER, LEDGER_HEADER
 from specmesh.vault import VaultClient
@@ -34,6 +36,8 @@ from tests.integration.test_sidecar_egress import _snapshot
 pytestmark = pytest.mark.integration
 
 AGENT = "ledger-agent"
+PARTNER = "ledger-partner"
+PARTNER_COST = 0.75
 PRICE = 100_000.0  # USD per 1M tokens, in and out: $0.10 a token
 BUDGET = 5.0
 WAIT = 20.0
@@ -56,7 +60,37 @@ class LyingEngine:
 
 
 @dataclass
+class Partner:
+    """Stands in for a partner agent's inbound: answers every message with a task whose
+    answer carries ``cost.totalUsd`` :data:`PARTNER_COST`, and records the headers."""
+
+    headers: list[dict[str, str]] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.headers.append({k.lower(): v for k, v in request.headers.items()})
+        rpc = await request.json()
+        artifact = {
+            "artifactId": "answer",
+            "parts": [{"text": "partner's answer"}],
+            "metadata": {"cost": {"totalUsd": PARTNER_COST, "ownUsd": PARTNER_COST}},
+        }
+        task = {"id": "t", "status": {"state": "TASK_STATE_COMPLETED"}, "artifacts": [artifact]}
+        return web.json_response({"jsonrpc": "2.0", "id": rpc["id"], "result": {"task": task}})
+
+
+async def _serve(handler: Any) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+    app.router.add_route("*", "/{rest:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+@dataclass
 class Rig:
+    partner: Partner
     engine: LyingEngine
     inbound: InboundServer
     egress: EgressProxy
@@ -67,14 +101,13 @@ class Rig:
 
 @pytest.fixture
 async def rig(vault: VaultClient) -> AsyncIterator[Rig]:
-    engine = LyingEngine()
-    app = web.Application()
-    app.router.add_route("*", "/{rest:.*}", engine.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    engine_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    engine, partner = LyingEngine(), Partner()
+    runner, engine_url = await _serve(engine.handle)
+    partner_runner, partner_url = await _serve(partner.handle)
+    router = Router(
+        instances=InMemoryInstanceSource([Instance("p-1", PARTNER, partner_url, "stable")]),
+        releases=InMemoryReleaseSource(),
+    )
     async with ScriptedModelServer() as model:
         spec = {
             "base": {"description": "ledger test", "promptKey": "p"},
@@ -83,6 +116,7 @@ async def rig(vault: VaultClient) -> AsyncIterator[Rig]:
                 "baseUrl": model.url,
                 "price": {"inputPerMillion": PRICE, "outputPerMillion": PRICE},
             },
+            "partnerAgents": [{"agentName": PARTNER}],
         }
         holder = SnapshotHolder()
         await holder.set(_snapshot(AGENT, spec, {}), etcd_revision=1)
@@ -92,6 +126,7 @@ async def rig(vault: VaultClient) -> AsyncIterator[Rig]:
             EgressProxy(
                 snapshots=holder,
                 credentials=resolver,
+                router=router,
                 registry=CollectorRegistry(),
                 ledger=ledger,
             ) as egress,
@@ -105,10 +140,11 @@ async def rig(vault: VaultClient) -> AsyncIterator[Rig]:
             aiohttp.ClientSession() as client,
         ):
             try:
-                yield Rig(engine, inbound, egress, ledger, model, client)
+                yield Rig(partner, engine, inbound, egress, ledger, model, client)
             finally:
                 engine.release.set()
     await runner.cleanup()
+    await partner_runner.cleanup()
 
 
 def _send_message(budget: float) -> dict[str, object]:
@@ -207,3 +243,30 @@ async def test_a_model_call_is_charged_what_the_model_server_counted(rig: Rig) -
     assert len(records) == 2
     assert entry.spent_usd == pytest.approx(sum(_cost(r) for r in records), rel=1e-9)
     assert json.loads(streamed.split(b"data: ")[1])["object"] == "chat.completion.chunk"
+
+
+async def test_a_partner_call_is_charged_its_answers_cost_and_gets_what_is_left_as_budget(
+    rig: Rig,
+) -> None:
+    entry = rig.ledger.open(1.0)
+    lie = {LEDGER_HEADER: entry.id, BUDGET_HEADER: "1000", BUDGET_TOTAL_HEADER: "1000"}
+    message = _send_message(1000.0)  # the engine's own metadata figure: the partner's sidecar
+    # takes the smaller of it and the header this sidecar sets
+
+    statuses = []
+    for _ in range(3):
+        async with rig.client.post(
+            f"{rig.egress.url}/a2a/{PARTNER}", json=message, headers=lie
+        ) as r:
+            statuses.append(r.status)
+            last = await r.json()
+    card = await rig.client.get(f"{rig.egress.url}/a2a/{PARTNER}/.well-known/agent-card.json")
+    card.release()
+
+    assert statuses == [200, 200, 402]  # $0.75 + $0.75 spent of $1: nothing left for a third
+    assert last["error"]["details"][0]["reason"] == "BUDGET_EXCEEDED"
+    assert entry.spent_usd == pytest.approx(2 * PARTNER_COST)
+    # what this sidecar's ledger had left, never the engine's figure; no ledger id leaks
+    sent = [h.get(BUDGET_TOTAL_HEADER) for h in rig.partner.headers]
+    assert sent == ["1.0", "0.25", None]  # the third: the card (a GET is no message)
+    assert not any(LEDGER_HEADER in h or BUDGET_HEADER in h for h in rig.partner.headers)
