@@ -183,20 +183,24 @@ def test_a_partner_call_with_nothing_left_in_its_ledger_entry_is_refused_naming_
     assert info.value.fields["budgetUsd"] == "0.05"
 
 
-async def test_a_model_call_whose_worst_case_passes_what_is_left_is_refused() -> None:
+def _priced(
+    input_per_million: float, output_per_million: float
+) -> tuple[BudgetLedger, EgressPolicy, ResolvedSnapshot]:
+    """A ledger, a policy over it (litellm's map empty), and a snapshot whose model "m" has
+    these prices and whose one fallback is priced nowhere."""
     ledger = BudgetLedger()
     policy = EgressPolicy(
         credentials=_NoSecrets(),  # type: ignore[arg-type]
         prices=PriceMap(path=Path("/nonexistent")),
         ledger=ledger,
     )
-    snapshot = _snapshot(
-        model={
-            "model": "m",
-            "price": {"inputPerMillion": 1_000_000, "outputPerMillion": 1_000_000},
-            "fallbacks": [{"model": "unpriced"}],
-        }
-    )
+    price = {"inputPerMillion": input_per_million, "outputPerMillion": output_per_million}
+    model = {"model": "m", "price": price, "fallbacks": [{"model": "unpriced"}]}
+    return ledger, policy, _snapshot(model=model)
+
+
+async def test_a_model_call_whose_worst_case_passes_what_is_left_is_refused() -> None:
+    ledger, policy, snapshot = _priced(1_000_000, 1_000_000)
     body = json.dumps({"model": "m", "max_tokens": 10}).encode()  # 29 bytes: 8 tokens in
     worst = 8 * 1.0 + 10 * 1.0
     entry = ledger.open(100.0)
@@ -221,19 +225,7 @@ async def test_a_model_call_whose_worst_case_passes_what_is_left_is_refused() ->
 
 
 async def test_a_model_call_is_charged_from_its_answers_usage_else_its_worst_case() -> None:
-    ledger = BudgetLedger()
-    policy = EgressPolicy(
-        credentials=_NoSecrets(),  # type: ignore[arg-type]
-        prices=PriceMap(path=Path("/nonexistent")),
-        ledger=ledger,
-    )
-    snapshot = _snapshot(
-        model={
-            "model": "m",
-            "price": {"inputPerMillion": 1.0, "outputPerMillion": 2.0},
-            "fallbacks": [{"model": "unpriced"}],
-        }
-    )
+    ledger, policy, snapshot = _priced(1.0, 2.0)
     body = json.dumps({"model": "m", "max_tokens": 1000}).encode()  # 34 bytes: 9 tokens in
     entry = ledger.open(None)
     answer = UsageTap("application/json")
