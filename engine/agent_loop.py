@@ -128,6 +128,7 @@ async def run_turn(
             system=[{"role": "system", "content": prompt.text}],
             tools=definitions,
             parent=turn_ctx,
+            headers=ledger.headers(),
         )
         history = recalled.messages
         user = {"role": "user", "content": request.text}
