@@ -87,6 +87,8 @@ RouteKind = Literal["llm", "llm_fallback", "embeddings", "mcp", "a2a", "unknown"
 _ENGINE_CREDENTIALS = frozenset({"authorization", "x-api-key", "api-key"})
 _DROPPED = _ENGINE_CREDENTIALS | {LEDGER_HEADER, BUDGET_HEADER, BUDGET_TOTAL_HEADER}
 """Never forwarded: the engine's credentials, and its cost headers (for this sidecar)."""
+_READABLE = "identity"
+"""What a charged call accepts: an answer the ledger can read (no compression)."""
 _VERSIONED = re.compile(r"/v\d+[a-z0-9]*$")
 _DEFAULT_BASE_URLS = {
     "openai": "https://api.openai.com",
@@ -301,6 +303,8 @@ class EgressProxy(RelayListener):
             fallback = int(name) if kind == "llm_fallback" else None
             if kind in ("llm", "llm_fallback"):
                 entry = await self.policy.model_budget(snapshot, fallback, body, request.headers)
+                if entry is not None:
+                    out.headers["Accept-Encoding"] = _READABLE  # to read its usage
             if kind in ("llm", "llm_fallback", "embeddings"):
                 url = await self._prepare_llm(snapshot, out)
                 upstream = await self._send(
@@ -470,6 +474,8 @@ class EgressProxy(RelayListener):
         entry = None
         if request.method != "GET":
             entry = self.policy.partner_budget(agent, request.headers)
+        if entry is not None:
+            out.headers["Accept-Encoding"] = _READABLE  # to read the cost it carries
         left = entry.remaining_usd if entry is not None else None
         if left is not None:
             out.headers[BUDGET_TOTAL_HEADER] = repr(left)  # the partner's whole budget

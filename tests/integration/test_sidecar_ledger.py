@@ -242,6 +242,8 @@ async def test_a_model_call_is_charged_what_the_model_server_counted(rig: Rig) -
     assert status == 200 and b"data: [DONE]" in streamed
     assert len(records) == 2
     assert entry.spent_usd == pytest.approx(sum(_cost(r) for r in records), rel=1e-9)
+    # a charged call asks for an answer the ledger can read (the engine asked for gzip)
+    assert [r.headers.get("accept-encoding") for r in records] == ["identity", "identity"]
     assert json.loads(streamed.split(b"data: ")[1])["object"] == "chat.completion.chunk"
 
 
