@@ -90,11 +90,12 @@ class CostLedger:
         if not isinstance(cost, Mapping):
             return
         total = cost.get("totalUsd")
-        if isinstance(total, int | float) and not isinstance(total, bool) and total >= 0:
-            # a partner's figure is its word: never inf/NaN, never past MAX_USD, so the
-            # sum (and this turn's own answer) stays a finite, serializable number
-            if math.isfinite(total):
-                self.downstream_usd += min(float(total), MAX_USD)
+        # a partner's figure is its word: never inf/NaN, never past MAX_USD, so the sum
+        # (and this turn's own answer) stays a finite, serializable number
+        if not isinstance(total, int | float) or isinstance(total, bool):
+            total = None
+        if total is not None and math.isfinite(total) and total >= 0:
+            self.downstream_usd += min(float(total), MAX_USD)
         unpriced = cost.get("unpriced")
         if isinstance(unpriced, list | tuple):
             self.unpriced.update(str(m) for m in unpriced)
