@@ -24,6 +24,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
@@ -1027,11 +1028,25 @@ class AnalysisStep(SpecModel):
     """One step of a progressive release: the canary's weight, and how long it holds."""
 
     weight: Annotated[int, Field(ge=1, le=100)]
-    """Share of calls sent to the canary during this step, in percent."""
+    """Share of calls sent to the canary during this step, in percent (below 100: a step
+    compares the canary with stable over the same window; passing the last step promotes
+    the canary, which is what 100 % means)."""
     duration_seconds: Annotated[float, Field(ge=0, le=7 * 86_400)] | None = None
     """Hold the step at least this long."""
     min_canary_requests: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
     """Hold the step until the canary answered at least this many turns."""
+
+    @field_validator("weight")
+    @classmethod
+    def _below_all(cls, weight: int) -> int:
+        if weight == 100:
+            raise PydanticCustomError(
+                "step_weight_all",
+                "a step cannot send 100 % to the canary: stable would answer nothing to "
+                "compare it with; passing the last step promotes the canary (100 %)",
+                {},
+            )
+        return weight
 
     @model_validator(mode="after")
     def _holds(self) -> AnalysisStep:
