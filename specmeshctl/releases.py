@@ -191,10 +191,11 @@ def register(r: Registrar) -> None:
             "set the canary revision, its weight and header match; refused when it sends "
             "calls to a track with no ready instance (naming a canary revision starts the "
             "canary track: set it at --weight 0, wait until `get agents` shows it ready, "
-            "then raise the weight)",
+            "then raise the weight); a lower weight leaves conversations already on the "
+            "canary there until their pin's age (abort takes every call off it)",
         ),
         ("promote", "the canary becomes stable; the split ends"),
-        ("abort", "the split ends; stable stays"),
+        ("abort", "the split ends; stable stays, and takes every conversation with it"),
     ):
         a = actions.api(action, helptext, cmd_release)
         a.add_argument("agent")
