@@ -37,6 +37,7 @@ from a2a.types.a2a_pb2 import (
     SendMessageResponse,
     TaskState,
 )
+from a2a.utils.constants import PROTOCOL_VERSION_CURRENT, VERSION_HEADER
 
 from specmesh import regex
 from specmesh.names import resource_name
@@ -220,7 +221,10 @@ class Evaluator:
             ttl_seconds=int(case.timeout_seconds) + 30,
         )
         async with httpx.AsyncClient(
-            headers={"Authorization": f"Bearer {minted.token}"},
+            headers={
+                "Authorization": f"Bearer {minted.token}",
+                VERSION_HEADER: PROTOCOL_VERSION_CURRENT,
+            },
             timeout=case.timeout_seconds,
             transport=self.transport,
             trust_env=False,

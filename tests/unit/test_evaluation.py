@@ -97,6 +97,7 @@ def _agent_answers(answers: dict[str, Any]) -> httpx.MockTransport:
         body = json.loads(request.content)
         assert body["method"] == "SendMessage"
         assert request.headers["Authorization"].startswith("Bearer t")
+        assert request.headers["A2A-Version"] == "1.0"
         prompt = body["params"]["message"]["parts"][0]["text"]
         answer = answers[prompt]
         if isinstance(answer, int):
