@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from localfleet.fleet import Fleet, FleetOptions
 from tests.polling import eventually_sync
 
 from . import test_controller
-from .test_release_analysis import _apply, _audit, _release_now
+from .test_release_analysis import _agent, _apply, _audit, _release_now, scripted_fleet
+from .test_release_analysis import _release as analysed_release
 
 pytestmark = pytest.mark.e2e
 
@@ -36,60 +36,28 @@ rules:
 PROMPTS = {"steady": "You are steady.", "wrong": "You are wrong.", "right": "You are right."}
 
 
-def _agent(prompt: str) -> str:
-    return f"""\
-apiVersion: specmesh.io/v1
-kind: Agent
-metadata: {{name: {AGENT}}}
-spec:
-  base: {{description: An agent released with an evaluation, promptKey: {prompt},
-         callers: {{principals: ["specmesh/*"]}}}}
-  model: {{model: scripted, maxRetries: 0}}
+EVALUATION = """\
+    evaluation:
+      cases:
+        - {name: sum, prompt: "What is 2+2?", contains: ["4"], matches: "^\\\\[\\\\w+\\\\]"}
+        - {prompt: "Add two and two", notContains: ["5"], timeoutSeconds: 20}
 """
 
 
 def _release(canary: int | None) -> str:
-    head = f"apiVersion: specmesh.io/v1\nkind: Release\nmetadata: {{name: {AGENT}}}\n"
-    if canary is None:
-        return head + "spec: {stableRevision: 1}\n"
-    return (
-        head
-        + f"""\
-spec:
-  stableRevision: 1
-  canaryRevision: {canary}
-  analysis:
-    steps:
-      - {{weight: 10, minCanaryRequests: 20}}
-      - {{weight: 50, minCanaryRequests: 20}}
-    gates: {{maxErrorRateIncrease: 0.05}}
-    minSamplePerTrack: 20
-    evaluation:
-      cases:
-        - {{name: sum, prompt: "What is 2+2?", contains: ["4"], matches: "^\\\\[\\\\w+\\\\]"}}
-        - {{prompt: "Add two and two", notContains: ["5"], timeoutSeconds: 20}}
-"""
-    )
+    """test_release_analysis's release (steps 10 % -> 50 %, error-rate gate) with
+    :data:`EVALUATION`."""
+    return analysed_release(canary) + (EVALUATION if canary is not None else "")
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    home = tmp_path_factory.mktemp("evaluation-fleet")
-    examples = home / "examples"
-    examples.mkdir()
-    for key, text in PROMPTS.items():
-        (examples / f"prompt-{key}.yaml").write_text(
-            "apiVersion: specmesh.io/v1\nkind: Prompt\n"
-            f"metadata: {{name: {key}}}\nspec: {{version: '1.0.0', template: {text}}}\n"
-        )
-    (examples / "agent.yaml").write_text(_agent("steady") + "---\n" + _release(None))
-    script = home / "script.yaml"
-    script.write_text(SCRIPT)
-    f = Fleet(FleetOptions(home=home, examples=examples, model_script=script))
-    state = f.up()
-    state["_home"] = home
-    yield state
-    f.down()
+    yield from scripted_fleet(
+        tmp_path_factory.mktemp("evaluation-fleet"),
+        prompts=PROMPTS,
+        script=SCRIPT,
+        release=_release(None),
+    )
 
 
 def _phase(fleet: dict[str, Any], canary: int) -> str | None:
