@@ -208,6 +208,7 @@ class Evaluator:
         except TimeoutError:
             return _error(name, f"no answer within {case.timeout_seconds:g} s")
         except Exception as e:  # the top of one case: whatever went wrong fails it
+            logger.info("evaluation case %r of %s could not run: %r", name, agent, e)
             return _error(name, f"{type(e).__name__}: {e}")
         if isinstance(answer, CaseResult):
             return CaseResult(name=name, passed=False, failed=answer.failed, excerpt=answer.excerpt)
