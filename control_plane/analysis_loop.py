@@ -36,6 +36,7 @@ from typing import Any, Protocol
 from control_plane.analysis import StepDecision, TrackWindow, judge
 from control_plane.api import ControlPlane
 from control_plane.auth import Principal, Role
+from control_plane.evaluation import EvaluationResult, Evaluator, not_run
 from control_plane.traces import Turn
 from specmesh.names import resource_name
 from specmesh.spec.models import ReleaseSpec
@@ -90,6 +91,7 @@ class AnalysisLoop:
         interval_seconds: float = 5.0,
         clock: Callable[[], datetime] = _utcnow,
         principal: Principal = ANALYSIS_PRINCIPAL,
+        evaluator: Evaluator | None = None,
     ) -> None:
         self.cp = control_plane
         self.store = control_plane.store
@@ -97,6 +99,8 @@ class AnalysisLoop:
         self.interval_seconds = interval_seconds
         self.clock = clock
         self.principal = principal
+        self.evaluator = evaluator
+        """Runs a release's ``evaluation`` before each step (:mod:`control_plane.evaluation`)."""
 
     async def run(self) -> None:
         """Analyse every interval until cancelled."""
@@ -153,7 +157,12 @@ class AnalysisLoop:
         ):
             if not await self._canary_ready(agent):
                 return state
-            return await self._start(agent, release, version, stable=stable, now=now)
+            evaluation = await self._evaluate(agent, release)
+            if evaluation is not None and not evaluation.passed:
+                return await self._evaluation_failed(agent, release, version, 0, evaluation, None)
+            return await self._start(
+                agent, release, version, stable=stable, now=self.clock(), evaluation=evaluation
+            )
         step_index = int(state["step"])
         step = release.analysis.steps[min(step_index, len(release.analysis.steps) - 1)]
         started = datetime.fromisoformat(state["stepStartedAt"])
@@ -215,10 +224,16 @@ class AnalysisLoop:
             logger.info("release of %s promoted: every analysis step passed", agent)
         else:
             nxt = release.analysis.steps[step_index + 1]
+            evaluation = await self._evaluate(agent, release)
+            if evaluation is not None and not evaluation.passed:
+                return await self._evaluation_failed(
+                    agent, release, version, step_index + 1, evaluation, state
+                )
             await self._set_weight(agent, release, version, nxt.weight, step_index + 1)
+            now = self.clock()  # the new window starts after the evaluation's calls
             state["step"] = step_index + 1
             state["stepStartedAt"] = _iso(now)
-            state["timeline"].append(_entry(step_index + 1, nxt.weight, now))
+            state["timeline"].append(_entry(step_index + 1, nxt.weight, now, evaluation))
         await self.store.put_analysis(agent, state)
         return state
 
@@ -233,8 +248,74 @@ class AnalysisLoop:
             logger.info("release analysis of %s waits for a ready canary instance", agent)
         return ready > 0
 
+    async def _evaluate(self, agent: str, release: ReleaseSpec) -> EvaluationResult | None:
+        """The release's evaluation run against the canary (None when it has none); every
+        case fails when this loop has no evaluator (it cannot run, so it cannot pass)."""
+        assert release.analysis is not None
+        spec = release.analysis.evaluation
+        if spec is None:
+            return None
+        if self.evaluator is None:
+            return not_run(spec, "this control plane runs no evaluations (no token issuer)")
+        result = await self.evaluator.run(agent, spec)
+        logger.info("release evaluation of %s: %s", agent, result.reason)
+        return result
+
+    async def _evaluation_failed(
+        self,
+        agent: str,
+        release: ReleaseSpec,
+        version: int,
+        index: int,
+        evaluation: EvaluationResult,
+        state: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """Abort the release: step ``index``'s evaluation failed before its weight was set."""
+        assert release.analysis is not None and release.canary_revision is not None
+        weight = release.analysis.steps[index].weight
+        await self.cp.abort(
+            self.principal,
+            agent,
+            message=f"analysis step {index} ({weight} %): {evaluation.reason}",
+            action="auto-abort",
+            details={"step": index, "weight": weight, "evaluation": evaluation.to_json()},
+            expected_version=version,
+        )
+        now = self.clock()
+        entry = _entry(index, weight, now, evaluation)
+        entry.update(decision="fail", reason=evaluation.reason, decidedAt=_iso(now))
+        if state is None:
+            state = {
+                "canaryRevision": release.canary_revision,
+                "stableRevision": release.stable_revision
+                or await self.store.current_revision(agent),
+                "step": index,
+                "steps": len(release.analysis.steps),
+                "startedAt": _iso(now),
+                "stepStartedAt": _iso(now),
+                "timeline": [],
+            }
+        state["timeline"].append(entry)
+        state.update(phase="aborted", step=index, updatedAt=_iso(now))
+        await self.store.put_analysis(agent, state)
+        logger.warning(
+            "release of %s aborted before step %d (%d %%): %s",
+            agent,
+            index,
+            weight,
+            evaluation.reason,
+        )
+        return state
+
     async def _start(
-        self, agent: str, release: ReleaseSpec, version: int, *, stable: int, now: datetime
+        self,
+        agent: str,
+        release: ReleaseSpec,
+        version: int,
+        *,
+        stable: int,
+        now: datetime,
+        evaluation: EvaluationResult | None = None,
     ) -> dict[str, Any]:
         assert release.analysis is not None and release.canary_revision is not None
         first = release.analysis.steps[0]
@@ -248,7 +329,7 @@ class AnalysisLoop:
             "startedAt": _iso(now),
             "stepStartedAt": _iso(now),
             "updatedAt": _iso(now),
-            "timeline": [_entry(0, first.weight, now)],
+            "timeline": [_entry(0, first.weight, now, evaluation)],
         }
         await self.store.put_analysis(agent, state)
         logger.info(
@@ -274,8 +355,11 @@ class AnalysisLoop:
         )
 
 
-def _entry(step: int, weight: int, now: datetime) -> dict[str, Any]:
+def _entry(
+    step: int, weight: int, now: datetime, evaluation: EvaluationResult | None = None
+) -> dict[str, Any]:
     return {
+        "evaluation": evaluation.to_json() if evaluation is not None else None,
         "step": step,
         "weight": weight,
         "startedAt": _iso(now),

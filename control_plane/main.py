@@ -17,6 +17,7 @@ from control_plane.analysis_loop import AnalysisLoop
 from control_plane.api import ControlPlane
 from control_plane.auth import StaticTokenAuthenticator
 from control_plane.controller import Controller
+from control_plane.evaluation import Evaluator, status_entries
 from control_plane.grpc_api import build_grpc_server, build_servicers
 from control_plane.http_api import build_app
 from control_plane.issuer import TokenIssuer
@@ -159,6 +160,9 @@ async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = 
                         control_plane=control_plane,
                         turns=traces,
                         interval_seconds=settings.analysis_interval_seconds,
+                        evaluator=Evaluator(
+                            tokens=control_plane.issuer, entries=status_entries(store)
+                        ),
                     ).run()
                 )
                 if settings.analysis_interval_seconds

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import grpc
@@ -77,12 +77,15 @@ from .relay import (
 )
 from .router import NoInstanceError, Router, Target
 
-__all__ = ["CARD_PATH", "EntryServer", "GrpcEntry"]
+__all__ = ["CARD_PATH", "EVALUATION_ATTRIBUTE", "EntryServer", "GrpcEntry"]
 
 logger = logging.getLogger(__name__)
 
 
 _DROPPED = (CALLER_HEADER, PRINCIPAL_HEADER, "Authorization")
+
+EVALUATION_ATTRIBUTE = "specmesh.evaluation.track"
+"""Entry span attribute of a call the control plane's evaluation token sent to a track."""
 
 
 def _pick_other(
@@ -93,9 +96,17 @@ def _pick_other(
     *,
     tracks: ConversationTracks | None = None,
     context_id: str | None = None,
+    only: Literal["stable", "canary"] | None = None,
 ) -> Target | None:
     """The instance an external call goes to, or None for this instance's own engine; a
-    known conversation keeps its track, a new one is remembered on the track it got."""
+    known conversation keeps its track, a new one is remembered on the track it got.
+    ``only`` (the control plane's evaluation token): that track's instances alone, never
+    remembered; :class:`NoInstanceError` when none serves (or no router knows tracks)."""
+    if only is not None:
+        if router is None:
+            raise NoInstanceError(agent=agent, reason=f"this entry routes no track ({only!r})")
+        target = router.pick(agent, headers, only=only)
+        return None if target.instance in (None, instance_id) else target
     if router is None:
         return None
     release = router.release(agent)
@@ -160,12 +171,14 @@ class EntryServer(RelayListener):
         body: bytes | None = None
         if not card:
             try:
-                principal = await self.policy.external(request.headers.get("Authorization"))
+                caller = await self.policy.external_call(request.headers.get("Authorization"))
             except CallerRefused as e:
                 log_refusal("external", self.agent, e)
                 return e.http_response()
-            headers[PRINCIPAL_HEADER] = principal
-            span.set_attribute("specmesh.principal", principal)
+            headers[PRINCIPAL_HEADER] = caller.principal
+            span.set_attribute("specmesh.principal", caller.principal)
+            if caller.track is not None:
+                span.set_attribute(EVALUATION_ATTRIBUTE, caller.track)
             body = await request.read() if request.body_exists else None
             call = MessageContext()
             if self._tracks is not None:
@@ -175,14 +188,18 @@ class EntryServer(RelayListener):
                 if call.rewritten is not None:  # the entry named the conversation
                     body = call.rewritten
                     headers.popall("Content-Length", None)
-            target = _pick_other(
-                self._router,
-                self.agent,
-                self.instance_id,
-                request.headers,
-                tracks=self._tracks,
-                context_id=call.context_id,
-            )
+            try:
+                target = _pick_other(
+                    self._router,
+                    self.agent,
+                    self.instance_id,
+                    request.headers,
+                    tracks=self._tracks,
+                    context_id=call.context_id,
+                    only=caller.track,
+                )
+            except NoInstanceError as e:
+                return _unavailable("NO_INSTANCE", str(e), agent=self.agent)
         propagate.inject(headers)
         if body is None and request.body_exists:
             body = await request.read()
@@ -262,25 +279,29 @@ class GrpcEntry(GrpcRelayServer):
         or abort the call."""
         incoming = context.invocation_metadata()
         try:
-            principal = await self.policy.external(first_value(incoming, AUTHORIZATION_KEY))
+            caller = await self.policy.external_call(first_value(incoming, AUTHORIZATION_KEY))
         except CallerRefused as e:
             log_refusal("external gRPC", self.agent, e)
             await abort_policy(context, e)
         metadata = end_to_end_metadata(incoming, CALLER_KEY, PRINCIPAL_KEY, AUTHORIZATION_KEY)
-        metadata.append((PRINCIPAL_KEY, principal))
+        metadata.append((PRINCIPAL_KEY, caller.principal))
         headers = {k: v for k, v in metadata if isinstance(v, str)}
         call = MessageContext()
         if self._tracks is not None:
             call = message_context_grpc(method, request, assign=new_context_id)
             request = call.rewritten or request
-        target = _pick_other(
-            self._router,
-            self.agent,
-            self.instance_id,
-            headers,
-            tracks=self._tracks,
-            context_id=call.context_id,
-        )
+        try:
+            target = _pick_other(
+                self._router,
+                self.agent,
+                self.instance_id,
+                headers,
+                tracks=self._tracks,
+                context_id=call.context_id,
+                only=caller.track,
+            )
+        except NoInstanceError as e:
+            await abort_policy(context, PolicyError("NO_INSTANCE", str(e), agent=self.agent))
         if target is None:
             assert self._engine is not None
             return metadata, self._engine, None, request

@@ -82,6 +82,26 @@ def analysis_lines(analysis: dict[str, Any] | None) -> list[str]:
         )
         if entry.get("reason"):
             out.append(f"    {entry['reason']}")
+        out.extend(_evaluation_lines(entry.get("evaluation")))
+    return out
+
+
+def _evaluation_lines(evaluation: dict[str, Any] | None) -> list[str]:
+    """The evaluation run before a step: its verdict, then a line per case (the property
+    that failed and the start of the answer)."""
+    if not evaluation:
+        return []
+    cases = evaluation.get("cases") or []
+    out = [
+        f"    evaluation {'passed' if evaluation.get('passed') else 'FAILED'}: "
+        f"{evaluation.get('failures', 0)} of {len(cases)} cases failed "
+        f"(at most {evaluation.get('maxFailures', 0)} may)"
+    ]
+    for case in cases:
+        verdict = "ok" if case.get("passed") else f"FAILED {case.get('failed')}"
+        excerpt = " ".join(str(case.get("excerpt") or "").split())
+        shown = excerpt if len(excerpt) <= 80 else excerpt[:80] + "..."
+        out.append(f"      {case.get('name')}: {verdict} -- {shown!r}")
     return out
 
 

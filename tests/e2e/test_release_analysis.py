@@ -93,24 +93,35 @@ spec:
 """
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    home = tmp_path_factory.mktemp("analysis-fleet")
+def scripted_fleet(
+    home: Path, *, prompts: dict[str, str], script: str, release: str
+) -> Iterator[dict[str, Any]]:
+    """A fleet whose model follows ``script``, with ``prompts`` and AGENT on prompt
+    ``steady`` under ``release``; yields its state, then takes it down."""
     examples = home / "examples"
     examples.mkdir()
-    for key, text in PROMPTS.items():
+    for key, text in prompts.items():
         (examples / f"prompt-{key}.yaml").write_text(
             "apiVersion: specmesh.io/v1\nkind: Prompt\n"
             f"metadata: {{name: {key}}}\nspec: {{version: '1.0.0', template: {text}}}\n"
         )
-    (examples / "agent.yaml").write_text(_agent("steady") + "---\n" + _release(None))
-    script = home / "script.yaml"
-    script.write_text(SCRIPT)
-    f = Fleet(FleetOptions(home=home, examples=examples, model_script=script))
+    (examples / "agent.yaml").write_text(_agent("steady") + "---\n" + release)
+    (home / "script.yaml").write_text(script)
+    f = Fleet(FleetOptions(home=home, examples=examples, model_script=home / "script.yaml"))
     state = f.up()
     state["_home"] = home
     yield state
     f.down()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    yield from scripted_fleet(
+        tmp_path_factory.mktemp("analysis-fleet"),
+        prompts=PROMPTS,
+        script=SCRIPT,
+        release=_release(None),
+    )
 
 
 def _apply(tmp_path: Path, text: str) -> None:
