@@ -40,6 +40,7 @@ from specmesh.spec.models import AnalysisSpec, AnalysisStep
 __all__ = [
     "MIN_LATENCY_SAMPLE",
     "GateResult",
+    "LatencyHistogram",
     "StepDecision",
     "TrackWindow",
     "judge",
@@ -54,6 +55,63 @@ Verdict = Literal["hold", "pass", "fail"]
 
 
 @dataclass(frozen=True)
+class LatencyHistogram:
+    """Latencies counted in buckets (a Prometheus histogram): ``buckets`` are
+    ``(upper bound in seconds, cumulative count)``, ascending, the last bound ``inf``.
+
+    A quantile is known only to within its bucket: :meth:`quantile_bounds` takes the
+    order-statistic ranks of :func:`quantile_bounds` and answers the LOWER edge of the
+    bucket holding the low rank and the UPPER edge of the bucket holding the high rank --
+    wider than the exact bounds, so a gate built on them stays conservative."""
+
+    buckets: tuple[tuple[float, int], ...]
+
+    def __post_init__(self) -> None:
+        counts = [c for _, c in self.buckets]
+        bounds = [b for b, _ in self.buckets]
+        if counts != sorted(counts) or bounds != sorted(bounds) or min(counts, default=0) < 0:
+            raise ValueError("histogram buckets must be ascending and cumulative")
+
+    @property
+    def count(self) -> int:
+        return self.buckets[-1][1] if self.buckets else 0
+
+    def _bucket(self, rank: int) -> tuple[float, float]:
+        """(lower edge, upper edge) of the bucket holding the ``rank``-th latency (1-based)."""
+        lower = 0.0
+        for bound, cumulative in self.buckets:
+            if cumulative >= rank:
+                return lower, bound
+            lower = bound
+        return lower, math.inf
+
+    def quantile(self, q: float) -> float | None:
+        """An estimate (linear within the bucket, as Prometheus' ``histogram_quantile``; the
+        lower edge in the last, unbounded bucket)."""
+        n = self.count
+        if n == 0:
+            return None
+        rank = q * n
+        lower, previous = 0.0, 0
+        for bound, cumulative in self.buckets:
+            if cumulative >= rank and cumulative > previous:
+                if math.isinf(bound):
+                    return lower
+                return lower + (bound - lower) * (rank - previous) / (cumulative - previous)
+            lower, previous = bound, cumulative
+        return lower
+
+    def quantile_bounds(self, q: float, z: float) -> tuple[float, float]:
+        n = self.count
+        if n == 0:
+            raise ValueError("no values")
+        spread = z * math.sqrt(n * q * (1 - q))
+        low = max(1, math.floor(n * q - spread))
+        high = min(n, math.ceil(n * q + spread) + 1)
+        return self._bucket(low)[0], self._bucket(high)[1]
+
+
+@dataclass(frozen=True)
 class TrackWindow:
     """The turns one track answered in a window."""
 
@@ -63,6 +121,19 @@ class TrackWindow:
     """Seconds per turn."""
     costs: Sequence[float] = ()
     """Model cost (USD) per turn."""
+    histogram: LatencyHistogram | None = None
+    """The turns' latencies in buckets (the sidecars' metrics); when set, the p95 gate
+    judges it instead of ``latencies``."""
+
+    @property
+    def latency_count(self) -> int:
+        return self.histogram.count if self.histogram is not None else len(self.latencies)
+
+    @property
+    def p95(self) -> float | None:
+        if self.histogram is not None:
+            return self.histogram.quantile(0.95)
+        return _p95(self.latencies)
 
     def __post_init__(self) -> None:
         if not 0 <= self.errors <= self.requests:
@@ -79,7 +150,7 @@ class TrackWindow:
             "requests": self.requests,
             "errors": self.errors,
             "errorRate": round(self.error_rate, 4),
-            "p95Seconds": _round(_p95(self.latencies)),
+            "p95Seconds": _round(self.p95),
             "costPerTurn": _round(_mean(self.costs), 8),
         }
 
@@ -253,17 +324,39 @@ def _ratio_gate(
 def _latency_gate(
     threshold: float, stable: TrackWindow, canary: TrackWindow, z: float, minimum: int
 ) -> GateResult:
-    few = min(len(canary.latencies), len(stable.latencies)) < minimum
-    return _ratio_gate(
-        "p95Latency",
-        threshold,
-        stable=stable.latencies,
-        canary=canary.latencies,
-        statistic=_p95,
-        bounds=lambda values, z: quantile_bounds(values, 0.95, z),
-        z=z,
-        unjudged=f"fewer than {minimum} latencies on a track" if few else None,
-        unit="s",
+    few = min(canary.latency_count, stable.latency_count) < minimum
+    unjudged = f"fewer than {minimum} latencies on a track" if few else None
+    if canary.histogram is None or stable.histogram is None:
+        return _ratio_gate(
+            "p95Latency",
+            threshold,
+            stable=stable.latencies,
+            canary=canary.latencies,
+            statistic=_p95,
+            bounds=lambda values, z: quantile_bounds(values, 0.95, z),
+            z=z,
+            unjudged=unjudged,
+            unit="s",
+        )
+    bound: float | None = None
+    reason = unjudged or ""
+    if unjudged is None:
+        canary_low, _ = canary.histogram.quantile_bounds(0.95, z)
+        _, stable_high = stable.histogram.quantile_bounds(0.95, z)
+        bound = canary_low / stable_high if stable_high > 0 else (math.inf if canary_low else 1.0)
+        reason = (
+            f"canary >= {canary_low:.6g}s vs stable <= {stable_high:.6g}s (bucket edges): "
+            f"ratio {bound:.2f} (max {threshold})"
+        )
+    return GateResult(
+        gate="p95Latency",
+        threshold=threshold,
+        canary=canary.p95,
+        stable=stable.p95,
+        bound=bound,
+        judged=bound is not None,
+        failed=bound is not None and bound > threshold,
+        reason=reason,
     )
 
 
