@@ -29,7 +29,8 @@ anything else (the card, ``GetTask``...). ``outcome``:
   stream mid-way;
 * ``cancelled``: the caller left before the end (not the engine's fault: not an error).
 
-The duration runs from the call's start to the end of its answer (a stream's last event).
+The duration runs from the call's start to the end of its answer (a stream's last event);
+a cancelled call's is not observed.
 A2A bodies are read as they pass, without holding the answer back: a JSON answer of at most
 :data:`MAX_INSPECTED` bytes is parsed once complete, an event stream line by line (lines
 longer than that are skipped), gRPC messages as they are relayed.
@@ -300,4 +301,5 @@ class EngineCalls:
 
     def record(self, revision: int, kind: str, outcome: str, seconds: float) -> None:
         self.requests.labels(revision=str(revision), kind=kind, outcome=outcome).inc()
-        self.duration.labels(revision=str(revision), kind=kind).observe(seconds)
+        if outcome != "cancelled":  # cut short by the caller: its duration says nothing
+            self.duration.labels(revision=str(revision), kind=kind).observe(seconds)
