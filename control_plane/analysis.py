@@ -17,7 +17,9 @@ Each gate, with ``z`` the one-sided normal quantile of ``confidence`` (1.645 at 
   Wilson upper bound of stable's exceeds ``maxErrorRateIncrease``;
 * p95 latency: judged only with at least ``max(minSamplePerTrack, 20)`` latencies per
   track; fails when the canary's p95 lower bound (a distribution-free order-statistic bound)
-  exceeds ``maxP95LatencyRatio`` times stable's p95 upper bound;
+  exceeds ``maxP95LatencyRatio`` times stable's p95 upper bound; with latencies counted in
+  buckets (:class:`LatencyHistogram`, the sidecars' histograms) the bounds are the edges of
+  the buckets holding those ranks (wider, so still conservative);
 * cost per turn: fails when the canary's mean cost lower bound (mean - z·s/√n) exceeds
   ``maxCostPerTurnRatio`` times stable's upper bound; not judged while stable's mean cost
   is 0 (prices unknown).

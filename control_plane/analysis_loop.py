@@ -7,10 +7,14 @@ every ``interval_seconds``:
    step 0 once its track has a ready instance (the controller's observed state; a weight
    to an empty track would fail calls under Istio): the release's ``canaryWeight`` is set
    to the step's weight (``release.set``);
-2. the turns each track answered since the step began are read from the trace store --
-   the engines' ``invoke_agent`` spans, told apart by their ``specmesh.spec.revision``
-   (stable's revision or the canary's), their status (a failed turn), duration and the
-   model calls inside them (cost) -- never from an engine's own report;
+2. the turns each track answered since the step began are read -- never from an engine's
+   own report: requests, failed turns and the latency histogram from what the sidecars
+   counted of the calls they relayed to their engines (``requests``:
+   :class:`~control_plane.sidecar_metrics.SidecarScraper` reads every instance's
+   ``/metrics``; the counts at the step's start live in the state, ``window``), and the cost
+   per turn from the trace store (the engines' ``invoke_agent`` spans of stable's or the
+   canary's ``specmesh.spec.revision`` and the priced model calls inside them). Without
+   ``requests`` (no sidecar runs: embedding, tests) everything is read from the spans;
 3. :func:`control_plane.analysis.judge` decides: ``hold`` keeps the step (its figures are
    recorded), ``pass`` moves to the next step (its weight is set) or, after the last,
    promotes the canary (``release.promote``); ``fail`` aborts the release
