@@ -180,6 +180,7 @@ class DataPlane:
             host=host,
             port=port,
             require_identity=settings.istio,
+            read_timeout=settings.engine_timeout,
             calls=self.calls,
         )
         await self.inbound.start()
@@ -262,6 +263,7 @@ class DataPlane:
                 host=host,
                 port=port,
                 tracks=self.tracks,
+                read_timeout=settings.engine_timeout,
                 calls=self.calls,
             )
             await self.entry.start()

@@ -59,6 +59,11 @@ class SidecarSettings(BaseSettings):
     """The engine's HTTP listener, where inbound A2A/REST goes (``SPECMESH_ENGINE_HTTP``)."""
     engine_grpc: str = "127.0.0.1:7104"
     """The engine's A2A gRPC listener (``SPECMESH_ENGINE_GRPC``)."""
+    engine_timeout: float = Field(default=300.0, gt=0, le=3600)
+    """Seconds the inbound and the public entry (HTTP) wait for the engine's answer, and
+    then between two chunks of it (``SPECMESH_ENGINE_TIMEOUT``); past it the call fails as
+    ``ENGINE_UNREACHABLE`` and counts as a ``timeout`` (a hung engine). gRPC calls keep the
+    caller's deadline."""
     inbound: str = "127.0.0.1:7100"
     """Inbound listener (``SPECMESH_INBOUND``), registered as this instance's endpoint."""
     inbound_grpc: str | None = None

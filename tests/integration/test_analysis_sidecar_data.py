@@ -4,10 +4,14 @@ revision 2) against real etcd and OpenBao and the scripted model server. The sid
 the turns they relay to their engines by revision and outcome; the control plane reads them
 from every instance's ``/metrics`` (its registry entry's ``opsEndpoint``). The trace store
 stays empty throughout: no engine's word is used. When the canary's engine dies while its
-sidecar lives, its turns fail at the sidecar and the error gate aborts the release."""
+sidecar lives -- killed, or stopped (SIGSTOP: it accepts connections and never answers) --
+its turns fail at the sidecar (``unreachable``, ``timeout``) and the error gate aborts the
+release."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -76,12 +80,17 @@ def _inbound(pair: AgentPair) -> str:
 
 
 async def _turns(http: httpx.AsyncClient, pair: AgentPair, n: int) -> list[int]:
-    """``n`` turns through the instance's sidecar (its inbound); their HTTP statuses."""
-    statuses = []
-    for i in range(n):
+    """``n`` turns at once through the instance's sidecar (its inbound); their statuses."""
+
+    async def one(i: int) -> int:
         r = await http.post(f"{_inbound(pair)}/v1/invoke", json={"message": f"q{i}"}, timeout=60)
-        statuses.append(r.status_code)
-    return statuses
+        return r.status_code
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+HUNG_ENGINE_TIMEOUT = "2"
+"""The canary sidecar's ``SPECMESH_ENGINE_TIMEOUT``: how long it waits for a stopped engine."""
 
 
 async def _serving(pair: AgentPair, http: httpx.AsyncClient, revision: int) -> None:
@@ -92,7 +101,24 @@ async def _serving(pair: AgentPair, http: httpx.AsyncClient, revision: int) -> N
     await until(pair, answered, within=STARTUP, what=f"revision {revision} served")
 
 
-async def test_the_analysis_judges_the_sidecars_counts_and_aborts_a_canary_whose_engine_died(
+async def _outcome_count(pair: AgentPair, outcome: str) -> float:
+    """The instance's ``/metrics`` count of turns of revision 2 with ``outcome``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{pair.ops}/metrics", timeout=10)).text
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "specmesh_sidecar_engine_requests_total"
+        and s.labels == {"revision": "2", "kind": "message", "outcome": outcome}
+    )
+
+
+@pytest.mark.parametrize("failure", ["killed", "stopped"])
+async def test_the_analysis_judges_the_sidecars_counts_and_aborts_a_canary_whose_engine_failed(
+    failure: str,
     services: LocalServices,
     store: SpecStore,
     vault: VaultClient,
@@ -123,6 +149,7 @@ async def test_the_analysis_judges_the_sidecars_counts_and_aborts_a_canary_whose
             tmp_path=tmp_path / track,
         )
         pairs[track].sidecar_env["SPECMESH_TRACK"] = track
+    pairs["canary"].sidecar_env["SPECMESH_ENGINE_TIMEOUT"] = HUNG_ENGINE_TIMEOUT
     stable, canary = pairs["stable"], pairs["canary"]
     for pair in pairs.values():
         pair.start("sidecar")
@@ -164,7 +191,11 @@ async def test_the_analysis_judges_the_sidecars_counts_and_aborts_a_canary_whose
             assert (figures["canary"]["requests"], figures["canary"]["errors"]) == (10, 0)
             assert figures["canary"]["p95Seconds"] is not None
 
-            canary.kill("engine")  # its sidecar lives on, and still takes calls
+            # its sidecar lives on, and still takes calls
+            if failure == "killed":
+                canary.kill("engine")
+            else:
+                canary.procs["engine"].send_signal(signal.SIGSTOP)
             assert await _turns(http, canary, 12) == [502] * 12  # ENGINE_UNREACHABLE
             assert await _turns(http, stable, 12) == [200] * 12
             clock.now = T0 + timedelta(seconds=20)
@@ -184,6 +215,10 @@ async def test_the_analysis_judges_the_sidecars_counts_and_aborts_a_canary_whose
         assert (entry.details["stable"]["requests"], entry.details["stable"]["errors"]) == (22, 0)
         assert entry.details["gates"][0]["gate"] == "errorRate"
         assert entry.details["gates"][0]["failed"] is True
+        seen = await SidecarScraper(store=store).scrape(AGENT)
+        outcome = "unreachable" if failure == "killed" else "timeout"
+        assert await _outcome_count(canary, outcome) == 12
+        assert seen[f"{AGENT}-canary-0"].revisions[2].errors == 12
     finally:
         for pair in pairs.values():
             pair.stop_all()
