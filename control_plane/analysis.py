@@ -35,7 +35,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from specmesh.spec.models import AnalysisSpec, AnalysisStep
 
@@ -283,24 +283,23 @@ def _error_gate(threshold: float, stable: TrackWindow, canary: TrackWindow, z: f
     )
 
 
-Bounds = Callable[[Sequence[float], float], tuple[float, float]]
-"""``(values, z) -> (lower, upper)`` confidence bounds of a statistic."""
+_Data = TypeVar("_Data")
 
 
 def _ratio_gate(
     gate: str,
     threshold: float,
     *,
-    stable: Sequence[float],
-    canary: Sequence[float],
-    statistic: Callable[[Sequence[float]], float | None],
-    bounds: Bounds,
+    stable: _Data,
+    canary: _Data,
+    statistic: Callable[[_Data], float | None],
+    bounds: Callable[[_Data, float], tuple[float, float]],
     z: float,
     unjudged: str | None,
     unit: str = "",
 ) -> GateResult:
-    """Fails when the canary's lower bound exceeds ``threshold`` times stable's upper bound;
-    not judged when ``unjudged`` says why."""
+    """Fails when the canary's lower bound exceeds ``threshold`` times stable's upper bound
+    (``bounds(data, z)`` -> lower, upper); not judged when ``unjudged`` says why."""
     bound: float | None = None
     reason = unjudged or ""
     if unjudged is None:
@@ -328,37 +327,28 @@ def _latency_gate(
 ) -> GateResult:
     few = min(canary.latency_count, stable.latency_count) < minimum
     unjudged = f"fewer than {minimum} latencies on a track" if few else None
-    if canary.histogram is None or stable.histogram is None:
+    if canary.histogram is not None and stable.histogram is not None:
         return _ratio_gate(
             "p95Latency",
             threshold,
-            stable=stable.latencies,
-            canary=canary.latencies,
-            statistic=_p95,
-            bounds=lambda values, z: quantile_bounds(values, 0.95, z),
+            stable=stable.histogram,
+            canary=canary.histogram,
+            statistic=lambda histogram: histogram.quantile(0.95),
+            bounds=lambda histogram, z: histogram.quantile_bounds(0.95, z),
             z=z,
             unjudged=unjudged,
             unit="s",
         )
-    bound: float | None = None
-    reason = unjudged or ""
-    if unjudged is None:
-        canary_low, _ = canary.histogram.quantile_bounds(0.95, z)
-        _, stable_high = stable.histogram.quantile_bounds(0.95, z)
-        bound = canary_low / stable_high if stable_high > 0 else (math.inf if canary_low else 1.0)
-        reason = (
-            f"canary >= {canary_low:.6g}s vs stable <= {stable_high:.6g}s (bucket edges): "
-            f"ratio {bound:.2f} (max {threshold})"
-        )
-    return GateResult(
-        gate="p95Latency",
-        threshold=threshold,
-        canary=canary.p95,
-        stable=stable.p95,
-        bound=bound,
-        judged=bound is not None,
-        failed=bound is not None and bound > threshold,
-        reason=reason,
+    return _ratio_gate(
+        "p95Latency",
+        threshold,
+        stable=stable.latencies,
+        canary=canary.latencies,
+        statistic=_p95,
+        bounds=lambda values, z: quantile_bounds(values, 0.95, z),
+        z=z,
+        unjudged=unjudged,
+        unit="s",
     )
 
 
