@@ -487,9 +487,13 @@ class ControlPlane:
 
     async def release_analysis(self, principal: Principal, agent: str) -> dict[str, Any] | None:
         """The progress of the agent's release analysis (see :mod:`control_plane.analysis_loop`);
-        None when none ran."""
+        None when none ran. The loop's bookkeeping (``window``: the sidecars' counts at the
+        step's start, per instance) is left out."""
         authorize(principal, "releases.read")
-        return await self.store.get_analysis(agent)
+        state = await self.store.get_analysis(agent)
+        if state is None:
+            return None
+        return {k: v for k, v in state.items() if k != "window"}
 
     async def set_release(
         self,

@@ -28,6 +28,7 @@ from control_plane.publisher import KubernetesMeshSink, MeshPublisher, MeshSink,
 from control_plane.runtime import Runtime
 from control_plane.runtime.local import LocalRuntime
 from control_plane.settings import ControlPlaneSettings
+from control_plane.sidecar_metrics import SidecarScraper
 from control_plane.tokens import TokenAuthenticator, TokenStore
 from control_plane.traces import SqliteTraceStore, retention_loop
 from specmesh.addresses import parse_host_port, parse_table
@@ -159,6 +160,7 @@ async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = 
                     AnalysisLoop(
                         control_plane=control_plane,
                         turns=traces,
+                        requests=SidecarScraper(store=store),
                         interval_seconds=settings.analysis_interval_seconds,
                         evaluator=Evaluator(
                             tokens=control_plane.issuer, entries=status_entries(store)

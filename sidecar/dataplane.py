@@ -29,6 +29,7 @@ from sidecar.affinity import ConversationTracks
 from sidecar.callers import CallerPolicy, JwtVerifier
 from sidecar.credentials import CredentialResolver, KubernetesLogin, TokenLogin, VaultLogin
 from sidecar.egress import EgressMetrics, EgressProxy
+from sidecar.engine_calls import EngineCalls
 from sidecar.inbound import EtcdPartnerGraph, InboundServer
 from sidecar.main import SidecarContext
 from sidecar.mtls import AgentCertificates, PkiClient
@@ -99,6 +100,12 @@ class DataPlane:
         self._tasks: list[asyncio.Task[None]] = []
         self._pki: PkiClient | None = None
         self.tracks = conversation_tracks(ctx.settings)
+        self.calls = EngineCalls(registry=ctx.metrics.registry, revision=self._revision)
+
+    def _revision(self) -> int:
+        """The revision this instance serves (its snapshot's; 0: none yet)."""
+        snapshot = self.ctx.holder.current
+        return snapshot.revision if snapshot is not None else 0
 
     async def start(self) -> None:
         settings = self.ctx.settings
@@ -173,6 +180,8 @@ class DataPlane:
             host=host,
             port=port,
             require_identity=settings.istio,
+            read_timeout=settings.engine_timeout,
+            calls=self.calls,
         )
         await self.inbound.start()
         self.redis_proxy = self._redis_proxy(settings.redis_proxy, setting="SPECMESH_REDIS_PROXY")
@@ -219,6 +228,7 @@ class DataPlane:
                 certificates=self.certificates,
                 address=settings.inbound_grpc,
                 require_identity=settings.istio,
+                calls=self.calls,
             )
             await self.grpc_inbound.start()
         await self._start_entry(router, grpc_router)
@@ -253,6 +263,8 @@ class DataPlane:
                 host=host,
                 port=port,
                 tracks=self.tracks,
+                read_timeout=settings.engine_timeout,
+                calls=self.calls,
             )
             await self.entry.start()
             logger.info("public entry (HTTP) on %s", self.entry.url)
@@ -267,6 +279,7 @@ class DataPlane:
                 certificates=self.certificates,
                 address=settings.entry_grpc,
                 tracks=self.tracks,
+                calls=self.calls,
             )
             await self.grpc_entry.start()
             logger.info("public entry (gRPC) on %s", self.grpc_entry.target)

@@ -51,6 +51,7 @@ from .affinity import (
     new_context_id,
 )
 from .callers import CARD_PATH, CallerPolicy, CallerRefused
+from .engine_calls import EngineCalls
 from .errors import PolicyError
 from .grpcproxy import (
     AUTHORIZATION_KEY,
@@ -59,6 +60,8 @@ from .grpcproxy import (
     Handler,
     Metadata,
     abort_policy,
+    counted_stream,
+    counted_unary,
     end_to_end_metadata,
     first_value,
     relay_stream,
@@ -143,6 +146,7 @@ class EntryServer(RelayListener):
         port: int = 0,
         read_timeout: float = 300.0,
         tracer: trace.Tracer | None = None,
+        calls: EngineCalls | None = None,
         tracks: ConversationTracks | None = None,
     ) -> None:
         super().__init__(host=host, port=port)
@@ -154,6 +158,7 @@ class EntryServer(RelayListener):
         self._tracks = tracks
         self._client_ssl = client_ssl
         self.read_timeout = read_timeout
+        self.calls = calls
         self._tracer = tracer
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -207,7 +212,13 @@ class EntryServer(RelayListener):
         assert self._session is not None
         if target is None:
             return await forward_to_engine(
-                self._session, request, headers, body, self.engine_url, self.read_timeout
+                self._session,
+                request,
+                headers,
+                body,
+                self.engine_url,
+                self.read_timeout,
+                self.calls,
             )
         span.set_attribute("specmesh.instance", target.instance or "")
         https = target.url.startswith("https://")
@@ -252,8 +263,10 @@ class GrpcEntry(GrpcRelayServer):
         certificates: AgentCertificates | None = None,
         address: str = "127.0.0.1:0",
         tracks: ConversationTracks | None = None,
+        calls: EngineCalls | None = None,
     ) -> None:
         super().__init__(address=address)
+        self.calls = calls
         self.agent = resource_name(agent_name)
         self.instance_id = instance_id
         self.engine_grpc = engine_grpc
@@ -316,6 +329,8 @@ class GrpcEntry(GrpcRelayServer):
     def _unary_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             metadata, channel, target, request = await self._prepare(context, method, request)
+            if target is None:  # the engine beside: counted
+                return await counted_unary(self.calls, channel, method, request, context, metadata)
             return await relay_unary(
                 channel, method, request, context, metadata, self._reporter(target)
             )
@@ -325,9 +340,14 @@ class GrpcEntry(GrpcRelayServer):
     def _stream_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             metadata, channel, target, request = await self._prepare(context, method, request)
-            async for message in relay_stream(
-                channel, method, request, context, metadata, self._reporter(target)
-            ):
+            relayed = (
+                counted_stream(self.calls, channel, method, request, context, metadata)
+                if target is None  # the engine beside: counted
+                else relay_stream(
+                    channel, method, request, context, metadata, self._reporter(target)
+                )
+            )
+            async for message in relayed:
                 yield message
 
         return handle

@@ -36,6 +36,7 @@ from specmesh.store import SpecStore
 from specmesh.watch import PrefixWatcher
 
 from .callers import CARD_PATH, CallerPolicy, CallerRefused
+from .engine_calls import EngineCalls
 from .mtls import AgentCertificates, agent_from_cert
 from .policy import admit_caller, log_refusal
 from .relay import (
@@ -134,6 +135,7 @@ class InboundServer(RelayListener):
         port: int = 0,
         read_timeout: float = 300.0,
         tracer: trace.Tracer | None = None,
+        calls: EngineCalls | None = None,
         require_identity: bool = False,
     ) -> None:
         super().__init__(host=host, port=port)
@@ -148,6 +150,7 @@ class InboundServer(RelayListener):
         self._certs = certificates
         self._require_identity = require_identity
         self.read_timeout = read_timeout
+        self.calls = calls
 
     @property
     def secure(self) -> bool:
@@ -199,7 +202,7 @@ class InboundServer(RelayListener):
         assert self._session is not None
         body = await request.read() if request.body_exists else None
         return await forward_to_engine(
-            self._session, request, headers, body, self.engine_url, self.read_timeout
+            self._session, request, headers, body, self.engine_url, self.read_timeout, self.calls
         )
 
 

@@ -6,8 +6,9 @@ release view shows the analysis timeline. Used in order.
 The scripted model fails 3 of every 10 calls whose system prompt says "flaky" (a rule's
 ``cycle``): the bad canary's prompt. Stable and the healthy canary have other prompts, so
 the same script answers them. Traffic is a bounded loop of calls from the test to the
-agent's entries; the analysis reads the engines' turn spans from the control plane's trace
-store.
+agent's entries; the analysis judges errors and latency on what the sidecars counted of the
+turns they relayed to their engines (every instance's ``/metrics``: a failed A2A task is a
+failed turn), and the cost per turn on the control plane's trace store.
 """
 
 from __future__ import annotations
