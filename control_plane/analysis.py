@@ -17,7 +17,9 @@ Each gate, with ``z`` the one-sided normal quantile of ``confidence`` (1.645 at 
   Wilson upper bound of stable's exceeds ``maxErrorRateIncrease``;
 * p95 latency: judged only with at least ``max(minSamplePerTrack, 20)`` latencies per
   track; fails when the canary's p95 lower bound (a distribution-free order-statistic bound)
-  exceeds ``maxP95LatencyRatio`` times stable's p95 upper bound;
+  exceeds ``maxP95LatencyRatio`` times stable's p95 upper bound; with latencies counted in
+  buckets (:class:`LatencyHistogram`, the sidecars' histograms) the bounds are the edges of
+  the buckets holding those ranks (wider, so still conservative);
 * cost per turn: fails when the canary's mean cost lower bound (mean - z·s/√n) exceeds
   ``maxCostPerTurnRatio`` times stable's upper bound; not judged while stable's mean cost
   is 0 (prices unknown).
@@ -33,13 +35,14 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from specmesh.spec.models import AnalysisSpec, AnalysisStep
 
 __all__ = [
     "MIN_LATENCY_SAMPLE",
     "GateResult",
+    "LatencyHistogram",
     "StepDecision",
     "TrackWindow",
     "judge",
@@ -54,6 +57,63 @@ Verdict = Literal["hold", "pass", "fail"]
 
 
 @dataclass(frozen=True)
+class LatencyHistogram:
+    """Latencies counted in buckets (a Prometheus histogram): ``buckets`` are
+    ``(upper bound in seconds, cumulative count)``, ascending, the last bound ``inf``.
+
+    A quantile is known only to within its bucket: :meth:`quantile_bounds` takes the
+    order-statistic ranks of :func:`quantile_bounds` and answers the LOWER edge of the
+    bucket holding the low rank and the UPPER edge of the bucket holding the high rank --
+    wider than the exact bounds, so a gate built on them stays conservative."""
+
+    buckets: tuple[tuple[float, int], ...]
+
+    def __post_init__(self) -> None:
+        counts = [c for _, c in self.buckets]
+        bounds = [b for b, _ in self.buckets]
+        if counts != sorted(counts) or bounds != sorted(bounds) or min(counts, default=0) < 0:
+            raise ValueError("histogram buckets must be ascending and cumulative")
+
+    @property
+    def count(self) -> int:
+        return self.buckets[-1][1] if self.buckets else 0
+
+    def _bucket(self, rank: int) -> tuple[float, float]:
+        """(lower edge, upper edge) of the bucket holding the ``rank``-th latency (1-based)."""
+        lower = 0.0
+        for bound, cumulative in self.buckets:
+            if cumulative >= rank:
+                return lower, bound
+            lower = bound
+        return lower, math.inf
+
+    def quantile(self, q: float) -> float | None:
+        """An estimate (linear within the bucket, as Prometheus' ``histogram_quantile``; the
+        lower edge in the last, unbounded bucket)."""
+        n = self.count
+        if n == 0:
+            return None
+        rank = q * n
+        lower, previous = 0.0, 0
+        for bound, cumulative in self.buckets:
+            if cumulative >= rank and cumulative > previous:
+                if math.isinf(bound):
+                    return lower
+                return lower + (bound - lower) * (rank - previous) / (cumulative - previous)
+            lower, previous = bound, cumulative
+        return lower
+
+    def quantile_bounds(self, q: float, z: float) -> tuple[float, float]:
+        n = self.count
+        if n == 0:
+            raise ValueError("no values")
+        spread = z * math.sqrt(n * q * (1 - q))
+        low = max(1, math.floor(n * q - spread))
+        high = min(n, math.ceil(n * q + spread) + 1)
+        return self._bucket(low)[0], self._bucket(high)[1]
+
+
+@dataclass(frozen=True)
 class TrackWindow:
     """The turns one track answered in a window."""
 
@@ -63,6 +123,19 @@ class TrackWindow:
     """Seconds per turn."""
     costs: Sequence[float] = ()
     """Model cost (USD) per turn."""
+    histogram: LatencyHistogram | None = None
+    """The turns' latencies in buckets (the sidecars' metrics); when set, the p95 gate
+    judges it instead of ``latencies``."""
+
+    @property
+    def latency_count(self) -> int:
+        return self.histogram.count if self.histogram is not None else len(self.latencies)
+
+    @property
+    def p95(self) -> float | None:
+        if self.histogram is not None:
+            return self.histogram.quantile(0.95)
+        return _p95(self.latencies)
 
     def __post_init__(self) -> None:
         if not 0 <= self.errors <= self.requests:
@@ -79,7 +152,7 @@ class TrackWindow:
             "requests": self.requests,
             "errors": self.errors,
             "errorRate": round(self.error_rate, 4),
-            "p95Seconds": _round(_p95(self.latencies)),
+            "p95Seconds": _round(self.p95),
             "costPerTurn": _round(_mean(self.costs), 8),
         }
 
@@ -210,24 +283,23 @@ def _error_gate(threshold: float, stable: TrackWindow, canary: TrackWindow, z: f
     )
 
 
-Bounds = Callable[[Sequence[float], float], tuple[float, float]]
-"""``(values, z) -> (lower, upper)`` confidence bounds of a statistic."""
+_Data = TypeVar("_Data")
 
 
 def _ratio_gate(
     gate: str,
     threshold: float,
     *,
-    stable: Sequence[float],
-    canary: Sequence[float],
-    statistic: Callable[[Sequence[float]], float | None],
-    bounds: Bounds,
+    stable: _Data,
+    canary: _Data,
+    statistic: Callable[[_Data], float | None],
+    bounds: Callable[[_Data, float], tuple[float, float]],
     z: float,
     unjudged: str | None,
     unit: str = "",
 ) -> GateResult:
-    """Fails when the canary's lower bound exceeds ``threshold`` times stable's upper bound;
-    not judged when ``unjudged`` says why."""
+    """Fails when the canary's lower bound exceeds ``threshold`` times stable's upper bound
+    (``bounds(data, z)`` -> lower, upper); not judged when ``unjudged`` says why."""
     bound: float | None = None
     reason = unjudged or ""
     if unjudged is None:
@@ -253,7 +325,20 @@ def _ratio_gate(
 def _latency_gate(
     threshold: float, stable: TrackWindow, canary: TrackWindow, z: float, minimum: int
 ) -> GateResult:
-    few = min(len(canary.latencies), len(stable.latencies)) < minimum
+    few = min(canary.latency_count, stable.latency_count) < minimum
+    unjudged = f"fewer than {minimum} latencies on a track" if few else None
+    if canary.histogram is not None and stable.histogram is not None:
+        return _ratio_gate(
+            "p95Latency",
+            threshold,
+            stable=stable.histogram,
+            canary=canary.histogram,
+            statistic=lambda histogram: histogram.quantile(0.95),
+            bounds=lambda histogram, z: histogram.quantile_bounds(0.95, z),
+            z=z,
+            unjudged=unjudged,
+            unit="s",
+        )
     return _ratio_gate(
         "p95Latency",
         threshold,
@@ -262,7 +347,7 @@ def _latency_gate(
         statistic=_p95,
         bounds=lambda values, z: quantile_bounds(values, 0.95, z),
         z=z,
-        unjudged=f"fewer than {minimum} latencies on a track" if few else None,
+        unjudged=unjudged,
         unit="s",
     )
 

@@ -7,10 +7,14 @@ every ``interval_seconds``:
    step 0 once its track has a ready instance (the controller's observed state; a weight
    to an empty track would fail calls under Istio): the release's ``canaryWeight`` is set
    to the step's weight (``release.set``);
-2. the turns each track answered since the step began are read from the trace store --
-   the engines' ``invoke_agent`` spans, told apart by their ``specmesh.spec.revision``
-   (stable's revision or the canary's), their status (a failed turn), duration and the
-   model calls inside them (cost) -- never from an engine's own report;
+2. the turns each track answered since the step began are read -- never from an engine's
+   own report: requests, failed turns and the latency histogram from what the sidecars
+   counted of the calls they relayed to their engines (``requests``:
+   :class:`~control_plane.sidecar_metrics.SidecarScraper` reads every instance's
+   ``/metrics``; the counts at the step's start live in the state, ``window``), and the cost
+   per turn from the trace store (the engines' ``invoke_agent`` spans of stable's or the
+   canary's ``specmesh.spec.revision`` and the priced model calls inside them). Without
+   ``requests`` (no sidecar runs: embedding, tests) everything is read from the spans;
 3. :func:`control_plane.analysis.judge` decides: ``hold`` keeps the step (its figures are
    recorded), ``pass`` moves to the next step (its weight is set) or, after the last,
    promotes the canary (``release.promote``); ``fail`` aborts the release
@@ -36,6 +40,8 @@ from typing import Any, Protocol
 from control_plane.analysis import StepDecision, TrackWindow, judge
 from control_plane.api import ControlPlane
 from control_plane.auth import Principal, Role
+from control_plane.evaluation import EvaluationResult, Evaluator, not_run
+from control_plane.sidecar_metrics import InstanceScrape, RequestSource, Window
 from control_plane.traces import Turn
 from specmesh.names import resource_name
 from specmesh.spec.models import ReleaseSpec
@@ -64,16 +70,32 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="seconds")
 
 
-def windows(turns: Sequence[Turn], *, stable: int, canary: int) -> tuple[TrackWindow, TrackWindow]:
-    """Per-track windows of ``turns`` (turns of other revisions are left out)."""
+def windows(
+    turns: Sequence[Turn], *, stable: int, canary: int, counted: Window | None = None
+) -> tuple[TrackWindow, TrackWindow]:
+    """Per-track windows: cost per turn from ``turns`` (the trace store; turns of other
+    revisions are left out); requests, errors and latencies from the sidecars' ``counted``
+    window -- or, without one, from ``turns`` too (the engines' spans)."""
+    totals = counted.totals() if counted is not None else None
 
     def window(revision: int) -> TrackWindow:
         mine = [t for t in turns if t.revision == revision]
+        costs = [t.cost_usd for t in mine]
+        if totals is None:
+            return TrackWindow(
+                requests=len(mine),
+                errors=sum(t.error for t in mine),
+                latencies=[t.seconds for t in mine],
+                costs=costs,
+            )
+        seen = totals.get(revision)
+        if seen is None:
+            return TrackWindow(costs=costs)
         return TrackWindow(
-            requests=len(mine),
-            errors=sum(t.error for t in mine),
-            latencies=[t.seconds for t in mine],
-            costs=[t.cost_usd for t in mine],
+            requests=seen.requests,
+            errors=seen.errors,
+            histogram=seen.histogram() if seen.buckets else None,
+            costs=costs,
         )
 
     return window(stable), window(canary)
@@ -87,16 +109,21 @@ class AnalysisLoop:
         *,
         control_plane: ControlPlane,
         turns: TurnSource,
+        requests: RequestSource | None = None,
         interval_seconds: float = 5.0,
         clock: Callable[[], datetime] = _utcnow,
         principal: Principal = ANALYSIS_PRINCIPAL,
+        evaluator: Evaluator | None = None,
     ) -> None:
         self.cp = control_plane
         self.store = control_plane.store
         self.turns = turns
+        self.requests = requests
         self.interval_seconds = interval_seconds
         self.clock = clock
         self.principal = principal
+        self.evaluator = evaluator
+        """Runs a release's ``evaluation`` before each step (:mod:`control_plane.evaluation`)."""
 
     async def run(self) -> None:
         """Analyse every interval until cancelled."""
@@ -153,17 +180,30 @@ class AnalysisLoop:
         ):
             if not await self._canary_ready(agent):
                 return state
-            return await self._start(agent, release, version, stable=stable, now=now)
+            evaluation = await self._evaluate(agent, release)
+            if evaluation is not None and not evaluation.passed:
+                return await self._evaluation_failed(agent, release, version, 0, evaluation, None)
+            return await self._start(
+                agent, release, version, stable=stable, now=self.clock(), evaluation=evaluation
+            )
         step_index = int(state["step"])
         step = release.analysis.steps[min(step_index, len(release.analysis.steps) - 1)]
         started = datetime.fromisoformat(state["stepStartedAt"])
         if stable == canary:
             decision = StepDecision("hold", f"stable and canary are both revision {canary}")
         else:
+            counted: Window | None = None
+            if self.requests is not None:
+                scrapes = await self.requests.scrape(agent)
+                counted = Window.from_json(state.get("window"))
+                counted.update(scrapes, step_started=started)
+                state["window"] = counted.to_json()
             turns = await self.turns.turns(
                 agents=list(dict.fromkeys([agent, resource_name(agent)])), since=started, until=now
             )
-            stable_window, canary_window = windows(turns, stable=stable, canary=canary)
+            stable_window, canary_window = windows(
+                turns, stable=stable, canary=canary, counted=counted
+            )
             decision = judge(
                 release.analysis,
                 step,
@@ -215,12 +255,24 @@ class AnalysisLoop:
             logger.info("release of %s promoted: every analysis step passed", agent)
         else:
             nxt = release.analysis.steps[step_index + 1]
+            evaluation = await self._evaluate(agent, release)
+            if evaluation is not None and not evaluation.passed:
+                return await self._evaluation_failed(
+                    agent, release, version, step_index + 1, evaluation, state
+                )
             await self._set_weight(agent, release, version, nxt.weight, step_index + 1)
+            now = self.clock()  # the new window starts after the evaluation's calls
             state["step"] = step_index + 1
             state["stepStartedAt"] = _iso(now)
-            state["timeline"].append(_entry(step_index + 1, nxt.weight, now))
+            if self.requests is not None:  # the next step's window begins now
+                state["window"] = Window.start(await self._scrape(agent)).to_json()
+            state["timeline"].append(_entry(step_index + 1, nxt.weight, now, evaluation))
         await self.store.put_analysis(agent, state)
         return state
+
+    async def _scrape(self, agent: str) -> dict[str, InstanceScrape]:
+        assert self.requests is not None
+        return await self.requests.scrape(agent)
 
     async def _canary_ready(self, agent: str) -> bool:
         """Whether the canary track has a ready instance (the controller's observed state);
@@ -233,8 +285,74 @@ class AnalysisLoop:
             logger.info("release analysis of %s waits for a ready canary instance", agent)
         return ready > 0
 
+    async def _evaluate(self, agent: str, release: ReleaseSpec) -> EvaluationResult | None:
+        """The release's evaluation run against the canary (None when it has none); every
+        case fails when this loop has no evaluator (it cannot run, so it cannot pass)."""
+        assert release.analysis is not None
+        spec = release.analysis.evaluation
+        if spec is None:
+            return None
+        if self.evaluator is None:
+            return not_run(spec, "this control plane runs no evaluations (no token issuer)")
+        result = await self.evaluator.run(agent, spec)
+        logger.info("release evaluation of %s: %s", agent, result.reason)
+        return result
+
+    async def _evaluation_failed(
+        self,
+        agent: str,
+        release: ReleaseSpec,
+        version: int,
+        index: int,
+        evaluation: EvaluationResult,
+        state: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """Abort the release: step ``index``'s evaluation failed before its weight was set."""
+        assert release.analysis is not None and release.canary_revision is not None
+        weight = release.analysis.steps[index].weight
+        await self.cp.abort(
+            self.principal,
+            agent,
+            message=f"analysis step {index} ({weight} %): {evaluation.reason}",
+            action="auto-abort",
+            details={"step": index, "weight": weight, "evaluation": evaluation.to_json()},
+            expected_version=version,
+        )
+        now = self.clock()
+        entry = _entry(index, weight, now, evaluation)
+        entry.update(decision="fail", reason=evaluation.reason, decidedAt=_iso(now))
+        if state is None:
+            state = {
+                "canaryRevision": release.canary_revision,
+                "stableRevision": release.stable_revision
+                or await self.store.current_revision(agent),
+                "step": index,
+                "steps": len(release.analysis.steps),
+                "startedAt": _iso(now),
+                "stepStartedAt": _iso(now),
+                "timeline": [],
+            }
+        state["timeline"].append(entry)
+        state.update(phase="aborted", step=index, updatedAt=_iso(now))
+        await self.store.put_analysis(agent, state)
+        logger.warning(
+            "release of %s aborted before step %d (%d %%): %s",
+            agent,
+            index,
+            weight,
+            evaluation.reason,
+        )
+        return state
+
     async def _start(
-        self, agent: str, release: ReleaseSpec, version: int, *, stable: int, now: datetime
+        self,
+        agent: str,
+        release: ReleaseSpec,
+        version: int,
+        *,
+        stable: int,
+        now: datetime,
+        evaluation: EvaluationResult | None = None,
     ) -> dict[str, Any]:
         assert release.analysis is not None and release.canary_revision is not None
         first = release.analysis.steps[0]
@@ -248,8 +366,10 @@ class AnalysisLoop:
             "startedAt": _iso(now),
             "stepStartedAt": _iso(now),
             "updatedAt": _iso(now),
-            "timeline": [_entry(0, first.weight, now)],
+            "timeline": [_entry(0, first.weight, now, evaluation)],
         }
+        if self.requests is not None:
+            state["window"] = Window.start(await self._scrape(agent)).to_json()
         await self.store.put_analysis(agent, state)
         logger.info(
             "release analysis of %s: canary revision %d at %d %%",
@@ -274,8 +394,11 @@ class AnalysisLoop:
         )
 
 
-def _entry(step: int, weight: int, now: datetime) -> dict[str, Any]:
+def _entry(
+    step: int, weight: int, now: datetime, evaluation: EvaluationResult | None = None
+) -> dict[str, Any]:
     return {
+        "evaluation": evaluation.to_json() if evaluation is not None else None,
         "step": step,
         "weight": weight,
         "startedAt": _iso(now),

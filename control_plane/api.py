@@ -487,9 +487,13 @@ class ControlPlane:
 
     async def release_analysis(self, principal: Principal, agent: str) -> dict[str, Any] | None:
         """The progress of the agent's release analysis (see :mod:`control_plane.analysis_loop`);
-        None when none ran."""
+        None when none ran. The loop's bookkeeping (``window``: the sidecars' counts at the
+        step's start, per instance) is left out."""
         authorize(principal, "releases.read")
-        return await self.store.get_analysis(agent)
+        state = await self.store.get_analysis(agent)
+        if state is None:
+            return None
+        return {k: v for k, v in state.items() if k != "window"}
 
     async def set_release(
         self,
@@ -537,7 +541,11 @@ class ControlPlane:
         if spec.canary_weight < 100:
             sends.append(("stable", f"{100 - spec.canary_weight}% of calls"))
         status = await self.store.get_status(agent)
-        tracks = AgentStatus.from_json({"agent": agent, **status}).tracks if status else {}
+        observed = AgentStatus.from_json({"agent": agent, **status}) if status else None
+        tracks = observed.tracks if observed else {}
+        age = _age_seconds(observed.observed_at) if observed else None
+        if age is not None and age > STATUS_STALE_SECONDS:
+            status = None  # as good as none: the controller stopped observing
         for track, share in sends:
             advice = ""
             if track == "canary":
@@ -548,12 +556,18 @@ class ControlPlane:
                     "`specmesh get agents` shows its canary ready, then raise the weight"
                 )
             if status is None:
-                unobserved = (
-                    "the control plane runs no controller (SPECMESH_RUNTIME=none)"
-                    if self.runtime == "none"
-                    else "the controller has not reported on the agent yet (it does within "
-                    "seconds of an apply): retry then"
-                )
+                if age is not None:
+                    unobserved = (
+                        f"the controller last observed it {age:.0f} s ago (more than "
+                        f"{STATUS_STALE_SECONDS} s): is the control plane's controller running?"
+                    )
+                elif self.runtime == "none":
+                    unobserved = "the control plane runs no controller (SPECMESH_RUNTIME=none)"
+                else:
+                    unobserved = (
+                        "the controller has not reported on the agent yet (it does within "
+                        "seconds of an apply): retry then"
+                    )
                 raise TrackEmptyError(
                     agent=agent,
                     track=track,
@@ -563,8 +577,8 @@ class ControlPlane:
                     advice=advice,
                     unobserved=unobserved,
                 )
-            observed = tracks.get(track)
-            ready, desired = (observed.ready, observed.desired) if observed else (0, 0)
+            counts = tracks.get(track)
+            ready, desired = (counts.ready, counts.desired) if counts else (0, 0)
             if ready == 0:
                 raise TrackEmptyError(
                     agent=agent,
@@ -1049,6 +1063,19 @@ def _credential_folder(prefix: str, mount: str) -> str:
             f"'{_CREDENTIALS_ROOT}/' (got {prefix!r})"
         )
     return folder
+
+
+STATUS_STALE_SECONDS = 60
+"""An agent status observed longer ago than this is treated as unknown by the release
+checks (the controller observes every 2 s by default)."""
+
+
+def _age_seconds(iso: str) -> float | None:
+    """Seconds since an ISO 8601 time of the store; None when it is empty or malformed."""
+    try:
+        return (datetime.now(UTC) - _aware(iso)).total_seconds() if iso else None
+    except ValueError:
+        return None
 
 
 def _expect_version(agent: str, expected: int | None, actual: int) -> None:

@@ -15,6 +15,11 @@ random ``jti``; its header names the ``kid``. A sidecar that trusts this issuer 
 ``SPECMESH_JWT_ISSUERS`` entry with ``audiences: ["{agent}"]``) turns it into the request
 principal ``<iss>/<sub>``. The token itself is never logged or stored.
 
+The analysis loop's evaluation tokens also carry ``specmesh_track`` (:data:`TRACK_CLAIM`,
+``"canary"``): an entry honours it only in tokens of the issuer it trusts as the control
+plane's (``controlPlane: true`` in ``SPECMESH_JWT_ISSUERS``) and sends the call to that
+track; the API never mints one.
+
 The principal's name must be a usable subject (:data:`SUBJECT_RULE`: no ``/``, ``*``,
 whitespace or control characters, at most 128 characters): ``<iss>/<sub>`` has to name one
 principal unambiguously in the agents' ``callers.principals`` and as a task owner.
@@ -35,13 +40,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
+from specmesh.callers import TRACK_CLAIM
 from specmesh.errors import SecretError, SecretNotFoundError
 from specmesh.secrets import VaultRef
 from specmesh.vault import CONTROL_PLANE_TREE, VaultClient
@@ -54,6 +60,7 @@ __all__ = [
     "MAX_TTL_SECONDS",
     "SIGNING_KEY_PATH",
     "SUBJECT_RULE",
+    "TRACK_CLAIM",
     "InvokeToken",
     "TokenIssuer",
     "key_id",
@@ -198,30 +205,45 @@ class TokenIssuer:
         await self.load()
         return {"keys": [dict(self._jwk or {})]}
 
-    async def mint(self, *, subject: str, audience: str) -> InvokeToken:
+    async def mint(
+        self,
+        *,
+        subject: str,
+        audience: str,
+        track: Literal["stable", "canary"] | None = None,
+        ttl_seconds: int | None = None,
+    ) -> InvokeToken:
         """A token for ``subject`` to call the agent ``audience`` (its resource name);
-        ``ValueError`` when ``subject`` is no usable subject (:func:`subject_problem`)."""
+        ``ValueError`` when ``subject`` is no usable subject (:func:`subject_problem`).
+
+        ``track`` (the control plane's own release evaluation only, never an API caller's)
+        adds the :data:`TRACK_CLAIM`: an entry that trusts this issuer as the control
+        plane's sends the call to an instance of that track; ``ttl_seconds`` shortens the
+        lifetime (at most the issuer's)."""
         problem = subject_problem(subject)
         if problem is not None:
             raise ValueError(problem)
         kid = await self.load()
         assert self._key is not None
         now = int(self._clock())
+        ttl = min(ttl_seconds or self.ttl_seconds, self.ttl_seconds)
         jti = secrets.token_hex(16)
-        claims = {
+        claims: dict[str, Any] = {
             "iss": self.issuer,
             "sub": subject,
             "aud": audience,
             "iat": now,
-            "exp": now + self.ttl_seconds,
+            "exp": now + ttl,
             "jti": jti,
         }
+        if track is not None:
+            claims[TRACK_CLAIM] = track
         token = jwt.encode(claims, self._key, algorithm=ALGORITHM, headers={"kid": kid})
         return InvokeToken(
             token=token,
             issuer=self.issuer,
             subject=subject,
             audience=audience,
-            expires_at=datetime.fromtimestamp(now + self.ttl_seconds, UTC),
+            expires_at=datetime.fromtimestamp(now + ttl, UTC),
             jti=jti,
         )

@@ -17,6 +17,7 @@ from control_plane.analysis_loop import AnalysisLoop
 from control_plane.api import ControlPlane
 from control_plane.auth import StaticTokenAuthenticator
 from control_plane.controller import Controller
+from control_plane.evaluation import Evaluator, status_entries
 from control_plane.grpc_api import build_grpc_server, build_servicers
 from control_plane.http_api import build_app
 from control_plane.issuer import TokenIssuer
@@ -27,6 +28,7 @@ from control_plane.publisher import KubernetesMeshSink, MeshPublisher, MeshSink,
 from control_plane.runtime import Runtime
 from control_plane.runtime.local import LocalRuntime
 from control_plane.settings import ControlPlaneSettings
+from control_plane.sidecar_metrics import SidecarScraper
 from control_plane.tokens import TokenAuthenticator, TokenStore
 from control_plane.traces import SqliteTraceStore, retention_loop
 from specmesh.addresses import parse_host_port, parse_table
@@ -158,7 +160,11 @@ async def serve(settings: ControlPlaneSettings, *, stop: asyncio.Event | None = 
                     AnalysisLoop(
                         control_plane=control_plane,
                         turns=traces,
+                        requests=SidecarScraper(store=store),
                         interval_seconds=settings.analysis_interval_seconds,
+                        evaluator=Evaluator(
+                            tokens=control_plane.issuer, entries=status_entries(store)
+                        ),
                     ).run()
                 )
                 if settings.analysis_interval_seconds

@@ -141,6 +141,13 @@ _LITERAL: dict[str, dict[str, Any]] = {
                             "canary, stable, bound, judged, failed, reason",
                             "additionalProperties": True,
                         },
+                        "evaluation": {
+                            "type": ["object", "null"],
+                            "description": "the evaluation run before the step raised the "
+                            "canary's weight: passed, failures, maxFailures, cases (name, "
+                            "passed, failed: the property that failed or 'error', excerpt)",
+                            "additionalProperties": True,
+                        },
                     },
                     "additionalProperties": True,
                 },

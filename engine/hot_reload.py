@@ -42,7 +42,7 @@ from opentelemetry import context as otel_context
 
 from specmesh.aio import cancel_and_wait
 from specmesh.backoff import BackoffPolicy, Reconnect
-from specmesh.pins import PinTable
+from specmesh.pins import MAX_PINNED_ID, PinTable
 from specmesh.snapshot import ResolvedSnapshot
 
 from .agent_loop import LoopLimits, run_turn
@@ -262,7 +262,12 @@ class EngineRuntime:
 
     def _lease_for(self, context_id: str) -> _Lease | None:
         current = self._current
-        if current is None or not context_id or not self._pins.enabled:
+        if (
+            current is None
+            or not context_id
+            or len(context_id) > MAX_PINNED_ID
+            or not self._pins.enabled
+        ):
             return current
         pinned = self._pins.get(context_id)
         if pinned is not None:

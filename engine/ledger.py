@@ -25,6 +25,7 @@ sidecar charges and checks (``BUDGET_EXCEEDED``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,6 +56,11 @@ COST_METADATA = "cost"
 """Key of the cost in an answer artifact's metadata."""
 BUDGET_METADATA = "specmesh.budgetUsd"
 """Key of a request's budget (USD) in the A2A message metadata."""
+
+
+MAX_USD = 1e12
+"""Most one partner answer's ``totalUsd`` is booked at (a larger figure is clamped to it):
+keeps a forged figure from overflowing the turn's total to inf."""
 
 
 def _smallest(*budgets: float | None) -> float | None:
@@ -103,8 +109,12 @@ class CostLedger:
         if not isinstance(cost, Mapping):
             return
         total = cost.get("totalUsd")
-        if isinstance(total, int | float) and not isinstance(total, bool) and total >= 0:
-            self.downstream_usd += float(total)
+        # a partner's figure is its word: never inf/NaN, never past MAX_USD, so the sum
+        # (and this turn's own answer) stays a finite, serializable number
+        if not isinstance(total, int | float) or isinstance(total, bool):
+            total = None
+        if total is not None and math.isfinite(total) and total >= 0:
+            self.downstream_usd += min(float(total), MAX_USD)
         unpriced = cost.get("unpriced")
         if isinstance(unpriced, list | tuple):
             self.unpriced.update(str(m) for m in unpriced)

@@ -549,6 +549,7 @@ class Fleet:
                         "jwksUri": jwks_uri,
                         "jwks": None,
                         "audiences": ["{agent}"],
+                        "controlPlane": True,
                     },
                     *self.options.jwt_issuers,
                 ]

@@ -44,7 +44,7 @@ from a2a.types.a2a_pb2 import SendMessageRequest
 from google.protobuf.json_format import ParseDict, ParseError
 from google.protobuf.message import DecodeError
 
-from specmesh.pins import PinTable
+from specmesh.pins import MAX_PINNED_ID, PinTable
 from specmesh.spec.models import ReleaseSpec
 
 __all__ = [
@@ -60,7 +60,6 @@ __all__ = [
 _SEND_METHODS = frozenset({"SendMessage", "SendStreamingMessage"})
 _HTTP_JSON_SEND = re.compile(r"^(?:/[^/]+)?/v1/message:(?:send|stream)$")
 _BUSINESS_INVOKE = frozenset({"/v1/invoke", "/v1/invoke/stream"})
-_MAX_ID = 256
 
 
 def new_context_id() -> str:
@@ -82,7 +81,7 @@ _NOTHING = MessageContext()
 
 
 def _usable(context_id: object) -> str | None:
-    if isinstance(context_id, str) and 0 < len(context_id) <= _MAX_ID:
+    if isinstance(context_id, str) and 0 < len(context_id) <= MAX_PINNED_ID:
         return context_id
     return None
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import aiohttp
 
-from specmesh.callers import MAX_PRINCIPAL_LENGTH, principal_matches
+from specmesh.callers import MAX_PRINCIPAL_LENGTH, TRACK_CLAIM, principal_matches
 from specmesh.issuers import JwtIssuer
 from specmesh.names import resource_name
 from specmesh.spec.models import CallersSpec
@@ -50,6 +50,7 @@ __all__ = [
     "JwtVerifier",
     "MalformedXfccError",
     "PartnerLookup",
+    "VerifiedToken",
     "agent_from_spiffe",
     "agent_from_xfcc",
     "bearer_token",
@@ -123,6 +124,18 @@ def bearer_token(authorization: str | None) -> str | None:
     if not token:
         raise ValueError("the bearer token is empty")
     return token
+
+
+@dataclass(frozen=True)
+class VerifiedToken:
+    """What a verified bearer token says."""
+
+    principal: str
+    """The request principal ``<iss>/<sub>``."""
+    track: Literal["stable", "canary"] | None = None
+    """The release track the call must go to: the :data:`~specmesh.callers.TRACK_CLAIM` of a
+    token of the issuer marked ``controlPlane`` (the release evaluation's); ``None`` for
+    every other token, whatever it claims."""
 
 
 class _TokenInvalid(Exception):
@@ -201,6 +214,11 @@ class JwtVerifier:
     async def verify(self, token: str) -> str:
         """The request principal ``<iss>/<sub>`` of a valid token; raises
         :class:`_TokenInvalid` naming what is wrong."""
+        return (await self.verify_token(token)).principal
+
+    async def verify_token(self, token: str) -> VerifiedToken:
+        """What a valid token says (its principal; the track it picks, only in a token of
+        the control plane's issuer); raises :class:`_TokenInvalid` naming what is wrong."""
         import jwt  # lazily: see the imports at the top
 
         try:
@@ -258,7 +276,10 @@ class JwtVerifier:
                 "the token's subject is not a usable principal (spaces, control "
                 f"characters, or <iss>/<sub> over {MAX_PRINCIPAL_LENGTH} characters)"
             )
-        return principal
+        track = verified.get(TRACK_CLAIM) if issuer.control_plane else None
+        return VerifiedToken(
+            principal=principal, track=track if track in ("stable", "canary") else None
+        )
 
     async def run(self) -> None:
         """Keep the JWKS of every ``jwksUri`` issuer fresh in the background: fetched at
@@ -568,6 +589,10 @@ class CallerPolicy:
     async def authenticate(self, authorization: str | None) -> str:
         """The request principal of a valid bearer token in ``authorization`` (the header's
         value); raise :class:`CallerRefused` (``UNAUTHENTICATED``) naming what is wrong."""
+        return (await self.authenticate_token(authorization)).principal
+
+    async def authenticate_token(self, authorization: str | None) -> VerifiedToken:
+        """:meth:`authenticate`, with the track the token picks (see :class:`VerifiedToken`)."""
         try:
             token = bearer_token(authorization)
         except ValueError as e:
@@ -583,7 +608,7 @@ class CallerPolicy:
                 bad_token=True,
             )
         try:
-            return await self._verifier.verify(token)
+            return await self._verifier.verify_token(token)
         except _TokenInvalid as e:
             raise self.refused("UNAUTHENTICATED", str(e), bad_token=True) from e
 
@@ -598,9 +623,13 @@ class CallerPolicy:
 
     async def external(self, authorization: str | None) -> str:
         """Authenticate and authorise an external caller; its principal."""
-        principal = await self.authenticate(authorization)
-        self.check_principal(principal)
-        return principal
+        return (await self.external_call(authorization)).principal
+
+    async def external_call(self, authorization: str | None) -> VerifiedToken:
+        """:meth:`external`, with the track the token picks (see :class:`VerifiedToken`)."""
+        verified = await self.authenticate_token(authorization)
+        self.check_principal(verified.principal)
+        return verified
 
 
 _DEFAULT_CALLERS = CallersSpec()

@@ -29,6 +29,7 @@ from sidecar.affinity import ConversationTracks
 from sidecar.callers import CallerPolicy, JwtVerifier
 from sidecar.credentials import CredentialResolver, KubernetesLogin, TokenLogin, VaultLogin
 from sidecar.egress import EgressMetrics, EgressProxy
+from sidecar.engine_calls import EngineCalls
 from sidecar.inbound import EtcdPartnerGraph, InboundServer
 from sidecar.ledger import BudgetLedger
 from sidecar.main import SidecarContext
@@ -102,6 +103,12 @@ class DataPlane:
         self.tracks = conversation_tracks(ctx.settings)
         self.ledger = BudgetLedger(spec_budget=self._spec_budget)
         """The requests' cost budgets: opened by the inbound and entry, charged by the egress."""
+        self.calls = EngineCalls(registry=ctx.metrics.registry, revision=self._revision)
+
+    def _revision(self) -> int:
+        """The revision this instance serves (its snapshot's; 0: none yet)."""
+        snapshot = self.ctx.holder.current
+        return snapshot.revision if snapshot is not None else 0
 
     async def start(self) -> None:
         settings = self.ctx.settings
@@ -178,6 +185,8 @@ class DataPlane:
             port=port,
             require_identity=settings.istio,
             ledger=self.ledger,
+            read_timeout=settings.engine_timeout,
+            calls=self.calls,
         )
         await self.inbound.start()
         self.redis_proxy = self._redis_proxy(settings.redis_proxy, setting="SPECMESH_REDIS_PROXY")
@@ -226,6 +235,7 @@ class DataPlane:
                 address=settings.inbound_grpc,
                 require_identity=settings.istio,
                 ledger=self.ledger,
+                calls=self.calls,
             )
             await self.grpc_inbound.start()
         await self._start_entry(router, grpc_router)
@@ -266,6 +276,8 @@ class DataPlane:
                 port=port,
                 tracks=self.tracks,
                 ledger=self.ledger,
+                read_timeout=settings.engine_timeout,
+                calls=self.calls,
             )
             await self.entry.start()
             logger.info("public entry (HTTP) on %s", self.entry.url)
@@ -281,6 +293,7 @@ class DataPlane:
                 address=settings.entry_grpc,
                 tracks=self.tracks,
                 ledger=self.ledger,
+                calls=self.calls,
             )
             await self.grpc_entry.start()
             logger.info("public entry (gRPC) on %s", self.grpc_entry.target)

@@ -322,14 +322,13 @@ class EgressProxy(RelayListener):
             self.metrics.observe(kind, time.perf_counter() - started)
             if entry is None:
                 return await relay(request, upstream, downstream="engine")
-            content_type = upstream.headers.get("Content-Type")
             if kind == "a2a":
-                cost = CostTap(content_type)
-                response = await relay(request, upstream, downstream="engine", tap=cost.feed)
+                cost = CostTap()
+                response = await relay(request, upstream, downstream="engine", tap=cost)
                 entry.charge(cost.total_usd())
                 return response
-            usage = UsageTap(content_type)
-            response = await relay(request, upstream, downstream="engine", tap=usage.feed)
+            usage = UsageTap()
+            response = await relay(request, upstream, downstream="engine", tap=usage)
             if status < 400:
                 await self.policy.charge_model(entry, snapshot, fallback, body, usage)
             return response

@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import grpc
@@ -56,6 +56,7 @@ from .affinity import (
     new_context_id,
 )
 from .callers import CARD_PATH, CallerPolicy, CallerRefused
+from .engine_calls import EngineCalls
 from .errors import PolicyError
 from .grpcproxy import (
     AUTHORIZATION_KEY,
@@ -64,6 +65,8 @@ from .grpcproxy import (
     Handler,
     Metadata,
     abort_policy,
+    counted_stream,
+    counted_unary,
     end_to_end_metadata,
     first_value,
     relay_stream,
@@ -82,12 +85,15 @@ from .relay import (
 )
 from .router import NoInstanceError, Router, Target
 
-__all__ = ["CARD_PATH", "EntryServer", "GrpcEntry"]
+__all__ = ["CARD_PATH", "EVALUATION_ATTRIBUTE", "EntryServer", "GrpcEntry"]
 
 logger = logging.getLogger(__name__)
 
 
 _DROPPED = (CALLER_HEADER, PRINCIPAL_HEADER, "Authorization")
+
+EVALUATION_ATTRIBUTE = "specmesh.evaluation.track"
+"""Entry span attribute of a call the control plane's evaluation token sent to a track."""
 
 
 def _pick_other(
@@ -98,9 +104,17 @@ def _pick_other(
     *,
     tracks: ConversationTracks | None = None,
     context_id: str | None = None,
+    only: Literal["stable", "canary"] | None = None,
 ) -> Target | None:
     """The instance an external call goes to, or None for this instance's own engine; a
-    known conversation keeps its track, a new one is remembered on the track it got."""
+    known conversation keeps its track, a new one is remembered on the track it got.
+    ``only`` (the control plane's evaluation token): that track's instances alone, never
+    remembered; :class:`NoInstanceError` when none serves (or no router knows tracks)."""
+    if only is not None:
+        if router is None:
+            raise NoInstanceError(agent=agent, reason=f"this entry routes no track ({only!r})")
+        target = router.pick(agent, headers, only=only)
+        return None if target.instance in (None, instance_id) else target
     if router is None:
         return None
     release = router.release(agent)
@@ -137,6 +151,7 @@ class EntryServer(RelayListener):
         port: int = 0,
         read_timeout: float = 300.0,
         tracer: trace.Tracer | None = None,
+        calls: EngineCalls | None = None,
         tracks: ConversationTracks | None = None,
         ledger: BudgetLedger | None = None,
     ) -> None:
@@ -150,6 +165,7 @@ class EntryServer(RelayListener):
         self._tracks = tracks
         self._client_ssl = client_ssl
         self.read_timeout = read_timeout
+        self.calls = calls
         self._tracer = tracer
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -167,12 +183,14 @@ class EntryServer(RelayListener):
         body: bytes | None = None
         if not card:
             try:
-                principal = await self.policy.external(request.headers.get("Authorization"))
+                caller = await self.policy.external_call(request.headers.get("Authorization"))
             except CallerRefused as e:
                 log_refusal("external", self.agent, e)
                 return e.http_response()
-            headers[PRINCIPAL_HEADER] = principal
-            span.set_attribute("specmesh.principal", principal)
+            headers[PRINCIPAL_HEADER] = caller.principal
+            span.set_attribute("specmesh.principal", caller.principal)
+            if caller.track is not None:
+                span.set_attribute(EVALUATION_ATTRIBUTE, caller.track)
             body = await request.read() if request.body_exists else None
             call = MessageContext()
             if self._tracks is not None:
@@ -182,14 +200,18 @@ class EntryServer(RelayListener):
                 if call.rewritten is not None:  # the entry named the conversation
                     body = call.rewritten
                     headers.popall("Content-Length", None)
-            target = _pick_other(
-                self._router,
-                self.agent,
-                self.instance_id,
-                request.headers,
-                tracks=self._tracks,
-                context_id=call.context_id,
-            )
+            try:
+                target = _pick_other(
+                    self._router,
+                    self.agent,
+                    self.instance_id,
+                    request.headers,
+                    tracks=self._tracks,
+                    context_id=call.context_id,
+                    only=caller.track,
+                )
+            except NoInstanceError as e:
+                return _unavailable("NO_INSTANCE", str(e), agent=self.agent)
         propagate.inject(headers)
         if body is None and request.body_exists:
             body = await request.read()
@@ -204,6 +226,7 @@ class EntryServer(RelayListener):
                 body,
                 self.engine_url,
                 self.read_timeout,
+                self.calls,
             )
         headers.popall(LEDGER_HEADER, None)  # the other instance's inbound opens the entry
         span.set_attribute("specmesh.instance", target.instance or "")
@@ -249,9 +272,11 @@ class GrpcEntry(GrpcRelayServer):
         certificates: AgentCertificates | None = None,
         address: str = "127.0.0.1:0",
         tracks: ConversationTracks | None = None,
+        calls: EngineCalls | None = None,
         ledger: BudgetLedger | None = None,
     ) -> None:
         super().__init__(address=address)
+        self.calls = calls
         self.ledger = ledger
         self.agent = resource_name(agent_name)
         self.instance_id = instance_id
@@ -278,25 +303,29 @@ class GrpcEntry(GrpcRelayServer):
         or abort the call."""
         incoming = context.invocation_metadata()
         try:
-            principal = await self.policy.external(first_value(incoming, AUTHORIZATION_KEY))
+            caller = await self.policy.external_call(first_value(incoming, AUTHORIZATION_KEY))
         except CallerRefused as e:
             log_refusal("external gRPC", self.agent, e)
             await abort_policy(context, e)
         metadata = end_to_end_metadata(incoming, CALLER_KEY, PRINCIPAL_KEY, AUTHORIZATION_KEY)
-        metadata.append((PRINCIPAL_KEY, principal))
+        metadata.append((PRINCIPAL_KEY, caller.principal))
         headers = {k: v for k, v in metadata if isinstance(v, str)}
         call = MessageContext()
         if self._tracks is not None:
             call = message_context_grpc(method, request, assign=new_context_id)
             request = call.rewritten or request
-        target = _pick_other(
-            self._router,
-            self.agent,
-            self.instance_id,
-            headers,
-            tracks=self._tracks,
-            context_id=call.context_id,
-        )
+        try:
+            target = _pick_other(
+                self._router,
+                self.agent,
+                self.instance_id,
+                headers,
+                tracks=self._tracks,
+                context_id=call.context_id,
+                only=caller.track,
+            )
+        except NoInstanceError as e:
+            await abort_policy(context, PolicyError("NO_INSTANCE", str(e), agent=self.agent))
         if target is None:
             assert self._engine is not None
             return metadata, self._engine, None, request
@@ -312,13 +341,13 @@ class GrpcEntry(GrpcRelayServer):
     def _unary_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             metadata, channel, target, request = await self._prepare(context, method, request)
-            entry = None
-            if target is None:
-                entry = await self._open_entry(context, method, request, metadata)
-            try:
+            if target is not None:
                 return await relay_unary(
                     channel, method, request, context, metadata, self._reporter(target)
                 )
+            entry = await self._open_entry(context, method, request, metadata)
+            try:  # the engine beside: counted, with its ledger entry
+                return await counted_unary(self.calls, channel, method, request, context, metadata)
             finally:
                 self._close_entry(entry)
 
@@ -328,12 +357,17 @@ class GrpcEntry(GrpcRelayServer):
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             metadata, channel, target, request = await self._prepare(context, method, request)
             entry = None
-            if target is None:
+            if target is None:  # the engine beside: counted, with its ledger entry
                 entry = await self._open_entry(context, method, request, metadata)
-            try:
-                async for message in relay_stream(
+            relayed = (
+                counted_stream(self.calls, channel, method, request, context, metadata)
+                if target is None
+                else relay_stream(
                     channel, method, request, context, metadata, self._reporter(target)
-                ):
+                )
+            )
+            try:
+                async for message in relayed:
                     yield message
             finally:
                 self._close_entry(entry)

@@ -68,6 +68,7 @@ from specmesh.spec.models import ConnectionPoolSpec
 from .affinity import ConversationTracks, context_id_of_grpc
 from .callers import CallerPolicy
 from .credentials import CredentialResolver
+from .engine_calls import EngineCalls
 from .errors import PolicyError
 from .inbound import PartnerGraph
 from .ledger import (
@@ -100,6 +101,8 @@ __all__ = [
     "abort_policy",
     "agent_from_pem",
     "bind_server",
+    "counted_stream",
+    "counted_unary",
     "end_to_end_metadata",
     "first_value",
     "generic_handler",
@@ -291,6 +294,47 @@ async def relay_stream(
     context.set_trailing_metadata(relayed_trailers(trailers))
 
 
+async def counted_unary(
+    calls: EngineCalls | None,
+    channel: grpc.aio.Channel,
+    method: str,
+    request: bytes,
+    context: grpc.aio.ServicerContext,
+    metadata: Metadata,
+) -> bytes:
+    """:func:`relay_unary` to this instance's engine, counted on ``calls``."""
+    if calls is None:
+        return await relay_unary(channel, method, request, context, metadata)
+    call = calls.begin_grpc(method)
+    try:
+        response = await relay_unary(channel, method, request, context, metadata, call.grpc_code)
+        call.grpc_message(response, streaming=False)
+        return response
+    finally:
+        call.finish_grpc()
+
+
+async def counted_stream(
+    calls: EngineCalls | None,
+    channel: grpc.aio.Channel,
+    method: str,
+    request: bytes,
+    context: grpc.aio.ServicerContext,
+    metadata: Metadata,
+) -> AsyncIterator[bytes]:
+    """:func:`relay_stream` from this instance's engine, counted on ``calls``."""
+    call = calls.begin_grpc(method) if calls is not None else None
+    report = call.grpc_code if call is not None else _no_report
+    try:
+        async for message in relay_stream(channel, method, request, context, metadata, report):
+            if call is not None:
+                call.grpc_message(message, streaming=True)
+            yield message
+    finally:
+        if call is not None:
+            call.finish_grpc()
+
+
 async def bind_server(server: grpc.aio.Server, address: str, creds: Any | None) -> int:
     port: int = (
         server.add_secure_port(address, creds)
@@ -404,12 +448,14 @@ class GrpcInbound(GrpcRelayServer):
         policy: CallerPolicy | None = None,
         address: str = "127.0.0.1:0",
         require_identity: bool = False,
+        calls: EngineCalls | None = None,
         ledger: BudgetLedger | None = None,
     ) -> None:
         super().__init__(address=address)
         self.ledger = ledger
         self.agent = resource_name(agent_name)
         self.engine_grpc = engine_grpc
+        self.calls = calls
         self._require_identity = require_identity
         if policy is None:
             if graph is None:
@@ -492,7 +538,9 @@ class GrpcInbound(GrpcRelayServer):
             assert self._channel is not None
             entry = await self._open_entry(context, method, request, metadata)
             try:
-                return await relay_unary(self._channel, method, request, context, metadata)
+                return await counted_unary(
+                    self.calls, self._channel, method, request, context, metadata
+                )
             finally:
                 self._close_entry(entry)
 
@@ -504,8 +552,8 @@ class GrpcInbound(GrpcRelayServer):
             assert self._channel is not None
             entry = await self._open_entry(context, method, request, metadata)
             try:
-                async for message in relay_stream(
-                    self._channel, method, request, context, metadata
+                async for message in counted_stream(
+                    self.calls, self._channel, method, request, context, metadata
                 ):
                     yield message
             finally:

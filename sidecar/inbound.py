@@ -41,6 +41,7 @@ from specmesh.store import SpecStore
 from specmesh.watch import PrefixWatcher
 
 from .callers import CARD_PATH, CallerPolicy, CallerRefused
+from .engine_calls import EngineCalls
 from .ledger import BudgetLedger, forward_message
 from .mtls import AgentCertificates, agent_from_cert
 from .policy import admit_caller, log_refusal
@@ -139,6 +140,7 @@ class InboundServer(RelayListener):
         port: int = 0,
         read_timeout: float = 300.0,
         tracer: trace.Tracer | None = None,
+        calls: EngineCalls | None = None,
         require_identity: bool = False,
         ledger: BudgetLedger | None = None,
     ) -> None:
@@ -155,6 +157,7 @@ class InboundServer(RelayListener):
         self._certs = certificates
         self._require_identity = require_identity
         self.read_timeout = read_timeout
+        self.calls = calls
 
     @property
     def secure(self) -> bool:
@@ -206,7 +209,14 @@ class InboundServer(RelayListener):
         assert self._session is not None
         body = await request.read() if request.body_exists else None
         return await forward_message(
-            self._ledger, self._session, request, headers, body, self.engine_url, self.read_timeout
+            self._ledger,
+            self._session,
+            request,
+            headers,
+            body,
+            self.engine_url,
+            self.read_timeout,
+            self.calls,
         )
 
 

@@ -51,6 +51,7 @@ from multidict import CIMultiDict
 
 from specmesh.budget import BUDGET_TOTAL_HEADER, LEDGER_HEADER, BudgetValueError, parse_budget
 
+from .engine_calls import EngineCalls
 from .errors import PolicyError
 from .relay import forward_to_engine
 
@@ -271,12 +272,18 @@ def caller_budget_grpc(
 
 class _Tap:
     """Keeps the tail of a relayed answer (at most :data:`_KEPT_BYTES`) and reads its JSON
-    documents when it ends: the body, or each ``data:`` event of a stream."""
+    documents when it ends: the body, or each ``data:`` event of a stream. A
+    :class:`~sidecar.relay.RelayTap`."""
 
-    def __init__(self, content_type: str | None) -> None:
-        self._stream = (content_type or "").startswith("text/event-stream")
+    def __init__(self, content_type: str | None = None) -> None:
+        self.broken: str | None = None
+        self._stream = False
         self._kept = bytearray()
         self._cut = False
+        self.begin_body(content_type or "")
+
+    def begin_body(self, content_type: str) -> None:
+        self._stream = content_type.startswith("text/event-stream")
 
     def feed(self, chunk: bytes) -> None:
         self._kept += chunk
@@ -401,16 +408,19 @@ async def forward_message(
     body: bytes | None,
     engine_url: str,
     read_timeout: float,
+    calls: EngineCalls | None = None,
 ) -> web.StreamResponse:
-    """:func:`~sidecar.relay.forward_to_engine`, a message with its ledger entry, closed
-    once the answer is relayed (the HTTP inbound and entry)."""
+    """:func:`~sidecar.relay.forward_to_engine` (counted on ``calls``), a message with its
+    ledger entry, closed once the answer is relayed (the HTTP inbound and entry)."""
     try:
         found = caller_budget_http(request.method, request.path, body, request.headers)
         entry = open_for_engine(ledger, found, headers)
     except PolicyError as e:
         return e.http_response()
     try:
-        return await forward_to_engine(session, request, headers, body, engine_url, read_timeout)
+        return await forward_to_engine(
+            session, request, headers, body, engine_url, read_timeout, calls
+        )
     finally:
         if entry is not None and ledger is not None:
             ledger.close(entry)

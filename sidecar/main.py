@@ -141,6 +141,7 @@ class Sidecar:
                 agent=settings.agent_name,
                 endpoint=settings.inbound_url,
                 grpc_endpoint=settings.inbound_grpc,
+                ops_endpoint=settings.ops_url,
                 track=settings.track,
                 revision=0,
                 state="starting",

@@ -7,7 +7,8 @@ longer than the TTL the lease is gone: the keep-alive answers TTL 0 (or a write 
 the served revision or state (written at once); ``stop()`` revokes the lease, which
 deletes the entry. The value is JSON (``docs/runtime.md``)::
 
-    {"instance", "agent", "endpoint", "track", "revision", "state", "startedAt"}
+    {"instance", "agent", "endpoint", "track", "revision", "state", "startedAt",
+     "grpcEndpoint"?, "opsEndpoint"?, "card"?}
 
 ``state`` is ``starting`` (no engine report yet), what the engine reports (``serving``,
 ``degraded``, ``failed``), or ``engine-down`` (:data:`ENGINE_DOWN`: the engine's snapshot
@@ -59,6 +60,9 @@ class Instance:
     """The engine's A2A agent card for the served revision (what the Agent Registry shows)."""
     grpc_endpoint: str | None = None
     """``host:port`` of its sidecar's A2A gRPC inbound (``grpcEndpoint``), when it has one."""
+    ops_endpoint: str | None = None
+    """``http://host:port`` of its sidecar's ops listener (``opsEndpoint``: ``/metrics``, read
+    by the control plane's release analysis)."""
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -74,6 +78,8 @@ class Instance:
             out["card"] = self.card
         if self.grpc_endpoint is not None:
             out["grpcEndpoint"] = self.grpc_endpoint
+        if self.ops_endpoint is not None:
+            out["opsEndpoint"] = self.ops_endpoint
         return out
 
     @classmethod
@@ -88,6 +94,7 @@ class Instance:
             started_at=str(data.get("startedAt", "")),
             card=data.get("card"),
             grpc_endpoint=str(data["grpcEndpoint"]) if data.get("grpcEndpoint") else None,
+            ops_endpoint=str(data["opsEndpoint"]) if data.get("opsEndpoint") else None,
         )
 
     def encode(self) -> str:

@@ -4,12 +4,13 @@ the egress, the inbound and the entry), without hop-by-hop headers; and
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Protocol, Self
 
 import aiohttp
 from aiohttp import web
@@ -18,9 +19,13 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .errors import PolicyError
 
+if TYPE_CHECKING:
+    from .engine_calls import EngineCalls
+
 __all__ = [
     "HOP_BY_HOP",
     "RelayListener",
+    "RelayTap",
     "active_tracer",
     "end_to_end_headers",
     "forward_to_engine",
@@ -98,15 +103,27 @@ _global_tracer: trace.Tracer | None = None
 _checked_at = float("-inf")
 
 
+class RelayTap(Protocol):
+    """Sees an answer as :func:`relay` passes it on (:class:`sidecar.engine_calls.EngineCall`)."""
+
+    broken: str | None
+    """Set when the answer did not reach its end: ``timeout``, ``unreachable`` (the upstream
+    broke it) or ``cancelled`` (the caller left)."""
+
+    def begin_body(self, content_type: str) -> None: ...
+
+    def feed(self, chunk: bytes) -> None: ...
+
+
 async def relay(
     request: web.BaseRequest,
     upstream: aiohttp.ClientResponse,
     *,
     downstream: str,
-    tap: Callable[[bytes], None] | None = None,
+    tap: RelayTap | None = None,
 ) -> web.StreamResponse:
-    """Stream ``upstream`` to ``request``'s caller chunk by chunk, then release it;
-    ``tap`` sees each chunk read (the egress's cost ledger reads the answer so).
+    """Stream ``upstream`` to ``request``'s caller chunk by chunk, then release it; ``tap``
+    sees each chunk after it was written.
 
     A caller that hangs up mid-response (a client that gave up, a load generator ending its
     run) is an expected event: logged at debug, the upstream connection closed (the upstream
@@ -117,12 +134,16 @@ async def relay(
         response.headers.extend(end_to_end_headers(upstream.headers))
         if upstream.content_length is not None and "Content-Encoding" not in upstream.headers:
             response.content_length = upstream.content_length
+        if tap is not None:
+            tap.begin_body(upstream.headers.get("Content-Type", ""))
         try:
             await response.prepare(request)
             while True:
                 try:
                     chunk = await upstream.content.readany()
                 except (aiohttp.ClientError, TimeoutError) as e:
+                    if tap is not None:
+                        tap.broken = "timeout" if isinstance(e, TimeoutError) else "unreachable"
                     # Headers are sent: the only honest signal left is to cut the connection.
                     logger.warning(
                         "upstream stream broke (%s); closing the %s's connection", e, downstream
@@ -132,11 +153,13 @@ async def relay(
                     return response
                 if not chunk:
                     break
-                if tap is not None:
-                    tap(chunk)
                 await response.write(chunk)
+                if tap is not None:
+                    tap.feed(chunk)
             await response.write_eof()
         except ConnectionError as e:  # writing to the caller: it hung up
+            if tap is not None:
+                tap.broken = "cancelled"
             logger.debug("the %s closed its connection mid-response (%s)", downstream, e)
             upstream.close()
         return response
@@ -173,12 +196,14 @@ async def forward_to_engine(
     body: bytes | None,
     engine_url: str,
     read_timeout: float,
+    calls: EngineCalls | None = None,
 ) -> web.StreamResponse:
     """Send ``request`` on to the local engine at ``engine_url`` (same method, path and query;
     ``read_timeout`` seconds at most between two reads) and relay its answer to the caller; a
     503 ``ENGINE_UNREACHABLE`` when the engine does not answer. Shared by the inbound and the
-    entry."""
+    entry; the call is counted on ``calls`` (its revision, outcome and duration)."""
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=read_timeout)
+    call = calls.begin_http(request.method, request.path, body) if calls is not None else None
     try:
         upstream = await session.request(
             request.method,
@@ -189,10 +214,20 @@ async def forward_to_engine(
             timeout=timeout,
         )
     except (aiohttp.ClientError, TimeoutError) as e:
+        if call is not None:
+            call.finish("timeout" if isinstance(e, TimeoutError) else "unreachable")
         return PolicyError(
             "ENGINE_UNREACHABLE", f"the engine is unreachable ({type(e).__name__})"
         ).http_response()
-    return await relay(request, upstream, downstream="caller")
+    try:
+        return await relay(request, upstream, downstream="caller", tap=call)
+    except asyncio.CancelledError:
+        if call is not None:
+            call.broken = "cancelled"
+        raise
+    finally:
+        if call is not None:
+            call.finish_http(upstream.status)
 
 
 class RelayListener:

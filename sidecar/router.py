@@ -439,9 +439,12 @@ class Router:
         *,
         exclude: Iterable[str] = (),
         pinned: str | None = None,
+        only: Literal["stable", "canary"] | None = None,
     ) -> Target:
         """The target of one try; raise :class:`NoInstanceError` when none can take it.
-        ``pinned``: the track a known conversation keeps (:meth:`choose_track`)."""
+        ``pinned``: the track a known conversation keeps (:meth:`choose_track`); ``only``:
+        the track the call must go to (the control plane's evaluation of a canary), with no
+        fallback to the other track."""
         rn = _resource_name(agent)
         if self.mode == "istio":
             host = f"{rn}.{self.namespace}.svc.cluster.local"
@@ -458,8 +461,10 @@ class Router:
             )
         up.detector.set_hosts(i.instance for i in all_instances)
         healthy_ids = set(up.detector.available([i.instance for i in all_instances]))
-        track = self.choose_track(rn, headers, pinned=pinned)
+        track = only or self.choose_track(rn, headers, pinned=pinned)
         by_track = [i for i in all_instances if i.track == track]
+        if not by_track and only is not None:
+            raise NoInstanceError(agent=agent, reason=f"none serving on track {only!r}")
         if not by_track:
             by_track = [i for i in all_instances if i.track != track]
         candidates = [i for i in by_track if i.instance in healthy_ids]

@@ -16,7 +16,13 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from specmesh.addresses import parse_endpoint, parse_host_port, parse_listen, parse_table
+from specmesh.addresses import (
+    format_host_port,
+    parse_endpoint,
+    parse_host_port,
+    parse_listen,
+    parse_table,
+)
 from specmesh.errors import SecretError
 from specmesh.issuers import JwtIssuer, parse_jwt_issuers
 from specmesh.keys import Keys
@@ -53,6 +59,11 @@ class SidecarSettings(BaseSettings):
     """The engine's HTTP listener, where inbound A2A/REST goes (``SPECMESH_ENGINE_HTTP``)."""
     engine_grpc: str = "127.0.0.1:7104"
     """The engine's A2A gRPC listener (``SPECMESH_ENGINE_GRPC``)."""
+    engine_timeout: float = Field(default=300.0, gt=0, le=3600)
+    """Seconds the inbound and the public entry (HTTP) wait for the engine's answer, and
+    then between two chunks of it (``SPECMESH_ENGINE_TIMEOUT``); past it the call fails as
+    ``ENGINE_UNREACHABLE`` and counts as a ``timeout`` (a hung engine). gRPC calls keep the
+    caller's deadline."""
     inbound: str = "127.0.0.1:7100"
     """Inbound listener (``SPECMESH_INBOUND``), registered as this instance's endpoint."""
     inbound_grpc: str | None = None
@@ -299,3 +310,16 @@ class SidecarSettings(BaseSettings):
             return self.inbound
         scheme = "https" if self.mtls else "http"
         return f"{scheme}://{self.inbound}"
+
+    @property
+    def ops_url(self) -> str:
+        """The ops endpoint registered in the Agent Registry (``opsEndpoint``: where the
+        control plane reads ``/metrics``): ``SPECMESH_OPS``, a wildcard host replaced by the
+        inbound's host (the address other hosts reach this instance at)."""
+        host, port = parse_host_port(self.ops, setting="SPECMESH_OPS", listen=True)
+        if host in ("", "0.0.0.0", "::"):
+            inbound = self.inbound_url.split("://", 1)[1]
+            host, _ = parse_host_port(inbound, setting="SPECMESH_INBOUND", listen=True)
+            if host in ("", "0.0.0.0", "::"):
+                host = "127.0.0.1"
+        return f"http://{format_host_port(host, port)}"

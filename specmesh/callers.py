@@ -26,10 +26,16 @@ __all__ = [
     "MAX_PRINCIPAL_LENGTH",
     "PRINCIPAL_HEADER",
     "PRINCIPAL_KEY",
+    "TRACK_CLAIM",
     "check_principal_pattern",
     "owner",
     "principal_matches",
 ]
+
+TRACK_CLAIM = "specmesh_track"
+"""JWT claim of the control plane's evaluation tokens naming the release track
+(``stable``/``canary``) the entry must send the call to; honoured only in tokens of the
+issuer marked ``controlPlane`` in ``SPECMESH_JWT_ISSUERS``, ignored in any other."""
 
 CALLER_HEADER = "X-Specmesh-Caller"
 """HTTP header naming the calling agent (resource name), set by the sidecar's inbound."""

@@ -9,12 +9,14 @@ differ.
 The wire format is a JSON list of::
 
     {"issuer": "<iss>", "jwksUri": "<http(s) URL>" | "jwks": {"keys": [...]},
-     "audiences": ["{agent}", ...]}
+     "audiences": ["{agent}", ...], "controlPlane": false}
 
 * exactly one of ``jwksUri`` and ``jwks`` (the other absent or ``null``);
 * ``audiences`` defaults to ``["{agent}"]`` and is never empty (an empty list would mean
   "any audience" to Istio: a token minted for one agent would open every other);
   ``{agent}`` (:data:`AGENT_PLACEHOLDER`) is the agent's resource name;
+* ``controlPlane: true`` marks the control plane's own issuer (at most one): only its
+  tokens' ``specmesh_track`` claim (:data:`specmesh.callers.TRACK_CLAIM`) is honoured;
 * unknown fields are refused;
 * no issuer is listed twice, and none is another followed by ``/`` and more: a request
   principal is ``<iss>/<sub>``, so issuer ``a`` with subject ``b/c`` and issuer ``a/b``
@@ -42,7 +44,7 @@ AGENT_PLACEHOLDER = "{agent}"
 ENV_NAME = "SPECMESH_JWT_ISSUERS"
 """The variable the issuers are read from (the sidecar's and the control plane's)."""
 
-_WIRE_FIELDS = ("issuer", "jwksUri", "jwks", "audiences")
+_WIRE_FIELDS = ("issuer", "jwksUri", "jwks", "audiences", "controlPlane")
 
 
 class JwtIssuer(BaseModel):
@@ -60,6 +62,10 @@ class JwtIssuer(BaseModel):
     """The public keys inline, a JWK Set ``{"keys": [...]}``, instead of ``jwksUri``."""
     audiences: tuple[str, ...] = (AGENT_PLACEHOLDER,)
     """Accepted ``aud`` values, never empty; ``{agent}`` is the agent's resource name."""
+    control_plane: bool = Field(default=False, alias="controlPlane")
+    """This issuer is the specmesh control plane (at most one is): a ``specmesh_track``
+    claim in its tokens (the release evaluation's) sends the entry's call to that track.
+    The claim is ignored in every other issuer's tokens."""
 
     @field_validator("issuer", mode="before")
     @classmethod
@@ -136,6 +142,10 @@ def parse_jwt_issuers(value: str | Sequence[Any] | None) -> tuple[JwtIssuer, ...
     for i, entry in enumerate(data):
         issuer = entry if isinstance(entry, JwtIssuer) else _entry(i, entry)
         _check_distinct(i, issuer, out)
+        if issuer.control_plane and any(o.control_plane for o in out):
+            raise ValueError(
+                f"{ENV_NAME}[{i}].controlPlane: only one issuer may be the control plane"
+            )
         out.append(issuer)
     return tuple(out)
 

@@ -20,7 +20,11 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["PinTable"]
+__all__ = ["MAX_PINNED_ID", "PinTable"]
+
+MAX_PINNED_ID = 256
+"""Longest contextId pinned (characters): a longer one is served unpinned, so a caller
+cannot fill a table with large keys."""
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")

@@ -8,7 +8,8 @@ look-arounds). Istio's VirtualService matches header regexes with RE2 too, so a 
 behaves the same in both modes.
 
 :func:`check_pattern` is the validation (a reason, or ``None``); :func:`fullmatch`
-compiles each pattern once (a bounded cache) and matches the whole value.
+compiles each pattern once (a bounded cache) and matches the whole value, :func:`search`
+finds it anywhere in the value (a release evaluation's ``matches``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ __all__ = [
     "check_pattern",
     "compile_pattern",
     "fullmatch",
+    "search",
 ]
 
 MAX_PATTERN_LENGTH = 256
@@ -38,6 +40,8 @@ class Pattern(Protocol):
     """What is used of a compiled RE2 pattern."""
 
     def fullmatch(self, text: str) -> object | None: ...
+
+    def search(self, text: str) -> object | None: ...
 
 
 class PatternError(ValueError):
@@ -75,6 +79,16 @@ def fullmatch(pattern: str, value: str) -> bool:
     except PatternError:
         return False
     return compiled.fullmatch(value) is not None
+
+
+def search(pattern: str, value: str) -> bool:
+    """Whether ``pattern`` matches somewhere in ``value`` (a pattern RE2 refuses matches
+    nothing)."""
+    try:
+        compiled = compile_pattern(pattern)
+    except PatternError:
+        return False
+    return compiled.search(value) is not None
 
 
 def _reason(error: Exception) -> str:

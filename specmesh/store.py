@@ -822,8 +822,10 @@ class SpecStore:
             raise NotFoundError(kind="prompt", name=key)
         if version not in versions:
             raise NotFoundError(kind="prompt version", name=f"{key}@{version}")
-        old = await self.get_prompt_release(key) or PromptRelease()
+        stored = await self.etcd.get(self.keys.prompt_release(key))
+        old = PromptRelease.model_validate_json(stored.value) if stored else PromptRelease()
         release = PromptRelease(labels=old.labels, current=version)
+        # guarded by the release read here: a label set in between is a conflict, not lost
         await self._put_with_audit(
             self.keys.prompt_release(key),
             release.model_dump(mode="json"),
@@ -832,6 +834,7 @@ class SpecStore:
             name=key,
             action="rollback",
             message=_why(f"rollback to {version}", message),
+            read_mod_revision=stored.mod_revision if stored else 0,
         )
         await self.refresh_dependents(
             actor=actor,
@@ -1023,10 +1026,17 @@ class SpecStore:
         name: str,
         message: str = "",
         action: str = "apply",
+        read_mod_revision: int | None = None,
     ) -> bool:
-        """Put ``data`` at ``key`` with an audit entry, guarded against concurrent change.
-        Return False when nothing changed."""
+        """Put ``data`` at ``key`` with an audit entry, guarded against concurrent change
+        (since ``read_mod_revision``, the key's mod revision when the caller read what
+        ``data`` is made from, 0: absent; else since the read here). Return False when
+        nothing changed."""
         existing = await self.etcd.get(key)
+        if read_mod_revision is not None and read_mod_revision != (
+            existing.mod_revision if existing else 0
+        ):
+            raise ConflictError(kind=kind, name=name, expected=None, actual=None)
         old = json.loads(existing.value) if existing else {}
         changes = diff_json(old, data)
         if existing is not None and not changes:

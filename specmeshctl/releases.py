@@ -82,6 +82,26 @@ def analysis_lines(analysis: dict[str, Any] | None) -> list[str]:
         )
         if entry.get("reason"):
             out.append(f"    {entry['reason']}")
+        out.extend(_evaluation_lines(entry.get("evaluation")))
+    return out
+
+
+def _evaluation_lines(evaluation: dict[str, Any] | None) -> list[str]:
+    """The evaluation run before a step: its verdict, then a line per case (the property
+    that failed and the start of the answer)."""
+    if not evaluation:
+        return []
+    cases = evaluation.get("cases") or []
+    out = [
+        f"    evaluation {'passed' if evaluation.get('passed') else 'FAILED'}: "
+        f"{evaluation.get('failures', 0)} of {len(cases)} cases failed "
+        f"(at most {evaluation.get('maxFailures', 0)} may)"
+    ]
+    for case in cases:
+        verdict = "ok" if case.get("passed") else f"FAILED {case.get('failed')}"
+        excerpt = " ".join(str(case.get("excerpt") or "").split())
+        shown = excerpt if len(excerpt) <= 80 else excerpt[:80] + "..."
+        out.append(f"      {case.get('name')}: {verdict} -- {shown!r}")
     return out
 
 
@@ -191,10 +211,11 @@ def register(r: Registrar) -> None:
             "set the canary revision, its weight and header match; refused when it sends "
             "calls to a track with no ready instance (naming a canary revision starts the "
             "canary track: set it at --weight 0, wait until `get agents` shows it ready, "
-            "then raise the weight)",
+            "then raise the weight); a lower weight leaves conversations already on the "
+            "canary there until their pin's age (abort takes every call off it)",
         ),
         ("promote", "the canary becomes stable; the split ends"),
-        ("abort", "the split ends; stable stays"),
+        ("abort", "the split ends; stable stays, and takes every conversation with it"),
     ):
         a = actions.api(action, helptext, cmd_release)
         a.add_argument("agent")

@@ -232,15 +232,20 @@ def _sidecar_refusal(error: A2AError) -> str | None:
 
 def _answer_cost(event: StreamResponse | None) -> Any:
     """The ``cost`` metadata of the partner's answer artifact, or of its failure's status
-    message (a failed turn spent too); None when it has none."""
+    message (a failed turn spent too); None when it has none or it is not JSON (an
+    infinite or NaN number)."""
     if event is None or not event.HasField("task"):
         return None
     task = event.task
-    for artifact in task.artifacts:
-        if COST_METADATA in artifact.metadata:
-            return MessageToDict(artifact.metadata).get(COST_METADATA)
-    if task.status.HasField("message") and COST_METADATA in task.status.message.metadata:
-        return MessageToDict(task.status.message.metadata).get(COST_METADATA)
+    holders = [a.metadata for a in task.artifacts]
+    if task.status.HasField("message"):
+        holders.append(task.status.message.metadata)
+    for metadata in holders:
+        if COST_METADATA in metadata:
+            try:
+                return MessageToDict(metadata).get(COST_METADATA)
+            except ValueError:  # an infinite or NaN number: malformed, not booked
+                return None
     return None
 
 

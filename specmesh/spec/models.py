@@ -24,6 +24,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
@@ -39,6 +40,7 @@ from specmesh.secrets import VaultRef, is_reference
 __all__ = [
     "API_VERSION",
     "MAX_ANALYSIS_STEPS",
+    "MAX_EVALUATION_CASES",
     "MAX_REPLICAS",
     "PART_NAMES",
     "AgentBase",
@@ -57,6 +59,8 @@ __all__ = [
     "CredentialTemplate",
     "DeploymentSpec",
     "EmbeddingModelSpec",
+    "EvaluationCase",
+    "EvaluationSpec",
     "FallbackModel",
     "HeaderMatch",
     "KeywordSearch",
@@ -1027,11 +1031,25 @@ class AnalysisStep(SpecModel):
     """One step of a progressive release: the canary's weight, and how long it holds."""
 
     weight: Annotated[int, Field(ge=1, le=100)]
-    """Share of calls sent to the canary during this step, in percent."""
+    """Share of calls sent to the canary during this step, in percent (below 100: a step
+    compares the canary with stable over the same window; passing the last step promotes
+    the canary, which is what 100 % means)."""
     duration_seconds: Annotated[float, Field(ge=0, le=7 * 86_400)] | None = None
     """Hold the step at least this long."""
     min_canary_requests: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
     """Hold the step until the canary answered at least this many turns."""
+
+    @field_validator("weight")
+    @classmethod
+    def _below_all(cls, weight: int) -> int:
+        if weight == 100:
+            raise PydanticCustomError(
+                "step_weight_all",
+                "a step cannot send 100 % to the canary: stable would answer nothing to "
+                "compare it with; passing the last step promotes the canary (100 %)",
+                {},
+            )
+        return weight
 
     @model_validator(mode="after")
     def _holds(self) -> AnalysisStep:
@@ -1057,6 +1075,66 @@ class AnalysisGates(SpecModel):
     """Most the canary's mean model cost per turn may be, as a multiple of stable's."""
 
 
+MAX_EVALUATION_CASES = 20
+"""Most cases an evaluation may run before a step."""
+
+
+class EvaluationCase(SpecModel):
+    """One prompt sent to the canary through its public entry, and what its answer must be."""
+
+    name: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    """Shown in the timeline; default ``case <index>``."""
+    prompt: Annotated[str, Field(min_length=1, max_length=8000)]
+    """The user message sent (a new conversation per case)."""
+    contains: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=1024)]], Field(max_length=16)
+    ] = []
+    """Texts the answer must contain (each, case-sensitive; ``matches`` with ``(?i)`` for
+    case-insensitive)."""
+    not_contains: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=1024)]], Field(max_length=16)
+    ] = []
+    """Texts the answer must not contain."""
+    matches: (
+        Annotated[str, Field(max_length=MAX_PATTERN_LENGTH), AfterValidator(_check_re2)] | None
+    ) = None
+    """An RE2 regular expression found somewhere in the answer (anchor it with ``^``/``$``
+    to match all of it)."""
+    timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 30
+    """How long the answer may take; no answer in time fails the case."""
+
+    @model_validator(mode="after")
+    def _expects(self) -> EvaluationCase:
+        if not (self.contains or self.not_contains or self.matches is not None):
+            raise PydanticCustomError(
+                "expectation_required",
+                "set contains, notContains or matches (what the answer must be)",
+                {},
+            )
+        return self
+
+
+class EvaluationSpec(SpecModel):
+    """Prompts with expected properties, run against the canary through its public entry
+    before each step's weight is raised; more than ``maxFailures`` failed cases abort the
+    release (see docs/analysis.md)."""
+
+    cases: Annotated[list[EvaluationCase], Field(min_length=1, max_length=MAX_EVALUATION_CASES)]
+    """The cases (run at most 4 at a time)."""
+    max_failures: Annotated[int, Field(ge=0)] = 0
+    """Most cases that may fail (a case that cannot run fails) before the release aborts."""
+
+    @model_validator(mode="after")
+    def _fewer_failures_than_cases(self) -> EvaluationSpec:
+        if self.max_failures >= len(self.cases):
+            raise PydanticCustomError(
+                "max_failures",
+                "maxFailures must be less than the number of cases (got {m} with {n} cases)",
+                {"m": self.max_failures, "n": len(self.cases)},
+            )
+        return self
+
+
 class AnalysisSpec(SpecModel):
     """Analysis-gated progressive delivery: the control plane walks the steps, compares
     canary with stable at the end of each, aborts the release when a gate fails and
@@ -1071,6 +1149,9 @@ class AnalysisSpec(SpecModel):
     fewer the step holds longer (it never aborts for want of data)."""
     confidence: Annotated[float, Field(ge=0.5, le=0.999)] = 0.95
     """One-sided confidence a gate needs that the canary is worse before it fails."""
+    evaluation: EvaluationSpec | None = None
+    """Prompts with expected answers run against the canary before each step's weight is
+    raised (the first included); too many failed cases abort the release."""
 
     @model_validator(mode="after")
     def _increasing(self) -> AnalysisSpec:

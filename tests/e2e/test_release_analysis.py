@@ -6,8 +6,9 @@ release view shows the analysis timeline. Used in order.
 The scripted model fails 3 of every 10 calls whose system prompt says "flaky" (a rule's
 ``cycle``): the bad canary's prompt. Stable and the healthy canary have other prompts, so
 the same script answers them. Traffic is a bounded loop of calls from the test to the
-agent's entries; the analysis reads the engines' turn spans from the control plane's trace
-store.
+agent's entries; the analysis judges errors and latency on what the sidecars counted of the
+turns they relayed to their engines (every instance's ``/metrics``: a failed A2A task is a
+failed turn), and the cost per turn on the control plane's trace store.
 """
 
 from __future__ import annotations
@@ -93,24 +94,35 @@ spec:
 """
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    home = tmp_path_factory.mktemp("analysis-fleet")
+def scripted_fleet(
+    home: Path, *, prompts: dict[str, str], script: str, release: str
+) -> Iterator[dict[str, Any]]:
+    """A fleet whose model follows ``script``, with ``prompts`` and AGENT on prompt
+    ``steady`` under ``release``; yields its state, then takes it down."""
     examples = home / "examples"
     examples.mkdir()
-    for key, text in PROMPTS.items():
+    for key, text in prompts.items():
         (examples / f"prompt-{key}.yaml").write_text(
             "apiVersion: specmesh.io/v1\nkind: Prompt\n"
             f"metadata: {{name: {key}}}\nspec: {{version: '1.0.0', template: {text}}}\n"
         )
-    (examples / "agent.yaml").write_text(_agent("steady") + "---\n" + _release(None))
-    script = home / "script.yaml"
-    script.write_text(SCRIPT)
-    f = Fleet(FleetOptions(home=home, examples=examples, model_script=script))
+    (examples / "agent.yaml").write_text(_agent("steady") + "---\n" + release)
+    (home / "script.yaml").write_text(script)
+    f = Fleet(FleetOptions(home=home, examples=examples, model_script=home / "script.yaml"))
     state = f.up()
     state["_home"] = home
     yield state
     f.down()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    yield from scripted_fleet(
+        tmp_path_factory.mktemp("analysis-fleet"),
+        prompts=PROMPTS,
+        script=SCRIPT,
+        release=_release(None),
+    )
 
 
 def _apply(tmp_path: Path, text: str) -> None:

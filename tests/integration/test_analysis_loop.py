@@ -13,8 +13,9 @@ import pytest
 
 from control_plane.analysis_loop import ANALYSIS_PRINCIPAL, AnalysisLoop
 from control_plane.api import ControlPlane
+from control_plane.evaluation import EvaluationResult, check_answer
 from control_plane.traces import InMemoryTraceStore, Span, SqliteTraceStore, TraceStore
-from specmesh.spec.models import AgentSpec, ReleaseSpec
+from specmesh.spec.models import AgentSpec, EvaluationSpec, ReleaseSpec
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient
 
@@ -234,3 +235,104 @@ async def test_a_release_ended_by_hand_cancels_its_analysis(
     assert state is not None and state["phase"] == "cancelled"
     assert state["timeline"][-1]["reason"] == "the release changed outside the analysis"
     assert (await store.get_analysis(agent)) == state
+
+
+class ScriptedEvaluator:
+    """Answers each run with the next of ``answers`` (the answer every case gets), through
+    the real case checks."""
+
+    def __init__(self, *answers: str) -> None:
+        self.answers = list(answers)
+        self.runs = 0
+
+    async def run(self, agent: str, spec: EvaluationSpec) -> EvaluationResult:
+        answer = self.answers[self.runs]
+        self.runs += 1
+        return EvaluationResult(
+            cases=[check_answer(c, answer, name=f"case {i}") for i, c in enumerate(spec.cases)],
+            max_failures=spec.max_failures,
+        )
+
+
+EVALUATED = {
+    **ANALYSIS,
+    "evaluation": {
+        "cases": [
+            {"prompt": "2+2?", "contains": ["4"]},
+            {"prompt": "refund?", "notContains": ["sorry"]},
+        ]
+    },
+}
+
+
+async def _evaluated(store: SpecStore, vault: VaultClient) -> tuple[ControlPlane, str]:
+    cp, agent = await _setup(store, vault)
+    release = ReleaseSpec.model_validate(
+        {"stableRevision": 1, "canaryRevision": 2, "analysis": EVALUATED}
+    )
+    await store.put_release(agent, release, actor="alice")
+    return cp, agent
+
+
+async def test_a_failed_evaluation_aborts_before_the_first_weight(
+    store: SpecStore, vault: VaultClient
+) -> None:
+    cp, agent = await _evaluated(store, vault)
+    evaluator = ScriptedEvaluator("sorry, 5")
+    loop = AnalysisLoop(
+        control_plane=cp, turns=InMemoryTraceStore(), clock=Clock(), evaluator=evaluator
+    )
+
+    state = await loop.analyse(agent)
+
+    assert state is not None and state["phase"] == "aborted"
+    [entry] = state["timeline"]
+    assert (entry["step"], entry["weight"], entry["decision"]) == (0, 10, "fail")
+    assert entry["reason"] == "evaluation: 2 of 2 cases failed (at most 0 may)"
+    assert [(c["failed"], c["excerpt"]) for c in entry["evaluation"]["cases"]] == [
+        ("contains '4'", "sorry, 5"),
+        ("notContains 'sorry'", "sorry, 5"),
+    ]
+    release = await store.get_release(agent)
+    assert release is not None and (release.canary_revision, release.canary_weight) == (None, 0)
+    audit = await store.audit_entries(name=agent, kind="Release")
+    actions = [e.action for e in audit]
+    assert "release.auto-abort" in actions
+    assert not any(e.action == "release.set" and e.actor == ANALYSIS_PRINCIPAL.name for e in audit)
+    [aborted] = [e for e in audit if e.action == "release.auto-abort"]
+    assert aborted.details is not None and aborted.details["evaluation"]["failures"] == 2
+    assert await loop.analyse(agent) == state  # nothing more: the canary is gone
+    assert evaluator.runs == 1
+
+
+async def test_evaluation_runs_before_each_step_and_a_later_failure_stops_at_that_step(
+    store: SpecStore, vault: VaultClient
+) -> None:
+    cp, agent = await _evaluated(store, vault)
+    clock, traces, rng = Clock(), InMemoryTraceStore(), random.Random(3)
+    loop = AnalysisLoop(
+        control_plane=cp, turns=traces, clock=clock, evaluator=ScriptedEvaluator("4", "five")
+    )
+
+    state = await loop.analyse(agent)
+    assert state is not None and state["phase"] == "running"
+    assert state["timeline"][0]["evaluation"]["passed"] is True
+    assert (await store.get_release(agent)).canary_weight == 10  # type: ignore[union-attr]
+
+    await _traffic(
+        traces, agent, T0, stable=1, canary=2, canary_errors=0, n=400, weight=10, rng=rng
+    )
+    clock.now = T0 + timedelta(seconds=61)
+    state = await loop.analyse(agent)
+
+    assert state is not None and state["phase"] == "aborted"
+    assert [(e["weight"], e["decision"]) for e in state["timeline"]] == [(10, "pass"), (50, "fail")]
+    assert state["timeline"][1]["evaluation"]["cases"][0]["failed"] == "contains '4'"
+    release = await store.get_release(agent)
+    assert release is not None and (release.canary_revision, release.canary_weight) == (None, 0)
+    weights = [
+        e.after.get("canaryWeight")
+        for e in await store.audit_entries(name=agent, kind="Release")
+        if e.action == "release.set" and isinstance(e.after, dict)
+    ]
+    assert 10 in weights and 50 not in weights

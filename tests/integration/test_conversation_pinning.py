@@ -27,6 +27,7 @@ from localfleet.installer import LocalServices
 from localfleet.modelserver import ScriptedModelServer
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
+from specmesh.pins import MAX_PINNED_ID
 from specmesh.spec.models import AgentSpec, PromptEntry
 from specmesh.store import SpecStore
 from tests.integration.asgi_server import serve_asgi
@@ -268,3 +269,18 @@ async def test_a_conversation_evicted_from_a_full_table_lets_its_context_go(
 
     assert kept == [1] and released == []
     assert moved.revision == 2
+
+
+async def test_a_context_id_longer_than_the_pinned_limit_is_served_unpinned(
+    egress: Egress,
+) -> None:
+    clock = Clock()
+    long_id = "c" * (MAX_PINNED_ID + 1)
+    async with engine_on(egress, clock) as (runtime, feed):
+        await ask(runtime, "hello", context_id=long_id)
+        pinned = runtime.pinned_conversations
+        await _publish(runtime, feed, 2)
+        turn = await ask(runtime, "hello", context_id=long_id)
+
+    assert pinned == 0  # a caller cannot fill the table with large keys
+    assert turn.revision == 2

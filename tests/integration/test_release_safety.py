@@ -6,8 +6,10 @@ every release action is audited as itself with the policy before and after."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -162,6 +164,25 @@ async def test_no_observed_status_is_refused_as_unknown(
     assert "runs no controller (SPECMESH_RUNTIME=none)" in str(no_controller.value)
     assert "the controller has not reported on the agent yet" in str(not_yet.value)
     assert observed.version == 1
+
+
+async def test_a_status_the_controller_stopped_updating_is_refused_as_stale(
+    api: Api, store: SpecStore
+) -> None:
+    # a controller that died an hour ago still "reports" its last ready counts
+    an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    await observe_tracks(store, "helper", stable=1, canary=1, observed_at=an_hour_ago)
+    spec = ReleaseSpec.model_validate(SPLIT)
+
+    with pytest.raises(TrackEmptyError) as stale:
+        await api.cp.set_release(OPS, "helper", spec)
+    await observe_tracks(store, "helper", stable=1, canary=1)  # observed again: now
+    fresh = await api.cp.set_release(OPS, "helper", spec)
+
+    assert stale.value.ready is None
+    assert re.search(r"the controller last observed it 36\d\d s ago", str(stale.value))
+    assert "is the control plane's controller running?" in str(stale.value)
+    assert fresh.version == 1
 
 
 async def test_promote_and_abort_are_not_refused_for_an_empty_track(

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from specmesh.errors import NotFoundError
+from specmesh.errors import ConflictError, NotFoundError
 from specmesh.etcd import EtcdClient
 from specmesh.keys import Keys
 from specmesh.snapshot import resolve_snapshot, watched_prefixes
@@ -204,6 +204,30 @@ async def test_prompt_rollback_serves_the_version_again_and_is_audited(
         await store.rollback_prompt("helper", "9.9.9", actor="olga")
     with pytest.raises(NotFoundError):
         await store.rollback_prompt("nothing", "1.0.0", actor="olga")
+
+
+async def test_a_prompt_release_written_from_a_stale_read_is_a_conflict(
+    store: SpecStore, etcd: EtcdClient, keys: Keys
+) -> None:
+    # rollback_prompt reads the release, then writes it back with `current` changed: a
+    # label set in between must be a conflict, never silently lost
+    await _publish(store, "1.0.0", "1.1.0")
+    await store.set_prompt_release("helper", PromptRelease(labels={"prod": "1.0.0"}), actor="p")
+    read = await etcd.get(keys.prompt_release("helper"))
+    assert read is not None
+    await store.set_prompt_release("helper", PromptRelease(labels={"prod": "1.1.0"}), actor="q")
+
+    with pytest.raises(ConflictError):
+        await store._put_with_audit(
+            keys.prompt_release("helper"),
+            PromptRelease(labels={"prod": "1.0.0"}, current="1.0.0").model_dump(mode="json"),
+            actor="olga",
+            kind="Prompt",
+            name="helper",
+            action="rollback",
+            read_mod_revision=read.mod_revision,
+        )
+    assert await store.get_prompt_release("helper") == PromptRelease(labels={"prod": "1.1.0"})
 
 
 async def test_prompt_history_lists_versions_and_release_changes(store: SpecStore) -> None:

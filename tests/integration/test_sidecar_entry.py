@@ -28,6 +28,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.rpc import error_details_pb2, status_pb2
 
+from control_plane.evaluation import EVALUATION_SUBJECT
+from control_plane.issuer import DEFAULT_ISSUER, TokenIssuer
 from engine.server import EngineServer, ServerConfig
 from engine.testing import ScriptedRunner
 from sidecar.affinity import ConversationTracks
@@ -44,6 +46,7 @@ from specmesh.issuers import JwtIssuer
 from specmesh.ports import free_port
 from specmesh.snapshot import PromptBundle, ResolvedSnapshot
 from specmesh.spec.models import AgentSpec, ReleaseSpec
+from specmesh.vault import VaultClient
 from tests.integration.test_sidecar_mtls import pki  # noqa: F401  (fixture)
 from tests.polling import eventually
 
@@ -143,11 +146,12 @@ async def _caller_policy(
     partners: dict[str, list[str]] | None = None,
     mesh_trust_domain: str | None = None,
     mesh_namespace: str | None = None,
+    extra_issuers: tuple[JwtIssuer, ...] = (),
 ) -> tuple[CallerPolicy, JwtVerifier]:
     """AGENT's caller policy over ``snapshot`` (default: ALICE may call) and ``partners``."""
     holder = SnapshotHolder()
     await holder.set(snapshot or _snapshot(AGENT, principals=[ALICE]), etcd_revision=1)
-    verifier = JwtVerifier(issuers=[issuer.config()], agent=AGENT)
+    verifier = JwtVerifier(issuers=[issuer.config(), *extra_issuers], agent=AGENT)
     policy = CallerPolicy(
         agent=AGENT,
         graph=InMemoryPartnerGraph(partners or {}),
@@ -299,6 +303,10 @@ def _refusal(error: BaseException) -> tuple[int | str, str, str]:
     raise AssertionError(f"no HTTP or gRPC refusal behind {error!r}")
 
 
+def _unavailable(binding: str) -> int | str:
+    return "UNAVAILABLE" if binding == TransportProtocol.GRPC else 503
+
+
 def _expected(binding: str, reason: str) -> int | str:
     if binding == TransportProtocol.GRPC:
         return reason
@@ -435,6 +443,7 @@ class TwoTracks:
     stable: ScriptedRunner
     canary: ScriptedRunner
     releases: InMemoryReleaseSource
+    instances: InMemoryInstanceSource
 
 
 @asynccontextmanager
@@ -444,9 +453,15 @@ async def _two_tracks(
     release: ReleaseSpec,
     *,
     tracks: ConversationTracks | None = None,
+    extra_issuers: tuple[JwtIssuer, ...] = (),
+    principals: list[str] | None = None,
 ) -> AsyncIterator[TwoTracks]:
     # no agent lists AGENT as a partner: only the entry's forwarding may pass the inbound
-    policy, verifier = await _caller_policy(issuer)
+    policy, verifier = await _caller_policy(
+        issuer,
+        snapshot=_snapshot(AGENT, principals=principals) if principals else None,
+        extra_issuers=extra_issuers,
+    )
     http_port, grpc_port = free_port(), free_port()
     public = {
         "public_http_url": f"http://127.0.0.1:{http_port}",
@@ -515,7 +530,7 @@ async def _two_tracks(
             tracks=tracks,
         )
         async with entry, grpc_entry:
-            yield TwoTracks(entry, grpc_entry, stable_runner, canary_runner, releases)
+            yield TwoTracks(entry, grpc_entry, stable_runner, canary_runner, releases, instances)
 
 
 async def test_external_calls_follow_the_release_to_the_canary(
@@ -537,6 +552,59 @@ async def test_external_calls_follow_the_release_to_the_canary(
     for request in rig.canary.requests:
         assert request.headers[PRINCIPAL_KEY] == ALICE
         assert request.headers[CALLER_KEY] == AGENT.replace("_", "-")
+
+
+async def test_only_the_control_planes_track_claim_sends_a_call_to_the_canary(
+    issuer: JwksIssuer,
+    pki: PkiClient,  # noqa: F811
+    vault: VaultClient,
+    client_for: ClientFactory,
+) -> None:
+    """Canary weight 0: a token the control plane minted with ``specmesh_track: canary``
+    (its issuer marked ``controlPlane``) reaches the canary on every binding; the same claim
+    in another trusted issuer's token is ignored (stable answers); with no canary instance
+    serving, the claim's call fails (NO_INSTANCE) instead of falling back to stable."""
+    minter = TokenIssuer(vault=vault, key_path=f"test/issuer-{uuid.uuid4().hex}")
+    control_plane = JwtIssuer(
+        issuer=DEFAULT_ISSUER, jwks=await minter.jwks(), audiences=("{agent}",), control_plane=True
+    )
+    evaluator = f"{DEFAULT_ISSUER}/{EVALUATION_SUBJECT}"
+    release = ReleaseSpec.model_validate({"canaryRevision": 2, "canaryWeight": 0})
+    async with _two_tracks(
+        issuer,
+        pki,
+        release,
+        extra_issuers=(control_plane,),
+        principals=[evaluator, f"{ISSUER}/*"],
+    ) as rig:
+        for binding in BINDINGS:
+            minted = await minter.mint(subject=EVALUATION_SUBJECT, audience=AGENT, track="canary")
+            client = await client_for(rig.entry.url, binding, token=minted.token)
+            events = await _send(client, f"evaluate via {binding}")
+            assert events[-1].status_update.status.state == TaskState.TASK_STATE_COMPLETED
+            forged = issuer.token("mallory", specmesh_track="canary")
+            client = await client_for(rig.entry.url, binding, token=forged)
+            await _send(client, f"forged via {binding}")
+            plain = await minter.mint(subject=EVALUATION_SUBJECT, audience=AGENT)
+            client = await client_for(rig.entry.url, binding, token=plain.token)
+            await _send(client, f"no claim via {binding}")
+
+        rig.instances.remove(AGENT, "canary-1")
+        for binding in BINDINGS:
+            minted = await minter.mint(subject=EVALUATION_SUBJECT, audience=AGENT, track="canary")
+            client = await client_for(rig.entry.url, binding, token=minted.token)
+            with pytest.raises(Exception) as refused:
+                await _send(client, f"no canary via {binding}")
+            status, reason, message = _refusal(refused.value)
+            assert (reason, status) == ("NO_INSTANCE", _unavailable(binding)), message
+            assert "none serving on track 'canary'" in message
+
+    assert [r.text for r in rig.canary.requests] == [f"evaluate via {b}" for b in BINDINGS]
+    for request in rig.canary.requests:
+        assert request.headers[PRINCIPAL_KEY] == evaluator
+    assert sorted(r.text for r in rig.stable.requests) == sorted(
+        [f"forged via {b}" for b in BINDINGS] + [f"no claim via {b}" for b in BINDINGS]
+    )
 
 
 def _context_of(events: list[StreamResponse]) -> str:

@@ -36,6 +36,7 @@ from engine.server import EngineServer, ServerConfig
 from engine.testing import ScriptedRunner, ScriptedTurn
 from sidecar.credentials import CredentialResolver
 from sidecar.egress import EgressProxy
+from sidecar.engine_calls import EngineCalls
 from sidecar.errors import POLICY_ERRORS
 from sidecar.grpcproxy import (
     A2A_SERVICE,
@@ -101,6 +102,7 @@ class Rig:
     router: Router
     ca_pem: str
     b_certs: AgentCertificates
+    metrics: CollectorRegistry
 
 
 @pytest.fixture
@@ -121,13 +123,18 @@ async def rig(pki: PkiClient, vault: VaultClient) -> AsyncIterator[Rig]:  # noqa
     )
     holder = SnapshotHolder()
     await holder.set(_snapshot(CALLER, spec, {}), etcd_revision=1)
+    metrics = CollectorRegistry()
     async with (
         EngineServer(runner=runner, config=config) as engine,
         AgentCertificates(agent=CALLEE, pki=pki) as b_certs,
         AgentCertificates(agent=CALLER, pki=pki) as a_certs,
         CredentialResolver(source=vault) as resolver,
         GrpcInbound(
-            agent_name=CALLEE, engine_grpc=engine.grpc_target, graph=graph, certificates=b_certs
+            agent_name=CALLEE,
+            engine_grpc=engine.grpc_target,
+            graph=graph,
+            certificates=b_certs,
+            calls=EngineCalls(registry=metrics, revision=lambda: 5),
         ) as inbound,
     ):
         instances = InMemoryInstanceSource(
@@ -146,7 +153,9 @@ async def rig(pki: PkiClient, vault: VaultClient) -> AsyncIterator[Rig]:  # noqa
         async with GrpcEgress(
             snapshots=holder, credentials=resolver, router=router, certificates=a_certs
         ) as egress:
-            yield Rig(runner, engine, inbound, egress, pki, router, b_certs.ca_pem, b_certs)
+            yield Rig(
+                runner, engine, inbound, egress, pki, router, b_certs.ca_pem, b_certs, metrics
+            )
 
 
 def _message(text: str) -> SendMessageRequest:
@@ -194,6 +203,35 @@ async def test_stream_goes_through_both_sidecars_with_caller_identity(rig: Rig) 
     assert request.headers[CALLER_KEY] == CALLER
     # the partner's spec header, resolved from Vault by egress A, reached engine B as metadata
     assert request.headers["x-specmesh-partner-token"] == "tok-from-vault"
+
+
+def _engine_calls(metrics: CollectorRegistry) -> dict[tuple[str, str, str], float]:
+    return {
+        (s.labels["revision"], s.labels["kind"], s.labels["outcome"]): s.value
+        for m in metrics.collect()
+        for s in m.samples
+        if s.name == "specmesh_sidecar_engine_requests_total"
+    }
+
+
+async def test_the_inbound_counts_the_turns_it_relays_by_revision_and_outcome(rig: Rig) -> None:
+    rig.runner.enqueue(ScriptedTurn.answer("fine"))
+    rig.runner.enqueue(ScriptedTurn.failure("model_error", "the model failed"))
+    async with await _client(rig, CALLEE) as client:
+        answered = await _collect(client.send_message(_message("one")))
+        failed = await _collect(client.send_message(_message("two")))
+    assert answered[-1].status_update.status.state == TaskState.TASK_STATE_COMPLETED
+    assert failed[-1].status_update.status.state == TaskState.TASK_STATE_FAILED
+    error = await _get_task_error(rig.egress.target, CALLEE)
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+    # the engine's failed task is a failed turn though the call ended OK; a lookup of an
+    # unknown task is the caller's mistake, and no turn
+    assert _engine_calls(rig.metrics) == {
+        ("5", "message", "ok"): 1,
+        ("5", "message", "a2a_error"): 1,
+        ("5", "other", "client_error"): 1,
+    }
 
 
 async def _get_task_error(egress: str, agent: str) -> grpc.aio.AioRpcError:

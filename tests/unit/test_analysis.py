@@ -151,3 +151,20 @@ def test_bad_analysis_is_refused_with_the_rule(analysis: dict[str, object], prob
     with pytest.raises(ValidationError) as caught:
         ReleaseSpec.model_validate({"canaryRevision": 2, "analysis": analysis})
     assert problem in str(caught.value)
+
+
+def test_a_100_percent_step_is_refused_since_it_could_never_be_judged() -> None:
+    # at 100 % stable answers nothing in the step's window, so no gate could ever compare
+    # (a canary failing every turn would hold forever): the last step passing promotes
+    with pytest.raises(ValidationError) as caught:
+        AnalysisSpec.model_validate(
+            {
+                "steps": [
+                    {"weight": 50, "durationSeconds": 60},
+                    {"weight": 100, "durationSeconds": 60},
+                ],
+                "gates": {"maxErrorRateIncrease": 0.05},
+            }
+        )
+    assert "steps.1.weight" in str(caught.value)
+    assert "a step cannot send 100 % to the canary" in str(caught.value)

@@ -122,3 +122,14 @@ def test_issuers_sharing_a_prefix_without_a_slash_are_distinct() -> None:
         {"issuer": "https://idp", "jwksUri": U}, {"issuer": "https://idp2", "jwksUri": U}
     )
     assert [i.issuer for i in parse_jwt_issuers(text)] == ["https://idp", "https://idp2"]
+
+
+def test_one_issuer_at_most_is_the_control_plane() -> None:
+    entry = {"jwks": {"keys": []}, "controlPlane": True}
+    [cp, other] = parse_jwt_issuers(
+        json.dumps([{"issuer": "specmesh", **entry}, {"issuer": "idp", "jwks": {"keys": []}}])
+    )
+
+    assert (cp.control_plane, other.control_plane) == (True, False)
+    with pytest.raises(ValueError, match=r"SPECMESH_JWT_ISSUERS\[1\].controlPlane: only one"):
+        parse_jwt_issuers([{"issuer": "a", **entry}, {"issuer": "b", **entry}])

@@ -233,3 +233,18 @@ def test_retry_policy_conditions() -> None:
     assert policy.retriable_failure("reset")
     assert policy.retriable_failure("timeout")
     assert not RetryPolicy(retry_on=frozenset({"reset"})).retriable_failure("connect")
+
+
+def test_a_required_track_is_kept_whatever_the_weight_and_never_falls_back() -> None:
+    releases = InMemoryReleaseSource({"partner-agent": _release(canaryWeight=0)})
+    instances = _instances()
+    router = Router(instances=instances, releases=releases, rng=random.Random(3))
+
+    picked = {router.pick("partner-agent", {}, only="canary").instance for _ in range(50)}
+    stable = {router.pick("partner-agent", {}, only="stable").track for _ in range(50)}
+    instances.remove("partner-agent", "c1")
+
+    assert (picked, stable) == ({"c1"}, {"stable"})
+    with pytest.raises(NoInstanceError, match="none serving on track 'canary'"):
+        router.pick("partner-agent", {}, only="canary")
+    assert router.pick("partner-agent", {}).track == "stable"  # others still fall back

@@ -4,10 +4,13 @@ answer scripted at the httpx boundary)."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import httpx
 import pytest
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.struct_pb2 import Struct
 
 from engine.errors import ToolError
 from engine.ledger import BUDGET_HEADER, BUDGET_METADATA, CostLedger, parse_budget
@@ -149,3 +152,31 @@ async def test_a_partner_that_failed_is_a_tool_error_and_what_it_spent_is_booked
         await _partner(failed).call({"message": "hi"}, context=context)
 
     assert ledger.downstream_usd == 0.5
+
+
+@pytest.mark.parametrize("forged", ["1e999", "-1e999", "NaN", "1.7e308"])
+async def test_a_partner_forged_cost_leaves_the_callers_answer_serializable(forged: str) -> None:
+    """A partner's answer claiming an infinite, NaN or near-overflow cost must not make
+    the caller's own ``cost`` metadata unserializable (protobuf Struct refuses inf/NaN)."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        rpc = json.loads(request.content)
+        body = (
+            '{"jsonrpc":"2.0","id":' + json.dumps(rpc["id"]) + ',"result":{"task":{"id":"t1",'
+            '"contextId":"c1","status":{"state":"TASK_STATE_COMPLETED"},"artifacts":[{'
+            '"artifactId":"answer","parts":[{"text":"ok"}],'
+            '"metadata":{"cost":{"totalUsd":' + forged + "}}}]}}}"
+        )
+        return httpx.Response(200, content=body, headers={"content-type": "application/json"})
+
+    ledger = CostLedger(budget_usd=1.0)
+    context = ToolCallContext(context_id="ctx", call_depth=0, timeout=5, ledger=ledger)
+    partner = _partner(answer)
+
+    for _ in range(2):  # two answers of 1.7e308 overflow the sum
+        assert await partner.call({"message": "hi"}, context=context) == "ok"
+
+    metadata = Struct()
+    metadata.update({"cost": ledger.metadata()})
+    MessageToDict(metadata)  # raises ValueError on inf/NaN
+    assert math.isfinite(ledger.total_usd)
