@@ -32,6 +32,7 @@ Run one loop per store (one control-plane replica), like the controller.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -49,6 +50,10 @@ from specmesh.spec.models import ReleaseSpec
 __all__ = ["ANALYSIS_PRINCIPAL", "AnalysisLoop", "TurnSource", "windows"]
 
 logger = logging.getLogger(__name__)
+
+CANARY_UNREADY_SECONDS = 60.0
+"""A canary track seen with no ready instance this long (or the step's duration, if longer)
+fails its step: a dead canary gets no traffic, so no count would ever fail it."""
 
 ANALYSIS_PRINCIPAL = Principal(name="specmesh-analysis", roles=frozenset({Role.OPERATOR}))
 """Who the loop's release changes are audited as."""
@@ -163,11 +168,11 @@ class AnalysisLoop:
                 or release.canary_revision != state.get("canaryRevision")
             )
         ):
-            # promoted, aborted or replaced by hand, or its analysis removed
-            state.update(phase="cancelled", updatedAt=_iso(now))
-            state["timeline"][-1].update(
-                reason="the release changed outside the analysis", updatedAt=_iso(now)
-            )
+            # promoted, aborted or replaced by hand, or its analysis removed -- or ended by
+            # this loop, which stopped before it could record it (the audit log says so)
+            phase, reason = await self._ended_how(agent)
+            state.update(phase=phase, updatedAt=_iso(now))
+            state["timeline"][-1].update(reason=reason, updatedAt=_iso(now))
             await self.store.put_analysis(agent, state)
         if release is None or release.analysis is None or release.canary_revision is None:
             return state
@@ -189,8 +194,17 @@ class AnalysisLoop:
         step_index = int(state["step"])
         step = release.analysis.steps[min(step_index, len(release.analysis.steps) - 1)]
         started = datetime.fromisoformat(state["stepStartedAt"])
+        loaded = copy.deepcopy(state)
+        unready = await self._unready_for(agent, state, now)
         if stable == canary:
             decision = StepDecision("hold", f"stable and canary are both revision {canary}")
+        elif unready is not None and unready >= max(
+            step.duration_seconds or 0.0, CANARY_UNREADY_SECONDS
+        ):
+            # a canary that died answers nothing: no traffic reaches it to count as failed
+            decision = StepDecision(
+                "fail", f"the canary track has had no ready instance for {unready:.0f} s"
+            )
         else:
             counted: Window | None = None
             if self.requests is not None:
@@ -220,10 +234,12 @@ class AnalysisLoop:
                 "updatedAt": _iso(now),
             }
         )
-        state["updatedAt"] = _iso(now)
         if decision.verdict == "hold":
-            await self.store.put_analysis(agent, state)
+            if _timeless(state) != _timeless(loaded):  # nothing new: no etcd write
+                state["updatedAt"] = _iso(now)
+                await self.store.put_analysis(agent, state)
             return state
+        state["updatedAt"] = _iso(now)
         entry["decidedAt"] = _iso(now)
         if decision.verdict == "fail":
             details = {"step": step_index, "weight": step.weight, **decision.to_json()}
@@ -273,6 +289,27 @@ class AnalysisLoop:
     async def _scrape(self, agent: str) -> dict[str, InstanceScrape]:
         assert self.requests is not None
         return await self.requests.scrape(agent)
+
+    async def _ended_how(self, agent: str) -> tuple[str, str]:
+        """The phase and reason of an analysis whose release changed under it: ``aborted``
+        or ``promoted`` when the last release change was this loop's own (it stopped before
+        recording it), else ``cancelled``."""
+        last = next(iter(await self.store.audit_entries(name=agent, kind="Release", limit=1)), None)
+        if last is not None and last.actor == self.principal.name:
+            ended = {"release.auto-abort": "aborted", "release.promote": "promoted"}
+            if last.action in ended:
+                return ended[last.action], last.message
+        return "cancelled", "the release changed outside the analysis"
+
+    async def _unready_for(self, agent: str, state: dict[str, Any], now: datetime) -> float | None:
+        """Seconds the canary track has been seen with no ready instance (None: it has one,
+        or no controller reports); the time it was first seen so is kept in ``state``."""
+        status = await self.store.get_status(agent)
+        if status is None or int((status.get("tracks") or {}).get("canary", {}).get("ready") or 0):
+            state.pop("canaryUnreadySince", None)
+            return None
+        since = state.setdefault("canaryUnreadySince", _iso(now))
+        return (now - datetime.fromisoformat(since)).total_seconds()
 
     async def _canary_ready(self, agent: str) -> bool:
         """Whether the canary track has a ready instance (the controller's observed state);
@@ -392,6 +429,15 @@ class AnalysisLoop:
             action="set",
             expected_version=version,
         )
+
+
+def _timeless(value: Any) -> Any:
+    """``value`` without its ``updatedAt`` stamps (what a hold compares)."""
+    if isinstance(value, dict):
+        return {k: _timeless(v) for k, v in value.items() if k != "updatedAt"}
+    if isinstance(value, list):
+        return [_timeless(v) for v in value]
+    return value
 
 
 def _entry(

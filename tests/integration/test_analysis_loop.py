@@ -11,10 +11,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from control_plane.analysis_loop import ANALYSIS_PRINCIPAL, AnalysisLoop
+from control_plane.analysis_loop import ANALYSIS_PRINCIPAL, CANARY_UNREADY_SECONDS, AnalysisLoop
 from control_plane.api import ControlPlane
 from control_plane.evaluation import EvaluationResult, check_answer
 from control_plane.traces import InMemoryTraceStore, Span, SqliteTraceStore, TraceStore
+from specmesh.keys import Keys
 from specmesh.spec.models import AgentSpec, EvaluationSpec, ReleaseSpec
 from specmesh.store import SpecStore
 from specmesh.vault import VaultClient
@@ -235,6 +236,67 @@ async def test_a_release_ended_by_hand_cancels_its_analysis(
     assert state is not None and state["phase"] == "cancelled"
     assert state["timeline"][-1]["reason"] == "the release changed outside the analysis"
     assert (await store.get_analysis(agent)) == state
+
+
+async def test_an_abort_the_loop_did_not_record_before_a_restart_is_labelled_aborted(
+    store: SpecStore, vault: VaultClient
+) -> None:
+    cp, agent = await _setup(store, vault)
+    await AnalysisLoop(control_plane=cp, turns=InMemoryTraceStore(), clock=Clock()).analyse(agent)
+    # the loop aborted the release, then its control plane died before writing the analysis
+    await cp.abort(ANALYSIS_PRINCIPAL, agent, message="error rate", action="auto-abort")
+
+    restarted = AnalysisLoop(control_plane=cp, turns=InMemoryTraceStore(), clock=Clock())
+    state = await restarted.analyse(agent)
+
+    assert state is not None and state["phase"] == "aborted"
+    assert state["timeline"][-1]["reason"] == "error rate"
+
+
+async def test_a_canary_with_no_ready_instance_fails_its_step_after_a_while(
+    store: SpecStore, vault: VaultClient
+) -> None:
+    cp, agent = await _setup(store, vault)
+    clock = Clock()
+    loop = AnalysisLoop(control_plane=cp, turns=InMemoryTraceStore(), clock=clock)
+    tracks = {"stable": {"desired": 1, "ready": 1}, "canary": {"desired": 1, "ready": 1}}
+    await store.put_status(agent, {"tracks": tracks})
+    await loop.analyse(agent)
+    # the canary dies: the router sends it nothing, so no count could ever fail it
+    tracks["canary"]["ready"] = 0
+    await store.put_status(agent, {"tracks": tracks})
+    clock.now = T0 + timedelta(seconds=10)
+    held = await loop.analyse(agent)
+    clock.now = T0 + timedelta(seconds=10 + CANARY_UNREADY_SECONDS)
+    state = await loop.analyse(agent)
+
+    assert held is not None and held["phase"] == "running"
+    assert state is not None and state["phase"] == "aborted"
+    assert state["timeline"][0]["reason"] == (
+        f"the canary track has had no ready instance for {CANARY_UNREADY_SECONDS:.0f} s"
+    )
+    entry = (await store.audit_entries(name=agent, kind="Release", limit=1))[0]
+    assert entry.action == "release.auto-abort"
+
+
+async def test_a_hold_with_nothing_new_writes_nothing(
+    store: SpecStore, vault: VaultClient, keys: Keys
+) -> None:
+    cp, agent = await _setup(store, vault)
+    clock = Clock()
+    loop = AnalysisLoop(control_plane=cp, turns=InMemoryTraceStore(), clock=clock)
+    await loop.analyse(agent)
+    clock.now = T0 + timedelta(seconds=65)  # past the step's 60 s
+    await loop.analyse(agent)  # the first judgement: "not enough data" is recorded
+    written = await store.etcd.get(keys.agent_analysis(agent))
+    clock.now = T0 + timedelta(seconds=70)
+    state = await loop.analyse(agent)
+    again = await store.etcd.get(keys.agent_analysis(agent))
+
+    assert state is not None and state["phase"] == "running"
+    assert "not enough data" in state["timeline"][0]["reason"]
+    assert written is not None and again is not None
+    assert again.mod_revision == written.mod_revision
 
 
 class ScriptedEvaluator:
