@@ -46,7 +46,7 @@ from .context import RuntimeContext
 from .errors import MemoryStoreError, ModelError, ToolError
 from .knowledge.base import KnowledgeBase, Passage, passages_message
 from .knowledge.errors import KnowledgeError
-from .ledger import CostLedger
+from .ledger import LEDGER_HEADER, CostLedger
 from .llm import ModelReply, TextChunk, ToolCallRequest
 from .tools import Tool, ToolCallContext
 from .turn_protocol import (
@@ -108,7 +108,9 @@ async def run_turn(
     }
     usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     ledger = CostLedger(
-        budget_usd=request.budget_usd, spec_budget_usd=context.model.spec.budget_per_request_usd
+        budget_usd=request.budget_usd,
+        spec_budget_usd=context.model.spec.budget_per_request_usd,
+        ledger_id=request.headers.get(LEDGER_HEADER),
     )
     outcome = "error"
     ended = False  # the last event is out: the consumer closing us now is no cancellation
@@ -126,6 +128,7 @@ async def run_turn(
             system=[{"role": "system", "content": prompt.text}],
             tools=definitions,
             parent=turn_ctx,
+            headers=ledger.headers(),
         )
         history = recalled.messages
         user = {"role": "user", "content": request.text}

@@ -145,8 +145,15 @@ class Summarizer:
     def model_name(self) -> str:
         return self._client.name
 
-    async def summarize(self, turns: Sequence[Mapping[str, Any]], *, parent: Any = None) -> str:
-        """A summary of ``turns``; raises :class:`engine.errors.ModelError` on failure."""
+    async def summarize(
+        self,
+        turns: Sequence[Mapping[str, Any]],
+        *,
+        parent: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> str:
+        """A summary of ``turns``; raises :class:`engine.errors.ModelError` on failure.
+        ``headers``: for the sidecar (the turn's ledger entry, which the call is charged to)."""
         lines = []
         for t in turns:
             if t.get("summary"):
@@ -159,7 +166,10 @@ class Summarizer:
         ]
         reply: ModelReply | None = None
         async for item in self._client.stream(
-            messages, parent=parent, attributes={"specmesh.memory.operation": "summarize"}
+            messages,
+            parent=parent,
+            attributes={"specmesh.memory.operation": "summarize"},
+            headers=headers,
         ):
             if isinstance(item, ModelReply):
                 reply = item

@@ -1,5 +1,7 @@
-"""The cost ledger of one turn: what it spent, what its partners' chains spent, and what is
-left of the request's budget.
+"""The engine's book of one turn: what it spent, what its partners' chains spent, and what
+is left of the request's budget -- for the answer's ``cost`` metadata. It is advisory: the
+limit is kept and enforced by the sidecar's own ledger (``sidecar/ledger.py``), whose entry
+this turn names in :data:`LEDGER_HEADER` on every model and partner call.
 
 A turn's cost is its own model calls (each priced by :mod:`specmesh.prices` with the model
 part's prices, :class:`~engine.llm.ModelClient`) plus the cost every partner's answer
@@ -14,9 +16,11 @@ so the agent that started the chain answers with the whole chain's total.
 
 The budget of a request is the smaller of the caller's (message metadata
 :data:`BUDGET_METADATA`) and the model part's ``budgetPerRequestUsd``. What is left
-(budget - spent so far in this turn, never below 0) goes with every model and partner call
-in the header :data:`BUDGET_HEADER`, which the sidecar checks (``BUDGET_EXCEEDED``), and to a
-partner as its message's :data:`BUDGET_METADATA`, so the budget travels down the chain.
+(budget - spent so far in this turn, never below 0) goes to a partner as its message's
+:data:`BUDGET_METADATA` (the partner's sidecar also gets the caller's sidecar's own figure,
+and takes the smaller). Every model and partner call carries the sidecar's ledger entry of
+the turn (:data:`LEDGER_HEADER`, from the request the sidecar handed the engine), which the
+sidecar charges and checks (``BUDGET_EXCEEDED``).
 """
 
 from __future__ import annotations
@@ -25,7 +29,13 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from specmesh.budget import BUDGET_HEADER, BUDGET_TOTAL_HEADER, BudgetValueError, parse_budget
+from specmesh.budget import (
+    BUDGET_HEADER,
+    BUDGET_TOTAL_HEADER,
+    LEDGER_HEADER,
+    BudgetValueError,
+    parse_budget,
+)
 
 __all__ = [
     "BUDGET_HEADER",
@@ -33,6 +43,7 @@ __all__ = [
     "BUDGET_TOTAL_HEADER",
     "COST_EXTENSION",
     "COST_METADATA",
+    "LEDGER_HEADER",
     "BudgetValueError",
     "CostLedger",
     "parse_budget",
@@ -60,9 +71,17 @@ def _smallest(*budgets: float | None) -> float | None:
 class CostLedger:
     """One turn's spending; shared by its model calls and its partner calls."""
 
-    def __init__(self, *, budget_usd: float | None = None, spec_budget_usd: float | None = None):
-        """The budget is the smaller of the caller's and the spec's (None: unlimited)."""
+    def __init__(
+        self,
+        *,
+        budget_usd: float | None = None,
+        spec_budget_usd: float | None = None,
+        ledger_id: str | None = None,
+    ):
+        """The budget is the smaller of the caller's and the spec's (None: unlimited);
+        ``ledger_id``: the sidecar's entry for the turn (its request's :data:`LEDGER_HEADER`)."""
         self.budget_usd = _smallest(budget_usd, spec_budget_usd)
+        self.ledger_id = ledger_id
         self.own_usd = 0.0
         self.downstream_usd = 0.0
         self.unpriced: set[str] = set()
@@ -101,11 +120,9 @@ class CostLedger:
             self.unpriced.update(str(m) for m in unpriced)
 
     def headers(self) -> dict[str, str]:
-        """The budget header for a call through the sidecar (none without a budget)."""
-        left = self.remaining_usd
-        if left is None or self.budget_usd is None:
-            return {}
-        return {BUDGET_HEADER: repr(left), BUDGET_TOTAL_HEADER: repr(self.budget_usd)}
+        """The header naming the sidecar's ledger entry, for every call through the sidecar
+        (none when the request named none)."""
+        return {LEDGER_HEADER: self.ledger_id} if self.ledger_id else {}
 
     def metadata(self) -> dict[str, Any]:
         """The answer's ``cost`` metadata (see the module docstring)."""

@@ -8,6 +8,7 @@ litellm errors are translated here, and only here, into :mod:`engine.errors`
 
 from __future__ import annotations
 
+import json
 import os
 
 # litellm downloads its price map on import unless told otherwise (offline: seconds).
@@ -20,8 +21,14 @@ import litellm
 import openai
 from litellm import exceptions as llm_errors
 
-from .errors import ModelError, ModelRequestError, ModelTimeoutError, ModelUnavailableError
-from .openai_chat import ChatRequest
+from .errors import (
+    ModelBudgetError,
+    ModelError,
+    ModelRequestError,
+    ModelTimeoutError,
+    ModelUnavailableError,
+)
+from .openai_chat import BUDGET_STATUS, ChatRequest, budget_refusal_message
 from .replies import ModelReply, ReplyBuilder, TextChunk, safe_reason
 
 __all__ = ["LITELLM_ERRORS", "LiteLlmChat", "translate_error"]
@@ -59,7 +66,12 @@ LITELLM_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def translate_error(error: BaseException, *, model: str) -> ModelError:
-    """The engine error for a litellm error (``None`` of the table: a plain ModelError)."""
+    """The engine error for a litellm error (``None`` of the table: a plain ModelError);
+    the sidecar's budget refusal (402 ``BUDGET_EXCEEDED``) is a :class:`ModelBudgetError`
+    with the sidecar's text, as on the OpenAI-compatible path."""
+    refusal = _budget_refusal(error)
+    if refusal is not None:
+        return ModelBudgetError(model=model, reason=refusal, status=BUDGET_STATUS)
     kind: type[ModelError] = ModelError
     for cls in type(error).__mro__:
         if cls in _ERROR_TABLE:
@@ -70,6 +82,24 @@ def translate_error(error: BaseException, *, model: str) -> ModelError:
     if kind is ModelError and status is not None:
         kind = ModelUnavailableError if status >= 500 or status == 429 else ModelRequestError
     return kind(model=model, reason=safe_reason(kind, status), status=status)
+
+
+def _budget_refusal(error: BaseException) -> str | None:
+    """The sidecar's ``BUDGET_EXCEEDED`` message in a litellm error for a 402: litellm keeps
+    the answer's body only in its text (JSON, or the repr of its bytes)."""
+    if getattr(error, "status_code", None) != BUDGET_STATUS:
+        return None
+    text = str(error)
+    start, end = text.find('{"error"'), text.rfind("}")
+    if start < 0 or end < start:
+        return None
+    raw = text[start : end + 1]
+    for candidate in (raw, raw.replace("\\'", "'")):
+        try:
+            return budget_refusal_message(json.loads(candidate))
+        except ValueError:
+            continue
+    return None
 
 
 class LiteLlmChat:

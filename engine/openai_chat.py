@@ -88,7 +88,7 @@ class ChatRequest:
     timeout: float = 60.0
     max_retries: int = 0
     headers: Mapping[str, str] = field(default_factory=dict)
-    """Extra headers for the sidecar (the request's budget: :mod:`engine.ledger`)."""
+    """Extra headers for the sidecar (the turn's ledger entry: :mod:`engine.ledger`)."""
 
     def body(self, *, stream: bool) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "messages": list(self.messages)}
@@ -306,13 +306,22 @@ async def _budget_refusal(response: aiohttp.ClientResponse) -> str | None:
     None for another 402."""
     try:
         body = await response.json(content_type=None)
-        error = body["error"]
-        reasons = {d.get("reason") for d in error.get("details", ()) if isinstance(d, dict)}
-        message = error["message"]
-    except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, AttributeError):
+    except (aiohttp.ClientError, TimeoutError, ValueError):
         return None
     finally:
         response.release()
+    return budget_refusal_message(body)
+
+
+def budget_refusal_message(body: Any) -> str | None:
+    """The message of the sidecar's ``BUDGET_EXCEEDED`` error body (AIP-193 JSON); None
+    when ``body`` is another error."""
+    try:
+        error = body["error"]
+        reasons = {d.get("reason") for d in error.get("details", ()) if isinstance(d, dict)}
+        message = error["message"]
+    except (KeyError, TypeError, AttributeError):
+        return None
     return message if BUDGET_REASON in reasons and isinstance(message, str) else None
 
 

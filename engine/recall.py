@@ -262,6 +262,7 @@ class ConversationRecall:
         system: Sequence[Mapping[str, Any]] = (),
         tools: Sequence[Mapping[str, Any]] = (),
         parent: Context | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Recalled:
         """The history to send with ``question`` (see the module docstring)."""
         turns = await self.memory.get(context_id)
@@ -273,7 +274,7 @@ class ConversationRecall:
         if self.summarizer is not None and turns:
             prompt = [*system, *(_rendered(t) for t in turns), user]
             if self._tokens(prompt, tools) > compression.max_prompt_tokens:
-                turns, compressed = await self._compress(context_id, turns, parent)
+                turns, compressed = await self._compress(context_id, turns, parent, headers)
         summaries = [t for t in turns if t.get("summary")]
         plain = [t for t in turns if not t.get("summary")]
         selected = select_turns(
@@ -304,7 +305,11 @@ class ConversationRecall:
         )
 
     async def _compress(
-        self, context_id: str, turns: list[Turn], parent: Context | None
+        self,
+        context_id: str,
+        turns: list[Turn],
+        parent: Context | None,
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[list[Turn], bool]:
         assert self.summarizer is not None
         keep = self._spec.compression.keep_recent_turns
@@ -312,7 +317,7 @@ class ConversationRecall:
         if not older or (len(older) == 1 and older[0].get("summary")):
             return turns, False
         try:
-            text = await self.summarizer.summarize(older, parent=parent)
+            text = await self.summarizer.summarize(older, parent=parent, headers=headers)
         except ModelError as e:
             logger.warning(
                 "conversation %s: summarising %d turns failed (%s); oldest turns are left out",

@@ -31,6 +31,7 @@ from sidecar.credentials import CredentialResolver, KubernetesLogin, TokenLogin,
 from sidecar.egress import EgressMetrics, EgressProxy
 from sidecar.engine_calls import EngineCalls
 from sidecar.inbound import EtcdPartnerGraph, InboundServer
+from sidecar.ledger import BudgetLedger
 from sidecar.main import SidecarContext
 from sidecar.mtls import AgentCertificates, PkiClient
 from sidecar.redisproxy import RedisProxy, fixed_redis_upstream
@@ -100,6 +101,8 @@ class DataPlane:
         self._tasks: list[asyncio.Task[None]] = []
         self._pki: PkiClient | None = None
         self.tracks = conversation_tracks(ctx.settings)
+        self.ledger = BudgetLedger(spec_budget=self._spec_budget)
+        """The requests' cost budgets: opened by the inbound and entry, charged by the egress."""
         self.calls = EngineCalls(registry=ctx.metrics.registry, revision=self._revision)
 
     def _revision(self) -> int:
@@ -150,6 +153,7 @@ class DataPlane:
             llm_override=settings.llm_override_url,
             service_addresses=parse_table(settings.service_addresses),
             tracks=self.tracks,
+            ledger=self.ledger,
         )
         await self.egress.start()
         graph = EtcdPartnerGraph(store=SpecStore(etcd=self.ctx.etcd, keys=self.ctx.keys))
@@ -180,6 +184,7 @@ class DataPlane:
             host=host,
             port=port,
             require_identity=settings.istio,
+            ledger=self.ledger,
             read_timeout=settings.engine_timeout,
             calls=self.calls,
         )
@@ -218,6 +223,7 @@ class DataPlane:
                 address=settings.egress_grpc,
                 on_retry=metrics.on_retry,
                 tracks=self.tracks,
+                ledger=self.ledger,
             )
             await self.grpc_egress.start()
         if settings.inbound_grpc:
@@ -228,11 +234,17 @@ class DataPlane:
                 certificates=self.certificates,
                 address=settings.inbound_grpc,
                 require_identity=settings.istio,
+                ledger=self.ledger,
                 calls=self.calls,
             )
             await self.grpc_inbound.start()
         await self._start_entry(router, grpc_router)
         logger.info("data plane up: egress %s, inbound %s", self.egress.url, self.inbound.url)
+
+    def _spec_budget(self) -> float | None:
+        """The spec's ``model.budgetPerRequestUsd`` in the snapshot it serves."""
+        snapshot = self.ctx.holder.current
+        return snapshot.spec.model.budget_per_request_usd if snapshot is not None else None
 
     def _own_callers(self) -> CallersSpec | None:
         """This agent's ``base.callers`` in the snapshot it serves (None: the defaults)."""
@@ -263,6 +275,7 @@ class DataPlane:
                 host=host,
                 port=port,
                 tracks=self.tracks,
+                ledger=self.ledger,
                 read_timeout=settings.engine_timeout,
                 calls=self.calls,
             )
@@ -279,6 +292,7 @@ class DataPlane:
                 certificates=self.certificates,
                 address=settings.entry_grpc,
                 tracks=self.tracks,
+                ledger=self.ledger,
                 calls=self.calls,
             )
             await self.grpc_entry.start()

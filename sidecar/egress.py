@@ -15,16 +15,19 @@ engine calls                               forwarded to (credentials added)
                                            a conversation (``contextId``) keeps its track
 =========================================  ==============================================
 
-The engine's own ``Authorization`` (the dummy key), ``x-api-key`` and ``api-key`` are dropped;
-every other end-to-end header (``traceparent``, ``tracestate``, ``X-Specmesh-Call-Depth``...)
-passes through. Responses are streamed through as they arrive (SSE, chunked), never buffered.
+The engine's own ``Authorization`` (the dummy key), ``x-api-key`` and ``api-key`` are dropped,
+and so are the cost headers (``X-Specmesh-Ledger``, ``X-Specmesh-Budget-*``: a partner gets
+its budget from this sidecar's ledger, see :mod:`sidecar.ledger`); every other end-to-end
+header (``traceparent``, ``tracestate``, ``X-Specmesh-Call-Depth``...) passes through.
+Responses are streamed through as they arrive (SSE, chunked), never buffered.
 
 What may be called, with which credentials, retries and budgets is decided by
 :class:`~sidecar.policy.EgressPolicy` and :class:`~sidecar.policy.Retries` (shared with the
 gRPC egress); refusals and failures are :class:`~sidecar.errors.PolicyError` errors of the one
 error table, answered as AIP-193 JSON and never holding a secret: ``INVALID_TARGET`` 400,
 ``NOT_DECLARED`` 403 (also logged), ``BUDGET_EXCEEDED`` 402 (a model or partner call that
-could pass what is left of the request's cost budget), ``UNKNOWN_ROUTE`` 404,
+could pass what the ledger entry it names has left, :mod:`sidecar.ledger`; each such call
+is charged to it from its answer), ``UNKNOWN_ROUTE`` 404,
 ``UPSTREAM_*`` 502 (unreachable, reset, misconfigured, or a partner whose certificate is
 not the partner's: ``UPSTREAM_IDENTITY``), ``CREDENTIAL_UNAVAILABLE`` / ``NO_SNAPSHOT`` /
 ``NO_INSTANCE`` / ``OVERFLOW`` 503, ``UPSTREAM_TIMEOUT`` 504.
@@ -56,13 +59,14 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from yarl import URL
 
 from specmesh.addresses import resolve_url
-from specmesh.budget import BUDGET_HEADER, BUDGET_TOTAL_HEADER
+from specmesh.budget import BUDGET_HEADER, BUDGET_TOTAL_HEADER, LEDGER_HEADER
 from specmesh.snapshot import ResolvedSnapshot
 from specmesh.spec.models import ConnectionPoolSpec
 
 from .affinity import ConversationTracks, context_id_of_http
 from .credentials import CredentialResolver
 from .errors import PolicyError
+from .ledger import BudgetLedger, CostTap, LedgerEntry, UsageTap
 from .mtls import agent_dns_name
 from .policy import FAILURE_KINDS, EgressPolicy, FailureKind, Retries
 from .relay import RelayListener, active_tracer, end_to_end_headers, relay
@@ -81,6 +85,10 @@ logger = logging.getLogger(__name__)
 RouteKind = Literal["llm", "llm_fallback", "embeddings", "mcp", "a2a", "unknown"]
 
 _ENGINE_CREDENTIALS = frozenset({"authorization", "x-api-key", "api-key"})
+_DROPPED = _ENGINE_CREDENTIALS | {LEDGER_HEADER, BUDGET_HEADER, BUDGET_TOTAL_HEADER}
+"""Never forwarded: the engine's credentials, and its cost headers (for this sidecar)."""
+_READABLE = "identity"
+"""What a charged call accepts: an answer the ledger can read (no compression)."""
 _VERSIONED = re.compile(r"/v\d+[a-z0-9]*$")
 _DEFAULT_BASE_URLS = {
     "openai": "https://api.openai.com",
@@ -222,6 +230,7 @@ class EgressProxy(RelayListener):
         service_addresses: Mapping[str, str] | None = None,
         tracer: trace.Tracer | None = None,
         tracks: ConversationTracks | None = None,
+        ledger: BudgetLedger | None = None,
     ) -> None:
         super().__init__(host=host, port=port)
         self._snapshots = snapshots
@@ -237,7 +246,7 @@ class EgressProxy(RelayListener):
         self.connect_timeout = connect_timeout
         self.mcp_read_timeout = mcp_read_timeout
         self._pool = connection_pool or ConnectionPoolSpec()
-        self.policy = EgressPolicy(credentials=credentials, tracks=tracks)
+        self.policy = EgressPolicy(credentials=credentials, tracks=tracks, ledger=ledger)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -290,9 +299,12 @@ class EgressProxy(RelayListener):
             )
             propagate.inject(out.headers)  # the upstream continues from this span
             body = await request.read() if request.body_exists else None
+            entry: LedgerEntry | None = None
+            fallback = int(name) if kind == "llm_fallback" else None
             if kind in ("llm", "llm_fallback"):
-                fallback = int(name) if kind == "llm_fallback" else None
-                await self.policy.model_budget(snapshot, fallback, body, request.headers)
+                entry = await self.policy.model_budget(snapshot, fallback, body, request.headers)
+                if entry is not None:
+                    out.headers["Accept-Encoding"] = _READABLE  # to read its usage
             if kind in ("llm", "llm_fallback", "embeddings"):
                 url = await self._prepare_llm(snapshot, out)
                 upstream = await self._send(
@@ -305,10 +317,21 @@ class EgressProxy(RelayListener):
                 )
                 upstream = await self._send(request.method, url, out, body, timeout=timeout)
             else:
-                upstream = await self._a2a(request, snapshot, out, body)
+                entry, upstream = await self._a2a(request, snapshot, out, body)
             status = upstream.status
             self.metrics.observe(kind, time.perf_counter() - started)
-            return await relay(request, upstream, downstream="engine")
+            if entry is None:
+                return await relay(request, upstream, downstream="engine")
+            if kind == "a2a":
+                cost = CostTap()
+                response = await relay(request, upstream, downstream="engine", tap=cost)
+                entry.charge(cost.total_usd())
+                return response
+            usage = UsageTap()
+            response = await relay(request, upstream, downstream="engine", tap=usage)
+            if status < 400:
+                await self.policy.charge_model(entry, snapshot, fallback, body, usage)
+            return response
         except PolicyError as e:
             status = e.http_status
             return e.http_response()
@@ -335,7 +358,7 @@ class EgressProxy(RelayListener):
     @staticmethod
     def _forward_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
         kept = end_to_end_headers(headers)
-        return CIMultiDict([(k, v) for k, v in kept if k.lower() not in _ENGINE_CREDENTIALS])
+        return CIMultiDict([(k, v) for k, v in kept if k.lower() not in _DROPPED])
 
     async def _add_secrets(
         self, out: _Outbound, headers: Mapping[str, str], params: Mapping[str, str]
@@ -355,8 +378,6 @@ class EgressProxy(RelayListener):
         )
 
     async def _prepare_llm(self, snapshot: ResolvedSnapshot, out: _Outbound) -> str:
-        for name in (BUDGET_HEADER, BUDGET_TOTAL_HEADER):  # for this sidecar, not the provider
-            out.headers.popall(name, None)
         model = snapshot.spec.model
         provider, base_url, api_key = model.provider, model.base_url, model.api_key
         if out.kind == "llm_fallback":
@@ -445,9 +466,18 @@ class EgressProxy(RelayListener):
         snapshot: ResolvedSnapshot,
         out: _Outbound,
         body: bytes | None,
-    ) -> aiohttp.ClientResponse:
+    ) -> tuple[LedgerEntry | None, aiohttp.ClientResponse]:
+        """(the ledger entry charged, the partner's answer); a GET (the agent card) is no
+        partner message: not charged."""
         agent, partner = self.policy.partner(snapshot, out.name)
-        self.policy.partner_budget(agent, request.headers)
+        entry = None
+        if request.method != "GET":
+            entry = self.policy.partner_budget(agent, request.headers)
+        if entry is not None:
+            out.headers["Accept-Encoding"] = _READABLE  # to read the cost it carries
+        left = entry.remaining_usd if entry is not None else None
+        if left is not None:
+            out.headers[BUDGET_TOTAL_HEADER] = repr(left)  # the partner's whole budget
         if self._router is None:
             raise PolicyError("NO_INSTANCE", "the sidecar has no router", agent=agent)
         await self._add_secrets(out, partner.headers, partner.query_params)
@@ -456,7 +486,7 @@ class EgressProxy(RelayListener):
         try:
             overall = release.timeout_seconds if release else 300.0
             async with asyncio.timeout(overall):
-                return await self._a2a_tries(request, agent, out, body, overall)
+                return entry, await self._a2a_tries(request, agent, out, body, overall)
         except TimeoutError as e:
             raise PolicyError(
                 "UPSTREAM_TIMEOUT", f"call to {agent!r} timed out", agent=agent

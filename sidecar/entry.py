@@ -25,6 +25,10 @@ first message went to (:class:`~sidecar.affinity.ConversationTracks`, when given
 the entry reads the message's contextId from the body it already holds (HTTP) or the request
 message (gRPC, unary request) -- nothing is buffered for it that was not already -- and names
 the conversation a message starts (it writes a new contextId into it).
+
+A message this instance's engine answers gets a cost ledger entry (``ledger``,
+:mod:`sidecar.ledger`), as at the inbound; one sent on to another instance gets its entry
+there.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from opentelemetry import propagate, trace
 
+from specmesh.budget import LEDGER_HEADER
 from specmesh.callers import CALLER_HEADER, CALLER_KEY, PRINCIPAL_HEADER, PRINCIPAL_KEY
 from specmesh.names import resource_name
 
@@ -68,13 +73,13 @@ from .grpcproxy import (
     relay_unary,
     reported_status,
 )
+from .ledger import BudgetLedger, forward_message
 from .mtls import AgentCertificates, agent_dns_name
 from .policy import log_refusal
 from .relay import (
     RelayListener,
     active_tracer,
     end_to_end_headers,
-    forward_to_engine,
     relay,
     traced,
 )
@@ -148,8 +153,10 @@ class EntryServer(RelayListener):
         tracer: trace.Tracer | None = None,
         calls: EngineCalls | None = None,
         tracks: ConversationTracks | None = None,
+        ledger: BudgetLedger | None = None,
     ) -> None:
         super().__init__(host=host, port=port)
+        self._ledger = ledger
         self.agent = resource_name(agent_name)
         self.instance_id = instance_id
         self.engine_url = engine_http if "://" in engine_http else f"http://{engine_http}"
@@ -211,7 +218,8 @@ class EntryServer(RelayListener):
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=self.read_timeout)
         assert self._session is not None
         if target is None:
-            return await forward_to_engine(
+            return await forward_message(
+                self._ledger,
                 self._session,
                 request,
                 headers,
@@ -220,6 +228,7 @@ class EntryServer(RelayListener):
                 self.read_timeout,
                 self.calls,
             )
+        headers.popall(LEDGER_HEADER, None)  # the other instance's inbound opens the entry
         span.set_attribute("specmesh.instance", target.instance or "")
         https = target.url.startswith("https://")
         try:
@@ -264,9 +273,11 @@ class GrpcEntry(GrpcRelayServer):
         address: str = "127.0.0.1:0",
         tracks: ConversationTracks | None = None,
         calls: EngineCalls | None = None,
+        ledger: BudgetLedger | None = None,
     ) -> None:
         super().__init__(address=address)
         self.calls = calls
+        self.ledger = ledger
         self.agent = resource_name(agent_name)
         self.instance_id = instance_id
         self.engine_grpc = engine_grpc
@@ -318,6 +329,7 @@ class GrpcEntry(GrpcRelayServer):
         if target is None:
             assert self._engine is not None
             return metadata, self._engine, None, request
+        metadata = [(k, v) for k, v in metadata if k != LEDGER_HEADER]  # opened over there
         return metadata, self._pool.get(target), target, request
 
     def _reporter(self, target: Target | None) -> Callable[[grpc.StatusCode], None]:
@@ -329,26 +341,36 @@ class GrpcEntry(GrpcRelayServer):
     def _unary_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             metadata, channel, target, request = await self._prepare(context, method, request)
-            if target is None:  # the engine beside: counted
+            if target is not None:
+                return await relay_unary(
+                    channel, method, request, context, metadata, self._reporter(target)
+                )
+            entry = await self._open_entry(context, method, request, metadata)
+            try:  # the engine beside: counted, with its ledger entry
                 return await counted_unary(self.calls, channel, method, request, context, metadata)
-            return await relay_unary(
-                channel, method, request, context, metadata, self._reporter(target)
-            )
+            finally:
+                self._close_entry(entry)
 
         return handle
 
     def _stream_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             metadata, channel, target, request = await self._prepare(context, method, request)
+            entry = None
+            if target is None:  # the engine beside: counted, with its ledger entry
+                entry = await self._open_entry(context, method, request, metadata)
             relayed = (
                 counted_stream(self.calls, channel, method, request, context, metadata)
-                if target is None  # the engine beside: counted
+                if target is None
                 else relay_stream(
                     channel, method, request, context, metadata, self._reporter(target)
                 )
             )
-            async for message in relayed:
-                yield message
+            try:
+                async for message in relayed:
+                    yield message
+            finally:
+                self._close_entry(entry)
 
         return handle
 

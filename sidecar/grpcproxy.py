@@ -28,7 +28,10 @@
   may have been acted on).
   A conversation (the request's ``message.context_id``) keeps the partner's track its first
   call went to (``tracks``: :class:`~sidecar.affinity.ConversationTracks`, as the HTTP
-  egress).
+  egress). A call is charged to the cost ledger entry its ``x-specmesh-ledger`` names
+  (:mod:`sidecar.ledger`), refused (``RESOURCE_EXHAUSTED``, ``BUDGET_EXCEEDED``) when it has
+  nothing left, sends the partner what is left as ``x-specmesh-budget-usd``, and is charged
+  the ``cost`` its answer carries.
 
 Declared-or-not, credentials, caller authorization, retries and budgets are decided by
 :mod:`sidecar.policy`, the same as for the HTTP listeners; refusals are the
@@ -57,6 +60,7 @@ from cryptography import x509
 
 from specmesh.addresses import parse_host_port
 from specmesh.aio import cancel_and_wait
+from specmesh.budget import BUDGET_HEADER, BUDGET_TOTAL_HEADER, LEDGER_HEADER
 from specmesh.callers import CALLER_KEY, PRINCIPAL_KEY
 from specmesh.names import resource_name
 from specmesh.spec.models import ConnectionPoolSpec
@@ -67,6 +71,13 @@ from .credentials import CredentialResolver
 from .engine_calls import EngineCalls
 from .errors import PolicyError
 from .inbound import PartnerGraph
+from .ledger import (
+    BudgetLedger,
+    LedgerEntry,
+    caller_budget_grpc,
+    grpc_answer_cost,
+    open_for_engine,
+)
 from .mtls import TRUST_DOMAIN, AgentCertificates, agent_dns_name
 from .policy import EgressPolicy, Retries, admit_caller, log_refusal
 from .router import InstanceLike, InstanceSource, Router, Target
@@ -130,6 +141,9 @@ _TRANSPORT_TRAILERS = frozenset(
         "grpc-previous-rpc-attempts",  # this hop's retries, not the caller's
     }
 )
+
+_NOT_FORWARDED = frozenset({TARGET_KEY, LEDGER_HEADER, BUDGET_HEADER, BUDGET_TOTAL_HEADER})
+"""Egress metadata for this sidecar only: the target and the engine's cost keys."""
 
 Metadata = list[tuple[str, str | bytes]]
 Handler = Callable[[bytes, grpc.aio.ServicerContext], Any]
@@ -366,6 +380,30 @@ class GrpcRelayServer:
     async def _open(self) -> None:
         """Before the server starts."""
 
+    ledger: BudgetLedger | None = None
+    """The cost ledger of the messages a listener hands the engine (inbound, entry)."""
+
+    async def _open_entry(
+        self,
+        context: grpc.aio.ServicerContext,
+        method: str,
+        request: bytes,
+        metadata: Metadata,
+    ) -> LedgerEntry | None:
+        """The ledger entry of a message handed to the engine, named in ``metadata``
+        (:func:`~sidecar.ledger.open_for_engine`); or abort the call with its error."""
+        try:
+            headers = {k: v for k, v in metadata if isinstance(v, str)}
+            return open_for_engine(
+                self.ledger, caller_budget_grpc(method, request, headers), metadata
+            )
+        except PolicyError as e:
+            await abort_policy(context, e)
+
+    def _close_entry(self, entry: LedgerEntry | None) -> None:
+        if entry is not None and self.ledger is not None:
+            self.ledger.close(entry)
+
     async def _close(self) -> None:
         """After the server stopped."""
 
@@ -411,8 +449,10 @@ class GrpcInbound(GrpcRelayServer):
         address: str = "127.0.0.1:0",
         require_identity: bool = False,
         calls: EngineCalls | None = None,
+        ledger: BudgetLedger | None = None,
     ) -> None:
         super().__init__(address=address)
+        self.ledger = ledger
         self.agent = resource_name(agent_name)
         self.engine_grpc = engine_grpc
         self.calls = calls
@@ -496,9 +536,13 @@ class GrpcInbound(GrpcRelayServer):
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             metadata = await self._authorize(context)
             assert self._channel is not None
-            return await counted_unary(
-                self.calls, self._channel, method, request, context, metadata
-            )
+            entry = await self._open_entry(context, method, request, metadata)
+            try:
+                return await counted_unary(
+                    self.calls, self._channel, method, request, context, metadata
+                )
+            finally:
+                self._close_entry(entry)
 
         return handle
 
@@ -506,10 +550,14 @@ class GrpcInbound(GrpcRelayServer):
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             metadata = await self._authorize(context)
             assert self._channel is not None
-            async for message in counted_stream(
-                self.calls, self._channel, method, request, context, metadata
-            ):
-                yield message
+            entry = await self._open_entry(context, method, request, metadata)
+            try:
+                async for message in counted_stream(
+                    self.calls, self._channel, method, request, context, metadata
+                ):
+                    yield message
+            finally:
+                self._close_entry(entry)
 
         return handle
 
@@ -656,10 +704,11 @@ class GrpcEgress(GrpcRelayServer):
         connect_timeout: float = 5.0,
         on_retry: Callable[[str], None] | None = None,
         tracks: ConversationTracks | None = None,
+        ledger: BudgetLedger | None = None,
     ) -> None:
         super().__init__(address=address)
         self._snapshots = snapshots
-        self.policy = EgressPolicy(credentials=credentials, tracks=tracks)
+        self.policy = EgressPolicy(credentials=credentials, tracks=tracks, ledger=ledger)
         self._router = router
         self._certs = certificates
         self._channels = ChannelPool(certificates=certificates, grace=channel_grace)
@@ -671,9 +720,9 @@ class GrpcEgress(GrpcRelayServer):
 
     async def _prepare(
         self, context: grpc.aio.ServicerContext, context_id: str | None = None
-    ) -> tuple[str, Metadata, Retries]:
-        """(target agent, metadata to send, its retries); raises :class:`PolicyError`.
-        ``context_id``: the call's conversation (:meth:`_context_id`)."""
+    ) -> tuple[str, Metadata, Retries, LedgerEntry | None]:
+        """(target agent, metadata to send, its retries, the ledger entry charged); raises
+        :class:`PolicyError`. ``context_id``: the call's conversation (:meth:`_context_id`)."""
         incoming = end_to_end_metadata(context.invocation_metadata())
         snapshot = self._snapshots.current
         if snapshot is None:
@@ -684,8 +733,11 @@ class GrpcEgress(GrpcRelayServer):
                 "INVALID_TARGET", f"metadata {TARGET_KEY!r} names no agent", target=""
             )
         agent, partner = self.policy.partner(snapshot, wanted)
-        self.policy.partner_budget(agent, {k: v for k, v in incoming if isinstance(v, str)})
-        metadata = [(k, v) for k, v in incoming if k != TARGET_KEY]
+        entry = self.policy.partner_budget(agent, {k: v for k, v in incoming if isinstance(v, str)})
+        metadata = [(k, v) for k, v in incoming if k not in _NOT_FORWARDED]
+        left = entry.remaining_usd if entry is not None else None
+        if left is not None:
+            metadata.append((BUDGET_TOTAL_HEADER, repr(left)))  # the partner's whole budget
         for name, value in await self.policy.secrets(partner.headers):
             metadata.append((name.lower(), value))
         release = self._router.release(agent)
@@ -694,7 +746,7 @@ class GrpcEgress(GrpcRelayServer):
         retries = Retries(
             self._router, agent, on_retry=self._on_retry, tracks=tracks, context_id=context_id
         )
-        return agent, metadata, retries
+        return agent, metadata, retries, entry
 
     def _context_id(self, method: str, request: bytes) -> str | None:
         """The conversation of a partner call, read as the entry reads it; None when
@@ -729,11 +781,12 @@ class GrpcEgress(GrpcRelayServer):
 
     async def _begin(
         self, context: grpc.aio.ServicerContext, context_id: str | None = None
-    ) -> tuple[str, Metadata, Target, grpc.aio.Channel]:
-        """(agent, metadata, target, connected channel) of one call, counted in flight (the
-        caller calls ``policy.leave(agent)``); or abort it with its policy error."""
+    ) -> tuple[str, Metadata, Target, grpc.aio.Channel, LedgerEntry | None]:
+        """(agent, metadata, target, connected channel, ledger entry) of one call, counted
+        in flight (the caller calls ``policy.leave(agent)``); or abort it with its policy
+        error."""
         try:
-            agent, metadata, retries = await self._prepare(context, context_id)
+            agent, metadata, retries, entry = await self._prepare(context, context_id)
         except PolicyError as e:
             await abort_policy(context, e)
         try:
@@ -741,33 +794,41 @@ class GrpcEgress(GrpcRelayServer):
         except PolicyError as e:
             self.policy.leave(agent)
             await abort_policy(context, e)
-        return agent, metadata, target, channel
+        return agent, metadata, target, channel, entry
 
     def _unary_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            agent, metadata, target, channel = await self._begin(
+            agent, metadata, target, channel, entry = await self._begin(
                 context, self._context_id(method, request)
             )
             try:
-                return await relay_unary(
+                answer = await relay_unary(
                     channel, method, request, context, metadata, self._reporter(target)
                 )
             finally:
                 self.policy.leave(agent)
+            if entry is not None:
+                entry.charge(grpc_answer_cost(method, answer))
+            return answer
 
         return handle
 
     def _stream_handler(self, method: str) -> Handler:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-            agent, metadata, target, channel = await self._begin(
+            agent, metadata, target, channel, entry = await self._begin(
                 context, self._context_id(method, request)
             )
+            charged = 0.0  # the largest chain total an event carried
             try:
                 async for message in relay_stream(
                     channel, method, request, context, metadata, self._reporter(target)
                 ):
+                    if entry is not None:
+                        charged = max(charged, grpc_answer_cost(method, message))
                     yield message
             finally:
                 self.policy.leave(agent)
+                if entry is not None:
+                    entry.charge(charged)
 
         return handle

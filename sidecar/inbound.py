@@ -16,6 +16,11 @@ checked against ``callers.principals`` (defence in depth) and becomes
 ``X-Specmesh-Principal``; the calling agent is taken from Istio's
 ``X-Forwarded-Client-Cert`` (its last element's URI SAN) into ``X-Specmesh-Caller``.
 ``Authorization`` is never forwarded in this mode.
+
+A message handed to the engine gets a cost ledger entry (``ledger``, :mod:`sidecar.ledger`):
+its budget is the caller's (message metadata, or the calling sidecar's
+``X-Specmesh-Budget-Usd``) or the spec's, the smaller; its id goes to the engine as
+``X-Specmesh-Ledger``, and it is closed once the answer is relayed.
 """
 
 from __future__ import annotations
@@ -37,13 +42,13 @@ from specmesh.watch import PrefixWatcher
 
 from .callers import CARD_PATH, CallerPolicy, CallerRefused
 from .engine_calls import EngineCalls
+from .ledger import BudgetLedger, forward_message
 from .mtls import AgentCertificates, agent_from_cert
 from .policy import admit_caller, log_refusal
 from .relay import (
     RelayListener,
     active_tracer,
     end_to_end_headers,
-    forward_to_engine,
     traced,
 )
 
@@ -137,9 +142,11 @@ class InboundServer(RelayListener):
         tracer: trace.Tracer | None = None,
         calls: EngineCalls | None = None,
         require_identity: bool = False,
+        ledger: BudgetLedger | None = None,
     ) -> None:
         super().__init__(host=host, port=port)
         self._tracer = tracer
+        self._ledger = ledger
         self.agent = resource_name(agent_name)
         self.engine_url = engine_http if "://" in engine_http else f"http://{engine_http}"
         if policy is None:
@@ -201,8 +208,15 @@ class InboundServer(RelayListener):
         propagate.inject(headers)  # the engine continues from this span
         assert self._session is not None
         body = await request.read() if request.body_exists else None
-        return await forward_to_engine(
-            self._session, request, headers, body, self.engine_url, self.read_timeout, self.calls
+        return await forward_message(
+            self._ledger,
+            self._session,
+            request,
+            headers,
+            body,
+            self.engine_url,
+            self.read_timeout,
+            self.calls,
         )
 
 

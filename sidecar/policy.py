@@ -18,15 +18,17 @@ decision -- or the :class:`~sidecar.errors.PolicyError` of the one error table
   failed try is tried again (the target's retry policy, its attempts and its retry budget);
   the same for HTTP and gRPC. gRPC retries only where its semantics allow: a try whose
   connection could not be established (nothing was sent).
-* **cost budget** -- :meth:`EgressPolicy.partner_budget` / :meth:`EgressPolicy.model_budget`:
-  a call carrying what is left of its request's budget (``X-Specmesh-Budget-Remaining-Usd``,
-  :mod:`specmesh.budget`) is refused with ``BUDGET_EXCEEDED`` -- a partner call when nothing
-  is left (<= 0); a model call when its worst case passes what is left: the request body's
-  bytes / 4 (rounded up) as input tokens at the input price, plus the request's
-  ``max_tokens`` (``max_completion_tokens``; 0 when it sets neither) at the output price,
-  priced as the engine prices it (the model part's ``price``, else litellm's map). A model
-  priced nowhere has no worst case: only "nothing left" refuses it. The rule reads only the
-  request, so the same request is always decided the same way.
+* **cost budget** -- :meth:`EgressPolicy.partner_budget` / :meth:`EgressPolicy.model_budget`
+  / :meth:`EgressPolicy.charge_model`: over the sidecar's own
+  :class:`~sidecar.ledger.BudgetLedger` (the entry a call names in ``X-Specmesh-Ledger``;
+  the engine's figures are not read), a call is refused with ``BUDGET_EXCEEDED`` -- a
+  partner call when nothing is left (<= 0); a model call when its worst case passes what
+  is left: the request body's bytes / 4 (rounded up) as input tokens at the input price,
+  plus the request's ``max_tokens`` (``max_completion_tokens``; 0 when it sets neither) at
+  the output price, priced as the engine prices it (the model part's ``price``, else
+  litellm's map). A model priced nowhere has no worst case: only "nothing left" refuses it.
+  The rule reads only the request and the entry. A model call is charged from its
+  answer's ``usage`` at the same price (its worst case when the answer reports none).
 * **conversation affinity** -- :class:`Retries` given ``tracks`` and the call's contextId:
   a conversation with a partner goes to the partner's release track its first call went to
   (:class:`~sidecar.affinity.ConversationTracks`, keyed by partner and contextId; a canary
@@ -47,10 +49,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from specmesh.budget import BUDGET_HEADER, BUDGET_TOTAL_HEADER, BudgetValueError, parse_budget
 from specmesh.errors import InvalidNameError
 from specmesh.names import resource_name
-from specmesh.prices import PriceMap, default_price_map, spec_price
+from specmesh.prices import ModelPrice, PriceMap, default_price_map, spec_price
 from specmesh.snapshot import ResolvedSnapshot
 from specmesh.spec.models import ConnectionPoolSpec, McpServerRef, PartnerAgentRef
 
@@ -58,6 +59,7 @@ from .affinity import ConversationTracks
 from .callers import CallerPolicy
 from .credentials import CredentialResolver, CredentialUnavailableError
 from .errors import PolicyError
+from .ledger import BudgetLedger, LedgerEntry, UsageTap
 from .router import NoInstanceError, RetryPolicy, Router, Target
 
 __all__ = [
@@ -134,11 +136,14 @@ class EgressPolicy:
         credentials: CredentialResolver,
         prices: PriceMap | None = None,
         tracks: ConversationTracks | None = None,
+        ledger: BudgetLedger | None = None,
     ) -> None:
         """``prices``: where a model the spec does not price is looked up (default:
         litellm's file, read in a thread on the first budgeted model call); ``tracks``:
-        partner conversations' tracks (None: every call is split by the release)."""
+        partner conversations' tracks (None: every call is split by the release);
+        ``ledger``: the requests' budgets (None: no budget is enforced)."""
         self._credentials = credentials
+        self.ledger = ledger
         self._prices = prices or default_price_map()
         self.tracks = tracks
         self._snapshot: ResolvedSnapshot | None = None
@@ -182,12 +187,18 @@ class EgressPolicy:
         """``values`` (the spec's ``headers`` or ``queryParams``) with references resolved."""
         return [(key, await self.resolve(value)) for key, value in values.items()]
 
-    def partner_budget(self, agent: str, headers: Mapping[str, str]) -> None:
-        """``BUDGET_EXCEEDED`` when the call to partner ``agent`` carries a budget with
-        nothing left."""
-        budget = _budget(headers)
-        if budget is not None and budget[0] <= 0:
-            raise _over_budget(f"the call to agent {agent!r}", budget, worst=None, agent=agent)
+    def partner_budget(self, agent: str, headers: Mapping[str, str]) -> LedgerEntry | None:
+        """The ledger entry the call to partner ``agent`` is charged to (None: no budget
+        applies); ``BUDGET_EXCEEDED`` when it has nothing left, or names no entry while a
+        budget applies."""
+        if self.ledger is None:
+            return None
+        what = f"the call to agent {agent!r}"
+        entry = self.ledger.entry(headers, what)
+        left = entry.remaining_usd if entry is not None else None
+        if entry is not None and left is not None and left <= 0:
+            raise _over_budget(what, entry, worst=None, agent=agent)
+        return entry
 
     async def model_budget(
         self,
@@ -195,29 +206,57 @@ class EgressPolicy:
         fallback: int | None,
         body: bytes | None,
         headers: Mapping[str, str],
+    ) -> LedgerEntry | None:
+        """The ledger entry the model call (the model, or fallback ``fallback``) is charged
+        to (None: no budget applies); ``BUDGET_EXCEEDED`` when its worst case passes what
+        the entry has left (see the module docstring)."""
+        if self.ledger is None:
+            return None
+        name, price = await self._model_price(snapshot, fallback)
+        what = f"a call to model {name!r}"
+        entry = self.ledger.entry(headers, what)
+        left = entry.remaining_usd if entry is not None else None
+        if entry is None or left is None:
+            return entry
+        worst = _worst_case(price, body)
+        if left <= 0 or (worst is not None and worst > left):
+            raise _over_budget(what, entry, worst=worst, model=name)
+        return entry
+
+    async def charge_model(
+        self,
+        entry: LedgerEntry,
+        snapshot: ResolvedSnapshot,
+        fallback: int | None,
+        body: bytes | None,
+        answer: UsageTap,
     ) -> None:
-        """``BUDGET_EXCEEDED`` when the model call (the model, or fallback ``fallback``)
-        carries a budget its worst case passes (see the module docstring)."""
-        budget = _budget(headers)
-        if budget is None:
+        """Charge ``entry`` one model call: its answer's usage at the model's price, else
+        (no usage reported) its worst case; an unpriced model is recorded, not charged."""
+        name, price = await self._model_price(snapshot, fallback)
+        if price is None:
+            entry.unpriced.add(name)
             return
+        usage = answer.usage()
+        if usage is None:
+            entry.charge(_worst_case(price, body) or 0.0)
+        else:
+            entry.charge(price.cost(prompt_tokens=usage[0], completion_tokens=usage[1]))
+
+    async def _model_price(
+        self, snapshot: ResolvedSnapshot, fallback: int | None
+    ) -> tuple[str, ModelPrice | None]:
+        """(model name, its price) of the model or fallback ``fallback``."""
         model = snapshot.spec.model
         name, provider, price = model.model, model.provider, model.price
         if fallback is not None and fallback < len(model.fallbacks):
             fb = model.fallbacks[fallback]
             name, provider, price = fb.model, fb.provider, fb.price
-        worst = None
         found = spec_price(price)
         if found is None:
             await asyncio.to_thread(self._prices.load)
             found = self._prices.price(f"{provider or 'openai'}/{name}")
-        if found is not None:
-            worst = found.worst_case(
-                prompt_tokens=math.ceil(len(body or b"") / 4),
-                max_completion_tokens=_max_tokens(body),
-            )
-        if budget[0] <= 0 or (worst is not None and worst > budget[0]):
-            raise _over_budget(f"a call to model {name!r}", budget, worst=worst, model=name)
+        return name, found
 
     def enter(self, agent: str, pool: ConnectionPoolSpec) -> None:
         """Count one call in flight to ``agent``; ``OVERFLOW`` past its pool's limit
@@ -233,16 +272,13 @@ class EgressPolicy:
         self._inflight[agent] -= 1
 
 
-def _budget(headers: Mapping[str, str]) -> tuple[float, float | None] | None:
-    """(what is left, the whole budget) from a call's headers; None without a budget."""
-    try:
-        left = parse_budget(headers.get(BUDGET_HEADER), where=f"header {BUDGET_HEADER}")
-        total = parse_budget(
-            headers.get(BUDGET_TOTAL_HEADER), where=f"header {BUDGET_TOTAL_HEADER}"
-        )
-    except BudgetValueError as e:
-        raise PolicyError("INVALID_TARGET", str(e), header=e.where) from e
-    return None if left is None else (left, total)
+def _worst_case(price: ModelPrice | None, body: bytes | None) -> float | None:
+    """The most a model call may cost (see the module docstring); None when unpriced."""
+    if price is None:
+        return None
+    return price.worst_case(
+        prompt_tokens=math.ceil(len(body or b"") / 4), max_completion_tokens=_max_tokens(body)
+    )
 
 
 def _max_tokens(body: bytes | None) -> int:
@@ -261,19 +297,16 @@ def _max_tokens(body: bytes | None) -> int:
 
 
 def _over_budget(
-    what: str, budget: tuple[float, float | None], *, worst: float | None, **fields: str
+    what: str, entry: LedgerEntry, *, worst: float | None, **fields: str
 ) -> PolicyError:
-    left, total = budget
+    left, total = entry.remaining_usd or 0.0, entry.budget_usd
     message = (
-        f"budget exceeded: {what} is refused: the request's budget is "
-        + (f"${total:.6g}" if total is not None else "unknown")
-        + f", ${left:.6g} is left"
+        f"budget exceeded: {what} is refused: the request's budget is ${total:.6g}"
+        f", ${left:.6g} is left"
         + (f", and this call may cost up to ${worst:.6g}" if worst is not None else "")
     )
     logger.warning("refused %s: over the request's budget", what, extra={"reason": message})
-    details = {"remainingUsd": repr(left), **fields}
-    if total is not None:
-        details["budgetUsd"] = repr(total)
+    details = {"remainingUsd": repr(left), "budgetUsd": repr(total), **fields}
     if worst is not None:
         details["worstCaseUsd"] = repr(worst)
     return PolicyError("BUDGET_EXCEEDED", message, **details)

@@ -11,10 +11,11 @@ with a tool error when ``depth+1`` would pass the limit (stops A -> B -> A loops
 The partner sees one conversation per caller conversation: the contextId sent is derived
 from the caller's agent name and contextId.
 
-Cost (:mod:`engine.ledger`): a call carries what is left of the request's budget (header
-``X-Specmesh-Budget-Remaining-Usd``, which the sidecar checks, and message metadata
-``specmesh.budgetUsd``, the partner's budget); the ``cost`` metadata of the partner's answer
-is booked in the turn's ledger. A call the sidecar refuses (``BUDGET_EXCEEDED``,
+Cost (:mod:`engine.ledger`): a call carries the sidecar's ledger entry of the turn (header
+``X-Specmesh-Ledger``, which the sidecar charges and checks) and what the turn's own book
+says is left (message metadata ``specmesh.budgetUsd``; the partner's sidecar also gets this
+sidecar's figure); the ``cost`` metadata of the partner's answer is booked in the turn's
+ledger. A call the sidecar refuses (``BUDGET_EXCEEDED``,
 ``NOT_DECLARED``...) is a tool error with the sidecar's message (its own text: no secret).
 """
 
@@ -175,9 +176,10 @@ class PartnerTool:
         headers: dict[str, str] = {CALL_DEPTH_HEADER: str(depth)}
         metadata = Struct()
         ledger = context.ledger
-        if ledger is not None and ledger.remaining_usd is not None:
+        if ledger is not None:
             headers.update(ledger.headers())
-            metadata.update({BUDGET_METADATA: ledger.remaining_usd})
+            if ledger.remaining_usd is not None:
+                metadata.update({BUDGET_METADATA: ledger.remaining_usd})
         propagate.inject(headers)
         partner_context = str(
             uuid.uuid5(uuid.NAMESPACE_URL, f"specmesh:{self._caller}:{context.context_id}")

@@ -166,11 +166,13 @@ async def agent_instance(
         await sidecar.stop()
 
 
-async def ask(runtime: EngineRuntime, text: str, *, context_id: str) -> TurnCompleted:
+async def ask(
+    runtime: EngineRuntime, text: str, *, context_id: str, headers: dict[str, str] | None = None
+) -> TurnCompleted:
+    """One turn; ``headers``: those its request came with (as the sidecar sends them)."""
+    request = TurnRequest(context_id=context_id, text=text, headers=headers or {})
     async with asyncio.timeout(WAIT):
-        events: list[TurnEvent] = [
-            e async for e in runtime.run(TurnRequest(context_id=context_id, text=text))
-        ]
+        events: list[TurnEvent] = [e async for e in runtime.run(request)]
     final = events[-1]
     assert isinstance(final, TurnCompleted), final
     return final

@@ -15,6 +15,7 @@ from engine.compression import SUMMARIZE_INSTRUCTIONS, SUMMARY_PREFIX
 from engine.memory import memory_key
 from localfleet.modelserver import ScriptedModelServer
 from localfleet.modelserver.tokens import count_prompt_tokens
+from specmesh.budget import LEDGER_HEADER
 
 from .egress_stub import span_exporter
 from .memory_support import REDIS_PASSWORD, MemoryRig, ask
@@ -73,8 +74,15 @@ async def test_a_long_conversation_is_summarised_and_stays_under_the_budget(
     )
     spans.clear()
     async with memory_rig.instance(agent) as inst:
+        ledger = inst.dataplane.ledger
+        entries = []
         for i in range(8):
-            await ask(inst.runtime, _fact(i), context_id="long")
+            # each turn as the sidecar hands it over: with a budgeted ledger entry, so a
+            # model call naming none (or another) is refused
+            entries.append(ledger.open(100.0))
+            await ask(
+                inst.runtime, _fact(i), context_id="long", headers={LEDGER_HEADER: entries[-1].id}
+            )
 
     requests = model.requests()
     summarize = [r for r in requests if r.messages[0]["content"] == SUMMARIZE_INSTRUCTIONS]
@@ -84,6 +92,10 @@ async def test_a_long_conversation_is_summarised_and_stays_under_the_budget(
     # the summariser saw the older turns and was limited to summaryMaxTokens
     assert "Fact 0" in summarize[0].messages[1]["content"]
     assert summarize[0].body.get("max_tokens") == 40
+    # the summary is a cost of its turn: the call named the turn's ledger entry (a call
+    # naming none is refused while budgeted entries are open), which the model never sees
+    assert all(e.unpriced == {"scripted"} for e in entries)  # every turn's calls reached it
+    assert not any(LEDGER_HEADER in r.headers for r in requests)
     # every prompt the model received stayed under the budget (the server's own count)
     for r in chats:
         assert count_prompt_tokens(r.messages, r.tools) <= BUDGET, r.messages

@@ -37,10 +37,12 @@ from sidecar.callers import CallerPolicy, CallerRefused, JwtVerifier
 from sidecar.entry import CARD_PATH, EntryServer, GrpcEntry
 from sidecar.grpcproxy import A2A_SERVICE, GrpcInbound, GrpcInstanceSource
 from sidecar.inbound import InboundServer, InMemoryPartnerGraph
+from sidecar.ledger import BudgetLedger
 from sidecar.mtls import AgentCertificates, PkiClient, agent_dns_name
 from sidecar.registry import Instance
 from sidecar.router import InMemoryInstanceSource, InMemoryReleaseSource, Router
 from sidecar.state import SnapshotHolder
+from specmesh.budget import LEDGER_HEADER
 from specmesh.callers import CALLER_HEADER, CALLER_KEY, PRINCIPAL_HEADER, PRINCIPAL_KEY
 from specmesh.issuers import JwtIssuer
 from specmesh.ports import free_port
@@ -137,6 +139,7 @@ class Rig:
     entry: EntryServer
     grpc_entry: GrpcEntry
     issuer: JwksIssuer
+    ledger: BudgetLedger
 
 
 async def _caller_policy(
@@ -176,6 +179,7 @@ async def rig(issuer: JwksIssuer) -> AsyncIterator[Rig]:
         public_grpc_url=f"127.0.0.1:{grpc_port}",
     )
     policy, verifier = await _caller_policy(issuer)
+    ledger = BudgetLedger()
     async with EngineServer(runner=runner, config=config) as engine:
         entry = EntryServer(
             agent_name=AGENT,
@@ -183,6 +187,7 @@ async def rig(issuer: JwksIssuer) -> AsyncIterator[Rig]:
             engine_http=engine.http_url,
             policy=policy,
             port=http_port,
+            ledger=ledger,
         )
         grpc_entry = GrpcEntry(
             agent_name=AGENT,
@@ -190,9 +195,10 @@ async def rig(issuer: JwksIssuer) -> AsyncIterator[Rig]:
             engine_grpc=engine.grpc_target,
             policy=policy,
             address=f"127.0.0.1:{grpc_port}",
+            ledger=ledger,
         )
         async with entry, grpc_entry:
-            yield Rig(runner, engine, entry, grpc_entry, issuer)
+            yield Rig(runner, engine, entry, grpc_entry, issuer, ledger)
     await verifier.close()
 
 
@@ -344,6 +350,29 @@ async def test_allowed_token_sends_and_names_the_principal(
     assert request.headers[PRINCIPAL_KEY] == ALICE
     assert CALLER_KEY not in request.headers
     assert "authorization" not in request.headers
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+async def test_a_message_gets_a_ledger_entry_with_its_budget_named_to_the_engine(
+    rig: Rig, client_for: ClientFactory, binding: str
+) -> None:
+    client = await client_for(
+        rig.entry.url, binding, token=rig.issuer.token(), extra={LEDGER_HEADER: "forged"}
+    )
+    message = _message("on a budget")
+    message.message.metadata.update({"specmesh.budgetUsd": 0.5})
+
+    async with asyncio.timeout(WAIT):
+        events = [event async for event in client.send_message(message)]
+
+    assert events[-1].status_update.status.state == TaskState.TASK_STATE_COMPLETED
+    [request] = rig.runner.requests
+    named = request.headers[LEDGER_HEADER]
+    entry = rig.ledger.entry({LEDGER_HEADER: named}, "a call")
+    assert named != "forged" and entry is not None  # the entry's own, never the caller's
+    assert entry.budget_usd == 0.5
+    # closed once the whole answer was relayed (the client may see its end first)
+    await eventually(lambda: entry.closed, timeout=WAIT, what="the ledger entry to close")
 
 
 @pytest.mark.parametrize("binding", BINDINGS)

@@ -5,6 +5,7 @@ official a2a-sdk client (GRPC binding) -> sidecar A's GrpcEgress -> sidecar B's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import ssl
 import uuid
@@ -46,10 +47,12 @@ from sidecar.grpcproxy import (
     GrpcInstanceSource,
 )
 from sidecar.inbound import InMemoryPartnerGraph
+from sidecar.ledger import BudgetLedger
 from sidecar.mtls import AgentCertificates, PkiClient, agent_dns_name
 from sidecar.registry import Instance
 from sidecar.router import InMemoryInstanceSource, InMemoryReleaseSource, Router
 from sidecar.state import SnapshotHolder
+from specmesh.budget import BUDGET_HEADER, BUDGET_TOTAL_HEADER, LEDGER_HEADER
 from specmesh.ports import free_port
 from specmesh.secrets import VaultRef
 from specmesh.vault import VaultClient
@@ -582,3 +585,91 @@ async def test_grpc_retries_an_instance_it_cannot_connect_to_as_http_does(
     assert egresses.retried == [CALLEE]
     assert egresses.grpc_router.detector(CALLEE).state("b-dead").consecutive_gateway == 1
     assert egresses.grpc_router.detector(CALLEE).state("b-live").consecutive_gateway == 0
+
+
+# ---------------------------------------------------------------- cost budget
+
+
+@contextlib.asynccontextmanager
+async def _stopped(server: GrpcInbound) -> AsyncIterator[None]:
+    """Stops a server started beforehand (its port was needed first)."""
+    try:
+        yield
+    finally:
+        await server.stop()
+
+
+async def test_the_grpc_egress_refuses_over_its_own_ledger_and_sends_the_partner_what_is_left(
+    rig: Rig, vault: VaultClient
+) -> None:
+    ledger, b_ledger = BudgetLedger(), BudgetLedger()
+    spent, funded = ledger.open(0.5), ledger.open(1.0)
+    spent.charge(0.5)
+    funded.charge(0.25)
+    b_inbound = GrpcInbound(
+        agent_name=CALLEE,
+        engine_grpc=rig.engine.grpc_target,
+        graph=InMemoryPartnerGraph({CALLER: [CALLEE]}),
+        certificates=rig.b_certs,
+        ledger=b_ledger,
+    )
+    await b_inbound.start()
+    instances = InMemoryInstanceSource(
+        [
+            Instance(  # type: ignore[list-item]
+                "b-1",
+                CALLEE,
+                "https://127.0.0.1:9",
+                state="serving",
+                grpc_endpoint=b_inbound.target,
+            )
+        ]
+    )
+    router = Router(instances=GrpcInstanceSource(instances), releases=InMemoryReleaseSource())
+    holder = SnapshotHolder()
+    spec = _spec(CALLER, "http://127.0.0.1:9", partnerAgents=[{"agentName": CALLEE}])
+    await holder.set(_snapshot(CALLER, spec, {}), etcd_revision=1)
+    lie = (BUDGET_HEADER, "1000000")  # what the engine claims is left: never read
+    async with (
+        _stopped(b_inbound),
+        AgentCertificates(agent=CALLER, pki=rig.pki) as a_certs,
+        CredentialResolver(source=vault) as resolver,
+        GrpcEgress(
+            snapshots=holder,
+            credentials=resolver,
+            router=router,
+            certificates=a_certs,
+            ledger=ledger,
+        ) as egress,
+        grpc.aio.insecure_channel(egress.target) as channel,
+    ):
+        send = channel.unary_unary(f"/{A2A_SERVICE}/SendMessage")
+        request = _message("spend").SerializeToString()
+        refused = []
+        for metadata in (
+            [(TARGET_KEY, CALLEE), (LEDGER_HEADER, spent.id), lie],
+            [(TARGET_KEY, CALLEE), lie],  # no entry named while budgets are open
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await send(request, metadata=metadata, timeout=WAIT)
+            refused.append(info.value)
+        answer = await send(
+            request, metadata=[(TARGET_KEY, CALLEE), (LEDGER_HEADER, funded.id), lie], timeout=WAIT
+        )
+
+    (reached,) = rig.runner.requests  # only the funded call reached agent B
+    assert [e.code() for e in refused] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+    assert [_call_error_info(e).reason for e in refused] == ["BUDGET_EXCEEDED"] * 2
+    assert (
+        refused[0]
+        .details()
+        .startswith(
+            f"budget exceeded: the call to agent {CALLEE!r} is refused: the request's budget is "
+            "$0.5, $0 is left"
+        )
+    )
+    assert answer  # B answered
+    # B's sidecar opened B's entry with what A's sidecar had left; B's engine gets only its id
+    b_entry = b_ledger.entry(reached.headers, "a call")
+    assert b_entry is not None and b_entry.budget_usd == 0.75 and b_entry.closed
+    assert BUDGET_HEADER not in reached.headers and BUDGET_TOTAL_HEADER not in reached.headers

@@ -16,9 +16,10 @@ from sidecar.affinity import ConversationTracks
 from sidecar.callers import CallerRefused
 from sidecar.errors import ERROR_DOMAIN, POLICY_ERRORS, PolicyError
 from sidecar.grpcproxy import abort_policy
+from sidecar.ledger import BudgetLedger, LedgerEntry, UsageTap
 from sidecar.policy import EgressPolicy, Retries
 from sidecar.router import InMemoryInstanceSource, InMemoryReleaseSource, Instance, Router
-from specmesh.budget import BUDGET_HEADER, BUDGET_TOTAL_HEADER
+from specmesh.budget import LEDGER_HEADER
 from specmesh.prices import PriceMap
 from specmesh.snapshot import PromptBundle, ResolvedSnapshot
 from specmesh.spec.models import AgentSpec, ConnectionPoolSpec, ReleaseSpec
@@ -160,13 +161,21 @@ def test_a_new_snapshot_brings_new_decisions() -> None:
     assert agent == "agent-b"
 
 
-def test_a_partner_call_with_nothing_left_of_its_budget_is_refused_naming_it() -> None:
-    policy = EgressPolicy(credentials=_NoSecrets())  # type: ignore[arg-type]
-    policy.partner_budget("agent-b", {})  # no budget: no check
-    policy.partner_budget("agent-b", {BUDGET_HEADER: "0.01", BUDGET_TOTAL_HEADER: "0.05"})
+def _ledger_headers(entry: LedgerEntry) -> dict[str, str]:
+    return {LEDGER_HEADER: entry.id}
 
+
+def test_a_partner_call_with_nothing_left_in_its_ledger_entry_is_refused_naming_it() -> None:
+    ledger = BudgetLedger()
+    policy = EgressPolicy(credentials=_NoSecrets(), ledger=ledger)  # type: ignore[arg-type]
+    assert policy.partner_budget("agent-b", {}) is None  # no budget anywhere: no check
+    entry = ledger.open(0.05)
+    entry.charge(0.04)
+    assert policy.partner_budget("agent-b", _ledger_headers(entry)) is entry
+
+    entry.charge(0.01)
     with pytest.raises(PolicyError) as info:
-        policy.partner_budget("agent-b", {BUDGET_HEADER: "0.0", BUDGET_TOTAL_HEADER: "0.05"})
+        policy.partner_budget("agent-b", _ledger_headers(entry))
 
     assert info.value.reason == "BUDGET_EXCEEDED" and info.value.http_status == 402
     assert "budget is $0.05, $0 is left" in info.value.message
@@ -174,26 +183,39 @@ def test_a_partner_call_with_nothing_left_of_its_budget_is_refused_naming_it() -
     assert info.value.fields["budgetUsd"] == "0.05"
 
 
-async def test_a_model_call_whose_worst_case_passes_what_is_left_is_refused() -> None:
-    policy = EgressPolicy(credentials=_NoSecrets(), prices=PriceMap(path=Path("/nonexistent")))  # type: ignore[arg-type]
-    snapshot = _snapshot(
-        model={
-            "model": "m",
-            "price": {"inputPerMillion": 1_000_000, "outputPerMillion": 1_000_000},
-            "fallbacks": [{"model": "unpriced"}],
-        }
+def _priced(
+    input_per_million: float, output_per_million: float
+) -> tuple[BudgetLedger, EgressPolicy, ResolvedSnapshot]:
+    """A ledger, a policy over it (litellm's map empty), and a snapshot whose model "m" has
+    these prices and whose one fallback is priced nowhere."""
+    ledger = BudgetLedger()
+    policy = EgressPolicy(
+        credentials=_NoSecrets(),  # type: ignore[arg-type]
+        prices=PriceMap(path=Path("/nonexistent")),
+        ledger=ledger,
     )
+    price = {"inputPerMillion": input_per_million, "outputPerMillion": output_per_million}
+    model = {"model": "m", "price": price, "fallbacks": [{"model": "unpriced"}]}
+    return ledger, policy, _snapshot(model=model)
+
+
+async def test_a_model_call_whose_worst_case_passes_what_is_left_is_refused() -> None:
+    ledger, policy, snapshot = _priced(1_000_000, 1_000_000)
     body = json.dumps({"model": "m", "max_tokens": 10}).encode()  # 29 bytes: 8 tokens in
     worst = 8 * 1.0 + 10 * 1.0
-    budget = {BUDGET_HEADER: repr(worst), BUDGET_TOTAL_HEADER: "100"}
+    entry = ledger.open(100.0)
+    entry.charge(100.0 - worst)
+    headers = _ledger_headers(entry)
 
-    await policy.model_budget(snapshot, None, body, budget)  # exactly what is left: allowed
+    assert await policy.model_budget(snapshot, None, body, headers) is entry  # exactly: allowed
+    entry.charge(0.1)
     with pytest.raises(PolicyError) as info:
-        await policy.model_budget(snapshot, None, body, {**budget, BUDGET_HEADER: "17.9"})
+        await policy.model_budget(snapshot, None, body, headers)
     # a fallback priced nowhere has no worst case: only "nothing left" refuses it
-    await policy.model_budget(snapshot, 0, body, {**budget, BUDGET_HEADER: "0.001"})
+    await policy.model_budget(snapshot, 0, body, headers)
+    entry.charge(100.0)
     with pytest.raises(PolicyError):
-        await policy.model_budget(snapshot, 0, body, {**budget, BUDGET_HEADER: "0"})
+        await policy.model_budget(snapshot, 0, body, headers)
 
     assert info.value.reason == "BUDGET_EXCEEDED"
     assert info.value.message == (
@@ -202,11 +224,43 @@ async def test_a_model_call_whose_worst_case_passes_what_is_left_is_refused() ->
     )
 
 
-async def test_a_malformed_budget_header_is_refused_naming_it() -> None:
-    policy = EgressPolicy(credentials=_NoSecrets())  # type: ignore[arg-type]
-    with pytest.raises(PolicyError) as info:
-        policy.partner_budget("agent-b", {BUDGET_HEADER: "lots"})
-    assert BUDGET_HEADER in info.value.message and "'lots'" in info.value.message
+async def test_a_model_call_is_charged_from_its_answers_usage_else_its_worst_case() -> None:
+    ledger, policy, snapshot = _priced(1.0, 2.0)
+    body = json.dumps({"model": "m", "max_tokens": 1000}).encode()  # 34 bytes: 9 tokens in
+    entry = ledger.open(None)
+    answer = UsageTap("application/json")
+    answer.feed(b'{"choices": [], "usage": {"prompt_tokens": 100, ')
+    answer.feed(b'"completion_tokens": 50, "total_tokens": 150}}')
+    silent = UsageTap("application/json")
+    silent.feed(b'{"choices": []}')
+
+    await policy.charge_model(entry, snapshot, None, body, answer)
+    after_usage = entry.spent_usd
+    await policy.charge_model(entry, snapshot, None, body, silent)
+    await policy.charge_model(entry, snapshot, 0, body, answer)  # unpriced: flagged only
+
+    assert after_usage == pytest.approx((100 * 1.0 + 50 * 2.0) / 1e6)
+    assert entry.spent_usd - after_usage == pytest.approx((9 * 1.0 + 1000 * 2.0) / 1e6)
+    assert entry.unpriced == {"unpriced"}
+
+
+def test_a_call_naming_no_open_entry_is_refused_while_a_budget_applies() -> None:
+    ledger = BudgetLedger()
+    policy = EgressPolicy(credentials=_NoSecrets(), ledger=ledger)  # type: ignore[arg-type]
+    unbudgeted = ledger.open(None)
+    assert policy.partner_budget("agent-b", {}) is None  # nothing budgeted is open
+
+    ledger.open(1.0)
+    refusals = []
+    for headers in ({}, {LEDGER_HEADER: "made-up"}):
+        with pytest.raises(PolicyError) as info:
+            policy.partner_budget("agent-b", headers)
+        refusals.append(info.value)
+
+    assert policy.partner_budget("agent-b", _ledger_headers(unbudgeted)) is unbudgeted
+    assert [e.reason for e in refusals] == ["BUDGET_EXCEEDED"] * 2
+    assert "names no cost ledger entry" in refusals[0].message
+    assert "names an unknown ledger entry" in refusals[1].message
 
 
 def test_calls_in_flight_past_the_pool_overflow() -> None:

@@ -16,7 +16,7 @@ from engine.errors import ToolError
 from engine.ledger import BUDGET_HEADER, BUDGET_METADATA, CostLedger, parse_budget
 from engine.tools import ToolCallContext
 from engine.tools.partners import PartnerTool
-from specmesh.budget import BUDGET_TOTAL_HEADER, BudgetValueError
+from specmesh.budget import LEDGER_HEADER, BudgetValueError
 
 
 def test_the_smaller_budget_wins_and_what_is_left_never_goes_below_zero() -> None:
@@ -37,7 +37,7 @@ def test_the_smaller_budget_wins_and_what_is_left_never_goes_below_zero() -> Non
         "budgetUsd": 0.2,
         "remainingUsd": 0.0,
     }
-    assert ledger.headers() == {BUDGET_HEADER: "0.0", BUDGET_TOTAL_HEADER: "0.2"}
+    assert ledger.headers() == {}  # the request named no sidecar ledger entry
 
 
 def test_an_unpriced_call_is_flagged_not_counted_and_no_budget_sends_no_header() -> None:
@@ -87,7 +87,7 @@ async def test_a_partner_call_sends_what_is_left_and_books_the_cost_its_answer_c
             200, json={"jsonrpc": "2.0", "id": rpc["id"], "result": {"task": task}}
         )
 
-    ledger = CostLedger(budget_usd=1.0)
+    ledger = CostLedger(budget_usd=1.0, ledger_id="entry-1")
     ledger.add_model_call("m", 0.25)
     context = ToolCallContext(context_id="ctx", call_depth=0, timeout=5, ledger=ledger)
 
@@ -96,7 +96,8 @@ async def test_a_partner_call_sends_what_is_left_and_books_the_cost_its_answer_c
     (request,) = seen
     sent = json.loads(request.content)["params"]["message"]
     assert text == "B's answer"
-    assert request.headers[BUDGET_HEADER] == "0.75"
+    assert request.headers[LEDGER_HEADER] == "entry-1"  # the sidecar's entry, echoed
+    assert BUDGET_HEADER not in request.headers  # the engine's own figure stays in it
     assert sent["metadata"] == {BUDGET_METADATA: 0.75}
     assert ledger.downstream_usd == 0.125 and ledger.unpriced == {"x"}
 

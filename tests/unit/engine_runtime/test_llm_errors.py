@@ -7,11 +7,19 @@ import inspect
 import httpx
 import openai
 import pytest
+from aiohttp import web
 from litellm import exceptions as llm_errors
 
-from engine.errors import ModelError, ModelRequestError, ModelTimeoutError, ModelUnavailableError
-from engine.litellm_chat import _ERROR_TABLE, translate_error
+from engine.errors import (
+    ModelBudgetError,
+    ModelError,
+    ModelRequestError,
+    ModelTimeoutError,
+    ModelUnavailableError,
+)
+from engine.litellm_chat import _ERROR_TABLE, LiteLlmChat, translate_error
 from engine.llm import ModelClient
+from engine.openai_chat import ChatRequest
 from specmesh.spec.models import ModelSpec
 
 _GENERIC = {llm_errors.APIError, llm_errors.OpenAIError, openai.OpenAIError}
@@ -101,3 +109,54 @@ def test_targets_go_through_the_egress() -> None:
         ("openai/qwen", "http://127.0.0.1:7102/llm/v1"),
         ("anthropic/claude", "http://127.0.0.1:7102/llm/fallbacks/0/v1"),
     ]
+
+
+_REFUSAL = {
+    "error": {
+        "code": 402,
+        "status": "RESOURCE_EXHAUSTED",
+        "message": "budget exceeded: a call to model 'm' is refused: the request's budget "
+        "is $1, $0 is left",
+        "details": [
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": "BUDGET_EXCEEDED",
+                "domain": "specmesh.io",
+                "metadata": {},
+            }
+        ],
+    }
+}
+
+
+@pytest.mark.parametrize("provider", ["groq", "anthropic"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_litellm_call_the_sidecar_refuses_is_the_budget_error_with_its_text(
+    provider: str, stream: bool
+) -> None:
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response(_REFUSAL, status=402)
+
+    app = web.Application()
+    app.router.add_route("*", "/{rest:.*}", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    request = ChatRequest(
+        api_base=f"http://127.0.0.1:{port}/v1",
+        model="m",
+        display="m",
+        api_key="sidecar-injected",
+        messages=[{"role": "user", "content": "hi"}],
+    )
+    try:
+        with pytest.raises(ModelBudgetError) as info:
+            async for _ in LiteLlmChat(provider=provider).call(request, stream=stream):
+                pass
+    finally:
+        await runner.cleanup()
+
+    assert info.value.code == "budget_exceeded"
+    assert info.value.reason == _REFUSAL["error"]["message"]  # type: ignore[index]
