@@ -623,7 +623,8 @@ class _PromptService(Servicer):
         if release is not None:
             message.release.labels.update(release.labels)
             message.release.weights.update(release.weights)
-            message.release.current = release.current or ""
+            if release.current:  # unset (presence) when the highest version serves
+                message.release.current = release.current
         return message, published
 
     async def _stored(self, p: Principal, key: str) -> Any:

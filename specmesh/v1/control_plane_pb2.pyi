@@ -1069,7 +1069,7 @@ class PromptRelease(_message.Message):
     CURRENT_FIELD_NUMBER: _builtins.int
     current: _builtins.str
     """The version served when no pin, label or weights apply (set by RollbackPrompt);
-    empty for the highest version.
+    unset for the highest version.
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -1084,13 +1084,15 @@ class PromptRelease(_message.Message):
         *,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         weights: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
-        current: _builtins.str = ...,
+        current: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_current", b"_current", "current", b"current"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current", b"current", "labels", b"labels", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_current", b"_current", "current", b"current", "labels", b"labels", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__current: _TypeAlias = _typing.Literal["current"]  # noqa: Y015
+    _WhichOneofArgType__current: _TypeAlias = _typing.Literal["_current", b"_current"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__current) -> _WhichOneofReturnType__current | None: ...
 
 Global___PromptRelease: _TypeAlias = PromptRelease  # noqa: Y015
 

@@ -24,7 +24,7 @@ from control_plane.http_api import build_app
 from specmesh.errors import ConflictError
 from specmesh.ports import free_port
 from specmesh.protojson import from_struct, to_struct
-from specmesh.spec.models import ReleaseSpec
+from specmesh.spec.models import PromptEntry, ReleaseSpec
 from specmesh.store import SpecStore
 from specmesh.v1 import control_plane_pb2 as pb
 from specmesh.v1 import control_plane_pb2_grpc as pb_grpc
@@ -332,3 +332,21 @@ async def test_each_release_action_is_audited_as_itself_with_before_and_after(
     assert status == 200 and rest["entries"][0]["action"] == "release.auto-abort"
     assert rest["entries"][0]["details"] == figures
     assert rest["entries"][0]["before"]["canaryWeight"] == 10
+
+
+async def test_a_prompt_release_names_its_current_version_only_when_one_is_set(
+    api: Api, store: SpecStore
+) -> None:
+    # the REST answer follows the OpenAPI schema: `current` is a version or absent, never ""
+    labelled = {"labels": {"prod": "1.0.0"}, "weights": {}}
+    set_status, _ = await api.rest("PUT", "/api/v1/prompts/p/release", labelled)
+    status, before = await api.rest("GET", "/api/v1/prompts/p")
+    await store.put_prompt_version(
+        PromptEntry(prompt_key="p", version="1.1.0", template="You help more."), actor="t"
+    )
+    rolled, _ = await api.rest("POST", "/api/v1/prompts/p/rollback", {"version": "1.0.0"})
+    _, after = await api.rest("GET", "/api/v1/prompts/p")
+
+    assert (set_status, status, rolled) == (200, 200, 200)
+    assert before["prompt"]["release"] == {"labels": {"prod": "1.0.0"}, "weights": {}}
+    assert after["prompt"]["release"]["current"] == "1.0.0"

@@ -82,7 +82,7 @@ async function promptDetail(key) {
     const weights = Object.fromEntries(Object.entries(draft.weights).filter(([, w]) => Number(w) > 0));
     try {
       // the current version (set by a prompt rollback) stays what it is
-      await api("PUT", `/api/v1/prompts/${enc(key)}/release`, { labels: draft.labels, weights, current: release.current || "" });
+      await api("PUT", `/api/v1/prompts/${enc(key)}/release`, { labels: draft.labels, weights, ...(release.current ? { current: release.current } : {}) });
       toast(`Saved the release of ${key}`);
       window.dispatchEvent(new HashChangeEvent("hashchange"));
     } catch (e) { clear(relBox.querySelector(".release-status"), errorBox(e)); }
