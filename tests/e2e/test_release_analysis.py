@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import requests
 from playwright.sync_api import Browser, expect
@@ -142,15 +143,25 @@ def _traffic(
     (checked every few calls) or ``limit`` calls were made."""
     results: list[InvokeResult] = []
 
+    async def one(urls: list[str], text: str, token: str) -> InvokeResult:
+        url = random.choice(urls)
+        try:
+            return await asyncio.wait_for(invoke(url, text, token=token), 60)
+        except Exception as e:
+            # an instance a promote or abort drained between the listing and the call refuses
+            # the connection: the call never reached it, and a Service would not have sent it
+            # there -- send it to an instance still ready (a call it accepted is never retried)
+            now = await asyncio.to_thread(_ready_urls, fleet, AGENT)
+            if not _never_reached(e) or url in now or not now:
+                raise
+            return await asyncio.wait_for(invoke(random.choice(now), text, token=token), 60)
+
     async def run() -> None:
         token = _invoke_token(fleet, AGENT)
         sent = 0
         while sent < limit:
             urls = _ready_urls(fleet, AGENT)
-            batch = [
-                asyncio.wait_for(invoke(random.choice(urls), f"call {sent + i}", token=token), 60)
-                for i in range(concurrency)
-            ]
+            batch = [one(urls, f"call {sent + i}", token) for i in range(concurrency)]
             sent += concurrency
             for outcome in await asyncio.gather(*batch, return_exceptions=True):
                 if isinstance(outcome, BaseException):
@@ -164,6 +175,17 @@ def _traffic(
 
     asyncio.run(run())
     return results
+
+
+def _never_reached(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is a refused or failed connection: the call
+    never reached the instance."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, httpx.ConnectError | ConnectionRefusedError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _canary_ready(fleet: dict[str, Any]) -> bool:
