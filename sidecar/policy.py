@@ -254,7 +254,8 @@ class EgressPolicy:
             name, provider, price = fb.model, fb.provider, fb.price
         found = spec_price(price)
         if found is None:
-            await asyncio.to_thread(self._prices.load)
+            if not self._prices.loaded:  # read once, off the event loop
+                await asyncio.to_thread(self._prices.load)
             found = self._prices.price(f"{provider or 'openai'}/{name}")
         return name, found
 

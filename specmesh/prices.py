@@ -148,6 +148,11 @@ class PriceMap:
         self._prices: dict[str, ModelPrice] | None = None
         self._lock = threading.Lock()
 
+    @property
+    def loaded(self) -> bool:
+        """Whether the file was read (a lookup no longer touches the disk)."""
+        return self._prices is not None
+
     def load(self) -> int:
         """Read the file now (idempotent; thread-safe); returns how many models it prices."""
         with self._lock:

@@ -27,6 +27,7 @@ from localfleet.modelserver import (
     parse_script,
 )
 from localfleet.modelserver.completions import Completion, ToolCall
+from localfleet.modelserver.recording import RequestLog
 from localfleet.modelserver.script import ChatView, ScriptEngine
 from localfleet.modelserver.tokens import count_prompt_tokens, truncate_to_tokens
 
@@ -448,6 +449,29 @@ async def test_requests_are_recorded_with_authorization_redacted(
     assert redacted[0]["body"]["temperature"] == 0.5
     assert raw[0]["authorization"] == "Bearer sk-wire-value"
     assert server.requests() == []
+
+
+async def test_usage_is_recorded_on_the_request_it_answered_even_out_of_number_order() -> None:
+    log = RequestLog(capacity=3)
+    for seq in (1, 3, 2, 4):  # numbers are reserved before bodies are read: 3 lands first
+        log.add(
+            seq=seq,
+            method="POST",
+            path="/v1/chat/completions",
+            endpoint="chat",
+            headers={},
+            body={},
+        )
+
+    log.set_usage(3, {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4})
+    log.set_usage(2, {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3})
+    log.set_usage(1, {"prompt_tokens": 9, "completion_tokens": 9, "total_tokens": 18})  # dropped
+
+    assert [(r.seq, r.usage) for r in log.records()] == [
+        (3, {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}),
+        (2, {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}),
+        (4, None),
+    ]
 
 
 async def test_wait_for_requests_returns_once_enough_arrived(
